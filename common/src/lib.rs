@@ -1,0 +1,16 @@
+//! Pieces shared by the sender, the receiver and the queue CLI: the change
+//! model (pgoutput messages), the spool record format, the wire protocol,
+//! mutual-TLS pinning, the QUIC transport settings and the durable store
+//! helpers. See `ARCHITECTURE.md` for where each piece sits on the path of a
+//! change.
+
+pub mod config;
+pub mod durable;
+pub mod lsn;
+pub mod pgoutput;
+pub mod quic;
+pub mod record;
+pub mod tls;
+pub mod wire;
+
+pub use lsn::Lsn;

@@ -1,0 +1,228 @@
+//! The pgcourier protocol between a sender and a receiver, over one QUIC
+//! connection (whichever side dialed).
+//!
+//! ```text
+//! receiver                                   sender
+//!   open bidi "control" stream
+//!   Hello{source, durable_seq}      ──────▶
+//!                                   ◀──────  Welcome{source, first_seq} | Refuse{reason}
+//!                                            open uni "data" stream
+//!                                   ◀──────  Batch{first_seq, last_seq, zstd(records)} ...
+//!   (store, fsync)
+//!   Ack{durable_seq}                ──────▶  (record ack, trim spool)
+//! ```
+//!
+//! Every frame is `[u32 big-endian length][bincode(Frame)]`, at most
+//! [`MAX_FRAME_BYTES`]. A batch payload is the zstd compression of
+//! `[u32 LE length][encoded record]...`; decompression is bounded by
+//! [`MAX_BATCH_RAW_BYTES`] and every record keeps its own checksum from the
+//! sender's spool.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::record::{self, bincode_config, RecordError, MAX_RECORD_BYTES};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+pub const MAX_BATCH_RAW_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Receiver → sender, first frame on the control stream.
+    Hello {
+        protocol: u32,
+        /// Source identity the receiver's inbox belongs to (`None` when new).
+        source: Option<String>,
+        /// Highest record sequence the receiver holds durably (0: none).
+        durable_seq: u64,
+    },
+    /// Sender → receiver: accepted; batches follow on a uni stream.
+    Welcome { source: String, first_seq: u64 },
+    /// Either way: the peer is refused; the connection closes.
+    Refuse { reason: String },
+    /// Sender → receiver, on the data stream.
+    Batch { first_seq: u64, last_seq: u64, raw_len: u32, payload: Vec<u8> },
+    /// Receiver → sender: everything up to `durable_seq` is fsynced.
+    Ack { durable_seq: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection stream failed")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    FrameTooLarge(usize),
+    #[error("frame does not decode")]
+    Decode(#[source] bincode::error::DecodeError),
+    #[error("frame does not encode")]
+    Encode(#[source] bincode::error::EncodeError),
+    #[error("batch does not decompress")]
+    Decompress(#[source] std::io::Error),
+    #[error("batch claims {0} raw bytes, above the limit of {MAX_BATCH_RAW_BYTES}")]
+    BatchTooLarge(u64),
+    #[error("batch is malformed: {0}")]
+    BadBatch(&'static str),
+    #[error("batch record {index} is corrupt")]
+    Record { index: usize, #[source] source: RecordError },
+    #[error("batch holds seq {found} where {expected} was expected")]
+    OutOfOrder { expected: u64, found: u64 },
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), WireError> {
+    let body = bincode::serde::encode_to_vec(frame, bincode_config()).map_err(WireError::Encode)?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(WireError::FrameTooLarge(body.len()));
+    }
+    let mut buf = Vec::with_capacity(body.len() + 4);
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Read one frame; `Ok(None)` at a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, WireError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(WireError::FrameTooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    decode_frame(&body).map(Some)
+}
+
+pub fn decode_frame(body: &[u8]) -> Result<Frame, WireError> {
+    let (frame, used) =
+        bincode::serde::decode_from_slice(body, bincode_config()).map_err(WireError::Decode)?;
+    if used != body.len() {
+        return Err(WireError::BadBatch("trailing bytes after frame"));
+    }
+    Ok(frame)
+}
+
+/// Build a batch frame from encoded records with consecutive sequences.
+pub fn encode_batch(records: &[Vec<u8>], first_seq: u64, level: i32) -> Result<Frame, WireError> {
+    let raw_len: usize = records.iter().map(|r| r.len() + 4).sum();
+    if raw_len > MAX_BATCH_RAW_BYTES {
+        return Err(WireError::BatchTooLarge(raw_len as u64));
+    }
+    let mut raw = Vec::with_capacity(raw_len);
+    for r in records {
+        raw.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        raw.extend_from_slice(r);
+    }
+    let payload = zstd::bulk::compress(&raw, level).map_err(WireError::Decompress)?;
+    Ok(Frame::Batch {
+        first_seq,
+        last_seq: first_seq + records.len() as u64 - 1,
+        raw_len: raw_len as u32,
+        payload,
+    })
+}
+
+/// Decompress and split a batch, checking every record's checksum and that
+/// the sequences run from `first_seq` to `last_seq` without a gap.
+pub fn decode_batch(
+    first_seq: u64,
+    last_seq: u64,
+    raw_len: u32,
+    payload: &[u8],
+) -> Result<Vec<Vec<u8>>, WireError> {
+    if raw_len as usize > MAX_BATCH_RAW_BYTES {
+        return Err(WireError::BatchTooLarge(raw_len.into()));
+    }
+    if last_seq < first_seq {
+        return Err(WireError::BadBatch("last_seq before first_seq"));
+    }
+    let raw = zstd::bulk::decompress(payload, raw_len as usize).map_err(WireError::Decompress)?;
+    if raw.len() != raw_len as usize {
+        return Err(WireError::BadBatch("raw length differs from the header"));
+    }
+    let mut out = Vec::new();
+    let mut rest = &raw[..];
+    let mut expected = first_seq;
+    while !rest.is_empty() {
+        if rest.len() < 4 {
+            return Err(WireError::BadBatch("truncated record length"));
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        rest = &rest[4..];
+        if len > MAX_RECORD_BYTES || len > rest.len() {
+            return Err(WireError::BadBatch("record length out of bounds"));
+        }
+        let bytes = &rest[..len];
+        rest = &rest[len..];
+        let seq = record::peek_seq(bytes)
+            .map_err(|source| WireError::Record { index: out.len(), source })?;
+        if seq != expected {
+            return Err(WireError::OutOfOrder { expected, found: seq });
+        }
+        expected += 1;
+        out.push(bytes.to_vec());
+    }
+    if expected != last_seq + 1 {
+        return Err(WireError::BadBatch("batch holds fewer records than its header says"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Piece, Record};
+    use crate::Lsn;
+
+    fn rec(seq: u64) -> Vec<u8> {
+        Record {
+            seq,
+            commit_lsn: Lsn(seq * 100),
+            commit_time: 0,
+            xid: 1,
+            part: 0,
+            last: true,
+            end_lsn: Lsn(seq * 100 + 50),
+            pieces: vec![Piece::Message(vec![b'I'; 300])],
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_through_a_stream() {
+        let records: Vec<_> = (5..9).map(rec).collect();
+        let batch = encode_batch(&records, 5, 3).unwrap();
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Frame::Ack { durable_seq: 4 }).await.unwrap();
+        write_frame(&mut buf, &batch).await.unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::Ack { durable_seq: 4 }));
+        let Some(Frame::Batch { first_seq, last_seq, raw_len, payload }) = read_frame(&mut r).await.unwrap() else {
+            panic!("expected a batch");
+        };
+        assert_eq!(decode_batch(first_seq, last_seq, raw_len, &payload).unwrap(), records);
+        assert_eq!(read_frame(&mut r).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn huge_length_prefix_is_refused_without_allocating() {
+        let mut bytes = u32::MAX.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        assert!(matches!(read_frame(&mut &bytes[..]).await, Err(WireError::FrameTooLarge(_))));
+    }
+
+    #[test]
+    fn batch_with_gap_or_lie_is_refused() {
+        let records = vec![rec(1), rec(3)];
+        let Frame::Batch { raw_len, payload, .. } = encode_batch(&records, 1, 1).unwrap() else { unreachable!() };
+        assert!(matches!(decode_batch(1, 2, raw_len, &payload), Err(WireError::OutOfOrder { .. })));
+        assert!(decode_batch(1, 2, raw_len + 10, &payload).is_err());
+        assert!(decode_batch(1, 2, u32::MAX, &payload).is_err());
+    }
+}
