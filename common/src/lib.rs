@@ -4,8 +4,10 @@
 //! helpers. See `ARCHITECTURE.md` for where each piece sits on the path of a
 //! change.
 
+pub mod backoff;
 pub mod config;
 pub mod durable;
+pub mod logging;
 pub mod lsn;
 pub mod pgoutput;
 pub mod quic;

@@ -1,1 +1,53 @@
+//! pgcourier-sender: captures committed changes from the headquarters
+//! database, spools them durably, and ships them to the branches.
+//!
+//! `capture` (WAL → spool) and `ship` (spool → receivers) run side by side
+//! and meet only in the [`spool::Spool`], which is the sender's single
+//! source of truth. See `ARCHITECTURE.md`.
 
+pub mod capture;
+pub mod config;
+pub mod ship;
+pub mod source;
+pub mod spool;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use pgcourier_common::quic;
+use pgcourier_common::tls;
+use tokio_util::sync::CancellationToken;
+
+pub use config::SenderConfig;
+pub(crate) use pgcourier_common::backoff::Backoff;
+
+/// Run the sender until `shutdown` is cancelled or a definite error stops
+/// capture.
+pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let identity = tls::load_identity(&cfg.cert, &cfg.key).context("load the sender's certificate (settings `cert`, `key`)")?;
+    let names: Vec<String> = cfg.receivers.iter().map(|r| r.name.clone()).collect();
+    let spool = Arc::new(
+        spool::Spool::open(&cfg.spool_dir, cfg.cache_capacity, &names)
+            .with_context(|| format!("open spool {} (setting `spool-dir`)", cfg.spool_dir.display()))?,
+    );
+    let pinned: Vec<_> = cfg.receivers.iter().map(|r| r.fingerprint).collect();
+    let bind = cfg.listen.unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
+    let endpoint = quic::endpoint(bind, &identity, &pinned, &cfg.transport, cfg.listen.is_some())
+        .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
+    tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), receivers = names.len(), "sender starting");
+
+    let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
+    let ship_task = tokio::spawn(shipper.run(endpoint, shutdown.clone()));
+    let capture = capture::Capture::new(cfg.clone(), spool.clone());
+    let result = capture.run(shutdown.clone()).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %pgcourier_common::backoff::error_chain(e), "capture stopped: the operator must act; shipping what is spooled continues until shutdown");
+        // Shipping what is already spooled is still useful.
+        shutdown.cancelled().await;
+    }
+    shutdown.cancel();
+    ship_task.await.context("join shipping task")?;
+    spool.flush_on_stop();
+    result.map_err(anyhow::Error::from)
+}

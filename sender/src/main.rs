@@ -1,1 +1,103 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgcourier_sender::SenderConfig;
+use tokio_util::sync::CancellationToken;
+
+/// pgcourier-sender: capture changes from the headquarters database, spool
+/// them durably and ship them to branch receivers over QUIC.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sender daemon.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log format: human or json.
+        #[arg(long, default_value = "human")]
+        log_format: String,
+    },
+    /// Verify the source's prerequisites and print each problem with its fix.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Write a key and self-signed certificate; print its SHA-256 fingerprint.
+    Keygen {
+        #[arg(long, default_value = "sender.crt")]
+        cert: PathBuf,
+        #[arg(long, default_value = "sender.key")]
+        key: PathBuf,
+        #[arg(long, default_value = "pgcourier-sender")]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { cert, key, name } => match pgcourier_common::tls::keygen(&cert, &key, &name) {
+            Ok(fp) => {
+                println!("{fp}");
+                eprintln!("wrote {} and {} (pin this fingerprint in each receiver's sender-fingerprints)", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Check { config } => {
+            let cfg = match SenderConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let rt = runtime();
+            let (problems, notes) = rt.block_on(pgcourier_sender::source::check(&cfg));
+            for n in &notes {
+                println!("note: {n}");
+            }
+            for p in &problems {
+                println!("problem: {}\n    fix: {}", p.what, p.fix);
+            }
+            if problems.is_empty() {
+                println!("ok: the source is ready for pgcourier");
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Command::Run { config, log_format } => {
+            pgcourier_common::logging::init(&log_format);
+            let cfg = match SenderConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let rt = runtime();
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                pgcourier_common::logging::cancel_on_signal(shutdown.clone());
+                match pgcourier_sender::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("pgcourier-sender: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("pgcourier-sender: {}", pgcourier_common::backoff::error_chain(e));
+    ExitCode::from(2)
+}

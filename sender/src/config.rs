@@ -1,0 +1,204 @@
+//! `sender.toml`: parsed once into a [`SenderConfig`] that cannot hold a
+//! contradiction. Every setting and its default is documented in
+//! `docs/configuration.md` and in `examples/sender.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pgcourier_common::config::{self, de_duration, de_size, ConfigError, PasswordSource};
+use pgcourier_common::quic::TransportSettings;
+use pgcourier_common::tls::Fingerprint;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawSenderConfig {
+    source: String,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_slot")]
+    slot: String,
+    #[serde(default = "default_slot")]
+    publication: String,
+    #[serde(default)]
+    tables: Vec<String>,
+    spool_dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    listen: Option<SocketAddr>,
+    #[serde(default = "default_poll", deserialize_with = "de_duration")]
+    poll_interval: Duration,
+    #[serde(default = "default_capture_changes")]
+    capture_batch_changes: u32,
+    #[serde(default = "default_batch_bytes", deserialize_with = "de_size")]
+    batch_bytes: u64,
+    #[serde(default = "default_in_flight", deserialize_with = "de_size")]
+    max_in_flight: u64,
+    #[serde(default = "default_zstd_level")]
+    zstd_level: i32,
+    #[serde(default = "default_cache", deserialize_with = "de_size")]
+    cache_capacity: u64,
+    #[serde(default = "default_idle", deserialize_with = "de_duration")]
+    idle_timeout: Duration,
+    #[serde(default = "default_keep_alive", deserialize_with = "de_duration")]
+    keep_alive: Duration,
+    #[serde(default = "default_window", deserialize_with = "de_size")]
+    window: u64,
+    #[serde(default = "default_max_backoff", deserialize_with = "de_duration")]
+    max_backoff: Duration,
+    #[serde(default, rename = "receiver")]
+    receivers: Vec<RawReceiver>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawReceiver {
+    name: String,
+    fingerprint: String,
+    address: Option<SocketAddr>,
+}
+
+fn default_slot() -> String {
+    "pgcourier".into()
+}
+fn default_poll() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_capture_changes() -> u32 {
+    20_000
+}
+fn default_batch_bytes() -> u64 {
+    256 << 10
+}
+fn default_in_flight() -> u64 {
+    8 << 20
+}
+fn default_zstd_level() -> i32 {
+    3
+}
+fn default_cache() -> u64 {
+    64 << 20
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_window() -> u64 {
+    16 << 20
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A receiver (branch) this sender feeds.
+#[derive(Clone, Debug)]
+pub struct ReceiverSpec {
+    pub name: String,
+    pub fingerprint: Fingerprint,
+    /// Dial this address; `None`: the receiver dials us (reverse mode).
+    pub address: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    pub source: tokio_postgres::Config,
+    pub slot: String,
+    pub publication: String,
+    /// Schema-qualified tables to publish; empty: all tables.
+    pub tables: Vec<String>,
+    pub spool_dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub poll_interval: Duration,
+    pub capture_batch_changes: u32,
+    pub batch_bytes: usize,
+    pub max_in_flight: usize,
+    pub zstd_level: i32,
+    pub cache_capacity: u64,
+    pub transport: TransportSettings,
+    pub max_backoff: Duration,
+    pub receivers: Vec<ReceiverSpec>,
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { setting, message: message.into() }
+}
+
+impl SenderConfig {
+    pub fn load(path: &Path) -> Result<SenderConfig, ConfigError> {
+        let raw: RawSenderConfig = config::load_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        SenderConfig::from_raw(raw, base)
+    }
+
+    fn from_raw(raw: RawSenderConfig, base: &Path) -> Result<SenderConfig, ConfigError> {
+        let password = PasswordSource { password_env: raw.password_env, password_file: raw.password_file.map(|p| base.join(p)) };
+        let source = config::pg_config("source", &raw.source, &password)?;
+        if raw.slot.is_empty() || raw.slot.len() > 63 || !raw.slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            return Err(invalid("slot", format!("{:?}: a replication slot name is 1-63 characters of a-z, 0-9 and _", raw.slot)));
+        }
+        if raw.publication.is_empty() {
+            return Err(invalid("publication", "must not be empty"));
+        }
+        if raw.receivers.is_empty() {
+            return Err(invalid("receiver", "no [[receiver]] configured: add one per branch, with its name and certificate fingerprint"));
+        }
+        let mut receivers = Vec::new();
+        for r in raw.receivers {
+            let fingerprint: Fingerprint = r
+                .fingerprint
+                .parse()
+                .map_err(|e| invalid("receiver.fingerprint", format!("receiver {:?}: {e}", r.name)))?;
+            if r.name.is_empty() || r.name.len() > 100 || r.name.contains('/') {
+                return Err(invalid("receiver.name", format!("{:?}: 1-100 characters, no '/'", r.name)));
+            }
+            if receivers.iter().any(|x: &ReceiverSpec| x.name == r.name || x.fingerprint == fingerprint) {
+                return Err(invalid("receiver", format!("receiver {:?} repeats a name or fingerprint", r.name)));
+            }
+            receivers.push(ReceiverSpec { name: r.name, fingerprint, address: r.address });
+        }
+        if receivers.iter().any(|r| r.address.is_none()) && raw.listen.is_none() {
+            return Err(invalid("listen", "a receiver has no address (it dials us), so the sender needs a `listen` address"));
+        }
+        if !(1..=22).contains(&raw.zstd_level) {
+            return Err(invalid("zstd-level", "must be between 1 and 22"));
+        }
+        if raw.batch_bytes < 4096 || raw.batch_bytes > (4 << 20) {
+            return Err(invalid("batch-bytes", "must be between 4KiB and 4MiB"));
+        }
+        if raw.max_in_flight < raw.batch_bytes {
+            return Err(invalid("max-in-flight", "must be at least batch-bytes"));
+        }
+        if raw.capture_batch_changes == 0 {
+            return Err(invalid("capture-batch-changes", "must be at least 1"));
+        }
+        Ok(SenderConfig {
+            source,
+            slot: raw.slot,
+            publication: raw.publication,
+            tables: raw.tables,
+            spool_dir: base.join(raw.spool_dir),
+            cert: base.join(raw.cert),
+            key: base.join(raw.key),
+            listen: raw.listen,
+            poll_interval: raw.poll_interval,
+            capture_batch_changes: raw.capture_batch_changes,
+            batch_bytes: raw.batch_bytes as usize,
+            max_in_flight: raw.max_in_flight as usize,
+            zstd_level: raw.zstd_level,
+            cache_capacity: raw.cache_capacity,
+            transport: TransportSettings {
+                idle_timeout: raw.idle_timeout,
+                keep_alive: raw.keep_alive,
+                window_bytes: raw.window,
+                ..TransportSettings::default()
+            },
+            max_backoff: raw.max_backoff,
+            receivers,
+        })
+    }
+}

@@ -1,0 +1,299 @@
+//! Shipping: spool → zstd batches → QUIC → receivers; acknowledgements back.
+//!
+//! One session per receiver at a time, on a connection either side dialed
+//! (the sender dials receivers that have an `address`; receivers without one
+//! dial the sender's `listen` address). The receiver opens the control
+//! stream and says what it holds durably (`Hello`); the sender answers
+//! `Welcome` and streams batches on a unidirectional stream from the next
+//! record on, keeping up to `max-in-flight` bytes unacknowledged so a long
+//! link stays full. Each `Ack` moves that receiver's mark in the spool, which
+//! deletes what every receiver holds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgcourier_common::backoff::{error_chain, Backoff};
+use pgcourier_common::quic::{peer_fingerprint, SERVER_NAME};
+use pgcourier_common::tls::Fingerprint;
+use pgcourier_common::wire::{self, Frame, WireError, PROTOCOL_VERSION};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ReceiverSpec, SenderConfig};
+use crate::spool::Spool;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("connection failed")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("cannot start connection")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("stream failed")]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("spool read failed")]
+    Spool(#[from] pgcourier_common::durable::StoreError),
+    #[error("peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("receiver refused: {0}")]
+    Refused(String),
+    #[error("peer presented certificate {0}, which is not this receiver's pinned fingerprint")]
+    WrongPeer(Fingerprint),
+    #[error("receiver did not say hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("superseded by a newer connection from the same receiver")]
+    Superseded,
+}
+
+pub struct Shipper {
+    cfg: Arc<SenderConfig>,
+    spool: Arc<Spool>,
+    /// The live session of each receiver, so a new one can supersede it.
+    active: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl Shipper {
+    pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Arc<Shipper> {
+        Arc::new(Shipper { cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
+    }
+
+    /// Dial receivers that have an address and accept those that dial in,
+    /// until `shutdown`.
+    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        for spec in self.cfg.receivers.iter().filter(|r| r.address.is_some()).cloned() {
+            let me = self.clone();
+            let ep = endpoint.clone();
+            let sd = shutdown.clone();
+            tasks.spawn(async move { me.dial_loop(ep, spec, sd).await });
+        }
+        if self.cfg.listen.is_some() {
+            loop {
+                let incoming = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    i = endpoint.accept() => match i { Some(i) => i, None => break },
+                };
+                let me = self.clone();
+                let sd = shutdown.clone();
+                tasks.spawn(async move { me.accepted(incoming, sd).await });
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+        endpoint.close(0u32.into(), b"sender stopping");
+    }
+
+    async fn dial_loop(self: Arc<Self>, endpoint: quinn::Endpoint, spec: ReceiverSpec, shutdown: CancellationToken) {
+        let addr = spec.address.expect("dial_loop only for receivers with an address");
+        let mut backoff = Backoff::new(self.cfg.max_backoff);
+        loop {
+            let started = Instant::now();
+            let result = async {
+                let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
+                let fp = peer_fingerprint(&conn);
+                if fp != Some(spec.fingerprint) {
+                    conn.close(1u32.into(), b"wrong receiver certificate");
+                    return Err(ShipError::WrongPeer(fp.unwrap_or(Fingerprint([0; 32]))));
+                }
+                self.clone().session(conn, &spec, &shutdown).await
+            };
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = result => r,
+            };
+            if started.elapsed() > Duration::from_secs(10) && backoff.reset() {
+                tracing::info!(receiver = %spec.name, "link recovered");
+            }
+            let delay = backoff.next();
+            match result {
+                Ok(()) => {}
+                Err(e) => backoff.log_once(&format!("ship to receiver {} at {addr}", spec.name), &e, delay),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn accepted(self: Arc<Self>, incoming: quinn::Incoming, shutdown: CancellationToken) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer = %remote, error = %e, "incoming connection failed");
+                return;
+            }
+        };
+        let fp = peer_fingerprint(&conn);
+        let Some(spec) = self.cfg.receivers.iter().find(|r| Some(r.fingerprint) == fp).cloned() else {
+            tracing::warn!(peer = %remote, offered = ?fp, "refusing connection: certificate matches no configured receiver");
+            conn.close(1u32.into(), b"unknown receiver");
+            return;
+        };
+        if let Err(e) = self.clone().session(conn, &spec, &shutdown).await {
+            tracing::warn!(receiver = %spec.name, peer = %remote, error = %error_chain(&e), "receiver session ended");
+        }
+    }
+
+    /// One session with one receiver on an established connection.
+    async fn session(self: Arc<Self>, conn: quinn::Connection, spec: &ReceiverSpec, shutdown: &CancellationToken) -> Result<(), ShipError> {
+        let id = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = shutdown.child_token();
+        if let Some((_, old)) = self.active.lock().expect("active lock").insert(spec.name.clone(), (id, token.clone())) {
+            old.cancel();
+        }
+        let result = tokio::select! {
+            _ = token.cancelled() => Err(ShipError::Superseded),
+            r = self.serve(&conn, spec) => r,
+        };
+        {
+            let mut active = self.active.lock().expect("active lock");
+            if active.get(&spec.name).map(|(i, _)| *i) == Some(id) {
+                active.remove(&spec.name);
+            }
+        }
+        match &result {
+            Err(ShipError::Superseded) => conn.close(2u32.into(), b"superseded"),
+            _ if shutdown.is_cancelled() => conn.close(0u32.into(), b"sender stopping"),
+            _ => {}
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        result
+    }
+
+    async fn serve(&self, conn: &quinn::Connection, spec: &ReceiverSpec) -> Result<(), ShipError> {
+        let (mut control_tx, mut control_rx) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, wire::read_frame(&mut control_rx))
+            .await
+            .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
+        let Some(Frame::Hello { protocol, source, durable_seq }) = hello else {
+            return Err(ShipError::Protocol("first frame is not Hello".into()));
+        };
+        if let Err(reason) = self.admit(protocol, source.as_deref(), durable_seq) {
+            let _ = wire::write_frame(&mut control_tx, &Frame::Refuse { reason: reason.clone() }).await;
+            let _ = control_tx.finish();
+            return Err(ShipError::Refused(reason));
+        }
+        let our_source = self.spool.source()?.expect("admit checked the source is known");
+        let marks = self.spool.marks();
+        wire::write_frame(&mut control_tx, &Frame::Welcome { source: our_source, first_seq: marks.first_seq }).await?;
+        self.spool.acknowledge(&spec.name, durable_seq)?;
+        tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), durable_seq, "receiver connected; shipping");
+
+        let mut data = conn.open_uni().await?;
+        let (ack_tx, mut ack_rx) = watch::channel(durable_seq);
+        let sent_through = Arc::new(std::sync::atomic::AtomicU64::new(durable_seq));
+
+        let acks = async {
+            loop {
+                match wire::read_frame(&mut control_rx).await? {
+                    Some(Frame::Ack { durable_seq: seq }) => {
+                        if seq > sent_through.load(std::sync::atomic::Ordering::Acquire) {
+                            return Err(ShipError::Protocol(format!("acknowledged record {seq}, which was never sent")));
+                        }
+                        self.spool.acknowledge(&spec.name, seq)?;
+                        ack_tx.send_replace(seq);
+                    }
+                    Some(other) => return Err(ShipError::Protocol(format!("unexpected frame {}", frame_name(&other)))),
+                    None => return Ok::<(), ShipError>(()),
+                }
+            }
+        };
+
+        let send = async {
+            let mut marks_rx = self.spool.subscribe();
+            let mut next = durable_seq + 1;
+            let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
+            let mut in_flight_bytes = 0usize;
+            loop {
+                let acked = *ack_rx.borrow_and_update();
+                while let Some(&(last, bytes)) = in_flight.front() {
+                    if last > acked {
+                        break;
+                    }
+                    in_flight.pop_front();
+                    in_flight_bytes -= bytes;
+                }
+                let complete = marks_rx.borrow_and_update().complete_seq;
+                if next > complete || in_flight_bytes >= self.cfg.max_in_flight {
+                    tokio::select! {
+                        r = marks_rx.changed() => if r.is_err() { return Ok(()) },
+                        r = ack_rx.changed() => if r.is_err() { return Ok(()) },
+                    }
+                    continue;
+                }
+                let records = self.spool.read(next, self.cfg.batch_bytes)?;
+                if records.is_empty() {
+                    return Err(ShipError::Protocol(format!("spool has no record {next} although it is complete up to {complete}")));
+                }
+                let count = records.len() as u64;
+                let frame = wire::encode_batch(&records, next, self.cfg.zstd_level)?;
+                let raw: usize = records.iter().map(Vec::len).sum();
+                sent_through.store(next + count - 1, std::sync::atomic::Ordering::Release);
+                wire::write_frame(&mut data, &frame).await?;
+                in_flight.push_back((next + count - 1, raw));
+                in_flight_bytes += raw;
+                next += count;
+            }
+        };
+        // The session ends when either half does: the receiver closed its
+        // control stream, or the link failed.
+        tokio::select! {
+            r = acks => r,
+            r = send => r,
+        }
+    }
+
+    /// Whether a receiver that says hello with these facts may be served;
+    /// the refusal reason otherwise.
+    fn admit(&self, protocol: u32, source: Option<&str>, durable_seq: u64) -> Result<(), String> {
+        if protocol != PROTOCOL_VERSION {
+            return Err(format!("protocol {protocol} is not supported (this sender speaks {PROTOCOL_VERSION}): upgrade the older side"));
+        }
+        let our_source = match self.spool.source() {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err("the sender has not reached its source database yet; retry later".into()),
+            Err(e) => return Err(format!("the sender cannot read its spool: {e}")),
+        };
+        if let Some(theirs) = source {
+            if theirs != our_source {
+                return Err(format!("the receiver's inbox belongs to source {theirs}, this sender ships {our_source}"));
+            }
+        }
+        let marks = self.spool.marks();
+        if durable_seq + 1 < marks.first_seq {
+            return Err(format!(
+                "the receiver holds up to record {durable_seq} but the spool starts at {}: records in between are gone; re-seed this branch",
+                marks.first_seq
+            ));
+        }
+        if durable_seq > marks.complete_seq {
+            return Err(format!(
+                "the receiver claims record {durable_seq} but the spool ends at {}: is this the right sender and spool?",
+                marks.complete_seq
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "Hello",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Refuse { .. } => "Refuse",
+        Frame::Batch { .. } => "Batch",
+        Frame::Ack { .. } => "Ack",
+    }
+}

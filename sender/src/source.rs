@@ -1,0 +1,316 @@
+//! The source database: connection, publication and slot set-up, slot
+//! advance, and the prerequisite check behind `pgcourier-sender check`.
+
+use pgcourier_common::Lsn;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::SenderConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot connect to the source database (setting `source`)")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("source query failed: {what}")]
+    Query { what: &'static str, #[source] source: tokio_postgres::Error },
+    #[error("source is not ready: {0}")]
+    NotReady(String),
+    #[error("the spool belongs to source {spool} but setting `source` points at {configured}: use a new spool-dir for a new source")]
+    WrongSource { spool: String, configured: String },
+}
+
+impl SourceError {
+    pub fn query(what: &'static str, source: tokio_postgres::Error) -> SourceError {
+        SourceError::Query { what, source }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Connect(_) => true,
+            SourceError::Query { source, .. } => is_transient_pg(source),
+            SourceError::NotReady(_) | SourceError::WrongSource { .. } => false,
+        }
+    }
+}
+
+/// Connection lost, server shutting down or starting, or a slot busy in
+/// another session: retry later. Everything else needs an operator.
+pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true,
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c == "55006" || c == "40001" || c == "40P01"
+        }
+    }
+}
+
+pub async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, SourceError> {
+    let (client, conn) = cfg.connect(NoTls).await.map_err(SourceError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "source connection ended");
+        }
+    });
+    // Render values the way PostgreSQL's own walreceiver asks for them.
+    client
+        .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3")
+        .await
+        .map_err(|e| SourceError::query("set session parameters", e))?;
+    Ok(client)
+}
+
+/// Quote an SQL identifier, always.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quote a possibly schema-qualified table name given as `schema.table`
+/// (or `table`, meaning `public.table`).
+pub fn quote_table(name: &str) -> String {
+    match name.split_once('.') {
+        Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
+        None => format!("{}.{}", quote_ident("public"), quote_ident(name)),
+    }
+}
+
+pub struct SourceIdentity {
+    /// `<system identifier>/<database>/<slot>`.
+    pub source_id: String,
+    pub confirmed_flush: Lsn,
+}
+
+/// Check wal_level, create the publication and slot when absent, and return
+/// the source identity and the slot's confirmed position.
+pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdentity, SourceError> {
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(|e| SourceError::query("read wal_level", e))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SourceError::NotReady(format!(
+            "wal_level is {wal_level}: run ALTER SYSTEM SET wal_level = logical and restart the source"
+        )));
+    }
+    let row = client
+        .query_one("SELECT system_identifier::text, current_database()::text FROM pg_control_system()", &[])
+        .await
+        .map_err(|e| SourceError::query("read system identifier", e))?;
+    let source_id = format!("{}/{}/{}", row.get::<_, String>(0), row.get::<_, String>(1), cfg.slot);
+
+    let has_pub = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication])
+        .await
+        .map_err(|e| SourceError::query("look up publication", e))?
+        .is_some();
+    if !has_pub {
+        let sql = if cfg.tables.is_empty() {
+            format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(&cfg.publication))
+        } else {
+            let tables: Vec<String> = cfg.tables.iter().map(|t| quote_table(t)).collect();
+            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), tables.join(", "))
+        };
+        client.batch_execute(&sql).await.map_err(|e| SourceError::query("create publication", e))?;
+        tracing::info!(publication = %cfg.publication, "created publication");
+    }
+
+    let slot = client
+        .query_opt(
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(|e| SourceError::query("look up replication slot", e))?;
+    let confirmed = match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let database: Option<String> = row.get(1);
+            let wal_status: Option<String> = row.get(3);
+            if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(source_id.split('/').nth(1).unwrap_or("")) {
+                return Err(SourceError::NotReady(format!(
+                    "replication slot {} exists but is not a pgoutput slot of this database: choose another `slot` name",
+                    cfg.slot
+                )));
+            }
+            if wal_status.as_deref() == Some("lost") {
+                return Err(SourceError::NotReady(format!(
+                    "replication slot {} has lost required WAL (max_slot_wal_keep_size): the branch must be re-seeded; drop the slot and start again",
+                    cfg.slot
+                )));
+            }
+            row.get::<_, Option<String>>(2).and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO)
+        }
+        None => {
+            let row = client
+                .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&cfg.slot])
+                .await
+                .map_err(|e| SourceError::query("create replication slot", e))?;
+            let lsn: Lsn = row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO);
+            tracing::info!(slot = %cfg.slot, lsn = %lsn, "created replication slot");
+            lsn
+        }
+    };
+    Ok(SourceIdentity { source_id, confirmed_flush: confirmed })
+}
+
+pub async fn advance_slot(client: &Client, slot: &str, to: Lsn) -> Result<(), SourceError> {
+    client
+        .query_one("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&slot, &to.to_string()])
+        .await
+        .map_err(|e| SourceError::query("advance replication slot", e))?;
+    Ok(())
+}
+
+/// One prerequisite problem found by `check`, with its fix.
+pub struct Problem {
+    pub what: String,
+    pub fix: String,
+}
+
+/// Verify what `run` needs, without changing anything. Returns the problems
+/// (empty when ready) and informational notes.
+pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    let client = match connect(&cfg.source).await {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(Problem {
+                what: format!("cannot connect to the source: {}", error_chain(&e)),
+                fix: "correct the `source` connection string (and password-env / password-file)".into(),
+            });
+            return (problems, notes);
+        }
+    };
+    let q = |what: &'static str, e: tokio_postgres::Error| Problem { what: format!("{what}: {e}"), fix: "check the role's privileges".into() };
+    match client.query_one("SHOW wal_level", &[]).await {
+        Ok(row) => {
+            let level: String = row.get(0);
+            if level != "logical" {
+                problems.push(Problem {
+                    what: format!("wal_level is {level}"),
+                    fix: "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into(),
+                });
+            }
+        }
+        Err(e) => problems.push(q("read wal_level", e)),
+    }
+    match client
+        .query_one("SELECT rolsuper, rolreplication, current_user::text FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+    {
+        Ok(row) => {
+            let (sup, repl, user): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
+            if !sup && !repl {
+                problems.push(Problem {
+                    what: format!("role {user} has neither REPLICATION nor SUPERUSER"),
+                    fix: format!("ALTER ROLE {} REPLICATION", quote_ident(&user)),
+                });
+            }
+        }
+        Err(e) => problems.push(q("read role attributes", e)),
+    }
+    match client
+        .query_opt(
+            "SELECT plugin::text, database::text = current_database(), active, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+    {
+        Ok(None) => notes.push(format!("replication slot {} is absent: run will create it", cfg.slot)),
+        Ok(Some(row)) => {
+            let plugin: Option<String> = row.get(0);
+            let same_db: Option<bool> = row.get(1);
+            let active: bool = row.get(2);
+            let wal_status: Option<String> = row.get(3);
+            if plugin.as_deref() != Some("pgoutput") || same_db != Some(true) {
+                problems.push(Problem {
+                    what: format!("replication slot {} is not a pgoutput slot of this database", cfg.slot),
+                    fix: "choose another `slot` name, or drop that slot if it is unused".into(),
+                });
+            }
+            if active {
+                notes.push(format!("replication slot {} is in use by another session right now", cfg.slot));
+            }
+            if wal_status.as_deref() == Some("lost") {
+                problems.push(Problem {
+                    what: format!("replication slot {} has lost WAL it needed", cfg.slot),
+                    fix: "drop the slot and re-seed the branches".into(),
+                });
+            }
+        }
+        Err(e) => problems.push(q("read replication slots", e)),
+    }
+    let has_pub = match client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await {
+        Ok(r) => r.is_some(),
+        Err(e) => {
+            problems.push(q("read publications", e));
+            false
+        }
+    };
+    if !has_pub {
+        notes.push(format!("publication {} is absent: run will create it", cfg.publication));
+    }
+    // Tables whose updates and deletes could not be replicated.
+    let tables_sql = "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                      WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcourier') \
+                        AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'";
+    match client.query(tables_sql, &[]).await {
+        Ok(rows) => {
+            let published: Option<Vec<(String, String)>> = if has_pub {
+                client
+                    .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&cfg.publication])
+                    .await
+                    .ok()
+                    .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            } else if !cfg.tables.is_empty() {
+                Some(
+                    cfg.tables
+                        .iter()
+                        .map(|t| match t.split_once('.') {
+                            Some((s, n)) => (s.to_owned(), n.to_owned()),
+                            None => ("public".to_owned(), t.clone()),
+                        })
+                        .collect(),
+                )
+            } else {
+                None
+            };
+            if let Some(list) = &published {
+                for (s, t) in list {
+                    if !rows.iter().any(|r| r.get::<_, String>(0) == *s && r.get::<_, String>(1) == *t) {
+                        problems.push(Problem {
+                            what: format!("table {} does not exist on the source", quote_table(&format!("{s}.{t}"))),
+                            fix: "create it or remove it from `tables`".into(),
+                        });
+                    }
+                }
+            }
+            for r in &rows {
+                let (s, t, ident, has_pk): (String, String, String, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                if let Some(list) = &published {
+                    if !list.iter().any(|(ps, pt)| *ps == s && *pt == t) {
+                        continue;
+                    }
+                }
+                let name = format!("{}.{}", quote_ident(&s), quote_ident(&t));
+                if ident == "n" || (ident == "d" && !has_pk) {
+                    problems.push(Problem {
+                        what: format!("table {name} has no primary key and no replica identity: its updates and deletes would fail"),
+                        fix: format!("add a primary key, or ALTER TABLE {name} REPLICA IDENTITY FULL"),
+                    });
+                }
+            }
+        }
+        Err(e) => problems.push(q("list tables", e)),
+    }
+    (problems, notes)
+}
+
+pub use pgcourier_common::backoff::error_chain;
