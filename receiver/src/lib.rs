@@ -1,1 +1,46 @@
+//! pgcourier-receiver: stores what the sender ships in a durable inbox,
+//! acknowledges it, and applies it to the branch database exactly once, in
+//! source commit order.
+//!
+//! `ingest` (QUIC → inbox) and `apply` (inbox → target) run side by side and
+//! meet only in the [`inbox::Inbox`]. See `ARCHITECTURE.md`.
 
+pub mod apply;
+pub mod config;
+pub mod inbox;
+pub mod ingest;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use pgcourier_common::quic;
+use pgcourier_common::tls;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ReceiverConfig;
+
+/// Run the receiver until `shutdown` is cancelled.
+pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let identity = tls::load_identity(&cfg.cert, &cfg.key).context("load the receiver's certificate (settings `cert`, `key`)")?;
+    let inbox = Arc::new(
+        inbox::Inbox::open(&cfg.inbox_dir, cfg.cache_capacity)
+            .with_context(|| format!("open inbox {} (setting `inbox-dir`)", cfg.inbox_dir.display()))?,
+    );
+    let (bind, listen) = match cfg.link {
+        config::Link::Listen(addr) => (addr, true),
+        config::Link::Dial(_) => ("0.0.0.0:0".parse().expect("valid address"), false),
+    };
+    let endpoint = quic::endpoint(bind, &identity, &cfg.sender_fingerprints, &cfg.transport, listen)
+        .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
+    tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "receiver starting");
+
+    let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
+    let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
+    let apply = apply::Apply::new(cfg.clone(), inbox.clone());
+    apply.run(shutdown.clone()).await;
+    shutdown.cancel();
+    ingest_task.await.context("join ingest task")?;
+    inbox.sync().context("final inbox sync")?;
+    Ok(())
+}

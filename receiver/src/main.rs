@@ -1,1 +1,78 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgcourier_receiver::ReceiverConfig;
+use tokio_util::sync::CancellationToken;
+
+/// pgcourier-receiver: receive changes from the headquarters sender over QUIC,
+/// store them durably and apply them to the branch database exactly once.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sender daemon.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log format: human or json.
+        #[arg(long, default_value = "human")]
+        log_format: String,
+    },
+    /// Write a key and self-signed certificate; print its SHA-256 fingerprint.
+    Keygen {
+        #[arg(long, default_value = "receiver.crt")]
+        cert: PathBuf,
+        #[arg(long, default_value = "receiver.key")]
+        key: PathBuf,
+        #[arg(long, default_value = "pgcourier-receiver")]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { cert, key, name } => match pgcourier_common::tls::keygen(&cert, &key, &name) {
+            Ok(fp) => {
+                println!("{fp}");
+                eprintln!("wrote {} and {} (pin this fingerprint in the sender's [[receiver]] entry)", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Run { config, log_format } => {
+            pgcourier_common::logging::init(&log_format);
+            let cfg = match ReceiverConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let rt = runtime();
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                pgcourier_common::logging::cancel_on_signal(shutdown.clone());
+                match pgcourier_receiver::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("pgcourier-receiver: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
+}
+
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("pgcourier-receiver: {}", pgcourier_common::backoff::error_chain(e));
+    ExitCode::from(2)
+}

@@ -1,0 +1,695 @@
+//! Apply: inbox records → target rows, exactly once, in source commit order.
+//!
+//! Records are read from the inbox in sequence order. Consecutive source
+//! transactions are grouped into one target transaction (up to
+//! `apply-group-transactions` transactions or `apply-group-changes`
+//! changes, or until the inbox runs dry), and each group commits together
+//! with the progress row `pgcourier.progress` (source identity, last commit
+//! LSN and record seq). On (re)start apply reads that row and skips every
+//! transaction whose commit LSN is at or below it, so nothing is applied
+//! twice; the inbox deletes records only after the commit that applied them.
+//!
+//! Changes go out as prepared statements, pipelined (many in flight before
+//! the first reply), with values in PostgreSQL text form cast to the target
+//! column's type (`$1::text::<type>`). Tables and columns are mapped by name,
+//! never by OID. Every identifier is quoted.
+//!
+//! Errors are classified by SQLSTATE: a lost connection or a restarting
+//! target is retried with backoff; a target problem (missing table or
+//! column, type mismatch, constraint, permission) pauses apply with the
+//! table, column and fix, and is retried periodically so apply resumes by
+//! itself once the DBA has fixed it. The inbox keeps everything meanwhile.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::try_join_all;
+use pgcourier_common::backoff::{error_chain, Backoff};
+use pgcourier_common::pgoutput::{self, Message, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
+use pgcourier_common::record::{Piece, Record, RecordError};
+use pgcourier_common::Lsn;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, NoTls, Statement};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ReceiverConfig;
+use crate::inbox::Inbox;
+
+/// Statements queued before the pipeline is drained.
+const PIPELINE_DEPTH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot connect to the target database (setting `target`)")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("target query failed: {what}")]
+    Target { what: String, #[source] source: tokio_postgres::Error },
+    #[error("table {table} does not exist on the target: create it with the source's columns, then apply resumes")]
+    MissingTable { table: String },
+    #[error("column {column} of table {table} does not exist on the target: ALTER TABLE {table} ADD COLUMN {column} <type>, then apply resumes")]
+    MissingColumn { table: String, column: String },
+    #[error("table {table} has no primary key on the target and no replica identity on the source: add a primary key on the target")]
+    NoKey { table: String },
+    #[error("record {seq} in the inbox is corrupt")]
+    Corrupt { seq: u64, #[source] source: RecordError },
+    #[error("record {seq} holds an undecodable pgoutput message")]
+    Decode { seq: u64, #[source] source: pgoutput::DecodeError },
+    #[error("record {seq} refers to relation {oid}, which no Relation message described")]
+    UnknownRelation { seq: u64, oid: u32 },
+    #[error("inbox failed")]
+    Inbox(#[from] pgcourier_common::durable::StoreError),
+    #[error("record {seq} is out of order: {message}")]
+    Order { seq: u64, message: String },
+}
+
+impl ApplyError {
+    /// Retry soon with backoff (connection, restart); otherwise the DBA must
+    /// act and apply retries slowly until the problem is gone.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Connect(_) => true,
+            ApplyError::Target { source, .. } => {
+                if source.is_closed() {
+                    return true;
+                }
+                match source.code() {
+                    None => true,
+                    Some(c) => {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c == "40001" || c == "40P01" || c == "25006"
+                    }
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What `status` and the logs report about apply.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyStatus {
+    pub applied_seq: u64,
+    pub applied_commit_lsn: Lsn,
+    pub applied_commit_time: i64,
+    pub applied_transactions: u64,
+    pub last_error: Option<String>,
+    pub missing_rows: u64,
+}
+
+pub struct Apply {
+    cfg: Arc<ReceiverConfig>,
+    inbox: Arc<Inbox>,
+    pub status: Arc<Mutex<ApplyStatus>>,
+}
+
+/// The target table a source relation maps to, resolved by name.
+struct Target {
+    /// `"schema"."table"`
+    table: String,
+    /// Per source column: quoted target column name and its type for casts.
+    columns: Vec<(String, String)>,
+    /// Source column indexes that identify a row on the target.
+    key: Vec<usize>,
+    /// `key` is the target's primary key (compare with `=`); otherwise the
+    /// whole-row identity compared as text.
+    key_is_pk: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+enum Pending {
+    Prepared { stmt: Statement, params: Vec<Option<String>>, rel: u32, op: Op },
+    Sql { sql: String },
+}
+
+/// Per target connection state.
+struct Session {
+    client: Client,
+    source: String,
+    marker: Lsn,
+    relations: HashMap<u32, Relation>,
+    targets: HashMap<u32, Target>,
+    statements: HashMap<(u32, Op, Vec<bool>, Vec<bool>), Statement>,
+    progress: Statement,
+    pending: Vec<Pending>,
+    fragment: Vec<u8>,
+}
+
+struct GroupEnd {
+    seq: u64,
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    commit_time: i64,
+}
+
+impl Apply {
+    pub fn new(cfg: Arc<ReceiverConfig>, inbox: Arc<Inbox>) -> Apply {
+        Apply { cfg, inbox, status: Arc::new(Mutex::new(ApplyStatus::default())) }
+    }
+
+    /// Apply until `shutdown`, retrying every error with backoff.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut transient = Backoff::new(self.cfg.max_backoff);
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.session(&shutdown) => r,
+            };
+            let Err(e) = result else { return };
+            let message = error_chain(&e);
+            let delay = transient.next();
+            if e.is_transient() {
+                transient.log_once("apply", &e, delay);
+            } else {
+                let mut st = self.status.lock().expect("status lock");
+                if st.last_error.as_deref() != Some(message.as_str()) {
+                    tracing::error!(error = %message, retry_in = ?delay, "apply paused: the target needs attention; the inbox keeps everything and apply resumes once it is fixed");
+                }
+                st.last_error = Some(message);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(Client, String, Lsn, Statement), ApplyError> {
+        let (client, conn) = self.cfg.target.connect(NoTls).await.map_err(ApplyError::Connect)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "target connection ended");
+            }
+        });
+        let target = |what: &str| {
+            let what = what.to_owned();
+            move |source| ApplyError::Target { what, source }
+        };
+        client
+            .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3; SET lock_timeout = '30s'")
+            .await
+            .map_err(target("set session parameters"))?;
+        if self.cfg.replica_role {
+            client
+                .batch_execute("SET session_replication_role = replica")
+                .await
+                .map_err(target("set session_replication_role = replica (needs superuser; or set replica-role = false)"))?;
+        }
+        client
+            .batch_execute(
+                "CREATE SCHEMA IF NOT EXISTS pgcourier; \
+                 CREATE TABLE IF NOT EXISTS pgcourier.progress ( \
+                   source text PRIMARY KEY, commit_lsn pg_lsn NOT NULL, end_lsn pg_lsn NOT NULL, \
+                   seq bigint NOT NULL, commit_time timestamptz, applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await
+            .map_err(target("create the pgcourier schema and progress table"))?;
+        let source = loop {
+            if let Some(s) = self.inbox.source()? {
+                break s;
+            }
+            // Nothing received yet: wait for the first batch.
+            let mut rx = self.inbox.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        };
+        let row = client
+            .query_opt("SELECT commit_lsn::text, seq FROM pgcourier.progress WHERE source = $1", &[&source])
+            .await
+            .map_err(target("read progress"))?;
+        let marker = match row {
+            Some(r) => r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
+            None => Lsn::ZERO,
+        };
+        let progress = client
+            .prepare_typed(
+                "INSERT INTO pgcourier.progress (source, commit_lsn, end_lsn, seq, commit_time, applied_at) \
+                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, \
+                         '2000-01-01 00:00:00+00'::timestamptz + $5::bigint * interval '1 microsecond', now()) \
+                 ON CONFLICT (source) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, \
+                   seq = EXCLUDED.seq, commit_time = EXCLUDED.commit_time, applied_at = EXCLUDED.applied_at",
+                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::INT8, Type::INT8],
+            )
+            .await
+            .map_err(target("prepare progress statement"))?;
+        Ok((client, source, marker, progress))
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), ApplyError> {
+        let (client, source, marker, progress) = self.connect().await?;
+        let mut s = Session {
+            client,
+            source,
+            marker,
+            relations: HashMap::new(),
+            targets: HashMap::new(),
+            statements: HashMap::new(),
+            progress,
+            pending: Vec::new(),
+            fragment: Vec::new(),
+        };
+        for raw in self.inbox.relations()? {
+            if let Ok(Message::Relation(rel)) = pgoutput::decode(&raw) {
+                s.relations.insert(rel.oid, rel);
+            }
+        }
+        tracing::info!(marker = %s.marker, "applying to target");
+        let mut cursor = match self.inbox.first_seq()? {
+            Some(first) => first,
+            None => self.inbox.durable_seq() + 1,
+        };
+        let mut durable_rx = self.inbox.subscribe();
+        let mut open = false;
+        let mut group_txns = 0u32;
+        let mut group_changes = 0u32;
+        let mut group_end: Option<GroupEnd> = None;
+        let mut in_txn = false;
+        let mut healthy_reported = false;
+        loop {
+            let durable = *durable_rx.borrow_and_update();
+            if cursor > durable {
+                // Nothing more to read now: end the group if at a boundary.
+                if open && !in_txn {
+                    self.commit_group(&mut s, group_end.take().expect("open group has an end"), group_txns).await?;
+                    open = false;
+                    group_txns = 0;
+                    group_changes = 0;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = durable_rx.changed() => if r.is_err() { return Ok(()) },
+                }
+                continue;
+            }
+            let bytes = self.inbox.get(cursor)?.ok_or_else(|| ApplyError::Order { seq: cursor, message: "missing from the inbox".into() })?;
+            let record = Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq: cursor, source })?;
+            if record.seq != cursor {
+                return Err(ApplyError::Order { seq: cursor, message: format!("holds seq {}", record.seq) });
+            }
+            if record.commit_lsn <= s.marker {
+                // Already applied (before a restart): only learn its relations.
+                self.learn_relations(&mut s, &record)?;
+                cursor += 1;
+                continue;
+            }
+            if !open {
+                s.client.batch_execute("BEGIN").await.map_err(target_err("begin target transaction"))?;
+                open = true;
+            }
+            in_txn = !record.last;
+            group_changes += self.queue_record(&mut s, &record).await?;
+            if record.last {
+                group_txns += 1;
+                group_end = Some(GroupEnd { seq: record.seq, commit_lsn: record.commit_lsn, end_lsn: record.end_lsn, commit_time: record.commit_time });
+                if group_txns >= self.cfg.apply_group_transactions || group_changes >= self.cfg.apply_group_changes {
+                    self.commit_group(&mut s, group_end.take().expect("just set"), group_txns).await?;
+                    open = false;
+                    group_txns = 0;
+                    group_changes = 0;
+                }
+            } else if s.pending.len() >= PIPELINE_DEPTH {
+                self.drain(&mut s).await?;
+            }
+            if !healthy_reported {
+                healthy_reported = true;
+                let mut st = self.status.lock().expect("status lock");
+                if st.last_error.take().is_some() {
+                    tracing::info!("apply resumed");
+                }
+            }
+            cursor += 1;
+        }
+    }
+
+    fn learn_relations(&self, s: &mut Session, record: &Record) -> Result<(), ApplyError> {
+        for piece in &record.pieces {
+            if let Piece::Message(m) = piece {
+                if m.first() == Some(&b'R') {
+                    let Message::Relation(rel) = pgoutput::decode(m).map_err(|source| ApplyError::Decode { seq: record.seq, source })? else {
+                        continue;
+                    };
+                    self.remember_relation(s, rel, m)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remember_relation(&self, s: &mut Session, rel: Relation, raw: &[u8]) -> Result<(), ApplyError> {
+        if s.relations.get(&rel.oid) != Some(&rel) {
+            self.inbox.save_relation(rel.oid, raw)?;
+            s.targets.remove(&rel.oid);
+            s.statements.retain(|k, _| k.0 != rel.oid);
+            s.relations.insert(rel.oid, rel);
+        }
+        Ok(())
+    }
+
+    /// Turn a record's changes into pipelined statements. Returns the number
+    /// of changes.
+    async fn queue_record(&self, s: &mut Session, record: &Record) -> Result<u32, ApplyError> {
+        let mut changes = 0;
+        for piece in &record.pieces {
+            let owned;
+            let bytes: &[u8] = match piece {
+                Piece::Message(m) => m,
+                Piece::Fragment { bytes, more: true } => {
+                    s.fragment.extend_from_slice(bytes);
+                    continue;
+                }
+                Piece::Fragment { bytes, more: false } => {
+                    s.fragment.extend_from_slice(bytes);
+                    owned = std::mem::take(&mut s.fragment);
+                    &owned
+                }
+            };
+            let msg = pgoutput::decode(bytes).map_err(|source| ApplyError::Decode { seq: record.seq, source })?;
+            match msg {
+                Message::Relation(rel) => self.remember_relation(s, rel, bytes)?,
+                Message::Insert { rel, new } => {
+                    self.queue_change(s, record.seq, rel, Op::Insert, None, &new).await?;
+                    changes += 1;
+                }
+                Message::Update { rel, old, new } => {
+                    self.queue_change(s, record.seq, rel, Op::Update, old.as_ref(), &new).await?;
+                    changes += 1;
+                }
+                Message::Delete { rel, old } => {
+                    self.queue_change(s, record.seq, rel, Op::Delete, Some(&old), old.tuple()).await?;
+                    changes += 1;
+                }
+                Message::Truncate { cascade, restart_identity, rels } => {
+                    let mut names = Vec::new();
+                    for oid in rels {
+                        self.resolve(s, record.seq, oid).await?;
+                        names.push(s.targets[&oid].table.clone());
+                    }
+                    let mut sql = format!("TRUNCATE {}", names.join(", "));
+                    if restart_identity {
+                        sql.push_str(" RESTART IDENTITY");
+                    }
+                    if cascade {
+                        sql.push_str(" CASCADE");
+                    }
+                    s.pending.push(Pending::Sql { sql });
+                    changes += 1;
+                }
+                Message::Begin { .. } | Message::Commit { .. } | Message::Origin { .. } | Message::Type { .. } | Message::LogicalMessage { .. } => {}
+            }
+            if s.pending.len() >= PIPELINE_DEPTH {
+                self.drain(s).await?;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Map a source relation to its target table (cached per session).
+    async fn resolve(&self, s: &mut Session, seq: u64, oid: u32) -> Result<(), ApplyError> {
+        if s.targets.contains_key(&oid) {
+            return Ok(());
+        }
+        let rel = s.relations.get(&oid).ok_or(ApplyError::UnknownRelation { seq, oid })?.clone();
+        let table = format!("{}.{}", quote_ident(&rel.schema), quote_ident(&rel.name));
+        let rows = s
+            .client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                        coalesce(a.attnum = ANY (i.indkey::int2[]), false) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') ORDER BY a.attnum",
+                &[&rel.schema, &rel.name],
+            )
+            .await
+            .map_err(target_err("read target table definition"))?;
+        if rows.is_empty() {
+            return Err(ApplyError::MissingTable { table });
+        }
+        let target_cols: Vec<(String, String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let mut columns = Vec::new();
+        for c in &rel.columns {
+            let Some((name, ty, _)) = target_cols.iter().find(|(n, _, _)| *n == c.name) else {
+                return Err(ApplyError::MissingColumn { table, column: quote_ident(&c.name) });
+            };
+            columns.push((quote_ident(name), ty.clone()));
+        }
+        let pk: Vec<&String> = target_cols.iter().filter(|(_, _, pk)| *pk).map(|(n, _, _)| n).collect();
+        let (key, key_is_pk) = if !pk.is_empty() {
+            let mut key = Vec::new();
+            for name in pk {
+                let idx = rel.columns.iter().position(|c| c.name == *name).ok_or_else(|| ApplyError::MissingColumn {
+                    table: format!("{table} (on the source; it is in the target's primary key)"),
+                    column: quote_ident(name),
+                })?;
+                key.push(idx);
+            }
+            (key, true)
+        } else {
+            let key: Vec<usize> = match rel.replica_identity {
+                ReplicaIdentity::Full => (0..rel.columns.len()).collect(),
+                _ => rel.columns.iter().enumerate().filter(|(_, c)| c.key).map(|(i, _)| i).collect(),
+            };
+            (key, false)
+        };
+        s.targets.insert(oid, Target { table, columns, key, key_is_pk });
+        Ok(())
+    }
+
+    async fn queue_change(&self, s: &mut Session, seq: u64, oid: u32, op: Op, old: Option<&OldTuple>, new: &Tuple) -> Result<(), ApplyError> {
+        self.resolve(s, seq, oid).await?;
+        let target = &s.targets[&oid];
+        if new.len() != target.columns.len() {
+            return Err(ApplyError::Order { seq, message: format!("a change to {} has {} columns, its Relation {}", target.table, new.len(), target.columns.len()) });
+        }
+        // Which columns are set, and which identify the row.
+        let set: Vec<bool> = match op {
+            Op::Insert | Op::Update => new.iter().map(|v| !matches!(v, Value::UnchangedToast)).collect(),
+            Op::Delete => vec![false; new.len()],
+        };
+        let key_source: &Tuple = match (op, old) {
+            (Op::Insert, _) => new,
+            (_, Some(old)) => old.tuple(),
+            (_, None) => new,
+        };
+        let mut wher = vec![false; new.len()];
+        if op != Op::Insert {
+            if target.key.is_empty() {
+                return Err(ApplyError::NoKey { table: target.table.clone() });
+            }
+            for &k in &target.key {
+                wher[k] = !matches!(key_source.get(k), Some(Value::UnchangedToast) | None);
+            }
+        }
+        let key = (oid, op, set.clone(), wher.clone());
+        let stmt = match s.statements.get(&key) {
+            Some(st) => st.clone(),
+            None => {
+                let (sql, n) = build_sql(target, op, &set, &wher);
+                let st = s
+                    .client
+                    .prepare_typed(&sql, &vec![Type::TEXT; n])
+                    .await
+                    .map_err(|e| ApplyError::Target { what: format!("prepare statement for {}", target.table), source: e })?;
+                s.statements.insert(key, st.clone());
+                st
+            }
+        };
+        let mut params = Vec::new();
+        for (i, v) in new.iter().enumerate() {
+            if set[i] {
+                params.push(text_value(v));
+            }
+        }
+        for (i, w) in wher.iter().enumerate() {
+            if *w {
+                params.push(text_value(&key_source[i]));
+            }
+        }
+        s.pending.push(Pending::Prepared { stmt, params, rel: oid, op });
+        Ok(())
+    }
+
+    /// Send every queued statement (pipelined) and wait for all replies.
+    async fn drain(&self, s: &mut Session) -> Result<(), ApplyError> {
+        let pending = std::mem::take(&mut s.pending);
+        let client = &s.client;
+        let futures = pending.iter().map(|p| async move {
+            match p {
+                Pending::Prepared { stmt, params, rel, op } => {
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+                    client.execute(stmt, &refs).await.map(|n| (n, Some((*rel, *op)))).map_err(|e| (e, Some(*rel)))
+                }
+                Pending::Sql { sql } => client.execute(sql.as_str(), &[]).await.map(|n| (n, None)).map_err(|e| (e, None)),
+            }
+        });
+        match try_join_all(futures).await {
+            Ok(results) => {
+                let mut missing = 0;
+                for (n, what) in results {
+                    if let Some((rel, op)) = what {
+                        if n == 0 && op != Op::Insert {
+                            missing += 1;
+                            if let Some(t) = s.targets.get(&rel) {
+                                tracing::warn!(table = %t.table, "row to update or delete not found on the target (it was changed there, or never copied); change skipped");
+                            }
+                        }
+                    }
+                }
+                if missing > 0 {
+                    self.status.lock().expect("status lock").missing_rows += missing;
+                }
+                Ok(())
+            }
+            Err((e, rel)) => {
+                let table = rel.and_then(|r| s.targets.get(&r)).map(|t| t.table.clone()).unwrap_or_else(|| "(truncate)".into());
+                let column = e.as_db_error().and_then(|d| d.column()).map(|c| format!(", column {}", quote_ident(c))).unwrap_or_default();
+                Err(ApplyError::Target { what: format!("apply change to table {table}{column}"), source: e })
+            }
+        }
+    }
+
+    async fn commit_group(&self, s: &mut Session, end: GroupEnd, txns: u32) -> Result<(), ApplyError> {
+        self.drain(s).await?;
+        s.client
+            .execute(
+                &s.progress,
+                &[&s.source, &end.commit_lsn.to_string(), &end.end_lsn.to_string(), &(end.seq as i64), &end.commit_time],
+            )
+            .await
+            .map_err(target_err("write progress row"))?;
+        s.client.batch_execute("COMMIT").await.map_err(target_err("commit target transaction"))?;
+        debug_assert!(end.commit_lsn > s.marker);
+        s.marker = end.commit_lsn;
+        self.inbox.delete_through(end.seq)?;
+        let mut st = self.status.lock().expect("status lock");
+        st.applied_seq = end.seq;
+        st.applied_commit_lsn = end.commit_lsn;
+        st.applied_commit_time = end.commit_time;
+        st.applied_transactions += u64::from(txns);
+        Ok(())
+    }
+}
+
+fn target_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> ApplyError {
+    move |source| ApplyError::Target { what: what.to_owned(), source }
+}
+
+fn text_value(v: &Value) -> Option<String> {
+    match v {
+        Value::Text(t) => Some(t.clone()),
+        Value::Null | Value::UnchangedToast => None,
+        // Binary format is never requested; render as bytea hex so a
+        // mismatch fails loudly rather than silently.
+        Value::Binary(b) => Some(format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())),
+    }
+}
+
+/// Quote an SQL identifier, always.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The SQL for one change shape and its parameter count.
+fn build_sql(t: &Target, op: Op, set: &[bool], wher: &[bool]) -> (String, usize) {
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    let cast = |i: usize, p: usize| format!("${p}::text::{}", t.columns[i].1);
+    let mut sql = String::new();
+    match op {
+        Op::Insert => {
+            let cols: Vec<usize> = (0..set.len()).filter(|&i| set[i]).collect();
+            let names: Vec<&str> = cols.iter().map(|&i| t.columns[i].0.as_str()).collect();
+            let values: Vec<String> = cols.iter().map(|&i| cast(i, next())).collect();
+            sql = format!("INSERT INTO {} ({}) VALUES ({})", t.table, names.join(", "), values.join(", "));
+        }
+        Op::Update | Op::Delete => {
+            if op == Op::Update {
+                let sets: Vec<String> = (0..set.len()).filter(|&i| set[i]).map(|i| format!("{} = {}", t.columns[i].0, cast(i, next()))).collect();
+                sql.push_str(&format!("UPDATE {} SET {}", t.table, sets.join(", ")));
+            } else {
+                sql.push_str(&format!("DELETE FROM {}", t.table));
+            }
+            let conds: Vec<String> = (0..wher.len())
+                .filter(|&i| wher[i])
+                .map(|i| {
+                    let p = next();
+                    if t.key_is_pk {
+                        format!("{} = {}", t.columns[i].0, cast(i, p))
+                    } else {
+                        format!("{}::text IS NOT DISTINCT FROM ${p}::text", t.columns[i].0)
+                    }
+                })
+                .collect();
+            if t.key_is_pk {
+                sql.push_str(&format!(" WHERE {}", conds.join(" AND ")));
+            } else {
+                // Without a primary key, change exactly one matching row.
+                sql.push_str(&format!(" WHERE ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)", t.table, conds.join(" AND ")));
+            }
+        }
+    }
+    (sql, n)
+}
+
+/// Seconds between a PostgreSQL-epoch commit time and now.
+pub fn lag_seconds(commit_time: i64) -> Option<f64> {
+    if commit_time == 0 {
+        return None;
+    }
+    let pg_epoch = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800);
+    let commit = pg_epoch + Duration::from_micros(commit_time.max(0) as u64);
+    Some(SystemTime::now().duration_since(commit).map(|d| d.as_secs_f64()).unwrap_or(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(key_is_pk: bool) -> Target {
+        Target {
+            table: "\"s\".\"T\"".into(),
+            columns: vec![("\"id\"".into(), "integer".into()), ("\"v\"".into(), "text".into()), ("\"j\"".into(), "jsonb".into())],
+            key: vec![0],
+            key_is_pk,
+        }
+    }
+
+    #[test]
+    fn insert_update_delete_sql_casts_text_to_target_types() {
+        let t = target(true);
+        assert_eq!(
+            build_sql(&t, Op::Insert, &[true, true, true], &[false; 3]),
+            ("INSERT INTO \"s\".\"T\" (\"id\", \"v\", \"j\") VALUES ($1::text::integer, $2::text::text, $3::text::jsonb)".into(), 3)
+        );
+        assert_eq!(
+            build_sql(&t, Op::Update, &[true, false, true], &[true, false, false]),
+            ("UPDATE \"s\".\"T\" SET \"id\" = $1::text::integer, \"j\" = $2::text::jsonb WHERE \"id\" = $3::text::integer".into(), 3)
+        );
+        assert_eq!(build_sql(&t, Op::Delete, &[false; 3], &[true, false, false]).0, "DELETE FROM \"s\".\"T\" WHERE \"id\" = $1::text::integer");
+    }
+
+    #[test]
+    fn tables_without_primary_key_change_exactly_one_row() {
+        let mut t = target(false);
+        t.key = vec![0, 1, 2];
+        let (sql, n) = build_sql(&t, Op::Delete, &[false; 3], &[true, true, true]);
+        assert_eq!(n, 3);
+        assert!(sql.contains("WHERE ctid = (SELECT ctid FROM \"s\".\"T\" WHERE \"id\"::text IS NOT DISTINCT FROM $1::text"), "{sql}");
+        assert!(sql.ends_with("LIMIT 1)"));
+    }
+
+    #[test]
+    fn identifiers_are_always_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_ident("select"), "\"select\"");
+    }
+}

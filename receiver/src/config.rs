@@ -1,0 +1,140 @@
+//! `receiver.toml`: parsed once into a [`ReceiverConfig`]. Every setting
+//! and its default is documented in `docs/configuration.md` and
+//! `examples/receiver.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pgcourier_common::config::{self, de_duration, de_size, ConfigError, PasswordSource};
+use pgcourier_common::quic::TransportSettings;
+use pgcourier_common::tls::Fingerprint;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawReceiverConfig {
+    target: String,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    inbox_dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    listen: Option<SocketAddr>,
+    sender_address: Option<SocketAddr>,
+    sender_fingerprints: Vec<String>,
+    #[serde(default = "default_group_txns")]
+    apply_group_transactions: u32,
+    #[serde(default = "default_group_changes")]
+    apply_group_changes: u32,
+    #[serde(default = "default_true")]
+    replica_role: bool,
+    #[serde(default = "default_cache", deserialize_with = "de_size")]
+    cache_capacity: u64,
+    #[serde(default = "default_idle", deserialize_with = "de_duration")]
+    idle_timeout: Duration,
+    #[serde(default = "default_keep_alive", deserialize_with = "de_duration")]
+    keep_alive: Duration,
+    #[serde(default = "default_window", deserialize_with = "de_size")]
+    window: u64,
+    #[serde(default = "default_max_backoff", deserialize_with = "de_duration")]
+    max_backoff: Duration,
+}
+
+fn default_group_txns() -> u32 {
+    1000
+}
+fn default_group_changes() -> u32 {
+    20_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cache() -> u64 {
+    64 << 20
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_window() -> u64 {
+    16 << 20
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Who dials whom.
+#[derive(Clone, Debug)]
+pub enum Link {
+    /// Default: the sender dials this address.
+    Listen(SocketAddr),
+    /// Reverse mode (receiver behind NAT): dial the sender.
+    Dial(SocketAddr),
+}
+
+#[derive(Clone, Debug)]
+pub struct ReceiverConfig {
+    pub target: tokio_postgres::Config,
+    pub inbox_dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub link: Link,
+    pub sender_fingerprints: Vec<Fingerprint>,
+    pub apply_group_transactions: u32,
+    pub apply_group_changes: u32,
+    pub replica_role: bool,
+    pub cache_capacity: u64,
+    pub transport: TransportSettings,
+    pub max_backoff: Duration,
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { setting, message: message.into() }
+}
+
+impl ReceiverConfig {
+    pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
+        let raw: RawReceiverConfig = config::load_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let password = PasswordSource { password_env: raw.password_env, password_file: raw.password_file.map(|p| base.join(p)) };
+        let target = config::pg_config("target", &raw.target, &password)?;
+        let link = match (raw.listen, raw.sender_address) {
+            (Some(l), None) => Link::Listen(l),
+            (None, Some(s)) => Link::Dial(s),
+            (Some(_), Some(_)) => return Err(invalid("listen", "set either `listen` (the sender dials us) or `sender-address` (we dial the sender), not both")),
+            (None, None) => return Err(invalid("listen", "set `listen` (the sender dials us) or `sender-address` (we dial the sender)")),
+        };
+        if raw.sender_fingerprints.is_empty() {
+            return Err(invalid("sender-fingerprints", "pin at least one sender certificate fingerprint (printed by pgcourier-sender keygen)"));
+        }
+        let mut fps = Vec::new();
+        for f in &raw.sender_fingerprints {
+            fps.push(f.parse().map_err(|e| invalid("sender-fingerprints", format!("{e}")))?);
+        }
+        if raw.apply_group_transactions == 0 || raw.apply_group_changes == 0 {
+            return Err(invalid("apply-group-transactions", "apply group limits must be at least 1"));
+        }
+        Ok(ReceiverConfig {
+            target,
+            inbox_dir: base.join(raw.inbox_dir),
+            cert: base.join(raw.cert),
+            key: base.join(raw.key),
+            link,
+            sender_fingerprints: fps,
+            apply_group_transactions: raw.apply_group_transactions,
+            apply_group_changes: raw.apply_group_changes,
+            replica_role: raw.replica_role,
+            cache_capacity: raw.cache_capacity,
+            transport: TransportSettings {
+                idle_timeout: raw.idle_timeout,
+                keep_alive: raw.keep_alive,
+                window_bytes: raw.window,
+                ..TransportSettings::default()
+            },
+            max_backoff: raw.max_backoff,
+        })
+    }
+}
