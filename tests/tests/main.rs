@@ -1,1 +1,14 @@
+//! The single end-to-end test binary (`e2e`) of pgcourier.
+//!
+//! Each module below is one area of tests; they all use the harness in
+//! `pgcourier_tests` (tests/src/lib.rs). Tests run in parallel: every test
+//! starts its own clusters, daemons and work directories.
 
+mod fixture;
+mod harness_selftest;
+mod replication;
+
+// ---------------------------------------------------------------------------
+// Other test modules go here, one line each (keep this list sorted), e.g.:
+// mod replication;
+// ---------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+//! A replication set-up for end-to-end tests: one source cluster with the
+//! sender, N branch clusters each with a receiver, certificates, configs, and
+//! the schema used by the workloads.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use pgcourier_tests::{bin_path, wait_until, workdir, Daemon, PgCluster};
+use tokio_postgres::Client;
+
+pub const DB: &str = "postgres";
+
+/// How the link is set up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dial {
+    /// The sender dials each receiver (default mode).
+    SenderDials,
+    /// Each receiver dials the sender (reverse mode).
+    ReceiverDials,
+}
+
+pub struct Branch {
+    pub pg: PgCluster,
+    pub receiver: Daemon,
+    pub config: PathBuf,
+    pub fingerprint: String,
+}
+
+pub struct Setup {
+    pub hq: PgCluster,
+    pub sender: Daemon,
+    pub sender_config: PathBuf,
+    pub branches: Vec<Branch>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("bind a UDP port on loopback")
+}
+
+pub fn keygen(dir: &Path, name: &str) -> String {
+    pgcourier_common::tls::keygen(&dir.join(format!("{name}.crt")), &dir.join(format!("{name}.key")), name)
+        .expect("keygen")
+        .to_string()
+}
+
+/// Options for [`Setup::start`].
+pub struct Options<'a> {
+    pub branches: usize,
+    pub dial: Dial,
+    /// DDL run on the source and on every branch before the daemons start.
+    pub schema: &'a str,
+    /// `tables = [...]` for the publication; empty: all tables.
+    pub tables: &'a [&'a str],
+    /// Extra lines for sender.toml (top-level settings).
+    pub sender_extra: &'a str,
+}
+
+impl Setup {
+    pub async fn start(name: &str, opts: Options<'_>) -> anyhow::Result<Setup> {
+        let dir = workdir(name);
+        let n = opts.branches;
+        let clusters = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PgCluster>> {
+            let handles: Vec<_> = (0..=n)
+                .map(|i| std::thread::spawn(move || PgCluster::start(if i == 0 { "hq" } else { "branch" })))
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("cluster start thread")).collect()
+        })
+        .await??;
+        let mut clusters = clusters.into_iter();
+        let hq = clusters.next().expect("hq cluster");
+        hq.execute(DB, opts.schema).await.context("schema on the source")?;
+        let sender_fp = keygen(dir.path(), "sender");
+        let sender_port = free_udp_port();
+        let mut receivers_toml = String::new();
+        let mut branches = Vec::new();
+        for (i, pg) in clusters.enumerate() {
+            pg.execute(DB, opts.schema).await.context("schema on a branch")?;
+            let rname = format!("branch{i}");
+            let fp = keygen(dir.path(), &rname);
+            let port = free_udp_port();
+            let link = match opts.dial {
+                Dial::SenderDials => format!("listen = \"127.0.0.1:{port}\""),
+                Dial::ReceiverDials => format!("sender-address = \"127.0.0.1:{sender_port}\""),
+            };
+            let config = dir.path().join(format!("{rname}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "target = \"{}\"\ninbox-dir = \"{rname}-inbox\"\ncert = \"{rname}.crt\"\nkey = \"{rname}.key\"\n{link}\n\
+                     sender-fingerprints = [\"{sender_fp}\"]\nmax-backoff = \"2s\"\n",
+                    pg.conninfo(DB)
+                ),
+            )?;
+            let address = match opts.dial {
+                Dial::SenderDials => format!("address = \"127.0.0.1:{port}\"\n"),
+                Dial::ReceiverDials => String::new(),
+            };
+            receivers_toml.push_str(&format!("\n[[receiver]]\nname = \"{rname}\"\nfingerprint = \"{fp}\"\n{address}"));
+            let receiver = spawn_receiver(&dir, &config, &rname)?;
+            branches.push(Branch { pg, receiver, config, fingerprint: fp });
+        }
+        let listen = match opts.dial {
+            Dial::SenderDials => String::new(),
+            Dial::ReceiverDials => format!("listen = \"127.0.0.1:{sender_port}\"\n"),
+        };
+        let tables = if opts.tables.is_empty() {
+            String::new()
+        } else {
+            format!("tables = [{}]\n", opts.tables.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", "))
+        };
+        let sender_config = dir.path().join("sender.toml");
+        std::fs::write(
+            &sender_config,
+            format!(
+                "source = \"{}\"\nspool-dir = \"spool\"\ncert = \"sender.crt\"\nkey = \"sender.key\"\n{listen}{tables}\
+                 poll-interval = \"50ms\"\nmax-backoff = \"2s\"\n{}\n{receivers_toml}",
+                hq.conninfo(DB),
+                opts.sender_extra
+            ),
+        )?;
+        let sender = spawn_sender(&dir, &sender_config)?;
+        Ok(Setup { hq, sender, sender_config, branches, dir })
+    }
+
+    pub fn restart_sender(&mut self) -> anyhow::Result<()> {
+        self.sender = spawn_sender(&self.dir, &self.sender_config)?;
+        Ok(())
+    }
+
+    pub fn restart_receiver(&mut self, i: usize) -> anyhow::Result<()> {
+        let b = &mut self.branches[i];
+        b.receiver = spawn_receiver(&self.dir, &b.config, &format!("branch{i}"))?;
+        Ok(())
+    }
+
+    pub async fn source(&self) -> anyhow::Result<Client> {
+        self.hq.client(DB).await
+    }
+
+    pub async fn target(&self, i: usize) -> anyhow::Result<Client> {
+        self.branches[i].pg.client(DB).await
+    }
+
+    /// All daemon logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- sender log ---\n{}", self.sender.log_tail(60));
+        for (i, b) in self.branches.iter().enumerate() {
+            s.push_str(&format!("\n--- receiver {i} log ---\n{}", b.receiver.log_tail(60)));
+        }
+        s
+    }
+
+    /// Wait until the source's tables equal branch `i`'s, row for row.
+    pub async fn wait_equal(&self, i: usize, tables: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        let src = self.source().await?;
+        let dst = self.target(i).await?;
+        pgcourier_tests::wait_tables_equal(&src, &dst, tables, timeout)
+            .await
+            .with_context(|| self.logs())
+    }
+}
+
+pub fn spawn_sender(dir: &tempfile::TempDir, config: &Path) -> anyhow::Result<Daemon> {
+    let cfg = config.to_str().expect("utf-8 path");
+    Daemon::spawn("sender", &bin_path("pgcourier-sender"), &["run", "--config", cfg], &dir.path().join("sender.log"))
+}
+
+pub fn spawn_receiver(dir: &tempfile::TempDir, config: &Path, name: &str) -> anyhow::Result<Daemon> {
+    let cfg = config.to_str().expect("utf-8 path");
+    Daemon::spawn(name, &bin_path("pgcourier-receiver"), &["run", "--config", cfg], &dir.path().join(format!("{name}.log")))
+}
+
+/// Wait until `sql` (returning one bigint) gives at least `n` on `client`.
+pub async fn wait_count(client: &Client, sql: &str, n: i64, timeout: Duration) -> anyhow::Result<()> {
+    wait_until(&format!("{sql} to reach {n}"), timeout, || async {
+        let v: i64 = client.query_one(sql, &[]).await?.get(0);
+        Ok(v >= n)
+    })
+    .await
+}
