@@ -21,6 +21,7 @@
 //! itself once the DBA has fixed it. The inbox keeps everything meanwhile.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -101,6 +102,11 @@ pub struct Apply {
     cfg: Arc<ReceiverConfig>,
     inbox: Arc<Inbox>,
     pub status: Arc<Mutex<ApplyStatus>>,
+    /// The record being applied; after an error, transactions up to it are
+    /// applied one per target transaction, so that everything before the
+    /// failing transaction commits and the pause lands exactly on it.
+    position: std::sync::atomic::AtomicU64,
+    careful_until: std::sync::atomic::AtomicU64,
 }
 
 /// The target table a source relation maps to, resolved by name.
@@ -150,7 +156,13 @@ struct GroupEnd {
 
 impl Apply {
     pub fn new(cfg: Arc<ReceiverConfig>, inbox: Arc<Inbox>) -> Apply {
-        Apply { cfg, inbox, status: Arc::new(Mutex::new(ApplyStatus::default())) }
+        Apply {
+            cfg,
+            inbox,
+            status: Arc::new(Mutex::new(ApplyStatus::default())),
+            position: 0.into(),
+            careful_until: 0.into(),
+        }
     }
 
     /// Apply until `shutdown`, retrying every error with backoff.
@@ -162,6 +174,7 @@ impl Apply {
                 r = self.session(&shutdown) => r,
             };
             let Err(e) = result else { return };
+            self.careful_until.store(self.position.load(Ordering::Relaxed), Ordering::Relaxed);
             let message = error_chain(&e);
             let delay = transient.next();
             if e.is_transient() {
@@ -286,6 +299,7 @@ impl Apply {
                 }
                 continue;
             }
+            self.position.store(cursor, Ordering::Relaxed);
             let bytes = self.inbox.get(cursor)?.ok_or_else(|| ApplyError::Order { seq: cursor, message: "missing from the inbox".into() })?;
             let record = Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq: cursor, source })?;
             if record.seq != cursor {
@@ -306,7 +320,8 @@ impl Apply {
             if record.last {
                 group_txns += 1;
                 group_end = Some(GroupEnd { seq: record.seq, commit_lsn: record.commit_lsn, end_lsn: record.end_lsn, commit_time: record.commit_time });
-                if group_txns >= self.cfg.apply_group_transactions || group_changes >= self.cfg.apply_group_changes {
+                let careful = record.seq <= self.careful_until.load(Ordering::Relaxed);
+                if careful || group_txns >= self.cfg.apply_group_transactions || group_changes >= self.cfg.apply_group_changes {
                     self.commit_group(&mut s, group_end.take().expect("just set"), group_txns).await?;
                     open = false;
                     group_txns = 0;

@@ -122,7 +122,16 @@ impl Setup {
             ),
         )?;
         let sender = spawn_sender(&dir, &sender_config)?;
-        Ok(Setup { hq, sender, sender_config, branches, dir })
+        let setup = Setup { hq, sender, sender_config, branches, dir };
+        // Changes made before the slot exists are not captured (that is the
+        // initial copy's job): wait for it.
+        let src = setup.source().await?;
+        wait_until("the sender to create its replication slot", Duration::from_secs(60), || async {
+            Ok(src.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcourier'", &[]).await?.is_some())
+        })
+        .await
+        .with_context(|| setup.logs())?;
+        Ok(setup)
     }
 
     pub fn restart_sender(&mut self) -> anyhow::Result<()> {
