@@ -119,18 +119,40 @@ pub fn endpoint(
     let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
     client.transport_config(transport.clone());
 
-    let mut endpoint = if listen {
+    let server = if listen {
         let server_tls = QuicServerConfig::try_from(Arc::new(server_crypto(identity, pinned)?))
             .map_err(|e| TlsError::Config(format!("TLS server configuration unusable for QUIC: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(transport);
-        quinn::Endpoint::server(server, bind)
+        Some(server)
     } else {
-        quinn::Endpoint::client(bind)
-    }
-    .map_err(|source| TlsError::Bind { addr: bind, source })?;
+        None
+    };
+    let socket = std::net::UdpSocket::bind(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let runtime = quinn::default_runtime().ok_or_else(|| TlsError::Config("no async runtime for QUIC".into()))?;
+    let mut endpoint = quinn::Endpoint::new(endpoint_config(identity), server, socket, runtime)
+        .map_err(|source| TlsError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// Endpoint settings with a stateless-reset key derived from the node's
+/// private key: stable across restarts, so a restarted daemon resets the
+/// connections its previous process held and the peer reconnects at once,
+/// instead of waiting out the idle timeout.
+fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"pgcourier stateless reset key v1");
+    h.update(identity.key.secret_der());
+    let secret = h.finalize();
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)));
+    // Connection IDs are validated with a hash key; it must survive restarts
+    // too, or the new process drops the old connection's packets as invalid
+    // instead of answering them with a reset.
+    let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("a SHA-256 digest has 32 bytes"));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
 }
 
 /// The fingerprint of the certificate the peer presented on `conn`.

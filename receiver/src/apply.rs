@@ -132,7 +132,24 @@ enum Op {
 enum Pending {
     Prepared { stmt: Statement, params: Vec<Option<String>>, rel: u32, op: Op },
     Sql { sql: String },
+    /// A run of inserts into one table, loaded with COPY (text format).
+    Copy { sql: String, data: Vec<u8>, rel: u32 },
 }
+
+/// Consecutive inserts into one table with the same columns, waiting to be
+/// sent as one COPY (or as single inserts when the run stays short).
+struct InsertRun {
+    oid: u32,
+    set: Vec<bool>,
+    rows: Vec<Vec<Option<String>>>,
+    bytes: usize,
+}
+
+/// Runs shorter than this go out as pipelined INSERTs.
+const COPY_MIN_ROWS: usize = 8;
+/// A run is flushed at this many rows or bytes (bounds memory).
+const COPY_MAX_ROWS: usize = 5000;
+const COPY_MAX_BYTES: usize = 1 << 20;
 
 /// Per target connection state.
 struct Session {
@@ -144,6 +161,7 @@ struct Session {
     statements: HashMap<(u32, Op, Vec<bool>, Vec<bool>), Statement>,
     progress: Statement,
     pending: Vec<Pending>,
+    run: Option<InsertRun>,
     fragment: Vec<u8>,
 }
 
@@ -216,7 +234,7 @@ impl Apply {
         }
         client
             .batch_execute(
-                "CREATE SCHEMA IF NOT EXISTS pgcourier; \
+                "SET client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS pgcourier; \
                  CREATE TABLE IF NOT EXISTS pgcourier.progress ( \
                    source text PRIMARY KEY, commit_lsn pg_lsn NOT NULL, end_lsn pg_lsn NOT NULL, \
                    seq bigint NOT NULL, commit_time timestamptz, applied_at timestamptz NOT NULL DEFAULT now())",
@@ -264,6 +282,7 @@ impl Apply {
             statements: HashMap::new(),
             progress,
             pending: Vec::new(),
+            run: None,
             fragment: Vec::new(),
         };
         for raw in self.inbox.relations()? {
@@ -411,6 +430,7 @@ impl Apply {
                     if cascade {
                         sql.push_str(" CASCADE");
                     }
+                    self.flush_run(s).await?;
                     s.pending.push(Pending::Sql { sql });
                     changes += 1;
                 }
@@ -501,20 +521,24 @@ impl Apply {
                 wher[k] = !matches!(key_source.get(k), Some(Value::UnchangedToast) | None);
             }
         }
-        let key = (oid, op, set.clone(), wher.clone());
-        let stmt = match s.statements.get(&key) {
-            Some(st) => st.clone(),
-            None => {
-                let (sql, n) = build_sql(target, op, &set, &wher);
-                let st = s
-                    .client
-                    .prepare_typed(&sql, &vec![Type::TEXT; n])
-                    .await
-                    .map_err(|e| ApplyError::Target { what: format!("prepare statement for {}", target.table), source: e })?;
-                s.statements.insert(key, st.clone());
-                st
+        if op == Op::Insert {
+            let row: Vec<Option<String>> = new.iter().zip(&set).filter(|(_, on)| **on).map(|(v, _)| text_value(v)).collect();
+            let bytes: usize = row.iter().map(|v| v.as_ref().map_or(2, |t| t.len() + 1)).sum();
+            let same = matches!(&s.run, Some(r) if r.oid == oid && r.set == set);
+            if !same {
+                self.flush_run(s).await?;
+                s.run = Some(InsertRun { oid, set, rows: Vec::new(), bytes: 0 });
             }
-        };
+            let run = s.run.as_mut().expect("run just ensured");
+            run.rows.push(row);
+            run.bytes += bytes;
+            if run.rows.len() >= COPY_MAX_ROWS || run.bytes >= COPY_MAX_BYTES {
+                self.flush_run(s).await?;
+            }
+            return Ok(());
+        }
+        self.flush_run(s).await?;
+        let stmt = self.statement(s, oid, op, &set, &wher).await?;
         let mut params = Vec::new();
         for (i, v) in new.iter().enumerate() {
             if set[i] {
@@ -530,9 +554,67 @@ impl Apply {
         Ok(())
     }
 
-    /// Send every queued statement (pipelined) and wait for all replies.
+    /// The prepared statement for one change shape (cached per session).
+    async fn statement(&self, s: &mut Session, oid: u32, op: Op, set: &[bool], wher: &[bool]) -> Result<Statement, ApplyError> {
+        let key = (oid, op, set.to_vec(), wher.to_vec());
+        if let Some(st) = s.statements.get(&key) {
+            return Ok(st.clone());
+        }
+        let target = &s.targets[&oid];
+        let (sql, n) = build_sql(target, op, set, wher);
+        let st = s
+            .client
+            .prepare_typed(&sql, &vec![Type::TEXT; n])
+            .await
+            .map_err(|e| ApplyError::Target { what: format!("prepare statement for {}", target.table), source: e })?;
+        s.statements.insert(key, st.clone());
+        Ok(st)
+    }
+
+    /// Queue the pending insert run: as one COPY when long enough, else as
+    /// single INSERTs.
+    async fn flush_run(&self, s: &mut Session) -> Result<(), ApplyError> {
+        let Some(run) = s.run.take() else { return Ok(()) };
+        if run.rows.len() >= COPY_MIN_ROWS {
+            let target = &s.targets[&run.oid];
+            let cols: Vec<&str> = (0..run.set.len()).filter(|&i| run.set[i]).map(|i| target.columns[i].0.as_str()).collect();
+            let sql = format!("COPY {} ({}) FROM STDIN", target.table, cols.join(", "));
+            let mut data = Vec::with_capacity(run.bytes + run.rows.len());
+            for row in &run.rows {
+                copy_row(&mut data, row);
+            }
+            s.pending.push(Pending::Copy { sql, data, rel: run.oid });
+        } else {
+            let wher = vec![false; run.set.len()];
+            let stmt = self.statement(s, run.oid, Op::Insert, &run.set, &wher).await?;
+            for params in run.rows {
+                s.pending.push(Pending::Prepared { stmt: stmt.clone(), params, rel: run.oid, op: Op::Insert });
+            }
+        }
+        Ok(())
+    }
+
+    /// Send every queued statement and wait for all replies: statements are
+    /// pipelined; a COPY waits for what precedes it.
     async fn drain(&self, s: &mut Session) -> Result<(), ApplyError> {
+        self.flush_run(s).await?;
         let pending = std::mem::take(&mut s.pending);
+        let mut batch: Vec<Pending> = Vec::new();
+        for p in pending {
+            if let Pending::Copy { sql, data, rel } = p {
+                self.pipeline(s, std::mem::take(&mut batch)).await?;
+                copy_in(&s.client, &sql, data).await.map_err(|e| target_error(s, Some(rel), e))?;
+            } else {
+                batch.push(p);
+            }
+        }
+        self.pipeline(s, batch).await
+    }
+
+    async fn pipeline(&self, s: &Session, pending: Vec<Pending>) -> Result<(), ApplyError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
         let client = &s.client;
         let futures = pending.iter().map(|p| async move {
             match p {
@@ -541,6 +623,7 @@ impl Apply {
                     client.execute(stmt, &refs).await.map(|n| (n, Some((*rel, *op)))).map_err(|e| (e, Some(*rel)))
                 }
                 Pending::Sql { sql } => client.execute(sql.as_str(), &[]).await.map(|n| (n, None)).map_err(|e| (e, None)),
+                Pending::Copy { rel, .. } => unreachable!("COPY into relation {rel} is never pipelined"),
             }
         });
         match try_join_all(futures).await {
@@ -561,11 +644,7 @@ impl Apply {
                 }
                 Ok(())
             }
-            Err((e, rel)) => {
-                let table = rel.and_then(|r| s.targets.get(&r)).map(|t| t.table.clone()).unwrap_or_else(|| "(truncate)".into());
-                let column = e.as_db_error().and_then(|d| d.column()).map(|c| format!(", column {}", quote_ident(c))).unwrap_or_default();
-                Err(ApplyError::Target { what: format!("apply change to table {table}{column}"), source: e })
-            }
+            Err((e, rel)) => Err(target_error(s, rel, e)),
         }
     }
 
@@ -589,6 +668,45 @@ impl Apply {
         st.applied_transactions += u64::from(txns);
         Ok(())
     }
+}
+
+/// An apply error that names the table (and column, when PostgreSQL says).
+fn target_error(s: &Session, rel: Option<u32>, e: tokio_postgres::Error) -> ApplyError {
+    let table = rel.and_then(|r| s.targets.get(&r)).map(|t| t.table.clone()).unwrap_or_else(|| "(truncate)".into());
+    let column = e.as_db_error().and_then(|d| d.column()).map(|c| format!(", column {}", quote_ident(c))).unwrap_or_default();
+    ApplyError::Target { what: format!("apply change to table {table}{column}"), source: e }
+}
+
+async fn copy_in(client: &Client, sql: &str, data: Vec<u8>) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await?;
+    sink.finish().await
+}
+
+/// One row in COPY text format.
+fn copy_row(out: &mut Vec<u8>, row: &[Option<String>]) {
+    for (i, v) in row.iter().enumerate() {
+        if i > 0 {
+            out.push(b'\t');
+        }
+        match v {
+            None => out.extend_from_slice(b"\\N"),
+            Some(t) => {
+                for &b in t.as_bytes() {
+                    match b {
+                        b'\\' => out.extend_from_slice(b"\\\\"),
+                        b'\n' => out.extend_from_slice(b"\\n"),
+                        b'\r' => out.extend_from_slice(b"\\r"),
+                        b'\t' => out.extend_from_slice(b"\\t"),
+                        _ => out.push(b),
+                    }
+                }
+            }
+        }
+    }
+    out.push(b'\n');
 }
 
 fn target_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> ApplyError {
@@ -700,6 +818,13 @@ mod tests {
         assert_eq!(n, 3);
         assert!(sql.contains("WHERE ctid = (SELECT ctid FROM \"s\".\"T\" WHERE \"id\"::text IS NOT DISTINCT FROM $1::text"), "{sql}");
         assert!(sql.ends_with("LIMIT 1)"));
+    }
+
+    #[test]
+    fn copy_rows_escape_separators_and_nulls() {
+        let mut out = Vec::new();
+        copy_row(&mut out, &[Some("a\tb\nc\\d\re".into()), None, Some(String::new())]);
+        assert_eq!(out, b"a\\tb\\nc\\\\d\\re\t\\N\t\n".to_vec());
     }
 
     #[test]

@@ -42,6 +42,19 @@ pub enum IngestError {
 }
 
 impl IngestError {
+    /// The peer closed the connection on purpose (stopping, superseded).
+    pub fn is_clean_close(&self) -> bool {
+        let conn = match self {
+            IngestError::Connection(c) => Some(c),
+            IngestError::Wire(WireError::Io(io)) => io.get_ref().and_then(|e| e.downcast_ref::<quinn::ReadError>()).and_then(|r| match r {
+                quinn::ReadError::ConnectionLost(c) => Some(c),
+                _ => None,
+            }),
+            _ => None,
+        };
+        matches!(conn, Some(quinn::ConnectionError::ApplicationClosed(_)))
+    }
+
     /// A definite error: retrying the same connection will not help.
     pub fn is_definite(&self) -> bool {
         matches!(self, IngestError::WrongSource { .. } | IngestError::Gap { .. } | IngestError::Inbox(_))
@@ -79,8 +92,8 @@ impl Ingest {
                 _ = shutdown.cancelled() => return,
                 r = attempt => r,
             };
-            if started.elapsed() > Duration::from_secs(10) && backoff.reset() {
-                tracing::info!(sender = %addr, "link recovered");
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff.reset();
             }
             let delay = backoff.next();
             if let Err(e) = result {
@@ -113,7 +126,11 @@ impl Ingest {
                             shutdown.cancelled().await;
                             break;
                         }
-                        tracing::warn!(error = %error_chain(&e), "sender session ended; waiting for the sender to reconnect");
+                        if e.is_clean_close() {
+                            tracing::info!("the sender closed the connection; waiting for it to reconnect");
+                        } else {
+                            tracing::warn!(error = %error_chain(&e), "sender session ended; waiting for the sender to reconnect");
+                        }
                     }
                     continue;
                 }

@@ -16,8 +16,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sender daemon.
+    /// Run the receiver daemon.
     Run {
+        /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
         #[arg(long, short)]
         config: PathBuf,
         /// Log format: human or json.

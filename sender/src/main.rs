@@ -18,6 +18,7 @@ struct Cli {
 enum Command {
     /// Run the sender daemon.
     Run {
+        /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
         #[arg(long, short)]
         config: PathBuf,
         /// Log format: human or json.
@@ -26,6 +27,7 @@ enum Command {
     },
     /// Verify the source's prerequisites and print each problem with its fix.
     Check {
+        /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
         #[arg(long, short)]
         config: PathBuf,
     },

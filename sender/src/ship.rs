@@ -10,6 +10,7 @@
 //! deletes what every receiver holds.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,7 @@ pub enum ShipError {
     Spool(#[from] pgcourier_common::durable::StoreError),
     #[error("peer broke the protocol: {0}")]
     Protocol(String),
-    #[error("receiver refused: {0}")]
+    #[error("refused the receiver: {0}")]
     Refused(String),
     #[error("peer presented certificate {0}, which is not this receiver's pinned fingerprint")]
     WrongPeer(Fingerprint),
@@ -50,17 +51,69 @@ pub enum ShipError {
     Superseded,
 }
 
+/// Shipping counters since the sender started.
+#[derive(Default, Debug)]
+pub struct ShipStats {
+    pub batches: AtomicU64,
+    pub records: AtomicU64,
+    /// Encoded record bytes before compression.
+    pub raw_bytes: AtomicU64,
+    /// Batch payload bytes after zstd.
+    pub compressed_bytes: AtomicU64,
+    /// UDP payload bytes sent and received by finished connections
+    /// (QUIC, TLS and acknowledgements included).
+    pub udp_tx_bytes: AtomicU64,
+    pub udp_rx_bytes: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl ShipStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn log_totals(&self) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        tracing::info!(
+            connections = get(&self.connections),
+            batches = get(&self.batches),
+            records = get(&self.records),
+            raw_bytes = get(&self.raw_bytes),
+            compressed_bytes = get(&self.compressed_bytes),
+            udp_tx_bytes = get(&self.udp_tx_bytes),
+            udp_rx_bytes = get(&self.udp_rx_bytes),
+            "shipping totals"
+        );
+    }
+}
+
+/// Adds a connection's UDP byte counts to the totals when the session ends,
+/// however it ends (including cancellation at shutdown).
+struct ConnStats<'a> {
+    conn: &'a quinn::Connection,
+    stats: &'a ShipStats,
+}
+
+impl Drop for ConnStats<'_> {
+    fn drop(&mut self) {
+        let s = self.conn.stats();
+        ShipStats::add(&self.stats.udp_tx_bytes, s.udp_tx.bytes);
+        ShipStats::add(&self.stats.udp_rx_bytes, s.udp_rx.bytes);
+    }
+}
+
 pub struct Shipper {
+    pub stats: ShipStats,
     cfg: Arc<SenderConfig>,
     spool: Arc<Spool>,
     /// The live session of each receiver, so a new one can supersede it.
     active: Mutex<HashMap<String, (u64, CancellationToken)>>,
-    next_session: std::sync::atomic::AtomicU64,
+    next_session: AtomicU64,
 }
 
 impl Shipper {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Arc<Shipper> {
-        Arc::new(Shipper { cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
+        Arc::new(Shipper { stats: ShipStats::default(), cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
     }
 
     /// Dial receivers that have an address and accept those that dial in,
@@ -87,6 +140,9 @@ impl Shipper {
         tasks.close();
         tasks.wait().await;
         endpoint.close(0u32.into(), b"sender stopping");
+        // Let the close reach the peers before the process exits.
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        self.stats.log_totals();
     }
 
     async fn dial_loop(self: Arc<Self>, endpoint: quinn::Endpoint, spec: ReceiverSpec, shutdown: CancellationToken) {
@@ -107,8 +163,10 @@ impl Shipper {
                 _ = shutdown.cancelled() => return,
                 r = result => r,
             };
-            if started.elapsed() > Duration::from_secs(10) && backoff.reset() {
-                tracing::info!(receiver = %spec.name, "link recovered");
+            if started.elapsed() > Duration::from_secs(10) {
+                // A session that lasted: start the backoff afresh, and report
+                // the next failure even if it looks like the last one.
+                backoff.reset();
             }
             let delay = backoff.next();
             match result {
@@ -144,11 +202,13 @@ impl Shipper {
 
     /// One session with one receiver on an established connection.
     async fn session(self: Arc<Self>, conn: quinn::Connection, spec: &ReceiverSpec, shutdown: &CancellationToken) -> Result<(), ShipError> {
-        let id = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let token = shutdown.child_token();
         if let Some((_, old)) = self.active.lock().expect("active lock").insert(spec.name.clone(), (id, token.clone())) {
             old.cancel();
         }
+        ShipStats::add(&self.stats.connections, 1);
+        let _count_bytes = ConnStats { conn: &conn, stats: &self.stats };
         let result = tokio::select! {
             _ = token.cancelled() => Err(ShipError::Superseded),
             r = self.serve(&conn, spec) => r,
@@ -193,13 +253,13 @@ impl Shipper {
 
         let mut data = conn.open_uni().await?;
         let (ack_tx, mut ack_rx) = watch::channel(durable_seq);
-        let sent_through = Arc::new(std::sync::atomic::AtomicU64::new(durable_seq));
+        let sent_through = AtomicU64::new(durable_seq);
 
         let acks = async {
             loop {
                 match wire::read_frame(&mut control_rx).await? {
                     Some(Frame::Ack { durable_seq: seq }) => {
-                        if seq > sent_through.load(std::sync::atomic::Ordering::Acquire) {
+                        if seq > sent_through.load(Ordering::Acquire) {
                             return Err(ShipError::Protocol(format!("acknowledged record {seq}, which was never sent")));
                         }
                         self.spool.acknowledge(&spec.name, seq)?;
@@ -240,7 +300,13 @@ impl Shipper {
                 let count = records.len() as u64;
                 let frame = wire::encode_batch(&records, next, self.cfg.zstd_level)?;
                 let raw: usize = records.iter().map(Vec::len).sum();
-                sent_through.store(next + count - 1, std::sync::atomic::Ordering::Release);
+                if let Frame::Batch { payload, .. } = &frame {
+                    ShipStats::add(&self.stats.compressed_bytes, payload.len() as u64);
+                }
+                ShipStats::add(&self.stats.batches, 1);
+                ShipStats::add(&self.stats.records, count);
+                ShipStats::add(&self.stats.raw_bytes, raw as u64);
+                sent_through.store(next + count - 1, Ordering::Release);
                 wire::write_frame(&mut data, &frame).await?;
                 in_flight.push_back((next + count - 1, raw));
                 in_flight_bytes += raw;

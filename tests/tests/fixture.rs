@@ -56,6 +56,8 @@ pub struct Options<'a> {
     pub tables: &'a [&'a str],
     /// Extra lines for sender.toml (top-level settings).
     pub sender_extra: &'a str,
+    /// Extra lines for every receiver.toml.
+    pub receiver_extra: &'a str,
 }
 
 impl Setup {
@@ -90,8 +92,9 @@ impl Setup {
                 &config,
                 format!(
                     "target = \"{}\"\ninbox-dir = \"{rname}-inbox\"\ncert = \"{rname}.crt\"\nkey = \"{rname}.key\"\n{link}\n\
-                     sender-fingerprints = [\"{sender_fp}\"]\nmax-backoff = \"2s\"\n",
-                    pg.conninfo(DB)
+                     sender-fingerprints = [\"{sender_fp}\"]\nmax-backoff = \"2s\"\n{}\n",
+                    pg.conninfo(DB),
+                    opts.receiver_extra
                 ),
             )?;
             let address = match opts.dial {

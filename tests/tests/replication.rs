@@ -128,7 +128,7 @@ async fn run_sql(client: &Client, statements: &[&str]) -> anyhow::Result<()> {
 }
 
 fn mixed(branches: usize, dial: Dial) -> Options<'static> {
-    Options { branches, dial, schema: MIXED_SCHEMA, tables: MIXED_TABLES, sender_extra: "" }
+    Options { branches, dial, schema: MIXED_SCHEMA, tables: MIXED_TABLES, sender_extra: "", receiver_extra: "" }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +168,7 @@ ALTER TABLE acct ENABLE ALWAYS TRIGGER audit;
 "#;
 
 fn acct(branches: usize, dial: Dial) -> Options<'static> {
-    Options { branches, dial, schema: ACCT_SCHEMA, tables: &["public.acct"], sender_extra: "" }
+    Options { branches, dial, schema: ACCT_SCHEMA, tables: &["public.acct"], sender_extra: "", receiver_extra: "" }
 }
 
 /// `n` single-row transactions numbered from `from`: inserts, then updates
@@ -215,19 +215,30 @@ async fn sender_killed_mid_stream_restarts_without_loss_or_duplicates() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_killed_mid_apply_restarts_without_loss_or_duplicates() -> anyhow::Result<()> {
-    let mut setup = Setup::start("killrecv", acct(1, Dial::SenderDials)).await?;
-    let writer = {
-        let src = setup.source().await?;
-        tokio::spawn(async move { acct_transactions(&src, 1, 2000).await })
-    };
-    for round in 0..3 {
+    // Small apply groups: more commits, so kills land between a target
+    // commit and the inbox delete as well as inside groups.
+    let opts = Options { receiver_extra: "apply-group-transactions = 20", ..acct(1, Dial::SenderDials) };
+    let mut setup = Setup::start("killrecv", opts).await?;
+    // A backlog builds while the receiver is down, then it is killed
+    // repeatedly while it applies.
+    setup.branches[0].receiver.terminate()?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 3000).await?;
+    let total: i64 = src.query_one("SELECT count(*) FROM audit.log", &[]).await?.get(0);
+    setup.restart_receiver(0)?;
+    let mut kills = 0;
+    for _ in 0..4 {
+        let at = applied(&setup, 0).await.unwrap_or(0);
+        if at >= total {
+            break;
+        }
         let dst = setup.target(0).await?;
-        let at = applied(&setup, 0).await?;
-        wait_count(&dst, "SELECT count(*) FROM audit.log", at + 100, WAIT).await.with_context(|| format!("round {round}\n{}", setup.logs()))?;
+        wait_count(&dst, "SELECT count(*) FROM audit.log", (at + 150).min(total), WAIT).await.with_context(|| setup.logs())?;
         setup.branches[0].receiver.kill9()?;
+        kills += 1;
         setup.restart_receiver(0)?;
     }
-    writer.await??;
+    anyhow::ensure!(kills > 0, "apply finished before the first kill: the test proved nothing");
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
     assert_applied_exactly_once(&setup, 0).await
 }
@@ -327,7 +338,7 @@ async fn a_receiver_with_an_unpinned_certificate_is_refused() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_target_table_pauses_apply_until_the_dba_creates_it() -> anyhow::Result<()> {
     let schema = "CREATE TABLE a (id integer PRIMARY KEY, v text); CREATE TABLE b (id integer PRIMARY KEY, v text);";
-    let setup = Setup::start("pause", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "" }).await?;
+    let setup = Setup::start("pause", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "" }).await?;
     let dst = setup.target(0).await?;
     dst.batch_execute("DROP TABLE b").await?;
     let src = setup.source().await?;
