@@ -83,6 +83,9 @@ pub const MIXED_WORKLOAD: &[&str] = &[
     r#"DELETE FROM "Mixed Case" WHERE "Id" = 2"#,
     "INSERT INTO toasty SELECT g, repeat(md5(g::text), 200), g FROM generate_series(1, 50) g",
     "UPDATE toasty SET small = small + 1000 WHERE id <= 25",
+    // One value larger than a spool record: travels as fragments.
+    "INSERT INTO toasty VALUES (1000, repeat(md5('big'), 5000), 1)",
+    "UPDATE toasty SET small = 2 WHERE id = 1000",
     "UPDATE toasty SET id = id + 100 WHERE id <= 5",
     "DELETE FROM toasty WHERE id BETWEEN 40 AND 45",
     "INSERT INTO fullident VALUES (1, 'dup', '{\"k\": 1}'), (1, 'dup', '{\"k\": 1}'), (2, NULL, NULL), (3, 'three', '[1]')",
@@ -357,4 +360,26 @@ async fn a_missing_target_table_pauses_apply_until_the_dba_creates_it() -> anyho
     anyhow::ensure!(after == 0, "a transaction after the blocked one was applied out of order");
     dst.batch_execute("CREATE TABLE b (id integer PRIMARY KEY, v text)").await?;
     setup.wait_equal(0, &["public.a", "public.b"], WAIT).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_tables_whose_updates_could_not_replicate_and_exits_non_zero() -> anyhow::Result<()> {
+    let schema = "CREATE TABLE good (id integer PRIMARY KEY); CREATE TABLE \"No Key\" (v text); \
+                  CREATE TABLE full_ident (v text); ALTER TABLE full_ident REPLICA IDENTITY FULL;";
+    let setup = Setup::start("check", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "" }).await?;
+    let out = std::process::Command::new(pgcourier_tests::bin_path("pgcourier-sender"))
+        .args(["check", "--config", setup.sender_config.to_str().expect("utf-8")])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.code() == Some(1), "check should exit 1 on problems, got {:?}\n{text}", out.status);
+    anyhow::ensure!(text.contains("table \"public\".\"No Key\" has no primary key and no replica identity"), "check did not name the table:\n{text}");
+    anyhow::ensure!(text.contains("REPLICA IDENTITY FULL"), "check did not give the fix:\n{text}");
+    anyhow::ensure!(!text.contains("\"good\"") && !text.contains("\"full_ident\""), "check flagged a table that is fine:\n{text}");
+    // Once fixed, check passes.
+    setup.hq.execute(crate::fixture::DB, "ALTER TABLE \"No Key\" REPLICA IDENTITY FULL").await?;
+    let out = std::process::Command::new(pgcourier_tests::bin_path("pgcourier-sender"))
+        .args(["check", "--config", setup.sender_config.to_str().expect("utf-8")])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "check should pass once fixed:\n{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
 }
