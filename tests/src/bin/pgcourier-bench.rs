@@ -7,8 +7,8 @@
 //! while both replications are stopped (pgcourier's sender and receiver not
 //! running; the native subscription disabled), then each drains in turn,
 //! alone on the machine. Figures: applied transactions per second, and
-//! bytes on the wire per transaction (pgcourier: UDP payload sent by the
-//! sender, from its shipping totals; PostgreSQL: TCP bytes both ways through
+//! bytes on the wire per transaction (pgcourier: UDP payload both ways,
+//! from the sender's shipping totals; PostgreSQL: TCP bytes both ways through
 //! a counting relay in front of the source).
 
 use std::path::PathBuf;
@@ -237,11 +237,13 @@ async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
     sender.terminate()?;
     receiver.terminate()?;
     let log = std::fs::read_to_string(&sender_log)?;
-    let udp = shipping_totals(&log, "udp_tx_bytes").context("sender log has no shipping totals")?;
+    // Both directions, as for PostgreSQL's relay count.
+    let udp = shipping_totals(&log, "udp_tx_bytes").context("sender log has no shipping totals")?
+        + shipping_totals(&log, "udp_rx_bytes").unwrap_or(0);
     let compressed = shipping_totals(&log, "compressed_bytes").unwrap_or(0);
     let raw = shipping_totals(&log, "raw_bytes").unwrap_or(0);
     println!(
-        "[{workload}] pgcourier drained in {ours_secs:.2}s: {:.0} txn/s; {:.1} UDP bytes/txn ({:.1} raw record bytes/txn, zstd {:.1}x)",
+        "[{workload}] pgcourier drained in {ours_secs:.2}s: {:.0} txn/s; {:.1} UDP bytes/txn both ways ({:.1} raw record bytes/txn, zstd {:.1}x)",
         n as f64 / ours_secs,
         udp as f64 / n as f64,
         raw as f64 / n as f64,
@@ -256,7 +258,7 @@ async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
     let native_secs = t.elapsed().as_secs_f64();
     let native_bytes = relay_bytes.load(Ordering::Relaxed);
     println!(
-        "[{workload}] PostgreSQL logical replication drained in {native_secs:.2}s: {:.0} txn/s; {:.1} TCP bytes/txn",
+        "[{workload}] PostgreSQL logical replication drained in {native_secs:.2}s: {:.0} txn/s; {:.1} TCP bytes/txn both ways",
         n as f64 / native_secs,
         native_bytes as f64 / n as f64
     );
