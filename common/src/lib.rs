@@ -4,10 +4,12 @@
 //! helpers. See `ARCHITECTURE.md` for where each piece sits on the path of a
 //! change.
 
+pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod durable;
 pub mod logging;
+pub mod inspect;
 pub mod lsn;
 pub mod pgoutput;
 pub mod quic;

@@ -95,7 +95,12 @@ pub struct ApplyStatus {
     pub applied_commit_time: i64,
     pub applied_transactions: u64,
     pub last_error: Option<String>,
+    /// Apply stopped on a definite error (the DBA must act, or skip).
+    pub paused: bool,
+    /// First record of the transaction apply is stuck on.
+    pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
+    pub skipped_transactions: u64,
 }
 
 pub struct Apply {
@@ -107,6 +112,10 @@ pub struct Apply {
     /// failing transaction commits and the pause lands exactly on it.
     position: std::sync::atomic::AtomicU64,
     careful_until: std::sync::atomic::AtomicU64,
+    /// First record of the transaction being applied.
+    txn_first: std::sync::atomic::AtomicU64,
+    /// An operator's request to skip the blocking transaction: (seq, reason).
+    skip: Mutex<Option<(u64, String)>>,
 }
 
 /// The target table a source relation maps to, resolved by name.
@@ -180,11 +189,30 @@ impl Apply {
             status: Arc::new(Mutex::new(ApplyStatus::default())),
             position: 0.into(),
             careful_until: 0.into(),
+            txn_first: 0.into(),
+            skip: Mutex::new(None),
+        }
+    }
+
+    /// Ask apply to skip the transaction starting at record `seq`. Allowed
+    /// only for the transaction that is blocking apply.
+    pub fn request_skip(&self, seq: u64, reason: &str) -> Result<(), String> {
+        if reason.trim().is_empty() {
+            return Err("a reason is required: it is recorded in pgcourier.skipped".into());
+        }
+        let st = self.status.lock().expect("status lock");
+        match (st.paused, st.blocking_seq) {
+            (true, Some(b)) if b == seq => {
+                *self.skip.lock().expect("skip lock") = Some((seq, reason.to_owned()));
+                Ok(())
+            }
+            (true, Some(b)) => Err(format!("record {seq} is not the blocking transaction; apply is blocked at record {b}")),
+            _ => Err("apply is not blocked: only the transaction blocking apply can be skipped".into()),
         }
     }
 
     /// Apply until `shutdown`, retrying every error with backoff.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut transient = Backoff::new(self.cfg.max_backoff);
         loop {
             let result = tokio::select! {
@@ -195,15 +223,19 @@ impl Apply {
             self.careful_until.store(self.position.load(Ordering::Relaxed), Ordering::Relaxed);
             let message = error_chain(&e);
             let delay = transient.next();
+            let mut st = self.status.lock().expect("status lock");
             if e.is_transient() {
                 transient.log_once("apply", &e, delay);
+                st.paused = false;
             } else {
-                let mut st = self.status.lock().expect("status lock");
                 if st.last_error.as_deref() != Some(message.as_str()) {
-                    tracing::error!(error = %message, retry_in = ?delay, "apply paused: the target needs attention; the inbox keeps everything and apply resumes once it is fixed");
+                    tracing::error!(error = %message, blocking_seq = self.txn_first.load(Ordering::Relaxed), retry_in = ?delay, "apply paused: the target needs attention; the inbox keeps everything and apply resumes once it is fixed (or skip the transaction with pgcourier-queue skip)");
                 }
-                st.last_error = Some(message);
+                st.paused = true;
+                st.blocking_seq = Some(self.txn_first.load(Ordering::Relaxed));
             }
+            st.last_error = Some(message);
+            drop(st);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -301,7 +333,6 @@ impl Apply {
         let mut group_changes = 0u32;
         let mut group_end: Option<GroupEnd> = None;
         let mut in_txn = false;
-        let mut healthy_reported = false;
         loop {
             let durable = *durable_rx.borrow_and_update();
             if cursor > durable {
@@ -330,7 +361,16 @@ impl Apply {
                 cursor += 1;
                 continue;
             }
+            if record.part == 0 {
+                self.txn_first.store(record.seq, Ordering::Relaxed);
+            }
             if !open {
+                let skip = self.skip.lock().expect("skip lock").clone();
+                if let Some((seq, reason)) = skip.filter(|(seq, _)| *seq == record.seq) {
+                    self.skip_transaction(&mut s, seq, &reason).await?;
+                    *self.skip.lock().expect("skip lock") = None;
+                    continue;
+                }
                 s.client.batch_execute("BEGIN").await.map_err(target_err("begin target transaction"))?;
                 open = true;
             }
@@ -348,13 +388,6 @@ impl Apply {
                 }
             } else if s.pending.len() >= PIPELINE_DEPTH {
                 self.drain(&mut s).await?;
-            }
-            if !healthy_reported {
-                healthy_reported = true;
-                let mut st = self.status.lock().expect("status lock");
-                if st.last_error.take().is_some() {
-                    tracing::info!("apply resumed");
-                }
             }
             cursor += 1;
         }
@@ -648,6 +681,54 @@ impl Apply {
         }
     }
 
+    /// Skip the whole transaction starting at record `first`: record it,
+    /// with its content, in `pgcourier.skipped`, and move the progress row
+    /// past it, in one target transaction.
+    async fn skip_transaction(&self, s: &mut Session, first: u64, reason: &str) -> Result<(), ApplyError> {
+        const MAX_CONTENT: usize = 16 << 20;
+        let mut views = Vec::new();
+        let mut content_bytes = 0;
+        let mut truncated = false;
+        let mut seq = first;
+        let mut rels: HashMap<u32, Relation> = s.relations.clone();
+        let end = loop {
+            let bytes = self.inbox.get(seq)?.ok_or_else(|| ApplyError::Order { seq, message: "missing from the inbox while skipping".into() })?;
+            let record = Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq, source })?;
+            self.learn_relations(s, &record)?;
+            let view = pgcourier_common::inspect::view(&record, &mut rels);
+            let json = serde_json::to_value(&view).unwrap_or(serde_json::Value::Null);
+            content_bytes += json.to_string().len();
+            if content_bytes <= MAX_CONTENT {
+                views.push(json);
+            } else {
+                truncated = true;
+            }
+            if record.last {
+                break record;
+            }
+            seq += 1;
+        };
+        let content = serde_json::json!({ "records": views, "truncated": truncated }).to_string();
+        s.client
+            .batch_execute(
+                "SET client_min_messages = warning; CREATE TABLE IF NOT EXISTS pgcourier.skipped (                    source text NOT NULL, seq bigint NOT NULL, commit_lsn pg_lsn NOT NULL, xid bigint NOT NULL,                    commit_time timestamptz, reason text NOT NULL, skipped_at timestamptz NOT NULL DEFAULT now(),                    content jsonb NOT NULL); BEGIN",
+            )
+            .await
+            .map_err(target_err("begin skip transaction"))?;
+        s.client
+            .execute(
+                "INSERT INTO pgcourier.skipped (source, seq, commit_lsn, xid, commit_time, reason, content)                  VALUES ($1, $2, $3::text::pg_lsn, $4, '2000-01-01 00:00:00+00'::timestamptz + $5::bigint * interval '1 microsecond', $6, $7::text::jsonb)",
+                &[&s.source, &(first as i64), &end.commit_lsn.to_string(), &i64::from(end.xid), &end.commit_time, &reason, &content],
+            )
+            .await
+            .map_err(target_err("record skipped transaction"))?;
+        let group = GroupEnd { seq: end.seq, commit_lsn: end.commit_lsn, end_lsn: end.end_lsn, commit_time: end.commit_time };
+        self.commit_group(s, group, 0).await?;
+        self.status.lock().expect("status lock").skipped_transactions += 1;
+        tracing::warn!(seq = first, commit_lsn = %end.commit_lsn, "skipped a transaction at the operator's request; its content is in pgcourier.skipped");
+        Ok(())
+    }
+
     async fn commit_group(&self, s: &mut Session, end: GroupEnd, txns: u32) -> Result<(), ApplyError> {
         self.drain(s).await?;
         s.client
@@ -662,6 +743,11 @@ impl Apply {
         s.marker = end.commit_lsn;
         self.inbox.delete_through(end.seq)?;
         let mut st = self.status.lock().expect("status lock");
+        if st.last_error.take().is_some() {
+            tracing::info!("apply resumed");
+        }
+        st.paused = false;
+        st.blocking_seq = None;
         st.applied_seq = end.seq;
         st.applied_commit_lsn = end.commit_lsn;
         st.applied_commit_time = end.commit_time;

@@ -23,6 +23,7 @@ struct RawReceiverConfig {
     listen: Option<SocketAddr>,
     sender_address: Option<SocketAddr>,
     sender_fingerprints: Vec<String>,
+    admin: Option<SocketAddr>,
     #[serde(default = "default_group_txns")]
     apply_group_transactions: u32,
     #[serde(default = "default_group_changes")]
@@ -83,6 +84,8 @@ pub struct ReceiverConfig {
     pub key: PathBuf,
     pub link: Link,
     pub sender_fingerprints: Vec<Fingerprint>,
+    /// Local admin endpoint (HTTP: /metrics, /health, /status); loopback only.
+    pub admin: Option<SocketAddr>,
     pub apply_group_transactions: u32,
     pub apply_group_changes: u32,
     pub replica_role: bool,
@@ -124,6 +127,7 @@ impl ReceiverConfig {
             key: base.join(raw.key),
             link,
             sender_fingerprints: fps,
+            admin: raw.admin,
             apply_group_transactions: raw.apply_group_transactions,
             apply_group_changes: raw.apply_group_changes,
             replica_role: raw.replica_role,

@@ -61,14 +61,29 @@ impl IngestError {
     }
 }
 
+/// The link as the receiver sees it, for status and metrics.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LinkStatus {
+    pub connected: bool,
+    pub peer: Option<String>,
+    /// RFC 3339 time the current connection was established.
+    pub connected_since: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub batches: u64,
+    pub compressed_bytes: u64,
+    pub raw_bytes: u64,
+    pub connections: u64,
+}
+
 pub struct Ingest {
     cfg: Arc<ReceiverConfig>,
     inbox: Arc<Inbox>,
+    pub link: Arc<std::sync::Mutex<LinkStatus>>,
 }
 
 impl Ingest {
     pub fn new(cfg: Arc<ReceiverConfig>, inbox: Arc<Inbox>) -> Ingest {
-        Ingest { cfg, inbox }
+        Ingest { cfg, inbox, link: Arc::default() }
     }
 
     pub async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
@@ -154,7 +169,7 @@ impl Ingest {
                 task.abort();
                 let _ = task.await;
             }
-            let me = Ingest { cfg: self.cfg.clone(), inbox: self.inbox.clone() };
+            let me = Ingest { cfg: self.cfg.clone(), inbox: self.inbox.clone(), link: self.link.clone() };
             let tx = done_tx.clone();
             let c = conn.clone();
             let task = tokio::spawn(async move {
@@ -183,6 +198,14 @@ impl Ingest {
     /// One session: hello, then store and acknowledge batches until the
     /// connection ends.
     async fn session(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
+        let result = self.serve(conn).await;
+        let mut link = self.link.lock().expect("link lock");
+        link.connected = false;
+        link.rtt_ms = None;
+        result
+    }
+
+    async fn serve(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
         let (mut control_tx, mut control_rx) = conn.open_bi().await?;
         let source = self.inbox.source()?;
         let durable = self.inbox.durable_seq();
@@ -203,6 +226,13 @@ impl Ingest {
             None => return Err(IngestError::Protocol("control stream closed before Welcome".into())),
         }
         tracing::info!(peer = %conn.remote_address(), durable_seq = durable, "connected to sender; receiving");
+        {
+            let mut link = self.link.lock().expect("link lock");
+            link.connected = true;
+            link.peer = Some(conn.remote_address().to_string());
+            link.connected_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+            link.connections += 1;
+        }
         let mut data = conn.accept_uni().await?;
         loop {
             let frame = match wire::read_frame(&mut data).await? {
@@ -219,6 +249,13 @@ impl Ingest {
                 continue;
             }
             let records = wire::decode_batch(first_seq, last_seq, raw_len, &payload)?;
+            {
+                let mut link = self.link.lock().expect("link lock");
+                link.batches += 1;
+                link.compressed_bytes += payload.len() as u64;
+                link.raw_bytes += u64::from(raw_len);
+                link.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
+            }
             if first_seq > durable + 1 {
                 return Err(IngestError::Gap { durable, first: first_seq });
             }

@@ -5,6 +5,7 @@
 //! `ingest` (QUIC → inbox) and `apply` (inbox → target) run side by side and
 //! meet only in the [`inbox::Inbox`]. See `ARCHITECTURE.md`.
 
+pub mod admin;
 pub mod apply;
 pub mod config;
 pub mod inbox;
@@ -36,9 +37,20 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "receiver starting");
 
     let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
+    let link = ingest.link.clone();
     let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
-    let apply = apply::Apply::new(cfg.clone(), inbox.clone());
-    apply.run(shutdown.clone()).await;
+    let apply = Arc::new(apply::Apply::new(cfg.clone(), inbox.clone()));
+    if let Some(addr) = cfg.admin {
+        let listener = pgcourier_common::admin::bind(addr).await.context("start the admin endpoint (setting `admin`)")?;
+        let admin = Arc::new(admin::Admin { inbox: inbox.clone(), apply: apply.clone(), link });
+        let handler = Arc::new(move |req| {
+            let admin = admin.clone();
+            async move { tokio::task::spawn_blocking(move || admin.handle(req)).await.unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string())) }
+        });
+        tokio::spawn(pgcourier_common::admin::serve(listener, handler, shutdown.clone()));
+        tracing::info!(%addr, "admin endpoint listening");
+    }
+    apply.clone().run(shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await.context("join ingest task")?;
     inbox.sync().context("final inbox sync")?;

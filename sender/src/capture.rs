@@ -93,16 +93,25 @@ impl Cutter {
     }
 }
 
+/// Capture's state for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct CaptureStatus {
+    pub slot: Option<source::SlotStats>,
+    pub last_error: Option<String>,
+    pub transactions: u64,
+}
+
 pub struct Capture {
     cfg: Arc<SenderConfig>,
     spool: Arc<Spool>,
+    pub status: Arc<std::sync::Mutex<CaptureStatus>>,
     /// The slot's confirmed_flush_lsn as last seen or set by us.
     confirmed: Lsn,
 }
 
 impl Capture {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Capture {
-        Capture { cfg, spool, confirmed: Lsn::ZERO }
+        Capture { cfg, spool, status: Arc::default(), confirmed: Lsn::ZERO }
     }
 
     /// Capture until `shutdown`, reconnecting with backoff on transient
@@ -117,6 +126,7 @@ impl Capture {
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
+                    self.status.lock().expect("status lock").last_error = Some(pgcourier_common::backoff::error_chain(&e));
                     let delay = backoff.next();
                     backoff.log_once("capture", &e, delay);
                     tokio::select! {
@@ -124,7 +134,10 @@ impl Capture {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.status.lock().expect("status lock").last_error = Some(pgcourier_common::backoff::error_chain(&e));
+                    return Err(e);
+                }
             }
         }
     }
@@ -141,8 +154,16 @@ impl Capture {
         }
         self.confirmed = identity.confirmed_flush;
         tracing::info!(slot = %self.cfg.slot, confirmed = %self.confirmed, "capturing from source");
+        self.status.lock().expect("status lock").last_error = None;
+        let mut stats_at = std::time::Instant::now() - std::time::Duration::from_secs(60);
         loop {
             let outcome = self.poll(&client).await?;
+            self.status.lock().expect("status lock").transactions += outcome.transactions;
+            if stats_at.elapsed() >= std::time::Duration::from_secs(2) {
+                stats_at = std::time::Instant::now();
+                let stats = source::slot_stats(&client, &self.cfg.slot).await?;
+                self.status.lock().expect("status lock").slot = stats;
+            }
             if outcome.transactions == 0 && outcome.skipped == 0 {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),

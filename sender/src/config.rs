@@ -27,6 +27,7 @@ struct RawSenderConfig {
     cert: PathBuf,
     key: PathBuf,
     listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
     #[serde(default = "default_poll", deserialize_with = "de_duration")]
     poll_interval: Duration,
     #[serde(default = "default_capture_changes")]
@@ -113,6 +114,8 @@ pub struct SenderConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub listen: Option<SocketAddr>,
+    /// Local admin endpoint (HTTP: /metrics, /health, /status); loopback only.
+    pub admin: Option<SocketAddr>,
     pub poll_interval: Duration,
     pub capture_batch_changes: u32,
     pub batch_bytes: usize,
@@ -185,6 +188,7 @@ impl SenderConfig {
             cert: base.join(raw.cert),
             key: base.join(raw.key),
             listen: raw.listen,
+            admin: raw.admin,
             poll_interval: raw.poll_interval,
             capture_batch_changes: raw.capture_batch_changes,
             batch_bytes: raw.batch_bytes as usize,

@@ -5,6 +5,7 @@
 //! and meet only in the [`spool::Spool`], which is the sender's single
 //! source of truth. See `ARCHITECTURE.md`.
 
+pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod ship;
@@ -38,8 +39,18 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), receivers = names.len(), "sender starting");
 
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
-    let ship_task = tokio::spawn(shipper.run(endpoint, shutdown.clone()));
+    let ship_task = tokio::spawn(shipper.clone().run(endpoint, shutdown.clone()));
     let capture = capture::Capture::new(cfg.clone(), spool.clone());
+    if let Some(addr) = cfg.admin {
+        let listener = pgcourier_common::admin::bind(addr).await.context("start the admin endpoint (setting `admin`)")?;
+        let admin = Arc::new(admin::Admin { cfg: cfg.clone(), spool: spool.clone(), capture: capture.status.clone(), shipper });
+        let handler = Arc::new(move |req| {
+            let admin = admin.clone();
+            async move { tokio::task::spawn_blocking(move || admin.handle(req)).await.unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string())) }
+        });
+        tokio::spawn(pgcourier_common::admin::serve(listener, handler, shutdown.clone()));
+        tracing::info!(%addr, "admin endpoint listening");
+    }
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {
         tracing::error!(error = %pgcourier_common::backoff::error_chain(e), "capture stopped: the operator must act; shipping what is spooled continues until shutdown");

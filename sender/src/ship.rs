@@ -102,8 +102,20 @@ impl Drop for ConnStats<'_> {
     }
 }
 
+/// One receiver's link as the sender sees it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LinkStatus {
+    pub connected: bool,
+    pub peer: Option<String>,
+    pub connected_since: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub in_flight_bytes: u64,
+    pub connections: u64,
+}
+
 pub struct Shipper {
     pub stats: ShipStats,
+    pub links: Mutex<HashMap<String, LinkStatus>>,
     cfg: Arc<SenderConfig>,
     spool: Arc<Spool>,
     /// The live session of each receiver, so a new one can supersede it.
@@ -113,7 +125,7 @@ pub struct Shipper {
 
 impl Shipper {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Arc<Shipper> {
-        Arc::new(Shipper { stats: ShipStats::default(), cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
+        Arc::new(Shipper { stats: ShipStats::default(), links: Mutex::default(), cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
     }
 
     /// Dial receivers that have an address and accept those that dial in,
@@ -250,6 +262,27 @@ impl Shipper {
         wire::write_frame(&mut control_tx, &Frame::Welcome { source: our_source, first_seq: marks.first_seq }).await?;
         self.spool.acknowledge(&spec.name, durable_seq)?;
         tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), durable_seq, "receiver connected; shipping");
+        self.set_link(&spec.name, |l| {
+            l.connected = true;
+            l.peer = Some(conn.remote_address().to_string());
+            l.connected_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+            l.connections += 1;
+        });
+        let result = self.stream(conn, spec, durable_seq, control_rx).await;
+        self.set_link(&spec.name, |l| {
+            l.connected = false;
+            l.rtt_ms = None;
+            l.in_flight_bytes = 0;
+        });
+        result
+    }
+
+    fn set_link(&self, name: &str, f: impl FnOnce(&mut LinkStatus)) {
+        f(self.links.lock().expect("links lock").entry(name.to_owned()).or_default());
+    }
+
+    /// Stream batches and take acknowledgements until the session ends.
+    async fn stream(&self, conn: &quinn::Connection, spec: &ReceiverSpec, durable_seq: u64, mut control_rx: quinn::RecvStream) -> Result<(), ShipError> {
 
         let mut data = conn.open_uni().await?;
         let (ack_tx, mut ack_rx) = watch::channel(durable_seq);
@@ -310,6 +343,11 @@ impl Shipper {
                 wire::write_frame(&mut data, &frame).await?;
                 in_flight.push_back((next + count - 1, raw));
                 in_flight_bytes += raw;
+                let rtt = conn.rtt().as_secs_f64() * 1000.0;
+                self.set_link(&spec.name, |l| {
+                    l.in_flight_bytes = in_flight_bytes as u64;
+                    l.rtt_ms = Some(rtt);
+                });
                 next += count;
             }
         };

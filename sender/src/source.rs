@@ -165,6 +165,36 @@ pub async fn advance_slot(client: &Client, slot: &str, to: Lsn) -> Result<(), So
     Ok(())
 }
 
+/// What the source keeps for our slot.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SlotStats {
+    pub slot: String,
+    pub active: bool,
+    pub restart_lsn: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    /// WAL the source keeps for this slot (current WAL position − restart LSN).
+    pub retained_wal_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+}
+
+pub async fn slot_stats(client: &Client, slot: &str) -> Result<Option<SlotStats>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT active, restart_lsn::text, confirmed_flush_lsn::text,                     (pg_current_wal_lsn() - restart_lsn)::bigint, wal_status              FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| SourceError::query("read replication slot statistics", e))?;
+    Ok(row.map(|r| SlotStats {
+        slot: slot.to_owned(),
+        active: r.get(0),
+        restart_lsn: r.get(1),
+        confirmed_flush_lsn: r.get(2),
+        retained_wal_bytes: r.get(3),
+        wal_status: r.get(4),
+    }))
+}
+
 /// One prerequisite problem found by `check`, with its fix.
 pub struct Problem {
     pub what: String,

@@ -60,6 +60,19 @@ impl Spool {
     /// Open the spool, drop an incomplete tail, and register the receivers
     /// whose acknowledgements gate deletion.
     pub fn open(path: &Path, cache_bytes: u64, receivers: &[String]) -> Result<Spool, StoreError> {
+        Spool::open_mode(path, cache_bytes, receivers, false)
+    }
+
+    /// Open for inspection (`pgcourier-queue` on a stopped sender): nothing
+    /// is repaired or registered, so nothing is written.
+    pub fn open_for_inspection(path: &Path, receivers: &[String]) -> Result<Spool, StoreError> {
+        if !path.join("db").exists() {
+            return Err(StoreError::Dir { path: path.into(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no spool here (setting `spool-dir`)") });
+        }
+        Spool::open_mode(path, 16 << 20, receivers, true)
+    }
+
+    fn open_mode(path: &Path, cache_bytes: u64, receivers: &[String], inspect: bool) -> Result<Spool, StoreError> {
         let store = Store::open(path, cache_bytes)?;
         let records = store.tree("records")?;
         let meta = store.tree("meta")?;
@@ -68,7 +81,7 @@ impl Spool {
         let captured_end_lsn = Lsn(get_u64(&store, &meta, "captured_end_lsn")?.unwrap_or(0));
         // Remove a transaction tail that was never committed to the spool.
         let mut dropped = 0u64;
-        for item in records.range(seq_key(complete_seq + 1)..) {
+        for item in records.range(seq_key(complete_seq + 1)..).filter(|_| !inspect) {
             let (k, _) = item.map_err(|e| store.write_err(e))?;
             records.remove(k).map_err(|e| store.write_err(e))?;
             dropped += 1;
@@ -90,7 +103,9 @@ impl Spool {
                     // A receiver new to this spool starts from what the spool
                     // still holds; one configured at creation needs everything.
                     let a = first_seq.saturating_sub(1);
-                    put_u64(&store, &meta, &key, a)?;
+                    if !inspect {
+                        put_u64(&store, &meta, &key, a)?;
+                    }
                     a
                 }
             };

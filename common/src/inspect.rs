@@ -1,0 +1,241 @@
+//! Human and machine views of spool and inbox records, for
+//! `pgcourier-queue list` and `show`, and for the audit row written when a
+//! transaction is skipped. Row values appear here only because an operator
+//! asked for one record; they never go to logs.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::pgoutput::{self, Message, OldTuple, Relation, Tuple, Value};
+use crate::record::{Piece, Record};
+
+/// A PostgreSQL-epoch timestamp (µs since 2000-01-01 UTC) as RFC 3339.
+pub fn pg_time(micros: i64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800) + Duration::from_micros(micros.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Seconds from a PostgreSQL-epoch timestamp to now (0 if in the future).
+pub fn age_seconds(micros: i64) -> f64 {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800) + Duration::from_micros(micros.max(0) as u64);
+    SystemTime::now().duration_since(t).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// One line of `list`.
+#[derive(Debug, Serialize)]
+pub struct RecordLine {
+    pub seq: u64,
+    pub commit_lsn: String,
+    pub commit_time: String,
+    pub xid: u32,
+    pub part: u32,
+    pub last: bool,
+    pub changes: usize,
+    pub bytes: usize,
+    pub tables: Vec<String>,
+}
+
+/// One change of `show`, decoded.
+#[derive(Debug, Serialize)]
+pub struct ChangeView {
+    pub op: &'static str,
+    pub table: String,
+    pub columns: Vec<String>,
+    /// New values (insert, update) in PostgreSQL text form; `null` is SQL NULL.
+    pub new: Option<Vec<Option<String>>>,
+    /// Old key or row (update with a key change or FULL identity, delete).
+    pub old: Option<Vec<Option<String>>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecordView {
+    pub seq: u64,
+    pub commit_lsn: String,
+    pub end_lsn: String,
+    pub commit_time: String,
+    pub xid: u32,
+    pub part: u32,
+    pub last: bool,
+    pub changes: Vec<ChangeView>,
+    /// Truncations: table lists with their options.
+    pub truncates: Vec<String>,
+    /// Pieces that are fragments of a message continued in another record.
+    pub fragments: usize,
+}
+
+fn table_name(rels: &HashMap<u32, Relation>, oid: u32) -> String {
+    rels.get(&oid).map(|r| format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name))).unwrap_or_else(|| format!("(relation {oid})"))
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn values(t: &Tuple) -> Vec<Option<String>> {
+    t.iter()
+        .map(|v| match v {
+            Value::Null => None,
+            Value::UnchangedToast => Some("(unchanged TOAST value)".into()),
+            Value::Text(s) => Some(s.clone()),
+            Value::Binary(b) => Some(format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())),
+        })
+        .collect()
+}
+
+/// Decode a record's whole messages, learning Relation messages into `rels`.
+pub fn messages(record: &Record, rels: &mut HashMap<u32, Relation>) -> Vec<Message> {
+    let mut out = Vec::new();
+    for piece in &record.pieces {
+        if let Piece::Message(m) = piece {
+            if let Ok(msg) = pgoutput::decode(m) {
+                if let Message::Relation(r) = &msg {
+                    rels.insert(r.oid, r.clone());
+                }
+                out.push(msg);
+            }
+        }
+    }
+    out
+}
+
+pub fn line(record: &Record, bytes: usize, rels: &mut HashMap<u32, Relation>) -> RecordLine {
+    let msgs = messages(record, rels);
+    let mut tables: Vec<String> = Vec::new();
+    let mut changes = 0;
+    for m in &msgs {
+        let oids: Vec<u32> = match m {
+            Message::Insert { rel, .. } | Message::Update { rel, .. } | Message::Delete { rel, .. } => vec![*rel],
+            Message::Truncate { rels, .. } => rels.clone(),
+            _ => continue,
+        };
+        changes += 1;
+        for oid in oids {
+            let name = table_name(rels, oid);
+            if !tables.contains(&name) {
+                tables.push(name);
+            }
+        }
+    }
+    RecordLine {
+        seq: record.seq,
+        commit_lsn: record.commit_lsn.to_string(),
+        commit_time: pg_time(record.commit_time),
+        xid: record.xid,
+        part: record.part,
+        last: record.last,
+        changes,
+        bytes,
+        tables,
+    }
+}
+
+pub fn view(record: &Record, rels: &mut HashMap<u32, Relation>) -> RecordView {
+    let msgs = messages(record, rels);
+    let mut changes = Vec::new();
+    let mut truncates = Vec::new();
+    for m in msgs {
+        let cols = |oid: u32| rels.get(&oid).map(|r| r.columns.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
+        match m {
+            Message::Insert { rel, new } => {
+                changes.push(ChangeView { op: "insert", table: table_name(rels, rel), columns: cols(rel), new: Some(values(&new)), old: None })
+            }
+            Message::Update { rel, old, new } => changes.push(ChangeView {
+                op: "update",
+                table: table_name(rels, rel),
+                columns: cols(rel),
+                new: Some(values(&new)),
+                old: old.as_ref().map(|o| values(o.tuple())),
+            }),
+            Message::Delete { rel, old } => changes.push(ChangeView {
+                op: "delete",
+                table: table_name(rels, rel),
+                columns: cols(rel),
+                new: None,
+                old: Some(values(old.tuple())),
+            }),
+            Message::Truncate { cascade, restart_identity, rels: oids } => {
+                let names: Vec<String> = oids.iter().map(|o| table_name(rels, *o)).collect();
+                truncates.push(format!(
+                    "{}{}{}",
+                    names.join(", "),
+                    if restart_identity { " RESTART IDENTITY" } else { "" },
+                    if cascade { " CASCADE" } else { "" }
+                ));
+            }
+            _ => {}
+        }
+    }
+    RecordView {
+        seq: record.seq,
+        commit_lsn: record.commit_lsn.to_string(),
+        end_lsn: record.end_lsn.to_string(),
+        commit_time: pg_time(record.commit_time),
+        xid: record.xid,
+        part: record.part,
+        last: record.last,
+        changes,
+        truncates,
+        fragments: record.pieces.iter().filter(|p| matches!(p, Piece::Fragment { .. })).count(),
+    }
+}
+
+fn literal(v: &Option<String>) -> String {
+    match v {
+        None => "NULL".into(),
+        Some(s) => format!("'{}'", s.replace('\'', "''")),
+    }
+}
+
+/// The record's changes as SQL statements (for reading, not for replay:
+/// values are literals, and the key of an update without an old key is
+/// taken from the new row).
+pub fn sql(view: &RecordView, rels: &HashMap<u32, Relation>) -> String {
+    let mut out = format!("-- record {} of transaction {} (commit {} at {})\n", view.seq, view.xid, view.commit_lsn, view.commit_time);
+    for c in &view.changes {
+        let key_cols: Vec<usize> = rels
+            .values()
+            .find(|r| format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name)) == c.table)
+            .map(|r| r.columns.iter().enumerate().filter(|(_, col)| col.key).map(|(i, _)| i).collect())
+            .unwrap_or_default();
+        let cols: Vec<String> = c.columns.iter().map(|n| quote_ident(n)).collect();
+        let wher = |vals: &Vec<Option<String>>| -> String {
+            let idx: Vec<usize> = if key_cols.is_empty() { (0..vals.len()).collect() } else { key_cols.clone() };
+            idx.iter()
+                .filter_map(|&i| Some(format!("{} IS NOT DISTINCT FROM {}", cols.get(i)?, literal(vals.get(i)?))))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        match c.op {
+            "insert" => {
+                let vals: Vec<String> = c.new.iter().flatten().map(literal).collect();
+                out.push_str(&format!("INSERT INTO {} ({}) VALUES ({});\n", c.table, cols.join(", "), vals.join(", ")));
+            }
+            "update" => {
+                let new = c.new.clone().unwrap_or_default();
+                let sets: Vec<String> = new
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.as_deref() != Some("(unchanged TOAST value)"))
+                    .filter_map(|(i, v)| Some(format!("{} = {}", cols.get(i)?, literal(v))))
+                    .collect();
+                let key = c.old.as_ref().unwrap_or(&new);
+                out.push_str(&format!("UPDATE {} SET {} WHERE {};\n", c.table, sets.join(", "), wher(key)));
+            }
+            _ => {
+                let old = c.old.clone().unwrap_or_default();
+                out.push_str(&format!("DELETE FROM {} WHERE {};\n", c.table, wher(&old)));
+            }
+        }
+    }
+    for t in &view.truncates {
+        out.push_str(&format!("TRUNCATE {t};\n"));
+    }
+    out
+}
+
+/// Used by OldTuple consumers that only need the values.
+pub fn old_values(o: &OldTuple) -> Vec<Option<String>> {
+    values(o.tuple())
+}

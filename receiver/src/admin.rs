@@ -1,0 +1,194 @@
+//! The receiver's local admin endpoint and status: what `pgcourier-queue`
+//! and Prometheus see. Status is assembled from the inbox (durable), the
+//! apply state and the link state; for a stopped receiver the queue CLI
+//! builds the same view from the inbox and the target's progress row.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use pgcourier_common::admin::{Metrics, Request, Response};
+use pgcourier_common::inspect;
+use pgcourier_common::record::Record;
+use serde::Serialize;
+
+use crate::apply::{Apply, ApplyStatus};
+use crate::inbox::Inbox;
+use crate::ingest::LinkStatus;
+
+#[derive(Debug, Serialize)]
+pub struct ReceiverStatus {
+    pub role: &'static str,
+    pub running: bool,
+    pub source: Option<String>,
+    pub inbox_records: u64,
+    pub inbox_bytes: u64,
+    pub durable_seq: u64,
+    pub applied_seq: u64,
+    pub applied_commit_lsn: String,
+    pub applied_commit_time: Option<String>,
+    pub applied_transactions: u64,
+    /// Seconds the oldest unapplied transaction has waited since its source
+    /// commit (0 when apply is caught up).
+    pub apply_lag_seconds: f64,
+    /// `applying`, `paused` (a definite target error) or `retrying`.
+    pub apply_state: &'static str,
+    pub last_error: Option<String>,
+    pub blocking_seq: Option<u64>,
+    pub missing_rows: u64,
+    pub skipped_transactions: u64,
+    pub link: Option<LinkStatus>,
+}
+
+/// Assemble the status view.
+pub fn status(inbox: &Inbox, apply: &ApplyStatus, link: Option<&LinkStatus>, running: bool) -> ReceiverStatus {
+    let (records, bytes) = inbox.depth();
+    let durable = inbox.durable_seq();
+    let mut lag = 0.0;
+    if durable > apply.applied_seq {
+        let next = inbox.first_seq().ok().flatten().map(|f| f.max(apply.applied_seq + 1)).unwrap_or(apply.applied_seq + 1);
+        if let Ok(Some(bytes)) = inbox.get(next) {
+            if let Ok(r) = Record::decode(&bytes) {
+                lag = inspect::age_seconds(r.commit_time);
+            }
+        }
+    }
+    ReceiverStatus {
+        role: "receiver",
+        running,
+        source: inbox.source().ok().flatten(),
+        inbox_records: records,
+        inbox_bytes: bytes,
+        durable_seq: durable,
+        applied_seq: apply.applied_seq,
+        applied_commit_lsn: apply.applied_commit_lsn.to_string(),
+        applied_commit_time: (apply.applied_commit_time != 0).then(|| inspect::pg_time(apply.applied_commit_time)),
+        applied_transactions: apply.applied_transactions,
+        apply_lag_seconds: lag,
+        apply_state: match (&apply.last_error, apply.paused) {
+            (None, _) => "applying",
+            (Some(_), true) => "paused",
+            (Some(_), false) => "retrying",
+        },
+        last_error: apply.last_error.clone(),
+        blocking_seq: apply.blocking_seq,
+        missing_rows: apply.missing_rows,
+        skipped_transactions: apply.skipped_transactions,
+        link: link.cloned(),
+    }
+}
+
+pub fn metrics(st: &ReceiverStatus) -> String {
+    let mut m = Metrics::default();
+    m.gauge("pgcourier_receiver_inbox_records", "Records stored in the inbox (received, not yet applied and deleted).", st.inbox_records as f64);
+    m.gauge("pgcourier_receiver_inbox_bytes", "Bytes of records stored in the inbox.", st.inbox_bytes as f64);
+    m.gauge("pgcourier_receiver_durable_seq", "Highest record sequence fsynced in the inbox and acknowledged.", st.durable_seq as f64);
+    m.gauge("pgcourier_receiver_applied_seq", "Highest record sequence applied to the target.", st.applied_seq as f64);
+    m.gauge("pgcourier_receiver_records_behind", "Records received but not yet applied.", st.durable_seq.saturating_sub(st.applied_seq) as f64);
+    m.gauge("pgcourier_receiver_apply_lag_seconds", "Age of the oldest unapplied transaction since its source commit.", st.apply_lag_seconds);
+    m.gauge("pgcourier_receiver_apply_paused", "1 when apply is paused on a target error.", f64::from(u8::from(st.apply_state == "paused")));
+    m.gauge("pgcourier_receiver_apply_error", "1 when the last apply attempt failed.", f64::from(u8::from(st.last_error.is_some())));
+    m.counter("pgcourier_receiver_applied_transactions_total", "Source transactions applied since start.", st.applied_transactions as f64);
+    m.counter("pgcourier_receiver_missing_rows_total", "Updates or deletes whose row was not found on the target.", st.missing_rows as f64);
+    m.counter("pgcourier_receiver_skipped_transactions_total", "Transactions skipped by an operator.", st.skipped_transactions as f64);
+    if let Some(l) = &st.link {
+        m.gauge("pgcourier_receiver_link_connected", "1 while connected to the sender.", f64::from(u8::from(l.connected)));
+        m.gauge("pgcourier_receiver_link_rtt_seconds", "Round-trip time of the current connection.", l.rtt_ms.unwrap_or(0.0) / 1000.0);
+        m.counter("pgcourier_receiver_connections_total", "Connections established with the sender (reconnects + 1).", l.connections as f64);
+        m.counter("pgcourier_receiver_received_compressed_bytes_total", "Batch bytes received (zstd).", l.compressed_bytes as f64);
+        m.counter("pgcourier_receiver_received_raw_bytes_total", "Record bytes received after decompression.", l.raw_bytes as f64);
+        let ratio = if l.compressed_bytes > 0 { l.raw_bytes as f64 / l.compressed_bytes as f64 } else { 0.0 };
+        m.gauge("pgcourier_receiver_compression_ratio", "Raw over compressed bytes received.", ratio);
+    }
+    m.finish()
+}
+
+/// Lines of `list`, from the inbox.
+pub fn list(inbox: &Inbox, from: Option<u64>, limit: usize) -> Vec<inspect::RecordLine> {
+    let mut rels = relations(inbox);
+    let start = from.or_else(|| inbox.first_seq().ok().flatten()).unwrap_or(1);
+    let mut out = Vec::new();
+    let mut seq = start;
+    while out.len() < limit && seq <= inbox.durable_seq() {
+        if let Ok(Some(bytes)) = inbox.get(seq) {
+            if let Ok(r) = Record::decode(&bytes) {
+                out.push(inspect::line(&r, bytes.len(), &mut rels));
+            }
+        }
+        seq += 1;
+    }
+    out
+}
+
+pub fn relations(inbox: &Inbox) -> HashMap<u32, pgcourier_common::pgoutput::Relation> {
+    let mut rels = HashMap::new();
+    for raw in inbox.relations().unwrap_or_default() {
+        if let Ok(pgcourier_common::pgoutput::Message::Relation(r)) = pgcourier_common::pgoutput::decode(&raw) {
+            rels.insert(r.oid, r);
+        }
+    }
+    rels
+}
+
+/// `show`: one record as JSON or SQL; 404 text when absent.
+pub fn show(inbox: &Inbox, seq: u64, format: &str) -> Response {
+    let bytes = match inbox.get(seq) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Response::text(404, format!("record {seq} is not in the inbox (applied records are deleted)")),
+        Err(e) => return Response::text(500, format!("inbox read failed: {e}")),
+    };
+    let record = match Record::decode(&bytes) {
+        Ok(r) => r,
+        Err(e) => return Response::text(500, format!("record {seq} is corrupt: {e}")),
+    };
+    let mut rels = relations(inbox);
+    let view = inspect::view(&record, &mut rels);
+    if format == "sql" {
+        Response::text(200, inspect::sql(&view, &rels))
+    } else {
+        Response::json(200, &view)
+    }
+}
+
+pub struct Admin {
+    pub inbox: Arc<Inbox>,
+    pub apply: Arc<Apply>,
+    pub link: Arc<Mutex<LinkStatus>>,
+}
+
+impl Admin {
+    pub fn handle(&self, req: Request) -> Response {
+        let st = || status(&self.inbox, &self.apply.status.lock().expect("status lock"), Some(&self.link.lock().expect("link lock")), true);
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/status") => Response::json(200, &st()),
+            ("GET", "/metrics") => Response { status: 200, content_type: "text/plain; version=0.0.4", body: metrics(&st()) },
+            ("GET", "/health") => {
+                let s = st();
+                if s.apply_state == "paused" {
+                    Response::text(503, format!("apply paused: {}", s.last_error.unwrap_or_default()))
+                } else {
+                    Response::text(200, "ok")
+                }
+            }
+            ("GET", "/records") => {
+                let from = req.query.get("from").and_then(|v| v.parse().ok());
+                let limit = req.query.get("limit").and_then(|v| v.parse().ok()).unwrap_or(20);
+                Response::json(200, &list(&self.inbox, from, limit))
+            }
+            ("GET", path) if path.starts_with("/records/") => match path["/records/".len()..].parse() {
+                Ok(seq) => show(&self.inbox, seq, req.query.get("format").map(String::as_str).unwrap_or("json")),
+                Err(_) => Response::text(400, "record sequence must be a number"),
+            },
+            ("POST", "/skip") => {
+                let Some(seq) = req.query.get("seq").and_then(|v| v.parse().ok()) else {
+                    return Response::text(400, "seq is required");
+                };
+                let reason = req.query.get("reason").cloned().unwrap_or_default();
+                match self.apply.request_skip(seq, &reason) {
+                    Ok(()) => Response::text(200, format!("skip of the transaction at record {seq} requested; apply will record it in pgcourier.skipped")),
+                    Err(e) => Response::text(409, e),
+                }
+            }
+            _ => Response::text(404, "unknown admin request; try /status, /metrics, /health, /records"),
+        }
+    }
+}
