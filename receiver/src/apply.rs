@@ -220,13 +220,22 @@ impl Apply {
                 r = self.session(&shutdown) => r,
             };
             let Err(e) = result else { return };
-            self.careful_until.store(self.position.load(Ordering::Relaxed), Ordering::Relaxed);
+            let position = self.position.load(Ordering::Relaxed);
+            // Was the failing transaction applied on its own? If it was part
+            // of a group, retry one transaction at a time first, so that the
+            // pause lands exactly on the failing transaction.
+            let isolated = position <= self.careful_until.load(Ordering::Relaxed);
+            self.careful_until.store(position, Ordering::Relaxed);
             let message = error_chain(&e);
             let delay = transient.next();
             let mut st = self.status.lock().expect("status lock");
             if e.is_transient() {
                 transient.log_once("apply", &e, delay);
                 st.paused = false;
+            } else if !isolated {
+                tracing::debug!(error = %message, "apply failed inside a group; retrying transaction by transaction");
+                drop(st);
+                continue;
             } else {
                 if st.last_error.as_deref() != Some(message.as_str()) {
                     tracing::error!(error = %message, blocking_seq = self.txn_first.load(Ordering::Relaxed), retry_in = ?delay, "apply paused: the target needs attention; the inbox keeps everything and apply resumes once it is fixed (or skip the transaction with pgcourier-queue skip)");

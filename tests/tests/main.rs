@@ -6,6 +6,7 @@
 
 mod fixture;
 mod harness_selftest;
+mod queue;
 mod replication;
 
 // ---------------------------------------------------------------------------
