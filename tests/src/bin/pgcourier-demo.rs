@@ -251,6 +251,8 @@ impl Demo {
         );
 
         let port = free_udp_port()?;
+        let admin_port = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+        let (sender_admin, receiver_admin) = (admin_port()?, admin_port()?);
         let receiver_toml = d.join("receiver.toml");
         std::fs::write(
             &receiver_toml,
@@ -262,6 +264,7 @@ impl Demo {
                  key = \"receiver.key\"\n\
                  listen = \"127.0.0.1:{port}\"\n\
                  sender-fingerprints = [\"{sender_fp}\"]\n\
+                 admin = \"127.0.0.1:{receiver_admin}\"\n\
                  {LOOPBACK_LINK}",
                 toml_str(&branch.conninfo(DB))
             ),
@@ -276,6 +279,7 @@ impl Demo {
                  spool-dir = \"spool\"\n\
                  cert = \"sender.crt\"\n\
                  key = \"sender.key\"\n\
+                 admin = \"127.0.0.1:{sender_admin}\"\n\
                  {LOOPBACK_LINK}\
                  \n\
                  [[receiver]]\n\
@@ -455,6 +459,17 @@ impl Demo {
             let (lsn, seq): (String, i64) = (row.get(0), row.get(1));
             println!("pgcourier.progress on branch: last applied commit LSN {lsn}, record seq {seq}");
         }
+        // What an operator sees: pgcourier-queue status on both sides.
+        for side in ["sender", "receiver"] {
+            let cfg = self.dir.path().join(format!("{side}.toml"));
+            println!("\n$ pgcourier-queue --config {side}.toml status");
+            let out = std::process::Command::new(bin_path("pgcourier-queue"))
+                .args(["--config", cfg.to_str().unwrap_or_default(), "status"])
+                .output()
+                .context("running pgcourier-queue status")?;
+            print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        println!();
 
         // A clean stop: SIGTERM, as a service manager would send.
         for d in [&self.sender, &self.receiver] {
