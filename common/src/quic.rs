@@ -15,8 +15,18 @@ pub const ALPN: &[u8] = b"pgcourier/1";
 /// The server name clients ask for (certificates are pinned, names unused).
 pub const SERVER_NAME: &str = "pgcourier";
 
+/// QUIC congestion controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    Cubic,
+    Bbr,
+    NewReno,
+}
+
 #[derive(Clone, Debug)]
 pub struct TransportSettings {
+    pub congestion: Congestion,
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
     /// Connection and stream receive windows and the send window, in bytes.
@@ -27,6 +37,7 @@ pub struct TransportSettings {
 impl Default for TransportSettings {
     fn default() -> Self {
         TransportSettings {
+            congestion: Congestion::Cubic,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             window_bytes: 16 << 20,
@@ -57,6 +68,11 @@ pub fn transport_config(settings: &TransportSettings) -> Result<quinn::Transport
         .initial_rtt(settings.initial_rtt)
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(16))
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
+    match settings.congestion {
+        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+    };
     Ok(t)
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgcourier_common::config::{self, de_duration, de_size, ConfigError, PasswordSource};
-use pgcourier_common::quic::TransportSettings;
+use pgcourier_common::quic::{Congestion, TransportSettings};
 use pgcourier_common::tls::Fingerprint;
 use serde::Deserialize;
 
@@ -46,6 +46,10 @@ struct RawSenderConfig {
     keep_alive: Duration,
     #[serde(default = "default_window", deserialize_with = "de_size")]
     window: u64,
+    #[serde(default = "default_congestion")]
+    congestion: Congestion,
+    #[serde(default = "default_initial_rtt", deserialize_with = "de_duration")]
+    initial_rtt: Duration,
     #[serde(default = "default_max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
     #[serde(default, rename = "receiver")]
@@ -89,6 +93,12 @@ fn default_keep_alive() -> Duration {
 }
 fn default_window() -> u64 {
     16 << 20
+}
+fn default_congestion() -> Congestion {
+    Congestion::Cubic
+}
+fn default_initial_rtt() -> Duration {
+    Duration::from_millis(100)
 }
 fn default_max_backoff() -> Duration {
     Duration::from_secs(30)
@@ -199,7 +209,8 @@ impl SenderConfig {
                 idle_timeout: raw.idle_timeout,
                 keep_alive: raw.keep_alive,
                 window_bytes: raw.window,
-                ..TransportSettings::default()
+                congestion: raw.congestion,
+                initial_rtt: raw.initial_rtt,
             },
             max_backoff: raw.max_backoff,
             receivers,
