@@ -23,6 +23,8 @@ pub struct ReceiverView {
     pub acked_seq: u64,
     /// Records spooled that this receiver has not acknowledged.
     pub records_behind: u64,
+    /// Bytes of spooled records this receiver has not acknowledged.
+    pub bytes_behind: u64,
     /// Seconds since the source commit of the oldest record it lacks.
     pub lag_seconds: f64,
     pub link: Option<LinkStatus>,
@@ -73,7 +75,8 @@ pub fn status(cfg: &SenderConfig, spool: &Spool, capture: &CaptureStatus, shippe
             let acked = spool.ack(&r.name).unwrap_or(0);
             let behind = marks.complete_seq.saturating_sub(acked);
             let lag = if behind > 0 { commit_time(spool, acked + 1).map(inspect::age_seconds).unwrap_or(0.0) } else { 0.0 };
-            ReceiverView { name: r.name.clone(), acked_seq: acked, records_behind: behind, lag_seconds: lag, link: links.get(&r.name).cloned() }
+            let bytes_behind = if behind > 0 { spool.bytes_after(acked) } else { 0 };
+            ReceiverView { name: r.name.clone(), acked_seq: acked, records_behind: behind, bytes_behind, lag_seconds: lag, link: links.get(&r.name).cloned() }
         })
         .collect();
     let shipping = shipper.map(|s| {
@@ -120,11 +123,13 @@ pub fn metrics(st: &SenderStatus) -> String {
         let l = [("receiver", r.name.as_str())];
         m.metric("pgcourier_sender_receiver_acked_seq", "Highest record the receiver holds durably.", "gauge", &l, r.acked_seq as f64);
         m.metric("pgcourier_sender_receiver_records_behind", "Spooled records the receiver has not acknowledged.", "gauge", &l, r.records_behind as f64);
+        m.metric("pgcourier_sender_receiver_bytes_behind", "Bytes of spooled records the receiver has not acknowledged.", "gauge", &l, r.bytes_behind as f64);
         m.metric("pgcourier_sender_receiver_lag_seconds", "Age of the oldest record the receiver lacks.", "gauge", &l, r.lag_seconds);
         if let Some(link) = &r.link {
             m.metric("pgcourier_sender_receiver_connected", "1 while the receiver is connected.", "gauge", &l, f64::from(u8::from(link.connected)));
             m.metric("pgcourier_sender_receiver_rtt_seconds", "Round-trip time to the receiver.", "gauge", &l, link.rtt_ms.unwrap_or(0.0) / 1000.0);
             m.metric("pgcourier_sender_receiver_in_flight_bytes", "Shipped raw bytes not yet acknowledged.", "gauge", &l, link.in_flight_bytes as f64);
+            m.metric("pgcourier_sender_receiver_throughput_bytes_per_second", "Acknowledged raw bytes per second on the current connection.", "gauge", &l, link.throughput_bytes_per_sec);
             m.metric("pgcourier_sender_receiver_connections_total", "Connections with the receiver (reconnects + 1).", "counter", &l, link.connections as f64);
         }
     }

@@ -111,6 +111,12 @@ pub struct LinkStatus {
     pub rtt_ms: Option<f64>,
     pub in_flight_bytes: u64,
     pub connections: u64,
+    /// Raw record bytes the receiver acknowledged on this connection.
+    pub acked_bytes: u64,
+    /// Average acknowledged raw bytes per second on this connection.
+    pub throughput_bytes_per_sec: f64,
+    #[serde(skip)]
+    pub since: Option<std::time::Instant>,
 }
 
 pub struct Shipper {
@@ -267,6 +273,9 @@ impl Shipper {
             l.peer = Some(conn.remote_address().to_string());
             l.connected_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             l.connections += 1;
+            l.since = Some(std::time::Instant::now());
+            l.acked_bytes = 0;
+            l.throughput_bytes_per_sec = 0.0;
         });
         let result = self.stream(conn, spec, durable_seq, control_rx).await;
         self.set_link(&spec.name, |l| {
@@ -311,12 +320,21 @@ impl Shipper {
             let mut in_flight_bytes = 0usize;
             loop {
                 let acked = *ack_rx.borrow_and_update();
+                let mut newly_acked = 0u64;
                 while let Some(&(last, bytes)) = in_flight.front() {
                     if last > acked {
                         break;
                     }
                     in_flight.pop_front();
                     in_flight_bytes -= bytes;
+                    newly_acked += bytes as u64;
+                }
+                if newly_acked > 0 {
+                    self.set_link(&spec.name, |l| {
+                        l.acked_bytes += newly_acked;
+                        let secs = l.since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+                        l.throughput_bytes_per_sec = if secs > 0.0 { l.acked_bytes as f64 / secs } else { 0.0 };
+                    });
                 }
                 let complete = marks_rx.borrow_and_update().complete_seq;
                 if next > complete || in_flight_bytes >= self.cfg.max_in_flight {

@@ -222,6 +222,12 @@ impl Spool {
         Ok(out)
     }
 
+    /// Total bytes of the records after `seq` (what a receiver at `seq`
+    /// still lacks).
+    pub fn bytes_after(&self, seq: u64) -> u64 {
+        self.records.range(seq_key(seq + 1)..).values().flatten().map(|v| v.len() as u64).sum()
+    }
+
     /// One record by seq (for inspection).
     pub fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.records.get(seq_key(seq)).map_err(|e| self.store.write_err(e))?.map(|v| v.to_vec()))

@@ -91,6 +91,8 @@ async fn queue_commands_work_against_running_and_stopped_daemons() -> anyhow::Re
         Ok(json(&scfg, &["status"])?["receivers"][0]["records_behind"] == 2)
     })
     .await?;
+    let st = json(&scfg, &["status"])?;
+    assert!(st["receivers"][0]["bytes_behind"].as_u64().unwrap_or(0) > 0, "bytes behind: {st}");
     let list = json(&scfg, &["list"])?;
     let rows = list.as_array().context("list is an array")?;
     assert_eq!(rows.len(), 2, "{list}");

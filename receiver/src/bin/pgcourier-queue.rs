@@ -380,20 +380,22 @@ fn print_status(st: &Value, json: bool) {
             let link = &r["link"];
             let conn = if link["connected"] == true {
                 format!(
-                    "connected since {} from {}, rtt {:.1} ms, in flight {}",
+                    "connected since {} from {}, rtt {:.1} ms, in flight {}, {}/s",
                     link["connected_since"].as_str().unwrap_or("-"),
                     link["peer"].as_str().unwrap_or("-"),
                     link["rtt_ms"].as_f64().unwrap_or(0.0),
-                    human_bytes(link["in_flight_bytes"].as_u64().unwrap_or(0))
+                    human_bytes(link["in_flight_bytes"].as_u64().unwrap_or(0)),
+                    human_bytes(link["throughput_bytes_per_sec"].as_f64().unwrap_or(0.0) as u64)
                 )
             } else {
                 "not connected".into()
             };
             println!(
-                "receiver {:<8} acked {} ({} records behind, lag {}); {conn}",
+                "receiver {:<8} acked {} ({} records, {} behind, lag {}); {conn}",
                 r["name"].as_str().unwrap_or("-"),
                 r["acked_seq"],
                 r["records_behind"],
+                human_bytes(r["bytes_behind"].as_u64().unwrap_or(0)),
                 human_secs(r["lag_seconds"].as_f64().unwrap_or(0.0))
             );
         }
