@@ -29,6 +29,8 @@ pub struct Branch {
 }
 
 pub struct Setup {
+    /// The emulated links, one per branch (when asked for).
+    pub relays: Vec<pgcourier_netem::RelayHandle>,
     pub hq: PgCluster,
     pub sender: Daemon,
     pub sender_config: PathBuf,
@@ -58,6 +60,15 @@ pub struct Options<'a> {
     pub sender_extra: &'a str,
     /// Extra lines for every receiver.toml.
     pub receiver_extra: &'a str,
+    /// An emulated link (netem UDP relay) between the sender and each
+    /// receiver; only with [`Dial::SenderDials`].
+    pub link: Option<pgcourier_netem::Link>,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options { branches: 1, dial: Dial::SenderDials, schema: "", tables: &[], sender_extra: "", receiver_extra: "", link: None }
+    }
 }
 
 impl Setup {
@@ -78,6 +89,7 @@ impl Setup {
         let sender_port = free_udp_port();
         let mut receivers_toml = String::new();
         let mut branches = Vec::new();
+        let mut relays = Vec::new();
         for (i, pg) in clusters.enumerate() {
             pg.execute(DB, opts.schema).await.context("schema on a branch")?;
             let rname = format!("branch{i}");
@@ -97,9 +109,17 @@ impl Setup {
                     opts.receiver_extra
                 ),
             )?;
-            let address = match opts.dial {
-                Dial::SenderDials => format!("address = \"127.0.0.1:{port}\"\n"),
-                Dial::ReceiverDials => String::new(),
+            let address = match (opts.dial, &opts.link) {
+                (Dial::SenderDials, None) => format!("address = \"127.0.0.1:{port}\"\n"),
+                (Dial::SenderDials, Some(link)) => {
+                    let relay = pgcourier_netem::UdpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{port}").parse()?, link.clone())
+                        .await
+                        .context("start the netem relay")?;
+                    let addr = relay.local_addr();
+                    relays.push(relay);
+                    format!("address = \"{addr}\"\n")
+                }
+                (Dial::ReceiverDials, _) => String::new(),
             };
             receivers_toml.push_str(&format!("\n[[receiver]]\nname = \"{rname}\"\nfingerprint = \"{fp}\"\n{address}"));
             let receiver = spawn_receiver(&dir, &config, &rname)?;
@@ -125,7 +145,7 @@ impl Setup {
             ),
         )?;
         let sender = spawn_sender(&dir, &sender_config)?;
-        let setup = Setup { hq, sender, sender_config, branches, dir };
+        let setup = Setup { relays, hq, sender, sender_config, branches, dir };
         // Changes made before the slot exists are not captured (that is the
         // initial copy's job): wait for it.
         let src = setup.source().await?;

@@ -6,6 +6,7 @@
 
 mod fixture;
 mod harness_selftest;
+mod links;
 mod queue;
 mod replication;
 

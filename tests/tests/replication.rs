@@ -113,7 +113,7 @@ pub async fn audit_differences(src: &Client, dst: &Client) -> anyhow::Result<Vec
     Ok(diff)
 }
 
-async fn assert_applied_exactly_once(setup: &Setup, i: usize) -> anyhow::Result<()> {
+pub async fn assert_applied_exactly_once(setup: &Setup, i: usize) -> anyhow::Result<()> {
     let src = setup.source().await?;
     let dst = setup.target(i).await?;
     let diff = audit_differences(&src, &dst).await?;
@@ -131,7 +131,7 @@ async fn run_sql(client: &Client, statements: &[&str]) -> anyhow::Result<()> {
 }
 
 fn mixed(branches: usize, dial: Dial) -> Options<'static> {
-    Options { branches, dial, schema: MIXED_SCHEMA, tables: MIXED_TABLES, sender_extra: "", receiver_extra: "" }
+    Options { branches, dial, schema: MIXED_SCHEMA, tables: MIXED_TABLES, sender_extra: "", receiver_extra: "", link: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,12 +171,12 @@ ALTER TABLE acct ENABLE ALWAYS TRIGGER audit;
 "#;
 
 fn acct(branches: usize, dial: Dial) -> Options<'static> {
-    Options { branches, dial, schema: ACCT_SCHEMA, tables: &["public.acct"], sender_extra: "", receiver_extra: "" }
+    Options { branches, dial, schema: ACCT_SCHEMA, tables: &["public.acct"], sender_extra: "", receiver_extra: "", link: None }
 }
 
 /// `n` single-row transactions numbered from `from`: inserts, then updates
 /// and deletes of earlier rows.
-async fn acct_transactions(client: &Client, from: i32, n: i32) -> anyhow::Result<()> {
+pub async fn acct_transactions(client: &Client, from: i32, n: i32) -> anyhow::Result<()> {
     for i in from..from + n {
         let sql = match i % 4 {
             3 => format!("UPDATE acct SET bal = bal + {i}, note = 'u{i}' WHERE id = {}", i - 1),
@@ -341,7 +341,7 @@ async fn a_receiver_with_an_unpinned_certificate_is_refused() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_target_table_pauses_apply_until_the_dba_creates_it() -> anyhow::Result<()> {
     let schema = "CREATE TABLE a (id integer PRIMARY KEY, v text); CREATE TABLE b (id integer PRIMARY KEY, v text);";
-    let setup = Setup::start("pause", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "" }).await?;
+    let setup = Setup::start("pause", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "", link: None }).await?;
     let dst = setup.target(0).await?;
     dst.batch_execute("DROP TABLE b").await?;
     let src = setup.source().await?;
@@ -366,7 +366,7 @@ async fn a_missing_target_table_pauses_apply_until_the_dba_creates_it() -> anyho
 async fn check_names_tables_whose_updates_could_not_replicate_and_exits_non_zero() -> anyhow::Result<()> {
     let schema = "CREATE TABLE good (id integer PRIMARY KEY); CREATE TABLE \"No Key\" (v text); \
                   CREATE TABLE full_ident (v text); ALTER TABLE full_ident REPLICA IDENTITY FULL;";
-    let setup = Setup::start("check", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "" }).await?;
+    let setup = Setup::start("check", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "", link: None }).await?;
     let out = std::process::Command::new(pgcourier_tests::bin_path("pgcourier-sender"))
         .args(["check", "--config", setup.sender_config.to_str().expect("utf-8")])
         .output()?;
