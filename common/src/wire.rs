@@ -107,6 +107,34 @@ pub fn decode_frame(body: &[u8]) -> Result<Frame, WireError> {
     Ok(frame)
 }
 
+/// A reader that counts the bytes it has read: the receiver compares it with
+/// the bytes of whole frames to know how much of a batch cut by the link it
+/// had to discard.
+pub struct Counting<R> {
+    inner: R,
+    pub bytes: u64,
+}
+
+impl<R> Counting<R> {
+    pub fn new(inner: R) -> Counting<R> {
+        Counting { inner, bytes: 0 }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.bytes += read;
+        poll
+    }
+}
+
 /// Build a batch frame from encoded records with consecutive sequences.
 pub fn encode_batch(records: &[Vec<u8>], first_seq: u64, level: i32) -> Result<Frame, WireError> {
     let raw_len: usize = records.iter().map(|r| r.len() + 4).sum();

@@ -97,6 +97,7 @@ pub fn metrics(st: &ReceiverStatus) -> String {
         m.counter("pgcourier_receiver_received_compressed_bytes_total", "Batch bytes received (zstd).", l.compressed_bytes as f64);
         m.counter("pgcourier_receiver_received_raw_bytes_total", "Record bytes received after decompression.", l.raw_bytes as f64);
         let ratio = if l.compressed_bytes > 0 { l.raw_bytes as f64 / l.compressed_bytes as f64 } else { 0.0 };
+        m.counter("pgcourier_receiver_discarded_bytes_total", "Bytes of batches cut by link drops and discarded (shipped again).", l.discarded_bytes as f64);
         m.gauge("pgcourier_receiver_compression_ratio", "Raw over compressed bytes received.", ratio);
     }
     m.finish()

@@ -73,6 +73,9 @@ pub struct LinkStatus {
     pub compressed_bytes: u64,
     pub raw_bytes: u64,
     pub connections: u64,
+    /// Bytes of batches cut by a dropped link, received and thrown away
+    /// (the sender ships them again): the waste of outages.
+    pub discarded_bytes: u64,
 }
 
 pub struct Ingest {
@@ -233,19 +236,37 @@ impl Ingest {
             link.connected_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             link.connections += 1;
         }
-        let mut data = conn.accept_uni().await?;
+        let mut data = wire::Counting::new(conn.accept_uni().await?);
+        let mut whole = 0u64;
+        let result = self.receive(&mut data, &mut whole, &mut control_tx, conn).await;
+        let discarded = data.bytes.saturating_sub(whole);
+        if discarded > 0 {
+            self.link.lock().expect("link lock").discarded_bytes += discarded;
+            tracing::info!(discarded_bytes = discarded, "discarded the part of a batch the link cut; the sender ships it again");
+        }
+        result
+    }
+
+    async fn receive(
+        &self,
+        data: &mut wire::Counting<quinn::RecvStream>,
+        whole: &mut u64,
+        control_tx: &mut quinn::SendStream,
+        conn: &quinn::Connection,
+    ) -> Result<(), IngestError> {
         loop {
-            let frame = match wire::read_frame(&mut data).await? {
+            let frame = match wire::read_frame(data).await? {
                 Some(f) => f,
                 None => return Ok(()),
             };
+            *whole = data.bytes;
             let Frame::Batch { first_seq, last_seq, raw_len, payload } = frame else {
                 return Err(IngestError::Protocol("expected Batch on the data stream".into()));
             };
             let durable = self.inbox.durable_seq();
             if last_seq <= durable {
                 // A batch we already hold (a replay): acknowledge again.
-                wire::write_frame(&mut control_tx, &Frame::Ack { durable_seq: durable }).await?;
+                wire::write_frame(control_tx, &Frame::Ack { durable_seq: durable }).await?;
                 continue;
             }
             let records = wire::decode_batch(first_seq, last_seq, raw_len, &payload)?;
@@ -261,7 +282,7 @@ impl Ingest {
             }
             let skip = (durable + 1 - first_seq) as usize;
             let stored = self.inbox.store_batch(durable + 1, &records[skip..])?;
-            wire::write_frame(&mut control_tx, &Frame::Ack { durable_seq: stored }).await?;
+            wire::write_frame(control_tx, &Frame::Ack { durable_seq: stored }).await?;
         }
     }
 }

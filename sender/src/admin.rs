@@ -38,6 +38,7 @@ pub struct ShippingTotals {
     pub compressed_bytes: u64,
     pub compression_ratio: f64,
     pub udp_tx_bytes: u64,
+    pub resent_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +90,7 @@ pub fn status(cfg: &SenderConfig, spool: &Spool, capture: &CaptureStatus, shippe
             compressed_bytes: comp,
             compression_ratio: if comp > 0 { raw as f64 / comp as f64 } else { 0.0 },
             udp_tx_bytes: get(&s.stats.udp_tx_bytes),
+            resent_bytes: get(&s.stats.resent_bytes),
         }
     });
     SenderStatus {
@@ -137,6 +139,7 @@ pub fn metrics(st: &SenderStatus) -> String {
         m.counter("pgcourier_sender_shipped_batches_total", "Batches shipped.", s.batches as f64);
         m.counter("pgcourier_sender_shipped_raw_bytes_total", "Record bytes shipped before compression.", s.raw_bytes as f64);
         m.counter("pgcourier_sender_shipped_compressed_bytes_total", "Batch bytes shipped after zstd.", s.compressed_bytes as f64);
+        m.counter("pgcourier_sender_resent_bytes_total", "Compressed bytes shipped again after reconnects.", s.resent_bytes as f64);
         m.gauge("pgcourier_sender_compression_ratio", "Raw over compressed bytes shipped.", s.compression_ratio);
     }
     m.finish()

@@ -65,6 +65,9 @@ pub struct ShipStats {
     pub udp_tx_bytes: AtomicU64,
     pub udp_rx_bytes: AtomicU64,
     pub connections: AtomicU64,
+    /// Compressed bytes of records shipped again after a reconnect (the
+    /// receiver had not made them durable before the link dropped).
+    pub resent_bytes: AtomicU64,
 }
 
 impl ShipStats {
@@ -82,6 +85,7 @@ impl ShipStats {
             compressed_bytes = get(&self.compressed_bytes),
             udp_tx_bytes = get(&self.udp_tx_bytes),
             udp_rx_bytes = get(&self.udp_rx_bytes),
+            resent_bytes = get(&self.resent_bytes),
             "shipping totals"
         );
     }
@@ -122,6 +126,8 @@ pub struct LinkStatus {
 pub struct Shipper {
     pub stats: ShipStats,
     pub links: Mutex<HashMap<String, LinkStatus>>,
+    /// Highest record ever shipped to each receiver (to count re-sends).
+    sent_high: Mutex<HashMap<String, u64>>,
     cfg: Arc<SenderConfig>,
     spool: Arc<Spool>,
     /// The live session of each receiver, so a new one can supersede it.
@@ -131,7 +137,7 @@ pub struct Shipper {
 
 impl Shipper {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Arc<Shipper> {
-        Arc::new(Shipper { stats: ShipStats::default(), links: Mutex::default(), cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
+        Arc::new(Shipper { stats: ShipStats::default(), links: Mutex::default(), sent_high: Mutex::default(), cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
     }
 
     /// Dial receivers that have an address and accept those that dial in,
@@ -353,6 +359,13 @@ impl Shipper {
                 let raw: usize = records.iter().map(Vec::len).sum();
                 if let Frame::Batch { payload, .. } = &frame {
                     ShipStats::add(&self.stats.compressed_bytes, payload.len() as u64);
+                    let mut high = self.sent_high.lock().expect("sent_high lock");
+                    let h = high.entry(spec.name.clone()).or_insert(0);
+                    if next <= *h {
+                        let again = (*h - next + 1).min(count);
+                        ShipStats::add(&self.stats.resent_bytes, payload.len() as u64 * again / count);
+                    }
+                    *h = (*h).max(next + count - 1);
                 }
                 ShipStats::add(&self.stats.batches, 1);
                 ShipStats::add(&self.stats.records, count);
