@@ -34,10 +34,16 @@ BEGIN FOR i IN 1..n LOOP UPDATE bench SET v = v + 1 WHERE id = 1 + (i % rows); C
 struct Args {
     transactions: i64,
     workloads: Vec<&'static str>,
+    /// netem profile for both systems' links (None: loopback, no emulation).
+    profile: Option<String>,
+    /// A link outage of this many seconds a third into each drain.
+    outage: Option<u64>,
+    /// QUIC congestion controller for pgcourier (cubic, bbr, newreno).
+    congestion: String,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { transactions: 100_000, workloads: vec!["insert"] };
+    let mut args = Args { transactions: 100_000, workloads: vec!["insert"], profile: None, outage: None, congestion: "cubic".into() };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -50,8 +56,15 @@ fn parse_args() -> anyhow::Result<Args> {
                     other => bail!("--workload insert|update|both, not {other:?}"),
                 }
             }
+            "--profile" => {
+                let name = it.next().context("--profile needs a netem profile name")?;
+                pgcourier_netem::Profile::by_name(&name).with_context(|| format!("no netem profile {name:?}: {:?}", pgcourier_netem::Profile::names()))?;
+                args.profile = Some(name);
+            }
+            "--congestion" => args.congestion = it.next().context("--congestion cubic|bbr|newreno")?,
+            "--outage" => args.outage = Some(it.next().context("--outage needs seconds")?.parse()?),
             "-h" | "--help" => {
-                println!("pgcourier-bench [--transactions N] [--workload insert|update|both]");
+                println!("pgcourier-bench [--transactions N] [--workload insert|update|both] [--profile dsl|3g|satellite|...] [--outage SECONDS] [--congestion cubic|bbr|newreno]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -109,6 +122,12 @@ struct Figure {
     bytes: u64,
 }
 
+async fn receiver_status(admin: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let (code, body) = tokio::task::spawn_blocking(move || pgcourier_common::admin::request(admin, "GET", "/status")).await??;
+    anyhow::ensure!(code == 200, "receiver status answered {code}");
+    Ok(serde_json::from_str(&body)?)
+}
+
 fn shipping_totals(log: &str, field: &str) -> Option<u64> {
     let line = log.lines().rev().find(|l| l.contains("shipping totals"))?;
     let start = line.find(&format!(" {field}"))? + field.len() + 1;
@@ -120,10 +139,15 @@ fn shipping_totals(log: &str, field: &str) -> Option<u64> {
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let n = args.transactions;
-    println!("pgcourier-bench: backlog of {n} single-row transactions; machine: {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!(
+        "pgcourier-bench: backlog of {n} single-row transactions; link: {}; outage: {}; machine: {} cores",
+        args.profile.as_deref().unwrap_or("loopback"),
+        args.outage.map(|s| format!("{s} s a third into each drain")).unwrap_or_else(|| "none".into()),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
     let mut rows = Vec::new();
     for workload in &args.workloads {
-        let (ours, theirs) = backlog(workload, n).await.with_context(|| format!("{workload} backlog"))?;
+        let (ours, theirs) = backlog(workload, n, &args).await.with_context(|| format!("{workload} backlog"))?;
         rows.push((workload.to_string(), ours, theirs));
     }
     println!();
@@ -148,7 +172,52 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
+/// Poll `count_sql` until it reaches `expected`; a third of the way, cut the
+/// link for `outage` (if any) and measure from link-up until `progressed`
+/// says something that crossed the link after link-up was applied.
+async fn drain<F, Fut>(
+    pg: &PgCluster,
+    count_sql: &str,
+    expected: i64,
+    base: i64,
+    outage: Option<(Duration, &pgcourier_netem::RelayHandle)>,
+    mut progressed: F,
+) -> anyhow::Result<Option<f64>>
+where
+    F: FnMut(Instant) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut cut_done = false;
+    let mut link_up: Option<Instant> = None;
+    let mut first_after: Option<f64> = None;
+    loop {
+        let c = count(pg, count_sql).await?;
+        if c >= expected {
+            return Ok(first_after);
+        }
+        if let Some((len, relay)) = outage {
+            if !cut_done && c >= base + (expected - base) / 3 {
+                cut_done = true;
+                relay.set_down(true);
+                tokio::time::sleep(len).await;
+                relay.set_down(false);
+                link_up = Some(Instant::now());
+            }
+        }
+        if let (Some(up), None) = (link_up, first_after) {
+            if progressed(up).await? {
+                first_after = Some(up.elapsed().as_secs_f64());
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "drain did not finish within {DRAIN_TIMEOUT:?} ({c} of {expected})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure, Figure)> {
+    let profile = args.profile.as_deref().map(|p| pgcourier_netem::Profile::by_name(p).expect("checked in parse_args"));
+    let outage = args.outage.map(Duration::from_secs);
     let dir = workdir("bench");
     let (hq, ours, native) = tokio::task::spawn_blocking(|| -> anyhow::Result<_> {
         let a = std::thread::spawn(|| PgCluster::start("hq"));
@@ -172,7 +241,20 @@ async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
     // PostgreSQL's own: publication, subscription through the relay, then disabled.
     let relay_bytes = Arc::new(AtomicU64::new(0));
     let socket = hq.socket_dir().join(format!(".s.PGSQL.{}", hq.port()));
-    let relay_port = counting_relay(socket, relay_bytes.clone()).await?;
+    let mut relay_port = counting_relay(socket, relay_bytes.clone()).await?;
+    // Across an emulated link, PostgreSQL's own goes through netem's TCP
+    // relay; the subscriber dials it, so the data flows in its back
+    // direction: swap the profile's directions.
+    let native_link = match &profile {
+        Some(p) => {
+            let l = p.link(7);
+            let link = pgcourier_netem::Link { forward: l.back, back: l.forward, seed: l.seed };
+            let relay = pgcourier_netem::TcpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{relay_port}").parse()?, link, pgcourier_netem::OutageMode::Cut).await?;
+            relay_port = relay.local_addr().port();
+            Some(relay)
+        }
+        None => None,
+    };
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench").await?;
     native
         .execute(DB, &format!("CREATE SUBSCRIPTION native CONNECTION 'host=127.0.0.1 port={relay_port} user=postgres dbname={DB}' PUBLICATION native WITH (copy_data = false)"))
@@ -187,12 +269,31 @@ async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
     let sender_fp = pgcourier_common::tls::keygen(&dir.path().join("s.crt"), &dir.path().join("s.key"), "sender")?.to_string();
     let receiver_fp = pgcourier_common::tls::keygen(&dir.path().join("r.crt"), &dir.path().join("r.key"), "receiver")?.to_string();
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (ours_link, address) = match &profile {
+        Some(p) => {
+            let relay = pgcourier_netem::UdpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{port}").parse()?, p.link(5)).await?;
+            let addr = relay.local_addr();
+            (Some(relay), addr)
+        }
+        None => (None, format!("127.0.0.1:{port}").parse()?),
+    };
+    // Short link timers so an outage is noticed as it would be on a real link
+    // after the idle timeout; the initial RTT near the profile's.
+    let timers = match &profile {
+        Some(p) => format!(
+            "idle-timeout = \"4s\"\nkeep-alive = \"1s\"\nmax-backoff = \"2s\"\ninitial-rtt = \"{}ms\"\ncongestion = \"{}\"\n",
+            (p.forward.delay + p.back.delay).as_millis().max(1),
+            args.congestion
+        ),
+        None => String::new(),
+    };
     let sender_cfg = dir.path().join("sender.toml");
     std::fs::write(
         &sender_cfg,
         format!(
-            "source = \"{}\"\nspool-dir = \"spool\"\ncert = \"s.crt\"\nkey = \"s.key\"\ntables = [\"public.bench\"]\ncapture-batch-changes = 100000\n\
-             [[receiver]]\nname = \"branch\"\nfingerprint = \"{receiver_fp}\"\naddress = \"127.0.0.1:{port}\"\n",
+            "source = \"{}\"\nspool-dir = \"spool\"\ncert = \"s.crt\"\nkey = \"s.key\"\ntables = [\"public.bench\"]\ncapture-batch-changes = 100000\n{timers}\
+             [[receiver]]\nname = \"branch\"\nfingerprint = \"{receiver_fp}\"\naddress = \"{address}\"\n",
             hq.conninfo(DB)
         ),
     )?;
@@ -200,7 +301,7 @@ async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
     std::fs::write(
         &receiver_cfg,
         format!(
-            "target = \"{}\"\ninbox-dir = \"inbox\"\ncert = \"r.crt\"\nkey = \"r.key\"\nlisten = \"127.0.0.1:{port}\"\nsender-fingerprints = [\"{sender_fp}\"]\n",
+            "target = \"{}\"\ninbox-dir = \"inbox\"\ncert = \"r.crt\"\nkey = \"r.key\"\nlisten = \"127.0.0.1:{port}\"\nsender-fingerprints = [\"{sender_fp}\"]\nadmin = \"{admin}\"\n{timers}",
             ours.conninfo(DB)
         ),
     )?;
@@ -230,13 +331,32 @@ async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
     let t = Instant::now();
     let receiver = Daemon::spawn("receiver", &bin_path("pgcourier-receiver"), &["run", "--config", receiver_cfg.to_str().expect("utf-8")], &dir.path().join("receiver.log"))?;
     let sender = start_sender()?;
-    wait_until("pgcourier to drain the backlog", DRAIN_TIMEOUT, || async { Ok(count(&ours, &expect_sql).await? >= expected) })
-        .await
-        .with_context(|| format!("{}\n{}", sender.log_tail(20), receiver.log_tail(20)))?;
+    let base = count(&ours, &expect_sql).await?;
+    // After link-up: applied past what the branch held durably at link-up.
+    let durable_at_up: Arc<std::sync::Mutex<Option<u64>>> = Arc::default();
+    let first_after = drain(&ours, &expect_sql, expected, base, outage.zip(ours_link.as_ref()), |_| {
+        let at_up = durable_at_up.clone();
+        async move {
+            let st = receiver_status(admin).await?;
+            let durable = st["durable_seq"].as_u64().unwrap_or(0);
+            let applied = st["applied_seq"].as_u64().unwrap_or(0);
+            let d0 = *at_up.lock().expect("lock").get_or_insert(durable);
+            Ok(applied > d0)
+        }
+    })
+    .await
+    .with_context(|| format!("{}\n{}", sender.log_tail(20), receiver.log_tail(20)))?;
     let ours_secs = t.elapsed().as_secs_f64();
+    let ours_link_stats = ours_link.as_ref().map(|r| r.stats());
     sender.terminate()?;
     receiver.terminate()?;
     let log = std::fs::read_to_string(&sender_log)?;
+    let discarded: u64 = std::fs::read_to_string(dir.path().join("receiver.log"))?
+        .lines()
+        .filter(|l| l.contains("discarded_bytes="))
+        .filter_map(|l| l.split("discarded_bytes=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    let resent = shipping_totals(&log, "resent_bytes").unwrap_or(0);
     // Both directions, as for PostgreSQL's relay count.
     let udp = shipping_totals(&log, "udp_tx_bytes").context("sender log has no shipping totals")?
         + shipping_totals(&log, "udp_rx_bytes").unwrap_or(0);
@@ -249,13 +369,53 @@ async fn backlog(workload: &str, n: i64) -> anyhow::Result<(Figure, Figure)> {
         raw as f64 / n as f64,
         raw as f64 / compressed.max(1) as f64
     );
+    if let (Some(p), Some(stats)) = (&profile, &ours_link_stats) {
+        let rate = p.forward.rate_bps.unwrap_or(0) as f64 / 8.0;
+        let link_secs = ours_secs - outage.map(|o| o.as_secs_f64()).unwrap_or(0.0);
+        println!(
+            "[{workload}] pgcourier over {} ({}): link busy {:.0}% (UDP bytes forwarded / time up / rate), goodput {:.0}% (compressed records shipped once / time up / rate); dropped by the link: {:?}",
+            p.name,
+            args.congestion,
+            100.0 * stats.forward.bytes_forwarded as f64 / link_secs / rate.max(1.0),
+            100.0 * compressed.saturating_sub(resent) as f64 / link_secs / rate.max(1.0),
+            stats.forward.dropped
+        );
+    }
+    if let Some(o) = outage {
+        println!(
+            "[{workload}] pgcourier outage of {}s: {} bytes received and discarded (cut batch), {} bytes shipped again; link-up to first newly received transaction applied: {}",
+            o.as_secs(),
+            discarded,
+            resent,
+            first_after.map(|s| format!("{s:.2}s")).unwrap_or_else(|| "not seen (drain ended)".into())
+        );
+    }
 
     // Drain PostgreSQL's own.
     relay_bytes.store(0, Ordering::Relaxed);
     let t = Instant::now();
     native.execute(DB, "ALTER SUBSCRIPTION native ENABLE").await?;
-    wait_until("native logical replication to drain the backlog", DRAIN_TIMEOUT, || async { Ok(count(&native, &expect_sql).await? >= expected) }).await?;
+    let native_base = count(&native, &expect_sql).await?;
+    let count_at_up: Arc<std::sync::Mutex<Option<i64>>> = Arc::default();
+    let native_first = drain(&native, &expect_sql, expected, native_base, outage.zip(native_link.as_ref()), |_| {
+        let at_up = count_at_up.clone();
+        let native = &native;
+        let sql = expect_sql.clone();
+        async move {
+            let c = count(native, &sql).await?;
+            let c0 = *at_up.lock().expect("lock").get_or_insert(c);
+            Ok(c > c0)
+        }
+    })
+    .await?;
     let native_secs = t.elapsed().as_secs_f64();
+    if let Some(o) = outage {
+        println!(
+            "[{workload}] PostgreSQL outage of {}s: link-up to first new transaction applied: {}",
+            o.as_secs(),
+            native_first.map(|s| format!("{s:.2}s")).unwrap_or_else(|| "not seen (drain ended)".into())
+        );
+    }
     let native_bytes = relay_bytes.load(Ordering::Relaxed);
     println!(
         "[{workload}] PostgreSQL logical replication drained in {native_secs:.2}s: {:.0} txn/s; {:.1} TCP bytes/txn both ways",
