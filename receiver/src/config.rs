@@ -74,7 +74,9 @@ fn default_initial_rtt() -> Duration {
     Duration::from_millis(100)
 }
 fn default_max_backoff() -> Duration {
-    Duration::from_secs(30)
+    // A reconnect attempt costs a few packets; a short cap means the link is
+    // used again within seconds of coming back.
+    Duration::from_secs(5)
 }
 
 /// Who dials whom.

@@ -2,7 +2,7 @@
 //!
 //! The slot is read with `pg_logical_slot_peek_binary_changes` (proto_version
 //! 1: only committed transactions, each whole and in commit order) and its
-//! rows are streamed, never collected, into records of at most ~64 KiB. After
+//! rows are streamed, never collected, into records of at most ~48 KiB. After
 //! a call's transactions are appended, [`Spool::commit`] fsyncs them, and
 //! only then is the slot advanced (`pg_replication_slot_advance`) to the last
 //! commit's end LSN: the slot never confirms what the spool could lose.
@@ -32,7 +32,7 @@ use crate::spool::Spool;
 
 /// Largest piece of one pgoutput message stored in a record; bigger messages
 /// are split into fragments.
-const MAX_PIECE_BYTES: usize = 32 * 1024;
+const MAX_PIECE_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {

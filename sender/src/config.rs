@@ -36,8 +36,7 @@ struct RawSenderConfig {
     batch_bytes: u64,
     #[serde(default = "default_in_flight", deserialize_with = "de_size")]
     max_in_flight: u64,
-    #[serde(default = "default_zstd_level")]
-    zstd_level: i32,
+    zstd_level: Option<i32>,
     #[serde(default = "default_cache", deserialize_with = "de_size")]
     cache_capacity: u64,
     #[serde(default = "default_idle", deserialize_with = "de_duration")]
@@ -79,9 +78,6 @@ fn default_batch_bytes() -> u64 {
 fn default_in_flight() -> u64 {
     8 << 20
 }
-fn default_zstd_level() -> i32 {
-    3
-}
 fn default_cache() -> u64 {
     64 << 20
 }
@@ -101,7 +97,9 @@ fn default_initial_rtt() -> Duration {
     Duration::from_millis(100)
 }
 fn default_max_backoff() -> Duration {
-    Duration::from_secs(30)
+    // A reconnect attempt costs a few packets; a short cap means the link is
+    // used again within seconds of coming back.
+    Duration::from_secs(5)
 }
 
 /// A receiver (branch) this sender feeds.
@@ -130,7 +128,10 @@ pub struct SenderConfig {
     pub capture_batch_changes: u32,
     pub batch_bytes: usize,
     pub max_in_flight: usize,
+    /// zstd level when pinned by `zstd-level`; otherwise the starting level,
+    /// adapted to the link.
     pub zstd_level: i32,
+    pub zstd_level_pinned: bool,
     pub cache_capacity: u64,
     pub transport: TransportSettings,
     pub max_backoff: Duration,
@@ -177,7 +178,7 @@ impl SenderConfig {
         if receivers.iter().any(|r| r.address.is_none()) && raw.listen.is_none() {
             return Err(invalid("listen", "a receiver has no address (it dials us), so the sender needs a `listen` address"));
         }
-        if !(1..=22).contains(&raw.zstd_level) {
+        if raw.zstd_level.is_some_and(|l| !(1..=22).contains(&l)) {
             return Err(invalid("zstd-level", "must be between 1 and 22"));
         }
         if raw.batch_bytes < 4096 || raw.batch_bytes > (4 << 20) {
@@ -203,7 +204,8 @@ impl SenderConfig {
             capture_batch_changes: raw.capture_batch_changes,
             batch_bytes: raw.batch_bytes as usize,
             max_in_flight: raw.max_in_flight as usize,
-            zstd_level: raw.zstd_level,
+            zstd_level: raw.zstd_level.unwrap_or(3),
+            zstd_level_pinned: raw.zstd_level.is_some(),
             cache_capacity: raw.cache_capacity,
             transport: TransportSettings {
                 idle_timeout: raw.idle_timeout,

@@ -322,6 +322,7 @@ impl Shipper {
         let send = async {
             let mut marks_rx = self.spool.subscribe();
             let mut next = durable_seq + 1;
+            let mut shape = BatchShape::new(&self.cfg);
             let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
             let mut in_flight_bytes = 0usize;
             loop {
@@ -350,13 +351,17 @@ impl Shipper {
                     }
                     continue;
                 }
-                let records = self.spool.read(next, self.cfg.batch_bytes)?;
+                let records = self.spool.read(next, shape.raw_bytes)?;
                 if records.is_empty() {
                     return Err(ShipError::Protocol(format!("spool has no record {next} although it is complete up to {complete}")));
                 }
                 let count = records.len() as u64;
-                let frame = wire::encode_batch(&records, next, self.cfg.zstd_level)?;
+                let level = shape.level(conn);
+                let frame = wire::encode_batch(&records, next, level)?;
                 let raw: usize = records.iter().map(Vec::len).sum();
+                if let Frame::Batch { payload, .. } = &frame {
+                    shape.observe(raw, payload.len());
+                }
                 if let Frame::Batch { payload, .. } = &frame {
                     ShipStats::add(&self.stats.compressed_bytes, payload.len() as u64);
                     let mut high = self.sent_high.lock().expect("sent_high lock");
@@ -420,6 +425,53 @@ impl Shipper {
             ));
         }
         Ok(())
+    }
+}
+
+/// Compressed bytes a batch should not exceed: what a link drop in the
+/// middle of a batch can waste (the receiver discards a partial batch).
+pub const MAX_BATCH_WIRE_BYTES: usize = 48 * 1024;
+
+/// Batch size and compression level suited to the link. Batches grow up to
+/// `batch-bytes` raw but are cut so that a compressed batch stays under
+/// [`MAX_BATCH_WIRE_BYTES`]; the zstd level rises on slow links (where even
+/// level 9 outruns the link and every byte saved is time saved) and falls
+/// on fast ones (where compression must not hold the link back), unless
+/// `zstd-level` pins it.
+struct BatchShape {
+    raw_bytes: usize,
+    max_raw: usize,
+    pinned_level: Option<i32>,
+}
+
+impl BatchShape {
+    fn new(cfg: &SenderConfig) -> BatchShape {
+        BatchShape { raw_bytes: cfg.batch_bytes.min(44 * 1024), max_raw: cfg.batch_bytes, pinned_level: cfg.zstd_level_pinned.then_some(cfg.zstd_level) }
+    }
+
+    /// The zstd level for the link's current estimated rate.
+    fn level(&self, conn: &quinn::Connection) -> i32 {
+        if let Some(l) = self.pinned_level {
+            return l;
+        }
+        let stats = conn.stats();
+        let rtt = conn.rtt().as_secs_f64().max(0.001);
+        // Congestion window per RTT: what the link currently carries.
+        let bytes_per_sec = stats.path.cwnd as f64 / rtt;
+        if bytes_per_sec < 1_000_000.0 {
+            9
+        } else if bytes_per_sec < 20_000_000.0 {
+            3
+        } else {
+            1
+        }
+    }
+
+    /// Adjust the raw size after a batch of `raw` bytes compressed to `wire`.
+    fn observe(&mut self, raw: usize, wire: usize) {
+        let ratio = raw as f64 / wire.max(1) as f64;
+        let fits = (MAX_BATCH_WIRE_BYTES as f64 * ratio * 0.9) as usize;
+        self.raw_bytes = fits.clamp(4096, self.max_raw);
     }
 }
 

@@ -57,7 +57,7 @@ const NOTES: &[Option<&str>] = &[
     Some("café order, table 4"),
 ];
 
-const USAGE: &str = "usage: pgcourier-demo [--seconds N]
+const USAGE: &str = "usage: pgcourier-demo [--seconds N] [--profile NAME]
 
 Replicates a small shop workload from a throwaway \"hq\" PostgreSQL 15 cluster
 to a throwaway \"branch\" cluster with pgcourier-sender and pgcourier-receiver,
@@ -65,6 +65,8 @@ kills the receiver in the middle, restarts it, and checks that both databases
 end up identical.
 
   --seconds N   how long the write workload runs (default 20, at least 4)
+  --profile P   the emulated link between the daemons (netem): dsl (default),
+                3g, satellite, lossy, flaky, clean
 
 Environment: PGCOURIER_KEEP_TEST_DIRS=1 keeps the clusters, configs and logs;
 RUST_LOG sets the daemons' log level (default info); PGCOURIER_BIN_DIR and
@@ -72,14 +74,23 @@ PG_BINDIR select the binaries (see tests/src/lib.rs).";
 
 struct Options {
     seconds: u64,
+    profile: String,
 }
 
 fn parse_args() -> Result<Option<Options>, String> {
-    let mut opts = Options { seconds: DEFAULT_SECONDS };
+    let mut opts = Options { seconds: DEFAULT_SECONDS, profile: "dsl".into() };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
             "-h" | "--help" => return Ok(None),
+            "--profile" => {
+                let p = args.next().ok_or("--profile needs a value")?;
+                if pgcourier_netem::Profile::by_name(&p).is_none() {
+                    return Err(format!("--profile: no netem profile {p:?} (one of {:?})", pgcourier_netem::Profile::names()));
+                }
+                opts.profile = p;
+                continue;
+            }
             "--seconds" => args.next().ok_or("--seconds needs a value")?,
             other => match other.strip_prefix("--seconds=") {
                 Some(v) => v.to_string(),
@@ -131,7 +142,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(opts: &Options) -> ExitCode {
-    let mut demo = match Demo::start().await {
+    let mut demo = match Demo::start(&opts.profile).await {
         Ok(d) => d,
         Err(e) => {
             eprintln!("\npgcourier-demo: FAILED: {e:#}");
@@ -185,6 +196,8 @@ fn keep_dirs() -> bool {
 /// Everything the demo started. Field order is drop order: connections,
 /// daemons, clusters, then the work directory.
 struct Demo {
+    /// The emulated link the sender ships through.
+    link: pgcourier_netem::RelayHandle,
     hq_client: Client,
     branch_client: Client,
     sender: Daemon,
@@ -196,7 +209,7 @@ struct Demo {
 }
 
 impl Demo {
-    async fn start() -> anyhow::Result<Demo> {
+    async fn start(profile: &str) -> anyhow::Result<Demo> {
         println!("pgcourier demo: headquarters -> branch replication on two throwaway PostgreSQL 15 clusters");
 
         // Resolve the daemon binaries first (under cargo this builds them if needed).
@@ -251,6 +264,12 @@ impl Demo {
         );
 
         let port = free_udp_port()?;
+        let p = pgcourier_netem::Profile::by_name(profile).context("netem profile")?;
+        let link = pgcourier_netem::UdpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{port}").parse()?, p.link(1))
+            .await
+            .context("starting the netem link")?;
+        let link_addr = link.local_addr();
+        println!("link: netem profile {} ({}); the sender ships through {link_addr}", p.name, p.summary);
         let admin_port = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
         let (sender_admin, receiver_admin) = (admin_port()?, admin_port()?);
         let receiver_toml = d.join("receiver.toml");
@@ -285,7 +304,7 @@ impl Demo {
                  [[receiver]]\n\
                  name = \"branch\"\n\
                  fingerprint = \"{receiver_fp}\"\n\
-                 address = \"127.0.0.1:{port}\"\n",
+                 address = \"{link_addr}\"\n",
                 toml_str(&hq.conninfo(DB))
             ),
         )
@@ -300,7 +319,7 @@ impl Demo {
         let sender = spawn(&sender_bin, &sender_toml, &d.join("sender.log"), "sender")?;
         let hq_client = hq.client(DB).await?;
         let branch_client = branch.client(DB).await?;
-        let demo = Demo { hq_client, branch_client, sender, receiver, hq, branch, dir, started };
+        let demo = Demo { link, hq_client, branch_client, sender, receiver, hq, branch, dir, started };
         println!("started pgcourier-receiver (listening on udp 127.0.0.1:{port}) and pgcourier-sender (dials it)");
         Ok(demo)
     }
@@ -459,6 +478,15 @@ impl Demo {
             let (lsn, seq): (String, i64) = (row.get(0), row.get(1));
             println!("pgcourier.progress on branch: last applied commit LSN {lsn}, record seq {seq}");
         }
+        let st = self.link.stats();
+        println!(
+            "\nlink toward the branch: {} packets, {} forwarded, {} dropped by the link ({:?}), mean queue delay {:?}",
+            st.forward.packets_in,
+            human(st.forward.bytes_forwarded),
+            st.forward.dropped.total(),
+            st.forward.dropped,
+            st.forward.queue_delay_mean()
+        );
         // What an operator sees: pgcourier-queue status on both sides.
         for side in ["sender", "receiver"] {
             let cfg = self.dir.path().join(format!("{side}.toml"));
@@ -593,5 +621,15 @@ impl Workload {
             self.deletes += n;
         }
         Ok(())
+    }
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else if bytes >= 1 << 10 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{bytes} B")
     }
 }
