@@ -117,3 +117,35 @@ async fn an_outage_longer_than_the_idle_timeout_in_the_middle_of_a_100k_row_tran
     eprintln!("satellite big transaction: link stats {}", serde_json::to_string(&setup.relays[0].stats())?);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_over_a_flaky_link_with_scheduled_outages_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    // The `flaky` profile (down 30 s every 2 min) with its schedule shortened
+    // to fit a test: down 5 s (longer than the idle timeout) every 9 s.
+    let mut link = Profile::by_name("flaky").context("flaky profile")?.link(15);
+    let schedule = pgcourier_netem::OutageSchedule::starting_up(Duration::from_secs(9), Duration::from_secs(5));
+    link.forward.outage = Some(schedule);
+    link.back.outage = Some(schedule);
+    let setup = Setup::start(
+        "link-flaky",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            sender_extra: TIMERS,
+            receiver_extra: TIMERS,
+            link: Some(link),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    for chunk in 0..10 {
+        acct_transactions(&src, 1 + chunk * 100, 100).await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    setup.wait_equal(0, &["public.acct"], WAIT).await?;
+    assert_applied_exactly_once(&setup, 0).await?;
+    let stats = setup.relays[0].stats();
+    anyhow::ensure!(stats.forward.dropped.outage > 0, "the scheduled outages dropped nothing: the test proved nothing");
+    Ok(())
+}
