@@ -40,10 +40,12 @@ struct Args {
     outage: Option<u64>,
     /// QUIC congestion controller for pgcourier (cubic, bbr, newreno).
     congestion: String,
+    /// Measure pgcourier only (PostgreSQL's own takes minutes on slow links).
+    skip_native: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { transactions: 100_000, workloads: vec!["insert"], profile: None, outage: None, congestion: "cubic".into() };
+    let mut args = Args { transactions: 100_000, workloads: vec!["insert"], profile: None, outage: None, congestion: "cubic".into(), skip_native: false };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -61,10 +63,11 @@ fn parse_args() -> anyhow::Result<Args> {
                 pgcourier_netem::Profile::by_name(&name).with_context(|| format!("no netem profile {name:?}: {:?}", pgcourier_netem::Profile::names()))?;
                 args.profile = Some(name);
             }
+            "--skip-native" => args.skip_native = true,
             "--congestion" => args.congestion = it.next().context("--congestion cubic|bbr|newreno")?,
             "--outage" => args.outage = Some(it.next().context("--outage needs seconds")?.parse()?),
             "-h" | "--help" => {
-                println!("pgcourier-bench [--transactions N] [--workload insert|update|both] [--profile dsl|3g|satellite|...] [--outage SECONDS] [--congestion cubic|bbr|newreno]");
+                println!("pgcourier-bench [--transactions N] [--workload insert|update|both] [--profile dsl|3g|satellite|...] [--outage SECONDS] [--congestion cubic|bbr|newreno] [--skip-native]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -391,6 +394,9 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
         );
     }
 
+    if args.skip_native {
+        return Ok((Figure { seconds: ours_secs, bytes: udp }, Figure { seconds: f64::NAN, bytes: 0 }));
+    }
     // Drain PostgreSQL's own.
     relay_bytes.store(0, Ordering::Relaxed);
     let t = Instant::now();
