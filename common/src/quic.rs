@@ -37,7 +37,7 @@ pub struct TransportSettings {
 impl Default for TransportSettings {
     fn default() -> Self {
         TransportSettings {
-            congestion: Congestion::Cubic,
+            congestion: Congestion::Bbr,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             window_bytes: 16 << 20,

@@ -68,7 +68,10 @@ fn default_window() -> u64 {
     16 << 20
 }
 fn default_congestion() -> Congestion {
-    Congestion::Cubic
+    // Measured on netem's 3g profile (2% random loss), 100k-transaction
+    // backlog: BBR kept the link 90% busy (goodput 87%), Cubic 47% (loss-
+    // limited). See README, Benchmarks.
+    Congestion::Bbr
 }
 fn default_initial_rtt() -> Duration {
     Duration::from_millis(100)
