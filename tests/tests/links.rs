@@ -56,14 +56,17 @@ async fn workload_with_outages(profile: &str, seed: u64) -> anyhow::Result<()> {
     wait_until("the first changes to cross the link", WAIT, || async { Ok(applied(&setup).await? > 20) })
         .await
         .with_context(|| setup.logs())?;
-    for outage in [Duration::from_secs(2), IDLE_TIMEOUT + Duration::from_secs(3)] {
-        let before = applied(&setup).await?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    for (k, outage) in [Duration::from_secs(2), IDLE_TIMEOUT + Duration::from_secs(3)].into_iter().enumerate() {
         setup.relays[0].set_down(true);
         tokio::time::sleep(outage).await;
         setup.relays[0].set_down(false);
-        wait_until("apply to progress after the link came back", WAIT, || async { Ok(applied(&setup).await? > before) })
-            .await
-            .with_context(|| setup.logs())?;
+        // Work committed after the link came back must cross it.
+        let from = 10_000 + 100 * k as i32;
+        acct_transactions(&src, from, 20).await?;
+        let sql = format!("SELECT count(*) FROM acct WHERE id BETWEEN {from} AND {}", from + 99);
+        crate::fixture::wait_count(&dst, &sql, 1, WAIT).await.with_context(|| setup.logs())?;
     }
     writer.await??;
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
