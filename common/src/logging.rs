@@ -37,3 +37,15 @@ pub fn cancel_on_signal(token: CancellationToken) {
         token.cancel();
     });
 }
+
+/// The multi-threaded runtime a daemon runs on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
+}
+
+/// Print `error` with its causes, prefixed by `program`, and return exit code 2
+/// (bad input: config, certificate files, arguments).
+pub fn fail(program: &str, error: &dyn std::error::Error) -> std::process::ExitCode {
+    eprintln!("{program}: {}", crate::backoff::error_chain(error));
+    std::process::ExitCode::from(2)
+}

@@ -36,12 +36,13 @@ pub struct TransportSettings {
 
 impl Default for TransportSettings {
     fn default() -> Self {
+        use crate::config::defaults;
         TransportSettings {
-            congestion: Congestion::Bbr,
-            idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
-            window_bytes: 16 << 20,
-            initial_rtt: Duration::from_millis(100),
+            congestion: defaults::congestion(),
+            idle_timeout: defaults::idle_timeout(),
+            keep_alive: defaults::keep_alive(),
+            window_bytes: defaults::window(),
+            initial_rtt: defaults::initial_rtt(),
         }
     }
 }

@@ -45,15 +45,15 @@ fn main() -> ExitCode {
                 eprintln!("wrote {} and {} (pin this fingerprint in the sender's [[receiver]] entry)", cert.display(), key.display());
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(&e),
+            Err(e) => pgcourier_common::logging::fail("pgcourier-receiver", &e),
         },
         Command::Run { config, log_format } => {
             pgcourier_common::logging::init(&log_format);
             let cfg = match ReceiverConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return fail(&e),
+                Err(e) => return pgcourier_common::logging::fail("pgcourier-receiver", &e),
             };
-            let rt = runtime();
+            let rt = pgcourier_common::logging::runtime();
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 pgcourier_common::logging::cancel_on_signal(shutdown.clone());
@@ -67,13 +67,4 @@ fn main() -> ExitCode {
             })
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
-}
-
-fn fail(e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("pgcourier-receiver: {}", pgcourier_common::backoff::error_chain(e));
-    ExitCode::from(2)
 }

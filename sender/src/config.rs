@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pgcourier_common::config::{self, de_duration, de_size, ConfigError, PasswordSource};
+use pgcourier_common::config::{self, de_duration, de_size, defaults, ConfigError, PasswordSource};
 use pgcourier_common::quic::{Congestion, TransportSettings};
 use pgcourier_common::tls::Fingerprint;
 use serde::Deserialize;
@@ -37,19 +37,19 @@ struct RawSenderConfig {
     #[serde(default = "default_in_flight", deserialize_with = "de_size")]
     max_in_flight: u64,
     zstd_level: Option<i32>,
-    #[serde(default = "default_cache", deserialize_with = "de_size")]
+    #[serde(default = "defaults::cache_capacity", deserialize_with = "de_size")]
     cache_capacity: u64,
-    #[serde(default = "default_idle", deserialize_with = "de_duration")]
+    #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
     idle_timeout: Duration,
-    #[serde(default = "default_keep_alive", deserialize_with = "de_duration")]
+    #[serde(default = "defaults::keep_alive", deserialize_with = "de_duration")]
     keep_alive: Duration,
-    #[serde(default = "default_window", deserialize_with = "de_size")]
+    #[serde(default = "defaults::window", deserialize_with = "de_size")]
     window: u64,
-    #[serde(default = "default_congestion")]
+    #[serde(default = "defaults::congestion")]
     congestion: Congestion,
-    #[serde(default = "default_initial_rtt", deserialize_with = "de_duration")]
+    #[serde(default = "defaults::initial_rtt", deserialize_with = "de_duration")]
     initial_rtt: Duration,
-    #[serde(default = "default_max_backoff", deserialize_with = "de_duration")]
+    #[serde(default = "defaults::max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
     #[serde(default, rename = "receiver")]
     receivers: Vec<RawReceiver>,
@@ -77,32 +77,6 @@ fn default_batch_bytes() -> u64 {
 }
 fn default_in_flight() -> u64 {
     8 << 20
-}
-fn default_cache() -> u64 {
-    64 << 20
-}
-fn default_idle() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_keep_alive() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_window() -> u64 {
-    16 << 20
-}
-fn default_congestion() -> Congestion {
-    // Measured on netem's 3g profile (2% random loss), 100k-transaction
-    // backlog: BBR kept the link 90% busy (goodput 87%), Cubic 47% (loss-
-    // limited). See README, Benchmarks.
-    Congestion::Bbr
-}
-fn default_initial_rtt() -> Duration {
-    Duration::from_millis(100)
-}
-fn default_max_backoff() -> Duration {
-    // A reconnect attempt costs a few packets; a short cap means the link is
-    // used again within seconds of coming back.
-    Duration::from_secs(5)
 }
 
 /// A receiver (branch) this sender feeds.

@@ -51,14 +51,14 @@ fn main() -> ExitCode {
                 eprintln!("wrote {} and {} (pin this fingerprint in each receiver's sender-fingerprints)", cert.display(), key.display());
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(&e),
+            Err(e) => pgcourier_common::logging::fail("pgcourier-sender", &e),
         },
         Command::Check { config } => {
             let cfg = match SenderConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return fail(&e),
+                Err(e) => return pgcourier_common::logging::fail("pgcourier-sender", &e),
             };
-            let rt = runtime();
+            let rt = pgcourier_common::logging::runtime();
             let (problems, notes) = rt.block_on(pgcourier_sender::source::check(&cfg));
             for n in &notes {
                 println!("note: {n}");
@@ -77,9 +77,9 @@ fn main() -> ExitCode {
             pgcourier_common::logging::init(&log_format);
             let cfg = match SenderConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return fail(&e),
+                Err(e) => return pgcourier_common::logging::fail("pgcourier-sender", &e),
             };
-            let rt = runtime();
+            let rt = pgcourier_common::logging::runtime();
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 pgcourier_common::logging::cancel_on_signal(shutdown.clone());
@@ -93,13 +93,4 @@ fn main() -> ExitCode {
             })
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("build tokio runtime")
-}
-
-fn fail(e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("pgcourier-sender: {}", pgcourier_common::backoff::error_chain(e));
-    ExitCode::from(2)
 }
