@@ -36,12 +36,17 @@ impl Response {
         Response {
             status,
             content_type: "application/json",
-            body: serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            body: serde_json::to_string_pretty(value)
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
         }
     }
 
     pub fn text(status: u16, body: impl Into<String>) -> Response {
-        Response { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
     }
 }
 
@@ -50,7 +55,11 @@ pub enum AdminError {
     #[error("admin address {0} is not a loopback address: the admin endpoint is local only")]
     NotLoopback(SocketAddr),
     #[error("cannot listen on admin address {addr}")]
-    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Bind the admin endpoint; refuse anything but loopback.
@@ -58,7 +67,9 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     if !addr.ip().is_loopback() {
         return Err(AdminError::NotLoopback(addr));
     }
-    TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })
 }
 
 /// Serve requests with `handler` until `shutdown`.
@@ -138,7 +149,11 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Result<Request, Str
             (percent_decode(k), percent_decode(v))
         })
         .collect();
-    Ok(Request { method, path: path.to_owned(), query })
+    Ok(Request {
+        method,
+        path: path.to_owned(),
+        query,
+    })
 }
 
 /// Decode `%XX` escapes and `+` in a query component.
@@ -187,15 +202,26 @@ pub fn percent_encode(s: &str) -> String {
 
 /// A blocking one-shot HTTP GET or POST against an admin endpoint (for the
 /// CLI). Returns the status and body.
-pub fn request(addr: SocketAddr, method: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    write!(s, "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     Ok((status, body.to_owned()))
 }
 
@@ -214,14 +240,32 @@ impl Metrics {
         self.metric(name, help, "counter", &[], value);
     }
 
-    pub fn metric(&mut self, name: &str, help: &str, kind: &str, labels: &[(&str, &str)], value: f64) {
+    pub fn metric(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
         if !self.out.contains(&format!("# TYPE {name} ")) {
-            self.out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            self.out
+                .push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         }
         let labels = if labels.is_empty() {
             String::new()
         } else {
-            let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))).collect();
+            let l: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k}=\"{}\"",
+                        v.replace('\\', "\\\\")
+                            .replace('"', "\\\"")
+                            .replace('\n', "\\n")
+                    )
+                })
+                .collect();
             format!("{{{}}}", l.join(","))
         };
         self.out.push_str(&format!("{name}{labels} {value}\n"));
@@ -258,15 +302,25 @@ mod tests {
 
     #[tokio::test]
     async fn admin_endpoint_refuses_non_loopback_and_answers_requests() {
-        assert!(matches!(bind("0.0.0.0:0".parse().unwrap()).await, Err(AdminError::NotLoopback(_))));
+        assert!(matches!(
+            bind("0.0.0.0:0".parse().unwrap()).await,
+            Err(AdminError::NotLoopback(_))
+        ));
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let token = CancellationToken::new();
         let handler = Arc::new(|req: Request| async move {
-            Response::text(200, format!("{} {} {:?}", req.method, req.path, req.query.get("reason")))
+            Response::text(
+                200,
+                format!("{} {} {:?}", req.method, req.path, req.query.get("reason")),
+            )
         });
         tokio::spawn(serve(listener, handler, token.clone()));
-        let (status, body) = tokio::task::spawn_blocking(move || request(addr, "POST", "/skip?reason=a%20b")).await.unwrap().unwrap();
+        let (status, body) =
+            tokio::task::spawn_blocking(move || request(addr, "POST", "/skip?reason=a%20b"))
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(status, 200);
         assert_eq!(body, "POST /skip Some(\"a b\")");
         token.cancel();

@@ -16,7 +16,12 @@ pub struct Backoff {
 impl Backoff {
     pub fn new(max: Duration) -> Backoff {
         let min = Duration::from_millis(100).min(max);
-        Backoff { current: min, min, max, last_message: None }
+        Backoff {
+            current: min,
+            min,
+            max,
+            last_message: None,
+        }
     }
 
     /// The next delay: doubles up to `max`, with up to 25% jitter.

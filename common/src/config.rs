@@ -10,18 +10,30 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("setting `{setting}` is invalid: {message}")]
-    Invalid { setting: &'static str, message: String },
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
 }
 
 /// Read and parse a TOML config file; unknown settings are errors.
 pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 /// Parse a byte size: a number with an optional unit B, KiB, MiB, GiB (or
@@ -30,7 +42,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{text:?} is not a size such as \"64MiB\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as \"64MiB\""))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -39,9 +53,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KB" | "kB" => 1000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        other => return Err(format!("unknown size unit {other:?} in {text:?} (use B, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use B, KiB, MiB, GiB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 /// Serde adapter for sizes: a string like "64MiB" or a plain integer of bytes.
@@ -116,9 +135,13 @@ pub fn pg_config(
     conninfo: &str,
     password: &PasswordSource,
 ) -> Result<tokio_postgres::Config, ConfigError> {
-    let mut cfg: tokio_postgres::Config = conninfo
-        .parse()
-        .map_err(|e: tokio_postgres::Error| ConfigError::Invalid { setting, message: e.to_string() })?;
+    let mut cfg: tokio_postgres::Config =
+        conninfo
+            .parse()
+            .map_err(|e: tokio_postgres::Error| ConfigError::Invalid {
+                setting,
+                message: e.to_string(),
+            })?;
     if let Some(var) = &password.password_env {
         let pw = std::env::var(var).map_err(|_| ConfigError::Invalid {
             setting: "password-env",

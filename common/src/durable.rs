@@ -13,13 +13,29 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store directory {path} cannot be created or secured")]
-    Dir { path: PathBuf, #[source] source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("store {path} cannot be opened (is another pgcourier process using it? stop it, or query it through its admin endpoint)")]
-    Open { path: PathBuf, #[source] source: sled::Error },
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
     #[error("store {path} write failed")]
-    Write { path: PathBuf, #[source] source: sled::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
     #[error("store {path} fsync failed")]
-    Sync { path: PathBuf, #[source] source: std::io::Error },
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("store {path} holds a corrupt entry at key {key}")]
     Corrupt { path: PathBuf, key: String },
 }
@@ -35,16 +51,29 @@ impl Store {
     /// Open (creating it if needed) the store at `path`, a directory private
     /// to the current user (mode 0700).
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        fs::create_dir_all(path).map_err(|source| StoreError::Dir { path: path.into(), source })?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-            .map_err(|source| StoreError::Dir { path: path.into(), source })?;
+        fs::create_dir_all(path).map_err(|source| StoreError::Dir {
+            path: path.into(),
+            source,
+        })?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            StoreError::Dir {
+                path: path.into(),
+                source,
+            }
+        })?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
             .flush_every_ms(Some(1000))
             .open()
-            .map_err(|source| StoreError::Open { path: path.into(), source })?;
-        Ok(Store { db, path: path.into() })
+            .map_err(|source| StoreError::Open {
+                path: path.into(),
+                source,
+            })?;
+        Ok(Store {
+            db,
+            path: path.into(),
+        })
     }
 
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
@@ -52,7 +81,10 @@ impl Store {
     }
 
     pub fn write_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Write { path: self.path.clone(), source }
+        StoreError::Write {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Make every write so far durable: sled flush, then fsync of its log
@@ -62,7 +94,10 @@ impl Store {
         let sync = |p: &Path| -> Result<(), StoreError> {
             File::open(p)
                 .and_then(|f| f.sync_all())
-                .map_err(|source| StoreError::Sync { path: p.into(), source })
+                .map_err(|source| StoreError::Sync {
+                    path: p.into(),
+                    source,
+                })
         };
         sync(&self.path.join("db"))?;
         sync(&self.path)?;
@@ -83,14 +118,16 @@ pub fn key_seq(key: &[u8]) -> Option<u64> {
 pub fn get_u64(store: &Store, tree: &sled::Tree, key: &str) -> Result<Option<u64>, StoreError> {
     match tree.get(key).map_err(|e| store.write_err(e))? {
         None => Ok(None),
-        Some(v) => key_seq(&v)
-            .map(Some)
-            .ok_or_else(|| StoreError::Corrupt { path: store.path.clone(), key: key.into() }),
+        Some(v) => key_seq(&v).map(Some).ok_or_else(|| StoreError::Corrupt {
+            path: store.path.clone(),
+            key: key.into(),
+        }),
     }
 }
 
 pub fn put_u64(store: &Store, tree: &sled::Tree, key: &str, value: u64) -> Result<(), StoreError> {
-    tree.insert(key, &value.to_be_bytes()).map_err(|e| store.write_err(e))?;
+    tree.insert(key, &value.to_be_bytes())
+        .map_err(|e| store.write_err(e))?;
     Ok(())
 }
 
@@ -112,6 +149,9 @@ mod tests {
         drop(meta);
         drop(store);
         let store = Store::open(&path, 1 << 20).unwrap();
-        assert_eq!(get_u64(&store, &store.tree("meta").unwrap(), "x").unwrap(), Some(7));
+        assert_eq!(
+            get_u64(&store, &store.tree("meta").unwrap(), "x").unwrap(),
+            Some(7)
+        );
     }
 }

@@ -13,14 +13,21 @@ use crate::record::{Piece, Record};
 
 /// A PostgreSQL-epoch timestamp (µs since 2000-01-01 UTC) as RFC 3339.
 pub fn pg_time(micros: i64) -> String {
-    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800) + Duration::from_micros(micros.max(0) as u64);
+    let t = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(946_684_800)
+        + Duration::from_micros(micros.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Seconds from a PostgreSQL-epoch timestamp to now (0 if in the future).
 pub fn age_seconds(micros: i64) -> f64 {
-    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800) + Duration::from_micros(micros.max(0) as u64);
-    SystemTime::now().duration_since(t).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    let t = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(946_684_800)
+        + Duration::from_micros(micros.max(0) as u64);
+    SystemTime::now()
+        .duration_since(t)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// One line of `list`.
@@ -66,7 +73,9 @@ pub struct RecordView {
 }
 
 fn table_name(rels: &HashMap<u32, Relation>, oid: u32) -> String {
-    rels.get(&oid).map(|r| format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name))).unwrap_or_else(|| format!("(relation {oid})"))
+    rels.get(&oid)
+        .map(|r| format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name)))
+        .unwrap_or_else(|| format!("(relation {oid})"))
 }
 
 pub fn quote_ident(name: &str) -> String {
@@ -79,7 +88,10 @@ fn values(t: &Tuple) -> Vec<Option<String>> {
             Value::Null => None,
             Value::UnchangedToast => Some("(unchanged TOAST value)".into()),
             Value::Text(s) => Some(s.clone()),
-            Value::Binary(b) => Some(format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())),
+            Value::Binary(b) => Some(format!(
+                "\\x{}",
+                b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+            )),
         })
         .collect()
 }
@@ -106,7 +118,9 @@ pub fn line(record: &Record, bytes: usize, rels: &mut HashMap<u32, Relation>) ->
     let mut changes = 0;
     for m in &msgs {
         let oids: Vec<u32> = match m {
-            Message::Insert { rel, .. } | Message::Update { rel, .. } | Message::Delete { rel, .. } => vec![*rel],
+            Message::Insert { rel, .. }
+            | Message::Update { rel, .. }
+            | Message::Delete { rel, .. } => vec![*rel],
             Message::Truncate { rels, .. } => rels.clone(),
             _ => continue,
         };
@@ -136,11 +150,19 @@ pub fn view(record: &Record, rels: &mut HashMap<u32, Relation>) -> RecordView {
     let mut changes = Vec::new();
     let mut truncates = Vec::new();
     for m in msgs {
-        let cols = |oid: u32| rels.get(&oid).map(|r| r.columns.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
+        let cols = |oid: u32| {
+            rels.get(&oid)
+                .map(|r| r.columns.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default()
+        };
         match m {
-            Message::Insert { rel, new } => {
-                changes.push(ChangeView { op: "insert", table: table_name(rels, rel), columns: cols(rel), new: Some(values(&new)), old: None })
-            }
+            Message::Insert { rel, new } => changes.push(ChangeView {
+                op: "insert",
+                table: table_name(rels, rel),
+                columns: cols(rel),
+                new: Some(values(&new)),
+                old: None,
+            }),
             Message::Update { rel, old, new } => changes.push(ChangeView {
                 op: "update",
                 table: table_name(rels, rel),
@@ -155,12 +177,20 @@ pub fn view(record: &Record, rels: &mut HashMap<u32, Relation>) -> RecordView {
                 new: None,
                 old: Some(values(old.tuple())),
             }),
-            Message::Truncate { cascade, restart_identity, rels: oids } => {
+            Message::Truncate {
+                cascade,
+                restart_identity,
+                rels: oids,
+            } => {
                 let names: Vec<String> = oids.iter().map(|o| table_name(rels, *o)).collect();
                 truncates.push(format!(
                     "{}{}{}",
                     names.join(", "),
-                    if restart_identity { " RESTART IDENTITY" } else { "" },
+                    if restart_identity {
+                        " RESTART IDENTITY"
+                    } else {
+                        ""
+                    },
                     if cascade { " CASCADE" } else { "" }
                 ));
             }
@@ -177,7 +207,11 @@ pub fn view(record: &Record, rels: &mut HashMap<u32, Relation>) -> RecordView {
         last: record.last,
         changes,
         truncates,
-        fragments: record.pieces.iter().filter(|p| matches!(p, Piece::Fragment { .. })).count(),
+        fragments: record
+            .pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Fragment { .. }))
+            .count(),
     }
 }
 
@@ -192,25 +226,50 @@ fn literal(v: &Option<String>) -> String {
 /// values are literals, and the key of an update without an old key is
 /// taken from the new row).
 pub fn sql(view: &RecordView, rels: &HashMap<u32, Relation>) -> String {
-    let mut out = format!("-- record {} of transaction {} (commit {} at {})\n", view.seq, view.xid, view.commit_lsn, view.commit_time);
+    let mut out = format!(
+        "-- record {} of transaction {} (commit {} at {})\n",
+        view.seq, view.xid, view.commit_lsn, view.commit_time
+    );
     for c in &view.changes {
         let key_cols: Vec<usize> = rels
             .values()
             .find(|r| format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name)) == c.table)
-            .map(|r| r.columns.iter().enumerate().filter(|(_, col)| col.key).map(|(i, _)| i).collect())
+            .map(|r| {
+                r.columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, col)| col.key)
+                    .map(|(i, _)| i)
+                    .collect()
+            })
             .unwrap_or_default();
         let cols: Vec<String> = c.columns.iter().map(|n| quote_ident(n)).collect();
         let wher = |vals: &Vec<Option<String>>| -> String {
-            let idx: Vec<usize> = if key_cols.is_empty() { (0..vals.len()).collect() } else { key_cols.clone() };
+            let idx: Vec<usize> = if key_cols.is_empty() {
+                (0..vals.len()).collect()
+            } else {
+                key_cols.clone()
+            };
             idx.iter()
-                .filter_map(|&i| Some(format!("{} IS NOT DISTINCT FROM {}", cols.get(i)?, literal(vals.get(i)?))))
+                .filter_map(|&i| {
+                    Some(format!(
+                        "{} IS NOT DISTINCT FROM {}",
+                        cols.get(i)?,
+                        literal(vals.get(i)?)
+                    ))
+                })
                 .collect::<Vec<_>>()
                 .join(" AND ")
         };
         match c.op {
             "insert" => {
                 let vals: Vec<String> = c.new.iter().flatten().map(literal).collect();
-                out.push_str(&format!("INSERT INTO {} ({}) VALUES ({});\n", c.table, cols.join(", "), vals.join(", ")));
+                out.push_str(&format!(
+                    "INSERT INTO {} ({}) VALUES ({});\n",
+                    c.table,
+                    cols.join(", "),
+                    vals.join(", ")
+                ));
             }
             "update" => {
                 let new = c.new.clone().unwrap_or_default();
@@ -221,7 +280,12 @@ pub fn sql(view: &RecordView, rels: &HashMap<u32, Relation>) -> String {
                     .filter_map(|(i, v)| Some(format!("{} = {}", cols.get(i)?, literal(v))))
                     .collect();
                 let key = c.old.as_ref().unwrap_or(&new);
-                out.push_str(&format!("UPDATE {} SET {} WHERE {};\n", c.table, sets.join(", "), wher(key)));
+                out.push_str(&format!(
+                    "UPDATE {} SET {} WHERE {};\n",
+                    c.table,
+                    sets.join(", "),
+                    wher(key)
+                ));
             }
             _ => {
                 let old = c.old.clone().unwrap_or_default();

@@ -61,26 +61,52 @@ pub type Tuple = Vec<Value>;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Message {
     /// `B`
-    Begin { final_lsn: Lsn, commit_time: i64, xid: u32 },
+    Begin {
+        final_lsn: Lsn,
+        commit_time: i64,
+        xid: u32,
+    },
     /// `C`
-    Commit { flags: u8, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64 },
+    Commit {
+        flags: u8,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: i64,
+    },
     /// `O`
     Origin { lsn: Lsn, name: String },
     /// `R`
     Relation(Relation),
     /// `Y`
-    Type { oid: u32, schema: String, name: String },
+    Type {
+        oid: u32,
+        schema: String,
+        name: String,
+    },
     /// `I`
     Insert { rel: u32, new: Tuple },
     /// `U`: `old` is the `K` (old key, only when the key changed) or `O`
     /// (whole old row, REPLICA IDENTITY FULL) tuple when present.
-    Update { rel: u32, old: Option<OldTuple>, new: Tuple },
+    Update {
+        rel: u32,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
     /// `D`
     Delete { rel: u32, old: OldTuple },
     /// `T`
-    Truncate { cascade: bool, restart_identity: bool, rels: Vec<u32> },
+    Truncate {
+        cascade: bool,
+        restart_identity: bool,
+        rels: Vec<u32>,
+    },
     /// `M`
-    LogicalMessage { transactional: bool, lsn: Lsn, prefix: String, content: Vec<u8> },
+    LogicalMessage {
+        transactional: bool,
+        lsn: Lsn,
+        prefix: String,
+        content: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -108,7 +134,12 @@ pub enum DecodeError {
     #[error("unknown pgoutput message type {0:#04x}")]
     UnknownMessage(u8),
     #[error("pgoutput message {kind:?} has unknown {what} {byte:#04x} at byte {at}")]
-    Unexpected { kind: char, what: &'static str, byte: u8, at: usize },
+    Unexpected {
+        kind: char,
+        what: &'static str,
+        byte: u8,
+        at: usize,
+    },
     #[error("pgoutput message {kind:?} has a string that is not UTF-8 at byte {at}")]
     NotUtf8 { kind: char, at: usize },
     #[error("pgoutput message {kind:?} has {extra} trailing bytes")]
@@ -163,7 +194,10 @@ impl<'a> Reader<'a> {
     }
 
     fn truncated(&self) -> DecodeError {
-        DecodeError::Truncated { kind: self.kind, at: self.pos }
+        DecodeError::Truncated {
+            kind: self.kind,
+            at: self.pos,
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -225,7 +259,10 @@ impl<'a> Reader<'a> {
     fn utf8(&self, bytes: &'a [u8], start: usize) -> Result<String, DecodeError> {
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(s.to_owned()),
-            Err(e) => Err(DecodeError::NotUtf8 { kind: self.kind, at: start + e.valid_up_to() }),
+            Err(e) => Err(DecodeError::NotUtf8 {
+                kind: self.kind,
+                at: start + e.valid_up_to(),
+            }),
         }
     }
 
@@ -244,11 +281,20 @@ impl<'a> Reader<'a> {
     /// Namespace string; the empty string stands for `pg_catalog`.
     fn namespace(&mut self) -> Result<String, DecodeError> {
         let s = self.cstring()?;
-        Ok(if s.is_empty() { PG_CATALOG.to_owned() } else { s })
+        Ok(if s.is_empty() {
+            PG_CATALOG.to_owned()
+        } else {
+            s
+        })
     }
 
     fn unexpected(&self, what: &'static str, byte: u8, at: usize) -> DecodeError {
-        DecodeError::Unexpected { kind: self.kind, what, byte, at }
+        DecodeError::Unexpected {
+            kind: self.kind,
+            what,
+            byte,
+            at,
+        }
     }
 
     /// A flags byte whose bits must all be within `known`.
@@ -305,26 +351,46 @@ impl<'a> Reader<'a> {
                 type_modifier: self.i32()?,
             });
         }
-        Ok(Relation { oid, schema, name, replica_identity, columns })
+        Ok(Relation {
+            oid,
+            schema,
+            name,
+            replica_identity,
+            columns,
+        })
     }
 
     fn message(&mut self) -> Result<Message, DecodeError> {
         Ok(match self.kind {
-            'B' => Message::Begin { final_lsn: self.lsn()?, commit_time: self.i64()?, xid: self.u32()? },
+            'B' => Message::Begin {
+                final_lsn: self.lsn()?,
+                commit_time: self.i64()?,
+                xid: self.u32()?,
+            },
             'C' => Message::Commit {
                 flags: self.u8()?,
                 commit_lsn: self.lsn()?,
                 end_lsn: self.lsn()?,
                 commit_time: self.i64()?,
             },
-            'O' => Message::Origin { lsn: self.lsn()?, name: self.cstring()? },
+            'O' => Message::Origin {
+                lsn: self.lsn()?,
+                name: self.cstring()?,
+            },
             'R' => Message::Relation(self.relation()?),
-            'Y' => Message::Type { oid: self.u32()?, schema: self.namespace()?, name: self.cstring()? },
+            'Y' => Message::Type {
+                oid: self.u32()?,
+                schema: self.namespace()?,
+                name: self.cstring()?,
+            },
             'I' => {
                 let rel = self.u32()?;
                 let at = self.pos;
                 match self.u8()? {
-                    b'N' => Message::Insert { rel, new: self.tuple()? },
+                    b'N' => Message::Insert {
+                        rel,
+                        new: self.tuple()?,
+                    },
                     other => return Err(self.unexpected("tuple marker", other, at)),
                 }
             }
@@ -336,7 +402,11 @@ impl<'a> Reader<'a> {
                     b'K' | b'O' => {
                         let tuple = self.tuple()?;
                         at = self.pos;
-                        let old = if marker == b'K' { OldTuple::Key(tuple) } else { OldTuple::Full(tuple) };
+                        let old = if marker == b'K' {
+                            OldTuple::Key(tuple)
+                        } else {
+                            OldTuple::Full(tuple)
+                        };
                         marker = self.u8()?;
                         Some(old)
                     }
@@ -345,7 +415,11 @@ impl<'a> Reader<'a> {
                 if marker != b'N' {
                     return Err(self.unexpected("tuple marker", marker, at));
                 }
-                Message::Update { rel, old, new: self.tuple()? }
+                Message::Update {
+                    rel,
+                    old,
+                    new: self.tuple()?,
+                }
             }
             'D' => {
                 let rel = self.u32()?;
@@ -359,7 +433,10 @@ impl<'a> Reader<'a> {
             }
             'T' => {
                 let n = self.u32()?;
-                let options = self.flags("truncate options", TRUNCATE_CASCADE | TRUNCATE_RESTART_IDENTITY)?;
+                let options = self.flags(
+                    "truncate options",
+                    TRUNCATE_CASCADE | TRUNCATE_RESTART_IDENTITY,
+                )?;
                 let cap = (self.remaining() / 4).min(usize::try_from(n).unwrap_or(usize::MAX));
                 let mut rels = Vec::with_capacity(cap);
                 for _ in 0..n {
@@ -394,14 +471,24 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     let Some(&kind) = bytes.first() else {
         return Err(DecodeError::Empty);
     };
-    if !matches!(kind, b'B' | b'C' | b'O' | b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M') {
+    if !matches!(
+        kind,
+        b'B' | b'C' | b'O' | b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M'
+    ) {
         return Err(DecodeError::UnknownMessage(kind));
     }
-    let mut r = Reader { kind: char::from(kind), buf: bytes, pos: 1 };
+    let mut r = Reader {
+        kind: char::from(kind),
+        buf: bytes,
+        pos: 1,
+    };
     let msg = r.message()?;
     match r.remaining() {
         0 => Ok(msg),
-        extra => Err(DecodeError::Trailing { kind: r.kind, extra }),
+        extra => Err(DecodeError::Trailing {
+            kind: r.kind,
+            extra,
+        }),
     }
 }
 
@@ -419,12 +506,21 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(64));
     w.u8(msg.kind());
     match msg {
-        Message::Begin { final_lsn, commit_time, xid } => {
+        Message::Begin {
+            final_lsn,
+            commit_time,
+            xid,
+        } => {
             w.u64(final_lsn.0);
             w.i64(*commit_time);
             w.u32(*xid);
         }
-        Message::Commit { flags, commit_lsn, end_lsn, commit_time } => {
+        Message::Commit {
+            flags,
+            commit_lsn,
+            end_lsn,
+            commit_time,
+        } => {
             w.u8(*flags);
             w.u64(commit_lsn.0);
             w.u64(end_lsn.0);
@@ -474,7 +570,11 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u32(*rel);
             w.old(old);
         }
-        Message::Truncate { cascade, restart_identity, rels } => {
+        Message::Truncate {
+            cascade,
+            restart_identity,
+            rels,
+        } => {
             w.u32(u32::try_from(rels.len()).expect("pgoutput Truncate: too many relations"));
             let mut options = 0;
             if *cascade {
@@ -488,8 +588,17 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 w.u32(*rel);
             }
         }
-        Message::LogicalMessage { transactional, lsn, prefix, content } => {
-            w.u8(if *transactional { MESSAGE_TRANSACTIONAL } else { 0 });
+        Message::LogicalMessage {
+            transactional,
+            lsn,
+            prefix,
+            content,
+        } => {
+            w.u8(if *transactional {
+                MESSAGE_TRANSACTIONAL
+            } else {
+                0
+            });
             w.u64(lsn.0);
             w.cstring(prefix);
             w.bytes(content);
@@ -616,9 +725,24 @@ mod tests {
             name: "accounts".into(),
             replica_identity: ReplicaIdentity::Default,
             columns: vec![
-                Column { key: true, name: "id".into(), type_oid: 23, type_modifier: -1 },
-                Column { key: false, name: "name".into(), type_oid: 25, type_modifier: -1 },
-                Column { key: false, name: "balance".into(), type_oid: 1700, type_modifier: 655366 },
+                Column {
+                    key: true,
+                    name: "id".into(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                },
+                Column {
+                    key: false,
+                    name: "name".into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                },
+                Column {
+                    key: false,
+                    name: "balance".into(),
+                    type_oid: 1700,
+                    type_modifier: 655366,
+                },
             ],
         })
     }
@@ -691,15 +815,39 @@ mod tests {
     }
 
     fn update_new_only_fixture() -> Vec<u8> {
-        cat(&[b"U", OID, b"N", &[0x00, 0x01], b"t", &[0x00, 0x00, 0x00, 0x01], b"7"])
+        cat(&[
+            b"U",
+            OID,
+            b"N",
+            &[0x00, 0x01],
+            b"t",
+            &[0x00, 0x00, 0x00, 0x01],
+            b"7",
+        ])
     }
 
     fn delete_fixture() -> Vec<u8> {
-        cat(&[b"D", OID, b"K", &[0x00, 0x03], b"t", &[0x00, 0x00, 0x00, 0x01], b"1", b"n", b"n"])
+        cat(&[
+            b"D",
+            OID,
+            b"K",
+            &[0x00, 0x03],
+            b"t",
+            &[0x00, 0x00, 0x00, 0x01],
+            b"1",
+            b"n",
+            b"n",
+        ])
     }
 
     fn truncate_fixture() -> Vec<u8> {
-        cat(&[b"T", &[0x00, 0x00, 0x00, 0x02], &[0x03], OID, &[0x00, 0x00, 0x40, 0x06]])
+        cat(&[
+            b"T",
+            &[0x00, 0x00, 0x00, 0x02],
+            &[0x03],
+            OID,
+            &[0x00, 0x00, 0x40, 0x06],
+        ])
     }
 
     fn begin_fixture() -> Vec<u8> {
@@ -722,7 +870,11 @@ mod tests {
     }
 
     fn origin_fixture() -> Vec<u8> {
-        cat(&[b"O", &[0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x10], b"upstream\0"])
+        cat(&[
+            b"O",
+            &[0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x10],
+            b"upstream\0",
+        ])
     }
 
     fn logical_message_fixture() -> Vec<u8> {
@@ -739,12 +891,24 @@ mod tests {
     fn fixtures() -> Vec<(Vec<u8>, Message)> {
         vec![
             (relation_fixture(), relation_expected()),
-            (type_fixture(), Message::Type { oid: 23, schema: "pg_catalog".into(), name: "int4".into() }),
+            (
+                type_fixture(),
+                Message::Type {
+                    oid: 23,
+                    schema: "pg_catalog".into(),
+                    name: "int4".into(),
+                },
+            ),
             (
                 insert_fixture(),
                 Message::Insert {
                     rel: 16385,
-                    new: vec![text("42"), Value::Null, Value::UnchangedToast, text("héllo")],
+                    new: vec![
+                        text("42"),
+                        Value::Null,
+                        Value::UnchangedToast,
+                        text("héllo"),
+                    ],
                 },
             ),
             (
@@ -763,15 +927,36 @@ mod tests {
                     new: vec![text("1"), text("12.50")],
                 },
             ),
-            (update_new_only_fixture(), Message::Update { rel: 16385, old: None, new: vec![text("7")] }),
+            (
+                update_new_only_fixture(),
+                Message::Update {
+                    rel: 16385,
+                    old: None,
+                    new: vec![text("7")],
+                },
+            ),
             (
                 delete_fixture(),
-                Message::Delete { rel: 16385, old: OldTuple::Key(vec![text("1"), Value::Null, Value::Null]) },
+                Message::Delete {
+                    rel: 16385,
+                    old: OldTuple::Key(vec![text("1"), Value::Null, Value::Null]),
+                },
             ),
-            (truncate_fixture(), Message::Truncate { cascade: true, restart_identity: true, rels: vec![16385, 16390] }),
+            (
+                truncate_fixture(),
+                Message::Truncate {
+                    cascade: true,
+                    restart_identity: true,
+                    rels: vec![16385, 16390],
+                },
+            ),
             (
                 begin_fixture(),
-                Message::Begin { final_lsn: Lsn(0x16_B374_D848), commit_time: 0x0002_B86B_1A2C_3D4E, xid: 777 },
+                Message::Begin {
+                    final_lsn: Lsn(0x16_B374_D848),
+                    commit_time: 0x0002_B86B_1A2C_3D4E,
+                    xid: 777,
+                },
             ),
             (
                 commit_fixture(),
@@ -782,7 +967,13 @@ mod tests {
                     commit_time: 0x0002_B86B_1A2C_3D4E,
                 },
             ),
-            (origin_fixture(), Message::Origin { lsn: Lsn(0x1_0000_0010), name: "upstream".into() }),
+            (
+                origin_fixture(),
+                Message::Origin {
+                    lsn: Lsn(0x1_0000_0010),
+                    name: "upstream".into(),
+                },
+            ),
             (
                 logical_message_fixture(),
                 Message::LogicalMessage {
@@ -798,7 +989,12 @@ mod tests {
     #[test]
     fn hand_built_fixtures_decode_to_the_expected_messages() {
         for (bytes, expected) in fixtures() {
-            assert_eq!(decode(&bytes), Ok(expected), "fixture {:?}", char::from(bytes[0]));
+            assert_eq!(
+                decode(&bytes),
+                Ok(expected),
+                "fixture {:?}",
+                char::from(bytes[0])
+            );
         }
     }
 
@@ -821,40 +1017,121 @@ mod tests {
             Value::Binary(vec![0, 1, 2, 255]),
         ];
         let mut messages = vec![
-            Message::Begin { final_lsn: Lsn(u64::MAX), commit_time: i64::MIN, xid: u32::MAX },
-            Message::Begin { final_lsn: Lsn::ZERO, commit_time: 0, xid: 0 },
-            Message::Commit { flags: 0xAB, commit_lsn: Lsn(1), end_lsn: Lsn(2), commit_time: -1 },
-            Message::Origin { lsn: Lsn(42), name: String::new() },
-            Message::Type { oid: 16400, schema: "public".into(), name: "mood".into() },
-            Message::Type { oid: 25, schema: "pg_catalog".into(), name: "text".into() },
-            Message::Insert { rel: 1, new: tuple.clone() },
-            Message::Insert { rel: 1, new: vec![] },
-            Message::Update { rel: 2, old: None, new: tuple.clone() },
-            Message::Update { rel: 2, old: Some(OldTuple::Key(tuple.clone())), new: tuple.clone() },
-            Message::Update { rel: 2, old: Some(OldTuple::Full(tuple.clone())), new: vec![] },
-            Message::Delete { rel: 3, old: OldTuple::Key(tuple.clone()) },
-            Message::Delete { rel: 3, old: OldTuple::Full(vec![]) },
-            Message::LogicalMessage { transactional: false, lsn: Lsn(9), prefix: "p".into(), content: vec![] },
-            Message::LogicalMessage { transactional: true, lsn: Lsn(9), prefix: String::new(), content: vec![0; 300] },
+            Message::Begin {
+                final_lsn: Lsn(u64::MAX),
+                commit_time: i64::MIN,
+                xid: u32::MAX,
+            },
+            Message::Begin {
+                final_lsn: Lsn::ZERO,
+                commit_time: 0,
+                xid: 0,
+            },
+            Message::Commit {
+                flags: 0xAB,
+                commit_lsn: Lsn(1),
+                end_lsn: Lsn(2),
+                commit_time: -1,
+            },
+            Message::Origin {
+                lsn: Lsn(42),
+                name: String::new(),
+            },
+            Message::Type {
+                oid: 16400,
+                schema: "public".into(),
+                name: "mood".into(),
+            },
+            Message::Type {
+                oid: 25,
+                schema: "pg_catalog".into(),
+                name: "text".into(),
+            },
+            Message::Insert {
+                rel: 1,
+                new: tuple.clone(),
+            },
+            Message::Insert {
+                rel: 1,
+                new: vec![],
+            },
+            Message::Update {
+                rel: 2,
+                old: None,
+                new: tuple.clone(),
+            },
+            Message::Update {
+                rel: 2,
+                old: Some(OldTuple::Key(tuple.clone())),
+                new: tuple.clone(),
+            },
+            Message::Update {
+                rel: 2,
+                old: Some(OldTuple::Full(tuple.clone())),
+                new: vec![],
+            },
+            Message::Delete {
+                rel: 3,
+                old: OldTuple::Key(tuple.clone()),
+            },
+            Message::Delete {
+                rel: 3,
+                old: OldTuple::Full(vec![]),
+            },
+            Message::LogicalMessage {
+                transactional: false,
+                lsn: Lsn(9),
+                prefix: "p".into(),
+                content: vec![],
+            },
+            Message::LogicalMessage {
+                transactional: true,
+                lsn: Lsn(9),
+                prefix: String::new(),
+                content: vec![0; 300],
+            },
         ];
-        for identity in
-            [ReplicaIdentity::Default, ReplicaIdentity::Nothing, ReplicaIdentity::Full, ReplicaIdentity::Index]
-        {
+        for identity in [
+            ReplicaIdentity::Default,
+            ReplicaIdentity::Nothing,
+            ReplicaIdentity::Full,
+            ReplicaIdentity::Index,
+        ] {
             messages.push(Message::Relation(Relation {
                 oid: 7,
                 schema: "pg_catalog".into(),
                 name: "t".into(),
                 replica_identity: identity,
                 columns: vec![
-                    Column { key: true, name: "a".into(), type_oid: u32::MAX, type_modifier: i32::MIN },
-                    Column { key: false, name: String::new(), type_oid: 0, type_modifier: 0 },
+                    Column {
+                        key: true,
+                        name: "a".into(),
+                        type_oid: u32::MAX,
+                        type_modifier: i32::MIN,
+                    },
+                    Column {
+                        key: false,
+                        name: String::new(),
+                        type_oid: 0,
+                        type_modifier: 0,
+                    },
                 ],
             }));
         }
-        for (cascade, restart_identity) in [(false, false), (true, false), (false, true), (true, true)] {
-            messages.push(Message::Truncate { cascade, restart_identity, rels: vec![1, u32::MAX] });
+        for (cascade, restart_identity) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
+            messages.push(Message::Truncate {
+                cascade,
+                restart_identity,
+                rels: vec![1, u32::MAX],
+            });
         }
-        messages.push(Message::Truncate { cascade: false, restart_identity: false, rels: vec![] });
+        messages.push(Message::Truncate {
+            cascade: false,
+            restart_identity: false,
+            rels: vec![],
+        });
 
         let mut kinds: Vec<u8> = messages.iter().map(Message::kind).collect();
         kinds.sort_unstable();
@@ -893,45 +1170,96 @@ mod tests {
     #[test]
     fn huge_counts_and_lengths_with_few_bytes_fail_at_the_first_missing_field() {
         // Relation claiming 65535 columns with only 3 bytes of the first one.
-        let relation = cat(&[b"R", OID, b"s\0", b"t\0", b"d", &[0xFF, 0xFF], &[0x01], b"a\0"]);
-        assert_eq!(decode(&relation), Err(DecodeError::Truncated { kind: 'R', at: 15 }));
+        let relation = cat(&[
+            b"R",
+            OID,
+            b"s\0",
+            b"t\0",
+            b"d",
+            &[0xFF, 0xFF],
+            &[0x01],
+            b"a\0",
+        ]);
+        assert_eq!(
+            decode(&relation),
+            Err(DecodeError::Truncated { kind: 'R', at: 15 })
+        );
 
         // Tuple claiming 65535 columns, two present.
         let insert = cat(&[b"I", OID, b"N", &[0xFF, 0xFF], b"nn"]);
-        assert_eq!(decode(&insert), Err(DecodeError::Truncated { kind: 'I', at: 10 }));
+        assert_eq!(
+            decode(&insert),
+            Err(DecodeError::Truncated { kind: 'I', at: 10 })
+        );
 
         // Text values claiming 4 GiB - 1 and 2 GiB - 1 bytes.
         for len in [[0xFF, 0xFF, 0xFF, 0xFF], [0x7F, 0xFF, 0xFF, 0xFF]] {
             let insert = cat(&[b"I", OID, b"N", &[0x00, 0x01], b"t", &len, b"abc"]);
-            assert_eq!(decode(&insert), Err(DecodeError::Truncated { kind: 'I', at: 9 }));
+            assert_eq!(
+                decode(&insert),
+                Err(DecodeError::Truncated { kind: 'I', at: 9 })
+            );
             let binary = cat(&[b"I", OID, b"N", &[0x00, 0x01], b"b", &len, b"abc"]);
-            assert_eq!(decode(&binary), Err(DecodeError::Truncated { kind: 'I', at: 9 }));
+            assert_eq!(
+                decode(&binary),
+                Err(DecodeError::Truncated { kind: 'I', at: 9 })
+            );
         }
 
         // Truncate claiming 4 Gi relations, one present.
         let truncate = cat(&[b"T", &[0xFF, 0xFF, 0xFF, 0xFF], &[0x00], OID]);
-        assert_eq!(decode(&truncate), Err(DecodeError::Truncated { kind: 'T', at: 10 }));
+        assert_eq!(
+            decode(&truncate),
+            Err(DecodeError::Truncated { kind: 'T', at: 10 })
+        );
 
         // Logical message content claiming 4 GiB - 1 bytes.
-        let message = cat(&[b"M", &[0x00], &[0; 8], b"p\0", &[0xFF, 0xFF, 0xFF, 0xFF], b"x"]);
-        assert_eq!(decode(&message), Err(DecodeError::Truncated { kind: 'M', at: 12 }));
+        let message = cat(&[
+            b"M",
+            &[0x00],
+            &[0; 8],
+            b"p\0",
+            &[0xFF, 0xFF, 0xFF, 0xFF],
+            b"x",
+        ]);
+        assert_eq!(
+            decode(&message),
+            Err(DecodeError::Truncated { kind: 'M', at: 12 })
+        );
     }
 
     #[test]
     fn text_that_is_not_utf8_is_rejected_with_its_offset() {
-        let insert = cat(&[b"I", OID, b"N", &[0x00, 0x01], b"t", &[0x00, 0x00, 0x00, 0x03], &[b'a', 0xFF, b'b']]);
-        assert_eq!(decode(&insert), Err(DecodeError::NotUtf8 { kind: 'I', at: 14 }));
+        let insert = cat(&[
+            b"I",
+            OID,
+            b"N",
+            &[0x00, 0x01],
+            b"t",
+            &[0x00, 0x00, 0x00, 0x03],
+            &[b'a', 0xFF, b'b'],
+        ]);
+        assert_eq!(
+            decode(&insert),
+            Err(DecodeError::NotUtf8 { kind: 'I', at: 14 })
+        );
 
         let mut relation = relation_fixture();
         relation[5] = 0xC3; // first byte of "public"
-        assert_eq!(decode(&relation), Err(DecodeError::NotUtf8 { kind: 'R', at: 5 }));
+        assert_eq!(
+            decode(&relation),
+            Err(DecodeError::NotUtf8 { kind: 'R', at: 5 })
+        );
     }
 
     #[test]
     fn an_unknown_kind_byte_is_rejected() {
         assert_eq!(decode(b"Z"), Err(DecodeError::UnknownMessage(b'Z')));
         // Streaming start (protocol version 2) is not part of version 1.
-        assert_eq!(decode(b"S\0\0\0\x01\x01"), Err(DecodeError::UnknownMessage(b'S')));
+        assert_eq!(
+            decode(b"S\0\0\0\x01\x01"),
+            Err(DecodeError::UnknownMessage(b'S'))
+        );
         assert_eq!(decode(&[0x00]), Err(DecodeError::UnknownMessage(0)));
     }
 
@@ -940,17 +1268,30 @@ mod tests {
         for (mut bytes, _) in fixtures() {
             let kind = char::from(bytes[0]);
             bytes.push(0);
-            assert_eq!(decode(&bytes), Err(DecodeError::Trailing { kind, extra: 1 }));
+            assert_eq!(
+                decode(&bytes),
+                Err(DecodeError::Trailing { kind, extra: 1 })
+            );
         }
     }
 
     #[test]
     fn unknown_markers_identities_and_flag_bits_are_rejected_with_their_offset() {
-        let unexpected = |kind, what, byte, at| Err(DecodeError::Unexpected { kind, what, byte, at });
+        let unexpected = |kind, what, byte, at| {
+            Err(DecodeError::Unexpected {
+                kind,
+                what,
+                byte,
+                at,
+            })
+        };
 
         let mut relation = relation_fixture();
         relation[21] = b'x';
-        assert_eq!(decode(&relation), unexpected('R', "replica identity", b'x', 21));
+        assert_eq!(
+            decode(&relation),
+            unexpected('R', "replica identity", b'x', 21)
+        );
         let mut relation = relation_fixture();
         relation[24] = 0x02;
         assert_eq!(decode(&relation), unexpected('R', "column flags", 0x02, 24));
@@ -960,7 +1301,10 @@ mod tests {
         assert_eq!(decode(&insert), unexpected('I', "tuple marker", b'K', 5));
         let mut insert = insert_fixture();
         insert[8] = b'x';
-        assert_eq!(decode(&insert), unexpected('I', "tuple column kind", b'x', 8));
+        assert_eq!(
+            decode(&insert),
+            unexpected('I', "tuple column kind", b'x', 8)
+        );
 
         let mut update = update_key_fixture();
         update[5] = b'X';
@@ -975,7 +1319,10 @@ mod tests {
 
         let mut truncate = truncate_fixture();
         truncate[5] = 0x04;
-        assert_eq!(decode(&truncate), unexpected('T', "truncate options", 0x04, 5));
+        assert_eq!(
+            decode(&truncate),
+            unexpected('T', "truncate options", 0x04, 5)
+        );
 
         let mut message = logical_message_fixture();
         message[1] = 0x81;
@@ -1013,7 +1360,9 @@ mod tests {
     fn random_bytes_and_mutated_fixtures_never_panic_the_decoder() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         const KINDS: &[u8] = b"BCORYIUDTM";
-        const INTERESTING: &[u8] = &[0, 1, 0x7F, 0x80, 0xFF, b'n', b'u', b't', b'b', b'K', b'O', b'N'];
+        const INTERESTING: &[u8] = &[
+            0, 1, 0x7F, 0x80, 0xFF, b'n', b'u', b't', b'b', b'K', b'O', b'N',
+        ];
 
         for _ in 0..20_000 {
             let len = rng.below(64);

@@ -8,7 +8,9 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::CertificateDer;
 
-use crate::tls::{fingerprint, Fingerprint, Identity, PinnedClientVerifier, PinnedServerVerifier, TlsError};
+use crate::tls::{
+    fingerprint, Fingerprint, Identity, PinnedClientVerifier, PinnedServerVerifier, TlsError,
+};
 
 /// ALPN protocol id; both sides require it.
 pub const ALPN: &[u8] = b"pgcourier/1";
@@ -51,14 +53,22 @@ impl Default for TransportSettings {
 /// A zero idle timeout or keep-alive interval disables it.
 pub fn transport_config(settings: &TransportSettings) -> Result<quinn::TransportConfig, TlsError> {
     let window = quinn::VarInt::from_u64(settings.window_bytes).map_err(|_| {
-        TlsError::Config(format!("QUIC window of {} bytes is too large (at most 2^62 - 1)", settings.window_bytes))
+        TlsError::Config(format!(
+            "QUIC window of {} bytes is too large (at most 2^62 - 1)",
+            settings.window_bytes
+        ))
     })?;
     let idle = if settings.idle_timeout.is_zero() {
         None
     } else {
-        Some(quinn::IdleTimeout::try_from(settings.idle_timeout).map_err(|_| {
-            TlsError::Config(format!("QUIC idle timeout {:?} is too large", settings.idle_timeout))
-        })?)
+        Some(
+            quinn::IdleTimeout::try_from(settings.idle_timeout).map_err(|_| {
+                TlsError::Config(format!(
+                    "QUIC idle timeout {:?} is too large",
+                    settings.idle_timeout
+                ))
+            })?,
+        )
     };
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(idle)
@@ -70,9 +80,15 @@ pub fn transport_config(settings: &TransportSettings) -> Result<quinn::Transport
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(16))
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(4));
     match settings.congestion {
-        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
-        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
-        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
     };
     Ok(t)
 }
@@ -83,14 +99,21 @@ fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// TLS 1.3 client configuration presenting `identity` and accepting only
 /// pinned server certificates.
-fn client_crypto(identity: &Identity, pinned: &[Fingerprint]) -> Result<rustls::ClientConfig, TlsError> {
+fn client_crypto(
+    identity: &Identity,
+    pinned: &[Fingerprint],
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(format!("TLS 1.3 client setup: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(PinnedServerVerifier::new(pinned.iter().copied()))
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| TlsError::Config(format!("own certificate/key unusable as TLS client identity: {e}")))?;
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "own certificate/key unusable as TLS client identity: {e}"
+            ))
+        })?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     // Every connection runs the full pinned verification (no resumption).
     cfg.resumption = rustls::client::Resumption::disabled();
@@ -100,13 +123,20 @@ fn client_crypto(identity: &Identity, pinned: &[Fingerprint]) -> Result<rustls::
 
 /// TLS 1.3 server configuration presenting `identity` and requiring a
 /// pinned client certificate.
-fn server_crypto(identity: &Identity, pinned: &[Fingerprint]) -> Result<rustls::ServerConfig, TlsError> {
+fn server_crypto(
+    identity: &Identity,
+    pinned: &[Fingerprint],
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(format!("TLS 1.3 server setup: {e}")))?
         .with_client_cert_verifier(PinnedClientVerifier::new(pinned.iter().copied()))
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| TlsError::Config(format!("own certificate/key unusable as TLS server identity: {e}")))?;
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "own certificate/key unusable as TLS server identity: {e}"
+            ))
+        })?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     // Every connection runs the full pinned verification (no resumption).
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -132,21 +162,27 @@ pub fn endpoint(
     let transport = Arc::new(transport_config(transport)?);
 
     let client_tls = QuicClientConfig::try_from(Arc::new(client_crypto(identity, pinned)?))
-        .map_err(|e| TlsError::Config(format!("TLS client configuration unusable for QUIC: {e}")))?;
+        .map_err(|e| {
+            TlsError::Config(format!("TLS client configuration unusable for QUIC: {e}"))
+        })?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
     client.transport_config(transport.clone());
 
     let server = if listen {
         let server_tls = QuicServerConfig::try_from(Arc::new(server_crypto(identity, pinned)?))
-            .map_err(|e| TlsError::Config(format!("TLS server configuration unusable for QUIC: {e}")))?;
+            .map_err(|e| {
+                TlsError::Config(format!("TLS server configuration unusable for QUIC: {e}"))
+            })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(transport);
         Some(server)
     } else {
         None
     };
-    let socket = std::net::UdpSocket::bind(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
-    let runtime = quinn::default_runtime().ok_or_else(|| TlsError::Config("no async runtime for QUIC".into()))?;
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TlsError::Config("no async runtime for QUIC".into()))?;
     let mut endpoint = quinn::Endpoint::new(endpoint_config(identity), server, socket, runtime)
         .map_err(|source| TlsError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);
@@ -163,18 +199,30 @@ fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
     h.update(b"pgcourier stateless reset key v1");
     h.update(identity.key.secret_der());
     let secret = h.finalize();
-    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)));
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &secret,
+    )));
     // Connection IDs are validated with a hash key; it must survive restarts
     // too, or the new process drops the old connection's packets as invalid
     // instead of answering them with a reset.
-    let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("a SHA-256 digest has 32 bytes"));
-    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    let cid_key = u64::from_le_bytes(
+        secret[..8]
+            .try_into()
+            .expect("a SHA-256 digest has 32 bytes"),
+    );
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     config
 }
 
 /// The fingerprint of the certificate the peer presented on `conn`.
 pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
-    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
     certs.first().map(|c| fingerprint(c))
 }
 
@@ -205,7 +253,11 @@ mod tests {
     }
 
     /// Dial `server`, send `msg` on a bidi stream and read the reply.
-    async fn dial_and_exchange(client: &quinn::Endpoint, server: SocketAddr, msg: &[u8]) -> Result<(quinn::Connection, Vec<u8>), BoxError> {
+    async fn dial_and_exchange(
+        client: &quinn::Endpoint,
+        server: SocketAddr,
+        msg: &[u8],
+    ) -> Result<(quinn::Connection, Vec<u8>), BoxError> {
         let conn = client.connect(server, SERVER_NAME)?.await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(msg).await?;
@@ -216,13 +268,16 @@ mod tests {
 
     /// Accept one connection and answer one bidi stream with "ack:" + data;
     /// returns the peer's fingerprint and the data received.
-    async fn accept_one(server: quinn::Endpoint) -> Result<(Option<Fingerprint>, Vec<u8>), BoxError> {
+    async fn accept_one(
+        server: quinn::Endpoint,
+    ) -> Result<(Option<Fingerprint>, Vec<u8>), BoxError> {
         let incoming = server.accept().await.ok_or("endpoint closed")?;
         let conn = incoming.await?;
         let peer = peer_fingerprint(&conn);
         let (mut send, mut recv) = conn.accept_bi().await?;
         let data = recv.read_to_end(1 << 16).await?;
-        send.write_all(&[b"ack:".as_slice(), &data].concat()).await?;
+        send.write_all(&[b"ack:".as_slice(), &data].concat())
+            .await?;
         send.finish()?;
         // Let the client read the reply and close.
         conn.closed().await;
@@ -257,19 +312,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mutually_pinned_peers_complete_a_handshake_exchange_bytes_and_see_each_others_fingerprint() {
+    async fn mutually_pinned_peers_complete_a_handshake_exchange_bytes_and_see_each_others_fingerprint(
+    ) {
         tokio::time::timeout(LIMIT, async {
             let (hq, branch) = (identity("hq"), identity("branch"));
             let settings = TransportSettings::default();
-            let server = endpoint(localhost(), &branch, &[hq.fingerprint()], &settings, true).unwrap();
+            let server =
+                endpoint(localhost(), &branch, &[hq.fingerprint()], &settings, true).unwrap();
             let addr = server.local_addr().unwrap();
-            let client = endpoint(localhost(), &hq, &[branch.fingerprint()], &settings, false).unwrap();
+            let client =
+                endpoint(localhost(), &hq, &[branch.fingerprint()], &settings, false).unwrap();
 
             let server_task = tokio::spawn(accept_one(server));
-            let (conn, reply) = dial_and_exchange(&client, addr, b"hello over quic").await.unwrap();
+            let (conn, reply) = dial_and_exchange(&client, addr, b"hello over quic")
+                .await
+                .unwrap();
             assert_eq!(reply, b"ack:hello over quic");
             assert_eq!(peer_fingerprint(&conn), Some(branch.fingerprint()));
-            let hs = conn.handshake_data().unwrap().downcast::<quinn::crypto::rustls::HandshakeData>().unwrap();
+            let hs = conn
+                .handshake_data()
+                .unwrap()
+                .downcast::<quinn::crypto::rustls::HandshakeData>()
+                .unwrap();
             assert_eq!(hs.protocol.as_deref(), Some(ALPN));
             conn.close(0u32.into(), b"done");
 
@@ -307,9 +371,17 @@ mod tests {
         tokio::time::timeout(LIMIT, async {
             let (hq, branch, stranger) = (identity("hq"), identity("branch"), identity("stranger"));
             let settings = TransportSettings::default();
-            let server = endpoint(localhost(), &branch, &[hq.fingerprint()], &settings, true).unwrap();
+            let server =
+                endpoint(localhost(), &branch, &[hq.fingerprint()], &settings, true).unwrap();
             // The stranger pins the server correctly; only the server refuses.
-            let client = endpoint(localhost(), &stranger, &[branch.fingerprint()], &settings, false).unwrap();
+            let client = endpoint(
+                localhost(),
+                &stranger,
+                &[branch.fingerprint()],
+                &settings,
+                false,
+            )
+            .unwrap();
             let (client_err, server_err) = assert_refused(server, client).await;
             eprintln!("client saw: {client_err}\nserver saw: {server_err}");
             assert!(server_err.contains("not pinned"), "{server_err}");
@@ -320,7 +392,11 @@ mod tests {
             let text = logs.text();
             let lines: Vec<&str> = text.lines().filter(|l| l.contains("not pinned")).collect();
             assert_eq!(lines.len(), 1, "{text}");
-            assert!(lines[0].contains(&format!("offered={}", stranger.fingerprint())), "{}", lines[0]);
+            assert!(
+                lines[0].contains(&format!("offered={}", stranger.fingerprint())),
+                "{}",
+                lines[0]
+            );
             assert!(lines[0].contains("client"), "{}", lines[0]);
         })
         .await
@@ -335,8 +411,10 @@ mod tests {
             let (hq, branch, impostor) = (identity("hq"), identity("branch"), identity("impostor"));
             let settings = TransportSettings::default();
             // The impostor would accept hq, but hq only pins the real branch.
-            let server = endpoint(localhost(), &impostor, &[hq.fingerprint()], &settings, true).unwrap();
-            let client = endpoint(localhost(), &hq, &[branch.fingerprint()], &settings, false).unwrap();
+            let server =
+                endpoint(localhost(), &impostor, &[hq.fingerprint()], &settings, true).unwrap();
+            let client =
+                endpoint(localhost(), &hq, &[branch.fingerprint()], &settings, false).unwrap();
             let (client_err, server_err) = assert_refused(server, client).await;
             eprintln!("client saw: {client_err}\nserver saw: {server_err}");
             assert!(client_err.contains("not pinned"), "{client_err}");
@@ -345,7 +423,11 @@ mod tests {
             let text = logs.text();
             let lines: Vec<&str> = text.lines().filter(|l| l.contains("not pinned")).collect();
             assert_eq!(lines.len(), 1, "{text}");
-            assert!(lines[0].contains(&format!("offered={}", impostor.fingerprint())), "{}", lines[0]);
+            assert!(
+                lines[0].contains(&format!("offered={}", impostor.fingerprint())),
+                "{}",
+                lines[0]
+            );
             assert!(lines[0].contains("server"), "{}", lines[0]);
         })
         .await
@@ -360,8 +442,22 @@ mod tests {
 
             // Expired server certificate, pinned by the client.
             let (hq, old_branch) = (identity("hq"), expired_identity("old-branch"));
-            let server = endpoint(localhost(), &old_branch, &[hq.fingerprint()], &settings, true).unwrap();
-            let client = endpoint(localhost(), &hq, &[old_branch.fingerprint()], &settings, false).unwrap();
+            let server = endpoint(
+                localhost(),
+                &old_branch,
+                &[hq.fingerprint()],
+                &settings,
+                true,
+            )
+            .unwrap();
+            let client = endpoint(
+                localhost(),
+                &hq,
+                &[old_branch.fingerprint()],
+                &settings,
+                false,
+            )
+            .unwrap();
             let (client_err, server_err) = assert_refused(server, client).await;
             eprintln!("client saw: {client_err}\nserver saw: {server_err}");
             assert!(client_err.contains("expired"), "{client_err}");
@@ -369,8 +465,22 @@ mod tests {
 
             // Expired client certificate, pinned by the server.
             let (old_hq, branch) = (expired_identity("old-hq"), identity("branch"));
-            let server = endpoint(localhost(), &branch, &[old_hq.fingerprint()], &settings, true).unwrap();
-            let client = endpoint(localhost(), &old_hq, &[branch.fingerprint()], &settings, false).unwrap();
+            let server = endpoint(
+                localhost(),
+                &branch,
+                &[old_hq.fingerprint()],
+                &settings,
+                true,
+            )
+            .unwrap();
+            let client = endpoint(
+                localhost(),
+                &old_hq,
+                &[branch.fingerprint()],
+                &settings,
+                false,
+            )
+            .unwrap();
             let (client_err, server_err) = assert_refused(server, client).await;
             eprintln!("client saw: {client_err}\nserver saw: {server_err}");
             assert!(server_err.contains("expired"), "{server_err}");
@@ -386,7 +496,14 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         let id = identity("x");
         for listen in [true, false] {
-            let err = endpoint(addr, &id, &[id.fingerprint()], &TransportSettings::default(), listen).unwrap_err();
+            let err = endpoint(
+                addr,
+                &id,
+                &[id.fingerprint()],
+                &TransportSettings::default(),
+                listen,
+            )
+            .unwrap_err();
             assert!(matches!(err, TlsError::Bind { .. }), "{err:?}");
             assert!(err.to_string().contains(&addr.to_string()), "{err}");
         }
@@ -394,11 +511,21 @@ mod tests {
 
     #[test]
     fn transport_settings_out_of_range_are_configuration_errors() {
-        let t = TransportSettings { window_bytes: u64::MAX, ..TransportSettings::default() };
+        let t = TransportSettings {
+            window_bytes: u64::MAX,
+            ..TransportSettings::default()
+        };
         assert!(matches!(transport_config(&t), Err(TlsError::Config(_))));
-        let t = TransportSettings { idle_timeout: Duration::from_secs(u64::MAX / 2), ..TransportSettings::default() };
+        let t = TransportSettings {
+            idle_timeout: Duration::from_secs(u64::MAX / 2),
+            ..TransportSettings::default()
+        };
         assert!(matches!(transport_config(&t), Err(TlsError::Config(_))));
-        let t = TransportSettings { idle_timeout: Duration::ZERO, keep_alive: Duration::ZERO, ..TransportSettings::default() };
+        let t = TransportSettings {
+            idle_timeout: Duration::ZERO,
+            keep_alive: Duration::ZERO,
+            ..TransportSettings::default()
+        };
         transport_config(&t).unwrap();
         transport_config(&TransportSettings::default()).unwrap();
     }

@@ -54,7 +54,10 @@ pub enum Piece {
     Message(Vec<u8>),
     /// A chunk of a message; chunks follow one another (possibly across
     /// records of the same transaction); `more = false` on the final chunk.
-    Fragment { bytes: Vec<u8>, more: bool },
+    Fragment {
+        bytes: Vec<u8>,
+        more: bool,
+    },
 }
 
 impl Piece {
@@ -180,7 +183,10 @@ mod tests {
         for i in 0..bytes.len() * 8 {
             let mut bad = bytes.clone();
             bad[i / 8] ^= 1 << (i % 8);
-            assert!(Record::decode(&bad).is_err(), "flip of bit {i} went unnoticed");
+            assert!(
+                Record::decode(&bad).is_err(),
+                "flip of bit {i} went unnoticed"
+            );
         }
     }
 
@@ -190,6 +196,9 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(Record::decode(&bytes[..n]).is_err());
         }
-        assert!(matches!(verify(&vec![0; MAX_RECORD_BYTES + 1]), Err(RecordError::TooLarge(_))));
+        assert!(matches!(
+            verify(&vec![0; MAX_RECORD_BYTES + 1]),
+            Err(RecordError::TooLarge(_))
+        ));
     }
 }

@@ -16,7 +16,9 @@ use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use sha2::{Digest, Sha256};
 
 /// SHA-256 of a certificate's DER encoding. Displayed as 64 lowercase hex
@@ -43,23 +45,47 @@ impl fmt::Debug for Fingerprint {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} file {path} (check the path and its permissions, or generate a certificate and key with keygen)")]
-    Read { what: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
-    #[error("{path} already exists; refusing to overwrite it (move it away or choose another path)")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} already exists; refusing to overwrite it (move it away or choose another path)"
+    )]
     Exists { path: PathBuf },
-    #[error("{what} file {path} holds no usable PEM {what} (expected a PEM file as written by keygen)")]
+    #[error(
+        "{what} file {path} holds no usable PEM {what} (expected a PEM file as written by keygen)"
+    )]
     BadPem { what: &'static str, path: PathBuf },
     #[error("private key file {key} does not belong to certificate file {cert} (use the key written together with that certificate by keygen)")]
-    KeyMismatch { cert: PathBuf, key: PathBuf, #[source] source: rustls::Error },
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("invalid fingerprint {0:?}: expected 64 hex digits (as printed by keygen)")]
     BadFingerprint(String),
     #[error("certificate generation failed: {0}")]
     Generate(String),
     #[error("TLS configuration failed: {0}")]
     Config(String),
-    #[error("cannot bind the QUIC endpoint to {addr} (is the address local and the UDP port free?)")]
-    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    #[error(
+        "cannot bind the QUIC endpoint to {addr} (is the address local and the UDP port free?)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl FromStr for Fingerprint {
@@ -115,13 +141,18 @@ impl Identity {
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity { cert: self.cert.clone(), key: self.key.clone_key() }
+        Identity {
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("fingerprint", &self.fingerprint()).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
     }
 }
 
@@ -140,7 +171,9 @@ fn generate(
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
     let mut params = rcgen::CertificateParams::new(vec![CERT_SAN.to_string()]).map_err(gen_err)?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
     params.is_ca = rcgen::IsCa::NoCa;
     tweak(&mut params);
     let cert = params.self_signed(&key).map_err(gen_err)?;
@@ -157,7 +190,9 @@ pub(crate) fn generate_identity(
     let (cert, key) = generate(name, tweak)?;
     Ok(Identity {
         cert: cert.der().clone(),
-        key: PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der())),
+        key: PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )),
     })
 }
 
@@ -174,7 +209,10 @@ fn write_new(path: &Path, mode: u32, contents: &[u8]) -> Result<(), TlsError> {
         if source.kind() == std::io::ErrorKind::AlreadyExists {
             TlsError::Exists { path: path.into() }
         } else {
-            TlsError::Write { path: path.into(), source }
+            TlsError::Write {
+                path: path.into(),
+                source,
+            }
         }
     })?;
     let result = (|| {
@@ -189,7 +227,10 @@ fn write_new(path: &Path, mode: u32, contents: &[u8]) -> Result<(), TlsError> {
     })();
     result.map_err(|source| {
         let _ = std::fs::remove_file(path);
-        TlsError::Write { path: path.into(), source }
+        TlsError::Write {
+            path: path.into(),
+            source,
+        }
     })
 }
 
@@ -222,24 +263,41 @@ pub fn keygen(cert_path: &Path, key_path: &Path, name: &str) -> Result<Fingerpri
 pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsError> {
     use rustls::pki_types::pem::Error as PemError;
     let pem_err = |what: &'static str, path: &Path, e: PemError| match e {
-        PemError::Io(source) => TlsError::Read { what, path: path.into(), source },
-        _ => TlsError::BadPem { what, path: path.into() },
+        PemError::Io(source) => TlsError::Read {
+            what,
+            path: path.into(),
+            source,
+        },
+        _ => TlsError::BadPem {
+            what,
+            path: path.into(),
+        },
     };
-    let cert = CertificateDer::from_pem_file(cert_path).map_err(|e| pem_err("certificate", cert_path, e))?;
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| pem_err("private key", key_path, e))?;
+    let cert = CertificateDer::from_pem_file(cert_path)
+        .map_err(|e| pem_err("certificate", cert_path, e))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_path).map_err(|e| pem_err("private key", key_path, e))?;
 
     // Catch unusable keys, unparsable certificates and mismatched pairs now
     // rather than as an obscure handshake failure later.
     let provider = rustls::crypto::ring::default_provider();
-    rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider).map_err(|source| {
-        match source {
-            rustls::Error::InconsistentKeys(_) => {
-                TlsError::KeyMismatch { cert: cert_path.into(), key: key_path.into(), source }
-            }
-            rustls::Error::InvalidCertificate(_) => TlsError::BadPem { what: "certificate", path: cert_path.into() },
-            _ => TlsError::BadPem { what: "private key", path: key_path.into() },
-        }
-    })?;
+    rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider).map_err(
+        |source| match source {
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                cert: cert_path.into(),
+                key: key_path.into(),
+                source,
+            },
+            rustls::Error::InvalidCertificate(_) => TlsError::BadPem {
+                what: "certificate",
+                path: cert_path.into(),
+            },
+            _ => TlsError::BadPem {
+                what: "private key",
+                path: key_path.into(),
+            },
+        },
+    )?;
 
     let identity = Identity { cert, key };
     if let Err(e) = check_validity(&identity.cert, UnixTime::now()) {
@@ -266,7 +324,9 @@ fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, &b| acc << 8 | b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| acc << 8 | b as usize);
         (len, &rest[n..])
     };
     if rest.len() < len {
@@ -301,7 +361,13 @@ fn der_time(tag: u8, value: &[u8]) -> Option<i64> {
         (0x18, 14) => (num(&digits[..4]), &digits[4..]),
         _ => return None,
     };
-    let (mo, d, h, mi, s) = (num(&rest[0..2]), num(&rest[2..4]), num(&rest[4..6]), num(&rest[6..8]), num(&rest[8..10]));
+    let (mo, d, h, mi, s) = (
+        num(&rest[0..2]),
+        num(&rest[2..4]),
+        num(&rest[4..6]),
+        num(&rest[6..8]),
+        num(&rest[8..10]),
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
         return None;
     }
@@ -310,8 +376,12 @@ fn der_time(tag: u8, value: &[u8]) -> Option<i64> {
 
 /// (notBefore, notAfter) of a DER certificate, in seconds since the epoch.
 fn validity(cert_der: &[u8]) -> Option<(i64, i64)> {
-    let (0x30, cert, _) = der_next(cert_der)? else { return None };
-    let (0x30, mut tbs, _) = der_next(cert)? else { return None };
+    let (0x30, cert, _) = der_next(cert_der)? else {
+        return None;
+    };
+    let (0x30, mut tbs, _) = der_next(cert)? else {
+        return None;
+    };
     // [0] version (optional), serialNumber, signature, issuer, validity.
     let (tag, _, rest) = der_next(tbs)?;
     if tag == 0xa0 {
@@ -324,7 +394,9 @@ fn validity(cert_der: &[u8]) -> Option<(i64, i64)> {
         }
         tbs = rest;
     }
-    let (0x30, validity, _) = der_next(tbs)? else { return None };
+    let (0x30, validity, _) = der_next(tbs)? else {
+        return None;
+    };
     let (t1, v1, rest) = der_next(validity)?;
     let (t2, v2, _) = der_next(rest)?;
     Some((der_time(t1, v1)?, der_time(t2, v2)?))
@@ -339,10 +411,16 @@ fn check_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), Certif
     let (not_before, not_after) = validity(cert).ok_or(CertificateError::BadEncoding)?;
     let t = now.as_secs().min(i64::MAX as u64) as i64;
     if t < not_before {
-        return Err(CertificateError::NotValidYetContext { time: now, not_before: unix_time(not_before) });
+        return Err(CertificateError::NotValidYetContext {
+            time: now,
+            not_before: unix_time(not_before),
+        });
     }
     if t > not_after {
-        return Err(CertificateError::ExpiredContext { time: now, not_after: unix_time(not_after) });
+        return Err(CertificateError::ExpiredContext {
+            time: now,
+            not_after: unix_time(not_after),
+        });
     }
     Ok(())
 }
@@ -382,7 +460,12 @@ impl Pins {
 
     /// Accept `end_entity` iff it is pinned and currently valid; logs one
     /// warning on refusal. `peer` is "server" or "client".
-    fn check(&self, peer: &'static str, end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
+    fn check(
+        &self,
+        peer: &'static str,
+        end_entity: &CertificateDer<'_>,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
         let offered = fingerprint(end_entity);
         if !self.pinned.contains(&offered) {
             tracing::warn!(
@@ -390,9 +473,9 @@ impl Pins {
                 peer,
                 "refusing TLS peer: the {peer} certificate it offered is not pinned (pin this fingerprint to accept it)"
             );
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-                NotPinned { offered },
-            )))));
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(NotPinned { offered })),
+            )));
         }
         if let Err(e) = check_validity(end_entity, now) {
             let err = rustls::Error::InvalidCertificate(e);
@@ -423,7 +506,9 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.check("server", end_entity, now).map(|()| ServerCertVerified::assertion())
+        self.0
+            .check("server", end_entity, now)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -479,7 +564,9 @@ impl ClientCertVerifier for PinnedClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0.check("client", end_entity, now).map(|()| ClientCertVerified::assertion())
+        self.0
+            .check("client", end_entity, now)
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -558,7 +645,10 @@ mod tests {
     }
 
     fn colon_form(hex: &str) -> String {
-        (0..32).map(|i| &hex[2 * i..2 * i + 2]).collect::<Vec<_>>().join(":")
+        (0..32)
+            .map(|i| &hex[2 * i..2 * i + 2])
+            .collect::<Vec<_>>()
+            .join(":")
     }
 
     #[cfg(unix)]
@@ -568,7 +658,8 @@ mod tests {
     }
 
     #[test]
-    fn keygen_writes_a_private_key_and_a_readable_certificate_and_load_identity_round_trips_the_fingerprint() {
+    fn keygen_writes_a_private_key_and_a_readable_certificate_and_load_identity_round_trips_the_fingerprint(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("node.crt"), dir.path().join("node.key"));
         let fp = keygen(&cert, &key, "branch-7").unwrap();
@@ -579,8 +670,14 @@ mod tests {
         }
         let key_text = std::fs::read_to_string(&key).unwrap();
         let cert_text = std::fs::read_to_string(&cert).unwrap();
-        assert!(key_text.contains("-----BEGIN PRIVATE KEY-----"), "{key_text}");
-        assert!(cert_text.contains("-----BEGIN CERTIFICATE-----"), "{cert_text}");
+        assert!(
+            key_text.contains("-----BEGIN PRIVATE KEY-----"),
+            "{key_text}"
+        );
+        assert!(
+            cert_text.contains("-----BEGIN CERTIFICATE-----"),
+            "{cert_text}"
+        );
 
         let id = load_identity(&cert, &key).unwrap();
         assert_eq!(id.fingerprint(), fp);
@@ -593,7 +690,12 @@ mod tests {
         // A fresh certificate is valid now.
         check_validity(&id.cert, UnixTime::now()).unwrap();
         // Two keygens give two different identities.
-        let other = keygen(&dir.path().join("b.crt"), &dir.path().join("b.key"), "branch-7").unwrap();
+        let other = keygen(
+            &dir.path().join("b.crt"),
+            &dir.path().join("b.key"),
+            "branch-7",
+        )
+        .unwrap();
         assert_ne!(other, fp);
     }
 
@@ -606,21 +708,38 @@ mod tests {
 
         let err = keygen(&cert, &key, "hq").unwrap_err();
         assert!(matches!(err, TlsError::Exists { .. }), "{err:?}");
-        assert!(err.to_string().contains(&key.display().to_string()) || err.to_string().contains(&cert.display().to_string()));
-        assert_eq!(before, (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()), "files changed");
+        assert!(
+            err.to_string().contains(&key.display().to_string())
+                || err.to_string().contains(&cert.display().to_string())
+        );
+        assert_eq!(
+            before,
+            (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()),
+            "files changed"
+        );
 
         // Only the certificate exists: refused, and no key is left behind.
         let fresh_key = dir.path().join("fresh.key");
         let err = keygen(&cert, &fresh_key, "hq").unwrap_err();
-        assert!(err.to_string().contains(&cert.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&cert.display().to_string()),
+            "{err}"
+        );
         assert!(!fresh_key.exists());
 
         // Only the key exists: refused, and no certificate is written.
         let fresh_cert = dir.path().join("fresh.crt");
         let err = keygen(&fresh_cert, &key, "hq").unwrap_err();
-        assert!(err.to_string().contains(&key.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&key.display().to_string()),
+            "{err}"
+        );
         assert!(!fresh_cert.exists());
-        assert_eq!(before, (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()), "files changed");
+        assert_eq!(
+            before,
+            (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()),
+            "files changed"
+        );
     }
 
     #[test]
@@ -634,25 +753,56 @@ mod tests {
         let missing = dir.path().join("missing.crt");
         let err = load_identity(&missing, &key).unwrap_err();
         assert!(matches!(err, TlsError::Read { .. }), "{err:?}");
-        assert!(err.to_string().contains(&missing.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
 
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "not a pem file\n").unwrap();
         let err = load_identity(&garbage, &key).unwrap_err();
-        assert!(matches!(err, TlsError::BadPem { what: "certificate", .. }), "{err:?}");
-        assert!(err.to_string().contains(&garbage.display().to_string()), "{err}");
+        assert!(
+            matches!(
+                err,
+                TlsError::BadPem {
+                    what: "certificate",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&garbage.display().to_string()),
+            "{err}"
+        );
 
         // Certificate and key swapped: each file lacks the expected PEM kind.
         let err = load_identity(&key, &cert).unwrap_err();
-        assert!(err.to_string().contains(&key.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&key.display().to_string()),
+            "{err}"
+        );
         let err = load_identity(&cert, &cert).unwrap_err();
-        assert!(matches!(err, TlsError::BadPem { what: "private key", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                TlsError::BadPem {
+                    what: "private key",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
 
         // A key from another identity.
         let err = load_identity(&cert, &key_b).unwrap_err();
         assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");
         let text = err.to_string();
-        assert!(text.contains(&cert.display().to_string()) && text.contains(&key_b.display().to_string()), "{text}");
+        assert!(
+            text.contains(&cert.display().to_string())
+                && text.contains(&key_b.display().to_string()),
+            "{text}"
+        );
     }
 
     #[test]
@@ -701,7 +851,10 @@ mod tests {
         ];
         for text in bad {
             let err = text.parse::<Fingerprint>().unwrap_err();
-            assert!(matches!(&err, TlsError::BadFingerprint(s) if *s == text), "{text:?}: {err:?}");
+            assert!(
+                matches!(&err, TlsError::BadFingerprint(s) if *s == text),
+                "{text:?}: {err:?}"
+            );
             assert!(err.to_string().contains("64 hex digits"));
         }
     }
@@ -742,44 +895,79 @@ mod tests {
             p.not_after = rcgen::date_time_ymd(2001, 1, 1);
         })
         .unwrap();
-        let future = generate_identity("future", |p| p.not_before = rcgen::date_time_ymd(2100, 1, 1)).unwrap();
-        let pins = [good.fingerprint(), expired.fingerprint(), future.fingerprint()];
+        let future = generate_identity("future", |p| {
+            p.not_before = rcgen::date_time_ymd(2100, 1, 1)
+        })
+        .unwrap();
+        let pins = [
+            good.fingerprint(),
+            expired.fingerprint(),
+            future.fingerprint(),
+        ];
         let server_v = PinnedServerVerifier::new(pins);
         let client_v = PinnedClientVerifier::new(pins);
         let name = ServerName::try_from("pgcourier").unwrap();
         let now = UnixTime::now();
-        let as_server = |id: &Identity| server_v.verify_server_cert(&id.cert, &[], &name, &[], now).map(|_| ());
+        let as_server = |id: &Identity| {
+            server_v
+                .verify_server_cert(&id.cert, &[], &name, &[], now)
+                .map(|_| ())
+        };
         let as_client = |id: &Identity| client_v.verify_client_cert(&id.cert, &[], now).map(|_| ());
 
         assert!(client_v.client_auth_mandatory() && client_v.offer_client_auth());
         assert!(client_v.root_hint_subjects().is_empty());
-        assert!(server_v.supported_verify_schemes().contains(&SignatureScheme::ECDSA_NISTP256_SHA256));
+        assert!(server_v
+            .supported_verify_schemes()
+            .contains(&SignatureScheme::ECDSA_NISTP256_SHA256));
 
         let (guard, logs) = capture_warnings();
         as_server(&good).unwrap();
         as_client(&good).unwrap();
         assert_eq!(logs.text(), "", "no warnings on acceptance");
 
-        for verify in [&as_server as &dyn Fn(&Identity) -> Result<(), rustls::Error>, &as_client] {
+        for verify in [
+            &as_server as &dyn Fn(&Identity) -> Result<(), rustls::Error>,
+            &as_client,
+        ] {
             let before = logs.text().lines().count();
             let err = verify(&stranger).unwrap_err();
-            assert!(err.to_string().contains(&stranger.fingerprint().to_string()), "{err}");
+            assert!(
+                err.to_string()
+                    .contains(&stranger.fingerprint().to_string()),
+                "{err}"
+            );
             assert!(err.to_string().contains("not pinned"), "{err}");
-            let lines = logs.text().lines().skip(before).map(str::to_string).collect::<Vec<_>>();
+            let lines = logs
+                .text()
+                .lines()
+                .skip(before)
+                .map(str::to_string)
+                .collect::<Vec<_>>();
             assert_eq!(lines.len(), 1, "{lines:?}");
             assert!(lines[0].contains("WARN"), "{}", lines[0]);
-            assert!(lines[0].contains(&format!("offered={}", stranger.fingerprint())), "{}", lines[0]);
+            assert!(
+                lines[0].contains(&format!("offered={}", stranger.fingerprint())),
+                "{}",
+                lines[0]
+            );
             assert!(lines[0].contains("not pinned"), "{}", lines[0]);
 
             let err = verify(&expired).unwrap_err();
             assert!(
-                matches!(err, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })),
+                matches!(
+                    err,
+                    rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })
+                ),
                 "{err:?}"
             );
             assert!(err.to_string().contains("expired"), "{err}");
             let err = verify(&future).unwrap_err();
             assert!(
-                matches!(err, rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. })),
+                matches!(
+                    err,
+                    rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. })
+                ),
                 "{err:?}"
             );
             assert_eq!(logs.text().lines().count(), before + 3, "{}", logs.text());
@@ -790,6 +978,9 @@ mod tests {
         let junk = CertificateDer::from(vec![0x30, 0x00]);
         let v = PinnedClientVerifier::new([fingerprint(&junk)]);
         let err = v.verify_client_cert(&junk, &[], now).unwrap_err();
-        assert_eq!(err, rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+        );
     }
 }

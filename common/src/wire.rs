@@ -42,7 +42,12 @@ pub enum Frame {
     /// Either way: the peer is refused; the connection closes.
     Refuse { reason: String },
     /// Sender → receiver, on the data stream.
-    Batch { first_seq: u64, last_seq: u64, raw_len: u32, payload: Vec<u8> },
+    Batch {
+        first_seq: u64,
+        last_seq: u64,
+        raw_len: u32,
+        payload: Vec<u8>,
+    },
     /// Receiver → sender: everything up to `durable_seq` is fsynced.
     Ack { durable_seq: u64 },
 }
@@ -64,7 +69,11 @@ pub enum WireError {
     #[error("batch is malformed: {0}")]
     BadBatch(&'static str),
     #[error("batch record {index} is corrupt")]
-    Record { index: usize, #[source] source: RecordError },
+    Record {
+        index: usize,
+        #[source]
+        source: RecordError,
+    },
     #[error("batch holds seq {found} where {expected} was expected")]
     OutOfOrder { expected: u64, found: u64 },
 }
@@ -187,16 +196,23 @@ pub fn decode_batch(
         }
         let bytes = &rest[..len];
         rest = &rest[len..];
-        let seq = record::peek_seq(bytes)
-            .map_err(|source| WireError::Record { index: out.len(), source })?;
+        let seq = record::peek_seq(bytes).map_err(|source| WireError::Record {
+            index: out.len(),
+            source,
+        })?;
         if seq != expected {
-            return Err(WireError::OutOfOrder { expected, found: seq });
+            return Err(WireError::OutOfOrder {
+                expected,
+                found: seq,
+            });
         }
         expected += 1;
         out.push(bytes.to_vec());
     }
     if expected != last_seq + 1 {
-        return Err(WireError::BadBatch("batch holds fewer records than its header says"));
+        return Err(WireError::BadBatch(
+            "batch holds fewer records than its header says",
+        ));
     }
     Ok(out)
 }
@@ -227,14 +243,28 @@ mod tests {
         let records: Vec<_> = (5..9).map(rec).collect();
         let batch = encode_batch(&records, 5, 3).unwrap();
         let mut buf = Vec::new();
-        write_frame(&mut buf, &Frame::Ack { durable_seq: 4 }).await.unwrap();
+        write_frame(&mut buf, &Frame::Ack { durable_seq: 4 })
+            .await
+            .unwrap();
         write_frame(&mut buf, &batch).await.unwrap();
         let mut r = &buf[..];
-        assert_eq!(read_frame(&mut r).await.unwrap(), Some(Frame::Ack { durable_seq: 4 }));
-        let Some(Frame::Batch { first_seq, last_seq, raw_len, payload }) = read_frame(&mut r).await.unwrap() else {
+        assert_eq!(
+            read_frame(&mut r).await.unwrap(),
+            Some(Frame::Ack { durable_seq: 4 })
+        );
+        let Some(Frame::Batch {
+            first_seq,
+            last_seq,
+            raw_len,
+            payload,
+        }) = read_frame(&mut r).await.unwrap()
+        else {
             panic!("expected a batch");
         };
-        assert_eq!(decode_batch(first_seq, last_seq, raw_len, &payload).unwrap(), records);
+        assert_eq!(
+            decode_batch(first_seq, last_seq, raw_len, &payload).unwrap(),
+            records
+        );
         assert_eq!(read_frame(&mut r).await.unwrap(), None);
     }
 
@@ -242,7 +272,10 @@ mod tests {
     async fn huge_length_prefix_is_refused_without_allocating() {
         let mut bytes = u32::MAX.to_be_bytes().to_vec();
         bytes.extend_from_slice(&[0; 16]);
-        assert!(matches!(read_frame(&mut &bytes[..]).await, Err(WireError::FrameTooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut &bytes[..]).await,
+            Err(WireError::FrameTooLarge(_))
+        ));
     }
 
     /// A small deterministic PRNG (xorshift64*), so failures replay.
@@ -261,8 +294,22 @@ mod tests {
         let seed = 0x5eed_2026;
         let mut next = rng(seed);
         let records: Vec<_> = (1..4).map(rec).collect();
-        let Frame::Batch { raw_len, payload, .. } = encode_batch(&records, 1, 3).unwrap() else { unreachable!() };
-        let frame = bincode::serde::encode_to_vec(&Frame::Batch { first_seq: 1, last_seq: 3, raw_len, payload: payload.clone() }, bincode_config()).unwrap();
+        let Frame::Batch {
+            raw_len, payload, ..
+        } = encode_batch(&records, 1, 3).unwrap()
+        else {
+            unreachable!()
+        };
+        let frame = bincode::serde::encode_to_vec(
+            &Frame::Batch {
+                first_seq: 1,
+                last_seq: 3,
+                raw_len,
+                payload: payload.clone(),
+            },
+            bincode_config(),
+        )
+        .unwrap();
         for i in 0..20_000 {
             // Random bytes as a frame body.
             let len = (next() % 64) as usize;
@@ -277,13 +324,26 @@ mod tests {
                 let at = (next() as usize) % p.len();
                 p[at] = next() as u8;
             }
-            if let Ok(Frame::Batch { first_seq, last_seq, raw_len, payload }) = decode_frame(&f) {
+            if let Ok(Frame::Batch {
+                first_seq,
+                last_seq,
+                raw_len,
+                payload,
+            }) = decode_frame(&f)
+            {
                 let _ = decode_batch(first_seq, last_seq, raw_len, &payload);
             }
-            let claimed = if i % 2 == 0 { raw_len } else { (next() % (2 * MAX_BATCH_RAW_BYTES as u64)) as u32 };
+            let claimed = if i % 2 == 0 {
+                raw_len
+            } else {
+                (next() % (2 * MAX_BATCH_RAW_BYTES as u64)) as u32
+            };
             if let Ok(out) = decode_batch(1, 3, claimed, &p) {
                 // Whatever decodes passed every record's checksum.
-                assert_eq!(out, records, "seed {seed:#x}, iteration {i}: a corrupted batch decoded to other records");
+                assert_eq!(
+                    out, records,
+                    "seed {seed:#x}, iteration {i}: a corrupted batch decoded to other records"
+                );
             }
         }
     }
@@ -291,8 +351,16 @@ mod tests {
     #[test]
     fn batch_with_gap_or_lie_is_refused() {
         let records = vec![rec(1), rec(3)];
-        let Frame::Batch { raw_len, payload, .. } = encode_batch(&records, 1, 1).unwrap() else { unreachable!() };
-        assert!(matches!(decode_batch(1, 2, raw_len, &payload), Err(WireError::OutOfOrder { .. })));
+        let Frame::Batch {
+            raw_len, payload, ..
+        } = encode_batch(&records, 1, 1).unwrap()
+        else {
+            unreachable!()
+        };
+        assert!(matches!(
+            decode_batch(1, 2, raw_len, &payload),
+            Err(WireError::OutOfOrder { .. })
+        ));
         assert!(decode_batch(1, 2, raw_len + 10, &payload).is_err());
         assert!(decode_batch(1, 2, u32::MAX, &payload).is_err());
     }

@@ -61,8 +61,11 @@ struct Sample {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let names: Vec<String> =
-        if args.profiles.is_empty() { Profile::names().iter().map(|s| s.to_string()).collect() } else { args.profiles.clone() };
+    let names: Vec<String> = if args.profiles.is_empty() {
+        Profile::names().iter().map(|s| s.to_string()).collect()
+    } else {
+        args.profiles.clone()
+    };
     let seconds = Duration::from_secs_f64(args.seconds);
     let base = Instant::now();
     println!(
@@ -83,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
         "tail-drop"
     );
     for name in names {
-        let profile = Profile::by_name(&name).with_context(|| format!("unknown profile {name:?}"))?;
+        let profile =
+            Profile::by_name(&name).with_context(|| format!("unknown profile {name:?}"))?;
         let mut link = profile.link(1);
         Overrides {
             loss: Some(0.0),
@@ -97,8 +101,14 @@ async fn main() -> anyhow::Result<()> {
         .apply(&mut link);
 
         let sink = Arc::new(UdpSocket::bind("127.0.0.1:0").await.context("bind sink")?);
-        let relay = UdpRelay::start("127.0.0.1:0".parse()?, sink.local_addr()?, link.clone()).await.context("start relay")?;
-        let client = Arc::new(UdpSocket::bind("127.0.0.1:0").await.context("bind client")?);
+        let relay = UdpRelay::start("127.0.0.1:0".parse()?, sink.local_addr()?, link.clone())
+            .await
+            .context("start relay")?;
+        let client = Arc::new(
+            UdpSocket::bind("127.0.0.1:0")
+                .await
+                .context("bind client")?,
+        );
         client.connect(relay.local_addr()).await?;
         // Open the flow so that the sink learns where to send back.
         client.send(b"hello").await?;
@@ -107,9 +117,20 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("the first datagram through the relay")??;
 
-        let forward = Path { send: client.clone(), to: None, recv: sink.clone() };
-        let back = Path { send: sink.clone(), to: Some(flow), recv: client.clone() };
-        for (dir, path, params) in [("forward", forward, &link.forward), ("back", back, &link.back)] {
+        let forward = Path {
+            send: client.clone(),
+            to: None,
+            recv: sink.clone(),
+        };
+        let back = Path {
+            send: sink.clone(),
+            to: Some(flow),
+            recv: client.clone(),
+        };
+        for (dir, path, params) in [
+            ("forward", forward, &link.forward),
+            ("back", back, &link.back),
+        ] {
             let before = relay.stats();
             let probes = run(&path, base, params, Phase::Probe).await?;
             let load = run(&path, base, params, Phase::Saturate(seconds)).await?;
@@ -131,15 +152,26 @@ enum Phase {
 }
 
 /// Send one phase's traffic on `path` and collect what arrives.
-async fn run(path: &Path, base: Instant, params: &LinkParams, phase: Phase) -> anyhow::Result<Vec<Sample>> {
+async fn run(
+    path: &Path,
+    base: Instant,
+    params: &LinkParams,
+    phase: Phase,
+) -> anyhow::Result<Vec<Sample>> {
     let (len, count_or_time, offered) = match phase {
         Phase::Probe => (PROBE_LEN, PROBE_EVERY * PROBES as u32, 0),
-        Phase::Saturate(d) => (DATA_LEN, d, params.rate_bps.map_or(UNLIMITED_OFFER_BPS, |r| r * 5 / 4)),
+        Phase::Saturate(d) => (
+            DATA_LEN,
+            d,
+            params.rate_bps.map_or(UNLIMITED_OFFER_BPS, |r| r * 5 / 4),
+        ),
     };
     // Long enough for the last datagram to cross a full queue and the delay.
     let drain = params.delay
         + params.jitter
-        + params.rate_bps.map_or(Duration::ZERO, |r| pgcourier_netem::model::transmit_time(params.queue_bytes, r))
+        + params.rate_bps.map_or(Duration::ZERO, |r| {
+            pgcourier_netem::model::transmit_time(params.queue_bytes, r)
+        })
         + Duration::from_millis(300);
     let send_path = path.clone();
     let sender = async move {
@@ -174,7 +206,9 @@ async fn run(path: &Path, base: Instant, params: &LinkParams, phase: Phase) -> a
         let end = Instant::now() + count_or_time + drain;
         loop {
             let left = end.saturating_duration_since(Instant::now());
-            let Ok(r) = tokio::time::timeout(left, recv.recv_from(&mut buf)).await else { break };
+            let Ok(r) = tokio::time::timeout(left, recv.recv_from(&mut buf)).await else {
+                break;
+            };
             let (n, _) = r.context("receive")?;
             if n < 8 {
                 continue;
@@ -182,7 +216,11 @@ async fn run(path: &Path, base: Instant, params: &LinkParams, phase: Phase) -> a
             let received = base.elapsed();
             let sent = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
             let one_way = received.saturating_sub(Duration::from_nanos(sent));
-            samples.push(Sample { received, len: n, one_way });
+            samples.push(Sample {
+                received,
+                len: n,
+                one_way,
+            });
         }
         Ok::<Vec<Sample>, anyhow::Error>(samples)
     };
@@ -191,13 +229,24 @@ async fn run(path: &Path, base: Instant, params: &LinkParams, phase: Phase) -> a
     samples
 }
 
-fn report(profile: &str, dir: &str, params: &LinkParams, probes: &[Sample], load: &[Sample], tail_drops: u64) {
+fn report(
+    profile: &str,
+    dir: &str,
+    params: &LinkParams,
+    probes: &[Sample],
+    load: &[Sample],
+    tail_drops: u64,
+) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     // Rate after the warm-up, up to the last arrival.
     let (rate_text, error_text, rate_ok) = match (load.first(), load.last()) {
         (Some(first), Some(last)) if last.received > first.received + WARM_UP => {
             let start = first.received + WARM_UP;
-            let bytes: usize = load.iter().filter(|s| s.received > start).map(|s| s.len).sum();
+            let bytes: usize = load
+                .iter()
+                .filter(|s| s.received > start)
+                .map(|s| s.len)
+                .sum();
             let measured = bytes as f64 * 8.0 / (last.received - start).as_secs_f64();
             let text = format!("{:.3} Mbit/s", measured / 1e6);
             match params.rate_bps {
@@ -210,7 +259,9 @@ fn report(profile: &str, dir: &str, params: &LinkParams, probes: &[Sample], load
         }
         _ => ("no data".into(), "-".into(), Some(false)),
     };
-    let tx = params.rate_bps.map_or(Duration::ZERO, |r| pgcourier_netem::model::transmit_time(PROBE_LEN as u64, r));
+    let tx = params.rate_bps.map_or(Duration::ZERO, |r| {
+        pgcourier_netem::model::transmit_time(PROBE_LEN as u64, r)
+    });
     let expected = params.delay + tx;
     let delays: Vec<f64> = probes.iter().map(|s| ms(s.one_way)).collect();
     let (delay_text, delay_ok) = if delays.is_empty() {
@@ -222,14 +273,22 @@ fn report(profile: &str, dir: &str, params: &LinkParams, probes: &[Sample], load
         let error = mean - ms(expected);
         let ok = error.abs() <= 1.0 + ms(params.jitter);
         (
-            format!("{:>9.2} {:>17} {:>+6.2}ms", mean, format!("[{min:.1}, {max:.1}]"), error),
+            format!(
+                "{:>9.2} {:>17} {:>+6.2}ms",
+                mean,
+                format!("[{min:.1}, {max:.1}]"),
+                error
+            ),
             ok && delays.len() >= PROBES * 9 / 10,
         )
     };
     let loaded = if load.is_empty() {
         "-".to_string()
     } else {
-        format!("{:.1}ms", load.iter().map(|s| ms(s.one_way)).sum::<f64>() / load.len() as f64)
+        format!(
+            "{:.1}ms",
+            load.iter().map(|s| ms(s.one_way)).sum::<f64>() / load.len() as f64
+        )
     };
     let verdict = |ok: Option<bool>| match ok {
         Some(true) => "ok",
@@ -244,7 +303,11 @@ fn report(profile: &str, dir: &str, params: &LinkParams, probes: &[Sample], load
         rate_text,
         error_text,
         verdict(rate_ok),
-        format!("{}±{}", format_duration(params.delay), format_duration(params.jitter)),
+        format!(
+            "{}±{}",
+            format_duration(params.delay),
+            format_duration(params.jitter)
+        ),
         ms(expected),
         delay_text,
         verdict(Some(delay_ok)),

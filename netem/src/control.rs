@@ -34,12 +34,20 @@ pub struct ControlPort {
 impl ControlPort {
     /// Listen at `addr` and serve commands for `control`.
     pub async fn start(addr: SocketAddr, control: LinkControl) -> Result<ControlPort, RelayError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| RelayError::Bind { addr, source })?;
-        let local_addr = listener.local_addr().map_err(|source| RelayError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RelayError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| RelayError::Bind { addr, source })?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(accept(listener, control, cancel.clone(), tracker.clone()));
-        Ok(ControlPort { local_addr, cancel, tracker })
+        Ok(ControlPort {
+            local_addr,
+            cancel,
+            tracker,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -60,7 +68,12 @@ impl Drop for ControlPort {
     }
 }
 
-async fn accept(listener: TcpListener, control: LinkControl, cancel: CancellationToken, tracker: TaskTracker) {
+async fn accept(
+    listener: TcpListener,
+    control: LinkControl,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -116,7 +129,8 @@ pub fn command(line: &str, control: &LinkControl) -> String {
             tracing::info!("link up (commanded)");
             "ok up".into()
         }
-        "stats" => serde_json::to_string(&control.stats()).unwrap_or_else(|e| format!("error: serialize stats: {e}")),
+        "stats" => serde_json::to_string(&control.stats())
+            .unwrap_or_else(|e| format!("error: serialize stats: {e}")),
         "help" | "" => "commands: down, up, stats".into(),
         other => format!("error: unknown command {other:?} (commands: down, up, stats)"),
     }

@@ -29,7 +29,10 @@ pub mod units;
 
 pub use control::ControlPort;
 pub use link::{Direction, Link, LinkControl, LinkStats, RelayCounters};
-pub use model::{BurstLoss, DirectionStats, DropCause, DropCounts, LinkModel, LinkParams, OutageSchedule, ParamError, Verdict};
+pub use model::{
+    BurstLoss, DirectionStats, DropCause, DropCounts, LinkModel, LinkParams, OutageSchedule,
+    ParamError, Verdict,
+};
 pub use profile::{Overrides, Profile};
 pub use relay::{RelayError, RelayHandle};
 pub use tcp::{OutageMode, TcpRelay};

@@ -33,7 +33,11 @@ pub struct Link {
 impl Link {
     /// The same parameters both ways.
     pub fn symmetric(params: LinkParams, seed: u64) -> Link {
-        Link { forward: params.clone(), back: params, seed }
+        Link {
+            forward: params.clone(),
+            back: params,
+            seed,
+        }
     }
 
     pub fn validate(&self) -> Result<(), ParamError> {
@@ -43,7 +47,10 @@ impl Link {
 
     /// The forward and back models, seeded `seed` and [`Link::back_seed`].
     pub fn models(&self) -> Result<(LinkModel, LinkModel), ParamError> {
-        Ok((LinkModel::new(self.forward.clone(), self.seed)?, LinkModel::new(self.back.clone(), Link::back_seed(self.seed))?))
+        Ok((
+            LinkModel::new(self.forward.clone(), self.seed)?,
+            LinkModel::new(self.back.clone(), Link::back_seed(self.seed))?,
+        ))
     }
 
     /// The back direction's seed: a SplitMix64 step of the forward seed, so
@@ -189,7 +196,13 @@ impl LinkControl {
             let m = self.model(Direction::Back);
             (m.stats().clone(), m.is_down(now))
         };
-        LinkStats { down: fdown || bdown, elapsed: now, forward, back, relay: self.shared.counters.snapshot() }
+        LinkStats {
+            down: fdown || bdown,
+            elapsed: now,
+            forward,
+            back,
+            relay: self.shared.counters.snapshot(),
+        }
     }
 
     /// Time since the epoch: the `now` the models are fed.
@@ -223,7 +236,12 @@ impl LinkControl {
 
 impl fmt::Display for LinkStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "link {} after {:.1} s", if self.down { "down" } else { "up" }, self.elapsed.as_secs_f64())?;
+        writeln!(
+            f,
+            "link {} after {:.1} s",
+            if self.down { "down" } else { "up" },
+            self.elapsed.as_secs_f64()
+        )?;
         for (name, d) in [("forward", &self.forward), ("back", &self.back)] {
             writeln!(
                 f,
@@ -271,7 +289,8 @@ mod tests {
     fn directions_get_different_seeds_and_a_commanded_outage_covers_both() {
         assert_ne!(Link::back_seed(1), 1);
         assert_ne!(Link::back_seed(1), Link::back_seed(2));
-        let control = LinkControl::new(&Link::symmetric(LinkParams::default(), 1)).expect("clean link is valid");
+        let control = LinkControl::new(&Link::symmetric(LinkParams::default(), 1))
+            .expect("clean link is valid");
         control.set_down(true);
         assert!(control.is_down());
         let stats = control.stats();

@@ -6,10 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pgcourier_netem::units::{
-    format_duration, format_probability, format_rate, format_size, parse_duration, parse_probability, parse_rate, parse_size,
+    format_duration, format_probability, format_rate, format_size, parse_duration,
+    parse_probability, parse_rate, parse_size,
 };
 use pgcourier_netem::{
-    BurstLoss, ControlPort, Link, LinkParams, OutageMode, OutageSchedule, Overrides, Profile, RelayHandle, TcpRelay, UdpRelay,
+    BurstLoss, ControlPort, Link, LinkParams, OutageMode, OutageSchedule, Overrides, Profile,
+    RelayHandle, TcpRelay, UdpRelay,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -127,7 +129,9 @@ fn parse_mtu(s: &str) -> Result<Mtu, String> {
         return Ok(Mtu(None));
     }
     let n = parse_size(s)?;
-    usize::try_from(n).map(|n| Mtu(Some(n))).map_err(|_| format!("MTU {s:?} is too large"))
+    usize::try_from(n)
+        .map(|n| Mtu(Some(n)))
+        .map_err(|_| format!("MTU {s:?} is too large"))
 }
 
 fn parse_burst_loss(s: &str) -> Result<BurstArg, String> {
@@ -136,7 +140,9 @@ fn parse_burst_loss(s: &str) -> Result<BurstArg, String> {
     }
     let parts: Vec<&str> = s.split(',').collect();
     let [gb, bg, loss] = parts[..] else {
-        return Err(format!("{s:?} is not p_good_to_bad,p_bad_to_good,loss_in_bad (e.g. 1%,30%,50%)"));
+        return Err(format!(
+            "{s:?} is not p_good_to_bad,p_bad_to_good,loss_in_bad (e.g. 1%,30%,50%)"
+        ));
     };
     Ok(BurstArg(Some(BurstLoss {
         p_good_to_bad: parse_probability(gb)?,
@@ -152,8 +158,13 @@ fn parse_outage_mode(s: &str) -> Result<OutageMode, String> {
 impl RelayArgs {
     /// The profile with the command line's overrides, validated.
     fn link(&self) -> anyhow::Result<(Profile, Link)> {
-        let profile = Profile::by_name(&self.profile)
-            .with_context(|| format!("unknown profile {:?} (profiles: {})", self.profile, Profile::names().join(", ")))?;
+        let profile = Profile::by_name(&self.profile).with_context(|| {
+            format!(
+                "unknown profile {:?} (profiles: {})",
+                self.profile,
+                Profile::names().join(", ")
+            )
+        })?;
         let seed = self.seed.unwrap_or_else(clock_seed);
         let mut link = profile.link(seed);
         let overrides = Overrides {
@@ -177,8 +188,12 @@ impl RelayArgs {
     }
 
     /// The scheduled outage the options ask for, on top of the profile's.
-    fn outage(&self, base: Option<OutageSchedule>) -> anyhow::Result<Option<Option<OutageSchedule>>> {
-        if self.outage_every.is_none() && self.outage_for.is_none() && self.outage_offset.is_none() {
+    fn outage(
+        &self,
+        base: Option<OutageSchedule>,
+    ) -> anyhow::Result<Option<Option<OutageSchedule>>> {
+        if self.outage_every.is_none() && self.outage_for.is_none() && self.outage_offset.is_none()
+        {
             return Ok(None);
         }
         let every = self.outage_every.or(base.map(|o| o.every));
@@ -190,12 +205,18 @@ impl RelayArgs {
             return Ok(Some(None));
         }
         let offset = self.outage_offset.unwrap_or(every.saturating_sub(down_for));
-        Ok(Some(Some(OutageSchedule { every, down_for, offset })))
+        Ok(Some(Some(OutageSchedule {
+            every,
+            down_for,
+            offset,
+        })))
     }
 }
 
 fn clock_seed() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn main() -> ExitCode {
@@ -216,7 +237,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the tokio runtime: {e}");
@@ -233,8 +258,8 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -243,7 +268,12 @@ fn init_logging() {
 }
 
 /// Run the relay until SIGINT or SIGTERM; print stats then and on SIGUSR1.
-async fn serve(args: &RelayArgs, profile: Profile, link: Link, tcp_mode: Option<OutageMode>) -> anyhow::Result<()> {
+async fn serve(
+    args: &RelayArgs,
+    profile: Profile,
+    link: Link,
+    tcp_mode: Option<OutageMode>,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("listen for SIGUSR1")?;
@@ -255,15 +285,32 @@ async fn serve(args: &RelayArgs, profile: Profile, link: Link, tcp_mode: Option<
     .context("start relay")?;
     let kind = match tcp_mode {
         None => "udp".to_string(),
-        Some(mode) => format!("tcp ({} on outage)", if mode == OutageMode::Cut { "cut" } else { "stall" }),
+        Some(mode) => format!(
+            "tcp ({} on outage)",
+            if mode == OutageMode::Cut {
+                "cut"
+            } else {
+                "stall"
+            }
+        ),
     };
-    println!("relaying {kind} {} -> {}, profile {}, seed {seed}", relay.local_addr(), args.forward, profile.name);
+    println!(
+        "relaying {kind} {} -> {}, profile {}, seed {seed}",
+        relay.local_addr(),
+        args.forward,
+        profile.name
+    );
     println!("  forward: {}", describe(&link.forward));
     println!("  back:    {}", describe(&link.back));
     let control = match args.control {
         Some(addr) => {
-            let port = ControlPort::start(addr, relay.control()).await.context("open control port")?;
-            println!("control port on {} (commands: down, up, stats)", port.local_addr());
+            let port = ControlPort::start(addr, relay.control())
+                .await
+                .context("open control port")?;
+            println!(
+                "control port on {} (commands: down, up, stats)",
+                port.local_addr()
+            );
             Some(port)
         }
         None => None,
@@ -314,13 +361,20 @@ fn describe(p: &LinkParams) -> String {
             format_probability(b.loss_in_bad)
         ));
     }
-    for (name, v) in [("duplicate", p.duplicate), ("reorder", p.reorder), ("corrupt", p.corrupt)] {
+    for (name, v) in [
+        ("duplicate", p.duplicate),
+        ("reorder", p.reorder),
+        ("corrupt", p.corrupt),
+    ] {
         if v > 0.0 {
             parts.push(format!("{name} {}", format_probability(v)));
         }
     }
     if p.reorder > 0.0 {
-        parts.push(format!("reorder-delay {}", format_duration(p.reorder_delay)));
+        parts.push(format!(
+            "reorder-delay {}",
+            format_duration(p.reorder_delay)
+        ));
     }
     if let Some(mtu) = p.mtu {
         parts.push(format!("mtu {mtu}"));
@@ -332,7 +386,12 @@ fn describe(p: &LinkParams) -> String {
 }
 
 fn describe_outage(o: &OutageSchedule) -> String {
-    format!("down {} every {} from {}", format_duration(o.down_for), format_duration(o.every), format_duration(o.offset))
+    format!(
+        "down {} every {} from {}",
+        format_duration(o.down_for),
+        format_duration(o.every),
+        format_duration(o.offset)
+    )
 }
 
 fn print_profiles() {
@@ -343,7 +402,11 @@ fn print_profiles() {
     for p in Profile::all() {
         let (f, b) = (&p.forward, &p.back);
         let queue = if f.rate_bps.is_some() || b.rate_bps.is_some() {
-            format!("{} / {}", format_size(f.queue_bytes), format_size(b.queue_bytes))
+            format!(
+                "{} / {}",
+                format_size(f.queue_bytes),
+                format_size(b.queue_bytes)
+            )
         } else {
             "-".into()
         };
@@ -370,18 +433,42 @@ mod tests {
     use super::*;
 
     fn link_of(args: &[&str]) -> anyhow::Result<Link> {
-        let base = ["pgcourier-netem", "udp", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9", "--seed", "1"];
-        let cli = Cli::try_parse_from(base.iter().chain(args)).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let Command::Udp(relay) = cli.command else { panic!("parsed a udp command") };
+        let base = [
+            "pgcourier-netem",
+            "udp",
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            "127.0.0.1:9",
+            "--seed",
+            "1",
+        ];
+        let cli =
+            Cli::try_parse_from(base.iter().chain(args)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let Command::Udp(relay) = cli.command else {
+            panic!("parsed a udp command")
+        };
         relay.link().map(|(_, link)| link)
     }
 
     #[test]
     fn command_line_knobs_override_the_profile() {
-        let link = link_of(&["--profile", "satellite", "--loss", "0", "--rate", "4Mbit", "--burst-loss", "1%,30%,50%"])
-            .expect("valid options");
+        let link = link_of(&[
+            "--profile",
+            "satellite",
+            "--loss",
+            "0",
+            "--rate",
+            "4Mbit",
+            "--burst-loss",
+            "1%,30%,50%",
+        ])
+        .expect("valid options");
         assert_eq!(link.forward.loss, 0.0);
-        assert_eq!((link.forward.rate_bps, link.back.rate_bps), (Some(4_000_000), Some(4_000_000)));
+        assert_eq!(
+            (link.forward.rate_bps, link.back.rate_bps),
+            (Some(4_000_000), Some(4_000_000))
+        );
         assert_eq!(link.back.burst_loss.map(|b| b.p_bad_to_good), Some(0.3));
         assert_eq!(link.forward.delay, Duration::from_millis(300));
         assert_eq!(link.seed, 1);
@@ -389,11 +476,28 @@ mod tests {
 
     #[test]
     fn outage_options_combine_with_the_profile_and_need_both_halves() {
-        let link = link_of(&["--outage-every", "2m", "--outage-for", "30s"]).expect("valid options");
-        assert_eq!(link.forward.outage, Some(OutageSchedule::starting_up(Duration::from_secs(120), Duration::from_secs(30))));
-        let link = link_of(&["--profile", "flaky", "--outage-for", "10s"]).expect("flaky has a period");
-        assert_eq!(link.back.outage.map(|o| (o.every, o.down_for)), Some((Duration::from_secs(120), Duration::from_secs(10))));
-        assert_eq!(link_of(&["--profile", "flaky", "--outage-every", "0"]).expect("valid").forward.outage, None);
+        let link =
+            link_of(&["--outage-every", "2m", "--outage-for", "30s"]).expect("valid options");
+        assert_eq!(
+            link.forward.outage,
+            Some(OutageSchedule::starting_up(
+                Duration::from_secs(120),
+                Duration::from_secs(30)
+            ))
+        );
+        let link =
+            link_of(&["--profile", "flaky", "--outage-for", "10s"]).expect("flaky has a period");
+        assert_eq!(
+            link.back.outage.map(|o| (o.every, o.down_for)),
+            Some((Duration::from_secs(120), Duration::from_secs(10)))
+        );
+        assert_eq!(
+            link_of(&["--profile", "flaky", "--outage-every", "0"])
+                .expect("valid")
+                .forward
+                .outage,
+            None
+        );
         assert!(link_of(&["--outage-for", "10s"]).is_err());
         assert!(link_of(&["--outage-every", "10s", "--outage-for", "10s"]).is_err());
         assert!(link_of(&["--loss", "200%"]).is_err());

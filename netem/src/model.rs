@@ -102,8 +102,12 @@ impl LinkParams {
     /// Check that every probability is in [0, 1] and the rate and outage
     /// schedule make sense.
     pub fn validate(&self) -> Result<(), ParamError> {
-        let probabilities =
-            [("loss", self.loss), ("duplicate", self.duplicate), ("reorder", self.reorder), ("corrupt", self.corrupt)];
+        let probabilities = [
+            ("loss", self.loss),
+            ("duplicate", self.duplicate),
+            ("reorder", self.reorder),
+            ("corrupt", self.corrupt),
+        ];
         let burst = self.burst_loss.iter().flat_map(|b| {
             [
                 ("burst-loss p_good_to_bad", b.p_good_to_bad),
@@ -121,7 +125,10 @@ impl LinkParams {
         }
         if let Some(o) = &self.outage {
             if o.every.is_zero() || o.down_for >= o.every {
-                return Err(ParamError::Outage { every: o.every, down_for: o.down_for });
+                return Err(ParamError::Outage {
+                    every: o.every,
+                    down_for: o.down_for,
+                });
             }
         }
         Ok(())
@@ -132,7 +139,15 @@ impl LinkParams {
     /// corruption and the MTU are cleared: the kernel's TCP runs below the
     /// relay and would hide them by retransmitting.
     pub fn for_stream(&self) -> LinkParams {
-        LinkParams { loss: 0.0, burst_loss: None, duplicate: 0.0, reorder: 0.0, corrupt: 0.0, mtu: None, ..self.clone() }
+        LinkParams {
+            loss: 0.0,
+            burst_loss: None,
+            duplicate: 0.0,
+            reorder: 0.0,
+            corrupt: 0.0,
+            mtu: None,
+            ..self.clone()
+        }
     }
 }
 
@@ -158,12 +173,17 @@ pub struct OutageSchedule {
 impl OutageSchedule {
     /// A schedule that starts up: the first outage begins at `every - down_for`.
     pub fn starting_up(every: Duration, down_for: Duration) -> OutageSchedule {
-        OutageSchedule { every, down_for, offset: every.saturating_sub(down_for) }
+        OutageSchedule {
+            every,
+            down_for,
+            offset: every.saturating_sub(down_for),
+        }
     }
 
     /// Whether `now` is inside an outage window.
     pub fn covers(&self, now: Duration) -> bool {
-        self.window_start(now).is_some_and(|start| now < start + self.down_for)
+        self.window_start(now)
+            .is_some_and(|start| now < start + self.down_for)
     }
 
     /// The end of the window covering `now`, or `now` when none does.
@@ -201,7 +221,9 @@ pub enum ParamError {
     Probability { knob: &'static str, value: f64 },
     #[error("a rate of 0 bit/s carries nothing; leave the rate unset for an unlimited link")]
     ZeroRate,
-    #[error("an outage of {down_for:?} every {every:?} never ends; it must be shorter than the period")]
+    #[error(
+        "an outage of {down_for:?} every {every:?} never ends; it must be shorter than the period"
+    )]
     Outage { every: Duration, down_for: Duration },
 }
 
@@ -408,7 +430,9 @@ impl LinkModel {
     pub fn ready_at(&self, now: Duration, len: usize) -> Option<Duration> {
         let now = now.max(self.last_now);
         let up = self.up_at(now)?;
-        let Some(rate) = self.params.rate_bps else { return Some(up) };
+        let Some(rate) = self.params.rate_bps else {
+            return Some(up);
+        };
         // Room for `len` once the backlog has shrunk to `queue - len`
         // (an empty queue takes any packet).
         let allowed = self.params.queue_bytes.saturating_sub(len as u64);
@@ -462,7 +486,11 @@ impl LinkModel {
 
         // On the wire.
         if let Some(b) = self.params.burst_loss {
-            let flip = if self.bad { b.p_bad_to_good } else { b.p_good_to_bad };
+            let flip = if self.bad {
+                b.p_bad_to_good
+            } else {
+                b.p_good_to_bad
+            };
             if self.rng.burst.gen_bool(flip) {
                 self.bad = !self.bad;
             }
@@ -492,9 +520,13 @@ impl LinkModel {
             at = at.max(self.last_at);
             self.last_at = at;
         }
-        let duplicate_at = (self.params.duplicate > 0.0 && self.rng.duplicate.gen_bool(self.params.duplicate)).then_some(at);
-        let corrupt_bit = (len > 0 && self.params.corrupt > 0.0 && self.rng.corrupt.gen_bool(self.params.corrupt))
-            .then(|| self.rng.corrupt.gen_range(0..len * 8));
+        let duplicate_at = (self.params.duplicate > 0.0
+            && self.rng.duplicate.gen_bool(self.params.duplicate))
+        .then_some(at);
+        let corrupt_bit = (len > 0
+            && self.params.corrupt > 0.0
+            && self.rng.corrupt.gen_bool(self.params.corrupt))
+        .then(|| self.rng.corrupt.gen_range(0..len * 8));
 
         self.stats.packets_forwarded += 1;
         self.stats.bytes_forwarded += len as u64;
@@ -502,7 +534,11 @@ impl LinkModel {
         self.stats.corrupted += u64::from(corrupt_bit.is_some());
         self.stats.queue_delay_total += queue_delay;
         self.stats.queue_delay_max = self.stats.queue_delay_max.max(queue_delay);
-        Verdict::Deliver { at, duplicate_at, corrupt_bit }
+        Verdict::Deliver {
+            at,
+            duplicate_at,
+            corrupt_bit,
+        }
     }
 
     fn drop(&mut self, cause: DropCause) -> Verdict {
@@ -562,7 +598,11 @@ mod tests {
     #[test]
     fn saturating_sender_gets_the_configured_rate_within_one_percent_over_ten_virtual_seconds() {
         for rate in [512_000, 2_000_000, 8_000_000] {
-            let params = LinkParams { rate_bps: Some(rate), delay: ms(20), ..LinkParams::default() };
+            let params = LinkParams {
+                rate_bps: Some(rate),
+                delay: ms(20),
+                ..LinkParams::default()
+            };
             let mut m = model(params, 1);
             // Offer about 10x the rate: 1200-byte packets at 10 * rate.
             let gap = transmit_time(1200, rate * 10);
@@ -580,22 +620,39 @@ mod tests {
             }
             let measured = bytes as f64 * 8.0 / window.as_secs_f64();
             let error = (measured - rate as f64).abs() / rate as f64;
-            assert!(error < 0.01, "rate {rate}: measured {measured:.0} bit/s, error {:.3}%", error * 100.0);
-            assert!(m.stats().dropped.queue_full > 0, "a saturating sender fills the queue");
+            assert!(
+                error < 0.01,
+                "rate {rate}: measured {measured:.0} bit/s, error {:.3}%",
+                error * 100.0
+            );
+            assert!(
+                m.stats().dropped.queue_full > 0,
+                "a saturating sender fills the queue"
+            );
         }
     }
 
     #[test]
     fn delay_and_jitter_stay_in_bounds_and_order_is_preserved_without_reorder() {
-        let params = LinkParams { delay: ms(50), jitter: ms(10), ..LinkParams::default() };
+        let params = LinkParams {
+            delay: ms(50),
+            jitter: ms(10),
+            ..LinkParams::default()
+        };
         // Dense traffic (gaps far below the jitter): order is kept by clamping.
         let mut m = model(params.clone(), 7);
         let mut last = Duration::ZERO;
         for (now, v) in run(&mut m, 20_000, Duration::from_micros(700), 100) {
             let at = delivered_at(&v).expect("a clean link delivers everything");
             let delay = at - now;
-            assert!(delay >= ms(40) && delay <= ms(60), "delay {delay:?} outside 50 ms ± 10 ms");
-            assert!(at >= last, "delivery went back in time: {at:?} after {last:?}");
+            assert!(
+                delay >= ms(40) && delay <= ms(60),
+                "delay {delay:?} outside 50 ms ± 10 ms"
+            );
+            assert!(
+                at >= last,
+                "delivery went back in time: {at:?} after {last:?}"
+            );
             last = at;
         }
         // Sparse traffic (gaps above twice the jitter): the jitter is uniform and two-sided.
@@ -607,36 +664,78 @@ mod tests {
         let mean = delays.iter().sum::<f64>() / delays.len() as f64;
         assert!((mean - 50.0).abs() < 0.5, "mean delay {mean:.2} ms");
         let below = delays.iter().filter(|d| **d < 45.0).count();
-        assert!((1000..1500).contains(&below), "{below} of 5000 delays below 45 ms (uniform: 1250)");
+        assert!(
+            (1000..1500).contains(&below),
+            "{below} of 5000 delays below 45 ms (uniform: 1250)"
+        );
     }
 
     #[test]
     fn reorder_lets_later_packets_overtake_held_back_ones() {
-        let params = LinkParams { delay: ms(5), reorder: 0.05, reorder_delay: ms(10), ..LinkParams::default() };
+        let params = LinkParams {
+            delay: ms(5),
+            reorder: 0.05,
+            reorder_delay: ms(10),
+            ..LinkParams::default()
+        };
         let mut m = model(params, 3);
-        let ats: Vec<Duration> = run(&mut m, 10_000, ms(1), 100).iter().filter_map(|(_, v)| delivered_at(v)).collect();
+        let ats: Vec<Duration> = run(&mut m, 10_000, ms(1), 100)
+            .iter()
+            .filter_map(|(_, v)| delivered_at(v))
+            .collect();
         let inversions = ats.windows(2).filter(|w| w[1] < w[0]).count();
-        assert!(inversions > 100, "only {inversions} out-of-order deliveries at 5% reorder");
-        assert_eq!(m.stats().reordered as usize, ats.iter().zip(0..).filter(|(at, i)| **at > ms(*i + 5)).count());
+        assert!(
+            inversions > 100,
+            "only {inversions} out-of-order deliveries at 5% reorder"
+        );
+        assert_eq!(
+            m.stats().reordered as usize,
+            ats.iter()
+                .zip(0..)
+                .filter(|(at, i)| **at > ms(*i + 5))
+                .count()
+        );
     }
 
     #[test]
     fn random_loss_rate_is_within_statistical_bounds() {
         for seed in 0..5 {
             let n = 100_000;
-            let mut m = model(LinkParams { loss: 0.02, ..LinkParams::default() }, seed);
-            let lost = run(&mut m, n, ms(1), 100).iter().filter(|(_, v)| *v == Verdict::Drop(DropCause::Loss)).count();
+            let mut m = model(
+                LinkParams {
+                    loss: 0.02,
+                    ..LinkParams::default()
+                },
+                seed,
+            );
+            let lost = run(&mut m, n, ms(1), 100)
+                .iter()
+                .filter(|(_, v)| *v == Verdict::Drop(DropCause::Loss))
+                .count();
             // Five standard deviations: sqrt(n p (1-p)) = 44.3.
             let expected = 0.02 * n as f64;
-            assert!((lost as f64 - expected).abs() < 5.0 * 44.3, "seed {seed}: lost {lost}, expected ≈{expected}");
+            assert!(
+                (lost as f64 - expected).abs() < 5.0 * 44.3,
+                "seed {seed}: lost {lost}, expected ≈{expected}"
+            );
             assert_eq!(m.stats().dropped.loss as usize, lost);
         }
     }
 
     #[test]
     fn gilbert_elliott_loss_comes_in_bursts() {
-        let b = BurstLoss { p_good_to_bad: 0.01, p_bad_to_good: 0.25, loss_in_bad: 0.9 };
-        let mut m = model(LinkParams { burst_loss: Some(b), ..LinkParams::default() }, 11);
+        let b = BurstLoss {
+            p_good_to_bad: 0.01,
+            p_bad_to_good: 0.25,
+            loss_in_bad: 0.9,
+        };
+        let mut m = model(
+            LinkParams {
+                burst_loss: Some(b),
+                ..LinkParams::default()
+            },
+            11,
+        );
         let verdicts = run(&mut m, 200_000, ms(1), 100);
         let mut bursts = Vec::new();
         let mut run_len = 0;
@@ -650,7 +749,11 @@ mod tests {
         }
         let lost: usize = bursts.iter().sum();
         let mean = lost as f64 / bursts.len() as f64;
-        assert!(mean > 1.5, "mean burst length {mean:.2} over {} bursts", bursts.len());
+        assert!(
+            mean > 1.5,
+            "mean burst length {mean:.2} over {} bursts",
+            bursts.len()
+        );
         // Stationary loss: P(bad) * loss_in_bad = 0.01 / 0.26 * 0.9 ≈ 3.5%.
         let rate = lost as f64 / verdicts.len() as f64;
         assert!((0.025..0.045).contains(&rate), "burst loss rate {rate:.4}");
@@ -660,7 +763,11 @@ mod tests {
     fn full_queue_tail_drops_and_queue_delay_never_exceeds_queue_over_rate() {
         let rate = 1_000_000;
         let queue = 16 * 1024;
-        let params = LinkParams { rate_bps: Some(rate), queue_bytes: queue, ..LinkParams::default() };
+        let params = LinkParams {
+            rate_bps: Some(rate),
+            queue_bytes: queue,
+            ..LinkParams::default()
+        };
         let mut m = model(params, 5);
         // Twice the rate: 1000-byte packets every 4 ms.
         let bound = transmit_time(queue, rate);
@@ -670,30 +777,61 @@ mod tests {
             let backlog = m.backlog_bytes(now);
             match m.on_packet(now, 1000) {
                 Verdict::Drop(DropCause::QueueFull) => {
-                    assert!(backlog + 1000 > queue, "dropped with {backlog} bytes queued");
+                    assert!(
+                        backlog + 1000 > queue,
+                        "dropped with {backlog} bytes queued"
+                    );
                     dropped_while_full += 1;
                 }
                 Verdict::Deliver { at, .. } => {
-                    assert!(at - now <= bound + transmit_time(1000, rate), "sojourn {:?}", at - now);
+                    assert!(
+                        at - now <= bound + transmit_time(1000, rate),
+                        "sojourn {:?}",
+                        at - now
+                    );
                 }
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert!(dropped_while_full > 2000, "about half must be tail-dropped, got {dropped_while_full}");
+        assert!(
+            dropped_while_full > 2000,
+            "about half must be tail-dropped, got {dropped_while_full}"
+        );
         let stats = m.stats();
-        assert!(stats.queue_delay_max <= bound, "max queue delay {:?} > {bound:?}", stats.queue_delay_max);
-        assert!(stats.queue_delay_max > bound * 9 / 10, "the queue filled: max {:?}", stats.queue_delay_max);
+        assert!(
+            stats.queue_delay_max <= bound,
+            "max queue delay {:?} > {bound:?}",
+            stats.queue_delay_max
+        );
+        assert!(
+            stats.queue_delay_max > bound * 9 / 10,
+            "the queue filled: max {:?}",
+            stats.queue_delay_max
+        );
     }
 
     #[test]
     fn scheduled_outages_drop_everything_inside_the_window_and_nothing_outside() {
-        let schedule =
-            OutageSchedule { every: Duration::from_secs(10), down_for: Duration::from_secs(2), offset: Duration::from_secs(5) };
-        let mut m = model(LinkParams { outage: Some(schedule), ..LinkParams::default() }, 1);
+        let schedule = OutageSchedule {
+            every: Duration::from_secs(10),
+            down_for: Duration::from_secs(2),
+            offset: Duration::from_secs(5),
+        };
+        let mut m = model(
+            LinkParams {
+                outage: Some(schedule),
+                ..LinkParams::default()
+            },
+            1,
+        );
         for (now, v) in run(&mut m, 60_000, ms(1), 100) {
             let s = now.as_millis() as u64;
             let inside = s >= 5000 && (s - 5000) % 10_000 < 2000;
-            assert_eq!(v == Verdict::Drop(DropCause::Outage), inside, "at {s} ms: {v:?}");
+            assert_eq!(
+                v == Verdict::Drop(DropCause::Outage),
+                inside,
+                "at {s} ms: {v:?}"
+            );
             assert_eq!(m.is_down(now), inside);
         }
         // Windows at 5, 15, 25, 35, 45 and 55 s, 2000 packets each.
@@ -716,21 +854,38 @@ mod tests {
             delay: ms(30),
             jitter: ms(5),
             loss: 0.05,
-            burst_loss: Some(BurstLoss { p_good_to_bad: 0.02, p_bad_to_good: 0.3, loss_in_bad: 0.5 }),
+            burst_loss: Some(BurstLoss {
+                p_good_to_bad: 0.02,
+                p_bad_to_good: 0.3,
+                loss_in_bad: 0.5,
+            }),
             rate_bps: Some(2_000_000),
             duplicate: 0.01,
             reorder: 0.01,
             corrupt: 0.01,
             ..LinkParams::default()
         };
-        let verdicts = |seed| run(&mut model(params.clone(), seed), 20_000, Duration::from_micros(4500), 1100);
+        let verdicts = |seed| {
+            run(
+                &mut model(params.clone(), seed),
+                20_000,
+                Duration::from_micros(4500),
+                1100,
+            )
+        };
         assert_eq!(verdicts(42), verdicts(42));
         assert_ne!(verdicts(42), verdicts(43));
     }
 
     #[test]
     fn datagrams_larger_than_the_mtu_are_dropped() {
-        let mut m = model(LinkParams { mtu: Some(1400), ..LinkParams::default() }, 1);
+        let mut m = model(
+            LinkParams {
+                mtu: Some(1400),
+                ..LinkParams::default()
+            },
+            1,
+        );
         assert!(matches!(m.on_packet(ms(0), 1400), Verdict::Deliver { .. }));
         assert_eq!(m.on_packet(ms(1), 1401), Verdict::Drop(DropCause::TooBig));
         assert_eq!(m.stats().dropped.too_big, 1);
@@ -738,11 +893,25 @@ mod tests {
 
     #[test]
     fn duplication_and_corruption_happen_at_their_rates_within_the_packet() {
-        let mut m = model(LinkParams { duplicate: 0.1, corrupt: 0.1, ..LinkParams::default() }, 9);
+        let mut m = model(
+            LinkParams {
+                duplicate: 0.1,
+                corrupt: 0.1,
+                ..LinkParams::default()
+            },
+            9,
+        );
         let mut dups = 0;
         let mut corrupt = 0;
         for (_, v) in run(&mut m, 10_000, ms(1), 50) {
-            let Verdict::Deliver { at, duplicate_at, corrupt_bit } = v else { panic!("dropped: {v:?}") };
+            let Verdict::Deliver {
+                at,
+                duplicate_at,
+                corrupt_bit,
+            } = v
+            else {
+                panic!("dropped: {v:?}")
+            };
             if let Some(d) = duplicate_at {
                 assert!(d >= at);
                 dups += 1;
@@ -752,8 +921,14 @@ mod tests {
                 corrupt += 1;
             }
         }
-        assert!((800..1200).contains(&dups), "{dups} duplicates of 10000 at 10%");
-        assert!((800..1200).contains(&corrupt), "{corrupt} corrupted of 10000 at 10%");
+        assert!(
+            (800..1200).contains(&dups),
+            "{dups} duplicates of 10000 at 10%"
+        );
+        assert!(
+            (800..1200).contains(&corrupt),
+            "{corrupt} corrupted of 10000 at 10%"
+        );
         let mut payload = [0u8; 2];
         flip_bit(&mut payload, 9);
         assert_eq!(payload, [0, 0x40]);
@@ -762,32 +937,74 @@ mod tests {
     #[test]
     fn ready_at_waits_for_queue_room_and_the_end_of_an_outage() {
         let rate = 1_000_000;
-        let schedule =
-            OutageSchedule { every: Duration::from_secs(10), down_for: Duration::from_secs(1), offset: Duration::from_secs(5) };
-        let params = LinkParams { rate_bps: Some(rate), queue_bytes: 4000, outage: Some(schedule), ..LinkParams::default() };
+        let schedule = OutageSchedule {
+            every: Duration::from_secs(10),
+            down_for: Duration::from_secs(1),
+            offset: Duration::from_secs(5),
+        };
+        let params = LinkParams {
+            rate_bps: Some(rate),
+            queue_bytes: 4000,
+            outage: Some(schedule),
+            ..LinkParams::default()
+        };
         let mut m = model(params, 1);
         for _ in 0..4 {
             assert!(matches!(m.on_packet(ms(0), 1000), Verdict::Deliver { .. }));
         }
         // 4000 bytes accepted at t=0 (8 ms each); room for 1000 more once 3000 remain, at 8 ms.
         assert_eq!(m.ready_at(ms(0), 1000), Some(ms(8)));
-        assert_eq!(m.on_packet(ms(0), 1000), Verdict::Drop(DropCause::QueueFull));
+        assert_eq!(
+            m.on_packet(ms(0), 1000),
+            Verdict::Drop(DropCause::QueueFull)
+        );
         assert!(matches!(m.on_packet(ms(8), 1000), Verdict::Deliver { .. }));
-        assert_eq!(m.ready_at(Duration::from_millis(5500), 10), Some(Duration::from_secs(6)));
-        assert_eq!(m.next_transition(Duration::from_millis(5500)), Some(Duration::from_secs(6)));
-        assert_eq!(m.next_transition(Duration::from_secs(6)), Some(Duration::from_secs(15)));
-        assert_eq!(m.next_transition(Duration::ZERO), Some(Duration::from_secs(5)));
+        assert_eq!(
+            m.ready_at(Duration::from_millis(5500), 10),
+            Some(Duration::from_secs(6))
+        );
+        assert_eq!(
+            m.next_transition(Duration::from_millis(5500)),
+            Some(Duration::from_secs(6))
+        );
+        assert_eq!(
+            m.next_transition(Duration::from_secs(6)),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(
+            m.next_transition(Duration::ZERO),
+            Some(Duration::from_secs(5))
+        );
     }
 
     #[test]
     fn invalid_parameters_are_rejected() {
         let bad = |p: LinkParams| LinkModel::new(p, 0).err();
         assert!(matches!(
-            bad(LinkParams { loss: 1.5, ..LinkParams::default() }),
+            bad(LinkParams {
+                loss: 1.5,
+                ..LinkParams::default()
+            }),
             Some(ParamError::Probability { knob: "loss", .. })
         ));
-        assert_eq!(bad(LinkParams { rate_bps: Some(0), ..LinkParams::default() }), Some(ParamError::ZeroRate));
-        let never_up = OutageSchedule { every: ms(10), down_for: ms(10), offset: ms(0) };
-        assert!(matches!(bad(LinkParams { outage: Some(never_up), ..LinkParams::default() }), Some(ParamError::Outage { .. })));
+        assert_eq!(
+            bad(LinkParams {
+                rate_bps: Some(0),
+                ..LinkParams::default()
+            }),
+            Some(ParamError::ZeroRate)
+        );
+        let never_up = OutageSchedule {
+            every: ms(10),
+            down_for: ms(10),
+            offset: ms(0),
+        };
+        assert!(matches!(
+            bad(LinkParams {
+                outage: Some(never_up),
+                ..LinkParams::default()
+            }),
+            Some(ParamError::Outage { .. })
+        ));
     }
 }

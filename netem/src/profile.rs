@@ -32,7 +32,12 @@ impl Profile {
             ..LinkParams::default()
         };
         vec![
-            Profile { name: "clean", summary: "no delay, no loss, unlimited rate", forward: clean.clone(), back: clean.clone() },
+            Profile {
+                name: "clean",
+                summary: "no delay, no loss, unlimited rate",
+                forward: clean.clone(),
+                back: clean.clone(),
+            },
             Profile {
                 name: "satellite",
                 summary: "geostationary: ~600 ms RTT, 2 Mbit/s down, 512 kbit/s back, 1% loss",
@@ -55,25 +60,36 @@ impl Profile {
                 name: "flaky",
                 summary: "clean, but down 30 s every 2 min (first outage after 90 s)",
                 forward: LinkParams {
-                    outage: Some(OutageSchedule::starting_up(Duration::from_secs(120), Duration::from_secs(30))),
+                    outage: Some(OutageSchedule::starting_up(
+                        Duration::from_secs(120),
+                        Duration::from_secs(30),
+                    )),
                     ..clean.clone()
                 },
                 back: LinkParams {
-                    outage: Some(OutageSchedule::starting_up(Duration::from_secs(120), Duration::from_secs(30))),
+                    outage: Some(OutageSchedule::starting_up(
+                        Duration::from_secs(120),
+                        Duration::from_secs(30),
+                    )),
                     ..clean.clone()
                 },
             },
             Profile {
                 name: "lossy",
                 summary: "10% random loss, otherwise clean",
-                forward: LinkParams { loss: 0.1, ..clean.clone() },
+                forward: LinkParams {
+                    loss: 0.1,
+                    ..clean.clone()
+                },
                 back: LinkParams { loss: 0.1, ..clean },
             },
         ]
     }
 
     pub fn by_name(name: &str) -> Option<Profile> {
-        Profile::all().into_iter().find(|p| p.name.eq_ignore_ascii_case(name))
+        Profile::all()
+            .into_iter()
+            .find(|p| p.name.eq_ignore_ascii_case(name))
     }
 
     pub fn names() -> Vec<&'static str> {
@@ -82,7 +98,11 @@ impl Profile {
 
     /// This profile as a link with `seed`.
     pub fn link(&self, seed: u64) -> Link {
-        Link { forward: self.forward.clone(), back: self.back.clone(), seed }
+        Link {
+            forward: self.forward.clone(),
+            back: self.back.clone(),
+            seed,
+        }
     }
 }
 
@@ -113,7 +133,10 @@ pub struct Overrides {
 impl Overrides {
     /// Apply to both directions of `link`.
     pub fn apply(&self, link: &mut Link) {
-        for (params, rate) in [(&mut link.forward, self.rate), (&mut link.back, self.rate_back.or(self.rate))] {
+        for (params, rate) in [
+            (&mut link.forward, self.rate),
+            (&mut link.back, self.rate_back.or(self.rate)),
+        ] {
             self.apply_common(params);
             if let Some(rate) = rate {
                 params.rate_bps = rate;
@@ -148,7 +171,9 @@ mod tests {
     #[test]
     fn every_profile_is_valid_and_satellite_is_asymmetric() {
         for p in Profile::all() {
-            p.link(0).validate().unwrap_or_else(|e| panic!("profile {}: {e}", p.name));
+            p.link(0)
+                .validate()
+                .unwrap_or_else(|e| panic!("profile {}: {e}", p.name));
         }
         let sat = Profile::by_name("satellite").expect("satellite exists");
         assert_eq!(sat.forward.delay, Duration::from_millis(300));
@@ -162,12 +187,29 @@ mod tests {
 
     #[test]
     fn overrides_change_only_what_they_name_and_rate_back_wins_for_the_back_direction() {
-        let mut link = Profile::by_name("satellite").expect("satellite exists").link(1);
-        Overrides { loss: Some(0.0), rate: Some(Some(4_000_000)), ..Overrides::default() }.apply(&mut link);
+        let mut link = Profile::by_name("satellite")
+            .expect("satellite exists")
+            .link(1);
+        Overrides {
+            loss: Some(0.0),
+            rate: Some(Some(4_000_000)),
+            ..Overrides::default()
+        }
+        .apply(&mut link);
         assert_eq!((link.forward.loss, link.back.loss), (0.0, 0.0));
-        assert_eq!((link.forward.rate_bps, link.back.rate_bps), (Some(4_000_000), Some(4_000_000)));
+        assert_eq!(
+            (link.forward.rate_bps, link.back.rate_bps),
+            (Some(4_000_000), Some(4_000_000))
+        );
         assert_eq!(link.forward.delay, Duration::from_millis(300));
-        Overrides { rate_back: Some(Some(256_000)), ..Overrides::default() }.apply(&mut link);
-        assert_eq!((link.forward.rate_bps, link.back.rate_bps), (Some(4_000_000), Some(256_000)));
+        Overrides {
+            rate_back: Some(Some(256_000)),
+            ..Overrides::default()
+        }
+        .apply(&mut link);
+        assert_eq!(
+            (link.forward.rate_bps, link.back.rate_bps),
+            (Some(4_000_000), Some(256_000))
+        );
     }
 }

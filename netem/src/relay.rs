@@ -32,8 +32,18 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
-    pub(crate) fn new(control: LinkControl, local_addr: SocketAddr, cancel: CancellationToken, tracker: TaskTracker) -> Self {
-        RelayHandle { control, local_addr, cancel, tracker }
+    pub(crate) fn new(
+        control: LinkControl,
+        local_addr: SocketAddr,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        RelayHandle {
+            control,
+            local_addr,
+            cancel,
+            tracker,
+        }
     }
 
     /// The address clients send to (useful after binding port 0).

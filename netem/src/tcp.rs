@@ -70,7 +70,9 @@ impl FromStr for OutageMode {
         match s {
             "stall" => Ok(OutageMode::Stall),
             "cut" => Ok(OutageMode::Cut),
-            other => Err(format!("outage mode {other:?} is neither \"stall\" nor \"cut\"")),
+            other => Err(format!(
+                "outage mode {other:?} is neither \"stall\" nor \"cut\""
+            )),
         }
     }
 }
@@ -81,15 +83,38 @@ pub enum TcpRelay {}
 impl TcpRelay {
     /// Relay connections accepted at `listen` to `forward` through `link`
     /// (its stream knobs only: see [`crate::model::LinkParams::for_stream`]).
-    pub async fn start(listen: SocketAddr, forward: SocketAddr, link: Link, mode: OutageMode) -> Result<RelayHandle, RelayError> {
-        let link = Link { forward: link.forward.for_stream(), back: link.back.for_stream(), seed: link.seed };
+    pub async fn start(
+        listen: SocketAddr,
+        forward: SocketAddr,
+        link: Link,
+        mode: OutageMode,
+    ) -> Result<RelayHandle, RelayError> {
+        let link = Link {
+            forward: link.forward.for_stream(),
+            back: link.back.for_stream(),
+            seed: link.seed,
+        };
         let control = LinkControl::new(&link)?;
-        let listener = TcpListener::bind(listen).await.map_err(|source| RelayError::Bind { addr: listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| RelayError::Bind { addr: listen, source })?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| RelayError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+            addr: listen,
+            source,
+        })?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let acceptor =
-            Acceptor { listener, forward, control: control.clone(), mode, cancel: cancel.clone(), tracker: tracker.clone() };
+        let acceptor = Acceptor {
+            listener,
+            forward,
+            control: control.clone(),
+            mode,
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        };
         tracker.spawn(acceptor.run());
         tracing::debug!(%local_addr, %forward, ?mode, "tcp relay started");
         Ok(RelayHandle::new(control, local_addr, cancel, tracker))
@@ -270,7 +295,11 @@ async fn pump(
     let (tx, mut rx) = mpsc::channel::<Segment>(SEGMENTS_IN_FLIGHT);
     // Segments let a rate limit pace the stream; without one, a whole read
     // travels as one piece.
-    let segment = if control.model(direction).params().rate_bps.is_some() { SEGMENT } else { READ_CHUNK };
+    let segment = if control.model(direction).params().rate_bps.is_some() {
+        SEGMENT
+    } else {
+        READ_CHUNK
+    };
     let read_side = async move {
         let mut buf = vec![0u8; READ_CHUNK];
         let mut last_at = Duration::ZERO;
@@ -286,7 +315,14 @@ async fn pump(
             for bytes in buf[..n].chunks(segment) {
                 let at = admit(control, direction, bytes.len()).await;
                 last_at = at;
-                if tx.send(Segment::Data { at, bytes: bytes.to_vec() }).await.is_err() {
+                if tx
+                    .send(Segment::Data {
+                        at,
+                        bytes: bytes.to_vec(),
+                    })
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
             }

@@ -54,10 +54,20 @@ pub enum UdpRelay {}
 impl UdpRelay {
     /// Relay datagrams from clients at `listen` to `forward` and replies back,
     /// through `link`.
-    pub async fn start(listen: SocketAddr, forward: SocketAddr, link: Link) -> Result<RelayHandle, RelayError> {
+    pub async fn start(
+        listen: SocketAddr,
+        forward: SocketAddr,
+        link: Link,
+    ) -> Result<RelayHandle, RelayError> {
         let control = LinkControl::new(&link)?;
-        let (socket, sender) = open_socket(listen, None).map_err(|source| RelayError::Bind { addr: listen, source })?;
-        let local_addr = socket.local_addr().map_err(|source| RelayError::Bind { addr: listen, source })?;
+        let (socket, sender) = open_socket(listen, None).map_err(|source| RelayError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let local_addr = socket.local_addr().map_err(|source| RelayError::Bind {
+            addr: listen,
+            source,
+        })?;
         let socket = Arc::new(socket);
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -134,8 +144,15 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn start(tracker: &TaskTracker, cancel: &CancellationToken, control: &LinkControl) -> Scheduler {
-        let in_flight = Arc::new(InFlight { heap: Mutex::new(Queue::default()), wake: Condvar::new() });
+    fn start(
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        control: &LinkControl,
+    ) -> Scheduler {
+        let in_flight = Arc::new(InFlight {
+            heap: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
         let (shared, token, ctl) = (in_flight.clone(), cancel.clone(), control.clone());
         tracker.spawn_blocking(move || send_when_due(&shared, &token, &ctl));
         // Wake the sender at once on shutdown rather than at its next check.
@@ -144,13 +161,29 @@ impl Scheduler {
             token.cancelled().await;
             shared.wake.notify_all();
         });
-        Scheduler { in_flight, control: control.clone() }
+        Scheduler {
+            in_flight,
+            control: control.clone(),
+        }
     }
 
     /// Carry out `verdict` for `payload`: schedule it (and its duplicate),
     /// with a bit flipped if it is corrupted.
-    fn carry_out(&self, verdict: Verdict, payload: &[u8], socket: &Arc<std::net::UdpSocket>, to: Option<SocketAddr>) {
-        let Verdict::Deliver { at, duplicate_at, corrupt_bit } = verdict else { return };
+    fn carry_out(
+        &self,
+        verdict: Verdict,
+        payload: &[u8],
+        socket: &Arc<std::net::UdpSocket>,
+        to: Option<SocketAddr>,
+    ) {
+        let Verdict::Deliver {
+            at,
+            duplicate_at,
+            corrupt_bit,
+        } = verdict
+        else {
+            return;
+        };
         let mut payload = payload.to_vec();
         if let Some(bit) = corrupt_bit {
             flip_bit(&mut payload, bit);
@@ -161,9 +194,19 @@ impl Scheduler {
         self.schedule(at, socket, to, payload);
     }
 
-    fn schedule(&self, at: Duration, socket: &Arc<std::net::UdpSocket>, to: Option<SocketAddr>, payload: Vec<u8>) {
+    fn schedule(
+        &self,
+        at: Duration,
+        socket: &Arc<std::net::UdpSocket>,
+        to: Option<SocketAddr>,
+        payload: Vec<u8>,
+    ) {
         let at = self.control.instant(at).into_std();
-        let mut queue = self.in_flight.heap.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = self
+            .in_flight
+            .heap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if queue.bytes + payload.len() > MAX_IN_FLIGHT_BYTES {
             Counters::bump(&self.control.counters().overflow);
             return;
@@ -172,7 +215,13 @@ impl Scheduler {
         let seq = queue.next_seq;
         queue.next_seq += 1;
         let earliest = queue.heap.peek().map_or(true, |Reverse(head)| at < head.at);
-        queue.heap.push(Reverse(Departure { at, seq, socket: socket.clone(), to, payload }));
+        queue.heap.push(Reverse(Departure {
+            at,
+            seq,
+            socket: socket.clone(),
+            to,
+            payload,
+        }));
         drop(queue);
         if earliest {
             self.in_flight.wake.notify_one();
@@ -184,20 +233,32 @@ impl Scheduler {
 /// discards what is still in flight.
 fn send_when_due(in_flight: &InFlight, cancel: &CancellationToken, control: &LinkControl) {
     let mut due = Vec::new();
-    let mut queue = in_flight.heap.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut queue = in_flight
+        .heap
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     loop {
         if cancel.is_cancelled() {
             return;
         }
         let now = std::time::Instant::now();
         while queue.heap.peek().is_some_and(|Reverse(d)| d.at <= now) {
-            let Some(Reverse(d)) = queue.heap.pop() else { break };
+            let Some(Reverse(d)) = queue.heap.pop() else {
+                break;
+            };
             queue.bytes -= d.payload.len();
             due.push(d);
         }
         if due.is_empty() {
-            let wait = queue.heap.peek().map_or(IDLE_WAIT, |Reverse(d)| (d.at - now).min(IDLE_WAIT));
-            queue = in_flight.wake.wait_timeout(queue, wait).unwrap_or_else(PoisonError::into_inner).0;
+            let wait = queue
+                .heap
+                .peek()
+                .map_or(IDLE_WAIT, |Reverse(d)| (d.at - now).min(IDLE_WAIT));
+            queue = in_flight
+                .wake
+                .wait_timeout(queue, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
             continue;
         }
         drop(queue);
@@ -212,13 +273,19 @@ fn send_when_due(in_flight: &InFlight, cancel: &CancellationToken, control: &Lin
                 Counters::bump(&control.counters().send_errors);
             }
         }
-        queue = in_flight.heap.lock().unwrap_or_else(PoisonError::into_inner);
+        queue = in_flight
+            .heap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 
 /// A socket bound at `addr` (connected to `peer` if given), as a tokio
 /// socket to receive on and a non-blocking std clone for the sender thread.
-fn open_socket(addr: SocketAddr, peer: Option<SocketAddr>) -> std::io::Result<(UdpSocket, Arc<std::net::UdpSocket>)> {
+fn open_socket(
+    addr: SocketAddr,
+    peer: Option<SocketAddr>,
+) -> std::io::Result<(UdpSocket, Arc<std::net::UdpSocket>)> {
     let socket = std::net::UdpSocket::bind(addr)?;
     if let Some(peer) = peer {
         socket.connect(peer)?;
@@ -272,16 +339,20 @@ impl ClientSide {
                 }
             };
             let now = self.control.elapsed();
-            let Some(upstream) = self.flow(client, now) else { continue };
+            let Some(upstream) = self.flow(client, now) else {
+                continue;
+            };
             let verdict = self.control.model(Direction::Forward).on_packet(now, len);
-            self.to_forward.carry_out(verdict, &buf[..len], &upstream, None);
+            self.to_forward
+                .carry_out(verdict, &buf[..len], &upstream, None);
         }
     }
 
     /// The upstream socket of `client`'s flow, opened on its first datagram.
     fn flow(&mut self, client: SocketAddr, now: Duration) -> Option<Arc<std::net::UdpSocket>> {
         if let Some(flow) = self.flows.get(&client) {
-            flow.last_seen_ms.store(now.as_millis() as u64, Ordering::Relaxed);
+            flow.last_seen_ms
+                .store(now.as_millis() as u64, Ordering::Relaxed);
             return Some(flow.upstream.clone());
         }
         let counters = self.control.counters();
@@ -289,8 +360,11 @@ impl ClientSide {
             Counters::bump(&counters.flows_refused);
             return None;
         }
-        let any: SocketAddr =
-            if self.forward.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+        let any: SocketAddr = if self.forward.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
         let (receiver, upstream) = match open_socket(any, Some(self.forward)) {
             Ok(s) => s,
             Err(error) => {
@@ -316,7 +390,9 @@ impl ClientSide {
         self.tracker.spawn(replies.run());
         self.flows.insert(client, flow);
         Counters::bump(&counters.flows);
-        counters.flows_active.store(self.flows.len() as u64, Ordering::Relaxed);
+        counters
+            .flows_active
+            .store(self.flows.len() as u64, Ordering::Relaxed);
         tracing::debug!(%client, "new flow");
         Some(upstream)
     }
@@ -332,7 +408,10 @@ impl ClientSide {
             }
             keep
         });
-        self.control.counters().flows_active.store(self.flows.len() as u64, Ordering::Relaxed);
+        self.control
+            .counters()
+            .flows_active
+            .store(self.flows.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -366,9 +445,11 @@ impl Replies {
                 }
             };
             let now = self.control.elapsed();
-            self.last_seen_ms.store(now.as_millis() as u64, Ordering::Relaxed);
+            self.last_seen_ms
+                .store(now.as_millis() as u64, Ordering::Relaxed);
             let verdict = self.control.model(Direction::Back).on_packet(now, len);
-            self.to_client.carry_out(verdict, &buf[..len], &self.listen, Some(self.client));
+            self.to_client
+                .carry_out(verdict, &buf[..len], &self.listen, Some(self.client));
         }
     }
 }

@@ -13,17 +13,25 @@ pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
     }
     let t = t.strip_suffix("/s").unwrap_or(t);
     let (num, unit) = split_number(t);
-    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a rate such as \"2Mbit\" or \"unlimited\""))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate such as \"2Mbit\" or \"unlimited\""))?;
     let mult = match unit.to_ascii_lowercase().as_str() {
         "" | "bit" | "bps" => 1.0,
         "k" | "kbit" | "kbps" => 1e3,
         "m" | "mbit" | "mbps" => 1e6,
         "g" | "gbit" | "gbps" => 1e9,
-        _ => return Err(format!("unknown rate unit in {text:?} (use bit, kbit, Mbit, Gbit)")),
+        _ => {
+            return Err(format!(
+                "unknown rate unit in {text:?} (use bit, kbit, Mbit, Gbit)"
+            ))
+        }
     };
     let bps = (value * mult).round();
     if !(1.0..1e15).contains(&bps) {
-        return Err(format!("rate {text:?} is out of range (use \"unlimited\" for no limit)"));
+        return Err(format!(
+            "rate {text:?} is out of range (use \"unlimited\" for no limit)"
+        ));
     }
     Ok(Some(bps as u64))
 }
@@ -32,16 +40,23 @@ pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let (num, unit) = split_number(t);
-    let n: u64 = num.parse().map_err(|_| format!("{text:?} is not a size such as \"64KiB\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as \"64KiB\""))?;
     let mult: u64 = match unit {
         "" | "B" => 1,
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "KB" | "kB" => 1000,
         "MB" => 1_000_000,
-        _ => return Err(format!("unknown size unit in {text:?} (use B, KiB, MiB, KB, MB)")),
+        _ => {
+            return Err(format!(
+                "unknown size unit in {text:?} (use B, KiB, MiB, KB, MB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 /// A probability: `1%`, `0.1%` or a fraction `0.01`.
@@ -51,7 +66,10 @@ pub fn parse_probability(text: &str) -> Result<f64, String> {
         Some(n) => (n.trim(), 100.0),
         None => (t, 1.0),
     };
-    let p = num.parse::<f64>().map_err(|_| format!("{text:?} is not a probability such as \"1%\" or \"0.01\""))? / scale;
+    let p = num
+        .parse::<f64>()
+        .map_err(|_| format!("{text:?} is not a probability such as \"1%\" or \"0.01\""))?
+        / scale;
     if !(0.0..=1.0).contains(&p) {
         return Err(format!("probability {text:?} is outside 0%..100%"));
     }
@@ -64,12 +82,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(t).map_err(|e| format!("{text:?} is not a duration such as \"300ms\": {e}"))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{text:?} is not a duration such as \"300ms\": {e}"))
 }
 
 /// `2 Mbit/s`, `512 kbit/s`, `1.5 Mbit/s`, `unlimited`.
 pub fn format_rate(rate: Option<u64>) -> String {
-    let Some(bps) = rate else { return "unlimited".into() };
+    let Some(bps) = rate else {
+        return "unlimited".into();
+    };
     let (value, unit) = match bps {
         b if b >= 1_000_000_000 => (b as f64 / 1e9, "Gbit/s"),
         b if b >= 1_000_000 => (b as f64 / 1e6, "Mbit/s"),
@@ -108,7 +129,9 @@ fn trim_float(v: f64) -> String {
 }
 
 fn split_number(t: &str) -> (&str, &str) {
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     (num, unit.trim())
 }

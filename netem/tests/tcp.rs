@@ -12,7 +12,9 @@ const LIMIT: Duration = Duration::from_secs(10);
 
 /// Echoes every connection's bytes; closes its side after the client's end of stream.
 async fn echo_server() -> (SocketAddr, Server) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo server");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo server");
     let addr = listener.local_addr().expect("echo server address");
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
@@ -28,19 +30,34 @@ async fn echo_server() -> (SocketAddr, Server) {
     (addr, Server(task))
 }
 
-async fn relay(echo: SocketAddr, params: LinkParams, mode: OutageMode) -> pgcourier_netem::RelayHandle {
-    TcpRelay::start("127.0.0.1:0".parse().expect("address"), echo, Link::symmetric(params, 1), mode).await.expect("start relay")
+async fn relay(
+    echo: SocketAddr,
+    params: LinkParams,
+    mode: OutageMode,
+) -> pgcourier_netem::RelayHandle {
+    TcpRelay::start(
+        "127.0.0.1:0".parse().expect("address"),
+        echo,
+        Link::symmetric(params, 1),
+        mode,
+    )
+    .await
+    .expect("start relay")
 }
 
 async fn connect(addr: SocketAddr) -> TcpStream {
-    within(LIMIT, "connect to the relay", TcpStream::connect(addr)).await.expect("connect")
+    within(LIMIT, "connect to the relay", TcpStream::connect(addr))
+        .await
+        .expect("connect")
 }
 
 /// Write `msg` and read the same number of bytes back.
 async fn echo_once(stream: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     stream.write_all(msg).await.expect("write");
     let mut back = vec![0u8; msg.len()];
-    within(LIMIT, "the echo", stream.read_exact(&mut back)).await.expect("read echo");
+    within(LIMIT, "the echo", stream.read_exact(&mut back))
+        .await
+        .expect("read echo");
     back
 }
 
@@ -80,17 +97,34 @@ async fn tcp_relay_forwards_a_byte_stream_intact_with_delay_and_rate_limit() {
     };
     let mut back = Vec::new();
     let reader = r.read_to_end(&mut back);
-    let (_, read) = within(LIMIT, "the whole stream echoed and closed", async { tokio::join!(writer, reader) }).await;
+    let (_, read) = within(LIMIT, "the whole stream echoed and closed", async {
+        tokio::join!(writer, reader)
+    })
+    .await;
     read.expect("read echoed stream");
     let elapsed = started.elapsed();
-    assert!(back == data, "stream damaged: {} bytes back of {}", back.len(), data.len());
+    assert!(
+        back == data,
+        "stream damaged: {} bytes back of {}",
+        back.len(),
+        data.len()
+    );
     // 256 KiB at 4 Mbit/s takes 524 ms to serialize, plus 40 ms of delay both ways.
-    assert!(elapsed >= Duration::from_millis(560), "the rate limit was not applied: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(560),
+        "the rate limit was not applied: {elapsed:?}"
+    );
     let stats = relay.stats();
     assert_eq!(stats.forward.bytes_forwarded, data.len() as u64);
     assert_eq!(stats.back.bytes_forwarded, data.len() as u64);
-    assert_eq!(stats.forward.dropped.total() + stats.back.dropped.total(), 0);
-    assert!(stats.forward.queue_delay_max <= Duration::from_micros(32 * 1024 * 8 / 4), "queue delay bounded by queue/rate");
+    assert_eq!(
+        stats.forward.dropped.total() + stats.back.dropped.total(),
+        0
+    );
+    assert!(
+        stats.forward.queue_delay_max <= Duration::from_micros(32 * 1024 * 8 / 4),
+        "queue delay bounded by queue/rate"
+    );
     relay.shutdown().await;
 }
 
@@ -102,11 +136,28 @@ async fn cut_mode_resets_connections_on_outage_and_refuses_new_ones_while_down()
     assert_eq!(echo_once(&mut first, b"hello").await, b"hello");
 
     relay.set_down(true);
-    assert!(within(LIMIT, "the cut of the open connection", is_closed(&mut first)).await);
-    wait_for(LIMIT, "the cut to be counted", || relay.stats().relay.connections_cut == 1).await;
+    assert!(
+        within(
+            LIMIT,
+            "the cut of the open connection",
+            is_closed(&mut first)
+        )
+        .await
+    );
+    wait_for(LIMIT, "the cut to be counted", || {
+        relay.stats().relay.connections_cut == 1
+    })
+    .await;
 
     let mut refused = connect(relay.local_addr()).await;
-    assert!(within(LIMIT, "the refusal of a new connection", is_closed(&mut refused)).await);
+    assert!(
+        within(
+            LIMIT,
+            "the refusal of a new connection",
+            is_closed(&mut refused)
+        )
+        .await
+    );
     assert_eq!(relay.stats().relay.connections_refused, 1);
 
     relay.set_down(false);
@@ -122,14 +173,24 @@ async fn stall_mode_holds_data_during_an_outage_and_delivers_it_after() {
     assert_eq!(echo_once(&mut stream, b"before").await, b"before");
 
     relay.set_down(true);
-    stream.write_all(b"held").await.expect("write during the outage");
+    stream
+        .write_all(b"held")
+        .await
+        .expect("write during the outage");
     let mut back = [0u8; 4];
     // Absence can only be shown over a window: nothing may come back in 300 ms.
-    let early = tokio::time::timeout(Duration::from_millis(300), stream.read_exact(&mut back)).await;
+    let early =
+        tokio::time::timeout(Duration::from_millis(300), stream.read_exact(&mut back)).await;
     assert!(early.is_err(), "data crossed a stalled link: {early:?}");
 
     relay.set_down(false);
-    within(LIMIT, "the held data after the outage", stream.read_exact(&mut back)).await.expect("read");
+    within(
+        LIMIT,
+        "the held data after the outage",
+        stream.read_exact(&mut back),
+    )
+    .await
+    .expect("read");
     assert_eq!(&back, b"held");
     assert_eq!(relay.stats().relay.connections_cut, 0);
 }
@@ -137,20 +198,41 @@ async fn stall_mode_holds_data_during_an_outage_and_delivers_it_after() {
 #[tokio::test]
 async fn cut_mode_follows_the_outage_schedule() {
     let (echo, _server) = echo_server().await;
-    let schedule =
-        OutageSchedule { every: Duration::from_secs(30), down_for: Duration::from_secs(1), offset: Duration::from_secs(1) };
-    let relay = relay(echo, LinkParams { outage: Some(schedule), ..LinkParams::default() }, OutageMode::Cut).await;
+    let schedule = OutageSchedule {
+        every: Duration::from_secs(30),
+        down_for: Duration::from_secs(1),
+        offset: Duration::from_secs(1),
+    };
+    let relay = relay(
+        echo,
+        LinkParams {
+            outage: Some(schedule),
+            ..LinkParams::default()
+        },
+        OutageMode::Cut,
+    )
+    .await;
     let started = Instant::now();
     let mut stream = connect(relay.local_addr()).await;
     assert_eq!(echo_once(&mut stream, b"up").await, b"up");
-    assert!(started.elapsed() < Duration::from_secs(1), "the echo took past the outage's start; the test cannot tell");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the echo took past the outage's start; the test cannot tell"
+    );
 
     // Down from 1 s to 2 s after the relay started.
     assert!(within(LIMIT, "the scheduled cut", is_closed(&mut stream)).await);
-    assert!(started.elapsed() >= Duration::from_millis(900), "cut before the outage: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut before the outage: {:?}",
+        started.elapsed()
+    );
     assert_eq!(relay.stats().relay.connections_cut, 1);
 
-    wait_for(LIMIT, "the end of the scheduled outage", || !relay.stats().down).await;
+    wait_for(LIMIT, "the end of the scheduled outage", || {
+        !relay.stats().down
+    })
+    .await;
     let mut after = connect(relay.local_addr()).await;
     assert_eq!(echo_once(&mut after, b"again").await, b"again");
 }

@@ -12,7 +12,11 @@ use crate::{wait_for, within, Server};
 const LIMIT: Duration = Duration::from_secs(5);
 
 async fn echo_server() -> (SocketAddr, Server) {
-    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind echo server"));
+    let socket = Arc::new(
+        UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind echo server"),
+    );
     let addr = socket.local_addr().expect("echo server address");
     let task = tokio::spawn(async move {
         let mut buf = vec![0u8; 65_535];
@@ -25,13 +29,18 @@ async fn echo_server() -> (SocketAddr, Server) {
 
 async fn client(relay: SocketAddr) -> UdpSocket {
     let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
-    socket.connect(relay).await.expect("connect client to relay");
+    socket
+        .connect(relay)
+        .await
+        .expect("connect client to relay");
     socket
 }
 
 async fn recv(socket: &UdpSocket, what: &str) -> Vec<u8> {
     let mut buf = vec![0u8; 65_535];
-    let n = within(LIMIT, what, socket.recv(&mut buf)).await.expect("receive datagram");
+    let n = within(LIMIT, what, socket.recv(&mut buf))
+        .await
+        .expect("receive datagram");
     buf.truncate(n);
     buf
 }
@@ -39,8 +48,16 @@ async fn recv(socket: &UdpSocket, what: &str) -> Vec<u8> {
 #[tokio::test]
 async fn udp_echo_behind_a_50ms_link_has_an_rtt_of_at_least_100ms() {
     let (echo, _server) = echo_server().await;
-    let link = Link::symmetric(LinkParams { delay: Duration::from_millis(50), ..LinkParams::default() }, 1);
-    let relay = UdpRelay::start("127.0.0.1:0".parse().expect("address"), echo, link).await.expect("start relay");
+    let link = Link::symmetric(
+        LinkParams {
+            delay: Duration::from_millis(50),
+            ..LinkParams::default()
+        },
+        1,
+    );
+    let relay = UdpRelay::start("127.0.0.1:0".parse().expect("address"), echo, link)
+        .await
+        .expect("start relay");
     let socket = client(relay.local_addr()).await;
     for i in 0..5u8 {
         let sent = Instant::now();
@@ -48,10 +65,19 @@ async fn udp_echo_behind_a_50ms_link_has_an_rtt_of_at_least_100ms() {
         let reply = recv(&socket, "the echo through the relay").await;
         let rtt = sent.elapsed();
         assert_eq!(reply, vec![i; 100]);
-        assert!(rtt >= Duration::from_millis(100), "ping {i}: RTT {rtt:?} below 2 x 50 ms");
+        assert!(
+            rtt >= Duration::from_millis(100),
+            "ping {i}: RTT {rtt:?} below 2 x 50 ms"
+        );
     }
     let stats = relay.stats();
-    assert_eq!((stats.forward.packets_forwarded, stats.back.packets_forwarded), (5, 5));
+    assert_eq!(
+        (
+            stats.forward.packets_forwarded,
+            stats.back.packets_forwarded
+        ),
+        (5, 5)
+    );
     assert_eq!(stats.relay.flows, 1);
     relay.shutdown().await;
 }
@@ -59,11 +85,23 @@ async fn udp_echo_behind_a_50ms_link_has_an_rtt_of_at_least_100ms() {
 #[tokio::test]
 async fn commanded_outage_drops_datagrams_and_up_restores_them() {
     let (echo, _server) = echo_server().await;
-    let relay = UdpRelay::start("127.0.0.1:0".parse().expect("address"), echo, Link::symmetric(LinkParams::default(), 1))
+    let relay = UdpRelay::start(
+        "127.0.0.1:0".parse().expect("address"),
+        echo,
+        Link::symmetric(LinkParams::default(), 1),
+    )
+    .await
+    .expect("start relay");
+    let port = ControlPort::start("127.0.0.1:0".parse().expect("address"), relay.control())
         .await
-        .expect("start relay");
-    let port = ControlPort::start("127.0.0.1:0".parse().expect("address"), relay.control()).await.expect("start control port");
-    let stream = within(LIMIT, "connect to the control port", TcpStream::connect(port.local_addr())).await.expect("connect");
+        .expect("start control port");
+    let stream = within(
+        LIMIT,
+        "connect to the control port",
+        TcpStream::connect(port.local_addr()),
+    )
+    .await
+    .expect("connect");
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     let socket = client(relay.local_addr()).await;
@@ -74,7 +112,10 @@ async fn commanded_outage_drops_datagrams_and_up_restores_them() {
     for _ in 0..10 {
         socket.send(b"lost").await.expect("send");
     }
-    wait_for(LIMIT, "10 outage drops", || relay.stats().forward.dropped.outage == 10).await;
+    wait_for(LIMIT, "10 outage drops", || {
+        relay.stats().forward.dropped.outage == 10
+    })
+    .await;
 
     assert_eq!(ask(&mut write, &mut lines, "up").await, "ok up");
     socket.send(b"after").await.expect("send");
@@ -88,9 +129,13 @@ async fn commanded_outage_drops_datagrams_and_up_restores_them() {
 #[tokio::test]
 async fn each_client_gets_its_own_flow_and_its_own_replies() {
     let (echo, _server) = echo_server().await;
-    let relay = UdpRelay::start("127.0.0.1:0".parse().expect("address"), echo, Link::symmetric(LinkParams::default(), 1))
-        .await
-        .expect("start relay");
+    let relay = UdpRelay::start(
+        "127.0.0.1:0".parse().expect("address"),
+        echo,
+        Link::symmetric(LinkParams::default(), 1),
+    )
+    .await
+    .expect("start relay");
     let a = client(relay.local_addr()).await;
     let b = client(relay.local_addr()).await;
     a.send(b"from a").await.expect("send");
@@ -103,8 +148,16 @@ async fn each_client_gets_its_own_flow_and_its_own_replies() {
 #[tokio::test]
 async fn datagrams_over_the_mtu_are_dropped_and_the_rest_pass() {
     let (echo, _server) = echo_server().await;
-    let link = Link::symmetric(LinkParams { mtu: Some(1200), ..LinkParams::default() }, 1);
-    let relay = UdpRelay::start("127.0.0.1:0".parse().expect("address"), echo, link).await.expect("start relay");
+    let link = Link::symmetric(
+        LinkParams {
+            mtu: Some(1200),
+            ..LinkParams::default()
+        },
+        1,
+    );
+    let relay = UdpRelay::start("127.0.0.1:0".parse().expect("address"), echo, link)
+        .await
+        .expect("start relay");
     let socket = client(relay.local_addr()).await;
     socket.send(&[1; 1201]).await.expect("send");
     socket.send(&[2; 1200]).await.expect("send");
@@ -112,28 +165,53 @@ async fn datagrams_over_the_mtu_are_dropped_and_the_rest_pass() {
     assert_eq!(relay.stats().forward.dropped.too_big, 1);
 }
 
-async fn ask(write: &mut OwnedWriteHalf, lines: &mut Lines<BufReader<OwnedReadHalf>>, command: &str) -> String {
-    write.write_all(format!("{command}\n").as_bytes()).await.expect("send command");
-    within(LIMIT, "a control reply", lines.next_line()).await.expect("read reply").expect("a reply line")
+async fn ask(
+    write: &mut OwnedWriteHalf,
+    lines: &mut Lines<BufReader<OwnedReadHalf>>,
+    command: &str,
+) -> String {
+    write
+        .write_all(format!("{command}\n").as_bytes())
+        .await
+        .expect("send command");
+    within(LIMIT, "a control reply", lines.next_line())
+        .await
+        .expect("read reply")
+        .expect("a reply line")
 }
 
 #[tokio::test]
 async fn control_port_commands_down_up_and_stats() {
     let (echo, _server) = echo_server().await;
-    let relay = UdpRelay::start("127.0.0.1:0".parse().expect("address"), echo, Link::symmetric(LinkParams::default(), 1))
+    let relay = UdpRelay::start(
+        "127.0.0.1:0".parse().expect("address"),
+        echo,
+        Link::symmetric(LinkParams::default(), 1),
+    )
+    .await
+    .expect("start relay");
+    let port = ControlPort::start("127.0.0.1:0".parse().expect("address"), relay.control())
         .await
-        .expect("start relay");
-    let port = ControlPort::start("127.0.0.1:0".parse().expect("address"), relay.control()).await.expect("start control port");
-    let stream = within(LIMIT, "connect to the control port", TcpStream::connect(port.local_addr())).await.expect("connect");
+        .expect("start control port");
+    let stream = within(
+        LIMIT,
+        "connect to the control port",
+        TcpStream::connect(port.local_addr()),
+    )
+    .await
+    .expect("connect");
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     assert_eq!(ask(&mut write, &mut lines, "down").await, "ok down");
     assert!(relay.stats().down);
-    let stats: serde_json::Value = serde_json::from_str(&ask(&mut write, &mut lines, "stats").await).expect("stats are JSON");
+    let stats: serde_json::Value =
+        serde_json::from_str(&ask(&mut write, &mut lines, "stats").await).expect("stats are JSON");
     assert_eq!(stats["down"], true);
     assert_eq!(stats["forward"]["dropped"]["outage"], 0);
     assert_eq!(ask(&mut write, &mut lines, "up").await, "ok up");
     assert!(!relay.stats().down);
-    assert!(ask(&mut write, &mut lines, "launch").await.starts_with("error:"));
+    assert!(ask(&mut write, &mut lines, "launch")
+        .await
+        .starts_with("error:"));
     port.shutdown().await;
 }

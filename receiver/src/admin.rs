@@ -40,12 +40,22 @@ pub struct ReceiverStatus {
 }
 
 /// Assemble the status view.
-pub fn status(inbox: &Inbox, apply: &ApplyStatus, link: Option<&LinkStatus>, running: bool) -> ReceiverStatus {
+pub fn status(
+    inbox: &Inbox,
+    apply: &ApplyStatus,
+    link: Option<&LinkStatus>,
+    running: bool,
+) -> ReceiverStatus {
     let (records, bytes) = inbox.depth();
     let durable = inbox.durable_seq();
     let mut lag = 0.0;
     if durable > apply.applied_seq {
-        let next = inbox.first_seq().ok().flatten().map(|f| f.max(apply.applied_seq + 1)).unwrap_or(apply.applied_seq + 1);
+        let next = inbox
+            .first_seq()
+            .ok()
+            .flatten()
+            .map(|f| f.max(apply.applied_seq + 1))
+            .unwrap_or(apply.applied_seq + 1);
         if let Ok(Some(bytes)) = inbox.get(next) {
             if let Ok(r) = Record::decode(&bytes) {
                 lag = inspect::age_seconds(r.commit_time);
@@ -61,7 +71,8 @@ pub fn status(inbox: &Inbox, apply: &ApplyStatus, link: Option<&LinkStatus>, run
         durable_seq: durable,
         applied_seq: apply.applied_seq,
         applied_commit_lsn: apply.applied_commit_lsn.to_string(),
-        applied_commit_time: (apply.applied_commit_time != 0).then(|| inspect::pg_time(apply.applied_commit_time)),
+        applied_commit_time: (apply.applied_commit_time != 0)
+            .then(|| inspect::pg_time(apply.applied_commit_time)),
         applied_transactions: apply.applied_transactions,
         apply_lag_seconds: lag,
         apply_state: match (&apply.last_error, apply.paused) {
@@ -79,26 +90,102 @@ pub fn status(inbox: &Inbox, apply: &ApplyStatus, link: Option<&LinkStatus>, run
 
 pub fn metrics(st: &ReceiverStatus) -> String {
     let mut m = Metrics::default();
-    m.gauge("pgcourier_receiver_inbox_records", "Records stored in the inbox (received, not yet applied and deleted).", st.inbox_records as f64);
-    m.gauge("pgcourier_receiver_inbox_bytes", "Bytes of records stored in the inbox.", st.inbox_bytes as f64);
-    m.gauge("pgcourier_receiver_durable_seq", "Highest record sequence fsynced in the inbox and acknowledged.", st.durable_seq as f64);
-    m.gauge("pgcourier_receiver_applied_seq", "Highest record sequence applied to the target.", st.applied_seq as f64);
-    m.gauge("pgcourier_receiver_records_behind", "Records received but not yet applied.", st.durable_seq.saturating_sub(st.applied_seq) as f64);
-    m.gauge("pgcourier_receiver_apply_lag_seconds", "Age of the oldest unapplied transaction since its source commit.", st.apply_lag_seconds);
-    m.gauge("pgcourier_receiver_apply_paused", "1 when apply is paused on a target error.", f64::from(u8::from(st.apply_state == "paused")));
-    m.gauge("pgcourier_receiver_apply_error", "1 when the last apply attempt failed.", f64::from(u8::from(st.last_error.is_some())));
-    m.counter("pgcourier_receiver_applied_transactions_total", "Source transactions applied since start.", st.applied_transactions as f64);
-    m.counter("pgcourier_receiver_missing_rows_total", "Updates or deletes whose row was not found on the target.", st.missing_rows as f64);
-    m.counter("pgcourier_receiver_skipped_transactions_total", "Transactions skipped by an operator.", st.skipped_transactions as f64);
+    m.gauge(
+        "pgcourier_receiver_inbox_records",
+        "Records stored in the inbox (received, not yet applied and deleted).",
+        st.inbox_records as f64,
+    );
+    m.gauge(
+        "pgcourier_receiver_inbox_bytes",
+        "Bytes of records stored in the inbox.",
+        st.inbox_bytes as f64,
+    );
+    m.gauge(
+        "pgcourier_receiver_durable_seq",
+        "Highest record sequence fsynced in the inbox and acknowledged.",
+        st.durable_seq as f64,
+    );
+    m.gauge(
+        "pgcourier_receiver_applied_seq",
+        "Highest record sequence applied to the target.",
+        st.applied_seq as f64,
+    );
+    m.gauge(
+        "pgcourier_receiver_records_behind",
+        "Records received but not yet applied.",
+        st.durable_seq.saturating_sub(st.applied_seq) as f64,
+    );
+    m.gauge(
+        "pgcourier_receiver_apply_lag_seconds",
+        "Age of the oldest unapplied transaction since its source commit.",
+        st.apply_lag_seconds,
+    );
+    m.gauge(
+        "pgcourier_receiver_apply_paused",
+        "1 when apply is paused on a target error.",
+        f64::from(u8::from(st.apply_state == "paused")),
+    );
+    m.gauge(
+        "pgcourier_receiver_apply_error",
+        "1 when the last apply attempt failed.",
+        f64::from(u8::from(st.last_error.is_some())),
+    );
+    m.counter(
+        "pgcourier_receiver_applied_transactions_total",
+        "Source transactions applied since start.",
+        st.applied_transactions as f64,
+    );
+    m.counter(
+        "pgcourier_receiver_missing_rows_total",
+        "Updates or deletes whose row was not found on the target.",
+        st.missing_rows as f64,
+    );
+    m.counter(
+        "pgcourier_receiver_skipped_transactions_total",
+        "Transactions skipped by an operator.",
+        st.skipped_transactions as f64,
+    );
     if let Some(l) = &st.link {
-        m.gauge("pgcourier_receiver_link_connected", "1 while connected to the sender.", f64::from(u8::from(l.connected)));
-        m.gauge("pgcourier_receiver_link_rtt_seconds", "Round-trip time of the current connection.", l.rtt_ms.unwrap_or(0.0) / 1000.0);
-        m.counter("pgcourier_receiver_connections_total", "Connections established with the sender (reconnects + 1).", l.connections as f64);
-        m.counter("pgcourier_receiver_received_compressed_bytes_total", "Batch bytes received (zstd).", l.compressed_bytes as f64);
-        m.counter("pgcourier_receiver_received_raw_bytes_total", "Record bytes received after decompression.", l.raw_bytes as f64);
-        let ratio = if l.compressed_bytes > 0 { l.raw_bytes as f64 / l.compressed_bytes as f64 } else { 0.0 };
-        m.counter("pgcourier_receiver_discarded_bytes_total", "Bytes of batches cut by link drops and discarded (shipped again).", l.discarded_bytes as f64);
-        m.gauge("pgcourier_receiver_compression_ratio", "Raw over compressed bytes received.", ratio);
+        m.gauge(
+            "pgcourier_receiver_link_connected",
+            "1 while connected to the sender.",
+            f64::from(u8::from(l.connected)),
+        );
+        m.gauge(
+            "pgcourier_receiver_link_rtt_seconds",
+            "Round-trip time of the current connection.",
+            l.rtt_ms.unwrap_or(0.0) / 1000.0,
+        );
+        m.counter(
+            "pgcourier_receiver_connections_total",
+            "Connections established with the sender (reconnects + 1).",
+            l.connections as f64,
+        );
+        m.counter(
+            "pgcourier_receiver_received_compressed_bytes_total",
+            "Batch bytes received (zstd).",
+            l.compressed_bytes as f64,
+        );
+        m.counter(
+            "pgcourier_receiver_received_raw_bytes_total",
+            "Record bytes received after decompression.",
+            l.raw_bytes as f64,
+        );
+        let ratio = if l.compressed_bytes > 0 {
+            l.raw_bytes as f64 / l.compressed_bytes as f64
+        } else {
+            0.0
+        };
+        m.counter(
+            "pgcourier_receiver_discarded_bytes_total",
+            "Bytes of batches cut by link drops and discarded (shipped again).",
+            l.discarded_bytes as f64,
+        );
+        m.gauge(
+            "pgcourier_receiver_compression_ratio",
+            "Raw over compressed bytes received.",
+            ratio,
+        );
     }
     m.finish()
 }
@@ -106,7 +193,9 @@ pub fn metrics(st: &ReceiverStatus) -> String {
 /// Lines of `list`, from the inbox.
 pub fn list(inbox: &Inbox, from: Option<u64>, limit: usize) -> Vec<inspect::RecordLine> {
     let mut rels = relations(inbox);
-    let start = from.or_else(|| inbox.first_seq().ok().flatten()).unwrap_or(1);
+    let start = from
+        .or_else(|| inbox.first_seq().ok().flatten())
+        .unwrap_or(1);
     let mut out = Vec::new();
     let mut seq = start;
     while out.len() < limit && seq <= inbox.durable_seq() {
@@ -123,7 +212,9 @@ pub fn list(inbox: &Inbox, from: Option<u64>, limit: usize) -> Vec<inspect::Reco
 pub fn relations(inbox: &Inbox) -> HashMap<u32, pgcourier_common::pgoutput::Relation> {
     let mut rels = HashMap::new();
     for raw in inbox.relations().unwrap_or_default() {
-        if let Ok(pgcourier_common::pgoutput::Message::Relation(r)) = pgcourier_common::pgoutput::decode(&raw) {
+        if let Ok(pgcourier_common::pgoutput::Message::Relation(r)) =
+            pgcourier_common::pgoutput::decode(&raw)
+        {
             rels.insert(r.oid, r);
         }
     }
@@ -134,7 +225,12 @@ pub fn relations(inbox: &Inbox) -> HashMap<u32, pgcourier_common::pgoutput::Rela
 pub fn show(inbox: &Inbox, seq: u64, format: &str) -> Response {
     let bytes = match inbox.get(seq) {
         Ok(Some(b)) => b,
-        Ok(None) => return Response::text(404, format!("record {seq} is not in the inbox (applied records are deleted)")),
+        Ok(None) => {
+            return Response::text(
+                404,
+                format!("record {seq} is not in the inbox (applied records are deleted)"),
+            )
+        }
         Err(e) => return Response::text(500, format!("inbox read failed: {e}")),
     };
     let record = match Record::decode(&bytes) {
@@ -158,27 +254,54 @@ pub struct Admin {
 
 impl Admin {
     pub fn handle(&self, req: Request) -> Response {
-        let st = || status(&self.inbox, &self.apply.status.lock().expect("status lock"), Some(&self.link.lock().expect("link lock")), true);
+        let st = || {
+            status(
+                &self.inbox,
+                &self.apply.status.lock().expect("status lock"),
+                Some(&self.link.lock().expect("link lock")),
+                true,
+            )
+        };
         match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/status") => Response::json(200, &st()),
-            ("GET", "/metrics") => Response { status: 200, content_type: "text/plain; version=0.0.4", body: metrics(&st()) },
+            ("GET", "/metrics") => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: metrics(&st()),
+            },
             ("GET", "/health") => {
                 let s = st();
                 if s.apply_state == "paused" {
-                    Response::text(503, format!("apply paused: {}", s.last_error.unwrap_or_default()))
+                    Response::text(
+                        503,
+                        format!("apply paused: {}", s.last_error.unwrap_or_default()),
+                    )
                 } else {
                     Response::text(200, "ok")
                 }
             }
             ("GET", "/records") => {
                 let from = req.query.get("from").and_then(|v| v.parse().ok());
-                let limit = req.query.get("limit").and_then(|v| v.parse().ok()).unwrap_or(20);
+                let limit = req
+                    .query
+                    .get("limit")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(20);
                 Response::json(200, &list(&self.inbox, from, limit))
             }
-            ("GET", path) if path.starts_with("/records/") => match path["/records/".len()..].parse() {
-                Ok(seq) => show(&self.inbox, seq, req.query.get("format").map(String::as_str).unwrap_or("json")),
-                Err(_) => Response::text(400, "record sequence must be a number"),
-            },
+            ("GET", path) if path.starts_with("/records/") => {
+                match path["/records/".len()..].parse() {
+                    Ok(seq) => show(
+                        &self.inbox,
+                        seq,
+                        req.query
+                            .get("format")
+                            .map(String::as_str)
+                            .unwrap_or("json"),
+                    ),
+                    Err(_) => Response::text(400, "record sequence must be a number"),
+                }
+            }
             ("POST", "/skip") => {
                 let Some(seq) = req.query.get("seq").and_then(|v| v.parse().ok()) else {
                     return Response::text(400, "seq is required");
@@ -189,7 +312,10 @@ impl Admin {
                     Err(e) => Response::text(409, e),
                 }
             }
-            _ => Response::text(404, "unknown admin request; try /status, /metrics, /health, /records"),
+            _ => Response::text(
+                404,
+                "unknown admin request; try /status, /metrics, /health, /records",
+            ),
         }
     }
 }

@@ -27,7 +27,9 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::try_join_all;
 use pgcourier_common::backoff::{error_chain, Backoff};
-use pgcourier_common::pgoutput::{self, Message, OldTuple, Relation, ReplicaIdentity, Tuple, Value};
+use pgcourier_common::pgoutput::{
+    self, Message, OldTuple, Relation, ReplicaIdentity, Tuple, Value,
+};
 use pgcourier_common::record::{Piece, Record, RecordError};
 use pgcourier_common::Lsn;
 use tokio_postgres::types::Type;
@@ -45,7 +47,11 @@ pub enum ApplyError {
     #[error("cannot connect to the target database (setting `target`)")]
     Connect(#[source] tokio_postgres::Error),
     #[error("target query failed: {what}")]
-    Target { what: String, #[source] source: tokio_postgres::Error },
+    Target {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("table {table} does not exist on the target: create it with the source's columns, then apply resumes")]
     MissingTable { table: String },
     #[error("column {column} of table {table} does not exist on the target: ALTER TABLE {table} ADD COLUMN {column} <type>, then apply resumes")]
@@ -53,9 +59,17 @@ pub enum ApplyError {
     #[error("table {table} has no primary key on the target and no replica identity on the source: add a primary key on the target")]
     NoKey { table: String },
     #[error("record {seq} in the inbox is corrupt")]
-    Corrupt { seq: u64, #[source] source: RecordError },
+    Corrupt {
+        seq: u64,
+        #[source]
+        source: RecordError,
+    },
     #[error("record {seq} holds an undecodable pgoutput message")]
-    Decode { seq: u64, #[source] source: pgoutput::DecodeError },
+    Decode {
+        seq: u64,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
     #[error("record {seq} refers to relation {oid}, which no Relation message described")]
     UnknownRelation { seq: u64, oid: u32 },
     #[error("inbox failed")]
@@ -78,7 +92,12 @@ impl ApplyError {
                     None => true,
                     Some(c) => {
                         let c = c.code();
-                        c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c == "40001" || c == "40P01" || c == "25006"
+                        c.starts_with("08")
+                            || c.starts_with("57")
+                            || c.starts_with("53")
+                            || c == "40001"
+                            || c == "40P01"
+                            || c == "25006"
                     }
                 }
             }
@@ -139,10 +158,21 @@ enum Op {
 }
 
 enum Pending {
-    Prepared { stmt: Statement, params: Vec<Option<String>>, rel: u32, op: Op },
-    Sql { sql: String },
+    Prepared {
+        stmt: Statement,
+        params: Vec<Option<String>>,
+        rel: u32,
+        op: Op,
+    },
+    Sql {
+        sql: String,
+    },
     /// A run of inserts into one table, loaded with COPY (text format).
-    Copy { sql: String, data: Vec<u8>, rel: u32 },
+    Copy {
+        sql: String,
+        data: Vec<u8>,
+        rel: u32,
+    },
 }
 
 /// Consecutive inserts into one table with the same columns, waiting to be
@@ -206,8 +236,12 @@ impl Apply {
                 *self.skip.lock().expect("skip lock") = Some((seq, reason.to_owned()));
                 Ok(())
             }
-            (true, Some(b)) => Err(format!("record {seq} is not the blocking transaction; apply is blocked at record {b}")),
-            _ => Err("apply is not blocked: only the transaction blocking apply can be skipped".into()),
+            (true, Some(b)) => Err(format!(
+                "record {seq} is not the blocking transaction; apply is blocked at record {b}"
+            )),
+            _ => Err(
+                "apply is not blocked: only the transaction blocking apply can be skipped".into(),
+            ),
         }
     }
 
@@ -253,7 +287,12 @@ impl Apply {
     }
 
     async fn connect(&self) -> Result<(Client, String, Lsn, Statement), ApplyError> {
-        let (client, conn) = self.cfg.target.connect(NoTls).await.map_err(ApplyError::Connect)?;
+        let (client, conn) = self
+            .cfg
+            .target
+            .connect(NoTls)
+            .await
+            .map_err(ApplyError::Connect)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "target connection ended");
@@ -291,7 +330,10 @@ impl Apply {
             let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
         };
         let row = client
-            .query_opt("SELECT commit_lsn::text, seq FROM pgcourier.progress WHERE source = $1", &[&source])
+            .query_opt(
+                "SELECT commit_lsn::text, seq FROM pgcourier.progress WHERE source = $1",
+                &[&source],
+            )
             .await
             .map_err(target("read progress"))?;
         let marker = match row {
@@ -347,7 +389,12 @@ impl Apply {
             if cursor > durable {
                 // Nothing more to read now: end the group if at a boundary.
                 if open && !in_txn {
-                    self.commit_group(&mut s, group_end.take().expect("open group has an end"), group_txns).await?;
+                    self.commit_group(
+                        &mut s,
+                        group_end.take().expect("open group has an end"),
+                        group_txns,
+                    )
+                    .await?;
                     open = false;
                     group_txns = 0;
                     group_changes = 0;
@@ -359,10 +406,19 @@ impl Apply {
                 continue;
             }
             self.position.store(cursor, Ordering::Relaxed);
-            let bytes = self.inbox.get(cursor)?.ok_or_else(|| ApplyError::Order { seq: cursor, message: "missing from the inbox".into() })?;
-            let record = Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq: cursor, source })?;
+            let bytes = self.inbox.get(cursor)?.ok_or_else(|| ApplyError::Order {
+                seq: cursor,
+                message: "missing from the inbox".into(),
+            })?;
+            let record = Record::decode(&bytes).map_err(|source| ApplyError::Corrupt {
+                seq: cursor,
+                source,
+            })?;
             if record.seq != cursor {
-                return Err(ApplyError::Order { seq: cursor, message: format!("holds seq {}", record.seq) });
+                return Err(ApplyError::Order {
+                    seq: cursor,
+                    message: format!("holds seq {}", record.seq),
+                });
             }
             if record.commit_lsn <= s.marker {
                 // Already applied (before a restart): only learn its relations.
@@ -380,17 +436,29 @@ impl Apply {
                     *self.skip.lock().expect("skip lock") = None;
                     continue;
                 }
-                s.client.batch_execute("BEGIN").await.map_err(target_err("begin target transaction"))?;
+                s.client
+                    .batch_execute("BEGIN")
+                    .await
+                    .map_err(target_err("begin target transaction"))?;
                 open = true;
             }
             in_txn = !record.last;
             group_changes += self.queue_record(&mut s, &record).await?;
             if record.last {
                 group_txns += 1;
-                group_end = Some(GroupEnd { seq: record.seq, commit_lsn: record.commit_lsn, end_lsn: record.end_lsn, commit_time: record.commit_time });
+                group_end = Some(GroupEnd {
+                    seq: record.seq,
+                    commit_lsn: record.commit_lsn,
+                    end_lsn: record.end_lsn,
+                    commit_time: record.commit_time,
+                });
                 let careful = record.seq <= self.careful_until.load(Ordering::Relaxed);
-                if careful || group_txns >= self.cfg.apply_group_transactions || group_changes >= self.cfg.apply_group_changes {
-                    self.commit_group(&mut s, group_end.take().expect("just set"), group_txns).await?;
+                if careful
+                    || group_txns >= self.cfg.apply_group_transactions
+                    || group_changes >= self.cfg.apply_group_changes
+                {
+                    self.commit_group(&mut s, group_end.take().expect("just set"), group_txns)
+                        .await?;
                     open = false;
                     group_txns = 0;
                     group_changes = 0;
@@ -406,7 +474,12 @@ impl Apply {
         for piece in &record.pieces {
             if let Piece::Message(m) = piece {
                 if m.first() == Some(&b'R') {
-                    let Message::Relation(rel) = pgoutput::decode(m).map_err(|source| ApplyError::Decode { seq: record.seq, source })? else {
+                    let Message::Relation(rel) =
+                        pgoutput::decode(m).map_err(|source| ApplyError::Decode {
+                            seq: record.seq,
+                            source,
+                        })?
+                    else {
                         continue;
                     };
                     self.remember_relation(s, rel, m)?;
@@ -416,7 +489,12 @@ impl Apply {
         Ok(())
     }
 
-    fn remember_relation(&self, s: &mut Session, rel: Relation, raw: &[u8]) -> Result<(), ApplyError> {
+    fn remember_relation(
+        &self,
+        s: &mut Session,
+        rel: Relation,
+        raw: &[u8],
+    ) -> Result<(), ApplyError> {
         if s.relations.get(&rel.oid) != Some(&rel) {
             self.inbox.save_relation(rel.oid, raw)?;
             s.targets.remove(&rel.oid);
@@ -444,22 +522,32 @@ impl Apply {
                     &owned
                 }
             };
-            let msg = pgoutput::decode(bytes).map_err(|source| ApplyError::Decode { seq: record.seq, source })?;
+            let msg = pgoutput::decode(bytes).map_err(|source| ApplyError::Decode {
+                seq: record.seq,
+                source,
+            })?;
             match msg {
                 Message::Relation(rel) => self.remember_relation(s, rel, bytes)?,
                 Message::Insert { rel, new } => {
-                    self.queue_change(s, record.seq, rel, Op::Insert, None, &new).await?;
+                    self.queue_change(s, record.seq, rel, Op::Insert, None, &new)
+                        .await?;
                     changes += 1;
                 }
                 Message::Update { rel, old, new } => {
-                    self.queue_change(s, record.seq, rel, Op::Update, old.as_ref(), &new).await?;
+                    self.queue_change(s, record.seq, rel, Op::Update, old.as_ref(), &new)
+                        .await?;
                     changes += 1;
                 }
                 Message::Delete { rel, old } => {
-                    self.queue_change(s, record.seq, rel, Op::Delete, Some(&old), old.tuple()).await?;
+                    self.queue_change(s, record.seq, rel, Op::Delete, Some(&old), old.tuple())
+                        .await?;
                     changes += 1;
                 }
-                Message::Truncate { cascade, restart_identity, rels } => {
+                Message::Truncate {
+                    cascade,
+                    restart_identity,
+                    rels,
+                } => {
                     let mut names = Vec::new();
                     for oid in rels {
                         self.resolve(s, record.seq, oid).await?;
@@ -476,7 +564,11 @@ impl Apply {
                     s.pending.push(Pending::Sql { sql });
                     changes += 1;
                 }
-                Message::Begin { .. } | Message::Commit { .. } | Message::Origin { .. } | Message::Type { .. } | Message::LogicalMessage { .. } => {}
+                Message::Begin { .. }
+                | Message::Commit { .. }
+                | Message::Origin { .. }
+                | Message::Type { .. }
+                | Message::LogicalMessage { .. } => {}
             }
             if s.pending.len() >= PIPELINE_DEPTH {
                 self.drain(s).await?;
@@ -490,7 +582,11 @@ impl Apply {
         if s.targets.contains_key(&oid) {
             return Ok(());
         }
-        let rel = s.relations.get(&oid).ok_or(ApplyError::UnknownRelation { seq, oid })?.clone();
+        let rel = s
+            .relations
+            .get(&oid)
+            .ok_or(ApplyError::UnknownRelation { seq, oid })?
+            .clone();
         let table = format!("{}.{}", quote_ident(&rel.schema), quote_ident(&rel.name));
         let rows = s
             .client
@@ -508,45 +604,94 @@ impl Apply {
         if rows.is_empty() {
             return Err(ApplyError::MissingTable { table });
         }
-        let target_cols: Vec<(String, String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let target_cols: Vec<(String, String, bool)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
         let mut columns = Vec::new();
         for c in &rel.columns {
             let Some((name, ty, _)) = target_cols.iter().find(|(n, _, _)| *n == c.name) else {
-                return Err(ApplyError::MissingColumn { table, column: quote_ident(&c.name) });
+                return Err(ApplyError::MissingColumn {
+                    table,
+                    column: quote_ident(&c.name),
+                });
             };
             columns.push((quote_ident(name), ty.clone()));
         }
-        let pk: Vec<&String> = target_cols.iter().filter(|(_, _, pk)| *pk).map(|(n, _, _)| n).collect();
+        let pk: Vec<&String> = target_cols
+            .iter()
+            .filter(|(_, _, pk)| *pk)
+            .map(|(n, _, _)| n)
+            .collect();
         let (key, key_is_pk) = if !pk.is_empty() {
             let mut key = Vec::new();
             for name in pk {
-                let idx = rel.columns.iter().position(|c| c.name == *name).ok_or_else(|| ApplyError::MissingColumn {
-                    table: format!("{table} (on the source; it is in the target's primary key)"),
-                    column: quote_ident(name),
-                })?;
+                let idx = rel
+                    .columns
+                    .iter()
+                    .position(|c| c.name == *name)
+                    .ok_or_else(|| ApplyError::MissingColumn {
+                        table: format!(
+                            "{table} (on the source; it is in the target's primary key)"
+                        ),
+                        column: quote_ident(name),
+                    })?;
                 key.push(idx);
             }
             (key, true)
         } else {
             let key: Vec<usize> = match rel.replica_identity {
                 ReplicaIdentity::Full => (0..rel.columns.len()).collect(),
-                _ => rel.columns.iter().enumerate().filter(|(_, c)| c.key).map(|(i, _)| i).collect(),
+                _ => rel
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.key)
+                    .map(|(i, _)| i)
+                    .collect(),
             };
             (key, false)
         };
-        s.targets.insert(oid, Target { table, columns, key, key_is_pk });
+        s.targets.insert(
+            oid,
+            Target {
+                table,
+                columns,
+                key,
+                key_is_pk,
+            },
+        );
         Ok(())
     }
 
-    async fn queue_change(&self, s: &mut Session, seq: u64, oid: u32, op: Op, old: Option<&OldTuple>, new: &Tuple) -> Result<(), ApplyError> {
+    async fn queue_change(
+        &self,
+        s: &mut Session,
+        seq: u64,
+        oid: u32,
+        op: Op,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+    ) -> Result<(), ApplyError> {
         self.resolve(s, seq, oid).await?;
         let target = &s.targets[&oid];
         if new.len() != target.columns.len() {
-            return Err(ApplyError::Order { seq, message: format!("a change to {} has {} columns, its Relation {}", target.table, new.len(), target.columns.len()) });
+            return Err(ApplyError::Order {
+                seq,
+                message: format!(
+                    "a change to {} has {} columns, its Relation {}",
+                    target.table,
+                    new.len(),
+                    target.columns.len()
+                ),
+            });
         }
         // Which columns are set, and which identify the row.
         let set: Vec<bool> = match op {
-            Op::Insert | Op::Update => new.iter().map(|v| !matches!(v, Value::UnchangedToast)).collect(),
+            Op::Insert | Op::Update => new
+                .iter()
+                .map(|v| !matches!(v, Value::UnchangedToast))
+                .collect(),
             Op::Delete => vec![false; new.len()],
         };
         let key_source: &Tuple = match (op, old) {
@@ -557,19 +702,34 @@ impl Apply {
         let mut wher = vec![false; new.len()];
         if op != Op::Insert {
             if target.key.is_empty() {
-                return Err(ApplyError::NoKey { table: target.table.clone() });
+                return Err(ApplyError::NoKey {
+                    table: target.table.clone(),
+                });
             }
             for &k in &target.key {
                 wher[k] = !matches!(key_source.get(k), Some(Value::UnchangedToast) | None);
             }
         }
         if op == Op::Insert {
-            let row: Vec<Option<String>> = new.iter().zip(&set).filter(|(_, on)| **on).map(|(v, _)| text_value(v)).collect();
-            let bytes: usize = row.iter().map(|v| v.as_ref().map_or(2, |t| t.len() + 1)).sum();
+            let row: Vec<Option<String>> = new
+                .iter()
+                .zip(&set)
+                .filter(|(_, on)| **on)
+                .map(|(v, _)| text_value(v))
+                .collect();
+            let bytes: usize = row
+                .iter()
+                .map(|v| v.as_ref().map_or(2, |t| t.len() + 1))
+                .sum();
             let same = matches!(&s.run, Some(r) if r.oid == oid && r.set == set);
             if !same {
                 self.flush_run(s).await?;
-                s.run = Some(InsertRun { oid, set, rows: Vec::new(), bytes: 0 });
+                s.run = Some(InsertRun {
+                    oid,
+                    set,
+                    rows: Vec::new(),
+                    bytes: 0,
+                });
             }
             let run = s.run.as_mut().expect("run just ensured");
             run.rows.push(row);
@@ -592,12 +752,24 @@ impl Apply {
                 params.push(text_value(&key_source[i]));
             }
         }
-        s.pending.push(Pending::Prepared { stmt, params, rel: oid, op });
+        s.pending.push(Pending::Prepared {
+            stmt,
+            params,
+            rel: oid,
+            op,
+        });
         Ok(())
     }
 
     /// The prepared statement for one change shape (cached per session).
-    async fn statement(&self, s: &mut Session, oid: u32, op: Op, set: &[bool], wher: &[bool]) -> Result<Statement, ApplyError> {
+    async fn statement(
+        &self,
+        s: &mut Session,
+        oid: u32,
+        op: Op,
+        set: &[bool],
+        wher: &[bool],
+    ) -> Result<Statement, ApplyError> {
         let key = (oid, op, set.to_vec(), wher.to_vec());
         if let Some(st) = s.statements.get(&key) {
             return Ok(st.clone());
@@ -608,7 +780,10 @@ impl Apply {
             .client
             .prepare_typed(&sql, &vec![Type::TEXT; n])
             .await
-            .map_err(|e| ApplyError::Target { what: format!("prepare statement for {}", target.table), source: e })?;
+            .map_err(|e| ApplyError::Target {
+                what: format!("prepare statement for {}", target.table),
+                source: e,
+            })?;
         s.statements.insert(key, st.clone());
         Ok(st)
     }
@@ -616,21 +791,37 @@ impl Apply {
     /// Queue the pending insert run: as one COPY when long enough, else as
     /// single INSERTs.
     async fn flush_run(&self, s: &mut Session) -> Result<(), ApplyError> {
-        let Some(run) = s.run.take() else { return Ok(()) };
+        let Some(run) = s.run.take() else {
+            return Ok(());
+        };
         if run.rows.len() >= COPY_MIN_ROWS {
             let target = &s.targets[&run.oid];
-            let cols: Vec<&str> = (0..run.set.len()).filter(|&i| run.set[i]).map(|i| target.columns[i].0.as_str()).collect();
+            let cols: Vec<&str> = (0..run.set.len())
+                .filter(|&i| run.set[i])
+                .map(|i| target.columns[i].0.as_str())
+                .collect();
             let sql = format!("COPY {} ({}) FROM STDIN", target.table, cols.join(", "));
             let mut data = Vec::with_capacity(run.bytes + run.rows.len());
             for row in &run.rows {
                 copy_row(&mut data, row);
             }
-            s.pending.push(Pending::Copy { sql, data, rel: run.oid });
+            s.pending.push(Pending::Copy {
+                sql,
+                data,
+                rel: run.oid,
+            });
         } else {
             let wher = vec![false; run.set.len()];
-            let stmt = self.statement(s, run.oid, Op::Insert, &run.set, &wher).await?;
+            let stmt = self
+                .statement(s, run.oid, Op::Insert, &run.set, &wher)
+                .await?;
             for params in run.rows {
-                s.pending.push(Pending::Prepared { stmt: stmt.clone(), params, rel: run.oid, op: Op::Insert });
+                s.pending.push(Pending::Prepared {
+                    stmt: stmt.clone(),
+                    params,
+                    rel: run.oid,
+                    op: Op::Insert,
+                });
             }
         }
         Ok(())
@@ -645,7 +836,9 @@ impl Apply {
         for p in pending {
             if let Pending::Copy { sql, data, rel } = p {
                 self.pipeline(s, std::mem::take(&mut batch)).await?;
-                copy_in(&s.client, &sql, data).await.map_err(|e| target_error(s, Some(rel), e))?;
+                copy_in(&s.client, &sql, data)
+                    .await
+                    .map_err(|e| target_error(s, Some(rel), e))?;
             } else {
                 batch.push(p);
             }
@@ -660,12 +853,28 @@ impl Apply {
         let client = &s.client;
         let futures = pending.iter().map(|p| async move {
             match p {
-                Pending::Prepared { stmt, params, rel, op } => {
-                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-                    client.execute(stmt, &refs).await.map(|n| (n, Some((*rel, *op)))).map_err(|e| (e, Some(*rel)))
+                Pending::Prepared {
+                    stmt,
+                    params,
+                    rel,
+                    op,
+                } => {
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        params.iter().map(|p| p as _).collect();
+                    client
+                        .execute(stmt, &refs)
+                        .await
+                        .map(|n| (n, Some((*rel, *op))))
+                        .map_err(|e| (e, Some(*rel)))
                 }
-                Pending::Sql { sql } => client.execute(sql.as_str(), &[]).await.map(|n| (n, None)).map_err(|e| (e, None)),
-                Pending::Copy { rel, .. } => unreachable!("COPY into relation {rel} is never pipelined"),
+                Pending::Sql { sql } => client
+                    .execute(sql.as_str(), &[])
+                    .await
+                    .map(|n| (n, None))
+                    .map_err(|e| (e, None)),
+                Pending::Copy { rel, .. } => {
+                    unreachable!("COPY into relation {rel} is never pipelined")
+                }
             }
         });
         match try_join_all(futures).await {
@@ -693,7 +902,12 @@ impl Apply {
     /// Skip the whole transaction starting at record `first`: record it,
     /// with its content, in `pgcourier.skipped`, and move the progress row
     /// past it, in one target transaction.
-    async fn skip_transaction(&self, s: &mut Session, first: u64, reason: &str) -> Result<(), ApplyError> {
+    async fn skip_transaction(
+        &self,
+        s: &mut Session,
+        first: u64,
+        reason: &str,
+    ) -> Result<(), ApplyError> {
         const MAX_CONTENT: usize = 16 << 20;
         let mut views = Vec::new();
         let mut content_bytes = 0;
@@ -701,8 +915,12 @@ impl Apply {
         let mut seq = first;
         let mut rels: HashMap<u32, Relation> = s.relations.clone();
         let end = loop {
-            let bytes = self.inbox.get(seq)?.ok_or_else(|| ApplyError::Order { seq, message: "missing from the inbox while skipping".into() })?;
-            let record = Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq, source })?;
+            let bytes = self.inbox.get(seq)?.ok_or_else(|| ApplyError::Order {
+                seq,
+                message: "missing from the inbox while skipping".into(),
+            })?;
+            let record =
+                Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq, source })?;
             self.learn_relations(s, &record)?;
             let view = pgcourier_common::inspect::view(&record, &mut rels);
             let json = serde_json::to_value(&view).unwrap_or(serde_json::Value::Null);
@@ -731,23 +949,45 @@ impl Apply {
             )
             .await
             .map_err(target_err("record skipped transaction"))?;
-        let group = GroupEnd { seq: end.seq, commit_lsn: end.commit_lsn, end_lsn: end.end_lsn, commit_time: end.commit_time };
+        let group = GroupEnd {
+            seq: end.seq,
+            commit_lsn: end.commit_lsn,
+            end_lsn: end.end_lsn,
+            commit_time: end.commit_time,
+        };
         self.commit_group(s, group, 0).await?;
-        self.status.lock().expect("status lock").skipped_transactions += 1;
+        self.status
+            .lock()
+            .expect("status lock")
+            .skipped_transactions += 1;
         tracing::warn!(seq = first, commit_lsn = %end.commit_lsn, "skipped a transaction at the operator's request; its content is in pgcourier.skipped");
         Ok(())
     }
 
-    async fn commit_group(&self, s: &mut Session, end: GroupEnd, txns: u32) -> Result<(), ApplyError> {
+    async fn commit_group(
+        &self,
+        s: &mut Session,
+        end: GroupEnd,
+        txns: u32,
+    ) -> Result<(), ApplyError> {
         self.drain(s).await?;
         s.client
             .execute(
                 &s.progress,
-                &[&s.source, &end.commit_lsn.to_string(), &end.end_lsn.to_string(), &(end.seq as i64), &end.commit_time],
+                &[
+                    &s.source,
+                    &end.commit_lsn.to_string(),
+                    &end.end_lsn.to_string(),
+                    &(end.seq as i64),
+                    &end.commit_time,
+                ],
             )
             .await
             .map_err(target_err("write progress row"))?;
-        s.client.batch_execute("COMMIT").await.map_err(target_err("commit target transaction"))?;
+        s.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(target_err("commit target transaction"))?;
         debug_assert!(end.commit_lsn > s.marker);
         s.marker = end.commit_lsn;
         self.inbox.delete_through(end.seq)?;
@@ -767,9 +1007,19 @@ impl Apply {
 
 /// An apply error that names the table (and column, when PostgreSQL says).
 fn target_error(s: &Session, rel: Option<u32>, e: tokio_postgres::Error) -> ApplyError {
-    let table = rel.and_then(|r| s.targets.get(&r)).map(|t| t.table.clone()).unwrap_or_else(|| "(truncate)".into());
-    let column = e.as_db_error().and_then(|d| d.column()).map(|c| format!(", column {}", quote_ident(c))).unwrap_or_default();
-    ApplyError::Target { what: format!("apply change to table {table}{column}"), source: e }
+    let table = rel
+        .and_then(|r| s.targets.get(&r))
+        .map(|t| t.table.clone())
+        .unwrap_or_else(|| "(truncate)".into());
+    let column = e
+        .as_db_error()
+        .and_then(|d| d.column())
+        .map(|c| format!(", column {}", quote_ident(c)))
+        .unwrap_or_default();
+    ApplyError::Target {
+        what: format!("apply change to table {table}{column}"),
+        source: e,
+    }
 }
 
 async fn copy_in(client: &Client, sql: &str, data: Vec<u8>) -> Result<u64, tokio_postgres::Error> {
@@ -805,7 +1055,10 @@ fn copy_row(out: &mut Vec<u8>, row: &[Option<String>]) {
 }
 
 fn target_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> ApplyError {
-    move |source| ApplyError::Target { what: what.to_owned(), source }
+    move |source| ApplyError::Target {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 fn text_value(v: &Value) -> Option<String> {
@@ -814,7 +1067,10 @@ fn text_value(v: &Value) -> Option<String> {
         Value::Null | Value::UnchangedToast => None,
         // Binary format is never requested; render as bytea hex so a
         // mismatch fails loudly rather than silently.
-        Value::Binary(b) => Some(format!("\\x{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())),
+        Value::Binary(b) => Some(format!(
+            "\\x{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )),
     }
 }
 
@@ -837,11 +1093,19 @@ fn build_sql(t: &Target, op: Op, set: &[bool], wher: &[bool]) -> (String, usize)
             let cols: Vec<usize> = (0..set.len()).filter(|&i| set[i]).collect();
             let names: Vec<&str> = cols.iter().map(|&i| t.columns[i].0.as_str()).collect();
             let values: Vec<String> = cols.iter().map(|&i| cast(i, next())).collect();
-            sql = format!("INSERT INTO {} ({}) VALUES ({})", t.table, names.join(", "), values.join(", "));
+            sql = format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                t.table,
+                names.join(", "),
+                values.join(", ")
+            );
         }
         Op::Update | Op::Delete => {
             if op == Op::Update {
-                let sets: Vec<String> = (0..set.len()).filter(|&i| set[i]).map(|i| format!("{} = {}", t.columns[i].0, cast(i, next()))).collect();
+                let sets: Vec<String> = (0..set.len())
+                    .filter(|&i| set[i])
+                    .map(|i| format!("{} = {}", t.columns[i].0, cast(i, next())))
+                    .collect();
                 sql.push_str(&format!("UPDATE {} SET {}", t.table, sets.join(", ")));
             } else {
                 sql.push_str(&format!("DELETE FROM {}", t.table));
@@ -861,7 +1125,11 @@ fn build_sql(t: &Target, op: Op, set: &[bool], wher: &[bool]) -> (String, usize)
                 sql.push_str(&format!(" WHERE {}", conds.join(" AND ")));
             } else {
                 // Without a primary key, change exactly one matching row.
-                sql.push_str(&format!(" WHERE ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)", t.table, conds.join(" AND ")));
+                sql.push_str(&format!(
+                    " WHERE ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
+                    t.table,
+                    conds.join(" AND ")
+                ));
             }
         }
     }
@@ -875,7 +1143,12 @@ pub fn lag_seconds(commit_time: i64) -> Option<f64> {
     }
     let pg_epoch = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800);
     let commit = pg_epoch + Duration::from_micros(commit_time.max(0) as u64);
-    Some(SystemTime::now().duration_since(commit).map(|d| d.as_secs_f64()).unwrap_or(0.0))
+    Some(
+        SystemTime::now()
+            .duration_since(commit)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    )
 }
 
 #[cfg(test)]
@@ -885,7 +1158,11 @@ mod tests {
     fn target(key_is_pk: bool) -> Target {
         Target {
             table: "\"s\".\"T\"".into(),
-            columns: vec![("\"id\"".into(), "integer".into()), ("\"v\"".into(), "text".into()), ("\"j\"".into(), "jsonb".into())],
+            columns: vec![
+                ("\"id\"".into(), "integer".into()),
+                ("\"v\"".into(), "text".into()),
+                ("\"j\"".into(), "jsonb".into()),
+            ],
             key: vec![0],
             key_is_pk,
         }
@@ -902,7 +1179,10 @@ mod tests {
             build_sql(&t, Op::Update, &[true, false, true], &[true, false, false]),
             ("UPDATE \"s\".\"T\" SET \"id\" = $1::text::integer, \"j\" = $2::text::jsonb WHERE \"id\" = $3::text::integer".into(), 3)
         );
-        assert_eq!(build_sql(&t, Op::Delete, &[false; 3], &[true, false, false]).0, "DELETE FROM \"s\".\"T\" WHERE \"id\" = $1::text::integer");
+        assert_eq!(
+            build_sql(&t, Op::Delete, &[false; 3], &[true, false, false]).0,
+            "DELETE FROM \"s\".\"T\" WHERE \"id\" = $1::text::integer"
+        );
     }
 
     #[test]
@@ -918,7 +1198,10 @@ mod tests {
     #[test]
     fn copy_rows_escape_separators_and_nulls() {
         let mut out = Vec::new();
-        copy_row(&mut out, &[Some("a\tb\nc\\d\re".into()), None, Some(String::new())]);
+        copy_row(
+            &mut out,
+            &[Some("a\tb\nc\\d\re".into()), None, Some(String::new())],
+        );
         assert_eq!(out, b"a\\tb\\nc\\\\d\\re\t\\N\t\n".to_vec());
     }
 

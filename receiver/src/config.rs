@@ -84,14 +84,20 @@ pub struct ReceiverConfig {
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { setting, message: message.into() }
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
 }
 
 impl ReceiverConfig {
     pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
         let raw: RawReceiverConfig = config::load_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let password = PasswordSource { password_env: raw.password_env, password_file: raw.password_file.map(|p| base.join(p)) };
+        let password = PasswordSource {
+            password_env: raw.password_env,
+            password_file: raw.password_file.map(|p| base.join(p)),
+        };
         let target = config::pg_config("target", &raw.target, &password)?;
         let link = match (raw.listen, raw.sender_address) {
             (Some(l), None) => Link::Listen(l),
@@ -104,10 +110,16 @@ impl ReceiverConfig {
         }
         let mut fps = Vec::new();
         for f in &raw.sender_fingerprints {
-            fps.push(f.parse().map_err(|e| invalid("sender-fingerprints", format!("{e}")))?);
+            fps.push(
+                f.parse()
+                    .map_err(|e| invalid("sender-fingerprints", format!("{e}")))?,
+            );
         }
         if raw.apply_group_transactions == 0 || raw.apply_group_changes == 0 {
-            return Err(invalid("apply-group-transactions", "apply group limits must be at least 1"));
+            return Err(invalid(
+                "apply-group-transactions",
+                "apply group limits must be at least 1",
+            ));
         }
         Ok(ReceiverConfig {
             target,

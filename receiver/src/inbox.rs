@@ -39,7 +39,14 @@ impl Inbox {
         let relations = store.tree("relations")?;
         let durable = get_u64(&store, &meta, "durable_seq")?.unwrap_or(0);
         let (tx, _) = watch::channel(durable);
-        Ok(Inbox { store, records, meta, relations, durable: tx, deleted_through: AtomicU64::new(0) })
+        Ok(Inbox {
+            store,
+            records,
+            meta,
+            relations,
+            durable: tx,
+            deleted_through: AtomicU64::new(0),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -55,12 +62,17 @@ impl Inbox {
     }
 
     pub fn source(&self) -> Result<Option<String>, StoreError> {
-        let v = self.meta.get("source").map_err(|e| self.store.write_err(e))?;
+        let v = self
+            .meta
+            .get("source")
+            .map_err(|e| self.store.write_err(e))?;
         Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub fn set_source(&self, source: &str) -> Result<(), StoreError> {
-        self.meta.insert("source", source.as_bytes()).map_err(|e| self.store.write_err(e))?;
+        self.meta
+            .insert("source", source.as_bytes())
+            .map_err(|e| self.store.write_err(e))?;
         self.store.sync()
     }
 
@@ -73,7 +85,9 @@ impl Inbox {
         for (i, r) in records.iter().enumerate() {
             batch.insert(&seq_key(first_seq + i as u64), r.as_slice());
         }
-        self.records.apply_batch(batch).map_err(|e| self.store.write_err(e))?;
+        self.records
+            .apply_batch(batch)
+            .map_err(|e| self.store.write_err(e))?;
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
@@ -83,7 +97,11 @@ impl Inbox {
 
     /// The record at `seq`, if stored.
     pub fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.records.get(seq_key(seq)).map_err(|e| self.store.write_err(e))?.map(|v| v.to_vec()))
+        Ok(self
+            .records
+            .get(seq_key(seq))
+            .map_err(|e| self.store.write_err(e))?
+            .map(|v| v.to_vec()))
     }
 
     /// Lowest stored seq.
@@ -98,16 +116,24 @@ impl Inbox {
     /// record that reappears after a crash is skipped by the progress mark).
     pub fn delete_through(&self, seq: u64) -> Result<(), StoreError> {
         let from = self.deleted_through.load(Ordering::Relaxed);
-        let start = if from == 0 { self.first_seq()?.unwrap_or(seq + 1) } else { from + 1 };
+        let start = if from == 0 {
+            self.first_seq()?.unwrap_or(seq + 1)
+        } else {
+            from + 1
+        };
         for s in start..=seq {
-            self.records.remove(seq_key(s)).map_err(|e| self.store.write_err(e))?;
+            self.records
+                .remove(seq_key(s))
+                .map_err(|e| self.store.write_err(e))?;
         }
         self.deleted_through.store(seq.max(from), Ordering::Relaxed);
         Ok(())
     }
 
     pub fn save_relation(&self, oid: u32, message: &[u8]) -> Result<(), StoreError> {
-        self.relations.insert(oid.to_be_bytes(), message).map_err(|e| self.store.write_err(e))?;
+        self.relations
+            .insert(oid.to_be_bytes(), message)
+            .map_err(|e| self.store.write_err(e))?;
         Ok(())
     }
 
@@ -144,7 +170,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
-            assert_eq!(inbox.store_batch(1, &[b"a".to_vec(), b"b".to_vec()]).unwrap(), 2);
+            assert_eq!(
+                inbox
+                    .store_batch(1, &[b"a".to_vec(), b"b".to_vec()])
+                    .unwrap(),
+                2
+            );
             assert_eq!(inbox.store_batch(3, &[b"c".to_vec()]).unwrap(), 3);
             inbox.delete_through(1).unwrap();
         }

@@ -46,10 +46,13 @@ impl IngestError {
     pub fn is_clean_close(&self) -> bool {
         let conn = match self {
             IngestError::Connection(c) => Some(c),
-            IngestError::Wire(WireError::Io(io)) => io.get_ref().and_then(|e| e.downcast_ref::<quinn::ReadError>()).and_then(|r| match r {
-                quinn::ReadError::ConnectionLost(c) => Some(c),
-                _ => None,
-            }),
+            IngestError::Wire(WireError::Io(io)) => io
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<quinn::ReadError>())
+                .and_then(|r| match r {
+                    quinn::ReadError::ConnectionLost(c) => Some(c),
+                    _ => None,
+                }),
             _ => None,
         };
         matches!(conn, Some(quinn::ConnectionError::ApplicationClosed(_)))
@@ -57,7 +60,10 @@ impl IngestError {
 
     /// A definite error: retrying the same connection will not help.
     pub fn is_definite(&self) -> bool {
-        matches!(self, IngestError::WrongSource { .. } | IngestError::Gap { .. } | IngestError::Inbox(_))
+        matches!(
+            self,
+            IngestError::WrongSource { .. } | IngestError::Gap { .. } | IngestError::Inbox(_)
+        )
     }
 }
 
@@ -86,7 +92,11 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn new(cfg: Arc<ReceiverConfig>, inbox: Arc<Inbox>) -> Ingest {
-        Ingest { cfg, inbox, link: Arc::default() }
+        Ingest {
+            cfg,
+            inbox,
+            link: Arc::default(),
+        }
     }
 
     pub async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
@@ -97,7 +107,12 @@ impl Ingest {
         endpoint.close(0u32.into(), b"receiver stopping");
     }
 
-    async fn dial_loop(&self, endpoint: &quinn::Endpoint, addr: std::net::SocketAddr, shutdown: &CancellationToken) {
+    async fn dial_loop(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addr: std::net::SocketAddr,
+        shutdown: &CancellationToken,
+    ) {
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         loop {
             let started = Instant::now();
@@ -172,7 +187,11 @@ impl Ingest {
                 task.abort();
                 let _ = task.await;
             }
-            let me = Ingest { cfg: self.cfg.clone(), inbox: self.inbox.clone(), link: self.link.clone() };
+            let me = Ingest {
+                cfg: self.cfg.clone(),
+                inbox: self.inbox.clone(),
+                link: self.link.clone(),
+            };
             let tx = done_tx.clone();
             let c = conn.clone();
             let task = tokio::spawn(async move {
@@ -193,7 +212,11 @@ impl Ingest {
             Some(fp) if self.cfg.sender_fingerprints.contains(&fp) => Ok(()),
             other => {
                 conn.close(1u32.into(), b"not a pinned sender");
-                Err(IngestError::WrongPeer(other.map(|f: Fingerprint| f.to_string()).unwrap_or_else(|| "none".into())))
+                Err(IngestError::WrongPeer(
+                    other
+                        .map(|f: Fingerprint| f.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                ))
             }
         }
     }
@@ -212,37 +235,66 @@ impl Ingest {
         let (mut control_tx, mut control_rx) = conn.open_bi().await?;
         let source = self.inbox.source()?;
         let durable = self.inbox.durable_seq();
-        wire::write_frame(&mut control_tx, &Frame::Hello { protocol: PROTOCOL_VERSION, source: source.clone(), durable_seq: durable }).await?;
+        wire::write_frame(
+            &mut control_tx,
+            &Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                source: source.clone(),
+                durable_seq: durable,
+            },
+        )
+        .await?;
         match wire::read_frame(&mut control_rx).await? {
-            Some(Frame::Welcome { source: offered, first_seq }) => {
+            Some(Frame::Welcome {
+                source: offered,
+                first_seq,
+            }) => {
                 match &source {
-                    Some(ours) if *ours != offered => return Err(IngestError::WrongSource { ours: ours.clone(), offered }),
+                    Some(ours) if *ours != offered => {
+                        return Err(IngestError::WrongSource {
+                            ours: ours.clone(),
+                            offered,
+                        })
+                    }
                     Some(_) => {}
                     None => self.inbox.set_source(&offered)?,
                 }
                 if first_seq > durable + 1 {
-                    return Err(IngestError::Gap { durable, first: first_seq });
+                    return Err(IngestError::Gap {
+                        durable,
+                        first: first_seq,
+                    });
                 }
             }
             Some(Frame::Refuse { reason }) => return Err(IngestError::Refused(reason)),
             Some(_) => return Err(IngestError::Protocol("expected Welcome".into())),
-            None => return Err(IngestError::Protocol("control stream closed before Welcome".into())),
+            None => {
+                return Err(IngestError::Protocol(
+                    "control stream closed before Welcome".into(),
+                ))
+            }
         }
         tracing::info!(peer = %conn.remote_address(), durable_seq = durable, "connected to sender; receiving");
         {
             let mut link = self.link.lock().expect("link lock");
             link.connected = true;
             link.peer = Some(conn.remote_address().to_string());
-            link.connected_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+            link.connected_since =
+                Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             link.connections += 1;
         }
         let mut data = wire::Counting::new(conn.accept_uni().await?);
         let mut whole = 0u64;
-        let result = self.receive(&mut data, &mut whole, &mut control_tx, conn).await;
+        let result = self
+            .receive(&mut data, &mut whole, &mut control_tx, conn)
+            .await;
         let discarded = data.bytes.saturating_sub(whole);
         if discarded > 0 {
             self.link.lock().expect("link lock").discarded_bytes += discarded;
-            tracing::info!(discarded_bytes = discarded, "discarded the part of a batch the link cut; the sender ships it again");
+            tracing::info!(
+                discarded_bytes = discarded,
+                "discarded the part of a batch the link cut; the sender ships it again"
+            );
         }
         result
     }
@@ -260,13 +312,27 @@ impl Ingest {
                 None => return Ok(()),
             };
             *whole = data.bytes;
-            let Frame::Batch { first_seq, last_seq, raw_len, payload } = frame else {
-                return Err(IngestError::Protocol("expected Batch on the data stream".into()));
+            let Frame::Batch {
+                first_seq,
+                last_seq,
+                raw_len,
+                payload,
+            } = frame
+            else {
+                return Err(IngestError::Protocol(
+                    "expected Batch on the data stream".into(),
+                ));
             };
             let durable = self.inbox.durable_seq();
             if last_seq <= durable {
                 // A batch we already hold (a replay): acknowledge again.
-                wire::write_frame(control_tx, &Frame::Ack { durable_seq: durable }).await?;
+                wire::write_frame(
+                    control_tx,
+                    &Frame::Ack {
+                        durable_seq: durable,
+                    },
+                )
+                .await?;
                 continue;
             }
             let records = wire::decode_batch(first_seq, last_seq, raw_len, &payload)?;
@@ -278,11 +344,20 @@ impl Ingest {
                 link.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             }
             if first_seq > durable + 1 {
-                return Err(IngestError::Gap { durable, first: first_seq });
+                return Err(IngestError::Gap {
+                    durable,
+                    first: first_seq,
+                });
             }
             let skip = (durable + 1 - first_seq) as usize;
             let stored = self.inbox.store_batch(durable + 1, &records[skip..])?;
-            wire::write_frame(control_tx, &Frame::Ack { durable_seq: stored }).await?;
+            wire::write_frame(
+                control_tx,
+                &Frame::Ack {
+                    durable_seq: stored,
+                },
+            )
+            .await?;
         }
     }
 }

@@ -23,17 +23,28 @@ pub use config::ReceiverConfig;
 /// Run the receiver until `shutdown` is cancelled.
 pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    let identity = tls::load_identity(&cfg.cert, &cfg.key).context("load the receiver's certificate (settings `cert`, `key`)")?;
+    let identity = tls::load_identity(&cfg.cert, &cfg.key)
+        .context("load the receiver's certificate (settings `cert`, `key`)")?;
     let inbox = Arc::new(
-        inbox::Inbox::open(&cfg.inbox_dir, cfg.cache_capacity)
-            .with_context(|| format!("open inbox {} (setting `inbox-dir`)", cfg.inbox_dir.display()))?,
+        inbox::Inbox::open(&cfg.inbox_dir, cfg.cache_capacity).with_context(|| {
+            format!(
+                "open inbox {} (setting `inbox-dir`)",
+                cfg.inbox_dir.display()
+            )
+        })?,
     );
     let (bind, listen) = match cfg.link {
         config::Link::Listen(addr) => (addr, true),
         config::Link::Dial(_) => ("0.0.0.0:0".parse().expect("valid address"), false),
     };
-    let endpoint = quic::endpoint(bind, &identity, &cfg.sender_fingerprints, &cfg.transport, listen)
-        .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
+    let endpoint = quic::endpoint(
+        bind,
+        &identity,
+        &cfg.sender_fingerprints,
+        &cfg.transport,
+        listen,
+    )
+    .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
     tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "receiver starting");
 
     let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
@@ -41,13 +52,27 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
     let apply = Arc::new(apply::Apply::new(cfg.clone(), inbox.clone()));
     if let Some(addr) = cfg.admin {
-        let listener = pgcourier_common::admin::bind(addr).await.context("start the admin endpoint (setting `admin`)")?;
-        let admin = Arc::new(admin::Admin { inbox: inbox.clone(), apply: apply.clone(), link });
+        let listener = pgcourier_common::admin::bind(addr)
+            .await
+            .context("start the admin endpoint (setting `admin`)")?;
+        let admin = Arc::new(admin::Admin {
+            inbox: inbox.clone(),
+            apply: apply.clone(),
+            link,
+        });
         let handler = Arc::new(move |req| {
             let admin = admin.clone();
-            async move { tokio::task::spawn_blocking(move || admin.handle(req)).await.unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string())) }
+            async move {
+                tokio::task::spawn_blocking(move || admin.handle(req))
+                    .await
+                    .unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string()))
+            }
         });
-        tokio::spawn(pgcourier_common::admin::serve(listener, handler, shutdown.clone()));
+        tokio::spawn(pgcourier_common::admin::serve(
+            listener,
+            handler,
+            shutdown.clone(),
+        ));
         tracing::info!(%addr, "admin endpoint listening");
     }
     apply.clone().run(shutdown.clone()).await;

@@ -39,14 +39,20 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Keygen { cert, key, name } => match pgcourier_common::tls::keygen(&cert, &key, &name) {
-            Ok(fp) => {
-                println!("{fp}");
-                eprintln!("wrote {} and {} (pin this fingerprint in the sender's [[receiver]] entry)", cert.display(), key.display());
-                ExitCode::SUCCESS
+        Command::Keygen { cert, key, name } => {
+            match pgcourier_common::tls::keygen(&cert, &key, &name) {
+                Ok(fp) => {
+                    println!("{fp}");
+                    eprintln!(
+                        "wrote {} and {} (pin this fingerprint in the sender's [[receiver]] entry)",
+                        cert.display(),
+                        key.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => pgcourier_common::logging::fail("pgcourier-receiver", &e),
             }
-            Err(e) => pgcourier_common::logging::fail("pgcourier-receiver", &e),
-        },
+        }
         Command::Run { config, log_format } => {
             pgcourier_common::logging::init(&log_format);
             let cfg = match ReceiverConfig::load(&config) {

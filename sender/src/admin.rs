@@ -64,20 +64,49 @@ fn commit_time(spool: &Spool, seq: u64) -> Option<i64> {
     Record::decode(&bytes).ok().map(|r| r.commit_time)
 }
 
-pub fn status(cfg: &SenderConfig, spool: &Spool, capture: &CaptureStatus, shipper: Option<&Shipper>, running: bool) -> SenderStatus {
+pub fn status(
+    cfg: &SenderConfig,
+    spool: &Spool,
+    capture: &CaptureStatus,
+    shipper: Option<&Shipper>,
+    running: bool,
+) -> SenderStatus {
     let marks = spool.marks();
     let (records, bytes) = spool.depth();
-    let oldest = if records > 0 { commit_time(spool, marks.first_seq) } else { None };
-    let links = shipper.map(|s| s.links.lock().expect("links lock").clone()).unwrap_or_default();
+    let oldest = if records > 0 {
+        commit_time(spool, marks.first_seq)
+    } else {
+        None
+    };
+    let links = shipper
+        .map(|s| s.links.lock().expect("links lock").clone())
+        .unwrap_or_default();
     let receivers = cfg
         .receivers
         .iter()
         .map(|r| {
             let acked = spool.ack(&r.name).unwrap_or(0);
             let behind = marks.complete_seq.saturating_sub(acked);
-            let lag = if behind > 0 { commit_time(spool, acked + 1).map(inspect::age_seconds).unwrap_or(0.0) } else { 0.0 };
-            let bytes_behind = if behind > 0 { spool.bytes_after(acked) } else { 0 };
-            ReceiverView { name: r.name.clone(), acked_seq: acked, records_behind: behind, bytes_behind, lag_seconds: lag, link: links.get(&r.name).cloned() }
+            let lag = if behind > 0 {
+                commit_time(spool, acked + 1)
+                    .map(inspect::age_seconds)
+                    .unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            let bytes_behind = if behind > 0 {
+                spool.bytes_after(acked)
+            } else {
+                0
+            };
+            ReceiverView {
+                name: r.name.clone(),
+                acked_seq: acked,
+                records_behind: behind,
+                bytes_behind,
+                lag_seconds: lag,
+                link: links.get(&r.name).cloned(),
+            }
         })
         .collect();
     let shipping = shipper.map(|s| {
@@ -88,7 +117,11 @@ pub fn status(cfg: &SenderConfig, spool: &Spool, capture: &CaptureStatus, shippe
             records: get(&s.stats.records),
             raw_bytes: raw,
             compressed_bytes: comp,
-            compression_ratio: if comp > 0 { raw as f64 / comp as f64 } else { 0.0 },
+            compression_ratio: if comp > 0 {
+                raw as f64 / comp as f64
+            } else {
+                0.0
+            },
             udp_tx_bytes: get(&s.stats.udp_tx_bytes),
             resent_bytes: get(&s.stats.resent_bytes),
         }
@@ -113,34 +146,132 @@ pub fn status(cfg: &SenderConfig, spool: &Spool, capture: &CaptureStatus, shippe
 
 pub fn metrics(st: &SenderStatus) -> String {
     let mut m = Metrics::default();
-    m.gauge("pgcourier_sender_spool_records", "Records in the spool.", st.spool_records as f64);
-    m.gauge("pgcourier_sender_spool_bytes", "Bytes of records in the spool.", st.spool_bytes as f64);
-    m.gauge("pgcourier_sender_spool_oldest_age_seconds", "Age of the oldest spooled record since its source commit.", st.oldest_age_seconds);
-    m.gauge("pgcourier_sender_complete_seq", "Highest record sequence fsynced in the spool.", st.complete_seq as f64);
-    m.gauge("pgcourier_sender_capture_error", "1 when capture's last attempt failed.", f64::from(u8::from(st.capture_error.is_some())));
+    m.gauge(
+        "pgcourier_sender_spool_records",
+        "Records in the spool.",
+        st.spool_records as f64,
+    );
+    m.gauge(
+        "pgcourier_sender_spool_bytes",
+        "Bytes of records in the spool.",
+        st.spool_bytes as f64,
+    );
+    m.gauge(
+        "pgcourier_sender_spool_oldest_age_seconds",
+        "Age of the oldest spooled record since its source commit.",
+        st.oldest_age_seconds,
+    );
+    m.gauge(
+        "pgcourier_sender_complete_seq",
+        "Highest record sequence fsynced in the spool.",
+        st.complete_seq as f64,
+    );
+    m.gauge(
+        "pgcourier_sender_capture_error",
+        "1 when capture's last attempt failed.",
+        f64::from(u8::from(st.capture_error.is_some())),
+    );
     if let Some(slot) = &st.slot {
-        m.gauge("pgcourier_sender_slot_retained_wal_bytes", "WAL the source keeps for the slot.", slot.retained_wal_bytes.unwrap_or(0) as f64);
+        m.gauge(
+            "pgcourier_sender_slot_retained_wal_bytes",
+            "WAL the source keeps for the slot.",
+            slot.retained_wal_bytes.unwrap_or(0) as f64,
+        );
     }
     for r in &st.receivers {
         let l = [("receiver", r.name.as_str())];
-        m.metric("pgcourier_sender_receiver_acked_seq", "Highest record the receiver holds durably.", "gauge", &l, r.acked_seq as f64);
-        m.metric("pgcourier_sender_receiver_records_behind", "Spooled records the receiver has not acknowledged.", "gauge", &l, r.records_behind as f64);
-        m.metric("pgcourier_sender_receiver_bytes_behind", "Bytes of spooled records the receiver has not acknowledged.", "gauge", &l, r.bytes_behind as f64);
-        m.metric("pgcourier_sender_receiver_lag_seconds", "Age of the oldest record the receiver lacks.", "gauge", &l, r.lag_seconds);
+        m.metric(
+            "pgcourier_sender_receiver_acked_seq",
+            "Highest record the receiver holds durably.",
+            "gauge",
+            &l,
+            r.acked_seq as f64,
+        );
+        m.metric(
+            "pgcourier_sender_receiver_records_behind",
+            "Spooled records the receiver has not acknowledged.",
+            "gauge",
+            &l,
+            r.records_behind as f64,
+        );
+        m.metric(
+            "pgcourier_sender_receiver_bytes_behind",
+            "Bytes of spooled records the receiver has not acknowledged.",
+            "gauge",
+            &l,
+            r.bytes_behind as f64,
+        );
+        m.metric(
+            "pgcourier_sender_receiver_lag_seconds",
+            "Age of the oldest record the receiver lacks.",
+            "gauge",
+            &l,
+            r.lag_seconds,
+        );
         if let Some(link) = &r.link {
-            m.metric("pgcourier_sender_receiver_connected", "1 while the receiver is connected.", "gauge", &l, f64::from(u8::from(link.connected)));
-            m.metric("pgcourier_sender_receiver_rtt_seconds", "Round-trip time to the receiver.", "gauge", &l, link.rtt_ms.unwrap_or(0.0) / 1000.0);
-            m.metric("pgcourier_sender_receiver_in_flight_bytes", "Shipped raw bytes not yet acknowledged.", "gauge", &l, link.in_flight_bytes as f64);
-            m.metric("pgcourier_sender_receiver_throughput_bytes_per_second", "Acknowledged raw bytes per second on the current connection.", "gauge", &l, link.throughput_bytes_per_sec);
-            m.metric("pgcourier_sender_receiver_connections_total", "Connections with the receiver (reconnects + 1).", "counter", &l, link.connections as f64);
+            m.metric(
+                "pgcourier_sender_receiver_connected",
+                "1 while the receiver is connected.",
+                "gauge",
+                &l,
+                f64::from(u8::from(link.connected)),
+            );
+            m.metric(
+                "pgcourier_sender_receiver_rtt_seconds",
+                "Round-trip time to the receiver.",
+                "gauge",
+                &l,
+                link.rtt_ms.unwrap_or(0.0) / 1000.0,
+            );
+            m.metric(
+                "pgcourier_sender_receiver_in_flight_bytes",
+                "Shipped raw bytes not yet acknowledged.",
+                "gauge",
+                &l,
+                link.in_flight_bytes as f64,
+            );
+            m.metric(
+                "pgcourier_sender_receiver_throughput_bytes_per_second",
+                "Acknowledged raw bytes per second on the current connection.",
+                "gauge",
+                &l,
+                link.throughput_bytes_per_sec,
+            );
+            m.metric(
+                "pgcourier_sender_receiver_connections_total",
+                "Connections with the receiver (reconnects + 1).",
+                "counter",
+                &l,
+                link.connections as f64,
+            );
         }
     }
     if let Some(s) = &st.shipping {
-        m.counter("pgcourier_sender_shipped_batches_total", "Batches shipped.", s.batches as f64);
-        m.counter("pgcourier_sender_shipped_raw_bytes_total", "Record bytes shipped before compression.", s.raw_bytes as f64);
-        m.counter("pgcourier_sender_shipped_compressed_bytes_total", "Batch bytes shipped after zstd.", s.compressed_bytes as f64);
-        m.counter("pgcourier_sender_resent_bytes_total", "Compressed bytes shipped again after reconnects.", s.resent_bytes as f64);
-        m.gauge("pgcourier_sender_compression_ratio", "Raw over compressed bytes shipped.", s.compression_ratio);
+        m.counter(
+            "pgcourier_sender_shipped_batches_total",
+            "Batches shipped.",
+            s.batches as f64,
+        );
+        m.counter(
+            "pgcourier_sender_shipped_raw_bytes_total",
+            "Record bytes shipped before compression.",
+            s.raw_bytes as f64,
+        );
+        m.counter(
+            "pgcourier_sender_shipped_compressed_bytes_total",
+            "Batch bytes shipped after zstd.",
+            s.compressed_bytes as f64,
+        );
+        m.counter(
+            "pgcourier_sender_resent_bytes_total",
+            "Compressed bytes shipped again after reconnects.",
+            s.resent_bytes as f64,
+        );
+        m.gauge(
+            "pgcourier_sender_compression_ratio",
+            "Raw over compressed bytes shipped.",
+            s.compression_ratio,
+        );
     }
     m.finish()
 }
@@ -179,7 +310,12 @@ pub fn list(spool: &Spool, from: Option<u64>, limit: usize) -> Vec<inspect::Reco
 pub fn show(spool: &Spool, seq: u64, format: &str) -> Response {
     let bytes = match spool.get(seq) {
         Ok(Some(b)) => b,
-        Ok(None) => return Response::text(404, format!("record {seq} is not in the spool (acknowledged records are deleted)")),
+        Ok(None) => {
+            return Response::text(
+                404,
+                format!("record {seq} is not in the spool (acknowledged records are deleted)"),
+            )
+        }
         Err(e) => return Response::text(500, format!("spool read failed: {e}")),
     };
     let record = match Record::decode(&bytes) {
@@ -204,25 +340,56 @@ pub struct Admin {
 
 impl Admin {
     pub fn handle(&self, req: Request) -> Response {
-        let st = || status(&self.cfg, &self.spool, &self.capture.lock().expect("capture status lock"), Some(&self.shipper), true);
+        let st = || {
+            status(
+                &self.cfg,
+                &self.spool,
+                &self.capture.lock().expect("capture status lock"),
+                Some(&self.shipper),
+                true,
+            )
+        };
         match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/status") => Response::json(200, &st()),
-            ("GET", "/metrics") => Response { status: 200, content_type: "text/plain; version=0.0.4", body: metrics(&st()) },
+            ("GET", "/metrics") => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: metrics(&st()),
+            },
             ("GET", "/health") => match st().capture_error {
                 Some(e) => Response::text(503, format!("capture failing: {e}")),
                 None => Response::text(200, "ok"),
             },
             ("GET", "/records") => {
                 let from = req.query.get("from").and_then(|v| v.parse().ok());
-                let limit = req.query.get("limit").and_then(|v| v.parse().ok()).unwrap_or(20);
+                let limit = req
+                    .query
+                    .get("limit")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(20);
                 Response::json(200, &list(&self.spool, from, limit))
             }
-            ("GET", path) if path.starts_with("/records/") => match path["/records/".len()..].parse() {
-                Ok(seq) => show(&self.spool, seq, req.query.get("format").map(String::as_str).unwrap_or("json")),
-                Err(_) => Response::text(400, "record sequence must be a number"),
-            },
-            ("POST", "/skip") => Response::text(409, "skip is a receiver command: run it against the receiver whose apply is blocked"),
-            _ => Response::text(404, "unknown admin request; try /status, /metrics, /health, /records"),
+            ("GET", path) if path.starts_with("/records/") => {
+                match path["/records/".len()..].parse() {
+                    Ok(seq) => show(
+                        &self.spool,
+                        seq,
+                        req.query
+                            .get("format")
+                            .map(String::as_str)
+                            .unwrap_or("json"),
+                    ),
+                    Err(_) => Response::text(400, "record sequence must be a number"),
+                }
+            }
+            ("POST", "/skip") => Response::text(
+                409,
+                "skip is a receiver command: run it against the receiver whose apply is blocked",
+            ),
+            _ => Response::text(
+                404,
+                "unknown admin request; try /status, /metrics, /health, /records",
+            ),
         }
     }
 }

@@ -111,7 +111,12 @@ pub struct Capture {
 
 impl Capture {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Capture {
-        Capture { cfg, spool, status: Arc::default(), confirmed: Lsn::ZERO }
+        Capture {
+            cfg,
+            spool,
+            status: Arc::default(),
+            confirmed: Lsn::ZERO,
+        }
     }
 
     /// Capture until `shutdown`, reconnecting with backoff on transient
@@ -126,7 +131,8 @@ impl Capture {
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
-                    self.status.lock().expect("status lock").last_error = Some(pgcourier_common::backoff::error_chain(&e));
+                    self.status.lock().expect("status lock").last_error =
+                        Some(pgcourier_common::backoff::error_chain(&e));
                     let delay = backoff.next();
                     backoff.log_once("capture", &e, delay);
                     tokio::select! {
@@ -135,7 +141,8 @@ impl Capture {
                     }
                 }
                 Err(e) => {
-                    self.status.lock().expect("status lock").last_error = Some(pgcourier_common::backoff::error_chain(&e));
+                    self.status.lock().expect("status lock").last_error =
+                        Some(pgcourier_common::backoff::error_chain(&e));
                     return Err(e);
                 }
             }
@@ -147,7 +154,11 @@ impl Capture {
         let identity = source::prepare(&client, &self.cfg).await?;
         match self.spool.source()? {
             Some(s) if s != identity.source_id => {
-                return Err(SourceError::WrongSource { spool: s, configured: identity.source_id }.into());
+                return Err(SourceError::WrongSource {
+                    spool: s,
+                    configured: identity.source_id,
+                }
+                .into());
             }
             Some(_) => {}
             None => self.spool.set_source(&identity.source_id)?,
@@ -178,7 +189,10 @@ impl Capture {
     /// One peek of the slot: spool what it returns, fsync, advance the slot.
     pub async fn poll(&mut self, client: &Client) -> Result<PollOutcome, CaptureError> {
         let row = client
-            .query_one("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text", &[])
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+                &[],
+            )
             .await
             .map_err(|e| SourceError::query("read WAL position", e))?;
         let insert_lsn: Lsn = parse_lsn(row.get(0))?;
@@ -197,17 +211,32 @@ impl Capture {
             .query_raw(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
                  'proto_version', '1', 'publication_names', $3)",
-                [&self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync), &changes, &publication],
+                [
+                    &self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &changes,
+                    &publication,
+                ],
             )
             .await
             .map_err(|e| SourceError::query("peek replication slot", e))?;
         pin_mut!(stream);
-        while let Some(row) = stream.try_next().await.map_err(|e| SourceError::query("peek replication slot", e))? {
+        while let Some(row) = stream
+            .try_next()
+            .await
+            .map_err(|e| SourceError::query("peek replication slot", e))?
+        {
             let data: &[u8] = row.get(0);
             match data.first() {
                 Some(b'B') => {
-                    let Message::Begin { final_lsn, commit_time, xid } = pgoutput::decode(data)? else {
-                        return Err(CaptureError::Protocol("Begin message does not decode as Begin"));
+                    let Message::Begin {
+                        final_lsn,
+                        commit_time,
+                        xid,
+                    } = pgoutput::decode(data)?
+                    else {
+                        return Err(CaptureError::Protocol(
+                            "Begin message does not decode as Begin",
+                        ));
                     };
                     if in_txn {
                         return Err(CaptureError::Protocol("Begin inside a transaction"));
@@ -227,8 +256,15 @@ impl Capture {
                     }
                 }
                 Some(b'C') => {
-                    let Message::Commit { end_lsn, commit_lsn, .. } = pgoutput::decode(data)? else {
-                        return Err(CaptureError::Protocol("Commit message does not decode as Commit"));
+                    let Message::Commit {
+                        end_lsn,
+                        commit_lsn,
+                        ..
+                    } = pgoutput::decode(data)?
+                    else {
+                        return Err(CaptureError::Protocol(
+                            "Commit message does not decode as Commit",
+                        ));
                     };
                     if !in_txn {
                         return Err(CaptureError::Protocol("Commit outside a transaction"));
@@ -239,9 +275,13 @@ impl Capture {
                         outcome.skipped += 1;
                         continue;
                     }
-                    let mut cut = current.take().ok_or(CaptureError::Protocol("Commit without Begin"))?;
+                    let mut cut = current
+                        .take()
+                        .ok_or(CaptureError::Protocol("Commit without Begin"))?;
                     if cut.commit_lsn != commit_lsn {
-                        return Err(CaptureError::Protocol("Commit LSN differs from Begin final LSN"));
+                        return Err(CaptureError::Protocol(
+                            "Commit LSN differs from Begin final LSN",
+                        ));
                     }
                     let record = cut.take(true, end_lsn);
                     self.spool.append(record.seq, &record.encode()?)?;
@@ -256,7 +296,9 @@ impl Capture {
                     if skipping {
                         continue;
                     }
-                    let cut = current.as_mut().ok_or(CaptureError::Protocol("change without Begin"))?;
+                    let cut = current
+                        .as_mut()
+                        .ok_or(CaptureError::Protocol("change without Begin"))?;
                     if data.len() <= MAX_PIECE_BYTES {
                         if cut.bytes + data.len() > TARGET_RECORD_BYTES && !cut.pieces.is_empty() {
                             let record = cut.take(false, Lsn::ZERO);
@@ -275,7 +317,10 @@ impl Capture {
                         }
                         let mut chunks = data.chunks(MAX_PIECE_BYTES).peekable();
                         while let Some(chunk) = chunks.next() {
-                            cut.pieces.push(Piece::Fragment { bytes: chunk.to_vec(), more: chunks.peek().is_some() });
+                            cut.pieces.push(Piece::Fragment {
+                                bytes: chunk.to_vec(),
+                                more: chunks.peek().is_some(),
+                            });
                             if chunks.peek().is_some() {
                                 let record = cut.take(false, Lsn::ZERO);
                                 self.spool.append(record.seq, &record.encode()?)?;
@@ -316,5 +361,6 @@ impl Capture {
 }
 
 fn parse_lsn(text: &str) -> Result<Lsn, CaptureError> {
-    text.parse().map_err(|_| CaptureError::Protocol("server returned an invalid LSN"))
+    text.parse()
+        .map_err(|_| CaptureError::Protocol("server returned an invalid LSN"))
 }

@@ -116,7 +116,10 @@ pub struct SenderConfig {
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { setting, message: message.into() }
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
 }
 
 impl SenderConfig {
@@ -127,10 +130,25 @@ impl SenderConfig {
     }
 
     fn from_raw(raw: RawSenderConfig, base: &Path) -> Result<SenderConfig, ConfigError> {
-        let password = PasswordSource { password_env: raw.password_env, password_file: raw.password_file.map(|p| base.join(p)) };
+        let password = PasswordSource {
+            password_env: raw.password_env,
+            password_file: raw.password_file.map(|p| base.join(p)),
+        };
         let source = config::pg_config("source", &raw.source, &password)?;
-        if raw.slot.is_empty() || raw.slot.len() > 63 || !raw.slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-            return Err(invalid("slot", format!("{:?}: a replication slot name is 1-63 characters of a-z, 0-9 and _", raw.slot)));
+        if raw.slot.is_empty()
+            || raw.slot.len() > 63
+            || !raw
+                .slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(invalid(
+                "slot",
+                format!(
+                    "{:?}: a replication slot name is 1-63 characters of a-z, 0-9 and _",
+                    raw.slot
+                ),
+            ));
         }
         if raw.publication.is_empty() {
             return Err(invalid("publication", "must not be empty"));
@@ -140,20 +158,38 @@ impl SenderConfig {
         }
         let mut receivers = Vec::new();
         for r in raw.receivers {
-            let fingerprint: Fingerprint = r
-                .fingerprint
-                .parse()
-                .map_err(|e| invalid("receiver.fingerprint", format!("receiver {:?}: {e}", r.name)))?;
+            let fingerprint: Fingerprint = r.fingerprint.parse().map_err(|e| {
+                invalid(
+                    "receiver.fingerprint",
+                    format!("receiver {:?}: {e}", r.name),
+                )
+            })?;
             if r.name.is_empty() || r.name.len() > 100 || r.name.contains('/') {
-                return Err(invalid("receiver.name", format!("{:?}: 1-100 characters, no '/'", r.name)));
+                return Err(invalid(
+                    "receiver.name",
+                    format!("{:?}: 1-100 characters, no '/'", r.name),
+                ));
             }
-            if receivers.iter().any(|x: &ReceiverSpec| x.name == r.name || x.fingerprint == fingerprint) {
-                return Err(invalid("receiver", format!("receiver {:?} repeats a name or fingerprint", r.name)));
+            if receivers
+                .iter()
+                .any(|x: &ReceiverSpec| x.name == r.name || x.fingerprint == fingerprint)
+            {
+                return Err(invalid(
+                    "receiver",
+                    format!("receiver {:?} repeats a name or fingerprint", r.name),
+                ));
             }
-            receivers.push(ReceiverSpec { name: r.name, fingerprint, address: r.address });
+            receivers.push(ReceiverSpec {
+                name: r.name,
+                fingerprint,
+                address: r.address,
+            });
         }
         if receivers.iter().any(|r| r.address.is_none()) && raw.listen.is_none() {
-            return Err(invalid("listen", "a receiver has no address (it dials us), so the sender needs a `listen` address"));
+            return Err(invalid(
+                "listen",
+                "a receiver has no address (it dials us), so the sender needs a `listen` address",
+            ));
         }
         if raw.zstd_level.is_some_and(|l| !(1..=22).contains(&l)) {
             return Err(invalid("zstd-level", "must be between 1 and 22"));

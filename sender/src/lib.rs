@@ -26,29 +26,57 @@ pub(crate) use pgcourier_common::backoff::Backoff;
 /// capture.
 pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    let identity = tls::load_identity(&cfg.cert, &cfg.key).context("load the sender's certificate (settings `cert`, `key`)")?;
+    let identity = tls::load_identity(&cfg.cert, &cfg.key)
+        .context("load the sender's certificate (settings `cert`, `key`)")?;
     let names: Vec<String> = cfg.receivers.iter().map(|r| r.name.clone()).collect();
     let spool = Arc::new(
-        spool::Spool::open(&cfg.spool_dir, cfg.cache_capacity, &names)
-            .with_context(|| format!("open spool {} (setting `spool-dir`)", cfg.spool_dir.display()))?,
+        spool::Spool::open(&cfg.spool_dir, cfg.cache_capacity, &names).with_context(|| {
+            format!(
+                "open spool {} (setting `spool-dir`)",
+                cfg.spool_dir.display()
+            )
+        })?,
     );
     let pinned: Vec<_> = cfg.receivers.iter().map(|r| r.fingerprint).collect();
-    let bind = cfg.listen.unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
-    let endpoint = quic::endpoint(bind, &identity, &pinned, &cfg.transport, cfg.listen.is_some())
-        .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
+    let bind = cfg
+        .listen
+        .unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
+    let endpoint = quic::endpoint(
+        bind,
+        &identity,
+        &pinned,
+        &cfg.transport,
+        cfg.listen.is_some(),
+    )
+    .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
     tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), receivers = names.len(), "sender starting");
 
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
     let ship_task = tokio::spawn(shipper.clone().run(endpoint, shutdown.clone()));
     let capture = capture::Capture::new(cfg.clone(), spool.clone());
     if let Some(addr) = cfg.admin {
-        let listener = pgcourier_common::admin::bind(addr).await.context("start the admin endpoint (setting `admin`)")?;
-        let admin = Arc::new(admin::Admin { cfg: cfg.clone(), spool: spool.clone(), capture: capture.status.clone(), shipper });
+        let listener = pgcourier_common::admin::bind(addr)
+            .await
+            .context("start the admin endpoint (setting `admin`)")?;
+        let admin = Arc::new(admin::Admin {
+            cfg: cfg.clone(),
+            spool: spool.clone(),
+            capture: capture.status.clone(),
+            shipper,
+        });
         let handler = Arc::new(move |req| {
             let admin = admin.clone();
-            async move { tokio::task::spawn_blocking(move || admin.handle(req)).await.unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string())) }
+            async move {
+                tokio::task::spawn_blocking(move || admin.handle(req))
+                    .await
+                    .unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string()))
+            }
         });
-        tokio::spawn(pgcourier_common::admin::serve(listener, handler, shutdown.clone()));
+        tokio::spawn(pgcourier_common::admin::serve(
+            listener,
+            handler,
+            shutdown.clone(),
+        ));
         tracing::info!(%addr, "admin endpoint listening");
     }
     let result = capture.run(shutdown.clone()).await;

@@ -45,14 +45,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Keygen { cert, key, name } => match pgcourier_common::tls::keygen(&cert, &key, &name) {
-            Ok(fp) => {
-                println!("{fp}");
-                eprintln!("wrote {} and {} (pin this fingerprint in each receiver's sender-fingerprints)", cert.display(), key.display());
-                ExitCode::SUCCESS
+        Command::Keygen { cert, key, name } => {
+            match pgcourier_common::tls::keygen(&cert, &key, &name) {
+                Ok(fp) => {
+                    println!("{fp}");
+                    eprintln!("wrote {} and {} (pin this fingerprint in each receiver's sender-fingerprints)", cert.display(), key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => pgcourier_common::logging::fail("pgcourier-sender", &e),
             }
-            Err(e) => pgcourier_common::logging::fail("pgcourier-sender", &e),
-        },
+        }
         Command::Check { config } => {
             let cfg = match SenderConfig::load(&config) {
                 Ok(c) => c,

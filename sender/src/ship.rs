@@ -137,14 +137,28 @@ pub struct Shipper {
 
 impl Shipper {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Arc<Shipper> {
-        Arc::new(Shipper { stats: ShipStats::default(), links: Mutex::default(), sent_high: Mutex::default(), cfg, spool, active: Mutex::new(HashMap::new()), next_session: 0.into() })
+        Arc::new(Shipper {
+            stats: ShipStats::default(),
+            links: Mutex::default(),
+            sent_high: Mutex::default(),
+            cfg,
+            spool,
+            active: Mutex::new(HashMap::new()),
+            next_session: 0.into(),
+        })
     }
 
     /// Dial receivers that have an address and accept those that dial in,
     /// until `shutdown`.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
-        for spec in self.cfg.receivers.iter().filter(|r| r.address.is_some()).cloned() {
+        for spec in self
+            .cfg
+            .receivers
+            .iter()
+            .filter(|r| r.address.is_some())
+            .cloned()
+        {
             let me = self.clone();
             let ep = endpoint.clone();
             let sd = shutdown.clone();
@@ -169,8 +183,15 @@ impl Shipper {
         self.stats.log_totals();
     }
 
-    async fn dial_loop(self: Arc<Self>, endpoint: quinn::Endpoint, spec: ReceiverSpec, shutdown: CancellationToken) {
-        let addr = spec.address.expect("dial_loop only for receivers with an address");
+    async fn dial_loop(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        spec: ReceiverSpec,
+        shutdown: CancellationToken,
+    ) {
+        let addr = spec
+            .address
+            .expect("dial_loop only for receivers with an address");
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         loop {
             let started = Instant::now();
@@ -195,7 +216,11 @@ impl Shipper {
             let delay = backoff.next();
             match result {
                 Ok(()) => {}
-                Err(e) => backoff.log_once(&format!("ship to receiver {} at {addr}", spec.name), &e, delay),
+                Err(e) => backoff.log_once(
+                    &format!("ship to receiver {} at {addr}", spec.name),
+                    &e,
+                    delay,
+                ),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -214,7 +239,13 @@ impl Shipper {
             }
         };
         let fp = peer_fingerprint(&conn);
-        let Some(spec) = self.cfg.receivers.iter().find(|r| Some(r.fingerprint) == fp).cloned() else {
+        let Some(spec) = self
+            .cfg
+            .receivers
+            .iter()
+            .find(|r| Some(r.fingerprint) == fp)
+            .cloned()
+        else {
             tracing::warn!(peer = %remote, offered = ?fp, "refusing connection: certificate matches no configured receiver");
             conn.close(1u32.into(), b"unknown receiver");
             return;
@@ -225,14 +256,27 @@ impl Shipper {
     }
 
     /// One session with one receiver on an established connection.
-    async fn session(self: Arc<Self>, conn: quinn::Connection, spec: &ReceiverSpec, shutdown: &CancellationToken) -> Result<(), ShipError> {
+    async fn session(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        spec: &ReceiverSpec,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ShipError> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let token = shutdown.child_token();
-        if let Some((_, old)) = self.active.lock().expect("active lock").insert(spec.name.clone(), (id, token.clone())) {
+        if let Some((_, old)) = self
+            .active
+            .lock()
+            .expect("active lock")
+            .insert(spec.name.clone(), (id, token.clone()))
+        {
             old.cancel();
         }
         ShipStats::add(&self.stats.connections, 1);
-        let _count_bytes = ConnStats { conn: &conn, stats: &self.stats };
+        let _count_bytes = ConnStats {
+            conn: &conn,
+            stats: &self.stats,
+        };
         let result = tokio::select! {
             _ = token.cancelled() => Err(ShipError::Superseded),
             r = self.serve(&conn, spec) => r,
@@ -255,29 +299,52 @@ impl Shipper {
     }
 
     async fn serve(&self, conn: &quinn::Connection, spec: &ReceiverSpec) -> Result<(), ShipError> {
-        let (mut control_tx, mut control_rx) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-            .await
-            .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
+        let (mut control_tx, mut control_rx) =
+            tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+                .await
+                .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
         let hello = tokio::time::timeout(HELLO_TIMEOUT, wire::read_frame(&mut control_rx))
             .await
             .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
-        let Some(Frame::Hello { protocol, source, durable_seq }) = hello else {
+        let Some(Frame::Hello {
+            protocol,
+            source,
+            durable_seq,
+        }) = hello
+        else {
             return Err(ShipError::Protocol("first frame is not Hello".into()));
         };
         if let Err(reason) = self.admit(protocol, source.as_deref(), durable_seq) {
-            let _ = wire::write_frame(&mut control_tx, &Frame::Refuse { reason: reason.clone() }).await;
+            let _ = wire::write_frame(
+                &mut control_tx,
+                &Frame::Refuse {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
             let _ = control_tx.finish();
             return Err(ShipError::Refused(reason));
         }
-        let our_source = self.spool.source()?.expect("admit checked the source is known");
+        let our_source = self
+            .spool
+            .source()?
+            .expect("admit checked the source is known");
         let marks = self.spool.marks();
-        wire::write_frame(&mut control_tx, &Frame::Welcome { source: our_source, first_seq: marks.first_seq }).await?;
+        wire::write_frame(
+            &mut control_tx,
+            &Frame::Welcome {
+                source: our_source,
+                first_seq: marks.first_seq,
+            },
+        )
+        .await?;
         self.spool.acknowledge(&spec.name, durable_seq)?;
         tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), durable_seq, "receiver connected; shipping");
         self.set_link(&spec.name, |l| {
             l.connected = true;
             l.peer = Some(conn.remote_address().to_string());
-            l.connected_since = Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+            l.connected_since =
+                Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             l.connections += 1;
             l.since = Some(std::time::Instant::now());
             l.acked_bytes = 0;
@@ -293,12 +360,22 @@ impl Shipper {
     }
 
     fn set_link(&self, name: &str, f: impl FnOnce(&mut LinkStatus)) {
-        f(self.links.lock().expect("links lock").entry(name.to_owned()).or_default());
+        f(self
+            .links
+            .lock()
+            .expect("links lock")
+            .entry(name.to_owned())
+            .or_default());
     }
 
     /// Stream batches and take acknowledgements until the session ends.
-    async fn stream(&self, conn: &quinn::Connection, spec: &ReceiverSpec, durable_seq: u64, mut control_rx: quinn::RecvStream) -> Result<(), ShipError> {
-
+    async fn stream(
+        &self,
+        conn: &quinn::Connection,
+        spec: &ReceiverSpec,
+        durable_seq: u64,
+        mut control_rx: quinn::RecvStream,
+    ) -> Result<(), ShipError> {
         let mut data = conn.open_uni().await?;
         let (ack_tx, mut ack_rx) = watch::channel(durable_seq);
         let sent_through = AtomicU64::new(durable_seq);
@@ -308,12 +385,19 @@ impl Shipper {
                 match wire::read_frame(&mut control_rx).await? {
                     Some(Frame::Ack { durable_seq: seq }) => {
                         if seq > sent_through.load(Ordering::Acquire) {
-                            return Err(ShipError::Protocol(format!("acknowledged record {seq}, which was never sent")));
+                            return Err(ShipError::Protocol(format!(
+                                "acknowledged record {seq}, which was never sent"
+                            )));
                         }
                         self.spool.acknowledge(&spec.name, seq)?;
                         ack_tx.send_replace(seq);
                     }
-                    Some(other) => return Err(ShipError::Protocol(format!("unexpected frame {}", frame_name(&other)))),
+                    Some(other) => {
+                        return Err(ShipError::Protocol(format!(
+                            "unexpected frame {}",
+                            frame_name(&other)
+                        )))
+                    }
                     None => return Ok::<(), ShipError>(()),
                 }
             }
@@ -340,7 +424,11 @@ impl Shipper {
                     self.set_link(&spec.name, |l| {
                         l.acked_bytes += newly_acked;
                         let secs = l.since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-                        l.throughput_bytes_per_sec = if secs > 0.0 { l.acked_bytes as f64 / secs } else { 0.0 };
+                        l.throughput_bytes_per_sec = if secs > 0.0 {
+                            l.acked_bytes as f64 / secs
+                        } else {
+                            0.0
+                        };
                     });
                 }
                 let complete = marks_rx.borrow_and_update().complete_seq;
@@ -353,7 +441,9 @@ impl Shipper {
                 }
                 let records = self.spool.read(next, shape.raw_bytes)?;
                 if records.is_empty() {
-                    return Err(ShipError::Protocol(format!("spool has no record {next} although it is complete up to {complete}")));
+                    return Err(ShipError::Protocol(format!(
+                        "spool has no record {next} although it is complete up to {complete}"
+                    )));
                 }
                 let count = records.len() as u64;
                 let level = shape.level(conn);
@@ -368,7 +458,10 @@ impl Shipper {
                     let h = high.entry(spec.name.clone()).or_insert(0);
                     if next <= *h {
                         let again = (*h - next + 1).min(count);
-                        ShipStats::add(&self.stats.resent_bytes, payload.len() as u64 * again / count);
+                        ShipStats::add(
+                            &self.stats.resent_bytes,
+                            payload.len() as u64 * again / count,
+                        );
                     }
                     *h = (*h).max(next + count - 1);
                 }
@@ -403,7 +496,11 @@ impl Shipper {
         }
         let our_source = match self.spool.source() {
             Ok(Some(s)) => s,
-            Ok(None) => return Err("the sender has not reached its source database yet; retry later".into()),
+            Ok(None) => {
+                return Err(
+                    "the sender has not reached its source database yet; retry later".into(),
+                )
+            }
             Err(e) => return Err(format!("the sender cannot read its spool: {e}")),
         };
         if let Some(theirs) = source {
@@ -446,7 +543,11 @@ struct BatchShape {
 
 impl BatchShape {
     fn new(cfg: &SenderConfig) -> BatchShape {
-        BatchShape { raw_bytes: cfg.batch_bytes.min(44 * 1024), max_raw: cfg.batch_bytes, pinned_level: cfg.zstd_level_pinned.then_some(cfg.zstd_level) }
+        BatchShape {
+            raw_bytes: cfg.batch_bytes.min(44 * 1024),
+            max_raw: cfg.batch_bytes,
+            pinned_level: cfg.zstd_level_pinned.then_some(cfg.zstd_level),
+        }
     }
 
     /// The zstd level for the link's current estimated rate.

@@ -11,7 +11,11 @@ pub enum SourceError {
     #[error("cannot connect to the source database (setting `source`)")]
     Connect(#[source] tokio_postgres::Error),
     #[error("source query failed: {what}")]
-    Query { what: &'static str, #[source] source: tokio_postgres::Error },
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("source is not ready: {0}")]
     NotReady(String),
     #[error("the spool belongs to source {spool} but setting `source` points at {configured}: use a new spool-dir for a new source")]
@@ -42,7 +46,12 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
         None => true,
         Some(code) => {
             let c = code.code();
-            c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c == "55006" || c == "40001" || c == "40P01"
+            c.starts_with("08")
+                || c.starts_with("57")
+                || c.starts_with("53")
+                || c == "55006"
+                || c == "40001"
+                || c == "40P01"
         }
     }
 }
@@ -56,7 +65,9 @@ pub async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, SourceError
     });
     // Render values the way PostgreSQL's own walreceiver asks for them.
     client
-        .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3")
+        .batch_execute(
+            "SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3",
+        )
         .await
         .map_err(|e| SourceError::query("set session parameters", e))?;
     Ok(client)
@@ -96,24 +107,45 @@ pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdenti
         )));
     }
     let row = client
-        .query_one("SELECT system_identifier::text, current_database()::text FROM pg_control_system()", &[])
+        .query_one(
+            "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+            &[],
+        )
         .await
         .map_err(|e| SourceError::query("read system identifier", e))?;
-    let source_id = format!("{}/{}/{}", row.get::<_, String>(0), row.get::<_, String>(1), cfg.slot);
+    let source_id = format!(
+        "{}/{}/{}",
+        row.get::<_, String>(0),
+        row.get::<_, String>(1),
+        cfg.slot
+    );
 
     let has_pub = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
         .await
         .map_err(|e| SourceError::query("look up publication", e))?
         .is_some();
     if !has_pub {
         let sql = if cfg.tables.is_empty() {
-            format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(&cfg.publication))
+            format!(
+                "CREATE PUBLICATION {} FOR ALL TABLES",
+                quote_ident(&cfg.publication)
+            )
         } else {
             let tables: Vec<String> = cfg.tables.iter().map(|t| quote_table(t)).collect();
-            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), tables.join(", "))
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(&cfg.publication),
+                tables.join(", ")
+            )
         };
-        client.batch_execute(&sql).await.map_err(|e| SourceError::query("create publication", e))?;
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| SourceError::query("create publication", e))?;
         tracing::info!(publication = %cfg.publication, "created publication");
     }
 
@@ -130,7 +162,9 @@ pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdenti
             let plugin: Option<String> = row.get(0);
             let database: Option<String> = row.get(1);
             let wal_status: Option<String> = row.get(3);
-            if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(source_id.split('/').nth(1).unwrap_or("")) {
+            if plugin.as_deref() != Some("pgoutput")
+                || database.as_deref() != Some(source_id.split('/').nth(1).unwrap_or(""))
+            {
                 return Err(SourceError::NotReady(format!(
                     "replication slot {} exists but is not a pgoutput slot of this database: choose another `slot` name",
                     cfg.slot
@@ -142,11 +176,16 @@ pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdenti
                     cfg.slot
                 )));
             }
-            row.get::<_, Option<String>>(2).and_then(|s| s.parse().ok()).unwrap_or(Lsn::ZERO)
+            row.get::<_, Option<String>>(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(Lsn::ZERO)
         }
         None => {
             let row = client
-                .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&cfg.slot])
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&cfg.slot],
+                )
                 .await
                 .map_err(|e| SourceError::query("create replication slot", e))?;
             let lsn: Lsn = row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO);
@@ -154,12 +193,18 @@ pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdenti
             lsn
         }
     };
-    Ok(SourceIdentity { source_id, confirmed_flush: confirmed })
+    Ok(SourceIdentity {
+        source_id,
+        confirmed_flush: confirmed,
+    })
 }
 
 pub async fn advance_slot(client: &Client, slot: &str, to: Lsn) -> Result<(), SourceError> {
     client
-        .query_one("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", &[&slot, &to.to_string()])
+        .query_one(
+            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&slot, &to.to_string()],
+        )
         .await
         .map_err(|e| SourceError::query("advance replication slot", e))?;
     Ok(())
@@ -211,12 +256,16 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         Err(e) => {
             problems.push(Problem {
                 what: format!("cannot connect to the source: {}", error_chain(&e)),
-                fix: "correct the `source` connection string (and password-env / password-file)".into(),
+                fix: "correct the `source` connection string (and password-env / password-file)"
+                    .into(),
             });
             return (problems, notes);
         }
     };
-    let q = |what: &'static str, e: tokio_postgres::Error| Problem { what: format!("{what}: {e}"), fix: "check the role's privileges".into() };
+    let q = |what: &'static str, e: tokio_postgres::Error| Problem {
+        what: format!("{what}: {e}"),
+        fix: "check the role's privileges".into(),
+    };
     match client.query_one("SHOW wal_level", &[]).await {
         Ok(row) => {
             let level: String = row.get(0);
@@ -275,7 +324,13 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         }
         Err(e) => problems.push(q("read replication slots", e)),
     }
-    let has_pub = match client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await {
+    let has_pub = match client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await
+    {
         Ok(r) => r.is_some(),
         Err(e) => {
             problems.push(q("read publications", e));
@@ -283,7 +338,10 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         }
     };
     if !has_pub {
-        notes.push(format!("publication {} is absent: run will create it", cfg.publication));
+        notes.push(format!(
+            "publication {} is absent: run will create it",
+            cfg.publication
+        ));
     }
     // Tables whose updates and deletes could not be replicated.
     let tables_sql = "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
@@ -314,16 +372,23 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
             };
             if let Some(list) = &published {
                 for (s, t) in list {
-                    if !rows.iter().any(|r| r.get::<_, String>(0) == *s && r.get::<_, String>(1) == *t) {
+                    if !rows
+                        .iter()
+                        .any(|r| r.get::<_, String>(0) == *s && r.get::<_, String>(1) == *t)
+                    {
                         problems.push(Problem {
-                            what: format!("table {} does not exist on the source", quote_table(&format!("{s}.{t}"))),
+                            what: format!(
+                                "table {} does not exist on the source",
+                                quote_table(&format!("{s}.{t}"))
+                            ),
                             fix: "create it or remove it from `tables`".into(),
                         });
                     }
                 }
             }
             for r in &rows {
-                let (s, t, ident, has_pk): (String, String, String, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                let (s, t, ident, has_pk): (String, String, String, bool) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3));
                 if let Some(list) = &published {
                     if !list.iter().any(|(ps, pt)| *ps == s && *pt == t) {
                         continue;

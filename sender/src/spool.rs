@@ -67,12 +67,23 @@ impl Spool {
     /// is repaired or registered, so nothing is written.
     pub fn open_for_inspection(path: &Path, receivers: &[String]) -> Result<Spool, StoreError> {
         if !path.join("db").exists() {
-            return Err(StoreError::Dir { path: path.into(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no spool here (setting `spool-dir`)") });
+            return Err(StoreError::Dir {
+                path: path.into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no spool here (setting `spool-dir`)",
+                ),
+            });
         }
         Spool::open_mode(path, 16 << 20, receivers, true)
     }
 
-    fn open_mode(path: &Path, cache_bytes: u64, receivers: &[String], inspect: bool) -> Result<Spool, StoreError> {
+    fn open_mode(
+        path: &Path,
+        cache_bytes: u64,
+        receivers: &[String],
+        inspect: bool,
+    ) -> Result<Spool, StoreError> {
         let store = Store::open(path, cache_bytes)?;
         let records = store.tree("records")?;
         let meta = store.tree("meta")?;
@@ -81,17 +92,27 @@ impl Spool {
         let captured_end_lsn = Lsn(get_u64(&store, &meta, "captured_end_lsn")?.unwrap_or(0));
         // Remove a transaction tail that was never committed to the spool.
         let mut dropped = 0u64;
-        for item in records.range(seq_key(complete_seq + 1)..).filter(|_| !inspect) {
+        for item in records
+            .range(seq_key(complete_seq + 1)..)
+            .filter(|_| !inspect)
+        {
             let (k, _) = item.map_err(|e| store.write_err(e))?;
             records.remove(k).map_err(|e| store.write_err(e))?;
             dropped += 1;
         }
         if dropped > 0 {
-            tracing::info!(dropped, complete_seq, "removed spool records of a transaction cut by a stop; it will be captured again");
+            tracing::info!(
+                dropped,
+                complete_seq,
+                "removed spool records of a transaction cut by a stop; it will be captured again"
+            );
             store.sync()?;
         }
         let first_seq = match records.first().map_err(|e| store.write_err(e))? {
-            Some((k, _)) => key_seq(&k).ok_or_else(|| StoreError::Corrupt { path: store.path.clone(), key: "records".into() })?,
+            Some((k, _)) => key_seq(&k).ok_or_else(|| StoreError::Corrupt {
+                path: store.path.clone(),
+                key: "records".into(),
+            })?,
             None => complete_seq + 1,
         };
         let mut acks = BTreeMap::new();
@@ -111,7 +132,11 @@ impl Spool {
             };
             acks.insert(name.clone(), ack);
         }
-        let marks = SpoolMarks { complete_seq, first_seq, captured_end_lsn };
+        let marks = SpoolMarks {
+            complete_seq,
+            first_seq,
+            captured_end_lsn,
+        };
         let (marks_tx, _) = watch::channel(marks);
         Ok(Spool {
             store,
@@ -144,17 +169,25 @@ impl Spool {
     /// Commit LSN of the last transaction fully in the spool: capture skips
     /// transactions at or below it (the slot may lag after a crash).
     pub fn captured_commit_lsn(&self) -> Lsn {
-        self.state.lock().expect("spool state lock").captured_commit_lsn
+        self.state
+            .lock()
+            .expect("spool state lock")
+            .captured_commit_lsn
     }
 
     /// Source identity this spool belongs to, if recorded.
     pub fn source(&self) -> Result<Option<String>, StoreError> {
-        let v = self.meta.get("source").map_err(|e| self.store.write_err(e))?;
+        let v = self
+            .meta
+            .get("source")
+            .map_err(|e| self.store.write_err(e))?;
         Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub fn set_source(&self, source: &str) -> Result<(), StoreError> {
-        self.meta.insert("source", source.as_bytes()).map_err(|e| self.store.write_err(e))?;
+        self.meta
+            .insert("source", source.as_bytes())
+            .map_err(|e| self.store.write_err(e))?;
         self.store.sync()
     }
 
@@ -163,7 +196,9 @@ impl Spool {
     pub fn append(&self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
         let mut st = self.state.lock().expect("spool state lock");
         assert_eq!(seq, st.next_seq, "spool appends must be dense");
-        self.records.insert(seq_key(seq), encoded).map_err(|e| self.store.write_err(e))?;
+        self.records
+            .insert(seq_key(seq), encoded)
+            .map_err(|e| self.store.write_err(e))?;
         st.next_seq += 1;
         Ok(())
     }
@@ -209,9 +244,15 @@ impl Spool {
         }
         for item in self.records.range(seq_key(from)..=seq_key(complete)) {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seq = key_seq(&k).ok_or_else(|| StoreError::Corrupt { path: self.store.path.clone(), key: "records".into() })?;
+            let seq = key_seq(&k).ok_or_else(|| StoreError::Corrupt {
+                path: self.store.path.clone(),
+                key: "records".into(),
+            })?;
             if seq != from + out.len() as u64 {
-                return Err(StoreError::Corrupt { path: self.store.path.clone(), key: format!("records/{}", from + out.len() as u64) });
+                return Err(StoreError::Corrupt {
+                    path: self.store.path.clone(),
+                    key: format!("records/{}", from + out.len() as u64),
+                });
             }
             if !out.is_empty() && bytes + v.len() > max_bytes {
                 break;
@@ -225,16 +266,30 @@ impl Spool {
     /// Total bytes of the records after `seq` (what a receiver at `seq`
     /// still lacks).
     pub fn bytes_after(&self, seq: u64) -> u64 {
-        self.records.range(seq_key(seq + 1)..).values().flatten().map(|v| v.len() as u64).sum()
+        self.records
+            .range(seq_key(seq + 1)..)
+            .values()
+            .flatten()
+            .map(|v| v.len() as u64)
+            .sum()
     }
 
     /// One record by seq (for inspection).
     pub fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.records.get(seq_key(seq)).map_err(|e| self.store.write_err(e))?.map(|v| v.to_vec()))
+        Ok(self
+            .records
+            .get(seq_key(seq))
+            .map_err(|e| self.store.write_err(e))?
+            .map(|v| v.to_vec()))
     }
 
     pub fn ack(&self, receiver: &str) -> Option<u64> {
-        self.state.lock().expect("spool state lock").acks.get(receiver).copied()
+        self.state
+            .lock()
+            .expect("spool state lock")
+            .acks
+            .get(receiver)
+            .copied()
     }
 
     /// Record that `receiver` holds everything up to `seq` durably, and
@@ -243,7 +298,9 @@ impl Spool {
         let (from, to) = {
             let mut st = self.state.lock().expect("spool state lock");
             let complete = st.complete_seq;
-            let Some(ack) = st.acks.get_mut(receiver) else { return Ok(0) };
+            let Some(ack) = st.acks.get_mut(receiver) else {
+                return Ok(0);
+            };
             if seq <= *ack {
                 return Ok(0);
             }
@@ -262,7 +319,9 @@ impl Spool {
         };
         let mut deleted = 0;
         for seq in from..=to {
-            self.records.remove(seq_key(seq)).map_err(|e| self.store.write_err(e))?;
+            self.records
+                .remove(seq_key(seq))
+                .map_err(|e| self.store.write_err(e))?;
             deleted += 1;
         }
         Ok(deleted)
@@ -279,7 +338,15 @@ impl Spool {
     pub fn depth(&self) -> (u64, u64) {
         let st = self.state.lock().expect("spool state lock");
         let n = st.complete_seq + 1 - st.first_seq;
-        (n, self.records.iter().values().flatten().map(|v| v.len() as u64).sum())
+        (
+            n,
+            self.records
+                .iter()
+                .values()
+                .flatten()
+                .map(|v| v.len() as u64)
+                .sum(),
+        )
     }
 }
 
@@ -300,12 +367,19 @@ mod tests {
             spool.append(2, b"two").unwrap();
             spool.commit(Lsn(10), Lsn(20)).unwrap();
             spool.append(3, b"three").unwrap();
-            assert_eq!(spool.read(1, 1 << 20).unwrap().len(), 2, "uncommitted records are not shippable");
+            assert_eq!(
+                spool.read(1, 1 << 20).unwrap().len(),
+                2,
+                "uncommitted records are not shippable"
+            );
         }
         let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
         assert_eq!(spool.next_seq(), 3);
         assert_eq!(spool.captured_commit_lsn(), Lsn(10));
-        assert_eq!(spool.read(1, 1 << 20).unwrap(), vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(
+            spool.read(1, 1 << 20).unwrap(),
+            vec![b"one".to_vec(), b"two".to_vec()]
+        );
     }
 
     #[test]

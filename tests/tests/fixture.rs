@@ -39,13 +39,20 @@ pub struct Setup {
 }
 
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("bind a UDP port on loopback")
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind a UDP port on loopback")
 }
 
 pub fn keygen(dir: &Path, name: &str) -> String {
-    pgcourier_common::tls::keygen(&dir.join(format!("{name}.crt")), &dir.join(format!("{name}.key")), name)
-        .expect("keygen")
-        .to_string()
+    pgcourier_common::tls::keygen(
+        &dir.join(format!("{name}.crt")),
+        &dir.join(format!("{name}.key")),
+        name,
+    )
+    .expect("keygen")
+    .to_string()
 }
 
 /// Options for [`Setup::start`].
@@ -67,7 +74,15 @@ pub struct Options<'a> {
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Options { branches: 1, dial: Dial::SenderDials, schema: "", tables: &[], sender_extra: "", receiver_extra: "", link: None }
+        Options {
+            branches: 1,
+            dial: Dial::SenderDials,
+            schema: "",
+            tables: &[],
+            sender_extra: "",
+            receiver_extra: "",
+            link: None,
+        }
     }
 }
 
@@ -77,21 +92,32 @@ impl Setup {
         let n = opts.branches;
         let clusters = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PgCluster>> {
             let handles: Vec<_> = (0..=n)
-                .map(|i| std::thread::spawn(move || PgCluster::start(if i == 0 { "hq" } else { "branch" })))
+                .map(|i| {
+                    std::thread::spawn(move || {
+                        PgCluster::start(if i == 0 { "hq" } else { "branch" })
+                    })
+                })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("cluster start thread")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("cluster start thread"))
+                .collect()
         })
         .await??;
         let mut clusters = clusters.into_iter();
         let hq = clusters.next().expect("hq cluster");
-        hq.execute(DB, opts.schema).await.context("schema on the source")?;
+        hq.execute(DB, opts.schema)
+            .await
+            .context("schema on the source")?;
         let sender_fp = keygen(dir.path(), "sender");
         let sender_port = free_udp_port();
         let mut receivers_toml = String::new();
         let mut branches = Vec::new();
         let mut relays = Vec::new();
         for (i, pg) in clusters.enumerate() {
-            pg.execute(DB, opts.schema).await.context("schema on a branch")?;
+            pg.execute(DB, opts.schema)
+                .await
+                .context("schema on a branch")?;
             let rname = format!("branch{i}");
             let fp = keygen(dir.path(), &rname);
             let port = free_udp_port();
@@ -112,18 +138,29 @@ impl Setup {
             let address = match (opts.dial, &opts.link) {
                 (Dial::SenderDials, None) => format!("address = \"127.0.0.1:{port}\"\n"),
                 (Dial::SenderDials, Some(link)) => {
-                    let relay = pgcourier_netem::UdpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{port}").parse()?, link.clone())
-                        .await
-                        .context("start the netem relay")?;
+                    let relay = pgcourier_netem::UdpRelay::start(
+                        "127.0.0.1:0".parse()?,
+                        format!("127.0.0.1:{port}").parse()?,
+                        link.clone(),
+                    )
+                    .await
+                    .context("start the netem relay")?;
                     let addr = relay.local_addr();
                     relays.push(relay);
                     format!("address = \"{addr}\"\n")
                 }
                 (Dial::ReceiverDials, _) => String::new(),
             };
-            receivers_toml.push_str(&format!("\n[[receiver]]\nname = \"{rname}\"\nfingerprint = \"{fp}\"\n{address}"));
+            receivers_toml.push_str(&format!(
+                "\n[[receiver]]\nname = \"{rname}\"\nfingerprint = \"{fp}\"\n{address}"
+            ));
             let receiver = spawn_receiver(&dir, &config, &rname)?;
-            branches.push(Branch { pg, receiver, config, fingerprint: fp });
+            branches.push(Branch {
+                pg,
+                receiver,
+                config,
+                fingerprint: fp,
+            });
         }
         let listen = match opts.dial {
             Dial::SenderDials => String::new(),
@@ -132,7 +169,14 @@ impl Setup {
         let tables = if opts.tables.is_empty() {
             String::new()
         } else {
-            format!("tables = [{}]\n", opts.tables.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", "))
+            format!(
+                "tables = [{}]\n",
+                opts.tables
+                    .iter()
+                    .map(|t| format!("{t:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         };
         let sender_config = dir.path().join("sender.toml");
         std::fs::write(
@@ -145,13 +189,30 @@ impl Setup {
             ),
         )?;
         let sender = spawn_sender(&dir, &sender_config)?;
-        let setup = Setup { relays, hq, sender, sender_config, branches, dir };
+        let setup = Setup {
+            relays,
+            hq,
+            sender,
+            sender_config,
+            branches,
+            dir,
+        };
         // Changes made before the slot exists are not captured (that is the
         // initial copy's job): wait for it.
         let src = setup.source().await?;
-        wait_until("the sender to create its replication slot", Duration::from_secs(60), || async {
-            Ok(src.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcourier'", &[]).await?.is_some())
-        })
+        wait_until(
+            "the sender to create its replication slot",
+            Duration::from_secs(60),
+            || async {
+                Ok(src
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgcourier'",
+                        &[],
+                    )
+                    .await?
+                    .is_some())
+            },
+        )
         .await
         .with_context(|| setup.logs())?;
         Ok(setup)
@@ -180,13 +241,21 @@ impl Setup {
     pub fn logs(&self) -> String {
         let mut s = format!("--- sender log ---\n{}", self.sender.log_tail(60));
         for (i, b) in self.branches.iter().enumerate() {
-            s.push_str(&format!("\n--- receiver {i} log ---\n{}", b.receiver.log_tail(60)));
+            s.push_str(&format!(
+                "\n--- receiver {i} log ---\n{}",
+                b.receiver.log_tail(60)
+            ));
         }
         s
     }
 
     /// Wait until the source's tables equal branch `i`'s, row for row.
-    pub async fn wait_equal(&self, i: usize, tables: &[&str], timeout: Duration) -> anyhow::Result<()> {
+    pub async fn wait_equal(
+        &self,
+        i: usize,
+        tables: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let src = self.source().await?;
         let dst = self.target(i).await?;
         pgcourier_tests::wait_tables_equal(&src, &dst, tables, timeout)
@@ -197,16 +266,35 @@ impl Setup {
 
 pub fn spawn_sender(dir: &tempfile::TempDir, config: &Path) -> anyhow::Result<Daemon> {
     let cfg = config.to_str().expect("utf-8 path");
-    Daemon::spawn("sender", &bin_path("pgcourier-sender"), &["run", "--config", cfg], &dir.path().join("sender.log"))
+    Daemon::spawn(
+        "sender",
+        &bin_path("pgcourier-sender"),
+        &["run", "--config", cfg],
+        &dir.path().join("sender.log"),
+    )
 }
 
-pub fn spawn_receiver(dir: &tempfile::TempDir, config: &Path, name: &str) -> anyhow::Result<Daemon> {
+pub fn spawn_receiver(
+    dir: &tempfile::TempDir,
+    config: &Path,
+    name: &str,
+) -> anyhow::Result<Daemon> {
     let cfg = config.to_str().expect("utf-8 path");
-    Daemon::spawn(name, &bin_path("pgcourier-receiver"), &["run", "--config", cfg], &dir.path().join(format!("{name}.log")))
+    Daemon::spawn(
+        name,
+        &bin_path("pgcourier-receiver"),
+        &["run", "--config", cfg],
+        &dir.path().join(format!("{name}.log")),
+    )
 }
 
 /// Wait until `sql` (returning one bigint) gives at least `n` on `client`.
-pub async fn wait_count(client: &Client, sql: &str, n: i64, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_count(
+    client: &Client,
+    sql: &str,
+    n: i64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     wait_until(&format!("{sql} to reach {n}"), timeout, || async {
         let v: i64 = client.query_one(sql, &[]).await?.get(0);
         Ok(v >= n)

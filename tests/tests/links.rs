@@ -19,7 +19,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 const WAIT: Duration = Duration::from_secs(300);
 
 async fn setup(name: &str, profile: &str, seed: u64) -> anyhow::Result<Setup> {
-    let link = Profile::by_name(profile).with_context(|| format!("netem profile {profile}"))?.link(seed);
+    let link = Profile::by_name(profile)
+        .with_context(|| format!("netem profile {profile}"))?
+        .link(seed);
     eprintln!("{name}: netem profile {profile}, seed {seed}");
     Setup::start(
         name,
@@ -36,7 +38,12 @@ async fn setup(name: &str, profile: &str, seed: u64) -> anyhow::Result<Setup> {
 }
 
 async fn applied(setup: &Setup) -> anyhow::Result<i64> {
-    Ok(setup.target(0).await?.query_one("SELECT count(*) FROM audit.log", &[]).await?.get(0))
+    Ok(setup
+        .target(0)
+        .await?
+        .query_one("SELECT count(*) FROM audit.log", &[])
+        .await?
+        .get(0))
 }
 
 /// A workload with two outages: a short one, and one longer than the idle
@@ -53,25 +60,41 @@ async fn workload_with_outages(profile: &str, seed: u64) -> anyhow::Result<()> {
             anyhow::Ok(())
         })
     };
-    wait_until("the first changes to cross the link", WAIT, || async { Ok(applied(&setup).await? > 20) })
-        .await
-        .with_context(|| setup.logs())?;
+    wait_until("the first changes to cross the link", WAIT, || async {
+        Ok(applied(&setup).await? > 20)
+    })
+    .await
+    .with_context(|| setup.logs())?;
     let src = setup.source().await?;
     let dst = setup.target(0).await?;
-    for (k, outage) in [Duration::from_secs(2), IDLE_TIMEOUT + Duration::from_secs(3)].into_iter().enumerate() {
+    for (k, outage) in [
+        Duration::from_secs(2),
+        IDLE_TIMEOUT + Duration::from_secs(3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         setup.relays[0].set_down(true);
         tokio::time::sleep(outage).await;
         setup.relays[0].set_down(false);
         // Work committed after the link came back must cross it.
         let from = 10_000 + 100 * k as i32;
         acct_transactions(&src, from, 20).await?;
-        let sql = format!("SELECT count(*) FROM acct WHERE id BETWEEN {from} AND {}", from + 99);
-        crate::fixture::wait_count(&dst, &sql, 1, WAIT).await.with_context(|| setup.logs())?;
+        let sql = format!(
+            "SELECT count(*) FROM acct WHERE id BETWEEN {from} AND {}",
+            from + 99
+        );
+        crate::fixture::wait_count(&dst, &sql, 1, WAIT)
+            .await
+            .with_context(|| setup.logs())?;
     }
     writer.await??;
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
     assert_applied_exactly_once(&setup, 0).await?;
-    eprintln!("{profile}: link stats {}", serde_json::to_string(&setup.relays[0].stats())?);
+    eprintln!(
+        "{profile}: link stats {}",
+        serde_json::to_string(&setup.relays[0].stats())?
+    );
     Ok(())
 }
 
@@ -91,17 +114,22 @@ async fn replication_over_satellite_with_outages_loses_and_doubles_nothing() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replication_over_a_lossy_link_with_outages_loses_and_doubles_nothing() -> anyhow::Result<()> {
+async fn replication_over_a_lossy_link_with_outages_loses_and_doubles_nothing() -> anyhow::Result<()>
+{
     workload_with_outages("lossy", 14).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_longer_than_the_idle_timeout_in_the_middle_of_a_100k_row_transaction_resumes() -> anyhow::Result<()> {
+async fn an_outage_longer_than_the_idle_timeout_in_the_middle_of_a_100k_row_transaction_resumes(
+) -> anyhow::Result<()> {
     let setup = setup("link-bigtxn", "satellite", 21).await?;
     let src = setup.source().await?;
     acct_transactions(&src, 1, 50).await?;
     let start = setup.relays[0].stats().forward.bytes_forwarded;
-    src.batch_execute("INSERT INTO acct SELECT g, g, 'bulk ' || g FROM generate_series(1000001, 1100000) g").await?;
+    src.batch_execute(
+        "INSERT INTO acct SELECT g, g, 'bulk ' || g FROM generate_series(1000001, 1100000) g",
+    )
+    .await?;
     // Cut the link once part of the transaction has crossed it.
     wait_until("the large transaction to be on its way", WAIT, || async {
         Ok(setup.relays[0].stats().forward.bytes_forwarded > start + 200_000)
@@ -111,22 +139,35 @@ async fn an_outage_longer_than_the_idle_timeout_in_the_middle_of_a_100k_row_tran
     setup.relays[0].set_down(true);
     tokio::time::sleep(IDLE_TIMEOUT + Duration::from_secs(3)).await;
     let dst = setup.target(0).await?;
-    let partial: i64 = dst.query_one("SELECT count(*) FROM acct WHERE id > 1000000", &[]).await?.get(0);
-    anyhow::ensure!(partial == 0, "the branch shows part of a transaction ({partial} of 100000 rows)");
+    let partial: i64 = dst
+        .query_one("SELECT count(*) FROM acct WHERE id > 1000000", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        partial == 0,
+        "the branch shows part of a transaction ({partial} of 100000 rows)"
+    );
     setup.relays[0].set_down(false);
     acct_transactions(&src, 51, 50).await?;
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
     assert_applied_exactly_once(&setup, 0).await?;
-    eprintln!("satellite big transaction: link stats {}", serde_json::to_string(&setup.relays[0].stats())?);
+    eprintln!(
+        "satellite big transaction: link stats {}",
+        serde_json::to_string(&setup.relays[0].stats())?
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replication_over_a_flaky_link_with_scheduled_outages_loses_and_doubles_nothing() -> anyhow::Result<()> {
+async fn replication_over_a_flaky_link_with_scheduled_outages_loses_and_doubles_nothing(
+) -> anyhow::Result<()> {
     // The `flaky` profile (down 30 s every 2 min) with its schedule shortened
     // to fit a test: down 5 s (longer than the idle timeout) every 9 s.
     let mut link = Profile::by_name("flaky").context("flaky profile")?.link(15);
-    let schedule = pgcourier_netem::OutageSchedule::starting_up(Duration::from_secs(9), Duration::from_secs(5));
+    let schedule = pgcourier_netem::OutageSchedule::starting_up(
+        Duration::from_secs(9),
+        Duration::from_secs(5),
+    );
     link.forward.outage = Some(schedule);
     link.back.outage = Some(schedule);
     let setup = Setup::start(
@@ -149,6 +190,9 @@ async fn replication_over_a_flaky_link_with_scheduled_outages_loses_and_doubles_
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
     assert_applied_exactly_once(&setup, 0).await?;
     let stats = setup.relays[0].stats();
-    anyhow::ensure!(stats.forward.dropped.outage > 0, "the scheduled outages dropped nothing: the test proved nothing");
+    anyhow::ensure!(
+        stats.forward.dropped.outage > 0,
+        "the scheduled outages dropped nothing: the test proved nothing"
+    );
     Ok(())
 }

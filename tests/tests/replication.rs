@@ -50,11 +50,25 @@ BEGIN
 END $$;
 "#;
 
-pub const MIXED_TABLES: &[&str] =
-    &["public.kinds", "public.Mixed Case", "public.toasty", "public.fullident", "public.parent", "public.child", "public.counter"];
+pub const MIXED_TABLES: &[&str] = &[
+    "public.kinds",
+    "public.Mixed Case",
+    "public.toasty",
+    "public.fullident",
+    "public.parent",
+    "public.child",
+    "public.counter",
+];
 
-pub const MIXED_TABLES_SQL: &[&str] =
-    &["public.kinds", "public.\"Mixed Case\"", "public.toasty", "public.fullident", "public.parent", "public.child", "public.counter"];
+pub const MIXED_TABLES_SQL: &[&str] = &[
+    "public.kinds",
+    "public.\"Mixed Case\"",
+    "public.toasty",
+    "public.fullident",
+    "public.parent",
+    "public.child",
+    "public.counter",
+];
 
 /// The mixed workload: every change kind and every common type.
 pub const MIXED_WORKLOAD: &[&str] = &[
@@ -108,8 +122,16 @@ pub async fn audit_differences(src: &Client, dst: &Client) -> anyhow::Result<Vec
     let q = "SELECT tbl || ' ' || op || ' ' || coalesce(r, 'NULL') || ' x' || count(*) FROM audit.log GROUP BY tbl, op, r ORDER BY 1";
     let a: Vec<String> = src.query(q, &[]).await?.iter().map(|r| r.get(0)).collect();
     let b: Vec<String> = dst.query(q, &[]).await?.iter().map(|r| r.get(0)).collect();
-    let mut diff: Vec<String> = a.iter().filter(|x| !b.contains(x)).map(|x| format!("source only: {x}")).collect();
-    diff.extend(b.iter().filter(|x| !a.contains(x)).map(|x| format!("target only: {x}")));
+    let mut diff: Vec<String> = a
+        .iter()
+        .filter(|x| !b.contains(x))
+        .map(|x| format!("source only: {x}"))
+        .collect();
+    diff.extend(
+        b.iter()
+            .filter(|x| !a.contains(x))
+            .map(|x| format!("target only: {x}")),
+    );
     Ok(diff)
 }
 
@@ -117,25 +139,47 @@ pub async fn assert_applied_exactly_once(setup: &Setup, i: usize) -> anyhow::Res
     let src = setup.source().await?;
     let dst = setup.target(i).await?;
     let diff = audit_differences(&src, &dst).await?;
-    let n: i64 = dst.query_one("SELECT count(*) FROM audit.log", &[]).await?.get(0);
-    anyhow::ensure!(n > 0, "the target's audit trigger recorded nothing: the test would prove nothing");
-    anyhow::ensure!(diff.is_empty(), "row changes not applied exactly once on branch {i}:\n{}", diff.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
+    let n: i64 = dst
+        .query_one("SELECT count(*) FROM audit.log", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        n > 0,
+        "the target's audit trigger recorded nothing: the test would prove nothing"
+    );
+    anyhow::ensure!(
+        diff.is_empty(),
+        "row changes not applied exactly once on branch {i}:\n{}",
+        diff.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
     Ok(())
 }
 
 async fn run_sql(client: &Client, statements: &[&str]) -> anyhow::Result<()> {
     for s in statements {
-        client.batch_execute(s).await.with_context(|| format!("source statement: {s}"))?;
+        client
+            .batch_execute(s)
+            .await
+            .with_context(|| format!("source statement: {s}"))?;
     }
     Ok(())
 }
 
 fn mixed(branches: usize, dial: Dial) -> Options<'static> {
-    Options { branches, dial, schema: MIXED_SCHEMA, tables: MIXED_TABLES, sender_extra: "", receiver_extra: "", link: None }
+    Options {
+        branches,
+        dial,
+        schema: MIXED_SCHEMA,
+        tables: MIXED_TABLES,
+        sender_extra: "",
+        receiver_extra: "",
+        link: None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mixed_workload_over_every_type_replicates_row_for_row_exactly_once() -> anyhow::Result<()> {
+async fn mixed_workload_over_every_type_replicates_row_for_row_exactly_once() -> anyhow::Result<()>
+{
     let setup = Setup::start("mixed", mixed(1, Dial::SenderDials)).await?;
     let src = setup.source().await?;
     run_sql(&src, MIXED_WORKLOAD).await?;
@@ -151,7 +195,10 @@ async fn mixed_workload_over_every_type_replicates_row_for_row_exactly_once() ->
     assert_applied_exactly_once(&setup, 0).await?;
     // Unchanged TOASTed values kept their value.
     let dst = setup.target(0).await?;
-    let nulls: i64 = dst.query_one("SELECT count(*) FROM toasty WHERE big IS NULL", &[]).await?.get(0);
+    let nulls: i64 = dst
+        .query_one("SELECT count(*) FROM toasty WHERE big IS NULL", &[])
+        .await?
+        .get(0);
     assert_eq!(nulls, 0, "an unchanged TOASTed column was overwritten");
     Ok(())
 }
@@ -171,7 +218,15 @@ ALTER TABLE acct ENABLE ALWAYS TRIGGER audit;
 "#;
 
 fn acct(branches: usize, dial: Dial) -> Options<'static> {
-    Options { branches, dial, schema: ACCT_SCHEMA, tables: &["public.acct"], sender_extra: "", receiver_extra: "", link: None }
+    Options {
+        branches,
+        dial,
+        schema: ACCT_SCHEMA,
+        tables: &["public.acct"],
+        sender_extra: "",
+        receiver_extra: "",
+        link: None,
+    }
 }
 
 /// `n` single-row transactions numbered from `from`: inserts, then updates
@@ -179,7 +234,10 @@ fn acct(branches: usize, dial: Dial) -> Options<'static> {
 pub async fn acct_transactions(client: &Client, from: i32, n: i32) -> anyhow::Result<()> {
     for i in from..from + n {
         let sql = match i % 4 {
-            3 => format!("UPDATE acct SET bal = bal + {i}, note = 'u{i}' WHERE id = {}", i - 1),
+            3 => format!(
+                "UPDATE acct SET bal = bal + {i}, note = 'u{i}' WHERE id = {}",
+                i - 1
+            ),
             2 if i > 10 => format!("DELETE FROM acct WHERE id = {}", i - 10),
             _ => format!("INSERT INTO acct VALUES ({i}, {i}, 'i{i}')"),
         };
@@ -190,7 +248,10 @@ pub async fn acct_transactions(client: &Client, from: i32, n: i32) -> anyhow::Re
 
 async fn applied(setup: &Setup, i: usize) -> anyhow::Result<i64> {
     let dst = setup.target(i).await?;
-    Ok(dst.query_one("SELECT count(*) FROM audit.log", &[]).await?.get(0))
+    Ok(dst
+        .query_one("SELECT count(*) FROM audit.log", &[])
+        .await?
+        .get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,13 +265,17 @@ async fn sender_killed_mid_stream_restarts_without_loss_or_duplicates() -> anyho
         tokio::spawn(async move { acct_transactions(&src, 301, 1500).await })
     };
     let dst = setup.target(0).await?;
-    wait_count(&dst, "SELECT count(*) FROM audit.log", 50, WAIT).await.with_context(|| setup.logs())?;
+    wait_count(&dst, "SELECT count(*) FROM audit.log", 50, WAIT)
+        .await
+        .with_context(|| setup.logs())?;
     setup.sender.kill9()?;
     setup.restart_sender()?;
     // Work committed after the restart must arrive (the writer may already
     // have finished and everything before it been shipped).
     acct_transactions(&src, 5001, 20).await?;
-    wait_count(&dst, "SELECT count(*) FROM acct WHERE id >= 5001", 1, WAIT).await.with_context(|| setup.logs())?;
+    wait_count(&dst, "SELECT count(*) FROM acct WHERE id >= 5001", 1, WAIT)
+        .await
+        .with_context(|| setup.logs())?;
     setup.sender.kill9()?;
     setup.restart_sender()?;
     writer.await??;
@@ -222,14 +287,20 @@ async fn sender_killed_mid_stream_restarts_without_loss_or_duplicates() -> anyho
 async fn receiver_killed_mid_apply_restarts_without_loss_or_duplicates() -> anyhow::Result<()> {
     // Small apply groups: more commits, so kills land between a target
     // commit and the inbox delete as well as inside groups.
-    let opts = Options { receiver_extra: "apply-group-transactions = 20", ..acct(1, Dial::SenderDials) };
+    let opts = Options {
+        receiver_extra: "apply-group-transactions = 20",
+        ..acct(1, Dial::SenderDials)
+    };
     let mut setup = Setup::start("killrecv", opts).await?;
     // A backlog builds while the receiver is down, then it is killed
     // repeatedly while it applies.
     setup.branches[0].receiver.terminate()?;
     let src = setup.source().await?;
     acct_transactions(&src, 1, 3000).await?;
-    let total: i64 = src.query_one("SELECT count(*) FROM audit.log", &[]).await?.get(0);
+    let total: i64 = src
+        .query_one("SELECT count(*) FROM audit.log", &[])
+        .await?
+        .get(0);
     setup.restart_receiver(0)?;
     let mut kills = 0;
     for _ in 0..4 {
@@ -238,12 +309,22 @@ async fn receiver_killed_mid_apply_restarts_without_loss_or_duplicates() -> anyh
             break;
         }
         let dst = setup.target(0).await?;
-        wait_count(&dst, "SELECT count(*) FROM audit.log", (at + 150).min(total), WAIT).await.with_context(|| setup.logs())?;
+        wait_count(
+            &dst,
+            "SELECT count(*) FROM audit.log",
+            (at + 150).min(total),
+            WAIT,
+        )
+        .await
+        .with_context(|| setup.logs())?;
         setup.branches[0].receiver.kill9()?;
         kills += 1;
         setup.restart_receiver(0)?;
     }
-    anyhow::ensure!(kills > 0, "apply finished before the first kill: the test proved nothing");
+    anyhow::ensure!(
+        kills > 0,
+        "apply finished before the first kill: the test proved nothing"
+    );
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
     assert_applied_exactly_once(&setup, 0).await
 }
@@ -256,7 +337,9 @@ async fn target_restart_during_apply_is_survived() -> anyhow::Result<()> {
         tokio::spawn(async move { acct_transactions(&src, 1, 1500).await })
     };
     let dst = setup.target(0).await?;
-    wait_count(&dst, "SELECT count(*) FROM audit.log", 100, WAIT).await.with_context(|| setup.logs())?;
+    wait_count(&dst, "SELECT count(*) FROM audit.log", 100, WAIT)
+        .await
+        .with_context(|| setup.logs())?;
     drop(dst);
     setup.branches[0].pg.kill()?;
     setup.branches[0].pg.start_again()?;
@@ -266,7 +349,8 @@ async fn target_restart_during_apply_is_survived() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_receivers_one_stopped_both_end_identical_and_spool_waits_for_the_slower() -> anyhow::Result<()> {
+async fn two_receivers_one_stopped_both_end_identical_and_spool_waits_for_the_slower(
+) -> anyhow::Result<()> {
     let mut setup = Setup::start("tworecv", acct(2, Dial::SenderDials)).await?;
     let src = setup.source().await?;
     acct_transactions(&src, 1, 200).await?;
@@ -278,13 +362,28 @@ async fn two_receivers_one_stopped_both_end_identical_and_spool_waits_for_the_sl
     // The spool must still hold what branch 1 has not acknowledged: stop the
     // sender and look at the spool directly.
     setup.sender.terminate()?;
-    let spool = pgcourier_sender::spool::Spool::open(&setup.dir.path().join("spool"), 1 << 20, &["branch0".into(), "branch1".into()])?;
+    let spool = pgcourier_sender::spool::Spool::open(
+        &setup.dir.path().join("spool"),
+        1 << 20,
+        &["branch0".into(), "branch1".into()],
+    )?;
     let (depth, _) = spool.depth();
     let ack0 = spool.ack("branch0").unwrap_or(0);
     let ack1 = spool.ack("branch1").unwrap_or(0);
-    anyhow::ensure!(ack0 > ack1, "the running branch should be ahead: acks {ack0} vs {ack1}");
-    anyhow::ensure!(spool.marks().first_seq == ack1 + 1, "the spool must start right after the slower receiver's ack {ack1}, starts at {}", spool.marks().first_seq);
-    anyhow::ensure!(depth >= ack0 - ack1, "spool holds {depth} records, fewer than the {} branch1 still needs", ack0 - ack1);
+    anyhow::ensure!(
+        ack0 > ack1,
+        "the running branch should be ahead: acks {ack0} vs {ack1}"
+    );
+    anyhow::ensure!(
+        spool.marks().first_seq == ack1 + 1,
+        "the spool must start right after the slower receiver's ack {ack1}, starts at {}",
+        spool.marks().first_seq
+    );
+    anyhow::ensure!(
+        depth >= ack0 - ack1,
+        "spool holds {depth} records, fewer than the {} branch1 still needs",
+        ack0 - ack1
+    );
     drop(spool);
     setup.restart_sender()?;
     setup.restart_receiver(1)?;
@@ -296,9 +395,20 @@ async fn two_receivers_one_stopped_both_end_identical_and_spool_waits_for_the_sl
     setup.sender.terminate()?;
     setup.branches[0].receiver.terminate()?;
     setup.branches[1].receiver.terminate()?;
-    let spool = pgcourier_sender::spool::Spool::open(&setup.dir.path().join("spool"), 1 << 20, &["branch0".into(), "branch1".into()])?;
-    anyhow::ensure!(spool.ack("branch0") == spool.ack("branch1"), "both receivers should have acknowledged everything");
-    anyhow::ensure!(spool.depth().0 == 0, "spool should be empty after both acknowledged, holds {}", spool.depth().0);
+    let spool = pgcourier_sender::spool::Spool::open(
+        &setup.dir.path().join("spool"),
+        1 << 20,
+        &["branch0".into(), "branch1".into()],
+    )?;
+    anyhow::ensure!(
+        spool.ack("branch0") == spool.ack("branch1"),
+        "both receivers should have acknowledged everything"
+    );
+    anyhow::ensure!(
+        spool.depth().0 == 0,
+        "spool should be empty after both acknowledged, holds {}",
+        spool.depth().0
+    );
     Ok(())
 }
 
@@ -329,13 +439,18 @@ async fn a_receiver_with_an_unpinned_certificate_is_refused() -> anyhow::Result<
     setup.restart_receiver(0)?;
     let src = setup.source().await?;
     acct_transactions(&src, 1, 20).await?;
-    wait_until("the sender to log the refused fingerprint", WAIT, || async {
-        Ok(setup.sender.log().contains(&impostor))
-    })
+    wait_until(
+        "the sender to log the refused fingerprint",
+        WAIT,
+        || async { Ok(setup.sender.log().contains(&impostor)) },
+    )
     .await
     .with_context(|| setup.logs())?;
     let dst = setup.target(0).await?;
-    let n: i64 = dst.query_one("SELECT count(*) FROM acct", &[]).await?.get(0);
+    let n: i64 = dst
+        .query_one("SELECT count(*) FROM acct", &[])
+        .await?
+        .get(0);
     anyhow::ensure!(n == 0, "an impostor receiver got {n} rows");
     Ok(())
 }
@@ -343,45 +458,116 @@ async fn a_receiver_with_an_unpinned_certificate_is_refused() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_target_table_pauses_apply_until_the_dba_creates_it() -> anyhow::Result<()> {
     let schema = "CREATE TABLE a (id integer PRIMARY KEY, v text); CREATE TABLE b (id integer PRIMARY KEY, v text);";
-    let setup = Setup::start("pause", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "", link: None }).await?;
+    let setup = Setup::start(
+        "pause",
+        Options {
+            branches: 1,
+            dial: Dial::SenderDials,
+            schema,
+            tables: &[],
+            sender_extra: "",
+            receiver_extra: "",
+            link: None,
+        },
+    )
+    .await?;
     let dst = setup.target(0).await?;
     dst.batch_execute("DROP TABLE b").await?;
     let src = setup.source().await?;
-    src.batch_execute("INSERT INTO a VALUES (1, 'before')").await?;
-    src.batch_execute("INSERT INTO b VALUES (1, 'blocked')").await?;
-    src.batch_execute("INSERT INTO a VALUES (2, 'after')").await?;
+    src.batch_execute("INSERT INTO a VALUES (1, 'before')")
+        .await?;
+    src.batch_execute("INSERT INTO b VALUES (1, 'blocked')")
+        .await?;
+    src.batch_execute("INSERT INTO a VALUES (2, 'after')")
+        .await?;
     wait_until("the receiver to name the missing table", WAIT, || async {
-        Ok(setup.branches[0].receiver.log().contains("table \"public\".\"b\" does not exist on the target"))
+        Ok(setup.branches[0]
+            .receiver
+            .log()
+            .contains("table \"public\".\"b\" does not exist on the target"))
     })
     .await
     .with_context(|| setup.logs())?;
     // The transaction before the blocked one commits on its own; the one
     // after it waits, in commit order.
-    wait_count(&dst, "SELECT count(*) FROM a", 1, WAIT).await.with_context(|| setup.logs())?;
-    let after: i64 = dst.query_one("SELECT count(*) FROM a WHERE id = 2", &[]).await?.get(0);
-    anyhow::ensure!(after == 0, "a transaction after the blocked one was applied out of order");
-    dst.batch_execute("CREATE TABLE b (id integer PRIMARY KEY, v text)").await?;
+    wait_count(&dst, "SELECT count(*) FROM a", 1, WAIT)
+        .await
+        .with_context(|| setup.logs())?;
+    let after: i64 = dst
+        .query_one("SELECT count(*) FROM a WHERE id = 2", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        after == 0,
+        "a transaction after the blocked one was applied out of order"
+    );
+    dst.batch_execute("CREATE TABLE b (id integer PRIMARY KEY, v text)")
+        .await?;
     setup.wait_equal(0, &["public.a", "public.b"], WAIT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_names_tables_whose_updates_could_not_replicate_and_exits_non_zero() -> anyhow::Result<()> {
+async fn check_names_tables_whose_updates_could_not_replicate_and_exits_non_zero(
+) -> anyhow::Result<()> {
     let schema = "CREATE TABLE good (id integer PRIMARY KEY); CREATE TABLE \"No Key\" (v text); \
                   CREATE TABLE full_ident (v text); ALTER TABLE full_ident REPLICA IDENTITY FULL;";
-    let setup = Setup::start("check", Options { branches: 1, dial: Dial::SenderDials, schema, tables: &[], sender_extra: "", receiver_extra: "", link: None }).await?;
+    let setup = Setup::start(
+        "check",
+        Options {
+            branches: 1,
+            dial: Dial::SenderDials,
+            schema,
+            tables: &[],
+            sender_extra: "",
+            receiver_extra: "",
+            link: None,
+        },
+    )
+    .await?;
     let out = std::process::Command::new(pgcourier_tests::bin_path("pgcourier-sender"))
-        .args(["check", "--config", setup.sender_config.to_str().expect("utf-8")])
+        .args([
+            "check",
+            "--config",
+            setup.sender_config.to_str().expect("utf-8"),
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(out.status.code() == Some(1), "check should exit 1 on problems, got {:?}\n{text}", out.status);
-    anyhow::ensure!(text.contains("table \"public\".\"No Key\" has no primary key and no replica identity"), "check did not name the table:\n{text}");
-    anyhow::ensure!(text.contains("REPLICA IDENTITY FULL"), "check did not give the fix:\n{text}");
-    anyhow::ensure!(!text.contains("\"good\"") && !text.contains("\"full_ident\""), "check flagged a table that is fine:\n{text}");
+    anyhow::ensure!(
+        out.status.code() == Some(1),
+        "check should exit 1 on problems, got {:?}\n{text}",
+        out.status
+    );
+    anyhow::ensure!(
+        text.contains("table \"public\".\"No Key\" has no primary key and no replica identity"),
+        "check did not name the table:\n{text}"
+    );
+    anyhow::ensure!(
+        text.contains("REPLICA IDENTITY FULL"),
+        "check did not give the fix:\n{text}"
+    );
+    anyhow::ensure!(
+        !text.contains("\"good\"") && !text.contains("\"full_ident\""),
+        "check flagged a table that is fine:\n{text}"
+    );
     // Once fixed, check passes.
-    setup.hq.execute(crate::fixture::DB, "ALTER TABLE \"No Key\" REPLICA IDENTITY FULL").await?;
+    setup
+        .hq
+        .execute(
+            crate::fixture::DB,
+            "ALTER TABLE \"No Key\" REPLICA IDENTITY FULL",
+        )
+        .await?;
     let out = std::process::Command::new(pgcourier_tests::bin_path("pgcourier-sender"))
-        .args(["check", "--config", setup.sender_config.to_str().expect("utf-8")])
+        .args([
+            "check",
+            "--config",
+            setup.sender_config.to_str().expect("utf-8"),
+        ])
         .output()?;
-    anyhow::ensure!(out.status.success(), "check should pass once fixed:\n{}", String::from_utf8_lossy(&out.stdout));
+    anyhow::ensure!(
+        out.status.success(),
+        "check should pass once fixed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(())
 }

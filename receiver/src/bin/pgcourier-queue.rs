@@ -17,7 +17,10 @@ use pgcourier_common::admin::{percent_encode, request};
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(version, about = "Inspect and act on pgcourier's spool (sender) and inbox (receiver)")]
+#[command(
+    version,
+    about = "Inspect and act on pgcourier's spool (sender) and inbox (receiver)"
+)]
 struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
@@ -68,14 +71,21 @@ enum Daemon {
 
 impl Daemon {
     fn load(path: &Path) -> anyhow::Result<Daemon> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
-        let value: toml::Value = toml::from_str(&text).with_context(|| format!("config file {} is not TOML", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config file {}", path.display()))?;
+        let value: toml::Value = toml::from_str(&text)
+            .with_context(|| format!("config file {} is not TOML", path.display()))?;
         if value.get("source").is_some() {
             Ok(Daemon::Sender(pgcourier_sender::SenderConfig::load(path)?))
         } else if value.get("target").is_some() {
-            Ok(Daemon::Receiver(pgcourier_receiver::ReceiverConfig::load(path)?))
+            Ok(Daemon::Receiver(pgcourier_receiver::ReceiverConfig::load(
+                path,
+            )?))
         } else {
-            bail!("config file {} is neither a sender's (no `source`) nor a receiver's (no `target`)", path.display())
+            bail!(
+                "config file {} is neither a sender's (no `source`) nor a receiver's (no `target`)",
+                path.display()
+            )
         }
     }
 
@@ -111,7 +121,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<u8> {
-    let path = cli.config.as_deref().context("--config FILE is required: the sender's or receiver's config")?;
+    let path = cli
+        .config
+        .as_deref()
+        .context("--config FILE is required: the sender's or receiver's config")?;
     let daemon = Daemon::load(path)?;
     match &cli.command {
         Command::Status => {
@@ -127,7 +140,10 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                     println!("{}", serde_json::to_string(&st)?);
                 } else {
                     print!("\x1b[2J\x1b[H");
-                    println!("pgcourier-queue watch ({}), every 1 s\n", humantime::format_rfc3339_seconds(std::time::SystemTime::now()));
+                    println!(
+                        "pgcourier-queue watch ({}), every 1 s\n",
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    );
                     print_status(&st, false);
                 }
                 n += 1;
@@ -146,11 +162,16 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                 Some(a) => a,
                 None => Answer::Json(offline_list(&daemon, *from, *limit)?),
             };
-            let Answer::Json(v) = answer else { bail!("unexpected text answer") };
+            let Answer::Json(v) = answer else {
+                bail!("unexpected text answer")
+            };
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:>10}  {:>14}  {:<24}  {:>7}  {:>9}  tables", "seq", "commit lsn", "commit time", "changes", "bytes");
+                println!(
+                    "{:>10}  {:>14}  {:<24}  {:>7}  {:>9}  tables",
+                    "seq", "commit lsn", "commit time", "changes", "bytes"
+                );
                 for r in v.as_array().into_iter().flatten() {
                     println!(
                         "{:>10}  {:>14}  {:<24}  {:>7}  {:>9}  {}{}",
@@ -159,8 +180,19 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
                         r["commit_time"].as_str().unwrap_or(""),
                         r["changes"],
                         human_bytes(r["bytes"].as_u64().unwrap_or(0)),
-                        r["tables"].as_array().map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
-                        if r["last"].as_bool() == Some(false) { "  (continues)" } else { "" }
+                        r["tables"]
+                            .as_array()
+                            .map(|t| t
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "))
+                            .unwrap_or_default(),
+                        if r["last"].as_bool() == Some(false) {
+                            "  (continues)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }
@@ -171,10 +203,11 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             if format != "sql" && format != "json" {
                 bail!("--format is sql or json, not {format:?}");
             }
-            let answer = match via_admin(&daemon, "GET", &format!("/records/{seq}?format={format}"))? {
-                Some(a) => a,
-                None => offline_show(&daemon, *seq, format)?,
-            };
+            let answer =
+                match via_admin(&daemon, "GET", &format!("/records/{seq}?format={format}"))? {
+                    Some(a) => a,
+                    None => offline_show(&daemon, *seq, format)?,
+                };
             match answer {
                 Answer::Json(v) => println!("{}", serde_json::to_string_pretty(&v)?),
                 Answer::Text(t) => print!("{t}"),
@@ -182,12 +215,25 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Skip { seq, reason } => {
-            let Daemon::Receiver(_) = daemon else { bail!("skip is a receiver command: pass the receiver's config") };
-            let addr = daemon.admin().context("skip needs the running receiver's admin endpoint: set `admin` in its config")?;
-            let (code, body) = request(addr, "POST", &format!("/skip?seq={seq}&reason={}", percent_encode(reason)))
-                .with_context(|| format!("reach the receiver's admin endpoint at {addr} (is the receiver running?)"))?;
+            let Daemon::Receiver(_) = daemon else {
+                bail!("skip is a receiver command: pass the receiver's config")
+            };
+            let addr = daemon.admin().context(
+                "skip needs the running receiver's admin endpoint: set `admin` in its config",
+            )?;
+            let (code, body) = request(
+                addr,
+                "POST",
+                &format!("/skip?seq={seq}&reason={}", percent_encode(reason)),
+            )
+            .with_context(|| {
+                format!("reach the receiver's admin endpoint at {addr} (is the receiver running?)")
+            })?;
             if cli.json {
-                println!("{}", serde_json::json!({ "ok": code == 200, "message": body }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": code == 200, "message": body })
+                );
             } else {
                 println!("{body}");
             }
@@ -199,7 +245,9 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
 /// Ask the running daemon; `None` when it has no admin endpoint or does not
 /// answer (then the store is opened directly).
 fn via_admin(daemon: &Daemon, method: &str, path: &str) -> anyhow::Result<Option<Answer>> {
-    let Some(addr) = daemon.admin() else { return Ok(None) };
+    let Some(addr) = daemon.admin() else {
+        return Ok(None);
+    };
     match request(addr, method, path) {
         Ok((200, body)) => Ok(Some(match serde_json::from_str(&body) {
             Ok(v) => Answer::Json(v),
@@ -218,7 +266,9 @@ fn fetch_status(daemon: &Daemon) -> anyhow::Result<Value> {
 }
 
 fn busy(e: impl std::fmt::Display, what: &str) -> anyhow::Error {
-    anyhow::anyhow!("{e}\n(if the {what} is running, set `admin` in its config so pgcourier-queue can ask it)")
+    anyhow::anyhow!(
+        "{e}\n(if the {what} is running, set `admin` in its config so pgcourier-queue can ask it)"
+    )
 }
 
 fn receiver_names(c: &pgcourier_sender::SenderConfig) -> Vec<String> {
@@ -226,12 +276,20 @@ fn receiver_names(c: &pgcourier_sender::SenderConfig) -> Vec<String> {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("build tokio runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build tokio runtime")
 }
 
-fn open_inbox(c: &pgcourier_receiver::ReceiverConfig) -> anyhow::Result<pgcourier_receiver::inbox::Inbox> {
+fn open_inbox(
+    c: &pgcourier_receiver::ReceiverConfig,
+) -> anyhow::Result<pgcourier_receiver::inbox::Inbox> {
     if !c.inbox_dir.join("db").exists() {
-        bail!("no inbox at {} (setting `inbox-dir`)", c.inbox_dir.display());
+        bail!(
+            "no inbox at {} (setting `inbox-dir`)",
+            c.inbox_dir.display()
+        );
     }
     pgcourier_receiver::inbox::Inbox::open(&c.inbox_dir, 16 << 20).map_err(|e| busy(e, "receiver"))
 }
@@ -239,19 +297,35 @@ fn open_inbox(c: &pgcourier_receiver::ReceiverConfig) -> anyhow::Result<pgcourie
 fn offline_status(daemon: &Daemon) -> anyhow::Result<Value> {
     match daemon {
         Daemon::Sender(c) => {
-            let spool = pgcourier_sender::spool::Spool::open_for_inspection(&c.spool_dir, &receiver_names(c)).map_err(|e| busy(e, "sender"))?;
+            let spool = pgcourier_sender::spool::Spool::open_for_inspection(
+                &c.spool_dir,
+                &receiver_names(c),
+            )
+            .map_err(|e| busy(e, "sender"))?;
             // The slot is read from the source, if it answers.
             let mut capture = pgcourier_sender::capture::CaptureStatus::default();
             runtime().block_on(async {
                 match pgcourier_sender::source::connect(&c.source).await {
-                    Ok(client) => match pgcourier_sender::source::slot_stats(&client, &c.slot).await {
-                        Ok(s) => capture.slot = s,
-                        Err(e) => capture.last_error = Some(pgcourier_common::backoff::error_chain(&e)),
-                    },
-                    Err(e) => capture.last_error = Some(format!("sender stopped; {}", pgcourier_common::backoff::error_chain(&e))),
+                    Ok(client) => {
+                        match pgcourier_sender::source::slot_stats(&client, &c.slot).await {
+                            Ok(s) => capture.slot = s,
+                            Err(e) => {
+                                capture.last_error =
+                                    Some(pgcourier_common::backoff::error_chain(&e))
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        capture.last_error = Some(format!(
+                            "sender stopped; {}",
+                            pgcourier_common::backoff::error_chain(&e)
+                        ))
+                    }
                 }
             });
-            Ok(serde_json::to_value(pgcourier_sender::admin::status(c, &spool, &capture, None, false))?)
+            Ok(serde_json::to_value(pgcourier_sender::admin::status(
+                c, &spool, &capture, None, false,
+            ))?)
         }
         Daemon::Receiver(c) => {
             let inbox = open_inbox(c)?;
@@ -278,7 +352,9 @@ fn offline_status(daemon: &Daemon) -> anyhow::Result<Value> {
                     }
                 });
             }
-            Ok(serde_json::to_value(pgcourier_receiver::admin::status(&inbox, &apply, None, false))?)
+            Ok(serde_json::to_value(pgcourier_receiver::admin::status(
+                &inbox, &apply, None, false,
+            ))?)
         }
     }
 }
@@ -286,17 +362,29 @@ fn offline_status(daemon: &Daemon) -> anyhow::Result<Value> {
 fn offline_list(daemon: &Daemon, from: Option<u64>, limit: usize) -> anyhow::Result<Value> {
     Ok(match daemon {
         Daemon::Sender(c) => {
-            let spool = pgcourier_sender::spool::Spool::open_for_inspection(&c.spool_dir, &receiver_names(c)).map_err(|e| busy(e, "sender"))?;
+            let spool = pgcourier_sender::spool::Spool::open_for_inspection(
+                &c.spool_dir,
+                &receiver_names(c),
+            )
+            .map_err(|e| busy(e, "sender"))?;
             serde_json::to_value(pgcourier_sender::admin::list(&spool, from, limit))?
         }
-        Daemon::Receiver(c) => serde_json::to_value(pgcourier_receiver::admin::list(&open_inbox(c)?, from, limit))?,
+        Daemon::Receiver(c) => serde_json::to_value(pgcourier_receiver::admin::list(
+            &open_inbox(c)?,
+            from,
+            limit,
+        ))?,
     })
 }
 
 fn offline_show(daemon: &Daemon, seq: u64, format: &str) -> anyhow::Result<Answer> {
     let resp = match daemon {
         Daemon::Sender(c) => {
-            let spool = pgcourier_sender::spool::Spool::open_for_inspection(&c.spool_dir, &receiver_names(c)).map_err(|e| busy(e, "sender"))?;
+            let spool = pgcourier_sender::spool::Spool::open_for_inspection(
+                &c.spool_dir,
+                &receiver_names(c),
+            )
+            .map_err(|e| busy(e, "sender"))?;
             pgcourier_sender::admin::show(&spool, seq, format)
         }
         Daemon::Receiver(c) => pgcourier_receiver::admin::show(&open_inbox(c)?, seq, format),
@@ -304,12 +392,17 @@ fn offline_show(daemon: &Daemon, seq: u64, format: &str) -> anyhow::Result<Answe
     if resp.status != 200 {
         bail!("{}", resp.body);
     }
-    Ok(if format == "json" { Answer::Json(serde_json::from_str(&resp.body)?) } else { Answer::Text(resp.body) })
+    Ok(if format == "json" {
+        Answer::Json(serde_json::from_str(&resp.body)?)
+    } else {
+        Answer::Text(resp.body)
+    })
 }
 
 fn status_code(st: &Value) -> u8 {
     let paused = st["apply_state"].as_str() == Some("paused");
-    let capture_failing = st["role"] == "sender" && st["running"] == true && !st["capture_error"].is_null();
+    let capture_failing =
+        st["role"] == "sender" && st["running"] == true && !st["capture_error"].is_null();
     if paused || capture_failing {
         3
     } else {
@@ -352,7 +445,11 @@ fn print_status(st: &Value, json: bool) {
     let s = |k: &str| st[k].as_str().unwrap_or("-").to_string();
     let u = |k: &str| st[k].as_u64().unwrap_or(0);
     let f = |k: &str| st[k].as_f64().unwrap_or(0.0);
-    let state = if st["running"] == true { "running" } else { "stopped (read from its store)" };
+    let state = if st["running"] == true {
+        "running"
+    } else {
+        "stopped (read from its store)"
+    };
     if st["role"] == "sender" {
         println!("sender            {state}");
         println!("source            {}", s("source"));
@@ -360,9 +457,19 @@ fn print_status(st: &Value, json: bool) {
             println!(
                 "slot              {} ({}), confirmed {}, WAL retained on the source {}",
                 slot.get("slot").and_then(|v| v.as_str()).unwrap_or("-"),
-                if slot.get("active") == Some(&Value::Bool(true)) { "active" } else { "inactive" },
-                slot.get("confirmed_flush_lsn").and_then(|v| v.as_str()).unwrap_or("-"),
-                human_bytes(slot.get("retained_wal_bytes").and_then(|v| v.as_u64()).unwrap_or(0))
+                if slot.get("active") == Some(&Value::Bool(true)) {
+                    "active"
+                } else {
+                    "inactive"
+                },
+                slot.get("confirmed_flush_lsn")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("-"),
+                human_bytes(
+                    slot.get("retained_wal_bytes")
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(0)
+                )
             );
         }
         println!("captured up to    {}", s("captured_end_lsn"));
@@ -412,9 +519,23 @@ fn print_status(st: &Value, json: bool) {
     } else {
         println!("receiver          {state}");
         println!("source            {}", s("source"));
-        println!("inbox             {} records, {}, durable up to {}", u("inbox_records"), human_bytes(u("inbox_bytes")), u("durable_seq"));
-        println!("applied           record {} (commit {} at {})", u("applied_seq"), s("applied_commit_lsn"), s("applied_commit_time"));
-        println!("apply             {}, lag {} behind the source commit", s("apply_state"), human_secs(f("apply_lag_seconds")));
+        println!(
+            "inbox             {} records, {}, durable up to {}",
+            u("inbox_records"),
+            human_bytes(u("inbox_bytes")),
+            u("durable_seq")
+        );
+        println!(
+            "applied           record {} (commit {} at {})",
+            u("applied_seq"),
+            s("applied_commit_lsn"),
+            s("applied_commit_time")
+        );
+        println!(
+            "apply             {}, lag {} behind the source commit",
+            s("apply_state"),
+            human_secs(f("apply_lag_seconds"))
+        );
         if !st["last_error"].is_null() {
             println!("last error        {}", s("last_error"));
         }

@@ -45,11 +45,23 @@ struct Args {
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { transactions: 100_000, workloads: vec!["insert"], profile: None, outage: None, congestion: "cubic".into(), skip_native: false };
+    let mut args = Args {
+        transactions: 100_000,
+        workloads: vec!["insert"],
+        profile: None,
+        outage: None,
+        congestion: "cubic".into(),
+        skip_native: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--transactions" => args.transactions = it.next().context("--transactions needs a number")?.parse()?,
+            "--transactions" => {
+                args.transactions = it
+                    .next()
+                    .context("--transactions needs a number")?
+                    .parse()?
+            }
             "--workload" => {
                 args.workloads = match it.next().as_deref() {
                     Some("insert") => vec!["insert"],
@@ -60,11 +72,18 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--profile" => {
                 let name = it.next().context("--profile needs a netem profile name")?;
-                pgcourier_netem::Profile::by_name(&name).with_context(|| format!("no netem profile {name:?}: {:?}", pgcourier_netem::Profile::names()))?;
+                pgcourier_netem::Profile::by_name(&name).with_context(|| {
+                    format!(
+                        "no netem profile {name:?}: {:?}",
+                        pgcourier_netem::Profile::names()
+                    )
+                })?;
                 args.profile = Some(name);
             }
             "--skip-native" => args.skip_native = true,
-            "--congestion" => args.congestion = it.next().context("--congestion cubic|bbr|newreno")?,
+            "--congestion" => {
+                args.congestion = it.next().context("--congestion cubic|bbr|newreno")?
+            }
             "--outage" => args.outage = Some(it.next().context("--outage needs seconds")?.parse()?),
             "-h" | "--help" => {
                 println!("pgcourier-bench [--transactions N] [--workload insert|update|both] [--profile dsl|3g|satellite|...] [--outage SECONDS] [--congestion cubic|bbr|newreno] [--skip-native]");
@@ -85,7 +104,9 @@ async fn counting_relay(socket: PathBuf, counter: Arc<AtomicU64>) -> anyhow::Res
             let socket = socket.clone();
             let counter = counter.clone();
             tokio::spawn(async move {
-                let Ok(unix) = UnixStream::connect(&socket).await else { return };
+                let Ok(unix) = UnixStream::connect(&socket).await else {
+                    return;
+                };
                 let (mut tr, mut tw) = tcp.into_split();
                 let (mut ur, mut uw) = unix.into_split();
                 let c1 = counter.clone();
@@ -126,7 +147,10 @@ struct Figure {
 }
 
 async fn receiver_status(admin: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
-    let (code, body) = tokio::task::spawn_blocking(move || pgcourier_common::admin::request(admin, "GET", "/status")).await??;
+    let (code, body) = tokio::task::spawn_blocking(move || {
+        pgcourier_common::admin::request(admin, "GET", "/status")
+    })
+    .await??;
     anyhow::ensure!(code == 200, "receiver status answered {code}");
     Ok(serde_json::from_str(&body)?)
 }
@@ -134,7 +158,11 @@ async fn receiver_status(admin: std::net::SocketAddr) -> anyhow::Result<serde_js
 fn shipping_totals(log: &str, field: &str) -> Option<u64> {
     let line = log.lines().rev().find(|l| l.contains("shipping totals"))?;
     let start = line.find(&format!(" {field}"))? + field.len() + 1;
-    let digits: String = line[start..].chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit()).collect();
+    let digits: String = line[start..]
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     digits.parse().ok()
 }
 
@@ -150,12 +178,20 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     for workload in &args.workloads {
-        let (ours, theirs) = backlog(workload, n, &args).await.with_context(|| format!("{workload} backlog"))?;
+        let (ours, theirs) = backlog(workload, n, &args)
+            .await
+            .with_context(|| format!("{workload} backlog"))?;
         rows.push((workload.to_string(), ours, theirs));
     }
     println!();
-    println!("{:<16} {:>12} {:>12} {:>8}   {:>14} {:>14} {:>8}", "backlog", "pgcourier", "postgres", "ratio", "pgcourier", "postgres", "ratio");
-    println!("{:<16} {:>12} {:>12} {:>8}   {:>14} {:>14} {:>8}", "", "txn/s", "txn/s", "", "bytes/txn", "bytes/txn", "");
+    println!(
+        "{:<16} {:>12} {:>12} {:>8}   {:>14} {:>14} {:>8}",
+        "backlog", "pgcourier", "postgres", "ratio", "pgcourier", "postgres", "ratio"
+    );
+    println!(
+        "{:<16} {:>12} {:>12} {:>8}   {:>14} {:>14} {:>8}",
+        "", "txn/s", "txn/s", "", "bytes/txn", "bytes/txn", ""
+    );
     for (w, ours, theirs) in &rows {
         let r1 = n as f64 / ours.seconds;
         let r2 = n as f64 / theirs.seconds;
@@ -213,20 +249,30 @@ where
                 first_after = Some(up.elapsed().as_secs_f64());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "drain did not finish within {DRAIN_TIMEOUT:?} ({c} of {expected})");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "drain did not finish within {DRAIN_TIMEOUT:?} ({c} of {expected})"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure, Figure)> {
-    let profile = args.profile.as_deref().map(|p| pgcourier_netem::Profile::by_name(p).expect("checked in parse_args"));
+    let profile = args
+        .profile
+        .as_deref()
+        .map(|p| pgcourier_netem::Profile::by_name(p).expect("checked in parse_args"));
     let outage = args.outage.map(Duration::from_secs);
     let dir = workdir("bench");
     let (hq, ours, native) = tokio::task::spawn_blocking(|| -> anyhow::Result<_> {
         let a = std::thread::spawn(|| PgCluster::start("hq"));
         let b = std::thread::spawn(|| PgCluster::start("ours"));
         let c = std::thread::spawn(|| PgCluster::start("native"));
-        Ok((a.join().expect("thread")?, b.join().expect("thread")?, c.join().expect("thread")?))
+        Ok((
+            a.join().expect("thread")?,
+            b.join().expect("thread")?,
+            c.join().expect("thread")?,
+        ))
     })
     .await??;
     for pg in [&hq, &ours, &native] {
@@ -251,31 +297,61 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
     let native_link = match &profile {
         Some(p) => {
             let l = p.link(7);
-            let link = pgcourier_netem::Link { forward: l.back, back: l.forward, seed: l.seed };
-            let relay = pgcourier_netem::TcpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{relay_port}").parse()?, link, pgcourier_netem::OutageMode::Cut).await?;
+            let link = pgcourier_netem::Link {
+                forward: l.back,
+                back: l.forward,
+                seed: l.seed,
+            };
+            let relay = pgcourier_netem::TcpRelay::start(
+                "127.0.0.1:0".parse()?,
+                format!("127.0.0.1:{relay_port}").parse()?,
+                link,
+                pgcourier_netem::OutageMode::Cut,
+            )
+            .await?;
             relay_port = relay.local_addr().port();
             Some(relay)
         }
         None => None,
     };
-    hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench").await?;
+    hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
+        .await?;
     native
         .execute(DB, &format!("CREATE SUBSCRIPTION native CONNECTION 'host=127.0.0.1 port={relay_port} user=postgres dbname={DB}' PUBLICATION native WITH (copy_data = false)"))
         .await?;
-    native.execute(DB, "ALTER SUBSCRIPTION native DISABLE").await?;
+    native
+        .execute(DB, "ALTER SUBSCRIPTION native DISABLE")
+        .await?;
     wait_until("the native slot to be released", Duration::from_secs(60), || async {
         Ok(count(&hq, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'native' AND NOT active").await? == 1)
     })
     .await?;
 
     // pgcourier: the sender creates its slot, then both daemons stay down.
-    let sender_fp = pgcourier_common::tls::keygen(&dir.path().join("s.crt"), &dir.path().join("s.key"), "sender")?.to_string();
-    let receiver_fp = pgcourier_common::tls::keygen(&dir.path().join("r.crt"), &dir.path().join("r.key"), "receiver")?.to_string();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let sender_fp = pgcourier_common::tls::keygen(
+        &dir.path().join("s.crt"),
+        &dir.path().join("s.key"),
+        "sender",
+    )?
+    .to_string();
+    let receiver_fp = pgcourier_common::tls::keygen(
+        &dir.path().join("r.crt"),
+        &dir.path().join("r.key"),
+        "receiver",
+    )?
+    .to_string();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let (ours_link, address) = match &profile {
         Some(p) => {
-            let relay = pgcourier_netem::UdpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{port}").parse()?, p.link(5)).await?;
+            let relay = pgcourier_netem::UdpRelay::start(
+                "127.0.0.1:0".parse()?,
+                format!("127.0.0.1:{port}").parse()?,
+                p.link(5),
+            )
+            .await?;
             let addr = relay.local_addr();
             (Some(relay), addr)
         }
@@ -309,10 +385,22 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
         ),
     )?;
     let sender_log = dir.path().join("sender.log");
-    let start_sender = || Daemon::spawn("sender", &bin_path("pgcourier-sender"), &["run", "--config", sender_cfg.to_str().expect("utf-8")], &sender_log);
+    let start_sender = || {
+        Daemon::spawn(
+            "sender",
+            &bin_path("pgcourier-sender"),
+            &["run", "--config", sender_cfg.to_str().expect("utf-8")],
+            &sender_log,
+        )
+    };
     let sender = start_sender()?;
     wait_until("the pgcourier slot", Duration::from_secs(60), || async {
-        Ok(count(&hq, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgcourier'").await? == 1)
+        Ok(count(
+            &hq,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgcourier'",
+        )
+        .await?
+            == 1)
     })
     .await?;
     sender.terminate()?;
@@ -320,8 +408,14 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
     println!("[{workload}] queueing {n} single-row transactions on the source...");
     let t = Instant::now();
     match workload {
-        "insert" => hq.execute(DB, &format!("CALL load_inserts(1000001, {n})")).await?,
-        _ => hq.execute(DB, &format!("CALL load_updates({n}, {rows})")).await?,
+        "insert" => {
+            hq.execute(DB, &format!("CALL load_inserts(1000001, {n})"))
+                .await?
+        }
+        _ => {
+            hq.execute(DB, &format!("CALL load_updates({n}, {rows})"))
+                .await?
+        }
     }
     println!("[{workload}] queued in {:.1}s", t.elapsed().as_secs_f64());
     let expect_sql = match workload {
@@ -332,21 +426,33 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
 
     // Drain pgcourier.
     let t = Instant::now();
-    let receiver = Daemon::spawn("receiver", &bin_path("pgcourier-receiver"), &["run", "--config", receiver_cfg.to_str().expect("utf-8")], &dir.path().join("receiver.log"))?;
+    let receiver = Daemon::spawn(
+        "receiver",
+        &bin_path("pgcourier-receiver"),
+        &["run", "--config", receiver_cfg.to_str().expect("utf-8")],
+        &dir.path().join("receiver.log"),
+    )?;
     let sender = start_sender()?;
     let base = count(&ours, &expect_sql).await?;
     // After link-up: applied past what the branch held durably at link-up.
     let durable_at_up: Arc<std::sync::Mutex<Option<u64>>> = Arc::default();
-    let first_after = drain(&ours, &expect_sql, expected, base, outage.zip(ours_link.as_ref()), |_| {
-        let at_up = durable_at_up.clone();
-        async move {
-            let st = receiver_status(admin).await?;
-            let durable = st["durable_seq"].as_u64().unwrap_or(0);
-            let applied = st["applied_seq"].as_u64().unwrap_or(0);
-            let d0 = *at_up.lock().expect("lock").get_or_insert(durable);
-            Ok(applied > d0)
-        }
-    })
+    let first_after = drain(
+        &ours,
+        &expect_sql,
+        expected,
+        base,
+        outage.zip(ours_link.as_ref()),
+        |_| {
+            let at_up = durable_at_up.clone();
+            async move {
+                let st = receiver_status(admin).await?;
+                let durable = st["durable_seq"].as_u64().unwrap_or(0);
+                let applied = st["applied_seq"].as_u64().unwrap_or(0);
+                let d0 = *at_up.lock().expect("lock").get_or_insert(durable);
+                Ok(applied > d0)
+            }
+        },
+    )
     .await
     .with_context(|| format!("{}\n{}", sender.log_tail(20), receiver.log_tail(20)))?;
     let ours_secs = t.elapsed().as_secs_f64();
@@ -357,7 +463,14 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
     let discarded: u64 = std::fs::read_to_string(dir.path().join("receiver.log"))?
         .lines()
         .filter(|l| l.contains("discarded_bytes="))
-        .filter_map(|l| l.split("discarded_bytes=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("discarded_bytes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     let resent = shipping_totals(&log, "resent_bytes").unwrap_or(0);
     // Both directions, as for PostgreSQL's relay count.
@@ -395,31 +508,51 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
     }
 
     if args.skip_native {
-        return Ok((Figure { seconds: ours_secs, bytes: udp }, Figure { seconds: f64::NAN, bytes: 0 }));
+        return Ok((
+            Figure {
+                seconds: ours_secs,
+                bytes: udp,
+            },
+            Figure {
+                seconds: f64::NAN,
+                bytes: 0,
+            },
+        ));
     }
     // Drain PostgreSQL's own.
     relay_bytes.store(0, Ordering::Relaxed);
     let t = Instant::now();
-    native.execute(DB, "ALTER SUBSCRIPTION native ENABLE").await?;
+    native
+        .execute(DB, "ALTER SUBSCRIPTION native ENABLE")
+        .await?;
     let native_base = count(&native, &expect_sql).await?;
     let count_at_up: Arc<std::sync::Mutex<Option<i64>>> = Arc::default();
-    let native_first = drain(&native, &expect_sql, expected, native_base, outage.zip(native_link.as_ref()), |_| {
-        let at_up = count_at_up.clone();
-        let native = &native;
-        let sql = expect_sql.clone();
-        async move {
-            let c = count(native, &sql).await?;
-            let c0 = *at_up.lock().expect("lock").get_or_insert(c);
-            Ok(c > c0)
-        }
-    })
+    let native_first = drain(
+        &native,
+        &expect_sql,
+        expected,
+        native_base,
+        outage.zip(native_link.as_ref()),
+        |_| {
+            let at_up = count_at_up.clone();
+            let native = &native;
+            let sql = expect_sql.clone();
+            async move {
+                let c = count(native, &sql).await?;
+                let c0 = *at_up.lock().expect("lock").get_or_insert(c);
+                Ok(c > c0)
+            }
+        },
+    )
     .await?;
     let native_secs = t.elapsed().as_secs_f64();
     if let Some(o) = outage {
         println!(
             "[{workload}] PostgreSQL outage of {}s: link-up to first new transaction applied: {}",
             o.as_secs(),
-            native_first.map(|s| format!("{s:.2}s")).unwrap_or_else(|| "not seen (drain ended)".into())
+            native_first
+                .map(|s| format!("{s:.2}s"))
+                .unwrap_or_else(|| "not seen (drain ended)".into())
         );
     }
     let native_bytes = relay_bytes.load(Ordering::Relaxed);
@@ -429,5 +562,14 @@ async fn backlog(workload: &str, n: i64, args: &Args) -> anyhow::Result<(Figure,
         native_bytes as f64 / n as f64
     );
     native.execute(DB, "DROP SUBSCRIPTION native").await?;
-    Ok((Figure { seconds: ours_secs, bytes: udp }, Figure { seconds: native_secs, bytes: native_bytes }))
+    Ok((
+        Figure {
+            seconds: ours_secs,
+            bytes: udp,
+        },
+        Figure {
+            seconds: native_secs,
+            bytes: native_bytes,
+        },
+    ))
 }

@@ -78,7 +78,10 @@ struct Options {
 }
 
 fn parse_args() -> Result<Option<Options>, String> {
-    let mut opts = Options { seconds: DEFAULT_SECONDS, profile: "dsl".into() };
+    let mut opts = Options {
+        seconds: DEFAULT_SECONDS,
+        profile: "dsl".into(),
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = match arg.as_str() {
@@ -86,7 +89,10 @@ fn parse_args() -> Result<Option<Options>, String> {
             "--profile" => {
                 let p = args.next().ok_or("--profile needs a value")?;
                 if pgcourier_netem::Profile::by_name(&p).is_none() {
-                    return Err(format!("--profile: no netem profile {p:?} (one of {:?})", pgcourier_netem::Profile::names()));
+                    return Err(format!(
+                        "--profile: no netem profile {p:?} (one of {:?})",
+                        pgcourier_netem::Profile::names()
+                    ));
                 }
                 opts.profile = p;
                 continue;
@@ -119,7 +125,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgcourier-demo: FAILED: cannot start the tokio runtime: {e}");
@@ -185,7 +194,8 @@ fn toml_str(s: &str) -> String {
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a UDP port on 127.0.0.1")?;
+    let sock =
+        std::net::UdpSocket::bind("127.0.0.1:0").context("binding a UDP port on 127.0.0.1")?;
     Ok(sock.local_addr()?.port())
 }
 
@@ -217,7 +227,9 @@ impl Demo {
             // bin_path panics with a clear message; report it as our own error.
             let hook = std::panic::take_hook();
             std::panic::set_hook(Box::new(|_| {}));
-            let found = std::panic::catch_unwind(|| (bin_path("pgcourier-sender"), bin_path("pgcourier-receiver")));
+            let found = std::panic::catch_unwind(|| {
+                (bin_path("pgcourier-sender"), bin_path("pgcourier-receiver"))
+            });
             std::panic::set_hook(hook);
             found
         })
@@ -230,32 +242,59 @@ impl Demo {
                 .unwrap_or_default();
             anyhow::anyhow!("locating the daemon binaries: {msg}")
         })?;
-        println!("daemons: {} and {}", sender_bin.display(), receiver_bin.display());
+        println!(
+            "daemons: {} and {}",
+            sender_bin.display(),
+            receiver_bin.display()
+        );
         let started = Instant::now();
 
         print!("starting clusters hq and branch... ");
         flush();
-        let (hq, branch) = tokio::task::spawn_blocking(|| -> anyhow::Result<(PgCluster, PgCluster)> {
-            let hq = std::thread::spawn(|| PgCluster::start("hq"));
-            let branch = std::thread::spawn(|| PgCluster::start("branch"));
-            let hq = hq.join().expect("cluster start thread").context("starting cluster hq")?;
-            let branch = branch.join().expect("cluster start thread").context("starting cluster branch")?;
-            Ok((hq, branch))
-        })
-        .await??;
-        println!("ok (Unix sockets: hq port {}, branch port {})", hq.port(), branch.port());
+        let (hq, branch) =
+            tokio::task::spawn_blocking(|| -> anyhow::Result<(PgCluster, PgCluster)> {
+                let hq = std::thread::spawn(|| PgCluster::start("hq"));
+                let branch = std::thread::spawn(|| PgCluster::start("branch"));
+                let hq = hq
+                    .join()
+                    .expect("cluster start thread")
+                    .context("starting cluster hq")?;
+                let branch = branch
+                    .join()
+                    .expect("cluster start thread")
+                    .context("starting cluster branch")?;
+                Ok((hq, branch))
+            })
+            .await??;
+        println!(
+            "ok (Unix sockets: hq port {}, branch port {})",
+            hq.port(),
+            branch.port()
+        );
 
         let dir = workdir("demo");
-        hq.execute(DB, SCHEMA).await.context("creating the schema on hq")?;
-        branch.execute(DB, SCHEMA).await.context("creating the schema on branch")?;
+        hq.execute(DB, SCHEMA)
+            .await
+            .context("creating the schema on hq")?;
+        branch
+            .execute(DB, SCHEMA)
+            .await
+            .context("creating the schema on branch")?;
         println!("schema on both: products(id, name, price), orders(id, product_id, qty, created_at, note)");
 
         let d = dir.path();
-        let sender_fp = pgcourier_common::tls::keygen(&d.join("sender.crt"), &d.join("sender.key"), "pgcourier-sender")
-            .context("generating the sender certificate")?;
-        let receiver_fp =
-            pgcourier_common::tls::keygen(&d.join("receiver.crt"), &d.join("receiver.key"), "pgcourier-receiver")
-                .context("generating the receiver certificate")?;
+        let sender_fp = pgcourier_common::tls::keygen(
+            &d.join("sender.crt"),
+            &d.join("sender.key"),
+            "pgcourier-sender",
+        )
+        .context("generating the sender certificate")?;
+        let receiver_fp = pgcourier_common::tls::keygen(
+            &d.join("receiver.crt"),
+            &d.join("receiver.key"),
+            "pgcourier-receiver",
+        )
+        .context("generating the receiver certificate")?;
         let short = |fp: String| format!("{}...", &fp[..16.min(fp.len())]);
         println!(
             "certificates: sender {}, receiver {} (SHA-256, pinned on the other side)",
@@ -265,12 +304,23 @@ impl Demo {
 
         let port = free_udp_port()?;
         let p = pgcourier_netem::Profile::by_name(profile).context("netem profile")?;
-        let link = pgcourier_netem::UdpRelay::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{port}").parse()?, p.link(1))
-            .await
-            .context("starting the netem link")?;
+        let link = pgcourier_netem::UdpRelay::start(
+            "127.0.0.1:0".parse()?,
+            format!("127.0.0.1:{port}").parse()?,
+            p.link(1),
+        )
+        .await
+        .context("starting the netem link")?;
         let link_addr = link.local_addr();
-        println!("link: netem profile {} ({}); the sender ships through {link_addr}", p.name, p.summary);
-        let admin_port = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+        println!(
+            "link: netem profile {} ({}); the sender ships through {link_addr}",
+            p.name, p.summary
+        );
+        let admin_port = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
         let (sender_admin, receiver_admin) = (admin_port()?, admin_port()?);
         let receiver_toml = d.join("receiver.toml");
         std::fs::write(
@@ -315,11 +365,26 @@ impl Demo {
             receiver_toml.display()
         );
 
-        let receiver = spawn(&receiver_bin, &receiver_toml, &d.join("receiver.log"), "receiver")?;
+        let receiver = spawn(
+            &receiver_bin,
+            &receiver_toml,
+            &d.join("receiver.log"),
+            "receiver",
+        )?;
         let sender = spawn(&sender_bin, &sender_toml, &d.join("sender.log"), "sender")?;
         let hq_client = hq.client(DB).await?;
         let branch_client = branch.client(DB).await?;
-        let demo = Demo { link, hq_client, branch_client, sender, receiver, hq, branch, dir, started };
+        let demo = Demo {
+            link,
+            hq_client,
+            branch_client,
+            sender,
+            receiver,
+            hq,
+            branch,
+            dir,
+            started,
+        };
         println!("started pgcourier-receiver (listening on udp 127.0.0.1:{port}) and pgcourier-sender (dials it)");
         Ok(demo)
     }
@@ -371,7 +436,10 @@ impl Demo {
                 .is_some())
         })
         .await?;
-        println!("replication slot pgcourier is ready on hq ({:.1} s); changes from now on are captured", t.elapsed().as_secs_f64());
+        println!(
+            "replication slot pgcourier is ready on hq ({:.1} s); changes from now on are captured",
+            t.elapsed().as_secs_f64()
+        );
 
         self.hq_client
             .batch_execute(&format!(
@@ -425,7 +493,9 @@ impl Demo {
                 self.receiver.respawn().context("restarting the receiver")?;
                 restarted = true;
             }
-            work.tick(&mut self.hq_client).await.context("workload on hq")?;
+            work.tick(&mut self.hq_client)
+                .await
+                .context("workload on hq")?;
             if elapsed >= next_report {
                 self.report(elapsed).await?;
                 next_report += Duration::from_secs(1);
@@ -441,7 +511,10 @@ impl Demo {
             work.updates,
             work.deletes
         );
-        println!("waiting for the branch to catch up (at most {} s)...", CATCH_UP_TIMEOUT.as_secs());
+        println!(
+            "waiting for the branch to catch up (at most {} s)...",
+            CATCH_UP_TIMEOUT.as_secs()
+        );
 
         let t = Instant::now();
         let mut next_report = Duration::from_secs(1);
@@ -476,7 +549,9 @@ impl Demo {
             .context("reading pgcourier.progress on branch")?;
         if let Some(row) = progress {
             let (lsn, seq): (String, i64) = (row.get(0), row.get(1));
-            println!("pgcourier.progress on branch: last applied commit LSN {lsn}, record seq {seq}");
+            println!(
+                "pgcourier.progress on branch: last applied commit LSN {lsn}, record seq {seq}"
+            );
         }
         let st = self.link.stats();
         println!(
@@ -495,20 +570,32 @@ impl Demo {
                 .args(["--config", cfg.to_str().unwrap_or_default(), "status"])
                 .output()
                 .context("running pgcourier-queue status")?;
-            print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            print!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         println!();
 
         // A clean stop: SIGTERM, as a service manager would send.
         for d in [&self.sender, &self.receiver] {
-            let status = tokio::task::block_in_place(|| d.terminate()).with_context(|| format!("stopping {}", d.name()))?;
+            let status = tokio::task::block_in_place(|| d.terminate())
+                .with_context(|| format!("stopping {}", d.name()))?;
             if !status.success() {
-                bail!("pgcourier-{} did not stop cleanly on SIGTERM ({status})", d.name());
+                bail!(
+                    "pgcourier-{} did not stop cleanly on SIGTERM ({status})",
+                    d.name()
+                );
             }
         }
         println!("stopped both daemons with SIGTERM (clean exit)");
 
-        println!("\ndaemon logs:\n  {}\n  {}", self.sender.log_path().display(), self.receiver.log_path().display());
+        println!(
+            "\ndaemon logs:\n  {}\n  {}",
+            self.sender.log_path().display(),
+            self.receiver.log_path().display()
+        );
         if keep_dirs() {
             println!(
                 "PGCOURIER_KEEP_TEST_DIRS is set: the work directory {} and both clusters are kept",
@@ -523,8 +610,12 @@ impl Demo {
 
     /// One status line: elapsed, order counts, difference, apply lag.
     async fn report(&self, elapsed: Duration) -> anyhow::Result<()> {
-        let src = count_orders(&self.hq_client).await.context("counting orders on hq")?;
-        let dst = count_orders(&self.branch_client).await.context("counting orders on branch")?;
+        let src = count_orders(&self.hq_client)
+            .await
+            .context("counting orders on hq")?;
+        let dst = count_orders(&self.branch_client)
+            .await
+            .context("counting orders on branch")?;
         // The progress table appears when the receiver first connects to the branch.
         let lag = self
             .branch_client
@@ -536,7 +627,9 @@ impl Demo {
             .ok()
             .flatten()
             .and_then(|r| r.get::<_, Option<f64>>(0));
-        let lag = lag.map(|l| format!("{l:.2} s")).unwrap_or_else(|| "-".into());
+        let lag = lag
+            .map(|l| format!("{l:.2} s"))
+            .unwrap_or_else(|| "-".into());
         println!(
             "{:>5.1}s  {:>9}  {:>13}  {:>6}  {:>9}",
             elapsed.as_secs_f64(),
@@ -562,7 +655,10 @@ fn spawn(bin: &Path, config: &Path, log: &Path, name: &str) -> anyhow::Result<Da
 }
 
 async fn count_orders(client: &Client) -> anyhow::Result<i64> {
-    Ok(client.query_one("SELECT count(*) FROM orders", &[]).await?.get(0))
+    Ok(client
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await?
+        .get(0))
 }
 
 /// The shop workload: a few single-statement transactions per tick.
@@ -576,7 +672,13 @@ struct Workload {
 
 impl Workload {
     fn new() -> Workload {
-        Workload { rng: StdRng::from_entropy(), next_order: 1, inserts: 0, updates: 0, deletes: 0 }
+        Workload {
+            rng: StdRng::from_entropy(),
+            next_order: 1,
+            inserts: 0,
+            updates: 0,
+            deletes: 0,
+        }
     }
 
     async fn tick(&mut self, client: &mut Client) -> anyhow::Result<()> {
