@@ -900,10 +900,15 @@ where
             Ok(Ok(true)) => return Ok(()),
             Ok(Ok(false)) => {}
             Ok(Err(e)) => last_err = Some(e),
+            // A check cut off by the deadline says less than the last one
+            // that finished: keep that one's error if there is one.
             Err(_) => {
-                last_err = Some(anyhow!(
-                    "the check itself did not finish before the deadline"
-                ))
+                last_err = Some(match last_err.take() {
+                    Some(e) => e.context(
+                        "the last check did not finish before the deadline; the one before",
+                    ),
+                    None => anyhow!("the check itself did not finish before the deadline"),
+                })
             }
         }
         let now = tokio::time::Instant::now();
