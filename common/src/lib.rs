@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod copy;
 pub mod durable;
 pub mod inspect;
 pub mod logging;
