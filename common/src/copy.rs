@@ -351,7 +351,12 @@ impl SeedReader {
                     return Err(self.corrupt("SHA-256 of the content differs from the trailer's"));
                 }
                 let mut rest = [0u8; 1];
-                if self.input.read(&mut rest).map_err(|e| self.corrupt(&e.to_string()))? != 0 {
+                if self
+                    .input
+                    .read(&mut rest)
+                    .map_err(|e| self.corrupt(&e.to_string()))?
+                    != 0
+                {
                     return Err(self.corrupt("bytes after the trailer"));
                 }
                 Ok(None)

@@ -37,6 +37,8 @@ pub struct ReceiverStatus {
     pub missing_rows: u64,
     pub skipped_transactions: u64,
     pub link: Option<LinkStatus>,
+    /// The table copy being loaded (committed as one transaction).
+    pub copy: Option<crate::apply::LoadProgress>,
 }
 
 /// Assemble the status view.
@@ -84,6 +86,7 @@ pub fn status(
         blocking_seq: apply.blocking_seq,
         missing_rows: apply.missing_rows,
         skipped_transactions: apply.skipped_transactions,
+        copy: apply.copy.clone(),
         link: link.cloned(),
     }
 }

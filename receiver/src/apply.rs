@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::try_join_all;
 use pgcourier_common::backoff::{error_chain, Backoff};
+use pgcourier_common::copy::{CopyMeta, COPY_PREFIX};
 use pgcourier_common::pgoutput::{
     self, Message, OldTuple, Relation, ReplicaIdentity, Tuple, Value,
 };
@@ -76,6 +77,10 @@ pub enum ApplyError {
     Inbox(#[from] pgcourier_common::durable::StoreError),
     #[error("record {seq} is out of order: {message}")]
     Order { seq: u64, message: String },
+    #[error("record {seq} holds copy metadata that does not decode: {message}")]
+    CopyMeta { seq: u64, message: String },
+    #[error(transparent)]
+    Seed(#[from] pgcourier_common::copy::SeedError),
 }
 
 impl ApplyError {
@@ -120,6 +125,59 @@ pub struct ApplyStatus {
     pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
     pub skipped_transactions: u64,
+    /// The copy being loaded, if any.
+    pub copy: Option<LoadProgress>,
+}
+
+/// Progress of a table copy being loaded into the target (it commits as one
+/// transaction, so the target shows it only at the end).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LoadProgress {
+    pub reason: String,
+    pub cut_lsn: String,
+    pub first_seq: u64,
+    pub elapsed_seconds: f64,
+    pub rows: u64,
+    pub rows_estimate: u64,
+    pub rows_per_second: f64,
+    pub eta_seconds: Option<f64>,
+    /// (table, rows loaded, rows estimated)
+    pub tables: Vec<(String, u64, u64)>,
+    #[serde(skip)]
+    started: Option<std::time::Instant>,
+    #[serde(skip)]
+    oids: Vec<u32>,
+    /// Its last record is queued: it is loaded once the group commits.
+    #[serde(skip)]
+    complete: bool,
+}
+
+impl LoadProgress {
+    fn count(&mut self, oid: u32) {
+        if let Some(i) = self.oids.iter().position(|&o| o == oid) {
+            self.tables[i].1 += 1;
+            self.rows += 1;
+            if self.rows % 4096 == 0 {
+                self.refresh();
+            }
+        }
+    }
+
+    fn refresh(&mut self) {
+        let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        self.elapsed_seconds = secs;
+        self.rows_per_second = if secs > 0.0 {
+            self.rows as f64 / secs
+        } else {
+            0.0
+        };
+        let left: u64 = self
+            .tables
+            .iter()
+            .map(|(_, rows, est)| est.saturating_sub(*rows))
+            .sum();
+        self.eta_seconds = (self.rows_per_second > 0.0).then(|| left as f64 / self.rows_per_second);
+    }
 }
 
 pub struct Apply {
@@ -202,6 +260,7 @@ struct Session {
     pending: Vec<Pending>,
     run: Option<InsertRun>,
     fragment: Vec<u8>,
+    copy: Option<LoadProgress>,
 }
 
 struct GroupEnd {
@@ -367,7 +426,9 @@ impl Apply {
             pending: Vec::new(),
             run: None,
             fragment: Vec::new(),
+            copy: None,
         };
+        self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {
             if let Ok(Message::Relation(rel)) = pgoutput::decode(&raw) {
                 s.relations.insert(rel.oid, rel);
@@ -444,6 +505,11 @@ impl Apply {
             }
             in_txn = !record.last;
             group_changes += self.queue_record(&mut s, &record).await?;
+            if record.last {
+                if let Some(c) = s.copy.as_mut() {
+                    c.complete = true;
+                }
+            }
             if record.last {
                 group_txns += 1;
                 group_end = Some(GroupEnd {
@@ -526,8 +592,17 @@ impl Apply {
                 seq: record.seq,
                 source,
             })?;
+            let copied = match &msg {
+                Message::Insert { rel, .. } => Some(*rel),
+                _ => None,
+            };
             match msg {
                 Message::Relation(rel) => self.remember_relation(s, rel, bytes)?,
+                Message::LogicalMessage {
+                    prefix, content, ..
+                } if prefix == COPY_PREFIX => {
+                    self.start_copy(s, record.seq, &content).await?;
+                }
                 Message::Insert { rel, new } => {
                     self.queue_change(s, record.seq, rel, Op::Insert, None, &new)
                         .await?;
@@ -570,11 +645,68 @@ impl Apply {
                 | Message::Type { .. }
                 | Message::LogicalMessage { .. } => {}
             }
+            if let Some(c) = s.copy.as_mut() {
+                if let Some(oid) = copied {
+                    c.count(oid);
+                    if c.rows % 65536 == 0 {
+                        self.status.lock().expect("status lock").copy = Some(c.clone());
+                    }
+                }
+            }
             if s.pending.len() >= PIPELINE_DEPTH {
                 self.drain(s).await?;
             }
         }
         Ok(changes)
+    }
+
+    /// A copy transaction begins: create its missing tables when allowed,
+    /// and track its progress.
+    async fn start_copy(
+        &self,
+        s: &mut Session,
+        seq: u64,
+        content: &[u8],
+    ) -> Result<(), ApplyError> {
+        let meta: CopyMeta = serde_json::from_slice(content).map_err(|e| ApplyError::CopyMeta {
+            seq,
+            message: e.to_string(),
+        })?;
+        if self.cfg.create_tables {
+            self.drain(s).await?;
+            for t in &meta.tables {
+                let sql = format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}; {}",
+                    quote_ident(&t.schema),
+                    t.create_sql()
+                );
+                s.client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| ApplyError::Target {
+                        what: format!("create table {} (setting `create-tables`)", t.quoted()),
+                        source: e,
+                    })?;
+            }
+        }
+        let progress = LoadProgress {
+            reason: meta.reason.clone(),
+            cut_lsn: meta.cut_lsn.to_string(),
+            first_seq: seq,
+            rows_estimate: meta.tables.iter().map(|t| t.rows_estimate).sum(),
+            tables: meta
+                .tables
+                .iter()
+                .map(|t| (t.quoted(), 0, t.rows_estimate))
+                .collect(),
+            started: Some(std::time::Instant::now()),
+            oids: meta.tables.iter().map(|t| t.oid).collect(),
+            ..LoadProgress::default()
+        };
+        tracing::info!(seq, reason = %meta.reason, cut = %meta.cut_lsn, tables = meta.tables.len(), rows_estimate = progress.rows_estimate, "loading a table copy");
+        self.status.lock().expect("status lock").copy = Some(progress.clone());
+        s.copy = Some(progress);
+        Ok(())
     }
 
     /// Map a source relation to its target table (cached per session).
@@ -992,6 +1124,18 @@ impl Apply {
         s.marker = end.commit_lsn;
         self.inbox.delete_through(end.seq)?;
         let mut st = self.status.lock().expect("status lock");
+        if s.copy.as_ref().is_some_and(|c| c.complete) {
+            let mut c = s.copy.take().expect("checked");
+            c.refresh();
+            tracing::info!(
+                rows = c.rows,
+                tables = c.tables.len(),
+                seconds = c.elapsed_seconds,
+                rows_per_second = c.rows_per_second as u64,
+                "table copy loaded and committed"
+            );
+            st.copy = None;
+        }
         if st.last_error.take().is_some() {
             tracing::info!("apply resumed");
         }

@@ -30,6 +30,8 @@ struct RawReceiverConfig {
     apply_group_changes: u32,
     #[serde(default = "default_true")]
     replica_role: bool,
+    #[serde(default)]
+    create_tables: bool,
     #[serde(default = "defaults::cache_capacity", deserialize_with = "de_size")]
     cache_capacity: u64,
     #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
@@ -78,6 +80,9 @@ pub struct ReceiverConfig {
     pub apply_group_transactions: u32,
     pub apply_group_changes: u32,
     pub replica_role: bool,
+    /// Create a copied table missing on the target from the source's
+    /// definition (columns, types, NOT NULL, primary key).
+    pub create_tables: bool,
     pub cache_capacity: u64,
     pub transport: TransportSettings,
     pub max_backoff: Duration,
@@ -132,6 +137,7 @@ impl ReceiverConfig {
             apply_group_transactions: raw.apply_group_transactions,
             apply_group_changes: raw.apply_group_changes,
             replica_role: raw.replica_role,
+            create_tables: raw.create_tables,
             cache_capacity: raw.cache_capacity,
             transport: TransportSettings {
                 idle_timeout: raw.idle_timeout,

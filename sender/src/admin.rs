@@ -57,6 +57,10 @@ pub struct SenderStatus {
     pub oldest_age_seconds: f64,
     pub receivers: Vec<ReceiverView>,
     pub shipping: Option<ShippingTotals>,
+    /// The table copy being read into the spool (or a seed file).
+    pub copy: Option<crate::copy::CopyProgress>,
+    /// Tables waiting for a copy (their changes wait with them).
+    pub copy_waiting: usize,
 }
 
 fn commit_time(spool: &Spool, seq: u64) -> Option<i64> {
@@ -141,6 +145,8 @@ pub fn status(
         oldest_age_seconds: oldest.map(inspect::age_seconds).unwrap_or(0.0),
         receivers,
         shipping,
+        copy: capture.copy.clone(),
+        copy_waiting: capture.copy_waiting,
     }
 }
 

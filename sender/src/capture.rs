@@ -17,18 +17,22 @@
 //! before the peek, provided WAL was flushed that far: every commit record
 //! that starts below that position was then visible to the peek.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures_util::{pin_mut, TryStreamExt};
+use pgcourier_common::copy::{CopyMeta, SeedHeader, SeedWriter, COPY_PREFIX, SEED_PREFIX};
 use pgcourier_common::pgoutput::{self, Message};
 use pgcourier_common::record::{Piece, Record, TARGET_RECORD_BYTES};
 use pgcourier_common::Lsn;
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SenderConfig;
+use crate::copy::{self, CopyProgress, Cut};
 use crate::source::{self, SourceError};
-use crate::spool::Spool;
+use crate::spool::{CopyState, Spool};
 
 /// Largest piece of one pgoutput message stored in a record; bigger messages
 /// are split into fragments.
@@ -46,6 +50,8 @@ pub enum CaptureError {
     Decode(#[from] pgoutput::DecodeError),
     #[error("pgoutput stream out of order: {0}")]
     Protocol(&'static str),
+    #[error("seed export failed: {0}")]
+    Seed(String),
 }
 
 impl CaptureError {
@@ -61,6 +67,8 @@ pub struct PollOutcome {
     pub transactions: u64,
     pub records: u64,
     pub skipped: u64,
+    /// Transactions whose every change was left to a pending copy.
+    pub dropped: u64,
 }
 
 /// The transaction being cut into records.
@@ -75,6 +83,18 @@ struct Cutter {
 }
 
 impl Cutter {
+    fn new(seq: u64, commit_lsn: Lsn, commit_time: i64) -> Cutter {
+        Cutter {
+            seq,
+            commit_lsn,
+            commit_time,
+            xid: 0,
+            part: 0,
+            pieces: Vec::new(),
+            bytes: 0,
+        }
+    }
+
     fn take(&mut self, last: bool, end_lsn: Lsn) -> Record {
         let record = Record {
             seq: self.seq,
@@ -91,6 +111,40 @@ impl Cutter {
         self.bytes = 0;
         record
     }
+
+    /// Add one pgoutput message, handing full records to `emit`. A message
+    /// too large for one record travels in fragments, each in a record of
+    /// its own.
+    fn push(
+        &mut self,
+        data: &[u8],
+        emit: &mut impl FnMut(Record) -> Result<(), CaptureError>,
+    ) -> Result<(), CaptureError> {
+        if data.len() <= MAX_PIECE_BYTES {
+            if self.bytes + data.len() > TARGET_RECORD_BYTES && !self.pieces.is_empty() {
+                emit(self.take(false, Lsn::ZERO))?;
+            }
+            self.bytes += data.len();
+            self.pieces.push(Piece::Message(data.to_vec()));
+            return Ok(());
+        }
+        if !self.pieces.is_empty() {
+            emit(self.take(false, Lsn::ZERO))?;
+        }
+        let mut chunks = data.chunks(MAX_PIECE_BYTES).peekable();
+        while let Some(chunk) = chunks.next() {
+            self.pieces.push(Piece::Fragment {
+                bytes: chunk.to_vec(),
+                more: chunks.peek().is_some(),
+            });
+            if chunks.peek().is_some() {
+                emit(self.take(false, Lsn::ZERO))?;
+            } else {
+                self.bytes = chunk.len();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Capture's state for status and metrics.
@@ -99,6 +153,42 @@ pub struct CaptureStatus {
     pub slot: Option<source::SlotStats>,
     pub last_error: Option<String>,
     pub transactions: u64,
+    /// The copy being read, if any.
+    pub copy: Option<CopyProgress>,
+    /// Tables waiting for a copy.
+    pub copy_waiting: usize,
+}
+
+/// An operator's request for a seed file (`pgcourier-sender seed export`).
+pub struct SeedRequest {
+    pub path: PathBuf,
+    pub reply: oneshot::Sender<Result<SeedSummary, String>>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SeedSummary {
+    pub path: String,
+    pub marker_seq: u64,
+    pub cut_lsn: String,
+    pub tables: usize,
+    pub rows: u64,
+    pub records: u64,
+    pub file_bytes: u64,
+    pub seconds: f64,
+}
+
+/// What a cut is for.
+enum Job {
+    /// Copy these tables into the spool, for every receiver.
+    Copy { tables: Vec<u32>, reason: String },
+    /// Copy every published table into a seed file.
+    Seed(SeedRequest),
+}
+
+enum Filter {
+    Keep,
+    Drop,
+    Replace(Vec<u8>),
 }
 
 pub struct Capture {
@@ -107,6 +197,10 @@ pub struct Capture {
     pub status: Arc<std::sync::Mutex<CaptureStatus>>,
     /// The slot's confirmed_flush_lsn as last seen or set by us.
     confirmed: Lsn,
+    tables: CopyState,
+    /// A cut taken and not yet spliced into the spool.
+    cut: Option<(Cut, Job)>,
+    seeds: Option<mpsc::Receiver<SeedRequest>>,
 }
 
 impl Capture {
@@ -116,7 +210,16 @@ impl Capture {
             spool,
             status: Arc::default(),
             confirmed: Lsn::ZERO,
+            tables: CopyState::default(),
+            cut: None,
+            seeds: None,
         }
+    }
+
+    /// Accept seed export requests from this channel.
+    pub fn with_seeds(mut self, seeds: mpsc::Receiver<SeedRequest>) -> Capture {
+        self.seeds = Some(seeds);
+        self
     }
 
     /// Capture until `shutdown`, reconnecting with backoff on transient
@@ -128,6 +231,14 @@ impl Capture {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = self.session(&shutdown) => r,
             };
+            // A cut does not survive its connection.
+            if let Some((_, Job::Seed(req))) = self.cut.take() {
+                let _ = req.reply.send(Err(match &result {
+                    Err(e) => pgcourier_common::backoff::error_chain(e),
+                    Ok(()) => "the sender is stopping".into(),
+                }));
+            }
+            self.status.lock().expect("status lock").copy = None;
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
@@ -164,21 +275,59 @@ impl Capture {
             None => self.spool.set_source(&identity.source_id)?,
         }
         self.confirmed = identity.confirmed_flush;
+        self.tables = self.spool.copy_state()?.unwrap_or_default();
+        if !self.tables.initial_done {
+            let published = copy::published_tables(&client, &self.cfg.publication).await?;
+            if self.cfg.initial_copy {
+                tracing::info!(
+                    tables = published.len(),
+                    "new spool: the published tables' rows will be copied first"
+                );
+                self.tables.waiting.extend(published);
+            } else {
+                tracing::info!(
+                    "new spool, initial-copy = false: only changes from now on are shipped"
+                );
+                self.tables.synced.extend(published);
+            }
+            self.tables.initial_done = true;
+            self.spool.set_copy_state(&self.tables)?;
+            self.spool.sync()?;
+        }
         tracing::info!(slot = %self.cfg.slot, confirmed = %self.confirmed, "capturing from source");
         self.status.lock().expect("status lock").last_error = None;
         let mut stats_at = std::time::Instant::now() - std::time::Duration::from_secs(60);
         loop {
+            if self.cut.is_none() {
+                self.next_cut(&client, shutdown).await?;
+            }
             let outcome = self.poll(&client).await?;
-            self.status.lock().expect("status lock").transactions += outcome.transactions;
+            {
+                let mut st = self.status.lock().expect("status lock");
+                st.transactions += outcome.transactions;
+                st.copy_waiting = self.tables.waiting.len();
+            }
             if stats_at.elapsed() >= std::time::Duration::from_secs(2) {
                 stats_at = std::time::Instant::now();
                 let stats = source::slot_stats(&client, &self.cfg.slot).await?;
                 self.status.lock().expect("status lock").slot = stats;
+                self.find_new_tables(&client).await?;
             }
-            if outcome.transactions == 0 && outcome.skipped == 0 {
-                tokio::select! {
+            if outcome.transactions == 0 && outcome.skipped == 0 && outcome.dropped == 0 {
+                let idle = self.cut.is_none();
+                let seeds = self.seeds.as_mut();
+                let request = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => None,
+                    Some(req) = async move {
+                        match seeds {
+                            Some(rx) if idle => rx.recv().await,
+                            _ => std::future::pending().await,
+                        }
+                    } => Some(req),
+                };
+                if let Some(req) = request {
+                    self.start_cut(&client, Job::Seed(req), shutdown).await?;
                 }
             } else if shutdown.is_cancelled() {
                 return Ok(());
@@ -186,7 +335,166 @@ impl Capture {
         }
     }
 
+    /// Tables in the publication that are neither copied nor waiting: a
+    /// table added to the publication with rows of its own.
+    async fn find_new_tables(&mut self, client: &Client) -> Result<(), CaptureError> {
+        let published = copy::published_tables(client, &self.cfg.publication).await?;
+        let mut added = false;
+        for oid in published {
+            if !self.tables.synced.contains(&oid) && !self.tables.waiting.contains(&oid) {
+                tracing::info!(
+                    oid,
+                    "a table joined the publication: its rows will be copied"
+                );
+                self.tables.waiting.insert(oid);
+                added = true;
+            }
+        }
+        if added {
+            self.spool.set_copy_state(&self.tables)?;
+            self.spool.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Start the next cut: a seed asked for, or tables waiting for a copy.
+    async fn next_cut(
+        &mut self,
+        client: &Client,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CaptureError> {
+        if let Some(req) = self.seeds.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            return self.start_cut(client, Job::Seed(req), shutdown).await;
+        }
+        if !self.tables.waiting.is_empty() {
+            let tables: Vec<u32> = self.tables.waiting.iter().copied().collect();
+            let reason = if self.tables.synced.is_empty() {
+                "initial"
+            } else {
+                "new table"
+            };
+            return self
+                .start_cut(
+                    client,
+                    Job::Copy {
+                        tables,
+                        reason: reason.into(),
+                    },
+                    shutdown,
+                )
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn start_cut(
+        &mut self,
+        client: &Client,
+        job: Job,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CaptureError> {
+        let tables = match &job {
+            Job::Copy { tables, .. } => tables.clone(),
+            Job::Seed(_) => copy::published_tables(client, &self.cfg.publication).await?,
+        };
+        let mut backoff = crate::Backoff::new(self.cfg.max_backoff);
+        let cut = loop {
+            match copy::take_cut(&self.cfg.source, &tables, self.cfg.copy_lock_wait).await {
+                Ok(cut) => break cut,
+                Err(e) if copy::is_lock_timeout(&e) => {
+                    let delay = backoff.next();
+                    backoff.log_once(
+                        "copy cut (waiting for the tables' writers to finish)",
+                        &e,
+                        delay,
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            if let Job::Seed(req) = job {
+                                let _ = req.reply.send(Err("the sender is stopping".into()));
+                            }
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    if let Job::Seed(req) = job {
+                        let _ = req
+                            .reply
+                            .send(Err(pgcourier_common::backoff::error_chain(&e)));
+                    }
+                    return Err(e.into());
+                }
+            }
+        };
+        tracing::info!(cut = %cut.lsn, tables = tables.len(), kind = match &job { Job::Copy { reason, .. } => reason.as_str(), Job::Seed(_) => "seed" }, "copy cut taken: transactions committed before it are spooled first");
+        self.cut = Some((cut, job));
+        Ok(())
+    }
+
+    /// Leave out what the pending copy's snapshot already holds: changes to
+    /// tables waiting for a copy (or being copied). A Relation for a table
+    /// never seen makes it wait for a copy.
+    fn filter(&mut self, kind: u8, data: &[u8]) -> Result<Filter, CaptureError> {
+        let copying = |tables: &CopyState, cut: &Option<(Cut, Job)>, oid: u32| {
+            tables.waiting.contains(&oid)
+                || matches!(cut, Some((_, Job::Copy { tables, .. })) if tables.contains(&oid))
+        };
+        match kind {
+            b'R' | b'I' | b'U' | b'D' => {
+                // Every one of these starts with the relation id.
+                let oid = match data.get(1..5) {
+                    Some(b) => u32::from_be_bytes(b.try_into().expect("4 bytes")),
+                    None => return Err(CaptureError::Protocol("change message too short")),
+                };
+                if kind == b'R'
+                    && !self.tables.synced.contains(&oid)
+                    && !copying(&self.tables, &self.cut, oid)
+                {
+                    tracing::info!(oid, "a table new to the stream: its rows will be copied");
+                    self.tables.waiting.insert(oid);
+                    self.spool.set_copy_state(&self.tables)?;
+                }
+                Ok(if copying(&self.tables, &self.cut, oid) {
+                    Filter::Drop
+                } else {
+                    Filter::Keep
+                })
+            }
+            b'T' => {
+                let Message::Truncate {
+                    cascade,
+                    restart_identity,
+                    rels,
+                } = pgoutput::decode(data)?
+                else {
+                    return Err(CaptureError::Protocol("Truncate does not decode"));
+                };
+                let kept: Vec<u32> = rels
+                    .iter()
+                    .copied()
+                    .filter(|&oid| !copying(&self.tables, &self.cut, oid))
+                    .collect();
+                Ok(if kept.len() == rels.len() {
+                    Filter::Keep
+                } else if kept.is_empty() {
+                    Filter::Drop
+                } else {
+                    Filter::Replace(pgoutput::encode(&Message::Truncate {
+                        cascade,
+                        restart_identity,
+                        rels: kept,
+                    }))
+                })
+            }
+            _ => Ok(Filter::Keep),
+        }
+    }
+
     /// One peek of the slot: spool what it returns, fsync, advance the slot.
+    /// With a cut pending, only transactions committing before it are read,
+    /// and once they all are, the copy is spliced in.
     pub async fn poll(&mut self, client: &Client) -> Result<PollOutcome, CaptureError> {
         let row = client
             .query_one(
@@ -197,6 +505,7 @@ impl Capture {
             .map_err(|e| SourceError::query("read WAL position", e))?;
         let insert_lsn: Lsn = parse_lsn(row.get(0))?;
         let flush_lsn: Lsn = parse_lsn(row.get(1))?;
+        let upto: Option<String> = self.cut.as_ref().map(|(c, _)| c.lsn.to_string());
 
         let skip_through = self.spool.captured_commit_lsn();
         let mut outcome = PollOutcome::default();
@@ -209,10 +518,11 @@ impl Capture {
         let changes = self.cfg.capture_batch_changes as i32;
         let stream = client
             .query_raw(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-                 'proto_version', '1', 'publication_names', $3)",
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+                 'proto_version', '1', 'publication_names', $4)",
                 [
                     &self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &upto,
                     &changes,
                     &publication,
                 ],
@@ -244,15 +554,9 @@ impl Capture {
                     in_txn = true;
                     skipping = final_lsn <= skip_through;
                     if !skipping {
-                        current = Some(Cutter {
-                            seq: self.spool.next_seq(),
-                            commit_lsn: final_lsn,
-                            commit_time,
-                            xid,
-                            part: 0,
-                            pieces: Vec::new(),
-                            bytes: 0,
-                        });
+                        let mut cut = Cutter::new(self.spool.next_seq(), final_lsn, commit_time);
+                        cut.xid = xid;
+                        current = Some(cut);
                     }
                 }
                 Some(b'C') => {
@@ -283,13 +587,18 @@ impl Capture {
                             "Commit LSN differs from Begin final LSN",
                         ));
                     }
+                    last_commit = commit_lsn;
+                    if cut.part == 0 && cut.pieces.is_empty() {
+                        // Every change was left to a pending copy.
+                        outcome.dropped += 1;
+                        continue;
+                    }
                     let record = cut.take(true, end_lsn);
                     self.spool.append(record.seq, &record.encode()?)?;
                     outcome.records += 1;
                     outcome.transactions += 1;
-                    last_commit = commit_lsn;
                 }
-                Some(_) => {
+                Some(kind) => {
                     if !in_txn {
                         return Err(CaptureError::Protocol("change outside a transaction"));
                     }
@@ -299,37 +608,21 @@ impl Capture {
                     let cut = current
                         .as_mut()
                         .ok_or(CaptureError::Protocol("change without Begin"))?;
-                    if data.len() <= MAX_PIECE_BYTES {
-                        if cut.bytes + data.len() > TARGET_RECORD_BYTES && !cut.pieces.is_empty() {
-                            let record = cut.take(false, Lsn::ZERO);
-                            self.spool.append(record.seq, &record.encode()?)?;
-                            outcome.records += 1;
+                    let filtered;
+                    let data = match self.filter(*kind, data)? {
+                        Filter::Keep => data,
+                        Filter::Drop => continue,
+                        Filter::Replace(bytes) => {
+                            filtered = bytes;
+                            &filtered
                         }
-                        cut.bytes += data.len();
-                        cut.pieces.push(Piece::Message(data.to_vec()));
-                    } else {
-                        // A message too large for one record travels in
-                        // fragments, each in a record of its own.
-                        if !cut.pieces.is_empty() {
-                            let record = cut.take(false, Lsn::ZERO);
-                            self.spool.append(record.seq, &record.encode()?)?;
-                            outcome.records += 1;
-                        }
-                        let mut chunks = data.chunks(MAX_PIECE_BYTES).peekable();
-                        while let Some(chunk) = chunks.next() {
-                            cut.pieces.push(Piece::Fragment {
-                                bytes: chunk.to_vec(),
-                                more: chunks.peek().is_some(),
-                            });
-                            if chunks.peek().is_some() {
-                                let record = cut.take(false, Lsn::ZERO);
-                                self.spool.append(record.seq, &record.encode()?)?;
-                                outcome.records += 1;
-                            } else {
-                                cut.bytes = chunk.len();
-                            }
-                        }
-                    }
+                    };
+                    let spool = &self.spool;
+                    cut.push(data, &mut |record: Record| {
+                        spool.append(record.seq, &record.encode()?)?;
+                        outcome.records += 1;
+                        Ok(())
+                    })?;
                 }
                 None => return Err(CaptureError::Protocol("empty pgoutput message")),
             }
@@ -337,19 +630,27 @@ impl Capture {
         if in_txn {
             return Err(CaptureError::Protocol("peek ended inside a transaction"));
         }
-        if outcome.transactions > 0 {
+        if outcome.transactions > 0 || outcome.dropped > 0 {
             self.spool.commit(last_commit, last_end)?;
             tracing::debug!(transactions = outcome.transactions, records = outcome.records, end_lsn = %last_end, "spooled");
         }
         // Invariant 1: everything up to last_end is fsynced in the spool (or
-        // was before this call: skipped transactions).
-        let target = if last_end > Lsn::ZERO {
+        // was before this call: skipped transactions; or is left to a copy
+        // whose waiting tables are recorded in the same fsync).
+        let mut target = if last_end > Lsn::ZERO {
             Some(last_end)
-        } else if outcome.skipped == 0 && flush_lsn >= insert_lsn {
+        } else if outcome.skipped == 0 && flush_lsn >= insert_lsn && self.cut.is_none() {
             Some(insert_lsn)
         } else {
             None
         };
+        let cut_reached = matches!(&self.cut, Some((c, _)) if flush_lsn >= c.lsn);
+        if last_end == Lsn::ZERO && outcome.skipped == 0 && cut_reached {
+            // Every transaction committing before the cut is spooled.
+            let (cut, job) = self.cut.take().expect("cut_reached");
+            let to = self.splice(cut, job).await?;
+            target = Some(to);
+        }
         if let Some(to) = target {
             if to > self.confirmed {
                 source::advance_slot(client, &self.cfg.slot, to).await?;
@@ -358,6 +659,205 @@ impl Capture {
         }
         Ok(outcome)
     }
+
+    /// Write the copy (to the spool, or to a seed file with a marker in the
+    /// spool) as the transaction at `cut - 1`. Returns how far the slot may
+    /// now be advanced.
+    async fn splice(&mut self, cut: Cut, job: Job) -> Result<Lsn, CaptureError> {
+        let started = std::time::Instant::now();
+        let commit_lsn = Lsn(cut.lsn.0 - 1);
+        let commit_time = pg_now();
+        let end_lsn = cut.lsn.max(self.spool.marks().captured_end_lsn);
+        match job {
+            Job::Copy { tables, reason } => {
+                let (meta, relations) = copy::describe(&cut, &tables, &reason).await?;
+                self.status.lock().expect("status lock").copy = Some(CopyProgress::new(&meta));
+                tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), rows_estimate = meta.tables.iter().map(|t| t.rows_estimate).sum::<u64>(), "copying tables into the spool");
+                let mut cutter = Cutter::new(self.spool.next_seq(), commit_lsn, commit_time);
+                let spool = self.spool.clone();
+                let mut records = 0u64;
+                let mut emit = |record: Record| -> Result<(), CaptureError> {
+                    spool.append(record.seq, &record.encode()?)?;
+                    records += 1;
+                    Ok(())
+                };
+                write_copy_head(&mut cutter, &meta, &relations, &mut emit)?;
+                copy::read_rows(&cut, &meta, &self.status, |msg| {
+                    cutter.push(&msg, &mut emit)
+                })
+                .await?;
+                emit(cutter.take(true, end_lsn))?;
+                for oid in &tables {
+                    self.tables.waiting.remove(oid);
+                    self.tables.synced.insert(*oid);
+                }
+                self.spool.set_copy_state(&self.tables)?;
+                self.spool.commit(commit_lsn, end_lsn)?;
+                let rows = self
+                    .status
+                    .lock()
+                    .expect("status lock")
+                    .copy
+                    .take()
+                    .map_or(0, |p| p.rows);
+                tracing::info!(
+                    tables = meta.tables.len(),
+                    rows,
+                    records,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "copy spooled"
+                );
+            }
+            Job::Seed(req) => {
+                let result = self
+                    .write_seed(&cut, &req.path, commit_lsn, commit_time, end_lsn, started)
+                    .await;
+                let reply = match &result {
+                    Ok(summary) => Ok(summary.clone()),
+                    Err(e) => Err(pgcourier_common::backoff::error_chain(e)),
+                };
+                let _ = req.reply.send(reply);
+                result?;
+            }
+        }
+        drop(cut);
+        Ok(end_lsn)
+    }
+
+    async fn write_seed(
+        &mut self,
+        cut: &Cut,
+        path: &std::path::Path,
+        commit_lsn: Lsn,
+        commit_time: i64,
+        end_lsn: Lsn,
+        started: std::time::Instant,
+    ) -> Result<SeedSummary, CaptureError> {
+        let client = &cut.client;
+        let tables = copy::published_tables(client, &self.cfg.publication).await?;
+        let (meta, relations) = copy::describe(cut, &tables, "seed").await?;
+        let fingerprint = pgcourier_common::tls::load_identity(&self.cfg.cert, &self.cfg.key)
+            .map_err(|e| CaptureError::Seed(format!("load the sender's certificate: {e}")))?
+            .fingerprint()
+            .to_string();
+        let marker_seq = self.spool.next_seq();
+        let header = SeedHeader {
+            version: 1,
+            source_id: self.spool.source()?.unwrap_or_default(),
+            sender_fingerprint: fingerprint,
+            marker_seq,
+            commit_lsn,
+            cut_lsn: cut.lsn,
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            tables: meta.tables.iter().map(|t| t.quoted()).collect(),
+        };
+        let tmp = path.with_extension("partial");
+        let mut writer = SeedWriter::create(&tmp, &header)
+            .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))?;
+        self.status.lock().expect("status lock").copy = Some(CopyProgress::new(&meta));
+        tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), file = %path.display(), "exporting a seed");
+        let mut cutter = Cutter::new(1, commit_lsn, commit_time);
+        let mut emit = |record: Record| -> Result<(), CaptureError> {
+            writer
+                .record(&record.encode()?)
+                .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))
+        };
+        write_copy_head(&mut cutter, &meta, &relations, &mut emit)?;
+        copy::read_rows(cut, &meta, &self.status, |msg| cutter.push(&msg, &mut emit)).await?;
+        emit(cutter.take(true, end_lsn))?;
+        let records = writer
+            .finish()
+            .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            CaptureError::Seed(format!(
+                "rename {} to {}: {e}",
+                tmp.display(),
+                path.display()
+            ))
+        })?;
+        // The marker: where live shipping continues for a branch seeded
+        // from this file. Other branches apply it as an empty transaction.
+        let content = serde_json::to_vec(&serde_json::json!({
+            "file": path.display().to_string(),
+            "cut_lsn": cut.lsn.to_string(),
+        }))
+        .expect("json");
+        let mut marker = Cutter::new(marker_seq, commit_lsn, commit_time);
+        marker
+            .pieces
+            .push(Piece::Message(pgoutput::encode(&Message::LogicalMessage {
+                transactional: true,
+                lsn: cut.lsn,
+                prefix: SEED_PREFIX.into(),
+                content,
+            })));
+        let record = marker.take(true, end_lsn);
+        self.spool.append(record.seq, &record.encode()?)?;
+        self.spool.commit(commit_lsn, end_lsn)?;
+        let rows = self
+            .status
+            .lock()
+            .expect("status lock")
+            .copy
+            .take()
+            .map_or(0, |p| p.rows);
+        let summary = SeedSummary {
+            path: path.display().to_string(),
+            marker_seq,
+            cut_lsn: cut.lsn.to_string(),
+            tables: meta.tables.len(),
+            rows,
+            records,
+            file_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(file = %path.display(), marker_seq, rows, records, bytes = summary.file_bytes, "seed exported");
+        Ok(summary)
+    }
+}
+
+/// The copy transaction's first messages: its metadata, the tables'
+/// Relations, and one TRUNCATE of them all.
+fn write_copy_head(
+    cutter: &mut Cutter,
+    meta: &CopyMeta,
+    relations: &[pgoutput::Relation],
+    emit: &mut impl FnMut(Record) -> Result<(), CaptureError>,
+) -> Result<(), CaptureError> {
+    let content = serde_json::to_vec(meta).expect("copy metadata encodes as JSON");
+    cutter.push(
+        &pgoutput::encode(&Message::LogicalMessage {
+            transactional: true,
+            lsn: meta.cut_lsn,
+            prefix: COPY_PREFIX.into(),
+            content,
+        }),
+        emit,
+    )?;
+    for rel in relations {
+        cutter.push(&pgoutput::encode(&Message::Relation(rel.clone())), emit)?;
+    }
+    if !relations.is_empty() {
+        cutter.push(
+            &pgoutput::encode(&Message::Truncate {
+                cascade: false,
+                restart_identity: false,
+                rels: relations.iter().map(|r| r.oid).collect(),
+            }),
+            emit,
+        )?;
+    }
+    Ok(())
+}
+
+/// Now, in microseconds since 2000-01-01 UTC.
+fn pg_now() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    unix - 946_684_800_000_000
 }
 
 fn parse_lsn(text: &str) -> Result<Lsn, CaptureError> {

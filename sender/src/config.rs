@@ -32,6 +32,10 @@ struct RawSenderConfig {
     poll_interval: Duration,
     #[serde(default = "default_capture_changes")]
     capture_batch_changes: u32,
+    #[serde(default = "default_true")]
+    initial_copy: bool,
+    #[serde(default = "default_copy_lock_wait", deserialize_with = "de_duration")]
+    copy_lock_wait: Duration,
     #[serde(default = "default_batch_bytes", deserialize_with = "de_size")]
     batch_bytes: u64,
     #[serde(default = "default_in_flight", deserialize_with = "de_size")]
@@ -69,6 +73,14 @@ fn default_slot() -> String {
 fn default_poll() -> Duration {
     Duration::from_millis(200)
 }
+fn default_true() -> bool {
+    true
+}
+
+fn default_copy_lock_wait() -> Duration {
+    Duration::from_secs(5)
+}
+
 fn default_capture_changes() -> u32 {
     20_000
 }
@@ -103,6 +115,10 @@ pub struct SenderConfig {
     pub admin: Option<SocketAddr>,
     pub poll_interval: Duration,
     pub capture_batch_changes: u32,
+    /// Copy the published tables' existing rows when the spool is new.
+    pub initial_copy: bool,
+    /// How long a copy's cut waits for the tables' writers before retrying.
+    pub copy_lock_wait: Duration,
     pub batch_bytes: usize,
     pub max_in_flight: usize,
     /// zstd level when pinned by `zstd-level`; otherwise the starting level,
@@ -215,6 +231,8 @@ impl SenderConfig {
             admin: raw.admin,
             poll_interval: raw.poll_interval,
             capture_batch_changes: raw.capture_batch_changes,
+            initial_copy: raw.initial_copy,
+            copy_lock_wait: raw.copy_lock_wait,
             batch_bytes: raw.batch_bytes as usize,
             max_in_flight: raw.max_in_flight as usize,
             zstd_level: raw.zstd_level.unwrap_or(3),

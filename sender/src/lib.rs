@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod copy;
 pub mod ship;
 pub mod source;
 pub mod spool;

@@ -29,6 +29,19 @@ use pgcourier_common::durable::{get_u64, key_seq, put_u64, seq_key, Store, Store
 use pgcourier_common::Lsn;
 use tokio::sync::watch;
 
+/// Which published tables the branches hold the rows of. Capture leaves
+/// out the changes to a `waiting` table until its copy is spooled (the copy's
+/// snapshot holds them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CopyState {
+    /// Set once the first session has decided what to copy.
+    pub initial_done: bool,
+    /// Copied (or present before, with `initial-copy = false`).
+    pub synced: std::collections::BTreeSet<u32>,
+    /// Waiting for a copy.
+    pub waiting: std::collections::BTreeSet<u32>,
+}
+
 /// What shipping and status need to know, published after every commit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpoolMarks {
@@ -188,6 +201,40 @@ impl Spool {
         self.meta
             .insert("source", source.as_bytes())
             .map_err(|e| self.store.write_err(e))?;
+        self.store.sync()
+    }
+
+    /// The copy bookkeeping (see [`CopyState`]).
+    pub fn copy_state(&self) -> Result<Option<CopyState>, StoreError> {
+        let Some(v) = self
+            .meta
+            .get("copy_state")
+            .map_err(|e| self.store.write_err(e))?
+        else {
+            return Ok(None);
+        };
+        bincode::serde::decode_from_slice(&v, pgcourier_common::record::bincode_config())
+            .map(|(st, _)| Some(st))
+            .map_err(|_| StoreError::Corrupt {
+                path: self.store.path.clone(),
+                key: "meta/copy_state".into(),
+            })
+    }
+
+    /// Write the copy bookkeeping. Durable with the next [`Spool::commit`]
+    /// (or [`Spool::sync`]), which is before any transaction whose changes
+    /// it explains is.
+    pub fn set_copy_state(&self, st: &CopyState) -> Result<(), StoreError> {
+        let bytes = bincode::serde::encode_to_vec(st, pgcourier_common::record::bincode_config())
+            .expect("copy state encodes");
+        self.meta
+            .insert("copy_state", bytes)
+            .map_err(|e| self.store.write_err(e))?;
+        Ok(())
+    }
+
+    /// fsync what was written.
+    pub fn sync(&self) -> Result<(), StoreError> {
         self.store.sync()
     }
 

@@ -61,6 +61,9 @@ pub struct Options<'a> {
     pub dial: Dial,
     /// DDL run on the source and on every branch before the daemons start.
     pub schema: &'a str,
+    /// SQL run on the source only, after `schema` (rows for the initial
+    /// copy, tables the branches lack).
+    pub source_sql: &'a str,
     /// `tables = [...]` for the publication; empty: all tables.
     pub tables: &'a [&'a str],
     /// Extra lines for sender.toml (top-level settings).
@@ -78,6 +81,7 @@ impl Default for Options<'_> {
             branches: 1,
             dial: Dial::SenderDials,
             schema: "",
+            source_sql: "",
             tables: &[],
             sender_extra: "",
             receiver_extra: "",
@@ -109,6 +113,9 @@ impl Setup {
         hq.execute(DB, opts.schema)
             .await
             .context("schema on the source")?;
+        hq.execute(DB, opts.source_sql)
+            .await
+            .context("source-only SQL")?;
         let sender_fp = keygen(dir.path(), "sender");
         let sender_port = free_udp_port();
         let mut receivers_toml = String::new();

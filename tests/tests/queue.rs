@@ -55,6 +55,7 @@ async fn setup(name: &str, sender_admin: u16, receiver_admin: u16) -> anyhow::Re
             branches: 1,
             dial: Dial::SenderDials,
             schema: SCHEMA,
+            source_sql: "",
             tables: &[],
             sender_extra: Box::leak(sender_extra.into_boxed_str()),
             receiver_extra: Box::leak(receiver_extra.into_boxed_str()),
