@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod logging;
 pub mod lsn;
 pub mod pgoutput;
+pub mod progress;
 pub mod quic;
 pub mod record;
 pub mod tls;

@@ -154,6 +154,9 @@ pub struct LoadProgress {
 
 impl LoadProgress {
     fn count(&mut self, oid: u32) {
+        if self.complete {
+            return;
+        }
         if let Some(i) = self.oids.iter().position(|&o| o == oid) {
             self.tables[i].1 += 1;
             self.rows += 1;
@@ -966,13 +969,24 @@ impl Apply {
         let pending = std::mem::take(&mut s.pending);
         let mut batch: Vec<Pending> = Vec::new();
         for p in pending {
-            if let Pending::Copy { sql, data, rel } = p {
-                self.pipeline(s, std::mem::take(&mut batch)).await?;
-                copy_in(&s.client, &sql, data)
-                    .await
-                    .map_err(|e| target_error(s, Some(rel), e))?;
-            } else {
-                batch.push(p);
+            match p {
+                Pending::Copy { sql, data, rel } => {
+                    self.pipeline(s, std::mem::take(&mut batch)).await?;
+                    copy_in(&s.client, &sql, data)
+                        .await
+                        .map_err(|e| target_error(s, Some(rel), e))?;
+                }
+                // Unprepared SQL (TRUNCATE) is parsed before it runs, so a
+                // prepared statement queued after it would overtake it in
+                // the pipeline: it waits for what precedes it instead.
+                Pending::Sql { sql } => {
+                    self.pipeline(s, std::mem::take(&mut batch)).await?;
+                    s.client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(|e| target_error(s, None, e))?;
+                }
+                p => batch.push(p),
             }
         }
         self.pipeline(s, batch).await
@@ -999,13 +1013,8 @@ impl Apply {
                         .map(|n| (n, Some((*rel, *op))))
                         .map_err(|e| (e, Some(*rel)))
                 }
-                Pending::Sql { sql } => client
-                    .execute(sql.as_str(), &[])
-                    .await
-                    .map(|n| (n, None))
-                    .map_err(|e| (e, None)),
-                Pending::Copy { rel, .. } => {
-                    unreachable!("COPY into relation {rel} is never pipelined")
+                Pending::Sql { .. } | Pending::Copy { .. } => {
+                    unreachable!("SQL and COPY are never pipelined")
                 }
             }
         });

@@ -342,6 +342,7 @@ pub struct Admin {
     pub spool: Arc<Spool>,
     pub capture: Arc<Mutex<CaptureStatus>>,
     pub shipper: Arc<Shipper>,
+    pub seeds: tokio::sync::mpsc::Sender<crate::capture::SeedRequest>,
 }
 
 impl Admin {
@@ -386,6 +387,20 @@ impl Admin {
                             .unwrap_or("json"),
                     ),
                     Err(_) => Response::text(400, "record sequence must be a number"),
+                }
+            }
+            ("POST", "/seed") => {
+                let Some(out) = req.query.get("out").filter(|p| p.starts_with('/')) else {
+                    return Response::text(400, "seed needs out=<absolute path>");
+                };
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let request = crate::capture::SeedRequest {
+                    path: out.into(),
+                    reply,
+                };
+                match self.seeds.try_send(request) {
+                    Ok(()) => Response::text(202, "seed export queued; watch /status"),
+                    Err(_) => Response::text(409, "a seed export is already queued or running"),
                 }
             }
             ("POST", "/skip") => Response::text(

@@ -157,6 +157,30 @@ pub struct CaptureStatus {
     pub copy: Option<CopyProgress>,
     /// Tables waiting for a copy.
     pub copy_waiting: usize,
+    /// How the last seed export ended.
+    pub last_seed: Option<SeedOutcome>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SeedOutcome {
+    pub path: String,
+    pub summary: Option<SeedSummary>,
+    pub error: Option<String>,
+}
+
+impl SeedRequest {
+    /// Answer the requester and record the outcome for status.
+    fn answer(self, status: &std::sync::Mutex<CaptureStatus>, result: Result<SeedSummary, String>) {
+        status.lock().expect("status lock").last_seed = Some(SeedOutcome {
+            path: self.path.display().to_string(),
+            summary: result.as_ref().ok().cloned(),
+            error: result.as_ref().err().cloned(),
+        });
+        if let Err(e) = &result {
+            tracing::error!(file = %self.path.display(), error = %e, "seed export failed");
+        }
+        let _ = self.reply.send(result);
+    }
 }
 
 /// An operator's request for a seed file (`pgcourier-sender seed export`).
@@ -233,10 +257,13 @@ impl Capture {
             };
             // A cut does not survive its connection.
             if let Some((_, Job::Seed(req))) = self.cut.take() {
-                let _ = req.reply.send(Err(match &result {
-                    Err(e) => pgcourier_common::backoff::error_chain(e),
-                    Ok(()) => "the sender is stopping".into(),
-                }));
+                req.answer(
+                    &self.status,
+                    Err(match &result {
+                        Err(e) => pgcourier_common::backoff::error_chain(e),
+                        Ok(()) => "the sender is stopping".into(),
+                    }),
+                );
             }
             self.status.lock().expect("status lock").copy = None;
             match result {
@@ -411,7 +438,7 @@ impl Capture {
                     tokio::select! {
                         _ = shutdown.cancelled() => {
                             if let Job::Seed(req) = job {
-                                let _ = req.reply.send(Err("the sender is stopping".into()));
+                                req.answer(&self.status, Err("the sender is stopping".into()));
                             }
                             return Ok(());
                         }
@@ -716,8 +743,12 @@ impl Capture {
                     Ok(summary) => Ok(summary.clone()),
                     Err(e) => Err(pgcourier_common::backoff::error_chain(e)),
                 };
-                let _ = req.reply.send(reply);
-                result?;
+                req.answer(&self.status, reply);
+                match result {
+                    // The file could not be written: reported; capture goes on.
+                    Err(CaptureError::Seed(_)) | Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         drop(cut);

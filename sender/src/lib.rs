@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod seed;
 pub mod copy;
 pub mod ship;
 pub mod source;
@@ -54,7 +55,8 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
 
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
     let ship_task = tokio::spawn(shipper.clone().run(endpoint, shutdown.clone()));
-    let capture = capture::Capture::new(cfg.clone(), spool.clone());
+    let (seeds_tx, seeds_rx) = tokio::sync::mpsc::channel(1);
+    let capture = capture::Capture::new(cfg.clone(), spool.clone()).with_seeds(seeds_rx);
     if let Some(addr) = cfg.admin {
         let listener = pgcourier_common::admin::bind(addr)
             .await
@@ -64,6 +66,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
             spool: spool.clone(),
             capture: capture.status.clone(),
             shipper,
+            seeds: seeds_tx,
         });
         let handler = Arc::new(move |req| {
             let admin = admin.clone();

@@ -31,6 +31,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Seed files: a snapshot of the published tables that travels on a disk.
+    Seed {
+        #[command(subcommand)]
+        action: SeedAction,
+    },
     /// Write a key and self-signed certificate; print its SHA-256 fingerprint.
     Keygen {
         #[arg(long, default_value = "sender.crt")]
@@ -39,6 +44,22 @@ enum Command {
         key: PathBuf,
         #[arg(long, default_value = "pgcourier-sender")]
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SeedAction {
+    /// Write the published tables, as of now, to one compressed, checksummed
+    /// file for `pgcourier-receiver seed import`; live shipping continues
+    /// from the same point. Asks the running sender through `admin`, or
+    /// works on the spool itself when the sender is stopped.
+    Export {
+        /// Path of the TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The seed file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -53,6 +74,28 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => pgcourier_common::logging::fail("pgcourier-sender", &e),
+            }
+        }
+        Command::Seed {
+            action: SeedAction::Export { config, out },
+        } => {
+            pgcourier_common::logging::init("human");
+            let cfg = match SenderConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return pgcourier_common::logging::fail("pgcourier-sender", &e),
+            };
+            match pgcourier_sender::seed::export(cfg, &out) {
+                Ok(s) => {
+                    println!(
+                        "wrote {}: {} tables, {} rows, {} records, {} bytes in {:.1}s; cut {} ; live shipping continues after record {}",
+                        s.path, s.tables, s.rows, s.records, s.file_bytes, s.seconds, s.cut_lsn, s.marker_seq
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pgcourier-sender: {e:#}");
+                    ExitCode::from(1)
+                }
             }
         }
         Command::Check { config } => {

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::fixture::{Options, Setup};
 
-const WAIT: Duration = Duration::from_secs(300);
+const WAIT: Duration = Duration::from_secs(40);
 
 pub const COPY_SCHEMA: &str = "
     CREATE TABLE items (id bigint PRIMARY KEY, qty integer NOT NULL, note text, tags text[], payload jsonb);

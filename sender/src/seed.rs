@@ -1,0 +1,145 @@
+//! `pgcourier-sender seed export`: write a seed file, through the running
+//! daemon's admin endpoint when there is one, or in this process when the
+//! sender is stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use pgcourier_common::admin;
+use pgcourier_common::progress::{percent_encode, Bar};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{Capture, SeedOutcome, SeedRequest, SeedSummary};
+use crate::spool::Spool;
+use crate::SenderConfig;
+
+/// Resolve and check the output path before any work starts.
+fn output_path(out: &Path) -> anyhow::Result<PathBuf> {
+    let out = std::path::absolute(out)
+        .with_context(|| format!("resolve seed path {}", out.display()))?;
+    let dir = out.parent().unwrap_or(Path::new("/"));
+    if !dir.is_dir() {
+        bail!(
+            "directory {} does not exist: create it or choose another --out",
+            dir.display()
+        );
+    }
+    if out.exists() {
+        bail!("{} exists: choose a new file for --out", out.display());
+    }
+    Ok(out)
+}
+
+pub fn export(cfg: SenderConfig, out: &Path) -> anyhow::Result<SeedSummary> {
+    let out = output_path(out)?;
+    if let Some(addr) = cfg.admin {
+        match admin::request(
+            addr,
+            "POST",
+            &format!("/seed?out={}", percent_encode(&out.display().to_string())),
+        ) {
+            Ok((202, _)) => return follow(addr, &out),
+            Ok((code, body)) => bail!("the running sender refused the export ({code}): {body}"),
+            // Not running: do it here.
+            Err(_) => {}
+        }
+    }
+    in_process(cfg, &out)
+}
+
+/// Watch the daemon's status until it reports this export's outcome.
+fn follow(addr: std::net::SocketAddr, out: &Path) -> anyhow::Result<SeedSummary> {
+    let mut bar = Bar::default();
+    let path = out.display().to_string();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let (code, body) = admin::request(addr, "GET", "/status")
+            .context("ask the running sender for the export's progress (setting `admin`)")?;
+        if code != 200 {
+            bail!("the running sender answered {code}: {body}");
+        }
+        let st: serde_json::Value = serde_json::from_str(&body).context("parse sender status")?;
+        if let Ok(outcome) = serde_json::from_value::<SeedOutcome>(st["last_seed"].clone()) {
+            if outcome.path == path {
+                bar.finish();
+                return match (outcome.summary, outcome.error) {
+                    (Some(s), _) => Ok(s),
+                    (None, e) => bail!("seed export failed: {}", e.unwrap_or_default()),
+                };
+            }
+        }
+        let copy = &st["copy"];
+        if copy.is_object() {
+            let total: u64 = copy["tables"]
+                .as_array()
+                .map(|t| t.iter().filter_map(|t| t["rows_estimate"].as_u64()).sum())
+                .unwrap_or(0);
+            bar.draw(
+                "seed export",
+                copy["rows"].as_u64().unwrap_or(0),
+                total,
+                copy["rows_per_second"].as_f64().unwrap_or(0.0),
+                copy["eta_seconds"].as_f64(),
+            );
+        }
+    }
+}
+
+fn in_process(cfg: SenderConfig, out: &Path) -> anyhow::Result<SeedSummary> {
+    let names: Vec<String> = cfg.receivers.iter().map(|r| r.name.clone()).collect();
+    let spool = Arc::new(
+        Spool::open(&cfg.spool_dir, cfg.cache_capacity, &names).with_context(|| {
+            format!(
+                "open spool {} (setting `spool-dir`); if the sender is running, set `admin` so seed export can ask it",
+                cfg.spool_dir.display()
+            )
+        })?,
+    );
+    let rt = pgcourier_common::logging::runtime();
+    rt.block_on(async {
+        let (tx, rx) = mpsc::channel(1);
+        let capture = Capture::new(Arc::new(cfg), spool.clone()).with_seeds(rx);
+        let status = capture.status.clone();
+        let (reply, answer) = oneshot::channel();
+        tx.send(SeedRequest {
+            path: out.to_owned(),
+            reply,
+        })
+        .await
+        .expect("capture not started yet");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(capture.run(shutdown.clone()));
+        let mut bar = Bar::default();
+        tokio::pin!(answer);
+        let result = loop {
+            tokio::select! {
+                r = &mut answer => break r.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                    if task.is_finished() {
+                        break None;
+                    }
+                    let st = status.lock().expect("status lock");
+                    if let Some(c) = &st.copy {
+                        let total = c.tables.iter().map(|t| t.rows_estimate).sum();
+                        bar.draw("seed export", c.rows, total, c.rows_per_second, c.eta_seconds);
+                    }
+                }
+            }
+        };
+        bar.finish();
+        shutdown.cancel();
+        let ended = task.await.context("join capture")?;
+        spool.flush_on_stop();
+        match result {
+            Some(Ok(summary)) => Ok(summary),
+            Some(Err(e)) => bail!("seed export failed: {e}"),
+            None => match ended {
+                Err(e) => Err(anyhow::Error::from(e).context("capture stopped")),
+                Ok(()) => bail!("capture stopped before the export finished"),
+            },
+        }
+    })
+}
