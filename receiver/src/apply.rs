@@ -416,7 +416,8 @@ impl Apply {
         Ok((client, source, marker, progress))
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), ApplyError> {
+    /// A target connection with the relations the inbox remembers.
+    async fn new_session(&self) -> Result<Session, ApplyError> {
         let (client, source, marker, progress) = self.connect().await?;
         let mut s = Session {
             client,
@@ -437,6 +438,63 @@ impl Apply {
                 s.relations.insert(rel.oid, rel);
             }
         }
+        Ok(s)
+    }
+
+    /// Apply a seed file's copy transaction (verified beforehand by a full
+    /// read) and move the progress row to the seed's marker, in one target
+    /// transaction. Returns the rows loaded.
+    pub async fn apply_seed(
+        &self,
+        reader: &mut pgcourier_common::copy::SeedReader,
+        mut on_progress: impl FnMut(&LoadProgress),
+    ) -> Result<u64, ApplyError> {
+        let mut s = self.new_session().await?;
+        if s.marker >= reader.header.commit_lsn {
+            return Err(ApplyError::Order {
+                seq: reader.header.marker_seq,
+                message: format!(
+                    "the branch has applied up to {}, at or past the seed's {}",
+                    s.marker, reader.header.commit_lsn
+                ),
+            });
+        }
+        s.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(target_err("begin target transaction"))?;
+        let mut commit_time = 0;
+        while let Some(bytes) = reader.next_record()? {
+            let record =
+                Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq: 0, source })?;
+            commit_time = record.commit_time;
+            self.queue_record(&mut s, &record).await?;
+            if s.pending.len() >= PIPELINE_DEPTH {
+                self.drain(&mut s).await?;
+            }
+            if let Some(c) = s.copy.as_mut() {
+                if record.seq % 64 == 0 {
+                    c.refresh();
+                    on_progress(c);
+                }
+                if record.last {
+                    c.complete = true;
+                }
+            }
+        }
+        let rows = s.copy.as_ref().map_or(0, |c| c.rows);
+        let end = GroupEnd {
+            seq: reader.header.marker_seq,
+            commit_lsn: reader.header.commit_lsn,
+            end_lsn: reader.header.cut_lsn,
+            commit_time,
+        };
+        self.commit_group(&mut s, end, 1).await?;
+        Ok(rows)
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), ApplyError> {
+        let mut s = self.new_session().await?;
         tracing::info!(marker = %s.marker, "applying to target");
         let mut cursor = match self.inbox.first_seq()? {
             Some(first) => first,

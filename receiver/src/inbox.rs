@@ -95,6 +95,20 @@ impl Inbox {
         Ok(last)
     }
 
+    /// After a seed import: the inbox belongs to `source` and holds
+    /// everything through `seq` (the seed's marker), so the sender ships
+    /// from `seq + 1`. Older records are removed. Fsynced.
+    pub fn reset_to_seed(&self, source: &str, seq: u64) -> Result<(), StoreError> {
+        self.records.clear().map_err(|e| self.store.write_err(e))?;
+        self.meta
+            .insert("source", source.as_bytes())
+            .map_err(|e| self.store.write_err(e))?;
+        put_u64(&self.store, &self.meta, "durable_seq", seq)?;
+        self.store.sync()?;
+        self.durable.send_replace(seq);
+        Ok(())
+    }
+
     /// The record at `seq`, if stored.
     pub fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self

@@ -25,6 +25,11 @@ enum Command {
         #[arg(long, default_value = "human")]
         log_format: String,
     },
+    /// Seed files exported by `pgcourier-sender seed export`.
+    Seed {
+        #[command(subcommand)]
+        action: SeedAction,
+    },
     /// Write a key and self-signed certificate; print its SHA-256 fingerprint.
     Keygen {
         #[arg(long, default_value = "receiver.crt")]
@@ -33,6 +38,19 @@ enum Command {
         key: PathBuf,
         #[arg(long, default_value = "pgcourier-receiver")]
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SeedAction {
+    /// Verify a seed file, then load it into the branch (the receiver must be
+    /// stopped); live shipping continues right after the seed's position.
+    Import {
+        /// Path of the TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The seed file.
+        file: PathBuf,
     },
 }
 
@@ -51,6 +69,32 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => pgcourier_common::logging::fail("pgcourier-receiver", &e),
+            }
+        }
+        Command::Seed {
+            action: SeedAction::Import { config, file },
+        } => {
+            pgcourier_common::logging::init("human");
+            let cfg = match ReceiverConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return pgcourier_common::logging::fail("pgcourier-receiver", &e),
+            };
+            match pgcourier_receiver::seed::import(cfg, &file) {
+                Ok(i) => {
+                    if i.completed_earlier {
+                        println!("seed {} was applied by an interrupted import; the inbox now continues after record {}", file.display(), i.marker_seq);
+                    } else {
+                        println!(
+                            "imported {}: {} rows from {} records; cut {}; live shipping continues after record {}",
+                            file.display(), i.rows, i.records, i.cut_lsn, i.marker_seq
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pgcourier-receiver: {e:#}");
+                    ExitCode::from(1)
+                }
             }
         }
         Command::Run { config, log_format } => {

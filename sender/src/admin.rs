@@ -61,6 +61,8 @@ pub struct SenderStatus {
     pub copy: Option<crate::copy::CopyProgress>,
     /// Tables waiting for a copy (their changes wait with them).
     pub copy_waiting: usize,
+    /// How the last seed export ended.
+    pub last_seed: Option<crate::capture::SeedOutcome>,
 }
 
 fn commit_time(spool: &Spool, seq: u64) -> Option<i64> {
@@ -147,6 +149,7 @@ pub fn status(
         shipping,
         copy: capture.copy.clone(),
         copy_waiting: capture.copy_waiting,
+        last_seed: capture.last_seed.clone(),
     }
 }
 

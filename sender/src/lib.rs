@@ -8,8 +8,8 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
-pub mod seed;
 pub mod copy;
+pub mod seed;
 pub mod ship;
 pub mod source;
 pub mod spool;

@@ -18,8 +18,8 @@ use crate::SenderConfig;
 
 /// Resolve and check the output path before any work starts.
 fn output_path(out: &Path) -> anyhow::Result<PathBuf> {
-    let out = std::path::absolute(out)
-        .with_context(|| format!("resolve seed path {}", out.display()))?;
+    let out =
+        std::path::absolute(out).with_context(|| format!("resolve seed path {}", out.display()))?;
     let dir = out.parent().unwrap_or(Path::new("/"));
     if !dir.is_dir() {
         bail!(

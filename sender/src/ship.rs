@@ -511,7 +511,7 @@ impl Shipper {
         let marks = self.spool.marks();
         if durable_seq + 1 < marks.first_seq {
             return Err(format!(
-                "the receiver holds up to record {durable_seq} but the spool starts at {}: records in between are gone; re-seed this branch",
+                "the receiver holds up to record {durable_seq} but the spool starts at {}: records in between are gone; re-seed this branch (pgcourier-sender seed export, then pgcourier-receiver seed import)",
                 marks.first_seq
             ));
         }

@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use pgcourier_tests::{bin_path, wait_until};
+use pgcourier_tests::bin_path;
 use serde_json::Value;
 
 use crate::fixture::{Options, Setup};
 
-const WAIT: Duration = Duration::from_secs(40);
+const WAIT: Duration = Duration::from_secs(300);
 
 pub const COPY_SCHEMA: &str = "
     CREATE TABLE items (id bigint PRIMARY KEY, qty integer NOT NULL, note text, tags text[], payload jsonb);
@@ -152,24 +152,171 @@ async fn a_table_that_joins_the_publication_is_copied_then_followed() -> anyhow:
     Ok(())
 }
 
-/// Wait for a JSON status field to satisfy `f`.
-pub async fn wait_status(
-    config: &std::path::Path,
-    what: &str,
-    f: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
-    let mut last = Value::Null;
-    wait_until(what, WAIT, || {
-        let st = status(config);
-        let ok = match &st {
-            Ok(v) => f(v),
-            Err(_) => false,
-        };
-        if let Ok(v) = st {
-            last = v;
-        }
-        async move { Ok(ok) }
-    })
+/// Run a pgcourier binary; returns (exit code, stdout + stderr).
+fn run(bin: &str, args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let out = std::process::Command::new(bin_path(bin))
+        .args(args)
+        .output()
+        .with_context(|| format!("run {bin}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Rewrite a seed file with a changed header (a file from elsewhere).
+fn rewrite_seed(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    change: impl Fn(&mut pgcourier_common::copy::SeedHeader),
+) -> anyhow::Result<()> {
+    let mut r = pgcourier_common::copy::SeedReader::open(from)?;
+    let mut header = r.header.clone();
+    change(&mut header);
+    let mut w = pgcourier_common::copy::SeedWriter::create(to, &header)?;
+    while let Some(rec) = r.next_record()? {
+        w.record(&rec)?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_export_import_then_live_stream_and_bad_seeds_refused() -> anyhow::Result<()> {
+    let (sender_admin, receiver_admin) = (free_tcp_port(), free_tcp_port());
+    let mut setup = Setup::start(
+        "copy-seed",
+        Options {
+            schema: COPY_SCHEMA,
+            source_sql: COPY_ROWS,
+            sender_extra: &format!("initial-copy = false\nadmin = \"127.0.0.1:{sender_admin}\""),
+            receiver_extra: &format!(
+                "create-tables = true\nadmin = \"127.0.0.1:{receiver_admin}\""
+            ),
+            ..Options::default()
+        },
+    )
     .await?;
-    Ok(last)
+    setup.branches[0].receiver.terminate()?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    let items = || async {
+        anyhow::Ok(
+            dst.query_one("SELECT count(*) FROM items", &[])
+                .await?
+                .get::<_, i64>(0),
+        )
+    };
+    let writer = {
+        let src = setup.source().await?;
+        tokio::spawn(async move { churn(&src, 1, 1500).await })
+    };
+    let seed = setup.dir.path().join("branch.seed");
+    let seed_str = seed.to_str().expect("utf-8");
+    let sender_cfg = setup.sender_config.to_str().expect("utf-8").to_owned();
+    let branch_cfg = setup.branches[0].config.to_str().expect("utf-8").to_owned();
+    // Export while the sender runs and the source is written to.
+    let (code, out) = run(
+        "pgcourier-sender",
+        &["seed", "export", "--config", &sender_cfg, "--out", seed_str],
+    )?;
+    assert_eq!(code, 0, "seed export: {out}\n{}", setup.logs());
+    assert!(
+        out.contains("live shipping continues after record"),
+        "{out}"
+    );
+    // A second export to the same file is refused before any work.
+    let (code, out) = run(
+        "pgcourier-sender",
+        &["seed", "export", "--config", &sender_cfg, "--out", seed_str],
+    )?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("exists"), "{out}");
+
+    // Bad seeds on a fresh branch: nothing applied.
+    let good = std::fs::read(&seed)?;
+    let bad = setup.dir.path().join("bad.seed");
+    let bad_str = bad.to_str().expect("utf-8");
+    std::fs::write(&bad, &good[..good.len() / 2])?;
+    let (code, out) = run(
+        "pgcourier-receiver",
+        &["seed", "import", "--config", &branch_cfg, bad_str],
+    )?;
+    assert_eq!(code, 1, "truncated seed: {out}");
+    assert!(
+        out.contains("truncated") || out.contains("corrupt"),
+        "{out}"
+    );
+    let mut flipped = good.clone();
+    let at = flipped.len() * 2 / 3;
+    flipped[at] ^= 0x10;
+    std::fs::write(&bad, &flipped)?;
+    let (code, out) = run(
+        "pgcourier-receiver",
+        &["seed", "import", "--config", &branch_cfg, bad_str],
+    )?;
+    assert_eq!(code, 1, "corrupted seed: {out}");
+    assert!(
+        out.contains("corrupt") || out.contains("truncated"),
+        "{out}"
+    );
+    rewrite_seed(&seed, &bad, |h| h.sender_fingerprint = "ab".repeat(32))?;
+    let (code, out) = run(
+        "pgcourier-receiver",
+        &["seed", "import", "--config", &branch_cfg, bad_str],
+    )?;
+    assert_eq!(code, 1, "seed from another sender: {out}");
+    assert!(out.contains("does not pin"), "{out}");
+    assert_eq!(items().await?, 0, "a refused seed applied nothing");
+
+    // The good seed.
+    let (code, out) = run(
+        "pgcourier-receiver",
+        &["seed", "import", "--config", &branch_cfg, seed_str],
+    )?;
+    assert_eq!(code, 0, "seed import: {out}");
+    assert!(
+        items().await? >= 100_000 - 1500,
+        "the seed's rows are on the branch"
+    );
+
+    // Live shipping continues from the seed's position.
+    setup.restart_receiver(0)?;
+    writer.await??;
+    churn(&src, 5000, 200).await?;
+    src.batch_execute("INSERT INTO shops VALUES (1000, 'last')")
+        .await?;
+    setup.wait_equal(0, COPY_TABLES, WAIT).await?;
+    let st = status(&setup.branches[0].config)?;
+    assert_eq!(st["missing_rows"], 0, "no change applied twice: {st}");
+
+    // Now the same seed is older than the branch, and a seed claiming another
+    // source is refused: both leave the branch as it is.
+    setup.branches[0].receiver.terminate()?;
+    let before = items().await?;
+    let (code, out) = run(
+        "pgcourier-receiver",
+        &["seed", "import", "--config", &branch_cfg, seed_str],
+    )?;
+    assert_eq!(code, 1, "older seed: {out}");
+    assert!(out.contains("older"), "{out}");
+    rewrite_seed(&seed, &bad, |h| {
+        h.source_id = "7123456789/postgres/pgcourier".into()
+    })?;
+    let (code, out) = run(
+        "pgcourier-receiver",
+        &["seed", "import", "--config", &branch_cfg, bad_str],
+    )?;
+    assert_eq!(code, 1, "seed from another source: {out}");
+    assert!(out.contains("comes from source"), "{out}");
+    assert_eq!(items().await?, before);
+    setup.restart_receiver(0)?;
+    src.batch_execute("INSERT INTO shops VALUES (1001, 'after')")
+        .await?;
+    setup.wait_equal(0, COPY_TABLES, WAIT).await?;
+    Ok(())
 }
