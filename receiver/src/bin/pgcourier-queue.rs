@@ -437,6 +437,51 @@ fn human_secs(s: f64) -> String {
     }
 }
 
+/// A table copy in progress: totals with a bar, then each table.
+fn print_copy(copy: &Value, what: &str, verb: &str) {
+    if !copy.is_object() {
+        return;
+    }
+    let tables: Vec<(String, u64, u64)> = copy["tables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            if t.is_array() {
+                // Receiver: [table, rows, estimate].
+                (
+                    t[0].as_str().unwrap_or("-").to_owned(),
+                    t[1].as_u64().unwrap_or(0),
+                    t[2].as_u64().unwrap_or(0),
+                )
+            } else {
+                (
+                    t["table"].as_str().unwrap_or("-").to_owned(),
+                    t["rows"].as_u64().unwrap_or(0),
+                    t["rows_estimate"].as_u64().unwrap_or(0),
+                )
+            }
+        })
+        .collect();
+    let total: u64 = tables.iter().map(|t| t.2).sum();
+    println!(
+        "{:<18}{} ({}, cut {})",
+        what,
+        pgcourier_common::progress::line(
+            verb,
+            copy["rows"].as_u64().unwrap_or(0),
+            total,
+            copy["rows_per_second"].as_f64().unwrap_or(0.0),
+            copy["eta_seconds"].as_f64(),
+        ),
+        copy["reason"].as_str().unwrap_or("-"),
+        copy["cut_lsn"].as_str().unwrap_or("-"),
+    );
+    for (name, rows, est) in tables {
+        println!("  {name:<30} {rows} of ~{est} rows");
+    }
+}
+
 fn print_status(st: &Value, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(st).unwrap_or_default());
@@ -482,6 +527,26 @@ fn print_status(st: &Value, json: bool) {
         );
         if !st["capture_error"].is_null() {
             println!("capture error     {}", s("capture_error"));
+        }
+        print_copy(&st["copy"], "copying", "read");
+        if u("copy_waiting") > 0 {
+            println!(
+                "copy waiting      {} tables (their changes wait with them)",
+                u("copy_waiting")
+            );
+        }
+        if let Some(seed) = st["last_seed"].as_object() {
+            match seed.get("error").and_then(|e| e.as_str()) {
+                Some(e) => println!(
+                    "last seed         {} failed: {e}",
+                    seed["path"].as_str().unwrap_or("-")
+                ),
+                None => println!(
+                    "last seed         {} (live shipping continues after record {})",
+                    seed["path"].as_str().unwrap_or("-"),
+                    seed["summary"]["marker_seq"]
+                ),
+            }
         }
         for r in st["receivers"].as_array().into_iter().flatten() {
             let link = &r["link"];
@@ -539,6 +604,7 @@ fn print_status(st: &Value, json: bool) {
         if !st["last_error"].is_null() {
             println!("last error        {}", s("last_error"));
         }
+        print_copy(&st["copy"], "loading copy", "loaded");
         if let Some(b) = st["blocking_seq"].as_u64() {
             println!("blocked at        record {b}: fix the target, or `pgcourier-queue skip {b} --reason ...`");
         }

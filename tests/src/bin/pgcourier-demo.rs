@@ -281,6 +281,16 @@ impl Demo {
             .await
             .context("creating the schema on branch")?;
         println!("schema on both: products(id, name, price), orders(id, product_id, qty, created_at, note)");
+        hq.execute(
+            DB,
+            &format!(
+                "INSERT INTO products SELECT g, 'product ' || g, round((2 + g * 1.37)::numeric, 2) \
+                 FROM generate_series(1, {PRODUCTS}) g"
+            ),
+        )
+        .await
+        .context("seeding products on hq")?;
+        println!("{PRODUCTS} products already on hq: the sender's initial copy brings them to the branch");
 
         let d = dir.path();
         let sender_fp = pgcourier_common::tls::keygen(
@@ -421,8 +431,8 @@ impl Demo {
     }
 
     async fn play(&mut self, opts: &Options) -> anyhow::Result<()> {
-        // Changes committed before the slot exists are not captured (pgcourier
-        // has no initial copy yet), so wait for it before writing anything.
+        // The sender copies the existing products first, at an exact cut of
+        // the change stream; changes from then on follow it.
         let t = Instant::now();
         let hq = &self.hq_client;
         wait_until("the sender to create replication slot pgcourier on hq", Duration::from_secs(60), || async {
@@ -437,18 +447,9 @@ impl Demo {
         })
         .await?;
         println!(
-            "replication slot pgcourier is ready on hq ({:.1} s); changes from now on are captured",
+            "replication slot pgcourier is ready on hq ({:.1} s); the initial copy and the changes from now on flow to the branch",
             t.elapsed().as_secs_f64()
         );
-
-        self.hq_client
-            .batch_execute(&format!(
-                "INSERT INTO products SELECT g, 'product ' || g, round((2 + g * 1.37)::numeric, 2) \
-                 FROM generate_series(1, {PRODUCTS}) g"
-            ))
-            .await
-            .context("seeding products on hq")?;
-        println!("seeded {PRODUCTS} products on hq (they replicate like any other change)");
 
         let secs = opts.seconds;
         let kill_at = Duration::from_secs_f64(secs as f64 * 0.35);
