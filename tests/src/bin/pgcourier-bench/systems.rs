@@ -11,11 +11,9 @@
 //! datagrams (QUIC, TLS included) for pgcourier, the TCP stream for
 //! PostgreSQL (replication protocol, no TCP/IP headers for either).
 //!
-//! Neither system copies existing rows here unless a workload asks for it:
-//! pgcourier's publication is created empty before its sender first runs
-//! (so a sender that copies published tables when its spool is new copies
-//! nothing) and filled afterwards; PostgreSQL's subscription is created with
-//! `copy_data = false`.
+//! Neither system copies existing rows unless a workload asks for it:
+//! pgcourier's sender runs with `initial-copy = false`, PostgreSQL's
+//! subscription is created with `copy_data = false`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -150,6 +148,9 @@ pub struct CourierOpts {
     pub tables: Vec<String>,
     /// QUIC congestion controller; `None`: the daemons' default.
     pub congestion: Option<String>,
+    /// The sender's `initial-copy`: copy the published tables' rows when
+    /// the spool is new (only the initial-copy workload wants it).
+    pub initial_copy: bool,
 }
 
 /// A pgcourier sender and receiver (processes started and stopped at will)
@@ -190,6 +191,7 @@ impl Courier {
         .await?;
         let p = &opts.profile;
         let mut link = String::new();
+        let copy = format!("initial-copy = {}\n", opts.initial_copy);
         if p.name != "clean" {
             // Short timers so a cut is noticed as on a real link, and the
             // initial RTT near the profile's.
@@ -212,7 +214,7 @@ impl Courier {
             &sender_cfg,
             format!(
                 "source = \"{src}\"\nslot = \"{slot}\"\npublication = \"{publ}\"\ntables = [{tables}]\n\
-                 spool-dir = \"spool\"\ncert = \"s.crt\"\nkey = \"s.key\"\nadmin = \"{sender_admin}\"\n{link}\
+                 spool-dir = \"spool\"\ncert = \"s.crt\"\nkey = \"s.key\"\nadmin = \"{sender_admin}\"\n{copy}{link}\
                  [[receiver]]\nname = \"branch\"\nfingerprint = \"{receiver_fp}\"\naddress = \"{addr}\"\n",
                 src = hq.conninfo(DB),
                 slot = opts.slot,
@@ -285,7 +287,7 @@ impl Courier {
     }
 
     /// Start the sender alone until it has created its slot on `hq`, then
-    /// stop it. With an empty publication the first start copies nothing.
+    /// stop it.
     pub async fn create_slot(&mut self, hq: &PgCluster, slot: &str) -> anyhow::Result<()> {
         self.start_sender()?;
         let sql = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'");

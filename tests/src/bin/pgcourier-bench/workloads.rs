@@ -57,8 +57,8 @@ fn k(n: i64) -> String {
     }
 }
 
-/// pgcourier's publication, empty when the sender first runs (it then has
-/// nothing to copy), and its slot; then the tables are added.
+/// A pgcourier pair whose sender does not copy (`initial-copy = false`)
+/// and has created its slot; both daemons stopped.
 async fn courier_without_copy(
     hq: &PgCluster,
     target: &PgCluster,
@@ -66,7 +66,6 @@ async fn courier_without_copy(
     tables: &str,
     o: &Opts,
 ) -> anyhow::Result<Courier> {
-    hq.execute(DB, "CREATE PUBLICATION pgcourier").await?;
     let mut courier = Courier::new(
         hq,
         target,
@@ -74,17 +73,13 @@ async fn courier_without_copy(
             profile,
             slot: "pgcourier".into(),
             publication: "pgcourier".into(),
-            tables: vec![],
+            tables: tables.split(", ").map(String::from).collect(),
             congestion: o.congestion.clone(),
+            initial_copy: false,
         },
     )
     .await?;
     courier.create_slot(hq, "pgcourier").await?;
-    hq.execute(
-        DB,
-        &format!("ALTER PUBLICATION pgcourier ADD TABLE {tables}"),
-    )
-    .await?;
     Ok(courier)
 }
 
@@ -112,7 +107,7 @@ pub async fn backlog(
         }
     }
     hq.execute(DB, LOADERS).await?;
-    let mut courier = courier_without_copy(hq, ours, profile.clone(), "bench", o).await?;
+    let mut courier = courier_without_copy(hq, ours, profile.clone(), "public.bench", o).await?;
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
         .await?;
     let native = Native::new(hq, &profile, "native").await?;
@@ -546,13 +541,10 @@ pub async fn copy(o: &Opts, r: &mut Report, profile: Profile, scale: u32) -> any
     Ok(())
 }
 
-/// pgcourier's side of the initial copy: a fresh sender (new spool) whose
-/// publication lists the pgbench tables copies them (issue 4). `None` when
-/// this sender does not copy: nothing spooled, shipped or applied within
-/// `--copy-stall` seconds.
-///
-/// HOOK (issue 4): nothing here needs to change when the sender learns to
-/// copy; if the copy needs a setting, add it to `CourierOpts`.
+/// pgcourier's side of the initial copy: a fresh sender (new spool,
+/// `initial-copy = true`) whose publication lists the pgbench tables copies
+/// them. `None` when this sender does not copy: nothing spooled, shipped or
+/// applied within `--copy-stall` seconds.
 async fn courier_copy(
     o: &Opts,
     hq: &PgCluster,
@@ -570,6 +562,7 @@ async fn courier_copy(
             publication: "pgcourier".into(),
             tables: PGBENCH_TABLES.split(", ").map(String::from).collect(),
             congestion: o.congestion.clone(),
+            initial_copy: true,
         },
     )
     .await?;
@@ -641,7 +634,7 @@ pub async fn big_transaction(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result
     for pg in [hq, ours, native_pg] {
         pg.execute(DB, SCHEMA).await?;
     }
-    let mut courier = courier_without_copy(hq, ours, clean(), "bench", o).await?;
+    let mut courier = courier_without_copy(hq, ours, clean(), "public.bench", o).await?;
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
         .await?;
     let native = Native::new(hq, &clean(), "native").await?;
@@ -729,7 +722,7 @@ pub async fn spool(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result<()> {
     hq.execute(DB, SCHEMA).await?;
     hq.execute(DB, LOADERS).await?;
     // The receiver is never started: its address is a relay to nowhere.
-    let mut courier = courier_without_copy(hq, hq, clean(), "bench", o).await?;
+    let mut courier = courier_without_copy(hq, hq, clean(), "public.bench", o).await?;
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
         .await?;
     hq.execute(
