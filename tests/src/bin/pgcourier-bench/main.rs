@@ -77,9 +77,9 @@ impl Opts {
             backlog_txns: 200_000,
             backlog_changes: vec![Change::Insert, Change::Update],
             slow: vec![
-                ("dsl".into(), 40_000),
-                ("3g".into(), 15_000),
-                ("satellite".into(), 15_000),
+                ("dsl".into(), 50_000),
+                ("3g".into(), 20_000),
+                ("satellite".into(), 20_000),
             ],
             steady_scale: 10,
             steady_secs: 30,
@@ -101,9 +101,9 @@ impl Opts {
         self.runs = 1;
         self.backlog_txns = 20_000;
         self.slow = vec![
-            ("dsl".into(), 5_000),
-            ("3g".into(), 2_000),
-            ("satellite".into(), 2_000),
+            ("dsl".into(), 10_000),
+            ("3g".into(), 5_000),
+            ("satellite".into(), 5_000),
         ];
         self.steady_scale = 1;
         self.steady_secs = 10;
@@ -125,7 +125,7 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --transactions N        backlog size (default 200000)
   --change insert|update|both   backlog changes (default both)
   --slow PROFILE=N,...    slow-link profiles and their backlog sizes
-                          (default dsl=40000,3g=15000,satellite=15000)
+                          (default dsl=50000,3g=20000,satellite=20000)
   --steady-scale S        pgbench scale for the steady load (default 10)
   --seconds S             pgbench duration per phase (default 30)
   --clients C             pgbench clients (default 2 x cores); --threads J (default cores)

@@ -219,11 +219,7 @@ pub async fn backlog(
     } else {
         (
             format!("slow-{link}"),
-            format!(
-                "{link}: backlog {} single-row {} drain",
-                k(n),
-                change.name()
-            ),
+            format!("{link}: backlog {} single-row {}", k(n), change.name()),
             if link == "dsl" {
                 Target::RatioAtLeast(1.0)
             } else {
