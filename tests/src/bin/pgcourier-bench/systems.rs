@@ -17,6 +17,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -323,6 +325,35 @@ impl Courier {
         .with_context(|| self.log_tails())
     }
 
+    /// Follow the marks of both daemons (every 50 ms) from `t0` on, to see
+    /// where a drain spends its time.
+    pub fn track_phases(&self, t0: Instant) -> Phases {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sa, ra) = (self.sender_admin, self.receiver_admin);
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let s = Courier::status(sa).await.ok();
+                let r = Courier::status(ra).await.ok();
+                let get = |v: &Option<serde_json::Value>, k: &str| {
+                    v.as_ref().and_then(|v| v[k].as_u64()).unwrap_or(0)
+                };
+                samples.push((
+                    t0.elapsed().as_secs_f64(),
+                    [
+                        get(&s, "complete_seq"),
+                        get(&r, "durable_seq"),
+                        get(&r, "applied_seq"),
+                    ],
+                ));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            samples
+        });
+        Phases { stop, task }
+    }
+
     /// Peak RSS of the running sender and receiver.
     pub fn peak_rss(&self) -> (Option<u64>, Option<u64>) {
         let of = |d: &Option<Daemon>| {
@@ -344,6 +375,30 @@ impl Courier {
             tail("sender.log"),
             tail("receiver.log")
         )
+    }
+}
+
+/// A running [`Courier::track_phases`].
+pub struct Phases {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(f64, [u64; 3])>>,
+}
+
+impl Phases {
+    /// When everything was spooled (sender `complete_seq`), durable in the
+    /// inbox (`durable_seq`) and applied (`applied_seq`): the first sample
+    /// at each mark's last value, in seconds from `t0`.
+    pub async fn finish(self) -> [Option<f64>; 3] {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self.task.await.unwrap_or_default();
+        let mut out = [None; 3];
+        for (i, o) in out.iter_mut().enumerate() {
+            let last = samples.last().map(|s| s.1[i]).unwrap_or(0);
+            if last > 0 {
+                *o = samples.iter().find(|s| s.1[i] >= last).map(|s| s.0);
+            }
+        }
+        out
     }
 }
 

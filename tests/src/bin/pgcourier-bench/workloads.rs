@@ -139,6 +139,7 @@ pub async fn backlog(
     let t = Instant::now();
     courier.start_receiver()?;
     courier.start_sender()?;
+    let phases = courier.track_phases(t);
     let base = query_i64(ours, sql).await?;
     let admin = courier.receiver_admin;
     let durable_at_up: Arc<Mutex<Option<u64>>> = Arc::default();
@@ -165,13 +166,21 @@ pub async fn backlog(
     let ours_secs = t.elapsed().as_secs_f64();
     let ours_bytes = relay_bytes(&courier.relay) - b0;
     let (s_rss, r_rss) = courier.peak_rss();
+    let [spooled, durable, _] = phases.finish().await;
     courier.stop()?;
+    let at = |s: Option<f64>| {
+        s.map(|s| format!("{s:.2} s"))
+            .unwrap_or_else(|| "n/a".into())
+    };
     println!(
-        "{tag} pgcourier: {ours_secs:.2} s, {:.0} txn/s, {:.1} bytes/txn, peak RSS sender {} / receiver {}",
+        "{tag} pgcourier: {ours_secs:.2} s, {:.0} txn/s, {:.1} bytes/txn, peak RSS sender {} / receiver {}; \
+         all spooled at {}, all durable in the inbox at {}",
         n as f64 / ours_secs,
         ours_bytes as f64 / n as f64,
         mib(s_rss),
-        mib(r_rss)
+        mib(r_rss),
+        at(spooled),
+        at(durable),
     );
 
     // PostgreSQL's own.
@@ -246,6 +255,24 @@ pub async fn backlog(
         Some(per(ours_bytes)),
         theirs.map(|t| per(t.1)),
     );
+    if link == "clean" {
+        r.add(
+            &format!("{key}-spooled"),
+            &format!("{label}: pgcourier, all captured and spooled after"),
+            "s",
+            Target::None,
+            spooled,
+            None,
+        );
+        r.add(
+            &format!("{key}-durable"),
+            &format!("{label}: pgcourier, all durable in the inbox after"),
+            "s",
+            Target::None,
+            durable,
+            None,
+        );
+    }
     if let Some(o) = o.outage {
         r.add(
             &format!("{key}-linkup"),
