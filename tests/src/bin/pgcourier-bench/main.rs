@@ -63,6 +63,9 @@ pub struct Opts {
     pub outage: Option<u64>,
     pub congestion: Option<String>,
     pub skip_native: bool,
+    /// Follow pgcourier's marks during backlog drains (perturbs them: a
+    /// status request walks the whole spool and inbox).
+    pub phases: bool,
 }
 
 impl Opts {
@@ -94,6 +97,7 @@ impl Opts {
             outage: None,
             congestion: None,
             skip_native: false,
+            phases: false,
         }
     }
 
@@ -138,6 +142,9 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --outage S              cut the link for S seconds a third into each slow-link drain
   --congestion C          pgcourier's QUIC congestion controller (cubic, bbr, newreno)
   --skip-native           measure pgcourier only
+  --phases                print when a pgcourier backlog was all spooled and all durable in
+                          the inbox (polls the daemons' status, which walks spool and inbox:
+                          it slows the drain it measures)
 
 A full run (--runs 3) takes about 40 minutes on 2 cores; --quick about 6.";
 
@@ -207,6 +214,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                 o.congestion = Some(it.next().context("--congestion cubic|bbr|newreno")?)
             }
             "--skip-native" => o.skip_native = true,
+            "--phases" => o.phases = true,
             "-h" | "--help" => {
                 println!("{HELP}");
                 std::process::exit(0);

@@ -139,7 +139,8 @@ pub async fn backlog(
     let t = Instant::now();
     courier.start_receiver()?;
     courier.start_sender()?;
-    let phases = courier.track_phases(t);
+    // Off by default: each status request walks the whole spool and inbox.
+    let phases = o.phases.then(|| courier.track_phases(t));
     let base = query_i64(ours, sql).await?;
     let admin = courier.receiver_admin;
     let durable_at_up: Arc<Mutex<Option<u64>>> = Arc::default();
@@ -166,7 +167,10 @@ pub async fn backlog(
     let ours_secs = t.elapsed().as_secs_f64();
     let ours_bytes = relay_bytes(&courier.relay) - b0;
     let (s_rss, r_rss) = courier.peak_rss();
-    let [spooled, durable, _] = phases.finish().await;
+    let [spooled, durable, _] = match phases {
+        Some(p) => p.finish().await,
+        None => [None; 3],
+    };
     courier.stop()?;
     let at = |s: Option<f64>| {
         s.map(|s| format!("{s:.2} s"))
@@ -255,7 +259,7 @@ pub async fn backlog(
         Some(per(ours_bytes)),
         theirs.map(|t| per(t.1)),
     );
-    if link == "clean" {
+    if o.phases {
         r.add(
             &format!("{key}-spooled"),
             &format!("{label}: pgcourier, all captured and spooled after"),
