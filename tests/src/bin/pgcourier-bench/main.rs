@@ -66,6 +66,9 @@ pub struct Opts {
     /// Follow pgcourier's marks during backlog drains (perturbs them: a
     /// status request walks the whole spool and inbox).
     pub phases: bool,
+    /// Extra top-level lines for the daemons' configs, for experiments.
+    pub sender_conf: Vec<String>,
+    pub receiver_conf: Vec<String>,
 }
 
 impl Opts {
@@ -98,6 +101,8 @@ impl Opts {
             congestion: None,
             skip_native: false,
             phases: false,
+            sender_conf: Vec::new(),
+            receiver_conf: Vec::new(),
         }
     }
 
@@ -142,6 +147,8 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --outage S              cut the link for S seconds a third into each slow-link drain
   --congestion C          pgcourier's QUIC congestion controller (cubic, bbr, newreno)
   --skip-native           measure pgcourier only
+  --sender-conf LINE      add a top-level line to sender.toml (repeatable), e.g.
+                          --sender-conf 'cache-capacity = \"16MiB\"'; --receiver-conf LINE likewise
   --phases                print when a pgcourier backlog was all spooled and all durable in
                           the inbox (polls the daemons' status, which walks spool and inbox:
                           it slows the drain it measures)
@@ -215,6 +222,12 @@ fn parse_args() -> anyhow::Result<Opts> {
             }
             "--skip-native" => o.skip_native = true,
             "--phases" => o.phases = true,
+            "--sender-conf" => o
+                .sender_conf
+                .push(it.next().context("--sender-conf needs a TOML line")?),
+            "--receiver-conf" => o
+                .receiver_conf
+                .push(it.next().context("--receiver-conf needs a TOML line")?),
             "-h" | "--help" => {
                 println!("{HELP}");
                 std::process::exit(0);

@@ -153,6 +153,10 @@ pub struct CourierOpts {
     /// The sender's `initial-copy`: copy the published tables' rows when
     /// the spool is new (only the initial-copy workload wants it).
     pub initial_copy: bool,
+    /// Extra top-level lines for sender.toml and receiver.toml
+    /// (`--sender-conf`, `--receiver-conf`).
+    pub sender_conf: Vec<String>,
+    pub receiver_conf: Vec<String>,
 }
 
 /// A pgcourier sender and receiver (processes started and stopped at will)
@@ -193,7 +197,14 @@ impl Courier {
         .await?;
         let p = &opts.profile;
         let mut link = String::new();
-        let copy = format!("initial-copy = {}\n", opts.initial_copy);
+        let mut copy = format!("initial-copy = {}\n", opts.initial_copy);
+        for l in &opts.sender_conf {
+            copy += &format!("{l}\n");
+        }
+        let mut extra = String::new();
+        for l in &opts.receiver_conf {
+            extra += &format!("{l}\n");
+        }
         if p.name != "clean" {
             // Short timers so a cut is noticed as on a real link, and the
             // initial RTT near the profile's.
@@ -229,7 +240,7 @@ impl Courier {
             &receiver_cfg,
             format!(
                 "target = \"{}\"\ninbox-dir = \"inbox\"\ncert = \"r.crt\"\nkey = \"r.key\"\nlisten = \"127.0.0.1:{port}\"\n\
-                 sender-fingerprints = [\"{sender_fp}\"]\nadmin = \"{receiver_admin}\"\n{link}",
+                 sender-fingerprints = [\"{sender_fp}\"]\nadmin = \"{receiver_admin}\"\n{extra}{link}",
                 target.conninfo(DB)
             ),
         )?;

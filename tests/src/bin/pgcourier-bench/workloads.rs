@@ -50,7 +50,9 @@ fn clean() -> Profile {
 }
 
 fn k(n: i64) -> String {
-    if n % 1000 == 0 {
+    if n % 1_000_000 == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n % 1000 == 0 {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
@@ -76,6 +78,8 @@ async fn courier_without_copy(
             tables: tables.split(", ").map(String::from).collect(),
             congestion: o.congestion.clone(),
             initial_copy: false,
+            sender_conf: o.sender_conf.clone(),
+            receiver_conf: o.receiver_conf.clone(),
         },
     )
     .await?;
@@ -166,26 +170,50 @@ pub async fn backlog(
     .with_context(|| courier.log_tails())?;
     let ours_secs = t.elapsed().as_secs_f64();
     let ours_bytes = relay_bytes(&courier.relay) - b0;
+    let link_stats = courier.relay.stats();
     let (s_rss, r_rss) = courier.peak_rss();
     let [spooled, durable, _] = match phases {
         Some(p) => p.finish().await,
         None => [None; 3],
     };
     courier.stop()?;
-    let at = |s: Option<f64>| {
-        s.map(|s| format!("{s:.2} s"))
-            .unwrap_or_else(|| "n/a".into())
+    let phases = if o.phases {
+        let at = |s: Option<f64>| {
+            s.map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        format!(
+            "; all spooled at {}, all durable in the inbox at {}",
+            at(spooled),
+            at(durable)
+        )
+    } else {
+        String::new()
     };
     println!(
-        "{tag} pgcourier: {ours_secs:.2} s, {:.0} txn/s, {:.1} bytes/txn, peak RSS sender {} / receiver {}; \
-         all spooled at {}, all durable in the inbox at {}",
+        "{tag} pgcourier: {ours_secs:.2} s, {:.0} txn/s, {:.1} bytes/txn, peak RSS sender {} / receiver {}{phases}",
         n as f64 / ours_secs,
         ours_bytes as f64 / n as f64,
         mib(s_rss),
         mib(r_rss),
-        at(spooled),
-        at(durable),
     );
+
+    if let Some(rate) = profile.forward.rate_bps {
+        // How well the link was used: bytes it carried, and compressed
+        // records shipped once (from the sender's shipping totals, logged
+        // at exit), per second the link was up, against its rate.
+        let log = std::fs::read_to_string(courier.dir().join("sender.log")).unwrap_or_default();
+        let compressed = shipping_total(&log, "compressed_bytes").unwrap_or(0);
+        let resent = shipping_total(&log, "resent_bytes").unwrap_or(0);
+        let up_secs = ours_secs - o.outage.unwrap_or(0) as f64;
+        let per_sec = rate as f64 / 8.0 * up_secs;
+        println!(
+            "{tag} pgcourier over {link}: link busy {:.0}%, goodput {:.0}% (compressed records shipped once), {resent} bytes shipped again; dropped by the link: {:?}",
+            100.0 * link_stats.forward.bytes_forwarded as f64 / per_sec,
+            100.0 * compressed.saturating_sub(resent) as f64 / per_sec,
+            link_stats.forward.dropped
+        );
+    }
 
     // PostgreSQL's own.
     let mut theirs = None;
@@ -288,6 +316,17 @@ pub async fn backlog(
         );
     }
     Ok(())
+}
+
+/// A field of the sender's last "shipping totals" log line.
+fn shipping_total(log: &str, field: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains("shipping totals"))?;
+    let start = line.find(&format!(" {field}="))? + field.len() + 2;
+    let digits: String = line[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
 }
 
 fn mib(bytes: Option<u64>) -> String {
@@ -443,12 +482,12 @@ pub async fn steady(o: &Opts, r: &mut Report) -> anyhow::Result<()> {
         theirs = Some((tps2, lag2, bytes2));
     }
     let label = format!(
-        "steady pgbench tpcb-like, scale {}, {} clients, {} s",
+        "steady tpcb-like (scale {}, {} clients, {} s)",
         o.steady_scale, o.clients, o.steady_secs
     );
     r.add(
         "steady-tps0",
-        &format!("{label}: source TPS without replication"),
+        &format!("{label}: TPS without replication"),
         "TPS",
         Target::None,
         Some(tps0),
@@ -456,7 +495,7 @@ pub async fn steady(o: &Opts, r: &mut Report) -> anyhow::Result<()> {
     );
     r.add(
         "steady-tps",
-        &format!("{label}: source TPS with replication"),
+        &format!("{label}: TPS with replication"),
         "TPS",
         Target::RatioAtLeast(1.0),
         Some(tps1),
@@ -590,6 +629,8 @@ async fn courier_copy(
             tables: PGBENCH_TABLES.split(", ").map(String::from).collect(),
             congestion: o.congestion.clone(),
             initial_copy: true,
+            sender_conf: o.sender_conf.clone(),
+            receiver_conf: o.receiver_conf.clone(),
         },
     )
     .await?;
@@ -811,10 +852,7 @@ pub async fn spool(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result<()> {
     let key = "spool-rate";
     r.add(
         key,
-        &format!(
-            "spool: capture with the link down, {} single-row INSERTs",
-            k(n)
-        ),
+        &format!("spool, {} single-row INSERTs, link down", k(n)),
         "txn/s",
         Target::RatioAtLeast(1.0),
         Some(n as f64 / secs),
