@@ -718,9 +718,10 @@ pub async fn big_transaction(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result
     let t = Instant::now();
     courier.start_receiver()?;
     courier.start_sender()?;
-    let secs = wait_count(ours, sql, n, poll, DRAIN_TIMEOUT)
+    wait_count(ours, sql, n, poll, DRAIN_TIMEOUT)
         .await
         .with_context(|| courier.log_tails())?;
+    let secs = t.elapsed().as_secs_f64();
     let (s_rss, r_rss) = courier.peak_rss();
     let bytes = relay_bytes(&courier.relay);
     courier.stop()?;
@@ -731,7 +732,6 @@ pub async fn big_transaction(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result
         mib(r_rss),
         bytes as f64 / n as f64
     );
-    let _ = t;
 
     let mut theirs = None;
     if !o.skip_native {
