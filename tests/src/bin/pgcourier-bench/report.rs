@@ -191,7 +191,7 @@ impl Report {
             let mut s = String::from("|");
             for (j, (w, c)) in widths.iter().zip(r).enumerate() {
                 let pad = w - c.chars().count();
-                if j >= 2 && j <= 4 {
+                if (2..=4).contains(&j) {
                     s += &format!(" {}{c} |", " ".repeat(pad));
                 } else {
                     s += &format!(" {c}{} |", " ".repeat(pad));
