@@ -1,0 +1,863 @@
+//! The workloads. Each run of each starts its own throwaway clusters, so a
+//! run is not disturbed by what an earlier one left behind, and runs the
+//! two systems one after the other, each alone on the machine.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use pgcourier_netem::{Profile, RelayHandle};
+use pgcourier_tests::PgCluster;
+
+use crate::report::{Report, Target};
+use crate::systems::{
+    clusters, pg_client_command, pgbench_init, query_i64, query_text, relay_bytes, run_client,
+    wait_count, Courier, CourierOpts, Native, DB, PGBENCH_TABLES,
+};
+use crate::Opts;
+
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+const MIB: f64 = 1024.0 * 1024.0;
+
+const SCHEMA: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, v bigint NOT NULL, filler text);";
+/// Single-row transactions, each committed on its own, queued server-side
+/// (a client round trip per transaction would take longer than the drains).
+const LOADERS: &str = "
+CREATE PROCEDURE load_inserts(a bigint, n bigint) LANGUAGE plpgsql AS $$
+BEGIN FOR i IN a..a + n - 1 LOOP INSERT INTO bench VALUES (i, i, repeat('x', 84)); COMMIT; END LOOP; END $$;
+CREATE PROCEDURE load_updates(n bigint, rows bigint) LANGUAGE plpgsql AS $$
+BEGIN FOR i IN 1..n LOOP UPDATE bench SET v = v + 1 WHERE id = 1 + (i % rows); COMMIT; END LOOP; END $$;";
+/// Rows the UPDATE backlog updates in turn (present on every cluster first).
+const UPDATE_ROWS: i64 = 10_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Change {
+    Insert,
+    Update,
+}
+
+impl Change {
+    pub fn name(self) -> &'static str {
+        match self {
+            Change::Insert => "INSERT",
+            Change::Update => "UPDATE",
+        }
+    }
+}
+
+fn clean() -> Profile {
+    Profile::by_name("clean").expect("netem has a clean profile")
+}
+
+fn k(n: i64) -> String {
+    if n % 1_000_000 == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// A pgcourier pair whose sender does not copy (`initial-copy = false`)
+/// and has created its slot; both daemons stopped.
+async fn courier_without_copy(
+    hq: &PgCluster,
+    target: &PgCluster,
+    profile: Profile,
+    tables: &str,
+    o: &Opts,
+) -> anyhow::Result<Courier> {
+    let mut courier = Courier::new(
+        hq,
+        target,
+        &CourierOpts {
+            profile,
+            slot: "pgcourier".into(),
+            publication: "pgcourier".into(),
+            tables: tables.split(", ").map(String::from).collect(),
+            congestion: o.congestion.clone(),
+            initial_copy: false,
+            sender_conf: o.sender_conf.clone(),
+            receiver_conf: o.receiver_conf.clone(),
+        },
+    )
+    .await?;
+    courier.create_slot(hq, "pgcourier").await?;
+    Ok(courier)
+}
+
+/// Backlog catch-up: `n` single-row transactions queued while both systems
+/// are stopped, then drained by each in turn through `profile`.
+pub async fn backlog(
+    o: &Opts,
+    r: &mut Report,
+    change: Change,
+    n: i64,
+    profile: Profile,
+) -> anyhow::Result<()> {
+    let link = profile.name;
+    let tag = format!("[{link} {} x{}]", change.name(), k(n));
+    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
+    for pg in [hq, ours, native_pg] {
+        pg.execute(DB, SCHEMA).await?;
+        if change == Change::Update {
+            pg.execute(
+                DB,
+                &format!("INSERT INTO bench SELECT g, 0, repeat('x', 84) FROM generate_series(1, {UPDATE_ROWS}) g"),
+            )
+            .await?;
+        }
+    }
+    hq.execute(DB, LOADERS).await?;
+    let mut courier = courier_without_copy(hq, ours, profile.clone(), "public.bench", o).await?;
+    hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
+        .await?;
+    let native = Native::new(hq, &profile, "native").await?;
+    native.subscribe(native_pg, false, false).await?;
+
+    let t = Instant::now();
+    match change {
+        Change::Insert => {
+            hq.execute(DB, &format!("CALL load_inserts(1000001, {n})"))
+                .await?
+        }
+        Change::Update => {
+            hq.execute(DB, &format!("CALL load_updates({n}, {UPDATE_ROWS})"))
+                .await?
+        }
+    }
+    println!(
+        "{tag} queued {n} transactions in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let sql = match change {
+        Change::Insert => "SELECT count(*) FROM bench WHERE id > 1000000",
+        Change::Update => "SELECT coalesce(sum(v), 0)::bigint FROM bench",
+    };
+    let expected = query_i64(hq, sql).await?;
+
+    // pgcourier.
+    let b0 = relay_bytes(&courier.relay);
+    let t = Instant::now();
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    // Off by default: each status request walks the whole spool and inbox.
+    let phases = o.phases.then(|| courier.track_phases(t));
+    let base = query_i64(ours, sql).await?;
+    let admin = courier.receiver_admin;
+    let durable_at_up: Arc<Mutex<Option<u64>>> = Arc::default();
+    let ours_up = drain(
+        ours,
+        sql,
+        expected,
+        base,
+        o.outage.map(Duration::from_secs).zip(Some(&courier.relay)),
+        || {
+            let at_up = durable_at_up.clone();
+            async move {
+                // Applied past what the branch held durably at link-up.
+                let st = Courier::status(admin).await?;
+                let durable = st["durable_seq"].as_u64().unwrap_or(0);
+                let applied = st["applied_seq"].as_u64().unwrap_or(0);
+                let d0 = *at_up.lock().expect("lock").get_or_insert(durable);
+                Ok(applied > d0)
+            }
+        },
+    )
+    .await
+    .with_context(|| courier.log_tails())?;
+    let ours_secs = t.elapsed().as_secs_f64();
+    let ours_bytes = relay_bytes(&courier.relay) - b0;
+    let link_stats = courier.relay.stats();
+    let (s_rss, r_rss) = courier.peak_rss();
+    let [spooled, durable, _] = match phases {
+        Some(p) => p.finish().await,
+        None => [None; 3],
+    };
+    courier.stop()?;
+    let phases = if o.phases {
+        let at = |s: Option<f64>| {
+            s.map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        format!(
+            "; all spooled at {}, all durable in the inbox at {}",
+            at(spooled),
+            at(durable)
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "{tag} pgcourier: {ours_secs:.2} s, {:.0} txn/s, {:.1} bytes/txn, peak RSS sender {} / receiver {}{phases}",
+        n as f64 / ours_secs,
+        ours_bytes as f64 / n as f64,
+        mib(s_rss),
+        mib(r_rss),
+    );
+
+    if let Some(rate) = profile.forward.rate_bps {
+        // How well the link was used: bytes it carried, and compressed
+        // records shipped once (from the sender's shipping totals, logged
+        // at exit), per second the link was up, against its rate.
+        let log = std::fs::read_to_string(courier.dir().join("sender.log")).unwrap_or_default();
+        let compressed = shipping_total(&log, "compressed_bytes").unwrap_or(0);
+        let resent = shipping_total(&log, "resent_bytes").unwrap_or(0);
+        let up_secs = ours_secs - o.outage.unwrap_or(0) as f64;
+        let per_sec = rate as f64 / 8.0 * up_secs;
+        println!(
+            "{tag} pgcourier over {link}: link busy {:.0}%, goodput {:.0}% (compressed records shipped once), {resent} bytes shipped again; dropped by the link: {:?}",
+            100.0 * link_stats.forward.bytes_forwarded as f64 / per_sec,
+            100.0 * compressed.saturating_sub(resent) as f64 / per_sec,
+            link_stats.forward.dropped
+        );
+    }
+
+    // PostgreSQL's own.
+    let mut theirs = None;
+    if !o.skip_native {
+        let b0 = relay_bytes(&native.relay);
+        let t = Instant::now();
+        native.enable(native_pg, true).await?;
+        let base = query_i64(native_pg, sql).await?;
+        let count_at_up: Arc<Mutex<Option<i64>>> = Arc::default();
+        let up = drain(
+            native_pg,
+            sql,
+            expected,
+            base,
+            o.outage.map(Duration::from_secs).zip(Some(&native.relay)),
+            || {
+                let at_up = count_at_up.clone();
+                async move {
+                    let c = query_i64(native_pg, sql).await?;
+                    let c0 = *at_up.lock().expect("lock").get_or_insert(c);
+                    Ok(c > c0)
+                }
+            },
+        )
+        .await?;
+        let secs = t.elapsed().as_secs_f64();
+        let bytes = relay_bytes(&native.relay) - b0;
+        println!(
+            "{tag} PostgreSQL: {secs:.2} s, {:.0} txn/s, {:.1} bytes/txn",
+            n as f64 / secs,
+            bytes as f64 / n as f64
+        );
+        theirs = Some((secs, bytes, up));
+    }
+
+    let rate = |secs: f64| n as f64 / secs;
+    let per = |bytes: u64| bytes as f64 / n as f64;
+    let (key, label, rate_target) = if link == "clean" {
+        (
+            format!("backlog-{}", change.name().to_lowercase()),
+            format!("backlog {} single-row {}", k(n), change.name()),
+            Target::RatioAtLeast(2.0),
+        )
+    } else {
+        (
+            format!("slow-{link}"),
+            format!("{link}: backlog {} single-row {}", k(n), change.name()),
+            if link == "dsl" {
+                Target::RatioAtLeast(1.0)
+            } else {
+                Target::RatioAtLeast(5.0)
+            },
+        )
+    };
+    r.add(
+        &format!("{key}-rate"),
+        &format!(
+            "{label}: {}",
+            if link == "clean" { "catch-up" } else { "drain" }
+        ),
+        "txn/s = rows/s",
+        rate_target,
+        Some(rate(ours_secs)),
+        theirs.map(|t| rate(t.0)),
+    );
+    r.add(
+        &format!("{key}-bytes"),
+        &format!("{label}: wire"),
+        "bytes/txn = bytes/row",
+        Target::RatioAtMost(0.2),
+        Some(per(ours_bytes)),
+        theirs.map(|t| per(t.1)),
+    );
+    if o.phases {
+        r.add(
+            &format!("{key}-spooled"),
+            &format!("{label}: pgcourier, all captured and spooled after"),
+            "s",
+            Target::None,
+            spooled,
+            None,
+        );
+        r.add(
+            &format!("{key}-durable"),
+            &format!("{label}: pgcourier, all durable in the inbox after"),
+            "s",
+            Target::None,
+            durable,
+            None,
+        );
+    }
+    if let Some(o) = o.outage {
+        r.add(
+            &format!("{key}-linkup"),
+            &format!("{label}: {o} s outage, link-up to first new txn applied"),
+            "s",
+            Target::RatioAtMost(1.0),
+            ours_up,
+            theirs.and_then(|t| t.2),
+        );
+    }
+    Ok(())
+}
+
+/// A field of the sender's last "shipping totals" log line.
+fn shipping_total(log: &str, field: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains("shipping totals"))?;
+    let start = line.find(&format!(" {field}="))? + field.len() + 2;
+    let digits: String = line[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes
+        .map(|b| format!("{:.1} MiB", b as f64 / MIB))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// Poll `sql` on `pg` until it reaches `expected`; a third of the way, cut
+/// `outage`'s relay for its duration and return the time from link-up
+/// until `progressed` says something that crossed the link after link-up
+/// was applied.
+async fn drain<F, Fut>(
+    pg: &PgCluster,
+    sql: &str,
+    expected: i64,
+    base: i64,
+    outage: Option<(Duration, &RelayHandle)>,
+    mut progressed: F,
+) -> anyhow::Result<Option<f64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let client = pg.client(DB).await?;
+    let mut cut_done = false;
+    let mut link_up: Option<Instant> = None;
+    let mut first_after: Option<f64> = None;
+    loop {
+        let c: i64 = client.query_one(sql, &[]).await?.get(0);
+        if c >= expected {
+            return Ok(first_after);
+        }
+        if let Some((len, relay)) = outage {
+            if !cut_done && c >= base + (expected - base) / 3 {
+                cut_done = true;
+                relay.set_down(true);
+                tokio::time::sleep(len).await;
+                relay.set_down(false);
+                link_up = Some(Instant::now());
+            }
+        }
+        if let (Some(up), None) = (link_up, first_after) {
+            if progressed().await? {
+                first_after = Some(up.elapsed().as_secs_f64());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "drain did not finish within {DRAIN_TIMEOUT:?} ({c} of {expected})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `pgbench -b tpcb-like` for `secs` seconds; its TPS.
+async fn pgbench_run(pg: &PgCluster, o: &Opts) -> anyhow::Result<f64> {
+    // Without pgbench's own vacuum: it truncates pgbench_history, which
+    // would be replicated.
+    pg.execute(DB, "VACUUM pgbench_branches, pgbench_tellers")
+        .await?;
+    let mut cmd = pg_client_command(pg, "pgbench")?;
+    cmd.args([
+        "-n",
+        "-b",
+        "tpcb-like",
+        "-c",
+        &o.clients.to_string(),
+        "-j",
+        &o.threads.to_string(),
+        "-T",
+        &o.steady_secs.to_string(),
+        DB,
+    ]);
+    let out = run_client(cmd).await?;
+    let tps = out
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("no tps in pgbench's output:\n{out}"))?;
+    Ok(tps)
+}
+
+const HISTORY: &str = "SELECT count(*) FROM pgbench_history";
+
+/// pgbench with replication running; then the lag: from pgbench's end until
+/// the target holds every transaction (a pgbench_history row each).
+async fn steady_phase(
+    hq: &PgCluster,
+    target: &PgCluster,
+    relay: &RelayHandle,
+    o: &Opts,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let h0 = query_i64(hq, HISTORY).await?;
+    let t0 = query_i64(target, HISTORY).await?;
+    let b0 = relay_bytes(relay);
+    let tps = pgbench_run(hq, o).await?;
+    let h1 = query_i64(hq, HISTORY).await?;
+    let lag = wait_count(
+        target,
+        &format!("SELECT count(*) - {t0} FROM pgbench_history"),
+        h1 - h0,
+        Duration::from_millis(10),
+        DRAIN_TIMEOUT,
+    )
+    .await?;
+    let bytes = (relay_bytes(relay) - b0) as f64 / (h1 - h0).max(1) as f64;
+    Ok((tps, lag, bytes))
+}
+
+/// Steady load: TPS without replication, with pgcourier, with PostgreSQL's
+/// own; the lag when pgbench stops; bytes per transaction.
+pub async fn steady(o: &Opts, r: &mut Report) -> anyhow::Result<()> {
+    let tag = format!("[steady scale {} {} s]", o.steady_scale, o.steady_secs);
+    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
+    // The same (deterministic) data everywhere, no replication yet.
+    pgbench_init(&[hq, ours, native_pg], o.steady_scale, "dtgvp").await?;
+    hq.execute(DB, "ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
+        .await?;
+
+    let tps0 = pgbench_run(hq, o).await?;
+    println!("{tag} without replication: {tps0:.0} TPS");
+
+    let mut courier = courier_without_copy(hq, ours, clean(), PGBENCH_TABLES, o).await?;
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    courier.wait_connected().await?;
+    let (tps1, lag1, bytes1) = steady_phase(hq, ours, &courier.relay, o)
+        .await
+        .with_context(|| courier.log_tails())?;
+    courier.stop()?;
+    hq.execute(DB, "SELECT pg_drop_replication_slot('pgcourier')")
+        .await?;
+    println!("{tag} with pgcourier: {tps1:.0} TPS, lag {lag1:.2} s, {bytes1:.1} bytes/txn");
+
+    let mut theirs = None;
+    if !o.skip_native {
+        hq.execute(
+            DB,
+            &format!("CREATE PUBLICATION native FOR TABLE {PGBENCH_TABLES}"),
+        )
+        .await?;
+        let native = Native::new(hq, &clean(), "native").await?;
+        native.subscribe(native_pg, false, true).await?;
+        native.wait_slot_active(hq, true).await?;
+        let (tps2, lag2, bytes2) = steady_phase(hq, native_pg, &native.relay, o).await?;
+        println!(
+            "{tag} with PostgreSQL's own: {tps2:.0} TPS, lag {lag2:.2} s, {bytes2:.1} bytes/txn"
+        );
+        theirs = Some((tps2, lag2, bytes2));
+    }
+    let label = format!(
+        "steady tpcb-like (scale {}, {} clients, {} s)",
+        o.steady_scale, o.clients, o.steady_secs
+    );
+    r.add(
+        "steady-tps0",
+        &format!("{label}: TPS without replication"),
+        "TPS",
+        Target::None,
+        Some(tps0),
+        theirs.map(|_| tps0),
+    );
+    r.add(
+        "steady-tps",
+        &format!("{label}: TPS with replication"),
+        "TPS",
+        Target::RatioAtLeast(1.0),
+        Some(tps1),
+        theirs.map(|t| t.0),
+    );
+    r.add(
+        "steady-share",
+        &format!("{label}: TPS with / without replication"),
+        "%",
+        Target::AtLeast(90.0),
+        Some(100.0 * tps1 / tps0),
+        theirs.map(|t| 100.0 * t.0 / tps0),
+    );
+    r.add(
+        "steady-lag",
+        &format!("{label}: lag when pgbench stops"),
+        "s",
+        Target::RatioAtMost(1.0),
+        Some(lag1),
+        theirs.map(|t| t.1),
+    );
+    r.add(
+        "steady-bytes",
+        &format!("{label}: wire"),
+        "bytes/txn",
+        Target::RatioAtMost(0.2),
+        Some(bytes1),
+        theirs.map(|t| t.2),
+    );
+    // A TPC-B-like transaction changes 4 rows (3 updates, 1 insert).
+    r.add(
+        "steady-bytes-row",
+        &format!("{label}: wire"),
+        "bytes/row",
+        Target::RatioAtMost(0.2),
+        Some(bytes1 / 4.0),
+        theirs.map(|t| t.2 / 4.0),
+    );
+    Ok(())
+}
+
+const COPIED_ROWS: &str = "SELECT (SELECT count(*) FROM pgbench_accounts) + (SELECT count(*) FROM pgbench_branches) + (SELECT count(*) FROM pgbench_tellers)";
+
+/// Initial copy of pgbench at `scale` across `profile`: the time from the
+/// start of replication until the target holds every row.
+pub async fn copy(o: &Opts, r: &mut Report, profile: Profile, scale: u32) -> anyhow::Result<()> {
+    let link = profile.name;
+    let tag = format!("[copy scale {scale} over {link}]");
+    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
+    pgbench_init(&[hq], scale, "dtgvp").await?;
+    // Tables and keys, no rows, on the targets.
+    pgbench_init(&[ours, native_pg], scale, "dtp").await?;
+    hq.execute(DB, "ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
+        .await?;
+    let expected = query_i64(hq, COPIED_ROWS).await?;
+
+    let ours_secs = courier_copy(o, hq, ours, profile.clone(), expected, &tag).await?;
+
+    let mut theirs = None;
+    if !o.skip_native {
+        hq.execute(
+            DB,
+            &format!("CREATE PUBLICATION native FOR TABLE {PGBENCH_TABLES}"),
+        )
+        .await?;
+        let native = Native::new(hq, &profile, "native").await?;
+        let t = Instant::now();
+        native.subscribe(native_pg, true, true).await?;
+        let secs = wait_count(
+            native_pg,
+            COPIED_ROWS,
+            expected,
+            Duration::from_millis(250),
+            DRAIN_TIMEOUT,
+        )
+        .await
+        .map(|_| t.elapsed().as_secs_f64())?;
+        let bytes = relay_bytes(&native.relay);
+        println!(
+            "{tag} PostgreSQL (copy_data): {secs:.1} s, {:.0} rows/s, {:.1} MB on the wire",
+            expected as f64 / secs,
+            bytes as f64 / 1e6
+        );
+        native_pg.execute(DB, "DROP SUBSCRIPTION native").await?;
+        theirs = Some((secs, bytes));
+    }
+    let label = format!("initial copy, pgbench scale {scale}, over {link}");
+    r.add(
+        &format!("copy-{link}-time"),
+        &label,
+        "s",
+        if link == "clean" {
+            Target::RatioAtMost(1.0)
+        } else {
+            Target::RatioAtMost(0.2)
+        },
+        ours_secs.map(|(s, _)| s),
+        theirs.map(|t| t.0),
+    );
+    r.add(
+        &format!("copy-{link}-bytes"),
+        &format!("{label}: wire"),
+        "MB",
+        Target::RatioAtMost(1.0),
+        ours_secs.map(|(_, b)| b as f64 / 1e6),
+        theirs.map(|t| t.1 as f64 / 1e6),
+    );
+    Ok(())
+}
+
+/// pgcourier's side of the initial copy: a fresh sender (new spool,
+/// `initial-copy = true`) whose publication lists the pgbench tables copies
+/// them. `None` when this sender does not copy: nothing spooled, shipped or
+/// applied within `--copy-stall` seconds.
+async fn courier_copy(
+    o: &Opts,
+    hq: &PgCluster,
+    target: &PgCluster,
+    profile: Profile,
+    expected: i64,
+    tag: &str,
+) -> anyhow::Result<Option<(f64, u64)>> {
+    let mut courier = Courier::new(
+        hq,
+        target,
+        &CourierOpts {
+            profile,
+            slot: "pgcourier".into(),
+            publication: "pgcourier".into(),
+            tables: PGBENCH_TABLES.split(", ").map(String::from).collect(),
+            congestion: o.congestion.clone(),
+            initial_copy: true,
+            sender_conf: o.sender_conf.clone(),
+            receiver_conf: o.receiver_conf.clone(),
+        },
+    )
+    .await?;
+    let t = Instant::now();
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    let client = target.client(DB).await?;
+    let stall = Duration::from_secs(o.copy_stall);
+    let mut last = (i64::MIN, 0u64, 0u64);
+    let mut last_change = Instant::now();
+    let mut seen_work = false;
+    let result = loop {
+        let rows: i64 = client.query_one(COPIED_ROWS, &[]).await?.get(0);
+        if rows >= expected {
+            break Some(t.elapsed().as_secs_f64());
+        }
+        let spooled = Courier::status(courier.sender_admin)
+            .await
+            .ok()
+            .and_then(|s| s["complete_seq"].as_u64())
+            .unwrap_or(0);
+        let wire = relay_bytes(&courier.relay) / (256 * 1024);
+        let now = (rows, spooled, wire);
+        if now != last {
+            if last.0 != i64::MIN && (rows > 0 || spooled > 0) {
+                seen_work = true;
+            }
+            last = now;
+            last_change = Instant::now();
+        }
+        if last_change.elapsed() > stall {
+            if !seen_work {
+                println!(
+                    "{tag} pgcourier: no initial copy (nothing spooled, shipped or applied in {} s): this sender does not copy yet (issue 4)",
+                    o.copy_stall
+                );
+                break None;
+            }
+            anyhow::bail!(
+                "pgcourier's copy stalled for {} s at {rows} of {expected} rows\n{}",
+                o.copy_stall,
+                courier.log_tails()
+            );
+        }
+        anyhow::ensure!(
+            t.elapsed() < DRAIN_TIMEOUT,
+            "pgcourier's copy took too long"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let bytes = relay_bytes(&courier.relay);
+    courier.stop()?;
+    if let Some(secs) = result {
+        println!(
+            "{tag} pgcourier: {secs:.1} s, {:.0} rows/s, {:.1} MB on the wire",
+            expected as f64 / secs,
+            bytes as f64 / 1e6
+        );
+    }
+    Ok(result.map(|s| (s, bytes)))
+}
+
+/// One transaction of `n` rows, queued while both systems are stopped:
+/// the time to apply it, and the peak memory of each side.
+pub async fn big_transaction(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result<()> {
+    let tag = format!("[one transaction of {} rows]", k(n));
+    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
+    for pg in [hq, ours, native_pg] {
+        pg.execute(DB, SCHEMA).await?;
+    }
+    let mut courier = courier_without_copy(hq, ours, clean(), "public.bench", o).await?;
+    hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
+        .await?;
+    let native = Native::new(hq, &clean(), "native").await?;
+    native.subscribe(native_pg, false, false).await?;
+    hq.execute(
+        DB,
+        &format!("INSERT INTO bench SELECT g, g, repeat('x', 84) FROM generate_series(1, {n}) g"),
+    )
+    .await?;
+    let sql = "SELECT count(*) FROM bench";
+    let poll = Duration::from_millis(100);
+
+    let t = Instant::now();
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    wait_count(ours, sql, n, poll, DRAIN_TIMEOUT)
+        .await
+        .with_context(|| courier.log_tails())?;
+    let secs = t.elapsed().as_secs_f64();
+    let (s_rss, r_rss) = courier.peak_rss();
+    let bytes = relay_bytes(&courier.relay);
+    courier.stop()?;
+    println!(
+        "{tag} pgcourier: {secs:.1} s ({:.0} rows/s), peak RSS sender {}, receiver {}, {:.1} bytes/row",
+        n as f64 / secs,
+        mib(s_rss),
+        mib(r_rss),
+        bytes as f64 / n as f64
+    );
+
+    let mut theirs = None;
+    if !o.skip_native {
+        let b0 = relay_bytes(&native.relay);
+        let t = Instant::now();
+        native.enable(native_pg, true).await?;
+        wait_count(native_pg, sql, n, poll, DRAIN_TIMEOUT).await?;
+        let secs = t.elapsed().as_secs_f64();
+        let (ws, aw) = native.peak_rss(hq, native_pg).await;
+        let bytes = relay_bytes(&native.relay) - b0;
+        println!(
+            "{tag} PostgreSQL: {secs:.1} s ({:.0} rows/s), peak RSS walsender {}, apply worker {}, {:.1} bytes/row",
+            n as f64 / secs,
+            mib(ws),
+            mib(aw),
+            bytes as f64 / n as f64
+        );
+        theirs = Some((secs, ws, aw));
+    }
+    let label = format!("one transaction of {} rows", k(n));
+    r.add(
+        "big-time",
+        &format!("{label}: time to apply"),
+        "s",
+        Target::RatioAtMost(1.0),
+        Some(secs),
+        theirs.map(|t| t.0),
+    );
+    r.add(
+        "big-rss-sender",
+        &format!("{label}: peak memory, sender (PostgreSQL: walsender)"),
+        "MiB",
+        Target::AtMost(100.0),
+        s_rss.map(|b| b as f64 / MIB),
+        theirs.and_then(|t| t.1).map(|b| b as f64 / MIB),
+    );
+    r.add(
+        "big-rss-receiver",
+        &format!("{label}: peak memory, receiver (PostgreSQL: apply worker)"),
+        "MiB",
+        Target::AtMost(100.0),
+        r_rss.map(|b| b as f64 / MIB),
+        theirs.and_then(|t| t.2).map(|b| b as f64 / MIB),
+    );
+    Ok(())
+}
+
+/// Capture to the spool with the link down (no receiver): `n` single-row
+/// INSERT transactions queued while the sender is stopped, then captured.
+/// PostgreSQL's column: `pg_recvlogical` (pgoutput) writing the same
+/// changes to a file.
+pub async fn spool(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result<()> {
+    let tag = format!("[spool x{}]", k(n));
+    let pgs = clusters(&["hq"]).await?;
+    let hq = &pgs[0];
+    hq.execute(DB, SCHEMA).await?;
+    hq.execute(DB, LOADERS).await?;
+    // The receiver is never started: its address is a relay to nowhere.
+    let mut courier = courier_without_copy(hq, hq, clean(), "public.bench", o).await?;
+    hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
+        .await?;
+    hq.execute(
+        DB,
+        "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
+    )
+    .await?;
+    hq.execute(DB, &format!("CALL load_inserts(1000001, {n})"))
+        .await?;
+    let end_lsn = query_text(hq, "SELECT pg_current_wal_lsn()::text")
+        .await?
+        .context("no WAL position")?;
+
+    let t = Instant::now();
+    courier.start_sender()?;
+    let admin = courier.sender_admin;
+    let n_u = n as u64;
+    loop {
+        if let Ok(st) = Courier::status(admin).await {
+            if st["complete_seq"].as_u64().unwrap_or(0) >= n_u {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            t.elapsed() < DRAIN_TIMEOUT,
+            "capture did not finish\n{}",
+            courier.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let (s_rss, _) = courier.peak_rss();
+    courier.stop()?;
+    println!(
+        "{tag} pgcourier: {secs:.2} s, {:.0} txn/s into the spool, peak RSS {}",
+        n as f64 / secs,
+        mib(s_rss)
+    );
+
+    let mut theirs = None;
+    if !o.skip_native {
+        let out = courier.dir().join("recvlogical.out");
+        let mut cmd = pg_client_command(hq, "pg_recvlogical")?;
+        cmd.args(["-d", DB, "--slot", "recv", "--start", "--no-loop"])
+            .arg("--endpos")
+            .arg(&end_lsn)
+            .arg("-f")
+            .arg(&out)
+            .args(["-o", "proto_version=1", "-o", "publication_names=native"]);
+        let t = Instant::now();
+        run_client(cmd).await?;
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "{tag} pg_recvlogical: {secs:.2} s, {:.0} txn/s into a file",
+            n as f64 / secs
+        );
+        theirs = Some(secs);
+    }
+    let key = "spool-rate";
+    r.add(
+        key,
+        &format!("spool, {} single-row INSERTs, link down", k(n)),
+        "txn/s",
+        Target::RatioAtLeast(1.0),
+        Some(n as f64 / secs),
+        theirs.map(|s| n as f64 / s),
+    );
+    r.note(key, "PostgreSQL: pg_recvlogical to a file");
+    Ok(())
+}
