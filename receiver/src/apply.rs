@@ -42,6 +42,9 @@ use crate::inbox::Inbox;
 
 /// Statements queued before the pipeline is drained.
 const PIPELINE_DEPTH: usize = 512;
+/// ... or once the queued COPY data reaches this many bytes (bounds memory
+/// in a large transaction: invariant 5).
+const PIPELINE_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -264,6 +267,14 @@ struct Session {
     run: Option<InsertRun>,
     fragment: Vec<u8>,
     copy: Option<LoadProgress>,
+    /// COPY data queued in `pending`.
+    pending_bytes: usize,
+}
+
+impl Session {
+    fn pipeline_full(&self) -> bool {
+        self.pending.len() >= PIPELINE_DEPTH || self.pending_bytes >= PIPELINE_BYTES
+    }
 }
 
 struct GroupEnd {
@@ -431,6 +442,7 @@ impl Apply {
             run: None,
             fragment: Vec::new(),
             copy: None,
+            pending_bytes: 0,
         };
         self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {
@@ -469,7 +481,7 @@ impl Apply {
                 Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq: 0, source })?;
             commit_time = record.commit_time;
             self.queue_record(&mut s, &record).await?;
-            if s.pending.len() >= PIPELINE_DEPTH {
+            if s.pipeline_full() {
                 self.drain(&mut s).await?;
             }
             if let Some(c) = s.copy.as_mut() {
@@ -590,7 +602,7 @@ impl Apply {
                     group_txns = 0;
                     group_changes = 0;
                 }
-            } else if s.pending.len() >= PIPELINE_DEPTH {
+            } else if s.pipeline_full() {
                 self.drain(&mut s).await?;
             }
             cursor += 1;
@@ -714,7 +726,7 @@ impl Apply {
                     }
                 }
             }
-            if s.pending.len() >= PIPELINE_DEPTH {
+            if s.pipeline_full() {
                 self.drain(s).await?;
             }
         }
@@ -998,6 +1010,7 @@ impl Apply {
             for row in &run.rows {
                 copy_row(&mut data, row);
             }
+            s.pending_bytes += data.len();
             s.pending.push(Pending::Copy {
                 sql,
                 data,
@@ -1025,6 +1038,7 @@ impl Apply {
     async fn drain(&self, s: &mut Session) -> Result<(), ApplyError> {
         self.flush_run(s).await?;
         let pending = std::mem::take(&mut s.pending);
+        s.pending_bytes = 0;
         let mut batch: Vec<Pending> = Vec::new();
         for p in pending {
             match p {

@@ -87,6 +87,7 @@ async fn initial_copy_of_100k_rows_while_the_source_keeps_writing() -> anyhow::R
             schema: COPY_SCHEMA,
             source_sql: COPY_ROWS,
             receiver_extra: &format!("create-tables = true\nadmin = \"127.0.0.1:{admin}\""),
+            wait_for_copy: false,
             ..Options::default()
         },
     )
@@ -340,6 +341,7 @@ async fn a_copy_cut_by_an_outage_resumes_without_resending_what_arrived() -> any
             ),
             receiver_extra: &format!("{TIMERS}\nadmin = \"127.0.0.1:{receiver_admin}\""),
             link: Some(link),
+            wait_for_copy: false,
             ..Options::default()
         },
     )

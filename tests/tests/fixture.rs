@@ -73,6 +73,9 @@ pub struct Options<'a> {
     /// An emulated link (netem UDP relay) between the sender and each
     /// receiver; only with [`Dial::SenderDials`].
     pub link: Option<pgcourier_netem::Link>,
+    /// Return only once every receiver has applied the initial copy (so
+    /// that what the test writes or plants next is not part of it).
+    pub wait_for_copy: bool,
 }
 
 impl Default for Options<'_> {
@@ -86,6 +89,7 @@ impl Default for Options<'_> {
             sender_extra: "",
             receiver_extra: "",
             link: None,
+            wait_for_copy: true,
         }
     }
 }
@@ -217,6 +221,17 @@ impl Setup {
         )
         .await
         .with_context(|| setup.logs())?;
+        if opts.wait_for_copy && setup.sender.log().contains("copy spooled") {
+            for b in &setup.branches {
+                wait_until(
+                    "each receiver to apply the initial copy",
+                    Duration::from_secs(120),
+                    || async { Ok(b.receiver.log().contains("table copy loaded")) },
+                )
+                .await
+                .with_context(|| setup.logs())?;
+            }
+        }
         Ok(setup)
     }
 

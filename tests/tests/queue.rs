@@ -60,6 +60,7 @@ async fn setup(name: &str, sender_admin: u16, receiver_admin: u16) -> anyhow::Re
             sender_extra: Box::leak(sender_extra.into_boxed_str()),
             receiver_extra: Box::leak(receiver_extra.into_boxed_str()),
             link: None,
+            wait_for_copy: true,
         },
     )
     .await

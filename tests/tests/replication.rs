@@ -175,6 +175,7 @@ fn mixed(branches: usize, dial: Dial) -> Options<'static> {
         sender_extra: "",
         receiver_extra: "",
         link: None,
+        wait_for_copy: true,
     }
 }
 
@@ -228,6 +229,7 @@ fn acct(branches: usize, dial: Dial) -> Options<'static> {
         sender_extra: "",
         receiver_extra: "",
         link: None,
+        wait_for_copy: true,
     }
 }
 
@@ -471,6 +473,7 @@ async fn a_missing_target_table_pauses_apply_until_the_dba_creates_it() -> anyho
             sender_extra: "",
             receiver_extra: "",
             link: None,
+            wait_for_copy: true,
         },
     )
     .await?;
@@ -525,6 +528,7 @@ async fn check_names_tables_whose_updates_could_not_replicate_and_exits_non_zero
             sender_extra: "",
             receiver_extra: "",
             link: None,
+            wait_for_copy: true,
         },
     )
     .await?;
