@@ -69,6 +69,8 @@ pub struct PollOutcome {
     pub skipped: u64,
     /// Transactions whose every change was left to a pending copy.
     pub dropped: u64,
+    /// Messages the peek returned (Begin and Commit included).
+    pub messages: u64,
 }
 
 /// The transaction being cut into records.
@@ -340,7 +342,11 @@ impl Capture {
                 self.status.lock().expect("status lock").slot = stats;
                 self.find_new_tables(&client).await?;
             }
-            if outcome.transactions == 0 && outcome.skipped == 0 && outcome.dropped == 0 {
+            // Each peek decodes the WAL from the slot's restart LSN, which
+            // PostgreSQL moves only every few seconds: peeking again at once
+            // is worth it only while a backlog fills whole peeks.
+            let caught_up = outcome.messages < u64::from(self.cfg.capture_batch_changes);
+            if caught_up {
                 let idle = self.cut.is_none();
                 let seeds = self.seeds.as_mut();
                 let request = tokio::select! {
@@ -562,6 +568,7 @@ impl Capture {
             .await
             .map_err(|e| SourceError::query("peek replication slot", e))?
         {
+            outcome.messages += 1;
             let data: &[u8] = row.get(0);
             match data.first() {
                 Some(b'B') => {

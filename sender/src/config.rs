@@ -82,7 +82,7 @@ fn default_copy_lock_wait() -> Duration {
 }
 
 fn default_capture_changes() -> u32 {
-    20_000
+    100_000
 }
 fn default_batch_bytes() -> u64 {
     256 << 10
