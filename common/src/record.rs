@@ -25,7 +25,7 @@ use crate::Lsn;
 pub const MAX_RECORD_BYTES: usize = 96 * 1024;
 
 /// The size the sender aims for when it cuts a transaction into records.
-pub const TARGET_RECORD_BYTES: usize = 32 * 1024;
+pub const TARGET_RECORD_BYTES: usize = 8 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {

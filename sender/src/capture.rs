@@ -2,7 +2,7 @@
 //!
 //! The slot is read with `pg_logical_slot_peek_binary_changes` (proto_version
 //! 1: only committed transactions, each whole and in commit order) and its
-//! rows are streamed, never collected, into records of at most ~48 KiB. After
+//! rows are streamed, never collected, into records of at most ~24 KiB. After
 //! a call's transactions are appended, [`Spool::commit`] fsyncs them, and
 //! only then is the slot advanced (`pg_replication_slot_advance`) to the last
 //! commit's end LSN: the slot never confirms what the spool could lose.
