@@ -398,6 +398,7 @@ mod tests {
         for i in 0..n {
             let rec = Record {
                 seq: i + 1,
+                only_for: None,
                 commit_lsn: Lsn(99),
                 commit_time: 0,
                 xid: 0,

@@ -31,6 +31,10 @@ pub const TARGET_RECORD_BYTES: usize = 8 * 1024;
 pub struct Record {
     /// Position in the sender's spool; dense, starts at 1.
     pub seq: u64,
+    /// The one receiver this record is for (a copy made for a new branch);
+    /// every other receiver is shipped an empty record in its place. Second
+    /// in the encoding so shipping reads it without a full decode.
+    pub only_for: Option<String>,
     /// The source transaction's commit record LSN (pgoutput Begin final_lsn).
     pub commit_lsn: Lsn,
     /// Commit time, microseconds since 2000-01-01 UTC (PostgreSQL epoch).
@@ -144,6 +148,28 @@ pub fn verify(bytes: &[u8]) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// The receiver an encoded record is addressed to, if only one, read
+/// without a full decode (checksum verified).
+pub fn peek_only_for(bytes: &[u8]) -> Result<Option<String>, RecordError> {
+    verify(bytes)?;
+    let ((_, only_for), _): ((u64, Option<String>), usize) =
+        bincode::serde::decode_from_slice(&bytes[4..], bincode_config())
+            .map_err(RecordError::Decode)?;
+    Ok(only_for)
+}
+
+impl Record {
+    /// What a receiver the record is not for gets instead: the same
+    /// position and transaction boundaries, no changes.
+    pub fn placeholder(&self) -> Record {
+        Record {
+            only_for: None,
+            pieces: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
 /// The sequence number of an encoded record, read without a full decode
 /// (the body starts with `seq` as a varint).
 pub fn peek_seq(bytes: &[u8]) -> Result<u64, RecordError> {
@@ -160,6 +186,7 @@ mod tests {
     fn sample() -> Record {
         Record {
             seq: 42,
+            only_for: None,
             commit_lsn: Lsn(0x16_B374_D848),
             commit_time: 123_456,
             xid: 777,
@@ -168,6 +195,18 @@ mod tests {
             end_lsn: Lsn(0x16_B374_D900),
             pieces: vec![Piece::Message(b"I\0\0\0\x01".to_vec())],
         }
+    }
+
+    #[test]
+    fn the_addressee_is_read_without_a_full_decode() {
+        let mut r = sample();
+        assert_eq!(peek_only_for(&r.encode().unwrap()).unwrap(), None);
+        r.only_for = Some("branch7".into());
+        let bytes = r.encode().unwrap();
+        assert_eq!(peek_only_for(&bytes).unwrap().as_deref(), Some("branch7"));
+        assert_eq!(peek_seq(&bytes).unwrap(), 42);
+        let p = Record::decode(&bytes).unwrap().placeholder();
+        assert!(p.pieces.is_empty() && p.only_for.is_none() && p.last && p.seq == 42);
     }
 
     #[test]

@@ -226,6 +226,7 @@ mod tests {
     fn rec(seq: u64) -> Vec<u8> {
         Record {
             seq,
+            only_for: None,
             commit_lsn: Lsn(seq * 100),
             commit_time: 0,
             xid: 1,

@@ -540,6 +540,16 @@ impl Apply {
                 continue;
             }
             self.position.store(cursor, Ordering::Relaxed);
+            if !open {
+                // The inbox was moved forward (a new branch starting at its
+                // copy): nothing before its first record is ours to apply.
+                if let Some(first) = self.inbox.first_seq()? {
+                    if first > cursor && self.inbox.get(cursor)?.is_none() {
+                        cursor = first;
+                        continue;
+                    }
+                }
+            }
             let bytes = self.inbox.get(cursor)?.ok_or_else(|| ApplyError::Order {
                 seq: cursor,
                 message: "missing from the inbox".into(),

@@ -100,13 +100,12 @@ impl Inbox {
     /// from `seq + 1`. Older records are removed. Fsynced.
     pub fn reset_to_seed(&self, source: &str, seq: u64) -> Result<(), StoreError> {
         self.records.clear().map_err(|e| self.store.write_err(e))?;
-        self.meta
-            .insert("source", source.as_bytes())
-            .map_err(|e| self.store.write_err(e))?;
         put_u64(&self.store, &self.meta, "durable_seq", seq)?;
         self.store.sync()?;
         self.durable.send_replace(seq);
-        Ok(())
+        // Last: apply starts once the inbox has a source, and must then see
+        // the new position.
+        self.set_source(source)
     }
 
     /// The record at `seq`, if stored.

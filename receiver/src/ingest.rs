@@ -234,7 +234,7 @@ impl Ingest {
     async fn serve(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
         let (mut control_tx, mut control_rx) = conn.open_bi().await?;
         let source = self.inbox.source()?;
-        let durable = self.inbox.durable_seq();
+        let mut durable = self.inbox.durable_seq();
         wire::write_frame(
             &mut control_tx,
             &Frame::Hello {
@@ -260,10 +260,21 @@ impl Ingest {
                     None => self.inbox.set_source(&offered)?,
                 }
                 if first_seq > durable + 1 {
-                    return Err(IngestError::Gap {
-                        durable,
-                        first: first_seq,
-                    });
+                    if durable == 0 && self.inbox.first_seq()?.is_none() {
+                        // A new branch: the sender made a copy of the tables
+                        // for it and starts it there.
+                        self.inbox.reset_to_seed(&offered, first_seq - 1)?;
+                        tracing::info!(
+                            start = first_seq,
+                            "new branch: starting at the copy of the tables the sender made for it"
+                        );
+                        durable = first_seq - 1;
+                    } else {
+                        return Err(IngestError::Gap {
+                            durable,
+                            first: first_seq,
+                        });
+                    }
                 }
             }
             Some(Frame::Refuse { reason }) => return Err(IngestError::Refused(reason)),

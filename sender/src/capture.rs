@@ -76,6 +76,7 @@ pub struct PollOutcome {
 /// The transaction being cut into records.
 struct Cutter {
     seq: u64,
+    only_for: Option<String>,
     commit_lsn: Lsn,
     commit_time: i64,
     xid: u32,
@@ -88,6 +89,7 @@ impl Cutter {
     fn new(seq: u64, commit_lsn: Lsn, commit_time: i64) -> Cutter {
         Cutter {
             seq,
+            only_for: None,
             commit_lsn,
             commit_time,
             xid: 0,
@@ -100,6 +102,7 @@ impl Cutter {
     fn take(&mut self, last: bool, end_lsn: Lsn) -> Record {
         let record = Record {
             seq: self.seq,
+            only_for: self.only_for.clone(),
             commit_lsn: self.commit_lsn,
             commit_time: self.commit_time,
             xid: self.xid,
@@ -205,8 +208,14 @@ pub struct SeedSummary {
 
 /// What a cut is for.
 enum Job {
-    /// Copy these tables into the spool, for every receiver.
-    Copy { tables: Vec<u32>, reason: String },
+    /// Copy these tables into the spool: for every receiver, or for one
+    /// new receiver only (`only_for`; the others get placeholders, and their
+    /// stream keeps every change).
+    Copy {
+        tables: Vec<u32>,
+        reason: String,
+        only_for: Option<String>,
+    },
     /// Copy every published table into a seed file.
     Seed(SeedRequest),
 }
@@ -399,6 +408,20 @@ impl Capture {
         if let Some(req) = self.seeds.as_mut().and_then(|rx| rx.try_recv().ok()) {
             return self.start_cut(client, Job::Seed(req), shutdown).await;
         }
+        if let Some(name) = self.spool.needs_copy()?.into_iter().next() {
+            let tables = copy::published_tables(client, &self.cfg.publication).await?;
+            return self
+                .start_cut(
+                    client,
+                    Job::Copy {
+                        tables,
+                        reason: format!("new receiver {name}"),
+                        only_for: Some(name),
+                    },
+                    shutdown,
+                )
+                .await;
+        }
         if !self.tables.waiting.is_empty() {
             let tables: Vec<u32> = self.tables.waiting.iter().copied().collect();
             let reason = if self.tables.synced.is_empty() {
@@ -412,6 +435,7 @@ impl Capture {
                     Job::Copy {
                         tables,
                         reason: reason.into(),
+                        only_for: None,
                     },
                     shutdown,
                 )
@@ -472,7 +496,7 @@ impl Capture {
     fn filter(&mut self, kind: u8, data: &[u8]) -> Result<Filter, CaptureError> {
         let copying = |tables: &CopyState, cut: &Option<(Cut, Job)>, oid: u32| {
             tables.waiting.contains(&oid)
-                || matches!(cut, Some((_, Job::Copy { tables, .. })) if tables.contains(&oid))
+                || matches!(cut, Some((_, Job::Copy { tables, only_for: None, .. })) if tables.contains(&oid))
         };
         match kind {
             b'R' | b'I' | b'U' | b'D' => {
@@ -703,11 +727,17 @@ impl Capture {
         let commit_time = pg_now();
         let end_lsn = cut.lsn.max(self.spool.marks().captured_end_lsn);
         match job {
-            Job::Copy { tables, reason } => {
+            Job::Copy {
+                tables,
+                reason,
+                only_for,
+            } => {
                 let (meta, relations) = copy::describe(&cut, &tables, &reason).await?;
                 self.status.lock().expect("status lock").copy = Some(CopyProgress::new(&meta));
                 tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), rows_estimate = meta.tables.iter().map(|t| t.rows_estimate).sum::<u64>(), "copying tables into the spool");
-                let mut cutter = Cutter::new(self.spool.next_seq(), commit_lsn, commit_time);
+                let start = self.spool.next_seq();
+                let mut cutter = Cutter::new(start, commit_lsn, commit_time);
+                cutter.only_for = only_for.clone();
                 let spool = self.spool.clone();
                 let mut records = 0u64;
                 let mut emit = |record: Record| -> Result<(), CaptureError> {
@@ -721,12 +751,18 @@ impl Capture {
                 })
                 .await?;
                 emit(cutter.take(true, end_lsn))?;
-                for oid in &tables {
-                    self.tables.waiting.remove(oid);
-                    self.tables.synced.insert(*oid);
+                if only_for.is_none() {
+                    for oid in &tables {
+                        self.tables.waiting.remove(oid);
+                        self.tables.synced.insert(*oid);
+                    }
+                    self.spool.set_copy_state(&self.tables)?;
                 }
-                self.spool.set_copy_state(&self.tables)?;
                 self.spool.commit(commit_lsn, end_lsn)?;
+                if let Some(name) = &only_for {
+                    self.spool
+                        .copy_made_for(std::slice::from_ref(name), start)?;
+                }
                 let rows = self
                     .status
                     .lock()

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use pgcourier_common::backoff::{error_chain, Backoff};
 use pgcourier_common::quic::{peer_fingerprint, SERVER_NAME};
+use pgcourier_common::record::{self, Record};
 use pgcourier_common::tls::Fingerprint;
 use pgcourier_common::wire::{self, Frame, WireError, PROTOCOL_VERSION};
 use tokio::sync::watch;
@@ -314,7 +315,21 @@ impl Shipper {
         else {
             return Err(ShipError::Protocol("first frame is not Hello".into()));
         };
-        if let Err(reason) = self.admit(protocol, source.as_deref(), durable_seq) {
+        // A new branch whose copy was made for it starts at that copy.
+        let start = match self.spool.start_for(&spec.name)? {
+            Some(start) if durable_seq == 0 => Some(start),
+            _ => None,
+        };
+        let durable_seq = start.map_or(durable_seq, |s| s - 1);
+        let admitted = if self.spool.needs_copy()?.contains(&spec.name) && durable_seq == 0 {
+            Err(
+                "this branch is new: its copy of the tables is being prepared; retry shortly"
+                    .into(),
+            )
+        } else {
+            self.admit(protocol, source.as_deref(), durable_seq)
+        };
+        if let Err(reason) = admitted {
             let _ = wire::write_frame(
                 &mut control_tx,
                 &Frame::Refuse {
@@ -334,7 +349,7 @@ impl Shipper {
             &mut control_tx,
             &Frame::Welcome {
                 source: our_source,
-                first_seq: marks.first_seq,
+                first_seq: start.unwrap_or(marks.first_seq),
             },
         )
         .await?;
@@ -440,6 +455,7 @@ impl Shipper {
                     continue;
                 }
                 let records = self.spool.read(next, shape.raw_bytes)?;
+                let records = addressed(records, &spec.name)?;
                 if records.is_empty() {
                     return Err(ShipError::Protocol(format!(
                         "spool has no record {next} although it is complete up to {complete}"
@@ -523,6 +539,25 @@ impl Shipper {
         }
         Ok(())
     }
+}
+
+/// Records made for one other receiver (its copy) become empty
+/// placeholders: same positions and transaction boundaries, no changes.
+fn addressed(records: Vec<Vec<u8>>, receiver: &str) -> Result<Vec<Vec<u8>>, ShipError> {
+    records
+        .into_iter()
+        .map(|bytes| {
+            let bad = |e| ShipError::Protocol(format!("spool record does not decode: {e}"));
+            match record::peek_only_for(&bytes).map_err(bad)? {
+                Some(to) if to != receiver => Ok(Record::decode(&bytes)
+                    .map_err(bad)?
+                    .placeholder()
+                    .encode()
+                    .map_err(bad)?),
+                _ => Ok(bytes),
+            }
+        })
+        .collect()
 }
 
 /// Compressed bytes a batch should not exceed: what a link drop in the

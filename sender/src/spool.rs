@@ -134,11 +134,18 @@ impl Spool {
             let ack = match get_u64(&store, &meta, &key)? {
                 Some(a) => a,
                 None => {
-                    // A receiver new to this spool starts from what the spool
-                    // still holds; one configured at creation needs everything.
+                    // A receiver configured at the spool's creation gets
+                    // everything from record 1 (the initial copy included).
+                    // One added after records were deleted needs a copy of
+                    // its own, which capture makes (see `needs_copy`).
                     let a = first_seq.saturating_sub(1);
                     if !inspect {
                         put_u64(&store, &meta, &key, a)?;
+                        if first_seq > 1 {
+                            meta.insert(format!("needs_copy/{name}"), &[1u8][..])
+                                .map_err(|e| store.write_err(e))?;
+                            tracing::info!(receiver = %name, "a receiver new to this spool: its tables will be copied for it");
+                        }
                     }
                     a
                 }
@@ -202,6 +209,38 @@ impl Spool {
             .insert("source", source.as_bytes())
             .map_err(|e| self.store.write_err(e))?;
         self.store.sync()
+    }
+
+    /// Receivers added after the spool deleted records: each needs a copy
+    /// of the tables made for it alone.
+    pub fn needs_copy(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix("needs_copy/") {
+            let (k, _) = item.map_err(|e| self.store.write_err(e))?;
+            out.push(String::from_utf8_lossy(&k["needs_copy/".len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Where a receiver that needed a copy starts: the copy's first record.
+    pub fn start_for(&self, receiver: &str) -> Result<Option<u64>, StoreError> {
+        get_u64(&self.store, &self.meta, &format!("start/{receiver}"))
+    }
+
+    /// A copy for `receivers` was committed at `start`: they start there, and
+    /// need nothing before it. Fsynced.
+    pub fn copy_made_for(&self, receivers: &[String], start: u64) -> Result<(), StoreError> {
+        for r in receivers {
+            put_u64(&self.store, &self.meta, &format!("start/{r}"), start)?;
+            self.meta
+                .remove(format!("needs_copy/{r}"))
+                .map_err(|e| self.store.write_err(e))?;
+        }
+        self.store.sync()?;
+        for r in receivers {
+            self.acknowledge(r, start - 1)?;
+        }
+        Ok(())
     }
 
     /// The copy bookkeeping (see [`CopyState`]).

@@ -399,3 +399,96 @@ async fn a_copy_cut_by_an_outage_resumes_without_resending_what_arrived() -> any
     );
     Ok(())
 }
+
+/// sender.toml with the `[[receiver]]` block of `name` removed; returns the
+/// file and the removed block.
+fn without_receiver(config: &str, name: &str) -> (String, String) {
+    let mut parts = config.split("\n[[receiver]]");
+    let mut kept = parts.next().unwrap_or_default().to_owned();
+    let mut removed = String::new();
+    for block in parts {
+        if block.contains(&format!("name = \"{name}\"")) {
+            removed = format!("\n[[receiver]]{block}");
+        } else {
+            kept.push_str("\n[[receiver]]");
+            kept.push_str(block);
+        }
+    }
+    (kept, removed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_added_later_gets_a_copy_made_for_it_alone() -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let mut setup = Setup::start(
+        "copy-new-receiver",
+        Options {
+            branches: 2,
+            schema: &format!(
+                "{COPY_SCHEMA} CREATE TABLE \"Extra Stock\" (k text PRIMARY KEY, v numeric(10,2) NOT NULL, d date);"
+            ),
+            source_sql: "INSERT INTO items SELECT g, g, 'n' || g, NULL, NULL FROM generate_series(1, 20000) g;
+                         INSERT INTO \"Extra Stock\" SELECT 'k' || g, g, NULL FROM generate_series(1, 1000) g;",
+            sender_extra: &format!("admin = \"127.0.0.1:{admin}\""),
+            ..Options::default()
+        },
+    )
+    .await?;
+    // Branch 1 leaves the configuration; the spool moves on without it.
+    setup.branches[1].receiver.terminate()?;
+    setup.sender.terminate()?;
+    let original = std::fs::read_to_string(&setup.sender_config)?;
+    let (without, block) = without_receiver(&original, "branch1");
+    anyhow::ensure!(!block.is_empty(), "no block for branch1 in {original}");
+    std::fs::write(&setup.sender_config, &without)?;
+    setup.restart_sender()?;
+    let src = setup.source().await?;
+    churn(&src, 1, 300).await?;
+    setup.wait_equal(0, &["public.items"], WAIT).await?;
+    let st = status(&setup.sender_config)?;
+    anyhow::ensure!(
+        st["first_seq"].as_u64().unwrap_or(0) > 1,
+        "the spool deleted nothing, so a new receiver would need no copy: {st}"
+    );
+    // It comes back as a new branch: a fresh inbox, a damaged table, and a
+    // name the spool has never seen.
+    setup.sender.terminate()?;
+    std::fs::write(
+        &setup.sender_config,
+        format!(
+            "{without}{}",
+            block.replace("name = \"branch1\"", "name = \"branch9\"")
+        ),
+    )?;
+    std::fs::remove_dir_all(setup.dir.path().join("branch1-inbox"))?;
+    setup
+        .target(1)
+        .await?
+        .batch_execute("DELETE FROM items WHERE id % 2 = 0")
+        .await?;
+    setup.restart_sender()?;
+    setup.restart_receiver(1)?;
+    churn(&src, 1000, 300).await?;
+    src.batch_execute("INSERT INTO shops VALUES (7, 'last')")
+        .await?;
+    setup
+        .wait_equal(1, &["public.items", "public.shops"], WAIT)
+        .await?;
+    setup
+        .wait_equal(0, &["public.items", "public.shops"], WAIT)
+        .await?;
+    assert!(
+        setup.sender.log().contains("new receiver branch9"),
+        "{}",
+        setup.logs()
+    );
+    // Branch 0 was shipped placeholders, not the copy: it loaded one copy
+    // (the initial one) in its whole life.
+    let loads = setup.branches[0]
+        .receiver
+        .log()
+        .matches("loading a table copy")
+        .count();
+    assert_eq!(loads, 1, "{}", setup.logs());
+    Ok(())
+}
