@@ -88,6 +88,12 @@ pub struct Ingest {
     cfg: Arc<ReceiverConfig>,
     inbox: Arc<Inbox>,
     pub link: Arc<std::sync::Mutex<LinkStatus>>,
+    /// The connection of the session that writes the inbox; a newer session
+    /// closes it once the sender on it is welcomed (so an impostor or a
+    /// wrong sender cannot interrupt a good session).
+    current: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
+    /// Held by the session that writes the inbox, from its welcome on.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Ingest {
@@ -96,6 +102,8 @@ impl Ingest {
             cfg,
             inbox,
             link: Arc::default(),
+            current: Arc::default(),
+            writer: Arc::default(),
         }
     }
 
@@ -145,25 +153,33 @@ impl Ingest {
     }
 
     async fn accept_loop(&self, endpoint: &quinn::Endpoint, shutdown: &CancellationToken) {
-        // One session at a time: a new connection from the sender replaces
-        // the old one (which may be half-dead after a link outage).
-        let mut current: Option<(quinn::Connection, tokio::task::JoinHandle<()>)> = None;
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Result<(), IngestError>>(4);
+        // Sessions run side by side until one is welcomed by a sender
+        // shipping our source; it then closes the one before it (which may be
+        // half-dead after a link outage).
+        let mut sessions = tokio::task::JoinSet::new();
+        let (done_tx, mut done_rx) =
+            tokio::sync::mpsc::channel::<(std::net::SocketAddr, Result<(), IngestError>)>(4);
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(result) = done_rx.recv() => {
-                    if let Err(e) = result {
-                        if e.is_definite() {
+                Some((peer, result)) = done_rx.recv() => {
+                    while sessions.try_join_next().is_some() {}
+                    match result {
+                        Err(e @ IngestError::WrongSource { .. }) => {
+                            tracing::error!(peer = %peer, error = %error_chain(&e), "refused a sender that ships another source; the current session goes on");
+                        }
+                        Err(e) if e.is_definite() => {
                             tracing::error!(error = %error_chain(&e), "ingest stopped: the operator must act");
                             shutdown.cancelled().await;
                             break;
                         }
-                        if e.is_clean_close() {
-                            tracing::info!("the sender closed the connection; waiting for it to reconnect");
-                        } else {
-                            tracing::warn!(error = %error_chain(&e), "sender session ended; waiting for the sender to reconnect");
+                        Err(e) if e.is_clean_close() => {
+                            tracing::info!(peer = %peer, "the sender closed the connection; waiting for it to reconnect");
                         }
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, error = %error_chain(&e), "sender session ended; waiting for the sender to reconnect");
+                        }
+                        Ok(()) => {}
                     }
                     continue;
                 }
@@ -182,29 +198,23 @@ impl Ingest {
                 conn.close(1u32.into(), b"not a pinned sender");
                 continue;
             }
-            if let Some((old, task)) = current.take() {
-                old.close(2u32.into(), b"superseded");
-                task.abort();
-                let _ = task.await;
-            }
             let me = Ingest {
                 cfg: self.cfg.clone(),
                 inbox: self.inbox.clone(),
                 link: self.link.clone(),
+                current: self.current.clone(),
+                writer: self.writer.clone(),
             };
             let tx = done_tx.clone();
-            let c = conn.clone();
-            let task = tokio::spawn(async move {
-                let r = me.session(&c).await;
-                let _ = tx.send(r).await;
+            sessions.spawn(async move {
+                let r = me.session(&conn).await;
+                let _ = tx.send((remote, r)).await;
             });
-            current = Some((conn, task));
         }
-        if let Some((conn, task)) = current {
+        if let Some(conn) = self.current.lock().expect("current lock").take() {
             conn.close(0u32.into(), b"receiver stopping");
-            task.abort();
-            let _ = task.await;
         }
+        sessions.shutdown().await;
     }
 
     fn check_peer(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
@@ -224,14 +234,21 @@ impl Ingest {
     /// One session: hello, then store and acknowledge batches until the
     /// connection ends.
     async fn session(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
-        let result = self.serve(conn).await;
-        let mut link = self.link.lock().expect("link lock");
-        link.connected = false;
-        link.rtt_ms = None;
+        let mut writing = None;
+        let result = self.serve(conn, &mut writing).await;
+        if writing.is_some() {
+            let mut link = self.link.lock().expect("link lock");
+            link.connected = false;
+            link.rtt_ms = None;
+        }
         result
     }
 
-    async fn serve(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
+    async fn serve<'a>(
+        &'a self,
+        conn: &quinn::Connection,
+        writing: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
+    ) -> Result<(), IngestError> {
         let (mut control_tx, mut control_rx) = conn.open_bi().await?;
         let source = self.inbox.source()?;
         let durable = self.inbox.durable_seq();
@@ -274,6 +291,18 @@ impl Ingest {
                 ))
             }
         }
+        // Welcomed by a sender of our source: this session takes over.
+        if let Some(old) = self
+            .current
+            .lock()
+            .expect("current lock")
+            .replace(conn.clone())
+        {
+            old.close(2u32.into(), b"superseded");
+        }
+        *writing = Some(self.writer.lock().await);
+        // The inbox may have moved while the session before ended.
+        let durable = self.inbox.durable_seq();
         tracing::info!(peer = %conn.remote_address(), durable_seq = durable, "connected to sender; receiving");
         {
             let mut link = self.link.lock().expect("link lock");
@@ -324,7 +353,7 @@ impl Ingest {
                 ));
             };
             let durable = self.inbox.durable_seq();
-            if last_seq <= durable {
+            if batch_action(durable, first_seq, last_seq) == BatchAction::Replay {
                 // A batch we already hold (a replay): acknowledge again.
                 wire::write_frame(
                     control_tx,
@@ -343,13 +372,12 @@ impl Ingest {
                 link.raw_bytes += u64::from(raw_len);
                 link.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             }
-            if first_seq > durable + 1 {
+            let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) else {
                 return Err(IngestError::Gap {
                     durable,
                     first: first_seq,
                 });
-            }
-            let skip = (durable + 1 - first_seq) as usize;
+            };
             let stored = self.inbox.store_batch(durable + 1, &records[skip..])?;
             wire::write_frame(
                 control_tx,
@@ -359,5 +387,46 @@ impl Ingest {
             )
             .await?;
         }
+    }
+}
+
+/// What to do with a batch of records `first..=last` when the inbox holds
+/// everything up to `durable`.
+#[derive(Debug, PartialEq, Eq)]
+enum BatchAction {
+    /// Already held (an old batch replayed, or re-sent after a reconnect):
+    /// store nothing, acknowledge `durable` again.
+    Replay,
+    /// Store the records after the first `skip` (which are already held).
+    Store { skip: usize },
+    /// Records between `durable` and `first` are missing: never store past a
+    /// gap.
+    Gap,
+}
+
+fn batch_action(durable: u64, first: u64, last: u64) -> BatchAction {
+    if last <= durable {
+        BatchAction::Replay
+    } else if first > durable + 1 {
+        BatchAction::Gap
+    } else {
+        BatchAction::Store {
+            skip: (durable + 1 - first) as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_batches_are_ignored_overlaps_trimmed_and_gaps_refused() {
+        assert_eq!(batch_action(10, 1, 5), BatchAction::Replay);
+        assert_eq!(batch_action(10, 10, 10), BatchAction::Replay);
+        assert_eq!(batch_action(10, 11, 20), BatchAction::Store { skip: 0 });
+        assert_eq!(batch_action(10, 8, 12), BatchAction::Store { skip: 3 });
+        assert_eq!(batch_action(10, 12, 20), BatchAction::Gap);
+        assert_eq!(batch_action(0, 1, 1), BatchAction::Store { skip: 0 });
     }
 }
