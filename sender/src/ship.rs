@@ -323,6 +323,9 @@ impl Shipper {
             )
             .await;
             let _ = control_tx.finish();
+            // Let the refusal reach the receiver (it closes the connection
+            // once it has read it) before this side drops the connection.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
             return Err(ShipError::Refused(reason));
         }
         let our_source = self
