@@ -4,6 +4,7 @@
 //! `pgcourier_tests` (tests/src/lib.rs). Tests run in parallel: every test
 //! starts its own clusters, daemons and work directories.
 
+mod bad_input;
 mod faults;
 mod fixture;
 mod harness_selftest;
