@@ -106,6 +106,42 @@ impl ApplyError {
     }
 }
 
+impl ApplyError {
+    /// A short stable name of the kind of error, for status and metrics:
+    /// `connection`, `read_only`, `missing_table`, `missing_column`,
+    /// `type_mismatch`, `unique_violation`, `constraint`,
+    /// `permission_denied`, `no_key`, `corrupt_record`, `bad_record`,
+    /// `inbox` or `target_error`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ApplyError::Connect(_) => "connection",
+            ApplyError::Target { source, .. } => match source.code().map(|c| c.code()) {
+                None => "connection",
+                Some(c) if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") => {
+                    "connection"
+                }
+                Some("25006") => "read_only",
+                Some("42P01") => "missing_table",
+                Some("42703") => "missing_column",
+                Some("42501") => "permission_denied",
+                Some("23505") => "unique_violation",
+                Some(c) if c.starts_with("23") => "constraint",
+                Some("42804" | "42846") => "type_mismatch",
+                Some(c) if c.starts_with("22") => "type_mismatch",
+                Some(_) => "target_error",
+            },
+            ApplyError::MissingTable { .. } => "missing_table",
+            ApplyError::MissingColumn { .. } => "missing_column",
+            ApplyError::NoKey { .. } => "no_key",
+            ApplyError::Corrupt { .. } => "corrupt_record",
+            ApplyError::Decode { .. }
+            | ApplyError::UnknownRelation { .. }
+            | ApplyError::Order { .. } => "bad_record",
+            ApplyError::Inbox(_) => "inbox",
+        }
+    }
+}
+
 /// What `status` and the logs report about apply.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyStatus {
@@ -114,6 +150,8 @@ pub struct ApplyStatus {
     pub applied_commit_time: i64,
     pub applied_transactions: u64,
     pub last_error: Option<String>,
+    /// [`ApplyError::class`] of `last_error`.
+    pub error_class: Option<&'static str>,
     /// Apply stopped on a definite error (the DBA must act, or skip).
     pub paused: bool,
     /// First record of the transaction apply is stuck on.
@@ -278,6 +316,7 @@ impl Apply {
                 st.blocking_seq = Some(self.txn_first.load(Ordering::Relaxed));
             }
             st.last_error = Some(message);
+            st.error_class = Some(e.class());
             drop(st);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -312,7 +351,14 @@ impl Apply {
                 .await
                 .map_err(target("set session_replication_role = replica (needs superuser; or set replica-role = false)"))?;
         }
-        client
+        // Created on the first start; later starts need no CREATE privilege.
+        let exists = client
+            .query_one("SELECT to_regclass('pgcourier.progress') IS NOT NULL", &[])
+            .await
+            .map_err(target("look up the progress table"))?
+            .get::<_, bool>(0);
+        if !exists {
+            client
             .batch_execute(
                 "SET client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS pgcourier; \
                  CREATE TABLE IF NOT EXISTS pgcourier.progress ( \
@@ -321,6 +367,7 @@ impl Apply {
             )
             .await
             .map_err(target("create the pgcourier schema and progress table"))?;
+        }
         let source = loop {
             if let Some(s) = self.inbox.source()? {
                 break s;
@@ -995,6 +1042,7 @@ impl Apply {
         if st.last_error.take().is_some() {
             tracing::info!("apply resumed");
         }
+        st.error_class = None;
         st.paused = false;
         st.blocking_seq = None;
         st.applied_seq = end.seq;
