@@ -33,6 +33,9 @@ pub struct ReceiverStatus {
     /// `applying`, `paused` (a definite target error) or `retrying`.
     pub apply_state: &'static str,
     pub last_error: Option<String>,
+    /// Kind of the last error (`missing_table`, `type_mismatch`,
+    /// `unique_violation`, `permission_denied`, `read_only`, `connection`...).
+    pub error_class: Option<&'static str>,
     pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
     pub skipped_transactions: u64,
@@ -81,6 +84,7 @@ pub fn status(
             (Some(_), false) => "retrying",
         },
         last_error: apply.last_error.clone(),
+        error_class: apply.error_class,
         blocking_seq: apply.blocking_seq,
         missing_rows: apply.missing_rows,
         skipped_transactions: apply.skipped_transactions,
@@ -130,6 +134,15 @@ pub fn metrics(st: &ReceiverStatus) -> String {
         "1 when the last apply attempt failed.",
         f64::from(u8::from(st.last_error.is_some())),
     );
+    if let Some(class) = st.error_class {
+        m.metric(
+            "pgcourier_receiver_apply_error_class",
+            "1 for the kind of the last apply error, while there is one.",
+            "gauge",
+            &[("class", class)],
+            1.0,
+        );
+    }
     m.counter(
         "pgcourier_receiver_applied_transactions_total",
         "Source transactions applied since start.",

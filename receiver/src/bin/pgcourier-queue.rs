@@ -537,7 +537,11 @@ fn print_status(st: &Value, json: bool) {
             human_secs(f("apply_lag_seconds"))
         );
         if !st["last_error"].is_null() {
-            println!("last error        {}", s("last_error"));
+            println!(
+                "last error        {} ({})",
+                s("last_error"),
+                s("error_class")
+            );
         }
         if let Some(b) = st["blocking_seq"].as_u64() {
             println!("blocked at        record {b}: fix the target, or `pgcourier-queue skip {b} --reason ...`");
