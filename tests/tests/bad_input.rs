@@ -578,3 +578,157 @@ async fn peers_that_are_not_ours_are_refused_with_a_reason_and_replication_goes_
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
     assert_applied_exactly_once(&setup, 0).await
 }
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a TCP port")
+}
+
+/// GET `path` from an admin endpoint.
+async fn admin_get(port: u16, path: &'static str) -> anyhow::Result<(u16, String)> {
+    let addr = format!("127.0.0.1:{port}").parse()?;
+    tokio::task::spawn_blocking(move || pgcourier_common::admin::request(addr, "GET", path))
+        .await?
+        .map_err(anyhow::Error::from)
+}
+
+/// Wait until the receiver reports `state` with `class`, and its metrics
+/// carry the class; returns the status.
+async fn wait_apply_error(
+    setup: &Setup,
+    port: u16,
+    state: &str,
+    class: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let what = format!("apply to be {state} with class {class}");
+    wait_until(&what, WAIT, || async {
+        let (_, body) = admin_get(port, "/status").await?;
+        let st: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(st["apply_state"] == state && st["error_class"] == class)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    let (_, metrics) = admin_get(port, "/metrics").await?;
+    let line = format!("pgcourier_receiver_apply_error_class{{class=\"{class}\"}} 1");
+    anyhow::ensure!(metrics.contains(&line), "metrics lack {line}:\n{metrics}");
+    let (_, body) = admin_get(port, "/status").await?;
+    let st: serde_json::Value = serde_json::from_str(&body)?;
+    eprintln!(
+        "target {class}: apply {state}: {}",
+        st["last_error"].as_str().unwrap_or_default()
+    );
+    Ok(st)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_errors_pause_apply_classified_in_status_and_metrics_and_it_resumes_after_the_fix(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let mut setup = Setup::start(
+        "badtarget",
+        Options {
+            schema: "CREATE TABLE t (id integer PRIMARY KEY, v text, n text)",
+            receiver_extra: Box::leak(receiver_extra.into_boxed_str()),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    let arrived = |id: i32| {
+        let dst = &dst;
+        async move {
+            wait_count(
+                dst,
+                &format!("SELECT count(*) FROM t WHERE id = {id}"),
+                1,
+                WAIT,
+            )
+            .await
+        }
+    };
+    src.batch_execute("INSERT INTO t VALUES (1, 'one')").await?;
+    arrived(1).await.with_context(|| setup.logs())?;
+
+    // Type mismatch: the target column is an integer (it holds only NULLs).
+    dst.batch_execute("ALTER TABLE t ALTER COLUMN n TYPE integer USING NULL")
+        .await?;
+    src.batch_execute("INSERT INTO t VALUES (2, 'two', 'two')")
+        .await?;
+    let st = wait_apply_error(&setup, admin, "paused", "type_mismatch").await?;
+    anyhow::ensure!(
+        st["last_error"].as_str().unwrap_or("").contains("\"t\""),
+        "the error names the table: {st}"
+    );
+    let out = Command::new(bin_path("pgcourier-queue"))
+        .args([
+            "--config",
+            setup.branches[0].config.to_str().expect("utf-8"),
+            "status",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.code() == Some(3) && text.contains("(type_mismatch)"),
+        "pgcourier-queue status while paused: {:?}\n{text}",
+        out.status
+    );
+    dst.batch_execute("ALTER TABLE t ALTER COLUMN n TYPE text")
+        .await?;
+    arrived(2).await.with_context(|| setup.logs())?;
+
+    // Unique violation: a row planted on the target.
+    dst.batch_execute("INSERT INTO t VALUES (3, 'planted')")
+        .await?;
+    src.batch_execute("INSERT INTO t VALUES (3, 'three')")
+        .await?;
+    wait_apply_error(&setup, admin, "paused", "unique_violation").await?;
+    dst.batch_execute("DELETE FROM t WHERE id = 3").await?;
+    arrived(3).await.with_context(|| setup.logs())?;
+
+    // Permission denied: apply as a role that may not write the table.
+    dst.batch_execute(
+        "CREATE ROLE applier LOGIN; GRANT USAGE, CREATE ON SCHEMA pgcourier TO applier; \
+         ALTER TABLE pgcourier.progress OWNER TO applier; GRANT SELECT, UPDATE, DELETE ON t TO applier",
+    )
+    .await?;
+    setup.branches[0].receiver.terminate()?;
+    let cfg = std::fs::read_to_string(&setup.branches[0].config)?;
+    std::fs::write(
+        &setup.branches[0].config,
+        format!(
+            "replica-role = false\n{}",
+            cfg.replace("user=postgres", "user=applier")
+        ),
+    )?;
+    setup.restart_receiver(0)?;
+    src.batch_execute("INSERT INTO t VALUES (4, 'four')")
+        .await?;
+    wait_apply_error(&setup, admin, "paused", "permission_denied").await?;
+    dst.batch_execute("GRANT INSERT ON t TO applier").await?;
+    arrived(4).await.with_context(|| setup.logs())?;
+
+    // A read-only target (the stand-in for a target in recovery): retried
+    // as transient, the class shown, until it is writable again.
+    dst.batch_execute(
+        "ALTER DATABASE postgres SET default_transaction_read_only = on; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'applier'",
+    )
+    .await?;
+    src.batch_execute("INSERT INTO t VALUES (5, 'five')")
+        .await?;
+    wait_apply_error(&setup, admin, "retrying", "read_only").await?;
+    dst.batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
+        .await?;
+    arrived(5).await.with_context(|| setup.logs())?;
+    let (_, body) = admin_get(admin, "/status").await?;
+    let st: serde_json::Value = serde_json::from_str(&body)?;
+    anyhow::ensure!(
+        st["apply_state"] == "applying" && st["error_class"].is_null(),
+        "apply should be healthy again: {st}"
+    );
+    setup.wait_equal(0, &["public.t"], WAIT).await
+}
