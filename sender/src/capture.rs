@@ -151,7 +151,8 @@ impl Capture {
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), CaptureError> {
         let client = source::connect(&self.cfg.source).await?;
-        let identity = source::prepare(&client, &self.cfg).await?;
+        let resuming = self.spool.source()?.is_some();
+        let identity = source::prepare(&client, &self.cfg, resuming).await?;
         match self.spool.source()? {
             Some(s) if s != identity.source_id => {
                 return Err(SourceError::WrongSource {

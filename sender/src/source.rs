@@ -111,7 +111,15 @@ pub struct SourceIdentity {
 
 /// Check wal_level, create the publication and slot when absent, and return
 /// the source identity and the slot's confirmed position.
-pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdentity, SourceError> {
+///
+/// `resuming`: the spool has captured from this slot before, so a missing
+/// slot is not created again (that would silently skip every change made
+/// since it went away): it is a definite error.
+pub async fn prepare(
+    client: &Client,
+    cfg: &SenderConfig,
+    resuming: bool,
+) -> Result<SourceIdentity, SourceError> {
     let wal_level: String = client
         .query_one("SHOW wal_level", &[])
         .await
@@ -221,6 +229,12 @@ pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdenti
             row.get::<_, Option<String>>(2)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(Lsn::ZERO)
+        }
+        None if resuming => {
+            return Err(SourceError::NotReady(format!(
+                "replication slot {} is gone (dropped?) although this spool captured from it: changes made since it went away cannot be captured; the stream cannot be continued: re-seed the branches (copy the tables), then start with a new spool-dir and inbox-dir",
+                cfg.slot
+            )));
         }
         None => {
             let row = client
