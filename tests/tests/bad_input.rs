@@ -732,3 +732,110 @@ async fn target_errors_pause_apply_classified_in_status_and_metrics_and_it_resum
     );
     setup.wait_equal(0, &["public.t"], WAIT).await
 }
+
+/// Wait for a daemon to exit by itself; its status.
+async fn wait_exit(d: &Daemon, what: &str) -> anyhow::Result<ExitStatus> {
+    wait_until(what, WAIT, || async { Ok(d.try_status().is_some()) })
+        .await
+        .with_context(|| d.log_tail(30))?;
+    Ok(d.try_status().expect("exited"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_cannot_continue_the_stream_is_reported_loudly_never_skipped(
+) -> anyhow::Result<()> {
+    let mut setup = Setup::start(
+        "badsource",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 30).await?;
+    setup.wait_equal(0, &["public.acct"], WAIT).await?;
+
+    // The publication dropped under a running sender.
+    src.batch_execute("DROP PUBLICATION pgcourier").await?;
+    acct_transactions(&src, 100, 5).await?;
+    let status = wait_exit(
+        &setup.sender,
+        "the sender to stop on the dropped publication",
+    )
+    .await?;
+    let log = setup.sender.log();
+    eprintln!(
+        "publication dropped: exit {status}: {}",
+        log.lines()
+            .rev()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_default()
+    );
+    anyhow::ensure!(
+        !status.success() && log.contains("publication"),
+        "a dropped publication must stop capture loudly (exit {status}):\n{log}"
+    );
+    // The slot dropped: a restarted sender must not create a new one and
+    // carry on past the gap.
+    src.batch_execute("SELECT pg_drop_replication_slot('pgcourier')")
+        .await?;
+    acct_transactions(&src, 200, 5).await?;
+    setup.restart_sender()?;
+    let status = wait_exit(&setup.sender, "the sender to stop on the dropped slot").await?;
+    let log = setup.sender.log();
+    anyhow::ensure!(
+        status.code() == Some(1) && log.contains("is gone (dropped?)") && log.contains("re-seed"),
+        "a dropped slot must stop the sender with how to re-seed (exit {status}):\n{}",
+        setup.sender.log_tail(20)
+    );
+    eprintln!(
+        "slot dropped: exit {status}: {}",
+        log.lines()
+            .rev()
+            .find(|l| l.contains("is gone"))
+            .unwrap_or_default()
+    );
+    let slots: i64 = src
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(slots == 0, "the sender created a new slot past the gap");
+
+    // wal_level below logical (a fresh cluster: no server starts with a
+    // logical slot and wal_level = replica).
+    let pg = tokio::task::spawn_blocking(|| PgCluster::start("walrep")).await??;
+    pg.execute(DB, "ALTER SYSTEM SET wal_level = replica")
+        .await?;
+    tokio::task::block_in_place(|| pg.restart())?;
+    let cfg = sender_variant(
+        &setup,
+        "walrep.toml",
+        &[
+            (&setup.hq.conninfo(DB), &pg.conninfo(DB)),
+            ("spool-dir = \"spool\"", "spool-dir = \"spool-walrep\""),
+        ],
+    )?;
+    let (status, out) = run_to_end(
+        "pgcourier-sender",
+        &["check", "--config", cfg.to_str().expect("utf-8")],
+        Duration::from_secs(60),
+    )?;
+    anyhow::ensure!(
+        status.code() == Some(1)
+            && out.contains("wal_level is replica")
+            && out.contains("wal_level = logical"),
+        "check with wal_level = replica: exit {status}\n{out}"
+    );
+    let (status, out) = run_to_end(
+        "pgcourier-sender",
+        &["run", "--config", cfg.to_str().expect("utf-8")],
+        Duration::from_secs(60),
+    )?;
+    anyhow::ensure!(
+        status.code() == Some(1) && out.contains("wal_level is replica"),
+        "run with wal_level = replica: exit {status}\n{out}"
+    );
+    Ok(())
+}
