@@ -39,6 +39,8 @@ pub enum IngestError {
     Gap { durable: u64, first: u64 },
     #[error("peer presented certificate {0}, which is not a pinned sender fingerprint")]
     WrongPeer(String),
+    #[error("the inbox dropped a corrupt record and everything after it; reconnecting to fetch them again")]
+    Refetch,
 }
 
 impl IngestError {
@@ -236,6 +238,11 @@ impl Ingest {
     async fn session(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
         let mut writing = None;
         let result = self.serve(conn, &mut writing).await;
+        if matches!(result, Err(IngestError::Refetch)) {
+            // The sender resumes from our lower durable mark on the next
+            // connection.
+            conn.close(3u32.into(), b"re-fetching records");
+        }
         if writing.is_some() {
             let mut link = self.link.lock().expect("link lock");
             link.connected = false;
@@ -250,6 +257,8 @@ impl Ingest {
         writing: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
     ) -> Result<(), IngestError> {
         let (mut control_tx, mut control_rx) = conn.open_bi().await?;
+        let mut truncations = self.inbox.subscribe_truncations();
+        truncations.borrow_and_update();
         let source = self.inbox.source()?;
         let durable = self.inbox.durable_seq();
         wire::write_frame(
@@ -314,9 +323,11 @@ impl Ingest {
         }
         let mut data = wire::Counting::new(conn.accept_uni().await?);
         let mut whole = 0u64;
-        let result = self
-            .receive(&mut data, &mut whole, &mut control_tx, conn)
-            .await;
+        let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<u64>(64);
+        let result = tokio::select! {
+            r = self.receive(&mut data, &mut whole, ack_tx, &truncations, conn) => r,
+            r = self.report(&mut control_tx, ack_rx, truncations.clone()) => r,
+        };
         let discarded = data.bytes.saturating_sub(whole);
         if discarded > 0 {
             self.link.lock().expect("link lock").discarded_bytes += discarded;
@@ -328,11 +339,43 @@ impl Ingest {
         result
     }
 
+    /// The control stream back to the sender: `Ack` for what is stored,
+    /// `Applied` for what is applied (the sender trims its spool behind
+    /// that). Ends the session when the inbox is truncated.
+    async fn report(
+        &self,
+        control_tx: &mut quinn::SendStream,
+        mut acks: tokio::sync::mpsc::Receiver<u64>,
+        mut truncations: tokio::sync::watch::Receiver<u64>,
+    ) -> Result<(), IngestError> {
+        let mut applied_rx = self.inbox.subscribe_applied();
+        let mut reported = None;
+        loop {
+            let applied = *applied_rx.borrow_and_update();
+            if reported != Some(applied) {
+                wire::write_frame(control_tx, &Frame::Applied { seq: applied }).await?;
+                reported = Some(applied);
+            }
+            tokio::select! {
+                a = acks.recv() => match a {
+                    Some(seq) => wire::write_frame(control_tx, &Frame::Ack { durable_seq: seq }).await?,
+                    None => return Ok(()),
+                },
+                r = applied_rx.changed() => if r.is_err() { return Ok(()) },
+                r = truncations.changed() => {
+                    if r.is_err() { return Ok(()) }
+                    return Err(IngestError::Refetch);
+                }
+            }
+        }
+    }
+
     async fn receive(
         &self,
         data: &mut wire::Counting<quinn::RecvStream>,
         whole: &mut u64,
-        control_tx: &mut quinn::SendStream,
+        acks: tokio::sync::mpsc::Sender<u64>,
+        truncations: &tokio::sync::watch::Receiver<u64>,
         conn: &quinn::Connection,
     ) -> Result<(), IngestError> {
         loop {
@@ -355,13 +398,9 @@ impl Ingest {
             let durable = self.inbox.durable_seq();
             if batch_action(durable, first_seq, last_seq) == BatchAction::Replay {
                 // A batch we already hold (a replay): acknowledge again.
-                wire::write_frame(
-                    control_tx,
-                    &Frame::Ack {
-                        durable_seq: durable,
-                    },
-                )
-                .await?;
+                if acks.send(durable).await.is_err() {
+                    return Ok(());
+                }
                 continue;
             }
             let records = wire::decode_batch(first_seq, last_seq, raw_len, &payload)?;
@@ -372,20 +411,23 @@ impl Ingest {
                 link.raw_bytes += u64::from(raw_len);
                 link.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             }
+            let truncated = truncations.has_changed().unwrap_or(false);
             let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) else {
+                if truncated {
+                    return Err(IngestError::Refetch);
+                }
                 return Err(IngestError::Gap {
                     durable,
                     first: first_seq,
                 });
             };
-            let stored = self.inbox.store_batch(durable + 1, &records[skip..])?;
-            wire::write_frame(
-                control_tx,
-                &Frame::Ack {
-                    durable_seq: stored,
-                },
-            )
-            .await?;
+            let Some(stored) = self.inbox.store_batch(durable + 1, &records[skip..])? else {
+                // Truncated between the check and the store.
+                return Err(IngestError::Refetch);
+            };
+            if acks.send(stored).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }
