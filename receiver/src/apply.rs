@@ -292,6 +292,27 @@ impl Apply {
                 r = self.session(&shutdown) => r,
             };
             let Err(e) = result else { return };
+            if let ApplyError::Corrupt { seq, .. } = &e {
+                // Never apply it, never skip it: drop it and everything
+                // after it from the inbox; ingest fetches them again (the
+                // sender keeps records until they are applied).
+                let seq = *seq;
+                match self.inbox.truncate_from(seq) {
+                    Ok(()) => {
+                        let message = error_chain(&e);
+                        tracing::error!(seq, error = %message, "a record in the inbox failed its checksum: dropped it and the records after it without applying them; fetching them again from the sender");
+                        let mut st = self.status.lock().expect("status lock");
+                        st.last_error = Some(message);
+                        st.error_class = Some(e.class());
+                        st.paused = false;
+                        drop(st);
+                        continue;
+                    }
+                    Err(te) => {
+                        tracing::error!(seq, error = %error_chain(&te), "could not drop the corrupt record from the inbox");
+                    }
+                }
+            }
             let position = self.position.load(Ordering::Relaxed);
             // Was the failing transaction applied on its own? If it was part
             // of a group, retry one transaction at a time first, so that the
