@@ -14,13 +14,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pgcourier_tests::{bin_path, Daemon};
+use pgcourier_tests::{bin_path, wait_until, Daemon};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
 use crate::fixture::{wait_count, Options, Setup};
-use crate::replication::{audit_differences, ACCT_SCHEMA};
+use crate::replication::{acct_transactions, audit_differences, ACCT_SCHEMA};
 
 const WAIT: Duration = Duration::from_secs(180);
 /// Short link timers so that a dead peer is noticed quickly.
@@ -376,5 +376,115 @@ async fn random_kill_schedules_end_identical_with_every_change_applied_once() ->
         }
     }
     eprintln!("faults: all {schedules} schedules passed; kills per process: {tally:?}");
+    Ok(())
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a TCP port")
+}
+
+async fn receiver_status(port: u16) -> anyhow::Result<serde_json::Value> {
+    let addr = format!("127.0.0.1:{port}").parse()?;
+    let (_, body) = tokio::task::spawn_blocking(move || {
+        pgcourier_common::admin::request(addr, "GET", "/status")
+    })
+    .await??;
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// A byte of a record flipped on disk in the receiver's inbox (written with
+/// the inbox's own store API while the receiver is stopped: flipping a byte
+/// of sled's log file would trip sled's own checksums first, not ours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let mut setup = Setup::start(
+        "corrupt",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            receiver_extra: Box::leak(receiver_extra.into_boxed_str()),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    acct_transactions(&src, 1, 20).await?;
+    setup.wait_equal(0, &["public.acct"], WAIT).await?;
+    // Hold records in the inbox: apply pauses on a missing table.
+    dst.batch_execute("ALTER TABLE acct RENAME TO acct_away")
+        .await?;
+    acct_transactions(&src, 21, 30).await?;
+    // (Deletes of rows already gone commit nothing PostgreSQL 15 ships.)
+    wait_until("15 records to wait in the inbox", WAIT, || async {
+        let st = receiver_status(admin).await?;
+        let durable = st["durable_seq"].as_u64().unwrap_or(0);
+        let applied = st["applied_seq"].as_u64().unwrap_or(0);
+        Ok(durable >= applied + 15 && st["apply_state"] == "paused")
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    setup.branches[0].receiver.terminate()?;
+    // Flip one byte of the 5th waiting record.
+    let inbox_dir = setup.dir.path().join("branch0-inbox");
+    let victim = {
+        let store = pgcourier_common::durable::Store::open(&inbox_dir, 1 << 20)?;
+        let records = store.tree("records")?;
+        let (key, value) = records
+            .iter()
+            .nth(4)
+            .context("a 5th record in the inbox")??;
+        let seq = u64::from_be_bytes(key.as_ref().try_into()?);
+        let mut bad = value.to_vec();
+        let at = bad.len() - 3;
+        bad[at] ^= 0x20;
+        records.insert(key, bad)?;
+        store.sync()?;
+        seq
+    };
+    eprintln!("corrupted inbox record {victim}");
+    dst.batch_execute("ALTER TABLE acct_away RENAME TO acct")
+        .await?;
+    setup.restart_receiver(0)?;
+    wait_until(
+        "the receiver to report the corrupt record",
+        WAIT,
+        || async {
+            Ok(setup.branches[0]
+                .receiver
+                .log()
+                .contains("failed its checksum"))
+        },
+    )
+    .await
+    .with_context(|| setup.logs())?;
+    let line = setup.branches[0]
+        .receiver
+        .log()
+        .lines()
+        .find(|l| l.contains("failed its checksum"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("{line}");
+    anyhow::ensure!(
+        line.contains(&format!("seq={victim}")) && line.contains(&format!("record {victim}")),
+        "the report should name record {victim}: {line}"
+    );
+    // Work committed afterwards arrives, and everything, the corrupted
+    // transaction included, is applied exactly once.
+    acct_transactions(&src, 100, 5).await?;
+    setup.wait_equal(0, &["public.acct"], WAIT).await?;
+    crate::replication::assert_applied_exactly_once(&setup, 0).await?;
+    let st = receiver_status(admin).await?;
+    anyhow::ensure!(
+        st["apply_state"] == "applying",
+        "apply should be healthy: {st}"
+    );
     Ok(())
 }
