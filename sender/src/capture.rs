@@ -98,6 +98,8 @@ impl Cutter {
 pub struct CaptureStatus {
     pub slot: Option<source::SlotStats>,
     pub last_error: Option<String>,
+    /// Capture is paused: the spool holds `spool-max-bytes` or more.
+    pub spool_full: bool,
     pub transactions: u64,
 }
 
@@ -169,6 +171,20 @@ impl Capture {
         self.status.lock().expect("status lock").last_error = None;
         let mut stats_at = std::time::Instant::now() - std::time::Duration::from_secs(60);
         loop {
+            if self.spool_full() {
+                // Paused: the slot keeps WAL on the source until receivers
+                // catch up and the spool is trimmed.
+                if stats_at.elapsed() >= std::time::Duration::from_secs(2) {
+                    stats_at = std::time::Instant::now();
+                    let stats = source::slot_stats(&client, &self.cfg.slot).await?;
+                    self.status.lock().expect("status lock").slot = stats;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                }
+                continue;
+            }
             let outcome = self.poll(&client).await?;
             self.status.lock().expect("status lock").transactions += outcome.transactions;
             if stats_at.elapsed() >= std::time::Duration::from_secs(2) {
@@ -185,6 +201,42 @@ impl Capture {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether the spool is at `spool-max-bytes`; logs and reports the
+    /// change either way.
+    fn spool_full(&self) -> bool {
+        let Some(max) = self.cfg.spool_max_bytes else {
+            return false;
+        };
+        let bytes = self.spool.bytes();
+        let full = bytes >= max;
+        let mut st = self.status.lock().expect("status lock");
+        if full != st.spool_full {
+            st.spool_full = full;
+            if full {
+                let retained = st
+                    .slot
+                    .as_ref()
+                    .and_then(|s| s.retained_wal_bytes)
+                    .unwrap_or(0);
+                let message = format!("the spool holds {bytes} bytes, at spool-max-bytes ({max}): capture is paused and the slot keeps WAL on the source until the receivers catch up");
+                tracing::error!(
+                    spool_bytes = bytes,
+                    spool_max_bytes = max,
+                    retained_wal_bytes = retained,
+                    "{message}"
+                );
+                st.last_error = Some(message);
+            } else {
+                tracing::info!(
+                    spool_bytes = bytes,
+                    "the spool has room again; capture resumes"
+                );
+                st.last_error = None;
+            }
+        }
+        full
     }
 
     /// One peek of the slot: spool what it returns, fsync, advance the slot.
