@@ -22,6 +22,8 @@ pub struct ReceiverStatus {
     pub source: Option<String>,
     pub inbox_records: u64,
     pub inbox_bytes: u64,
+    /// Ingest holds batches back at `inbox-max-bytes`.
+    pub inbox_full: bool,
     pub durable_seq: u64,
     pub applied_seq: u64,
     pub applied_commit_lsn: String,
@@ -71,6 +73,7 @@ pub fn status(
         source: inbox.source().ok().flatten(),
         inbox_records: records,
         inbox_bytes: bytes,
+        inbox_full: inbox.is_full(),
         durable_seq: durable,
         applied_seq: apply.applied_seq,
         applied_commit_lsn: apply.applied_commit_lsn.to_string(),
@@ -103,6 +106,11 @@ pub fn metrics(st: &ReceiverStatus) -> String {
         "pgcourier_receiver_inbox_bytes",
         "Bytes of records stored in the inbox.",
         st.inbox_bytes as f64,
+    );
+    m.gauge(
+        "pgcourier_receiver_inbox_full",
+        "1 while batches wait at the sender because the inbox is at inbox-max-bytes.",
+        f64::from(u8::from(st.inbox_full)),
     );
     m.gauge(
         "pgcourier_receiver_durable_seq",

@@ -39,6 +39,10 @@ pub struct Inbox {
     truncations: watch::Sender<u64>,
     /// Serialises appends and truncations.
     write: std::sync::Mutex<()>,
+    /// Bytes of the records stored (what `inbox-max-bytes` limits).
+    bytes: AtomicU64,
+    /// Ingest is holding batches back at `inbox-max-bytes`.
+    full: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
@@ -55,7 +59,15 @@ impl Inbox {
             Some((k, _)) => key_seq(&k).unwrap_or(1).saturating_sub(1),
             None => durable,
         };
+        let bytes = records
+            .iter()
+            .values()
+            .flatten()
+            .map(|v| v.len() as u64)
+            .sum();
         Ok(Inbox {
+            bytes: AtomicU64::new(bytes),
+            full: false.into(),
             store,
             records,
             meta,
@@ -129,6 +141,8 @@ impl Inbox {
         self.records
             .apply_batch(batch)
             .map_err(|e| self.store.write_err(e))?;
+        let added: u64 = records.iter().map(|r| r.len() as u64).sum();
+        self.bytes.fetch_add(added, Ordering::Relaxed);
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
@@ -144,10 +158,11 @@ impl Inbox {
         let _write = self.write.lock().expect("inbox write lock");
         debug_assert!(seq > self.applied_seq(), "truncating applied records");
         for item in self.records.range(seq_key(seq)..) {
-            let (k, _) = item.map_err(|e| self.store.write_err(e))?;
+            let (k, v) = item.map_err(|e| self.store.write_err(e))?;
             self.records
                 .remove(k)
                 .map_err(|e| self.store.write_err(e))?;
+            self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
         }
         let durable = seq.saturating_sub(1).min(self.durable_seq());
         put_u64(&self.store, &self.meta, "durable_seq", durable)?;
@@ -184,9 +199,13 @@ impl Inbox {
             from + 1
         };
         for s in start..=seq {
-            self.records
+            if let Some(v) = self
+                .records
                 .remove(seq_key(s))
-                .map_err(|e| self.store.write_err(e))?;
+                .map_err(|e| self.store.write_err(e))?
+            {
+                self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            }
         }
         self.deleted_through.store(seq.max(from), Ordering::Relaxed);
         self.applied.send_if_modified(|a| {
@@ -195,6 +214,20 @@ impl Inbox {
             moved
         });
         Ok(())
+    }
+
+    /// Bytes of the records stored.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether ingest is holding batches back at `inbox-max-bytes`.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::Relaxed);
     }
 
     pub fn save_relation(&self, oid: u32, message: &[u8]) -> Result<(), StoreError> {

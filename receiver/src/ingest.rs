@@ -370,6 +370,40 @@ impl Ingest {
         }
     }
 
+    /// Hold a batch of `need` bytes back (unacknowledged: the sender keeps
+    /// it and stops at its in-flight limit) while it would take the inbox
+    /// past `inbox-max-bytes`, until apply frees space. An empty inbox
+    /// always takes a batch.
+    async fn wait_for_room(
+        &self,
+        need: u64,
+        truncations: &tokio::sync::watch::Receiver<u64>,
+    ) -> Result<(), IngestError> {
+        let Some(max) = self.cfg.inbox_max_bytes else {
+            return Ok(());
+        };
+        let mut applied = self.inbox.subscribe_applied();
+        loop {
+            let bytes = self.inbox.bytes();
+            if bytes == 0 || bytes + need <= max {
+                break;
+            }
+            if !self.inbox.is_full() {
+                self.inbox.set_full(true);
+                tracing::error!(inbox_bytes = bytes, inbox_max_bytes = max, "the inbox is at inbox-max-bytes: batches wait at the sender until apply frees space");
+            }
+            if truncations.has_changed().unwrap_or(false) {
+                return Err(IngestError::Refetch);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), applied.changed()).await;
+        }
+        if self.inbox.is_full() {
+            self.inbox.set_full(false);
+            tracing::info!("the inbox has room again; receiving");
+        }
+        Ok(())
+    }
+
     async fn receive(
         &self,
         data: &mut wire::Counting<quinn::RecvStream>,
@@ -412,6 +446,10 @@ impl Ingest {
                 link.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             }
             let truncated = truncations.has_changed().unwrap_or(false);
+            if let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) {
+                let need: u64 = records[skip..].iter().map(|r| r.len() as u64).sum();
+                self.wait_for_room(need, truncations).await?;
+            }
             let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) else {
                 if truncated {
                     return Err(IngestError::Refetch);
