@@ -488,3 +488,113 @@ async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
     );
     Ok(())
 }
+
+async fn admin_json(port: u16, path: &'static str) -> anyhow::Result<(serde_json::Value, String)> {
+    let addr = format!("127.0.0.1:{port}").parse()?;
+    let (_, body) =
+        tokio::task::spawn_blocking(move || pgcourier_common::admin::request(addr, "GET", path))
+            .await??;
+    Ok((serde_json::from_str(&body).unwrap_or_default(), body))
+}
+
+/// The configured size limits stand in for a full disk: capture pauses at
+/// `spool-max-bytes` (the slot keeps WAL on the source), the receiver holds
+/// batches back at `inbox-max-bytes` (the sender keeps them), both say so in
+/// the log, status and metrics, and everything resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_and_inbox_pause_with_an_alert_lose_nothing_and_resume_by_themselves(
+) -> anyhow::Result<()> {
+    let (sa, ra) = (free_tcp_port(), free_tcp_port());
+    let sender_extra = format!("admin = \"127.0.0.1:{sa}\"\nspool-max-bytes = \"64KiB\"");
+    let receiver_extra = format!("admin = \"127.0.0.1:{ra}\"\ninbox-max-bytes = \"64KiB\"");
+    let setup = Setup::start(
+        "diskfull",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            sender_extra: Box::leak(sender_extra.into_boxed_str()),
+            receiver_extra: Box::leak(receiver_extra.into_boxed_str()),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    acct_transactions(&src, 1, 10).await?;
+    setup.wait_equal(0, &["public.acct"], WAIT).await?;
+    // Apply pauses (a missing table), so the inbox fills, then the spool.
+    dst.batch_execute("ALTER TABLE acct RENAME TO acct_away")
+        .await?;
+    acct_transactions(&src, 11, 3000).await?;
+    wait_until("the inbox and then the spool to be full", WAIT, || async {
+        let (r, _) = admin_json(ra, "/status").await?;
+        let (s, _) = admin_json(sa, "/status").await?;
+        Ok(r["inbox_full"] == true && s["spool_full"] == true)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    let (r, _) = admin_json(ra, "/status").await?;
+    let (s, _) = admin_json(sa, "/status").await?;
+    eprintln!(
+        "full: inbox {} bytes, spool {} bytes, slot retains {} bytes of WAL; capture error: {}",
+        r["inbox_bytes"], s["spool_bytes"], s["slot"]["retained_wal_bytes"], s["capture_error"]
+    );
+    let inbox_bytes = r["inbox_bytes"].as_u64().unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        inbox_bytes <= (64 << 10) + (256 << 10),
+        "the inbox went past its limit by more than a batch: {inbox_bytes}"
+    );
+    anyhow::ensure!(
+        s["capture_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("spool-max-bytes"),
+        "the sender's status should say why capture is paused: {s}"
+    );
+    let (_, metrics) = admin_json(sa, "/metrics").await?;
+    anyhow::ensure!(
+        metrics.contains("pgcourier_sender_spool_full 1"),
+        "sender metrics: {metrics}"
+    );
+    let (_, metrics) = admin_json(ra, "/metrics").await?;
+    anyhow::ensure!(
+        metrics.contains("pgcourier_receiver_inbox_full 1"),
+        "receiver metrics: {metrics}"
+    );
+    anyhow::ensure!(
+        setup.sender.log().contains("at spool-max-bytes")
+            && setup.branches[0]
+                .receiver
+                .log()
+                .contains("at inbox-max-bytes"),
+        "both daemons should log the alert:\n{}",
+        setup.logs()
+    );
+    // What the source pays meanwhile: the slot keeps WAL.
+    let retained = |s: &serde_json::Value| s["slot"]["retained_wal_bytes"].as_i64().unwrap_or(0);
+    let before = retained(&s);
+    acct_transactions(&src, 5000, 500).await?;
+    wait_until(
+        "the slot to keep more WAL while capture is paused",
+        WAIT,
+        || async {
+            let (s, _) = admin_json(sa, "/status").await?;
+            Ok(retained(&s) > before && s["spool_full"] == true)
+        },
+    )
+    .await
+    .with_context(|| setup.logs())?;
+    // Space returns: everything resumes by itself, nothing lost or doubled.
+    dst.batch_execute("ALTER TABLE acct_away RENAME TO acct")
+        .await?;
+    acct_transactions(&src, 9000, 5).await?;
+    setup.wait_equal(0, &["public.acct"], WAIT).await?;
+    crate::replication::assert_applied_exactly_once(&setup, 0).await?;
+    wait_until("both alerts to clear", WAIT, || async {
+        let (r, _) = admin_json(ra, "/status").await?;
+        let (s, _) = admin_json(sa, "/status").await?;
+        Ok(r["inbox_full"] == false && s["spool_full"] == false && s["capture_error"].is_null())
+    })
+    .await
+    .with_context(|| setup.logs())
+}
