@@ -168,7 +168,12 @@ impl Capture {
         }
         self.confirmed = identity.confirmed_flush;
         tracing::info!(slot = %self.cfg.slot, confirmed = %self.confirmed, "capturing from source");
-        self.status.lock().expect("status lock").last_error = None;
+        {
+            let mut st = self.status.lock().expect("status lock");
+            st.last_error = None;
+            // Re-checked (and re-reported) before the first peek.
+            st.spool_full = false;
+        }
         let mut stats_at = std::time::Instant::now() - std::time::Duration::from_secs(60);
         loop {
             if self.spool_full() {
