@@ -261,6 +261,7 @@ impl Ingest {
         truncations.borrow_and_update();
         let source = self.inbox.source()?;
         let durable = self.inbox.durable_seq();
+        let hello_durable = durable;
         wire::write_frame(
             &mut control_tx,
             &Frame::Hello {
@@ -326,7 +327,7 @@ impl Ingest {
         let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<u64>(64);
         let result = tokio::select! {
             r = self.receive(&mut data, &mut whole, ack_tx, &truncations, conn) => r,
-            r = self.report(&mut control_tx, ack_rx, truncations.clone()) => r,
+            r = self.report(&mut control_tx, hello_durable, ack_rx, truncations.clone()) => r,
         };
         let discarded = data.bytes.saturating_sub(whole);
         if discarded > 0 {
@@ -345,20 +346,27 @@ impl Ingest {
     async fn report(
         &self,
         control_tx: &mut quinn::SendStream,
+        hello_durable: u64,
         mut acks: tokio::sync::mpsc::Receiver<u64>,
         mut truncations: tokio::sync::watch::Receiver<u64>,
     ) -> Result<(), IngestError> {
         let mut applied_rx = self.inbox.subscribe_applied();
         let mut reported = None;
+        // Never report past what this session told the sender we hold (an
+        // earlier session may have stored and applied more since `Hello`).
+        let mut told = hello_durable;
         loop {
-            let applied = *applied_rx.borrow_and_update();
+            let applied = (*applied_rx.borrow_and_update()).min(told);
             if reported != Some(applied) {
                 wire::write_frame(control_tx, &Frame::Applied { seq: applied }).await?;
                 reported = Some(applied);
             }
             tokio::select! {
                 a = acks.recv() => match a {
-                    Some(seq) => wire::write_frame(control_tx, &Frame::Ack { durable_seq: seq }).await?,
+                    Some(seq) => {
+                        wire::write_frame(control_tx, &Frame::Ack { durable_seq: seq }).await?;
+                        told = told.max(seq);
+                    }
                     None => return Ok(()),
                 },
                 r = applied_rx.changed() => if r.is_err() { return Ok(()) },
@@ -431,8 +439,10 @@ impl Ingest {
             };
             let durable = self.inbox.durable_seq();
             if batch_action(durable, first_seq, last_seq) == BatchAction::Replay {
-                // A batch we already hold (a replay): acknowledge again.
-                if acks.send(durable).await.is_err() {
+                // A batch we already hold (a replay): acknowledge it again
+                // (not more: the sender may not have sent more on this
+                // connection).
+                if acks.send(last_seq).await.is_err() {
                     return Ok(());
                 }
                 continue;
