@@ -175,3 +175,17 @@ mod tests {
         assert!(parse_size("MiB").is_err());
     }
 }
+
+/// Why a server refused a login when retrying cannot help (wrong password,
+/// role or database: SQLSTATE 28P01, 28000, 3D000), as a hint for the
+/// operator; `None` for any other error.
+pub fn login_refused(e: &tokio_postgres::Error) -> Option<&'static str> {
+    match e.code()?.code() {
+        "28P01" => Some(
+            "wrong password: fix it in the connection string, `password-env` or `password-file`",
+        ),
+        "28000" => Some("this role may not log in (role name, or a pg_hba.conf rule)"),
+        "3D000" => Some("the database does not exist: fix dbname"),
+        _ => None,
+    }
+}

@@ -9,8 +9,15 @@
 //!                                            open uni "data" stream
 //!                                   ◀──────  Batch{first_seq, last_seq, zstd(records)} ...
 //!   (store, fsync)
-//!   Ack{durable_seq}                ──────▶  (record ack, trim spool)
+//!   Ack{durable_seq}                ──────▶  (frees the in-flight window)
+//!   (apply, target COMMIT)
+//!   Applied{seq}                    ──────▶  (record it, trim the spool)
 //! ```
+//!
+//! The sender keeps a record until every receiver has *applied* it, not
+//! only stored it: a record the receiver finds corrupt in its inbox can
+//! then be fetched again (the receiver drops it and everything after it,
+//! and reconnects with a lower `durable_seq`).
 //!
 //! Every frame is `[u32 big-endian length][bincode(Frame)]`, at most
 //! [`MAX_FRAME_BYTES`]. A batch payload is the zstd compression of
@@ -23,7 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::record::{self, bincode_config, RecordError, MAX_RECORD_BYTES};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Applied` frames; the spool is trimmed behind what receivers applied.
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_BATCH_RAW_BYTES: usize = 8 * 1024 * 1024;
 
@@ -50,6 +58,10 @@ pub enum Frame {
     },
     /// Receiver → sender: everything up to `durable_seq` is fsynced.
     Ack { durable_seq: u64 },
+    /// Receiver → sender: everything up to `seq` is applied to the target
+    /// (committed with the progress row); the sender may delete it. Sent
+    /// after `Welcome` and whenever it moves.
+    Applied { seq: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]

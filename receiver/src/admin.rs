@@ -22,6 +22,8 @@ pub struct ReceiverStatus {
     pub source: Option<String>,
     pub inbox_records: u64,
     pub inbox_bytes: u64,
+    /// Ingest holds batches back at `inbox-max-bytes`.
+    pub inbox_full: bool,
     pub durable_seq: u64,
     pub applied_seq: u64,
     pub applied_commit_lsn: String,
@@ -33,6 +35,9 @@ pub struct ReceiverStatus {
     /// `applying`, `paused` (a definite target error) or `retrying`.
     pub apply_state: &'static str,
     pub last_error: Option<String>,
+    /// Kind of the last error (`missing_table`, `type_mismatch`,
+    /// `unique_violation`, `permission_denied`, `read_only`, `connection`...).
+    pub error_class: Option<&'static str>,
     pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
     pub skipped_transactions: u64,
@@ -70,6 +75,7 @@ pub fn status(
         source: inbox.source().ok().flatten(),
         inbox_records: records,
         inbox_bytes: bytes,
+        inbox_full: inbox.is_full(),
         durable_seq: durable,
         applied_seq: apply.applied_seq,
         applied_commit_lsn: apply.applied_commit_lsn.to_string(),
@@ -83,6 +89,7 @@ pub fn status(
             (Some(_), false) => "retrying",
         },
         last_error: apply.last_error.clone(),
+        error_class: apply.error_class,
         blocking_seq: apply.blocking_seq,
         missing_rows: apply.missing_rows,
         skipped_transactions: apply.skipped_transactions,
@@ -102,6 +109,11 @@ pub fn metrics(st: &ReceiverStatus) -> String {
         "pgcourier_receiver_inbox_bytes",
         "Bytes of records stored in the inbox.",
         st.inbox_bytes as f64,
+    );
+    m.gauge(
+        "pgcourier_receiver_inbox_full",
+        "1 while batches wait at the sender because the inbox is at inbox-max-bytes.",
+        f64::from(u8::from(st.inbox_full)),
     );
     m.gauge(
         "pgcourier_receiver_durable_seq",
@@ -133,6 +145,15 @@ pub fn metrics(st: &ReceiverStatus) -> String {
         "1 when the last apply attempt failed.",
         f64::from(u8::from(st.last_error.is_some())),
     );
+    if let Some(class) = st.error_class {
+        m.metric(
+            "pgcourier_receiver_apply_error_class",
+            "1 for the kind of the last apply error, while there is one.",
+            "gauge",
+            &[("class", class)],
+            1.0,
+        );
+    }
     m.counter(
         "pgcourier_receiver_applied_transactions_total",
         "Source transactions applied since start.",

@@ -114,6 +114,44 @@ impl ApplyError {
     }
 }
 
+impl ApplyError {
+    /// A short stable name of the kind of error, for status and metrics:
+    /// `connection`, `read_only`, `missing_table`, `missing_column`,
+    /// `type_mismatch`, `unique_violation`, `constraint`,
+    /// `permission_denied`, `no_key`, `corrupt_record`, `bad_record`,
+    /// `inbox`, `seed` or `target_error`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ApplyError::Connect(_) => "connection",
+            ApplyError::Target { source, .. } => match source.code().map(|c| c.code()) {
+                None => "connection",
+                Some(c) if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") => {
+                    "connection"
+                }
+                Some("25006") => "read_only",
+                Some("42P01") => "missing_table",
+                Some("42703") => "missing_column",
+                Some("42501") => "permission_denied",
+                Some("23505") => "unique_violation",
+                Some(c) if c.starts_with("23") => "constraint",
+                Some("42804" | "42846") => "type_mismatch",
+                Some(c) if c.starts_with("22") => "type_mismatch",
+                Some(_) => "target_error",
+            },
+            ApplyError::MissingTable { .. } => "missing_table",
+            ApplyError::MissingColumn { .. } => "missing_column",
+            ApplyError::NoKey { .. } => "no_key",
+            ApplyError::Corrupt { .. } => "corrupt_record",
+            ApplyError::Decode { .. }
+            | ApplyError::UnknownRelation { .. }
+            | ApplyError::Order { .. }
+            | ApplyError::CopyMeta { .. } => "bad_record",
+            ApplyError::Inbox(_) => "inbox",
+            ApplyError::Seed(_) => "seed",
+        }
+    }
+}
+
 /// What `status` and the logs report about apply.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyStatus {
@@ -122,6 +160,8 @@ pub struct ApplyStatus {
     pub applied_commit_time: i64,
     pub applied_transactions: u64,
     pub last_error: Option<String>,
+    /// [`ApplyError::class`] of `last_error`.
+    pub error_class: Option<&'static str>,
     /// Apply stopped on a definite error (the DBA must act, or skip).
     pub paused: bool,
     /// First record of the transaction apply is stuck on.
@@ -327,6 +367,27 @@ impl Apply {
                 r = self.session(&shutdown) => r,
             };
             let Err(e) = result else { return };
+            if let ApplyError::Corrupt { seq, .. } = &e {
+                // Never apply it, never skip it: drop it and everything
+                // after it from the inbox; ingest fetches them again (the
+                // sender keeps records until they are applied).
+                let seq = *seq;
+                match self.inbox.truncate_from(seq) {
+                    Ok(()) => {
+                        let message = error_chain(&e);
+                        tracing::error!(seq, error = %message, "a record in the inbox failed its checksum: dropped it and the records after it without applying them; fetching them again from the sender");
+                        let mut st = self.status.lock().expect("status lock");
+                        st.last_error = Some(message);
+                        st.error_class = Some(e.class());
+                        st.paused = false;
+                        drop(st);
+                        continue;
+                    }
+                    Err(te) => {
+                        tracing::error!(seq, error = %error_chain(&te), "could not drop the corrupt record from the inbox");
+                    }
+                }
+            }
             let position = self.position.load(Ordering::Relaxed);
             // Was the failing transaction applied on its own? If it was part
             // of a group, retry one transaction at a time first, so that the
@@ -351,6 +412,7 @@ impl Apply {
                 st.blocking_seq = Some(self.txn_first.load(Ordering::Relaxed));
             }
             st.last_error = Some(message);
+            st.error_class = Some(e.class());
             drop(st);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -385,7 +447,14 @@ impl Apply {
                 .await
                 .map_err(target("set session_replication_role = replica (needs superuser; or set replica-role = false)"))?;
         }
-        client
+        // Created on the first start; later starts need no CREATE privilege.
+        let exists = client
+            .query_one("SELECT to_regclass('pgcourier.progress') IS NOT NULL", &[])
+            .await
+            .map_err(target("look up the progress table"))?
+            .get::<_, bool>(0);
+        if !exists {
+            client
             .batch_execute(
                 "SET client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS pgcourier; \
                  CREATE TABLE IF NOT EXISTS pgcourier.progress ( \
@@ -394,6 +463,7 @@ impl Apply {
             )
             .await
             .map_err(target("create the pgcourier schema and progress table"))?;
+        }
         let source = loop {
             if let Some(s) = self.inbox.source()? {
                 break s;
@@ -1230,6 +1300,7 @@ impl Apply {
         if st.last_error.take().is_some() {
             tracing::info!("apply resumed");
         }
+        st.error_class = None;
         st.paused = false;
         st.blocking_seq = None;
         st.applied_seq = end.seq;

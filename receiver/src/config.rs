@@ -34,6 +34,8 @@ struct RawReceiverConfig {
     create_tables: bool,
     #[serde(default = "defaults::cache_capacity", deserialize_with = "de_size")]
     cache_capacity: u64,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    inbox_max_bytes: Option<u64>,
     #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
     idle_timeout: Duration,
     #[serde(default = "defaults::keep_alive", deserialize_with = "de_duration")]
@@ -84,6 +86,10 @@ pub struct ReceiverConfig {
     /// definition (columns, types, NOT NULL, primary key).
     pub create_tables: bool,
     pub cache_capacity: u64,
+    /// Batches are not accepted (nor acknowledged: the sender keeps them)
+    /// while they would take the inbox past this many bytes; `None`: no
+    /// limit. A batch is always accepted into an empty inbox.
+    pub inbox_max_bytes: Option<u64>,
     pub transport: TransportSettings,
     pub max_backoff: Duration,
 }
@@ -126,6 +132,9 @@ impl ReceiverConfig {
                 "apply group limits must be at least 1",
             ));
         }
+        if raw.inbox_max_bytes.is_some_and(|b| b < (64 << 10)) {
+            return Err(invalid("inbox-max-bytes", "must be at least 64KiB"));
+        }
         Ok(ReceiverConfig {
             target,
             inbox_dir: base.join(raw.inbox_dir),
@@ -139,6 +148,7 @@ impl ReceiverConfig {
             replica_role: raw.replica_role,
             create_tables: raw.create_tables,
             cache_capacity: raw.cache_capacity,
+            inbox_max_bytes: raw.inbox_max_bytes,
             transport: TransportSettings {
                 idle_timeout: raw.idle_timeout,
                 keep_alive: raw.keep_alive,
@@ -149,4 +159,8 @@ impl ReceiverConfig {
             max_backoff: raw.max_backoff,
         })
     }
+}
+
+fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
 }

@@ -13,7 +13,11 @@
 //!
 //! Who writes and deletes: ingest appends whole batches and fsyncs before it
 //! acknowledges ([`Inbox::store_batch`]). Apply deletes records only after
-//! the target transaction holding them (and the progress row) committed.
+//! the target transaction holding them (and the progress row) committed;
+//! what it deleted is the `applied` mark ingest reports to the sender, which
+//! keeps records until then. A record apply finds corrupt is dropped with
+//! everything after it ([`Inbox::truncate_from`]): `durable_seq` goes back
+//! below it and ingest reconnects to fetch it again.
 //! Order of marks: durable >= applied >= deleted.
 
 use std::path::Path;
@@ -29,6 +33,16 @@ pub struct Inbox {
     relations: sled::Tree,
     durable: watch::Sender<u64>,
     deleted_through: AtomicU64,
+    /// Highest seq applied (deleted after the target commit).
+    applied: watch::Sender<u64>,
+    /// Counts [`Inbox::truncate_from`] calls: ingest reconnects on a change.
+    truncations: watch::Sender<u64>,
+    /// Serialises appends and truncations.
+    write: std::sync::Mutex<()>,
+    /// Bytes of the records stored (what `inbox-max-bytes` limits).
+    bytes: AtomicU64,
+    /// Ingest is holding batches back at `inbox-max-bytes`.
+    full: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
@@ -39,13 +53,30 @@ impl Inbox {
         let relations = store.tree("relations")?;
         let durable = get_u64(&store, &meta, "durable_seq")?.unwrap_or(0);
         let (tx, _) = watch::channel(durable);
+        // Records are deleted only once applied: below the first one left,
+        // everything is applied.
+        let applied = match records.first().map_err(|e| store.write_err(e))? {
+            Some((k, _)) => key_seq(&k).unwrap_or(1).saturating_sub(1),
+            None => durable,
+        };
+        let bytes = records
+            .iter()
+            .values()
+            .flatten()
+            .map(|v| v.len() as u64)
+            .sum();
         Ok(Inbox {
+            bytes: AtomicU64::new(bytes),
+            full: false.into(),
             store,
             records,
             meta,
             relations,
             durable: tx,
             deleted_through: AtomicU64::new(0),
+            applied: watch::channel(applied).0,
+            truncations: watch::channel(0).0,
+            write: std::sync::Mutex::new(()),
         })
     }
 
@@ -76,11 +107,33 @@ impl Inbox {
         self.store.sync()
     }
 
+    /// Highest seq applied to the target (and deleted here).
+    pub fn applied_seq(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    pub fn subscribe_truncations(&self) -> watch::Receiver<u64> {
+        self.truncations.subscribe()
+    }
+
     /// Store records `first_seq..` (already checksum-verified), fsync, and
-    /// only then publish the new durable mark. Returns the mark.
-    pub fn store_batch(&self, first_seq: u64, records: &[Vec<u8>]) -> Result<u64, StoreError> {
+    /// only then publish the new durable mark. Returns the mark, or `None`
+    /// if `first_seq` no longer follows the durable mark (the inbox was
+    /// truncated meanwhile): nothing is stored.
+    pub fn store_batch(
+        &self,
+        first_seq: u64,
+        records: &[Vec<u8>],
+    ) -> Result<Option<u64>, StoreError> {
+        let _write = self.write.lock().expect("inbox write lock");
         let durable = self.durable_seq();
-        assert_eq!(first_seq, durable + 1, "inbox appends must be dense");
+        if first_seq != durable + 1 {
+            return Ok(None);
+        }
         let mut batch = sled::Batch::default();
         for (i, r) in records.iter().enumerate() {
             batch.insert(&seq_key(first_seq + i as u64), r.as_slice());
@@ -88,11 +141,35 @@ impl Inbox {
         self.records
             .apply_batch(batch)
             .map_err(|e| self.store.write_err(e))?;
+        let added: u64 = records.iter().map(|r| r.len() as u64).sum();
+        self.bytes.fetch_add(added, Ordering::Relaxed);
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
         self.durable.send_replace(last);
-        Ok(last)
+        Ok(Some(last))
+    }
+
+    /// Drop record `seq` (found corrupt before apply) and everything after
+    /// it, and lower the durable mark below it, fsynced: the sender ships
+    /// them again on the next connection. `seq` must be above the applied
+    /// mark.
+    pub fn truncate_from(&self, seq: u64) -> Result<(), StoreError> {
+        let _write = self.write.lock().expect("inbox write lock");
+        debug_assert!(seq > self.applied_seq(), "truncating applied records");
+        for item in self.records.range(seq_key(seq)..) {
+            let (k, v) = item.map_err(|e| self.store.write_err(e))?;
+            self.records
+                .remove(k)
+                .map_err(|e| self.store.write_err(e))?;
+            self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+        }
+        let durable = seq.saturating_sub(1).min(self.durable_seq());
+        put_u64(&self.store, &self.meta, "durable_seq", durable)?;
+        self.store.sync()?;
+        self.durable.send_replace(durable);
+        self.truncations.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     /// After a seed import: the inbox belongs to `source` and holds
@@ -100,8 +177,12 @@ impl Inbox {
     /// from `seq + 1`. Older records are removed. Fsynced.
     pub fn reset_to_seed(&self, source: &str, seq: u64) -> Result<(), StoreError> {
         self.records.clear().map_err(|e| self.store.write_err(e))?;
+        self.bytes.store(0, Ordering::Relaxed);
         put_u64(&self.store, &self.meta, "durable_seq", seq)?;
         self.store.sync()?;
+        self.deleted_through.store(seq, Ordering::Relaxed);
+        // Nothing at or below `seq` is ours to apply: count it as applied.
+        self.applied.send_replace(seq);
         self.durable.send_replace(seq);
         // Last: apply starts once the inbox has a source, and must then see
         // the new position.
@@ -135,12 +216,35 @@ impl Inbox {
             from + 1
         };
         for s in start..=seq {
-            self.records
+            if let Some(v) = self
+                .records
                 .remove(seq_key(s))
-                .map_err(|e| self.store.write_err(e))?;
+                .map_err(|e| self.store.write_err(e))?
+            {
+                self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            }
         }
         self.deleted_through.store(seq.max(from), Ordering::Relaxed);
+        self.applied.send_if_modified(|a| {
+            let moved = seq > *a;
+            *a = (*a).max(seq);
+            moved
+        });
         Ok(())
+    }
+
+    /// Bytes of the records stored.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether ingest is holding batches back at `inbox-max-bytes`.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::Relaxed);
     }
 
     pub fn save_relation(&self, oid: u32, message: &[u8]) -> Result<(), StoreError> {
@@ -187,14 +291,38 @@ mod tests {
                 inbox
                     .store_batch(1, &[b"a".to_vec(), b"b".to_vec()])
                     .unwrap(),
-                2
+                Some(2)
             );
-            assert_eq!(inbox.store_batch(3, &[b"c".to_vec()]).unwrap(), 3);
+            assert_eq!(inbox.store_batch(3, &[b"c".to_vec()]).unwrap(), Some(3));
+            assert_eq!(inbox.store_batch(5, &[b"e".to_vec()]).unwrap(), None);
             inbox.delete_through(1).unwrap();
         }
         let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(inbox.durable_seq(), 3);
         assert_eq!(inbox.first_seq().unwrap(), Some(2));
         assert_eq!(inbox.get(3).unwrap().as_deref(), Some(&b"c"[..]));
+        assert_eq!(inbox.applied_seq(), 1, "deleted records were applied");
+    }
+
+    #[test]
+    fn truncation_drops_a_record_and_all_after_it_and_lowers_the_durable_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+            let recs: Vec<Vec<u8>> = (1..=5).map(|i| vec![i as u8]).collect();
+            inbox.store_batch(1, &recs).unwrap();
+            inbox.delete_through(1).unwrap();
+            let t = inbox.subscribe_truncations();
+            inbox.truncate_from(3).unwrap();
+            assert!(t.has_changed().unwrap());
+            assert_eq!(inbox.durable_seq(), 2);
+            assert_eq!(inbox.get(3).unwrap(), None);
+            assert_eq!(inbox.get(2).unwrap(), Some(vec![2]));
+            // The sender ships them again from 3.
+            assert_eq!(inbox.store_batch(3, &[vec![3]]).unwrap(), Some(3));
+        }
+        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(inbox.durable_seq(), 3);
+        assert_eq!(inbox.get(4).unwrap(), None);
     }
 }

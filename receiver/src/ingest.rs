@@ -39,6 +39,8 @@ pub enum IngestError {
     Gap { durable: u64, first: u64 },
     #[error("peer presented certificate {0}, which is not a pinned sender fingerprint")]
     WrongPeer(String),
+    #[error("the inbox dropped a corrupt record and everything after it; reconnecting to fetch them again")]
+    Refetch,
 }
 
 impl IngestError {
@@ -88,6 +90,12 @@ pub struct Ingest {
     cfg: Arc<ReceiverConfig>,
     inbox: Arc<Inbox>,
     pub link: Arc<std::sync::Mutex<LinkStatus>>,
+    /// The connection of the session that writes the inbox; a newer session
+    /// closes it once the sender on it is welcomed (so an impostor or a
+    /// wrong sender cannot interrupt a good session).
+    current: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
+    /// Held by the session that writes the inbox, from its welcome on.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Ingest {
@@ -96,6 +104,8 @@ impl Ingest {
             cfg,
             inbox,
             link: Arc::default(),
+            current: Arc::default(),
+            writer: Arc::default(),
         }
     }
 
@@ -145,25 +155,33 @@ impl Ingest {
     }
 
     async fn accept_loop(&self, endpoint: &quinn::Endpoint, shutdown: &CancellationToken) {
-        // One session at a time: a new connection from the sender replaces
-        // the old one (which may be half-dead after a link outage).
-        let mut current: Option<(quinn::Connection, tokio::task::JoinHandle<()>)> = None;
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Result<(), IngestError>>(4);
+        // Sessions run side by side until one is welcomed by a sender
+        // shipping our source; it then closes the one before it (which may be
+        // half-dead after a link outage).
+        let mut sessions = tokio::task::JoinSet::new();
+        let (done_tx, mut done_rx) =
+            tokio::sync::mpsc::channel::<(std::net::SocketAddr, Result<(), IngestError>)>(4);
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(result) = done_rx.recv() => {
-                    if let Err(e) = result {
-                        if e.is_definite() {
+                Some((peer, result)) = done_rx.recv() => {
+                    while sessions.try_join_next().is_some() {}
+                    match result {
+                        Err(e @ IngestError::WrongSource { .. }) => {
+                            tracing::error!(peer = %peer, error = %error_chain(&e), "refused a sender that ships another source; the current session goes on");
+                        }
+                        Err(e) if e.is_definite() => {
                             tracing::error!(error = %error_chain(&e), "ingest stopped: the operator must act");
                             shutdown.cancelled().await;
                             break;
                         }
-                        if e.is_clean_close() {
-                            tracing::info!("the sender closed the connection; waiting for it to reconnect");
-                        } else {
-                            tracing::warn!(error = %error_chain(&e), "sender session ended; waiting for the sender to reconnect");
+                        Err(e) if e.is_clean_close() => {
+                            tracing::info!(peer = %peer, "the sender closed the connection; waiting for it to reconnect");
                         }
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, error = %error_chain(&e), "sender session ended; waiting for the sender to reconnect");
+                        }
+                        Ok(()) => {}
                     }
                     continue;
                 }
@@ -182,29 +200,23 @@ impl Ingest {
                 conn.close(1u32.into(), b"not a pinned sender");
                 continue;
             }
-            if let Some((old, task)) = current.take() {
-                old.close(2u32.into(), b"superseded");
-                task.abort();
-                let _ = task.await;
-            }
             let me = Ingest {
                 cfg: self.cfg.clone(),
                 inbox: self.inbox.clone(),
                 link: self.link.clone(),
+                current: self.current.clone(),
+                writer: self.writer.clone(),
             };
             let tx = done_tx.clone();
-            let c = conn.clone();
-            let task = tokio::spawn(async move {
-                let r = me.session(&c).await;
-                let _ = tx.send(r).await;
+            sessions.spawn(async move {
+                let r = me.session(&conn).await;
+                let _ = tx.send((remote, r)).await;
             });
-            current = Some((conn, task));
         }
-        if let Some((conn, task)) = current {
+        if let Some(conn) = self.current.lock().expect("current lock").take() {
             conn.close(0u32.into(), b"receiver stopping");
-            task.abort();
-            let _ = task.await;
         }
+        sessions.shutdown().await;
     }
 
     fn check_peer(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
@@ -224,17 +236,32 @@ impl Ingest {
     /// One session: hello, then store and acknowledge batches until the
     /// connection ends.
     async fn session(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
-        let result = self.serve(conn).await;
-        let mut link = self.link.lock().expect("link lock");
-        link.connected = false;
-        link.rtt_ms = None;
+        let mut writing = None;
+        let result = self.serve(conn, &mut writing).await;
+        if matches!(result, Err(IngestError::Refetch)) {
+            // The sender resumes from our lower durable mark on the next
+            // connection.
+            conn.close(3u32.into(), b"re-fetching records");
+        }
+        if writing.is_some() {
+            let mut link = self.link.lock().expect("link lock");
+            link.connected = false;
+            link.rtt_ms = None;
+        }
         result
     }
 
-    async fn serve(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
+    async fn serve<'a>(
+        &'a self,
+        conn: &quinn::Connection,
+        writing: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
+    ) -> Result<(), IngestError> {
         let (mut control_tx, mut control_rx) = conn.open_bi().await?;
+        let mut truncations = self.inbox.subscribe_truncations();
+        truncations.borrow_and_update();
         let source = self.inbox.source()?;
         let mut durable = self.inbox.durable_seq();
+        let mut hello_durable = durable;
         wire::write_frame(
             &mut control_tx,
             &Frame::Hello {
@@ -269,6 +296,8 @@ impl Ingest {
                             "new branch: starting at the copy of the tables the sender made for it"
                         );
                         durable = first_seq - 1;
+                        // The sender counts us at the copy's start already.
+                        hello_durable = durable;
                     } else {
                         return Err(IngestError::Gap {
                             durable,
@@ -285,6 +314,18 @@ impl Ingest {
                 ))
             }
         }
+        // Welcomed by a sender of our source: this session takes over.
+        if let Some(old) = self
+            .current
+            .lock()
+            .expect("current lock")
+            .replace(conn.clone())
+        {
+            old.close(2u32.into(), b"superseded");
+        }
+        *writing = Some(self.writer.lock().await);
+        // The inbox may have moved while the session before ended.
+        let durable = self.inbox.durable_seq();
         tracing::info!(peer = %conn.remote_address(), durable_seq = durable, "connected to sender; receiving");
         {
             let mut link = self.link.lock().expect("link lock");
@@ -296,9 +337,11 @@ impl Ingest {
         }
         let mut data = wire::Counting::new(conn.accept_uni().await?);
         let mut whole = 0u64;
-        let result = self
-            .receive(&mut data, &mut whole, &mut control_tx, conn)
-            .await;
+        let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<u64>(64);
+        let result = tokio::select! {
+            r = self.receive(&mut data, &mut whole, ack_tx, &truncations, conn) => r,
+            r = self.report(&mut control_tx, hello_durable, ack_rx, truncations.clone()) => r,
+        };
         let discarded = data.bytes.saturating_sub(whole);
         if discarded > 0 {
             self.link.lock().expect("link lock").discarded_bytes += discarded;
@@ -310,11 +353,84 @@ impl Ingest {
         result
     }
 
+    /// The control stream back to the sender: `Ack` for what is stored,
+    /// `Applied` for what is applied (the sender trims its spool behind
+    /// that). Ends the session when the inbox is truncated.
+    async fn report(
+        &self,
+        control_tx: &mut quinn::SendStream,
+        hello_durable: u64,
+        mut acks: tokio::sync::mpsc::Receiver<u64>,
+        mut truncations: tokio::sync::watch::Receiver<u64>,
+    ) -> Result<(), IngestError> {
+        let mut applied_rx = self.inbox.subscribe_applied();
+        let mut reported = None;
+        // Never report past what this session told the sender we hold (an
+        // earlier session may have stored and applied more since `Hello`).
+        let mut told = hello_durable;
+        loop {
+            let applied = (*applied_rx.borrow_and_update()).min(told);
+            if reported != Some(applied) {
+                wire::write_frame(control_tx, &Frame::Applied { seq: applied }).await?;
+                reported = Some(applied);
+            }
+            tokio::select! {
+                a = acks.recv() => match a {
+                    Some(seq) => {
+                        wire::write_frame(control_tx, &Frame::Ack { durable_seq: seq }).await?;
+                        told = told.max(seq);
+                    }
+                    None => return Ok(()),
+                },
+                r = applied_rx.changed() => if r.is_err() { return Ok(()) },
+                r = truncations.changed() => {
+                    if r.is_err() { return Ok(()) }
+                    return Err(IngestError::Refetch);
+                }
+            }
+        }
+    }
+
+    /// Hold a batch of `need` bytes back (unacknowledged: the sender keeps
+    /// it and stops at its in-flight limit) while it would take the inbox
+    /// past `inbox-max-bytes`, until apply frees space. An empty inbox
+    /// always takes a batch.
+    async fn wait_for_room(
+        &self,
+        need: u64,
+        truncations: &tokio::sync::watch::Receiver<u64>,
+    ) -> Result<(), IngestError> {
+        let Some(max) = self.cfg.inbox_max_bytes else {
+            return Ok(());
+        };
+        let mut applied = self.inbox.subscribe_applied();
+        loop {
+            let bytes = self.inbox.bytes();
+            if bytes == 0 || bytes + need <= max {
+                break;
+            }
+            if !self.inbox.is_full() {
+                self.inbox.set_full(true);
+                tracing::error!(inbox_bytes = bytes, inbox_max_bytes = max, "the inbox is at inbox-max-bytes: batches wait at the sender until apply frees space");
+            }
+            if truncations.has_changed().unwrap_or(false) {
+                return Err(IngestError::Refetch);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), applied.changed()).await;
+        }
+        if self.inbox.is_full() {
+            self.inbox.set_full(false);
+            tracing::info!("the inbox has room again; receiving");
+        }
+        Ok(())
+    }
+
     async fn receive(
         &self,
         data: &mut wire::Counting<quinn::RecvStream>,
         whole: &mut u64,
-        control_tx: &mut quinn::SendStream,
+        acks: tokio::sync::mpsc::Sender<u64>,
+        truncations: &tokio::sync::watch::Receiver<u64>,
         conn: &quinn::Connection,
     ) -> Result<(), IngestError> {
         loop {
@@ -335,15 +451,13 @@ impl Ingest {
                 ));
             };
             let durable = self.inbox.durable_seq();
-            if last_seq <= durable {
-                // A batch we already hold (a replay): acknowledge again.
-                wire::write_frame(
-                    control_tx,
-                    &Frame::Ack {
-                        durable_seq: durable,
-                    },
-                )
-                .await?;
+            if batch_action(durable, first_seq, last_seq) == BatchAction::Replay {
+                // A batch we already hold (a replay): acknowledge it again
+                // (not more: the sender may not have sent more on this
+                // connection).
+                if acks.send(last_seq).await.is_err() {
+                    return Ok(());
+                }
                 continue;
             }
             let records = wire::decode_batch(first_seq, last_seq, raw_len, &payload)?;
@@ -354,21 +468,68 @@ impl Ingest {
                 link.raw_bytes += u64::from(raw_len);
                 link.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             }
-            if first_seq > durable + 1 {
+            let truncated = truncations.has_changed().unwrap_or(false);
+            if let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) {
+                let need: u64 = records[skip..].iter().map(|r| r.len() as u64).sum();
+                self.wait_for_room(need, truncations).await?;
+            }
+            let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) else {
+                if truncated {
+                    return Err(IngestError::Refetch);
+                }
                 return Err(IngestError::Gap {
                     durable,
                     first: first_seq,
                 });
+            };
+            let Some(stored) = self.inbox.store_batch(durable + 1, &records[skip..])? else {
+                // Truncated between the check and the store.
+                return Err(IngestError::Refetch);
+            };
+            if acks.send(stored).await.is_err() {
+                return Ok(());
             }
-            let skip = (durable + 1 - first_seq) as usize;
-            let stored = self.inbox.store_batch(durable + 1, &records[skip..])?;
-            wire::write_frame(
-                control_tx,
-                &Frame::Ack {
-                    durable_seq: stored,
-                },
-            )
-            .await?;
         }
+    }
+}
+
+/// What to do with a batch of records `first..=last` when the inbox holds
+/// everything up to `durable`.
+#[derive(Debug, PartialEq, Eq)]
+enum BatchAction {
+    /// Already held (an old batch replayed, or re-sent after a reconnect):
+    /// store nothing, acknowledge `durable` again.
+    Replay,
+    /// Store the records after the first `skip` (which are already held).
+    Store { skip: usize },
+    /// Records between `durable` and `first` are missing: never store past a
+    /// gap.
+    Gap,
+}
+
+fn batch_action(durable: u64, first: u64, last: u64) -> BatchAction {
+    if last <= durable {
+        BatchAction::Replay
+    } else if first > durable + 1 {
+        BatchAction::Gap
+    } else {
+        BatchAction::Store {
+            skip: (durable + 1 - first) as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_batches_are_ignored_overlaps_trimmed_and_gaps_refused() {
+        assert_eq!(batch_action(10, 1, 5), BatchAction::Replay);
+        assert_eq!(batch_action(10, 10, 10), BatchAction::Replay);
+        assert_eq!(batch_action(10, 11, 20), BatchAction::Store { skip: 0 });
+        assert_eq!(batch_action(10, 8, 12), BatchAction::Store { skip: 3 });
+        assert_eq!(batch_action(10, 12, 20), BatchAction::Gap);
+        assert_eq!(batch_action(0, 1, 1), BatchAction::Store { skip: 0 });
     }
 }

@@ -48,6 +48,7 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
     tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "receiver starting");
 
+    probe_target(&cfg).await?;
     let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
     let link = ingest.link.clone();
     let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
@@ -81,4 +82,32 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     ingest_task.await.context("join ingest task")?;
     inbox.sync().context("final inbox sync")?;
     Ok(())
+}
+
+/// Log in to the target once at start: a login it refuses (wrong password,
+/// role or database) will not succeed by retrying, so the receiver exits
+/// with an error naming the setting. An unreachable target is only logged:
+/// apply retries until it is up.
+async fn probe_target(cfg: &ReceiverConfig) -> anyhow::Result<()> {
+    let attempt = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        cfg.target.connect(tokio_postgres::NoTls),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => match pgcourier_common::config::login_refused(&e) {
+            Some(hint) => Err(anyhow::Error::new(e).context(format!(
+                "the target database refused the login (setting `target`): {hint}"
+            ))),
+            None => {
+                tracing::warn!(error = %pgcourier_common::backoff::error_chain(&e), "cannot reach the target database (setting `target`) yet; apply retries until it is up");
+                Ok(())
+            }
+        },
+        Err(_) => {
+            tracing::warn!("the target database (setting `target`) did not answer within 15 s; apply retries until it is up");
+            Ok(())
+        }
+    }
 }

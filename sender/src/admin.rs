@@ -48,6 +48,8 @@ pub struct SenderStatus {
     pub source: Option<String>,
     pub slot: Option<crate::source::SlotStats>,
     pub capture_error: Option<String>,
+    /// Capture paused at `spool-max-bytes`.
+    pub spool_full: bool,
     pub captured_end_lsn: String,
     pub spool_records: u64,
     pub spool_bytes: u64,
@@ -138,6 +140,7 @@ pub fn status(
         source: spool.source().ok().flatten(),
         slot: capture.slot.clone(),
         capture_error: capture.last_error.clone(),
+        spool_full: capture.spool_full,
         captured_end_lsn: marks.captured_end_lsn.to_string(),
         spool_records: records,
         spool_bytes: bytes,
@@ -179,6 +182,11 @@ pub fn metrics(st: &SenderStatus) -> String {
         "pgcourier_sender_capture_error",
         "1 when capture's last attempt failed.",
         f64::from(u8::from(st.capture_error.is_some())),
+    );
+    m.gauge(
+        "pgcourier_sender_spool_full",
+        "1 while capture is paused at spool-max-bytes (the slot keeps WAL on the source).",
+        f64::from(u8::from(st.spool_full)),
     );
     if let Some(slot) = &st.slot {
         m.gauge(

@@ -157,6 +157,8 @@ impl Cutter {
 pub struct CaptureStatus {
     pub slot: Option<source::SlotStats>,
     pub last_error: Option<String>,
+    /// Capture is paused: the spool holds `spool-max-bytes` or more.
+    pub spool_full: bool,
     pub transactions: u64,
     /// The copy being read, if any.
     pub copy: Option<CopyProgress>,
@@ -300,7 +302,8 @@ impl Capture {
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), CaptureError> {
         let client = source::connect(&self.cfg.source).await?;
-        let identity = source::prepare(&client, &self.cfg).await?;
+        let resuming = self.spool.source()?.is_some();
+        let identity = source::prepare(&client, &self.cfg, resuming).await?;
         match self.spool.source()? {
             Some(s) if s != identity.source_id => {
                 return Err(SourceError::WrongSource {
@@ -333,9 +336,28 @@ impl Capture {
             self.spool.sync()?;
         }
         tracing::info!(slot = %self.cfg.slot, confirmed = %self.confirmed, "capturing from source");
-        self.status.lock().expect("status lock").last_error = None;
+        {
+            let mut st = self.status.lock().expect("status lock");
+            st.last_error = None;
+            // Re-checked (and re-reported) before the first peek.
+            st.spool_full = false;
+        }
         let mut stats_at = std::time::Instant::now() - std::time::Duration::from_secs(60);
         loop {
+            if self.spool_full() {
+                // Paused: the slot keeps WAL on the source until receivers
+                // catch up and the spool is trimmed.
+                if stats_at.elapsed() >= std::time::Duration::from_secs(2) {
+                    stats_at = std::time::Instant::now();
+                    let stats = source::slot_stats(&client, &self.cfg.slot).await?;
+                    self.status.lock().expect("status lock").slot = stats;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                }
+                continue;
+            }
             if self.cut.is_none() {
                 self.next_cut(&client, shutdown).await?;
             }
@@ -547,6 +569,42 @@ impl Capture {
             }
             _ => Ok(Filter::Keep),
         }
+    }
+
+    /// Whether the spool is at `spool-max-bytes`; logs and reports the
+    /// change either way.
+    fn spool_full(&self) -> bool {
+        let Some(max) = self.cfg.spool_max_bytes else {
+            return false;
+        };
+        let bytes = self.spool.bytes();
+        let full = bytes >= max;
+        let mut st = self.status.lock().expect("status lock");
+        if full != st.spool_full {
+            st.spool_full = full;
+            if full {
+                let retained = st
+                    .slot
+                    .as_ref()
+                    .and_then(|s| s.retained_wal_bytes)
+                    .unwrap_or(0);
+                let message = format!("the spool holds {bytes} bytes, at spool-max-bytes ({max}): capture is paused and the slot keeps WAL on the source until the receivers catch up");
+                tracing::error!(
+                    spool_bytes = bytes,
+                    spool_max_bytes = max,
+                    retained_wal_bytes = retained,
+                    "{message}"
+                );
+                st.last_error = Some(message);
+            } else {
+                tracing::info!(
+                    spool_bytes = bytes,
+                    "the spool has room again; capture resumes"
+                );
+                st.last_error = None;
+            }
+        }
+        full
     }
 
     /// One peek of the slot: spool what it returns, fsync, advance the slot.

@@ -43,6 +43,8 @@ struct RawSenderConfig {
     zstd_level: Option<i32>,
     #[serde(default = "defaults::cache_capacity", deserialize_with = "de_size")]
     cache_capacity: u64,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    spool_max_bytes: Option<u64>,
     #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
     idle_timeout: Duration,
     #[serde(default = "defaults::keep_alive", deserialize_with = "de_duration")]
@@ -65,6 +67,10 @@ struct RawReceiver {
     name: String,
     fingerprint: String,
     address: Option<SocketAddr>,
+}
+
+fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
 }
 
 fn default_slot() -> String {
@@ -126,6 +132,9 @@ pub struct SenderConfig {
     pub zstd_level: i32,
     pub zstd_level_pinned: bool,
     pub cache_capacity: u64,
+    /// Capture pauses while the spool holds this many bytes or more (the
+    /// slot keeps WAL on the source meanwhile); `None`: no limit.
+    pub spool_max_bytes: Option<u64>,
     pub transport: TransportSettings,
     pub max_backoff: Duration,
     pub receivers: Vec<ReceiverSpec>,
@@ -219,6 +228,9 @@ impl SenderConfig {
         if raw.capture_batch_changes == 0 {
             return Err(invalid("capture-batch-changes", "must be at least 1"));
         }
+        if raw.spool_max_bytes.is_some_and(|b| b < (64 << 10)) {
+            return Err(invalid("spool-max-bytes", "must be at least 64KiB"));
+        }
         Ok(SenderConfig {
             source,
             slot: raw.slot,
@@ -238,6 +250,7 @@ impl SenderConfig {
             zstd_level: raw.zstd_level.unwrap_or(3),
             zstd_level_pinned: raw.zstd_level.is_some(),
             cache_capacity: raw.cache_capacity,
+            spool_max_bytes: raw.spool_max_bytes,
             transport: TransportSettings {
                 idle_timeout: raw.idle_timeout,
                 keep_alive: raw.keep_alive,

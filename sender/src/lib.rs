@@ -85,12 +85,33 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     }
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {
-        tracing::error!(error = %pgcourier_common::backoff::error_chain(e), "capture stopped: the operator must act; shipping what is spooled continues until shutdown");
-        // Shipping what is already spooled is still useful.
-        shutdown.cancelled().await;
+        tracing::error!(error = %pgcourier_common::backoff::error_chain(e), "capture stopped: the operator must act; the sender ships what is spooled, then exits");
+        // Shipping what is already spooled is still useful; once every
+        // receiver holds it, exit (non-zero) so a service manager sees it.
+        drained(&spool, &shutdown).await;
     }
     shutdown.cancel();
     ship_task.await.context("join shipping task")?;
     spool.flush_on_stop();
     result.map_err(anyhow::Error::from)
+}
+
+/// Wait until every receiver has acknowledged everything spooled (the spool
+/// is empty), or `shutdown`.
+async fn drained(spool: &spool::Spool, shutdown: &CancellationToken) {
+    let mut marks = spool.subscribe();
+    loop {
+        let m = *marks.borrow_and_update();
+        if m.first_seq > m.complete_seq {
+            tracing::info!(
+                complete_seq = m.complete_seq,
+                "every receiver holds everything spooled; exiting"
+            );
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = marks.changed() => if r.is_err() { return },
+        }
+    }
 }

@@ -6,8 +6,10 @@
 //! stream and says what it holds durably (`Hello`); the sender answers
 //! `Welcome` and streams batches on a unidirectional stream from the next
 //! record on, keeping up to `max-in-flight` bytes unacknowledged so a long
-//! link stays full. Each `Ack` moves that receiver's mark in the spool, which
-//! deletes what every receiver holds.
+//! link stays full. `Ack` (stored) frees the in-flight window; `Applied`
+//! moves that receiver's mark in the spool, which deletes what every
+//! receiver has applied (so a record a receiver finds corrupt in its inbox
+//! can be shipped again).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -338,6 +340,9 @@ impl Shipper {
             )
             .await;
             let _ = control_tx.finish();
+            // Let the refusal reach the receiver (it closes the connection
+            // once it has read it) before this side drops the connection.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
             return Err(ShipError::Refused(reason));
         }
         let our_source = self
@@ -353,7 +358,8 @@ impl Shipper {
             },
         )
         .await?;
-        self.spool.acknowledge(&spec.name, durable_seq)?;
+        // The spool is trimmed by the receiver's `Applied` frames, not by
+        // what it stores: a record it finds corrupt can be shipped again.
         tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), durable_seq, "receiver connected; shipping");
         self.set_link(&spec.name, |l| {
             l.connected = true;
@@ -404,8 +410,15 @@ impl Shipper {
                                 "acknowledged record {seq}, which was never sent"
                             )));
                         }
-                        self.spool.acknowledge(&spec.name, seq)?;
                         ack_tx.send_replace(seq);
+                    }
+                    Some(Frame::Applied { seq }) => {
+                        if seq > sent_through.load(Ordering::Acquire) {
+                            return Err(ShipError::Protocol(format!(
+                                "reported record {seq} applied, which was never sent"
+                            )));
+                        }
+                        self.spool.acknowledge(&spec.name, seq)?;
                     }
                     Some(other) => {
                         return Err(ShipError::Protocol(format!(
@@ -618,5 +631,6 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Refuse { .. } => "Refuse",
         Frame::Batch { .. } => "Batch",
         Frame::Ack { .. } => "Ack",
+        Frame::Applied { .. } => "Applied",
     }
 }

@@ -10,6 +10,12 @@ use crate::config::SenderConfig;
 pub enum SourceError {
     #[error("cannot connect to the source database (setting `source`)")]
     Connect(#[source] tokio_postgres::Error),
+    #[error("the source database refused the login (setting `source`): {hint}")]
+    LoginRefused {
+        hint: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("source query failed: {what}")]
     Query {
         what: &'static str,
@@ -18,6 +24,8 @@ pub enum SourceError {
     },
     #[error("source is not ready: {0}")]
     NotReady(String),
+    #[error("another pgcourier sender (source backend pid {pid}) is capturing from slot {slot} on this source: stop it; two senders on one slot would each miss what the other captured")]
+    SlotBusy { slot: String, pid: i32 },
     #[error("the spool belongs to source {spool} but setting `source` points at {configured}: use a new spool-dir for a new source")]
     WrongSource { spool: String, configured: String },
 }
@@ -29,9 +37,12 @@ impl SourceError {
 
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Connect(_) => true,
+            // Retried: after a kill the lock holder's backend may linger a moment.
+            SourceError::Connect(_) | SourceError::SlotBusy { .. } => true,
             SourceError::Query { source, .. } => is_transient_pg(source),
-            SourceError::NotReady(_) | SourceError::WrongSource { .. } => false,
+            SourceError::NotReady(_)
+            | SourceError::WrongSource { .. }
+            | SourceError::LoginRefused { .. } => false,
         }
     }
 }
@@ -57,7 +68,12 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
 }
 
 pub async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, SourceError> {
-    let (client, conn) = cfg.connect(NoTls).await.map_err(SourceError::Connect)?;
+    let (client, conn) = cfg.connect(NoTls).await.map_err(|e| {
+        match pgcourier_common::config::login_refused(&e) {
+            Some(hint) => SourceError::LoginRefused { hint, source: e },
+            None => SourceError::Connect(e),
+        }
+    })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "source connection ended");
@@ -95,7 +111,15 @@ pub struct SourceIdentity {
 
 /// Check wal_level, create the publication and slot when absent, and return
 /// the source identity and the slot's confirmed position.
-pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdentity, SourceError> {
+///
+/// `resuming`: the spool has captured from this slot before, so a missing
+/// slot is not created again (that would silently skip every change made
+/// since it went away): it is a definite error.
+pub async fn prepare(
+    client: &Client,
+    cfg: &SenderConfig,
+    resuming: bool,
+) -> Result<SourceIdentity, SourceError> {
     let wal_level: String = client
         .query_one("SHOW wal_level", &[])
         .await
@@ -105,6 +129,32 @@ pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdenti
         return Err(SourceError::NotReady(format!(
             "wal_level is {wal_level}: run ALTER SYSTEM SET wal_level = logical and restart the source"
         )));
+    }
+    // One sender per slot: a session-level advisory lock on the capture
+    // connection, released when that connection ends.
+    let row = client
+        .query_one(
+            "SELECT pg_try_advisory_lock(k), k FROM (SELECT hashtextextended('pgcourier slot ' || $1, 0) AS k) x",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(|e| SourceError::query("take the slot's advisory lock", e))?;
+    if !row.get::<_, bool>(0) {
+        let key: i64 = row.get(1);
+        let pid = client
+            .query_opt(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                 AND ((classid::bigint << 32) | objid::bigint) = $1 LIMIT 1",
+                &[&key],
+            )
+            .await
+            .map_err(|e| SourceError::query("look up the slot's advisory lock", e))?
+            .map(|r| r.get::<_, i32>(0))
+            .unwrap_or(0);
+        return Err(SourceError::SlotBusy {
+            slot: cfg.slot.clone(),
+            pid,
+        });
     }
     let row = client
         .query_one(
@@ -179,6 +229,12 @@ pub async fn prepare(client: &Client, cfg: &SenderConfig) -> Result<SourceIdenti
             row.get::<_, Option<String>>(2)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(Lsn::ZERO)
+        }
+        None if resuming => {
+            return Err(SourceError::NotReady(format!(
+                "replication slot {} is gone (dropped?) although this spool captured from it: changes made since it went away cannot be captured; the stream cannot be continued: re-seed the branches (copy the tables), then start with a new spool-dir and inbox-dir",
+                cfg.slot
+            )));
         }
         None => {
             let row = client

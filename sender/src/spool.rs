@@ -58,6 +58,8 @@ pub struct Spool {
     meta: sled::Tree,
     state: Mutex<State>,
     marks: watch::Sender<SpoolMarks>,
+    /// Bytes of the records stored (what `spool-max-bytes` limits).
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -158,7 +160,14 @@ impl Spool {
             captured_end_lsn,
         };
         let (marks_tx, _) = watch::channel(marks);
+        let bytes = records
+            .iter()
+            .values()
+            .flatten()
+            .map(|v| v.len() as u64)
+            .sum();
         Ok(Spool {
+            bytes: std::sync::atomic::AtomicU64::new(bytes),
             store,
             records,
             meta,
@@ -285,6 +294,8 @@ impl Spool {
         self.records
             .insert(seq_key(seq), encoded)
             .map_err(|e| self.store.write_err(e))?;
+        self.bytes
+            .fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
         st.next_seq += 1;
         Ok(())
     }
@@ -405,12 +416,22 @@ impl Spool {
         };
         let mut deleted = 0;
         for seq in from..=to {
-            self.records
+            if let Some(v) = self
+                .records
                 .remove(seq_key(seq))
-                .map_err(|e| self.store.write_err(e))?;
+                .map_err(|e| self.store.write_err(e))?
+            {
+                self.bytes
+                    .fetch_sub(v.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             deleted += 1;
         }
         Ok(deleted)
+    }
+
+    /// Bytes of the records stored.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Persist acknowledgements and trims before the process exits.

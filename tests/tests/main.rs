@@ -4,7 +4,9 @@
 //! `pgcourier_tests` (tests/src/lib.rs). Tests run in parallel: every test
 //! starts its own clusters, daemons and work directories.
 
+mod bad_input;
 mod copy;
+mod faults;
 mod fixture;
 mod harness_selftest;
 mod links;

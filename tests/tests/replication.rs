@@ -120,18 +120,16 @@ pub const MIXED_WORKLOAD: &[&str] = &[
 /// rows of (table, op, row, count) that differ between source and target.
 pub async fn audit_differences(src: &Client, dst: &Client) -> anyhow::Result<Vec<String>> {
     let q = "SELECT tbl || ' ' || op || ' ' || coalesce(r, 'NULL') || ' x' || count(*) FROM audit.log GROUP BY tbl, op, r ORDER BY 1";
-    let a: Vec<String> = src.query(q, &[]).await?.iter().map(|r| r.get(0)).collect();
-    let b: Vec<String> = dst.query(q, &[]).await?.iter().map(|r| r.get(0)).collect();
+    // Sets, not Vec::contains: the fault tests compare logs of 100k rows.
+    let a: std::collections::BTreeSet<String> =
+        src.query(q, &[]).await?.iter().map(|r| r.get(0)).collect();
+    let b: std::collections::BTreeSet<String> =
+        dst.query(q, &[]).await?.iter().map(|r| r.get(0)).collect();
     let mut diff: Vec<String> = a
-        .iter()
-        .filter(|x| !b.contains(x))
+        .difference(&b)
         .map(|x| format!("source only: {x}"))
         .collect();
-    diff.extend(
-        b.iter()
-            .filter(|x| !a.contains(x))
-            .map(|x| format!("target only: {x}")),
-    );
+    diff.extend(b.difference(&a).map(|x| format!("target only: {x}")));
     Ok(diff)
 }
 

@@ -602,7 +602,11 @@ fn print_status(st: &Value, json: bool) {
             human_secs(f("apply_lag_seconds"))
         );
         if !st["last_error"].is_null() {
-            println!("last error        {}", s("last_error"));
+            println!(
+                "last error        {} ({})",
+                s("last_error"),
+                s("error_class")
+            );
         }
         print_copy(&st["copy"], "loading copy", "loaded");
         if let Some(b) = st["blocking_seq"].as_u64() {
