@@ -282,6 +282,18 @@ impl Inbox {
 mod tests {
     use super::*;
 
+    /// Open again after a drop: sled's background thread may hold the file
+    /// lock for a moment after the last handle is dropped.
+    fn reopen(path: &std::path::Path) -> Inbox {
+        for _ in 0..100 {
+            if let Ok(inbox) = Inbox::open(path, 1 << 20) {
+                return inbox;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Inbox::open(path, 1 << 20).unwrap()
+    }
+
     #[test]
     fn stored_batches_survive_reopen_and_deletes_follow_apply() {
         let dir = tempfile::tempdir().unwrap();
@@ -297,7 +309,7 @@ mod tests {
             assert_eq!(inbox.store_batch(5, &[b"e".to_vec()]).unwrap(), None);
             inbox.delete_through(1).unwrap();
         }
-        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        let inbox = reopen(dir.path());
         assert_eq!(inbox.durable_seq(), 3);
         assert_eq!(inbox.first_seq().unwrap(), Some(2));
         assert_eq!(inbox.get(3).unwrap().as_deref(), Some(&b"c"[..]));
@@ -321,7 +333,7 @@ mod tests {
             // The sender ships them again from 3.
             assert_eq!(inbox.store_batch(3, &[vec![3]]).unwrap(), Some(3));
         }
-        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        let inbox = reopen(dir.path());
         assert_eq!(inbox.durable_seq(), 3);
         assert_eq!(inbox.get(4).unwrap(), None);
     }
