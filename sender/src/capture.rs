@@ -804,9 +804,14 @@ impl Capture {
                     Ok(())
                 };
                 write_copy_head(&mut cutter, &meta, &relations, &mut emit)?;
-                copy::read_rows(&cut, &meta, &self.status, |msg| {
-                    cutter.push(&msg, &mut emit)
-                })
+                copy::read_rows(
+                    &self.cfg.source,
+                    self.cfg.copy_workers,
+                    &cut,
+                    &meta,
+                    &self.status,
+                    |msg| cutter.push(&msg, &mut emit),
+                )
                 .await?;
                 emit(cutter.take(true, end_lsn))?;
                 if only_for.is_none() {
@@ -897,7 +902,15 @@ impl Capture {
                 .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))
         };
         write_copy_head(&mut cutter, &meta, &relations, &mut emit)?;
-        copy::read_rows(cut, &meta, &self.status, |msg| cutter.push(&msg, &mut emit)).await?;
+        copy::read_rows(
+            &self.cfg.source,
+            self.cfg.copy_workers,
+            cut,
+            &meta,
+            &self.status,
+            |msg| cutter.push(&msg, &mut emit),
+        )
+        .await?;
         emit(cutter.take(true, end_lsn))?;
         let records = writer
             .finish()

@@ -36,6 +36,8 @@ struct RawSenderConfig {
     initial_copy: bool,
     #[serde(default = "default_copy_lock_wait", deserialize_with = "de_duration")]
     copy_lock_wait: Duration,
+    #[serde(default = "default_copy_workers")]
+    copy_workers: usize,
     #[serde(default = "default_batch_bytes", deserialize_with = "de_size")]
     batch_bytes: u64,
     #[serde(default = "default_in_flight", deserialize_with = "de_size")]
@@ -83,6 +85,10 @@ fn default_true() -> bool {
     true
 }
 
+fn default_copy_workers() -> usize {
+    2
+}
+
 fn default_copy_lock_wait() -> Duration {
     Duration::from_secs(5)
 }
@@ -125,6 +131,8 @@ pub struct SenderConfig {
     pub initial_copy: bool,
     /// How long a copy's cut waits for the tables' writers before retrying.
     pub copy_lock_wait: Duration,
+    /// Source connections reading a copy's tables side by side.
+    pub copy_workers: usize,
     pub batch_bytes: usize,
     pub max_in_flight: usize,
     /// zstd level when pinned by `zstd-level`; otherwise the starting level,
@@ -225,6 +233,9 @@ impl SenderConfig {
         if raw.max_in_flight < raw.batch_bytes {
             return Err(invalid("max-in-flight", "must be at least batch-bytes"));
         }
+        if raw.copy_workers == 0 || raw.copy_workers > 16 {
+            return Err(invalid("copy-workers", "must be between 1 and 16"));
+        }
         if raw.capture_batch_changes == 0 {
             return Err(invalid("capture-batch-changes", "must be at least 1"));
         }
@@ -245,6 +256,7 @@ impl SenderConfig {
             capture_batch_changes: raw.capture_batch_changes,
             initial_copy: raw.initial_copy,
             copy_lock_wait: raw.copy_lock_wait,
+            copy_workers: raw.copy_workers,
             batch_bytes: raw.batch_bytes as usize,
             max_in_flight: raw.max_in_flight as usize,
             zstd_level: raw.zstd_level.unwrap_or(3),

@@ -288,44 +288,68 @@ impl CopyProgress {
     }
 }
 
-/// Stream every row of the described tables, in the cut's snapshot, as
-/// pgoutput Insert messages handed to `emit`. Updates `progress` and logs
-/// every few seconds.
-pub async fn read_rows(
-    cut: &Cut,
-    meta: &CopyMeta,
-    status: &std::sync::Mutex<crate::capture::CaptureStatus>,
-    mut emit: impl FnMut(Vec<u8>) -> Result<(), crate::capture::CaptureError>,
-) -> Result<(), crate::capture::CaptureError> {
-    let started = Instant::now();
-    let mut logged = Instant::now();
-    for (i, table) in meta.tables.iter().enumerate() {
-        let relkind: String = cut
-            .client
-            .query_one(
-                "SELECT relkind::text FROM pg_class WHERE oid = $1",
-                &[&table.oid],
-            )
-            .await
-            .map_err(|e| SourceError::query("read a table to copy", e))?
-            .get(0);
-        let cols: Vec<String> = table
-            .columns
-            .iter()
-            .map(|c| format!("{}::text", source::quote_ident(&c.name)))
-            .collect();
-        let sql = format!(
-            "SELECT {} FROM {}{}",
-            if cols.is_empty() {
-                "NULL::text".to_owned()
-            } else {
-                cols.join(", ")
-            },
-            if relkind == "p" { "" } else { "ONLY " },
-            table.quoted()
-        );
-        let stream = cut
-            .client
+/// A slice of one table's rows, as pgoutput Insert messages.
+struct Chunk {
+    table: usize,
+    messages: Vec<Vec<u8>>,
+    bytes: u64,
+    done: bool,
+}
+
+/// A chunk is handed over at this many bytes of messages.
+const CHUNK_BYTES: u64 = 64 * 1024;
+
+/// The SELECT that reads a table's rows as text, columns in Relation order.
+async fn select_sql(client: &Client, table: &CopyTable) -> Result<String, SourceError> {
+    let relkind: String = client
+        .query_one(
+            "SELECT relkind::text FROM pg_class WHERE oid = $1",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| SourceError::query("read a table to copy", e))?
+        .get(0);
+    let cols: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| format!("{}::text", source::quote_ident(&c.name)))
+        .collect();
+    Ok(format!(
+        "SELECT {} FROM {}{}",
+        if cols.is_empty() {
+            "NULL::text".to_owned()
+        } else {
+            cols.join(", ")
+        },
+        if relkind == "p" { "" } else { "ONLY " },
+        table.quoted()
+    ))
+}
+
+/// One reader: its own connection in the cut's exported snapshot; takes
+/// the next table not yet taken until none is left.
+async fn reader(
+    cfg: tokio_postgres::Config,
+    snapshot: String,
+    tables: std::sync::Arc<Vec<CopyTable>>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+) -> Result<(), SourceError> {
+    let client = source::connect(&cfg).await?;
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+        ))
+        .await
+        .map_err(|e| SourceError::query("join the copy snapshot", e))?;
+    tracing::info!(%snapshot, "copy reader joined the snapshot");
+    loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(table) = tables.get(i) else {
+            return Ok(());
+        };
+        let sql = select_sql(&client, table).await?;
+        let stream = client
             .query_raw(
                 &sql,
                 std::iter::empty::<&(dyn tokio_postgres::types::ToSql + Sync)>(),
@@ -333,7 +357,12 @@ pub async fn read_rows(
             .await
             .map_err(|e| SourceError::query("read rows to copy", e))?;
         pin_mut!(stream);
-        let (mut rows, mut bytes) = (0u64, 0u64);
+        let mut chunk = Chunk {
+            table: i,
+            messages: Vec::new(),
+            bytes: 0,
+            done: false,
+        };
         while let Some(row) = stream
             .try_next()
             .await
@@ -349,38 +378,102 @@ pub async fn read_rows(
                 rel: table.oid,
                 new,
             });
-            rows += 1;
-            bytes += msg.len() as u64;
-            emit(msg)?;
-            if rows % 4096 == 0 {
-                let mut st = status.lock().expect("status lock");
-                if let Some(p) = st.copy.as_mut() {
-                    p.tables[i].rows = rows;
-                    p.tables[i].bytes = bytes;
-                    p.update(started);
-                    if logged.elapsed() >= Duration::from_secs(5) {
-                        logged = Instant::now();
-                        tracing::info!(
-                            table = %table.quoted(),
-                            rows,
-                            rows_estimate = table.rows_estimate,
-                            mb = bytes / 1_000_000,
-                            rows_per_second = p.rows_per_second as u64,
-                            eta_seconds = p.eta_seconds.map(|s| s as u64),
-                            "copying"
-                        );
-                    }
+            chunk.bytes += msg.len() as u64;
+            chunk.messages.push(msg);
+            if chunk.bytes >= CHUNK_BYTES {
+                let full = std::mem::replace(
+                    &mut chunk,
+                    Chunk {
+                        table: i,
+                        messages: Vec::new(),
+                        bytes: 0,
+                        done: false,
+                    },
+                );
+                if tx.send(full).await.is_err() {
+                    return Ok(()); // the copy was abandoned
                 }
             }
         }
+        chunk.done = true;
+        if tx.send(chunk).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Stream every row of the described tables, in the cut's snapshot, as
+/// pgoutput Insert messages handed to `emit`: `workers` connections read
+/// tables side by side (each joins the snapshot the cut exported), and their
+/// rows interleave in the copy a chunk (64 KiB) at a time. Memory is bounded
+/// by the chunks in the channel. Updates `status` and logs every few seconds.
+pub async fn read_rows(
+    cfg: &tokio_postgres::Config,
+    workers: usize,
+    cut: &Cut,
+    meta: &CopyMeta,
+    status: &std::sync::Mutex<crate::capture::CaptureStatus>,
+    mut emit: impl FnMut(Vec<u8>) -> Result<(), crate::capture::CaptureError>,
+) -> Result<(), crate::capture::CaptureError> {
+    let started = Instant::now();
+    let mut logged = Instant::now();
+    let snapshot: String = cut
+        .client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| SourceError::query("export the copy snapshot", e))?
+        .get(0);
+    if !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(SourceError::NotReady(format!("unexpected snapshot name {snapshot:?}")).into());
+    }
+    let tables = std::sync::Arc::new(meta.tables.clone());
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers = workers.clamp(1, tables.len().max(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(4 * workers);
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        readers.spawn(reader(
+            cfg.clone(),
+            snapshot.clone(),
+            tables.clone(),
+            next.clone(),
+            tx.clone(),
+        ));
+    }
+    drop(tx);
+    let mut rows = vec![0u64; tables.len()];
+    let mut bytes = vec![0u64; tables.len()];
+    while let Some(chunk) = rx.recv().await {
+        let i = chunk.table;
+        rows[i] += chunk.messages.len() as u64;
+        bytes[i] += chunk.bytes;
+        for msg in chunk.messages {
+            emit(msg)?;
+        }
         let mut st = status.lock().expect("status lock");
         if let Some(p) = st.copy.as_mut() {
-            p.tables[i].rows = rows;
-            p.tables[i].bytes = bytes;
-            p.tables[i].done = true;
+            p.tables[i].rows = rows[i];
+            p.tables[i].bytes = bytes[i];
+            p.tables[i].done = chunk.done;
             p.update(started);
+            if logged.elapsed() >= Duration::from_secs(5) {
+                logged = Instant::now();
+                tracing::info!(
+                    rows = p.rows,
+                    mb = p.bytes / 1_000_000,
+                    rows_per_second = p.rows_per_second as u64,
+                    eta_seconds = p.eta_seconds.map(|s| s as u64),
+                    "copying"
+                );
+            }
         }
-        tracing::info!(table = %table.quoted(), rows, mb = bytes / 1_000_000, "table copied");
+        drop(st);
+        if chunk.done {
+            tracing::info!(table = %tables[i].quoted(), rows = rows[i], mb = bytes[i] / 1_000_000, "table copied");
+        }
+    }
+    while let Some(joined) = readers.join_next().await {
+        joined.map_err(|e| SourceError::NotReady(format!("a copy reader failed: {e}")))??;
     }
     Ok(())
 }

@@ -103,6 +103,14 @@ async fn initial_copy_of_100k_rows_while_the_source_keeps_writing() -> anyhow::R
     assert_eq!(st["apply_state"], "applying", "{st}");
     let sender_log = setup.sender.log();
     assert!(sender_log.contains("copy spooled"), "{}", setup.logs());
+    assert_eq!(
+        sender_log
+            .matches("copy reader joined the snapshot")
+            .count(),
+        2,
+        "two readers (copy-workers = 2) share the cut's snapshot:\n{}",
+        setup.logs()
+    );
     assert!(
         setup.branches[0]
             .receiver
