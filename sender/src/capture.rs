@@ -430,7 +430,7 @@ impl Capture {
         if let Some(req) = self.seeds.as_mut().and_then(|rx| rx.try_recv().ok()) {
             return self.start_cut(client, Job::Seed(req), shutdown).await;
         }
-        if let Some(name) = self.spool.needs_copy()?.into_iter().next() {
+        if let Some(name) = self.spool.needs_copy().into_iter().next() {
             let tables = copy::published_tables(client, &self.cfg.publication).await?;
             return self
                 .start_cut(
@@ -791,7 +791,6 @@ impl Capture {
                 only_for,
             } => {
                 let (meta, relations) = copy::describe(&cut, &tables, &reason).await?;
-                self.status.lock().expect("status lock").copy = Some(CopyProgress::new(&meta));
                 tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), rows_estimate = meta.tables.iter().map(|t| t.rows_estimate).sum::<u64>(), "copying tables into the spool");
                 let start = self.spool.next_seq();
                 let mut cutter = Cutter::new(start, commit_lsn, commit_time);
@@ -803,17 +802,8 @@ impl Capture {
                     records += 1;
                     Ok(())
                 };
-                write_copy_head(&mut cutter, &meta, &relations, &mut emit)?;
-                copy::read_rows(
-                    &self.cfg.source,
-                    self.cfg.copy_workers,
-                    &cut,
-                    &meta,
-                    &self.status,
-                    |msg| cutter.push(&msg, &mut emit),
-                )
-                .await?;
-                emit(cutter.take(true, end_lsn))?;
+                self.write_copy(&cut, &meta, &relations, cutter, end_lsn, &mut emit)
+                    .await?;
                 if only_for.is_none() {
                     for oid in &tables {
                         self.tables.waiting.remove(oid);
@@ -826,13 +816,7 @@ impl Capture {
                     self.spool
                         .copy_made_for(std::slice::from_ref(name), start)?;
                 }
-                let rows = self
-                    .status
-                    .lock()
-                    .expect("status lock")
-                    .copy
-                    .take()
-                    .map_or(0, |p| p.rows);
+                let rows = self.copy_finished();
                 tracing::info!(
                     tables = meta.tables.len(),
                     rows,
@@ -859,6 +843,42 @@ impl Capture {
         }
         drop(cut);
         Ok(end_lsn)
+    }
+
+    /// The copy transaction, whole: its head (metadata, Relations,
+    /// TRUNCATE), every row read in the cut's snapshot, and its last record.
+    /// Progress shows in status until [`Capture::copy_finished`].
+    async fn write_copy(
+        &self,
+        cut: &Cut,
+        meta: &CopyMeta,
+        relations: &[pgoutput::Relation],
+        mut cutter: Cutter,
+        end_lsn: Lsn,
+        emit: &mut impl FnMut(Record) -> Result<(), CaptureError>,
+    ) -> Result<(), CaptureError> {
+        self.status.lock().expect("status lock").copy = Some(CopyProgress::new(meta));
+        write_copy_head(&mut cutter, meta, relations, emit)?;
+        copy::read_rows(
+            &self.cfg.source,
+            self.cfg.copy_workers,
+            cut,
+            meta,
+            &self.status,
+            |msg| cutter.push(&msg, emit),
+        )
+        .await?;
+        emit(cutter.take(true, end_lsn))
+    }
+
+    /// End the copy's progress in status; returns the rows it read.
+    fn copy_finished(&self) -> u64 {
+        self.status
+            .lock()
+            .expect("status lock")
+            .copy
+            .take()
+            .map_or(0, |p| p.rows)
     }
 
     async fn write_seed(
@@ -893,35 +913,31 @@ impl Capture {
         let tmp = path.with_extension("partial");
         let mut writer = SeedWriter::create(&tmp, &header)
             .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))?;
-        self.status.lock().expect("status lock").copy = Some(CopyProgress::new(&meta));
         tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), file = %path.display(), "exporting a seed");
-        let mut cutter = Cutter::new(1, commit_lsn, commit_time);
+        let cutter = Cutter::new(1, commit_lsn, commit_time);
         let mut emit = |record: Record| -> Result<(), CaptureError> {
             writer
                 .record(&record.encode()?)
                 .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))
         };
-        write_copy_head(&mut cutter, &meta, &relations, &mut emit)?;
-        copy::read_rows(
-            &self.cfg.source,
-            self.cfg.copy_workers,
-            cut,
-            &meta,
-            &self.status,
-            |msg| cutter.push(&msg, &mut emit),
-        )
-        .await?;
-        emit(cutter.take(true, end_lsn))?;
+        self.write_copy(cut, &meta, &relations, cutter, end_lsn, &mut emit)
+            .await?;
         let records = writer
             .finish()
             .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            CaptureError::Seed(format!(
-                "rename {} to {}: {e}",
-                tmp.display(),
-                path.display()
-            ))
-        })?;
+        // The file under its final name is durable before the marker that
+        // points at it is spooled.
+        let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+        std::fs::rename(&tmp, path)
+            .and_then(|()| std::fs::File::open(dir)?.sync_all())
+            .map_err(|e| {
+                CaptureError::Seed(format!(
+                    "rename {} to {} and fsync {}: {e}",
+                    tmp.display(),
+                    path.display(),
+                    dir.display()
+                ))
+            })?;
         // The marker: where live shipping continues for a branch seeded
         // from this file. Other branches apply it as an empty transaction.
         let content = serde_json::to_vec(&serde_json::json!({
@@ -941,13 +957,7 @@ impl Capture {
         let record = marker.take(true, end_lsn);
         self.spool.append(record.seq, &record.encode()?)?;
         self.spool.commit(commit_lsn, end_lsn)?;
-        let rows = self
-            .status
-            .lock()
-            .expect("status lock")
-            .copy
-            .take()
-            .map_or(0, |p| p.rows);
+        let rows = self.copy_finished();
         let summary = SeedSummary {
             path: path.display().to_string(),
             marker_seq,

@@ -323,7 +323,7 @@ impl Shipper {
             _ => None,
         };
         let durable_seq = start.map_or(durable_seq, |s| s - 1);
-        let admitted = if self.spool.needs_copy()?.contains(&spec.name) && durable_seq == 0 {
+        let admitted = if self.spool.needs_copy().contains(&spec.name) && durable_seq == 0 {
             Err(
                 "this branch is new: its copy of the tables is being prepared; retry shortly"
                     .into(),

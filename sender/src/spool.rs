@@ -69,6 +69,8 @@ struct State {
     captured_commit_lsn: Lsn,
     captured_end_lsn: Lsn,
     acks: BTreeMap<String, u64>,
+    /// Receivers waiting for a copy made for them (`needs_copy/<name>`).
+    needs_copy: Vec<String>,
 }
 
 impl Spool {
@@ -154,6 +156,11 @@ impl Spool {
             };
             acks.insert(name.clone(), ack);
         }
+        let mut needs_copy = Vec::new();
+        for item in meta.scan_prefix("needs_copy/") {
+            let (k, _) = item.map_err(|e| store.write_err(e))?;
+            needs_copy.push(String::from_utf8_lossy(&k["needs_copy/".len()..]).into_owned());
+        }
         let marks = SpoolMarks {
             complete_seq,
             first_seq,
@@ -178,6 +185,7 @@ impl Spool {
                 captured_commit_lsn,
                 captured_end_lsn,
                 acks,
+                needs_copy,
             }),
             marks: marks_tx,
         })
@@ -222,13 +230,12 @@ impl Spool {
 
     /// Receivers added after the spool deleted records: each needs a copy
     /// of the tables made for it alone.
-    pub fn needs_copy(&self) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.meta.scan_prefix("needs_copy/") {
-            let (k, _) = item.map_err(|e| self.store.write_err(e))?;
-            out.push(String::from_utf8_lossy(&k["needs_copy/".len()..]).into_owned());
-        }
-        Ok(out)
+    pub fn needs_copy(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .expect("spool state lock")
+            .needs_copy
+            .clone()
     }
 
     /// Where a receiver that needed a copy starts: the copy's first record.
@@ -246,6 +253,11 @@ impl Spool {
                 .map_err(|e| self.store.write_err(e))?;
         }
         self.store.sync()?;
+        self.state
+            .lock()
+            .expect("spool state lock")
+            .needs_copy
+            .retain(|n| !receivers.contains(n));
         for r in receivers {
             self.acknowledge(r, start - 1)?;
         }
