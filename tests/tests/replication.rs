@@ -463,15 +463,8 @@ async fn a_missing_target_table_pauses_apply_until_the_dba_creates_it() -> anyho
     let setup = Setup::start(
         "pause",
         Options {
-            branches: 1,
-            dial: Dial::SenderDials,
             schema,
-            source_sql: "",
-            tables: &[],
-            sender_extra: "",
-            receiver_extra: "",
-            link: None,
-            wait_for_copy: true,
+            ..Options::default()
         },
     )
     .await?;
@@ -518,15 +511,8 @@ async fn check_names_tables_whose_updates_could_not_replicate_and_exits_non_zero
     let setup = Setup::start(
         "check",
         Options {
-            branches: 1,
-            dial: Dial::SenderDials,
             schema,
-            source_sql: "",
-            tables: &[],
-            sender_extra: "",
-            receiver_extra: "",
-            link: None,
-            wait_for_copy: true,
+            ..Options::default()
         },
     )
     .await?;
