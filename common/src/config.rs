@@ -88,7 +88,7 @@ pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 pub mod defaults {
     use std::time::Duration;
 
-    use crate::quic::Congestion;
+    use crate::transport::quic::Congestion;
 
     pub fn cache_capacity() -> u64 {
         64 << 20

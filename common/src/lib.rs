@@ -1,22 +1,20 @@
-//! Pieces shared by the sender, the receiver and the queue CLI: the change
-//! model (pgoutput messages), the spool record format, the wire protocol,
-//! mutual-TLS pinning, the QUIC transport settings and the durable store
-//! helpers. See `ARCHITECTURE.md` for where each piece sits on the path of a
-//! change.
+//! What the sender, the receiver and the queue CLI share beyond the pure
+//! core (`pgcourier-proto`), grouped by job:
+//!
+//! - [`transport`]: QUIC, mutual TLS with pinned certificates, frames on a
+//!   stream.
+//! - [`store`]: the fsynced store helpers and the seed file format.
+//! - [`pg`]: talking to PostgreSQL: identifiers, error classes, the progress
+//!   row, connection settings.
+//! - [`ops`]: what an operator sees: the admin endpoint, logging, backoff,
+//!   progress bars, record rendering.
+//!
+//! See `ARCHITECTURE.md` for where each piece sits on the path of a change.
 
-pub mod admin;
-pub mod backoff;
 pub mod config;
-pub mod copy;
-pub mod durable;
-pub mod inspect;
-pub mod logging;
-pub mod lsn;
-pub mod pgoutput;
-pub mod progress;
-pub mod quic;
-pub mod record;
-pub mod tls;
-pub mod wire;
+pub mod ops;
+pub mod pg;
+pub mod store;
+pub mod transport;
 
-pub use lsn::Lsn;
+pub use pgcourier_proto::Lsn;

@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use pgcourier_common::admin::{Metrics, Request, Response};
-use pgcourier_common::inspect;
-use pgcourier_common::record::Record;
+use pgcourier_common::ops::admin::{Metrics, Request, Response};
+use pgcourier_common::ops::inspect;
+use pgcourier_proto::record::Record;
 use serde::Serialize;
 
 use crate::apply::{Apply, ApplyStatus};
@@ -233,11 +233,11 @@ pub fn list(inbox: &Inbox, from: Option<u64>, limit: usize) -> Vec<inspect::Reco
     out
 }
 
-pub fn relations(inbox: &Inbox) -> HashMap<u32, pgcourier_common::pgoutput::Relation> {
+pub fn relations(inbox: &Inbox) -> HashMap<u32, pgcourier_proto::pgoutput::Relation> {
     let mut rels = HashMap::new();
     for raw in inbox.relations().unwrap_or_default() {
-        if let Ok(pgcourier_common::pgoutput::Message::Relation(r)) =
-            pgcourier_common::pgoutput::decode(&raw)
+        if let Ok(pgcourier_proto::pgoutput::Message::Relation(r)) =
+            pgcourier_proto::pgoutput::decode(&raw)
         {
             rels.insert(r.oid, r);
         }

@@ -23,22 +23,23 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use pgcourier_common::backoff::{error_chain, Backoff};
-use pgcourier_common::copy::{CopyMeta, COPY_PREFIX};
-use pgcourier_common::pgoutput::{
+use pgcourier_common::ops::backoff::{error_chain, Backoff};
+use pgcourier_common::store::seed_file::{CopyMeta, COPY_PREFIX};
+use pgcourier_proto::pgoutput::{
     self, Message, OldTuple, Relation, ReplicaIdentity, Tuple, Value,
 };
-use pgcourier_common::record::{Piece, Record, RecordError};
-use pgcourier_common::Lsn;
+use pgcourier_proto::record::{Piece, Record, RecordError};
+use pgcourier_proto::Lsn;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReceiverConfig;
 use crate::inbox::Inbox;
+pub use pgcourier_common::pg::quote_ident;
 
 /// Statements queued before the pipeline is drained.
 const PIPELINE_DEPTH: usize = 512;
@@ -77,13 +78,13 @@ pub enum ApplyError {
     #[error("record {seq} refers to relation {oid}, which no Relation message described")]
     UnknownRelation { seq: u64, oid: u32 },
     #[error("inbox failed")]
-    Inbox(#[from] pgcourier_common::durable::StoreError),
+    Inbox(#[from] pgcourier_common::store::durable::StoreError),
     #[error("record {seq} is out of order: {message}")]
     Order { seq: u64, message: String },
     #[error("record {seq} holds copy metadata that does not decode: {message}")]
     CopyMeta { seq: u64, message: String },
     #[error(transparent)]
-    Seed(#[from] pgcourier_common::copy::SeedError),
+    Seed(#[from] pgcourier_common::store::seed_file::SeedError),
 }
 
 impl ApplyError {
@@ -528,7 +529,7 @@ impl Apply {
     /// transaction. Returns the rows loaded.
     pub async fn apply_seed(
         &self,
-        reader: &mut pgcourier_common::copy::SeedReader,
+        reader: &mut pgcourier_common::store::seed_file::SeedReader,
         mut on_progress: impl FnMut(&LoadProgress),
     ) -> Result<u64, ApplyError> {
         let mut s = self.new_session().await?;
@@ -1215,7 +1216,7 @@ impl Apply {
             let record =
                 Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq, source })?;
             self.learn_relations(s, &record)?;
-            let view = pgcourier_common::inspect::view(&record, &mut rels);
+            let view = pgcourier_common::ops::inspect::view(&record, &mut rels);
             let json = serde_json::to_value(&view).unwrap_or(serde_json::Value::Null);
             content_bytes += json.to_string().len();
             if content_bytes <= MAX_CONTENT {
@@ -1380,11 +1381,6 @@ fn text_value(v: &Value) -> Option<String> {
     }
 }
 
-/// Quote an SQL identifier, always.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// The SQL for one change shape and its parameter count.
 fn build_sql(t: &Target, op: Op, set: &[bool], wher: &[bool]) -> (String, usize) {
     let mut n = 0;
@@ -1447,14 +1443,7 @@ pub fn lag_seconds(commit_time: i64) -> Option<f64> {
     if commit_time == 0 {
         return None;
     }
-    let pg_epoch = SystemTime::UNIX_EPOCH + Duration::from_secs(946_684_800);
-    let commit = pg_epoch + Duration::from_micros(commit_time.max(0) as u64);
-    Some(
-        SystemTime::now()
-            .duration_since(commit)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-    )
+    Some(pgcourier_common::pg::time::age_seconds(commit_time))
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgcourier_common::config::{self, de_duration, de_size, defaults, ConfigError, PasswordSource};
-use pgcourier_common::quic::{Congestion, TransportSettings};
-use pgcourier_common::tls::Fingerprint;
+use pgcourier_common::transport::quic::{Congestion, TransportSettings};
+use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]

@@ -23,7 +23,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pgcourier_common::durable::{get_u64, key_seq, put_u64, seq_key, Store, StoreError};
+use pgcourier_common::store::durable::{get_u64, key_seq, put_u64, seq_key, Store, StoreError};
 use tokio::sync::watch;
 
 pub struct Inbox {

@@ -10,10 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgcourier_common::backoff::{error_chain, Backoff};
-use pgcourier_common::quic::{peer_fingerprint, SERVER_NAME};
-use pgcourier_common::tls::Fingerprint;
-use pgcourier_common::wire::{self, Frame, WireError, PROTOCOL_VERSION};
+use pgcourier_common::ops::backoff::{error_chain, Backoff};
+use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
+use pgcourier_common::transport::tls::Fingerprint;
+use pgcourier_common::transport::framed::{self, WireError};
+use pgcourier_proto::frame::{self, Frame, PROTOCOL_VERSION};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Link, ReceiverConfig};
@@ -28,7 +29,7 @@ pub enum IngestError {
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("inbox write failed")]
-    Inbox(#[from] pgcourier_common::durable::StoreError),
+    Inbox(#[from] pgcourier_common::store::durable::StoreError),
     #[error("sender refused: {0}")]
     Refused(String),
     #[error("sender broke the protocol: {0}")]
@@ -262,7 +263,7 @@ impl Ingest {
         let source = self.inbox.source()?;
         let mut durable = self.inbox.durable_seq();
         let mut hello_durable = durable;
-        wire::write_frame(
+        framed::write_frame(
             &mut control_tx,
             &Frame::Hello {
                 protocol: PROTOCOL_VERSION,
@@ -271,7 +272,7 @@ impl Ingest {
             },
         )
         .await?;
-        match wire::read_frame(&mut control_rx).await? {
+        match framed::read_frame(&mut control_rx).await? {
             Some(Frame::Welcome {
                 source: offered,
                 first_seq,
@@ -335,7 +336,7 @@ impl Ingest {
                 Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             link.connections += 1;
         }
-        let mut data = wire::Counting::new(conn.accept_uni().await?);
+        let mut data = framed::Counting::new(conn.accept_uni().await?);
         let mut whole = 0u64;
         let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<u64>(64);
         let result = tokio::select! {
@@ -371,13 +372,13 @@ impl Ingest {
         loop {
             let applied = (*applied_rx.borrow_and_update()).min(told);
             if reported != Some(applied) {
-                wire::write_frame(control_tx, &Frame::Applied { seq: applied }).await?;
+                framed::write_frame(control_tx, &Frame::Applied { seq: applied }).await?;
                 reported = Some(applied);
             }
             tokio::select! {
                 a = acks.recv() => match a {
                     Some(seq) => {
-                        wire::write_frame(control_tx, &Frame::Ack { durable_seq: seq }).await?;
+                        framed::write_frame(control_tx, &Frame::Ack { durable_seq: seq }).await?;
                         told = told.max(seq);
                     }
                     None => return Ok(()),
@@ -427,14 +428,14 @@ impl Ingest {
 
     async fn receive(
         &self,
-        data: &mut wire::Counting<quinn::RecvStream>,
+        data: &mut framed::Counting<quinn::RecvStream>,
         whole: &mut u64,
         acks: tokio::sync::mpsc::Sender<u64>,
         truncations: &tokio::sync::watch::Receiver<u64>,
         conn: &quinn::Connection,
     ) -> Result<(), IngestError> {
         loop {
-            let frame = match wire::read_frame(data).await? {
+            let frame = match framed::read_frame(data).await? {
                 Some(f) => f,
                 None => return Ok(()),
             };
@@ -460,7 +461,7 @@ impl Ingest {
                 }
                 continue;
             }
-            let records = wire::decode_batch(first_seq, last_seq, raw_len, &payload)?;
+            let records = frame::decode_batch(first_seq, last_seq, raw_len, &payload).map_err(WireError::from)?;
             {
                 let mut link = self.link.lock().expect("link lock");
                 link.batches += 1;

@@ -15,8 +15,8 @@ pub mod seed;
 use std::sync::Arc;
 
 use anyhow::Context;
-use pgcourier_common::quic;
-use pgcourier_common::tls;
+use pgcourier_common::transport::quic;
+use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ReceiverConfig;
@@ -54,7 +54,7 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
     let apply = Arc::new(apply::Apply::new(cfg.clone(), inbox.clone()));
     if let Some(addr) = cfg.admin {
-        let listener = pgcourier_common::admin::bind(addr)
+        let listener = pgcourier_common::ops::admin::bind(addr)
             .await
             .context("start the admin endpoint (setting `admin`)")?;
         let admin = Arc::new(admin::Admin {
@@ -67,10 +67,10 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
             async move {
                 tokio::task::spawn_blocking(move || admin.handle(req))
                     .await
-                    .unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string()))
+                    .unwrap_or_else(|e| pgcourier_common::ops::admin::Response::text(500, e.to_string()))
             }
         });
-        tokio::spawn(pgcourier_common::admin::serve(
+        tokio::spawn(pgcourier_common::ops::admin::serve(
             listener,
             handler,
             shutdown.clone(),
@@ -101,7 +101,7 @@ async fn probe_target(cfg: &ReceiverConfig) -> anyhow::Result<()> {
                 "the target database refused the login (setting `target`): {hint}"
             ))),
             None => {
-                tracing::warn!(error = %pgcourier_common::backoff::error_chain(&e), "cannot reach the target database (setting `target`) yet; apply retries until it is up");
+                tracing::warn!(error = %pgcourier_common::ops::backoff::error_chain(&e), "cannot reach the target database (setting `target`) yet; apply retries until it is up");
                 Ok(())
             }
         },

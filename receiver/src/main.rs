@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Keygen { cert, key, name } => {
-            match pgcourier_common::tls::keygen(&cert, &key, &name) {
+            match pgcourier_common::transport::tls::keygen(&cert, &key, &name) {
                 Ok(fp) => {
                     println!("{fp}");
                     eprintln!(
@@ -68,16 +68,16 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => pgcourier_common::logging::fail("pgcourier-receiver", &e),
+                Err(e) => pgcourier_common::ops::logging::fail("pgcourier-receiver", &e),
             }
         }
         Command::Seed {
             action: SeedAction::Import { config, file },
         } => {
-            pgcourier_common::logging::init("human");
+            pgcourier_common::ops::logging::init("human");
             let cfg = match ReceiverConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return pgcourier_common::logging::fail("pgcourier-receiver", &e),
+                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-receiver", &e),
             };
             match pgcourier_receiver::seed::import(cfg, &file) {
                 Ok(i) => {
@@ -98,15 +98,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, log_format } => {
-            pgcourier_common::logging::init(&log_format);
+            pgcourier_common::ops::logging::init(&log_format);
             let cfg = match ReceiverConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return pgcourier_common::logging::fail("pgcourier-receiver", &e),
+                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-receiver", &e),
             };
-            let rt = pgcourier_common::logging::runtime();
+            let rt = pgcourier_common::ops::logging::runtime();
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                pgcourier_common::logging::cancel_on_signal(shutdown.clone());
+                pgcourier_common::ops::logging::cancel_on_signal(shutdown.clone());
                 match pgcourier_receiver::run(cfg, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use pgcourier_common::copy::SeedReader;
-use pgcourier_common::progress::Bar;
-use pgcourier_common::Lsn;
+use pgcourier_common::store::seed_file::SeedReader;
+use pgcourier_common::ops::progress::Bar;
+use pgcourier_proto::Lsn;
 use tokio_postgres::NoTls;
 
 use crate::apply::Apply;
@@ -72,7 +72,7 @@ pub fn import(cfg: ReceiverConfig, file: &Path) -> anyhow::Result<Imported> {
             header.marker_seq
         );
     }
-    let rt = pgcourier_common::logging::runtime();
+    let rt = pgcourier_common::ops::logging::runtime();
     rt.block_on(async {
         let applied = applied_lsn(&cfg, &header.source_id).await?;
         if applied > header.commit_lsn {

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use pgcourier_common::admin::{Metrics, Request, Response};
-use pgcourier_common::inspect;
-use pgcourier_common::pgoutput::Relation;
-use pgcourier_common::record::Record;
+use pgcourier_common::ops::admin::{Metrics, Request, Response};
+use pgcourier_common::ops::inspect;
+use pgcourier_proto::pgoutput::Relation;
+use pgcourier_proto::record::Record;
 use serde::Serialize;
 
 use crate::capture::CaptureStatus;

@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures_util::{pin_mut, TryStreamExt};
-use pgcourier_common::copy::{CopyMeta, SeedHeader, SeedWriter, COPY_PREFIX, SEED_PREFIX};
-use pgcourier_common::pgoutput::{self, Message};
-use pgcourier_common::record::{Piece, Record, TARGET_RECORD_BYTES};
-use pgcourier_common::Lsn;
+use pgcourier_common::store::seed_file::{CopyMeta, SeedHeader, SeedWriter, COPY_PREFIX, SEED_PREFIX};
+use pgcourier_proto::pgoutput::{self, Message};
+use pgcourier_proto::record::{Piece, Record, TARGET_RECORD_BYTES};
+use pgcourier_proto::Lsn;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -43,9 +43,9 @@ pub enum CaptureError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("spool write failed")]
-    Spool(#[from] pgcourier_common::durable::StoreError),
+    Spool(#[from] pgcourier_common::store::durable::StoreError),
     #[error("record encoding failed")]
-    Record(#[from] pgcourier_common::record::RecordError),
+    Record(#[from] pgcourier_proto::record::RecordError),
     #[error("pgoutput message from the slot does not decode")]
     Decode(#[from] pgoutput::DecodeError),
     #[error("pgoutput stream out of order: {0}")]
@@ -273,7 +273,7 @@ impl Capture {
                 req.answer(
                     &self.status,
                     Err(match &result {
-                        Err(e) => pgcourier_common::backoff::error_chain(e),
+                        Err(e) => pgcourier_common::ops::backoff::error_chain(e),
                         Ok(()) => "the sender is stopping".into(),
                     }),
                 );
@@ -283,7 +283,7 @@ impl Capture {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     self.status.lock().expect("status lock").last_error =
-                        Some(pgcourier_common::backoff::error_chain(&e));
+                        Some(pgcourier_common::ops::backoff::error_chain(&e));
                     let delay = backoff.next();
                     backoff.log_once("capture", &e, delay);
                     tokio::select! {
@@ -293,7 +293,7 @@ impl Capture {
                 }
                 Err(e) => {
                     self.status.lock().expect("status lock").last_error =
-                        Some(pgcourier_common::backoff::error_chain(&e));
+                        Some(pgcourier_common::ops::backoff::error_chain(&e));
                     return Err(e);
                 }
             }
@@ -501,7 +501,7 @@ impl Capture {
                     if let Job::Seed(req) = job {
                         let _ = req
                             .reply
-                            .send(Err(pgcourier_common::backoff::error_chain(&e)));
+                            .send(Err(pgcourier_common::ops::backoff::error_chain(&e)));
                     }
                     return Err(e.into());
                 }
@@ -629,7 +629,7 @@ impl Capture {
         let mut current: Option<Cutter> = None;
         let mut skipping = false;
         let mut in_txn = false;
-        let publication = source::quote_ident(&self.cfg.publication);
+        let publication = pgcourier_common::pg::quote_ident(&self.cfg.publication);
         let changes = self.cfg.capture_batch_changes as i32;
         let stream = client
             .query_raw(
@@ -782,7 +782,7 @@ impl Capture {
     async fn splice(&mut self, cut: Cut, job: Job) -> Result<Lsn, CaptureError> {
         let started = std::time::Instant::now();
         let commit_lsn = Lsn(cut.lsn.0 - 1);
-        let commit_time = pg_now();
+        let commit_time = pgcourier_common::pg::time::now_pg_micros();
         let end_lsn = cut.lsn.max(self.spool.marks().captured_end_lsn);
         match job {
             Job::Copy {
@@ -831,7 +831,7 @@ impl Capture {
                     .await;
                 let reply = match &result {
                     Ok(summary) => Ok(summary.clone()),
-                    Err(e) => Err(pgcourier_common::backoff::error_chain(e)),
+                    Err(e) => Err(pgcourier_common::ops::backoff::error_chain(e)),
                 };
                 req.answer(&self.status, reply);
                 match result {
@@ -893,7 +893,7 @@ impl Capture {
         let client = &cut.client;
         let tables = copy::published_tables(client, &self.cfg.publication).await?;
         let (meta, relations) = copy::describe(cut, &tables, "seed").await?;
-        let fingerprint = pgcourier_common::tls::load_identity(&self.cfg.cert, &self.cfg.key)
+        let fingerprint = pgcourier_common::transport::tls::load_identity(&self.cfg.cert, &self.cfg.key)
             .map_err(|e| CaptureError::Seed(format!("load the sender's certificate: {e}")))?
             .fingerprint()
             .to_string();
@@ -912,19 +912,19 @@ impl Capture {
         };
         let tmp = path.with_extension("partial");
         let mut writer = SeedWriter::create(&tmp, &header)
-            .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))?;
+            .map_err(|e| CaptureError::Seed(pgcourier_common::ops::backoff::error_chain(&e)))?;
         tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), file = %path.display(), "exporting a seed");
         let cutter = Cutter::new(1, commit_lsn, commit_time);
         let mut emit = |record: Record| -> Result<(), CaptureError> {
             writer
                 .record(&record.encode()?)
-                .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))
+                .map_err(|e| CaptureError::Seed(pgcourier_common::ops::backoff::error_chain(&e)))
         };
         self.write_copy(cut, &meta, &relations, cutter, end_lsn, &mut emit)
             .await?;
         let records = writer
             .finish()
-            .map_err(|e| CaptureError::Seed(pgcourier_common::backoff::error_chain(&e)))?;
+            .map_err(|e| CaptureError::Seed(pgcourier_common::ops::backoff::error_chain(&e)))?;
         // The file under its final name is durable before the marker that
         // points at it is spooled.
         let dir = path.parent().unwrap_or(std::path::Path::new("/"));
@@ -1005,14 +1005,6 @@ fn write_copy_head(
         )?;
     }
     Ok(())
-}
-
-/// Now, in microseconds since 2000-01-01 UTC.
-fn pg_now() -> i64 {
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    unix - 946_684_800_000_000
 }
 
 fn parse_lsn(text: &str) -> Result<Lsn, CaptureError> {

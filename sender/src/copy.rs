@@ -22,9 +22,9 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{pin_mut, TryStreamExt};
-use pgcourier_common::copy::{CopyColumn, CopyMeta, CopyTable};
-use pgcourier_common::pgoutput::{self, Column, Message, Relation, ReplicaIdentity, Value};
-use pgcourier_common::Lsn;
+use pgcourier_common::store::seed_file::{CopyColumn, CopyMeta, CopyTable};
+use pgcourier_proto::pgoutput::{self, Column, Message, Relation, ReplicaIdentity, Value};
+use pgcourier_proto::Lsn;
 use tokio_postgres::Client;
 
 use crate::source::{self, SourceError};
@@ -64,8 +64,8 @@ async fn quoted_names(client: &Client, oids: &[u32]) -> Result<Vec<String>, Sour
         .map(|r| {
             format!(
                 "{}.{}",
-                source::quote_ident(r.get(0)),
-                source::quote_ident(r.get(1))
+                pgcourier_common::pg::quote_ident(r.get(0)),
+                pgcourier_common::pg::quote_ident(r.get(1))
             )
         })
         .collect())
@@ -312,7 +312,7 @@ async fn select_sql(client: &Client, table: &CopyTable) -> Result<String, Source
     let cols: Vec<String> = table
         .columns
         .iter()
-        .map(|c| format!("{}::text", source::quote_ident(&c.name)))
+        .map(|c| format!("{}::text", pgcourier_common::pg::quote_ident(&c.name)))
         .collect();
     Ok(format!(
         "SELECT {} FROM {}{}",

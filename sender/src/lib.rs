@@ -17,12 +17,12 @@ pub mod spool;
 use std::sync::Arc;
 
 use anyhow::Context;
-use pgcourier_common::quic;
-use pgcourier_common::tls;
+use pgcourier_common::transport::quic;
+use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
 
 pub use config::SenderConfig;
-pub(crate) use pgcourier_common::backoff::Backoff;
+pub(crate) use pgcourier_common::ops::backoff::Backoff;
 
 /// Run the sender until `shutdown` is cancelled or a definite error stops
 /// capture.
@@ -58,7 +58,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     let (seeds_tx, seeds_rx) = tokio::sync::mpsc::channel(1);
     let capture = capture::Capture::new(cfg.clone(), spool.clone()).with_seeds(seeds_rx);
     if let Some(addr) = cfg.admin {
-        let listener = pgcourier_common::admin::bind(addr)
+        let listener = pgcourier_common::ops::admin::bind(addr)
             .await
             .context("start the admin endpoint (setting `admin`)")?;
         let admin = Arc::new(admin::Admin {
@@ -73,10 +73,10 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
             async move {
                 tokio::task::spawn_blocking(move || admin.handle(req))
                     .await
-                    .unwrap_or_else(|e| pgcourier_common::admin::Response::text(500, e.to_string()))
+                    .unwrap_or_else(|e| pgcourier_common::ops::admin::Response::text(500, e.to_string()))
             }
         });
-        tokio::spawn(pgcourier_common::admin::serve(
+        tokio::spawn(pgcourier_common::ops::admin::serve(
             listener,
             handler,
             shutdown.clone(),
@@ -85,7 +85,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     }
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {
-        tracing::error!(error = %pgcourier_common::backoff::error_chain(e), "capture stopped: the operator must act; the sender ships what is spooled, then exits");
+        tracing::error!(error = %pgcourier_common::ops::backoff::error_chain(e), "capture stopped: the operator must act; the sender ships what is spooled, then exits");
         // Shipping what is already spooled is still useful; once every
         // receiver holds it, exit (non-zero) so a service manager sees it.
         drained(&spool, &shutdown).await;

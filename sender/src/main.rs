@@ -67,22 +67,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Keygen { cert, key, name } => {
-            match pgcourier_common::tls::keygen(&cert, &key, &name) {
+            match pgcourier_common::transport::tls::keygen(&cert, &key, &name) {
                 Ok(fp) => {
                     println!("{fp}");
                     eprintln!("wrote {} and {} (pin this fingerprint in each receiver's sender-fingerprints)", cert.display(), key.display());
                     ExitCode::SUCCESS
                 }
-                Err(e) => pgcourier_common::logging::fail("pgcourier-sender", &e),
+                Err(e) => pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
             }
         }
         Command::Seed {
             action: SeedAction::Export { config, out },
         } => {
-            pgcourier_common::logging::init("human");
+            pgcourier_common::ops::logging::init("human");
             let cfg = match SenderConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return pgcourier_common::logging::fail("pgcourier-sender", &e),
+                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
             };
             match pgcourier_sender::seed::export(cfg, &out) {
                 Ok(s) => {
@@ -101,9 +101,9 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             let cfg = match SenderConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return pgcourier_common::logging::fail("pgcourier-sender", &e),
+                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
             };
-            let rt = pgcourier_common::logging::runtime();
+            let rt = pgcourier_common::ops::logging::runtime();
             let (problems, notes) = rt.block_on(pgcourier_sender::source::check(&cfg));
             for n in &notes {
                 println!("note: {n}");
@@ -119,15 +119,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, log_format } => {
-            pgcourier_common::logging::init(&log_format);
+            pgcourier_common::ops::logging::init(&log_format);
             let cfg = match SenderConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => return pgcourier_common::logging::fail("pgcourier-sender", &e),
+                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
             };
-            let rt = pgcourier_common::logging::runtime();
+            let rt = pgcourier_common::ops::logging::runtime();
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                pgcourier_common::logging::cancel_on_signal(shutdown.clone());
+                pgcourier_common::ops::logging::cancel_on_signal(shutdown.clone());
                 match pgcourier_sender::run(cfg, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pgcourier_common::admin;
-use pgcourier_common::progress::{percent_encode, Bar};
+use pgcourier_common::ops::admin;
+use pgcourier_common::ops::progress::{percent_encode, Bar};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -98,7 +98,7 @@ fn in_process(cfg: SenderConfig, out: &Path) -> anyhow::Result<SeedSummary> {
             )
         })?,
     );
-    let rt = pgcourier_common::logging::runtime();
+    let rt = pgcourier_common::ops::logging::runtime();
     rt.block_on(async {
         let (tx, rx) = mpsc::channel(1);
         let capture = Capture::new(Arc::new(cfg), spool.clone()).with_seeds(rx);

@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgcourier_common::backoff::{error_chain, Backoff};
-use pgcourier_common::quic::{peer_fingerprint, SERVER_NAME};
-use pgcourier_common::record::{self, Record};
-use pgcourier_common::tls::Fingerprint;
-use pgcourier_common::wire::{self, Frame, WireError, PROTOCOL_VERSION};
+use pgcourier_common::ops::backoff::{error_chain, Backoff};
+use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
+use pgcourier_proto::record::{self, Record};
+use pgcourier_common::transport::tls::Fingerprint;
+use pgcourier_common::transport::framed::{self, WireError};
+use pgcourier_proto::frame::{self, Frame, PROTOCOL_VERSION};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,7 +42,7 @@ pub enum ShipError {
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("spool read failed")]
-    Spool(#[from] pgcourier_common::durable::StoreError),
+    Spool(#[from] pgcourier_common::store::durable::StoreError),
     #[error("peer broke the protocol: {0}")]
     Protocol(String),
     #[error("refused the receiver: {0}")]
@@ -306,7 +307,7 @@ impl Shipper {
             tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
                 .await
                 .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
-        let hello = tokio::time::timeout(HELLO_TIMEOUT, wire::read_frame(&mut control_rx))
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, framed::read_frame(&mut control_rx))
             .await
             .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
         let Some(Frame::Hello {
@@ -332,7 +333,7 @@ impl Shipper {
             self.admit(protocol, source.as_deref(), durable_seq)
         };
         if let Err(reason) = admitted {
-            let _ = wire::write_frame(
+            let _ = framed::write_frame(
                 &mut control_tx,
                 &Frame::Refuse {
                     reason: reason.clone(),
@@ -350,7 +351,7 @@ impl Shipper {
             .source()?
             .expect("admit checked the source is known");
         let marks = self.spool.marks();
-        wire::write_frame(
+        framed::write_frame(
             &mut control_tx,
             &Frame::Welcome {
                 source: our_source,
@@ -403,7 +404,7 @@ impl Shipper {
 
         let acks = async {
             loop {
-                match wire::read_frame(&mut control_rx).await? {
+                match framed::read_frame(&mut control_rx).await? {
                     Some(Frame::Ack { durable_seq: seq }) => {
                         if seq > sent_through.load(Ordering::Acquire) {
                             return Err(ShipError::Protocol(format!(
@@ -476,7 +477,7 @@ impl Shipper {
                 }
                 let count = records.len() as u64;
                 let level = shape.level(conn);
-                let frame = wire::encode_batch(&records, next, level)?;
+                let frame = frame::encode_batch(&records, next, level).map_err(WireError::from)?;
                 let raw: usize = records.iter().map(Vec::len).sum();
                 if let Frame::Batch { payload, .. } = &frame {
                     shape.observe(raw, payload.len());
@@ -498,7 +499,7 @@ impl Shipper {
                 ShipStats::add(&self.stats.records, count);
                 ShipStats::add(&self.stats.raw_bytes, raw as u64);
                 sent_through.store(next + count - 1, Ordering::Release);
-                wire::write_frame(&mut data, &frame).await?;
+                framed::write_frame(&mut data, &frame).await?;
                 in_flight.push_back((next + count - 1, raw));
                 in_flight_bytes += raw;
                 let rtt = conn.rtt().as_secs_f64() * 1000.0;

@@ -1,10 +1,11 @@
 //! The source database: connection, publication and slot set-up, slot
 //! advance, and the prerequisite check behind `pgcourier-sender check`.
 
-use pgcourier_common::Lsn;
+use pgcourier_proto::Lsn;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::SenderConfig;
+pub use pgcourier_common::pg::{quote_ident, quote_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -87,20 +88,6 @@ pub async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, SourceError
         .await
         .map_err(|e| SourceError::query("set session parameters", e))?;
     Ok(client)
-}
-
-/// Quote an SQL identifier, always.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quote a possibly schema-qualified table name given as `schema.table`
-/// (or `table`, meaning `public.table`).
-pub fn quote_table(name: &str) -> String {
-    match name.split_once('.') {
-        Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
-        None => format!("{}.{}", quote_ident("public"), quote_ident(name)),
-    }
 }
 
 pub struct SourceIdentity {
@@ -464,4 +451,4 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
     (problems, notes)
 }
 
-pub use pgcourier_common::backoff::error_chain;
+pub use pgcourier_common::ops::backoff::error_chain;

@@ -2,7 +2,7 @@
 //!
 //! Layout:
 //! - tree `records`: key = seq as u64 big-endian, value = an encoded
-//!   [`Record`](pgcourier_common::record::Record) (checksummed, < 96 KiB so
+//!   [`Record`](pgcourier_proto::record::Record) (checksummed, < 96 KiB so
 //!   sled keeps it in its fsynced log, never in a blob file).
 //! - tree `meta`: `complete_seq` (highest seq of a whole transaction that is
 //!   fsynced: the shipping limit), `captured_commit_lsn` (commit LSN of that
@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use pgcourier_common::durable::{get_u64, key_seq, put_u64, seq_key, Store, StoreError};
-use pgcourier_common::Lsn;
+use pgcourier_common::store::durable::{get_u64, key_seq, put_u64, seq_key, Store, StoreError};
+use pgcourier_proto::Lsn;
 use tokio::sync::watch;
 
 /// Which published tables the branches hold the rows of. Capture leaves
@@ -273,7 +273,7 @@ impl Spool {
         else {
             return Ok(None);
         };
-        bincode::serde::decode_from_slice(&v, pgcourier_common::record::bincode_config())
+        bincode::serde::decode_from_slice(&v, pgcourier_proto::record::bincode_config())
             .map(|(st, _)| Some(st))
             .map_err(|_| StoreError::Corrupt {
                 path: self.store.path.clone(),
@@ -285,7 +285,7 @@ impl Spool {
     /// (or [`Spool::sync`]), which is before any transaction whose changes
     /// it explains is.
     pub fn set_copy_state(&self, st: &CopyState) -> Result<(), StoreError> {
-        let bytes = bincode::serde::encode_to_vec(st, pgcourier_common::record::bincode_config())
+        let bytes = bincode::serde::encode_to_vec(st, pgcourier_proto::record::bincode_config())
             .expect("copy state encodes");
         self.meta
             .insert("copy_state", bytes)

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use rand::Rng as _;
 use tokio_postgres::{Client, NoTls};
+pub use pgcourier_common::pg::quote_ident;
 
 /// PostgreSQL major version the harness runs.
 pub const PG_MAJOR: &str = "15";
@@ -212,11 +213,6 @@ fn conninfo_value(v: &str) -> String {
     }
     s.push('\'');
     s
-}
-
-/// Quote an SQL identifier.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A throwaway PostgreSQL 15 cluster listening only on a Unix socket in its

@@ -337,7 +337,7 @@ fn expired_identity(dir: &Path, name: &str) -> anyhow::Result<String> {
     );
     std::fs::write(&c, cert.pem())?;
     std::fs::write(&k, key.serialize_pem())?;
-    Ok(pgcourier_common::tls::load_identity(&c, &k)?
+    Ok(pgcourier_common::transport::tls::load_identity(&c, &k)?
         .fingerprint()
         .to_string())
 }
@@ -589,7 +589,7 @@ fn free_tcp_port() -> u16 {
 /// GET `path` from an admin endpoint.
 async fn admin_get(port: u16, path: &'static str) -> anyhow::Result<(u16, String)> {
     let addr = format!("127.0.0.1:{port}").parse()?;
-    tokio::task::spawn_blocking(move || pgcourier_common::admin::request(addr, "GET", path))
+    tokio::task::spawn_blocking(move || pgcourier_common::ops::admin::request(addr, "GET", path))
         .await?
         .map_err(anyhow::Error::from)
 }

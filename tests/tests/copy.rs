@@ -181,12 +181,12 @@ fn run(bin: &str, args: &[&str]) -> anyhow::Result<(i32, String)> {
 fn rewrite_seed(
     from: &std::path::Path,
     to: &std::path::Path,
-    change: impl Fn(&mut pgcourier_common::copy::SeedHeader),
+    change: impl Fn(&mut pgcourier_common::store::seed_file::SeedHeader),
 ) -> anyhow::Result<()> {
-    let mut r = pgcourier_common::copy::SeedReader::open(from)?;
+    let mut r = pgcourier_common::store::seed_file::SeedReader::open(from)?;
     let mut header = r.header.clone();
     change(&mut header);
-    let mut w = pgcourier_common::copy::SeedWriter::create(to, &header)?;
+    let mut w = pgcourier_common::store::seed_file::SeedWriter::create(to, &header)?;
     while let Some(rec) = r.next_record()? {
         w.record(&rec)?;
     }

@@ -389,7 +389,7 @@ fn free_tcp_port() -> u16 {
 async fn receiver_status(port: u16) -> anyhow::Result<serde_json::Value> {
     let addr = format!("127.0.0.1:{port}").parse()?;
     let (_, body) = tokio::task::spawn_blocking(move || {
-        pgcourier_common::admin::request(addr, "GET", "/status")
+        pgcourier_common::ops::admin::request(addr, "GET", "/status")
     })
     .await??;
     Ok(serde_json::from_str(&body)?)
@@ -434,7 +434,7 @@ async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
     // Flip one byte of the 5th waiting record.
     let inbox_dir = setup.dir.path().join("branch0-inbox");
     let victim = {
-        let store = pgcourier_common::durable::Store::open(&inbox_dir, 1 << 20)?;
+        let store = pgcourier_common::store::durable::Store::open(&inbox_dir, 1 << 20)?;
         let records = store.tree("records")?;
         let (key, value) = records
             .iter()
@@ -492,7 +492,7 @@ async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
 async fn admin_json(port: u16, path: &'static str) -> anyhow::Result<(serde_json::Value, String)> {
     let addr = format!("127.0.0.1:{port}").parse()?;
     let (_, body) =
-        tokio::task::spawn_blocking(move || pgcourier_common::admin::request(addr, "GET", path))
+        tokio::task::spawn_blocking(move || pgcourier_common::ops::admin::request(addr, "GET", path))
             .await??;
     Ok((serde_json::from_str(&body).unwrap_or_default(), body))
 }

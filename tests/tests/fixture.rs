@@ -46,7 +46,7 @@ pub fn free_udp_port() -> u16 {
 }
 
 pub fn keygen(dir: &Path, name: &str) -> String {
-    pgcourier_common::tls::keygen(
+    pgcourier_common::transport::tls::keygen(
         &dir.join(format!("{name}.crt")),
         &dir.join(format!("{name}.key")),
         name,

@@ -255,7 +255,7 @@ async fn metrics_are_scraped_over_http_and_parse() -> anyhow::Result<()> {
     setup.wait_equal(0, &["public.items"], WAIT).await?;
     let addr = format!("127.0.0.1:{ra}").parse()?;
     let body = tokio::task::spawn_blocking(move || {
-        pgcourier_common::admin::request(addr, "GET", "/metrics")
+        pgcourier_common::ops::admin::request(addr, "GET", "/metrics")
     })
     .await??;
     assert_eq!(body.0, 200);
@@ -266,7 +266,7 @@ async fn metrics_are_scraped_over_http_and_parse() -> anyhow::Result<()> {
     assert_eq!(get("pgcourier_receiver_link_connected"), Some(1.0));
     let addr = format!("127.0.0.1:{sa}").parse()?;
     let body = tokio::task::spawn_blocking(move || {
-        pgcourier_common::admin::request(addr, "GET", "/metrics")
+        pgcourier_common::ops::admin::request(addr, "GET", "/metrics")
     })
     .await??;
     let m = parse_metrics(&body.1)?;
@@ -284,7 +284,7 @@ async fn metrics_are_scraped_over_http_and_parse() -> anyhow::Result<()> {
         body.1
     );
     let health = tokio::task::spawn_blocking(move || {
-        pgcourier_common::admin::request(addr, "GET", "/health")
+        pgcourier_common::ops::admin::request(addr, "GET", "/health")
     })
     .await??;
     assert_eq!(health.0, 200);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use pgcourier_common::admin::{percent_encode, request};
+use pgcourier_common::ops::admin::{percent_encode, request};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -311,14 +311,14 @@ fn offline_status(daemon: &Daemon) -> anyhow::Result<Value> {
                             Ok(s) => capture.slot = s,
                             Err(e) => {
                                 capture.last_error =
-                                    Some(pgcourier_common::backoff::error_chain(&e))
+                                    Some(pgcourier_common::ops::backoff::error_chain(&e))
                             }
                         }
                     }
                     Err(e) => {
                         capture.last_error = Some(format!(
                             "sender stopped; {}",
-                            pgcourier_common::backoff::error_chain(&e)
+                            pgcourier_common::ops::backoff::error_chain(&e)
                         ))
                     }
                 }
@@ -467,7 +467,7 @@ fn print_copy(copy: &Value, what: &str, verb: &str) {
     println!(
         "{:<18}{} ({}, cut {})",
         what,
-        pgcourier_common::progress::line(
+        pgcourier_common::ops::progress::line(
             verb,
             copy["rows"].as_u64().unwrap_or(0),
             total,

@@ -293,13 +293,13 @@ impl Demo {
         println!("{PRODUCTS} products already on hq: the sender's initial copy brings them to the branch");
 
         let d = dir.path();
-        let sender_fp = pgcourier_common::tls::keygen(
+        let sender_fp = pgcourier_common::transport::tls::keygen(
             &d.join("sender.crt"),
             &d.join("sender.key"),
             "pgcourier-sender",
         )
         .context("generating the sender certificate")?;
-        let receiver_fp = pgcourier_common::tls::keygen(
+        let receiver_fp = pgcourier_common::transport::tls::keygen(
             &d.join("receiver.crt"),
             &d.join("receiver.key"),
             "pgcourier-receiver",

@@ -181,9 +181,9 @@ impl Courier {
         let dir = workdir("bench");
         let d = dir.path();
         let sender_fp =
-            pgcourier_common::tls::keygen(&d.join("s.crt"), &d.join("s.key"), "sender")?;
+            pgcourier_common::transport::tls::keygen(&d.join("s.crt"), &d.join("s.key"), "sender")?;
         let receiver_fp =
-            pgcourier_common::tls::keygen(&d.join("r.crt"), &d.join("r.key"), "receiver")?;
+            pgcourier_common::transport::tls::keygen(&d.join("r.crt"), &d.join("r.key"), "receiver")?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -314,7 +314,7 @@ impl Courier {
 
     pub async fn status(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
         let (code, body) = tokio::task::spawn_blocking(move || {
-            pgcourier_common::admin::request(admin, "GET", "/status")
+            pgcourier_common::ops::admin::request(admin, "GET", "/status")
         })
         .await??;
         anyhow::ensure!(code == 200, "status answered {code}");

@@ -3,9 +3,9 @@
 //! claims, decoding returns a value or an error, never panics, and never
 //! produces more than the limits allow.
 
-use pgcourier_common::record::{Piece, Record, MAX_RECORD_BYTES};
-use pgcourier_common::wire::{self, decode_batch, decode_frame, Frame, MAX_BATCH_RAW_BYTES};
-use pgcourier_common::{pgoutput, Lsn};
+use pgcourier_proto::record::{Piece, Record, MAX_RECORD_BYTES};
+use pgcourier_proto::frame::{self as wire, decode_batch, decode_frame, Frame, MAX_BATCH_RAW_BYTES};
+use pgcourier_proto::{pgoutput, Lsn};
 use proptest::prelude::*;
 
 fn record(seq: u64, body: Vec<u8>) -> Vec<u8> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::CertificateDer;
 
-use crate::tls::{
+use crate::transport::tls::{
     fingerprint, Fingerprint, Identity, PinnedClientVerifier, PinnedServerVerifier, TlsError,
 };
 
@@ -229,8 +229,8 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::generate_identity;
-    use crate::tls::test_support::capture_warnings;
+    use crate::transport::tls::generate_identity;
+    use crate::transport::tls::test_support::capture_warnings;
 
     type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -1,4 +1,4 @@
-//! The pgcourier protocol between a sender and a receiver, over one QUIC
+//! The frames of the pgcourier protocol between a sender and a receiver, over one QUIC
 //! connection (whichever side dialed).
 //!
 //! ```text
@@ -26,7 +26,6 @@
 //! sender's spool.
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::record::{self, bincode_config, RecordError, MAX_RECORD_BYTES};
 
@@ -65,9 +64,7 @@ pub enum Frame {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    #[error("connection stream failed")]
-    Io(#[from] std::io::Error),
+pub enum FrameError {
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
     FrameTooLarge(usize),
     #[error("frame does not decode")]
@@ -90,84 +87,49 @@ pub enum WireError {
     OutOfOrder { expected: u64, found: u64 },
 }
 
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), WireError> {
-    let body = bincode::serde::encode_to_vec(frame, bincode_config()).map_err(WireError::Encode)?;
+/// The frame as it travels: `[u32 big-endian length][bincode(Frame)]`.
+pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, FrameError> {
+    let body = bincode::serde::encode_to_vec(frame, bincode_config()).map_err(FrameError::Encode)?;
     if body.len() > MAX_FRAME_BYTES {
-        return Err(WireError::FrameTooLarge(body.len()));
+        return Err(FrameError::FrameTooLarge(body.len()));
     }
     let mut buf = Vec::with_capacity(body.len() + 4);
     buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
     buf.extend_from_slice(&body);
-    w.write_all(&buf).await?;
-    Ok(())
+    Ok(buf)
 }
 
-/// Read one frame; `Ok(None)` at a clean end of stream.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, WireError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
+/// The body length a frame's 4-byte prefix announces, refused above
+/// [`MAX_FRAME_BYTES`] before anything is allocated.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(WireError::FrameTooLarge(len));
+        return Err(FrameError::FrameTooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    decode_frame(&body).map(Some)
+    Ok(len)
 }
 
-pub fn decode_frame(body: &[u8]) -> Result<Frame, WireError> {
+pub fn decode_frame(body: &[u8]) -> Result<Frame, FrameError> {
     let (frame, used) =
-        bincode::serde::decode_from_slice(body, bincode_config()).map_err(WireError::Decode)?;
+        bincode::serde::decode_from_slice(body, bincode_config()).map_err(FrameError::Decode)?;
     if used != body.len() {
-        return Err(WireError::BadBatch("trailing bytes after frame"));
+        return Err(FrameError::BadBatch("trailing bytes after frame"));
     }
     Ok(frame)
 }
 
-/// A reader that counts the bytes it has read: the receiver compares it with
-/// the bytes of whole frames to know how much of a batch cut by the link it
-/// had to discard.
-pub struct Counting<R> {
-    inner: R,
-    pub bytes: u64,
-}
-
-impl<R> Counting<R> {
-    pub fn new(inner: R) -> Counting<R> {
-        Counting { inner, bytes: 0 }
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        self.bytes += read;
-        poll
-    }
-}
-
 /// Build a batch frame from encoded records with consecutive sequences.
-pub fn encode_batch(records: &[Vec<u8>], first_seq: u64, level: i32) -> Result<Frame, WireError> {
+pub fn encode_batch(records: &[Vec<u8>], first_seq: u64, level: i32) -> Result<Frame, FrameError> {
     let raw_len: usize = records.iter().map(|r| r.len() + 4).sum();
     if raw_len > MAX_BATCH_RAW_BYTES {
-        return Err(WireError::BatchTooLarge(raw_len as u64));
+        return Err(FrameError::BatchTooLarge(raw_len as u64));
     }
     let mut raw = Vec::with_capacity(raw_len);
     for r in records {
         raw.extend_from_slice(&(r.len() as u32).to_le_bytes());
         raw.extend_from_slice(r);
     }
-    let payload = zstd::bulk::compress(&raw, level).map_err(WireError::Decompress)?;
+    let payload = zstd::bulk::compress(&raw, level).map_err(FrameError::Decompress)?;
     Ok(Frame::Batch {
         first_seq,
         last_seq: first_seq + records.len() as u64 - 1,
@@ -183,37 +145,37 @@ pub fn decode_batch(
     last_seq: u64,
     raw_len: u32,
     payload: &[u8],
-) -> Result<Vec<Vec<u8>>, WireError> {
+) -> Result<Vec<Vec<u8>>, FrameError> {
     if raw_len as usize > MAX_BATCH_RAW_BYTES {
-        return Err(WireError::BatchTooLarge(raw_len.into()));
+        return Err(FrameError::BatchTooLarge(raw_len.into()));
     }
     if last_seq < first_seq {
-        return Err(WireError::BadBatch("last_seq before first_seq"));
+        return Err(FrameError::BadBatch("last_seq before first_seq"));
     }
-    let raw = zstd::bulk::decompress(payload, raw_len as usize).map_err(WireError::Decompress)?;
+    let raw = zstd::bulk::decompress(payload, raw_len as usize).map_err(FrameError::Decompress)?;
     if raw.len() != raw_len as usize {
-        return Err(WireError::BadBatch("raw length differs from the header"));
+        return Err(FrameError::BadBatch("raw length differs from the header"));
     }
     let mut out = Vec::new();
     let mut rest = &raw[..];
     let mut expected = first_seq;
     while !rest.is_empty() {
         if rest.len() < 4 {
-            return Err(WireError::BadBatch("truncated record length"));
+            return Err(FrameError::BadBatch("truncated record length"));
         }
         let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
         rest = &rest[4..];
         if len > MAX_RECORD_BYTES || len > rest.len() {
-            return Err(WireError::BadBatch("record length out of bounds"));
+            return Err(FrameError::BadBatch("record length out of bounds"));
         }
         let bytes = &rest[..len];
         rest = &rest[len..];
-        let seq = record::peek_seq(bytes).map_err(|source| WireError::Record {
+        let seq = record::peek_seq(bytes).map_err(|source| FrameError::Record {
             index: out.len(),
             source,
         })?;
         if seq != expected {
-            return Err(WireError::OutOfOrder {
+            return Err(FrameError::OutOfOrder {
                 expected,
                 found: seq,
             });
@@ -222,7 +184,7 @@ pub fn decode_batch(
         out.push(bytes.to_vec());
     }
     if expected != last_seq + 1 {
-        return Err(WireError::BadBatch(
+        return Err(FrameError::BadBatch(
             "batch holds fewer records than its header says",
         ));
     }
@@ -249,46 +211,6 @@ mod tests {
         }
         .encode()
         .unwrap()
-    }
-
-    #[tokio::test]
-    async fn frames_round_trip_through_a_stream() {
-        let records: Vec<_> = (5..9).map(rec).collect();
-        let batch = encode_batch(&records, 5, 3).unwrap();
-        let mut buf = Vec::new();
-        write_frame(&mut buf, &Frame::Ack { durable_seq: 4 })
-            .await
-            .unwrap();
-        write_frame(&mut buf, &batch).await.unwrap();
-        let mut r = &buf[..];
-        assert_eq!(
-            read_frame(&mut r).await.unwrap(),
-            Some(Frame::Ack { durable_seq: 4 })
-        );
-        let Some(Frame::Batch {
-            first_seq,
-            last_seq,
-            raw_len,
-            payload,
-        }) = read_frame(&mut r).await.unwrap()
-        else {
-            panic!("expected a batch");
-        };
-        assert_eq!(
-            decode_batch(first_seq, last_seq, raw_len, &payload).unwrap(),
-            records
-        );
-        assert_eq!(read_frame(&mut r).await.unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn huge_length_prefix_is_refused_without_allocating() {
-        let mut bytes = u32::MAX.to_be_bytes().to_vec();
-        bytes.extend_from_slice(&[0; 16]);
-        assert!(matches!(
-            read_frame(&mut &bytes[..]).await,
-            Err(WireError::FrameTooLarge(_))
-        ));
     }
 
     /// A small deterministic PRNG (xorshift64*), so failures replay.
@@ -372,7 +294,7 @@ mod tests {
         };
         assert!(matches!(
             decode_batch(1, 2, raw_len, &payload),
-            Err(WireError::OutOfOrder { .. })
+            Err(FrameError::OutOfOrder { .. })
         ));
         assert!(decode_batch(1, 2, raw_len + 10, &payload).is_err());
         assert!(decode_batch(1, 2, u32::MAX, &payload).is_err());

@@ -36,8 +36,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::record::{self, MAX_RECORD_BYTES};
+use pgcourier_proto::record::{self, MAX_RECORD_BYTES};
 use crate::Lsn;
+pub use crate::pg::quote_ident;
 
 /// Prefix of the logical message that opens a copy transaction.
 pub const COPY_PREFIX: &str = "pgcourier.copy";
@@ -107,10 +108,6 @@ pub struct CopyMeta {
     /// Why the copy was made: `initial`, `new table`, `seed`.
     pub reason: String,
     pub tables: Vec<CopyTable>,
-}
-
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 const SEED_MAGIC: &[u8; 8] = b"PGCSEED1";
@@ -378,7 +375,7 @@ impl SeedReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Piece, Record};
+    use pgcourier_proto::record::{Piece, Record};
 
     fn header() -> SeedHeader {
         SeedHeader {

@@ -50,6 +50,6 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// Print `error` with its causes, prefixed by `program`, and return exit code 2
 /// (bad input: config, certificate files, arguments).
 pub fn fail(program: &str, error: &dyn std::error::Error) -> std::process::ExitCode {
-    eprintln!("{program}: {}", crate::backoff::error_chain(error));
+    eprintln!("{program}: {}", crate::ops::backoff::error_chain(error));
     std::process::ExitCode::from(2)
 }

@@ -4,30 +4,22 @@
 //! asked for one record; they never go to logs.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+
 
 use serde::Serialize;
 
-use crate::pgoutput::{self, Message, OldTuple, Relation, Tuple, Value};
-use crate::record::{Piece, Record};
+use pgcourier_proto::pgoutput::{self, Message, OldTuple, Relation, Tuple, Value};
+use pgcourier_proto::record::{Piece, Record};
+pub use crate::pg::quote_ident;
 
 /// A PostgreSQL-epoch timestamp (µs since 2000-01-01 UTC) as RFC 3339.
 pub fn pg_time(micros: i64) -> String {
-    let t = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(946_684_800)
-        + Duration::from_micros(micros.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    humantime::format_rfc3339_millis(crate::pg::time::from_pg_micros(micros)).to_string()
 }
 
 /// Seconds from a PostgreSQL-epoch timestamp to now (0 if in the future).
 pub fn age_seconds(micros: i64) -> f64 {
-    let t = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(946_684_800)
-        + Duration::from_micros(micros.max(0) as u64);
-    SystemTime::now()
-        .duration_since(t)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    crate::pg::time::age_seconds(micros)
 }
 
 /// One line of `list`.
@@ -76,10 +68,6 @@ fn table_name(rels: &HashMap<u32, Relation>, oid: u32) -> String {
     rels.get(&oid)
         .map(|r| format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name)))
         .unwrap_or_else(|| format!("(relation {oid})"))
-}
-
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn values(t: &Tuple) -> Vec<Option<String>> {

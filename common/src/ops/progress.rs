@@ -100,6 +100,6 @@ mod tests {
     #[test]
     fn percent_encoding_round_trips_through_the_admin_decoder() {
         let p = "/tmp/a b&c=d%e/ü.seed";
-        assert_eq!(crate::admin::percent_decode(&percent_encode(p)), p);
+        assert_eq!(crate::ops::admin::percent_decode(&percent_encode(p)), p);
     }
 }

@@ -1,0 +1,9 @@
+//! What an operator sees and does: the loopback admin endpoint, logging and
+//! signals, retry backoff with one log line per fault, progress bars, and
+//! the rendering of records for the queue CLI.
+
+pub mod admin;
+pub mod backoff;
+pub mod inspect;
+pub mod logging;
+pub mod progress;

@@ -1,0 +1,77 @@
+//! One classifier from a PostgreSQL error to what happens next, for the
+//! source (capture, copy) and the target (apply, seed import) alike.
+//!
+//! Transient: the connection was lost, the server is starting, stopping,
+//! out of resources or read-only (a standby being promoted), an object is
+//! in use by another session, or a serialization failure or deadlock:
+//! retry with backoff. Everything else is definite: an operator must act
+//! (a missing table, a type mismatch, a constraint, a privilege), and a
+//! retry loop must not spin on it.
+
+/// What an error from PostgreSQL means for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PgFault {
+    /// Retry with backoff; `false`: report and wait for an operator.
+    pub transient: bool,
+    /// A short stable name for status and metrics: `connection`,
+    /// `read_only`, `in_use`, `serialization`, `missing_table`,
+    /// `missing_column`, `permission_denied`, `unique_violation`,
+    /// `constraint`, `type_mismatch` or `server_error`.
+    pub class: &'static str,
+}
+
+/// Classify an error from `tokio_postgres`.
+pub fn classify(e: &tokio_postgres::Error) -> PgFault {
+    if e.is_closed() {
+        return classify_sqlstate(None);
+    }
+    classify_sqlstate(e.code().map(|c| c.code()))
+}
+
+/// Classify by SQLSTATE; `None` means no server answer (I/O, closed).
+pub fn classify_sqlstate(code: Option<&str>) -> PgFault {
+    let (transient, class) = match code {
+        None => (true, "connection"),
+        Some(c) if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") => {
+            (true, "connection")
+        }
+        Some("25006") => (true, "read_only"),
+        Some("55006") => (true, "in_use"),
+        Some("40001" | "40P01") => (true, "serialization"),
+        Some("42P01") => (false, "missing_table"),
+        Some("42703") => (false, "missing_column"),
+        Some("42501") => (false, "permission_denied"),
+        Some("23505") => (false, "unique_violation"),
+        Some(c) if c.starts_with("23") => (false, "constraint"),
+        Some("42804" | "42846") => (false, "type_mismatch"),
+        Some(c) if c.starts_with("22") => (false, "type_mismatch"),
+        Some(_) => (false, "server_error"),
+    };
+    PgFault { transient, class }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_and_server_state_errors_are_transient_the_rest_definite() {
+        for code in [None, Some("08006"), Some("57P01"), Some("53300"), Some("25006"), Some("55006"), Some("40001"), Some("40P01")] {
+            assert!(classify_sqlstate(code).transient, "{code:?} should be retried");
+        }
+        for (code, class) in [
+            ("42P01", "missing_table"),
+            ("42703", "missing_column"),
+            ("42501", "permission_denied"),
+            ("23505", "unique_violation"),
+            ("23503", "constraint"),
+            ("22P02", "type_mismatch"),
+            ("42804", "type_mismatch"),
+            ("XX000", "server_error"),
+        ] {
+            let f = classify_sqlstate(Some(code));
+            assert!(!f.transient, "{code} must not be retried for ever");
+            assert_eq!(f.class, class, "{code}");
+        }
+    }
+}

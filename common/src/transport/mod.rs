@@ -1,0 +1,6 @@
+//! The link between sites: QUIC with mutual TLS and pinned certificates,
+//! and frames on its streams.
+
+pub mod framed;
+pub mod quic;
+pub mod tls;
