@@ -40,6 +40,27 @@ pub enum StoreError {
     Corrupt { path: PathBuf, key: String },
 }
 
+/// A value that is durable: every byte of the store it came from was
+/// fsynced, directories included, before it was made. Only
+/// [`Store::sync`]'s callers build one, so a function that takes or returns
+/// `Synced<_>` says at its call site that it waited for the fsync; a plain
+/// value says it did not. Acknowledging upstream (the slot, an `Ack`) takes
+/// a `Synced` mark (invariants 1 and 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Synced<T>(T);
+
+impl<T> Synced<T> {
+    /// Wrap a value read back or computed right after a successful
+    /// [`Store::sync`] of the store that holds it.
+    pub fn after_sync(value: T) -> Synced<T> {
+        Synced(value)
+    }
+
+    pub fn get(self) -> T {
+        self.0
+    }
+}
+
 /// A sled database and the path it lives at.
 #[derive(Clone)]
 pub struct Store {
