@@ -1,0 +1,273 @@
+//! The receiver's end of a session: Hello, Welcome handling, what to do
+//! with each batch, and what to acknowledge and report back.
+//!
+//! ```text
+//!  InboxFacts ──────▶ new ─▶ hello() ─▶ Hello{durable_seq}
+//!  Welcome ─────────▶ on_welcome ─▶ Welcomed { adopt_source, start_at_copy }
+//!  Refuse* ─────────▶           └─▶ Refused (transient | definite), WrongSource, Gap
+//!  Batch + durable ─▶ on_batch ──▶ Replay { ack } | Store { skip } | Gap | Refetch
+//!  synced mark ─────▶ stored ────▶ Ack (raises `told`)
+//!  applied mark ────▶ applied ───▶ Applied, never past `told`
+//! ```
+//!
+//! `told` is the highest record this session told the sender it holds
+//! (its `Hello`, then each `Ack`). An earlier session may have stored and
+//! applied more since this `Hello`; reporting it here would name records
+//! this session's sender never sent on this connection, which it refuses
+//! as a protocol error.
+//!
+//! The driver (`receiver/src/ingest.rs`) reads frames and the inbox, passes
+//! the marks in, writes what this returns and does the inbox writes
+//! (fsynced) that `Welcomed` and `BatchVerdict::Store` call for.
+
+use super::{Class, Refusal};
+use crate::frame::{Frame, PROTOCOL_VERSION};
+
+/// What the inbox holds when a session starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxFacts {
+    /// The source the inbox belongs to (`None`: a new inbox).
+    pub source: Option<String>,
+    /// Highest record stored and fsynced.
+    pub durable_seq: u64,
+}
+
+/// A sender welcomed this session: the inbox changes to make, in order,
+/// before receiving.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcomed {
+    /// A new inbox: record that it belongs to this source (fsynced).
+    pub adopt_source: Option<String>,
+    /// A new branch: the sender made a copy of the tables for it; move the
+    /// inbox to hold everything before `start_at_copy`'s value + 1, i.e.
+    /// through this seq (as after a seed import).
+    pub start_at_copy: Option<u64>,
+}
+
+/// What to do with a batch of records `first..=last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchVerdict {
+    /// Already held (an old batch replayed, or re-sent after a reconnect):
+    /// store nothing, acknowledge `ack` again (the batch's last record,
+    /// not more: the sender may not have sent more on this connection).
+    Replay { ack: u64 },
+    /// Store the records after the first `skip` (which are already held).
+    Store { skip: usize },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReceiverError {
+    #[error("sender refused: {}", refusal.reason)]
+    Refused { refusal: Refusal },
+    #[error("sender broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the sender closed the control stream before Welcome")]
+    ClosedBeforeWelcome,
+    #[error("sender ships source {offered} but this inbox belongs to {ours}: use a new inbox-dir for a new source")]
+    WrongSource { ours: String, offered: String },
+    #[error("gap: the inbox holds up to record {durable} but the sender resumes at {first}: records in between are lost; re-seed this branch")]
+    Gap { durable: u64, first: u64 },
+    #[error("the inbox dropped a corrupt record and everything after it; reconnecting to fetch them again")]
+    Refetch,
+}
+
+impl ReceiverError {
+    /// Whether reconnecting can help.
+    pub fn class(&self) -> Class {
+        match self {
+            ReceiverError::Refused { refusal } => refusal.class,
+            ReceiverError::Protocol(_)
+            | ReceiverError::WrongSource { .. }
+            | ReceiverError::Gap { .. } => Class::Definite,
+            ReceiverError::ClosedBeforeWelcome | ReceiverError::Refetch => Class::Transient,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    AwaitingWelcome,
+    Receiving,
+    Ended,
+}
+
+/// One session with the sender, from `Hello` to its end.
+pub struct ReceiverSession {
+    phase: Phase,
+    source: Option<String>,
+    hello_durable: u64,
+    /// Highest record this session told the sender it holds.
+    told: u64,
+    /// The last `Applied` sent.
+    reported: Option<u64>,
+}
+
+impl ReceiverSession {
+    pub fn new(inbox: InboxFacts) -> ReceiverSession {
+        ReceiverSession {
+            phase: Phase::AwaitingWelcome,
+            source: inbox.source,
+            hello_durable: inbox.durable_seq,
+            told: inbox.durable_seq,
+            reported: None,
+        }
+    }
+
+    /// The first frame: what the inbox holds durably.
+    pub fn hello(&self) -> Frame {
+        Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            source: self.source.clone(),
+            durable_seq: self.hello_durable,
+        }
+    }
+
+    /// The sender's answer to `Hello` (`None`: the control stream ended).
+    /// `inbox_empty`: the inbox holds no record (a new branch).
+    pub fn on_welcome(
+        &mut self,
+        frame: Option<Frame>,
+        inbox_empty: bool,
+    ) -> Result<Welcomed, ReceiverError> {
+        if self.phase != Phase::AwaitingWelcome {
+            return Err(ReceiverError::Protocol("a second answer to Hello".into()));
+        }
+        self.phase = Phase::Ended;
+        let (offered, first_seq) = match frame {
+            Some(Frame::Welcome { source, first_seq }) => (source, first_seq),
+            Some(Frame::Refuse { reason }) => {
+                // Only a sender of another protocol version sends this form.
+                return Err(ReceiverError::Refused {
+                    refusal: Refusal::definite(reason),
+                });
+            }
+            Some(Frame::RefuseClassed { reason, definite }) => {
+                return Err(ReceiverError::Refused {
+                    refusal: if definite {
+                        Refusal::definite(reason)
+                    } else {
+                        Refusal::transient(reason)
+                    },
+                })
+            }
+            Some(other) => {
+                return Err(ReceiverError::Protocol(format!(
+                    "expected Welcome, got {}",
+                    other.name()
+                )))
+            }
+            None => return Err(ReceiverError::ClosedBeforeWelcome),
+        };
+        let adopt_source = match &self.source {
+            Some(ours) if *ours != offered => {
+                return Err(ReceiverError::WrongSource {
+                    ours: ours.clone(),
+                    offered,
+                })
+            }
+            Some(_) => None,
+            None => Some(offered),
+        };
+        let durable = self.hello_durable;
+        let mut start_at_copy = None;
+        if first_seq > durable + 1 {
+            if durable == 0 && inbox_empty {
+                // A new branch: the sender made a copy of the tables for
+                // it and starts it there; it counts us there already.
+                start_at_copy = Some(first_seq - 1);
+                self.told = first_seq - 1;
+            } else {
+                return Err(ReceiverError::Gap {
+                    durable,
+                    first: first_seq,
+                });
+            }
+        }
+        self.phase = Phase::Receiving;
+        Ok(Welcomed {
+            adopt_source,
+            start_at_copy,
+        })
+    }
+
+    /// A `Batch` of records `first..=last` arrived; the inbox holds
+    /// everything through `durable`. `truncated`: apply dropped records
+    /// from the inbox during this session (so a gap is ours, not the
+    /// sender's: fetch them again on a new session).
+    pub fn on_batch(
+        &self,
+        first: u64,
+        last: u64,
+        durable: u64,
+        truncated: bool,
+    ) -> Result<BatchVerdict, ReceiverError> {
+        if self.phase != Phase::Receiving {
+            return Err(ReceiverError::Protocol("Batch before Welcome".into()));
+        }
+        if last < first {
+            return Err(ReceiverError::Protocol(format!(
+                "batch ends at {last}, before its first record {first}"
+            )));
+        }
+        if last <= durable {
+            Ok(BatchVerdict::Replay { ack: last })
+        } else if first > durable + 1 {
+            if truncated {
+                Err(ReceiverError::Refetch)
+            } else {
+                Err(ReceiverError::Gap {
+                    durable,
+                    first,
+                })
+            }
+        } else {
+            Ok(BatchVerdict::Store {
+                skip: (durable + 1 - first) as usize,
+            })
+        }
+    }
+
+    /// A frame on the data stream that is not a batch.
+    pub fn on_data_frame(&self, frame: &Frame) -> ReceiverError {
+        ReceiverError::Protocol(format!(
+            "expected Batch on the data stream, got {}",
+            frame.name()
+        ))
+    }
+
+    /// Everything through `synced_seq` is stored and fsynced (the driver
+    /// passes only a mark from after the fsync): the `Ack` to send.
+    pub fn stored(&mut self, synced_seq: u64) -> Frame {
+        self.told = self.told.max(synced_seq);
+        Frame::Ack {
+            durable_seq: synced_seq,
+        }
+    }
+
+    /// Apply's mark moved to `applied_seq` (or the session just began): the
+    /// `Applied` to send, if what may be reported changed. Never past
+    /// `told`.
+    pub fn applied(&mut self, applied_seq: u64) -> Option<Frame> {
+        let seq = applied_seq.min(self.told);
+        if self.reported == Some(seq) {
+            return None;
+        }
+        self.reported = Some(seq);
+        Some(Frame::Applied { seq })
+    }
+
+    /// Highest record this session told the sender it holds.
+    pub fn told(&self) -> u64 {
+        self.told
+    }
+}
+
+/// Whether a batch of `need` bytes may be stored in an inbox holding
+/// `bytes` under `inbox-max-bytes` = `max`: an empty inbox always takes
+/// one (a batch larger than the limit must still pass).
+pub fn inbox_has_room(bytes: u64, need: u64, max: Option<u64>) -> bool {
+    match max {
+        None => true,
+        Some(max) => bytes == 0 || bytes + need <= max,
+    }
+}
