@@ -271,3 +271,199 @@ pub fn inbox_has_room(bytes: u64, need: u64, max: Option<u64>) -> bool {
         Some(max) => bytes == 0 || bytes + need <= max,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = "hq-7";
+
+    fn session(source: Option<&str>, durable_seq: u64) -> ReceiverSession {
+        ReceiverSession::new(InboxFacts {
+            source: source.map(Into::into),
+            durable_seq,
+        })
+    }
+
+    fn welcome(first_seq: u64) -> Option<Frame> {
+        Some(Frame::Welcome {
+            source: SOURCE.into(),
+            first_seq,
+        })
+    }
+
+    fn receiving(durable: u64) -> ReceiverSession {
+        let mut s = session(Some(SOURCE), durable);
+        s.on_welcome(welcome(1), false).unwrap();
+        s
+    }
+
+    #[test]
+    fn hello_says_what_the_inbox_holds() {
+        assert_eq!(
+            session(Some(SOURCE), 42).hello(),
+            Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                source: Some(SOURCE.into()),
+                durable_seq: 42
+            }
+        );
+        assert_eq!(
+            session(None, 0).hello(),
+            Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                source: None,
+                durable_seq: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_new_inbox_adopts_the_senders_source_and_a_used_one_refuses_another() {
+        let mut s = session(None, 0);
+        assert_eq!(
+            s.on_welcome(welcome(1), true).unwrap(),
+            Welcomed {
+                adopt_source: Some(SOURCE.into()),
+                start_at_copy: None
+            }
+        );
+        let mut s = session(Some(SOURCE), 9);
+        assert_eq!(
+            s.on_welcome(welcome(3), false).unwrap(),
+            Welcomed {
+                adopt_source: None,
+                start_at_copy: None
+            }
+        );
+        let mut s = session(Some("elsewhere"), 9);
+        let e = s.on_welcome(welcome(3), false).unwrap_err();
+        assert_eq!(
+            e,
+            ReceiverError::WrongSource {
+                ours: "elsewhere".into(),
+                offered: SOURCE.into()
+            }
+        );
+        assert_eq!(e.class(), Class::Definite);
+        // A session refused at Welcome takes no batch.
+        assert!(s.on_batch(10, 10, 9, false).is_err());
+    }
+
+    #[test]
+    fn a_welcome_past_what_the_inbox_holds_is_a_gap_unless_the_branch_is_new() {
+        let mut s = session(Some(SOURCE), 9);
+        let e = s.on_welcome(welcome(11), false).unwrap_err();
+        assert_eq!(e, ReceiverError::Gap { durable: 9, first: 11 });
+        assert_eq!(e.class(), Class::Definite);
+        // Resuming right after what we hold is no gap.
+        let mut s = session(Some(SOURCE), 9);
+        assert!(s.on_welcome(welcome(10), false).is_ok());
+        // Holds nothing but its inbox is not empty (all applied and kept?):
+        // not a new branch.
+        let mut s = session(Some(SOURCE), 0);
+        assert!(matches!(
+            s.on_welcome(welcome(50), false),
+            Err(ReceiverError::Gap { .. })
+        ));
+        // A new branch starts at the copy made for it, and counts it as told.
+        let mut s = session(None, 0);
+        assert_eq!(
+            s.on_welcome(welcome(50), true).unwrap(),
+            Welcomed {
+                adopt_source: Some(SOURCE.into()),
+                start_at_copy: Some(49)
+            }
+        );
+        assert_eq!(s.told(), 49);
+        assert_eq!(s.applied(49), Some(Frame::Applied { seq: 49 }));
+    }
+
+    #[test]
+    fn refusals_carry_their_class_and_an_unclassified_one_is_definite() {
+        let mut s = session(None, 0);
+        let e = s
+            .on_welcome(
+                Some(Frame::RefuseClassed {
+                    reason: "the sender has not reached its source database yet; retry later"
+                        .into(),
+                    definite: false,
+                }),
+                true,
+            )
+            .unwrap_err();
+        assert_eq!(e.class(), Class::Transient);
+        assert_eq!(
+            e.to_string(),
+            "sender refused: the sender has not reached its source database yet; retry later"
+        );
+        let mut s = session(None, 0);
+        let e = s
+            .on_welcome(
+                Some(Frame::RefuseClassed {
+                    reason: "re-seed".into(),
+                    definite: true,
+                }),
+                true,
+            )
+            .unwrap_err();
+        assert_eq!(e.class(), Class::Definite);
+        let mut s = session(None, 0);
+        let e = s
+            .on_welcome(Some(Frame::Refuse { reason: "protocol 3 is not supported".into() }), true)
+            .unwrap_err();
+        assert_eq!(e.class(), Class::Definite);
+        // A stream that ends before the answer is the link's doing.
+        let mut s = session(None, 0);
+        assert_eq!(s.on_welcome(None, true).unwrap_err().class(), Class::Transient);
+        let mut s = session(None, 0);
+        assert!(matches!(
+            s.on_welcome(Some(Frame::Ack { durable_seq: 1 }), true),
+            Err(ReceiverError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn replays_are_acknowledged_again_overlaps_trimmed_and_gaps_refused() {
+        let s = receiving(10);
+        assert_eq!(s.on_batch(1, 5, 10, false), Ok(BatchVerdict::Replay { ack: 5 }));
+        assert_eq!(s.on_batch(10, 10, 10, false), Ok(BatchVerdict::Replay { ack: 10 }));
+        assert_eq!(s.on_batch(11, 20, 10, false), Ok(BatchVerdict::Store { skip: 0 }));
+        assert_eq!(s.on_batch(8, 12, 10, false), Ok(BatchVerdict::Store { skip: 3 }));
+        assert_eq!(
+            s.on_batch(12, 20, 10, false),
+            Err(ReceiverError::Gap { durable: 10, first: 12 })
+        );
+        // After apply dropped records from the inbox, a gap means: fetch
+        // them again on a new session.
+        assert_eq!(s.on_batch(12, 20, 10, true), Err(ReceiverError::Refetch));
+        assert_eq!(ReceiverError::Refetch.class(), Class::Transient);
+        assert!(matches!(s.on_batch(5, 4, 10, false), Err(ReceiverError::Protocol(_))));
+        let s = receiving(0);
+        assert_eq!(s.on_batch(1, 1, 0, false), Ok(BatchVerdict::Store { skip: 0 }));
+    }
+
+    #[test]
+    fn applied_is_never_reported_past_what_this_session_told_the_sender() {
+        // Hello said 10; an earlier session has since stored and applied 30.
+        let mut s = receiving(10);
+        assert_eq!(s.applied(30), Some(Frame::Applied { seq: 10 }));
+        assert_eq!(s.applied(31), None, "still 10: nothing new to say");
+        // This session acknowledges 20: now up to 20 may be reported.
+        assert_eq!(s.stored(20), Frame::Ack { durable_seq: 20 });
+        assert_eq!(s.applied(31), Some(Frame::Applied { seq: 20 }));
+        assert_eq!(s.applied(15), Some(Frame::Applied { seq: 15 }), "a lower mark is said (a truncation)");
+        // A replay's re-acknowledgement never lowers `told`.
+        assert_eq!(s.stored(12), Frame::Ack { durable_seq: 12 });
+        assert_eq!(s.told(), 20);
+        assert_eq!(s.applied(25), Some(Frame::Applied { seq: 20 }));
+    }
+
+    #[test]
+    fn the_inbox_takes_a_batch_while_it_has_room_and_always_when_empty() {
+        assert!(inbox_has_room(10, 90, Some(100)));
+        assert!(!inbox_has_room(11, 90, Some(100)));
+        assert!(inbox_has_room(0, 1000, Some(100)));
+        assert!(inbox_has_room(1 << 40, 1 << 40, None));
+    }
+}

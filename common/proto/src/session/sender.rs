@@ -506,3 +506,348 @@ impl BatchShape {
         self.raw_bytes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::frame::decode_batch;
+    use crate::record::Piece;
+    use crate::Lsn;
+
+    const SOURCE: &str = "hq-7";
+
+    fn settings() -> ShipSettings {
+        ShipSettings {
+            max_in_flight: 4000,
+            batch_bytes: 256 << 10,
+            pinned_level: None,
+        }
+    }
+
+    fn facts(first_seq: u64, complete_seq: u64) -> SpoolFacts {
+        SpoolFacts {
+            source: SpoolSource::Known(SOURCE.into()),
+            first_seq,
+            complete_seq,
+            start_for: None,
+            needs_copy: false,
+        }
+    }
+
+    fn hello(source: Option<&str>, durable_seq: u64) -> Frame {
+        Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            source: source.map(Into::into),
+            durable_seq,
+        }
+    }
+
+    /// A record of about `len` bytes of incompressible-ish text.
+    fn rec(seq: u64, len: usize, only_for: Option<&str>) -> Vec<u8> {
+        let body: Vec<u8> = (0..len).map(|i| (seq as usize * 31 + i * 7) as u8).collect();
+        Record {
+            seq,
+            only_for: only_for.map(Into::into),
+            commit_lsn: Lsn(seq * 100),
+            commit_time: 0,
+            xid: seq as u32,
+            part: 0,
+            last: true,
+            end_lsn: Lsn(seq * 100 + 50),
+            pieces: vec![Piece::Message(body)],
+        }
+        .encode()
+        .unwrap()
+    }
+
+    fn welcomed(durable: u64, first: u64, complete: u64, now: Instant) -> SenderSession {
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        match s.on_hello(hello(Some(SOURCE), durable), &facts(first, complete), now) {
+            Ok(Admission::Welcome { .. }) => s,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    fn refusal(frame: Frame, facts: &SpoolFacts) -> (Frame, Refusal) {
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        match s.on_hello(frame, facts, Instant::now()).unwrap() {
+            Admission::Refuse { frame, refusal } => (frame, refusal),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_receiver_resumes_right_after_what_it_holds_durably() {
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        let admitted = s
+            .on_hello(hello(Some(SOURCE), 5), &facts(3, 10), Instant::now())
+            .unwrap();
+        assert_eq!(
+            admitted,
+            Admission::Welcome {
+                frame: Frame::Welcome {
+                    source: SOURCE.into(),
+                    first_seq: 3
+                },
+                resume_after: 5
+            }
+        );
+        assert_eq!(s.wants(10).map(|w| w.from), Some(6));
+        assert_eq!(s.wants(5), None, "nothing past the complete mark");
+        // A new receiver (no source yet, holds nothing) starts at the
+        // spool's first record, which must be 1.
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        assert!(matches!(
+            s.on_hello(hello(None, 0), &facts(1, 10), Instant::now()),
+            Ok(Admission::Welcome { resume_after: 0, .. })
+        ));
+        assert_eq!(s.wants(10).map(|w| w.from), Some(1));
+    }
+
+    #[test]
+    fn a_new_branch_starts_at_the_copy_made_for_it_and_waits_while_it_is_made() {
+        let mut f = facts(3, 80);
+        f.needs_copy = true;
+        let (frame, r) = refusal(hello(None, 0), &f);
+        assert_eq!(r.class, Class::Transient, "{r:?}");
+        assert!(r.reason.contains("copy of the tables is being prepared"), "{r:?}");
+        assert_eq!(
+            frame,
+            Frame::RefuseClassed {
+                reason: r.reason.clone(),
+                definite: false
+            }
+        );
+
+        let mut f = facts(3, 80);
+        f.start_for = Some(50);
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        let admitted = s.on_hello(hello(None, 0), &f, Instant::now()).unwrap();
+        assert_eq!(
+            admitted,
+            Admission::Welcome {
+                frame: Frame::Welcome {
+                    source: SOURCE.into(),
+                    first_seq: 50
+                },
+                resume_after: 49
+            }
+        );
+        assert_eq!(s.wants(80).map(|w| w.from), Some(50));
+        // Once it holds records, it resumes after them like anyone.
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        assert!(matches!(
+            s.on_hello(hello(Some(SOURCE), 60), &f, Instant::now()),
+            Ok(Admission::Welcome { resume_after: 60, .. })
+        ));
+    }
+
+    #[test]
+    fn a_receiver_of_another_protocol_is_refused_definitely_in_a_form_it_can_read() {
+        let (frame, r) = refusal(
+            Frame::Hello {
+                protocol: 2,
+                source: Some(SOURCE.into()),
+                durable_seq: 0,
+            },
+            &facts(1, 10),
+        );
+        assert_eq!(r.class, Class::Definite);
+        assert!(r.reason.contains("protocol 2 is not supported"), "{r:?}");
+        assert_eq!(frame, Frame::Refuse { reason: r.reason });
+    }
+
+    #[test]
+    fn a_sender_that_has_not_reached_its_source_refuses_for_now() {
+        let mut f = facts(1, 0);
+        f.source = SpoolSource::NotYet;
+        let (frame, r) = refusal(hello(None, 0), &f);
+        assert_eq!(r.class, Class::Transient);
+        assert!(r.reason.starts_with("the sender has not reached its source database"));
+        assert!(matches!(frame, Frame::RefuseClassed { definite: false, .. }));
+        f.source = SpoolSource::Unreadable("disk on fire".into());
+        let (_, r) = refusal(hello(None, 0), &f);
+        assert_eq!(r.class, Class::Transient);
+        assert!(r.reason.contains("disk on fire"));
+    }
+
+    #[test]
+    fn a_receiver_of_another_source_is_refused_definitely() {
+        let (frame, r) = refusal(hello(Some("elsewhere"), 3), &facts(1, 10));
+        assert_eq!(r.class, Class::Definite);
+        assert!(r.reason.starts_with("the receiver's inbox belongs to source elsewhere"), "{r:?}");
+        assert!(matches!(frame, Frame::RefuseClassed { definite: true, .. }));
+    }
+
+    #[test]
+    fn a_receiver_behind_the_trimmed_spool_must_be_re_seeded() {
+        // Holds up to 4, spool starts at 6: record 5 is gone.
+        let (_, r) = refusal(hello(Some(SOURCE), 4), &facts(6, 10));
+        assert_eq!(r.class, Class::Definite);
+        assert!(r.reason.contains("re-seed this branch"), "{r:?}");
+        // Holds up to 5: resumes at 6, the first stored.
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        assert!(matches!(
+            s.on_hello(hello(Some(SOURCE), 5), &facts(6, 10), Instant::now()),
+            Ok(Admission::Welcome { resume_after: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn a_receiver_that_claims_records_past_the_spool_is_refused_definitely() {
+        let (_, r) = refusal(hello(Some(SOURCE), 11), &facts(1, 10));
+        assert_eq!(r.class, Class::Definite);
+        assert!(r.reason.contains("claims record 11 but the spool ends at 10"), "{r:?}");
+    }
+
+    #[test]
+    fn a_first_frame_other_than_hello_breaks_the_protocol() {
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        let e = s
+            .on_hello(Frame::Ack { durable_seq: 1 }, &facts(1, 10), Instant::now())
+            .unwrap_err();
+        assert!(matches!(e, SenderError::Protocol(_)), "{e}");
+        // And nothing else is taken before Welcome.
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        assert!(s.on_control(Frame::Ack { durable_seq: 0 }).is_err());
+        assert_eq!(s.wants(10), None);
+    }
+
+    #[test]
+    fn the_window_stops_at_max_in_flight_and_resumes_on_ack() {
+        let t0 = Instant::now();
+        let mut s = welcomed(0, 1, 100, t0);
+        let mut sent = Vec::new();
+        // 1,000-byte records, one per batch: the window (4,000) holds four.
+        while let Some(w) = s.wants(100) {
+            assert!(sent.len() < 100, "the window never closed");
+            let b = s.next_batch(vec![rec(w.from, 1000, None)], 1e9, 100).unwrap();
+            sent.push(b.raw_bytes);
+        }
+        assert_eq!(sent.len(), 4, "stopped after {} batches", sent.len());
+        assert_eq!(s.in_flight_bytes(), sent.iter().sum::<u64>());
+        assert!(s.in_flight_bytes() >= 4000);
+        // An Ack of the first two frees them, and sending goes on.
+        let freed = s.on_control(Frame::Ack { durable_seq: 2 }).unwrap();
+        assert_eq!(freed, Control::Acked { freed_bytes: sent[0] + sent[1] });
+        assert_eq!(s.wants(100).map(|w| w.from), Some(5));
+        // An Ack that frees nothing whole (a replay's) changes nothing.
+        assert_eq!(
+            s.on_control(Frame::Ack { durable_seq: 1 }).unwrap(),
+            Control::Acked { freed_bytes: 0 }
+        );
+        assert_eq!(s.acked_bytes(), sent[0] + sent[1]);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(s.throughput(later), (sent[0] + sent[1]) as f64 / 2.0);
+    }
+
+    #[test]
+    fn ack_or_applied_past_what_was_sent_breaks_the_protocol() {
+        let mut s = welcomed(5, 1, 100, Instant::now());
+        // Before any batch, the resume point is what was "sent".
+        assert_eq!(
+            s.on_control(Frame::Applied { seq: 5 }).unwrap(),
+            Control::Applied { seq: 5 }
+        );
+        let e = s.on_control(Frame::Ack { durable_seq: 6 }).unwrap_err();
+        assert!(e.to_string().contains("acknowledged record 6, which was never sent"), "{e}");
+        let mut s = welcomed(5, 1, 100, Instant::now());
+        s.next_batch(vec![rec(6, 100, None), rec(7, 100, None)], 1e9, 100)
+            .unwrap();
+        assert_eq!(s.sent_through(), 7);
+        assert!(s.on_control(Frame::Ack { durable_seq: 7 }).is_ok());
+        assert_eq!(
+            s.on_control(Frame::Applied { seq: 7 }).unwrap(),
+            Control::Applied { seq: 7 }
+        );
+        let e = s.on_control(Frame::Applied { seq: 8 }).unwrap_err();
+        assert!(e.to_string().contains("reported record 8 applied, which was never sent"), "{e}");
+        assert_eq!(e.class(), Class::Definite);
+        let mut s = welcomed(5, 1, 100, Instant::now());
+        assert!(s.on_control(Frame::Hello { protocol: 3, source: None, durable_seq: 0 }).is_err());
+    }
+
+    #[test]
+    fn the_zstd_level_follows_the_measured_rate_unless_pinned() {
+        let shape = BatchShape::new(256 << 10, None);
+        assert_eq!(shape.level(125_000.0), 9, "1 Mbit/s");
+        assert_eq!(shape.level(999_999.0), 9);
+        assert_eq!(shape.level(1_000_000.0), 3);
+        assert_eq!(shape.level(12_500_000.0), 3, "100 Mbit/s");
+        assert_eq!(shape.level(20_000_000.0), 1);
+        assert_eq!(shape.level(1e9), 1);
+        let pinned = BatchShape::new(256 << 10, Some(19));
+        assert_eq!(pinned.level(125_000.0), 19);
+        assert_eq!(pinned.level(1e9), 19);
+        // The session uses the rate it is given: a slow link compresses more.
+        let records: Vec<_> = (1..=20).map(|i| rec(i, 2000, None)).collect();
+        let mut fast = welcomed(0, 1, 100, Instant::now());
+        let mut slow = welcomed(0, 1, 100, Instant::now());
+        let f = fast.next_batch(records.clone(), 1e9, 100).unwrap();
+        let s = slow.next_batch(records, 100_000.0, 100).unwrap();
+        assert!(s.wire_bytes <= f.wire_bytes, "level 9 {} > level 1 {}", s.wire_bytes, f.wire_bytes);
+    }
+
+    #[test]
+    fn the_raw_batch_size_follows_the_observed_compression_ratio() {
+        let mut shape = BatchShape::new(256 << 10, None);
+        assert_eq!(shape.raw_bytes(), FIRST_BATCH_RAW_BYTES);
+        // Ratio 4: a 48 KiB wire batch holds about 4 x 48 KiB x 0.9 raw.
+        shape.observe(40_000, 10_000);
+        assert_eq!(shape.raw_bytes(), (MAX_BATCH_WIRE_BYTES as f64 * 4.0 * 0.9) as usize);
+        // Ratio 10: capped at batch-bytes.
+        shape.observe(100_000, 10_000);
+        assert_eq!(shape.raw_bytes(), 256 << 10);
+        // Incompressible: below a wire batch, never under 4 KiB.
+        shape.observe(10_000, 10_000);
+        assert_eq!(shape.raw_bytes(), (MAX_BATCH_WIRE_BYTES as f64 * 0.9) as usize);
+        shape.observe(1, 1_000_000);
+        assert_eq!(shape.raw_bytes(), 4096);
+        // A small batch-bytes is never exceeded, even at first.
+        assert_eq!(BatchShape::new(8192, None).raw_bytes(), 8192);
+    }
+
+    #[test]
+    fn records_shipped_to_this_receiver_before_are_counted_as_resent() {
+        // Records up to 12 went out on an earlier session; the receiver
+        // holds 10.
+        let mut s = SenderSession::new("branch-a", settings(), 12);
+        s.on_hello(hello(Some(SOURCE), 10), &facts(1, 100), Instant::now())
+            .unwrap();
+        let b = s
+            .next_batch((11..=14).map(|i| rec(i, 200, None)).collect(), 1e9, 100)
+            .unwrap();
+        assert_eq!(b.resent_bytes, b.wire_bytes * 2 / 4, "11 and 12 of 11..=14");
+        assert_eq!(b.sent_high, 14);
+        let b = s
+            .next_batch(vec![rec(15, 200, None)], 1e9, 100)
+            .unwrap();
+        assert_eq!(b.resent_bytes, 0);
+    }
+
+    #[test]
+    fn records_of_another_receivers_copy_travel_as_placeholders() {
+        let mut s = welcomed(0, 1, 100, Instant::now());
+        let ours = rec(1, 300, Some("branch-a"));
+        let theirs = rec(2, 300, Some("branch-b"));
+        let all = rec(3, 300, None);
+        let b = s
+            .next_batch(vec![ours.clone(), theirs.clone(), all.clone()], 1e9, 100)
+            .unwrap();
+        let Frame::Batch { first_seq, last_seq, raw_len, payload } = b.frame else {
+            panic!("not a batch")
+        };
+        let got = decode_batch(first_seq, last_seq, raw_len, &payload).unwrap();
+        assert_eq!(got[0], ours);
+        assert_eq!(got[2], all);
+        let placeholder = Record::decode(&got[1]).unwrap();
+        assert_eq!(placeholder.seq, 2);
+        assert!(placeholder.pieces.is_empty(), "{placeholder:?}");
+        // A spool that lost a record it claims to hold is an error, not a
+        // silent skip.
+        let e = s.next_batch(vec![], 1e9, 100).unwrap_err();
+        assert!(matches!(e, SenderError::SpoolHole { next: 4, complete: 100 }), "{e}");
+    }
+}
