@@ -36,11 +36,13 @@ pub struct InboxFacts {
 /// before receiving.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Welcomed {
-    /// A new inbox: record that it belongs to this source (fsynced).
-    pub adopt_source: Option<String>,
-    /// A new branch: the sender made a copy of the tables for it; move the
-    /// inbox to hold everything before `start_at_copy`'s value + 1, i.e.
-    /// through this seq (as after a seed import).
+    /// The sender's source.
+    pub source: String,
+    /// A new inbox: record that it belongs to `source` (fsynced).
+    pub adopt_source: bool,
+    /// A new branch: the sender made a copy of the tables for it, starting
+    /// right after this seq. Move the inbox there (it then holds, and has
+    /// applied, everything through this seq, as after a seed import).
     pub start_at_copy: Option<u64>,
 }
 
@@ -158,16 +160,15 @@ impl ReceiverSession {
             }
             None => return Err(ReceiverError::ClosedBeforeWelcome),
         };
-        let adopt_source = match &self.source {
-            Some(ours) if *ours != offered => {
+        if let Some(ours) = &self.source {
+            if *ours != offered {
                 return Err(ReceiverError::WrongSource {
                     ours: ours.clone(),
                     offered,
-                })
+                });
             }
-            Some(_) => None,
-            None => Some(offered),
-        };
+        }
+        let adopt_source = self.source.is_none();
         let durable = self.hello_durable;
         let mut start_at_copy = None;
         if first_seq > durable + 1 {
@@ -185,6 +186,7 @@ impl ReceiverSession {
         }
         self.phase = Phase::Receiving;
         Ok(Welcomed {
+            source: offered,
             adopt_source,
             start_at_copy,
         })
@@ -324,7 +326,8 @@ mod tests {
         assert_eq!(
             s.on_welcome(welcome(1), true).unwrap(),
             Welcomed {
-                adopt_source: Some(SOURCE.into()),
+                source: SOURCE.into(),
+                adopt_source: true,
                 start_at_copy: None
             }
         );
@@ -332,7 +335,8 @@ mod tests {
         assert_eq!(
             s.on_welcome(welcome(3), false).unwrap(),
             Welcomed {
-                adopt_source: None,
+                source: SOURCE.into(),
+                adopt_source: false,
                 start_at_copy: None
             }
         );
@@ -371,7 +375,8 @@ mod tests {
         assert_eq!(
             s.on_welcome(welcome(50), true).unwrap(),
             Welcomed {
-                adopt_source: Some(SOURCE.into()),
+                source: SOURCE.into(),
+                adopt_source: true,
                 start_at_copy: Some(49)
             }
         );

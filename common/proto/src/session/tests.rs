@@ -244,8 +244,8 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
                 },
                 welcome => {
                     let w = rcv.on_welcome(Some(welcome), branch.inbox.is_empty()).unwrap();
-                    if let Some(s) = w.adopt_source {
-                        branch.source = Some(s);
+                    if w.adopt_source {
+                        branch.source = Some(w.source);
                     }
                     assert_eq!(w.start_at_copy, None);
                     if let Some(f) = rcv.applied(branch.applied) {
