@@ -178,7 +178,8 @@ impl Inbox {
             .map_err(|e| self.store.write_err(e))?;
         let added: u64 = records.iter().map(|r| r.len() as u64).sum();
         self.bytes.fetch_add(added, Ordering::Relaxed);
-        self.count.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.count
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;

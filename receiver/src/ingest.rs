@@ -214,8 +214,7 @@ impl Ingest {
         // Sessions run side by side until one is welcomed by a sender
         // shipping our source; it then closes the one before it (which may be
         // half-dead after a link outage).
-        let mut sessions: JoinSet<(std::net::SocketAddr, Result<(), IngestError>)> =
-            JoinSet::new();
+        let mut sessions: JoinSet<(std::net::SocketAddr, Result<(), IngestError>)> = JoinSet::new();
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -295,10 +294,7 @@ impl Ingest {
     async fn session(&self, conn: &quinn::Connection, id: SessionId) -> Result<(), IngestError> {
         let mut writing = None;
         let result = self.serve(conn, id, &mut writing).await;
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .ended(&(), id);
+        self.sessions.lock().expect("sessions lock").ended(&(), id);
         if matches!(result, Err(IngestError::Session(ReceiverError::Refetch))) {
             // The sender resumes from our lower durable mark on the next
             // connection.
@@ -342,11 +338,11 @@ impl Ingest {
             );
         }
         // Welcomed by a sender of our source: this session takes over.
-        if let Some(old) = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .welcomed(&(), id, conn.clone())
+        if let Some(old) =
+            self.sessions
+                .lock()
+                .expect("sessions lock")
+                .welcomed(&(), id, conn.clone())
         {
             old.close(2u32.into(), b"superseded");
         }
@@ -473,7 +469,11 @@ impl Ingest {
                 payload,
             } = frame
             else {
-                return Err(core.lock().expect("session core lock").on_data_frame(&frame).into());
+                return Err(core
+                    .lock()
+                    .expect("session core lock")
+                    .on_data_frame(&frame)
+                    .into());
             };
             let durable = self.inbox.synced_seq();
             let truncated = truncations.has_changed().unwrap_or(false);
@@ -517,5 +517,67 @@ impl Ingest {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pgcourier_proto::session::Refusal;
+
+    use super::*;
+
+    fn refused(class: Class) -> IngestError {
+        IngestError::Session(ReceiverError::Refused {
+            refusal: Refusal {
+                reason: "the sender has not reached its source database yet; retry later".into(),
+                class,
+            },
+        })
+    }
+
+    #[test]
+    fn definite_refusals_and_wrong_peers_are_not_retried_and_only_inbox_faults_stop_a_listener() {
+        assert_eq!(refused(Class::Transient).class(), Class::Transient);
+        assert_eq!(refused(Class::Definite).class(), Class::Definite);
+        assert!(
+            !refused(Class::Definite).stops_ingest(),
+            "one sender's refusal"
+        );
+        assert_eq!(
+            refused(Class::Transient).to_string(),
+            "sender refused: the sender has not reached its source database yet; retry later"
+        );
+        let gap = IngestError::Session(ReceiverError::Gap {
+            durable: 3,
+            first: 9,
+        });
+        assert_eq!(gap.class(), Class::Definite);
+        assert!(gap.stops_ingest());
+        let other = IngestError::Session(ReceiverError::WrongSource {
+            ours: "a".into(),
+            offered: "b".into(),
+        });
+        assert_eq!(other.class(), Class::Definite);
+        assert!(
+            !other.stops_ingest(),
+            "an impostor does not stop the good session"
+        );
+        assert_eq!(
+            IngestError::WrongPeer("none".into()).class(),
+            Class::Definite
+        );
+        assert_eq!(
+            IngestError::Session(ReceiverError::Refetch).class(),
+            Class::Transient
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(
+            IngestError::Wire(WireError::Io(io)).class(),
+            Class::Transient
+        );
+        assert_eq!(
+            IngestError::Connection(quinn::ConnectionError::TimedOut).class(),
+            Class::Transient
+        );
     }
 }

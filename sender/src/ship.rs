@@ -413,11 +413,11 @@ impl Shipper {
             }
         };
         // Welcomed: this session is the receiver's live one now.
-        if let Some(older) = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .welcomed(&spec.name, id, token.clone())
+        if let Some(older) =
+            self.sessions
+                .lock()
+                .expect("sessions lock")
+                .welcomed(&spec.name, id, token.clone())
         {
             older.cancel();
         }
@@ -535,5 +535,45 @@ impl Shipper {
             r = acks => r,
             r = send => r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_that_retrying_cannot_fix_and_wrong_peers_stop_dialing_link_faults_do_not() {
+        let refused = |class| ShipError::Refused {
+            reason: "r".into(),
+            class,
+        };
+        assert_eq!(refused(Class::Definite).class(), Class::Definite);
+        assert_eq!(refused(Class::Transient).class(), Class::Transient);
+        assert_eq!(
+            ShipError::WrongPeer(Fingerprint([7; 32])).class(),
+            Class::Definite
+        );
+        assert_eq!(
+            ShipError::Session(SenderError::Protocol("x".into())).class(),
+            Class::Definite
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(ShipError::Wire(WireError::Io(io)).class(), Class::Transient);
+        assert_eq!(
+            ShipError::HelloTimeout(HELLO_TIMEOUT).class(),
+            Class::Transient
+        );
+        assert_eq!(ShipError::ClosedBeforeHello.class(), Class::Transient);
+        assert_eq!(ShipError::Superseded.class(), Class::Transient);
+        assert_eq!(
+            ShipError::Connection(quinn::ConnectionError::TimedOut).class(),
+            Class::Transient
+        );
+        // The log line names the refusal as before.
+        assert_eq!(
+            refused(Class::Definite).to_string(),
+            "refused the receiver: r"
+        );
     }
 }

@@ -116,7 +116,8 @@ pub enum FrameError {
 
 /// The frame as it travels: `[u32 big-endian length][bincode(Frame)]`.
 pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, FrameError> {
-    let body = bincode::serde::encode_to_vec(frame, bincode_config()).map_err(FrameError::Encode)?;
+    let body =
+        bincode::serde::encode_to_vec(frame, bincode_config()).map_err(FrameError::Encode)?;
     if body.len() > MAX_FRAME_BYTES {
         return Err(FrameError::FrameTooLarge(body.len()));
     }

@@ -217,10 +217,7 @@ impl ReceiverSession {
             if truncated {
                 Err(ReceiverError::Refetch)
             } else {
-                Err(ReceiverError::Gap {
-                    durable,
-                    first,
-                })
+                Err(ReceiverError::Gap { durable, first })
             }
         } else {
             Ok(BatchVerdict::Store {
@@ -358,7 +355,13 @@ mod tests {
     fn a_welcome_past_what_the_inbox_holds_is_a_gap_unless_the_branch_is_new() {
         let mut s = session(Some(SOURCE), 9);
         let e = s.on_welcome(welcome(11), false).unwrap_err();
-        assert_eq!(e, ReceiverError::Gap { durable: 9, first: 11 });
+        assert_eq!(
+            e,
+            ReceiverError::Gap {
+                durable: 9,
+                first: 11
+            }
+        );
         assert_eq!(e.class(), Class::Definite);
         // Resuming right after what we hold is no gap.
         let mut s = session(Some(SOURCE), 9);
@@ -415,12 +418,20 @@ mod tests {
         assert_eq!(e.class(), Class::Definite);
         let mut s = session(None, 0);
         let e = s
-            .on_welcome(Some(Frame::Refuse { reason: "protocol 3 is not supported".into() }), true)
+            .on_welcome(
+                Some(Frame::Refuse {
+                    reason: "protocol 3 is not supported".into(),
+                }),
+                true,
+            )
             .unwrap_err();
         assert_eq!(e.class(), Class::Definite);
         // A stream that ends before the answer is the link's doing.
         let mut s = session(None, 0);
-        assert_eq!(s.on_welcome(None, true).unwrap_err().class(), Class::Transient);
+        assert_eq!(
+            s.on_welcome(None, true).unwrap_err().class(),
+            Class::Transient
+        );
         let mut s = session(None, 0);
         assert!(matches!(
             s.on_welcome(Some(Frame::Ack { durable_seq: 1 }), true),
@@ -431,21 +442,42 @@ mod tests {
     #[test]
     fn replays_are_acknowledged_again_overlaps_trimmed_and_gaps_refused() {
         let s = receiving(10);
-        assert_eq!(s.on_batch(1, 5, 10, false), Ok(BatchVerdict::Replay { ack: 5 }));
-        assert_eq!(s.on_batch(10, 10, 10, false), Ok(BatchVerdict::Replay { ack: 10 }));
-        assert_eq!(s.on_batch(11, 20, 10, false), Ok(BatchVerdict::Store { skip: 0 }));
-        assert_eq!(s.on_batch(8, 12, 10, false), Ok(BatchVerdict::Store { skip: 3 }));
+        assert_eq!(
+            s.on_batch(1, 5, 10, false),
+            Ok(BatchVerdict::Replay { ack: 5 })
+        );
+        assert_eq!(
+            s.on_batch(10, 10, 10, false),
+            Ok(BatchVerdict::Replay { ack: 10 })
+        );
+        assert_eq!(
+            s.on_batch(11, 20, 10, false),
+            Ok(BatchVerdict::Store { skip: 0 })
+        );
+        assert_eq!(
+            s.on_batch(8, 12, 10, false),
+            Ok(BatchVerdict::Store { skip: 3 })
+        );
         assert_eq!(
             s.on_batch(12, 20, 10, false),
-            Err(ReceiverError::Gap { durable: 10, first: 12 })
+            Err(ReceiverError::Gap {
+                durable: 10,
+                first: 12
+            })
         );
         // After apply dropped records from the inbox, a gap means: fetch
         // them again on a new session.
         assert_eq!(s.on_batch(12, 20, 10, true), Err(ReceiverError::Refetch));
         assert_eq!(ReceiverError::Refetch.class(), Class::Transient);
-        assert!(matches!(s.on_batch(5, 4, 10, false), Err(ReceiverError::Protocol(_))));
+        assert!(matches!(
+            s.on_batch(5, 4, 10, false),
+            Err(ReceiverError::Protocol(_))
+        ));
         let s = receiving(0);
-        assert_eq!(s.on_batch(1, 1, 0, false), Ok(BatchVerdict::Store { skip: 0 }));
+        assert_eq!(
+            s.on_batch(1, 1, 0, false),
+            Ok(BatchVerdict::Store { skip: 0 })
+        );
     }
 
     #[test]
@@ -457,7 +489,11 @@ mod tests {
         // This session acknowledges 20: now up to 20 may be reported.
         assert_eq!(s.stored(20), Frame::Ack { durable_seq: 20 });
         assert_eq!(s.applied(31), Some(Frame::Applied { seq: 20 }));
-        assert_eq!(s.applied(15), Some(Frame::Applied { seq: 15 }), "a lower mark is said (a truncation)");
+        assert_eq!(
+            s.applied(15),
+            Some(Frame::Applied { seq: 15 }),
+            "a lower mark is said (a truncation)"
+        );
         // A replay's re-acknowledgement never lowers `told`.
         assert_eq!(s.stored(12), Frame::Ack { durable_seq: 12 });
         assert_eq!(s.told(), 20);

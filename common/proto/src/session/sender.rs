@@ -169,7 +169,11 @@ pub struct SenderSession {
 impl SenderSession {
     /// A session with `receiver` (its configured name), to which records up
     /// to `sent_high` were shipped before (0: none).
-    pub fn new(receiver: impl Into<String>, settings: ShipSettings, sent_high: u64) -> SenderSession {
+    pub fn new(
+        receiver: impl Into<String>,
+        settings: ShipSettings,
+        sent_high: u64,
+    ) -> SenderSession {
         SenderSession {
             receiver: receiver.into(),
             shape: BatchShape::new(settings.batch_bytes, settings.pinned_level),
@@ -195,7 +199,9 @@ impl SenderSession {
         now: Instant,
     ) -> Result<Admission, SenderError> {
         if self.phase != Phase::AwaitingHello {
-            return Err(SenderError::Protocol("Hello after the session began".into()));
+            return Err(SenderError::Protocol(
+                "Hello after the session began".into(),
+            ));
         }
         let Frame::Hello {
             protocol,
@@ -439,7 +445,9 @@ fn admit(
     };
     if let Some(theirs) = source {
         if theirs != our_source {
-            return Err(Refusal::definite(format!("the receiver's inbox belongs to source {theirs}, this sender ships {our_source}")));
+            return Err(Refusal::definite(format!(
+                "the receiver's inbox belongs to source {theirs}, this sender ships {our_source}"
+            )));
         }
     }
     if durable_seq + 1 < facts.first_seq {
@@ -546,7 +554,9 @@ mod tests {
 
     /// A record of about `len` bytes of incompressible-ish text.
     fn rec(seq: u64, len: usize, only_for: Option<&str>) -> Vec<u8> {
-        let body: Vec<u8> = (0..len).map(|i| (seq as usize * 31 + i * 7) as u8).collect();
+        let body: Vec<u8> = (0..len)
+            .map(|i| (seq as usize * 31 + i * 7) as u8)
+            .collect();
         Record {
             seq,
             only_for: only_for.map(Into::into),
@@ -601,7 +611,10 @@ mod tests {
         let mut s = SenderSession::new("branch-a", settings(), 0);
         assert!(matches!(
             s.on_hello(hello(None, 0), &facts(1, 10), Instant::now()),
-            Ok(Admission::Welcome { resume_after: 0, .. })
+            Ok(Admission::Welcome {
+                resume_after: 0,
+                ..
+            })
         ));
         assert_eq!(s.wants(10).map(|w| w.from), Some(1));
     }
@@ -612,7 +625,10 @@ mod tests {
         f.needs_copy = true;
         let (frame, r) = refusal(hello(None, 0), &f);
         assert_eq!(r.class, Class::Transient, "{r:?}");
-        assert!(r.reason.contains("copy of the tables is being prepared"), "{r:?}");
+        assert!(
+            r.reason.contains("copy of the tables is being prepared"),
+            "{r:?}"
+        );
         assert_eq!(
             frame,
             Frame::RefuseClassed {
@@ -640,7 +656,10 @@ mod tests {
         let mut s = SenderSession::new("branch-a", settings(), 0);
         assert!(matches!(
             s.on_hello(hello(Some(SOURCE), 60), &f, Instant::now()),
-            Ok(Admission::Welcome { resume_after: 60, .. })
+            Ok(Admission::Welcome {
+                resume_after: 60,
+                ..
+            })
         ));
     }
 
@@ -665,8 +684,16 @@ mod tests {
         f.source = SpoolSource::NotYet;
         let (frame, r) = refusal(hello(None, 0), &f);
         assert_eq!(r.class, Class::Transient);
-        assert!(r.reason.starts_with("the sender has not reached its source database"));
-        assert!(matches!(frame, Frame::RefuseClassed { definite: false, .. }));
+        assert!(r
+            .reason
+            .starts_with("the sender has not reached its source database"));
+        assert!(matches!(
+            frame,
+            Frame::RefuseClassed {
+                definite: false,
+                ..
+            }
+        ));
         f.source = SpoolSource::Unreadable("disk on fire".into());
         let (_, r) = refusal(hello(None, 0), &f);
         assert_eq!(r.class, Class::Transient);
@@ -677,7 +704,11 @@ mod tests {
     fn a_receiver_of_another_source_is_refused_definitely() {
         let (frame, r) = refusal(hello(Some("elsewhere"), 3), &facts(1, 10));
         assert_eq!(r.class, Class::Definite);
-        assert!(r.reason.starts_with("the receiver's inbox belongs to source elsewhere"), "{r:?}");
+        assert!(
+            r.reason
+                .starts_with("the receiver's inbox belongs to source elsewhere"),
+            "{r:?}"
+        );
         assert!(matches!(frame, Frame::RefuseClassed { definite: true, .. }));
     }
 
@@ -691,7 +722,10 @@ mod tests {
         let mut s = SenderSession::new("branch-a", settings(), 0);
         assert!(matches!(
             s.on_hello(hello(Some(SOURCE), 5), &facts(6, 10), Instant::now()),
-            Ok(Admission::Welcome { resume_after: 5, .. })
+            Ok(Admission::Welcome {
+                resume_after: 5,
+                ..
+            })
         ));
     }
 
@@ -699,7 +733,11 @@ mod tests {
     fn a_receiver_that_claims_records_past_the_spool_is_refused_definitely() {
         let (_, r) = refusal(hello(Some(SOURCE), 11), &facts(1, 10));
         assert_eq!(r.class, Class::Definite);
-        assert!(r.reason.contains("claims record 11 but the spool ends at 10"), "{r:?}");
+        assert!(
+            r.reason
+                .contains("claims record 11 but the spool ends at 10"),
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -723,7 +761,9 @@ mod tests {
         // 1,000-byte records, one per batch: the window (4,000) holds four.
         while let Some(w) = s.wants(100) {
             assert!(sent.len() < 100, "the window never closed");
-            let b = s.next_batch(vec![rec(w.from, 1000, None)], 1e9, 100).unwrap();
+            let b = s
+                .next_batch(vec![rec(w.from, 1000, None)], 1e9, 100)
+                .unwrap();
             sent.push(b.raw_bytes);
         }
         assert_eq!(sent.len(), 4, "stopped after {} batches", sent.len());
@@ -731,7 +771,12 @@ mod tests {
         assert!(s.in_flight_bytes() >= 4000);
         // An Ack of the first two frees them, and sending goes on.
         let freed = s.on_control(Frame::Ack { durable_seq: 2 }).unwrap();
-        assert_eq!(freed, Control::Acked { freed_bytes: sent[0] + sent[1] });
+        assert_eq!(
+            freed,
+            Control::Acked {
+                freed_bytes: sent[0] + sent[1]
+            }
+        );
         assert_eq!(s.wants(100).map(|w| w.from), Some(5));
         // An Ack that frees nothing whole (a replay's) changes nothing.
         assert_eq!(
@@ -752,7 +797,11 @@ mod tests {
             Control::Applied { seq: 5 }
         );
         let e = s.on_control(Frame::Ack { durable_seq: 6 }).unwrap_err();
-        assert!(e.to_string().contains("acknowledged record 6, which was never sent"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("acknowledged record 6, which was never sent"),
+            "{e}"
+        );
         let mut s = welcomed(5, 1, 100, Instant::now());
         s.next_batch(vec![rec(6, 100, None), rec(7, 100, None)], 1e9, 100)
             .unwrap();
@@ -763,10 +812,20 @@ mod tests {
             Control::Applied { seq: 7 }
         );
         let e = s.on_control(Frame::Applied { seq: 8 }).unwrap_err();
-        assert!(e.to_string().contains("reported record 8 applied, which was never sent"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("reported record 8 applied, which was never sent"),
+            "{e}"
+        );
         assert_eq!(e.class(), Class::Definite);
         let mut s = welcomed(5, 1, 100, Instant::now());
-        assert!(s.on_control(Frame::Hello { protocol: 3, source: None, durable_seq: 0 }).is_err());
+        assert!(s
+            .on_control(Frame::Hello {
+                protocol: 3,
+                source: None,
+                durable_seq: 0
+            })
+            .is_err());
     }
 
     #[test]
@@ -787,7 +846,12 @@ mod tests {
         let mut slow = welcomed(0, 1, 100, Instant::now());
         let f = fast.next_batch(records.clone(), 1e9, 100).unwrap();
         let s = slow.next_batch(records, 100_000.0, 100).unwrap();
-        assert!(s.wire_bytes <= f.wire_bytes, "level 9 {} > level 1 {}", s.wire_bytes, f.wire_bytes);
+        assert!(
+            s.wire_bytes <= f.wire_bytes,
+            "level 9 {} > level 1 {}",
+            s.wire_bytes,
+            f.wire_bytes
+        );
     }
 
     #[test]
@@ -796,13 +860,19 @@ mod tests {
         assert_eq!(shape.raw_bytes(), FIRST_BATCH_RAW_BYTES);
         // Ratio 4: a 48 KiB wire batch holds about 4 x 48 KiB x 0.9 raw.
         shape.observe(40_000, 10_000);
-        assert_eq!(shape.raw_bytes(), (MAX_BATCH_WIRE_BYTES as f64 * 4.0 * 0.9) as usize);
+        assert_eq!(
+            shape.raw_bytes(),
+            (MAX_BATCH_WIRE_BYTES as f64 * 4.0 * 0.9) as usize
+        );
         // Ratio 10: capped at batch-bytes.
         shape.observe(100_000, 10_000);
         assert_eq!(shape.raw_bytes(), 256 << 10);
         // Incompressible: below a wire batch, never under 4 KiB.
         shape.observe(10_000, 10_000);
-        assert_eq!(shape.raw_bytes(), (MAX_BATCH_WIRE_BYTES as f64 * 0.9) as usize);
+        assert_eq!(
+            shape.raw_bytes(),
+            (MAX_BATCH_WIRE_BYTES as f64 * 0.9) as usize
+        );
         shape.observe(1, 1_000_000);
         assert_eq!(shape.raw_bytes(), 4096);
         // A small batch-bytes is never exceeded, even at first.
@@ -821,9 +891,7 @@ mod tests {
             .unwrap();
         assert_eq!(b.resent_bytes, b.wire_bytes * 2 / 4, "11 and 12 of 11..=14");
         assert_eq!(b.sent_high, 14);
-        let b = s
-            .next_batch(vec![rec(15, 200, None)], 1e9, 100)
-            .unwrap();
+        let b = s.next_batch(vec![rec(15, 200, None)], 1e9, 100).unwrap();
         assert_eq!(b.resent_bytes, 0);
     }
 
@@ -836,7 +904,13 @@ mod tests {
         let b = s
             .next_batch(vec![ours.clone(), theirs.clone(), all.clone()], 1e9, 100)
             .unwrap();
-        let Frame::Batch { first_seq, last_seq, raw_len, payload } = b.frame else {
+        let Frame::Batch {
+            first_seq,
+            last_seq,
+            raw_len,
+            payload,
+        } = b.frame
+        else {
             panic!("not a batch")
         };
         let got = decode_batch(first_seq, last_seq, raw_len, &payload).unwrap();
@@ -848,6 +922,15 @@ mod tests {
         // A spool that lost a record it claims to hold is an error, not a
         // silent skip.
         let e = s.next_batch(vec![], 1e9, 100).unwrap_err();
-        assert!(matches!(e, SenderError::SpoolHole { next: 4, complete: 100 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                SenderError::SpoolHole {
+                    next: 4,
+                    complete: 100
+                }
+            ),
+            "{e}"
+        );
     }
 }

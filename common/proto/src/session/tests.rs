@@ -16,7 +16,11 @@ fn a_newer_welcomed_session_supersedes_the_older_and_an_unwelcomed_one_never_doe
     let mut t: Takeover<String, &str> = Takeover::default();
     let peer = "branch-a".to_string();
     let good = t.begin();
-    assert_eq!(t.welcomed(&peer, good, "good"), None, "nothing to supersede");
+    assert_eq!(
+        t.welcomed(&peer, good, "good"),
+        None,
+        "nothing to supersede"
+    );
     // An impostor (wrong source, refused, never welcomed) connects: it gets
     // an id, but only a welcome makes a session live.
     let impostor = t.begin();
@@ -51,7 +55,9 @@ fn rec(seq: u64) -> Vec<u8> {
         part: 0,
         last: true,
         end_lsn: Lsn(seq * 100 + 50),
-        pieces: vec![Piece::Message(format!("change {seq} ").repeat(40).into_bytes())],
+        pieces: vec![Piece::Message(
+            format!("change {seq} ").repeat(40).into_bytes(),
+        )],
     }
     .encode()
     .expect("record encodes")
@@ -199,15 +205,20 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
                 durable_seq: branch.durable,
             });
             to_sender.send(now, rcv.hello());
-            (SenderSession::new("branch", settings.clone(), sent_high), rcv)
+            (
+                SenderSession::new("branch", settings.clone(), sent_high),
+                rcv,
+            )
         });
         // Sender side.
         while let Some(frame) = to_sender.arrived(now) {
             match frame {
-                hello @ Frame::Hello { .. } => match snd.on_hello(hello, &spool.facts(), now).unwrap() {
-                    Admission::Welcome { frame, .. } => to_receiver.send(now, frame),
-                    Admission::Refuse { refusal, .. } => panic!("refused: {refusal:?}"),
-                },
+                hello @ Frame::Hello { .. } => {
+                    match snd.on_hello(hello, &spool.facts(), now).unwrap() {
+                        Admission::Welcome { frame, .. } => to_receiver.send(now, frame),
+                        Admission::Refuse { refusal, .. } => panic!("refused: {refusal:?}"),
+                    }
+                }
                 other => match snd.on_control(other).unwrap() {
                     Control::Acked { .. } => {}
                     Control::Applied { seq } => spool.acknowledge(seq),
@@ -216,7 +227,11 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
         }
         while let Some(want) = snd.wants(spool.complete) {
             let shipped = snd
-                .next_batch(spool.read(want.from, want.max_raw_bytes), 1e6, spool.complete)
+                .next_batch(
+                    spool.read(want.from, want.max_raw_bytes),
+                    1e6,
+                    spool.complete,
+                )
                 .unwrap();
             sent_high = shipped.sent_high;
             resent += shipped.resent_bytes;
@@ -230,7 +245,10 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
                     last_seq,
                     raw_len,
                     payload,
-                } => match rcv.on_batch(first_seq, last_seq, branch.durable, false).unwrap() {
+                } => match rcv
+                    .on_batch(first_seq, last_seq, branch.durable, false)
+                    .unwrap()
+                {
                     BatchVerdict::Replay { ack } => to_sender.send(now, rcv.stored(ack)),
                     BatchVerdict::Store { skip } => {
                         let records = decode_batch(first_seq, last_seq, raw_len, &payload).unwrap();
@@ -243,7 +261,9 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
                     }
                 },
                 welcome => {
-                    let w = rcv.on_welcome(Some(welcome), branch.inbox.is_empty()).unwrap();
+                    let w = rcv
+                        .on_welcome(Some(welcome), branch.inbox.is_empty())
+                        .unwrap();
                     if w.adopt_source {
                         branch.source = Some(w.source);
                     }
@@ -263,9 +283,23 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
         }
     }
     assert_eq!(drops, 3, "the link dropped three times");
-    assert!(resent > 0, "a drop mid-stream made the sender ship records again");
+    assert!(
+        resent > 0,
+        "a drop mid-stream made the sender ship records again"
+    );
     let expected: Vec<u64> = (1..=spool.complete).collect();
-    assert_eq!(branch.target.len(), expected.len(), "lost or doubled records");
-    assert_eq!(branch.target, expected, "every record applied once, in order");
-    assert_eq!(spool.first, spool.complete + 1, "the spool trimmed everything applied");
+    assert_eq!(
+        branch.target.len(),
+        expected.len(),
+        "lost or doubled records"
+    );
+    assert_eq!(
+        branch.target, expected,
+        "every record applied once, in order"
+    );
+    assert_eq!(
+        spool.first,
+        spool.complete + 1,
+        "the spool trimmed everything applied"
+    );
 }
