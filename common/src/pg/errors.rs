@@ -63,8 +63,20 @@ mod tests {
 
     #[test]
     fn connection_and_server_state_errors_are_transient_the_rest_definite() {
-        for code in [None, Some("08006"), Some("57P01"), Some("53300"), Some("25006"), Some("55006"), Some("40001"), Some("40P01")] {
-            assert!(classify_sqlstate(code).transient, "{code:?} should be retried");
+        for code in [
+            None,
+            Some("08006"),
+            Some("57P01"),
+            Some("53300"),
+            Some("25006"),
+            Some("55006"),
+            Some("40001"),
+            Some("40P01"),
+        ] {
+            assert!(
+                classify_sqlstate(code).transient,
+                "{code:?} should be retried"
+            );
         }
         for (code, class) in [
             ("42P01", "missing_table"),
@@ -87,7 +99,10 @@ mod tests {
     fn a_slot_in_use_by_a_lingering_backend_is_retried() {
         assert_eq!(
             classify_sqlstate(Some("55006")),
-            PgFault { transient: true, class: "in_use" }
+            PgFault {
+                transient: true,
+                class: "in_use"
+            }
         );
     }
 
@@ -98,7 +113,10 @@ mod tests {
         for code in ["28P01", "28000", "3D000"] {
             assert_eq!(
                 classify_sqlstate(Some(code)),
-                PgFault { transient: false, class: "login_refused" },
+                PgFault {
+                    transient: false,
+                    class: "login_refused"
+                },
                 "{code}"
             );
         }

@@ -112,7 +112,11 @@ mod tests {
     fn a_row_parses_into_its_marks() {
         assert_eq!(
             parse("1/2A", 7, Some(5)).unwrap(),
-            Progress { commit_lsn: Lsn(0x1_0000_002A), seq: 7, commit_time: 5 }
+            Progress {
+                commit_lsn: Lsn(0x1_0000_002A),
+                seq: 7,
+                commit_time: 5
+            }
         );
         assert_eq!(parse("0/0", 0, None).unwrap().commit_time, 0);
     }
@@ -129,6 +133,9 @@ mod tests {
 
     #[test]
     fn a_negative_seq_is_an_error() {
-        assert!(matches!(parse("0/1", -1, None), Err(ProgressError::BadSeq(-1))));
+        assert!(matches!(
+            parse("0/1", -1, None),
+            Err(ProgressError::BadSeq(-1))
+        ));
     }
 }
