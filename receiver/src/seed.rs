@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use pgcourier_common::store::seed_file::SeedReader;
 use pgcourier_common::ops::progress::Bar;
+use pgcourier_common::store::seed_file::SeedReader;
 use pgcourier_proto::Lsn;
 use tokio_postgres::NoTls;
 

@@ -9,12 +9,16 @@ use pgcourier_proto::pgoutput::{self, Message, OldTuple, Tuple, Value};
 use pgcourier_proto::record::{Piece, Record};
 
 use super::error::ApplyError;
-use super::pipeline::{InsertRun, Pending, COPY_MAX_BYTES, COPY_MAX_ROWS};
+use super::pipeline::Pending;
 use super::sql::{text_value, Op};
 use super::{Apply, Session};
 
 impl Apply {
-    pub(super) async fn queue_record(&self, s: &mut Session, record: &Record) -> Result<u32, ApplyError> {
+    pub(super) async fn queue_record(
+        &self,
+        s: &mut Session,
+        record: &Record,
+    ) -> Result<u32, ApplyError> {
         let mut changes = 0;
         for piece in &record.pieces {
             let owned;
@@ -157,26 +161,7 @@ impl Apply {
                 .filter(|(_, on)| **on)
                 .map(|(v, _)| text_value(v))
                 .collect();
-            let bytes: usize = row
-                .iter()
-                .map(|v| v.as_ref().map_or(2, |t| t.len() + 1))
-                .sum();
-            let same = matches!(&s.run, Some(r) if r.oid == oid && r.set == set);
-            if !same {
-                self.flush_run(s).await?;
-                s.run = Some(InsertRun {
-                    oid,
-                    set,
-                    rows: Vec::new(),
-                    bytes: 0,
-                });
-            }
-            let run = s.run.as_mut().expect("run just ensured");
-            run.rows.push(row);
-            run.bytes += bytes;
-            if run.rows.len() >= COPY_MAX_ROWS || run.bytes >= COPY_MAX_BYTES {
-                self.flush_run(s).await?;
-            }
+            self.queue_insert(s, oid, set, row).await?;
             return Ok(());
         }
         self.flush_run(s).await?;

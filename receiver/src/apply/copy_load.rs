@@ -114,5 +114,4 @@ impl Apply {
         self.commit_group(&mut s, end, 1).await?;
         Ok(rows)
     }
-
 }

@@ -45,7 +45,11 @@ const COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.att
 impl Apply {
     /// Remember the Relation messages of a record already applied (before a
     /// restart), so the changes after it find their tables.
-    pub(super) fn learn_relations(&self, s: &mut Session, record: &Record) -> Result<(), ApplyError> {
+    pub(super) fn learn_relations(
+        &self,
+        s: &mut Session,
+        record: &Record,
+    ) -> Result<(), ApplyError> {
         for piece in &record.pieces {
             if let Piece::Message(m) = piece {
                 if m.first() == Some(&b'R') {
@@ -231,7 +235,10 @@ mod tests {
         }
         match map_table(&rel, &[col("id", "integer", true)]) {
             Err(ApplyError::MissingColumn { table, column }) => {
-                assert_eq!((table.as_str(), column.as_str()), ("\"shop\".\"Order\"", "\"note\""))
+                assert_eq!(
+                    (table.as_str(), column.as_str()),
+                    ("\"shop\".\"Order\"", "\"note\"")
+                )
             }
             other => panic!("expected MissingColumn, got {:?}", other.err()),
         }
@@ -243,7 +250,10 @@ mod tests {
         let target = [col("id", "integer", true), col("region", "text", true)];
         match map_table(&rel, &target) {
             Err(ApplyError::MissingColumn { table, column }) => {
-                assert!(table.contains("it is in the target's primary key"), "{table}");
+                assert!(
+                    table.contains("it is in the target's primary key"),
+                    "{table}"
+                );
                 assert_eq!(column, "\"region\"");
             }
             other => panic!("expected MissingColumn, got {:?}", other.err()),
@@ -253,7 +263,11 @@ mod tests {
     #[test]
     fn without_a_target_primary_key_the_source_replica_identity_finds_the_row() {
         let cols = [("a", true), ("b", false), ("c", true)];
-        let target = [col("a", "int", false), col("b", "int", false), col("c", "int", false)];
+        let target = [
+            col("a", "int", false),
+            col("b", "int", false),
+            col("c", "int", false),
+        ];
         let m = map_table(&relation(ReplicaIdentity::Index, &cols), &target).unwrap();
         assert_eq!((m.key, m.key_is_pk), (vec![0, 2], false));
         let m = map_table(&relation(ReplicaIdentity::Full, &cols), &target).unwrap();

@@ -49,8 +49,8 @@ pub(super) struct InsertRun {
 /// Runs shorter than this go out as pipelined INSERTs.
 const COPY_MIN_ROWS: usize = 8;
 /// A run is flushed at this many rows or bytes (bounds memory).
-pub(super) const COPY_MAX_ROWS: usize = 5000;
-pub(super) const COPY_MAX_BYTES: usize = 1 << 20;
+const COPY_MAX_ROWS: usize = 5000;
+const COPY_MAX_BYTES: usize = 1 << 20;
 
 impl Session {
     /// Time to drain: enough statements or COPY bytes are queued.
@@ -60,6 +60,39 @@ impl Session {
 }
 
 impl Apply {
+    /// Add an insert's row (the values of the columns in `set`) to the run
+    /// of inserts into its table, starting a new run when the table or the
+    /// columns differ.
+    pub(super) async fn queue_insert(
+        &self,
+        s: &mut Session,
+        oid: u32,
+        set: Vec<bool>,
+        row: Vec<Option<String>>,
+    ) -> Result<(), ApplyError> {
+        let bytes: usize = row
+            .iter()
+            .map(|v| v.as_ref().map_or(2, |t| t.len() + 1))
+            .sum();
+        let same = matches!(&s.run, Some(r) if r.oid == oid && r.set == set);
+        if !same {
+            self.flush_run(s).await?;
+            s.run = Some(InsertRun {
+                oid,
+                set,
+                rows: Vec::new(),
+                bytes: 0,
+            });
+        }
+        let run = s.run.as_mut().expect("run just ensured");
+        run.rows.push(row);
+        run.bytes += bytes;
+        if run.rows.len() >= COPY_MAX_ROWS || run.bytes >= COPY_MAX_BYTES {
+            self.flush_run(s).await?;
+        }
+        Ok(())
+    }
+
     /// Queue the pending insert run: as one COPY when long enough, else as
     /// single INSERTs.
     pub(super) async fn flush_run(&self, s: &mut Session) -> Result<(), ApplyError> {
@@ -229,7 +262,6 @@ fn target_error(s: &Session, rel: Option<u32>, e: tokio_postgres::Error) -> Appl
         source: e,
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -98,5 +98,4 @@ impl Apply {
         tracing::warn!(seq = first, commit_lsn = %end.commit_lsn, "skipped a transaction at the operator's request; its content is in pgcourier.skipped");
         Ok(())
     }
-
 }
