@@ -112,6 +112,7 @@ impl Apply {
             commit_time,
         };
         self.commit_group(&mut s, end, 1).await?;
+        s.client.close().await;
         Ok(rows)
     }
 }

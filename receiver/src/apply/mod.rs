@@ -56,7 +56,9 @@ use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_proto::pgoutput::{self, Message, Relation};
 use pgcourier_proto::record::Record;
 use pgcourier_proto::Lsn;
-use tokio_postgres::{Client, Statement};
+use std::time::Duration;
+
+use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReceiverConfig;
@@ -64,6 +66,7 @@ use crate::inbox::Inbox;
 
 pub use error::ApplyError;
 pub use status::{lag_seconds, ApplyStatus, LoadProgress};
+pub(crate) use target::TargetClient;
 
 use error::target_err;
 use mapping::TableMap;
@@ -87,7 +90,7 @@ pub struct Apply {
 
 /// Per target connection state.
 struct Session {
-    client: Client,
+    client: TargetClient,
     source: String,
     marker: Lsn,
     relations: HashMap<u32, Relation>,
@@ -126,60 +129,31 @@ impl Apply {
 
     /// Apply until `shutdown`, retrying every error with backoff.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut transient = Backoff::new(self.cfg.max_backoff);
+        let mut backoff = Backoff::new(self.cfg.max_backoff);
         loop {
-            let result = tokio::select! {
+            let started = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = self.session(&shutdown) => r,
+                r = self.new_session() => r,
             };
-            let Err(e) = result else { return };
-            if let ApplyError::Corrupt { seq, .. } = &e {
-                // Never apply it, never skip it: drop it and everything
-                // after it from the inbox; ingest fetches them again (the
-                // sender keeps records until they are applied).
-                let seq = *seq;
-                match self.inbox.truncate_from(seq) {
-                    Ok(()) => {
-                        let message = error_chain(&e);
-                        tracing::error!(seq, error = %message, "a record in the inbox failed its checksum: dropped it and the records after it without applying them; fetching them again from the sender");
-                        let mut st = self.status.lock().expect("status lock");
-                        st.last_error = Some(message);
-                        st.error_class = Some(e.class());
-                        st.paused = false;
-                        drop(st);
-                        continue;
-                    }
-                    Err(te) => {
-                        tracing::error!(seq, error = %error_chain(&te), "could not drop the corrupt record from the inbox");
+            // A failed start (connect, settings, progress row) is not about
+            // any transaction: it blocks none.
+            let (e, in_session) = match started {
+                Err(e) => (e, false),
+                Ok(mut s) => {
+                    let result = tokio::select! {
+                        _ = shutdown.cancelled() => Ok(()),
+                        r = self.session(&mut s, &shutdown) => r,
+                    };
+                    s.client.close().await;
+                    match result {
+                        Ok(()) => return,
+                        Err(e) => (e, true),
                     }
                 }
-            }
-            let position = self.position.load(Ordering::Relaxed);
-            // Was the failing transaction applied on its own? If it was part
-            // of a group, retry one transaction at a time first, so that the
-            // pause lands exactly on the failing transaction.
-            let isolated = position <= self.careful_until.load(Ordering::Relaxed);
-            self.careful_until.store(position, Ordering::Relaxed);
-            let message = error_chain(&e);
-            let delay = transient.next();
-            let mut st = self.status.lock().expect("status lock");
-            if e.is_transient() {
-                transient.log_once("apply", &e, delay);
-                st.paused = false;
-            } else if !isolated {
-                tracing::debug!(error = %message, "apply failed inside a group; retrying transaction by transaction");
-                drop(st);
+            };
+            let Some(delay) = self.on_error(&e, in_session, &mut backoff) else {
                 continue;
-            } else {
-                if st.last_error.as_deref() != Some(message.as_str()) {
-                    tracing::error!(error = %message, blocking_seq = self.txn_first.load(Ordering::Relaxed), retry_in = ?delay, "apply paused: the target needs attention; the inbox keeps everything and apply resumes once it is fixed (or skip the transaction with pgcourier-queue skip)");
-                }
-                st.paused = true;
-                st.blocking_seq = Some(self.txn_first.load(Ordering::Relaxed));
-            }
-            st.last_error = Some(message);
-            st.error_class = Some(e.class());
-            drop(st);
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -187,9 +161,83 @@ impl Apply {
         }
     }
 
+    /// Report `e` in the status and decide what comes next: `None`, start
+    /// again at once (a corrupt record was dropped, or a group is retried
+    /// transaction by transaction); otherwise wait the returned delay.
+    fn on_error(
+        &self,
+        e: &ApplyError,
+        in_session: bool,
+        backoff: &mut Backoff,
+    ) -> Option<Duration> {
+        if let ApplyError::Corrupt { seq, .. } = e {
+            // Never apply it, never skip it: drop it and everything
+            // after it from the inbox; ingest fetches them again (the
+            // sender keeps records until they are applied).
+            let seq = *seq;
+            match self.inbox.truncate_from(seq) {
+                Ok(()) => {
+                    let message = error_chain(e);
+                    tracing::error!(seq, error = %message, "a record in the inbox failed its checksum: dropped it and the records after it without applying them; fetching them again from the sender");
+                    let mut st = self.status.lock().expect("status lock");
+                    st.last_error = Some(message);
+                    st.error_class = Some(e.class());
+                    st.paused = false;
+                    return None;
+                }
+                Err(te) => {
+                    tracing::error!(seq, error = %error_chain(&te), "could not drop the corrupt record from the inbox");
+                }
+            }
+        }
+        // Was the failing transaction applied on its own? If it was part
+        // of a group, retry one transaction at a time first, so that the
+        // pause lands exactly on the failing transaction.
+        let isolated = if in_session {
+            let position = self.position.load(Ordering::Relaxed);
+            let isolated = position <= self.careful_until.load(Ordering::Relaxed);
+            self.careful_until.store(position, Ordering::Relaxed);
+            isolated
+        } else {
+            true
+        };
+        let message = error_chain(e);
+        let delay = backoff.next();
+        let mut st = self.status.lock().expect("status lock");
+        if e.is_transient() {
+            backoff.log_once("apply", e, delay);
+            st.paused = false;
+        } else if !isolated {
+            tracing::debug!(error = %message, "apply failed inside a group; retrying transaction by transaction");
+            return None;
+        } else {
+            let blocking = in_session.then(|| self.txn_first.load(Ordering::Relaxed));
+            if st.last_error.as_deref() != Some(message.as_str()) {
+                match blocking {
+                    Some(seq) => {
+                        tracing::error!(error = %message, blocking_seq = seq, retry_in = ?delay, "apply paused: the target needs attention; the inbox keeps everything and apply resumes once it is fixed (or skip the transaction with pgcourier-queue skip)")
+                    }
+                    None => {
+                        tracing::error!(error = %message, retry_in = ?delay, "apply paused: cannot start on the target; the inbox keeps everything and apply resumes once it is fixed")
+                    }
+                }
+            }
+            st.paused = true;
+            st.blocking_seq = blocking;
+        }
+        st.last_error = Some(message);
+        st.error_class = Some(e.class());
+        Some(delay)
+    }
+
     /// A target connection with the relations the inbox remembers.
     async fn new_session(&self) -> Result<Session, ApplyError> {
-        let (client, source, marker, progress) = self.connect().await?;
+        let target::Connected {
+            client,
+            source,
+            marker,
+            progress,
+        } = self.connect().await?;
         let mut s = Session {
             client,
             source,
@@ -206,8 +254,21 @@ impl Apply {
         };
         self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {
-            if let Ok(Message::Relation(rel)) = pgoutput::decode(&raw) {
-                s.relations.insert(rel.oid, rel);
+            match pgoutput::decode(&raw).map_err(ApplyError::StoredRelation)? {
+                Message::Relation(rel) => {
+                    s.relations.insert(rel.oid, rel);
+                }
+                // It decoded, so it has a first byte: the wrong message type.
+                _ => {
+                    return Err(ApplyError::StoredRelation(
+                        pgoutput::DecodeError::Unexpected {
+                            kind: 'R',
+                            what: "message type",
+                            byte: raw[0],
+                            at: 0,
+                        },
+                    ))
+                }
             }
         }
         Ok(s)
@@ -217,8 +278,11 @@ impl Apply {
     /// not yet applied, group source transactions into target transactions
     /// and commit each group with its progress row, until `shutdown` or an
     /// error.
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), ApplyError> {
-        let mut s = self.new_session().await?;
+    async fn session(
+        &self,
+        s: &mut Session,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ApplyError> {
         tracing::info!(marker = %s.marker, "applying to target");
         let mut cursor = match self.inbox.first_seq()? {
             Some(first) => first,
@@ -236,7 +300,7 @@ impl Apply {
                 // Nothing more to read now: end the group if at a boundary.
                 if open && !in_txn {
                     self.commit_group(
-                        &mut s,
+                        s,
                         group_end.take().expect("open group has an end"),
                         group_txns,
                     )
@@ -278,7 +342,7 @@ impl Apply {
             }
             if record.commit_lsn <= s.marker {
                 // Already applied (before a restart): only learn its relations.
-                self.learn_relations(&mut s, &record)?;
+                self.learn_relations(s, &record)?;
                 cursor += 1;
                 continue;
             }
@@ -288,7 +352,7 @@ impl Apply {
             if !open {
                 let skip = self.skip.lock().expect("skip lock").clone();
                 if let Some((seq, reason)) = skip.filter(|(seq, _)| *seq == record.seq) {
-                    self.skip_transaction(&mut s, seq, &reason).await?;
+                    self.skip_transaction(s, seq, &reason).await?;
                     *self.skip.lock().expect("skip lock") = None;
                     continue;
                 }
@@ -299,7 +363,7 @@ impl Apply {
                 open = true;
             }
             in_txn = !record.last;
-            group_changes += self.queue_record(&mut s, &record).await?;
+            group_changes += self.queue_record(s, &record).await?;
             if record.last {
                 if let Some(c) = s.copy.as_mut() {
                     c.complete = true;
@@ -318,14 +382,14 @@ impl Apply {
                     || group_txns >= self.cfg.apply_group_transactions
                     || group_changes >= self.cfg.apply_group_changes
                 {
-                    self.commit_group(&mut s, group_end.take().expect("just set"), group_txns)
+                    self.commit_group(s, group_end.take().expect("just set"), group_txns)
                         .await?;
                     open = false;
                     group_txns = 0;
                     group_changes = 0;
                 }
             } else if s.pipeline_full() {
-                self.drain(&mut s).await?;
+                self.drain(s).await?;
             }
             cursor += 1;
         }

@@ -248,15 +248,15 @@ pub(super) fn copy_row(out: &mut Vec<u8>, row: &[Option<String>]) {
 
 /// An apply error that names the table (and column, when PostgreSQL says).
 fn target_error(s: &Session, rel: Option<u32>, e: tokio_postgres::Error) -> ApplyError {
-    let table = rel
-        .and_then(|r| s.targets.get(&r))
-        .map(|t| t.table.clone())
-        .unwrap_or_else(|| "(truncate)".into());
-    let column = e
-        .as_db_error()
-        .and_then(|d| d.column())
-        .map(|c| format!(", column {}", quote_ident(c)))
-        .unwrap_or_default();
+    // A TRUNCATE names its tables in its own statement, not in `rel`.
+    let table = match rel.and_then(|r| s.targets.get(&r)) {
+        Some(t) => t.table.as_str(),
+        None => "(truncate)",
+    };
+    let column = match e.as_db_error().and_then(|d| d.column()) {
+        Some(c) => format!(", column {}", quote_ident(c)),
+        None => String::new(),
+    };
     ApplyError::Target {
         what: format!("apply change to table {table}{column}"),
         source: e,

@@ -58,7 +58,8 @@ impl Apply {
                 Record::decode(&bytes).map_err(|source| ApplyError::Corrupt { seq, source })?;
             self.learn_relations(s, &record)?;
             let view = pgcourier_common::ops::inspect::view(&record, &mut rels);
-            let json = serde_json::to_value(&view).unwrap_or(serde_json::Value::Null);
+            let json = serde_json::to_value(&view)
+                .map_err(|source| ApplyError::SkipContent { seq, source })?;
             content_bytes += json.to_string().len();
             if content_bytes <= MAX_CONTENT {
                 views.push(json);

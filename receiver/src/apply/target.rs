@@ -3,90 +3,150 @@
 //! `extra_float_digits`), create the `pgcourier` schema and progress table
 //! on first start, read the progress row (the marker: everything at or
 //! below it was applied) and prepare the statement that moves it.
+//!
+//! The connection's driver task is owned by the [`TargetClient`] it serves:
+//! [`TargetClient::close`] ends the session and waits for the driver (a
+//! bounded wait); dropping the client (apply cancelled at shutdown) aborts
+//! it. No driver outlives its client.
 
+use std::ops::Deref;
 use std::time::Duration;
 
+use pgcourier_common::pg::progress_row;
 use pgcourier_proto::Lsn;
-use tokio_postgres::types::Type;
+use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::error::ApplyError;
+use super::error::{target_err, ApplyError};
 use super::Apply;
 
-impl Apply {
-    pub(super) async fn connect(&self) -> Result<(Client, String, Lsn, Statement), ApplyError> {
-        let (client, conn) = self
-            .cfg
-            .target
-            .connect(NoTls)
-            .await
-            .map_err(ApplyError::Connect)?;
-        tokio::spawn(async move {
+/// How long [`TargetClient::close`] waits for the server to see the
+/// session end before it drops the connection.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// A target connection: the client, and the task driving its socket.
+pub(crate) struct TargetClient {
+    client: Client,
+    /// `None` once [`TargetClient::close`] took it.
+    driver: Option<JoinHandle<()>>,
+}
+
+impl TargetClient {
+    /// Connect to the target (setting `target`) and start the connection's
+    /// driver task.
+    pub(crate) async fn connect(
+        cfg: &tokio_postgres::Config,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let (client, conn) = cfg.connect(NoTls).await?;
+        let driver = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "target connection ended");
             }
         });
-        let target = |what: &str| {
-            let what = what.to_owned();
-            move |source| ApplyError::Target { what, source }
-        };
+        Ok(TargetClient {
+            client,
+            driver: Some(driver),
+        })
+    }
+
+    /// End the session (the driver sends Terminate) and wait for the driver,
+    /// at most [`CLOSE_WAIT`]; then it is aborted.
+    pub(crate) async fn close(mut self) {
+        let driver = self.driver.take();
+        drop(self);
+        if let Some(mut driver) = driver {
+            if tokio::time::timeout(CLOSE_WAIT, &mut driver).await.is_err() {
+                tracing::debug!("target connection did not close in time; dropped");
+                driver.abort();
+            }
+        }
+    }
+}
+
+impl Deref for TargetClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Drop for TargetClient {
+    fn drop(&mut self) {
+        if let Some(driver) = &self.driver {
+            driver.abort();
+        }
+    }
+}
+
+/// A target session ready to apply: where apply stands, and the statement
+/// that moves the progress row.
+pub(super) struct Connected {
+    pub(super) client: TargetClient,
+    /// The source this branch follows (from the inbox).
+    pub(super) source: String,
+    /// Commit LSN of the last applied transaction, from the progress row
+    /// (zero when nothing was applied from this source yet).
+    pub(super) marker: Lsn,
+    pub(super) progress: Statement,
+}
+
+impl Apply {
+    pub(super) async fn connect(&self) -> Result<Connected, ApplyError> {
+        let client = TargetClient::connect(&self.cfg.target)
+            .await
+            .map_err(ApplyError::Connect)?;
         client
             .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3; SET lock_timeout = '30s'")
             .await
-            .map_err(target("set session parameters"))?;
+            .map_err(target_err("set session parameters"))?;
         if self.cfg.replica_role {
             client
                 .batch_execute("SET session_replication_role = replica")
                 .await
-                .map_err(target("set session_replication_role = replica (needs superuser; or set replica-role = false)"))?;
+                .map_err(target_err("set session_replication_role = replica (needs superuser; or set replica-role = false)"))?;
         }
         // Created on the first start; later starts need no CREATE privilege.
-        let exists = client
+        let exists: bool = client
             .query_one("SELECT to_regclass('pgcourier.progress') IS NOT NULL", &[])
             .await
-            .map_err(target("look up the progress table"))?
-            .get::<_, bool>(0);
+            .and_then(|row| row.try_get(0))
+            .map_err(target_err("look up the progress table"))?;
         if !exists {
             client
-            .batch_execute(
-                "SET client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS pgcourier; \
-                 CREATE TABLE IF NOT EXISTS pgcourier.progress ( \
-                   source text PRIMARY KEY, commit_lsn pg_lsn NOT NULL, end_lsn pg_lsn NOT NULL, \
-                   seq bigint NOT NULL, commit_time timestamptz, applied_at timestamptz NOT NULL DEFAULT now())",
-            )
-            .await
-            .map_err(target("create the pgcourier schema and progress table"))?;
+                .batch_execute(&format!(
+                    "SET client_min_messages = warning; {}",
+                    progress_row::CREATE_SQL
+                ))
+                .await
+                .map_err(target_err("create the pgcourier schema and progress table"))?;
         }
         let source = loop {
             if let Some(s) = self.inbox.source()? {
                 break s;
             }
-            // Nothing received yet: wait for the first batch.
+            // Nothing received yet: wait for the first batch, looking again
+            // at least every second.
             let mut rx = self.inbox.subscribe();
-            let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+            match tokio::time::timeout(Duration::from_secs(1), rx.changed()).await {
+                Ok(Ok(())) | Err(_) => {}
+                // The inbox's mark is gone (it lives as long as apply, so
+                // this does not happen): look again in a second.
+                Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
         };
-        let row = client
-            .query_opt(
-                "SELECT commit_lsn::text, seq FROM pgcourier.progress WHERE source = $1",
-                &[&source],
-            )
-            .await
-            .map_err(target("read progress"))?;
-        let marker = match row {
-            Some(r) => r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
+        let marker = match progress_row::read(&client, &source).await? {
+            Some(p) => p.commit_lsn,
             None => Lsn::ZERO,
         };
-        let progress = client
-            .prepare_typed(
-                "INSERT INTO pgcourier.progress (source, commit_lsn, end_lsn, seq, commit_time, applied_at) \
-                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, \
-                         '2000-01-01 00:00:00+00'::timestamptz + $5::bigint * interval '1 microsecond', now()) \
-                 ON CONFLICT (source) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, \
-                   seq = EXCLUDED.seq, commit_time = EXCLUDED.commit_time, applied_at = EXCLUDED.applied_at",
-                &[Type::TEXT, Type::TEXT, Type::TEXT, Type::INT8, Type::INT8],
-            )
+        let progress = progress_row::prepare_write(&client)
             .await
-            .map_err(target("prepare progress statement"))?;
-        Ok((client, source, marker, progress))
+            .map_err(target_err("prepare progress statement"))?;
+        Ok(Connected {
+            client,
+            source,
+            marker,
+            progress,
+        })
     }
 }
