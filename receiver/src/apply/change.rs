@@ -10,7 +10,7 @@ use pgcourier_proto::record::{Piece, Record};
 
 use super::error::ApplyError;
 use super::pipeline::Pending;
-use super::sql::{text_value, Op};
+use super::sql::{text_value, truncate_sql, Op};
 use super::{Apply, Session};
 
 impl Apply {
@@ -74,13 +74,7 @@ impl Apply {
                         self.resolve(s, record.seq, oid).await?;
                         names.push(s.targets[&oid].table.clone());
                     }
-                    let mut sql = format!("TRUNCATE {}", names.join(", "));
-                    if restart_identity {
-                        sql.push_str(" RESTART IDENTITY");
-                    }
-                    if cascade {
-                        sql.push_str(" CASCADE");
-                    }
+                    let sql = truncate_sql(&names, restart_identity, cascade);
                     self.flush_run(s).await?;
                     s.pending.push(Pending::Sql { sql });
                     changes += 1;

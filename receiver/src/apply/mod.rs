@@ -73,6 +73,8 @@ use mapping::TableMap;
 use pipeline::{InsertRun, Pending};
 use sql::Op;
 
+/// Applies the inbox to the target; one per receiver (and one per seed
+/// import). `status` is read by the admin endpoint.
 pub struct Apply {
     cfg: Arc<ReceiverConfig>,
     inbox: Arc<Inbox>,
@@ -91,15 +93,27 @@ pub struct Apply {
 /// Per target connection state.
 struct Session {
     client: TargetClient,
+    /// The source this branch follows (the progress row's key).
     source: String,
+    /// Commit LSN of the last committed group: records at or below it were
+    /// applied (before a restart) and are skipped.
     marker: Lsn,
+    /// Relation messages by source OID (`mapping.rs`).
     relations: HashMap<u32, Relation>,
+    /// Their target tables, resolved on first use (`mapping.rs`).
     targets: HashMap<u32, TableMap>,
+    /// Prepared statements by change shape: relation, kind, columns set,
+    /// columns in the WHERE (`sql.rs`).
     statements: HashMap<(u32, Op, Vec<bool>, Vec<bool>), Statement>,
+    /// Moves the progress row (`target.rs`).
     progress: Statement,
+    /// Changes queued, not yet sent (`pipeline.rs`).
     pending: Vec<Pending>,
+    /// The run of inserts being gathered for one COPY (`pipeline.rs`).
     run: Option<InsertRun>,
+    /// A message arriving in fragments, so far (`change.rs`).
     fragment: Vec<u8>,
+    /// The table copy being loaded, if any (`copy_load.rs`).
     copy: Option<LoadProgress>,
     /// COPY data queued in `pending`.
     pending_bytes: usize,

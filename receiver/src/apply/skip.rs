@@ -28,7 +28,10 @@ impl Apply {
             (true, Some(b)) => Err(format!(
                 "record {seq} is not the blocking transaction; apply is blocked at record {b}"
             )),
-            _ => Err(
+            (true, None) => Err(
+                "apply cannot start on the target (see last_error): no transaction is blocking, so there is nothing to skip; fix the target".into(),
+            ),
+            (false, _) => Err(
                 "apply is not blocked: only the transaction blocking apply can be skipped".into(),
             ),
         }

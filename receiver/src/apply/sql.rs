@@ -121,6 +121,19 @@ fn build_sql(t: &TableMap, op: Op, set: &[bool], wher: &[bool]) -> (String, usiz
     (sql, n)
 }
 
+/// A TRUNCATE of the target tables `tables` (already quoted), with the
+/// source's options.
+pub(super) fn truncate_sql(tables: &[String], restart_identity: bool, cascade: bool) -> String {
+    let mut sql = format!("TRUNCATE {}", tables.join(", "));
+    if restart_identity {
+        sql.push_str(" RESTART IDENTITY");
+    }
+    if cascade {
+        sql.push_str(" CASCADE");
+    }
+    sql
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +176,50 @@ mod tests {
         assert_eq!(n, 3);
         assert!(sql.contains("WHERE ctid = (SELECT ctid FROM \"s\".\"T\" WHERE \"id\"::text IS NOT DISTINCT FROM $1::text"), "{sql}");
         assert!(sql.ends_with("LIMIT 1)"));
+    }
+
+    #[test]
+    fn updates_without_primary_key_match_the_identity_as_text() {
+        let mut t = target(false);
+        t.key = vec![0, 1];
+        let (sql, n) = build_sql(&t, Op::Update, &[false, true, false], &[true, true, false]);
+        assert_eq!(n, 3);
+        assert_eq!(
+            sql,
+            "UPDATE \"s\".\"T\" SET \"v\" = $1::text::text WHERE ctid = (SELECT ctid FROM \"s\".\"T\" \
+             WHERE \"id\"::text IS NOT DISTINCT FROM $2::text AND \"v\"::text IS NOT DISTINCT FROM $3::text LIMIT 1)"
+        );
+    }
+
+    #[test]
+    fn truncate_carries_the_source_options() {
+        let tables = ["\"s\".\"a\"".to_owned(), "\"s\".\"b\"".to_owned()];
+        assert_eq!(
+            truncate_sql(&tables, false, false),
+            "TRUNCATE \"s\".\"a\", \"s\".\"b\""
+        );
+        assert_eq!(
+            truncate_sql(&tables[..1], true, false),
+            "TRUNCATE \"s\".\"a\" RESTART IDENTITY"
+        );
+        assert_eq!(
+            truncate_sql(&tables[..1], false, true),
+            "TRUNCATE \"s\".\"a\" CASCADE"
+        );
+        assert_eq!(
+            truncate_sql(&tables[..1], true, true),
+            "TRUNCATE \"s\".\"a\" RESTART IDENTITY CASCADE"
+        );
+    }
+
+    #[test]
+    fn values_go_as_text_null_and_unchanged_toast_as_none() {
+        assert_eq!(text_value(&Value::Text("x".into())), Some("x".into()));
+        assert_eq!(text_value(&Value::Null), None);
+        assert_eq!(text_value(&Value::UnchangedToast), None);
+        assert_eq!(
+            text_value(&Value::Binary(vec![0, 0xab])),
+            Some("\\x00ab".into())
+        );
     }
 }
