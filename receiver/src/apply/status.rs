@@ -13,11 +13,13 @@ pub struct ApplyStatus {
     pub applied_commit_time: i64,
     pub applied_transactions: u64,
     pub last_error: Option<String>,
-    /// [`ApplyError::class`] of `last_error`.
+    /// [`super::ApplyError::class`] of `last_error`.
     pub error_class: Option<&'static str>,
     /// Apply stopped on a definite error (the DBA must act, or skip).
     pub paused: bool,
-    /// First record of the transaction apply is stuck on.
+    /// First record of the transaction apply is stuck on (the one an
+    /// operator may skip); `None` when paused because apply cannot start
+    /// on the target (a refused login, a bad progress row).
     pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
     pub skipped_transactions: u64,
