@@ -1,6 +1,7 @@
 //! The source database: connection, publication and slot set-up, slot
 //! advance, and the prerequisite check behind `pgcourier-sender check`.
 
+use pgcourier_common::store::durable::Synced;
 use pgcourier_proto::Lsn;
 use tokio_postgres::{Client, NoTls};
 
@@ -29,6 +30,10 @@ pub enum SourceError {
     SlotBusy { slot: String, pid: i32 },
     #[error("the spool belongs to source {spool} but setting `source` points at {configured}: use a new spool-dir for a new source")]
     WrongSource { spool: String, configured: String },
+    #[error(
+        "the source returned {what} = {text:?}, which is not an LSN: is it PostgreSQL 15 or later?"
+    )]
+    InvalidLsn { what: &'static str, text: String },
 }
 
 impl SourceError {
@@ -42,6 +47,7 @@ impl SourceError {
             SourceError::Connect(_) | SourceError::SlotBusy { .. } => true,
             SourceError::Query { source, .. } => is_transient_pg(source),
             SourceError::NotReady(_)
+            | SourceError::InvalidLsn { .. }
             | SourceError::WrongSource { .. }
             | SourceError::LoginRefused { .. } => false,
         }
@@ -66,6 +72,16 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
                 || c == "40P01"
         }
     }
+}
+
+/// Parse an LSN the source returned as text (`what` names the column or
+/// function, for the error). Never defaults: the LSN is a position the slot
+/// or the spool will trust.
+pub fn parse_lsn(what: &'static str, text: &str) -> Result<Lsn, SourceError> {
+    text.parse().map_err(|_| SourceError::InvalidLsn {
+        what,
+        text: text.to_owned(),
+    })
 }
 
 pub async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, SourceError> {
@@ -242,7 +258,11 @@ pub async fn prepare(
     })
 }
 
-pub async fn advance_slot(client: &Client, slot: &str, to: Lsn) -> Result<(), SourceError> {
+/// Confirm the slot up to `to`: the source may then recycle the WAL below
+/// it. Takes a [`Synced`] position only: the spool holds (fsynced)
+/// everything the slot confirms (invariant 1).
+pub async fn advance_slot(client: &Client, slot: &str, to: Synced<Lsn>) -> Result<(), SourceError> {
+    let to = to.get();
     client
         .query_one(
             "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",

@@ -25,21 +25,24 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use pgcourier_common::store::durable::{get_u64, key_seq, put_u64, seq_key, Store, StoreError};
+use pgcourier_common::store::durable::{
+    get_u64, key_seq, put_u64, seq_key, Store, StoreError, Synced,
+};
+use pgcourier_proto::cutter::Tables;
 use pgcourier_proto::Lsn;
 use tokio::sync::watch;
 
-/// Which published tables the branches hold the rows of. Capture leaves
-/// out the changes to a `waiting` table until its copy is spooled (the copy's
-/// snapshot holds them).
+/// Which published tables the branches hold the rows of, and whether the
+/// first session has decided it. Capture leaves out the changes to a
+/// `waiting` table until its copy is spooled (the copy's snapshot holds
+/// them). Stored as bincode `(initial_done, synced, waiting)`: `tables` is
+/// a nested struct, which bincode lays out field after field, so the bytes
+/// are those of the flat layout it replaced.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CopyState {
     /// Set once the first session has decided what to copy.
     pub initial_done: bool,
-    /// Copied (or present before, with `initial-copy = false`).
-    pub synced: std::collections::BTreeSet<u32>,
-    /// Waiting for a copy.
-    pub waiting: std::collections::BTreeSet<u32>,
+    pub tables: Tables,
 }
 
 /// What shipping and status need to know, published after every commit.
@@ -69,6 +72,10 @@ struct State {
     captured_commit_lsn: Lsn,
     captured_end_lsn: Lsn,
     acks: BTreeMap<String, u64>,
+    /// Writes capture made (records, copy state), and how many of them the
+    /// last fsync covered: equal when nothing capture wrote can be lost.
+    capture_writes: u64,
+    synced_writes: u64,
     /// Receivers waiting for a copy made for them (`needs_copy/<name>`).
     needs_copy: Vec<String>,
 }
@@ -185,6 +192,8 @@ impl Spool {
                 captured_commit_lsn,
                 captured_end_lsn,
                 acks,
+                capture_writes: 0,
+                synced_writes: 0,
                 needs_copy,
             }),
             marks: marks_tx,
@@ -290,12 +299,34 @@ impl Spool {
         self.meta
             .insert("copy_state", bytes)
             .map_err(|e| self.store.write_err(e))?;
+        self.state.lock().expect("spool state lock").capture_writes += 1;
         Ok(())
     }
 
     /// fsync what was written.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.store.sync()
+        let writes = self.state.lock().expect("spool state lock").capture_writes;
+        self.store.sync()?;
+        let mut st = self.state.lock().expect("spool state lock");
+        st.synced_writes = st.synced_writes.max(writes);
+        Ok(())
+    }
+
+    /// `lsn` as a position the slot may be confirmed to, once nothing
+    /// capture wrote waits for an fsync (fsyncs first if something does;
+    /// usually nothing does). For a peek that spooled nothing new: the
+    /// caller has found every transaction below `lsn` already spooled
+    /// (skipped) or found none at all (a quiet publication). Blocks on the
+    /// fsync: call it off the async workers.
+    pub fn synced_through(&self, lsn: Lsn) -> Result<Synced<Lsn>, StoreError> {
+        let pending = {
+            let st = self.state.lock().expect("spool state lock");
+            st.capture_writes != st.synced_writes
+        };
+        if pending {
+            self.sync()?;
+        }
+        Ok(Synced::after_sync(lsn))
     }
 
     /// Append one encoded record at `seq`, which must be `next_seq()`. Not
@@ -309,18 +340,21 @@ impl Spool {
         self.bytes
             .fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
         st.next_seq += 1;
+        st.capture_writes += 1;
         Ok(())
     }
 
     /// Make everything appended durable (fsync) and shippable. The caller
     /// guarantees the last appended record ends a transaction whose commit
-    /// and end LSNs are given. Returns only once fsynced: the slot may then be
-    /// advanced to `end_lsn`.
-    pub fn commit(&self, commit_lsn: Lsn, end_lsn: Lsn) -> Result<(), StoreError> {
-        let complete = {
+    /// and end LSNs are given. Blocks on the fsync (call it off the async
+    /// workers); returns `end_lsn` as [`Synced`]: what the slot may now be
+    /// confirmed to (invariant 1).
+    pub fn commit(&self, commit_lsn: Lsn, end_lsn: Lsn) -> Result<Synced<Lsn>, StoreError> {
+        let (complete, writes) = {
             let st = self.state.lock().expect("spool state lock");
             debug_assert!(end_lsn >= st.captured_end_lsn);
-            st.next_seq - 1
+            debug_assert!(commit_lsn >= st.captured_commit_lsn);
+            (st.next_seq - 1, st.capture_writes)
         };
         put_u64(&self.store, &self.meta, "complete_seq", complete)?;
         put_u64(&self.store, &self.meta, "captured_commit_lsn", commit_lsn.0)?;
@@ -330,8 +364,9 @@ impl Spool {
         st.complete_seq = complete;
         st.captured_commit_lsn = commit_lsn;
         st.captured_end_lsn = end_lsn;
+        st.synced_writes = st.synced_writes.max(writes);
         self.publish(&st);
-        Ok(())
+        Ok(Synced::after_sync(end_lsn))
     }
 
     fn publish(&self, st: &State) {
@@ -519,6 +554,35 @@ mod tests {
         let spool = Spool::open(dir.path(), 1 << 20, &names(&["fast", "slow"])).unwrap();
         assert_eq!(spool.ack("slow"), Some(2));
         assert_eq!(spool.marks().first_seq, 3);
+    }
+
+    #[test]
+    fn copy_state_keeps_the_bytes_of_its_flat_layout() {
+        /// The layout spools were written with before `Tables` was split out.
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Flat {
+            initial_done: bool,
+            synced: std::collections::BTreeSet<u32>,
+            waiting: std::collections::BTreeSet<u32>,
+        }
+        let flat = Flat {
+            initial_done: true,
+            synced: [16_385, 16_390].into(),
+            waiting: [16_400].into(),
+        };
+        let state = CopyState {
+            initial_done: true,
+            tables: Tables {
+                synced: flat.synced.clone(),
+                waiting: flat.waiting.clone(),
+            },
+        };
+        let config = pgcourier_proto::record::bincode_config();
+        let old = bincode::serde::encode_to_vec(&flat, config).unwrap();
+        assert_eq!(bincode::serde::encode_to_vec(&state, config).unwrap(), old);
+        let (decoded, _): (CopyState, usize) =
+            bincode::serde::decode_from_slice(&old, config).unwrap();
+        assert_eq!(decoded, state);
     }
 
     #[test]

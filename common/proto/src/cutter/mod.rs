@@ -197,7 +197,9 @@ impl Cutter {
                     xid,
                 } = pgoutput::decode(data)?
                 else {
-                    return Err(CutError::OutOfOrder("Begin message does not decode as Begin"));
+                    return Err(CutError::OutOfOrder(
+                        "Begin message does not decode as Begin",
+                    ));
                 };
                 if !matches!(self.open, Open::Idle) {
                     return Err(CutError::OutOfOrder("Begin inside a transaction"));
@@ -223,7 +225,9 @@ impl Cutter {
                     ..
                 } = pgoutput::decode(data)?
                 else {
-                    return Err(CutError::OutOfOrder("Commit message does not decode as Commit"));
+                    return Err(CutError::OutOfOrder(
+                        "Commit message does not decode as Commit",
+                    ));
                 };
                 let txn = match std::mem::replace(&mut self.open, Open::Idle) {
                     Open::Idle => return Err(CutError::OutOfOrder("Commit outside a transaction")),
@@ -235,7 +239,9 @@ impl Cutter {
                     Open::Cutting(txn) => txn,
                 };
                 if txn.head().commit_lsn != commit_lsn {
-                    return Err(CutError::OutOfOrder("Commit LSN differs from Begin final LSN"));
+                    return Err(CutError::OutOfOrder(
+                        "Commit LSN differs from Begin final LSN",
+                    ));
                 }
                 self.summary.last_end = self.summary.last_end.max(end_lsn);
                 self.summary.last_commit = commit_lsn;

@@ -81,9 +81,17 @@ fn cut(
     let mut cutter = Cutter::new(next_seq, Lsn(skip_through));
     let mut records = Vec::new();
     for m in messages {
-        records.extend(cutter.message(m, tables).expect("a well-formed stream").records);
+        records.extend(
+            cutter
+                .message(m, tables)
+                .expect("a well-formed stream")
+                .records,
+        );
     }
-    (records, cutter.finish().expect("the peek ends between transactions"))
+    (
+        records,
+        cutter.finish().expect("the peek ends between transactions"),
+    )
 }
 
 /// One transaction (Begin final LSN `lsn`, end `lsn + 8`) around `body`.
@@ -126,11 +134,23 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
     assert_eq!(records.len(), 1);
     let r = &records[0];
     assert_eq!(
-        (r.seq, r.part, r.last, r.end_lsn, r.commit_lsn, r.commit_time, r.xid),
+        (
+            r.seq,
+            r.part,
+            r.last,
+            r.end_lsn,
+            r.commit_lsn,
+            r.commit_time,
+            r.xid
+        ),
         (7, 0, true, Lsn(0x108), Lsn(0x100), 1_042, 42)
     );
     assert_eq!(r.only_for, None);
-    assert_eq!(reassemble(&records), body, "Begin and Commit are not pieces");
+    assert_eq!(
+        reassemble(&records),
+        body,
+        "Begin and Commit are not pieces"
+    );
     assert_eq!(
         summary,
         PeekSummary {
@@ -147,7 +167,11 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
 
 #[test]
 fn a_record_is_closed_before_a_message_that_would_take_it_past_8_kib() {
-    let body = vec![insert_of_len(A, 3_000), insert_of_len(A, 3_000), insert_of_len(A, 3_000)];
+    let body = vec![
+        insert_of_len(A, 3_000),
+        insert_of_len(A, 3_000),
+        insert_of_len(A, 3_000),
+    ];
     let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, body.clone()));
     let sizes: Vec<usize> = records.iter().map(Record::payload_bytes).collect();
     assert_eq!(sizes, vec![6_000, 3_000]);
@@ -159,7 +183,11 @@ fn a_transaction_of_exactly_8_kib_is_one_record_and_one_byte_more_makes_two() {
     let half = TARGET_RECORD_BYTES / 2;
     let exact = vec![insert_of_len(A, half), insert_of_len(A, half)];
     let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, exact));
-    assert_eq!(records.len(), 1, "a payload of exactly the target stays whole");
+    assert_eq!(
+        records.len(),
+        1,
+        "a payload of exactly the target stays whole"
+    );
     assert_eq!(records[0].payload_bytes(), TARGET_RECORD_BYTES);
 
     let over = vec![insert_of_len(A, half), insert_of_len(A, half + 1)];
@@ -177,7 +205,11 @@ fn parts_count_from_zero_and_only_the_last_record_carries_last_and_the_end_lsn()
         assert_eq!(r.part, i as u32);
         let last = i == 4;
         assert_eq!(r.last, last, "record {i}");
-        assert_eq!(r.end_lsn, if last { Lsn(0x108) } else { Lsn::ZERO }, "record {i}");
+        assert_eq!(
+            r.end_lsn,
+            if last { Lsn(0x108) } else { Lsn::ZERO },
+            "record {i}"
+        );
         assert_eq!(r.commit_lsn, Lsn(0x100));
     }
 }
@@ -225,7 +257,12 @@ fn a_message_of_exactly_16_kib_is_one_piece_not_a_fragment() {
 fn messages_after_a_last_fragment_join_its_record_while_under_8_kib() {
     let big = insert_of_len(A, MAX_PIECE_BYTES + 1);
     let small = insert(A, "after");
-    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, vec![big, small.clone()]));
+    let (records, _) = cut(
+        1,
+        0,
+        &mut synced(&[A]),
+        &txn(0x100, 1, vec![big, small.clone()]),
+    );
     assert_eq!(records.len(), 2);
     assert_eq!(
         records[1].pieces,
@@ -240,13 +277,22 @@ fn messages_after_a_last_fragment_join_its_record_while_under_8_kib() {
     // A last fragment of a full 16 KiB leaves no room: the next message
     // opens a record of its own.
     let big = insert_of_len(A, 2 * MAX_PIECE_BYTES);
-    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, vec![big, insert(A, "after")]));
+    let (records, _) = cut(
+        1,
+        0,
+        &mut synced(&[A]),
+        &txn(0x100, 1, vec![big, insert(A, "after")]),
+    );
     assert_eq!(records.len(), 3);
 }
 
 #[test]
 fn transactions_follow_one_another_with_dense_seqs_and_parts_from_zero() {
-    let mut stream = txn(0x100, 1, vec![insert_of_len(A, 5_000), insert_of_len(A, 5_000)]);
+    let mut stream = txn(
+        0x100,
+        1,
+        vec![insert_of_len(A, 5_000), insert_of_len(A, 5_000)],
+    );
     stream.extend(txn(0x200, 2, vec![insert(A, "x")]));
     let mut cutter = Cutter::new(3, Lsn::ZERO);
     let mut tables = synced(&[A]);
@@ -255,11 +301,20 @@ fn transactions_follow_one_another_with_dense_seqs_and_parts_from_zero() {
         records.extend(cutter.message(m, &mut tables).unwrap().records);
     }
     assert_eq!(cutter.next_seq(), 6);
-    let ids: Vec<(u64, u32, Lsn)> = records.iter().map(|r| (r.seq, r.part, r.commit_lsn)).collect();
-    assert_eq!(ids, vec![(3, 0, Lsn(0x100)), (4, 1, Lsn(0x100)), (5, 0, Lsn(0x200))]);
+    let ids: Vec<(u64, u32, Lsn)> = records
+        .iter()
+        .map(|r| (r.seq, r.part, r.commit_lsn))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![(3, 0, Lsn(0x100)), (4, 1, Lsn(0x100)), (5, 0, Lsn(0x200))]
+    );
     let summary = cutter.finish().unwrap();
     assert_eq!((summary.transactions, summary.records), (2, 3));
-    assert_eq!((summary.last_commit, summary.last_end), (Lsn(0x200), Lsn(0x208)));
+    assert_eq!(
+        (summary.last_commit, summary.last_end),
+        (Lsn(0x200), Lsn(0x208))
+    );
 }
 
 #[test]
@@ -267,22 +322,44 @@ fn transactions_the_spool_already_holds_are_skipped_but_their_end_counts() {
     let mut stream = txn(0x100, 1, vec![insert(A, "held")]);
     stream.extend(txn(0x101, 2, vec![insert(A, "new")]));
     let (records, summary) = cut(5, 0x100, &mut synced(&[A]), &stream);
-    assert_eq!(records.len(), 1, "commit LSN at skip_through is skipped, above it is cut");
+    assert_eq!(
+        records.len(),
+        1,
+        "commit LSN at skip_through is skipped, above it is cut"
+    );
     assert_eq!((records[0].seq, records[0].commit_lsn), (5, Lsn(0x101)));
     assert_eq!((summary.skipped, summary.transactions), (1, 1));
 
-    let (records, summary) = cut(5, 0x100, &mut synced(&[A]), &txn(0x100, 1, vec![insert(A, "held")]));
+    let (records, summary) = cut(
+        5,
+        0x100,
+        &mut synced(&[A]),
+        &txn(0x100, 1, vec![insert(A, "held")]),
+    );
     assert!(records.is_empty());
     assert_eq!(summary.skipped, 1);
-    assert_eq!(summary.last_end, Lsn(0x108), "a skipped transaction's end may be confirmed");
-    assert_eq!(summary.last_commit, Lsn::ZERO, "a skipped transaction is not committed again");
+    assert_eq!(
+        summary.last_end,
+        Lsn(0x108),
+        "a skipped transaction's end may be confirmed"
+    );
+    assert_eq!(
+        summary.last_commit,
+        Lsn::ZERO,
+        "a skipped transaction is not committed again"
+    );
     assert!(!summary.needs_commit());
 }
 
 #[test]
 fn a_skipped_transaction_does_not_make_its_new_tables_wait() {
     let mut tables = synced(&[]);
-    let (_, summary) = cut(1, 0x100, &mut tables, &txn(0x100, 1, vec![relation(B), insert(B, "x")]));
+    let (_, summary) = cut(
+        1,
+        0x100,
+        &mut tables,
+        &txn(0x100, 1, vec![relation(B), insert(B, "x")]),
+    );
     assert_eq!(summary.skipped, 1);
     assert!(tables.waiting.is_empty());
 }
@@ -293,16 +370,24 @@ fn changes_to_a_waiting_table_are_left_out_and_a_transaction_of_only_those_is_dr
         synced: BTreeSet::new(),
         waiting: [A].into(),
     };
-    let body = vec![relation(A), insert(A, "x"), encode(&Message::Update {
-        rel: A,
-        old: None,
-        new: vec![Value::Text("y".into())],
-    })];
+    let body = vec![
+        relation(A),
+        insert(A, "x"),
+        encode(&Message::Update {
+            rel: A,
+            old: None,
+            new: vec![Value::Text("y".into())],
+        }),
+    ];
     let (records, summary) = cut(9, 0, &mut tables, &txn(0x100, 1, body));
     assert!(records.is_empty());
     assert_eq!(summary.dropped, 1);
     assert_eq!(summary.transactions, 0);
-    assert_eq!(summary.last_commit, Lsn(0x100), "the spool's marks move past a dropped one");
+    assert_eq!(
+        summary.last_commit,
+        Lsn(0x100),
+        "the spool's marks move past a dropped one"
+    );
     assert_eq!(summary.last_end, Lsn(0x108));
     assert!(summary.needs_commit());
 }
@@ -316,7 +401,10 @@ fn an_empty_transaction_is_dropped_without_a_record() {
     }
     assert_eq!(cutter.next_seq(), 4, "a dropped transaction takes no seq");
     let summary = cutter.finish().unwrap();
-    assert_eq!((summary.dropped, summary.transactions, summary.records), (1, 0, 0));
+    assert_eq!(
+        (summary.dropped, summary.transactions, summary.records),
+        (1, 0, 0)
+    );
 }
 
 #[test]
@@ -331,7 +419,10 @@ fn a_relation_for_a_table_never_seen_makes_it_wait_and_is_left_out_with_its_chan
     assert_eq!(fed.new_table, None, "told once");
     cutter.message(&insert(B, "left out"), &mut tables).unwrap();
     cutter.message(&insert(A, "kept"), &mut tables).unwrap();
-    let records = cutter.message(&commit(0x100, 0x108), &mut tables).unwrap().records;
+    let records = cutter
+        .message(&commit(0x100, 0x108), &mut tables)
+        .unwrap()
+        .records;
     assert_eq!(reassemble(&records), vec![insert(A, "kept")]);
 }
 
@@ -407,7 +498,11 @@ fn out_of_order_and_malformed_streams_are_errors() {
             vec![begin(0x100, 1), commit(0x200, 0x208)],
             CutError::OutOfOrder("Commit LSN differs from Begin final LSN"),
         ),
-        ("empty message", vec![vec![]], CutError::OutOfOrder("empty pgoutput message")),
+        (
+            "empty message",
+            vec![vec![]],
+            CutError::OutOfOrder("empty pgoutput message"),
+        ),
         (
             "change too short for its relation id",
             vec![begin(0x100, 1), b"I\0\0".to_vec()],
@@ -453,7 +548,9 @@ fn a_transaction_cut_for_one_receiver_says_so_on_every_record_and_may_end_empty(
     let mut records = txn.push(&insert_of_len(A, MAX_PIECE_BYTES + 10));
     records.push(txn.finish(Lsn(0x100)));
     assert_eq!(records.len(), 2);
-    assert!(records.iter().all(|r| r.only_for.as_deref() == Some("late")));
+    assert!(records
+        .iter()
+        .all(|r| r.only_for.as_deref() == Some("late")));
     assert_eq!(records[1].end_lsn, Lsn(0x100));
 
     let empty = TxnCutter::new(30, head).finish(Lsn(0x100));
@@ -472,19 +569,28 @@ fn the_slot_is_told_the_last_end_or_the_quiet_insert_position_or_to_splice() {
         last_end: Lsn(0x300),
         ..PeekSummary::default()
     };
-    assert_eq!(spooled.slot_step(wal(0x500, 0x500), None), SlotStep::Committed(Lsn(0x300)));
+    assert_eq!(
+        spooled.slot_step(wal(0x500, 0x500), None),
+        SlotStep::Committed(Lsn(0x300))
+    );
     assert_eq!(
         spooled.slot_step(wal(0x500, 0x500), Some(Lsn(0x400))),
         SlotStep::Committed(Lsn(0x300)),
         "a peek that returned transactions confirms them; the splice waits for an empty peek"
     );
-    assert_eq!(nothing.slot_step(wal(0x500, 0x500), None), SlotStep::Quiet(Lsn(0x500)));
+    assert_eq!(
+        nothing.slot_step(wal(0x500, 0x500), None),
+        SlotStep::Quiet(Lsn(0x500))
+    );
     assert_eq!(
         nothing.slot_step(wal(0x500, 0x4FF), None),
         SlotStep::Hold,
         "WAL not flushed to the insert position: a commit below it may not be decodable yet"
     );
-    assert_eq!(nothing.slot_step(wal(0x500, 0x400), Some(Lsn(0x400))), SlotStep::Splice);
+    assert_eq!(
+        nothing.slot_step(wal(0x500, 0x400), Some(Lsn(0x400))),
+        SlotStep::Splice
+    );
     assert_eq!(
         nothing.slot_step(wal(0x500, 0x3FF), Some(Lsn(0x400))),
         SlotStep::Hold,
@@ -499,7 +605,10 @@ fn the_slot_is_told_the_last_end_or_the_quiet_insert_position_or_to_splice() {
         skipped: 1,
         ..PeekSummary::default()
     };
-    assert_eq!(skipped_without_end.slot_step(wal(0x500, 0x500), None), SlotStep::Hold);
+    assert_eq!(
+        skipped_without_end.slot_step(wal(0x500, 0x500), None),
+        SlotStep::Hold
+    );
 }
 
 mod property {
