@@ -58,7 +58,7 @@ impl Capture {
             commit_time: pgcourier_common::pg::time::now_pg_micros(),
             end_lsn: cut.lsn.max(self.spool.marks().captured_end_lsn),
         };
-        match job {
+        let spliced = match job {
             Job::Copy {
                 tables,
                 reason,
@@ -85,7 +85,9 @@ impl Capture {
                     Err(e) => Err(e),
                 }
             }
-        }
+        };
+        cut.close().await;
+        spliced
     }
 
     async fn splice_copy(

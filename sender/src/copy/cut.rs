@@ -5,16 +5,16 @@
 use std::time::Duration;
 
 use pgcourier_proto::Lsn;
-use tokio_postgres::Client;
 
 use super::describe::quoted_names;
 use super::CopyError;
-use crate::source::{self, SourceError};
+use crate::source::{self, SourceClient, SourceError};
 
-/// A consistent cut: the snapshot stays open in `client` until dropped.
+/// A consistent cut: the snapshot stays open in `client` until dropped
+/// (or [`Cut::close`]d).
 pub struct Cut {
     pub lsn: Lsn,
-    pub client: Client,
+    pub client: SourceClient,
 }
 
 /// Take a cut over `oids`. Waits for the tables' current writers; gives up
@@ -49,12 +49,18 @@ pub async fn take_cut(
     lock.batch_execute("COMMIT")
         .await
         .map_err(|e| SourceError::query("release the cut's lock", e))?;
+    lock.close().await;
     let text: String = row.get(0);
     let lsn: Lsn = text.parse().map_err(|_| CopyError::InvalidLsn(text))?;
     Ok(Cut { lsn, client: snap })
 }
 
 impl Cut {
+    /// End the snapshot's connection cleanly.
+    pub async fn close(self) {
+        self.client.close().await;
+    }
+
     /// Export the cut's snapshot so other connections can join it
     /// (`SET TRANSACTION SNAPSHOT`). Valid while `client` stays open and idle.
     pub async fn export_snapshot(&self) -> Result<String, CopyError> {

@@ -125,6 +125,18 @@ async fn reader(
     tx: tokio::sync::mpsc::Sender<Rows>,
 ) -> Result<(), SourceError> {
     let client = source::connect(&cfg).await?;
+    let read = read_tables(&client, &snapshot, &tables, &next, &tx).await;
+    client.close().await;
+    read
+}
+
+async fn read_tables(
+    client: &Client,
+    snapshot: &str,
+    tables: &[CopyTable],
+    next: &AtomicUsize,
+    tx: &tokio::sync::mpsc::Sender<Rows>,
+) -> Result<(), SourceError> {
     client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
@@ -137,7 +149,7 @@ async fn reader(
         let Some(table) = tables.get(i) else {
             return Ok(());
         };
-        let sql = select_sql(&client, table).await?;
+        let sql = select_sql(client, table).await?;
         let stream = client
             .query_raw(
                 &sql,
