@@ -66,7 +66,7 @@ pub struct Capture {
     confirmed: Lsn,
     /// The copy bookkeeping, as in the spool's `copy_state` (loaded by each
     /// session).
-    tables: CopyState,
+    copy_state: CopyState,
     /// A cut taken and not yet spliced into the spool.
     cut: Option<PendingCut>,
     seeds: Option<mpsc::Receiver<SeedRequest>>,
@@ -79,7 +79,7 @@ impl Capture {
             spool,
             status: Arc::default(),
             confirmed: Lsn::ZERO,
-            tables: CopyState::default(),
+            copy_state: CopyState::default(),
             cut: None,
             seeds: None,
         }

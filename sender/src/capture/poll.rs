@@ -29,7 +29,7 @@ impl Capture {
                         ..
                     } => tables
                         .iter()
-                        .all(|t| self.tables.tables.waiting.contains(t)),
+                        .all(|t| self.copy_state.tables.waiting.contains(t)),
                     _ => true,
                 },
                 None => true,
@@ -60,7 +60,7 @@ impl Capture {
             .await
             .map_err(|e| SourceError::query("peek replication slot", e))?
         {
-            let fed = cutter.message(row.get(0), &mut self.tables.tables)?;
+            let fed = cutter.message(row.get(0), &mut self.copy_state.tables)?;
             if let Some(oid) = fed.new_table {
                 tracing::info!(oid, "a table new to the stream: its rows will be copied");
                 tables_changed = true;
@@ -73,7 +73,7 @@ impl Capture {
         if tables_changed {
             // Durable with the commit below, before any transaction whose
             // changes it explains.
-            self.spool.set_copy_state(&self.tables)?;
+            self.spool.set_copy_state(&self.copy_state)?;
         }
         let committed = if peek.needs_commit() {
             let (commit, end) = (peek.last_commit, peek.last_end);

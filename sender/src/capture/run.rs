@@ -108,7 +108,7 @@ impl Capture {
             {
                 let mut st = self.status.lock().expect("status lock");
                 st.transactions += peek.transactions;
-                st.copy_waiting = self.tables.tables.waiting.len();
+                st.copy_waiting = self.copy_state.tables.waiting.len();
             }
             if stats_at.elapsed() >= STATS_EVERY {
                 stats_at = Instant::now();

@@ -122,10 +122,10 @@ impl Capture {
             .await?;
         if only_for.is_none() {
             for oid in tables {
-                self.tables.tables.waiting.remove(oid);
-                self.tables.tables.synced.insert(*oid);
+                self.copy_state.tables.waiting.remove(oid);
+                self.copy_state.tables.synced.insert(*oid);
             }
-            self.spool.set_copy_state(&self.tables)?;
+            self.spool.set_copy_state(&self.copy_state)?;
         }
         let (commit, end) = (txn.commit_lsn, txn.end_lsn);
         let synced = self

@@ -41,12 +41,12 @@ impl Capture {
     /// Load the copy bookkeeping; on a new spool, decide what the first
     /// copy holds and record it (fsynced) before anything is captured.
     pub(super) async fn load_tables(&mut self, client: &Client) -> Result<(), CaptureError> {
-        self.tables = match self.spool.copy_state()? {
+        self.copy_state = match self.spool.copy_state()? {
             Some(state) => state,
             // A new spool: nothing decided yet (`initial_done` is false).
             None => CopyState::default(),
         };
-        if self.tables.initial_done {
+        if self.copy_state.initial_done {
             return Ok(());
         }
         let published = copy::published_tables(client, &self.cfg.publication).await?;
@@ -55,18 +55,18 @@ impl Capture {
                 tables = published.len(),
                 "new spool: the published tables' rows will be copied first"
             );
-            self.tables.tables.waiting.extend(published);
+            self.copy_state.tables.waiting.extend(published);
         } else {
             tracing::info!("new spool, initial-copy = false: only changes from now on are shipped");
-            self.tables.tables.synced.extend(published);
+            self.copy_state.tables.synced.extend(published);
         }
-        self.tables.initial_done = true;
+        self.copy_state.initial_done = true;
         self.save_tables_synced().await
     }
 
     /// Write the copy bookkeeping and fsync it.
     async fn save_tables_synced(&self) -> Result<(), CaptureError> {
-        let state = self.tables.clone();
+        let state = self.copy_state.clone();
         self.blocking(move |spool| {
             spool.set_copy_state(&state)?;
             spool.sync()
@@ -80,7 +80,7 @@ impl Capture {
         let published = copy::published_tables(client, &self.cfg.publication).await?;
         let mut added = false;
         for oid in published {
-            let t = &mut self.tables.tables;
+            let t = &mut self.copy_state.tables;
             if !t.synced.contains(&oid) && !t.waiting.contains(&oid) {
                 tracing::info!(
                     oid,
@@ -115,7 +115,7 @@ impl Capture {
             };
             return self.start_cut(client, job, shutdown).await;
         }
-        let t = &self.tables.tables;
+        let t = &self.copy_state.tables;
         if !t.waiting.is_empty() {
             let job = Job::Copy {
                 tables: t.waiting.iter().copied().collect(),
