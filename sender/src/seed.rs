@@ -109,18 +109,23 @@ fn in_process(cfg: SenderConfig, out: &Path) -> anyhow::Result<SeedSummary> {
             reply,
         })
         .await
-        .expect("capture not started yet");
+        .expect("a new channel has room for one request, and capture holds its receiver");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(capture.run(shutdown.clone()));
-        let mut bar = Bar::default();
+        // Capture runs in this task, beside the progress bar: nothing is
+        // spawned, so nothing outlives this function.
+        let run = capture.run(shutdown.clone());
+        tokio::pin!(run);
         tokio::pin!(answer);
+        let mut bar = Bar::default();
+        let mut ended = None;
         let result = loop {
             tokio::select! {
                 r = &mut answer => break r.ok(),
+                r = &mut run => {
+                    ended = Some(r);
+                    break None;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(300)) => {
-                    if task.is_finished() {
-                        break None;
-                    }
                     let st = status.lock().expect("status lock");
                     if let Some(c) = &st.copy {
                         let total = c.tables.iter().map(|t| t.rows_estimate).sum();
@@ -131,7 +136,10 @@ fn in_process(cfg: SenderConfig, out: &Path) -> anyhow::Result<SeedSummary> {
         };
         bar.finish();
         shutdown.cancel();
-        let ended = task.await.context("join capture")?;
+        let ended = match ended {
+            Some(ended) => ended,
+            None => run.await,
+        };
         spool.flush_on_stop();
         match result {
             Some(Ok(summary)) => Ok(summary),

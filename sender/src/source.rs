@@ -1,11 +1,17 @@
 //! The source database: connection, publication and slot set-up, slot
 //! advance, and the prerequisite check behind `pgcourier-sender check`.
+//! Errors are classified by `pgcourier_common::pg::errors::classify`, the
+//! one SQLSTATE classifier; LSNs the source returns are parsed or refused,
+//! never defaulted.
 
+use pgcourier_common::store::durable::Synced;
 use pgcourier_proto::Lsn;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::SenderConfig;
-pub use pgcourier_common::pg::{quote_ident, quote_table};
+use pgcourier_common::ops::backoff::error_chain;
+use pgcourier_common::pg::errors::classify;
+use pgcourier_common::pg::{quote_ident, quote_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -25,10 +31,14 @@ pub enum SourceError {
     },
     #[error("source is not ready: {0}")]
     NotReady(String),
-    #[error("another pgcourier sender (source backend pid {pid}) is capturing from slot {slot} on this source: stop it; two senders on one slot would each miss what the other captured")]
-    SlotBusy { slot: String, pid: i32 },
+    #[error("another pgcourier sender ({holder}) is capturing from slot {slot} on this source: stop it; two senders on one slot would each miss what the other captured")]
+    SlotBusy { slot: String, holder: String },
     #[error("the spool belongs to source {spool} but setting `source` points at {configured}: use a new spool-dir for a new source")]
     WrongSource { spool: String, configured: String },
+    #[error(
+        "the source returned {what} = {text:?}, which is not an LSN: is it PostgreSQL 15 or later?"
+    )]
+    InvalidLsn { what: &'static str, text: String },
 }
 
 impl SourceError {
@@ -40,46 +50,79 @@ impl SourceError {
         match self {
             // Retried: after a kill the lock holder's backend may linger a moment.
             SourceError::Connect(_) | SourceError::SlotBusy { .. } => true,
-            SourceError::Query { source, .. } => is_transient_pg(source),
+            SourceError::Query { source, .. } => classify(source).transient,
             SourceError::NotReady(_)
+            | SourceError::InvalidLsn { .. }
             | SourceError::WrongSource { .. }
             | SourceError::LoginRefused { .. } => false,
         }
     }
 }
 
-/// Connection lost, server shutting down or starting, or a slot busy in
-/// another session: retry later. Everything else needs an operator.
-pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    match e.code() {
-        None => true,
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08")
-                || c.starts_with("57")
-                || c.starts_with("53")
-                || c == "55006"
-                || c == "40001"
-                || c == "40P01"
-        }
+/// Parse an LSN the source returned as text (`what` names the column or
+/// function, for the error). Never defaults: the LSN is a position the slot
+/// or the spool will trust.
+pub fn parse_lsn(what: &'static str, text: &str) -> Result<Lsn, SourceError> {
+    text.parse().map_err(|_| SourceError::InvalidLsn {
+        what,
+        text: text.to_owned(),
+    })
+}
+
+/// A source connection: the client, and the task that drives its socket.
+/// The task is tied to the client: [`SourceClient::close`] ends both
+/// cleanly; dropping the client aborts the task. Derefs to the
+/// `tokio_postgres::Client`.
+pub struct SourceClient {
+    /// `None` only inside [`SourceClient::close`].
+    client: Option<Client>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for SourceClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.client
+            .as_ref()
+            .expect("a SourceClient holds its client until close() consumes it")
     }
 }
 
-pub async fn connect(cfg: &tokio_postgres::Config) -> Result<Client, SourceError> {
+impl Drop for SourceClient {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl SourceClient {
+    /// Close the connection the polite way (PostgreSQL sees a Terminate,
+    /// and ends an open transaction quietly), waiting at most a second for
+    /// the driver to finish.
+    pub async fn close(mut self) {
+        drop(self.client.take());
+        // Still running after that: aborted when `self` drops.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut self.driver).await;
+    }
+}
+
+/// Connect to the source, with the session settings capture relies on.
+pub async fn connect(cfg: &tokio_postgres::Config) -> Result<SourceClient, SourceError> {
     let (client, conn) = cfg.connect(NoTls).await.map_err(|e| {
         match pgcourier_common::config::login_refused(&e) {
             Some(hint) => SourceError::LoginRefused { hint, source: e },
             None => SourceError::Connect(e),
         }
     })?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "source connection ended");
         }
     });
+    let client = SourceClient {
+        client: Some(client),
+        driver,
+    };
     // Render values the way PostgreSQL's own walreceiver asks for them.
     client
         .batch_execute(
@@ -136,11 +179,13 @@ pub async fn prepare(
             )
             .await
             .map_err(|e| SourceError::query("look up the slot's advisory lock", e))?
-            .map(|r| r.get::<_, i32>(0))
-            .unwrap_or(0);
+            .map(|r| r.get::<_, i32>(0));
         return Err(SourceError::SlotBusy {
             slot: cfg.slot.clone(),
-            pid,
+            holder: match pid {
+                Some(pid) => format!("source backend pid {pid}"),
+                None => "a source backend that has just ended".into(),
+            },
         });
     }
     let row = client
@@ -213,9 +258,13 @@ pub async fn prepare(
                     cfg.slot
                 )));
             }
-            row.get::<_, Option<String>>(2)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(Lsn::ZERO)
+            match row.get::<_, Option<String>>(2) {
+                Some(text) => parse_lsn("pg_replication_slots.confirmed_flush_lsn", &text)?,
+                None => return Err(SourceError::NotReady(format!(
+                    "replication slot {} has no confirmed_flush_lsn (is it still being created?)",
+                    cfg.slot
+                ))),
+            }
         }
         None if resuming => {
             return Err(SourceError::NotReady(format!(
@@ -231,7 +280,7 @@ pub async fn prepare(
                 )
                 .await
                 .map_err(|e| SourceError::query("create replication slot", e))?;
-            let lsn: Lsn = row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO);
+            let lsn = parse_lsn("pg_create_logical_replication_slot().lsn", row.get(0))?;
             tracing::info!(slot = %cfg.slot, lsn = %lsn, "created replication slot");
             lsn
         }
@@ -242,7 +291,11 @@ pub async fn prepare(
     })
 }
 
-pub async fn advance_slot(client: &Client, slot: &str, to: Lsn) -> Result<(), SourceError> {
+/// Confirm the slot up to `to`: the source may then recycle the WAL below
+/// it. Takes a [`Synced`] position only: the spool holds (fsynced)
+/// everything the slot confirms (invariant 1).
+pub async fn advance_slot(client: &Client, slot: &str, to: Synced<Lsn>) -> Result<(), SourceError> {
+    let to = to.get();
     client
         .query_one(
             "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
@@ -395,11 +448,16 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
     match client.query(tables_sql, &[]).await {
         Ok(rows) => {
             let published: Option<Vec<(String, String)>> = if has_pub {
-                client
+                match client
                     .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&cfg.publication])
                     .await
-                    .ok()
-                    .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                {
+                    Ok(rows) => Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()),
+                    Err(e) => {
+                        problems.push(q("read the publication's tables", e));
+                        None
+                    }
+                }
             } else if !cfg.tables.is_empty() {
                 Some(
                     cfg.tables
@@ -450,5 +508,3 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
     }
     (problems, notes)
 }
-
-pub use pgcourier_common::ops::backoff::error_chain;

@@ -1,45 +1,88 @@
-//! The sender's durable queue of captured transactions (sled).
+//! The sender's durable queue of captured transactions (sled). Step 3 of a
+//! change's path (capture → **spool** → ship), and the end of the applied
+//! path back (Applied → **spool `applied/<receiver>`** → trim).
 //!
-//! Layout:
-//! - tree `records`: key = seq as u64 big-endian, value = an encoded
-//!   [`Record`](pgcourier_proto::record::Record) (checksummed, < 96 KiB so
-//!   sled keeps it in its fsynced log, never in a blob file).
-//! - tree `meta`: `complete_seq` (highest seq of a whole transaction that is
-//!   fsynced: the shipping limit), `captured_commit_lsn` (commit LSN of that
-//!   transaction), `captured_end_lsn` (its end LSN: what the slot may be
-//!   advanced to), `source` (source identity), and `ack/<receiver>` (highest
-//!   seq that receiver has fsynced).
+//! # Keys
 //!
-//! Who writes and deletes: capture appends at `next_seq` and calls
-//! [`Spool::commit`] at transaction boundaries, which writes the meta marks
-//! and fsyncs before it returns; only then does capture advance the slot.
-//! Shipping reads up to `complete_seq`. Records are deleted only up to the
-//! lowest acknowledgement among all configured receivers. On open, records
-//! above `complete_seq` (a transaction cut by a crash) are removed: they were
-//! never shipped, and capture decodes that transaction again.
+//! Tree `records`:
+//! - key = seq as u64 big-endian, value = an encoded
+//!   [`Record`](pgcourier_proto::record::Record) (CRC-32, under
+//!   `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them,
+//!   so sled keeps it in its fsynced log, never in a blob file). Dense.
 //!
-//! Order of marks: captured >= complete (fsynced) >= confirmed to the slot;
-//! complete >= each ack >= trimmed.
+//! Tree `meta` (u64 values big-endian):
+//! - `complete_seq`: highest seq that ends a transaction and is fsynced:
+//!   the shipping limit. Absent on a new spool (read as 0: nothing spooled).
+//! - `captured_commit_lsn`, `captured_end_lsn`: commit and end LSN of that
+//!   transaction. Capture skips what the slot returns at or below the first;
+//!   the slot may be confirmed up to the second. Absent on a new spool (0).
+//! - `source`: the source identity, `<system id>/<database>/<slot>` (UTF-8).
+//!   Written once by the first capture session; a spool never changes source.
+//! - `copy_state`: bincode [`CopyState`] (tables synced / waiting for a
+//!   copy). Absent until the first session decides what to copy.
+//! - `applied/<receiver>`: highest seq that receiver has applied to its
+//!   target (reported by its `Applied` frames). Named `ack/<receiver>` by
+//!   earlier versions: [`Spool::open`] moves those keys, in one batch,
+//!   fsynced.
+//! - `needs_copy/<receiver>` (value `1`): a receiver configured after the
+//!   spool deleted records; capture makes a copy of the tables for it alone.
+//! - `start/<receiver>`: the first record of the copy made for it; it needs
+//!   nothing before.
+//!
+//! # Size limit
+//!
+//! `spool-max-bytes` (sender setting): capture pauses before its next peek
+//! while [`Spool::bytes`] (the records' encoded bytes) is at or above it;
+//! the slot then keeps WAL on the source. A peek, or a copy, already under
+//! way may take the spool past it by its own size.
+//!
+//! # Who writes, who deletes, and when
+//!
+//! - Capture appends records at `next_seq` ([`Spool::append`]: not durable,
+//!   not shipped) and calls [`Spool::commit`] at transaction boundaries,
+//!   which writes the three marks and fsyncs (files and directory) before it
+//!   returns a [`Synced`] end LSN; only with it does capture confirm the slot
+//!   (invariant 1). `copy_state` is written by capture and fsynced with the
+//!   next commit (or at once, [`Spool::sync`]). `source` is fsynced at once.
+//! - Shipping reads records up to `complete_seq`, and records a receiver's
+//!   `Applied` ([`Spool::record_applied`]): that mark is not fsynced by
+//!   itself (a crash may forget the latest; the receiver reports it again).
+//! - Records are deleted only up to the lowest `applied/` among the
+//!   configured receivers, by [`Spool::record_applied`]. On open, records
+//!   above `complete_seq` (a transaction cut by a stop) are deleted: they
+//!   were never shipped, and capture decodes that transaction again.
+//! - `needs_copy/<receiver>` and `applied/<receiver>` are written on open for
+//!   a receiver new to the spool; `needs_copy/` is deleted, and `start/`
+//!   written, fsynced, when its copy is committed ([`Spool::copy_made_for`]).
+//!   `applied/`, `start/`, `source` and `copy_state` are never deleted.
+//!
+//! # Order of marks
+//!
+//! captured ≥ `complete_seq` (fsynced) ≥ confirmed to the slot;
+//! `complete_seq` ≥ each `applied/` ≥ trimmed (`first_seq - 1`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use pgcourier_common::store::durable::{get_u64, key_seq, put_u64, seq_key, Store, StoreError};
+use pgcourier_common::store::durable::{
+    get_u64, key_seq, put_u64, seq_key, Store, StoreError, Synced,
+};
+use pgcourier_proto::cutter::Tables;
 use pgcourier_proto::Lsn;
 use tokio::sync::watch;
 
-/// Which published tables the branches hold the rows of. Capture leaves
-/// out the changes to a `waiting` table until its copy is spooled (the copy's
-/// snapshot holds them).
+/// Which published tables the branches hold the rows of, and whether the
+/// first session has decided it. Capture leaves out the changes to a
+/// `waiting` table until its copy is spooled (the copy's snapshot holds
+/// them). Stored as bincode `(initial_done, synced, waiting)`: `tables` is
+/// a nested struct, which bincode lays out field after field, so the bytes
+/// are those of the flat layout it replaced.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CopyState {
     /// Set once the first session has decided what to copy.
     pub initial_done: bool,
-    /// Copied (or present before, with `initial-copy = false`).
-    pub synced: std::collections::BTreeSet<u32>,
-    /// Waiting for a copy.
-    pub waiting: std::collections::BTreeSet<u32>,
+    pub tables: Tables,
 }
 
 /// What shipping and status need to know, published after every commit.
@@ -68,7 +111,12 @@ struct State {
     first_seq: u64,
     captured_commit_lsn: Lsn,
     captured_end_lsn: Lsn,
-    acks: BTreeMap<String, u64>,
+    /// `applied/<receiver>` of each configured receiver.
+    applied: BTreeMap<String, u64>,
+    /// Writes capture made (records, copy state), and how many of them the
+    /// last fsync covered: equal when nothing capture wrote can be lost.
+    capture_writes: u64,
+    synced_writes: u64,
     /// Receivers waiting for a copy made for them (`needs_copy/<name>`).
     needs_copy: Vec<String>,
 }
@@ -104,18 +152,21 @@ impl Spool {
         let store = Store::open(path, cache_bytes)?;
         let records = store.tree("records")?;
         let meta = store.tree("meta")?;
+        if !inspect {
+            migrate_ack_keys(&store, &meta)?;
+        }
+        // Absent on a new spool: nothing spooled yet.
         let complete_seq = get_u64(&store, &meta, "complete_seq")?.unwrap_or(0);
         let captured_commit_lsn = Lsn(get_u64(&store, &meta, "captured_commit_lsn")?.unwrap_or(0));
         let captured_end_lsn = Lsn(get_u64(&store, &meta, "captured_end_lsn")?.unwrap_or(0));
         // Remove a transaction tail that was never committed to the spool.
         let mut dropped = 0u64;
-        for item in records
-            .range(seq_key(complete_seq + 1)..)
-            .filter(|_| !inspect)
-        {
-            let (k, _) = item.map_err(|e| store.write_err(e))?;
-            records.remove(k).map_err(|e| store.write_err(e))?;
-            dropped += 1;
+        if !inspect {
+            for item in records.range(seq_key(complete_seq + 1)..) {
+                let (k, _) = item.map_err(|e| store.write_err(e))?;
+                records.remove(k).map_err(|e| store.write_err(e))?;
+                dropped += 1;
+            }
         }
         if dropped > 0 {
             tracing::info!(
@@ -132,34 +183,48 @@ impl Spool {
             })?,
             None => complete_seq + 1,
         };
-        let mut acks = BTreeMap::new();
+        let mut applied = BTreeMap::new();
+        let mut registered = false;
         for name in receivers {
-            let key = format!("ack/{name}");
-            let ack = match get_u64(&store, &meta, &key)? {
-                Some(a) => a,
+            let key = applied_key(name);
+            let stored = match get_u64(&store, &meta, &key)? {
+                // A stopped sender of an earlier version: not migrated yet.
+                None if inspect => get_u64(&store, &meta, &format!("{OLD_APPLIED_PREFIX}{name}"))?,
+                found => found,
+            };
+            let seq = match stored {
+                Some(seq) => seq,
                 None => {
                     // A receiver configured at the spool's creation gets
                     // everything from record 1 (the initial copy included).
                     // One added after records were deleted needs a copy of
                     // its own, which capture makes (see `needs_copy`).
-                    let a = first_seq.saturating_sub(1);
+                    let seq = first_seq.saturating_sub(1);
                     if !inspect {
-                        put_u64(&store, &meta, &key, a)?;
+                        put_u64(&store, &meta, &key, seq)?;
                         if first_seq > 1 {
-                            meta.insert(format!("needs_copy/{name}"), &[1u8][..])
+                            meta.insert(format!("{NEEDS_COPY_PREFIX}{name}"), &[1u8][..])
                                 .map_err(|e| store.write_err(e))?;
                             tracing::info!(receiver = %name, "a receiver new to this spool: its tables will be copied for it");
                         }
+                        registered = true;
                     }
-                    a
+                    seq
                 }
             };
-            acks.insert(name.clone(), ack);
+            applied.insert(name.clone(), seq);
+        }
+        if registered {
+            store.sync()?;
         }
         let mut needs_copy = Vec::new();
-        for item in meta.scan_prefix("needs_copy/") {
+        for item in meta.scan_prefix(NEEDS_COPY_PREFIX) {
             let (k, _) = item.map_err(|e| store.write_err(e))?;
-            needs_copy.push(String::from_utf8_lossy(&k["needs_copy/".len()..]).into_owned());
+            needs_copy.push(receiver_of(&store, &k, NEEDS_COPY_PREFIX)?);
+        }
+        let mut bytes = 0u64;
+        for value in records.iter().values() {
+            bytes += value.map_err(|e| store.write_err(e))?.len() as u64;
         }
         let marks = SpoolMarks {
             complete_seq,
@@ -167,12 +232,6 @@ impl Spool {
             captured_end_lsn,
         };
         let (marks_tx, _) = watch::channel(marks);
-        let bytes = records
-            .iter()
-            .values()
-            .flatten()
-            .map(|v| v.len() as u64)
-            .sum();
         Ok(Spool {
             bytes: std::sync::atomic::AtomicU64::new(bytes),
             store,
@@ -184,7 +243,9 @@ impl Spool {
                 first_seq,
                 captured_commit_lsn,
                 captured_end_lsn,
-                acks,
+                applied,
+                capture_writes: 0,
+                synced_writes: 0,
                 needs_copy,
             }),
             marks: marks_tx,
@@ -212,15 +273,26 @@ impl Spool {
             .captured_commit_lsn
     }
 
-    /// Source identity this spool belongs to, if recorded.
+    /// Source identity this spool belongs to; `None` until the first
+    /// capture session records it.
     pub fn source(&self) -> Result<Option<String>, StoreError> {
-        let v = self
+        let Some(v) = self
             .meta
             .get("source")
-            .map_err(|e| self.store.write_err(e))?;
-        Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+            .map_err(|e| self.store.write_err(e))?
+        else {
+            return Ok(None);
+        };
+        String::from_utf8(v.to_vec())
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt {
+                path: self.store.path.clone(),
+                key: "meta/source".into(),
+            })
     }
 
+    /// Record the source identity. Fsynced (blocks: call it off the async
+    /// workers).
     pub fn set_source(&self, source: &str) -> Result<(), StoreError> {
         self.meta
             .insert("source", source.as_bytes())
@@ -240,16 +312,26 @@ impl Spool {
 
     /// Where a receiver that needed a copy starts: the copy's first record.
     pub fn start_for(&self, receiver: &str) -> Result<Option<u64>, StoreError> {
-        get_u64(&self.store, &self.meta, &format!("start/{receiver}"))
+        get_u64(
+            &self.store,
+            &self.meta,
+            &format!("{START_PREFIX}{receiver}"),
+        )
     }
 
     /// A copy for `receivers` was committed at `start`: they start there, and
-    /// need nothing before it. Fsynced.
+    /// need nothing before it (as if they had applied everything before).
+    /// Fsynced (blocks: call it off the async workers).
     pub fn copy_made_for(&self, receivers: &[String], start: u64) -> Result<(), StoreError> {
         for r in receivers {
-            put_u64(&self.store, &self.meta, &format!("start/{r}"), start)?;
+            put_u64(
+                &self.store,
+                &self.meta,
+                &format!("{START_PREFIX}{r}"),
+                start,
+            )?;
             self.meta
-                .remove(format!("needs_copy/{r}"))
+                .remove(format!("{NEEDS_COPY_PREFIX}{r}"))
                 .map_err(|e| self.store.write_err(e))?;
         }
         self.store.sync()?;
@@ -259,7 +341,7 @@ impl Spool {
             .needs_copy
             .retain(|n| !receivers.contains(n));
         for r in receivers {
-            self.acknowledge(r, start - 1)?;
+            self.record_applied(r, start - 1)?;
         }
         Ok(())
     }
@@ -290,12 +372,34 @@ impl Spool {
         self.meta
             .insert("copy_state", bytes)
             .map_err(|e| self.store.write_err(e))?;
+        self.state.lock().expect("spool state lock").capture_writes += 1;
         Ok(())
     }
 
     /// fsync what was written.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.store.sync()
+        let writes = self.state.lock().expect("spool state lock").capture_writes;
+        self.store.sync()?;
+        let mut st = self.state.lock().expect("spool state lock");
+        st.synced_writes = st.synced_writes.max(writes);
+        Ok(())
+    }
+
+    /// `lsn` as a position the slot may be confirmed to, once nothing
+    /// capture wrote waits for an fsync (fsyncs first if something does;
+    /// usually nothing does). For a peek that spooled nothing new: the
+    /// caller has found every transaction below `lsn` already spooled
+    /// (skipped) or found none at all (a quiet publication). Blocks on the
+    /// fsync: call it off the async workers.
+    pub fn synced_through(&self, lsn: Lsn) -> Result<Synced<Lsn>, StoreError> {
+        let pending = {
+            let st = self.state.lock().expect("spool state lock");
+            st.capture_writes != st.synced_writes
+        };
+        if pending {
+            self.sync()?;
+        }
+        Ok(Synced::after_sync(lsn))
     }
 
     /// Append one encoded record at `seq`, which must be `next_seq()`. Not
@@ -309,18 +413,21 @@ impl Spool {
         self.bytes
             .fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
         st.next_seq += 1;
+        st.capture_writes += 1;
         Ok(())
     }
 
     /// Make everything appended durable (fsync) and shippable. The caller
     /// guarantees the last appended record ends a transaction whose commit
-    /// and end LSNs are given. Returns only once fsynced: the slot may then be
-    /// advanced to `end_lsn`.
-    pub fn commit(&self, commit_lsn: Lsn, end_lsn: Lsn) -> Result<(), StoreError> {
-        let complete = {
+    /// and end LSNs are given. Blocks on the fsync (call it off the async
+    /// workers); returns `end_lsn` as [`Synced`]: what the slot may now be
+    /// confirmed to (invariant 1).
+    pub fn commit(&self, commit_lsn: Lsn, end_lsn: Lsn) -> Result<Synced<Lsn>, StoreError> {
+        let (complete, writes) = {
             let st = self.state.lock().expect("spool state lock");
             debug_assert!(end_lsn >= st.captured_end_lsn);
-            st.next_seq - 1
+            debug_assert!(commit_lsn >= st.captured_commit_lsn);
+            (st.next_seq - 1, st.capture_writes)
         };
         put_u64(&self.store, &self.meta, "complete_seq", complete)?;
         put_u64(&self.store, &self.meta, "captured_commit_lsn", commit_lsn.0)?;
@@ -330,8 +437,9 @@ impl Spool {
         st.complete_seq = complete;
         st.captured_commit_lsn = commit_lsn;
         st.captured_end_lsn = end_lsn;
+        st.synced_writes = st.synced_writes.max(writes);
         self.publish(&st);
-        Ok(())
+        Ok(Synced::after_sync(end_lsn))
     }
 
     fn publish(&self, st: &State) {
@@ -373,14 +481,13 @@ impl Spool {
     }
 
     /// Total bytes of the records after `seq` (what a receiver at `seq`
-    /// still lacks).
-    pub fn bytes_after(&self, seq: u64) -> u64 {
-        self.records
-            .range(seq_key(seq + 1)..)
-            .values()
-            .flatten()
-            .map(|v| v.len() as u64)
-            .sum()
+    /// still lacks). Walks those records.
+    pub fn bytes_after(&self, seq: u64) -> Result<u64, StoreError> {
+        let mut bytes = 0;
+        for value in self.records.range(seq_key(seq + 1)..).values() {
+            bytes += value.map_err(|e| self.store.write_err(e))?.len() as u64;
+        }
+        Ok(bytes)
     }
 
     /// One record by seq (for inspection).
@@ -392,32 +499,45 @@ impl Spool {
             .map(|v| v.to_vec()))
     }
 
-    pub fn ack(&self, receiver: &str) -> Option<u64> {
+    /// Highest seq `receiver` has applied to its target (`applied/<receiver>`);
+    /// `None` for a receiver not configured.
+    pub fn applied(&self, receiver: &str) -> Option<u64> {
         self.state
             .lock()
             .expect("spool state lock")
-            .acks
+            .applied
             .get(receiver)
             .copied()
     }
 
-    /// Record that `receiver` holds everything up to `seq` durably, and
-    /// delete what every receiver now holds. Returns the number deleted.
-    pub fn acknowledge(&self, receiver: &str, seq: u64) -> Result<u64, StoreError> {
+    /// Old name of [`Spool::applied`], kept while `admin.rs` and the tests
+    /// call it.
+    pub fn ack(&self, receiver: &str) -> Option<u64> {
+        self.applied(receiver)
+    }
+
+    /// Record that `receiver` has applied everything up to `seq` (its
+    /// `Applied` frame), and delete the records every configured receiver
+    /// has applied. Returns the number deleted. The mark is not fsynced by
+    /// itself: after a crash the receiver reports it again.
+    pub fn record_applied(&self, receiver: &str, seq: u64) -> Result<u64, StoreError> {
         let (from, to) = {
             let mut st = self.state.lock().expect("spool state lock");
             let complete = st.complete_seq;
-            let Some(ack) = st.acks.get_mut(receiver) else {
+            let Some(applied) = st.applied.get_mut(receiver) else {
                 return Ok(0);
             };
-            if seq <= *ack {
+            if seq <= *applied {
                 return Ok(0);
             }
             // A receiver cannot hold more than was ever spooled.
-            *ack = seq.min(complete);
-            let ack = *ack;
-            put_u64(&self.store, &self.meta, &format!("ack/{receiver}"), ack)?;
-            let min = st.acks.values().copied().min().unwrap_or(0);
+            *applied = seq.min(complete);
+            let applied = *applied;
+            put_u64(&self.store, &self.meta, &applied_key(receiver), applied)?;
+            let Some(min) = st.applied.values().copied().min() else {
+                return Ok(0);
+            };
+            debug_assert!(min <= st.complete_seq, "applied <= complete_seq");
             if min < st.first_seq {
                 return Ok(0);
             }
@@ -441,32 +561,90 @@ impl Spool {
         Ok(deleted)
     }
 
+    /// Old name of [`Spool::record_applied`], kept while `ship.rs` calls it
+    /// (with the seq of an `Applied` frame, not of an `Ack`).
+    pub fn acknowledge(&self, receiver: &str, seq: u64) -> Result<u64, StoreError> {
+        self.record_applied(receiver, seq)
+    }
+
     /// Bytes of the records stored.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Persist acknowledgements and trims before the process exits.
+    /// Persist the applied marks and trims before the process exits.
     pub fn flush_on_stop(&self) {
         if let Err(e) = self.store.sync() {
-            tracing::warn!(error = %e, "final spool sync failed; acknowledgements will be re-learned from receivers");
+            tracing::warn!(error = %e, "final spool sync failed; applied marks will be re-learned from receivers");
         }
     }
 
-    /// Number of records stored and their total size.
+    /// Number of whole records stored (shippable) and the bytes of all
+    /// records stored (what `spool-max-bytes` limits). From counters kept in
+    /// memory: reads nothing.
     pub fn depth(&self) -> (u64, u64) {
         let st = self.state.lock().expect("spool state lock");
         let n = st.complete_seq + 1 - st.first_seq;
-        (
-            n,
-            self.records
-                .iter()
-                .values()
-                .flatten()
-                .map(|v| v.len() as u64)
-                .sum(),
-        )
+        (n, self.bytes())
     }
+}
+
+/// `meta` key prefixes (see the module documentation).
+const APPLIED_PREFIX: &str = "applied/";
+/// What earlier versions named `applied/`; moved on open.
+const OLD_APPLIED_PREFIX: &str = "ack/";
+const NEEDS_COPY_PREFIX: &str = "needs_copy/";
+const START_PREFIX: &str = "start/";
+
+fn applied_key(receiver: &str) -> String {
+    format!("{APPLIED_PREFIX}{receiver}")
+}
+
+/// The receiver name after `prefix` in a `meta` key.
+fn receiver_of(store: &Store, key: &[u8], prefix: &str) -> Result<String, StoreError> {
+    std::str::from_utf8(&key[prefix.len()..])
+        .map(str::to_owned)
+        .map_err(|_| StoreError::Corrupt {
+            path: store.path.clone(),
+            key: format!("meta/{}", String::from_utf8_lossy(key)),
+        })
+}
+
+/// Move every `ack/<receiver>` key to `applied/<receiver>` (one atomic
+/// batch, then fsync). An `applied/` key already there wins. Returns how
+/// many keys moved.
+fn migrate_ack_keys(store: &Store, meta: &sled::Tree) -> Result<usize, StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut moved = 0;
+    for item in meta.scan_prefix(OLD_APPLIED_PREFIX) {
+        let (key, value) = item.map_err(|e| store.write_err(e))?;
+        let name = receiver_of(store, &key, OLD_APPLIED_PREFIX)?;
+        if key_seq(&value).is_none() {
+            return Err(StoreError::Corrupt {
+                path: store.path.clone(),
+                key: format!("meta/{OLD_APPLIED_PREFIX}{name}"),
+            });
+        }
+        let new_key = applied_key(&name);
+        if meta
+            .get(&new_key)
+            .map_err(|e| store.write_err(e))?
+            .is_none()
+        {
+            batch.insert(new_key.as_bytes(), value);
+        }
+        batch.remove(key);
+        moved += 1;
+    }
+    if moved > 0 {
+        meta.apply_batch(batch).map_err(|e| store.write_err(e))?;
+        store.sync()?;
+        tracing::info!(
+            receivers = moved,
+            "renamed the spool's ack/<receiver> marks to applied/<receiver>"
+        );
+    }
+    Ok(moved)
 }
 
 #[cfg(test)]
@@ -509,16 +687,176 @@ mod tests {
             spool.append(seq, b"x").unwrap();
         }
         spool.commit(Lsn(1), Lsn(2)).unwrap();
-        assert_eq!(spool.acknowledge("fast", 5).unwrap(), 0);
+        assert_eq!(spool.record_applied("fast", 5).unwrap(), 0);
         assert_eq!(spool.read(1, 1 << 20).unwrap().len(), 5);
-        assert_eq!(spool.acknowledge("slow", 2).unwrap(), 2);
+        assert_eq!(spool.record_applied("slow", 2).unwrap(), 2);
         assert_eq!(spool.marks().first_seq, 3);
         assert_eq!(spool.get(2).unwrap(), None);
         assert!(spool.get(3).unwrap().is_some());
         drop(spool);
         let spool = Spool::open(dir.path(), 1 << 20, &names(&["fast", "slow"])).unwrap();
-        assert_eq!(spool.ack("slow"), Some(2));
+        assert_eq!(spool.applied("slow"), Some(2));
         assert_eq!(spool.marks().first_seq, 3);
+        assert_eq!(spool.depth(), (3, 3));
+        assert_eq!(spool.bytes_after(3).unwrap(), 2);
+    }
+
+    /// A spool as an earlier version left it: records 1..=4 committed, and
+    /// the applied marks under `ack/`.
+    fn old_layout(path: &Path, marks: &[(&str, u64)]) {
+        let store = Store::open(path, 1 << 20).unwrap();
+        let records = store.tree("records").unwrap();
+        let meta = store.tree("meta").unwrap();
+        for seq in 1..=4u64 {
+            records.insert(seq_key(seq), &b"rec"[..]).unwrap();
+        }
+        put_u64(&store, &meta, "complete_seq", 4).unwrap();
+        for (key, seq) in marks {
+            put_u64(&store, &meta, key, *seq).unwrap();
+        }
+        store.sync().unwrap();
+    }
+
+    fn meta_keys(path: &Path) -> Vec<String> {
+        let store = Store::open(path, 1 << 20).unwrap();
+        let meta = store.tree("meta").unwrap();
+        meta.iter()
+            .keys()
+            .map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn old_ack_marks_are_moved_to_applied_on_open_and_stay_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        old_layout(dir.path(), &[("ack/a", 3), ("ack/b", 1), ("ack/gone", 2)]);
+        {
+            // Inspection reads the old layout and writes nothing.
+            let spool = Spool::open_for_inspection(dir.path(), &names(&["a", "b"])).unwrap();
+            assert_eq!((spool.applied("a"), spool.applied("b")), (Some(3), Some(1)));
+        }
+        assert!(meta_keys(dir.path()).contains(&"ack/a".to_owned()));
+        {
+            let spool = Spool::open(dir.path(), 1 << 20, &names(&["a", "b"])).unwrap();
+            assert_eq!((spool.applied("a"), spool.applied("b")), (Some(3), Some(1)));
+            assert!(
+                spool.needs_copy().is_empty(),
+                "a and b are not new receivers"
+            );
+        }
+        let keys = meta_keys(dir.path());
+        assert!(keys.iter().all(|k| !k.starts_with("ack/")), "{keys:?}");
+        for k in ["applied/a", "applied/b", "applied/gone"] {
+            assert!(keys.contains(&k.to_owned()), "{k} missing from {keys:?}");
+        }
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a", "b"])).unwrap();
+        assert_eq!((spool.applied("a"), spool.applied("b")), (Some(3), Some(1)));
+        assert_eq!(spool.record_applied("b", 3).unwrap(), 3);
+    }
+
+    #[test]
+    fn an_applied_mark_already_there_wins_over_an_old_ack_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        old_layout(dir.path(), &[("ack/a", 1), ("applied/a", 3)]);
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+        assert_eq!(spool.applied("a"), Some(3));
+        drop(spool);
+        assert_eq!(
+            meta_keys(dir.path())
+                .iter()
+                .filter(|k| k.ends_with("/a"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_corrupt_old_ack_mark_is_an_error_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            store
+                .tree("meta")
+                .unwrap()
+                .insert("ack/a", &b"xyz"[..])
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let err = Spool::open(dir.path(), 1 << 20, &names(&["a"]))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("meta/ack/a"), "{err}");
+    }
+
+    #[test]
+    fn a_receiver_new_to_a_trimmed_spool_needs_a_copy_and_starts_at_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+            for seq in 1..=3 {
+                spool.append(seq, b"x").unwrap();
+            }
+            spool.commit(Lsn(1), Lsn(2)).unwrap();
+            spool.record_applied("a", 3).unwrap();
+            spool.flush_on_stop();
+        }
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a", "late"])).unwrap();
+        assert_eq!(spool.needs_copy(), vec!["late".to_owned()]);
+        assert_eq!(spool.applied("late"), Some(3));
+        spool.append(4, b"copy").unwrap();
+        spool.commit(Lsn(9), Lsn(10)).unwrap();
+        spool.copy_made_for(&names(&["late"]), 4).unwrap();
+        assert!(spool.needs_copy().is_empty());
+        assert_eq!(spool.start_for("late").unwrap(), Some(4));
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a", "late"])).unwrap();
+        assert!(spool.needs_copy().is_empty(), "the copy was made: durable");
+    }
+
+    #[test]
+    fn commit_returns_its_end_as_synced_and_synced_through_waits_for_pending_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+        spool.append(1, b"x").unwrap();
+        assert_eq!(spool.commit(Lsn(5), Lsn(8)).unwrap().get(), Lsn(8));
+        assert_eq!(spool.synced_through(Lsn(20)).unwrap().get(), Lsn(20));
+        let pending = |s: &Spool| {
+            let st = s.state.lock().unwrap();
+            st.capture_writes != st.synced_writes
+        };
+        spool.set_copy_state(&CopyState::default()).unwrap();
+        assert!(pending(&spool));
+        spool.synced_through(Lsn(21)).unwrap();
+        assert!(!pending(&spool), "synced_through fsynced the copy state");
+    }
+
+    #[test]
+    fn copy_state_keeps_the_bytes_of_its_flat_layout() {
+        /// The layout spools were written with before `Tables` was split out.
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Flat {
+            initial_done: bool,
+            synced: std::collections::BTreeSet<u32>,
+            waiting: std::collections::BTreeSet<u32>,
+        }
+        let flat = Flat {
+            initial_done: true,
+            synced: [16_385, 16_390].into(),
+            waiting: [16_400].into(),
+        };
+        let state = CopyState {
+            initial_done: true,
+            tables: Tables {
+                synced: flat.synced.clone(),
+                waiting: flat.waiting.clone(),
+            },
+        };
+        let config = pgcourier_proto::record::bincode_config();
+        let old = bincode::serde::encode_to_vec(&flat, config).unwrap();
+        assert_eq!(bincode::serde::encode_to_vec(&state, config).unwrap(), old);
+        let (decoded, _): (CopyState, usize) =
+            bincode::serde::decode_from_slice(&old, config).unwrap();
+        assert_eq!(decoded, state);
     }
 
     #[test]

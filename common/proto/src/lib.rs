@@ -6,7 +6,9 @@
 //! - [`record`]: the unit of the spool, the wire and the inbox (CRC-32).
 //! - [`frame`]: the session's frames and the zstd batch codec.
 //! - [`pgoutput`]: decoding of PostgreSQL's logical replication messages.
+//! - [`cutter`]: capture's transaction cutting, pgoutput messages to records.
 
+pub mod cutter;
 pub mod frame;
 pub mod lsn;
 pub mod pgoutput;

@@ -27,6 +27,12 @@ pub const MAX_RECORD_BYTES: usize = 96 * 1024;
 /// The size the sender aims for when it cuts a transaction into records.
 pub const TARGET_RECORD_BYTES: usize = 8 * 1024;
 
+/// Largest piece of one pgoutput message stored in a record: a bigger
+/// message travels as [`Piece::Fragment`]s of this size, each closing a
+/// record of its own but the last. With [`TARGET_RECORD_BYTES`] this keeps
+/// a record's payload under 24 KiB (see `crate::cutter`).
+pub const MAX_PIECE_BYTES: usize = 16 * 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Position in the sender's spool; dense, starts at 1.

@@ -2,7 +2,9 @@
 //! carries a copy on a disk instead of the link.
 //!
 //! A copy is one source-order transaction in the spool (see
-//! `sender/src/copy.rs` for how its cut is chosen). Its records hold
+//! `sender/src/copy/` for how its cut is taken and its rows read, and
+//! `sender/src/capture/splice.rs` for how it is spliced into the stream,
+//! or `sender/src/capture/export.rs` into a seed file). Its records hold
 //! ordinary pgoutput messages, so the receiver applies it with the same code
 //! as any change:
 //!
@@ -38,7 +40,7 @@ use sha2::{Digest, Sha256};
 
 use pgcourier_proto::record::{self, MAX_RECORD_BYTES};
 use crate::Lsn;
-pub use crate::pg::quote_ident;
+use crate::pg::quote_ident;
 
 /// Prefix of the logical message that opens a copy transaction.
 pub const COPY_PREFIX: &str = "pgcourier.copy";

@@ -1,0 +1,350 @@
+//! The capture cutter: pgoutput messages from a slot peek in, spool
+//! records out. Step 2 of a change's path (WAL → **records** → spool →
+//! ship → inbox → apply); the sender's `capture` is its driver: it peeks
+//! the slot, feeds each message here, appends the records this returns to
+//! the spool, commits (fsync) and advances the slot as [`PeekSummary::slot_step`]
+//! says.
+//!
+//! Pure: no I/O, no clock. Everything the cutter knows comes in as values
+//! (message bytes, the spool's next sequence number, the commit LSN already
+//! spooled, the tables' copy state, WAL positions read before the peek).
+//!
+//! What it decides, in the order a peek's messages meet it:
+//! - **Begin** opens a transaction. One whose commit LSN is at or below
+//!   `skip_through` (what the spool already holds: the slot lagged behind
+//!   the spool after a crash) is read through and *skipped*.
+//! - **Changes** are filtered against [`Tables`]: a Relation for a table
+//!   neither synced nor waiting makes it wait for a copy; Relations,
+//!   Inserts, Updates and Deletes of a waiting table are left out (the
+//!   copy's snapshot holds them); a Truncate keeps only its relations that
+//!   are not waiting. Everything else (Relations of other tables, Types,
+//!   Origins, logical messages) is kept, in order.
+//! - Kept messages are cut into records by [`TxnCutter`] (≤ 8 KiB plus one
+//!   message; fragments of 16 KiB for bigger messages).
+//! - **Commit** closes the transaction with its `end_lsn` on the last
+//!   record. A transaction with nothing kept is *dropped*: no record, but
+//!   its commit still counts for the spool's marks.
+//! - Anything out of order (a change outside a transaction, Begin inside
+//!   one, a Commit whose LSN differs from its Begin's, a peek that ends
+//!   inside a transaction, an empty message) is a [`CutError`].
+
+mod txn;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pgoutput::{self, DecodeError, Message};
+use crate::record::Record;
+use crate::Lsn;
+
+pub use txn::{TxnCutter, TxnHead};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CutError {
+    #[error("pgoutput message from the slot does not decode")]
+    Decode(#[from] DecodeError),
+    #[error("pgoutput stream out of order: {0}")]
+    OutOfOrder(&'static str),
+}
+
+/// Which published tables the branches hold the rows of. The two sets are
+/// disjoint; a table in neither (not published when capture started) is
+/// carried as it comes until its Relation makes it wait.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tables {
+    /// Copied, or present before with `initial-copy = false`: their changes
+    /// are carried.
+    pub synced: BTreeSet<u32>,
+    /// Waiting for a copy (or being copied): their changes are left out.
+    pub waiting: BTreeSet<u32>,
+}
+
+/// What one message did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Fed {
+    /// Records closed by this message, in sequence order: append them.
+    pub records: Vec<Record>,
+    /// A Relation for a table new to the stream: it was added to
+    /// `Tables::waiting`, which must be made durable with the next commit.
+    pub new_table: Option<u32>,
+}
+
+/// Counts and positions of one peek, for the spool commit, the slot and
+/// status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeekSummary {
+    /// Messages fed, Begin and Commit included.
+    pub messages: u64,
+    /// Transactions cut into records.
+    pub transactions: u64,
+    /// Records returned.
+    pub records: u64,
+    /// Transactions already in the spool (commit LSN ≤ `skip_through`).
+    pub skipped: u64,
+    /// Transactions whose every change was left to a pending copy.
+    pub dropped: u64,
+    /// Commit LSN of the last transaction cut or dropped (not skipped).
+    pub last_commit: Lsn,
+    /// Highest end LSN of any transaction seen, skipped ones included.
+    pub last_end: Lsn,
+}
+
+/// The WAL positions read just before a peek.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalPosition {
+    pub insert: Lsn,
+    pub flush: Lsn,
+}
+
+/// What may be confirmed to the slot after a peek. Every value is a claim
+/// about the spool: the driver confirms only with the spool's fsync in hand
+/// (invariant 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotStep {
+    /// Nothing new may be confirmed.
+    Hold,
+    /// Confirm the last transaction's end: everything up to it is in the
+    /// spool (this peek's commit, or an earlier one for skipped ones).
+    Committed(Lsn),
+    /// The peek found nothing below the WAL insert position read before it,
+    /// and WAL was flushed that far: confirm it, so a quiet publication does
+    /// not pin WAL on the source.
+    Quiet(Lsn),
+    /// A cut is pending and every transaction committing before it is
+    /// spooled: splice the copy in, then confirm the copy's end.
+    Splice,
+}
+
+impl PeekSummary {
+    /// Whether the spool must commit (fsync) this peek's work: something
+    /// was cut, or a dropped transaction moves the spool's marks.
+    pub fn needs_commit(&self) -> bool {
+        self.transactions > 0 || self.dropped > 0
+    }
+
+    /// What to confirm to the slot, given the WAL position read before the
+    /// peek and the pending cut's LSN, if any (the peek then read only up
+    /// to it).
+    pub fn slot_step(&self, wal: WalPosition, cut: Option<Lsn>) -> SlotStep {
+        if self.last_end > Lsn::ZERO {
+            return SlotStep::Committed(self.last_end);
+        }
+        if self.skipped > 0 {
+            return SlotStep::Hold;
+        }
+        match cut {
+            Some(cut) if wal.flush >= cut => SlotStep::Splice,
+            // Never past the cut before the copy is spliced in.
+            Some(_) => SlotStep::Hold,
+            None if wal.flush >= wal.insert => SlotStep::Quiet(wal.insert),
+            None => SlotStep::Hold,
+        }
+    }
+}
+
+enum Open {
+    /// Between transactions.
+    Idle,
+    /// Inside a transaction the spool already holds.
+    Skipping,
+    /// Inside a transaction being cut.
+    Cutting(TxnCutter),
+}
+
+/// Cuts the messages of one slot peek into records.
+pub struct Cutter {
+    next_seq: u64,
+    skip_through: Lsn,
+    open: Open,
+    summary: PeekSummary,
+}
+
+impl Cutter {
+    /// A peek whose first record takes `next_seq` (the spool's), and whose
+    /// transactions committing at or below `skip_through` (the spool's
+    /// captured commit LSN) are already spooled.
+    pub fn new(next_seq: u64, skip_through: Lsn) -> Cutter {
+        Cutter {
+            next_seq,
+            skip_through,
+            open: Open::Idle,
+            summary: PeekSummary::default(),
+        }
+    }
+
+    /// Sequence number the next record will take.
+    pub fn next_seq(&self) -> u64 {
+        match &self.open {
+            Open::Cutting(txn) => txn.next_seq(),
+            Open::Idle | Open::Skipping => self.next_seq,
+        }
+    }
+
+    /// Feed one pgoutput message, as the peek returned it.
+    pub fn message(&mut self, data: &[u8], tables: &mut Tables) -> Result<Fed, CutError> {
+        self.summary.messages += 1;
+        let mut fed = Fed::default();
+        match data.first() {
+            None => return Err(CutError::OutOfOrder("empty pgoutput message")),
+            Some(b'B') => {
+                let Message::Begin {
+                    final_lsn,
+                    commit_time,
+                    xid,
+                } = pgoutput::decode(data)?
+                else {
+                    return Err(CutError::OutOfOrder(
+                        "Begin message does not decode as Begin",
+                    ));
+                };
+                if !matches!(self.open, Open::Idle) {
+                    return Err(CutError::OutOfOrder("Begin inside a transaction"));
+                }
+                self.open = if final_lsn <= self.skip_through {
+                    Open::Skipping
+                } else {
+                    Open::Cutting(TxnCutter::new(
+                        self.next_seq,
+                        TxnHead {
+                            commit_lsn: final_lsn,
+                            commit_time,
+                            xid,
+                            only_for: None,
+                        },
+                    ))
+                };
+            }
+            Some(b'C') => {
+                let Message::Commit {
+                    end_lsn,
+                    commit_lsn,
+                    ..
+                } = pgoutput::decode(data)?
+                else {
+                    return Err(CutError::OutOfOrder(
+                        "Commit message does not decode as Commit",
+                    ));
+                };
+                let txn = match std::mem::replace(&mut self.open, Open::Idle) {
+                    Open::Idle => return Err(CutError::OutOfOrder("Commit outside a transaction")),
+                    Open::Skipping => {
+                        self.summary.last_end = self.summary.last_end.max(end_lsn);
+                        self.summary.skipped += 1;
+                        return Ok(fed);
+                    }
+                    Open::Cutting(txn) => txn,
+                };
+                if txn.head().commit_lsn != commit_lsn {
+                    return Err(CutError::OutOfOrder(
+                        "Commit LSN differs from Begin final LSN",
+                    ));
+                }
+                self.summary.last_end = self.summary.last_end.max(end_lsn);
+                self.summary.last_commit = commit_lsn;
+                if txn.is_empty() {
+                    self.summary.dropped += 1;
+                    return Ok(fed);
+                }
+                let record = txn.finish(end_lsn);
+                self.next_seq = record.seq + 1;
+                fed.records.push(record);
+                self.summary.transactions += 1;
+            }
+            Some(&kind) => {
+                let txn = match &mut self.open {
+                    Open::Idle => return Err(CutError::OutOfOrder("change outside a transaction")),
+                    Open::Skipping => return Ok(fed),
+                    Open::Cutting(txn) => txn,
+                };
+                let kept;
+                let data = match filter(kind, data, tables, &mut fed.new_table)? {
+                    Filter::Keep => data,
+                    Filter::Drop => return Ok(fed),
+                    Filter::Replace(bytes) => {
+                        kept = bytes;
+                        &kept
+                    }
+                };
+                fed.records = txn.push(data);
+            }
+        }
+        self.summary.records += fed.records.len() as u64;
+        Ok(fed)
+    }
+
+    /// End of the peek. A peek that ends inside a transaction is an error:
+    /// proto_version 1 returns whole transactions only.
+    pub fn finish(self) -> Result<PeekSummary, CutError> {
+        match self.open {
+            Open::Idle => Ok(self.summary),
+            Open::Skipping | Open::Cutting(_) => {
+                Err(CutError::OutOfOrder("peek ended inside a transaction"))
+            }
+        }
+    }
+}
+
+enum Filter {
+    Keep,
+    Drop,
+    Replace(Vec<u8>),
+}
+
+/// Leave out what a pending copy's snapshot holds: changes to tables
+/// waiting for a copy. A Relation for a table never seen makes it wait.
+fn filter(
+    kind: u8,
+    data: &[u8],
+    tables: &mut Tables,
+    new_table: &mut Option<u32>,
+) -> Result<Filter, CutError> {
+    match kind {
+        b'R' | b'I' | b'U' | b'D' => {
+            // Every one of these starts with the relation id.
+            let oid = match data.get(1..5) {
+                Some(b) => u32::from_be_bytes(b.try_into().expect("a 4-byte slice")),
+                None => return Err(CutError::OutOfOrder("change message too short")),
+            };
+            if kind == b'R' && !tables.synced.contains(&oid) && !tables.waiting.contains(&oid) {
+                tables.waiting.insert(oid);
+                *new_table = Some(oid);
+            }
+            Ok(if tables.waiting.contains(&oid) {
+                Filter::Drop
+            } else {
+                Filter::Keep
+            })
+        }
+        b'T' => {
+            let Message::Truncate {
+                cascade,
+                restart_identity,
+                rels,
+            } = pgoutput::decode(data)?
+            else {
+                return Err(CutError::OutOfOrder("Truncate does not decode"));
+            };
+            let kept: Vec<u32> = rels
+                .iter()
+                .copied()
+                .filter(|oid| !tables.waiting.contains(oid))
+                .collect();
+            Ok(if kept.len() == rels.len() {
+                Filter::Keep
+            } else if kept.is_empty() {
+                Filter::Drop
+            } else {
+                Filter::Replace(pgoutput::encode(&Message::Truncate {
+                    cascade,
+                    restart_identity,
+                    rels: kept,
+                }))
+            })
+        }
+        _ => Ok(Filter::Keep),
+    }
+}

@@ -1,0 +1,644 @@
+//! The cutter's rules, one test each (names say the rule), plus a property
+//! test that cutting loses, reorders and oversizes nothing.
+
+use super::*;
+use crate::pgoutput::{encode, Column, Relation, ReplicaIdentity, Value};
+use crate::record::{Piece, MAX_PIECE_BYTES, TARGET_RECORD_BYTES};
+
+const A: u32 = 16_385;
+const B: u32 = 16_386;
+const C: u32 = 16_387;
+
+fn begin(final_lsn: u64, xid: u32) -> Vec<u8> {
+    encode(&Message::Begin {
+        final_lsn: Lsn(final_lsn),
+        commit_time: 1_000 + i64::from(xid),
+        xid,
+    })
+}
+
+fn commit(commit_lsn: u64, end_lsn: u64) -> Vec<u8> {
+    encode(&Message::Commit {
+        flags: 0,
+        commit_lsn: Lsn(commit_lsn),
+        end_lsn: Lsn(end_lsn),
+        commit_time: 0,
+    })
+}
+
+fn relation(oid: u32) -> Vec<u8> {
+    encode(&Message::Relation(Relation {
+        oid,
+        schema: "public".into(),
+        name: format!("t{oid}"),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![Column {
+            key: true,
+            name: "v".into(),
+            type_oid: 25,
+            type_modifier: -1,
+        }],
+    }))
+}
+
+fn insert(oid: u32, text: &str) -> Vec<u8> {
+    encode(&Message::Insert {
+        rel: oid,
+        new: vec![Value::Text(text.into())],
+    })
+}
+
+/// An Insert into `oid` of exactly `len` bytes.
+fn insert_of_len(oid: u32, len: usize) -> Vec<u8> {
+    let overhead = insert(oid, "").len();
+    let msg = insert(oid, &"x".repeat(len - overhead));
+    assert_eq!(msg.len(), len);
+    msg
+}
+
+fn truncate(rels: &[u32]) -> Vec<u8> {
+    encode(&Message::Truncate {
+        cascade: true,
+        restart_identity: false,
+        rels: rels.to_vec(),
+    })
+}
+
+fn synced(oids: &[u32]) -> Tables {
+    Tables {
+        synced: oids.iter().copied().collect(),
+        waiting: BTreeSet::new(),
+    }
+}
+
+/// Feed every message; return the records in order and the summary.
+fn cut(
+    next_seq: u64,
+    skip_through: u64,
+    tables: &mut Tables,
+    messages: &[Vec<u8>],
+) -> (Vec<Record>, PeekSummary) {
+    let mut cutter = Cutter::new(next_seq, Lsn(skip_through));
+    let mut records = Vec::new();
+    for m in messages {
+        records.extend(
+            cutter
+                .message(m, tables)
+                .expect("a well-formed stream")
+                .records,
+        );
+    }
+    (
+        records,
+        cutter.finish().expect("the peek ends between transactions"),
+    )
+}
+
+/// One transaction (Begin final LSN `lsn`, end `lsn + 8`) around `body`.
+fn txn(lsn: u64, xid: u32, body: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut all = vec![begin(lsn, xid)];
+    all.extend(body);
+    all.push(commit(lsn, lsn + 8));
+    all
+}
+
+/// The whole messages the records carry, fragments joined, in order.
+fn reassemble(records: &[Record]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut partial: Option<Vec<u8>> = None;
+    for r in records {
+        for p in &r.pieces {
+            match p {
+                Piece::Message(m) => {
+                    assert!(partial.is_none(), "a message inside a fragmented one");
+                    out.push(m.clone());
+                }
+                Piece::Fragment { bytes, more } => {
+                    let buf = partial.get_or_insert_with(Vec::new);
+                    buf.extend_from_slice(bytes);
+                    if !more {
+                        out.push(partial.take().expect("just filled"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(partial.is_none(), "a fragmented message never ended");
+    out
+}
+
+#[test]
+fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
+    let body = vec![insert(A, "one"), insert(A, "two")];
+    let (records, summary) = cut(7, 0, &mut synced(&[A]), &txn(0x100, 42, body.clone()));
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(
+        (
+            r.seq,
+            r.part,
+            r.last,
+            r.end_lsn,
+            r.commit_lsn,
+            r.commit_time,
+            r.xid
+        ),
+        (7, 0, true, Lsn(0x108), Lsn(0x100), 1_042, 42)
+    );
+    assert_eq!(r.only_for, None);
+    assert_eq!(
+        reassemble(&records),
+        body,
+        "Begin and Commit are not pieces"
+    );
+    assert_eq!(
+        summary,
+        PeekSummary {
+            messages: 4,
+            transactions: 1,
+            records: 1,
+            skipped: 0,
+            dropped: 0,
+            last_commit: Lsn(0x100),
+            last_end: Lsn(0x108),
+        }
+    );
+}
+
+#[test]
+fn a_record_is_closed_before_a_message_that_would_take_it_past_8_kib() {
+    let body = vec![
+        insert_of_len(A, 3_000),
+        insert_of_len(A, 3_000),
+        insert_of_len(A, 3_000),
+    ];
+    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, body.clone()));
+    let sizes: Vec<usize> = records.iter().map(Record::payload_bytes).collect();
+    assert_eq!(sizes, vec![6_000, 3_000]);
+    assert_eq!(reassemble(&records), body);
+}
+
+#[test]
+fn a_transaction_of_exactly_8_kib_is_one_record_and_one_byte_more_makes_two() {
+    let half = TARGET_RECORD_BYTES / 2;
+    let exact = vec![insert_of_len(A, half), insert_of_len(A, half)];
+    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, exact));
+    assert_eq!(
+        records.len(),
+        1,
+        "a payload of exactly the target stays whole"
+    );
+    assert_eq!(records[0].payload_bytes(), TARGET_RECORD_BYTES);
+
+    let over = vec![insert_of_len(A, half), insert_of_len(A, half + 1)];
+    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, over));
+    assert_eq!(records.len(), 2);
+}
+
+#[test]
+fn parts_count_from_zero_and_only_the_last_record_carries_last_and_the_end_lsn() {
+    let body: Vec<Vec<u8>> = (0..5).map(|_| insert_of_len(A, 5_000)).collect();
+    let (records, _) = cut(10, 0, &mut synced(&[A]), &txn(0x100, 1, body));
+    assert_eq!(records.len(), 5);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.seq, 10 + i as u64, "sequence numbers are dense");
+        assert_eq!(r.part, i as u32);
+        let last = i == 4;
+        assert_eq!(r.last, last, "record {i}");
+        assert_eq!(
+            r.end_lsn,
+            if last { Lsn(0x108) } else { Lsn::ZERO },
+            "record {i}"
+        );
+        assert_eq!(r.commit_lsn, Lsn(0x100));
+    }
+}
+
+#[test]
+fn a_message_over_16_kib_travels_as_16_kib_fragments_each_closing_its_record() {
+    let big = insert_of_len(A, 2 * MAX_PIECE_BYTES + 100);
+    let body = vec![insert(A, "before"), big.clone()];
+    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, body.clone()));
+    // The small message's record is closed first; then two full fragments
+    // close their records; the last fragment ends the transaction.
+    let shapes: Vec<Vec<(usize, Option<bool>)>> = records
+        .iter()
+        .map(|r| {
+            r.pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Message(m) => (m.len(), None),
+                    Piece::Fragment { bytes, more } => (bytes.len(), Some(*more)),
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        vec![
+            vec![(body[0].len(), None)],
+            vec![(MAX_PIECE_BYTES, Some(true))],
+            vec![(MAX_PIECE_BYTES, Some(true))],
+            vec![(100, Some(false))],
+        ]
+    );
+    assert_eq!(reassemble(&records), body);
+}
+
+#[test]
+fn a_message_of_exactly_16_kib_is_one_piece_not_a_fragment() {
+    let exact = insert_of_len(A, MAX_PIECE_BYTES);
+    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, vec![exact.clone()]));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].pieces, vec![Piece::Message(exact)]);
+}
+
+#[test]
+fn messages_after_a_last_fragment_join_its_record_while_under_8_kib() {
+    let big = insert_of_len(A, MAX_PIECE_BYTES + 1);
+    let small = insert(A, "after");
+    let (records, _) = cut(
+        1,
+        0,
+        &mut synced(&[A]),
+        &txn(0x100, 1, vec![big, small.clone()]),
+    );
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records[1].pieces,
+        vec![
+            Piece::Fragment {
+                bytes: vec![b'x'],
+                more: false
+            },
+            Piece::Message(small)
+        ]
+    );
+    // A last fragment of a full 16 KiB leaves no room: the next message
+    // opens a record of its own.
+    let big = insert_of_len(A, 2 * MAX_PIECE_BYTES);
+    let (records, _) = cut(
+        1,
+        0,
+        &mut synced(&[A]),
+        &txn(0x100, 1, vec![big, insert(A, "after")]),
+    );
+    assert_eq!(records.len(), 3);
+}
+
+#[test]
+fn transactions_follow_one_another_with_dense_seqs_and_parts_from_zero() {
+    let mut stream = txn(
+        0x100,
+        1,
+        vec![insert_of_len(A, 5_000), insert_of_len(A, 5_000)],
+    );
+    stream.extend(txn(0x200, 2, vec![insert(A, "x")]));
+    let mut cutter = Cutter::new(3, Lsn::ZERO);
+    let mut tables = synced(&[A]);
+    let mut records = Vec::new();
+    for m in &stream {
+        records.extend(cutter.message(m, &mut tables).unwrap().records);
+    }
+    assert_eq!(cutter.next_seq(), 6);
+    let ids: Vec<(u64, u32, Lsn)> = records
+        .iter()
+        .map(|r| (r.seq, r.part, r.commit_lsn))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![(3, 0, Lsn(0x100)), (4, 1, Lsn(0x100)), (5, 0, Lsn(0x200))]
+    );
+    let summary = cutter.finish().unwrap();
+    assert_eq!((summary.transactions, summary.records), (2, 3));
+    assert_eq!(
+        (summary.last_commit, summary.last_end),
+        (Lsn(0x200), Lsn(0x208))
+    );
+}
+
+#[test]
+fn transactions_the_spool_already_holds_are_skipped_but_their_end_counts() {
+    let mut stream = txn(0x100, 1, vec![insert(A, "held")]);
+    stream.extend(txn(0x101, 2, vec![insert(A, "new")]));
+    let (records, summary) = cut(5, 0x100, &mut synced(&[A]), &stream);
+    assert_eq!(
+        records.len(),
+        1,
+        "commit LSN at skip_through is skipped, above it is cut"
+    );
+    assert_eq!((records[0].seq, records[0].commit_lsn), (5, Lsn(0x101)));
+    assert_eq!((summary.skipped, summary.transactions), (1, 1));
+
+    let (records, summary) = cut(
+        5,
+        0x100,
+        &mut synced(&[A]),
+        &txn(0x100, 1, vec![insert(A, "held")]),
+    );
+    assert!(records.is_empty());
+    assert_eq!(summary.skipped, 1);
+    assert_eq!(
+        summary.last_end,
+        Lsn(0x108),
+        "a skipped transaction's end may be confirmed"
+    );
+    assert_eq!(
+        summary.last_commit,
+        Lsn::ZERO,
+        "a skipped transaction is not committed again"
+    );
+    assert!(!summary.needs_commit());
+}
+
+#[test]
+fn a_skipped_transaction_does_not_make_its_new_tables_wait() {
+    let mut tables = synced(&[]);
+    let (_, summary) = cut(
+        1,
+        0x100,
+        &mut tables,
+        &txn(0x100, 1, vec![relation(B), insert(B, "x")]),
+    );
+    assert_eq!(summary.skipped, 1);
+    assert!(tables.waiting.is_empty());
+}
+
+#[test]
+fn changes_to_a_waiting_table_are_left_out_and_a_transaction_of_only_those_is_dropped() {
+    let mut tables = Tables {
+        synced: BTreeSet::new(),
+        waiting: [A].into(),
+    };
+    let body = vec![
+        relation(A),
+        insert(A, "x"),
+        encode(&Message::Update {
+            rel: A,
+            old: None,
+            new: vec![Value::Text("y".into())],
+        }),
+    ];
+    let (records, summary) = cut(9, 0, &mut tables, &txn(0x100, 1, body));
+    assert!(records.is_empty());
+    assert_eq!(summary.dropped, 1);
+    assert_eq!(summary.transactions, 0);
+    assert_eq!(
+        summary.last_commit,
+        Lsn(0x100),
+        "the spool's marks move past a dropped one"
+    );
+    assert_eq!(summary.last_end, Lsn(0x108));
+    assert!(summary.needs_commit());
+}
+
+#[test]
+fn an_empty_transaction_is_dropped_without_a_record() {
+    let mut cutter = Cutter::new(4, Lsn::ZERO);
+    let mut tables = synced(&[A]);
+    for m in txn(0x100, 1, vec![]) {
+        assert!(cutter.message(&m, &mut tables).unwrap().records.is_empty());
+    }
+    assert_eq!(cutter.next_seq(), 4, "a dropped transaction takes no seq");
+    let summary = cutter.finish().unwrap();
+    assert_eq!(
+        (summary.dropped, summary.transactions, summary.records),
+        (1, 0, 0)
+    );
+}
+
+#[test]
+fn a_relation_for_a_table_never_seen_makes_it_wait_and_is_left_out_with_its_changes() {
+    let mut tables = synced(&[A]);
+    let mut cutter = Cutter::new(1, Lsn::ZERO);
+    cutter.message(&begin(0x100, 1), &mut tables).unwrap();
+    let fed = cutter.message(&relation(B), &mut tables).unwrap();
+    assert_eq!(fed.new_table, Some(B));
+    assert_eq!(tables.waiting, [B].into());
+    let fed = cutter.message(&relation(B), &mut tables).unwrap();
+    assert_eq!(fed.new_table, None, "told once");
+    cutter.message(&insert(B, "left out"), &mut tables).unwrap();
+    cutter.message(&insert(A, "kept"), &mut tables).unwrap();
+    let records = cutter
+        .message(&commit(0x100, 0x108), &mut tables)
+        .unwrap()
+        .records;
+    assert_eq!(reassemble(&records), vec![insert(A, "kept")]);
+}
+
+#[test]
+fn relations_types_origins_and_messages_of_carried_tables_stay_in_order_with_the_changes() {
+    let body = vec![
+        encode(&Message::Origin {
+            lsn: Lsn(5),
+            name: "o".into(),
+        }),
+        encode(&Message::Type {
+            oid: 900,
+            schema: "public".into(),
+            name: "mood".into(),
+        }),
+        relation(A),
+        insert(A, "1"),
+        relation(A),
+        insert(A, "2"),
+        encode(&Message::LogicalMessage {
+            transactional: true,
+            lsn: Lsn(6),
+            prefix: "p".into(),
+            content: b"c".to_vec(),
+        }),
+        truncate(&[A]),
+    ];
+    let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, body.clone()));
+    assert_eq!(reassemble(&records), body);
+}
+
+#[test]
+fn a_change_to_a_table_in_neither_set_is_carried() {
+    let (records, _) = cut(1, 0, &mut synced(&[]), &txn(0x100, 1, vec![insert(C, "x")]));
+    assert_eq!(reassemble(&records), vec![insert(C, "x")]);
+}
+
+#[test]
+fn a_truncate_keeps_only_its_tables_that_are_not_waiting() {
+    let mut tables = Tables {
+        synced: [A, C].into(),
+        waiting: [B].into(),
+    };
+    let body = vec![truncate(&[A, B, C]), truncate(&[B]), truncate(&[A])];
+    let (records, _) = cut(1, 0, &mut tables, &txn(0x100, 1, body));
+    assert_eq!(
+        reassemble(&records),
+        vec![truncate(&[A, C]), truncate(&[A])],
+        "flags kept, waiting relation removed, a truncate of only waiting tables left out"
+    );
+}
+
+#[test]
+fn out_of_order_and_malformed_streams_are_errors() {
+    let cases: Vec<(&str, Vec<Vec<u8>>, CutError)> = vec![
+        (
+            "change outside a transaction",
+            vec![insert(A, "x")],
+            CutError::OutOfOrder("change outside a transaction"),
+        ),
+        (
+            "Begin inside a transaction",
+            vec![begin(0x100, 1), begin(0x200, 2)],
+            CutError::OutOfOrder("Begin inside a transaction"),
+        ),
+        (
+            "Commit outside a transaction",
+            vec![commit(0x100, 0x108)],
+            CutError::OutOfOrder("Commit outside a transaction"),
+        ),
+        (
+            "Commit of another transaction",
+            vec![begin(0x100, 1), commit(0x200, 0x208)],
+            CutError::OutOfOrder("Commit LSN differs from Begin final LSN"),
+        ),
+        (
+            "empty message",
+            vec![vec![]],
+            CutError::OutOfOrder("empty pgoutput message"),
+        ),
+        (
+            "change too short for its relation id",
+            vec![begin(0x100, 1), b"I\0\0".to_vec()],
+            CutError::OutOfOrder("change message too short"),
+        ),
+        (
+            "truncated Begin",
+            vec![begin(0x100, 1)[..5].to_vec()],
+            CutError::Decode(DecodeError::Truncated { kind: 'B', at: 1 }),
+        ),
+    ];
+    for (what, stream, expected) in cases {
+        let mut cutter = Cutter::new(1, Lsn::ZERO);
+        let mut tables = synced(&[A]);
+        let err = stream
+            .iter()
+            .map(|m| cutter.message(m, &mut tables))
+            .find_map(Result::err)
+            .unwrap_or_else(|| panic!("{what}: accepted"));
+        match (&err, &expected) {
+            // The decoder's exact position is its own business.
+            (CutError::Decode(_), CutError::Decode(_)) => {}
+            _ => assert_eq!(err, expected, "{what}"),
+        }
+    }
+    let mut cutter = Cutter::new(1, Lsn::ZERO);
+    cutter.message(&begin(0x100, 1), &mut synced(&[A])).unwrap();
+    assert_eq!(
+        cutter.finish().unwrap_err(),
+        CutError::OutOfOrder("peek ended inside a transaction")
+    );
+}
+
+#[test]
+fn a_transaction_cut_for_one_receiver_says_so_on_every_record_and_may_end_empty() {
+    let head = TxnHead {
+        commit_lsn: Lsn(0xFF),
+        commit_time: 5,
+        xid: 0,
+        only_for: Some("late".into()),
+    };
+    let mut txn = TxnCutter::new(20, head.clone());
+    let mut records = txn.push(&insert_of_len(A, MAX_PIECE_BYTES + 10));
+    records.push(txn.finish(Lsn(0x100)));
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r.only_for.as_deref() == Some("late")));
+    assert_eq!(records[1].end_lsn, Lsn(0x100));
+
+    let empty = TxnCutter::new(30, head).finish(Lsn(0x100));
+    assert!(empty.last && empty.pieces.is_empty() && empty.part == 0 && empty.seq == 30);
+}
+
+#[test]
+fn the_slot_is_told_the_last_end_or_the_quiet_insert_position_or_to_splice() {
+    let wal = |insert, flush| WalPosition {
+        insert: Lsn(insert),
+        flush: Lsn(flush),
+    };
+    let nothing = PeekSummary::default();
+    let spooled = PeekSummary {
+        transactions: 1,
+        last_end: Lsn(0x300),
+        ..PeekSummary::default()
+    };
+    assert_eq!(
+        spooled.slot_step(wal(0x500, 0x500), None),
+        SlotStep::Committed(Lsn(0x300))
+    );
+    assert_eq!(
+        spooled.slot_step(wal(0x500, 0x500), Some(Lsn(0x400))),
+        SlotStep::Committed(Lsn(0x300)),
+        "a peek that returned transactions confirms them; the splice waits for an empty peek"
+    );
+    assert_eq!(
+        nothing.slot_step(wal(0x500, 0x500), None),
+        SlotStep::Quiet(Lsn(0x500))
+    );
+    assert_eq!(
+        nothing.slot_step(wal(0x500, 0x4FF), None),
+        SlotStep::Hold,
+        "WAL not flushed to the insert position: a commit below it may not be decodable yet"
+    );
+    assert_eq!(
+        nothing.slot_step(wal(0x500, 0x400), Some(Lsn(0x400))),
+        SlotStep::Splice
+    );
+    assert_eq!(
+        nothing.slot_step(wal(0x500, 0x3FF), Some(Lsn(0x400))),
+        SlotStep::Hold,
+        "the cut is not flushed yet"
+    );
+    assert_eq!(
+        nothing.slot_step(wal(0x500, 0x500), Some(Lsn(0x600))),
+        SlotStep::Hold,
+        "never quiet past a pending cut"
+    );
+    let skipped_without_end = PeekSummary {
+        skipped: 1,
+        ..PeekSummary::default()
+    };
+    assert_eq!(
+        skipped_without_end.slot_step(wal(0x500, 0x500), None),
+        SlotStep::Hold
+    );
+}
+
+mod property {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the message sizes, the records give back every message in
+        /// order, each record is encodable and its payload stays under
+        /// 8 KiB + 16 KiB, and every piece is at most 16 KiB.
+        #[test]
+        fn cutting_loses_reorders_and_oversizes_nothing(
+            sizes in proptest::collection::vec(20usize..40_000, 1..40),
+            first_seq in 1u64..1_000,
+        ) {
+            let body: Vec<Vec<u8>> = sizes.iter().map(|&n| insert_of_len(A, n)).collect();
+            let (records, summary) = cut(first_seq, 0, &mut synced(&[A]), &txn(0x100, 1, body.clone()));
+            prop_assert_eq!(reassemble(&records), body);
+            prop_assert_eq!(summary.records, records.len() as u64);
+            for (i, r) in records.iter().enumerate() {
+                prop_assert_eq!(r.seq, first_seq + i as u64);
+                prop_assert_eq!(r.part, i as u32);
+                prop_assert_eq!(r.last, i + 1 == records.len());
+                prop_assert!(!r.pieces.is_empty());
+                prop_assert!(r.payload_bytes() <= TARGET_RECORD_BYTES + MAX_PIECE_BYTES);
+                prop_assert!(r.pieces.iter().all(|p| p.len() <= MAX_PIECE_BYTES));
+                prop_assert!(r.encode().is_ok());
+            }
+        }
+    }
+}

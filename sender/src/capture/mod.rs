@@ -1,0 +1,108 @@
+//! Capture: source WAL → pgoutput messages → spool records. Steps 1-4 of a
+//! change's path (**slot peek → cutter → spool fsync → slot advance** →
+//! ship → inbox → apply), and the copy's C1, C3 and C4.
+//!
+//! The slot is read with `pg_logical_slot_peek_binary_changes` (proto_version
+//! 1: only committed transactions, each whole and in commit order); its rows
+//! are streamed, never collected, through the pure cutter
+//! ([`pgcourier_proto::cutter`]) into records of at most ~24 KiB. After a
+//! peek's transactions are appended, [`Spool::commit`] fsyncs them (off the
+//! async workers) and returns a [`Synced`] position; only with it in hand is
+//! the slot advanced (`pg_replication_slot_advance`): the slot never
+//! confirms what the spool could lose (invariant 1).
+//!
+//! After a crash between the spool fsync and the slot advance, the next peek
+//! returns transactions already spooled; they are recognised by their commit
+//! LSN (at or below the spool's `captured_commit_lsn`) and skipped.
+//!
+//! A quiet publication would pin WAL on the source forever (PostgreSQL 15
+//! emits nothing for transactions that touch no published table), so when a
+//! peek returns nothing the slot is advanced to the WAL insert position read
+//! before the peek, provided WAL was flushed that far: every commit record
+//! that starts below that position was then visible to the peek.
+//!
+//! Files, by role:
+//! - `run.rs`: the session loop: connect, check the source, retry with
+//!   backoff, pause while the spool is full.
+//! - `poll.rs`: one peek, driven through the cutter into the spool.
+//! - `slot.rs`: WAL positions, and the slot advance (takes a `Synced` mark).
+//! - `tables.rs`: which tables wait for a copy; choosing and taking cuts.
+//! - `splice.rs`: the SPLICE: a cut's copy spooled as the transaction at
+//!   L − 1, the tables it copied marked synced, `needs_copy` answered.
+//! - `export.rs`: a seed export: the copy written to a file, a marker
+//!   spooled.
+//! - `status.rs`, `error.rs`: what admin and the CLI see.
+//!
+//! [`Synced`]: pgcourier_common::store::durable::Synced
+
+mod error;
+mod export;
+mod poll;
+mod run;
+mod slot;
+mod splice;
+mod status;
+mod tables;
+
+use std::sync::{Arc, Mutex};
+
+use pgcourier_proto::Lsn;
+use tokio::sync::mpsc;
+
+use crate::config::SenderConfig;
+use crate::spool::{CopyState, Spool};
+
+pub use error::CaptureError;
+pub use export::ExportError;
+pub use status::{CaptureStatus, SeedOutcome, SeedRequest, SeedSummary};
+
+use tables::PendingCut;
+
+pub struct Capture {
+    cfg: Arc<SenderConfig>,
+    spool: Arc<Spool>,
+    pub status: Arc<Mutex<CaptureStatus>>,
+    /// The slot's confirmed_flush_lsn as last seen or set by us.
+    confirmed: Lsn,
+    /// The copy bookkeeping, as in the spool's `copy_state` (loaded by each
+    /// session).
+    copy_state: CopyState,
+    /// A cut taken and not yet spliced into the spool.
+    cut: Option<PendingCut>,
+    seeds: Option<mpsc::Receiver<SeedRequest>>,
+}
+
+impl Capture {
+    pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Capture {
+        Capture {
+            cfg,
+            spool,
+            status: Arc::default(),
+            confirmed: Lsn::ZERO,
+            copy_state: CopyState::default(),
+            cut: None,
+            seeds: None,
+        }
+    }
+
+    /// Accept seed export requests from this channel.
+    pub fn with_seeds(mut self, seeds: mpsc::Receiver<SeedRequest>) -> Capture {
+        self.seeds = Some(seeds);
+        self
+    }
+
+    /// Run `f` on the spool off the async workers: for the calls that
+    /// fsync.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Spool) -> Result<T, pgcourier_common::store::durable::StoreError>
+            + Send
+            + 'static,
+    ) -> Result<T, CaptureError> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || f(&spool))
+            .await
+            .map_err(CaptureError::Blocking)?
+            .map_err(CaptureError::from)
+    }
+}

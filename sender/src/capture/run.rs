@@ -1,0 +1,180 @@
+//! The capture loop: a session per source connection, retried with backoff
+//! on transient errors; inside a session, peek after peek, paused while the
+//! spool is full, with cuts taken when a copy or a seed is due.
+
+use std::time::{Duration, Instant};
+
+use pgcourier_common::ops::backoff::error_chain;
+use tokio_util::sync::CancellationToken;
+
+use super::tables::Job;
+use super::{Capture, CaptureError};
+use crate::source::{self, SourceError};
+
+/// How often slot statistics are read (and new tables looked for).
+const STATS_EVERY: Duration = Duration::from_secs(2);
+
+impl Capture {
+    /// Capture until `shutdown`, reconnecting with backoff on transient
+    /// errors. Returns a definite error (the operator must act).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), CaptureError> {
+        let mut backoff = crate::Backoff::new(self.cfg.max_backoff);
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.session(&shutdown) => r,
+            };
+            // A cut does not survive its connection.
+            if let Some(pending) = self.cut.take() {
+                if let Job::Seed(req) = pending.job {
+                    req.answer(
+                        &self.status,
+                        Err(match &result {
+                            Err(e) => error_chain(e),
+                            Ok(()) => "the sender is stopping".into(),
+                        }),
+                    );
+                }
+            }
+            self.status.lock().expect("status lock").copy = None;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    self.status.lock().expect("status lock").last_error = Some(error_chain(&e));
+                    let delay = backoff.next();
+                    backoff.log_once("capture", &e, delay);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    self.status.lock().expect("status lock").last_error = Some(error_chain(&e));
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// One source connection: check the source and the slot, load the copy
+    /// bookkeeping, then peek until an error or `shutdown`.
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<(), CaptureError> {
+        let client = source::connect(&self.cfg.source).await?;
+        let spooled_source = self.spool.source()?;
+        let identity = source::prepare(&client, &self.cfg, spooled_source.is_some()).await?;
+        match spooled_source {
+            Some(s) if s != identity.source_id => {
+                return Err(SourceError::WrongSource {
+                    spool: s,
+                    configured: identity.source_id,
+                }
+                .into());
+            }
+            Some(_) => {}
+            None => {
+                let id = identity.source_id.clone();
+                self.blocking(move |spool| spool.set_source(&id)).await?;
+            }
+        }
+        self.confirmed = identity.confirmed_flush;
+        self.load_tables(&client).await?;
+        tracing::info!(slot = %self.cfg.slot, confirmed = %self.confirmed, "capturing from source");
+        {
+            let mut st = self.status.lock().expect("status lock");
+            st.last_error = None;
+            // Re-checked (and re-reported) before the first peek.
+            st.spool_full = false;
+        }
+        let mut stats_at = Instant::now() - Duration::from_secs(60);
+        loop {
+            if self.spool_full() {
+                // Paused: the slot keeps WAL on the source until receivers
+                // catch up and the spool is trimmed.
+                if stats_at.elapsed() >= STATS_EVERY {
+                    stats_at = Instant::now();
+                    let stats = source::slot_stats(&client, &self.cfg.slot).await?;
+                    self.status.lock().expect("status lock").slot = stats;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                }
+                continue;
+            }
+            if self.cut.is_none() {
+                self.next_cut(&client, shutdown).await?;
+            }
+            let peek = self.poll(&client).await?;
+            {
+                let mut st = self.status.lock().expect("status lock");
+                st.transactions += peek.transactions;
+                st.copy_waiting = self.copy_state.tables.waiting.len();
+            }
+            if stats_at.elapsed() >= STATS_EVERY {
+                stats_at = Instant::now();
+                let stats = source::slot_stats(&client, &self.cfg.slot).await?;
+                self.status.lock().expect("status lock").slot = stats;
+                self.find_new_tables(&client).await?;
+            }
+            // Each peek decodes the WAL from the slot's restart LSN, which
+            // PostgreSQL moves only every few seconds: peeking again at once
+            // is worth it only while a backlog fills whole peeks.
+            let caught_up = peek.messages < u64::from(self.cfg.capture_batch_changes);
+            if caught_up {
+                let idle = self.cut.is_none();
+                let seeds = self.seeds.as_mut();
+                let request = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => None,
+                    Some(req) = async move {
+                        match seeds {
+                            Some(rx) if idle => rx.recv().await,
+                            _ => std::future::pending().await,
+                        }
+                    } => Some(req),
+                };
+                if let Some(req) = request {
+                    self.start_cut(&client, Job::Seed(req), shutdown).await?;
+                }
+            } else if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether the spool is at `spool-max-bytes`; logs and reports the
+    /// change either way.
+    fn spool_full(&self) -> bool {
+        let Some(max) = self.cfg.spool_max_bytes else {
+            return false;
+        };
+        let bytes = self.spool.bytes();
+        let full = bytes >= max;
+        let mut st = self.status.lock().expect("status lock");
+        if full != st.spool_full {
+            st.spool_full = full;
+            if full {
+                let retained = st
+                    .slot
+                    .as_ref()
+                    .and_then(|s| s.retained_wal_bytes)
+                    .unwrap_or(0);
+                let message = format!("the spool holds {bytes} bytes, at spool-max-bytes ({max}): capture is paused and the slot keeps WAL on the source until the receivers catch up");
+                tracing::error!(
+                    spool_bytes = bytes,
+                    spool_max_bytes = max,
+                    retained_wal_bytes = retained,
+                    "{message}"
+                );
+                st.last_error = Some(message);
+            } else {
+                tracing::info!(
+                    spool_bytes = bytes,
+                    "the spool has room again; capture resumes"
+                );
+                st.last_error = None;
+            }
+        }
+        full
+    }
+}

@@ -1,0 +1,155 @@
+//! What is copied: the publication's tables, and their definitions read in
+//! the cut's snapshot (the copy's metadata and one Relation per table).
+
+use pgcourier_common::pg::quote_ident;
+use pgcourier_common::store::seed_file::{CopyColumn, CopyMeta, CopyTable};
+use pgcourier_proto::pgoutput::{Column, Relation, ReplicaIdentity};
+use tokio_postgres::Client;
+
+use super::{CopyError, Cut};
+use crate::source::SourceError;
+
+/// The OIDs of the tables in the publication now.
+pub async fn published_tables(client: &Client, publication: &str) -> Result<Vec<u32>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT c.oid FROM pg_publication_tables p \
+             JOIN pg_namespace n ON n.nspname = p.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+             WHERE p.pubname = $1 ORDER BY 1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| SourceError::query("list the publication's tables", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+pub(super) async fn quoted_names(
+    client: &Client,
+    oids: &[u32],
+) -> Result<Vec<String>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY($1) ORDER BY c.oid",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| SourceError::query("look up the tables to copy", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| format!("{}.{}", quote_ident(r.get(0)), quote_ident(r.get(1))))
+        .collect())
+}
+
+/// The definitions of the tables to copy, read in the cut's snapshot, as
+/// the copy's metadata and one pgoutput Relation message per table.
+pub async fn describe(
+    cut: &Cut,
+    oids: &[u32],
+    reason: &str,
+) -> Result<(CopyMeta, Vec<Relation>), CopyError> {
+    let mut tables = Vec::new();
+    let mut relations = Vec::new();
+    for &oid in oids {
+        let Some(t) = cut
+            .client
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
+                        greatest(c.reltuples, 0)::int8, pg_table_size(c.oid) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| SourceError::query("read a table to copy", e))?
+        else {
+            // Dropped since it was listed: nothing to copy.
+            continue;
+        };
+        let ident: String = t.get(2);
+        let cols = cut
+            .client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                        a.atttypid, a.atttypmod, \
+                        coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i \
+                            WHERE i.indrelid = a.attrelid AND i.indisprimary)::int2[]), false), \
+                        coalesce(a.attnum = ANY ((SELECT i.indkey FROM pg_index i \
+                            WHERE i.indrelid = a.attrelid AND i.indisreplident)::int2[]), false) \
+                 FROM pg_attribute a \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 ORDER BY a.attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| SourceError::query("read the columns of a table to copy", e))?;
+        let pk = cut
+            .client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| SourceError::query("read the primary key of a table to copy", e))?;
+        let replica_identity = match ident.as_str() {
+            "d" => ReplicaIdentity::Default,
+            "n" => ReplicaIdentity::Nothing,
+            "f" => ReplicaIdentity::Full,
+            "i" => ReplicaIdentity::Index,
+            _ => {
+                return Err(CopyError::ReplicaIdentity {
+                    table: format!("{}.{}", quote_ident(t.get(0)), quote_ident(t.get(1))),
+                    value: ident,
+                })
+            }
+        };
+        let relation = Relation {
+            oid,
+            schema: t.get(0),
+            name: t.get(1),
+            replica_identity,
+            columns: cols
+                .iter()
+                .map(|c| Column {
+                    key: match replica_identity {
+                        ReplicaIdentity::Full => true,
+                        ReplicaIdentity::Default => c.get(5),
+                        ReplicaIdentity::Index => c.get(6),
+                        ReplicaIdentity::Nothing => false,
+                    },
+                    name: c.get(0),
+                    type_oid: c.get(3),
+                    type_modifier: c.get(4),
+                })
+                .collect(),
+        };
+        tables.push(CopyTable {
+            oid,
+            schema: t.get(0),
+            name: t.get(1),
+            columns: cols
+                .iter()
+                .map(|c| CopyColumn {
+                    name: c.get(0),
+                    type_sql: c.get(1),
+                    not_null: c.get(2),
+                })
+                .collect(),
+            primary_key: pk.iter().map(|r| r.get(0)).collect(),
+            rows_estimate: u64::try_from(t.get::<_, i64>(3)).unwrap_or(0),
+            bytes_estimate: u64::try_from(t.get::<_, i64>(4)).unwrap_or(0),
+        });
+        relations.push(relation);
+    }
+    Ok((
+        CopyMeta {
+            cut_lsn: cut.lsn,
+            reason: reason.to_owned(),
+            tables,
+        },
+        relations,
+    ))
+}

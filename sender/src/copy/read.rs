@@ -1,0 +1,191 @@
+//! The read: `copy-workers` connections join the cut's exported snapshot
+//! and stream the tables' rows as pgoutput Insert messages, a table at a
+//! time each, their rows interleaved 64 KiB at a time.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_util::{pin_mut, TryStreamExt};
+use pgcourier_common::pg::quote_ident;
+use pgcourier_common::store::seed_file::CopyTable;
+use pgcourier_proto::pgoutput::{self, Message, Value};
+use tokio_postgres::Client;
+
+use super::{CopyError, Cut};
+use crate::source::{self, SourceError};
+
+/// Rows of one table, as pgoutput Insert messages, in the order read.
+#[derive(Debug)]
+pub struct Rows {
+    /// Index of the table in the list given to [`read_rows`].
+    pub table: usize,
+    pub messages: Vec<Vec<u8>>,
+    /// Bytes of `messages`.
+    pub bytes: u64,
+    /// The table's last rows.
+    pub done: bool,
+}
+
+impl Rows {
+    fn empty(table: usize) -> Rows {
+        Rows {
+            table,
+            messages: Vec::new(),
+            bytes: 0,
+            done: false,
+        }
+    }
+}
+
+/// Rows are handed over at this many bytes of messages.
+const CHUNK_BYTES: u64 = 64 * 1024;
+
+/// Stream every row of `tables`, read in the cut's snapshot, to `take`:
+/// `workers` connections read tables side by side (each joins the snapshot
+/// the cut exported). Memory is bounded by the chunks in the channel. The
+/// readers are tracked in a `JoinSet`: an error from `take` ends them all.
+pub async fn read_rows<E: From<CopyError>>(
+    cfg: &tokio_postgres::Config,
+    workers: usize,
+    cut: &Cut,
+    tables: &[CopyTable],
+    mut take: impl FnMut(Rows) -> Result<(), E>,
+) -> Result<(), E> {
+    let snapshot = cut.export_snapshot().await?;
+    let tables = Arc::new(tables.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers = workers.clamp(1, tables.len().max(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Rows>(4 * workers);
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        readers.spawn(reader(
+            cfg.clone(),
+            snapshot.clone(),
+            tables.clone(),
+            next.clone(),
+            tx.clone(),
+        ));
+    }
+    drop(tx);
+    let mut rows = vec![0u64; tables.len()];
+    let mut bytes = vec![0u64; tables.len()];
+    while let Some(chunk) = rx.recv().await {
+        let i = chunk.table;
+        rows[i] += chunk.messages.len() as u64;
+        bytes[i] += chunk.bytes;
+        let done = chunk.done;
+        take(chunk)?;
+        if done {
+            tracing::info!(table = %tables[i].quoted(), rows = rows[i], mb = bytes[i] / 1_000_000, "table copied");
+        }
+    }
+    while let Some(joined) = readers.join_next().await {
+        joined
+            .map_err(CopyError::Reader)?
+            .map_err(CopyError::from)?;
+    }
+    Ok(())
+}
+
+/// The SELECT that reads a table's rows as text, columns in Relation order.
+async fn select_sql(client: &Client, table: &CopyTable) -> Result<String, SourceError> {
+    let relkind: String = client
+        .query_one(
+            "SELECT relkind::text FROM pg_class WHERE oid = $1",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| SourceError::query("read a table to copy", e))?
+        .get(0);
+    let cols: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| format!("{}::text", quote_ident(&c.name)))
+        .collect();
+    Ok(format!(
+        "SELECT {} FROM {}{}",
+        if cols.is_empty() {
+            "NULL::text".to_owned()
+        } else {
+            cols.join(", ")
+        },
+        if relkind == "p" { "" } else { "ONLY " },
+        table.quoted()
+    ))
+}
+
+/// One reader: its own connection in the cut's exported snapshot; takes
+/// the next table not yet taken until none is left. Stops quietly when
+/// the copy was abandoned (the receiving end is gone).
+async fn reader(
+    cfg: tokio_postgres::Config,
+    snapshot: String,
+    tables: Arc<Vec<CopyTable>>,
+    next: Arc<AtomicUsize>,
+    tx: tokio::sync::mpsc::Sender<Rows>,
+) -> Result<(), SourceError> {
+    let client = source::connect(&cfg).await?;
+    let read = read_tables(&client, &snapshot, &tables, &next, &tx).await;
+    client.close().await;
+    read
+}
+
+async fn read_tables(
+    client: &Client,
+    snapshot: &str,
+    tables: &[CopyTable],
+    next: &AtomicUsize,
+    tx: &tokio::sync::mpsc::Sender<Rows>,
+) -> Result<(), SourceError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+        ))
+        .await
+        .map_err(|e| SourceError::query("join the copy snapshot", e))?;
+    tracing::info!(%snapshot, "copy reader joined the snapshot");
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(table) = tables.get(i) else {
+            return Ok(());
+        };
+        let sql = select_sql(client, table).await?;
+        let stream = client
+            .query_raw(
+                &sql,
+                std::iter::empty::<&(dyn tokio_postgres::types::ToSql + Sync)>(),
+            )
+            .await
+            .map_err(|e| SourceError::query("read rows to copy", e))?;
+        pin_mut!(stream);
+        let mut chunk = Rows::empty(i);
+        while let Some(row) = stream
+            .try_next()
+            .await
+            .map_err(|e| SourceError::query("read rows to copy", e))?
+        {
+            let new: Vec<Value> = (0..table.columns.len())
+                .map(|c| match row.get::<_, Option<String>>(c) {
+                    Some(t) => Value::Text(t),
+                    None => Value::Null,
+                })
+                .collect();
+            let msg = pgoutput::encode(&Message::Insert {
+                rel: table.oid,
+                new,
+            });
+            chunk.bytes += msg.len() as u64;
+            chunk.messages.push(msg);
+            if chunk.bytes >= CHUNK_BYTES {
+                let full = std::mem::replace(&mut chunk, Rows::empty(i));
+                if tx.send(full).await.is_err() {
+                    return Ok(()); // the copy was abandoned
+                }
+            }
+        }
+        chunk.done = true;
+        if tx.send(chunk).await.is_err() {
+            return Ok(());
+        }
+    }
+}
