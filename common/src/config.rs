@@ -83,33 +83,14 @@ pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
 }
 
-/// Defaults both daemons share (store cache and link settings); each
-/// setting's trade-off is in docs/configuration.md.
+/// Defaults both daemons share (store cache, reconnect backoff); the QUIC
+/// link's are in [`crate::transport::settings`]. Each setting's trade-off
+/// is in docs/configuration.md.
 pub mod defaults {
     use std::time::Duration;
 
-    use crate::transport::quic::Congestion;
-
     pub fn cache_capacity() -> u64 {
         64 << 20
-    }
-    pub fn idle_timeout() -> Duration {
-        Duration::from_secs(30)
-    }
-    pub fn keep_alive() -> Duration {
-        Duration::from_secs(5)
-    }
-    pub fn window() -> u64 {
-        16 << 20
-    }
-    /// Measured on netem's 3g profile (2% random loss), 100k-transaction
-    /// backlog: BBR kept the link 90% busy (goodput 87%), Cubic 47% (loss-
-    /// limited). See README, Benchmarks.
-    pub fn congestion() -> Congestion {
-        Congestion::Bbr
-    }
-    pub fn initial_rtt() -> Duration {
-        Duration::from_millis(100)
     }
     /// A reconnect attempt costs a few packets; a short cap means the link is
     /// used again within seconds of coming back.
@@ -118,9 +99,11 @@ pub mod defaults {
     }
 }
 
-/// Where the database password comes from, when not in the connection string.
+/// Where the database password comes from, when not in the connection string
+/// (settings `password-env`, `password-file`; flattened into both daemons'
+/// configs, whose own `deny_unknown_fields` still refuses unknown settings).
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct PasswordSource {
     /// Name of an environment variable holding the password.
     pub password_env: Option<String>,
