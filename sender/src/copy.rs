@@ -223,7 +223,7 @@ pub async fn describe(
 }
 
 /// Progress of one table's copy, for logs and status.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct TableProgress {
     pub table: String,
     pub rows: u64,
@@ -234,7 +234,7 @@ pub struct TableProgress {
 }
 
 /// Progress of the copy being read, shared with status.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct CopyProgress {
     pub reason: String,
     pub cut_lsn: String,

@@ -111,7 +111,7 @@ impl Drop for ConnStats<'_> {
 }
 
 /// One receiver's link as the sender sees it.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
     pub connected: bool,
     pub peer: Option<String>,

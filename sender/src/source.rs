@@ -254,7 +254,7 @@ pub async fn advance_slot(client: &Client, slot: &str, to: Lsn) -> Result<(), So
 }
 
 /// What the source keeps for our slot.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SlotStats {
     pub slot: String,
     pub active: bool,

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use pgcourier_proto::pgoutput::{self, Message, OldTuple, Relation, Tuple, Value};
 use pgcourier_proto::record::{Piece, Record};
@@ -23,7 +23,7 @@ pub fn age_seconds(micros: i64) -> f64 {
 }
 
 /// One line of `list`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RecordLine {
     pub seq: u64,
     pub commit_lsn: String,
