@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use pgcourier_common::ops::admin::{Endpoint, Kind, Metrics, Response, Role};
+use pgcourier_common::ops::admin::{self, Endpoint, Kind, Metrics, Response, Role};
 use pgcourier_common::ops::inspect;
 use pgcourier_proto::record::Record;
 use serde::{Deserialize, Serialize};
@@ -272,27 +272,14 @@ pub fn relations(inbox: &Inbox) -> HashMap<u32, pgcourier_proto::pgoutput::Relat
 
 /// `show`: one record as JSON or SQL; 404 text when absent.
 pub fn show(inbox: &Inbox, seq: u64, format: &str) -> Response {
-    let bytes = match inbox.get(seq) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            return Response::text(
-                404,
-                format!("record {seq} is not in the inbox (applied records are deleted)"),
-            )
-        }
-        Err(e) => return Response::text(500, format!("inbox read failed: {e}")),
-    };
-    let record = match Record::decode(&bytes) {
-        Ok(r) => r,
-        Err(e) => return Response::text(500, format!("record {seq} is corrupt: {e}")),
-    };
-    let mut rels = relations(inbox);
-    let view = inspect::view(&record, &mut rels);
-    if format == "sql" {
-        Response::text(200, inspect::sql(&view, &rels))
-    } else {
-        Response::json(200, &view)
-    }
+    admin::show_record(
+        seq,
+        format,
+        "inbox",
+        "applied records are deleted",
+        inbox.get(seq),
+        || relations(inbox),
+    )
 }
 
 pub struct Admin {

@@ -11,12 +11,13 @@ use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
 
+/// The daemon's own settings. The shared ones (link: [`TransportSettings`];
+/// database password: [`PasswordSource`]) sit beside them at the top level;
+/// `config::load_toml` refuses any key that is none of these.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 struct RawReceiverConfig {
     target: String,
-    #[serde(flatten)]
-    password: PasswordSource,
     inbox_dir: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -36,8 +37,6 @@ struct RawReceiverConfig {
     cache_capacity: u64,
     #[serde(default, deserialize_with = "de_opt_size")]
     inbox_max_bytes: Option<u64>,
-    #[serde(flatten)]
-    transport: TransportSettings,
     #[serde(default = "defaults::max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
 }
@@ -95,11 +94,12 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl ReceiverConfig {
     pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
-        let raw: RawReceiverConfig = config::load_toml(path)?;
+        let (raw, transport, password): (RawReceiverConfig, TransportSettings, PasswordSource) =
+            config::load_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let password = PasswordSource {
-            password_env: raw.password.password_env,
-            password_file: raw.password.password_file.map(|p| base.join(p)),
+            password_env: password.password_env,
+            password_file: password.password_file.map(|p| base.join(p)),
         };
         let target = config::pg_config("target", &raw.target, &password)?;
         let link = match (raw.listen, raw.sender_address) {
@@ -141,7 +141,7 @@ impl ReceiverConfig {
             create_tables: raw.create_tables,
             cache_capacity: raw.cache_capacity,
             inbox_max_bytes: raw.inbox_max_bytes,
-            transport: raw.transport,
+            transport,
             max_backoff: raw.max_backoff,
         })
     }
@@ -157,11 +157,15 @@ mod tests {
 
     const BASE: &str = "target = \"host=/tmp dbname=b\"\ninbox-dir = \"inbox\"\ncert = \"r.crt\"\nkey = \"r.key\"\nlisten = \"127.0.0.1:7000\"\nsender-fingerprints = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n";
 
-    fn load(extra: &str) -> Result<ReceiverConfig, ConfigError> {
+    fn load_text(text: &str) -> Result<ReceiverConfig, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("receiver.toml");
-        std::fs::write(&path, format!("{BASE}{extra}")).unwrap();
+        std::fs::write(&path, text).unwrap();
         ReceiverConfig::load(&path)
+    }
+
+    fn load(extra: &str) -> Result<ReceiverConfig, ConfigError> {
+        load_text(&format!("{BASE}{extra}"))
     }
 
     #[test]
@@ -173,8 +177,12 @@ mod tests {
             pgcourier_common::transport::settings::Congestion::Cubic
         );
         let err = load("windwo = \"32MiB\"\n").unwrap_err().to_string();
-        assert!(err.contains("windwo"), "{err}");
+        assert!(err.contains("unknown setting `windwo`"), "{err}");
+        // A misspelt required setting is named as unknown, not as missing.
+        let text = BASE.replace("inbox-dir", "inbox-dri");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown setting `inbox-dri`"), "{err}");
         let err = load("window = \"12 parsecs\"\n").unwrap_err().to_string();
-        assert!(err.contains("setting `window`") && err.contains("parsecs"), "{err}");
+        assert!(err.contains("window = \"12 parsecs\"") && err.contains("unknown size unit"), "{err}");
     }
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use pgcourier_common::ops::admin::{Endpoint, Kind, Metrics, Response, Role};
+use pgcourier_common::ops::admin::{self, Endpoint, Kind, Metrics, Response, Role};
 use pgcourier_common::ops::inspect;
 use pgcourier_proto::pgoutput::Relation;
 use pgcourier_proto::record::Record;
@@ -328,28 +328,16 @@ pub fn list(spool: &Spool, from: Option<u64>, limit: usize) -> Vec<inspect::Reco
     out
 }
 
+/// `show`: one record as JSON or SQL; 404 text when absent.
 pub fn show(spool: &Spool, seq: u64, format: &str) -> Response {
-    let bytes = match spool.get(seq) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            return Response::text(
-                404,
-                format!("record {seq} is not in the spool (acknowledged records are deleted)"),
-            )
-        }
-        Err(e) => return Response::text(500, format!("spool read failed: {e}")),
-    };
-    let record = match Record::decode(&bytes) {
-        Ok(r) => r,
-        Err(e) => return Response::text(500, format!("record {seq} is corrupt: {e}")),
-    };
-    let mut rels = relations_before(spool, seq, 2000);
-    let view = inspect::view(&record, &mut rels);
-    if format == "sql" {
-        Response::text(200, inspect::sql(&view, &rels))
-    } else {
-        Response::json(200, &view)
-    }
+    admin::show_record(
+        seq,
+        format,
+        "spool",
+        "acknowledged records are deleted",
+        spool.get(seq),
+        || relations_before(spool, seq, 2000),
+    )
 }
 
 pub struct Admin {

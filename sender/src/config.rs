@@ -11,12 +11,13 @@ use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
 
+/// The daemon's own settings. The shared ones (link: [`TransportSettings`];
+/// database password: [`PasswordSource`]) sit beside them at the top level;
+/// `config::load_toml` refuses any key that is none of these.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 struct RawSenderConfig {
     source: String,
-    #[serde(flatten)]
-    password: PasswordSource,
     #[serde(default = "default_slot")]
     slot: String,
     #[serde(default = "default_slot")]
@@ -47,8 +48,6 @@ struct RawSenderConfig {
     cache_capacity: u64,
     #[serde(default, deserialize_with = "de_opt_size")]
     spool_max_bytes: Option<u64>,
-    #[serde(flatten)]
-    transport: TransportSettings,
     #[serde(default = "defaults::max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
     #[serde(default, rename = "receiver")]
@@ -149,15 +148,21 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl SenderConfig {
     pub fn load(path: &Path) -> Result<SenderConfig, ConfigError> {
-        let raw: RawSenderConfig = config::load_toml(path)?;
+        let (raw, transport, password): (RawSenderConfig, TransportSettings, PasswordSource) =
+            config::load_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        SenderConfig::from_raw(raw, base)
+        SenderConfig::from_raw(raw, transport, password, base)
     }
 
-    fn from_raw(raw: RawSenderConfig, base: &Path) -> Result<SenderConfig, ConfigError> {
+    fn from_raw(
+        raw: RawSenderConfig,
+        transport: TransportSettings,
+        password: PasswordSource,
+        base: &Path,
+    ) -> Result<SenderConfig, ConfigError> {
         let password = PasswordSource {
-            password_env: raw.password.password_env,
-            password_file: raw.password.password_file.map(|p| base.join(p)),
+            password_env: password.password_env,
+            password_file: password.password_file.map(|p| base.join(p)),
         };
         let source = config::pg_config("source", &raw.source, &password)?;
         if raw.slot.is_empty()
@@ -255,7 +260,7 @@ impl SenderConfig {
             zstd_level_pinned: raw.zstd_level.is_some(),
             cache_capacity: raw.cache_capacity,
             spool_max_bytes: raw.spool_max_bytes,
-            transport: raw.transport,
+            transport,
             max_backoff: raw.max_backoff,
             receivers,
         })

@@ -32,7 +32,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ops::inspect::RecordLine;
+use pgcourier_proto::pgoutput::Relation;
+use pgcourier_proto::record::Record;
+
+use crate::ops::inspect::{self, RecordLine};
 
 /// The largest request head accepted (hyper's smallest buffer).
 const MAX_HEAD: usize = 8 * 1024;
@@ -139,6 +142,40 @@ pub fn route<E: Endpoint + ?Sized>(endpoint: &E, req: &Request) -> Response {
             .control(path, &req.query)
             .unwrap_or_else(unknown_request),
         _ => unknown_request(),
+    }
+}
+
+/// `/records/<seq>` of a store: the record `found` (what the store's `get`
+/// returned) decoded with the Relations from `relations`, as `sql` text or
+/// JSON; 404 naming the `store` and why records `leave` it when absent.
+pub fn show_record(
+    seq: u64,
+    format: &str,
+    store: &str,
+    leave: &str,
+    found: Result<Option<Vec<u8>>, impl std::fmt::Display>,
+    relations: impl FnOnce() -> HashMap<u32, Relation>,
+) -> Response {
+    let bytes = match found {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            return Response::text(
+                404,
+                format!("record {seq} is not in the {store} ({leave})"),
+            )
+        }
+        Err(e) => return Response::text(500, format!("{store} read failed: {e}")),
+    };
+    let record = match Record::decode(&bytes) {
+        Ok(r) => r,
+        Err(e) => return Response::text(500, format!("record {seq} is corrupt: {e}")),
+    };
+    let mut rels = relations();
+    let view = inspect::view(&record, &mut rels);
+    if format == "sql" {
+        Response::text(200, inspect::sql(&view, &rels))
+    } else {
+        Response::json(200, &view)
     }
 }
 

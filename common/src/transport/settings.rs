@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::config::{de_duration, de_size};
 
@@ -18,24 +18,24 @@ pub enum Congestion {
     NewReno,
 }
 
-/// How a daemon's QUIC connections behave on the link. Read from the
-/// daemon's config file (`#[serde(flatten)]` into it: the settings sit at
-/// the top level); the trade-off of each is in docs/configuration.md.
+/// How a daemon's QUIC connections behave on the link. Read from the top
+/// level of the daemon's config file (`config::load_toml`); the trade-off
+/// of each is in docs/configuration.md.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct TransportSettings {
     /// Default `bbr`: measured on netem's 3g profile (2% random loss),
     /// 100k-transaction backlog, BBR kept the link 90% busy (goodput 87%),
     /// Cubic 47% (loss-limited). See README, Benchmarks.
-    #[serde(default = "default_congestion", deserialize_with = "de_congestion")]
+    #[serde(default = "default_congestion")]
     pub congestion: Congestion,
     /// Default 30 s; `0s` disables it. The connection is dropped after this
     /// long without a packet (the smaller of both sides' values wins).
-    #[serde(default = "default_idle_timeout", deserialize_with = "de_idle_timeout")]
+    #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
     /// Default 5 s; `0s` disables it. Keeps NAT bindings and the idle
     /// timeout alive on a quiet link, at one small packet per interval.
-    #[serde(default = "default_keep_alive", deserialize_with = "de_keep_alive")]
+    #[serde(default = "default_keep_alive", deserialize_with = "de_duration")]
     pub keep_alive: Duration,
     /// Setting `window`, default 16MiB: connection and stream receive
     /// windows and the send window, in bytes. Should be at least twice the
@@ -43,37 +43,12 @@ pub struct TransportSettings {
     #[serde(
         rename = "window",
         default = "default_window",
-        deserialize_with = "de_window"
+        deserialize_with = "de_size"
     )]
     pub window_bytes: u64,
     /// Default 100 ms: the RTT assumed before the first measurement.
-    #[serde(default = "default_initial_rtt", deserialize_with = "de_initial_rtt")]
+    #[serde(default = "default_initial_rtt", deserialize_with = "de_duration")]
     pub initial_rtt: Duration,
-}
-
-// Flattened fields reach serde through a buffer, so the TOML parser cannot
-// point at their line: each error names its setting instead.
-fn named<'de, D: Deserializer<'de>, T>(
-    d: D,
-    setting: &str,
-    parse: impl FnOnce(D) -> Result<T, D::Error>,
-) -> Result<T, D::Error> {
-    parse(d).map_err(|e| serde::de::Error::custom(format_args!("setting `{setting}`: {e}")))
-}
-fn de_congestion<'de, D: Deserializer<'de>>(d: D) -> Result<Congestion, D::Error> {
-    named(d, "congestion", Congestion::deserialize)
-}
-fn de_idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    named(d, "idle-timeout", de_duration)
-}
-fn de_keep_alive<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    named(d, "keep-alive", de_duration)
-}
-fn de_window<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    named(d, "window", de_size)
-}
-fn de_initial_rtt<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    named(d, "initial-rtt", de_duration)
 }
 
 fn default_congestion() -> Congestion {
@@ -126,11 +101,11 @@ mod tests {
         let t: TransportSettings = toml::from_str("window = 1048576").unwrap();
         assert_eq!(t.window_bytes, 1 << 20);
         for (text, setting) in [
-            ("window = \"12 parsecs\"", "`window`"),
-            ("congestion = \"vegas\"", "`congestion`"),
-            ("idle-timeout = \"soon\"", "`idle-timeout`"),
-            ("keep-alive = \"5 parsecs\"", "`keep-alive`"),
-            ("initial-rtt = 3", "`initial-rtt`"),
+            ("window = \"12 parsecs\"", "window"),
+            ("congestion = \"vegas\"", "congestion"),
+            ("idle-timeout = \"soon\"", "idle-timeout"),
+            ("keep-alive = \"5 parsecs\"", "keep-alive"),
+            ("initial-rtt = 3", "initial-rtt"),
         ] {
             let err = toml::from_str::<TransportSettings>(text).unwrap_err().to_string();
             assert!(err.contains(setting), "{text}: {err}");
