@@ -337,3 +337,42 @@ impl Endpoint for Admin {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the daemon serializes on `/status`, the queue CLI reads back
+    /// typed: every field, nested ones included, survives the trip.
+    #[test]
+    fn the_status_the_daemon_writes_is_what_the_queue_cli_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        let mut apply = ApplyStatus {
+            applied_seq: 4,
+            applied_commit_time: 1,
+            last_error: Some("relation \"t\" does not exist".into()),
+            error_class: Some("missing_table"),
+            paused: true,
+            blocking_seq: Some(5),
+            ..Default::default()
+        };
+        let mut copy = crate::apply::LoadProgress::default();
+        copy.tables = vec![("\"public\".\"t\"".into(), 1, 2)];
+        copy.eta_seconds = Some(1.0);
+        apply.copy = Some(copy);
+        let link = LinkStatus {
+            connected: true,
+            rtt_ms: Some(3.5),
+            ..Default::default()
+        };
+        let st = status(&inbox, &apply, Some(&link), true);
+        let written = serde_json::to_value(&st).unwrap();
+        assert_eq!(written["role"], "receiver");
+        assert_eq!(written["apply_state"], "paused");
+        assert_eq!(written["error_class"], "missing_table");
+        let read: ReceiverStatus = serde_json::from_value(written.clone()).unwrap();
+        assert_eq!(read.apply_state, ApplyState::Paused);
+        assert_eq!(serde_json::to_value(&read).unwrap(), written);
+    }
+}

@@ -404,3 +404,66 @@ impl Endpoint for Admin {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the daemon serializes on `/status`, the queue CLI reads back
+    /// typed: every field, nested ones included, survives the trip.
+    #[test]
+    fn the_status_the_daemon_writes_is_what_the_queue_cli_reads() {
+        let st = SenderStatus {
+            role: Role::Sender,
+            running: true,
+            source: Some("7000/db/pgcourier".into()),
+            slot: Some(crate::source::SlotStats {
+                slot: "pgcourier".into(),
+                active: true,
+                retained_wal_bytes: Some(4096),
+                ..Default::default()
+            }),
+            capture_error: Some("source unreachable".into()),
+            spool_full: false,
+            captured_end_lsn: "0/16B3748".into(),
+            spool_records: 3,
+            spool_bytes: 900,
+            first_seq: 7,
+            complete_seq: 9,
+            oldest_commit_time: Some("2026-11-02T10:00:00.000Z".into()),
+            oldest_age_seconds: 1.5,
+            receivers: vec![ReceiverView {
+                name: "branch0".into(),
+                acked_seq: 6,
+                records_behind: 3,
+                bytes_behind: 900,
+                lag_seconds: 2.0,
+                link: Some(LinkStatus {
+                    connected: true,
+                    rtt_ms: Some(12.5),
+                    ..Default::default()
+                }),
+            }],
+            shipping: Some(ShippingTotals {
+                batches: 1,
+                records: 2,
+                raw_bytes: 3,
+                compressed_bytes: 4,
+                compression_ratio: 0.75,
+                udp_tx_bytes: 5,
+                resent_bytes: 6,
+            }),
+            copy: Some(crate::copy::CopyProgress {
+                tables: vec![crate::copy::TableProgress::default()],
+                eta_seconds: Some(3.0),
+                ..Default::default()
+            }),
+            copy_waiting: 1,
+            last_seed: None,
+        };
+        let written = serde_json::to_value(&st).unwrap();
+        assert_eq!(written["role"], "sender");
+        let read: SenderStatus = serde_json::from_value(written.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&read).unwrap(), written);
+    }
+}
