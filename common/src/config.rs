@@ -261,10 +261,14 @@ mod tests {
 
     #[test]
     fn settings_split_over_structs_are_all_read_and_a_misspelt_one_is_named_first() {
-        assert_eq!(settings::<PasswordSource>(), ["password-env", "password-file"]);
-        let (own, shared, pw) =
-            load("spool-dir = \"s\"\nkeep-alive = \"1s\"\npassword-env = \"X\"\nreceiver = [\"b\"]")
-                .unwrap();
+        assert_eq!(
+            settings::<PasswordSource>(),
+            ["password-env", "password-file"]
+        );
+        let (own, shared, pw) = load(
+            "spool-dir = \"s\"\nkeep-alive = \"1s\"\npassword-env = \"X\"\nreceiver = [\"b\"]",
+        )
+        .unwrap();
         assert_eq!(own.spool_dir, "s");
         assert_eq!(own.receivers, ["b"]);
         assert_eq!(shared.keep_alive.as_deref(), Some("1s"));

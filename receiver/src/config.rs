@@ -170,7 +170,8 @@ mod tests {
 
     #[test]
     fn shared_settings_are_read_at_the_top_level_and_unknown_ones_refused() {
-        let c = load("window = \"32MiB\"\ncongestion = \"cubic\"\npassword-env = \"HOME\"\n").unwrap();
+        let c =
+            load("window = \"32MiB\"\ncongestion = \"cubic\"\npassword-env = \"HOME\"\n").unwrap();
         assert_eq!(c.transport.window_bytes, 32 << 20);
         assert_eq!(
             c.transport.congestion,
@@ -183,6 +184,9 @@ mod tests {
         let err = load_text(&text).unwrap_err().to_string();
         assert!(err.contains("unknown setting `inbox-dri`"), "{err}");
         let err = load("window = \"12 parsecs\"\n").unwrap_err().to_string();
-        assert!(err.contains("window = \"12 parsecs\"") && err.contains("unknown size unit"), "{err}");
+        assert!(
+            err.contains("window = \"12 parsecs\"") && err.contains("unknown size unit"),
+            "{err}"
+        );
     }
 }

@@ -43,7 +43,14 @@ pub fn human_secs(s: f64) -> String {
 /// The record table of `list`.
 pub fn list(lines: &[RecordLine]) -> String {
     const NUMERIC: [usize; 4] = [0, 1, 3, 4];
-    let header = ["seq", "commit lsn", "commit time", "changes", "bytes", "tables"];
+    let header = [
+        "seq",
+        "commit lsn",
+        "commit time",
+        "changes",
+        "bytes",
+        "tables",
+    ];
     let mut table = Table::new();
     table
         .load_preset(presets::NOTHING)
@@ -168,10 +175,7 @@ fn sender(st: &SenderStatus) -> String {
     if st.copy_waiting > 0 {
         line(
             "copy waiting",
-            format!(
-                "{} tables (their changes wait with them)",
-                st.copy_waiting
-            ),
+            format!("{} tables (their changes wait with them)", st.copy_waiting),
         );
     }
     if let Some(seed) = &st.last_seed {
@@ -332,8 +336,14 @@ mod tests {
         let text = list(&[line(9, false), line(10, true)]);
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(rows.len(), 3, "{text}");
-        assert!(rows[0].starts_with("seq  commit lsn  commit time "), "{text}");
-        assert!(rows[1].starts_with("  9   0/16B3748  2026-11-02T10:00:00.000Z"), "{text}");
+        assert!(
+            rows[0].starts_with("seq  commit lsn  commit time "),
+            "{text}"
+        );
+        assert!(
+            rows[1].starts_with("  9   0/16B3748  2026-11-02T10:00:00.000Z"),
+            "{text}"
+        );
         assert!(
             rows[1].ends_with("\"public\".\"items\", \"public\".\"t\"  (continues)"),
             "{text}"

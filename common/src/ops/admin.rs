@@ -129,15 +129,10 @@ pub fn route<E: Endpoint + ?Sized>(endpoint: &E, req: &Request) -> Response {
                 .unwrap_or(20);
             Response::json(200, &endpoint.list(from, limit))
         }
-        ("GET", path) if path.starts_with("/records/") => {
-            match path["/records/".len()..].parse() {
-                Ok(seq) => endpoint.show(
-                    seq,
-                    req.query.get("format").map_or("json", String::as_str),
-                ),
-                Err(_) => Response::text(400, "record sequence must be a number"),
-            }
-        }
+        ("GET", path) if path.starts_with("/records/") => match path["/records/".len()..].parse() {
+            Ok(seq) => endpoint.show(seq, req.query.get("format").map_or("json", String::as_str)),
+            Err(_) => Response::text(400, "record sequence must be a number"),
+        },
         ("POST", path) => endpoint
             .control(path, &req.query)
             .unwrap_or_else(unknown_request),
@@ -159,10 +154,7 @@ pub fn show_record(
     let bytes = match found {
         Ok(Some(b)) => b,
         Ok(None) => {
-            return Response::text(
-                404,
-                format!("record {seq} is not in the {store} ({leave})"),
-            )
+            return Response::text(404, format!("record {seq} is not in the {store} ({leave})"))
         }
         Err(e) => return Response::text(500, format!("{store} read failed: {e}")),
     };
@@ -320,8 +312,10 @@ async fn answer<E: Endpoint>(
     let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
     *out.status_mut() = hyper::StatusCode::from_u16(response.status)
         .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    out.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(response.content_type));
+    out.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(response.content_type),
+    );
     out
 }
 
@@ -400,7 +394,10 @@ pub async fn fetch(
             let response = sender.send_request(request).await.map_err(http)?;
             let status = response.status().as_u16();
             let body = response.into_body().collect().await.map_err(http)?;
-            Ok((status, String::from_utf8_lossy(&body.to_bytes()).into_owned()))
+            Ok((
+                status,
+                String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            ))
         };
         let (answer, _closed) = tokio::join!(ask, conn);
         answer
@@ -525,7 +522,14 @@ mod tests {
 
     #[test]
     fn query_components_round_trip_through_the_server_decoder() {
-        for s in ["plain", "a b&c=d", "100% ünïcode", "", "/tmp/a b&c=d%e/ü.seed", "x+y"] {
+        for s in [
+            "plain",
+            "a b&c=d",
+            "100% ünïcode",
+            "",
+            "/tmp/a b&c=d%e/ü.seed",
+            "x+y",
+        ] {
             let encoded = percent_encode(s);
             assert!(!encoded.contains([' ', '&', '=', '+']), "{encoded}");
             let decoded: Vec<(String, String)> =
@@ -541,9 +545,27 @@ mod tests {
     fn metrics_are_prometheus_text_with_each_family_in_one_group() {
         let mut m = Metrics::default();
         m.gauge("pgcourier_x", "An x.", 1.5);
-        m.sample("pgcourier_y", "A y.", Kind::Gauge, &[("receiver", "b\"1")], 2.0);
-        m.sample("pgcourier_z", "A z.", Kind::Counter, &[("receiver", "b\"1")], 4.0);
-        m.sample("pgcourier_y", "A y.", Kind::Gauge, &[("receiver", "b2")], 3.0);
+        m.sample(
+            "pgcourier_y",
+            "A y.",
+            Kind::Gauge,
+            &[("receiver", "b\"1")],
+            2.0,
+        );
+        m.sample(
+            "pgcourier_z",
+            "A z.",
+            Kind::Counter,
+            &[("receiver", "b\"1")],
+            4.0,
+        );
+        m.sample(
+            "pgcourier_y",
+            "A y.",
+            Kind::Gauge,
+            &[("receiver", "b2")],
+            3.0,
+        );
         m.gauge("pgcourier_inf", "Infinite.", f64::INFINITY);
         let text = m.finish();
         assert_eq!(
@@ -578,7 +600,8 @@ mod tests {
             Response::text(200, format!("record {seq} as {format}"))
         }
         fn control(&self, path: &str, query: &HashMap<String, String>) -> Option<Response> {
-            (path == "/skip").then(|| Response::text(200, format!("skip {:?}", query.get("reason"))))
+            (path == "/skip")
+                .then(|| Response::text(200, format!("skip {:?}", query.get("reason"))))
         }
     }
 
@@ -589,16 +612,23 @@ mod tests {
             Server::start("0.0.0.0:0".parse().unwrap(), Arc::new(Echo), token.clone()).await,
             Err(AdminError::NotLoopback(_))
         ));
-        let server = Server::start("127.0.0.1:0".parse().unwrap(), Arc::new(Echo), token.clone())
-            .await
-            .unwrap();
+        let server = Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Echo),
+            token.clone(),
+        )
+        .await
+        .unwrap();
         let addr = server.local_addr();
         let ask = |method: &'static str, path: &'static str| fetch(addr, method, path);
         assert_eq!(
             ask("POST", "/skip?seq=3&reason=a%20b+c").await.unwrap(),
             (200, "skip Some(\"a b c\")".to_owned())
         );
-        assert_eq!(ask("GET", "/status").await.unwrap(), (200, "\"fine\"".to_owned()));
+        assert_eq!(
+            ask("GET", "/status").await.unwrap(),
+            (200, "\"fine\"".to_owned())
+        );
         assert_eq!(
             ask("GET", "/metrics").await.unwrap(),
             (200, "echo_status{s=\"fine\"} 1\n".to_owned())
@@ -636,9 +666,13 @@ mod tests {
     async fn a_client_that_sends_no_request_head_is_dropped_after_the_head_timeout() {
         use tokio::io::AsyncReadExt;
         let token = CancellationToken::new();
-        let server = Server::start("127.0.0.1:0".parse().unwrap(), Arc::new(Echo), token.clone())
-            .await
-            .unwrap();
+        let server = Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Echo),
+            token.clone(),
+        )
+        .await
+        .unwrap();
         let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
         let mut buf = Vec::new();
         let closed = tokio::time::timeout(HEAD_TIMEOUT * 3, idle.read_to_end(&mut buf)).await;

@@ -29,8 +29,7 @@ pub fn init(format: &str) {
 /// Cancel `token` on SIGTERM or SIGINT; returns then, or as soon as
 /// `token` is cancelled by anyone else (so it never outlives the daemon).
 pub async fn cancel_on_signal(token: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGTERM");

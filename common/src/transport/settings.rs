@@ -107,7 +107,9 @@ mod tests {
             ("keep-alive = \"5 parsecs\"", "keep-alive"),
             ("initial-rtt = 3", "initial-rtt"),
         ] {
-            let err = toml::from_str::<TransportSettings>(text).unwrap_err().to_string();
+            let err = toml::from_str::<TransportSettings>(text)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(setting), "{text}: {err}");
         }
     }

@@ -89,7 +89,6 @@ mod tests {
             .join(":")
     }
 
-
     #[test]
     fn fingerprint_parsing_accepts_plain_colon_separated_prefixed_and_any_case_hex() {
         let want = expected();

@@ -94,7 +94,6 @@ pub(crate) fn check_validity(
 // ---------------------------------------------------------------------------
 // Pinned verifiers.
 
-
 /// The error a verifier returns for a certificate whose fingerprint is not
 /// pinned.
 #[derive(thiserror::Error)]
