@@ -1,29 +1,54 @@
 //! The receiver's durable inbox of records received from the sender (sled).
+//! Ingest writes it (after the sender's batch is verified), apply reads and
+//! empties it: QUIC → ingest → **inbox** → apply → target.
 //!
-//! Layout:
-//! - tree `records`: key = seq as u64 big-endian, value = the encoded record
-//!   exactly as the sender spooled it (its checksum is checked on arrival
-//!   and again before apply).
-//! - tree `meta`: `durable_seq` (highest seq stored and fsynced; what we
-//!   acknowledge), `source` (identity of the source the inbox belongs to).
+//! Keys and values:
+//! - tree `records`: key = seq as u64 big-endian, value = the encoded
+//!   record exactly as the sender spooled it (its checksum is checked on
+//!   arrival and again before apply). Dense from the first stored seq to
+//!   `durable_seq`.
+//! - tree `meta`:
+//!   - `durable_seq`: u64 big-endian, highest seq stored and fsynced (what
+//!     ingest acknowledges; 0: none).
+//!   - `source`: UTF-8 identity of the source the inbox belongs to (absent
+//!     in a new inbox; set by the first sender's `Welcome` or a seed import,
+//!     never changed afterwards).
 //! - tree `relations`: key = source relation OID (u32 big-endian), value =
 //!   the latest pgoutput Relation message seen for it at apply time, so apply
 //!   can resume after a restart with records whose Relation message was in a
 //!   record already applied and deleted.
 //!
+//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (under sled's blob
+//! threshold, so it stays in the fsynced log). The records' total is held
+//! under `inbox-max-bytes` by ingest, which waits (the sender keeps the batch)
+//! while a batch would take the inbox past it; an empty inbox always takes
+//! one batch, so the most the inbox holds is the limit plus one batch
+//! ([`MAX_BATCH_RAW_BYTES`](pgcourier_proto::frame::MAX_BATCH_RAW_BYTES)). `relations` holds one entry per published
+//! table ever seen. Without a limit the inbox grows while apply is stopped.
+//!
 //! Who writes and deletes: ingest appends whole batches and fsyncs before it
-//! acknowledges ([`Inbox::store_batch`]). Apply deletes records only after
-//! the target transaction holding them (and the progress row) committed;
-//! what it deleted is the `applied` mark ingest reports to the sender, which
-//! keeps records until then. A record apply finds corrupt is dropped with
-//! everything after it ([`Inbox::truncate_from`]): `durable_seq` goes back
-//! below it and ingest reconnects to fetch it again.
+//! acknowledges ([`Inbox::store_batch`] returns a [`Synced`] mark, and only
+//! a `Synced` mark is acknowledged). Apply deletes records only after the
+//! target transaction holding them (and the progress row) committed
+//! ([`Inbox::delete_through`], not synced: a record that reappears after a
+//! crash is skipped by the progress row); what it deleted is the `applied`
+//! mark ingest reports to the sender, which keeps records until then. A
+//! record apply finds corrupt is dropped with everything after it
+//! ([`Inbox::truncate_from`]): `durable_seq` goes back below it and ingest
+//! reconnects to fetch it again. A seed import or a copy made for a new
+//! branch moves the inbox ([`Inbox::reset_to_seed`]).
+//!
+//! Every call that fsyncs blocks: from async code, call it through
+//! `tokio::task::spawn_blocking` (the inbox is shared in an `Arc`).
+//!
 //! Order of marks: durable >= applied >= deleted.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pgcourier_common::store::durable::{get_u64, key_seq, put_u64, seq_key, Store, StoreError};
+use pgcourier_common::store::durable::{
+    get_u64, key_seq, put_u64, seq_key, Store, StoreError, Synced,
+};
 use tokio::sync::watch;
 
 pub struct Inbox {
@@ -41,6 +66,8 @@ pub struct Inbox {
     write: std::sync::Mutex<()>,
     /// Bytes of the records stored (what `inbox-max-bytes` limits).
     bytes: AtomicU64,
+    /// Number of records stored.
+    count: AtomicU64,
     /// Ingest is holding batches back at `inbox-max-bytes`.
     full: std::sync::atomic::AtomicBool,
 }
@@ -59,14 +86,15 @@ impl Inbox {
             Some((k, _)) => key_seq(&k).unwrap_or(1).saturating_sub(1),
             None => durable,
         };
-        let bytes = records
-            .iter()
-            .values()
-            .flatten()
-            .map(|v| v.len() as u64)
-            .sum();
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for v in records.iter().values() {
+            let v = v.map_err(|e| store.write_err(e))?;
+            count += 1;
+            bytes += v.len() as u64;
+        }
         Ok(Inbox {
             bytes: AtomicU64::new(bytes),
+            count: AtomicU64::new(count),
             full: false.into(),
             store,
             records,
@@ -120,15 +148,22 @@ impl Inbox {
         self.truncations.subscribe()
     }
 
+    /// The durable mark as a [`Synced`] value: it is published only after
+    /// the fsync of what it covers (by [`Inbox::store_batch`],
+    /// [`Inbox::truncate_from`] and [`Inbox::reset_to_seed`]).
+    pub fn synced_seq(&self) -> Synced<u64> {
+        Synced::after_sync(self.durable_seq())
+    }
+
     /// Store records `first_seq..` (already checksum-verified), fsync, and
     /// only then publish the new durable mark. Returns the mark, or `None`
     /// if `first_seq` no longer follows the durable mark (the inbox was
-    /// truncated meanwhile): nothing is stored.
+    /// truncated meanwhile): nothing is stored. Blocks on the fsync.
     pub fn store_batch(
         &self,
         first_seq: u64,
         records: &[Vec<u8>],
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<Synced<u64>>, StoreError> {
         let _write = self.write.lock().expect("inbox write lock");
         let durable = self.durable_seq();
         if first_seq != durable + 1 {
@@ -143,11 +178,13 @@ impl Inbox {
             .map_err(|e| self.store.write_err(e))?;
         let added: u64 = records.iter().map(|r| r.len() as u64).sum();
         self.bytes.fetch_add(added, Ordering::Relaxed);
+        self.count
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
         self.durable.send_replace(last);
-        Ok(Some(last))
+        Ok(Some(Synced::after_sync(last)))
     }
 
     /// Drop record `seq` (found corrupt before apply) and everything after
@@ -163,6 +200,7 @@ impl Inbox {
                 .remove(k)
                 .map_err(|e| self.store.write_err(e))?;
             self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            self.count.fetch_sub(1, Ordering::Relaxed);
         }
         let durable = seq.saturating_sub(1).min(self.durable_seq());
         put_u64(&self.store, &self.meta, "durable_seq", durable)?;
@@ -178,6 +216,7 @@ impl Inbox {
     pub fn reset_to_seed(&self, source: &str, seq: u64) -> Result<(), StoreError> {
         self.records.clear().map_err(|e| self.store.write_err(e))?;
         self.bytes.store(0, Ordering::Relaxed);
+        self.count.store(0, Ordering::Relaxed);
         put_u64(&self.store, &self.meta, "durable_seq", seq)?;
         self.store.sync()?;
         self.deleted_through.store(seq, Ordering::Relaxed);
@@ -222,6 +261,7 @@ impl Inbox {
                 .map_err(|e| self.store.write_err(e))?
             {
                 self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+                self.count.fetch_sub(1, Ordering::Relaxed);
             }
         }
         self.deleted_through.store(seq.max(from), Ordering::Relaxed);
@@ -262,15 +302,13 @@ impl Inbox {
             .collect()
     }
 
-    /// Records stored (not yet deleted) and their bytes.
+    /// Records stored (not yet deleted) and their bytes: counters kept by
+    /// every write, counted from the store when it opens.
     pub fn depth(&self) -> (u64, u64) {
-        let mut n = 0;
-        let mut bytes = 0;
-        for v in self.records.iter().values().flatten() {
-            n += 1;
-            bytes += v.len() as u64;
-        }
-        (n, bytes)
+        (
+            self.count.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
     }
 
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -303,13 +341,19 @@ mod tests {
                 inbox
                     .store_batch(1, &[b"a".to_vec(), b"b".to_vec()])
                     .unwrap(),
-                Some(2)
+                Some(Synced::after_sync(2))
             );
-            assert_eq!(inbox.store_batch(3, &[b"c".to_vec()]).unwrap(), Some(3));
+            assert_eq!(
+                inbox.store_batch(3, &[b"c".to_vec()]).unwrap(),
+                Some(Synced::after_sync(3))
+            );
             assert_eq!(inbox.store_batch(5, &[b"e".to_vec()]).unwrap(), None);
+            assert_eq!(inbox.depth(), (3, 3));
             inbox.delete_through(1).unwrap();
+            assert_eq!(inbox.depth(), (2, 2));
         }
         let inbox = reopen(dir.path());
+        assert_eq!(inbox.depth(), (2, 2), "counted again on open");
         assert_eq!(inbox.durable_seq(), 3);
         assert_eq!(inbox.first_seq().unwrap(), Some(2));
         assert_eq!(inbox.get(3).unwrap().as_deref(), Some(&b"c"[..]));
@@ -330,8 +374,12 @@ mod tests {
             assert_eq!(inbox.durable_seq(), 2);
             assert_eq!(inbox.get(3).unwrap(), None);
             assert_eq!(inbox.get(2).unwrap(), Some(vec![2]));
+            assert_eq!(inbox.depth(), (1, 1), "1 deleted, 3..=5 dropped");
             // The sender ships them again from 3.
-            assert_eq!(inbox.store_batch(3, &[vec![3]]).unwrap(), Some(3));
+            assert_eq!(
+                inbox.store_batch(3, &[vec![3]]).unwrap(),
+                Some(Synced::after_sync(3))
+            );
         }
         let inbox = reopen(dir.path());
         assert_eq!(inbox.durable_seq(), 3);

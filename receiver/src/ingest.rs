@@ -6,15 +6,34 @@
 //! every batch that arrives on the sender's data stream. A batch is checked
 //! (size bounds, zstd, every record's checksum, dense sequence) before it is
 //! written; the `Ack` goes out only after the inbox fsync.
+//!
+//! This file is the driver: every decision (Welcome handling, gaps, the
+//! start at a copy made for a new branch, what to do with each batch, what
+//! to acknowledge and report, which session is live) is made by
+//! [`pgcourier_proto::session::receiver`] and [`Takeover`]. Here: QUIC
+//! streams, the inbox (its fsyncs run on the blocking pool), status.
+//!
+//! Errors: a definite one about the inbox or this branch (a gap, another
+//! source, a store error, a definite refusal or a wrong certificate where
+//! the receiver dials) stops ingest with one ERROR line: an operator must
+//! act. Where the receiver listens, a definite refusal or error from one
+//! sender's session is logged once as ERROR and ingest waits for the next
+//! (the sender stops dialing on its side). Everything else is retried.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgcourier_common::ops::backoff::{error_chain, Backoff};
+use pgcourier_common::store::durable::{StoreError, Synced};
+use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
 use pgcourier_common::transport::tls::Fingerprint;
-use pgcourier_common::transport::framed::{self, WireError};
-use pgcourier_proto::frame::{self, Frame, PROTOCOL_VERSION};
+use pgcourier_proto::frame::{self, Frame};
+use pgcourier_proto::session::receiver::{
+    inbox_has_room, BatchVerdict, InboxFacts, ReceiverError, ReceiverSession,
+};
+use pgcourier_proto::session::{Class, SessionId, Takeover};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Link, ReceiverConfig};
@@ -29,19 +48,13 @@ pub enum IngestError {
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("inbox write failed")]
-    Inbox(#[from] pgcourier_common::store::durable::StoreError),
-    #[error("sender refused: {0}")]
-    Refused(String),
-    #[error("sender broke the protocol: {0}")]
-    Protocol(String),
-    #[error("sender ships source {offered} but this inbox belongs to {ours}: use a new inbox-dir for a new source")]
-    WrongSource { ours: String, offered: String },
-    #[error("gap: the inbox holds up to record {durable} but the sender resumes at {first}: records in between are lost; re-seed this branch")]
-    Gap { durable: u64, first: u64 },
+    Inbox(#[from] StoreError),
+    #[error("inbox write task failed")]
+    InboxTask(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Session(#[from] ReceiverError),
     #[error("peer presented certificate {0}, which is not a pinned sender fingerprint")]
     WrongPeer(String),
-    #[error("the inbox dropped a corrupt record and everything after it; reconnecting to fetch them again")]
-    Refetch,
 }
 
 impl IngestError {
@@ -61,11 +74,29 @@ impl IngestError {
         matches!(conn, Some(quinn::ConnectionError::ApplicationClosed(_)))
     }
 
-    /// A definite error: retrying the same connection will not help.
-    pub fn is_definite(&self) -> bool {
+    /// Transient: connect again with backoff. Definite: the same
+    /// connection would meet the same error.
+    pub fn class(&self) -> Class {
+        match self {
+            IngestError::Connection(_)
+            | IngestError::Connect(_)
+            | IngestError::Wire(WireError::Io(_)) => Class::Transient,
+            // A frame or batch that does not decode comes again the same way.
+            IngestError::Wire(WireError::Frame(_)) => Class::Definite,
+            IngestError::Inbox(_) | IngestError::InboxTask(_) => Class::Definite,
+            IngestError::Session(e) => e.class(),
+            IngestError::WrongPeer(_) => Class::Definite,
+        }
+    }
+
+    /// A definite error of this branch (its inbox, or a gap in what it
+    /// holds), not of one sender: ingest stops whoever dialed.
+    fn stops_ingest(&self) -> bool {
         matches!(
             self,
-            IngestError::WrongSource { .. } | IngestError::Gap { .. } | IngestError::Inbox(_)
+            IngestError::Inbox(_)
+                | IngestError::InboxTask(_)
+                | IngestError::Session(ReceiverError::Gap { .. })
         )
     }
 }
@@ -85,16 +116,31 @@ pub struct LinkStatus {
     /// Bytes of batches cut by a dropped link, received and thrown away
     /// (the sender ships them again): the waste of outages.
     pub discarded_bytes: u64,
+    /// Set when ingest stopped after a definite error (the error): an
+    /// operator must act, then restart the receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+}
+
+/// Run a blocking inbox call (it fsyncs) off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    inbox: &Arc<Inbox>,
+    f: impl FnOnce(&Inbox) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, IngestError> {
+    let inbox = inbox.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&inbox))
+        .await
+        .map_err(IngestError::InboxTask)??)
 }
 
 pub struct Ingest {
     cfg: Arc<ReceiverConfig>,
     inbox: Arc<Inbox>,
-    pub link: Arc<std::sync::Mutex<LinkStatus>>,
+    pub link: Arc<Mutex<LinkStatus>>,
     /// The connection of the session that writes the inbox; a newer session
     /// closes it once the sender on it is welcomed (so an impostor or a
     /// wrong sender cannot interrupt a good session).
-    current: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
+    sessions: Arc<Mutex<Takeover<(), quinn::Connection>>>,
     /// Held by the session that writes the inbox, from its welcome on.
     writer: Arc<tokio::sync::Mutex<()>>,
 }
@@ -105,7 +151,7 @@ impl Ingest {
             cfg,
             inbox,
             link: Arc::default(),
-            current: Arc::default(),
+            sessions: Arc::default(),
             writer: Arc::default(),
         }
     }
@@ -116,6 +162,15 @@ impl Ingest {
             Link::Listen(_) => self.accept_loop(&endpoint, &shutdown).await,
         }
         endpoint.close(0u32.into(), b"receiver stopping");
+    }
+
+    /// Ingest stopped after a definite error: say it once, show it in
+    /// status, and wait for shutdown.
+    async fn stop(&self, e: &IngestError, shutdown: &CancellationToken) {
+        let error = error_chain(e);
+        tracing::error!(error = %error, "ingest stopped: the operator must act");
+        self.link.lock().expect("link lock").stopped = Some(error);
+        shutdown.cancelled().await;
     }
 
     async fn dial_loop(
@@ -130,7 +185,8 @@ impl Ingest {
             let attempt = async {
                 let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
                 self.check_peer(&conn)?;
-                self.session(&conn).await
+                let id = self.sessions.lock().expect("sessions lock").begin();
+                self.session(&conn, id).await
             };
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -141,9 +197,8 @@ impl Ingest {
             }
             let delay = backoff.next();
             if let Err(e) = result {
-                if e.is_definite() {
-                    tracing::error!(error = %error_chain(&e), "ingest stopped: the operator must act");
-                    shutdown.cancelled().await;
+                if e.class() == Class::Definite {
+                    self.stop(&e, shutdown).await;
                     return;
                 }
                 backoff.log_once(&format!("receive from sender at {addr}"), &e, delay);
@@ -159,22 +214,25 @@ impl Ingest {
         // Sessions run side by side until one is welcomed by a sender
         // shipping our source; it then closes the one before it (which may be
         // half-dead after a link outage).
-        let mut sessions = tokio::task::JoinSet::new();
-        let (done_tx, mut done_rx) =
-            tokio::sync::mpsc::channel::<(std::net::SocketAddr, Result<(), IngestError>)>(4);
+        let mut sessions: JoinSet<(std::net::SocketAddr, Result<(), IngestError>)> = JoinSet::new();
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((peer, result)) = done_rx.recv() => {
-                    while sessions.try_join_next().is_some() {}
-                    match result {
-                        Err(e @ IngestError::WrongSource { .. }) => {
-                            tracing::error!(peer = %peer, error = %error_chain(&e), "refused a sender that ships another source; the current session goes on");
+                Some(joined) = sessions.join_next() => {
+                    let (peer, result) = match joined {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a sender session panicked");
+                            continue;
                         }
-                        Err(e) if e.is_definite() => {
-                            tracing::error!(error = %error_chain(&e), "ingest stopped: the operator must act");
-                            shutdown.cancelled().await;
+                    };
+                    match result {
+                        Err(e) if e.stops_ingest() => {
+                            self.stop(&e, shutdown).await;
                             break;
+                        }
+                        Err(e) if e.class() == Class::Definite => {
+                            tracing::error!(peer = %peer, error = %error_chain(&e), "refused a sender session that retrying cannot fix; the current session goes on");
                         }
                         Err(e) if e.is_clean_close() => {
                             tracing::info!(peer = %peer, "the sender closed the connection; waiting for it to reconnect");
@@ -205,16 +263,13 @@ impl Ingest {
                 cfg: self.cfg.clone(),
                 inbox: self.inbox.clone(),
                 link: self.link.clone(),
-                current: self.current.clone(),
+                sessions: self.sessions.clone(),
                 writer: self.writer.clone(),
             };
-            let tx = done_tx.clone();
-            sessions.spawn(async move {
-                let r = me.session(&conn).await;
-                let _ = tx.send((remote, r)).await;
-            });
+            let id = self.sessions.lock().expect("sessions lock").begin();
+            sessions.spawn(async move { (remote, me.session(&conn, id).await) });
         }
-        if let Some(conn) = self.current.lock().expect("current lock").take() {
+        for conn in self.sessions.lock().expect("sessions lock").drain() {
             conn.close(0u32.into(), b"receiver stopping");
         }
         sessions.shutdown().await;
@@ -236,10 +291,11 @@ impl Ingest {
 
     /// One session: hello, then store and acknowledge batches until the
     /// connection ends.
-    async fn session(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
+    async fn session(&self, conn: &quinn::Connection, id: SessionId) -> Result<(), IngestError> {
         let mut writing = None;
-        let result = self.serve(conn, &mut writing).await;
-        if matches!(result, Err(IngestError::Refetch)) {
+        let result = self.serve(conn, id, &mut writing).await;
+        self.sessions.lock().expect("sessions lock").ended(&(), id);
+        if matches!(result, Err(IngestError::Session(ReceiverError::Refetch))) {
             // The sender resumes from our lower durable mark on the next
             // connection.
             conn.close(3u32.into(), b"re-fetching records");
@@ -255,72 +311,38 @@ impl Ingest {
     async fn serve<'a>(
         &'a self,
         conn: &quinn::Connection,
+        id: SessionId,
         writing: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
     ) -> Result<(), IngestError> {
         let (mut control_tx, mut control_rx) = conn.open_bi().await?;
         let mut truncations = self.inbox.subscribe_truncations();
         truncations.borrow_and_update();
-        let source = self.inbox.source()?;
-        let mut durable = self.inbox.durable_seq();
-        let mut hello_durable = durable;
-        framed::write_frame(
-            &mut control_tx,
-            &Frame::Hello {
-                protocol: PROTOCOL_VERSION,
-                source: source.clone(),
-                durable_seq: durable,
-            },
-        )
-        .await?;
-        match framed::read_frame(&mut control_rx).await? {
-            Some(Frame::Welcome {
-                source: offered,
-                first_seq,
-            }) => {
-                match &source {
-                    Some(ours) if *ours != offered => {
-                        return Err(IngestError::WrongSource {
-                            ours: ours.clone(),
-                            offered,
-                        })
-                    }
-                    Some(_) => {}
-                    None => self.inbox.set_source(&offered)?,
-                }
-                if first_seq > durable + 1 {
-                    if durable == 0 && self.inbox.first_seq()?.is_none() {
-                        // A new branch: the sender made a copy of the tables
-                        // for it and starts it there.
-                        self.inbox.reset_to_seed(&offered, first_seq - 1)?;
-                        tracing::info!(
-                            start = first_seq,
-                            "new branch: starting at the copy of the tables the sender made for it"
-                        );
-                        durable = first_seq - 1;
-                        // The sender counts us at the copy's start already.
-                        hello_durable = durable;
-                    } else {
-                        return Err(IngestError::Gap {
-                            durable,
-                            first: first_seq,
-                        });
-                    }
-                }
-            }
-            Some(Frame::Refuse { reason }) => return Err(IngestError::Refused(reason)),
-            Some(_) => return Err(IngestError::Protocol("expected Welcome".into())),
-            None => {
-                return Err(IngestError::Protocol(
-                    "control stream closed before Welcome".into(),
-                ))
-            }
+        let mut core = ReceiverSession::new(InboxFacts {
+            source: self.inbox.source()?,
+            durable_seq: self.inbox.durable_seq(),
+        });
+        framed::write_frame(&mut control_tx, &core.hello()).await?;
+        let answer = framed::read_frame(&mut control_rx).await?;
+        let inbox_empty = self.inbox.first_seq()?.is_none();
+        let welcomed = core.on_welcome(answer, inbox_empty)?;
+        if welcomed.adopt_source {
+            let source = welcomed.source.clone();
+            blocking(&self.inbox, move |inbox| inbox.set_source(&source)).await?;
+        }
+        if let Some(seq) = welcomed.start_at_copy {
+            let source = welcomed.source.clone();
+            blocking(&self.inbox, move |inbox| inbox.reset_to_seed(&source, seq)).await?;
+            tracing::info!(
+                start = seq + 1,
+                "new branch: starting at the copy of the tables the sender made for it"
+            );
         }
         // Welcomed by a sender of our source: this session takes over.
-        if let Some(old) = self
-            .current
-            .lock()
-            .expect("current lock")
-            .replace(conn.clone())
+        if let Some(old) =
+            self.sessions
+                .lock()
+                .expect("sessions lock")
+                .welcomed(&(), id, conn.clone())
         {
             old.close(2u32.into(), b"superseded");
         }
@@ -338,10 +360,13 @@ impl Ingest {
         }
         let mut data = framed::Counting::new(conn.accept_uni().await?);
         let mut whole = 0u64;
-        let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<u64>(64);
+        let core = Mutex::new(core);
+        let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<Synced<u64>>(64);
+        // Both halves run in this one task (`select!`): the core's lock is
+        // never contended.
         let result = tokio::select! {
-            r = self.receive(&mut data, &mut whole, ack_tx, &truncations, conn) => r,
-            r = self.report(&mut control_tx, hello_durable, ack_rx, truncations.clone()) => r,
+            r = self.receive(&core, &mut data, &mut whole, ack_tx, &truncations, conn) => r,
+            r = self.report(&core, &mut control_tx, ack_rx, truncations.clone()) => r,
         };
         let discarded = data.bytes.saturating_sub(whole);
         if discarded > 0 {
@@ -354,39 +379,37 @@ impl Ingest {
         result
     }
 
-    /// The control stream back to the sender: `Ack` for what is stored,
-    /// `Applied` for what is applied (the sender trims its spool behind
-    /// that). Ends the session when the inbox is truncated.
+    /// The control stream back to the sender: `Ack` for what is stored
+    /// (only marks from after the fsync), `Applied` for what is applied
+    /// (the sender trims its spool behind that). Ends the session when the
+    /// inbox is truncated.
     async fn report(
         &self,
+        core: &Mutex<ReceiverSession>,
         control_tx: &mut quinn::SendStream,
-        hello_durable: u64,
-        mut acks: tokio::sync::mpsc::Receiver<u64>,
+        mut acks: tokio::sync::mpsc::Receiver<Synced<u64>>,
         mut truncations: tokio::sync::watch::Receiver<u64>,
     ) -> Result<(), IngestError> {
+        let lock = || core.lock().expect("session core lock");
         let mut applied_rx = self.inbox.subscribe_applied();
-        let mut reported = None;
-        // Never report past what this session told the sender we hold (an
-        // earlier session may have stored and applied more since `Hello`).
-        let mut told = hello_durable;
         loop {
-            let applied = (*applied_rx.borrow_and_update()).min(told);
-            if reported != Some(applied) {
-                framed::write_frame(control_tx, &Frame::Applied { seq: applied }).await?;
-                reported = Some(applied);
+            let applied = *applied_rx.borrow_and_update();
+            let report = lock().applied(applied);
+            if let Some(frame) = report {
+                framed::write_frame(control_tx, &frame).await?;
             }
             tokio::select! {
                 a = acks.recv() => match a {
-                    Some(seq) => {
-                        framed::write_frame(control_tx, &Frame::Ack { durable_seq: seq }).await?;
-                        told = told.max(seq);
+                    Some(synced) => {
+                        let frame = lock().stored(synced.get());
+                        framed::write_frame(control_tx, &frame).await?;
                     }
                     None => return Ok(()),
                 },
                 r = applied_rx.changed() => if r.is_err() { return Ok(()) },
                 r = truncations.changed() => {
                     if r.is_err() { return Ok(()) }
-                    return Err(IngestError::Refetch);
+                    return Err(ReceiverError::Refetch.into());
                 }
             }
         }
@@ -401,13 +424,11 @@ impl Ingest {
         need: u64,
         truncations: &tokio::sync::watch::Receiver<u64>,
     ) -> Result<(), IngestError> {
-        let Some(max) = self.cfg.inbox_max_bytes else {
-            return Ok(());
-        };
+        let max = self.cfg.inbox_max_bytes;
         let mut applied = self.inbox.subscribe_applied();
         loop {
             let bytes = self.inbox.bytes();
-            if bytes == 0 || bytes + need <= max {
+            if inbox_has_room(bytes, need, max) {
                 break;
             }
             if !self.inbox.is_full() {
@@ -415,7 +436,7 @@ impl Ingest {
                 tracing::error!(inbox_bytes = bytes, inbox_max_bytes = max, "the inbox is at inbox-max-bytes: batches wait at the sender until apply frees space");
             }
             if truncations.has_changed().unwrap_or(false) {
-                return Err(IngestError::Refetch);
+                return Err(ReceiverError::Refetch.into());
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), applied.changed()).await;
         }
@@ -428,9 +449,10 @@ impl Ingest {
 
     async fn receive(
         &self,
+        core: &Mutex<ReceiverSession>,
         data: &mut framed::Counting<quinn::RecvStream>,
         whole: &mut u64,
-        acks: tokio::sync::mpsc::Sender<u64>,
+        acks: tokio::sync::mpsc::Sender<Synced<u64>>,
         truncations: &tokio::sync::watch::Receiver<u64>,
         conn: &quinn::Connection,
     ) -> Result<(), IngestError> {
@@ -447,21 +469,33 @@ impl Ingest {
                 payload,
             } = frame
             else {
-                return Err(IngestError::Protocol(
-                    "expected Batch on the data stream".into(),
-                ));
+                return Err(core
+                    .lock()
+                    .expect("session core lock")
+                    .on_data_frame(&frame)
+                    .into());
             };
-            let durable = self.inbox.durable_seq();
-            if batch_action(durable, first_seq, last_seq) == BatchAction::Replay {
-                // A batch we already hold (a replay): acknowledge it again
-                // (not more: the sender may not have sent more on this
-                // connection).
-                if acks.send(last_seq).await.is_err() {
-                    return Ok(());
+            let durable = self.inbox.synced_seq();
+            let truncated = truncations.has_changed().unwrap_or(false);
+            let verdict = core.lock().expect("session core lock").on_batch(
+                first_seq,
+                last_seq,
+                durable.get(),
+                truncated,
+            )?;
+            let skip = match verdict {
+                BatchVerdict::Replay { ack } => {
+                    // `ack` is at or below the synced durable mark.
+                    debug_assert!(ack <= durable.get());
+                    if acks.send(Synced::after_sync(ack)).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let records = frame::decode_batch(first_seq, last_seq, raw_len, &payload).map_err(WireError::from)?;
+                BatchVerdict::Store { skip } => skip,
+            };
+            let mut records = frame::decode_batch(first_seq, last_seq, raw_len, &payload)
+                .map_err(WireError::from)?;
             {
                 let mut link = self.link.lock().expect("link lock");
                 link.batches += 1;
@@ -469,23 +503,15 @@ impl Ingest {
                 link.raw_bytes += u64::from(raw_len);
                 link.rtt_ms = Some(conn.rtt().as_secs_f64() * 1000.0);
             }
-            let truncated = truncations.has_changed().unwrap_or(false);
-            if let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) {
-                let need: u64 = records[skip..].iter().map(|r| r.len() as u64).sum();
-                self.wait_for_room(need, truncations).await?;
-            }
-            let BatchAction::Store { skip } = batch_action(durable, first_seq, last_seq) else {
-                if truncated {
-                    return Err(IngestError::Refetch);
-                }
-                return Err(IngestError::Gap {
-                    durable,
-                    first: first_seq,
-                });
-            };
-            let Some(stored) = self.inbox.store_batch(durable + 1, &records[skip..])? else {
+            records.drain(..skip);
+            let need: u64 = records.iter().map(|r| r.len() as u64).sum();
+            self.wait_for_room(need, truncations).await?;
+            let from = durable.get() + 1;
+            let stored =
+                blocking(&self.inbox, move |inbox| inbox.store_batch(from, &records)).await?;
+            let Some(stored) = stored else {
                 // Truncated between the check and the store.
-                return Err(IngestError::Refetch);
+                return Err(ReceiverError::Refetch.into());
             };
             if acks.send(stored).await.is_err() {
                 return Ok(());
@@ -494,43 +520,64 @@ impl Ingest {
     }
 }
 
-/// What to do with a batch of records `first..=last` when the inbox holds
-/// everything up to `durable`.
-#[derive(Debug, PartialEq, Eq)]
-enum BatchAction {
-    /// Already held (an old batch replayed, or re-sent after a reconnect):
-    /// store nothing, acknowledge `durable` again.
-    Replay,
-    /// Store the records after the first `skip` (which are already held).
-    Store { skip: usize },
-    /// Records between `durable` and `first` are missing: never store past a
-    /// gap.
-    Gap,
-}
-
-fn batch_action(durable: u64, first: u64, last: u64) -> BatchAction {
-    if last <= durable {
-        BatchAction::Replay
-    } else if first > durable + 1 {
-        BatchAction::Gap
-    } else {
-        BatchAction::Store {
-            skip: (durable + 1 - first) as usize,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use pgcourier_proto::session::Refusal;
+
     use super::*;
 
+    fn refused(class: Class) -> IngestError {
+        IngestError::Session(ReceiverError::Refused {
+            refusal: Refusal {
+                reason: "the sender has not reached its source database yet; retry later".into(),
+                class,
+            },
+        })
+    }
+
     #[test]
-    fn old_batches_are_ignored_overlaps_trimmed_and_gaps_refused() {
-        assert_eq!(batch_action(10, 1, 5), BatchAction::Replay);
-        assert_eq!(batch_action(10, 10, 10), BatchAction::Replay);
-        assert_eq!(batch_action(10, 11, 20), BatchAction::Store { skip: 0 });
-        assert_eq!(batch_action(10, 8, 12), BatchAction::Store { skip: 3 });
-        assert_eq!(batch_action(10, 12, 20), BatchAction::Gap);
-        assert_eq!(batch_action(0, 1, 1), BatchAction::Store { skip: 0 });
+    fn definite_refusals_and_wrong_peers_are_not_retried_and_only_inbox_faults_stop_a_listener() {
+        assert_eq!(refused(Class::Transient).class(), Class::Transient);
+        assert_eq!(refused(Class::Definite).class(), Class::Definite);
+        assert!(
+            !refused(Class::Definite).stops_ingest(),
+            "one sender's refusal"
+        );
+        assert_eq!(
+            refused(Class::Transient).to_string(),
+            "sender refused: the sender has not reached its source database yet; retry later"
+        );
+        let gap = IngestError::Session(ReceiverError::Gap {
+            durable: 3,
+            first: 9,
+        });
+        assert_eq!(gap.class(), Class::Definite);
+        assert!(gap.stops_ingest());
+        let other = IngestError::Session(ReceiverError::WrongSource {
+            ours: "a".into(),
+            offered: "b".into(),
+        });
+        assert_eq!(other.class(), Class::Definite);
+        assert!(
+            !other.stops_ingest(),
+            "an impostor does not stop the good session"
+        );
+        assert_eq!(
+            IngestError::WrongPeer("none".into()).class(),
+            Class::Definite
+        );
+        assert_eq!(
+            IngestError::Session(ReceiverError::Refetch).class(),
+            Class::Transient
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(
+            IngestError::Wire(WireError::Io(io)).class(),
+            Class::Transient
+        );
+        assert_eq!(
+            IngestError::Connection(quinn::ConnectionError::TimedOut).class(),
+            Class::Transient
+        );
     }
 }

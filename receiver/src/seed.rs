@@ -14,12 +14,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use pgcourier_common::store::seed_file::SeedReader;
 use pgcourier_common::ops::progress::Bar;
+use pgcourier_common::pg::progress_row;
+use pgcourier_common::store::seed_file::SeedReader;
 use pgcourier_proto::Lsn;
-use tokio_postgres::NoTls;
 
-use crate::apply::Apply;
+use crate::apply::{Apply, TargetClient};
 use crate::inbox::Inbox;
 use crate::ReceiverConfig;
 
@@ -75,7 +75,7 @@ pub fn import(cfg: ReceiverConfig, file: &Path) -> anyhow::Result<Imported> {
     let rt = pgcourier_common::ops::logging::runtime();
     rt.block_on(async {
         let applied = applied_lsn(&cfg, &header.source_id).await?;
-        if applied > header.commit_lsn {
+        if let Some(applied) = applied.filter(|&a| a > header.commit_lsn) {
             bail!(
                 "seed file {} is older than what this branch already applied (branch at {}, seed at {}): export a new seed",
                 file.display(),
@@ -88,7 +88,7 @@ pub fn import(cfg: ReceiverConfig, file: &Path) -> anyhow::Result<Imported> {
             records,
             marker_seq: header.marker_seq,
             cut_lsn: header.cut_lsn,
-            completed_earlier: applied == header.commit_lsn,
+            completed_earlier: applied == Some(header.commit_lsn),
         };
         if !out.completed_earlier {
             if inbox.source()?.is_none() {
@@ -109,25 +109,13 @@ pub fn import(cfg: ReceiverConfig, file: &Path) -> anyhow::Result<Imported> {
     })
 }
 
-/// The commit LSN this branch has applied from `source` (zero if none).
-async fn applied_lsn(cfg: &ReceiverConfig, source: &str) -> anyhow::Result<Lsn> {
-    let (client, conn) = cfg
-        .target
-        .connect(NoTls)
+/// The commit LSN this branch has applied from `source`, from its progress
+/// row (`None`: nothing applied yet, or no progress table).
+async fn applied_lsn(cfg: &ReceiverConfig, source: &str) -> anyhow::Result<Option<Lsn>> {
+    let client = TargetClient::connect(&cfg.target)
         .await
         .context("connect to the target database (setting `target`)")?;
-    tokio::spawn(conn);
-    let row = client
-        .query_opt(
-            "SELECT commit_lsn::text FROM pgcourier.progress WHERE source = $1",
-            &[&source],
-        )
-        .await;
-    Ok(match row {
-        Ok(Some(r)) => r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
-        Ok(None) => Lsn::ZERO,
-        // No progress table yet: nothing applied.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Lsn::ZERO,
-        Err(e) => return Err(e).context("read pgcourier.progress on the target"),
-    })
+    let progress = progress_row::read(&client, source).await;
+    client.close().await;
+    Ok(progress?.map(|p| p.commit_lsn))
 }

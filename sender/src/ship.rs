@@ -10,19 +10,31 @@
 //! moves that receiver's mark in the spool, which deletes what every
 //! receiver has applied (so a record a receiver finds corrupt in its inbox
 //! can be shipped again).
+//!
+//! This file is the driver: every decision (admission and refusals, the
+//! resume point, the window, Ack/Applied validation, batch shaping, re-sent
+//! bytes, which session is live) is made by
+//! [`pgcourier_proto::session::sender`] and [`Takeover`]. Here: QUIC
+//! streams, the spool, quinn's congestion figures, status and counters.
+//! A definite error (a refusal that retrying cannot fix, a wrong peer
+//! certificate, a peer that breaks the protocol) stops dialing that
+//! receiver with one ERROR line and shows in its link status; the other
+//! receivers are served on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgcourier_common::ops::backoff::{error_chain, Backoff};
-use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
-use pgcourier_proto::record::{self, Record};
-use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_common::transport::framed::{self, WireError};
-use pgcourier_proto::frame::{self, Frame, PROTOCOL_VERSION};
-use tokio::sync::watch;
+use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
+use pgcourier_common::transport::tls::Fingerprint;
+use pgcourier_proto::session::sender::{
+    Admission, Control, SenderError, SenderSession, ShipSettings, SpoolFacts, SpoolSource,
+};
+use pgcourier_proto::session::{Class, SessionId, Takeover};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,16 +55,41 @@ pub enum ShipError {
     Wire(#[from] WireError),
     #[error("spool read failed")]
     Spool(#[from] pgcourier_common::store::durable::StoreError),
-    #[error("peer broke the protocol: {0}")]
-    Protocol(String),
-    #[error("refused the receiver: {0}")]
-    Refused(String),
+    #[error(transparent)]
+    Session(#[from] SenderError),
+    #[error("the receiver closed its control stream before Hello")]
+    ClosedBeforeHello,
+    #[error("refused the receiver: {reason}")]
+    Refused { reason: String, class: Class },
     #[error("peer presented certificate {0}, which is not this receiver's pinned fingerprint")]
     WrongPeer(Fingerprint),
     #[error("receiver did not say hello within {0:?}")]
     HelloTimeout(Duration),
     #[error("superseded by a newer connection from the same receiver")]
     Superseded,
+}
+
+impl ShipError {
+    /// Transient: dial again with backoff. Definite: the same connection
+    /// would meet the same error; stop dialing this receiver and say why.
+    pub fn class(&self) -> Class {
+        match self {
+            ShipError::Connection(_)
+            | ShipError::Connect(_)
+            | ShipError::Write(_)
+            | ShipError::Wire(WireError::Io(_))
+            | ShipError::ClosedBeforeHello
+            | ShipError::HelloTimeout(_)
+            | ShipError::Superseded => Class::Transient,
+            // A frame that does not decode comes again the same way.
+            ShipError::Wire(WireError::Frame(_)) => Class::Definite,
+            // The spool's disk: the other receivers meet it too.
+            ShipError::Spool(_) => Class::Definite,
+            ShipError::Session(e) => e.class(),
+            ShipError::Refused { class, .. } => *class,
+            ShipError::WrongPeer(_) => Class::Definite,
+        }
+    }
 }
 
 /// Shipping counters since the sender started.
@@ -123,6 +160,10 @@ pub struct LinkStatus {
     pub acked_bytes: u64,
     /// Average acknowledged raw bytes per second on this connection.
     pub throughput_bytes_per_sec: f64,
+    /// Set when the sender stopped dialing this receiver after a definite
+    /// error (the error): an operator must act, then restart the sender.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
     #[serde(skip)]
     pub since: Option<std::time::Instant>,
 }
@@ -134,9 +175,9 @@ pub struct Shipper {
     sent_high: Mutex<HashMap<String, u64>>,
     cfg: Arc<SenderConfig>,
     spool: Arc<Spool>,
-    /// The live session of each receiver, so a new one can supersede it.
-    active: Mutex<HashMap<String, (u64, CancellationToken)>>,
-    next_session: AtomicU64,
+    /// The live session of each receiver, so a newer welcomed one can
+    /// supersede it.
+    sessions: Mutex<Takeover<String, CancellationToken>>,
 }
 
 impl Shipper {
@@ -147,13 +188,13 @@ impl Shipper {
             sent_high: Mutex::default(),
             cfg,
             spool,
-            active: Mutex::new(HashMap::new()),
-            next_session: 0.into(),
+            sessions: Mutex::new(Takeover::default()),
         })
     }
 
     /// Dial receivers that have an address and accept those that dial in,
-    /// until `shutdown`.
+    /// until `shutdown`. Every session is a task of one tracker, cancelled
+    /// through `shutdown` and awaited before this returns.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         for spec in self
@@ -220,6 +261,12 @@ impl Shipper {
             let delay = backoff.next();
             match result {
                 Ok(()) => {}
+                Err(e) if e.class() == Class::Definite => {
+                    let error = error_chain(&e);
+                    tracing::error!(receiver = %spec.name, address = %addr, error = %error, "stopped dialing this receiver: retrying cannot help; an operator must act, then restart the sender");
+                    self.set_link(&spec.name, |l| l.stopped = Some(error));
+                    return;
+                }
                 Err(e) => backoff.log_once(
                     &format!("ship to receiver {} at {addr}", spec.name),
                     &e,
@@ -254,8 +301,14 @@ impl Shipper {
             conn.close(1u32.into(), b"unknown receiver");
             return;
         };
-        if let Err(e) = self.clone().session(conn, &spec, &shutdown).await {
-            tracing::warn!(receiver = %spec.name, peer = %remote, error = %error_chain(&e), "receiver session ended");
+        match self.clone().session(conn, &spec, &shutdown).await {
+            Ok(()) => {}
+            Err(e) if e.class() == Class::Definite => {
+                tracing::error!(receiver = %spec.name, peer = %remote, error = %error_chain(&e), "receiver session ended: retrying cannot help; an operator must act");
+            }
+            Err(e) => {
+                tracing::warn!(receiver = %spec.name, peer = %remote, error = %error_chain(&e), "receiver session ended");
+            }
         }
     }
 
@@ -266,16 +319,8 @@ impl Shipper {
         spec: &ReceiverSpec,
         shutdown: &CancellationToken,
     ) -> Result<(), ShipError> {
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let id = self.sessions.lock().expect("sessions lock").begin();
         let token = shutdown.child_token();
-        if let Some((_, old)) = self
-            .active
-            .lock()
-            .expect("active lock")
-            .insert(spec.name.clone(), (id, token.clone()))
-        {
-            old.cancel();
-        }
         ShipStats::add(&self.stats.connections, 1);
         let _count_bytes = ConnStats {
             conn: &conn,
@@ -283,16 +328,16 @@ impl Shipper {
         };
         let result = tokio::select! {
             _ = token.cancelled() => Err(ShipError::Superseded),
-            r = self.serve(&conn, spec) => r,
+            r = self.serve(&conn, spec, id, &token) => r,
         };
-        {
-            let mut active = self.active.lock().expect("active lock");
-            if active.get(&spec.name).map(|(i, _)| *i) == Some(id) {
-                active.remove(&spec.name);
-            }
-        }
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .ended(&spec.name, id);
         match &result {
-            Err(ShipError::Superseded) => conn.close(2u32.into(), b"superseded"),
+            Err(ShipError::Superseded) if !shutdown.is_cancelled() => {
+                conn.close(2u32.into(), b"superseded")
+            }
             _ if shutdown.is_cancelled() => conn.close(0u32.into(), b"sender stopping"),
             _ => {}
         }
@@ -302,66 +347,83 @@ impl Shipper {
         result
     }
 
-    async fn serve(&self, conn: &quinn::Connection, spec: &ReceiverSpec) -> Result<(), ShipError> {
+    /// The spool's facts about `receiver`, for its admission.
+    fn spool_facts(&self, receiver: &str) -> Result<SpoolFacts, ShipError> {
+        let marks = self.spool.marks();
+        Ok(SpoolFacts {
+            source: match self.spool.source() {
+                Ok(Some(s)) => SpoolSource::Known(s),
+                Ok(None) => SpoolSource::NotYet,
+                Err(e) => SpoolSource::Unreadable(error_chain(&e)),
+            },
+            first_seq: marks.first_seq,
+            complete_seq: marks.complete_seq,
+            start_for: self.spool.start_for(receiver)?,
+            needs_copy: self.spool.needs_copy().iter().any(|n| n == receiver),
+        })
+    }
+
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        spec: &ReceiverSpec,
+        id: SessionId,
+        token: &CancellationToken,
+    ) -> Result<(), ShipError> {
         let (mut control_tx, mut control_rx) =
             tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
                 .await
                 .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
         let hello = tokio::time::timeout(HELLO_TIMEOUT, framed::read_frame(&mut control_rx))
             .await
-            .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
-        let Some(Frame::Hello {
-            protocol,
-            source,
-            durable_seq,
-        }) = hello
-        else {
-            return Err(ShipError::Protocol("first frame is not Hello".into()));
+            .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??
+            .ok_or(ShipError::ClosedBeforeHello)?;
+        let sent_high = self
+            .sent_high
+            .lock()
+            .expect("sent_high lock")
+            .get(&spec.name)
+            .copied()
+            .unwrap_or(0);
+        let settings = ShipSettings {
+            max_in_flight: self.cfg.max_in_flight,
+            batch_bytes: self.cfg.batch_bytes,
+            pinned_level: self.cfg.zstd_level_pinned.then_some(self.cfg.zstd_level),
         };
-        // A new branch whose copy was made for it starts at that copy.
-        let start = match self.spool.start_for(&spec.name)? {
-            Some(start) if durable_seq == 0 => Some(start),
-            _ => None,
+        let mut core = SenderSession::new(spec.name.clone(), settings, sent_high);
+        let facts = self.spool_facts(&spec.name)?;
+        let resume_after = match core.on_hello(hello, &facts, Instant::now())? {
+            Admission::Refuse { frame, refusal } => {
+                let _ = framed::write_frame(&mut control_tx, &frame).await;
+                let _ = control_tx.finish();
+                // Let the refusal reach the receiver (it closes the connection
+                // once it has read it) before this side drops the connection.
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                return Err(ShipError::Refused {
+                    reason: refusal.reason,
+                    class: refusal.class,
+                });
+            }
+            Admission::Welcome {
+                frame,
+                resume_after,
+            } => {
+                framed::write_frame(&mut control_tx, &frame).await?;
+                resume_after
+            }
         };
-        let durable_seq = start.map_or(durable_seq, |s| s - 1);
-        let admitted = if self.spool.needs_copy().contains(&spec.name) && durable_seq == 0 {
-            Err(
-                "this branch is new: its copy of the tables is being prepared; retry shortly"
-                    .into(),
-            )
-        } else {
-            self.admit(protocol, source.as_deref(), durable_seq)
-        };
-        if let Err(reason) = admitted {
-            let _ = framed::write_frame(
-                &mut control_tx,
-                &Frame::Refuse {
-                    reason: reason.clone(),
-                },
-            )
-            .await;
-            let _ = control_tx.finish();
-            // Let the refusal reach the receiver (it closes the connection
-            // once it has read it) before this side drops the connection.
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-            return Err(ShipError::Refused(reason));
+        // Welcomed: this session is the receiver's live one now.
+        if let Some(older) =
+            self.sessions
+                .lock()
+                .expect("sessions lock")
+                .welcomed(&spec.name, id, token.clone())
+        {
+            older.cancel();
         }
-        let our_source = self
-            .spool
-            .source()?
-            .expect("admit checked the source is known");
-        let marks = self.spool.marks();
-        framed::write_frame(
-            &mut control_tx,
-            &Frame::Welcome {
-                source: our_source,
-                first_seq: start.unwrap_or(marks.first_seq),
-            },
-        )
-        .await?;
         // The spool is trimmed by the receiver's `Applied` frames, not by
         // what it stores: a record it finds corrupt can be shipped again.
-        tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), durable_seq, "receiver connected; shipping");
+        tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), durable_seq = resume_after, "receiver connected; shipping");
         self.set_link(&spec.name, |l| {
             l.connected = true;
             l.peer = Some(conn.remote_address().to_string());
@@ -372,7 +434,7 @@ impl Shipper {
             l.acked_bytes = 0;
             l.throughput_bytes_per_sec = 0.0;
         });
-        let result = self.stream(conn, spec, durable_seq, control_rx).await;
+        let result = self.stream(conn, spec, core, control_rx).await;
         self.set_link(&spec.name, |l| {
             l.connected = false;
             l.rtt_ms = None;
@@ -391,123 +453,80 @@ impl Shipper {
     }
 
     /// Stream batches and take acknowledgements until the session ends.
+    /// Both halves run in this one task (`select!`), so the core's lock is
+    /// never contended.
     async fn stream(
         &self,
         conn: &quinn::Connection,
         spec: &ReceiverSpec,
-        durable_seq: u64,
+        core: SenderSession,
         mut control_rx: quinn::RecvStream,
     ) -> Result<(), ShipError> {
         let mut data = conn.open_uni().await?;
-        let (ack_tx, mut ack_rx) = watch::channel(durable_seq);
-        let sent_through = AtomicU64::new(durable_seq);
+        let core = Mutex::new(core);
+        let lock = || core.lock().expect("session core lock");
+        // Woken on each Ack (a stored permit: no wake-up is lost).
+        let acked = Notify::new();
 
         let acks = async {
             loop {
-                match framed::read_frame(&mut control_rx).await? {
-                    Some(Frame::Ack { durable_seq: seq }) => {
-                        if seq > sent_through.load(Ordering::Acquire) {
-                            return Err(ShipError::Protocol(format!(
-                                "acknowledged record {seq}, which was never sent"
-                            )));
+                let Some(frame) = framed::read_frame(&mut control_rx).await? else {
+                    return Ok::<(), ShipError>(());
+                };
+                let control = lock().on_control(frame)?;
+                match control {
+                    Control::Acked { freed_bytes } => {
+                        if freed_bytes > 0 {
+                            let (bytes, rate) = {
+                                let c = lock();
+                                (c.acked_bytes(), c.throughput(Instant::now()))
+                            };
+                            self.set_link(&spec.name, |l| {
+                                l.acked_bytes = bytes;
+                                l.throughput_bytes_per_sec = rate;
+                            });
                         }
-                        ack_tx.send_replace(seq);
+                        acked.notify_one();
                     }
-                    Some(Frame::Applied { seq }) => {
-                        if seq > sent_through.load(Ordering::Acquire) {
-                            return Err(ShipError::Protocol(format!(
-                                "reported record {seq} applied, which was never sent"
-                            )));
-                        }
+                    Control::Applied { seq } => {
                         self.spool.acknowledge(&spec.name, seq)?;
                     }
-                    Some(other) => {
-                        return Err(ShipError::Protocol(format!(
-                            "unexpected frame {}",
-                            frame_name(&other)
-                        )))
-                    }
-                    None => return Ok::<(), ShipError>(()),
                 }
             }
         };
 
         let send = async {
             let mut marks_rx = self.spool.subscribe();
-            let mut next = durable_seq + 1;
-            let mut shape = BatchShape::new(&self.cfg);
-            let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
-            let mut in_flight_bytes = 0usize;
             loop {
-                let acked = *ack_rx.borrow_and_update();
-                let mut newly_acked = 0u64;
-                while let Some(&(last, bytes)) = in_flight.front() {
-                    if last > acked {
-                        break;
-                    }
-                    in_flight.pop_front();
-                    in_flight_bytes -= bytes;
-                    newly_acked += bytes as u64;
-                }
-                if newly_acked > 0 {
-                    self.set_link(&spec.name, |l| {
-                        l.acked_bytes += newly_acked;
-                        let secs = l.since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-                        l.throughput_bytes_per_sec = if secs > 0.0 {
-                            l.acked_bytes as f64 / secs
-                        } else {
-                            0.0
-                        };
-                    });
-                }
                 let complete = marks_rx.borrow_and_update().complete_seq;
-                if next > complete || in_flight_bytes >= self.cfg.max_in_flight {
+                let Some(want) = lock().wants(complete) else {
                     tokio::select! {
                         r = marks_rx.changed() => if r.is_err() { return Ok(()) },
-                        r = ack_rx.changed() => if r.is_err() { return Ok(()) },
+                        _ = acked.notified() => {}
                     }
                     continue;
-                }
-                let records = self.spool.read(next, shape.raw_bytes)?;
-                let records = addressed(records, &spec.name)?;
-                if records.is_empty() {
-                    return Err(ShipError::Protocol(format!(
-                        "spool has no record {next} although it is complete up to {complete}"
-                    )));
-                }
-                let count = records.len() as u64;
-                let level = shape.level(conn);
-                let frame = frame::encode_batch(&records, next, level).map_err(WireError::from)?;
-                let raw: usize = records.iter().map(Vec::len).sum();
-                if let Frame::Batch { payload, .. } = &frame {
-                    shape.observe(raw, payload.len());
-                }
-                if let Frame::Batch { payload, .. } = &frame {
-                    ShipStats::add(&self.stats.compressed_bytes, payload.len() as u64);
+                };
+                let records = self.spool.read(want.from, want.max_raw_bytes)?;
+                // What the link carries now: congestion window per RTT.
+                let rtt = conn.rtt();
+                let rate = conn.stats().path.cwnd as f64 / rtt.as_secs_f64().max(0.001);
+                let shipped = lock().next_batch(records, rate, complete)?;
+                ShipStats::add(&self.stats.compressed_bytes, shipped.wire_bytes);
+                ShipStats::add(&self.stats.resent_bytes, shipped.resent_bytes);
+                ShipStats::add(&self.stats.batches, 1);
+                ShipStats::add(&self.stats.records, shipped.records);
+                ShipStats::add(&self.stats.raw_bytes, shipped.raw_bytes);
+                {
                     let mut high = self.sent_high.lock().expect("sent_high lock");
                     let h = high.entry(spec.name.clone()).or_insert(0);
-                    if next <= *h {
-                        let again = (*h - next + 1).min(count);
-                        ShipStats::add(
-                            &self.stats.resent_bytes,
-                            payload.len() as u64 * again / count,
-                        );
-                    }
-                    *h = (*h).max(next + count - 1);
+                    *h = (*h).max(shipped.sent_high);
                 }
-                ShipStats::add(&self.stats.batches, 1);
-                ShipStats::add(&self.stats.records, count);
-                ShipStats::add(&self.stats.raw_bytes, raw as u64);
-                sent_through.store(next + count - 1, Ordering::Release);
-                framed::write_frame(&mut data, &frame).await?;
-                in_flight.push_back((next + count - 1, raw));
-                in_flight_bytes += raw;
-                let rtt = conn.rtt().as_secs_f64() * 1000.0;
+                framed::write_frame(&mut data, &shipped.frame).await?;
+                let in_flight = lock().in_flight_bytes();
                 self.set_link(&spec.name, |l| {
-                    l.in_flight_bytes = in_flight_bytes as u64;
-                    l.rtt_ms = Some(rtt);
+                    l.in_flight_bytes = in_flight;
+                    l.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
                 });
-                next += count;
             }
         };
         // The session ends when either half does: the receiver closed its
@@ -517,121 +536,44 @@ impl Shipper {
             r = send => r,
         }
     }
+}
 
-    /// Whether a receiver that says hello with these facts may be served;
-    /// the refusal reason otherwise.
-    fn admit(&self, protocol: u32, source: Option<&str>, durable_seq: u64) -> Result<(), String> {
-        if protocol != PROTOCOL_VERSION {
-            return Err(format!("protocol {protocol} is not supported (this sender speaks {PROTOCOL_VERSION}): upgrade the older side"));
-        }
-        let our_source = match self.spool.source() {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Err(
-                    "the sender has not reached its source database yet; retry later".into(),
-                )
-            }
-            Err(e) => return Err(format!("the sender cannot read its spool: {e}")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_that_retrying_cannot_fix_and_wrong_peers_stop_dialing_link_faults_do_not() {
+        let refused = |class| ShipError::Refused {
+            reason: "r".into(),
+            class,
         };
-        if let Some(theirs) = source {
-            if theirs != our_source {
-                return Err(format!("the receiver's inbox belongs to source {theirs}, this sender ships {our_source}"));
-            }
-        }
-        let marks = self.spool.marks();
-        if durable_seq + 1 < marks.first_seq {
-            return Err(format!(
-                "the receiver holds up to record {durable_seq} but the spool starts at {}: records in between are gone; re-seed this branch (pgcourier-sender seed export, then pgcourier-receiver seed import)",
-                marks.first_seq
-            ));
-        }
-        if durable_seq > marks.complete_seq {
-            return Err(format!(
-                "the receiver claims record {durable_seq} but the spool ends at {}: is this the right sender and spool?",
-                marks.complete_seq
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Records made for one other receiver (its copy) become empty
-/// placeholders: same positions and transaction boundaries, no changes.
-fn addressed(records: Vec<Vec<u8>>, receiver: &str) -> Result<Vec<Vec<u8>>, ShipError> {
-    records
-        .into_iter()
-        .map(|bytes| {
-            let bad = |e| ShipError::Protocol(format!("spool record does not decode: {e}"));
-            match record::peek_only_for(&bytes).map_err(bad)? {
-                Some(to) if to != receiver => Ok(Record::decode(&bytes)
-                    .map_err(bad)?
-                    .placeholder()
-                    .encode()
-                    .map_err(bad)?),
-                _ => Ok(bytes),
-            }
-        })
-        .collect()
-}
-
-/// Compressed bytes a batch should not exceed: what a link drop in the
-/// middle of a batch can waste (the receiver discards a partial batch).
-pub const MAX_BATCH_WIRE_BYTES: usize = 48 * 1024;
-
-/// Batch size and compression level suited to the link. Batches grow up to
-/// `batch-bytes` raw but are cut so that a compressed batch stays under
-/// [`MAX_BATCH_WIRE_BYTES`]; the zstd level rises on slow links (where even
-/// level 9 outruns the link and every byte saved is time saved) and falls
-/// on fast ones (where compression must not hold the link back), unless
-/// `zstd-level` pins it.
-struct BatchShape {
-    raw_bytes: usize,
-    max_raw: usize,
-    pinned_level: Option<i32>,
-}
-
-impl BatchShape {
-    fn new(cfg: &SenderConfig) -> BatchShape {
-        BatchShape {
-            raw_bytes: cfg.batch_bytes.min(44 * 1024),
-            max_raw: cfg.batch_bytes,
-            pinned_level: cfg.zstd_level_pinned.then_some(cfg.zstd_level),
-        }
-    }
-
-    /// The zstd level for the link's current estimated rate.
-    fn level(&self, conn: &quinn::Connection) -> i32 {
-        if let Some(l) = self.pinned_level {
-            return l;
-        }
-        let stats = conn.stats();
-        let rtt = conn.rtt().as_secs_f64().max(0.001);
-        // Congestion window per RTT: what the link currently carries.
-        let bytes_per_sec = stats.path.cwnd as f64 / rtt;
-        if bytes_per_sec < 1_000_000.0 {
-            9
-        } else if bytes_per_sec < 20_000_000.0 {
-            3
-        } else {
-            1
-        }
-    }
-
-    /// Adjust the raw size after a batch of `raw` bytes compressed to `wire`.
-    fn observe(&mut self, raw: usize, wire: usize) {
-        let ratio = raw as f64 / wire.max(1) as f64;
-        let fits = (MAX_BATCH_WIRE_BYTES as f64 * ratio * 0.9) as usize;
-        self.raw_bytes = fits.clamp(4096, self.max_raw);
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello { .. } => "Hello",
-        Frame::Welcome { .. } => "Welcome",
-        Frame::Refuse { .. } => "Refuse",
-        Frame::Batch { .. } => "Batch",
-        Frame::Ack { .. } => "Ack",
-        Frame::Applied { .. } => "Applied",
+        assert_eq!(refused(Class::Definite).class(), Class::Definite);
+        assert_eq!(refused(Class::Transient).class(), Class::Transient);
+        assert_eq!(
+            ShipError::WrongPeer(Fingerprint([7; 32])).class(),
+            Class::Definite
+        );
+        assert_eq!(
+            ShipError::Session(SenderError::Protocol("x".into())).class(),
+            Class::Definite
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(ShipError::Wire(WireError::Io(io)).class(), Class::Transient);
+        assert_eq!(
+            ShipError::HelloTimeout(HELLO_TIMEOUT).class(),
+            Class::Transient
+        );
+        assert_eq!(ShipError::ClosedBeforeHello.class(), Class::Transient);
+        assert_eq!(ShipError::Superseded.class(), Class::Transient);
+        assert_eq!(
+            ShipError::Connection(quinn::ConnectionError::TimedOut).class(),
+            Class::Transient
+        );
+        // The log line names the refusal as before.
+        assert_eq!(
+            refused(Class::Definite).to_string(),
+            "refused the receiver: r"
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! receiver                                   sender
 //!   open bidi "control" stream
 //!   Hello{source, durable_seq}      ──────▶
-//!                                   ◀──────  Welcome{source, first_seq} | Refuse{reason}
+//!                                   ◀──────  Welcome{source, first_seq}
+//!                                            | RefuseClassed{reason, definite}
+//!                                            | Refuse{reason} (protocol mismatch)
 //!                                            open uni "data" stream
 //!                                   ◀──────  Batch{first_seq, last_seq, zstd(records)} ...
 //!   (store, fsync)
@@ -30,7 +32,9 @@ use serde::{Deserialize, Serialize};
 use crate::record::{self, bincode_config, RecordError, MAX_RECORD_BYTES};
 
 /// 2: `Applied` frames; the spool is trimmed behind what receivers applied.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `RefuseClassed`: a refusal says whether retrying can help, so a
+/// receiver stops on a definite one instead of retrying for ever.
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_BATCH_RAW_BYTES: usize = 8 * 1024 * 1024;
 
@@ -46,7 +50,10 @@ pub enum Frame {
     },
     /// Sender → receiver: accepted; batches follow on a uni stream.
     Welcome { source: String, first_seq: u64 },
-    /// Either way: the peer is refused; the connection closes.
+    /// Sender → receiver: refused; the connection closes. The form every
+    /// protocol version decodes (variant 2 since version 1), so a sender
+    /// uses it to refuse a receiver that speaks another version; a receiver
+    /// reads it as definite.
     Refuse { reason: String },
     /// Sender → receiver, on the data stream.
     Batch {
@@ -61,6 +68,26 @@ pub enum Frame {
     /// (committed with the progress row); the sender may delete it. Sent
     /// after `Welcome` and whenever it moves.
     Applied { seq: u64 },
+    /// Sender → receiver (protocol 3): refused, and whether retrying can
+    /// help (`definite: false`: the sender is not ready yet, the copy for a
+    /// new branch is being prepared) or not (another source, records gone:
+    /// an operator must act). The connection closes.
+    RefuseClassed { reason: String, definite: bool },
+}
+
+impl Frame {
+    /// The variant's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Refuse { .. } => "Refuse",
+            Frame::Batch { .. } => "Batch",
+            Frame::Ack { .. } => "Ack",
+            Frame::Applied { .. } => "Applied",
+            Frame::RefuseClassed { .. } => "RefuseClassed",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +116,8 @@ pub enum FrameError {
 
 /// The frame as it travels: `[u32 big-endian length][bincode(Frame)]`.
 pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, FrameError> {
-    let body = bincode::serde::encode_to_vec(frame, bincode_config()).map_err(FrameError::Encode)?;
+    let body =
+        bincode::serde::encode_to_vec(frame, bincode_config()).map_err(FrameError::Encode)?;
     if body.len() > MAX_FRAME_BYTES {
         return Err(FrameError::FrameTooLarge(body.len()));
     }
@@ -298,5 +326,28 @@ mod tests {
         ));
         assert!(decode_batch(1, 2, raw_len + 10, &payload).is_err());
         assert!(decode_batch(1, 2, u32::MAX, &payload).is_err());
+    }
+
+    /// A peer of protocol 2 must still read why it is refused: `Refuse`
+    /// keeps its variant index and layout, and the classified refusal is a
+    /// new variant at the end.
+    #[test]
+    fn the_unclassified_refusal_keeps_its_protocol_2_encoding() {
+        let bytes = encode_frame(&Frame::Refuse { reason: "x".into() }).unwrap();
+        // [len][variant 2][string len 1]["x"]
+        assert_eq!(bytes, vec![0, 0, 0, 3, 2, 1, b'x']);
+        let classed = encode_frame(&Frame::RefuseClassed {
+            reason: "x".into(),
+            definite: true,
+        })
+        .unwrap();
+        assert_eq!(classed[4], 6, "appended after Applied");
+        assert_eq!(
+            decode_frame(&classed[4..]).unwrap(),
+            Frame::RefuseClassed {
+                reason: "x".into(),
+                definite: true
+            }
+        );
     }
 }

@@ -11,5 +11,6 @@ pub mod frame;
 pub mod lsn;
 pub mod pgoutput;
 pub mod record;
+pub mod session;
 
 pub use lsn::Lsn;

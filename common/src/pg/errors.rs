@@ -3,10 +3,11 @@
 //!
 //! Transient: the connection was lost, the server is starting, stopping,
 //! out of resources or read-only (a standby being promoted), an object is
-//! in use by another session, or a serialization failure or deadlock:
-//! retry with backoff. Everything else is definite: an operator must act
-//! (a missing table, a type mismatch, a constraint, a privilege), and a
-//! retry loop must not spin on it.
+//! in use by another session (a replication slot still held by a lingering
+//! backend), or a serialization failure or deadlock: retry with backoff.
+//! Everything else is definite: an operator must act (a refused login, a
+//! missing table, a type mismatch, a constraint, a privilege), and a retry
+//! loop must not spin on it.
 
 /// What an error from PostgreSQL means for the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,9 +15,11 @@ pub struct PgFault {
     /// Retry with backoff; `false`: report and wait for an operator.
     pub transient: bool,
     /// A short stable name for status and metrics: `connection`,
-    /// `read_only`, `in_use`, `serialization`, `missing_table`,
-    /// `missing_column`, `permission_denied`, `unique_violation`,
-    /// `constraint`, `type_mismatch` or `server_error`.
+    /// `read_only`, `in_use`, `serialization`, `login_refused`,
+    /// `missing_table`, `missing_column`, `permission_denied`,
+    /// `unique_violation`, `constraint`, `type_mismatch` or `server_error`
+    /// (any other SQLSTATE; a caller may name it after its side, as apply
+    /// does with `target_error`).
     pub class: &'static str,
 }
 
@@ -38,6 +41,10 @@ pub fn classify_sqlstate(code: Option<&str>) -> PgFault {
         Some("25006") => (true, "read_only"),
         Some("55006") => (true, "in_use"),
         Some("40001" | "40P01") => (true, "serialization"),
+        // Wrong password, a role that may not log in, a database that does
+        // not exist: retrying the same login cannot succeed.
+        Some(c) if c.starts_with("28") => (false, "login_refused"),
+        Some("3D000") => (false, "login_refused"),
         Some("42P01") => (false, "missing_table"),
         Some("42703") => (false, "missing_column"),
         Some("42501") => (false, "permission_denied"),
@@ -56,8 +63,20 @@ mod tests {
 
     #[test]
     fn connection_and_server_state_errors_are_transient_the_rest_definite() {
-        for code in [None, Some("08006"), Some("57P01"), Some("53300"), Some("25006"), Some("55006"), Some("40001"), Some("40P01")] {
-            assert!(classify_sqlstate(code).transient, "{code:?} should be retried");
+        for code in [
+            None,
+            Some("08006"),
+            Some("57P01"),
+            Some("53300"),
+            Some("25006"),
+            Some("55006"),
+            Some("40001"),
+            Some("40P01"),
+        ] {
+            assert!(
+                classify_sqlstate(code).transient,
+                "{code:?} should be retried"
+            );
         }
         for (code, class) in [
             ("42P01", "missing_table"),
@@ -67,11 +86,39 @@ mod tests {
             ("23503", "constraint"),
             ("22P02", "type_mismatch"),
             ("42804", "type_mismatch"),
+            ("55P03", "server_error"),
             ("XX000", "server_error"),
         ] {
             let f = classify_sqlstate(Some(code));
             assert!(!f.transient, "{code} must not be retried for ever");
             assert_eq!(f.class, class, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_slot_in_use_by_a_lingering_backend_is_retried() {
+        assert_eq!(
+            classify_sqlstate(Some("55006")),
+            PgFault {
+                transient: true,
+                class: "in_use"
+            }
+        );
+    }
+
+    #[test]
+    fn a_refused_login_is_definite_never_retried() {
+        // 28P01 wrong password, 28000 role may not log in (pg_hba),
+        // 3D000 no such database.
+        for code in ["28P01", "28000", "3D000"] {
+            assert_eq!(
+                classify_sqlstate(Some(code)),
+                PgFault {
+                    transient: false,
+                    class: "login_refused"
+                },
+                "{code}"
+            );
         }
     }
 }

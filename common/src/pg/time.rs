@@ -37,7 +37,10 @@ mod tests {
     #[test]
     fn the_epoch_round_trips() {
         assert_eq!(
-            from_pg_micros(0).duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            from_pg_micros(0)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
             946_684_800
         );
         let now = now_pg_micros();

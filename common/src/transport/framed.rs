@@ -1,6 +1,8 @@
 //! Frames on a QUIC stream: the async reading and writing of
 //! [`pgcourier_proto::frame`]'s length-prefixed frames, and a reader that
-//! counts what it read (what a cut link wasted).
+//! counts what it read (what a cut link wasted). Used by both session
+//! drivers (`sender/src/ship.rs`, `receiver/src/ingest.rs`) between the
+//! QUIC streams and the session cores in `pgcourier_proto::session`.
 
 use pgcourier_proto::frame::{self, decode_frame, Frame, FrameError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -60,7 +62,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
         poll
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -124,5 +125,4 @@ mod tests {
             Err(WireError::Frame(FrameError::FrameTooLarge(_)))
         ));
     }
-
 }

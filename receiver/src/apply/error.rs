@@ -1,0 +1,277 @@
+//! What can stop apply, and what happens next: [`ApplyError::is_transient`]
+//! errors (the target is unreachable or restarting) are retried soon with
+//! backoff; the others pause apply on the transaction they name until the
+//! DBA fixes the target (or skips it), retried slowly meanwhile.
+//! [`ApplyError::class`] is the stable name shown in status and metrics.
+
+use pgcourier_common::pg::errors::{classify, PgFault};
+use pgcourier_common::pg::progress_row::ProgressError;
+use pgcourier_proto::pgoutput;
+use pgcourier_proto::record::RecordError;
+
+/// Why apply stopped; [`ApplyError::class`] says what kind of problem it is
+/// and [`ApplyError::is_transient`] whether it is retried soon.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot connect to the target database (setting `target`)")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("target query failed: {what}")]
+    Target {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("table {table} does not exist on the target: create it with the source's columns, then apply resumes")]
+    MissingTable { table: String },
+    #[error("column {column} of table {table} does not exist on the target: ALTER TABLE {table} ADD COLUMN {column} <type>, then apply resumes")]
+    MissingColumn { table: String, column: String },
+    #[error("table {table} has no primary key on the target and no replica identity on the source: add a primary key on the target")]
+    NoKey { table: String },
+    #[error("record {seq} in the inbox is corrupt")]
+    Corrupt {
+        seq: u64,
+        #[source]
+        source: RecordError,
+    },
+    #[error("record {seq} holds an undecodable pgoutput message")]
+    Decode {
+        seq: u64,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error("record {seq} refers to relation {oid}, which no Relation message described")]
+    UnknownRelation { seq: u64, oid: u32 },
+    #[error("inbox failed")]
+    Inbox(#[from] pgcourier_common::store::durable::StoreError),
+    #[error("record {seq} is out of order: {message}")]
+    Order { seq: u64, message: String },
+    #[error("record {seq} holds copy metadata that does not decode: {message}")]
+    CopyMeta { seq: u64, message: String },
+    #[error("a Relation message kept in the inbox does not decode: the inbox is damaged; restore it, or re-seed the branch")]
+    StoredRelation(#[source] pgoutput::DecodeError),
+    #[error("record {seq} cannot be rendered for pgcourier.skipped")]
+    SkipContent {
+        seq: u64,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+    #[error(transparent)]
+    Seed(#[from] pgcourier_common::store::seed_file::SeedError),
+}
+
+impl ApplyError {
+    /// Retry soon with backoff (connection lost, target restarting or
+    /// read-only, serialization failure); otherwise the DBA must act and
+    /// apply retries slowly until the problem is gone. Errors from
+    /// PostgreSQL are classified by [`classify`], the classifier the source
+    /// side uses too.
+    pub fn is_transient(&self) -> bool {
+        self.fault().transient
+    }
+
+    /// A short stable name of the kind of error, for status and metrics:
+    /// from PostgreSQL `connection`, `read_only`, `in_use`,
+    /// `serialization` (retried) or `login_refused`, `missing_table`,
+    /// `missing_column`, `type_mismatch`, `unique_violation`, `constraint`,
+    /// `permission_denied`, `target_error` (any other SQLSTATE); from apply
+    /// itself `no_key`, `corrupt_record`, `bad_record`, `bad_progress_row`,
+    /// `inbox` or `seed`.
+    pub fn class(&self) -> &'static str {
+        self.fault().class
+    }
+
+    fn fault(&self) -> PgFault {
+        let definite = |class| PgFault {
+            transient: false,
+            class,
+        };
+        match self {
+            ApplyError::Connect(e) | ApplyError::Target { source: e, .. } => target_fault(e),
+            ApplyError::Progress(p) => match p.query_error() {
+                Some(e) => target_fault(e),
+                None => definite("bad_progress_row"),
+            },
+            ApplyError::MissingTable { .. } => definite("missing_table"),
+            ApplyError::MissingColumn { .. } => definite("missing_column"),
+            ApplyError::NoKey { .. } => definite("no_key"),
+            ApplyError::Corrupt { .. } => definite("corrupt_record"),
+            ApplyError::Decode { .. }
+            | ApplyError::UnknownRelation { .. }
+            | ApplyError::Order { .. }
+            | ApplyError::CopyMeta { .. }
+            | ApplyError::SkipContent { .. } => definite("bad_record"),
+            ApplyError::Inbox(_) | ApplyError::StoredRelation(_) => definite("inbox"),
+            ApplyError::Seed(_) => definite("seed"),
+        }
+    }
+}
+
+/// The shared classification of a PostgreSQL error, its catch-all named
+/// after this side (`target_error`, as status and metrics have always said).
+fn target_fault(e: &tokio_postgres::Error) -> PgFault {
+    let fault = classify(e);
+    match fault.class {
+        "server_error" => PgFault {
+            class: "target_error",
+            ..fault
+        },
+        _ => fault,
+    }
+}
+
+/// Wrap a target error with what apply was doing (verb + object).
+pub(super) fn target_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> ApplyError {
+    move |source| ApplyError::Target {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A real `tokio_postgres::Error` carrying `sqlstate`: a one-shot server
+    /// on 127.0.0.1 answers the startup message with a FATAL ErrorResponse,
+    /// as PostgreSQL does when it refuses a login.
+    async fn refused_at_startup(sqlstate: &str) -> tokio_postgres::Error {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let code = sqlstate.to_owned();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let len = sock.read_i32().await.unwrap();
+            let mut startup = vec![0; usize::try_from(len).unwrap() - 4];
+            sock.read_exact(&mut startup).await.unwrap();
+            let mut fields = Vec::new();
+            for (tag, value) in [
+                (b'S', "FATAL"),
+                (b'V', "FATAL"),
+                (b'C', code.as_str()),
+                (b'M', "refused by the test server"),
+            ] {
+                fields.push(tag);
+                fields.extend_from_slice(value.as_bytes());
+                fields.push(0);
+            }
+            fields.push(0);
+            let mut msg = vec![b'E'];
+            msg.extend_from_slice(&(fields.len() as i32 + 4).to_be_bytes());
+            msg.extend_from_slice(&fields);
+            sock.write_all(&msg).await.unwrap();
+        });
+        let cfg: tokio_postgres::Config =
+            format!("host=127.0.0.1 port={port} user=courier dbname=postgres")
+                .parse()
+                .unwrap();
+        let Err(e) = cfg.connect(tokio_postgres::NoTls).await else {
+            panic!("the test server accepted a login");
+        };
+        server.await.unwrap();
+        assert_eq!(e.code().map(|c| c.code()), Some(sqlstate), "{e}");
+        e
+    }
+
+    fn target(source: tokio_postgres::Error) -> ApplyError {
+        ApplyError::Target {
+            what: "apply change to table \"t\"".into(),
+            source,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_while_running_is_definite_never_retried_as_transient() {
+        for code in ["28P01", "28000", "3D000"] {
+            let e = ApplyError::Connect(refused_at_startup(code).await);
+            assert!(
+                !e.is_transient(),
+                "{code}: a refused login must not be retried as transient"
+            );
+            assert_eq!(e.class(), "login_refused", "{code}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_or_starting_target_is_retried() {
+        let e = ApplyError::Connect(refused_at_startup("57P03").await);
+        assert!(e.is_transient());
+        assert_eq!(e.class(), "connection");
+        // Nobody listens on this port any more: connection refused, no SQLSTATE.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cfg: tokio_postgres::Config = format!("host=127.0.0.1 port={port} user=courier")
+            .parse()
+            .unwrap();
+        let e = ApplyError::Connect(cfg.connect(tokio_postgres::NoTls).await.err().unwrap());
+        assert!(e.is_transient());
+        assert_eq!(e.class(), "connection");
+    }
+
+    #[tokio::test]
+    async fn target_errors_keep_the_class_names_status_and_metrics_show() {
+        for (code, transient, class) in [
+            ("25006", true, "read_only"),
+            ("40001", true, "serialization"),
+            ("40P01", true, "serialization"),
+            ("55006", true, "in_use"),
+            ("42P01", false, "missing_table"),
+            ("42703", false, "missing_column"),
+            ("22P02", false, "type_mismatch"),
+            ("23505", false, "unique_violation"),
+            ("23503", false, "constraint"),
+            ("42501", false, "permission_denied"),
+            ("55P03", false, "target_error"),
+            ("XX000", false, "target_error"),
+        ] {
+            let e = target(refused_at_startup(code).await);
+            assert_eq!((e.is_transient(), e.class()), (transient, class), "{code}");
+        }
+    }
+
+    #[test]
+    fn apply_own_errors_are_definite_with_their_classes() {
+        let cases = [
+            (
+                ApplyError::MissingTable { table: "t".into() },
+                "missing_table",
+            ),
+            (
+                ApplyError::MissingColumn {
+                    table: "t".into(),
+                    column: "c".into(),
+                },
+                "missing_column",
+            ),
+            (ApplyError::NoKey { table: "t".into() }, "no_key"),
+            (ApplyError::UnknownRelation { seq: 1, oid: 2 }, "bad_record"),
+            (
+                ApplyError::Order {
+                    seq: 1,
+                    message: "m".into(),
+                },
+                "bad_record",
+            ),
+            (
+                ApplyError::Progress(ProgressError::BadLsn("x".into())),
+                "bad_progress_row",
+            ),
+            (
+                ApplyError::Progress(ProgressError::BadSeq(-1)),
+                "bad_progress_row",
+            ),
+            (
+                ApplyError::StoredRelation(pgoutput::DecodeError::Empty),
+                "inbox",
+            ),
+        ];
+        for (e, class) in cases {
+            assert!(!e.is_transient(), "{e}");
+            assert_eq!(e.class(), class, "{e}");
+        }
+    }
+}

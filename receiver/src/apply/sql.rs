@@ -1,0 +1,225 @@
+//! One change shape → its SQL: `INSERT`, `UPDATE .. SET` or `DELETE`, every
+//! identifier quoted, every value a text parameter cast to the target
+//! column's type (`$n::text::<type>`), the row found by its primary key or,
+//! without one, exactly one row matching the replica identity. Each shape is
+//! prepared once per session.
+
+use pgcourier_proto::pgoutput::Value;
+use tokio_postgres::types::Type;
+use tokio_postgres::Statement;
+
+use super::error::ApplyError;
+use super::mapping::TableMap;
+use super::{Apply, Session};
+
+/// The kind of a row change.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Apply {
+    /// The prepared statement for one change shape (cached per session).
+    pub(super) async fn statement(
+        &self,
+        s: &mut Session,
+        oid: u32,
+        op: Op,
+        set: &[bool],
+        wher: &[bool],
+    ) -> Result<Statement, ApplyError> {
+        let key = (oid, op, set.to_vec(), wher.to_vec());
+        if let Some(st) = s.statements.get(&key) {
+            return Ok(st.clone());
+        }
+        let target = &s.targets[&oid];
+        let (sql, n) = build_sql(target, op, set, wher);
+        let st = s
+            .client
+            .prepare_typed(&sql, &vec![Type::TEXT; n])
+            .await
+            .map_err(|e| ApplyError::Target {
+                what: format!("prepare statement for {}", target.table),
+                source: e,
+            })?;
+        s.statements.insert(key, st.clone());
+        Ok(st)
+    }
+}
+
+/// A pgoutput value as the text parameter apply sends (`None`: NULL, or an
+/// unchanged TOAST value, which is never sent).
+pub(super) fn text_value(v: &Value) -> Option<String> {
+    match v {
+        Value::Text(t) => Some(t.clone()),
+        Value::Null | Value::UnchangedToast => None,
+        // Binary format is never requested; render as bytea hex so a
+        // mismatch fails loudly rather than silently.
+        Value::Binary(b) => Some(format!(
+            "\\x{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )),
+    }
+}
+
+/// The SQL for one change shape and its parameter count.
+fn build_sql(t: &TableMap, op: Op, set: &[bool], wher: &[bool]) -> (String, usize) {
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    let cast = |i: usize, p: usize| format!("${p}::text::{}", t.columns[i].1);
+    let mut sql = String::new();
+    match op {
+        Op::Insert => {
+            let cols: Vec<usize> = (0..set.len()).filter(|&i| set[i]).collect();
+            let names: Vec<&str> = cols.iter().map(|&i| t.columns[i].0.as_str()).collect();
+            let values: Vec<String> = cols.iter().map(|&i| cast(i, next())).collect();
+            sql = format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                t.table,
+                names.join(", "),
+                values.join(", ")
+            );
+        }
+        Op::Update | Op::Delete => {
+            if op == Op::Update {
+                let sets: Vec<String> = (0..set.len())
+                    .filter(|&i| set[i])
+                    .map(|i| format!("{} = {}", t.columns[i].0, cast(i, next())))
+                    .collect();
+                sql.push_str(&format!("UPDATE {} SET {}", t.table, sets.join(", ")));
+            } else {
+                sql.push_str(&format!("DELETE FROM {}", t.table));
+            }
+            let conds: Vec<String> = (0..wher.len())
+                .filter(|&i| wher[i])
+                .map(|i| {
+                    let p = next();
+                    if t.key_is_pk {
+                        format!("{} = {}", t.columns[i].0, cast(i, p))
+                    } else {
+                        format!("{}::text IS NOT DISTINCT FROM ${p}::text", t.columns[i].0)
+                    }
+                })
+                .collect();
+            if t.key_is_pk {
+                sql.push_str(&format!(" WHERE {}", conds.join(" AND ")));
+            } else {
+                // Without a primary key, change exactly one matching row.
+                sql.push_str(&format!(
+                    " WHERE ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
+                    t.table,
+                    conds.join(" AND ")
+                ));
+            }
+        }
+    }
+    (sql, n)
+}
+
+/// A TRUNCATE of the target tables `tables` (already quoted), with the
+/// source's options.
+pub(super) fn truncate_sql(tables: &[String], restart_identity: bool, cascade: bool) -> String {
+    let mut sql = format!("TRUNCATE {}", tables.join(", "));
+    if restart_identity {
+        sql.push_str(" RESTART IDENTITY");
+    }
+    if cascade {
+        sql.push_str(" CASCADE");
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(key_is_pk: bool) -> TableMap {
+        TableMap {
+            table: "\"s\".\"T\"".into(),
+            columns: vec![
+                ("\"id\"".into(), "integer".into()),
+                ("\"v\"".into(), "text".into()),
+                ("\"j\"".into(), "jsonb".into()),
+            ],
+            key: vec![0],
+            key_is_pk,
+        }
+    }
+
+    #[test]
+    fn insert_update_delete_sql_casts_text_to_target_types() {
+        let t = target(true);
+        assert_eq!(
+            build_sql(&t, Op::Insert, &[true, true, true], &[false; 3]),
+            ("INSERT INTO \"s\".\"T\" (\"id\", \"v\", \"j\") VALUES ($1::text::integer, $2::text::text, $3::text::jsonb)".into(), 3)
+        );
+        assert_eq!(
+            build_sql(&t, Op::Update, &[true, false, true], &[true, false, false]),
+            ("UPDATE \"s\".\"T\" SET \"id\" = $1::text::integer, \"j\" = $2::text::jsonb WHERE \"id\" = $3::text::integer".into(), 3)
+        );
+        assert_eq!(
+            build_sql(&t, Op::Delete, &[false; 3], &[true, false, false]).0,
+            "DELETE FROM \"s\".\"T\" WHERE \"id\" = $1::text::integer"
+        );
+    }
+
+    #[test]
+    fn tables_without_primary_key_change_exactly_one_row() {
+        let mut t = target(false);
+        t.key = vec![0, 1, 2];
+        let (sql, n) = build_sql(&t, Op::Delete, &[false; 3], &[true, true, true]);
+        assert_eq!(n, 3);
+        assert!(sql.contains("WHERE ctid = (SELECT ctid FROM \"s\".\"T\" WHERE \"id\"::text IS NOT DISTINCT FROM $1::text"), "{sql}");
+        assert!(sql.ends_with("LIMIT 1)"));
+    }
+
+    #[test]
+    fn updates_without_primary_key_match_the_identity_as_text() {
+        let mut t = target(false);
+        t.key = vec![0, 1];
+        let (sql, n) = build_sql(&t, Op::Update, &[false, true, false], &[true, true, false]);
+        assert_eq!(n, 3);
+        assert_eq!(
+            sql,
+            "UPDATE \"s\".\"T\" SET \"v\" = $1::text::text WHERE ctid = (SELECT ctid FROM \"s\".\"T\" \
+             WHERE \"id\"::text IS NOT DISTINCT FROM $2::text AND \"v\"::text IS NOT DISTINCT FROM $3::text LIMIT 1)"
+        );
+    }
+
+    #[test]
+    fn truncate_carries_the_source_options() {
+        let tables = ["\"s\".\"a\"".to_owned(), "\"s\".\"b\"".to_owned()];
+        assert_eq!(
+            truncate_sql(&tables, false, false),
+            "TRUNCATE \"s\".\"a\", \"s\".\"b\""
+        );
+        assert_eq!(
+            truncate_sql(&tables[..1], true, false),
+            "TRUNCATE \"s\".\"a\" RESTART IDENTITY"
+        );
+        assert_eq!(
+            truncate_sql(&tables[..1], false, true),
+            "TRUNCATE \"s\".\"a\" CASCADE"
+        );
+        assert_eq!(
+            truncate_sql(&tables[..1], true, true),
+            "TRUNCATE \"s\".\"a\" RESTART IDENTITY CASCADE"
+        );
+    }
+
+    #[test]
+    fn values_go_as_text_null_and_unchanged_toast_as_none() {
+        assert_eq!(text_value(&Value::Text("x".into())), Some("x".into()));
+        assert_eq!(text_value(&Value::Null), None);
+        assert_eq!(text_value(&Value::UnchangedToast), None);
+        assert_eq!(
+            text_value(&Value::Binary(vec![0, 0xab])),
+            Some("\\x00ab".into())
+        );
+    }
+}
