@@ -24,16 +24,95 @@ pub enum ConfigError {
     },
 }
 
-/// Read and parse a TOML config file; unknown settings are errors.
-pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+fn parse_error(path: &Path, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Parse {
+        path: path.into(),
+        message: message.to_string(),
+    }
+}
+
+/// Read a TOML config file whose top-level settings are split over three
+/// structs: the daemon's own `A` and the shared `B` and `C` (the link's
+/// `TransportSettings`, the `PasswordSource`). Every top-level key must be
+/// a setting of one of them: that is checked first, so a misspelt setting
+/// is named as unknown rather than reported as a missing one; then each
+/// part is parsed from the text (so its errors point at the line).
+pub fn load_toml<A, B, C>(path: &Path) -> Result<(A, B, C), ConfigError>
+where
+    A: serde::de::DeserializeOwned,
+    B: serde::de::DeserializeOwned,
+    C: serde::de::DeserializeOwned,
+{
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.into(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.into(),
-        message: e.to_string(),
-    })
+    let table: toml::Table = toml::from_str(&text).map_err(|e| parse_error(path, e))?;
+    let known = [settings::<A>(), settings::<B>(), settings::<C>()];
+    if let Some(key) = table
+        .keys()
+        .find(|k| !known.iter().any(|names| names.contains(&k.as_str())))
+    {
+        let mut all: Vec<&str> = known.concat();
+        all.sort_unstable();
+        return Err(parse_error(
+            path,
+            format!(
+                "unknown setting `{key}`; the settings are `{}`",
+                all.join("`, `")
+            ),
+        ));
+    }
+    Ok((
+        toml::from_str(&text).map_err(|e| parse_error(path, e))?,
+        toml::from_str(&text).map_err(|e| parse_error(path, e))?,
+        toml::from_str(&text).map_err(|e| parse_error(path, e))?,
+    ))
+}
+
+/// The setting names (serde field names, after renaming) of a struct
+/// deserialized with `#[derive(Deserialize)]` (no `flatten`): serde hands
+/// them to `deserialize_struct`, which is all this deserializer answers.
+fn settings<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Deserializer, Visitor};
+
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field names read")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl serde::de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    struct Names<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Names<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            *self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut names: &'static [&'static str] = &[];
+    let _ = T::deserialize(Names(&mut names));
+    names
 }
 
 /// Parse a byte size: a number with an optional unit B, KiB, MiB, GiB (or
@@ -83,33 +162,14 @@ pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
 }
 
-/// Defaults both daemons share (store cache and link settings); each
-/// setting's trade-off is in docs/configuration.md.
+/// Defaults both daemons share (store cache, reconnect backoff); the QUIC
+/// link's are in [`crate::transport::settings`]. Each setting's trade-off
+/// is in docs/configuration.md.
 pub mod defaults {
     use std::time::Duration;
 
-    use crate::transport::quic::Congestion;
-
     pub fn cache_capacity() -> u64 {
         64 << 20
-    }
-    pub fn idle_timeout() -> Duration {
-        Duration::from_secs(30)
-    }
-    pub fn keep_alive() -> Duration {
-        Duration::from_secs(5)
-    }
-    pub fn window() -> u64 {
-        16 << 20
-    }
-    /// Measured on netem's 3g profile (2% random loss), 100k-transaction
-    /// backlog: BBR kept the link 90% busy (goodput 87%), Cubic 47% (loss-
-    /// limited). See README, Benchmarks.
-    pub fn congestion() -> Congestion {
-        Congestion::Bbr
-    }
-    pub fn initial_rtt() -> Duration {
-        Duration::from_millis(100)
     }
     /// A reconnect attempt costs a few packets; a short cap means the link is
     /// used again within seconds of coming back.
@@ -118,9 +178,11 @@ pub mod defaults {
     }
 }
 
-/// Where the database password comes from, when not in the connection string.
+/// Where the database password comes from, when not in the connection string
+/// (settings `password-env`, `password-file`, at the top level of both
+/// daemons' configs: see [`load_toml`]).
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct PasswordSource {
     /// Name of an environment variable holding the password.
     pub password_env: Option<String>,
@@ -173,6 +235,51 @@ mod tests {
         assert_eq!(parse_size("1 KiB").unwrap(), 1024);
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("MiB").is_err());
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct Own {
+        spool_dir: String,
+        #[serde(rename = "receiver", default)]
+        receivers: Vec<String>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct Shared {
+        #[serde(default)]
+        keep_alive: Option<String>,
+    }
+
+    fn load(text: &str) -> Result<(Own, Shared, PasswordSource), ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        load_toml(&path)
+    }
+
+    #[test]
+    fn settings_split_over_structs_are_all_read_and_a_misspelt_one_is_named_first() {
+        assert_eq!(
+            settings::<PasswordSource>(),
+            ["password-env", "password-file"]
+        );
+        let (own, shared, pw) = load(
+            "spool-dir = \"s\"\nkeep-alive = \"1s\"\npassword-env = \"X\"\nreceiver = [\"b\"]",
+        )
+        .unwrap();
+        assert_eq!(own.spool_dir, "s");
+        assert_eq!(own.receivers, ["b"]);
+        assert_eq!(shared.keep_alive.as_deref(), Some("1s"));
+        assert_eq!(pw.password_env.as_deref(), Some("X"));
+        // The typo is named, not the setting it was meant to be.
+        let err = load("spol-dir = \"s\"").unwrap_err().to_string();
+        assert!(err.contains("unknown setting `spol-dir`"), "{err}");
+        assert!(err.contains("`spool-dir`"), "{err}");
+        // Errors of each part still point at their line.
+        let err = load("spool-dir = 3").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
     }
 }
 

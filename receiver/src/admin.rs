@@ -1,23 +1,49 @@
 //! The receiver's local admin endpoint and status: what `pgcourier-queue`
-//! and Prometheus see. Status is assembled from the inbox (durable), the
-//! apply state and the link state; for a stopped receiver the queue CLI
-//! builds the same view from the inbox and the target's progress row.
+//! and Prometheus see. [`ReceiverStatus`] is assembled here from the inbox
+//! (durable), the apply state and the link state; the daemon serializes it
+//! on `/status` and the queue CLI reads it back, typed. For a stopped
+//! receiver the queue CLI builds the same view from the inbox and the
+//! target's progress row. The routes are `pgcourier_common::ops::admin::route`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use pgcourier_common::ops::admin::{Metrics, Request, Response};
+use pgcourier_common::ops::admin::{self, Endpoint, Kind, Metrics, Response, Role};
 use pgcourier_common::ops::inspect;
 use pgcourier_proto::record::Record;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::apply::{Apply, ApplyStatus};
 use crate::inbox::Inbox;
 use crate::ingest::LinkStatus;
 
-#[derive(Debug, Serialize)]
+/// Where apply stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyState {
+    /// Applying, or caught up.
+    Applying,
+    /// Stopped on a definite target error: the DBA must act, or skip.
+    Paused,
+    /// The last attempt failed on a transient error; apply retries.
+    Retrying,
+}
+
+impl ApplyState {
+    /// As in `/status`: `applying`, `paused` or `retrying`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyState::Applying => "applying",
+            ApplyState::Paused => "paused",
+            ApplyState::Retrying => "retrying",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ReceiverStatus {
-    pub role: &'static str,
+    /// Always `receiver`.
+    pub role: Role,
     pub running: bool,
     pub source: Option<String>,
     pub inbox_records: u64,
@@ -32,12 +58,11 @@ pub struct ReceiverStatus {
     /// Seconds the oldest unapplied transaction has waited since its source
     /// commit (0 when apply is caught up).
     pub apply_lag_seconds: f64,
-    /// `applying`, `paused` (a definite target error) or `retrying`.
-    pub apply_state: &'static str,
+    pub apply_state: ApplyState,
     pub last_error: Option<String>,
     /// Kind of the last error (`missing_table`, `type_mismatch`,
     /// `unique_violation`, `permission_denied`, `read_only`, `connection`...).
-    pub error_class: Option<&'static str>,
+    pub error_class: Option<String>,
     pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
     pub skipped_transactions: u64,
@@ -70,7 +95,7 @@ pub fn status(
         }
     }
     ReceiverStatus {
-        role: "receiver",
+        role: Role::Receiver,
         running,
         source: inbox.source().ok().flatten(),
         inbox_records: records,
@@ -84,12 +109,12 @@ pub fn status(
         applied_transactions: apply.applied_transactions,
         apply_lag_seconds: lag,
         apply_state: match (&apply.last_error, apply.paused) {
-            (None, _) => "applying",
-            (Some(_), true) => "paused",
-            (Some(_), false) => "retrying",
+            (None, _) => ApplyState::Applying,
+            (Some(_), true) => ApplyState::Paused,
+            (Some(_), false) => ApplyState::Retrying,
         },
         last_error: apply.last_error.clone(),
-        error_class: apply.error_class,
+        error_class: apply.error_class.map(str::to_owned),
         blocking_seq: apply.blocking_seq,
         missing_rows: apply.missing_rows,
         skipped_transactions: apply.skipped_transactions,
@@ -138,19 +163,19 @@ pub fn metrics(st: &ReceiverStatus) -> String {
     m.gauge(
         "pgcourier_receiver_apply_paused",
         "1 when apply is paused on a target error.",
-        f64::from(u8::from(st.apply_state == "paused")),
+        f64::from(u8::from(st.apply_state == ApplyState::Paused)),
     );
     m.gauge(
         "pgcourier_receiver_apply_error",
         "1 when the last apply attempt failed.",
         f64::from(u8::from(st.last_error.is_some())),
     );
-    if let Some(class) = st.error_class {
-        m.metric(
+    if let Some(class) = &st.error_class {
+        m.sample(
             "pgcourier_receiver_apply_error_class",
             "1 for the kind of the last apply error, while there is one.",
-            "gauge",
-            &[("class", class)],
+            Kind::Gauge,
+            &[("class", class.as_str())],
             1.0,
         );
     }
@@ -247,27 +272,14 @@ pub fn relations(inbox: &Inbox) -> HashMap<u32, pgcourier_proto::pgoutput::Relat
 
 /// `show`: one record as JSON or SQL; 404 text when absent.
 pub fn show(inbox: &Inbox, seq: u64, format: &str) -> Response {
-    let bytes = match inbox.get(seq) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            return Response::text(
-                404,
-                format!("record {seq} is not in the inbox (applied records are deleted)"),
-            )
-        }
-        Err(e) => return Response::text(500, format!("inbox read failed: {e}")),
-    };
-    let record = match Record::decode(&bytes) {
-        Ok(r) => r,
-        Err(e) => return Response::text(500, format!("record {seq} is corrupt: {e}")),
-    };
-    let mut rels = relations(inbox);
-    let view = inspect::view(&record, &mut rels);
-    if format == "sql" {
-        Response::text(200, inspect::sql(&view, &rels))
-    } else {
-        Response::json(200, &view)
-    }
+    admin::show_record(
+        seq,
+        format,
+        "inbox",
+        "applied records are deleted",
+        inbox.get(seq),
+        || relations(inbox),
+    )
 }
 
 pub struct Admin {
@@ -276,70 +288,91 @@ pub struct Admin {
     pub link: Arc<Mutex<LinkStatus>>,
 }
 
-impl Admin {
-    pub fn handle(&self, req: Request) -> Response {
-        let st = || {
-            status(
-                &self.inbox,
-                &self.apply.status.lock().expect("status lock"),
-                Some(&self.link.lock().expect("link lock")),
-                true,
-            )
-        };
-        match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/status") => Response::json(200, &st()),
-            ("GET", "/metrics") => Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: metrics(&st()),
-            },
-            ("GET", "/health") => {
-                let s = st();
-                if s.apply_state == "paused" {
-                    Response::text(
-                        503,
-                        format!("apply paused: {}", s.last_error.unwrap_or_default()),
-                    )
-                } else {
-                    Response::text(200, "ok")
-                }
-            }
-            ("GET", "/records") => {
-                let from = req.query.get("from").and_then(|v| v.parse().ok());
-                let limit = req
-                    .query
-                    .get("limit")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(20);
-                Response::json(200, &list(&self.inbox, from, limit))
-            }
-            ("GET", path) if path.starts_with("/records/") => {
-                match path["/records/".len()..].parse() {
-                    Ok(seq) => show(
-                        &self.inbox,
-                        seq,
-                        req.query
-                            .get("format")
-                            .map(String::as_str)
-                            .unwrap_or("json"),
-                    ),
-                    Err(_) => Response::text(400, "record sequence must be a number"),
-                }
-            }
-            ("POST", "/skip") => {
-                let Some(seq) = req.query.get("seq").and_then(|v| v.parse().ok()) else {
-                    return Response::text(400, "seq is required");
-                };
-                let reason = req.query.get("reason").cloned().unwrap_or_default();
-                match self.apply.request_skip(seq, &reason) {
-                    Ok(()) => Response::text(200, format!("skip of the transaction at record {seq} requested; apply will record it in pgcourier.skipped")),
-                    Err(e) => Response::text(409, e),
-                }
-            }
-            _ => Response::text(
-                404,
-                "unknown admin request; try /status, /metrics, /health, /records",
-            ),
+impl Endpoint for Admin {
+    type Status = ReceiverStatus;
+
+    fn status(&self) -> ReceiverStatus {
+        status(
+            &self.inbox,
+            &self.apply.status.lock().expect("status lock"),
+            Some(&self.link.lock().expect("link lock")),
+            true,
+        )
+    }
+
+    fn metrics(&self, st: &ReceiverStatus) -> String {
+        metrics(st)
+    }
+
+    fn health(&self, st: &ReceiverStatus) -> Result<(), String> {
+        if st.apply_state == ApplyState::Paused {
+            Err(format!(
+                "apply paused: {}",
+                st.last_error.as_deref().unwrap_or_default()
+            ))
+        } else {
+            Ok(())
         }
+    }
+
+    fn list(&self, from: Option<u64>, limit: usize) -> Vec<inspect::RecordLine> {
+        list(&self.inbox, from, limit)
+    }
+
+    fn show(&self, seq: u64, format: &str) -> Response {
+        show(&self.inbox, seq, format)
+    }
+
+    fn control(&self, path: &str, query: &HashMap<String, String>) -> Option<Response> {
+        if path != "/skip" {
+            return None;
+        }
+        let Some(seq) = query.get("seq").and_then(|v| v.parse().ok()) else {
+            return Some(Response::text(400, "seq is required"));
+        };
+        let reason = query.get("reason").cloned().unwrap_or_default();
+        Some(match self.apply.request_skip(seq, &reason) {
+            Ok(()) => Response::text(200, format!("skip of the transaction at record {seq} requested; apply will record it in pgcourier.skipped")),
+            Err(e) => Response::text(409, e),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the daemon serializes on `/status`, the queue CLI reads back
+    /// typed: every field, nested ones included, survives the trip.
+    #[test]
+    fn the_status_the_daemon_writes_is_what_the_queue_cli_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        let mut apply = ApplyStatus {
+            applied_seq: 4,
+            applied_commit_time: 1,
+            last_error: Some("relation \"t\" does not exist".into()),
+            error_class: Some("missing_table"),
+            paused: true,
+            blocking_seq: Some(5),
+            ..Default::default()
+        };
+        let mut copy = crate::apply::LoadProgress::default();
+        copy.tables = vec![("\"public\".\"t\"".into(), 1, 2)];
+        copy.eta_seconds = Some(1.0);
+        apply.copy = Some(copy);
+        let link = LinkStatus {
+            connected: true,
+            rtt_ms: Some(3.5),
+            ..Default::default()
+        };
+        let st = status(&inbox, &apply, Some(&link), true);
+        let written = serde_json::to_value(&st).unwrap();
+        assert_eq!(written["role"], "receiver");
+        assert_eq!(written["apply_state"], "paused");
+        assert_eq!(written["error_class"], "missing_table");
+        let read: ReceiverStatus = serde_json::from_value(written.clone()).unwrap();
+        assert_eq!(read.apply_state, ApplyState::Paused);
+        assert_eq!(serde_json::to_value(&read).unwrap(), written);
     }
 }

@@ -7,16 +7,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgcourier_common::config::{self, de_duration, de_size, defaults, ConfigError, PasswordSource};
-use pgcourier_common::transport::quic::{Congestion, TransportSettings};
+use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
 
+/// The daemon's own settings. The shared ones (link: [`TransportSettings`];
+/// database password: [`PasswordSource`]) sit beside them at the top level;
+/// `config::load_toml` refuses any key that is none of these.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 struct RawReceiverConfig {
     target: String,
-    password_env: Option<String>,
-    password_file: Option<PathBuf>,
     inbox_dir: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -36,16 +37,6 @@ struct RawReceiverConfig {
     cache_capacity: u64,
     #[serde(default, deserialize_with = "de_opt_size")]
     inbox_max_bytes: Option<u64>,
-    #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
-    idle_timeout: Duration,
-    #[serde(default = "defaults::keep_alive", deserialize_with = "de_duration")]
-    keep_alive: Duration,
-    #[serde(default = "defaults::window", deserialize_with = "de_size")]
-    window: u64,
-    #[serde(default = "defaults::congestion")]
-    congestion: Congestion,
-    #[serde(default = "defaults::initial_rtt", deserialize_with = "de_duration")]
-    initial_rtt: Duration,
     #[serde(default = "defaults::max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
 }
@@ -103,11 +94,12 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl ReceiverConfig {
     pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
-        let raw: RawReceiverConfig = config::load_toml(path)?;
+        let (raw, transport, password): (RawReceiverConfig, TransportSettings, PasswordSource) =
+            config::load_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let password = PasswordSource {
-            password_env: raw.password_env,
-            password_file: raw.password_file.map(|p| base.join(p)),
+            password_env: password.password_env,
+            password_file: password.password_file.map(|p| base.join(p)),
         };
         let target = config::pg_config("target", &raw.target, &password)?;
         let link = match (raw.listen, raw.sender_address) {
@@ -149,13 +141,7 @@ impl ReceiverConfig {
             create_tables: raw.create_tables,
             cache_capacity: raw.cache_capacity,
             inbox_max_bytes: raw.inbox_max_bytes,
-            transport: TransportSettings {
-                idle_timeout: raw.idle_timeout,
-                keep_alive: raw.keep_alive,
-                window_bytes: raw.window,
-                congestion: raw.congestion,
-                initial_rtt: raw.initial_rtt,
-            },
+            transport,
             max_backoff: raw.max_backoff,
         })
     }
@@ -163,4 +149,44 @@ impl ReceiverConfig {
 
 fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     de_size(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "target = \"host=/tmp dbname=b\"\ninbox-dir = \"inbox\"\ncert = \"r.crt\"\nkey = \"r.key\"\nlisten = \"127.0.0.1:7000\"\nsender-fingerprints = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n";
+
+    fn load_text(text: &str) -> Result<ReceiverConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("receiver.toml");
+        std::fs::write(&path, text).unwrap();
+        ReceiverConfig::load(&path)
+    }
+
+    fn load(extra: &str) -> Result<ReceiverConfig, ConfigError> {
+        load_text(&format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn shared_settings_are_read_at_the_top_level_and_unknown_ones_refused() {
+        let c =
+            load("window = \"32MiB\"\ncongestion = \"cubic\"\npassword-env = \"HOME\"\n").unwrap();
+        assert_eq!(c.transport.window_bytes, 32 << 20);
+        assert_eq!(
+            c.transport.congestion,
+            pgcourier_common::transport::settings::Congestion::Cubic
+        );
+        let err = load("windwo = \"32MiB\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown setting `windwo`"), "{err}");
+        // A misspelt required setting is named as unknown, not as missing.
+        let text = BASE.replace("inbox-dir", "inbox-dri");
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown setting `inbox-dri`"), "{err}");
+        let err = load("window = \"12 parsecs\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("window = \"12 parsecs\"") && err.contains("unknown size unit"),
+            "{err}"
+        );
+    }
 }

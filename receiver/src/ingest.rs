@@ -102,7 +102,7 @@ impl IngestError {
 }
 
 /// The link as the receiver sees it, for status and metrics.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
     pub connected: bool,
     pub peer: Option<String>,

@@ -15,6 +15,7 @@ pub mod seed;
 use std::sync::Arc;
 
 use anyhow::Context;
+use pgcourier_common::ops::admin::Server;
 use pgcourier_common::transport::quic;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
@@ -50,36 +51,30 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
 
     probe_target(&cfg).await?;
     let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
-    let link = ingest.link.clone();
-    let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
     let apply = Arc::new(apply::Apply::new(cfg.clone(), inbox.clone()));
-    if let Some(addr) = cfg.admin {
-        let listener = pgcourier_common::ops::admin::bind(addr)
+    let admin = match cfg.admin {
+        Some(addr) => Some(
+            Server::start(
+                addr,
+                Arc::new(admin::Admin {
+                    inbox: inbox.clone(),
+                    apply: apply.clone(),
+                    link: ingest.link.clone(),
+                }),
+                shutdown.clone(),
+            )
             .await
-            .context("start the admin endpoint (setting `admin`)")?;
-        let admin = Arc::new(admin::Admin {
-            inbox: inbox.clone(),
-            apply: apply.clone(),
-            link,
-        });
-        let handler = Arc::new(move |req| {
-            let admin = admin.clone();
-            async move {
-                tokio::task::spawn_blocking(move || admin.handle(req))
-                    .await
-                    .unwrap_or_else(|e| pgcourier_common::ops::admin::Response::text(500, e.to_string()))
-            }
-        });
-        tokio::spawn(pgcourier_common::ops::admin::serve(
-            listener,
-            handler,
-            shutdown.clone(),
-        ));
-        tracing::info!(%addr, "admin endpoint listening");
-    }
+            .context("start the admin endpoint (setting `admin`)")?,
+        ),
+        None => None,
+    };
+    let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
     apply.clone().run(shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await.context("join ingest task")?;
+    if let Some(admin) = admin {
+        admin.stopped().await;
+    }
     inbox.sync().context("final inbox sync")?;
     Ok(())
 }

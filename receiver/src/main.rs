@@ -3,7 +3,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pgcourier_receiver::ReceiverConfig;
-use tokio_util::sync::CancellationToken;
 
 /// pgcourier-receiver: receive changes from the headquarters sender over QUIC,
 /// store them durably and apply them to the branch database exactly once.
@@ -97,24 +96,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, log_format } => {
-            pgcourier_common::ops::logging::init(&log_format);
-            let cfg = match ReceiverConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-receiver", &e),
-            };
-            let rt = pgcourier_common::ops::logging::runtime();
-            rt.block_on(async {
-                let shutdown = CancellationToken::new();
-                pgcourier_common::ops::logging::cancel_on_signal(shutdown.clone());
-                match pgcourier_receiver::run(cfg, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("pgcourier-receiver: {e:#}");
-                        ExitCode::from(1)
-                    }
-                }
-            })
-        }
+        Command::Run { config, log_format } => pgcourier_common::ops::logging::run_daemon(
+            "pgcourier-receiver",
+            &log_format,
+            || ReceiverConfig::load(&config),
+            pgcourier_receiver::run,
+        ),
     }
 }

@@ -1,23 +1,26 @@
 //! The sender's local admin endpoint and status: what `pgcourier-queue` and
-//! Prometheus see. For a stopped sender, the queue CLI builds the same view
-//! from the spool and the source's slot.
+//! Prometheus see. [`SenderStatus`] is built here from the spool marks,
+//! capture's slot statistics and the shipper's links; the daemon serializes
+//! it on `/status` and the queue CLI reads it back, typed. For a stopped
+//! sender, the queue CLI builds the same view from the spool and the
+//! source's slot. The routes are `pgcourier_common::ops::admin::route`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use pgcourier_common::ops::admin::{Metrics, Request, Response};
+use pgcourier_common::ops::admin::{self, Endpoint, Kind, Metrics, Response, Role};
 use pgcourier_common::ops::inspect;
 use pgcourier_proto::pgoutput::Relation;
 use pgcourier_proto::record::Record;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::capture::CaptureStatus;
 use crate::config::SenderConfig;
 use crate::ship::{LinkStatus, Shipper};
 use crate::spool::Spool;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ReceiverView {
     pub name: String,
     pub acked_seq: u64,
@@ -30,7 +33,7 @@ pub struct ReceiverView {
     pub link: Option<LinkStatus>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ShippingTotals {
     pub batches: u64,
     pub records: u64,
@@ -41,9 +44,10 @@ pub struct ShippingTotals {
     pub resent_bytes: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct SenderStatus {
-    pub role: &'static str,
+    /// Always `sender`.
+    pub role: Role,
     pub running: bool,
     pub source: Option<String>,
     pub slot: Option<crate::source::SlotStats>,
@@ -93,7 +97,7 @@ pub fn status(
         .receivers
         .iter()
         .map(|r| {
-            let acked = spool.ack(&r.name).unwrap_or(0);
+            let acked = spool.applied(&r.name).unwrap_or(0);
             let behind = marks.complete_seq.saturating_sub(acked);
             let lag = if behind > 0 {
                 commit_time(spool, acked + 1)
@@ -135,7 +139,7 @@ pub fn status(
         }
     });
     SenderStatus {
-        role: "sender",
+        role: Role::Sender,
         running,
         source: spool.source().ok().flatten(),
         slot: capture.slot.clone(),
@@ -197,67 +201,67 @@ pub fn metrics(st: &SenderStatus) -> String {
     }
     for r in &st.receivers {
         let l = [("receiver", r.name.as_str())];
-        m.metric(
+        m.sample(
             "pgcourier_sender_receiver_acked_seq",
             "Highest record the receiver holds durably.",
-            "gauge",
+            Kind::Gauge,
             &l,
             r.acked_seq as f64,
         );
-        m.metric(
+        m.sample(
             "pgcourier_sender_receiver_records_behind",
             "Spooled records the receiver has not acknowledged.",
-            "gauge",
+            Kind::Gauge,
             &l,
             r.records_behind as f64,
         );
-        m.metric(
+        m.sample(
             "pgcourier_sender_receiver_bytes_behind",
             "Bytes of spooled records the receiver has not acknowledged.",
-            "gauge",
+            Kind::Gauge,
             &l,
             r.bytes_behind as f64,
         );
-        m.metric(
+        m.sample(
             "pgcourier_sender_receiver_lag_seconds",
             "Age of the oldest record the receiver lacks.",
-            "gauge",
+            Kind::Gauge,
             &l,
             r.lag_seconds,
         );
         if let Some(link) = &r.link {
-            m.metric(
+            m.sample(
                 "pgcourier_sender_receiver_connected",
                 "1 while the receiver is connected.",
-                "gauge",
+                Kind::Gauge,
                 &l,
                 f64::from(u8::from(link.connected)),
             );
-            m.metric(
+            m.sample(
                 "pgcourier_sender_receiver_rtt_seconds",
                 "Round-trip time to the receiver.",
-                "gauge",
+                Kind::Gauge,
                 &l,
                 link.rtt_ms.unwrap_or(0.0) / 1000.0,
             );
-            m.metric(
+            m.sample(
                 "pgcourier_sender_receiver_in_flight_bytes",
                 "Shipped raw bytes not yet acknowledged.",
-                "gauge",
+                Kind::Gauge,
                 &l,
                 link.in_flight_bytes as f64,
             );
-            m.metric(
+            m.sample(
                 "pgcourier_sender_receiver_throughput_bytes_per_second",
                 "Acknowledged raw bytes per second on the current connection.",
-                "gauge",
+                Kind::Gauge,
                 &l,
                 link.throughput_bytes_per_sec,
             );
-            m.metric(
+            m.sample(
                 "pgcourier_sender_receiver_connections_total",
                 "Connections with the receiver (reconnects + 1).",
-                "counter",
+                Kind::Counter,
                 &l,
                 link.connections as f64,
             );
@@ -324,28 +328,16 @@ pub fn list(spool: &Spool, from: Option<u64>, limit: usize) -> Vec<inspect::Reco
     out
 }
 
+/// `show`: one record as JSON or SQL; 404 text when absent.
 pub fn show(spool: &Spool, seq: u64, format: &str) -> Response {
-    let bytes = match spool.get(seq) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            return Response::text(
-                404,
-                format!("record {seq} is not in the spool (acknowledged records are deleted)"),
-            )
-        }
-        Err(e) => return Response::text(500, format!("spool read failed: {e}")),
-    };
-    let record = match Record::decode(&bytes) {
-        Ok(r) => r,
-        Err(e) => return Response::text(500, format!("record {seq} is corrupt: {e}")),
-    };
-    let mut rels = relations_before(spool, seq, 2000);
-    let view = inspect::view(&record, &mut rels);
-    if format == "sql" {
-        Response::text(200, inspect::sql(&view, &rels))
-    } else {
-        Response::json(200, &view)
-    }
+    admin::show_record(
+        seq,
+        format,
+        "spool",
+        "acknowledged records are deleted",
+        spool.get(seq),
+        || relations_before(spool, seq, 2000),
+    )
 }
 
 pub struct Admin {
@@ -356,53 +348,43 @@ pub struct Admin {
     pub seeds: tokio::sync::mpsc::Sender<crate::capture::SeedRequest>,
 }
 
-impl Admin {
-    pub fn handle(&self, req: Request) -> Response {
-        let st = || {
-            status(
-                &self.cfg,
-                &self.spool,
-                &self.capture.lock().expect("capture status lock"),
-                Some(&self.shipper),
-                true,
-            )
-        };
-        match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/status") => Response::json(200, &st()),
-            ("GET", "/metrics") => Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: metrics(&st()),
-            },
-            ("GET", "/health") => match st().capture_error {
-                Some(e) => Response::text(503, format!("capture failing: {e}")),
-                None => Response::text(200, "ok"),
-            },
-            ("GET", "/records") => {
-                let from = req.query.get("from").and_then(|v| v.parse().ok());
-                let limit = req
-                    .query
-                    .get("limit")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(20);
-                Response::json(200, &list(&self.spool, from, limit))
-            }
-            ("GET", path) if path.starts_with("/records/") => {
-                match path["/records/".len()..].parse() {
-                    Ok(seq) => show(
-                        &self.spool,
-                        seq,
-                        req.query
-                            .get("format")
-                            .map(String::as_str)
-                            .unwrap_or("json"),
-                    ),
-                    Err(_) => Response::text(400, "record sequence must be a number"),
-                }
-            }
-            ("POST", "/seed") => {
-                let Some(out) = req.query.get("out").filter(|p| p.starts_with('/')) else {
-                    return Response::text(400, "seed needs out=<absolute path>");
+impl Endpoint for Admin {
+    type Status = SenderStatus;
+
+    fn status(&self) -> SenderStatus {
+        status(
+            &self.cfg,
+            &self.spool,
+            &self.capture.lock().expect("capture status lock"),
+            Some(&self.shipper),
+            true,
+        )
+    }
+
+    fn metrics(&self, st: &SenderStatus) -> String {
+        metrics(st)
+    }
+
+    fn health(&self, st: &SenderStatus) -> Result<(), String> {
+        match &st.capture_error {
+            Some(e) => Err(format!("capture failing: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    fn list(&self, from: Option<u64>, limit: usize) -> Vec<inspect::RecordLine> {
+        list(&self.spool, from, limit)
+    }
+
+    fn show(&self, seq: u64, format: &str) -> Response {
+        show(&self.spool, seq, format)
+    }
+
+    fn control(&self, path: &str, query: &HashMap<String, String>) -> Option<Response> {
+        Some(match path {
+            "/seed" => {
+                let Some(out) = query.get("out").filter(|p| p.starts_with('/')) else {
+                    return Some(Response::text(400, "seed needs out=<absolute path>"));
                 };
                 let (reply, _) = tokio::sync::oneshot::channel();
                 let request = crate::capture::SeedRequest {
@@ -414,14 +396,75 @@ impl Admin {
                     Err(_) => Response::text(409, "a seed export is already queued or running"),
                 }
             }
-            ("POST", "/skip") => Response::text(
+            "/skip" => Response::text(
                 409,
                 "skip is a receiver command: run it against the receiver whose apply is blocked",
             ),
-            _ => Response::text(
-                404,
-                "unknown admin request; try /status, /metrics, /health, /records",
-            ),
-        }
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the daemon serializes on `/status`, the queue CLI reads back
+    /// typed: every field, nested ones included, survives the trip.
+    #[test]
+    fn the_status_the_daemon_writes_is_what_the_queue_cli_reads() {
+        let st = SenderStatus {
+            role: Role::Sender,
+            running: true,
+            source: Some("7000/db/pgcourier".into()),
+            slot: Some(crate::source::SlotStats {
+                slot: "pgcourier".into(),
+                active: true,
+                retained_wal_bytes: Some(4096),
+                ..Default::default()
+            }),
+            capture_error: Some("source unreachable".into()),
+            spool_full: false,
+            captured_end_lsn: "0/16B3748".into(),
+            spool_records: 3,
+            spool_bytes: 900,
+            first_seq: 7,
+            complete_seq: 9,
+            oldest_commit_time: Some("2026-11-02T10:00:00.000Z".into()),
+            oldest_age_seconds: 1.5,
+            receivers: vec![ReceiverView {
+                name: "branch0".into(),
+                acked_seq: 6,
+                records_behind: 3,
+                bytes_behind: 900,
+                lag_seconds: 2.0,
+                link: Some(LinkStatus {
+                    connected: true,
+                    rtt_ms: Some(12.5),
+                    ..Default::default()
+                }),
+            }],
+            shipping: Some(ShippingTotals {
+                batches: 1,
+                records: 2,
+                raw_bytes: 3,
+                compressed_bytes: 4,
+                compression_ratio: 0.75,
+                udp_tx_bytes: 5,
+                resent_bytes: 6,
+            }),
+            copy: Some({
+                let mut copy = crate::copy::CopyProgress::default();
+                copy.tables = vec![crate::copy::TableProgress::default()];
+                copy.eta_seconds = Some(3.0);
+                copy
+            }),
+            copy_waiting: 1,
+            last_seed: None,
+        };
+        let written = serde_json::to_value(&st).unwrap();
+        assert_eq!(written["role"], "sender");
+        let read: SenderStatus = serde_json::from_value(written.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&read).unwrap(), written);
     }
 }

@@ -7,16 +7,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgcourier_common::config::{self, de_duration, de_size, defaults, ConfigError, PasswordSource};
-use pgcourier_common::transport::quic::{Congestion, TransportSettings};
+use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
 
+/// The daemon's own settings. The shared ones (link: [`TransportSettings`];
+/// database password: [`PasswordSource`]) sit beside them at the top level;
+/// `config::load_toml` refuses any key that is none of these.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 struct RawSenderConfig {
     source: String,
-    password_env: Option<String>,
-    password_file: Option<PathBuf>,
     #[serde(default = "default_slot")]
     slot: String,
     #[serde(default = "default_slot")]
@@ -47,16 +48,6 @@ struct RawSenderConfig {
     cache_capacity: u64,
     #[serde(default, deserialize_with = "de_opt_size")]
     spool_max_bytes: Option<u64>,
-    #[serde(default = "defaults::idle_timeout", deserialize_with = "de_duration")]
-    idle_timeout: Duration,
-    #[serde(default = "defaults::keep_alive", deserialize_with = "de_duration")]
-    keep_alive: Duration,
-    #[serde(default = "defaults::window", deserialize_with = "de_size")]
-    window: u64,
-    #[serde(default = "defaults::congestion")]
-    congestion: Congestion,
-    #[serde(default = "defaults::initial_rtt", deserialize_with = "de_duration")]
-    initial_rtt: Duration,
     #[serde(default = "defaults::max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
     #[serde(default, rename = "receiver")]
@@ -157,15 +148,21 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl SenderConfig {
     pub fn load(path: &Path) -> Result<SenderConfig, ConfigError> {
-        let raw: RawSenderConfig = config::load_toml(path)?;
+        let (raw, transport, password): (RawSenderConfig, TransportSettings, PasswordSource) =
+            config::load_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        SenderConfig::from_raw(raw, base)
+        SenderConfig::from_raw(raw, transport, password, base)
     }
 
-    fn from_raw(raw: RawSenderConfig, base: &Path) -> Result<SenderConfig, ConfigError> {
+    fn from_raw(
+        raw: RawSenderConfig,
+        transport: TransportSettings,
+        password: PasswordSource,
+        base: &Path,
+    ) -> Result<SenderConfig, ConfigError> {
         let password = PasswordSource {
-            password_env: raw.password_env,
-            password_file: raw.password_file.map(|p| base.join(p)),
+            password_env: password.password_env,
+            password_file: password.password_file.map(|p| base.join(p)),
         };
         let source = config::pg_config("source", &raw.source, &password)?;
         if raw.slot.is_empty()
@@ -263,13 +260,7 @@ impl SenderConfig {
             zstd_level_pinned: raw.zstd_level.is_some(),
             cache_capacity: raw.cache_capacity,
             spool_max_bytes: raw.spool_max_bytes,
-            transport: TransportSettings {
-                idle_timeout: raw.idle_timeout,
-                keep_alive: raw.keep_alive,
-                window_bytes: raw.window,
-                congestion: raw.congestion,
-                initial_rtt: raw.initial_rtt,
-            },
+            transport,
             max_backoff: raw.max_backoff,
             receivers,
         })

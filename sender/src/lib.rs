@@ -17,6 +17,7 @@ pub mod spool;
 use std::sync::Arc;
 
 use anyhow::Context;
+use pgcourier_common::ops::admin::Server;
 use pgcourier_common::transport::quic;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
@@ -54,35 +55,27 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), receivers = names.len(), "sender starting");
 
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
-    let ship_task = tokio::spawn(shipper.clone().run(endpoint, shutdown.clone()));
     let (seeds_tx, seeds_rx) = tokio::sync::mpsc::channel(1);
     let capture = capture::Capture::new(cfg.clone(), spool.clone()).with_seeds(seeds_rx);
-    if let Some(addr) = cfg.admin {
-        let listener = pgcourier_common::ops::admin::bind(addr)
+    let admin = match cfg.admin {
+        Some(addr) => Some(
+            Server::start(
+                addr,
+                Arc::new(admin::Admin {
+                    cfg: cfg.clone(),
+                    spool: spool.clone(),
+                    capture: capture.status.clone(),
+                    shipper: shipper.clone(),
+                    seeds: seeds_tx,
+                }),
+                shutdown.clone(),
+            )
             .await
-            .context("start the admin endpoint (setting `admin`)")?;
-        let admin = Arc::new(admin::Admin {
-            cfg: cfg.clone(),
-            spool: spool.clone(),
-            capture: capture.status.clone(),
-            shipper,
-            seeds: seeds_tx,
-        });
-        let handler = Arc::new(move |req| {
-            let admin = admin.clone();
-            async move {
-                tokio::task::spawn_blocking(move || admin.handle(req))
-                    .await
-                    .unwrap_or_else(|e| pgcourier_common::ops::admin::Response::text(500, e.to_string()))
-            }
-        });
-        tokio::spawn(pgcourier_common::ops::admin::serve(
-            listener,
-            handler,
-            shutdown.clone(),
-        ));
-        tracing::info!(%addr, "admin endpoint listening");
-    }
+            .context("start the admin endpoint (setting `admin`)")?,
+        ),
+        None => None,
+    };
+    let ship_task = tokio::spawn(shipper.run(endpoint, shutdown.clone()));
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {
         tracing::error!(error = %pgcourier_common::ops::backoff::error_chain(e), "capture stopped: the operator must act; the sender ships what is spooled, then exits");
@@ -92,6 +85,9 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     }
     shutdown.cancel();
     ship_task.await.context("join shipping task")?;
+    if let Some(admin) = admin {
+        admin.stopped().await;
+    }
     spool.flush_on_stop();
     result.map_err(anyhow::Error::from)
 }

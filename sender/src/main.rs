@@ -3,7 +3,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pgcourier_sender::SenderConfig;
-use tokio_util::sync::CancellationToken;
 
 /// pgcourier-sender: capture changes from the headquarters database, spool
 /// them durably and ship them to branch receivers over QUIC.
@@ -118,24 +117,11 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Command::Run { config, log_format } => {
-            pgcourier_common::ops::logging::init(&log_format);
-            let cfg = match SenderConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
-            };
-            let rt = pgcourier_common::ops::logging::runtime();
-            rt.block_on(async {
-                let shutdown = CancellationToken::new();
-                pgcourier_common::ops::logging::cancel_on_signal(shutdown.clone());
-                match pgcourier_sender::run(cfg, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("pgcourier-sender: {e:#}");
-                        ExitCode::from(1)
-                    }
-                }
-            })
-        }
+        Command::Run { config, log_format } => pgcourier_common::ops::logging::run_daemon(
+            "pgcourier-sender",
+            &log_format,
+            || SenderConfig::load(&config),
+            pgcourier_sender::run,
+        ),
     }
 }

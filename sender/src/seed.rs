@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use pgcourier_common::ops::admin;
-use pgcourier_common::ops::progress::{percent_encode, Bar};
+use pgcourier_common::ops::admin::{self, percent_encode};
+use pgcourier_common::ops::progress::Bar;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 

@@ -148,7 +148,7 @@ impl Drop for ConnStats<'_> {
 }
 
 /// One receiver's link as the sender sees it.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
     pub connected: bool,
     pub peer: Option<String>,
@@ -489,7 +489,7 @@ impl Shipper {
                         acked.notify_one();
                     }
                     Control::Applied { seq } => {
-                        self.spool.acknowledge(&spec.name, seq)?;
+                        self.spool.record_applied(&spec.name, seq)?;
                     }
                 }
             }

@@ -307,7 +307,7 @@ pub async fn advance_slot(client: &Client, slot: &str, to: Synced<Lsn>) -> Resul
 }
 
 /// What the source keeps for our slot.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SlotStats {
     pub slot: String,
     pub active: bool,

@@ -510,12 +510,6 @@ impl Spool {
             .copied()
     }
 
-    /// Old name of [`Spool::applied`], kept while `admin.rs` and the tests
-    /// call it.
-    pub fn ack(&self, receiver: &str) -> Option<u64> {
-        self.applied(receiver)
-    }
-
     /// Record that `receiver` has applied everything up to `seq` (its
     /// `Applied` frame), and delete the records every configured receiver
     /// has applied. Returns the number deleted. The mark is not fsynced by
@@ -559,12 +553,6 @@ impl Spool {
             deleted += 1;
         }
         Ok(deleted)
-    }
-
-    /// Old name of [`Spool::record_applied`], kept while `ship.rs` calls it
-    /// (with the seq of an `Applied` frame, not of an `Ack`).
-    pub fn acknowledge(&self, receiver: &str, seq: u64) -> Result<u64, StoreError> {
-        self.record_applied(receiver, seq)
     }
 
     /// Bytes of the records stored.

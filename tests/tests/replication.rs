@@ -370,8 +370,8 @@ async fn two_receivers_one_stopped_both_end_identical_and_spool_waits_for_the_sl
         &["branch0".into(), "branch1".into()],
     )?;
     let (depth, _) = spool.depth();
-    let ack0 = spool.ack("branch0").unwrap_or(0);
-    let ack1 = spool.ack("branch1").unwrap_or(0);
+    let ack0 = spool.applied("branch0").unwrap_or(0);
+    let ack1 = spool.applied("branch1").unwrap_or(0);
     anyhow::ensure!(
         ack0 > ack1,
         "the running branch should be ahead: acks {ack0} vs {ack1}"
@@ -403,7 +403,7 @@ async fn two_receivers_one_stopped_both_end_identical_and_spool_waits_for_the_sl
         &["branch0".into(), "branch1".into()],
     )?;
     anyhow::ensure!(
-        spool.ack("branch0") == spool.ack("branch1"),
+        spool.applied("branch0") == spool.applied("branch1"),
         "both receivers should have acknowledged everything"
     );
     anyhow::ensure!(

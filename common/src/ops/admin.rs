@@ -1,22 +1,61 @@
-//! The daemons' local admin endpoint: a minimal HTTP/1.1 server on a
-//! loopback address serving `/metrics` (Prometheus text format), `/health`,
-//! `/status` (JSON) and the queue inspection requests of `pgcourier-queue`.
+//! The daemons' local admin endpoint, the same for both: an HTTP/1.1 server
+//! (hyper) on a loopback address serving `/status` (JSON), `/metrics`
+//! (Prometheus text), `/health`, the record inspection of `pgcourier-queue`
+//! (`/records`, `/records/<seq>`) and the daemon's control requests (POST:
+//! the sender's `/seed`, the receiver's `/skip`); and the one-shot client
+//! that the queue CLI, `seed export` and the tests use.
 //!
-//! Requests are small and rare (an operator, a scraper), so each connection
-//! handles one request and closes; request heads are capped at 8 KiB.
+//! Who may ask: anyone who can reach the loopback address (the bind refuses
+//! any other address). There is no further check of the caller: control
+//! requests are open to every local user of the machine.
+//!
+//! Requests are small and rare (an operator, a scraper): each connection
+//! serves one request and closes; request heads are capped at 8 KiB and
+//! must arrive within 5 s. A daemon supplies its views through
+//! [`Endpoint`]; they run on the blocking pool (they walk the store).
+//! Every connection and every request is a task of the [`Server`]'s
+//! tracker, ended through the daemon's shutdown token.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use pgcourier_proto::pgoutput::Relation;
+use pgcourier_proto::record::Record;
+
+use crate::ops::inspect::{self, RecordLine};
+
+/// The largest request head accepted (hyper's smallest buffer).
 const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long requests in progress may take to finish after shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Client side: connecting, and the whole exchange.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One parsed request.
+/// Which daemon a status is from (`"role"` in `/status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Sender,
+    Receiver,
+}
+
+/// One parsed request: the path, and the query decoded (`%XX` and `+`).
 #[derive(Debug, Clone)]
 pub struct Request {
     pub method: String,
@@ -50,6 +89,95 @@ impl Response {
     }
 }
 
+/// What a daemon serves behind the common routes. Every method runs on the
+/// blocking pool.
+pub trait Endpoint: Send + Sync + 'static {
+    type Status: serde::Serialize;
+    /// The `/status` view (also what `/metrics` and `/health` read).
+    fn status(&self) -> Self::Status;
+    /// Prometheus text of `status`.
+    fn metrics(&self, status: &Self::Status) -> String;
+    /// `Err(why)` when the daemon needs an operator (`/health` answers 503).
+    fn health(&self, status: &Self::Status) -> Result<(), String>;
+    /// `/records`: up to `limit` records from `from` (default: the oldest).
+    fn list(&self, from: Option<u64>, limit: usize) -> Vec<RecordLine>;
+    /// `/records/<seq>`: one record as `json` or `sql`.
+    fn show(&self, seq: u64, format: &str) -> Response;
+    /// A POST: the daemon's control requests; `None` for an unknown one.
+    fn control(&self, path: &str, query: &HashMap<String, String>) -> Option<Response>;
+}
+
+/// The routes both daemons serve.
+pub fn route<E: Endpoint + ?Sized>(endpoint: &E, req: &Request) -> Response {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/status") => Response::json(200, &endpoint.status()),
+        ("GET", "/metrics") => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: endpoint.metrics(&endpoint.status()),
+        },
+        ("GET", "/health") => match endpoint.health(&endpoint.status()) {
+            Ok(()) => Response::text(200, "ok"),
+            Err(why) => Response::text(503, why),
+        },
+        ("GET", "/records") => {
+            let from = req.query.get("from").and_then(|v| v.parse().ok());
+            let limit = req
+                .query
+                .get("limit")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20);
+            Response::json(200, &endpoint.list(from, limit))
+        }
+        ("GET", path) if path.starts_with("/records/") => match path["/records/".len()..].parse() {
+            Ok(seq) => endpoint.show(seq, req.query.get("format").map_or("json", String::as_str)),
+            Err(_) => Response::text(400, "record sequence must be a number"),
+        },
+        ("POST", path) => endpoint
+            .control(path, &req.query)
+            .unwrap_or_else(unknown_request),
+        _ => unknown_request(),
+    }
+}
+
+/// `/records/<seq>` of a store: the record `found` (what the store's `get`
+/// returned) decoded with the Relations from `relations`, as `sql` text or
+/// JSON; 404 naming the `store` and why records `leave` it when absent.
+pub fn show_record(
+    seq: u64,
+    format: &str,
+    store: &str,
+    leave: &str,
+    found: Result<Option<Vec<u8>>, impl std::fmt::Display>,
+    relations: impl FnOnce() -> HashMap<u32, Relation>,
+) -> Response {
+    let bytes = match found {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            return Response::text(404, format!("record {seq} is not in the {store} ({leave})"))
+        }
+        Err(e) => return Response::text(500, format!("{store} read failed: {e}")),
+    };
+    let record = match Record::decode(&bytes) {
+        Ok(r) => r,
+        Err(e) => return Response::text(500, format!("record {seq} is corrupt: {e}")),
+    };
+    let mut rels = relations();
+    let view = inspect::view(&record, &mut rels);
+    if format == "sql" {
+        Response::text(200, inspect::sql(&view, &rels))
+    } else {
+        Response::json(200, &view)
+    }
+}
+
+fn unknown_request() -> Response {
+    Response::text(
+        404,
+        "unknown admin request; try /status, /metrics, /health, /records",
+    )
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("admin address {0} is not a loopback address: the admin endpoint is local only")]
@@ -62,217 +190,329 @@ pub enum AdminError {
     },
 }
 
-/// Bind the admin endpoint; refuse anything but loopback.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    if !addr.ip().is_loopback() {
-        return Err(AdminError::NotLoopback(addr));
-    }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind { addr, source })
+/// A running admin endpoint. Its accept loop, connections and requests are
+/// tasks of one tracker; they end when the shutdown token is cancelled
+/// (requests in progress get [`DRAIN_TIMEOUT`] to finish).
+pub struct Server {
+    addr: SocketAddr,
+    tasks: TaskTracker,
 }
 
-/// Serve requests with `handler` until `shutdown`.
-pub async fn serve<H, F>(listener: TcpListener, handler: Arc<H>, shutdown: CancellationToken)
-where
-    H: Fn(Request) -> F + Send + Sync + 'static,
-    F: Future<Output = Response> + Send + 'static,
-{
+impl Server {
+    /// Bind `addr` (loopback only) and serve `endpoint` until `shutdown`.
+    pub async fn start<E: Endpoint>(
+        addr: SocketAddr,
+        endpoint: Arc<E>,
+        shutdown: CancellationToken,
+    ) -> Result<Server, AdminError> {
+        if !addr.ip().is_loopback() {
+            return Err(AdminError::NotLoopback(addr));
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept(listener, endpoint, shutdown, tasks.clone()));
+        tracing::info!(%addr, "admin endpoint listening");
+        Ok(Server { addr, tasks })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Wait until the accept loop and every connection have ended (after
+    /// the shutdown token is cancelled).
+    pub async fn stopped(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn accept<E: Endpoint>(
+    listener: TcpListener,
+    endpoint: Arc<E>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     loop {
-        let (mut stream, _) = tokio::select! {
+        let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(s) => s,
+                Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::debug!(error = %e, "admin accept failed");
                     continue;
                 }
             },
         };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let response = match read_request(&mut stream).await {
-                Ok(req) => handler(req).await,
-                Err(msg) => Response::text(400, msg),
-            };
-            let reason = match response.status {
-                200 => "OK",
-                400 => "Bad Request",
-                404 => "Not Found",
-                409 => "Conflict",
-                503 => "Service Unavailable",
-                _ => "Status",
-            };
-            let head = format!(
-                "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                response.status,
-                response.content_type,
-                response.body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(response.body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+        tasks.spawn(connection(
+            stream,
+            endpoint.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
     }
 }
 
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Result<Request, String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut chunk))
-            .await
-            .map_err(|_| "request head not received in time".to_string())?
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
+/// Serve one connection (one request); on shutdown, let the request in
+/// progress finish for a while, then drop it.
+async fn connection<E: Endpoint>(
+    stream: TcpStream,
+    endpoint: Arc<E>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let (endpoint, tasks) = (endpoint.clone(), tasks.clone());
+        async move { Ok::<_, Infallible>(answer(endpoint, tasks, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(DRAIN_TIMEOUT, conn.as_mut())
+                .await
+                .unwrap_or(Ok(()))
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err("request head too large".into());
-        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "admin connection failed");
     }
-    let text = String::from_utf8_lossy(&buf);
-    let line = text.lines().next().ok_or("empty request")?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next().ok_or("no method")?.to_owned();
-    let target = parts.next().ok_or("no path")?;
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let query = query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect();
-    Ok(Request {
-        method,
-        path: path.to_owned(),
-        query,
-    })
 }
 
-/// Decode `%XX` escapes and `+` in a query component.
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = match bytes[i] {
-            b'%' => bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok()),
-            _ => None,
-        };
-        match (bytes[i], decoded) {
-            (_, Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b'+', None) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, None) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Encode a query component.
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+/// Route one request on the blocking pool (the views read the store).
+async fn answer<E: Endpoint>(
+    endpoint: Arc<E>,
+    tasks: TaskTracker,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let request = Request {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        query: form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect(),
+    };
+    let response = tasks
+        .spawn_blocking(move || route(&*endpoint, &request))
+        .await
+        .unwrap_or_else(|e| Response::text(500, format!("admin request failed: {e}")));
+    let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
+    *out.status_mut() = hyper::StatusCode::from_u16(response.status)
+        .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    out.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(response.content_type),
+    );
     out
 }
 
-/// A blocking one-shot HTTP GET or POST against an admin endpoint (for the
-/// CLI). Returns the status and body.
+/// What a query component keeps as it is: letters, digits and `-_.~/`.
+const QUERY_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// Encode a query component (`%XX` for every other byte of its UTF-8).
+pub fn percent_encode(s: &str) -> String {
+    utf8_percent_encode(s, QUERY_COMPONENT).to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the admin endpoint at {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the admin endpoint at {addr} did not answer within {seconds} s")]
+    Timeout { addr: SocketAddr, seconds: u64 },
+    #[error("HTTP exchange with the admin endpoint at {addr} failed")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("admin request {method} {path:?} is malformed")]
+    Request {
+        method: String,
+        path: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("cannot start a runtime for the admin request")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// One request to an admin endpoint: the status and the body (lossy UTF-8).
+pub async fn fetch(
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+) -> Result<(u16, String), ClientError> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path_and_query)
+        .header(HOST, addr.to_string())
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|source| ClientError::Request {
+            method: method.to_owned(),
+            path: path_and_query.to_owned(),
+            source,
+        })?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ClientError::Timeout {
+            addr,
+            seconds: CONNECT_TIMEOUT.as_secs(),
+        })?
+        .map_err(|source| ClientError::Connect { addr, source })?;
+    let http = |source| ClientError::Http { addr, source };
+    let exchange = async {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        // The connection is driven here, beside the request, and ends when
+        // the server closes it after the answer (`Connection: close`).
+        let ask = async {
+            let response = sender.send_request(request).await.map_err(http)?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map_err(http)?;
+            Ok((
+                status,
+                String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            ))
+        };
+        let (answer, _closed) = tokio::join!(ask, conn);
+        answer
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            addr,
+            seconds: EXCHANGE_TIMEOUT.as_secs(),
+        })?
+}
+
+/// [`fetch`] for blocking callers (the CLIs; tests from `spawn_blocking`):
+/// runs it on a runtime of its own. Not to be called on an async worker.
 pub fn request(
     addr: SocketAddr,
     method: &str,
     path_and_query: &str,
-) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    write!(
-        s,
-        "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
+) -> Result<(u16, String), ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)?
+        .block_on(fetch(addr, method, path_and_query))
 }
 
-/// Prometheus text-format writer.
+/// The kind of a metric family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// Prometheus text format (0.0.4) writer: samples are kept by family, so
+/// each family is written once, as one group, with its HELP and TYPE lines
+/// (the format requires it), in the order families were first seen.
 #[derive(Default)]
 pub struct Metrics {
-    out: String,
+    families: Vec<Family>,
+    index: HashMap<&'static str, usize>,
+}
+
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    samples: String,
 }
 
 impl Metrics {
-    pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
-        self.metric(name, help, "gauge", &[], value);
+    pub fn gauge(&mut self, name: &'static str, help: &'static str, value: f64) {
+        self.sample(name, help, Kind::Gauge, &[], value);
     }
 
-    pub fn counter(&mut self, name: &str, help: &str, value: f64) {
-        self.metric(name, help, "counter", &[], value);
+    pub fn counter(&mut self, name: &'static str, help: &'static str, value: f64) {
+        self.sample(name, help, Kind::Counter, &[], value);
     }
 
-    pub fn metric(
+    /// One sample of family `name` with `labels` (values escaped here).
+    pub fn sample(
         &mut self,
-        name: &str,
-        help: &str,
-        kind: &str,
+        name: &'static str,
+        help: &'static str,
+        kind: Kind,
         labels: &[(&str, &str)],
         value: f64,
     ) {
-        if !self.out.contains(&format!("# TYPE {name} ")) {
-            self.out
-                .push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        use std::fmt::Write;
+        let index = *self.index.entry(name).or_insert_with(|| {
+            self.families.push(Family {
+                name,
+                help,
+                kind,
+                samples: String::new(),
+            });
+            self.families.len() - 1
+        });
+        let family = &mut self.families[index];
+        debug_assert_eq!(family.kind, kind, "metric {name} changes kind");
+        let out = &mut family.samples;
+        out.push_str(name);
+        for (i, (k, v)) in labels.iter().enumerate() {
+            out.push(if i == 0 { '{' } else { ',' });
+            let _ = write!(
+                out,
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            );
         }
-        let labels = if labels.is_empty() {
-            String::new()
-        } else {
-            let l: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{k}=\"{}\"",
-                        v.replace('\\', "\\\\")
-                            .replace('"', "\\\"")
-                            .replace('\n', "\\n")
-                    )
-                })
-                .collect();
-            format!("{{{}}}", l.join(","))
+        if !labels.is_empty() {
+            out.push('}');
+        }
+        let _ = match value {
+            v if v == f64::INFINITY => writeln!(out, " +Inf"),
+            v if v == f64::NEG_INFINITY => writeln!(out, " -Inf"),
+            v => writeln!(out, " {v}"),
         };
-        self.out.push_str(&format!("{name}{labels} {value}\n"));
     }
 
     pub fn finish(self) -> String {
-        self.out
+        let mut text = String::new();
+        for f in self.families {
+            let kind = match f.kind {
+                Kind::Gauge => "gauge",
+                Kind::Counter => "counter",
+            };
+            text.push_str(&format!(
+                "# HELP {0} {1}\n# TYPE {0} {kind}\n",
+                f.name, f.help
+            ));
+            text.push_str(&f.samples);
+        }
+        text
     }
 }
 
@@ -281,48 +521,163 @@ mod tests {
     use super::*;
 
     #[test]
-    fn query_components_round_trip() {
-        for s in ["plain", "a b&c=d", "100% ünïcode", ""] {
-            assert_eq!(percent_decode(&percent_encode(s)), s);
+    fn query_components_round_trip_through_the_server_decoder() {
+        for s in [
+            "plain",
+            "a b&c=d",
+            "100% ünïcode",
+            "",
+            "/tmp/a b&c=d%e/ü.seed",
+            "x+y",
+        ] {
+            let encoded = percent_encode(s);
+            assert!(!encoded.contains([' ', '&', '=', '+']), "{encoded}");
+            let decoded: Vec<(String, String)> =
+                form_urlencoded::parse(format!("k={encoded}").as_bytes())
+                    .into_owned()
+                    .collect();
+            assert_eq!(decoded, vec![("k".to_owned(), s.to_owned())]);
         }
-        assert_eq!(percent_decode("a+b%2"), "a b%2");
+        assert_eq!(percent_encode("/tmp/x.seed"), "/tmp/x.seed");
     }
 
     #[test]
-    fn metrics_are_prometheus_text() {
+    fn metrics_are_prometheus_text_with_each_family_in_one_group() {
         let mut m = Metrics::default();
         m.gauge("pgcourier_x", "An x.", 1.5);
-        m.metric("pgcourier_y", "A y.", "gauge", &[("receiver", "b\"1")], 2.0);
-        m.metric("pgcourier_y", "A y.", "gauge", &[("receiver", "b2")], 3.0);
+        m.sample(
+            "pgcourier_y",
+            "A y.",
+            Kind::Gauge,
+            &[("receiver", "b\"1")],
+            2.0,
+        );
+        m.sample(
+            "pgcourier_z",
+            "A z.",
+            Kind::Counter,
+            &[("receiver", "b\"1")],
+            4.0,
+        );
+        m.sample(
+            "pgcourier_y",
+            "A y.",
+            Kind::Gauge,
+            &[("receiver", "b2")],
+            3.0,
+        );
+        m.gauge("pgcourier_inf", "Infinite.", f64::INFINITY);
         let text = m.finish();
-        assert_eq!(text.matches("# TYPE pgcourier_y gauge").count(), 1);
-        assert!(text.contains("pgcourier_y{receiver=\"b\\\"1\"} 2\n"));
-        assert!(text.contains("pgcourier_x 1.5\n"));
+        assert_eq!(
+            text,
+            "# HELP pgcourier_x An x.\n# TYPE pgcourier_x gauge\npgcourier_x 1.5\n\
+             # HELP pgcourier_y A y.\n# TYPE pgcourier_y gauge\n\
+             pgcourier_y{receiver=\"b\\\"1\"} 2\npgcourier_y{receiver=\"b2\"} 3\n\
+             # HELP pgcourier_z A z.\n# TYPE pgcourier_z counter\n\
+             pgcourier_z{receiver=\"b\\\"1\"} 4\n\
+             # HELP pgcourier_inf Infinite.\n# TYPE pgcourier_inf gauge\npgcourier_inf +Inf\n"
+        );
+    }
+
+    /// An endpoint that echoes what it was asked.
+    struct Echo;
+
+    impl Endpoint for Echo {
+        type Status = &'static str;
+        fn status(&self) -> &'static str {
+            "fine"
+        }
+        fn metrics(&self, status: &&'static str) -> String {
+            format!("echo_status{{s=\"{status}\"}} 1\n")
+        }
+        fn health(&self, _: &&'static str) -> Result<(), String> {
+            Err("echo is never healthy".into())
+        }
+        fn list(&self, _: Option<u64>, _: usize) -> Vec<RecordLine> {
+            Vec::new()
+        }
+        fn show(&self, seq: u64, format: &str) -> Response {
+            Response::text(200, format!("record {seq} as {format}"))
+        }
+        fn control(&self, path: &str, query: &HashMap<String, String>) -> Option<Response> {
+            (path == "/skip")
+                .then(|| Response::text(200, format!("skip {:?}", query.get("reason"))))
+        }
     }
 
     #[tokio::test]
-    async fn admin_endpoint_refuses_non_loopback_and_answers_requests() {
+    async fn admin_endpoint_refuses_non_loopback_and_serves_the_common_routes() {
+        let token = CancellationToken::new();
         assert!(matches!(
-            bind("0.0.0.0:0".parse().unwrap()).await,
+            Server::start("0.0.0.0:0".parse().unwrap(), Arc::new(Echo), token.clone()).await,
             Err(AdminError::NotLoopback(_))
         ));
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let token = CancellationToken::new();
-        let handler = Arc::new(|req: Request| async move {
-            Response::text(
-                200,
-                format!("{} {} {:?}", req.method, req.path, req.query.get("reason")),
-            )
-        });
-        tokio::spawn(serve(listener, handler, token.clone()));
-        let (status, body) =
-            tokio::task::spawn_blocking(move || request(addr, "POST", "/skip?reason=a%20b"))
-                .await
-                .unwrap()
-                .unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(body, "POST /skip Some(\"a b\")");
+        let server = Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Echo),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr();
+        let ask = |method: &'static str, path: &'static str| fetch(addr, method, path);
+        assert_eq!(
+            ask("POST", "/skip?seq=3&reason=a%20b+c").await.unwrap(),
+            (200, "skip Some(\"a b c\")".to_owned())
+        );
+        assert_eq!(
+            ask("GET", "/status").await.unwrap(),
+            (200, "\"fine\"".to_owned())
+        );
+        assert_eq!(
+            ask("GET", "/metrics").await.unwrap(),
+            (200, "echo_status{s=\"fine\"} 1\n".to_owned())
+        );
+        assert_eq!(ask("GET", "/health").await.unwrap().0, 503);
+        assert_eq!(
+            ask("GET", "/records/7?format=sql").await.unwrap(),
+            (200, "record 7 as sql".to_owned())
+        );
+        assert_eq!(ask("GET", "/records/x").await.unwrap().0, 400);
+        assert_eq!(ask("POST", "/seed").await.unwrap().0, 404);
+        assert_eq!(ask("GET", "/nothing").await.unwrap().0, 404);
+        // A request head larger than the cap is refused, not buffered.
+        let long = format!("/status?pad={}", "x".repeat(MAX_HEAD));
+        let (code, _) = fetch(addr, "GET", &long).await.unwrap();
+        assert_eq!(code, 431);
+        // The blocking client works from a thread of its own.
+        let (code, body) = tokio::task::spawn_blocking(move || request(addr, "GET", "/status"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((code, body.as_str()), (200, "\"fine\""));
+        // Shutdown ends the accept loop and every connection.
         token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server.stopped())
+            .await
+            .expect("admin server stops on shutdown");
+        assert!(matches!(
+            fetch(addr, "GET", "/status").await,
+            Err(ClientError::Connect { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_head_is_dropped_after_the_head_timeout() {
+        use tokio::io::AsyncReadExt;
+        let token = CancellationToken::new();
+        let server = Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Echo),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let mut idle = TcpStream::connect(server.local_addr()).await.unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(HEAD_TIMEOUT * 3, idle.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the server kept an idle connection open");
+        token.cancel();
+        server.stopped().await;
     }
 }

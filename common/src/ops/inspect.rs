@@ -5,12 +5,11 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
 
-use serde::Serialize;
-
+pub use crate::pg::quote_ident;
 use pgcourier_proto::pgoutput::{self, Message, OldTuple, Relation, Tuple, Value};
 use pgcourier_proto::record::{Piece, Record};
-pub use crate::pg::quote_ident;
 
 /// A PostgreSQL-epoch timestamp (µs since 2000-01-01 UTC) as RFC 3339.
 pub fn pg_time(micros: i64) -> String {
@@ -23,7 +22,7 @@ pub fn age_seconds(micros: i64) -> f64 {
 }
 
 /// One line of `list`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RecordLine {
     pub seq: u64,
     pub commit_lsn: String,

@@ -71,19 +71,6 @@ impl Bar {
     }
 }
 
-/// Encode a query component (`%XX` for everything but `A-Za-z0-9-_./`).
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_./".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,11 +82,5 @@ mod tests {
             "copy [############............]  50% 500/1.0k rows 2.5k rows/s ETA 0s"
         );
         assert!(line("x", 5, 0, 0.0, None).contains("  0%"));
-    }
-
-    #[test]
-    fn percent_encoding_round_trips_through_the_admin_decoder() {
-        let p = "/tmp/a b&c=d%e/ü.seed";
-        assert_eq!(crate::ops::admin::percent_decode(&percent_encode(p)), p);
     }
 }

@@ -3,4 +3,5 @@
 
 pub mod framed;
 pub mod quic;
+pub mod settings;
 pub mod tls;

@@ -1,13 +1,15 @@
 //! QUIC endpoints for both daemons: mutual TLS with pinned fingerprints
-//! (the only mode), and transport settings sized for long, thin links.
+//! (the only mode), and the quinn transport configuration built from the
+//! [`TransportSettings`] of the config (sized for long, thin links). Both
+//! the sender's `ship` and the receiver's `ingest` dial or accept here.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::CertificateDer;
 
+use crate::transport::settings::{Congestion, TransportSettings};
 use crate::transport::tls::{
     fingerprint, Fingerprint, Identity, PinnedClientVerifier, PinnedServerVerifier, TlsError,
 };
@@ -16,38 +18,6 @@ use crate::transport::tls::{
 pub const ALPN: &[u8] = b"pgcourier/1";
 /// The server name clients ask for (certificates are pinned, names unused).
 pub const SERVER_NAME: &str = "pgcourier";
-
-/// QUIC congestion controller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Congestion {
-    Cubic,
-    Bbr,
-    NewReno,
-}
-
-#[derive(Clone, Debug)]
-pub struct TransportSettings {
-    pub congestion: Congestion,
-    pub idle_timeout: Duration,
-    pub keep_alive: Duration,
-    /// Connection and stream receive windows and the send window, in bytes.
-    pub window_bytes: u64,
-    pub initial_rtt: Duration,
-}
-
-impl Default for TransportSettings {
-    fn default() -> Self {
-        use crate::config::defaults;
-        TransportSettings {
-            congestion: defaults::congestion(),
-            idle_timeout: defaults::idle_timeout(),
-            keep_alive: defaults::keep_alive(),
-            window_bytes: defaults::window(),
-            initial_rtt: defaults::initial_rtt(),
-        }
-    }
-}
 
 /// The quinn transport configuration for `settings`, used on both sides.
 /// A zero idle timeout or keep-alive interval disables it.
@@ -228,6 +198,8 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::transport::tls::generate_identity;
     use crate::transport::tls::test_support::capture_warnings;

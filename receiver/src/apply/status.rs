@@ -29,7 +29,7 @@ pub struct ApplyStatus {
 
 /// Progress of a table copy being loaded into the target (it commits as one
 /// transaction, so the target shows it only at the end).
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct LoadProgress {
     pub reason: String,
     pub cut_lsn: String,

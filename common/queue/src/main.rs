@@ -1,0 +1,173 @@
+//! pgcourier-queue: see and act on the sender's spool and the receiver's
+//! inbox, through the daemon's admin endpoint while it runs, or by opening
+//! the store directly (without changing it) while it is stopped. Installed
+//! at both sites; the config file says which daemon it is about.
+//!
+//! `fetch` gets the typed views (endpoint or store), `render` prints them
+//! for a person; `--json` prints them as the daemon serializes them.
+//!
+//! Exit codes: 0 ok; 1 error (config, store, endpoint); 2 usage; 3 `status`
+//! found a problem (receiver apply paused, sender capture failing);
+//! 4 `skip` refused (not the blocking transaction, or apply not blocked).
+
+mod fetch;
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use pgcourier_receiver::admin::ApplyState;
+
+use crate::fetch::{Daemon, Status};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Inspect and act on pgcourier's spool (sender) and inbox (receiver)"
+)]
+struct Cli {
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The daemon's config file (sender.toml or receiver.toml).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Is it flowing, how far behind, what is waiting or stuck.
+    Status,
+    /// One line per record: sequence, LSN, commit time, changes, bytes, tables.
+    List {
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// The decoded changes of one record.
+    Show {
+        seq: u64,
+        #[arg(long, default_value = "sql")]
+        format: String,
+    },
+    /// Refresh `status` every second (Ctrl-C to stop).
+    Watch {
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Receiver: skip the transaction blocking apply; recorded with the
+    /// reason, time and content in pgcourier.skipped on the target.
+    Skip {
+        seq: u64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("pgcourier-queue: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// 3 when the status shows a problem an operator must look at.
+fn status_code(st: &Status) -> u8 {
+    let problem = match st {
+        Status::Receiver(r) => r.apply_state == ApplyState::Paused,
+        Status::Sender(s) => s.running && s.capture_error.is_some(),
+    };
+    if problem {
+        3
+    } else {
+        0
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<u8> {
+    let path = cli
+        .config
+        .as_deref()
+        .context("--config FILE is required: the sender's or receiver's config")?;
+    let daemon = Daemon::load(path)?;
+    match &cli.command {
+        Command::Status => {
+            let st = fetch::status(&daemon)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", render::status(&st));
+            }
+            Ok(status_code(&st))
+        }
+        Command::Watch { count } => {
+            // Bounded by --count, or by the operator's Ctrl-C.
+            let mut n = 0;
+            loop {
+                let st = fetch::status(&daemon)?;
+                if cli.json {
+                    println!("{}", serde_json::to_string(&st)?);
+                } else {
+                    print!("\x1b[2J\x1b[H");
+                    println!(
+                        "pgcourier-queue watch ({}), every 1 s\n",
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    );
+                    print!("{}", render::status(&st));
+                }
+                n += 1;
+                if count.is_some_and(|c| n >= c) {
+                    return Ok(0);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        Command::List { from, limit } => {
+            let lines = fetch::list(&daemon, *from, *limit)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                println!("{}", render::list(&lines));
+            }
+            Ok(0)
+        }
+        Command::Show { seq, format } => {
+            let format = if cli.json { "json" } else { format.as_str() };
+            match format {
+                "json" => println!("{}", fetch::show(&daemon, *seq, format)?),
+                "sql" => print!("{}", fetch::show(&daemon, *seq, format)?),
+                other => bail!("--format is sql or json, not {other:?}"),
+            }
+            Ok(0)
+        }
+        Command::Skip { seq, reason } => {
+            let (accepted, message) = fetch::skip(&daemon, *seq, reason)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": accepted, "message": message })
+                );
+            } else {
+                println!("{message}");
+            }
+            Ok(if accepted { 0 } else { 4 })
+        }
+    }
+}
