@@ -248,10 +248,13 @@ pub fn list(inbox: &Inbox, from: Option<u64>, limit: usize) -> Vec<inspect::Reco
     let mut out = Vec::new();
     let mut seq = start;
     while out.len() < limit && seq <= inbox.durable_seq() {
-        if let Ok(Some(bytes)) = inbox.get(seq) {
-            if let Ok(r) = Record::decode(&bytes) {
-                out.push(inspect::line(&r, bytes.len(), &mut rels));
-            }
+        match inbox.get(seq) {
+            Ok(Some(bytes)) => match Record::decode(&bytes) {
+                Ok(r) => out.push(inspect::line(&r, bytes.len(), &mut rels)),
+                Err(e) => out.push(inspect::unreadable(seq, bytes.len(), e)),
+            },
+            Ok(None) => {}
+            Err(e) => out.push(inspect::unreadable(seq, 0, e)),
         }
         seq += 1;
     }

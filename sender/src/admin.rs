@@ -318,10 +318,13 @@ pub fn list(spool: &Spool, from: Option<u64>, limit: usize) -> Vec<inspect::Reco
     let mut out = Vec::new();
     let mut seq = start;
     while out.len() < limit && seq <= marks.complete_seq {
-        if let Ok(Some(bytes)) = spool.get(seq) {
-            if let Ok(r) = Record::decode(&bytes) {
-                out.push(inspect::line(&r, bytes.len(), &mut rels));
-            }
+        match spool.get(seq) {
+            Ok(Some(bytes)) => match Record::decode(&bytes) {
+                Ok(r) => out.push(inspect::line(&r, bytes.len(), &mut rels)),
+                Err(e) => out.push(inspect::unreadable(seq, bytes.len(), e)),
+            },
+            Ok(None) => {}
+            Err(e) => out.push(inspect::unreadable(seq, 0, e)),
         }
         seq += 1;
     }

@@ -70,7 +70,10 @@ pub fn list(lines: &[RecordLine]) -> String {
             r.commit_time.clone(),
             r.changes.to_string(),
             human_bytes(r.bytes as u64),
-            format!("{}{continues}", r.tables.join(", ")),
+            match &r.problem {
+                Some(problem) => problem.clone(),
+                None => format!("{}{continues}", r.tables.join(", ")),
+            },
         ]);
     }
     let last = table.column_count().saturating_sub(1);
@@ -332,6 +335,7 @@ mod tests {
             changes: 3,
             bytes: 2048,
             tables: vec!["\"public\".\"items\"".into(), "\"public\".\"t\"".into()],
+            problem: None,
         };
         let text = list(&[line(9, false), line(10, true)]);
         let rows: Vec<&str> = text.lines().collect();

@@ -33,6 +33,10 @@ pub struct RecordLine {
     pub changes: usize,
     pub bytes: usize,
     pub tables: Vec<String>,
+    /// Why this record could not be read or decoded, whole or in part
+    /// (`list` shows such a record rather than leaving it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// One change of `show`, decoded.
@@ -61,6 +65,8 @@ pub struct RecordView {
     pub truncates: Vec<String>,
     /// Pieces that are fragments of a message continued in another record.
     pub fragments: usize,
+    /// Whole messages that do not decode (shown as a count, never hidden).
+    pub undecodable_messages: usize,
 }
 
 fn table_name(rels: &HashMap<u32, Relation>, oid: u32) -> String {
@@ -83,24 +89,45 @@ fn values(t: &Tuple) -> Vec<Option<String>> {
         .collect()
 }
 
-/// Decode a record's whole messages, learning Relation messages into `rels`.
-pub fn messages(record: &Record, rels: &mut HashMap<u32, Relation>) -> Vec<Message> {
+/// Decode a record's whole messages, learning Relation messages into `rels`;
+/// also how many of them do not decode (they are counted, never hidden).
+pub fn messages(record: &Record, rels: &mut HashMap<u32, Relation>) -> (Vec<Message>, usize) {
     let mut out = Vec::new();
+    let mut undecodable = 0;
     for piece in &record.pieces {
         if let Piece::Message(m) = piece {
-            if let Ok(msg) = pgoutput::decode(m) {
-                if let Message::Relation(r) = &msg {
-                    rels.insert(r.oid, r.clone());
+            match pgoutput::decode(m) {
+                Ok(msg) => {
+                    if let Message::Relation(r) = &msg {
+                        rels.insert(r.oid, r.clone());
+                    }
+                    out.push(msg);
                 }
-                out.push(msg);
+                Err(_) => undecodable += 1,
             }
         }
     }
-    out
+    (out, undecodable)
+}
+
+/// The `list` line of a record that cannot be read or decoded.
+pub fn unreadable(seq: u64, bytes: usize, why: impl std::fmt::Display) -> RecordLine {
+    RecordLine {
+        seq,
+        commit_lsn: String::new(),
+        commit_time: String::new(),
+        xid: 0,
+        part: 0,
+        last: true,
+        changes: 0,
+        bytes,
+        tables: Vec::new(),
+        problem: Some(format!("unreadable: {why}")),
+    }
 }
 
 pub fn line(record: &Record, bytes: usize, rels: &mut HashMap<u32, Relation>) -> RecordLine {
-    let msgs = messages(record, rels);
+    let (msgs, undecodable) = messages(record, rels);
     let mut tables: Vec<String> = Vec::new();
     let mut changes = 0;
     for m in &msgs {
@@ -129,11 +156,13 @@ pub fn line(record: &Record, bytes: usize, rels: &mut HashMap<u32, Relation>) ->
         changes,
         bytes,
         tables,
+        problem: (undecodable > 0)
+            .then(|| format!("{undecodable} pgoutput messages do not decode")),
     }
 }
 
 pub fn view(record: &Record, rels: &mut HashMap<u32, Relation>) -> RecordView {
-    let msgs = messages(record, rels);
+    let (msgs, undecodable) = messages(record, rels);
     let mut changes = Vec::new();
     let mut truncates = Vec::new();
     for m in msgs {
@@ -199,6 +228,7 @@ pub fn view(record: &Record, rels: &mut HashMap<u32, Relation>) -> RecordView {
             .iter()
             .filter(|p| matches!(p, Piece::Fragment { .. }))
             .count(),
+        undecodable_messages: undecodable,
     }
 }
 
@@ -289,4 +319,51 @@ pub fn sql(view: &RecordView, rels: &HashMap<u32, Relation>) -> String {
 /// Used by OldTuple consumers that only need the values.
 pub fn old_values(o: &OldTuple) -> Vec<Option<String>> {
     values(o.tuple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Lsn;
+
+    fn record(pieces: Vec<Piece>) -> Record {
+        Record {
+            seq: 7,
+            only_for: None,
+            commit_lsn: Lsn(100),
+            commit_time: 0,
+            xid: 3,
+            part: 0,
+            last: true,
+            end_lsn: Lsn(150),
+            pieces,
+        }
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_is_counted_never_hidden() {
+        let r = record(vec![
+            Piece::Message(b"B garbage".to_vec()),
+            Piece::Message(vec![0xff]),
+        ]);
+        let mut rels = HashMap::new();
+        let line = line(&r, 42, &mut rels);
+        assert_eq!(
+            line.problem.as_deref(),
+            Some("2 pgoutput messages do not decode")
+        );
+        assert_eq!(view(&r, &mut rels).undecodable_messages, 2);
+        let clean = super::line(&record(vec![]), 1, &mut rels);
+        assert_eq!(clean.problem, None);
+    }
+
+    #[test]
+    fn an_unreadable_record_gets_a_line_that_says_why() {
+        let l = unreadable(9, 12, "record checksum mismatch");
+        assert_eq!(l.seq, 9);
+        assert_eq!(
+            l.problem.as_deref(),
+            Some("unreadable: record checksum mismatch")
+        );
+    }
 }
