@@ -3,6 +3,8 @@
 //! and a one-message marker transaction (`pgcourier.seed`) spooled at the
 //! copy's position: where live shipping continues for a branch seeded from
 //! the file. Other branches apply the marker as an empty transaction.
+//! The file is signed with the sender's TLS key; receivers verify it
+//! against the certificates they pin.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,16 +53,14 @@ impl Capture {
     ) -> Result<(SeedSummary, Synced<Lsn>), CaptureError> {
         let tables = copy::published_tables(&cut.client, &self.cfg.publication).await?;
         let (meta, relations) = copy::describe(cut, &tables, "seed").await?;
-        let fingerprint =
+        let identity =
             pgcourier_common::transport::tls::load_identity(&self.cfg.cert, &self.cfg.key)
-                .map_err(|e| ExportError::Identity(Box::new(e)))?
-                .fingerprint()
-                .to_string();
+                .map_err(|e| ExportError::Identity(Box::new(e)))?;
         let marker_seq = self.spool.next_seq();
         let header = SeedHeader {
             version: 1,
             source_id: self.spool.source()?.ok_or(ExportError::NoSource)?,
-            sender_fingerprint: fingerprint,
+            sender_cert: identity.cert.to_vec(),
             marker_seq,
             commit_lsn: txn.commit_lsn,
             cut_lsn: cut.lsn,
@@ -70,7 +70,14 @@ impl Capture {
             tables: meta.tables.iter().map(|t| t.quoted()).collect(),
         };
         let tmp = path.with_extension("partial");
-        let mut writer = SeedWriter::create(&tmp, &header).map_err(ExportError::from)?;
+        let file = std::fs::File::create(&tmp).map_err(|source| {
+            ExportError::from(SeedError::Io {
+                path: tmp.clone(),
+                source,
+            })
+        })?;
+        let mut writer =
+            SeedWriter::create(&tmp, file, &header, &identity).map_err(ExportError::from)?;
         tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), file = %path.display(), "exporting a seed");
         let head = |only_for| TxnHead {
             commit_lsn: txn.commit_lsn,
