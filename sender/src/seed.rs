@@ -27,7 +27,8 @@ fn output_path(out: &Path) -> anyhow::Result<PathBuf> {
             dir.display()
         );
     }
-    if out.exists() {
+    // symlink_metadata: a symbolic link, even a dangling one, exists too.
+    if std::fs::symlink_metadata(&out).is_ok() {
         bail!("{} exists: choose a new file for --out", out.display());
     }
     Ok(out)

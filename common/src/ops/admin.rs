@@ -11,7 +11,9 @@
 //!
 //! Requests are small and rare (an operator, a scraper): each connection
 //! serves one request and closes; request heads are capped at 8 KiB and
-//! must arrive within 5 s. A daemon supplies its views through
+//! must arrive within 5 s; at most 32 connections are served at once (the
+//! others wait in the listen backlog); `/records` returns at most 1000
+//! records. A daemon supplies its views through
 //! [`Endpoint`]; they run on the blocking pool (they walk the store).
 //! Every connection and every request is a task of the [`Server`]'s
 //! tracker, ended through the daemon's shutdown token.
@@ -43,6 +45,10 @@ const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long requests in progress may take to finish after shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most records one `/records` request returns.
+pub const MAX_RECORDS_LIMIT: usize = 1000;
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
 /// Client side: connecting, and the whole exchange.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -126,7 +132,8 @@ pub fn route<E: Endpoint + ?Sized>(endpoint: &E, req: &Request) -> Response {
                 .query
                 .get("limit")
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(20);
+                .unwrap_or(20)
+                .min(MAX_RECORDS_LIMIT);
             Response::json(200, &endpoint.list(from, limit))
         }
         ("GET", path) if path.starts_with("/records/") => match path["/records/".len()..].parse() {
@@ -239,7 +246,14 @@ async fn accept<E: Endpoint>(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A place first: at most MAX_CONNECTIONS are served at once, the
+        // others wait in the kernel's backlog.
+        let place = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = places.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -250,12 +264,11 @@ async fn accept<E: Endpoint>(
                 }
             },
         };
-        tasks.spawn(connection(
-            stream,
-            endpoint.clone(),
-            shutdown.clone(),
-            tasks.clone(),
-        ));
+        let conn = connection(stream, endpoint.clone(), shutdown.clone(), tasks.clone());
+        tasks.spawn(async move {
+            conn.await;
+            drop(place);
+        });
     }
 }
 
@@ -579,6 +592,9 @@ mod tests {
         );
     }
 
+    /// The last `limit` the Echo endpoint's `list` was asked for.
+    static ASKED_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
     /// An endpoint that echoes what it was asked.
     struct Echo;
 
@@ -593,7 +609,8 @@ mod tests {
         fn health(&self, _: &&'static str) -> Result<(), String> {
             Err("echo is never healthy".into())
         }
-        fn list(&self, _: Option<u64>, _: usize) -> Vec<RecordLine> {
+        fn list(&self, _: Option<u64>, limit: usize) -> Vec<RecordLine> {
+            ASKED_LIMIT.store(limit, std::sync::atomic::Ordering::SeqCst);
             Vec::new()
         }
         fn show(&self, seq: u64, format: &str) -> Response {
@@ -677,6 +694,50 @@ mod tests {
         let mut buf = Vec::new();
         let closed = tokio::time::timeout(HEAD_TIMEOUT * 3, idle.read_to_end(&mut buf)).await;
         assert!(closed.is_ok(), "the server kept an idle connection open");
+        token.cancel();
+        server.stopped().await;
+    }
+
+    #[test]
+    fn records_limit_is_capped() {
+        let req = Request {
+            method: "GET".into(),
+            path: "/records".into(),
+            query: [("limit".to_owned(), "1000000000".to_owned())].into(),
+        };
+        assert_eq!(route(&Echo, &req).status, 200);
+        let asked = ASKED_LIMIT.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(asked <= 1000, "/records asked the store for {asked} records");
+    }
+
+    #[tokio::test]
+    async fn connections_are_bounded() {
+        let token = CancellationToken::new();
+        let server = Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Echo),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr();
+        // Idle connections that send nothing hold their places until the
+        // head timeout.
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let asked = tokio::time::timeout(Duration::from_secs(2), fetch(addr, "GET", "/status")).await;
+        assert!(
+            asked.is_err(),
+            "a request was served beside 200 idle connections: connections are not counted"
+        );
+        drop(idle);
+        let (code, _) = tokio::time::timeout(HEAD_TIMEOUT * 3, fetch(addr, "GET", "/status"))
+            .await
+            .expect("served once the idle connections are gone")
+            .unwrap();
+        assert_eq!(code, 200);
         token.cancel();
         server.stopped().await;
     }

@@ -547,6 +547,8 @@ pub enum SeedError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} exists (a file or a symbolic link): a seed file is always written as a new file; choose another path, or remove it if it is a leftover .partial")]
+    Exists { path: PathBuf },
     #[error("{path} is not a pgcourier seed file (wrong magic bytes)")]
     NotSeed { path: PathBuf },
     #[error("seed file {path} is truncated ({what}): copy it again from the sender's export")]
@@ -572,6 +574,33 @@ pub enum SeedError {
         #[source]
         source: rustls::Error,
     },
+}
+
+/// Create `path` for a seed file: new (`O_CREAT|O_EXCL`: never over an
+/// existing file), never through a symbolic link (`O_NOFOLLOW`, and
+/// `O_EXCL` refuses a link even when it dangles), mode 0600 whatever the
+/// umask: a seed holds every published row.
+pub fn create_private(path: &Path) -> Result<File, SeedError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => SeedError::Exists { path: path.into() },
+            _ => SeedError::Io {
+                path: path.into(),
+                source,
+            },
+        })?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| SeedError::Io {
+            path: path.into(),
+            source,
+        })?;
+    Ok(file)
 }
 
 /// Writes a seed file: header, records, trailer.
