@@ -25,6 +25,7 @@ struct RawReceiverConfig {
     sender_address: Option<SocketAddr>,
     sender_fingerprints: Vec<String>,
     admin: Option<SocketAddr>,
+    admin_socket: Option<PathBuf>,
     #[serde(default = "default_group_txns")]
     apply_group_transactions: u32,
     #[serde(default = "default_group_changes")]
@@ -68,8 +69,15 @@ pub struct ReceiverConfig {
     pub key: PathBuf,
     pub link: Link,
     pub sender_fingerprints: Vec<Fingerprint>,
-    /// Local admin endpoint (HTTP: /metrics, /health, /status); loopback only.
+    /// Read-only admin listener (HTTP: /metrics, /health, /status), any
+    /// address (a Prometheus server elsewhere may scrape it); off by
+    /// default. Records and control requests are refused there.
     pub admin: Option<SocketAddr>,
+    /// The admin socket (Unix, mode 0600 in a directory of mode 0700):
+    /// every admin route, records and control requests included, for this
+    /// daemon's user (pgcourier-queue, seed export). Always on; default
+    /// `<inbox-dir>/admin/sock`.
+    pub admin_socket: PathBuf,
     pub apply_group_transactions: u32,
     pub apply_group_changes: u32,
     pub replica_role: bool,
@@ -129,12 +137,16 @@ impl ReceiverConfig {
         }
         Ok(ReceiverConfig {
             target,
-            inbox_dir: base.join(raw.inbox_dir),
+            inbox_dir: base.join(&raw.inbox_dir),
             cert: base.join(raw.cert),
             key: base.join(raw.key),
             link,
             sender_fingerprints: fps,
             admin: raw.admin,
+            admin_socket: base.join(
+                raw.admin_socket
+                    .unwrap_or_else(|| raw.inbox_dir.join("admin").join("sock")),
+            ),
             apply_group_transactions: raw.apply_group_transactions,
             apply_group_changes: raw.apply_group_changes,
             replica_role: raw.replica_role,

@@ -52,19 +52,19 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     probe_target(&cfg).await?;
     let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
     let apply = Arc::new(apply::Apply::new(cfg.clone(), inbox.clone()));
+    let endpoint_view = Arc::new(admin::Admin {
+        inbox: inbox.clone(),
+        apply: apply.clone(),
+        link: ingest.link.clone(),
+    });
+    let admin_socket = Server::start_socket(&cfg.admin_socket, endpoint_view.clone(), shutdown.clone())
+        .await
+        .context("start the admin socket (setting `admin-socket`)")?;
     let admin = match cfg.admin {
         Some(addr) => Some(
-            Server::start(
-                addr,
-                Arc::new(admin::Admin {
-                    inbox: inbox.clone(),
-                    apply: apply.clone(),
-                    link: ingest.link.clone(),
-                }),
-                shutdown.clone(),
-            )
-            .await
-            .context("start the admin endpoint (setting `admin`)")?,
+            Server::start(addr, endpoint_view, shutdown.clone())
+                .await
+                .context("start the read-only admin listener (setting `admin`)")?,
         ),
         None => None,
     };
@@ -75,6 +75,7 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     if let Some(admin) = admin {
         admin.stopped().await;
     }
+    admin_socket.stopped().await;
     inbox.sync().context("final inbox sync")?;
     Ok(())
 }

@@ -2,10 +2,11 @@
 //! sender into the branch, so live shipping continues from the seed's
 //! marker with no gap and no duplicate.
 //!
-//! The whole file is read and verified (every record's checksum, the count
-//! and SHA-256 in its trailer) before anything is applied, and refused when
-//! it comes from another sender or source, or is older than what the
-//! branch already holds. It is then applied as one target transaction
+//! The whole file is read and verified (its sender's certificate pinned in
+//! `sender-fingerprints`, every record's checksum, the count, SHA-256 and
+//! the sender's signature in its trailer) before anything is applied, and
+//! refused when it comes from another sender or source, or is older than
+//! what the branch already holds. It is then applied as one target transaction
 //! together with the progress row; only after that commit is the inbox moved
 //! to the seed's marker (running the import again after a crash between the
 //! two completes it).
@@ -33,19 +34,8 @@ pub struct Imported {
 }
 
 pub fn import(cfg: ReceiverConfig, file: &Path) -> anyhow::Result<Imported> {
-    let (header, records) = SeedReader::verify_all(file)?;
-    let fingerprints: Vec<String> = cfg
-        .sender_fingerprints
-        .iter()
-        .map(|f| f.to_string())
-        .collect();
-    if !fingerprints.contains(&header.sender_fingerprint) {
-        bail!(
-            "seed file {} was exported by sender {}, which this receiver does not pin (setting `sender-fingerprints`): use a seed from this branch's sender",
-            file.display(),
-            header.sender_fingerprint
-        );
-    }
+    let pinned = cfg.sender_fingerprints.clone();
+    let (header, records) = SeedReader::verify_all(file, &pinned)?;
     let inbox = Arc::new(
         Inbox::open(&cfg.inbox_dir, cfg.cache_capacity).with_context(|| {
             format!(
@@ -95,7 +85,7 @@ pub fn import(cfg: ReceiverConfig, file: &Path) -> anyhow::Result<Imported> {
                 inbox.set_source(&header.source_id)?;
             }
             let apply = Apply::new(Arc::new(cfg), inbox.clone());
-            let mut reader = SeedReader::open(file)?;
+            let mut reader = SeedReader::open(file, &pinned)?;
             let mut bar = Bar::default();
             out.rows = apply
                 .apply_seed(&mut reader, |p| {

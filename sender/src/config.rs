@@ -29,6 +29,7 @@ struct RawSenderConfig {
     key: PathBuf,
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+    admin_socket: Option<PathBuf>,
     #[serde(default = "default_poll", deserialize_with = "de_duration")]
     poll_interval: Duration,
     #[serde(default = "default_capture_changes")]
@@ -114,8 +115,15 @@ pub struct SenderConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub listen: Option<SocketAddr>,
-    /// Local admin endpoint (HTTP: /metrics, /health, /status); loopback only.
+    /// Read-only admin listener (HTTP: /metrics, /health, /status), any
+    /// address (a Prometheus server elsewhere may scrape it); off by
+    /// default. Records and control requests are refused there.
     pub admin: Option<SocketAddr>,
+    /// The admin socket (Unix, mode 0600 in a directory of mode 0700):
+    /// every admin route, records and control requests included, for this
+    /// daemon's user (pgcourier-queue, seed export). Always on; default
+    /// `<spool-dir>/admin/sock`.
+    pub admin_socket: PathBuf,
     pub poll_interval: Duration,
     pub capture_batch_changes: u32,
     /// Copy the published tables' existing rows when the spool is new.
@@ -244,11 +252,15 @@ impl SenderConfig {
             slot: raw.slot,
             publication: raw.publication,
             tables: raw.tables,
-            spool_dir: base.join(raw.spool_dir),
+            spool_dir: base.join(&raw.spool_dir),
             cert: base.join(raw.cert),
             key: base.join(raw.key),
             listen: raw.listen,
             admin: raw.admin,
+            admin_socket: base.join(
+                raw.admin_socket
+                    .unwrap_or_else(|| raw.spool_dir.join("admin").join("sock")),
+            ),
             poll_interval: raw.poll_interval,
             capture_batch_changes: raw.capture_batch_changes,
             initial_copy: raw.initial_copy,

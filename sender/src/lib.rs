@@ -57,21 +57,21 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
     let (seeds_tx, seeds_rx) = tokio::sync::mpsc::channel(1);
     let capture = capture::Capture::new(cfg.clone(), spool.clone()).with_seeds(seeds_rx);
+    let endpoint_view = Arc::new(admin::Admin {
+        cfg: cfg.clone(),
+        spool: spool.clone(),
+        capture: capture.status.clone(),
+        shipper: shipper.clone(),
+        seeds: seeds_tx,
+    });
+    let admin_socket = Server::start_socket(&cfg.admin_socket, endpoint_view.clone(), shutdown.clone())
+        .await
+        .context("start the admin socket (setting `admin-socket`)")?;
     let admin = match cfg.admin {
         Some(addr) => Some(
-            Server::start(
-                addr,
-                Arc::new(admin::Admin {
-                    cfg: cfg.clone(),
-                    spool: spool.clone(),
-                    capture: capture.status.clone(),
-                    shipper: shipper.clone(),
-                    seeds: seeds_tx,
-                }),
-                shutdown.clone(),
-            )
-            .await
-            .context("start the admin endpoint (setting `admin`)")?,
+            Server::start(addr, endpoint_view, shutdown.clone())
+                .await
+                .context("start the read-only admin listener (setting `admin`)")?,
         ),
         None => None,
     };
@@ -88,6 +88,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     if let Some(admin) = admin {
         admin.stopped().await;
     }
+    admin_socket.stopped().await;
     spool.flush_on_stop();
     result.map_err(anyhow::Error::from)
 }

@@ -27,7 +27,8 @@ fn output_path(out: &Path) -> anyhow::Result<PathBuf> {
             dir.display()
         );
     }
-    if out.exists() {
+    // symlink_metadata: a symbolic link, even a dangling one, exists too.
+    if std::fs::symlink_metadata(&out).is_ok() {
         bail!("{} exists: choose a new file for --out", out.display());
     }
     Ok(out)
@@ -35,29 +36,29 @@ fn output_path(out: &Path) -> anyhow::Result<PathBuf> {
 
 pub fn export(cfg: SenderConfig, out: &Path) -> anyhow::Result<SeedSummary> {
     let out = output_path(out)?;
-    if let Some(addr) = cfg.admin {
-        match admin::request(
-            addr,
-            "POST",
-            &format!("/seed?out={}", percent_encode(&out.display().to_string())),
-        ) {
-            Ok((202, _)) => return follow(addr, &out),
-            Ok((code, body)) => bail!("the running sender refused the export ({code}): {body}"),
-            // Not running: do it here.
-            Err(_) => {}
-        }
+    let socket = cfg.admin_socket.clone();
+    match admin::request(
+        socket.as_path(),
+        "POST",
+        &format!("/seed?out={}", percent_encode(&out.display().to_string())),
+    ) {
+        Ok((202, _)) => return follow(&socket, &out),
+        Ok((code, body)) => bail!("the running sender refused the export ({code}): {body}"),
+        // Not running: do it here.
+        Err(_) => {}
     }
     in_process(cfg, &out)
 }
 
 /// Watch the daemon's status until it reports this export's outcome.
-fn follow(addr: std::net::SocketAddr, out: &Path) -> anyhow::Result<SeedSummary> {
+fn follow(socket: &Path, out: &Path) -> anyhow::Result<SeedSummary> {
     let mut bar = Bar::default();
     let path = out.display().to_string();
     loop {
         std::thread::sleep(Duration::from_millis(300));
-        let (code, body) = admin::request(addr, "GET", "/status")
-            .context("ask the running sender for the export's progress (setting `admin`)")?;
+        let (code, body) = admin::request(socket, "GET", "/status").context(
+            "ask the running sender for the export's progress (setting `admin-socket`)",
+        )?;
         if code != 200 {
             bail!("the running sender answered {code}: {body}");
         }
@@ -93,7 +94,7 @@ fn in_process(cfg: SenderConfig, out: &Path) -> anyhow::Result<SeedSummary> {
     let spool = Arc::new(
         Spool::open(&cfg.spool_dir, cfg.cache_capacity, &names).with_context(|| {
             format!(
-                "open spool {} (setting `spool-dir`); if the sender is running, set `admin` so seed export can ask it",
+                "open spool {} (setting `spool-dir`); if the sender is running, seed export asks it through its admin socket (setting `admin-socket`): check that setting",
                 cfg.spool_dir.display()
             )
         })?,

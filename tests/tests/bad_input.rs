@@ -105,7 +105,7 @@ fn bad_configurations_exit_non_zero_with_an_error_naming_the_setting() -> anyhow
         ),
         (
             "pgcourier-receiver",
-            format!("target = \"host=/nonexistent\"\ninbox-dir = \"i\"\nlisten = \"127.0.0.1:0\"\nadmin = \"0.0.0.0:9999\"\n{recv_tail}"),
+            format!("target = \"host=/nonexistent\"\ninbox-dir = \"i\"\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1\"\n{recv_tail}"),
             "admin",
         ),
     ];
@@ -588,7 +588,7 @@ fn free_tcp_port() -> u16 {
 
 /// GET `path` from an admin endpoint.
 async fn admin_get(port: u16, path: &'static str) -> anyhow::Result<(u16, String)> {
-    let addr = format!("127.0.0.1:{port}").parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     tokio::task::spawn_blocking(move || pgcourier_common::ops::admin::request(addr, "GET", path))
         .await?
         .map_err(anyhow::Error::from)

@@ -9,7 +9,7 @@ use anyhow::Context;
 use pgcourier_tests::bin_path;
 use serde_json::Value;
 
-use crate::fixture::{Options, Setup};
+use crate::fixture::{keygen, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(300);
 
@@ -177,16 +177,21 @@ fn run(bin: &str, args: &[&str]) -> anyhow::Result<(i32, String)> {
     ))
 }
 
-/// Rewrite a seed file with a changed header (a file from elsewhere).
+/// Rewrite a seed file with a changed header, signed by `identity` (a file
+/// from elsewhere).
 fn rewrite_seed(
     from: &std::path::Path,
     to: &std::path::Path,
+    identity: &pgcourier_common::transport::tls::Identity,
     change: impl Fn(&mut pgcourier_common::store::seed_file::SeedHeader),
 ) -> anyhow::Result<()> {
-    let mut r = pgcourier_common::store::seed_file::SeedReader::open(from)?;
+    let mut r = pgcourier_common::store::seed_file::SeedReader::open_any_signer(from)?;
     let mut header = r.header.clone();
     change(&mut header);
-    let mut w = pgcourier_common::store::seed_file::SeedWriter::create(to, &header)?;
+    let _ = std::fs::remove_file(to);
+    let file = std::fs::File::create(to)?;
+    let mut w =
+        pgcourier_common::store::seed_file::SeedWriter::create(to, file, &header, identity)?;
     while let Some(rec) = r.next_record()? {
         w.record(&rec)?;
     }
@@ -273,7 +278,12 @@ async fn seed_export_import_then_live_stream_and_bad_seeds_refused() -> anyhow::
         out.contains("corrupt") || out.contains("truncated"),
         "{out}"
     );
-    rewrite_seed(&seed, &bad, |h| h.sender_fingerprint = "ab".repeat(32))?;
+    keygen(setup.dir.path(), "other-sender");
+    let other_sender = pgcourier_common::transport::tls::load_identity(
+        &setup.dir.path().join("other-sender.crt"),
+        &setup.dir.path().join("other-sender.key"),
+    )?;
+    rewrite_seed(&seed, &bad, &other_sender, |_| {})?;
     let (code, out) = run(
         "pgcourier-receiver",
         &["seed", "import", "--config", &branch_cfg, bad_str],
@@ -313,7 +323,11 @@ async fn seed_export_import_then_live_stream_and_bad_seeds_refused() -> anyhow::
     )?;
     assert_eq!(code, 1, "older seed: {out}");
     assert!(out.contains("older"), "{out}");
-    rewrite_seed(&seed, &bad, |h| {
+    let sender = pgcourier_common::transport::tls::load_identity(
+        &setup.dir.path().join("sender.crt"),
+        &setup.dir.path().join("sender.key"),
+    )?;
+    rewrite_seed(&seed, &bad, &sender, |h| {
         h.source_id = "7123456789/postgres/pgcourier".into()
     })?;
     let (code, out) = run(

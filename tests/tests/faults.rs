@@ -387,7 +387,7 @@ fn free_tcp_port() -> u16 {
 }
 
 async fn receiver_status(port: u16) -> anyhow::Result<serde_json::Value> {
-    let addr = format!("127.0.0.1:{port}").parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let (_, body) = tokio::task::spawn_blocking(move || {
         pgcourier_common::ops::admin::request(addr, "GET", "/status")
     })
@@ -490,7 +490,7 @@ async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
 }
 
 async fn admin_json(port: u16, path: &'static str) -> anyhow::Result<(serde_json::Value, String)> {
-    let addr = format!("127.0.0.1:{port}").parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let (_, body) =
         tokio::task::spawn_blocking(move || pgcourier_common::ops::admin::request(addr, "GET", path))
             .await??;

@@ -253,7 +253,7 @@ async fn metrics_are_scraped_over_http_and_parse() -> anyhow::Result<()> {
             .await?;
     }
     setup.wait_equal(0, &["public.items"], WAIT).await?;
-    let addr = format!("127.0.0.1:{ra}").parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{ra}").parse()?;
     let body = tokio::task::spawn_blocking(move || {
         pgcourier_common::ops::admin::request(addr, "GET", "/metrics")
     })
@@ -264,7 +264,7 @@ async fn metrics_are_scraped_over_http_and_parse() -> anyhow::Result<()> {
     assert_eq!(get("pgcourier_receiver_records_behind"), Some(0.0));
     assert!(get("pgcourier_receiver_applied_transactions_total").unwrap_or(0.0) >= 20.0);
     assert_eq!(get("pgcourier_receiver_link_connected"), Some(1.0));
-    let addr = format!("127.0.0.1:{sa}").parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{sa}").parse()?;
     let body = tokio::task::spawn_blocking(move || {
         pgcourier_common::ops::admin::request(addr, "GET", "/metrics")
     })

@@ -5,8 +5,7 @@
 //! slot, the target's progress row). Everything comes back typed: the
 //! daemons' own [`SenderStatus`] / [`ReceiverStatus`] and record lines.
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use pgcourier_common::ops::admin::{self, percent_encode};
@@ -55,10 +54,12 @@ impl Daemon {
         }
     }
 
-    fn admin(&self) -> Option<SocketAddr> {
+    /// The daemon's admin socket: every route, records and control
+    /// requests included (the TCP listener is read-only).
+    fn admin(&self) -> PathBuf {
         match self {
-            Daemon::Sender(c) => c.admin,
-            Daemon::Receiver(c) => c.admin,
+            Daemon::Sender(c) => c.admin_socket.clone(),
+            Daemon::Receiver(c) => c.admin_socket.clone(),
         }
     }
 
@@ -66,12 +67,13 @@ impl Daemon {
     /// not answer (then the store is opened directly). An answer other than
     /// 200 is an error carrying the daemon's message.
     fn ask(&self, method: &str, path: &str) -> anyhow::Result<Option<String>> {
-        let Some(addr) = self.admin() else {
-            return Ok(None);
-        };
-        match admin::request(addr, method, path) {
+        let addr = self.admin();
+        match admin::request(addr.as_path(), method, path) {
             Ok((200, body)) => Ok(Some(body)),
-            Ok((code, body)) => bail!("admin endpoint {addr} answered {code}: {body}"),
+            Ok((code, body)) => bail!(
+                "admin socket {} answered {code}: {body}",
+                addr.display()
+            ),
             Err(_) => Ok(None),
         }
     }
@@ -128,23 +130,24 @@ pub fn skip(daemon: &Daemon, seq: u64, reason: &str) -> anyhow::Result<(bool, St
     let Daemon::Receiver(_) = daemon else {
         bail!("skip is a receiver command: pass the receiver's config")
     };
-    let addr = daemon
-        .admin()
-        .context("skip needs the running receiver's admin endpoint: set `admin` in its config")?;
+    let addr = daemon.admin();
     let (code, body) = admin::request(
-        addr,
+        addr.as_path(),
         "POST",
         &format!("/skip?seq={seq}&reason={}", percent_encode(reason)),
     )
     .with_context(|| {
-        format!("reach the receiver's admin endpoint at {addr} (is the receiver running?)")
+        format!(
+            "reach the receiver's admin socket {} (setting `admin-socket`; is the receiver running, as this user?)",
+            addr.display()
+        )
     })?;
     Ok((code == 200, body))
 }
 
 fn busy(e: impl std::fmt::Display, what: &str) -> anyhow::Error {
     anyhow::anyhow!(
-        "{e}\n(if the {what} is running, set `admin` in its config so pgcourier-queue can ask it)"
+        "{e}\n(if the {what} is running, pgcourier-queue asks it through its admin socket, setting `admin-socket`: run it as the {what}'s user)"
     )
 }
 

@@ -1,17 +1,25 @@
-//! The daemons' local admin endpoint, the same for both: an HTTP/1.1 server
-//! (hyper) on a loopback address serving `/status` (JSON), `/metrics`
-//! (Prometheus text), `/health`, the record inspection of `pgcourier-queue`
-//! (`/records`, `/records/<seq>`) and the daemon's control requests (POST:
-//! the sender's `/seed`, the receiver's `/skip`); and the one-shot client
-//! that the queue CLI, `seed export` and the tests use.
+//! The daemons' admin endpoint, the same for both: an HTTP/1.1 server
+//! (hyper) serving `/status` (JSON), `/metrics` (Prometheus text),
+//! `/health`, the record inspection of `pgcourier-queue` (`/records`,
+//! `/records/<seq>`) and the daemon's control requests (POST: the sender's
+//! `/seed`, the receiver's `/skip`); and the one-shot client that the queue
+//! CLI, `seed export` and the tests use.
 //!
-//! Who may ask: anyone who can reach the loopback address (the bind refuses
-//! any other address). There is no further check of the caller: control
-//! requests are open to every local user of the machine.
+//! Who may ask what ([`Access`]):
+//! - The admin socket (setting `admin-socket`, always on): a Unix socket,
+//!   mode 0600, in a directory of mode 0700 owned by the daemon's user.
+//!   Only that user (and root) can connect; it serves every route: row data
+//!   and control requests live only here.
+//! - The TCP listener (setting `admin`, optional, any address, e.g. for a
+//!   Prometheus server elsewhere): read-only, `/status`, `/metrics`,
+//!   `/health`; every other route answers 403. A web page that reaches it
+//!   (cross-site request, DNS rebinding) can read those and nothing else.
 //!
 //! Requests are small and rare (an operator, a scraper): each connection
 //! serves one request and closes; request heads are capped at 8 KiB and
-//! must arrive within 5 s. A daemon supplies its views through
+//! must arrive within 5 s; at most 32 connections are served at once (the
+//! others wait in the listen backlog); `/records` returns at most 1000
+//! records. A daemon supplies its views through
 //! [`Endpoint`]; they run on the blocking pool (they walk the store).
 //! Every connection and every request is a task of the [`Server`]'s
 //! tracker, ended through the daemon's shutdown token.
@@ -19,6 +27,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +37,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,6 +52,10 @@ const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long requests in progress may take to finish after shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most records one `/records` request returns.
+pub const MAX_RECORDS_LIMIT: usize = 1000;
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
 /// Client side: connecting, and the whole exchange.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -107,8 +120,29 @@ pub trait Endpoint: Send + Sync + 'static {
     fn control(&self, path: &str, query: &HashMap<String, String>) -> Option<Response>;
 }
 
-/// The routes both daemons serve.
-pub fn route<E: Endpoint + ?Sized>(endpoint: &E, req: &Request) -> Response {
+/// What a listener may serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The TCP listener: `/status`, `/metrics`, `/health` only.
+    ReadOnly,
+    /// The admin socket: every route.
+    Control,
+}
+
+/// The routes both daemons serve, as far as `access` allows.
+pub fn route<E: Endpoint + ?Sized>(endpoint: &E, req: &Request, access: Access) -> Response {
+    let read_only = matches!(
+        (req.method.as_str(), req.path.as_str()),
+        ("GET", "/status" | "/metrics" | "/health")
+    );
+    if access == Access::ReadOnly && !read_only {
+        return Response::text(
+            403,
+            "the TCP admin listener (setting `admin`) serves /status, /metrics and /health only: \
+             records and control requests are on the admin socket (setting `admin-socket`), \
+             for the daemon's user, e.g. through pgcourier-queue",
+        );
+    }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/status") => Response::json(200, &endpoint.status()),
         ("GET", "/metrics") => Response {
@@ -126,7 +160,8 @@ pub fn route<E: Endpoint + ?Sized>(endpoint: &E, req: &Request) -> Response {
                 .query
                 .get("limit")
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(20);
+                .unwrap_or(20)
+                .min(MAX_RECORDS_LIMIT);
             Response::json(200, &endpoint.list(from, limit))
         }
         ("GET", path) if path.starts_with("/records/") => match path["/records/".len()..].parse() {
@@ -180,34 +215,42 @@ fn unknown_request() -> Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("admin address {0} is not a loopback address: the admin endpoint is local only")]
-    NotLoopback(SocketAddr),
     #[error("cannot listen on admin address {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot make the admin socket {path} (setting `admin-socket`; its directory must be owned by this user, the path at most 107 bytes)")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
 }
 
 /// A running admin endpoint. Its accept loop, connections and requests are
 /// tasks of one tracker; they end when the shutdown token is cancelled
 /// (requests in progress get [`DRAIN_TIMEOUT`] to finish).
 pub struct Server {
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
+    socket: Option<PathBuf>,
     tasks: TaskTracker,
 }
 
 impl Server {
-    /// Bind `addr` (loopback only) and serve `endpoint` until `shutdown`.
+    /// Bind the read-only TCP listener on `addr` (any address) and serve
+    /// `endpoint` until `shutdown`.
     pub async fn start<E: Endpoint>(
         addr: SocketAddr,
         endpoint: Arc<E>,
         shutdown: CancellationToken,
     ) -> Result<Server, AdminError> {
-        if !addr.ip().is_loopback() {
-            return Err(AdminError::NotLoopback(addr));
-        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AdminError::Bind { addr, source })?;
@@ -215,61 +258,162 @@ impl Server {
             .local_addr()
             .map_err(|source| AdminError::Bind { addr, source })?;
         let tasks = TaskTracker::new();
-        tasks.spawn(accept(listener, endpoint, shutdown, tasks.clone()));
-        tracing::info!(%addr, "admin endpoint listening");
-        Ok(Server { addr, tasks })
+        tasks.spawn(accept(
+            Listener::Tcp(listener),
+            Access::ReadOnly,
+            endpoint,
+            shutdown,
+            tasks.clone(),
+        ));
+        tracing::info!(%addr, "admin listener (read-only: /status, /metrics, /health) listening");
+        Ok(Server {
+            addr: Some(addr),
+            socket: None,
+            tasks,
+        })
     }
 
-    /// The address it listens on.
+    /// Make the admin socket at `path` (its directory created or set to
+    /// mode 0700, and owned by this user; the socket mode 0600; a stale
+    /// socket from an earlier run replaced, anything else there refused)
+    /// and serve every route of `endpoint` on it until `shutdown`.
+    pub async fn start_socket<E: Endpoint>(
+        path: &Path,
+        endpoint: Arc<E>,
+        shutdown: CancellationToken,
+    ) -> Result<Server, AdminError> {
+        let listener = bind_private_socket(path).map_err(|source| AdminError::Socket {
+            path: path.into(),
+            source,
+        })?;
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept(
+            Listener::Unix(listener),
+            Access::Control,
+            endpoint,
+            shutdown,
+            tasks.clone(),
+        ));
+        tracing::info!(socket = %path.display(), "admin socket listening");
+        Ok(Server {
+            addr: None,
+            socket: Some(path.into()),
+            tasks,
+        })
+    }
+
+    /// The TCP address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.addr.expect("local_addr is asked of a TCP admin server")
     }
 
     /// Wait until the accept loop and every connection have ended (after
-    /// the shutdown token is cancelled).
+    /// the shutdown token is cancelled); the socket file is then removed.
     pub async fn stopped(self) {
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(path) = self.socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
+/// The admin socket's directory (0700, ours) and the socket (0600).
+fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory owned by this user (uid {me})",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    // Nobody else can reach the socket between bind and chmod: the
+    // directory is 0700.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
 async fn accept<E: Endpoint>(
-    listener: TcpListener,
+    listener: Listener,
+    access: Access,
     endpoint: Arc<E>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let stream = tokio::select! {
+        // A place first: at most MAX_CONNECTIONS are served at once, the
+        // others wait in the kernel's backlog.
+        let place = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::debug!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
+            p = places.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        tasks.spawn(connection(
-            stream,
-            endpoint.clone(),
-            shutdown.clone(),
-            tasks.clone(),
-        ));
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = async {
+                match &listener {
+                    Listener::Tcp(l) => l.accept().await.map(|(s, _)| Ok(s)),
+                    Listener::Unix(l) => l.accept().await.map(|(s, _)| Err(s)),
+                }
+            } => r,
+        };
+        let (endpoint, shutdown, t) = (endpoint.clone(), shutdown.clone(), tasks.clone());
+        match accepted {
+            Ok(Ok(tcp)) => tasks.spawn(async move {
+                connection(tcp, access, endpoint, shutdown, t).await;
+                drop(place);
+            }),
+            Ok(Err(unix)) => tasks.spawn(async move {
+                connection(unix, access, endpoint, shutdown, t).await;
+                drop(place);
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "admin accept failed");
+                continue;
+            }
+        };
     }
 }
 
 /// Serve one connection (one request); on shutdown, let the request in
 /// progress finish for a while, then drop it.
-async fn connection<E: Endpoint>(
-    stream: TcpStream,
+async fn connection<E: Endpoint, S>(
+    stream: S,
+    access: Access,
     endpoint: Arc<E>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
         let (endpoint, tasks) = (endpoint.clone(), tasks.clone());
-        async move { Ok::<_, Infallible>(answer(endpoint, tasks, req).await) }
+        async move { Ok::<_, Infallible>(answer(endpoint, access, tasks, req).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -295,6 +439,7 @@ async fn connection<E: Endpoint>(
 /// Route one request on the blocking pool (the views read the store).
 async fn answer<E: Endpoint>(
     endpoint: Arc<E>,
+    access: Access,
     tasks: TaskTracker,
     req: hyper::Request<Incoming>,
 ) -> hyper::Response<Full<Bytes>> {
@@ -306,7 +451,7 @@ async fn answer<E: Endpoint>(
             .collect(),
     };
     let response = tasks
-        .spawn_blocking(move || route(&*endpoint, &request))
+        .spawn_blocking(move || route(&*endpoint, &request, access))
         .await
         .unwrap_or_else(|e| Response::text(500, format!("admin request failed: {e}")));
     let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
@@ -332,19 +477,54 @@ pub fn percent_encode(s: &str) -> String {
     utf8_percent_encode(s, QUERY_COMPONENT).to_string()
 }
 
+/// Where a client asks: the admin socket (every route) or the TCP
+/// listener (read-only routes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminTarget {
+    Tcp(SocketAddr),
+    Socket(PathBuf),
+}
+
+impl std::fmt::Display for AdminTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminTarget::Tcp(a) => write!(f, "{a}"),
+            AdminTarget::Socket(p) => write!(f, "socket {}", p.display()),
+        }
+    }
+}
+
+impl From<SocketAddr> for AdminTarget {
+    fn from(a: SocketAddr) -> Self {
+        AdminTarget::Tcp(a)
+    }
+}
+
+impl From<PathBuf> for AdminTarget {
+    fn from(p: PathBuf) -> Self {
+        AdminTarget::Socket(p)
+    }
+}
+
+impl From<&Path> for AdminTarget {
+    fn from(p: &Path) -> Self {
+        AdminTarget::Socket(p.into())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the admin endpoint at {addr}")]
+    #[error("cannot reach the admin endpoint at {target}")]
     Connect {
-        addr: SocketAddr,
+        target: AdminTarget,
         #[source]
         source: std::io::Error,
     },
-    #[error("the admin endpoint at {addr} did not answer within {seconds} s")]
-    Timeout { addr: SocketAddr, seconds: u64 },
-    #[error("HTTP exchange with the admin endpoint at {addr} failed")]
+    #[error("the admin endpoint at {target} did not answer within {seconds} s")]
+    Timeout { target: AdminTarget, seconds: u64 },
+    #[error("HTTP exchange with the admin endpoint at {target} failed")]
     Http {
-        addr: SocketAddr,
+        target: AdminTarget,
         #[source]
         source: hyper::Error,
     },
@@ -361,14 +541,19 @@ pub enum ClientError {
 
 /// One request to an admin endpoint: the status and the body (lossy UTF-8).
 pub async fn fetch(
-    addr: SocketAddr,
+    target: impl Into<AdminTarget>,
     method: &str,
     path_and_query: &str,
 ) -> Result<(u16, String), ClientError> {
+    let target = target.into();
+    let host = match &target {
+        AdminTarget::Tcp(a) => a.to_string(),
+        AdminTarget::Socket(_) => "localhost".to_owned(),
+    };
     let request = hyper::Request::builder()
         .method(method)
         .uri(path_and_query)
-        .header(HOST, addr.to_string())
+        .header(HOST, host)
         .header(CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .map_err(|source| ClientError::Request {
@@ -376,44 +561,63 @@ pub async fn fetch(
             path: path_and_query.to_owned(),
             source,
         })?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| ClientError::Timeout {
-            addr,
-            seconds: CONNECT_TIMEOUT.as_secs(),
-        })?
-        .map_err(|source| ClientError::Connect { addr, source })?;
-    let http = |source| ClientError::Http { addr, source };
-    let exchange = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(http)?;
-        // The connection is driven here, beside the request, and ends when
-        // the server closes it after the answer (`Connection: close`).
-        let ask = async {
-            let response = sender.send_request(request).await.map_err(http)?;
-            let status = response.status().as_u16();
-            let body = response.into_body().collect().await.map_err(http)?;
-            Ok((
-                status,
-                String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-            ))
-        };
-        let (answer, _closed) = tokio::join!(ask, conn);
-        answer
+    let timeout = |target: &AdminTarget, d: Duration| ClientError::Timeout {
+        target: target.clone(),
+        seconds: d.as_secs(),
     };
-    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            addr,
-            seconds: EXCHANGE_TIMEOUT.as_secs(),
-        })?
+    let connect_err = |target: &AdminTarget, source| ClientError::Connect {
+        target: target.clone(),
+        source,
+    };
+    let answer = match &target {
+        AdminTarget::Tcp(addr) => {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| timeout(&target, CONNECT_TIMEOUT))?
+                .map_err(|e| connect_err(&target, e))?;
+            tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(stream, request)).await
+        }
+        AdminTarget::Socket(path) => {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
+                .await
+                .map_err(|_| timeout(&target, CONNECT_TIMEOUT))?
+                .map_err(|e| connect_err(&target, e))?;
+            tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(stream, request)).await
+        }
+    };
+    answer
+        .map_err(|_| timeout(&target, EXCHANGE_TIMEOUT))?
+        .map_err(|source| ClientError::Http { target, source })
+}
+
+/// Send `request` on `stream` and read the answer.
+async fn exchange<S>(
+    stream: S,
+    request: hyper::Request<Empty<Bytes>>,
+) -> Result<(u16, String), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // The connection is driven here, beside the request, and ends when
+    // the server closes it after the answer (`Connection: close`).
+    let ask = async {
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?;
+        Ok((
+            status,
+            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        ))
+    };
+    let (answer, _closed) = tokio::join!(ask, conn);
+    answer
 }
 
 /// [`fetch`] for blocking callers (the CLIs; tests from `spawn_blocking`):
 /// runs it on a runtime of its own. Not to be called on an async worker.
 pub fn request(
-    addr: SocketAddr,
+    target: impl Into<AdminTarget>,
     method: &str,
     path_and_query: &str,
 ) -> Result<(u16, String), ClientError> {
@@ -421,7 +625,7 @@ pub fn request(
         .enable_all()
         .build()
         .map_err(ClientError::Runtime)?
-        .block_on(fetch(addr, method, path_and_query))
+        .block_on(fetch(target, method, path_and_query))
 }
 
 /// The kind of a metric family.
@@ -579,6 +783,9 @@ mod tests {
         );
     }
 
+    /// The last `limit` the Echo endpoint's `list` was asked for.
+    static ASKED_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
     /// An endpoint that echoes what it was asked.
     struct Echo;
 
@@ -593,7 +800,8 @@ mod tests {
         fn health(&self, _: &&'static str) -> Result<(), String> {
             Err("echo is never healthy".into())
         }
-        fn list(&self, _: Option<u64>, _: usize) -> Vec<RecordLine> {
+        fn list(&self, _: Option<u64>, limit: usize) -> Vec<RecordLine> {
+            ASKED_LIMIT.store(limit, std::sync::atomic::Ordering::SeqCst);
             Vec::new()
         }
         fn show(&self, seq: u64, format: &str) -> Response {
@@ -606,21 +814,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn admin_endpoint_refuses_non_loopback_and_serves_the_common_routes() {
+    async fn the_admin_socket_is_private_and_serves_every_route() {
+        use std::os::unix::fs::PermissionsExt;
         let token = CancellationToken::new();
-        assert!(matches!(
-            Server::start("0.0.0.0:0".parse().unwrap(), Arc::new(Echo), token.clone()).await,
-            Err(AdminError::NotLoopback(_))
-        ));
-        let server = Server::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(Echo),
-            token.clone(),
-        )
-        .await
-        .unwrap();
-        let addr = server.local_addr();
-        let ask = |method: &'static str, path: &'static str| fetch(addr, method, path);
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("admin").join("sock");
+        // A stale socket of an earlier run is replaced.
+        std::fs::create_dir(dir.path().join("admin")).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let server = Server::start_socket(&sock, Arc::new(Echo), token.clone())
+            .await
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sock), 0o600, "the socket's mode");
+        assert_eq!(mode(sock.parent().unwrap()), 0o700, "its directory's mode");
+        let addr = sock.clone();
+        let ask = |method: &'static str, path: &'static str| fetch(addr.clone(), method, path);
         assert_eq!(
             ask("POST", "/skip?seq=3&reason=a%20b+c").await.unwrap(),
             (200, "skip Some(\"a b c\")".to_owned())
@@ -643,10 +852,11 @@ mod tests {
         assert_eq!(ask("GET", "/nothing").await.unwrap().0, 404);
         // A request head larger than the cap is refused, not buffered.
         let long = format!("/status?pad={}", "x".repeat(MAX_HEAD));
-        let (code, _) = fetch(addr, "GET", &long).await.unwrap();
+        let (code, _) = fetch(addr.clone(), "GET", &long).await.unwrap();
         assert_eq!(code, 431);
         // The blocking client works from a thread of its own.
-        let (code, body) = tokio::task::spawn_blocking(move || request(addr, "GET", "/status"))
+        let blocking = addr.clone();
+        let (code, body) = tokio::task::spawn_blocking(move || request(blocking, "GET", "/status"))
             .await
             .unwrap()
             .unwrap();
@@ -659,6 +869,12 @@ mod tests {
         assert!(matches!(
             fetch(addr, "GET", "/status").await,
             Err(ClientError::Connect { .. })
+        ));
+        // Something other than a socket in the way is refused.
+        std::fs::write(&sock, "not a socket").unwrap();
+        assert!(matches!(
+            Server::start_socket(&sock, Arc::new(Echo), CancellationToken::new()).await,
+            Err(AdminError::Socket { .. })
         ));
     }
 
@@ -679,5 +895,83 @@ mod tests {
         assert!(closed.is_ok(), "the server kept an idle connection open");
         token.cancel();
         server.stopped().await;
+    }
+
+    #[test]
+    fn records_limit_is_capped() {
+        let req = Request {
+            method: "GET".into(),
+            path: "/records".into(),
+            query: [("limit".to_owned(), "1000000000".to_owned())].into(),
+        };
+        assert_eq!(route(&Echo, &req, Access::Control).status, 200);
+        let asked = ASKED_LIMIT.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(asked <= 1000, "/records asked the store for {asked} records");
+    }
+
+    #[tokio::test]
+    async fn connections_are_bounded() {
+        let token = CancellationToken::new();
+        let server = Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Echo),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr();
+        // Idle connections that send nothing hold their places until the
+        // head timeout.
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let asked = tokio::time::timeout(Duration::from_secs(2), fetch(addr, "GET", "/status")).await;
+        assert!(
+            asked.is_err(),
+            "a request was served beside 200 idle connections: connections are not counted"
+        );
+        drop(idle);
+        let (code, _) = tokio::time::timeout(HEAD_TIMEOUT * 3, fetch(addr, "GET", "/status"))
+            .await
+            .expect("served once the idle connections are gone")
+            .unwrap();
+        assert_eq!(code, 200);
+        token.cancel();
+        server.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn the_tcp_listener_refuses_control_requests_and_row_data() {
+        let token = CancellationToken::new();
+        let server = Server::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Echo),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr();
+        for (method, path) in [
+            ("POST", "/skip?seq=3&reason=x"),
+            ("POST", "/seed?out=/tmp/x.seed"),
+            ("GET", "/records"),
+            ("GET", "/records/7?format=sql"),
+        ] {
+            let (code, body) = fetch(addr, method, path).await.unwrap();
+            assert_eq!(code, 403, "{method} {path} on the TCP listener: {body}");
+        }
+        for path in ["/status", "/metrics"] {
+            assert_eq!(fetch(addr, "GET", path).await.unwrap().0, 200, "{path}");
+        }
+        token.cancel();
+        server.stopped().await;
+        // It may bind any address (a Prometheus server elsewhere).
+        let token = CancellationToken::new();
+        let any = Server::start("0.0.0.0:0".parse().unwrap(), Arc::new(Echo), token.clone())
+            .await
+            .unwrap();
+        token.cancel();
+        any.stopped().await;
     }
 }

@@ -28,8 +28,21 @@
 //! frame = u32 big-endian length + bytes
 //! ```
 //!
-//! The trailer holds the SHA-256 of every frame before it, so a truncated
-//! or altered file is refused before anything is applied.
+//! The trailer holds the SHA-256 of every frame before it and the
+//! sender's signature of that digest (with the private key of its TLS
+//! identity, in the key's own algorithm: ECDSA P-256 for a key from
+//! `keygen`). The header carries the sender's certificate. A reader checks,
+//! before anything is applied: that the certificate's fingerprint is one the
+//! receiver pins (`sender-fingerprints`), every record's CRC, the count, the
+//! digest, and the signature with the certificate's public key. A file
+//! rewritten by anyone without the sender's key (content and digest
+//! recomputed, header copied from a genuine file) is refused.
+//!
+//! Copy metadata comes from the file or the link; with `create-tables` the
+//! receiver turns it into DDL. [`CopyTable::create_sql`] builds it only from
+//! validated type names ([`TypeName`]: identifiers, an optional schema,
+//! numeric modifiers, array brackets; identifiers quoted) and the receiver
+//! runs one statement per call.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -39,8 +52,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use pgcourier_proto::record::{self, MAX_RECORD_BYTES};
-use crate::Lsn;
 use crate::pg::quote_ident;
+use crate::transport::tls::{fingerprint, Fingerprint, Identity};
+use crate::Lsn;
 
 /// Prefix of the logical message that opens a copy transaction.
 pub const COPY_PREFIX: &str = "pgcourier.copy";
@@ -75,29 +89,327 @@ impl CopyTable {
     }
 
     /// `CREATE TABLE IF NOT EXISTS` with the source's columns, types, NOT
-    /// NULL and primary key (receiver setting `create-tables`).
-    pub fn create_sql(&self) -> String {
-        let mut cols: Vec<String> = self
-            .columns
-            .iter()
-            .map(|c| {
-                format!(
-                    "{} {}{}",
-                    quote_ident(&c.name),
-                    c.type_sql,
-                    if c.not_null { " NOT NULL" } else { "" }
-                )
-            })
-            .collect();
+    /// NULL and primary key (receiver setting `create-tables`): one
+    /// statement, every identifier quoted, every type re-rendered from a
+    /// validated [`TypeName`]. A column whose type text is not a type name
+    /// is refused, naming the table and the column.
+    pub fn create_sql(&self) -> Result<String, BadType> {
+        let mut cols = Vec::with_capacity(self.columns.len() + 1);
+        for c in &self.columns {
+            let ty = TypeName::parse(&c.type_sql).map_err(|why| BadType {
+                table: self.quoted(),
+                column: c.name.clone(),
+                type_sql: c.type_sql.clone(),
+                why,
+            })?;
+            cols.push(format!(
+                "{} {}{}",
+                quote_ident(&c.name),
+                ty,
+                if c.not_null { " NOT NULL" } else { "" }
+            ));
+        }
         if !self.primary_key.is_empty() {
             let pk: Vec<String> = self.primary_key.iter().map(|c| quote_ident(c)).collect();
             cols.push(format!("PRIMARY KEY ({})", pk.join(", ")));
         }
-        format!(
+        Ok(format!(
             "CREATE TABLE IF NOT EXISTS {} ({})",
             self.quoted(),
             cols.join(", ")
-        )
+        ))
+    }
+}
+
+/// A column type in copy metadata that is not a type name.
+#[derive(Debug, thiserror::Error)]
+#[error("table {table} column {column:?}: type {type_sql:?} is not a type name ({why}); the copy metadata is not what a pgcourier sender writes: check where it came from")]
+pub struct BadType {
+    pub table: String,
+    pub column: String,
+    pub type_sql: String,
+    pub why: String,
+}
+
+/// A validated column type, as `format_type` writes it on the source:
+/// a (possibly schema-qualified) type name, or one of SQL's keyword type
+/// names (`double precision`, `timestamp(3) with time zone`, ...), then
+/// optional numeric modifiers and array brackets. Rendered back with every
+/// identifier quoted; keyword names, numbers and punctuation are the only
+/// other text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeName(String);
+
+impl std::fmt::Display for TypeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TypeToken {
+    Word(String),
+    Quoted(String),
+    Number(String),
+    Punct(char),
+}
+
+/// The longest type text accepted.
+const MAX_TYPE_TEXT: usize = 1024;
+
+/// SQL's keyword type names that `format_type` writes unquoted and that
+/// mean something else (or nothing) when quoted.
+const KEYWORD_TYPES: &[&str] = &[
+    "bigint", "bit", "boolean", "char", "character", "dec", "decimal", "double", "float", "int",
+    "integer", "interval", "national", "nchar", "numeric", "real", "smallint", "time",
+    "timestamp", "varchar",
+];
+const INTERVAL_FIELDS: &[&str] = &["year", "month", "day", "hour", "minute", "second"];
+
+impl TypeName {
+    pub fn parse(text: &str) -> Result<TypeName, String> {
+        if text.len() > MAX_TYPE_TEXT {
+            return Err(format!("longer than {MAX_TYPE_TEXT} bytes"));
+        }
+        let tokens = Self::tokens(text)?;
+        let mut p = TypeParser { tokens, at: 0 };
+        let mut out = String::new();
+        let keyword = match (p.peek(), p.tokens.get(1)) {
+            (Some(TypeToken::Word(w)), next)
+                if KEYWORD_TYPES.contains(&w.as_str())
+                    && next != Some(&TypeToken::Punct('.')) =>
+            {
+                Some(w.clone())
+            }
+            _ => None,
+        };
+        match keyword {
+            Some(w) => p.keyword_type(&w, &mut out)?,
+            None => {
+                out.push_str(&p.ident()?);
+                if p.eat_punct('.') {
+                    out.push('.');
+                    out.push_str(&p.ident()?);
+                }
+                p.modifiers(&mut out)?;
+            }
+        }
+        while p.eat_punct('[') {
+            out.push('[');
+            if let Some(TypeToken::Number(n)) = p.peek().cloned() {
+                p.at += 1;
+                out.push_str(&n);
+            }
+            p.expect_punct(']')?;
+            out.push(']');
+        }
+        match p.peek() {
+            None => Ok(TypeName(out)),
+            Some(t) => Err(format!("unexpected {} after the type", describe(t))),
+        }
+    }
+
+    fn tokens(text: &str) -> Result<Vec<TypeToken>, String> {
+        let mut out = Vec::new();
+        let mut chars = text.chars().peekable();
+        while let Some(&c) = chars.peek() {
+            if c == ' ' {
+                chars.next();
+            } else if c.is_ascii_alphabetic() || c == '_' {
+                let mut w = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '$' {
+                        w.push(c.to_ascii_lowercase());
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                out.push(TypeToken::Word(w));
+            } else if c.is_ascii_digit() {
+                let mut n = String::new();
+                while let Some(&c) = chars.peek().filter(|c| c.is_ascii_digit()) {
+                    n.push(c);
+                    chars.next();
+                }
+                if n.len() > 10 {
+                    return Err(format!("number {n} is too long"));
+                }
+                out.push(TypeToken::Number(n));
+            } else if c == '"' {
+                chars.next();
+                let mut q = String::new();
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            q.push('"');
+                        }
+                        Some('"') => break,
+                        Some('\0') => return Err("a NUL character".into()),
+                        Some(c) => q.push(c),
+                        None => return Err("an unterminated quoted name".into()),
+                    }
+                }
+                if q.is_empty() {
+                    return Err("an empty quoted name".into());
+                }
+                out.push(TypeToken::Quoted(q));
+            } else if "().,[]".contains(c) {
+                chars.next();
+                out.push(TypeToken::Punct(c));
+            } else {
+                return Err(format!("character {c:?} has no place in a type name"));
+            }
+        }
+        if out.is_empty() {
+            return Err("empty".into());
+        }
+        Ok(out)
+    }
+}
+
+fn describe(t: &TypeToken) -> String {
+    match t {
+        TypeToken::Word(w) => format!("word {w:?}"),
+        TypeToken::Quoted(q) => format!("name {q:?}"),
+        TypeToken::Number(n) => format!("number {n}"),
+        TypeToken::Punct(c) => format!("{c:?}"),
+    }
+}
+
+struct TypeParser {
+    tokens: Vec<TypeToken>,
+    at: usize,
+}
+
+impl TypeParser {
+    fn peek(&self) -> Option<&TypeToken> {
+        self.tokens.get(self.at)
+    }
+
+    fn eat_punct(&mut self, c: char) -> bool {
+        let hit = self.peek() == Some(&TypeToken::Punct(c));
+        self.at += usize::from(hit);
+        hit
+    }
+
+    fn expect_punct(&mut self, c: char) -> Result<(), String> {
+        if self.eat_punct(c) {
+            return Ok(());
+        }
+        Err(match self.peek() {
+            Some(t) => format!("expected {c:?}, found {}", describe(t)),
+            None => format!("expected {c:?} at the end"),
+        })
+    }
+
+    fn eat_word(&mut self, w: &str) -> bool {
+        let hit = matches!(self.peek(), Some(TypeToken::Word(x)) if x == w);
+        self.at += usize::from(hit);
+        hit
+    }
+
+    fn expect_word(&mut self, w: &str) -> Result<(), String> {
+        if self.eat_word(w) {
+            return Ok(());
+        }
+        Err(format!("expected {w:?}"))
+    }
+
+    /// An identifier, quoted.
+    fn ident(&mut self) -> Result<String, String> {
+        match self.peek().cloned() {
+            Some(TypeToken::Word(w)) | Some(TypeToken::Quoted(w)) => {
+                self.at += 1;
+                Ok(quote_ident(&w))
+            }
+            Some(t) => Err(format!("expected a name, found {}", describe(&t))),
+            None => Err("expected a name at the end".into()),
+        }
+    }
+
+    /// `(n)` or `(n, m, ...)`: numbers only.
+    fn modifiers(&mut self, out: &mut String) -> Result<(), String> {
+        if !self.eat_punct('(') {
+            return Ok(());
+        }
+        out.push('(');
+        loop {
+            match self.peek().cloned() {
+                Some(TypeToken::Number(n)) => {
+                    self.at += 1;
+                    out.push_str(&n);
+                }
+                Some(t) => return Err(format!("a type modifier must be a number, not {}", describe(&t))),
+                None => return Err("unterminated type modifiers".into()),
+            }
+            if self.eat_punct(',') {
+                out.push(',');
+                continue;
+            }
+            self.expect_punct(')')?;
+            out.push(')');
+            return Ok(());
+        }
+    }
+
+    fn keyword_type(&mut self, first: &str, out: &mut String) -> Result<(), String> {
+        self.at += 1;
+        out.push_str(first);
+        match first {
+            "double" => {
+                self.expect_word("precision")?;
+                out.push_str(" precision");
+            }
+            "national" => {
+                if !self.eat_word("character") {
+                    self.expect_word("char")?;
+                }
+                out.push_str(" character");
+                if self.eat_word("varying") {
+                    out.push_str(" varying");
+                }
+            }
+            "character" | "char" | "nchar" | "bit" => {
+                if self.eat_word("varying") {
+                    out.push_str(" varying");
+                }
+            }
+            "interval" => {
+                let field = |p: &mut TypeParser, out: &mut String| -> bool {
+                    for f in INTERVAL_FIELDS {
+                        if p.eat_word(f) {
+                            out.push(' ');
+                            out.push_str(f);
+                            return true;
+                        }
+                    }
+                    false
+                };
+                if field(self, out) && self.eat_word("to") {
+                    out.push_str(" to");
+                    if !field(self, out) {
+                        return Err("expected an interval field after \"to\"".into());
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.modifiers(out)?;
+        if first == "time" || first == "timestamp" {
+            if self.eat_word("with") {
+                out.push_str(" with");
+            } else if self.eat_word("without") {
+                out.push_str(" without");
+            } else {
+                return Ok(());
+            }
+            self.expect_word("time")?;
+            self.expect_word("zone")?;
+            out.push_str(" time zone");
+        }
+        Ok(())
     }
 }
 
@@ -113,6 +425,19 @@ pub struct CopyMeta {
 }
 
 const SEED_MAGIC: &[u8; 8] = b"PGCSEED1";
+/// The header version this code writes and reads: 2 adds the sender's
+/// certificate and the signature (files of version 1 are unsigned).
+const SEED_VERSION: u32 = 2;
+/// What the signature covers, before the digest and the record count.
+const SIGNED_CONTEXT: &[u8] = b"pgcourier seed file v2\0";
+/// The signature schemes a seed may be signed with (the TLS 1.3 ones ring
+/// implements; `keygen` makes ECDSA P-256 keys).
+const SEED_SCHEMES: &[rustls::SignatureScheme] = &[
+    rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+    rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+    rustls::SignatureScheme::ED25519,
+    rustls::SignatureScheme::RSA_PSS_SHA256,
+];
 const MAX_HEADER_BYTES: usize = 16 << 20;
 
 /// What a seed file says about itself.
@@ -121,8 +446,9 @@ pub struct SeedHeader {
     pub version: u32,
     /// `<system identifier>/<database>/<slot>` of the source.
     pub source_id: String,
-    /// SHA-256 fingerprint of the sender that exported it (receivers pin it).
-    pub sender_fingerprint: String,
+    /// DER certificate of the sender that exported and signed it; its
+    /// SHA-256 fingerprint is what receivers pin.
+    pub sender_cert: Vec<u8>,
     /// Spool position of the seed's marker: live shipping resumes after it.
     pub marker_seq: u64,
     /// Commit LSN the copy transaction and the marker carry (`cut - 1`).
@@ -133,10 +459,84 @@ pub struct SeedHeader {
     pub tables: Vec<String>,
 }
 
+impl SeedHeader {
+    /// The fingerprint of the sender's certificate.
+    pub fn sender_fingerprint(&self) -> Fingerprint {
+        fingerprint(&self.sender_cert)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct SeedTrailer {
     records: u64,
     sha256: [u8; 32],
+    /// The TLS signature scheme (its IANA code) of `signature`.
+    scheme: u16,
+    /// The sender's signature of [`signed_message`].
+    signature: Vec<u8>,
+}
+
+/// What the sender signs: a context string, the SHA-256 of every frame
+/// before the trailer, and the record count.
+fn signed_message(sha256: &[u8; 32], records: u64) -> Vec<u8> {
+    let mut m = SIGNED_CONTEXT.to_vec();
+    m.extend_from_slice(sha256);
+    m.extend_from_slice(&records.to_be_bytes());
+    m
+}
+
+/// The subjectPublicKey bits of a DER certificate.
+fn public_key(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use yasna::Tag;
+    yasna::parse_der(cert_der, |r| {
+        r.read_sequence(|cert| {
+            let key = cert.next().read_sequence(|tbs| {
+                // [0] version (optional), serialNumber, signature, issuer,
+                // validity, subject, then subjectPublicKeyInfo.
+                tbs.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_der()))?;
+                for _ in 0..5 {
+                    tbs.next().read_der()?;
+                }
+                let key = tbs.next().read_sequence(|spki| {
+                    spki.next().read_der()?;
+                    spki.next().read_bitvec_bytes()
+                })?;
+                for _ in 0..3 {
+                    tbs.read_optional(|r| r.read_der())?;
+                }
+                Ok(key)
+            })?;
+            cert.next().read_der()?;
+            cert.next().read_der()?;
+            Ok(key)
+        })
+    })
+    .ok()
+    .filter(|(_, bits)| bits % 8 == 0)
+    .map(|(bytes, _)| bytes)
+}
+
+/// Check `signature` (scheme `scheme`) of `message` with the public key of
+/// `cert_der`.
+fn verify_signature(
+    cert_der: &[u8],
+    scheme: u16,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    use ring::signature as sig;
+    let scheme = rustls::SignatureScheme::from(scheme);
+    let alg: &dyn sig::VerificationAlgorithm = match scheme {
+        rustls::SignatureScheme::ECDSA_NISTP256_SHA256 => &sig::ECDSA_P256_SHA256_ASN1,
+        rustls::SignatureScheme::ECDSA_NISTP384_SHA384 => &sig::ECDSA_P384_SHA384_ASN1,
+        rustls::SignatureScheme::ED25519 => &sig::ED25519,
+        rustls::SignatureScheme::RSA_PSS_SHA256 => &sig::RSA_PSS_2048_8192_SHA256,
+        other => return Err(format!("signature scheme {other:?} is not one pgcourier uses")),
+    };
+    let key = public_key(cert_der).ok_or("the sender certificate does not parse")?;
+    sig::UnparsedPublicKey::new(alg, key)
+        .verify(message, signature)
+        .map_err(|_| "the signature does not verify with the sender certificate's key".into())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,12 +547,60 @@ pub enum SeedError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} exists (a file or a symbolic link): a seed file is always written as a new file; choose another path, or remove it if it is a leftover .partial")]
+    Exists { path: PathBuf },
     #[error("{path} is not a pgcourier seed file (wrong magic bytes)")]
     NotSeed { path: PathBuf },
     #[error("seed file {path} is truncated ({what}): copy it again from the sender's export")]
     Truncated { path: PathBuf, what: String },
     #[error("seed file {path} is corrupt ({what}): copy it again from the sender's export")]
     Corrupt { path: PathBuf, what: String },
+    #[error("seed file {path} was exported by sender {fingerprint}, which this receiver does not pin (setting `sender-fingerprints`): use a seed from this branch's sender")]
+    NotPinned {
+        path: PathBuf,
+        fingerprint: Fingerprint,
+    },
+    #[error("seed file {path} has no valid signature of sender {fingerprint} ({what}): it was altered after export, or not exported by that sender; export a new seed")]
+    BadSignature {
+        path: PathBuf,
+        fingerprint: Fingerprint,
+        what: String,
+    },
+    #[error("seed file {path} is of version {version}, unsigned or unknown to this receiver: export a new seed with this version of the sender")]
+    Version { path: PathBuf, version: u32 },
+    #[error("sign seed file {path} with the sender's key (settings `cert`, `key`)")]
+    Sign {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// Create `path` for a seed file: new (`O_CREAT|O_EXCL`: never over an
+/// existing file), never through a symbolic link (`O_NOFOLLOW`, and
+/// `O_EXCL` refuses a link even when it dangles), mode 0600 whatever the
+/// umask: a seed holds every published row.
+pub fn create_private(path: &Path) -> Result<File, SeedError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => SeedError::Exists { path: path.into() },
+            _ => SeedError::Io {
+                path: path.into(),
+                source,
+            },
+        })?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| SeedError::Io {
+            path: path.into(),
+            source,
+        })?;
+    Ok(file)
 }
 
 /// Writes a seed file: header, records, trailer.
@@ -161,15 +609,41 @@ pub struct SeedWriter {
     out: zstd::Encoder<'static, BufWriter<File>>,
     sha: Sha256,
     records: u64,
+    signer: Box<dyn rustls::sign::Signer>,
 }
 
 impl SeedWriter {
-    pub fn create(path: &Path, header: &SeedHeader) -> Result<SeedWriter, SeedError> {
+    /// Start a seed file in `file` (opened by the caller, new and private:
+    /// see `sender/src/capture/export.rs`), signed by `identity`, whose
+    /// certificate replaces the header's `sender_cert`.
+    pub fn create(
+        path: &Path,
+        file: File,
+        header: &SeedHeader,
+        identity: &Identity,
+    ) -> Result<SeedWriter, SeedError> {
         let io = |source| SeedError::Io {
             path: path.into(),
             source,
         };
-        let mut file = BufWriter::new(File::create(path).map_err(io)?);
+        let sign_err = |source| SeedError::Sign {
+            path: path.into(),
+            source,
+        };
+        let signer = rustls::crypto::ring::sign::any_supported_type(&identity.key)
+            .map_err(sign_err)?
+            .choose_scheme(SEED_SCHEMES)
+            .ok_or_else(|| {
+                sign_err(rustls::Error::General(
+                    "the key's algorithm is not ECDSA P-256/P-384, Ed25519 or RSA".into(),
+                ))
+            })?;
+        let header = SeedHeader {
+            version: SEED_VERSION,
+            sender_cert: identity.cert.to_vec(),
+            ..header.clone()
+        };
+        let mut file = BufWriter::new(file);
         file.write_all(SEED_MAGIC).map_err(io)?;
         let out = zstd::Encoder::new(file, 3).map_err(io)?;
         let mut w = SeedWriter {
@@ -177,8 +651,9 @@ impl SeedWriter {
             out,
             sha: Sha256::new(),
             records: 0,
+            signer,
         };
-        let bytes = bincode::serde::encode_to_vec(header, record::bincode_config())
+        let bytes = bincode::serde::encode_to_vec(&header, record::bincode_config())
             .map_err(|e| w.io(std::io::Error::other(e)))?;
         w.frame(&bytes)?;
         Ok(w)
@@ -211,9 +686,19 @@ impl SeedWriter {
     /// Write the trailer and fsync the file.
     pub fn finish(mut self) -> Result<u64, SeedError> {
         self.frame(&[])?;
+        let sha256: [u8; 32] = self.sha.clone().finalize().into();
+        let signature = self
+            .signer
+            .sign(&signed_message(&sha256, self.records))
+            .map_err(|source| SeedError::Sign {
+                path: self.path.clone(),
+                source,
+            })?;
         let trailer = SeedTrailer {
             records: self.records,
-            sha256: self.sha.clone().finalize().into(),
+            sha256,
+            scheme: u16::from(self.signer.scheme()),
+            signature,
         };
         let bytes = bincode::serde::encode_to_vec(&trailer, record::bincode_config())
             .map_err(|e| self.io(std::io::Error::other(e)))?;
@@ -232,10 +717,11 @@ impl SeedWriter {
     }
 }
 
-/// Reads a seed file, checking every record's checksum and, at the end,
-/// the trailer's count and SHA-256. Nothing it returns may be applied
-/// before [`SeedReader::next_record`] has returned `Ok(None)` once, on an
-/// earlier full pass.
+/// Reads a seed file, checking that its sender is pinned (at open), every
+/// record's checksum and, at the end, the trailer's count, SHA-256 and
+/// signature. Nothing it returns may be applied before
+/// [`SeedReader::next_record`] has returned `Ok(None)` once, on an earlier
+/// full pass.
 pub struct SeedReader {
     path: PathBuf,
     input: zstd::Decoder<'static, BufReader<File>>,
@@ -245,7 +731,24 @@ pub struct SeedReader {
 }
 
 impl SeedReader {
-    pub fn open(path: &Path) -> Result<SeedReader, SeedError> {
+    /// Open a seed file signed by one of the `pinned` senders.
+    pub fn open(path: &Path, pinned: &[Fingerprint]) -> Result<SeedReader, SeedError> {
+        let r = Self::open_any_signer(path)?;
+        let fingerprint = r.header.sender_fingerprint();
+        if !pinned.contains(&fingerprint) {
+            return Err(SeedError::NotPinned {
+                path: path.into(),
+                fingerprint,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Open a seed file whatever its signer: the signature is still checked
+    /// against the certificate in the file, but that certificate is not
+    /// checked against any pin. For inspection and tests only, never
+    /// before applying a seed.
+    pub fn open_any_signer(path: &Path) -> Result<SeedReader, SeedError> {
         let io = |source| SeedError::Io {
             path: path.into(),
             source,
@@ -264,7 +767,7 @@ impl SeedReader {
             header: SeedHeader {
                 version: 0,
                 source_id: String::new(),
-                sender_fingerprint: String::new(),
+                sender_cert: Vec::new(),
                 marker_seq: 0,
                 commit_lsn: Lsn::ZERO,
                 cut_lsn: Lsn::ZERO,
@@ -275,12 +778,20 @@ impl SeedReader {
         let bytes = r
             .frame(MAX_HEADER_BYTES, true)?
             .ok_or_else(|| r.corrupt("empty header"))?;
+        // The version leads the header (a varint): read it alone first, so
+        // that an older file is named as such rather than as corrupt.
+        let (version, _): (u32, usize) =
+            bincode::serde::decode_from_slice(&bytes, record::bincode_config())
+                .map_err(|e| r.corrupt(&format!("header does not decode: {e}")))?;
+        if version != SEED_VERSION {
+            return Err(SeedError::Version {
+                path: path.into(),
+                version,
+            });
+        }
         let (header, _): (SeedHeader, usize) =
             bincode::serde::decode_from_slice(&bytes, record::bincode_config())
                 .map_err(|e| r.corrupt(&format!("header does not decode: {e}")))?;
-        if header.version != 1 {
-            return Err(r.corrupt(&format!("unknown version {}", header.version)));
-        }
         r.header = header;
         Ok(r)
     }
@@ -349,6 +860,17 @@ impl SeedReader {
                 if trailer.sha256 != computed {
                     return Err(self.corrupt("SHA-256 of the content differs from the trailer's"));
                 }
+                verify_signature(
+                    &self.header.sender_cert,
+                    trailer.scheme,
+                    &signed_message(&computed, self.records),
+                    &trailer.signature,
+                )
+                .map_err(|what| SeedError::BadSignature {
+                    path: self.path.clone(),
+                    fingerprint: self.header.sender_fingerprint(),
+                    what,
+                })?;
                 let mut rest = [0u8; 1];
                 if self
                     .input
@@ -363,9 +885,13 @@ impl SeedReader {
         }
     }
 
-    /// Read the whole file, verifying everything; returns the record count.
-    pub fn verify_all(path: &Path) -> Result<(SeedHeader, u64), SeedError> {
-        let mut r = SeedReader::open(path)?;
+    /// Read the whole file, verifying everything (its sender among
+    /// `pinned`); returns the header and the record count.
+    pub fn verify_all(
+        path: &Path,
+        pinned: &[Fingerprint],
+    ) -> Result<(SeedHeader, u64), SeedError> {
+        let mut r = SeedReader::open(path, pinned)?;
         let mut n = 0;
         while r.next_record()?.is_some() {
             n += 1;
@@ -377,13 +903,20 @@ impl SeedReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::tls::generate_identity;
     use pgcourier_proto::record::{Piece, Record};
+
+    /// The test sender's identity (one per process).
+    fn sender() -> &'static Identity {
+        static ID: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+        ID.get_or_init(|| generate_identity("hq", |_| {}).unwrap())
+    }
 
     fn header() -> SeedHeader {
         SeedHeader {
-            version: 1,
+            version: SEED_VERSION,
             source_id: "7000/db/slot".into(),
-            sender_fingerprint: "ab".repeat(32),
+            sender_cert: sender().cert.to_vec(),
             marker_seq: 9,
             commit_lsn: Lsn(99),
             cut_lsn: Lsn(100),
@@ -393,7 +926,12 @@ mod tests {
     }
 
     fn write(path: &Path, n: u64) {
-        let mut w = SeedWriter::create(path, &header()).unwrap();
+        write_as(path, n, sender());
+    }
+
+    fn write_as(path: &Path, n: u64, identity: &Identity) {
+        let file = File::create(path).unwrap();
+        let mut w = SeedWriter::create(path, file, &header(), identity).unwrap();
         for i in 0..n {
             let rec = Record {
                 seq: i + 1,
@@ -416,7 +954,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.seed");
         write(&path, 50);
-        let (h, n) = SeedReader::verify_all(&path).unwrap();
+        let (h, n) = SeedReader::verify_all(&path, &[sender().fingerprint()]).unwrap();
         assert_eq!(h, header());
         assert_eq!(n, 50);
     }
@@ -429,7 +967,7 @@ mod tests {
         let good = std::fs::read(&path).unwrap();
         for cut in [9, good.len() / 3, good.len() / 2, good.len() - 1] {
             std::fs::write(&path, &good[..cut]).unwrap();
-            let e = SeedReader::verify_all(&path).unwrap_err();
+            let e = SeedReader::verify_all(&path, &[sender().fingerprint()]).unwrap_err();
             assert!(
                 matches!(e, SeedError::Truncated { .. } | SeedError::Corrupt { .. }),
                 "cut at {cut}: {e}"
@@ -439,13 +977,187 @@ mod tests {
             let mut bad = good.clone();
             bad[at] ^= 0x40;
             std::fs::write(&path, &bad).unwrap();
-            assert!(SeedReader::verify_all(&path).is_err(), "flip at {at}");
+            assert!(SeedReader::verify_all(&path, &[sender().fingerprint()]).is_err(), "flip at {at}");
         }
         std::fs::write(&path, b"not a seed at all").unwrap();
         assert!(matches!(
-            SeedReader::verify_all(&path),
+            SeedReader::verify_all(&path, &[sender().fingerprint()]),
             Err(SeedError::NotSeed { .. })
         ));
+    }
+
+    /// What `seed import` checks before applying anything: the whole file,
+    /// and that its sender is pinned.
+    fn verify_pinned(path: &Path, pinned: &[Fingerprint]) -> Result<SeedHeader, String> {
+        let (h, _) = SeedReader::verify_all(path, pinned).map_err(|e| e.to_string())?;
+        Ok(h)
+    }
+
+    /// Rewrite a seed file's content the way someone who holds a genuine
+    /// file but not the sender's key can: record `at` replaced by `record`
+    /// (with a valid CRC), the SHA-256 recomputed and the trailer rewritten
+    /// to match, everything else (header, signature) kept.
+    fn forge(path: &Path, at: usize, record: &[u8]) {
+        let raw = std::fs::read(path).unwrap();
+        let plain = zstd::decode_all(&raw[8..]).unwrap();
+        let mut frames = Vec::new();
+        let mut pos = 0;
+        while pos < plain.len() {
+            let n = u32::from_be_bytes(plain[pos..pos + 4].try_into().unwrap()) as usize;
+            frames.push(plain[pos + 4..pos + 4 + n].to_vec());
+            pos += 4 + n;
+        }
+        frames[at] = record.to_vec();
+        let (mut trailer, _): (SeedTrailer, usize) =
+            bincode::serde::decode_from_slice(frames.last().unwrap(), record::bincode_config())
+                .unwrap();
+        let mut sha = Sha256::new();
+        for f in &frames[..frames.len() - 1] {
+            sha.update((f.len() as u32).to_be_bytes());
+            sha.update(f);
+        }
+        trailer.sha256 = sha.finalize().into();
+        *frames.last_mut().unwrap() =
+            bincode::serde::encode_to_vec(&trailer, record::bincode_config()).unwrap();
+        let mut out = Vec::new();
+        for f in &frames {
+            out.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            out.extend_from_slice(f);
+        }
+        let mut file = SEED_MAGIC.to_vec();
+        file.extend(zstd::encode_all(&out[..], 3).unwrap());
+        std::fs::write(path, file).unwrap();
+    }
+
+    #[test]
+    fn a_seed_rewritten_with_a_recomputed_sha256_under_a_pinned_sender_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.seed");
+        write(&path, 5);
+        let pinned = vec![sender().fingerprint()];
+        verify_pinned(&path, &pinned).expect("the genuine file is accepted");
+        let evil = Record {
+            seq: 2,
+            only_for: None,
+            commit_lsn: Lsn(99),
+            commit_time: 0,
+            xid: 0,
+            part: 1,
+            last: false,
+            end_lsn: Lsn::ZERO,
+            pieces: vec![Piece::Message(b"rows the sender never exported".to_vec())],
+        };
+        forge(&path, 2, &evil.encode().unwrap());
+        match verify_pinned(&path, &pinned) {
+            Ok(h) => panic!(
+                "a rewritten seed was accepted as the pinned sender's ({})",
+                h.sender_fingerprint()
+            ),
+            Err(e) => assert!(e.contains("signature"), "{e}"),
+        }
+    }
+
+    #[test]
+    fn a_seed_signed_by_another_key_is_refused_whatever_certificate_it_carries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.seed");
+        let other = generate_identity("not-hq", |_| {}).unwrap();
+        let pinned = [sender().fingerprint()];
+        // Its own certificate: not pinned, refused at open.
+        write_as(&path, 3, &other);
+        let e = SeedReader::verify_all(&path, &pinned).unwrap_err();
+        assert!(matches!(e, SeedError::NotPinned { .. }), "{e}");
+        assert!(e.to_string().contains("does not pin"), "{e}");
+        // The pinned sender's certificate, its own key: the signature fails.
+        let imposter = Identity {
+            cert: sender().cert.clone(),
+            key: other.key.clone_key(),
+        };
+        write_as(&path, 3, &imposter);
+        let e = SeedReader::verify_all(&path, &pinned).unwrap_err();
+        assert!(matches!(e, SeedError::BadSignature { .. }), "{e}");
+        // An unsigned file of the previous version is named as such.
+        let mut v1 = SEED_MAGIC.to_vec();
+        let head = bincode::serde::encode_to_vec(1u32, record::bincode_config()).unwrap();
+        let mut plain = (head.len() as u32).to_be_bytes().to_vec();
+        plain.extend(head);
+        v1.extend(zstd::encode_all(&plain[..], 3).unwrap());
+        std::fs::write(&path, v1).unwrap();
+        let e = SeedReader::verify_all(&path, &pinned).unwrap_err();
+        assert!(matches!(e, SeedError::Version { version: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn create_sql_refuses_a_type_that_is_not_a_type_name() {
+        let t = CopyTable {
+            oid: 1,
+            schema: "public".into(),
+            name: "victim".into(),
+            columns: vec![CopyColumn {
+                name: "amount".into(),
+                type_sql: "int); DROP TABLE x; --".into(),
+                not_null: false,
+            }],
+            primary_key: vec![],
+            rows_estimate: 0,
+            bytes_estimate: 0,
+        };
+        let e = match t.create_sql() {
+            Ok(sql) => panic!("the type text reached the SQL: {sql}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("\"public\".\"victim\"") && e.contains("amount"),
+            "the error names the table and the column: {e}"
+        );
+    }
+
+    #[test]
+    fn type_names_from_format_type_are_kept_and_identifiers_quoted() {
+        for (text, sql) in [
+            ("bigint", "bigint"),
+            ("integer[]", "integer[]"),
+            ("numeric(10,2)", "numeric(10,2)"),
+            ("character varying(20)", "character varying(20)"),
+            ("character(1)", "character(1)"),
+            ("\"char\"", "\"char\""),
+            ("double precision", "double precision"),
+            ("bit varying(5)", "bit varying(5)"),
+            ("timestamp(3) with time zone", "timestamp(3) with time zone"),
+            ("timestamp without time zone", "timestamp without time zone"),
+            ("time with time zone[]", "time with time zone[]"),
+            ("interval", "interval"),
+            ("interval year to month", "interval year to month"),
+            ("interval day to second(3)", "interval day to second(3)"),
+            ("text", "\"text\""),
+            ("jsonb[]", "\"jsonb\"[]"),
+            ("public.mood", "\"public\".\"mood\""),
+            ("\"Shop\".\"Odd \"\"Type\"\"\"[]", "\"Shop\".\"Odd \"\"Type\"\"\"[]"),
+            ("ext.vector(3)", "\"ext\".\"vector\"(3)"),
+            ("integer.weird", "\"integer\".\"weird\""),
+        ] {
+            assert_eq!(TypeName::parse(text).map(|t| t.to_string()), Ok(sql.to_owned()), "{text}");
+        }
+        for bad in [
+            "int); DROP TABLE x; --",
+            "int; DROP TABLE x",
+            "text COLLATE \"C\"",
+            "int DEFAULT 1",
+            "numeric(a)",
+            "numeric(1",
+            "a.b.c",
+            "\"unterminated",
+            "\"\"",
+            "int -- comment",
+            "int/**/",
+            "",
+            "text'",
+            "double",
+            "timestamp with zone",
+            "integer[",
+        ] {
+            assert!(TypeName::parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]
@@ -471,7 +1183,7 @@ mod tests {
             bytes_estimate: 0,
         };
         assert_eq!(
-            t.create_sql(),
+            t.create_sql().unwrap(),
             "CREATE TABLE IF NOT EXISTS \"Shop\".\"order \"\"lines\"\"\" (\"id\" bigint NOT NULL, \"select\" numeric(10,2), PRIMARY KEY (\"id\"))"
         );
     }

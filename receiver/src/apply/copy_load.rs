@@ -27,15 +27,24 @@ impl Apply {
             message: e.to_string(),
         })?;
         if self.cfg.create_tables {
-            self.drain(s).await?;
+            // Every table's DDL is built (types validated) before any runs;
+            // then one statement per call, never a batch.
+            let mut statements = Vec::with_capacity(meta.tables.len() * 2);
             for t in &meta.tables {
-                let sql = format!(
-                    "CREATE SCHEMA IF NOT EXISTS {}; {}",
-                    quote_ident(&t.schema),
-                    t.create_sql()
-                );
+                let create = t.create_sql().map_err(|e| ApplyError::CopyMeta {
+                    seq,
+                    message: e.to_string(),
+                })?;
+                statements.push((
+                    t,
+                    format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&t.schema)),
+                ));
+                statements.push((t, create));
+            }
+            self.drain(s).await?;
+            for (t, sql) in statements {
                 s.client
-                    .batch_execute(&sql)
+                    .execute(sql.as_str(), &[])
                     .await
                     .map_err(|e| ApplyError::Target {
                         what: format!("create table {} (setting `create-tables`)", t.quoted()),
