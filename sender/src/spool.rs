@@ -50,7 +50,10 @@
 //! - Records are deleted only up to the lowest `applied/` among the
 //!   configured receivers, by [`Spool::record_applied`]. On open, records
 //!   above `complete_seq` (a transaction cut by a stop) are deleted: they
-//!   were never shipped, and capture decodes that transaction again.
+//!   were never shipped, and capture decodes that transaction again. When a
+//!   capture session fails (a peek or a copy cut off), capture deletes them
+//!   at once ([`Spool::rollback_uncommitted`]) and its retry appends the
+//!   same transactions at the same sequence numbers.
 //! - `needs_copy/<receiver>` and `applied/<receiver>` are written on open for
 //!   a receiver new to the spool; `needs_copy/` is deleted, and `start/`
 //!   written, fsynced, when its copy is committed ([`Spool::copy_made_for`]).
@@ -415,6 +418,32 @@ impl Spool {
         st.next_seq += 1;
         st.capture_writes += 1;
         Ok(())
+    }
+
+    /// Forget what capture appended since the last [`Spool::commit`]: the
+    /// tail of a peek or a copy whose session failed (connection cut,
+    /// source restarted, statement timeout). Those records were never
+    /// shippable; the retry decodes the same transactions again and must
+    /// append them at the same sequence numbers, once. Returns how many
+    /// records were deleted. Not fsynced: a crash drops the tail anyway
+    /// ([`Spool::open`]). Capture calls it only when no commit of its own is
+    /// in flight.
+    pub fn rollback_uncommitted(&self) -> Result<u64, StoreError> {
+        let mut st = self.state.lock().expect("spool state lock");
+        let mut deleted = 0;
+        for seq in st.complete_seq + 1..st.next_seq {
+            if let Some(v) = self
+                .records
+                .remove(seq_key(seq))
+                .map_err(|e| self.store.write_err(e))?
+            {
+                self.bytes
+                    .fetch_sub(v.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                deleted += 1;
+            }
+        }
+        st.next_seq = st.complete_seq + 1;
+        Ok(deleted)
     }
 
     /// Make everything appended durable (fsync) and shippable. The caller
@@ -858,5 +887,38 @@ mod tests {
         assert_eq!(spool.read(1, 10).unwrap().len(), 1);
         assert_eq!(spool.read(1, 250).unwrap().len(), 2);
         assert_eq!(spool.read(5, 250).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_failed_peek_is_rolled_back_so_its_retry_appends_each_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+        spool.append(1, b"one").unwrap();
+        spool.commit(Lsn(10), Lsn(11)).unwrap();
+        // A peek appends three transactions, then its connection is cut.
+        for (seq, rec) in [(2, b"t2"), (3, b"t3"), (4, b"t4")] {
+            spool.append(seq, rec).unwrap();
+        }
+        assert_eq!(spool.rollback_uncommitted().unwrap(), 3);
+        assert_eq!(spool.next_seq(), 2, "the retry starts where the commit left");
+        for seq in 2..=4 {
+            assert_eq!(spool.get(seq).unwrap(), None, "stale record {seq}");
+        }
+        assert_eq!(spool.bytes(), 3, "the stale tail's bytes are gone");
+        // The retry reads less this time (the slot returned fewer rows).
+        spool.append(spool.next_seq(), b"t2").unwrap();
+        spool.commit(Lsn(20), Lsn(21)).unwrap();
+        assert_eq!(
+            spool.read(1, 1 << 20).unwrap(),
+            vec![b"one".to_vec(), b"t2".to_vec()]
+        );
+        assert_eq!(spool.get(3).unwrap(), None, "no stale record past the commit");
+        assert_eq!(spool.next_seq(), 3);
+        // Nothing to roll back after a commit.
+        assert_eq!(spool.rollback_uncommitted().unwrap(), 0);
+        spool.append(3, b"t3").unwrap();
+        spool.commit(Lsn(30), Lsn(31)).unwrap();
+        assert_eq!(spool.read(1, 1 << 20).unwrap().len(), 3);
+        assert_eq!(spool.bytes(), 3 + 2 + 2);
     }
 }

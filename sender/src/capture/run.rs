@@ -41,6 +41,23 @@ impl Capture {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     self.status.lock().expect("status lock").last_error = Some(error_chain(&e));
+                    // What the failed peek or copy appended is not committed:
+                    // the retry decodes those transactions again and must
+                    // append them at the same sequence numbers, once. (No
+                    // commit is in flight: the session returned, so its
+                    // fsync task ended; a transient error is never the
+                    // spool's own.)
+                    let spool = self.spool.clone();
+                    let dropped =
+                        tokio::task::spawn_blocking(move || spool.rollback_uncommitted())
+                            .await
+                            .map_err(CaptureError::Blocking)??;
+                    if dropped > 0 {
+                        tracing::info!(
+                            records = dropped,
+                            "dropped the records of a peek or copy cut short; they will be captured again"
+                        );
+                    }
                     let delay = backoff.next();
                     backoff.log_once("capture", &e, delay);
                     tokio::select! {
