@@ -20,6 +20,12 @@
 //!   Written once by the first capture session; a spool never changes source.
 //! - `copy_state`: bincode [`CopyState`] (tables synced / waiting for a
 //!   copy). Absent until the first session decides what to copy.
+//! - `confirmable_lsn`: the furthest position this spool has let capture
+//!   confirm to the slot (the slot's start when the spool began capturing
+//!   from it, a commit's end, a quiet position), fsynced before the slot is
+//!   confirmed there. A slot found further on at start-up confirmed what
+//!   this spool does not hold: a definite error. Absent on spools written
+//!   before it existed (then nothing is compared until it is written).
 //! - `applied/<receiver>`: highest seq that receiver has applied to its
 //!   target (reported by its `Applied` frames). Named `ack/<receiver>` by
 //!   earlier versions: [`Spool::open`] moves those keys, in one batch,
@@ -395,7 +401,8 @@ impl Spool {
     /// (skipped) or found none at all (a quiet publication). Blocks on the
     /// fsync: call it off the async workers.
     pub fn synced_through(&self, lsn: Lsn) -> Result<Synced<Lsn>, StoreError> {
-        let pending = {
+        let moved = self.note_confirmable(lsn)?;
+        let pending = moved || {
             let st = self.state.lock().expect("spool state lock");
             st.capture_writes != st.synced_writes
         };
@@ -403,6 +410,24 @@ impl Spool {
             self.sync()?;
         }
         Ok(Synced::after_sync(lsn))
+    }
+
+    /// The furthest position this spool has let capture confirm to the
+    /// slot (`confirmable_lsn`); `None` on a spool written before the mark
+    /// existed.
+    pub fn confirmable_lsn(&self) -> Result<Option<Lsn>, StoreError> {
+        Ok(get_u64(&self.store, &self.meta, CONFIRMABLE_KEY)?.map(Lsn))
+    }
+
+    /// Raise `confirmable_lsn` to `lsn` if it is below. Not fsynced: the
+    /// caller fsyncs before the slot is confirmed there. Returns whether it
+    /// moved.
+    pub fn note_confirmable(&self, lsn: Lsn) -> Result<bool, StoreError> {
+        if self.confirmable_lsn()?.is_some_and(|at| at >= lsn) {
+            return Ok(false);
+        }
+        put_u64(&self.store, &self.meta, CONFIRMABLE_KEY, lsn.0)?;
+        Ok(true)
     }
 
     /// Append one encoded record at `seq`, which must be `next_seq()`. Not
@@ -461,6 +486,7 @@ impl Spool {
         put_u64(&self.store, &self.meta, "complete_seq", complete)?;
         put_u64(&self.store, &self.meta, "captured_commit_lsn", commit_lsn.0)?;
         put_u64(&self.store, &self.meta, "captured_end_lsn", end_lsn.0)?;
+        self.note_confirmable(end_lsn)?;
         self.store.sync()?;
         let mut st = self.state.lock().expect("spool state lock");
         st.complete_seq = complete;
@@ -612,6 +638,7 @@ const APPLIED_PREFIX: &str = "applied/";
 const OLD_APPLIED_PREFIX: &str = "ack/";
 const NEEDS_COPY_PREFIX: &str = "needs_copy/";
 const START_PREFIX: &str = "start/";
+const CONFIRMABLE_KEY: &str = "confirmable_lsn";
 
 fn applied_key(receiver: &str) -> String {
     format!("{APPLIED_PREFIX}{receiver}")

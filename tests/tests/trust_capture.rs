@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pgcourier_netem::{Link, LinkParams, OutageMode, RelayHandle, TcpRelay};
-use pgcourier_tests::PgCluster;
+use pgcourier_tests::{wait_until, PgCluster};
 use tokio::net::{TcpListener, UnixStream};
 
 use crate::fixture::{wait_count, Options, Setup};
@@ -174,5 +174,71 @@ async fn source_connection_cut_mid_peek_spools_each_transaction_once() -> anyhow
         d - s
     );
     pgcourier_tests::assert_tables_equal(&src, &dst, &["public.nokey"]).await?;
+    Ok(())
+}
+
+/// Wait until the sender has exited, and return its log.
+async fn sender_exits(setup: &Setup) -> anyhow::Result<String> {
+    wait_until(
+        "the sender to stop with an error",
+        Duration::from_secs(60),
+        || async { Ok(!setup.sender.is_running()) },
+    )
+    .await
+    .with_context(|| setup.logs())?;
+    Ok(setup.sender.log())
+}
+
+/// Item 2. A spool that is older than its slot (restored from a backup, or
+/// a new spool-dir on a slot that captured before) lacks what the slot
+/// confirmed since: capture must stop at start-up with a named error that
+/// says how to re-seed, instead of carrying on from the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_ahead_of_its_spool_stops_capture_with_a_named_error() -> anyhow::Result<()> {
+    let mut setup = Setup::start(
+        "trust-slot-ahead",
+        Options {
+            schema: "CREATE TABLE t (id integer PRIMARY KEY);",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    src.batch_execute("INSERT INTO t VALUES (1)").await?;
+    setup.wait_equal(0, &["public.t"], WAIT).await?;
+    setup.sender.terminate()?;
+    let spool = setup.dir.path().join("spool");
+    let backup = setup.dir.path().join("spool-backup");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&spool)
+        .arg(&backup)
+        .status()?;
+    anyhow::ensure!(copied.success(), "cp -a spool spool-backup failed");
+    // The slot moves on past the backup.
+    setup.restart_sender()?;
+    src.batch_execute("INSERT INTO t SELECT g FROM generate_series(2, 100) g")
+        .await?;
+    setup.wait_equal(0, &["public.t"], WAIT).await?;
+    setup.sender.terminate()?;
+
+    // The spool restored from the backup.
+    std::fs::remove_dir_all(&spool)?;
+    std::fs::rename(&backup, &spool)?;
+    setup.restart_sender()?;
+    let log = sender_exits(&setup).await?;
+    anyhow::ensure!(
+        log.contains("is ahead of the spool") && log.contains("re-seed"),
+        "no slot-ahead error in the sender's log:\n{log}"
+    );
+
+    // A new spool-dir on the same slot.
+    std::fs::remove_dir_all(&spool)?;
+    setup.restart_sender()?;
+    let log = sender_exits(&setup).await?;
+    anyhow::ensure!(
+        log.contains("is ahead of the spool") && log.contains("re-seed"),
+        "no slot-ahead error for a new spool-dir in the sender's log:\n{log}"
+    );
     Ok(())
 }
