@@ -40,7 +40,11 @@
 //! `spool-max-bytes` (sender setting): capture pauses before its next peek
 //! while [`Spool::bytes`] (the records' encoded bytes) is at or above it;
 //! the slot then keeps WAL on the source. A peek, or a copy, already under
-//! way may take the spool past it by its own size.
+//! way may take the spool past it by its own size. While a receiver waits
+//! for a copy of its own (`needs_copy/`), capture does not pause: that
+//! receiver's `applied/` mark holds back every trim until its copy is
+//! spooled, so the copy (and the transactions before its cut) may take the
+//! spool past the limit.
 //!
 //! # Who writes, who deletes, and when
 //!

@@ -288,3 +288,98 @@ async fn a_table_that_leaves_the_publication_and_returns_is_copied_again() -> an
         .await?;
     Ok(())
 }
+
+/// Item 7. The spool is at `spool-max-bytes` when a receiver that needs a
+/// copy of its own is added: the copy must still be made (capture paused
+/// before making it, and that receiver's position kept every record from
+/// being trimmed: nothing moved again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_still_makes_the_copy_a_new_receiver_needs() -> anyhow::Result<()> {
+    let mut setup = Setup::start(
+        "trust-full-copy",
+        Options {
+            branches: 2,
+            schema: "CREATE TABLE t (id integer PRIMARY KEY, v text);",
+            source_sql: "INSERT INTO t SELECT g, 'initial ' || g FROM generate_series(1, 1000) g;",
+            sender_extra: "spool-max-bytes = \"64KiB\"",
+            ..Options::default()
+        },
+    )
+    .await?;
+    // Branch 1 leaves the configuration; the spool trims behind branch 0.
+    setup.branches[1].receiver.terminate()?;
+    setup.sender.terminate()?;
+    let original = std::fs::read_to_string(&setup.sender_config)?;
+    let (without, block) = without_receiver(&original, "branch1");
+    anyhow::ensure!(!block.is_empty(), "no block for branch1 in {original}");
+    std::fs::write(&setup.sender_config, &without)?;
+    setup.restart_sender()?;
+    let src = setup.source().await?;
+    src.batch_execute("INSERT INTO t VALUES (1001, 'trimmed')")
+        .await?;
+    setup.wait_equal(0, &["public.t"], WAIT).await?;
+    // Branch 0 stops; the spool fills past spool-max-bytes.
+    setup.branches[0].receiver.terminate()?;
+    for i in 0..200 {
+        src.batch_execute(&format!(
+            "INSERT INTO t VALUES ({}, repeat('x', 1000))",
+            2000 + i
+        ))
+        .await?;
+    }
+    let spool_dir = setup.dir.path().join("spool");
+    let open = || {
+        pgcourier_sender::spool::Spool::open_for_inspection(&spool_dir, &["branch0".into()])
+    };
+    wait_until(
+        "the sender to capture past spool-max-bytes",
+        WAIT,
+        || async { Ok(setup.sender.log().contains("capture is paused")) },
+    )
+    .await
+    .with_context(|| setup.logs())?;
+    setup.sender.terminate()?;
+    {
+        let spool = open()?;
+        anyhow::ensure!(spool.marks().first_seq > 1, "the spool trimmed nothing");
+        anyhow::ensure!(spool.bytes() >= 64 << 10, "the spool is not full");
+    }
+    // Branch 1 comes back as a receiver new to the spool, with a fresh inbox.
+    std::fs::write(
+        &setup.sender_config,
+        format!(
+            "{without}{}",
+            block.replace("name = \"branch1\"", "name = \"branch9\"")
+        ),
+    )?;
+    std::fs::remove_dir_all(setup.dir.path().join("branch1-inbox"))?;
+    setup.restart_sender()?;
+    setup.restart_receiver(0)?;
+    setup.restart_receiver(1)?;
+    src.batch_execute("INSERT INTO t VALUES (9999, 'last')")
+        .await?;
+    setup
+        .wait_equal(1, &["public.t"], Duration::from_secs(90))
+        .await?;
+    setup
+        .wait_equal(0, &["public.t"], Duration::from_secs(90))
+        .await?;
+    Ok(())
+}
+
+/// sender.toml with the `[[receiver]]` block of `name` removed; returns the
+/// file and the removed block.
+fn without_receiver(config: &str, name: &str) -> (String, String) {
+    let mut parts = config.split("\n[[receiver]]");
+    let mut kept = parts.next().unwrap_or_default().to_owned();
+    let mut removed = String::new();
+    for block in parts {
+        if block.contains(&format!("name = \"{name}\"")) {
+            removed = format!("\n[[receiver]]{block}");
+        } else {
+            kept.push_str("\n[[receiver]]");
+            kept.push_str(block);
+        }
+    }
+    (kept, removed)
+}

@@ -120,7 +120,11 @@ impl Capture {
         }
         let mut stats_at = Instant::now() - Duration::from_secs(60);
         loop {
-            if self.spool_full() {
+            // While a receiver waits for a copy of its own, its position
+            // (where the spool stood when it was added) holds back every
+            // trim: pausing would wait for room that only that copy makes.
+            // So capture goes on past spool-max-bytes until it is spliced.
+            if self.spool.needs_copy().is_empty() && self.spool_full() {
                 // Paused: the slot keeps WAL on the source until receivers
                 // catch up and the spool is trimmed.
                 if stats_at.elapsed() >= STATS_EVERY {
