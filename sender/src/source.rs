@@ -36,6 +36,20 @@ pub enum SourceError {
     #[error("the spool belongs to source {spool} but setting `source` points at {configured}: use a new spool-dir for a new source")]
     WrongSource { spool: String, configured: String },
     #[error(
+        "replication slot {slot} has confirmed the source's changes up to {slot_lsn}, which is ahead of the spool ({spool}): \
+         the changes in between are in no spool, and the slot will never return them again. \
+         The spool is older than the slot: restored from a backup or a VM snapshot, or a new spool-dir on a slot that captured before. \
+         Point spool-dir back at the spool that captured from this slot, or re-seed the branches: stop the sender and every receiver, \
+         drop the slot on the source (SELECT pg_drop_replication_slot('{slot}')), then start with a new spool-dir and new inbox-dirs \
+         so that every branch gets a fresh copy"
+    )]
+    SlotAhead {
+        slot: String,
+        slot_lsn: Lsn,
+        /// What the spool holds, in words.
+        spool: String,
+    },
+    #[error(
         "the source returned {what} = {text:?}, which is not an LSN: is it PostgreSQL 15 or later?"
     )]
     InvalidLsn { what: &'static str, text: String },
@@ -54,6 +68,7 @@ impl SourceError {
             SourceError::NotReady(_)
             | SourceError::InvalidLsn { .. }
             | SourceError::WrongSource { .. }
+            | SourceError::SlotAhead { .. }
             | SourceError::LoginRefused { .. } => false,
         }
     }
@@ -137,6 +152,8 @@ pub struct SourceIdentity {
     /// `<system identifier>/<database>/<slot>`.
     pub source_id: String,
     pub confirmed_flush: Lsn,
+    /// The slot was created by this call (it did not exist).
+    pub created_slot: bool,
 }
 
 /// Check wal_level, create the publication and slot when absent, and return
@@ -239,6 +256,7 @@ pub async fn prepare(
         )
         .await
         .map_err(|e| SourceError::query("look up replication slot", e))?;
+    let created_slot = slot.is_none();
     let confirmed = match slot {
         Some(row) => {
             let plugin: Option<String> = row.get(0);
@@ -288,6 +306,7 @@ pub async fn prepare(
     Ok(SourceIdentity {
         source_id,
         confirmed_flush: confirmed,
+        created_slot,
     })
 }
 

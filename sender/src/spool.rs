@@ -20,6 +20,12 @@
 //!   Written once by the first capture session; a spool never changes source.
 //! - `copy_state`: bincode [`CopyState`] (tables synced / waiting for a
 //!   copy). Absent until the first session decides what to copy.
+//! - `confirmable_lsn`: the furthest position this spool has let capture
+//!   confirm to the slot (the slot's start when the spool began capturing
+//!   from it, a commit's end, a quiet position), fsynced before the slot is
+//!   confirmed there. A slot found further on at start-up confirmed what
+//!   this spool does not hold: a definite error. Absent on spools written
+//!   before it existed (then nothing is compared until it is written).
 //! - `applied/<receiver>`: highest seq that receiver has applied to its
 //!   target (reported by its `Applied` frames). Named `ack/<receiver>` by
 //!   earlier versions: [`Spool::open`] moves those keys, in one batch,
@@ -34,7 +40,11 @@
 //! `spool-max-bytes` (sender setting): capture pauses before its next peek
 //! while [`Spool::bytes`] (the records' encoded bytes) is at or above it;
 //! the slot then keeps WAL on the source. A peek, or a copy, already under
-//! way may take the spool past it by its own size.
+//! way may take the spool past it by its own size. While a receiver waits
+//! for a copy of its own (`needs_copy/`), capture does not pause: that
+//! receiver's `applied/` mark holds back every trim until its copy is
+//! spooled, so the copy (and the transactions before its cut) may take the
+//! spool past the limit.
 //!
 //! # Who writes, who deletes, and when
 //!
@@ -50,7 +60,10 @@
 //! - Records are deleted only up to the lowest `applied/` among the
 //!   configured receivers, by [`Spool::record_applied`]. On open, records
 //!   above `complete_seq` (a transaction cut by a stop) are deleted: they
-//!   were never shipped, and capture decodes that transaction again.
+//!   were never shipped, and capture decodes that transaction again. When a
+//!   capture session fails (a peek or a copy cut off), capture deletes them
+//!   at once ([`Spool::rollback_uncommitted`]) and its retry appends the
+//!   same transactions at the same sequence numbers.
 //! - `needs_copy/<receiver>` and `applied/<receiver>` are written on open for
 //!   a receiver new to the spool; `needs_copy/` is deleted, and `start/`
 //!   written, fsynced, when its copy is committed ([`Spool::copy_made_for`]).
@@ -392,7 +405,8 @@ impl Spool {
     /// (skipped) or found none at all (a quiet publication). Blocks on the
     /// fsync: call it off the async workers.
     pub fn synced_through(&self, lsn: Lsn) -> Result<Synced<Lsn>, StoreError> {
-        let pending = {
+        let moved = self.note_confirmable(lsn)?;
+        let pending = moved || {
             let st = self.state.lock().expect("spool state lock");
             st.capture_writes != st.synced_writes
         };
@@ -400,6 +414,24 @@ impl Spool {
             self.sync()?;
         }
         Ok(Synced::after_sync(lsn))
+    }
+
+    /// The furthest position this spool has let capture confirm to the
+    /// slot (`confirmable_lsn`); `None` on a spool written before the mark
+    /// existed.
+    pub fn confirmable_lsn(&self) -> Result<Option<Lsn>, StoreError> {
+        Ok(get_u64(&self.store, &self.meta, CONFIRMABLE_KEY)?.map(Lsn))
+    }
+
+    /// Raise `confirmable_lsn` to `lsn` if it is below. Not fsynced: the
+    /// caller fsyncs before the slot is confirmed there. Returns whether it
+    /// moved.
+    pub fn note_confirmable(&self, lsn: Lsn) -> Result<bool, StoreError> {
+        if self.confirmable_lsn()?.is_some_and(|at| at >= lsn) {
+            return Ok(false);
+        }
+        put_u64(&self.store, &self.meta, CONFIRMABLE_KEY, lsn.0)?;
+        Ok(true)
     }
 
     /// Append one encoded record at `seq`, which must be `next_seq()`. Not
@@ -417,6 +449,32 @@ impl Spool {
         Ok(())
     }
 
+    /// Forget what capture appended since the last [`Spool::commit`]: the
+    /// tail of a peek or a copy whose session failed (connection cut,
+    /// source restarted, statement timeout). Those records were never
+    /// shippable; the retry decodes the same transactions again and must
+    /// append them at the same sequence numbers, once. Returns how many
+    /// records were deleted. Not fsynced: a crash drops the tail anyway
+    /// ([`Spool::open`]). Capture calls it only when no commit of its own is
+    /// in flight.
+    pub fn rollback_uncommitted(&self) -> Result<u64, StoreError> {
+        let mut st = self.state.lock().expect("spool state lock");
+        let mut deleted = 0;
+        for seq in st.complete_seq + 1..st.next_seq {
+            if let Some(v) = self
+                .records
+                .remove(seq_key(seq))
+                .map_err(|e| self.store.write_err(e))?
+            {
+                self.bytes
+                    .fetch_sub(v.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                deleted += 1;
+            }
+        }
+        st.next_seq = st.complete_seq + 1;
+        Ok(deleted)
+    }
+
     /// Make everything appended durable (fsync) and shippable. The caller
     /// guarantees the last appended record ends a transaction whose commit
     /// and end LSNs are given. Blocks on the fsync (call it off the async
@@ -432,6 +490,7 @@ impl Spool {
         put_u64(&self.store, &self.meta, "complete_seq", complete)?;
         put_u64(&self.store, &self.meta, "captured_commit_lsn", commit_lsn.0)?;
         put_u64(&self.store, &self.meta, "captured_end_lsn", end_lsn.0)?;
+        self.note_confirmable(end_lsn)?;
         self.store.sync()?;
         let mut st = self.state.lock().expect("spool state lock");
         st.complete_seq = complete;
@@ -583,6 +642,7 @@ const APPLIED_PREFIX: &str = "applied/";
 const OLD_APPLIED_PREFIX: &str = "ack/";
 const NEEDS_COPY_PREFIX: &str = "needs_copy/";
 const START_PREFIX: &str = "start/";
+const CONFIRMABLE_KEY: &str = "confirmable_lsn";
 
 fn applied_key(receiver: &str) -> String {
     format!("{APPLIED_PREFIX}{receiver}")
@@ -858,5 +918,38 @@ mod tests {
         assert_eq!(spool.read(1, 10).unwrap().len(), 1);
         assert_eq!(spool.read(1, 250).unwrap().len(), 2);
         assert_eq!(spool.read(5, 250).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_failed_peek_is_rolled_back_so_its_retry_appends_each_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+        spool.append(1, b"one").unwrap();
+        spool.commit(Lsn(10), Lsn(11)).unwrap();
+        // A peek appends three transactions, then its connection is cut.
+        for (seq, rec) in [(2, b"t2"), (3, b"t3"), (4, b"t4")] {
+            spool.append(seq, rec).unwrap();
+        }
+        assert_eq!(spool.rollback_uncommitted().unwrap(), 3);
+        assert_eq!(spool.next_seq(), 2, "the retry starts where the commit left");
+        for seq in 2..=4 {
+            assert_eq!(spool.get(seq).unwrap(), None, "stale record {seq}");
+        }
+        assert_eq!(spool.bytes(), 3, "the stale tail's bytes are gone");
+        // The retry reads less this time (the slot returned fewer rows).
+        spool.append(spool.next_seq(), b"t2").unwrap();
+        spool.commit(Lsn(20), Lsn(21)).unwrap();
+        assert_eq!(
+            spool.read(1, 1 << 20).unwrap(),
+            vec![b"one".to_vec(), b"t2".to_vec()]
+        );
+        assert_eq!(spool.get(3).unwrap(), None, "no stale record past the commit");
+        assert_eq!(spool.next_seq(), 3);
+        // Nothing to roll back after a commit.
+        assert_eq!(spool.rollback_uncommitted().unwrap(), 0);
+        spool.append(3, b"t3").unwrap();
+        spool.commit(Lsn(30), Lsn(31)).unwrap();
+        assert_eq!(spool.read(1, 1 << 20).unwrap().len(), 3);
+        assert_eq!(spool.bytes(), 3 + 2 + 2);
     }
 }

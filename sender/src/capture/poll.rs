@@ -37,7 +37,8 @@ impl Capture {
             "the tables being copied wait until the splice, so the cutter leaves their changes out"
         );
         let upto: Option<String> = cut_lsn.map(|l| l.to_string());
-        let mut cutter = Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn());
+        let mut cutter = Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn())
+            .before_cut(cut_lsn);
         let publication = pgcourier_common::pg::quote_ident(&self.cfg.publication);
         let changes = self.cfg.capture_batch_changes as i32;
         let stream = client

@@ -41,6 +41,23 @@ impl Capture {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     self.status.lock().expect("status lock").last_error = Some(error_chain(&e));
+                    // What the failed peek or copy appended is not committed:
+                    // the retry decodes those transactions again and must
+                    // append them at the same sequence numbers, once. (No
+                    // commit is in flight: the session returned, so its
+                    // fsync task ended; a transient error is never the
+                    // spool's own.)
+                    let spool = self.spool.clone();
+                    let dropped =
+                        tokio::task::spawn_blocking(move || spool.rollback_uncommitted())
+                            .await
+                            .map_err(CaptureError::Blocking)??;
+                    if dropped > 0 {
+                        tracing::info!(
+                            records = dropped,
+                            "dropped the records of a peek or copy cut short; they will be captured again"
+                        );
+                    }
                     let delay = backoff.next();
                     backoff.log_once("capture", &e, delay);
                     tokio::select! {
@@ -70,10 +87,26 @@ impl Capture {
                 }
                 .into());
             }
-            Some(_) => {}
+            Some(_) => self.check_slot_not_ahead(identity.confirmed_flush)?,
+            None if !identity.created_slot => {
+                // A new spool on a slot that captured before: what the slot
+                // confirmed went to another spool.
+                return Err(SourceError::SlotAhead {
+                    slot: self.cfg.slot.clone(),
+                    slot_lsn: identity.confirmed_flush,
+                    spool: "a new spool-dir, which has captured nothing from it".into(),
+                }
+                .into());
+            }
             None => {
-                let id = identity.source_id.clone();
-                self.blocking(move |spool| spool.set_source(&id)).await?;
+                let (id, start) = (identity.source_id.clone(), identity.confirmed_flush);
+                self.blocking(move |spool| {
+                    // Nothing before the new slot's start belongs to the
+                    // spool: the slot may stand there.
+                    spool.note_confirmable(start)?;
+                    spool.set_source(&id)
+                })
+                .await?;
             }
         }
         self.confirmed = identity.confirmed_flush;
@@ -87,7 +120,11 @@ impl Capture {
         }
         let mut stats_at = Instant::now() - Duration::from_secs(60);
         loop {
-            if self.spool_full() {
+            // While a receiver waits for a copy of its own, its position
+            // (where the spool stood when it was added) holds back every
+            // trim: pausing would wait for room that only that copy makes.
+            // So capture goes on past spool-max-bytes until it is spliced.
+            if self.spool.needs_copy().is_empty() && self.spool_full() {
                 // Paused: the slot keeps WAL on the source until receivers
                 // catch up and the spool is trimmed.
                 if stats_at.elapsed() >= STATS_EVERY {
@@ -140,6 +177,33 @@ impl Capture {
                 return Ok(());
             }
         }
+    }
+
+    /// The slot may stand at most where this spool let capture confirm it
+    /// (`confirmable_lsn`, or the end of the last transaction it holds). A
+    /// slot further on confirmed changes that are in no spool: the spool
+    /// is older than the slot (restored from a backup, or another spool
+    /// captured from the slot since). A definite error: carrying on would
+    /// lose those changes and reuse sequence numbers the receivers hold.
+    fn check_slot_not_ahead(&self, slot_lsn: pgcourier_proto::Lsn) -> Result<(), CaptureError> {
+        let Some(confirmable) = self.spool.confirmable_lsn()? else {
+            // A spool written before this mark existed: nothing to compare
+            // with yet (the next slot advance writes it).
+            return Ok(());
+        };
+        let captured = self.spool.marks().captured_end_lsn;
+        let spool_lsn = confirmable.max(captured);
+        if slot_lsn > spool_lsn {
+            return Err(SourceError::SlotAhead {
+                slot: self.cfg.slot.clone(),
+                slot_lsn,
+                spool: format!(
+                    "it captured up to {captured} and let the slot be confirmed up to {spool_lsn}"
+                ),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Whether the spool is at `spool-max-bytes`; logs and reports the

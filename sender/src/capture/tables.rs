@@ -74,11 +74,31 @@ impl Capture {
         .await
     }
 
-    /// Tables in the publication that are neither copied nor waiting: a
-    /// table added to the publication with rows of its own.
+    /// Follow the publication's membership: a table in the publication
+    /// that is neither copied nor waiting (it joined, with rows of its own)
+    /// waits for a copy; a synced table no longer in it leaves `synced`,
+    /// because the changes made while it is out are in no stream, so if it
+    /// comes back it is copied again. (Looked at every few seconds: a table
+    /// dropped and added back between two looks is not noticed.)
     pub(super) async fn find_new_tables(&mut self, client: &Client) -> Result<(), CaptureError> {
         let published = copy::published_tables(client, &self.cfg.publication).await?;
-        let mut added = false;
+        let mut changed = false;
+        let gone: Vec<u32> = self
+            .copy_state
+            .tables
+            .synced
+            .iter()
+            .copied()
+            .filter(|oid| !published.contains(oid))
+            .collect();
+        for oid in gone {
+            tracing::info!(
+                oid,
+                "a table left the publication: its changes are no longer captured, and it will be copied again if it comes back"
+            );
+            self.copy_state.tables.synced.remove(&oid);
+            changed = true;
+        }
         for oid in published {
             let t = &mut self.copy_state.tables;
             if !t.synced.contains(&oid) && !t.waiting.contains(&oid) {
@@ -87,10 +107,10 @@ impl Capture {
                     "a table joined the publication: its rows will be copied"
                 );
                 t.waiting.insert(oid);
-                added = true;
+                changed = true;
             }
         }
-        if added {
+        if changed {
             self.save_tables_synced().await?;
         }
         Ok(())

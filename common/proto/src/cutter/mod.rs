@@ -12,7 +12,9 @@
 //! What it decides, in the order a peek's messages meet it:
 //! - **Begin** opens a transaction. One whose commit LSN is at or below
 //!   `skip_through` (what the spool already holds: the slot lagged behind
-//!   the spool after a crash) is read through and *skipped*.
+//!   the spool after a crash) is read through and *skipped*. With a cut
+//!   pending at L, one whose commit LSN is at or after L is read through and
+//!   left *after the cut* ([`Cutter::before_cut`]): it follows the copy.
 //! - **Changes** are filtered against [`Tables`]: a Relation for a table
 //!   neither synced nor waiting makes it wait for a copy; Relations,
 //!   Inserts, Updates and Deletes of a waiting table are left out (the
@@ -91,6 +93,9 @@ pub struct PeekSummary {
     pub last_commit: Lsn,
     /// Highest end LSN of any transaction seen, skipped ones included.
     pub last_end: Lsn,
+    /// Transactions committing at or after the pending cut, left for the
+    /// peeks after the splice.
+    pub after_cut: u64,
 }
 
 /// The WAL positions read just before a peek.
@@ -151,6 +156,8 @@ enum Open {
     Idle,
     /// Inside a transaction the spool already holds.
     Skipping,
+    /// Inside a transaction committing at or after the pending cut.
+    AfterCut,
     /// Inside a transaction being cut.
     Cutting(TxnCutter),
 }
@@ -159,6 +166,7 @@ enum Open {
 pub struct Cutter {
     next_seq: u64,
     skip_through: Lsn,
+    cut: Option<Lsn>,
     open: Open,
     summary: PeekSummary,
 }
@@ -171,16 +179,30 @@ impl Cutter {
         Cutter {
             next_seq,
             skip_through,
+            cut: None,
             open: Open::Idle,
             summary: PeekSummary::default(),
         }
+    }
+
+    /// A peek made with a cut pending at `cut` (its `upto_lsn`): only
+    /// transactions committing before it are cut; those committing at or
+    /// after it are read through and left for the peeks after the splice
+    /// (counted in [`PeekSummary::after_cut`]). PostgreSQL stops a peek at
+    /// the first record that *ends* at or past `upto_lsn`, so when the cut
+    /// lies just past a WAL page header the commit that starts at it is
+    /// decoded too; that transaction is not in the copy's snapshot, and the
+    /// copy (commit LSN L − 1) must come before it.
+    pub fn before_cut(mut self, cut: Option<Lsn>) -> Cutter {
+        self.cut = cut;
+        self
     }
 
     /// Sequence number the next record will take.
     pub fn next_seq(&self) -> u64 {
         match &self.open {
             Open::Cutting(txn) => txn.next_seq(),
-            Open::Idle | Open::Skipping => self.next_seq,
+            Open::Idle | Open::Skipping | Open::AfterCut => self.next_seq,
         }
     }
 
@@ -206,6 +228,8 @@ impl Cutter {
                 }
                 self.open = if final_lsn <= self.skip_through {
                     Open::Skipping
+                } else if self.cut.is_some_and(|cut| final_lsn >= cut) {
+                    Open::AfterCut
                 } else {
                     Open::Cutting(TxnCutter::new(
                         self.next_seq,
@@ -236,6 +260,12 @@ impl Cutter {
                         self.summary.skipped += 1;
                         return Ok(fed);
                     }
+                    // Neither spooled nor confirmed: the slot returns it
+                    // again after the splice.
+                    Open::AfterCut => {
+                        self.summary.after_cut += 1;
+                        return Ok(fed);
+                    }
                     Open::Cutting(txn) => txn,
                 };
                 if txn.head().commit_lsn != commit_lsn {
@@ -257,7 +287,7 @@ impl Cutter {
             Some(&kind) => {
                 let txn = match &mut self.open {
                     Open::Idle => return Err(CutError::OutOfOrder("change outside a transaction")),
-                    Open::Skipping => return Ok(fed),
+                    Open::Skipping | Open::AfterCut => return Ok(fed),
                     Open::Cutting(txn) => txn,
                 };
                 let kept;
@@ -281,7 +311,7 @@ impl Cutter {
     pub fn finish(self) -> Result<PeekSummary, CutError> {
         match self.open {
             Open::Idle => Ok(self.summary),
-            Open::Skipping | Open::Cutting(_) => {
+            Open::Skipping | Open::AfterCut | Open::Cutting(_) => {
                 Err(CutError::OutOfOrder("peek ended inside a transaction"))
             }
         }

@@ -161,6 +161,7 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
             dropped: 0,
             last_commit: Lsn(0x100),
             last_end: Lsn(0x108),
+            after_cut: 0,
         }
     );
 }
@@ -609,6 +610,58 @@ fn the_slot_is_told_the_last_end_or_the_quiet_insert_position_or_to_splice() {
         skipped_without_end.slot_step(wal(0x500, 0x500), None),
         SlotStep::Hold
     );
+}
+
+/// A cut L on a WAL page boundary: `pg_current_wal_insert_lsn()` points
+/// past the page header, the record before ends at the boundary, and a peek
+/// with `upto_lsn = L` also decodes a commit that starts at L. That
+/// transaction is not in the copy's snapshot and must follow the copy (at
+/// L - 1), never precede it.
+#[test]
+fn a_transaction_committing_at_or_after_a_pending_cut_is_left_for_after_the_splice() {
+    let l = 0x2000 + 24;
+    let wal = WalPosition {
+        insert: Lsn(l + 0x100),
+        flush: Lsn(l + 0x100),
+    };
+    let mut tables = synced(&[A]);
+    let mut messages = txn(0x1F00, 1, vec![relation(A), insert(A, "before")]);
+    messages.extend(txn(l, 2, vec![insert(A, "at the cut")]));
+    messages.extend(txn(l + 0x40, 3, vec![insert(A, "after")]));
+    let mut cutter = Cutter::new(1, Lsn::ZERO).before_cut(Some(Lsn(l)));
+    let mut records = Vec::new();
+    for m in &messages {
+        records.extend(cutter.message(m, &mut tables).unwrap().records);
+    }
+    let summary = cutter.finish().unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.xid).collect::<Vec<_>>(),
+        vec![1],
+        "only the transaction below the cut is spooled before the copy"
+    );
+    assert_eq!(
+        (summary.transactions, summary.after_cut),
+        (1, 2),
+        "{summary:?}"
+    );
+    assert_eq!(summary.last_commit, Lsn(0x1F00));
+    assert_eq!(summary.last_end, Lsn(0x1F08), "the slot is not confirmed past the cut");
+    assert_eq!(
+        summary.slot_step(wal, Some(Lsn(l))),
+        SlotStep::Committed(Lsn(0x1F08))
+    );
+    // The next peek (from 0x1F08) returns only the transaction at L: the
+    // splice is due, and that transaction comes after it.
+    let mut cutter = Cutter::new(2, Lsn(0x1F00)).before_cut(Some(Lsn(l)));
+    for m in &messages[4..] {
+        assert!(cutter.message(m, &mut tables).unwrap().records.is_empty());
+    }
+    let summary = cutter.finish().unwrap();
+    assert_eq!(summary.slot_step(wal, Some(Lsn(l))), SlotStep::Splice);
+    // Once spliced (no cut pending), it is cut as any transaction.
+    let (records, _) = cut(3, 0x1F00, &mut tables, &messages[4..]);
+    assert_eq!(records.iter().map(|r| r.xid).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(records[0].commit_lsn, Lsn(l));
 }
 
 mod property {
