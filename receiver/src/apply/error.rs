@@ -45,6 +45,8 @@ pub enum ApplyError {
     Inbox(#[from] pgcourier_common::store::durable::StoreError),
     #[error("record {seq} is out of order: {message}")]
     Order { seq: u64, message: String },
+    #[error("record {seq} is out of order, so it was not applied: {message}. The sender's spool holds a transaction twice or out of commit order (a sender bug): upgrade the sender, then re-seed this branch")]
+    OutOfOrder { seq: u64, message: String },
     #[error("record {seq} holds copy metadata that does not decode: {message}")]
     CopyMeta { seq: u64, message: String },
     #[error("a Relation message kept in the inbox does not decode: the inbox is damaged; restore it, or re-seed the branch")]
@@ -76,7 +78,7 @@ impl ApplyError {
     /// `serialization` (retried) or `login_refused`, `missing_table`,
     /// `missing_column`, `type_mismatch`, `unique_violation`, `constraint`,
     /// `permission_denied`, `target_error` (any other SQLSTATE); from apply
-    /// itself `no_key`, `corrupt_record`, `bad_record`, `bad_progress_row`,
+    /// itself `no_key`, `corrupt_record`, `out_of_order`, `bad_record`, `bad_progress_row`,
     /// `inbox` or `seed`.
     pub fn class(&self) -> &'static str {
         self.fault().class
@@ -97,6 +99,7 @@ impl ApplyError {
             ApplyError::MissingColumn { .. } => definite("missing_column"),
             ApplyError::NoKey { .. } => definite("no_key"),
             ApplyError::Corrupt { .. } => definite("corrupt_record"),
+            ApplyError::OutOfOrder { .. } => definite("out_of_order"),
             ApplyError::Decode { .. }
             | ApplyError::UnknownRelation { .. }
             | ApplyError::Order { .. }
@@ -249,6 +252,13 @@ mod tests {
             ),
             (ApplyError::NoKey { table: "t".into() }, "no_key"),
             (ApplyError::UnknownRelation { seq: 1, oid: 2 }, "bad_record"),
+            (
+                ApplyError::OutOfOrder {
+                    seq: 1,
+                    message: "m".into(),
+                },
+                "out_of_order",
+            ),
             (
                 ApplyError::Order {
                     seq: 1,

@@ -42,6 +42,7 @@ mod change;
 mod copy_load;
 mod error;
 mod mapping;
+mod order;
 mod pipeline;
 mod skip;
 mod sql;
@@ -225,7 +226,10 @@ impl Apply {
             tracing::debug!(error = %message, "apply failed inside a group; retrying transaction by transaction");
             return None;
         } else {
-            let blocking = in_session.then(|| self.txn_first.load(Ordering::Relaxed));
+            // A record out of order blocks no transaction the operator may
+            // skip: the fix is at the sender (and a re-seed).
+            let blocking = (in_session && !matches!(e, ApplyError::OutOfOrder { .. }))
+                .then(|| self.txn_first.load(Ordering::Relaxed));
             if st.last_error.as_deref() != Some(message.as_str()) {
                 match blocking {
                     Some(seq) => {
@@ -308,6 +312,8 @@ impl Apply {
         let mut group_changes = 0u32;
         let mut group_end: Option<GroupEnd> = None;
         let mut in_txn = false;
+        // The record read before `cursor` (`order.rs`).
+        let mut prev: Option<order::Position> = None;
         loop {
             let durable = *durable_rx.borrow_and_update();
             if cursor > durable {
@@ -336,6 +342,7 @@ impl Apply {
                 if let Some(first) = self.inbox.first_seq()? {
                     if first > cursor && self.inbox.get(cursor)?.is_none() {
                         cursor = first;
+                        prev = None;
                         continue;
                     }
                 }
@@ -354,6 +361,14 @@ impl Apply {
                     message: format!("holds seq {}", record.seq),
                 });
             }
+            let here = order::Position::of(&record);
+            if let Some(message) = order::check_follows(prev.as_ref(), &here, s.marker) {
+                return Err(ApplyError::OutOfOrder {
+                    seq: cursor,
+                    message,
+                });
+            }
+            prev = Some(here);
             if record.commit_lsn <= s.marker {
                 // Already applied (before a restart): only learn its relations.
                 self.learn_relations(s, &record)?;
