@@ -35,7 +35,8 @@
 //! mark ingest reports to the sender, which keeps records until then. A
 //! record apply finds corrupt is dropped with everything after it
 //! ([`Inbox::truncate_from`]): `durable_seq` goes back below it and ingest
-//! reconnects to fetch it again. A seed import or a copy made for a new
+//! reconnects to fetch it again; never at or below the applied mark (such a
+//! record, back after a crash, is already applied: it alone is deleted). A seed import or a copy made for a new
 //! branch moves the inbox ([`Inbox::reset_to_seed`]).
 //!
 //! Every call that fsyncs blocks: from async code, call it through
@@ -50,6 +51,15 @@ use pgcourier_common::store::durable::{
     get_u64, key_seq, put_u64, seq_key, Store, StoreError, Synced,
 };
 use tokio::sync::watch;
+
+/// What [`Inbox::truncate_from`] did with a corrupt record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// Dropped with everything after it; ingest fetches them again.
+    Refetch,
+    /// At or below the applied mark: already applied, deleted alone.
+    Applied,
+}
 
 pub struct Inbox {
     store: Store,
@@ -189,11 +199,19 @@ impl Inbox {
 
     /// Drop record `seq` (found corrupt before apply) and everything after
     /// it, and lower the durable mark below it, fsynced: the sender ships
-    /// them again on the next connection. `seq` must be above the applied
-    /// mark.
-    pub fn truncate_from(&self, seq: u64) -> Result<(), StoreError> {
+    /// them again on the next connection ([`Dropped::Refetch`]).
+    ///
+    /// Never at or below the applied mark: the sender was told those are
+    /// applied and may have trimmed them, so an inbox lowered there would be
+    /// refused for ever. Such a record (back after a crash undid its delete)
+    /// is already applied: it alone is deleted ([`Dropped::Applied`]) and
+    /// the durable mark stays.
+    pub fn truncate_from(&self, seq: u64) -> Result<Dropped, StoreError> {
+        if seq <= self.applied_seq() {
+            self.drop_applied(seq)?;
+            return Ok(Dropped::Applied);
+        }
         let _write = self.write.lock().expect("inbox write lock");
-        debug_assert!(seq > self.applied_seq(), "truncating applied records");
         for item in self.records.range(seq_key(seq)..) {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
             self.records
@@ -207,7 +225,22 @@ impl Inbox {
         self.store.sync()?;
         self.durable.send_replace(durable);
         self.truncations.send_modify(|n| *n += 1);
-        Ok(())
+        Ok(Dropped::Refetch)
+    }
+
+    /// Delete record `seq`, known applied (the target's progress row covers
+    /// it) though still here (back after a crash undid its delete), and
+    /// everything before it; the applied mark moves up to it.
+    pub fn drop_applied(&self, seq: u64) -> Result<(), StoreError> {
+        if let Some(v) = self
+            .records
+            .remove(seq_key(seq))
+            .map_err(|e| self.store.write_err(e))?
+        {
+            self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.delete_through(seq)
     }
 
     /// After a seed import: the inbox belongs to `source` and holds
@@ -384,5 +417,25 @@ mod tests {
         let inbox = reopen(dir.path());
         assert_eq!(inbox.durable_seq(), 3);
         assert_eq!(inbox.get(4).unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_record_at_or_below_the_applied_mark_is_deleted_never_truncated_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        let recs: Vec<Vec<u8>> = (1..=5).map(|i| vec![i as u8]).collect();
+        inbox.store_batch(1, &recs).unwrap();
+        // Records 1..=3 applied; record 3 back (a crash undid its delete).
+        inbox.delete_through(3).unwrap();
+        inbox.records.insert(seq_key(3), &[3u8][..]).unwrap();
+        let t = inbox.subscribe_truncations();
+        assert_eq!(inbox.truncate_from(3).unwrap(), Dropped::Applied);
+        assert!(!t.has_changed().unwrap(), "no refetch: ingest keeps its session");
+        assert_eq!(inbox.durable_seq(), 5, "the durable mark never goes below applied");
+        assert_eq!(inbox.applied_seq(), 3);
+        assert_eq!(inbox.get(3).unwrap(), None);
+        assert_eq!(inbox.get(4).unwrap(), Some(vec![4]), "unapplied records stay");
+        assert_eq!(inbox.truncate_from(4).unwrap(), Dropped::Refetch);
+        assert_eq!(inbox.durable_seq(), 3);
     }
 }

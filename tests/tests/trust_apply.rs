@@ -125,3 +125,54 @@ async fn a_transaction_spooled_twice_is_refused_out_of_order_and_never_applied_t
     );
     Ok(())
 }
+
+/// Item 8: a corrupt record at or below the progress row (applied, back
+/// after a crash undid its delete) is dropped; the inbox never goes below
+/// what the sender was told is applied, so replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let mut setup = Setup::start(
+        "corruptapplied",
+        Options {
+            schema: "CREATE TABLE k (v integer PRIMARY KEY)",
+            receiver_extra: leak(format!("admin = \"127.0.0.1:{admin}\"")),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    for i in 1..=5 {
+        src.batch_execute(&format!("INSERT INTO k VALUES ({i})")).await?;
+    }
+    setup.wait_equal(0, &["public.k"], WAIT).await?;
+    // Wait for the sender to hear it is applied (and trim behind it).
+    wait_until("the inbox to be applied and empty", WAIT, || async {
+        let st = status(admin).await?;
+        let applied = st["applied_seq"].as_u64().unwrap_or(0);
+        Ok(applied > 0 && applied == st["durable_seq"].as_u64().unwrap_or(0))
+    })
+    .await?;
+    let applied = status(admin).await?["applied_seq"].as_u64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    setup.branches[0].receiver.terminate()?;
+    {
+        // The last applied record back, corrupt.
+        let store = pgcourier_common::store::durable::Store::open(
+            &setup.dir.path().join("branch0-inbox"),
+            1 << 20,
+        )?;
+        let records = store.tree("records")?;
+        records.insert(applied.to_be_bytes(), vec![0x5a; 40])?;
+        store.sync()?;
+    }
+    setup.restart_receiver(0)?;
+    for i in 6..=8 {
+        src.batch_execute(&format!("INSERT INTO k VALUES ({i})")).await?;
+    }
+    setup.wait_equal(0, &["public.k"], WAIT).await?;
+    let st = status(admin).await?;
+    anyhow::ensure!(st["apply_state"] == "applying", "{st}");
+    Ok(())
+}
