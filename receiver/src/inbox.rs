@@ -21,9 +21,14 @@
 //! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (under sled's blob
 //! threshold, so it stays in the fsynced log). The records' total is held
 //! under `inbox-max-bytes` by ingest, which waits (the sender keeps the batch)
-//! while a batch would take the inbox past it; an empty inbox always takes
-//! one batch, so the most the inbox holds is the limit plus one batch
-//! ([`MAX_BATCH_RAW_BYTES`](pgcourier_proto::frame::MAX_BATCH_RAW_BYTES)). `relations` holds one entry per published
+//! while a batch would take the inbox past it; an inbox that holds no
+//! complete transaction apply could commit (empty, or the start of one
+//! transaction larger than the limit) always takes a batch, so the most the
+//! inbox holds is the limit, or the largest transaction, plus one batch
+//! ([`MAX_BATCH_RAW_BYTES`](pgcourier_proto::frame::MAX_BATCH_RAW_BYTES)).
+//! Apply never opens a transaction that is not whole in the inbox inside a
+//! group of others: it commits the group first, so a complete transaction
+//! held is always one apply can commit. `relations` holds one entry per published
 //! table ever seen. Without a limit the inbox grows while apply is stopped.
 //!
 //! Who writes and deletes: ingest appends whole batches and fsyncs before it
@@ -61,6 +66,17 @@ pub enum Dropped {
     Applied,
 }
 
+/// The highest stored seq below `below` that ends its transaction (0: none).
+fn last_boundary(store: &Store, records: &sled::Tree, below: u64) -> Result<u64, StoreError> {
+    for item in records.range(..seq_key(below)).rev() {
+        let (k, v) = item.map_err(|e| store.write_err(e))?;
+        if is_last(&v) {
+            return Ok(key_seq(&k).unwrap_or(0));
+        }
+    }
+    Ok(0)
+}
+
 pub struct Inbox {
     store: Store,
     records: sled::Tree,
@@ -80,6 +96,15 @@ pub struct Inbox {
     count: AtomicU64,
     /// Ingest is holding batches back at `inbox-max-bytes`.
     full: std::sync::atomic::AtomicBool,
+    /// Highest stored seq that is the last record of its transaction (0:
+    /// none): the transactions through it are whole in the inbox.
+    boundary: AtomicU64,
+}
+
+/// Whether an encoded record (checksum verified) is the last of its
+/// transaction; one that does not decode counts as not.
+fn is_last(bytes: &[u8]) -> bool {
+    pgcourier_proto::record::Record::decode(bytes).is_ok_and(|r| r.last)
 }
 
 impl Inbox {
@@ -102,7 +127,9 @@ impl Inbox {
             count += 1;
             bytes += v.len() as u64;
         }
+        let boundary = last_boundary(&store, &records, u64::MAX)?;
         Ok(Inbox {
+            boundary: AtomicU64::new(boundary),
             bytes: AtomicU64::new(bytes),
             count: AtomicU64::new(count),
             full: false.into(),
@@ -193,6 +220,10 @@ impl Inbox {
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
+        if let Some(i) = records.iter().rposition(|r| is_last(r)) {
+            self.boundary
+                .fetch_max(first_seq + i as u64, Ordering::Relaxed);
+        }
         self.durable.send_replace(last);
         Ok(Some(Synced::after_sync(last)))
     }
@@ -223,6 +254,8 @@ impl Inbox {
         let durable = seq.saturating_sub(1).min(self.durable_seq());
         put_u64(&self.store, &self.meta, "durable_seq", durable)?;
         self.store.sync()?;
+        let boundary = last_boundary(&self.store, &self.records, seq)?;
+        self.boundary.store(boundary, Ordering::Relaxed);
         self.durable.send_replace(durable);
         self.truncations.send_modify(|n| *n += 1);
         Ok(Dropped::Refetch)
@@ -253,6 +286,7 @@ impl Inbox {
         put_u64(&self.store, &self.meta, "durable_seq", seq)?;
         self.store.sync()?;
         self.deleted_through.store(seq, Ordering::Relaxed);
+        self.boundary.store(seq, Ordering::Relaxed);
         // Nothing at or below `seq` is ours to apply: count it as applied.
         self.applied.send_replace(seq);
         self.durable.send_replace(seq);
@@ -309,6 +343,18 @@ impl Inbox {
     /// Bytes of the records stored.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the inbox holds the last record of a transaction not yet
+    /// applied (apply can commit it and free room).
+    pub fn holds_complete_transaction(&self) -> bool {
+        self.boundary.load(Ordering::Relaxed) > self.applied_seq()
+    }
+
+    /// Whether the transaction of record `seq` is whole in the inbox (its
+    /// last record is stored).
+    pub fn is_whole_through(&self, seq: u64) -> bool {
+        self.boundary.load(Ordering::Relaxed) >= seq
     }
 
     /// Whether ingest is holding batches back at `inbox-max-bytes`.
@@ -417,6 +463,50 @@ mod tests {
         let inbox = reopen(dir.path());
         assert_eq!(inbox.durable_seq(), 3);
         assert_eq!(inbox.get(4).unwrap(), None);
+    }
+
+    fn record(seq: u64, last: bool) -> Vec<u8> {
+        pgcourier_proto::record::Record {
+            seq,
+            only_for: None,
+            commit_lsn: pgcourier_proto::Lsn(seq * 100),
+            commit_time: 0,
+            xid: 1,
+            part: 0,
+            last,
+            end_lsn: pgcourier_proto::Lsn(0),
+            pieces: Vec::new(),
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn the_inbox_knows_whether_it_holds_a_whole_transaction_apply_can_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+            assert!(!inbox.holds_complete_transaction());
+            inbox
+                .store_batch(1, &[record(1, false), record(2, false)])
+                .unwrap();
+            assert!(!inbox.holds_complete_transaction(), "only a start");
+            assert!(!inbox.is_whole_through(1));
+            inbox
+                .store_batch(3, &[record(3, true), record(4, false)])
+                .unwrap();
+            assert!(inbox.holds_complete_transaction());
+            assert!(inbox.is_whole_through(1) && !inbox.is_whole_through(4));
+            inbox.delete_through(3).unwrap();
+            assert!(!inbox.holds_complete_transaction(), "applied");
+        }
+        let inbox = reopen(dir.path());
+        assert!(!inbox.is_whole_through(4));
+        assert!(!inbox.holds_complete_transaction());
+        inbox.store_batch(5, &[record(5, true)]).unwrap();
+        assert!(inbox.holds_complete_transaction());
+        assert_eq!(inbox.truncate_from(5).unwrap(), Dropped::Refetch);
+        assert!(!inbox.holds_complete_transaction(), "counted again after a truncation");
     }
 
     #[test]

@@ -176,3 +176,25 @@ async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on(
     anyhow::ensure!(st["apply_state"] == "applying", "{st}");
     Ok(())
 }
+
+/// Item 6: one transaction larger than `inbox-max-bytes` (a 64 KiB inbox,
+/// a 2 MB transaction) still arrives and is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_inbox_max_bytes_is_applied() -> anyhow::Result<()> {
+    let setup = Setup::start(
+        "bigtxn",
+        Options {
+            schema: "CREATE TABLE big (id integer PRIMARY KEY, pad text)",
+            receiver_extra: "inbox-max-bytes = \"64KiB\"",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    src.batch_execute(
+        "INSERT INTO big SELECT i, repeat(md5(i::text), 3) FROM generate_series(1, 20000) i",
+    )
+    .await?;
+    src.batch_execute("INSERT INTO big VALUES (0, 'after')").await?;
+    setup.wait_equal(0, &["public.big"], WAIT).await
+}

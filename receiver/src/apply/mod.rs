@@ -402,6 +402,21 @@ impl Apply {
             }
             if record.part == 0 {
                 self.txn_first.store(record.seq, Ordering::Relaxed);
+                if open && !self.inbox.is_whole_through(record.seq) {
+                    // A transaction not yet whole in the inbox joins no
+                    // group: commit the group first, so that the inbox never
+                    // waits at `inbox-max-bytes` for room a group holding
+                    // complete transactions frees only once this one ends.
+                    self.commit_group(
+                        s,
+                        group_end.take().expect("open group has an end"),
+                        group_txns,
+                    )
+                    .await?;
+                    open = false;
+                    group_txns = 0;
+                    group_changes = 0;
+                }
             }
             if !open {
                 let skip = self.skip.lock().expect("skip lock").clone();
