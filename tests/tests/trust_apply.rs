@@ -198,3 +198,46 @@ async fn a_transaction_larger_than_inbox_max_bytes_is_applied() -> anyhow::Resul
     src.batch_execute("INSERT INTO big VALUES (0, 'after')").await?;
     setup.wait_equal(0, &["public.big"], WAIT).await
 }
+
+/// Item 11: a unique violation's DETAIL (`Key (email)=(...)`) never reaches
+/// the receiver's log or `/status`; the constraint and table names do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_values_of_a_target_error_reach_neither_the_log_nor_status() -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let setup = Setup::start(
+        "novalues",
+        Options {
+            schema: "CREATE TABLE users (id integer PRIMARY KEY, email text CONSTRAINT users_email_key UNIQUE)",
+            receiver_extra: leak(format!("admin = \"127.0.0.1:{admin}\"")),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    const SECRET: &str = "zebra-4417@secret.example";
+    dst.batch_execute(&format!("INSERT INTO users VALUES (100, '{SECRET}')"))
+        .await?;
+    src.batch_execute(&format!("INSERT INTO users VALUES (1, '{SECRET}')"))
+        .await?;
+    wait_until("apply to pause on the unique violation", WAIT, || async {
+        let st = status(admin).await?;
+        Ok(st["error_class"] == "unique_violation" && st["apply_state"] == "paused")
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    let st = status(admin).await?;
+    let last_error = st["last_error"].as_str().unwrap_or("").to_owned();
+    eprintln!("last_error: {last_error}");
+    let log = setup.branches[0].receiver.log();
+    anyhow::ensure!(
+        !last_error.contains("zebra") && !log.contains("zebra"),
+        "a row value reached the status or the log:\nstatus: {last_error}\nlog:\n{log}"
+    );
+    anyhow::ensure!(
+        last_error.contains("users_email_key") && last_error.contains("23505"),
+        "the error keeps the constraint and SQLSTATE: {last_error}"
+    );
+    dst.batch_execute("DELETE FROM users WHERE id = 100").await?;
+    setup.wait_equal(0, &["public.users"], WAIT).await
+}

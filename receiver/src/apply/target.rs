@@ -98,7 +98,7 @@ impl Apply {
     pub(super) async fn connect(&self) -> Result<Connected, ApplyError> {
         let client = TargetClient::connect(&self.cfg.target)
             .await
-            .map_err(ApplyError::Connect)?;
+            .map_err(|e| ApplyError::Connect(e.into()))?;
         client
             .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3; SET lock_timeout = '30s'")
             .await
