@@ -21,9 +21,14 @@
 //! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (under sled's blob
 //! threshold, so it stays in the fsynced log). The records' total is held
 //! under `inbox-max-bytes` by ingest, which waits (the sender keeps the batch)
-//! while a batch would take the inbox past it; an empty inbox always takes
-//! one batch, so the most the inbox holds is the limit plus one batch
-//! ([`MAX_BATCH_RAW_BYTES`](pgcourier_proto::frame::MAX_BATCH_RAW_BYTES)). `relations` holds one entry per published
+//! while a batch would take the inbox past it; an inbox that holds no
+//! complete transaction apply could commit (empty, or the start of one
+//! transaction larger than the limit) always takes a batch, so the most the
+//! inbox holds is the limit, or the largest transaction, plus one batch
+//! ([`MAX_BATCH_RAW_BYTES`](pgcourier_proto::frame::MAX_BATCH_RAW_BYTES)).
+//! Apply never opens a transaction that is not whole in the inbox inside a
+//! group of others: it commits the group first, so a complete transaction
+//! held is always one apply can commit. `relations` holds one entry per published
 //! table ever seen. Without a limit the inbox grows while apply is stopped.
 //!
 //! Who writes and deletes: ingest appends whole batches and fsyncs before it
@@ -35,7 +40,8 @@
 //! mark ingest reports to the sender, which keeps records until then. A
 //! record apply finds corrupt is dropped with everything after it
 //! ([`Inbox::truncate_from`]): `durable_seq` goes back below it and ingest
-//! reconnects to fetch it again. A seed import or a copy made for a new
+//! reconnects to fetch it again; never at or below the applied mark (such a
+//! record, back after a crash, is already applied: it alone is deleted). A seed import or a copy made for a new
 //! branch moves the inbox ([`Inbox::reset_to_seed`]).
 //!
 //! Every call that fsyncs blocks: from async code, call it through
@@ -50,6 +56,26 @@ use pgcourier_common::store::durable::{
     get_u64, key_seq, put_u64, seq_key, Store, StoreError, Synced,
 };
 use tokio::sync::watch;
+
+/// What [`Inbox::truncate_from`] did with a corrupt record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// Dropped with everything after it; ingest fetches them again.
+    Refetch,
+    /// At or below the applied mark: already applied, deleted alone.
+    Applied,
+}
+
+/// The highest stored seq below `below` that ends its transaction (0: none).
+fn last_boundary(store: &Store, records: &sled::Tree, below: u64) -> Result<u64, StoreError> {
+    for item in records.range(..seq_key(below)).rev() {
+        let (k, v) = item.map_err(|e| store.write_err(e))?;
+        if is_last(&v) {
+            return Ok(key_seq(&k).unwrap_or(0));
+        }
+    }
+    Ok(0)
+}
 
 pub struct Inbox {
     store: Store,
@@ -70,6 +96,15 @@ pub struct Inbox {
     count: AtomicU64,
     /// Ingest is holding batches back at `inbox-max-bytes`.
     full: std::sync::atomic::AtomicBool,
+    /// Highest stored seq that is the last record of its transaction (0:
+    /// none): the transactions through it are whole in the inbox.
+    boundary: AtomicU64,
+}
+
+/// Whether an encoded record (checksum verified) is the last of its
+/// transaction; one that does not decode counts as not.
+fn is_last(bytes: &[u8]) -> bool {
+    pgcourier_proto::record::Record::decode(bytes).is_ok_and(|r| r.last)
 }
 
 impl Inbox {
@@ -92,7 +127,9 @@ impl Inbox {
             count += 1;
             bytes += v.len() as u64;
         }
+        let boundary = last_boundary(&store, &records, u64::MAX)?;
         Ok(Inbox {
+            boundary: AtomicU64::new(boundary),
             bytes: AtomicU64::new(bytes),
             count: AtomicU64::new(count),
             full: false.into(),
@@ -183,17 +220,29 @@ impl Inbox {
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
+        if let Some(i) = records.iter().rposition(|r| is_last(r)) {
+            self.boundary
+                .fetch_max(first_seq + i as u64, Ordering::Relaxed);
+        }
         self.durable.send_replace(last);
         Ok(Some(Synced::after_sync(last)))
     }
 
     /// Drop record `seq` (found corrupt before apply) and everything after
     /// it, and lower the durable mark below it, fsynced: the sender ships
-    /// them again on the next connection. `seq` must be above the applied
-    /// mark.
-    pub fn truncate_from(&self, seq: u64) -> Result<(), StoreError> {
+    /// them again on the next connection ([`Dropped::Refetch`]).
+    ///
+    /// Never at or below the applied mark: the sender was told those are
+    /// applied and may have trimmed them, so an inbox lowered there would be
+    /// refused for ever. Such a record (back after a crash undid its delete)
+    /// is already applied: it alone is deleted ([`Dropped::Applied`]) and
+    /// the durable mark stays.
+    pub fn truncate_from(&self, seq: u64) -> Result<Dropped, StoreError> {
+        if seq <= self.applied_seq() {
+            self.drop_applied(seq)?;
+            return Ok(Dropped::Applied);
+        }
         let _write = self.write.lock().expect("inbox write lock");
-        debug_assert!(seq > self.applied_seq(), "truncating applied records");
         for item in self.records.range(seq_key(seq)..) {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
             self.records
@@ -205,9 +254,26 @@ impl Inbox {
         let durable = seq.saturating_sub(1).min(self.durable_seq());
         put_u64(&self.store, &self.meta, "durable_seq", durable)?;
         self.store.sync()?;
+        let boundary = last_boundary(&self.store, &self.records, seq)?;
+        self.boundary.store(boundary, Ordering::Relaxed);
         self.durable.send_replace(durable);
         self.truncations.send_modify(|n| *n += 1);
-        Ok(())
+        Ok(Dropped::Refetch)
+    }
+
+    /// Delete record `seq`, known applied (the target's progress row covers
+    /// it) though still here (back after a crash undid its delete), and
+    /// everything before it; the applied mark moves up to it.
+    pub fn drop_applied(&self, seq: u64) -> Result<(), StoreError> {
+        if let Some(v) = self
+            .records
+            .remove(seq_key(seq))
+            .map_err(|e| self.store.write_err(e))?
+        {
+            self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.delete_through(seq)
     }
 
     /// After a seed import: the inbox belongs to `source` and holds
@@ -220,6 +286,7 @@ impl Inbox {
         put_u64(&self.store, &self.meta, "durable_seq", seq)?;
         self.store.sync()?;
         self.deleted_through.store(seq, Ordering::Relaxed);
+        self.boundary.store(seq, Ordering::Relaxed);
         // Nothing at or below `seq` is ours to apply: count it as applied.
         self.applied.send_replace(seq);
         self.durable.send_replace(seq);
@@ -276,6 +343,18 @@ impl Inbox {
     /// Bytes of the records stored.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the inbox holds the last record of a transaction not yet
+    /// applied (apply can commit it and free room).
+    pub fn holds_complete_transaction(&self) -> bool {
+        self.boundary.load(Ordering::Relaxed) > self.applied_seq()
+    }
+
+    /// Whether the transaction of record `seq` is whole in the inbox (its
+    /// last record is stored).
+    pub fn is_whole_through(&self, seq: u64) -> bool {
+        self.boundary.load(Ordering::Relaxed) >= seq
     }
 
     /// Whether ingest is holding batches back at `inbox-max-bytes`.
@@ -384,5 +463,69 @@ mod tests {
         let inbox = reopen(dir.path());
         assert_eq!(inbox.durable_seq(), 3);
         assert_eq!(inbox.get(4).unwrap(), None);
+    }
+
+    fn record(seq: u64, last: bool) -> Vec<u8> {
+        pgcourier_proto::record::Record {
+            seq,
+            only_for: None,
+            commit_lsn: pgcourier_proto::Lsn(seq * 100),
+            commit_time: 0,
+            xid: 1,
+            part: 0,
+            last,
+            end_lsn: pgcourier_proto::Lsn(0),
+            pieces: Vec::new(),
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn the_inbox_knows_whether_it_holds_a_whole_transaction_apply_can_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+            assert!(!inbox.holds_complete_transaction());
+            inbox
+                .store_batch(1, &[record(1, false), record(2, false)])
+                .unwrap();
+            assert!(!inbox.holds_complete_transaction(), "only a start");
+            assert!(!inbox.is_whole_through(1));
+            inbox
+                .store_batch(3, &[record(3, true), record(4, false)])
+                .unwrap();
+            assert!(inbox.holds_complete_transaction());
+            assert!(inbox.is_whole_through(1) && !inbox.is_whole_through(4));
+            inbox.delete_through(3).unwrap();
+            assert!(!inbox.holds_complete_transaction(), "applied");
+        }
+        let inbox = reopen(dir.path());
+        assert!(!inbox.is_whole_through(4));
+        assert!(!inbox.holds_complete_transaction());
+        inbox.store_batch(5, &[record(5, true)]).unwrap();
+        assert!(inbox.holds_complete_transaction());
+        assert_eq!(inbox.truncate_from(5).unwrap(), Dropped::Refetch);
+        assert!(!inbox.holds_complete_transaction(), "counted again after a truncation");
+    }
+
+    #[test]
+    fn a_corrupt_record_at_or_below_the_applied_mark_is_deleted_never_truncated_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+        let recs: Vec<Vec<u8>> = (1..=5).map(|i| vec![i as u8]).collect();
+        inbox.store_batch(1, &recs).unwrap();
+        // Records 1..=3 applied; record 3 back (a crash undid its delete).
+        inbox.delete_through(3).unwrap();
+        inbox.records.insert(seq_key(3), &[3u8][..]).unwrap();
+        let t = inbox.subscribe_truncations();
+        assert_eq!(inbox.truncate_from(3).unwrap(), Dropped::Applied);
+        assert!(!t.has_changed().unwrap(), "no refetch: ingest keeps its session");
+        assert_eq!(inbox.durable_seq(), 5, "the durable mark never goes below applied");
+        assert_eq!(inbox.applied_seq(), 3);
+        assert_eq!(inbox.get(3).unwrap(), None);
+        assert_eq!(inbox.get(4).unwrap(), Some(vec![4]), "unapplied records stay");
+        assert_eq!(inbox.truncate_from(4).unwrap(), Dropped::Refetch);
+        assert_eq!(inbox.durable_seq(), 3);
     }
 }

@@ -417,8 +417,9 @@ impl Ingest {
 
     /// Hold a batch of `need` bytes back (unacknowledged: the sender keeps
     /// it and stops at its in-flight limit) while it would take the inbox
-    /// past `inbox-max-bytes`, until apply frees space. An empty inbox
-    /// always takes a batch.
+    /// past `inbox-max-bytes`, until apply frees space. An inbox that holds
+    /// no complete transaction apply could commit (empty, or the start of one
+    /// transaction larger than the limit) always takes a batch.
     async fn wait_for_room(
         &self,
         need: u64,
@@ -428,7 +429,7 @@ impl Ingest {
         let mut applied = self.inbox.subscribe_applied();
         loop {
             let bytes = self.inbox.bytes();
-            if inbox_has_room(bytes, need, max) {
+            if inbox_has_room(bytes, need, max, self.inbox.holds_complete_transaction()) {
                 break;
             }
             if !self.inbox.is_full() {

@@ -48,7 +48,7 @@ impl Apply {
                     .await
                     .map_err(|e| ApplyError::Target {
                         what: format!("create table {} (setting `create-tables`)", t.quoted()),
-                        source: e,
+                        source: e.into(),
                     })?;
             }
         }

@@ -3,6 +3,13 @@
 //! backoff; the others pause apply on the transaction they name until the
 //! DBA fixes the target (or skips it), retried slowly meanwhile.
 //! [`ApplyError::class`] is the stable name shown in status and metrics.
+//!
+//! A PostgreSQL error is shown through [`PgError`], which never carries row
+//! values: the text is built from the SQLSTATE, the message and the table,
+//! column and constraint names, never from DETAIL or CONTEXT (a unique
+//! violation's DETAIL is `Key (email)=(...) already exists`), and the
+//! quoted values of data exceptions (class 22: `invalid input syntax for
+//! type integer: "..."`) and of a trigger's RAISE (class P0) are masked.
 
 use pgcourier_common::pg::errors::{classify, PgFault};
 use pgcourier_common::pg::progress_row::ProgressError;
@@ -14,12 +21,12 @@ use pgcourier_proto::record::RecordError;
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("cannot connect to the target database (setting `target`)")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(#[source] PgError),
     #[error("target query failed: {what}")]
     Target {
         what: String,
         #[source]
-        source: tokio_postgres::Error,
+        source: PgError,
     },
     #[error("table {table} does not exist on the target: create it with the source's columns, then apply resumes")]
     MissingTable { table: String },
@@ -45,6 +52,8 @@ pub enum ApplyError {
     Inbox(#[from] pgcourier_common::store::durable::StoreError),
     #[error("record {seq} is out of order: {message}")]
     Order { seq: u64, message: String },
+    #[error("record {seq} is out of order, so it was not applied: {message}. The sender's spool holds a transaction twice or out of commit order (a sender bug): upgrade the sender, then re-seed this branch")]
+    OutOfOrder { seq: u64, message: String },
     #[error("record {seq} holds copy metadata that does not decode: {message}")]
     CopyMeta { seq: u64, message: String },
     #[error("a Relation message kept in the inbox does not decode: the inbox is damaged; restore it, or re-seed the branch")]
@@ -76,7 +85,7 @@ impl ApplyError {
     /// `serialization` (retried) or `login_refused`, `missing_table`,
     /// `missing_column`, `type_mismatch`, `unique_violation`, `constraint`,
     /// `permission_denied`, `target_error` (any other SQLSTATE); from apply
-    /// itself `no_key`, `corrupt_record`, `bad_record`, `bad_progress_row`,
+    /// itself `no_key`, `corrupt_record`, `out_of_order`, `bad_record`, `bad_progress_row`,
     /// `inbox` or `seed`.
     pub fn class(&self) -> &'static str {
         self.fault().class
@@ -88,7 +97,7 @@ impl ApplyError {
             class,
         };
         match self {
-            ApplyError::Connect(e) | ApplyError::Target { source: e, .. } => target_fault(e),
+            ApplyError::Connect(e) | ApplyError::Target { source: e, .. } => target_fault(&e.0),
             ApplyError::Progress(p) => match p.query_error() {
                 Some(e) => target_fault(e),
                 None => definite("bad_progress_row"),
@@ -97,6 +106,7 @@ impl ApplyError {
             ApplyError::MissingColumn { .. } => definite("missing_column"),
             ApplyError::NoKey { .. } => definite("no_key"),
             ApplyError::Corrupt { .. } => definite("corrupt_record"),
+            ApplyError::OutOfOrder { .. } => definite("out_of_order"),
             ApplyError::Decode { .. }
             | ApplyError::UnknownRelation { .. }
             | ApplyError::Order { .. }
@@ -125,35 +135,135 @@ fn target_fault(e: &tokio_postgres::Error) -> PgFault {
 pub(super) fn target_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> ApplyError {
     move |source| ApplyError::Target {
         what: what.to_owned(),
-        source,
+        source: source.into(),
     }
+}
+
+/// A PostgreSQL error as apply logs and reports it: without row values
+/// (see the module header). The error itself is kept for classification.
+#[derive(Debug)]
+pub struct PgError(pub tokio_postgres::Error);
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> PgError {
+        PgError(e)
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => f.write_str(&describe_db_error(db)),
+            // Not from the server (I/O, protocol, conversion): no row values.
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self.0.as_db_error() {
+            // The DbError's own text carries DETAIL: never shown.
+            Some(_) => None,
+            None => std::error::Error::source(&self.0),
+        }
+    }
+}
+
+/// A server error's text without row values: severity, SQLSTATE, message
+/// (quoted values masked where the message carries them) and the names of
+/// the table, column, data type and constraint involved. Never DETAIL,
+/// HINT, CONTEXT or the statement.
+pub(crate) fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
+    let code = db.code().code();
+    let message = if code.starts_with("22") || code.starts_with("P0") {
+        mask_quoted(db.message())
+    } else {
+        db.message().to_owned()
+    };
+    let mut s = format!("{} {code}: {message}", db.severity());
+    let mut names = Vec::new();
+    if let Some(t) = db.table() {
+        names.push(match db.schema() {
+            Some(schema) => format!("table {schema}.{t}"),
+            None => format!("table {t}"),
+        });
+    }
+    if let Some(c) = db.column() {
+        names.push(format!("column {c}"));
+    }
+    if let Some(d) = db.datatype() {
+        names.push(format!("type {d}"));
+    }
+    if let Some(c) = db.constraint() {
+        names.push(format!("constraint {c}"));
+    }
+    if !names.is_empty() {
+        s.push_str(&format!(" ({})", names.join(", ")));
+    }
+    s
+}
+
+/// `invalid input syntax for type integer: "42x"` → `... "…"`.
+fn mask_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for ch in message.chars() {
+        if ch == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(ch);
+        }
+    }
+    if inside {
+        out.push('…');
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgcourier_common::ops::backoff::error_chain;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A real `tokio_postgres::Error` carrying `sqlstate`: a one-shot server
     /// on 127.0.0.1 answers the startup message with a FATAL ErrorResponse,
     /// as PostgreSQL does when it refuses a login.
     async fn refused_at_startup(sqlstate: &str) -> tokio_postgres::Error {
+        server_error(&[
+            (b'S', "FATAL"),
+            (b'V', "FATAL"),
+            (b'C', sqlstate),
+            (b'M', "refused by the test server"),
+        ])
+        .await
+    }
+
+    /// A real `tokio_postgres::Error` with these ErrorResponse fields.
+    async fn server_error(fields_in: &[(u8, &str)]) -> tokio_postgres::Error {
+        let fields_in: Vec<(u8, String)> =
+            fields_in.iter().map(|(t, v)| (*t, (*v).to_owned())).collect();
+        let sqlstate = fields_in
+            .iter()
+            .find(|(t, _)| *t == b'C')
+            .map(|(_, v)| v.clone())
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let code = sqlstate.to_owned();
         let server = tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
             let len = sock.read_i32().await.unwrap();
             let mut startup = vec![0; usize::try_from(len).unwrap() - 4];
             sock.read_exact(&mut startup).await.unwrap();
             let mut fields = Vec::new();
-            for (tag, value) in [
-                (b'S', "FATAL"),
-                (b'V', "FATAL"),
-                (b'C', code.as_str()),
-                (b'M', "refused by the test server"),
-            ] {
-                fields.push(tag);
+            for (tag, value) in &fields_in {
+                fields.push(*tag);
                 fields.extend_from_slice(value.as_bytes());
                 fields.push(0);
             }
@@ -171,21 +281,55 @@ mod tests {
             panic!("the test server accepted a login");
         };
         server.await.unwrap();
-        assert_eq!(e.code().map(|c| c.code()), Some(sqlstate), "{e}");
+        assert_eq!(e.code().map(|c| c.code()), Some(sqlstate.as_str()), "{e}");
         e
+    }
+
+    #[tokio::test]
+    async fn a_target_error_is_reported_without_row_values() {
+        let e = server_error(&[
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', "23505"),
+            (b'M', "duplicate key value violates unique constraint \"users_email_key\""),
+            (b'D', "Key (email)=(zebra-4417@secret.example) already exists."),
+            (b's', "public"),
+            (b't', "users"),
+            (b'n', "users_email_key"),
+        ])
+        .await;
+        let text = error_chain(&target(e));
+        assert!(!text.contains("zebra"), "{text}");
+        assert!(
+            text.contains("23505")
+                && text.contains("users_email_key")
+                && text.contains("table public.users"),
+            "{text}"
+        );
+        let e = server_error(&[
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', "22P02"),
+            (b'M', "invalid input syntax for type integer: \"zebra-4417\""),
+            (b'W', "COPY t, line 1, column n: \"zebra-4417\""),
+        ])
+        .await;
+        let text = error_chain(&target(e));
+        assert!(!text.contains("zebra"), "{text}");
+        assert!(text.contains("22P02: invalid input syntax for type integer"), "{text}");
     }
 
     fn target(source: tokio_postgres::Error) -> ApplyError {
         ApplyError::Target {
             what: "apply change to table \"t\"".into(),
-            source,
+            source: source.into(),
         }
     }
 
     #[tokio::test]
     async fn a_wrong_password_while_running_is_definite_never_retried_as_transient() {
         for code in ["28P01", "28000", "3D000"] {
-            let e = ApplyError::Connect(refused_at_startup(code).await);
+            let e = ApplyError::Connect(refused_at_startup(code).await.into());
             assert!(
                 !e.is_transient(),
                 "{code}: a refused login must not be retried as transient"
@@ -196,7 +340,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_or_starting_target_is_retried() {
-        let e = ApplyError::Connect(refused_at_startup("57P03").await);
+        let e = ApplyError::Connect(refused_at_startup("57P03").await.into());
         assert!(e.is_transient());
         assert_eq!(e.class(), "connection");
         // Nobody listens on this port any more: connection refused, no SQLSTATE.
@@ -207,7 +351,7 @@ mod tests {
         let cfg: tokio_postgres::Config = format!("host=127.0.0.1 port={port} user=courier")
             .parse()
             .unwrap();
-        let e = ApplyError::Connect(cfg.connect(tokio_postgres::NoTls).await.err().unwrap());
+        let e = ApplyError::Connect(cfg.connect(tokio_postgres::NoTls).await.err().unwrap().into());
         assert!(e.is_transient());
         assert_eq!(e.class(), "connection");
     }
@@ -249,6 +393,13 @@ mod tests {
             ),
             (ApplyError::NoKey { table: "t".into() }, "no_key"),
             (ApplyError::UnknownRelation { seq: 1, oid: 2 }, "bad_record"),
+            (
+                ApplyError::OutOfOrder {
+                    seq: 1,
+                    message: "m".into(),
+                },
+                "out_of_order",
+            ),
             (
                 ApplyError::Order {
                     seq: 1,

@@ -42,6 +42,7 @@ mod change;
 mod copy_load;
 mod error;
 mod mapping;
+mod order;
 mod pipeline;
 mod skip;
 mod sql;
@@ -62,7 +63,7 @@ use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReceiverConfig;
-use crate::inbox::Inbox;
+use crate::inbox::{Dropped, Inbox};
 
 pub use error::ApplyError;
 pub use status::{lag_seconds, ApplyStatus, LoadProgress};
@@ -98,6 +99,9 @@ struct Session {
     /// Commit LSN of the last committed group: records at or below it were
     /// applied (before a restart) and are skipped.
     marker: Lsn,
+    /// Inbox seq of the last committed group's last record (the progress
+    /// row's seq): records at or below it were applied.
+    marker_seq: u64,
     /// Relation messages by source OID (`mapping.rs`).
     relations: HashMap<u32, Relation>,
     /// Their target tables, resolved on first use (`mapping.rs`).
@@ -190,7 +194,11 @@ impl Apply {
             // sender keeps records until they are applied).
             let seq = *seq;
             match self.inbox.truncate_from(seq) {
-                Ok(()) => {
+                Ok(Dropped::Applied) => {
+                    tracing::warn!(seq, error = %error_chain(e), "a record already applied failed its checksum: deleted it");
+                    return None;
+                }
+                Ok(Dropped::Refetch) => {
                     let message = error_chain(e);
                     tracing::error!(seq, error = %message, "a record in the inbox failed its checksum: dropped it and the records after it without applying them; fetching them again from the sender");
                     let mut st = self.status.lock().expect("status lock");
@@ -225,7 +233,10 @@ impl Apply {
             tracing::debug!(error = %message, "apply failed inside a group; retrying transaction by transaction");
             return None;
         } else {
-            let blocking = in_session.then(|| self.txn_first.load(Ordering::Relaxed));
+            // A record out of order blocks no transaction the operator may
+            // skip: the fix is at the sender (and a re-seed).
+            let blocking = (in_session && !matches!(e, ApplyError::OutOfOrder { .. }))
+                .then(|| self.txn_first.load(Ordering::Relaxed));
             if st.last_error.as_deref() != Some(message.as_str()) {
                 match blocking {
                     Some(seq) => {
@@ -250,12 +261,14 @@ impl Apply {
             client,
             source,
             marker,
+            marker_seq,
             progress,
         } = self.connect().await?;
         let mut s = Session {
             client,
             source,
             marker,
+            marker_seq,
             relations: HashMap::new(),
             targets: HashMap::new(),
             statements: HashMap::new(),
@@ -308,6 +321,8 @@ impl Apply {
         let mut group_changes = 0u32;
         let mut group_end: Option<GroupEnd> = None;
         let mut in_txn = false;
+        // The record read before `cursor` (`order.rs`).
+        let mut prev: Option<order::Position> = None;
         loop {
             let durable = *durable_rx.borrow_and_update();
             if cursor > durable {
@@ -336,6 +351,7 @@ impl Apply {
                 if let Some(first) = self.inbox.first_seq()? {
                     if first > cursor && self.inbox.get(cursor)?.is_none() {
                         cursor = first;
+                        prev = None;
                         continue;
                     }
                 }
@@ -344,24 +360,63 @@ impl Apply {
                 seq: cursor,
                 message: "missing from the inbox".into(),
             })?;
-            let record = Record::decode(&bytes).map_err(|source| ApplyError::Corrupt {
-                seq: cursor,
-                source,
-            })?;
+            let record = match Record::decode(&bytes) {
+                Ok(record) => record,
+                Err(source) if cursor <= s.marker_seq && !open => {
+                    // Applied before a restart (the progress row covers it)
+                    // and back after a crash undid its delete: nothing to
+                    // fetch again, nothing to apply. Drop it; never lower
+                    // the inbox below what the sender was told is applied.
+                    tracing::warn!(seq = cursor, error = %error_chain(&source), "a record already applied (at or below the progress row) failed its checksum: dropped it");
+                    self.inbox.drop_applied(cursor)?;
+                    cursor += 1;
+                    prev = None;
+                    continue;
+                }
+                Err(source) => return Err(ApplyError::Corrupt { seq: cursor, source }),
+            };
             if record.seq != cursor {
                 return Err(ApplyError::Order {
                     seq: cursor,
                     message: format!("holds seq {}", record.seq),
                 });
             }
+            let here = order::Position::of(&record);
+            if let Some(message) = order::check_follows(prev.as_ref(), &here, s.marker) {
+                return Err(ApplyError::OutOfOrder {
+                    seq: cursor,
+                    message,
+                });
+            }
+            prev = Some(here);
             if record.commit_lsn <= s.marker {
-                // Already applied (before a restart): only learn its relations.
+                // Already applied (before a restart): only learn its
+                // relations, and delete it (it may have come back after a
+                // crash undid its delete).
                 self.learn_relations(s, &record)?;
+                if record.last && !open {
+                    self.inbox.delete_through(record.seq)?;
+                }
                 cursor += 1;
                 continue;
             }
             if record.part == 0 {
                 self.txn_first.store(record.seq, Ordering::Relaxed);
+                if open && !self.inbox.is_whole_through(record.seq) {
+                    // A transaction not yet whole in the inbox joins no
+                    // group: commit the group first, so that the inbox never
+                    // waits at `inbox-max-bytes` for room a group holding
+                    // complete transactions frees only once this one ends.
+                    self.commit_group(
+                        s,
+                        group_end.take().expect("open group has an end"),
+                        group_txns,
+                    )
+                    .await?;
+                    open = false;
+                    group_txns = 0;
+                    group_changes = 0;
+                }
             }
             if !open {
                 let skip = self.skip.lock().expect("skip lock").clone();
@@ -437,6 +492,7 @@ impl Apply {
             .map_err(target_err("commit target transaction"))?;
         debug_assert!(end.commit_lsn > s.marker);
         s.marker = end.commit_lsn;
+        s.marker_seq = end.seq;
         self.inbox.delete_through(end.seq)?;
         let mut st = self.status.lock().expect("status lock");
         if s.copy.as_ref().is_some_and(|c| c.complete) {

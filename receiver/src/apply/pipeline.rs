@@ -259,7 +259,7 @@ fn target_error(s: &Session, rel: Option<u32>, e: tokio_postgres::Error) -> Appl
     };
     ApplyError::Target {
         what: format!("apply change to table {table}{column}"),
-        source: e,
+        source: e.into(),
     }
 }
 

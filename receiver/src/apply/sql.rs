@@ -42,7 +42,7 @@ impl Apply {
             .await
             .map_err(|e| ApplyError::Target {
                 what: format!("prepare statement for {}", target.table),
-                source: e,
+                source: e.into(),
             })?;
         s.statements.insert(key, st.clone());
         Ok(st)

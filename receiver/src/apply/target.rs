@@ -88,6 +88,9 @@ pub(super) struct Connected {
     /// Commit LSN of the last applied transaction, from the progress row
     /// (zero when nothing was applied from this source yet).
     pub(super) marker: Lsn,
+    /// Inbox seq of the last applied record, from the progress row (zero
+    /// when nothing was applied from this source yet).
+    pub(super) marker_seq: u64,
     pub(super) progress: Statement,
 }
 
@@ -95,7 +98,7 @@ impl Apply {
     pub(super) async fn connect(&self) -> Result<Connected, ApplyError> {
         let client = TargetClient::connect(&self.cfg.target)
             .await
-            .map_err(ApplyError::Connect)?;
+            .map_err(|e| ApplyError::Connect(e.into()))?;
         client
             .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3; SET lock_timeout = '30s'")
             .await
@@ -135,9 +138,9 @@ impl Apply {
                 Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         };
-        let marker = match progress_row::read(&client, &source).await? {
-            Some(p) => p.commit_lsn,
-            None => Lsn::ZERO,
+        let (marker, marker_seq) = match progress_row::read(&client, &source).await? {
+            Some(p) => (p.commit_lsn, p.seq),
+            None => (Lsn::ZERO, 0),
         };
         let progress = progress_row::prepare_write(&client)
             .await
@@ -146,6 +149,7 @@ impl Apply {
             client,
             source,
             marker,
+            marker_seq,
             progress,
         })
     }

@@ -262,12 +262,16 @@ impl ReceiverSession {
 }
 
 /// Whether a batch of `need` bytes may be stored in an inbox holding
-/// `bytes` under `inbox-max-bytes` = `max`: an empty inbox always takes
-/// one (a batch larger than the limit must still pass).
-pub fn inbox_has_room(bytes: u64, need: u64, max: Option<u64>) -> bool {
+/// `bytes` under `inbox-max-bytes` = `max`. `holds_complete` says whether
+/// the inbox holds the last record of a transaction not yet applied: if it
+/// does not, apply cannot free anything until more arrives (the inbox is
+/// empty, or holds only the start of one transaction larger than the
+/// limit), so the batch is taken whatever its size. The inbox therefore
+/// holds at most the limit plus a batch, or one transaction plus a batch.
+pub fn inbox_has_room(bytes: u64, need: u64, max: Option<u64>, holds_complete: bool) -> bool {
     match max {
         None => true,
-        Some(max) => bytes == 0 || bytes + need <= max,
+        Some(max) => !holds_complete || bytes + need <= max,
     }
 }
 
@@ -502,9 +506,18 @@ mod tests {
 
     #[test]
     fn the_inbox_takes_a_batch_while_it_has_room_and_always_when_empty() {
-        assert!(inbox_has_room(10, 90, Some(100)));
-        assert!(!inbox_has_room(11, 90, Some(100)));
-        assert!(inbox_has_room(0, 1000, Some(100)));
-        assert!(inbox_has_room(1 << 40, 1 << 40, None));
+        assert!(inbox_has_room(10, 90, Some(100), true));
+        assert!(!inbox_has_room(11, 90, Some(100), true));
+        assert!(inbox_has_room(0, 1000, Some(100), false));
+        assert!(inbox_has_room(1 << 40, 1 << 40, None, true));
+    }
+
+    #[test]
+    fn a_transaction_larger_than_the_limit_is_taken_whole_then_the_limit_holds() {
+        // Only the start of one transaction, already past the limit: apply
+        // can free nothing until its last record arrives.
+        assert!(inbox_has_room(500, 90, Some(100), false));
+        // Its last record is stored: apply commits it and frees room.
+        assert!(!inbox_has_room(500, 90, Some(100), true));
     }
 }
