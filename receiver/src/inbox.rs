@@ -18,8 +18,9 @@
 //!   can resume after a restart with records whose Relation message was in a
 //!   record already applied and deleted.
 //!
-//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (under sled's blob
-//! threshold, so it stays in the fsynced log). The records' total is held
+//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (sled may still
+//! put a page of several records in a blob file: `Store::sync` fsyncs every
+//! file and directory of the store). The records' total is held
 //! under `inbox-max-bytes` by ingest, which waits (the sender keeps the batch)
 //! while a batch would take the inbox past it; an empty inbox always takes
 //! one batch, so the most the inbox holds is the limit plus one batch

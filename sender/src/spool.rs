@@ -7,8 +7,9 @@
 //! Tree `records`:
 //! - key = seq as u64 big-endian, value = an encoded
 //!   [`Record`](pgcourier_proto::record::Record) (CRC-32, under
-//!   `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them,
-//!   so sled keeps it in its fsynced log, never in a blob file). Dense.
+//!   `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them;
+//!   sled puts a page of several such records in a blob file, which
+//!   `Store::sync` fsyncs like the rest of the store). Dense.
 //!
 //! Tree `meta` (u64 values big-endian):
 //! - `complete_seq`: highest seq that ends a transaction and is fsynced:
