@@ -13,6 +13,10 @@
 //!   - `source`: UTF-8 identity of the source the inbox belongs to (absent
 //!     in a new inbox; set by the first sender's `Welcome` or a seed import,
 //!     never changed afterwards).
+//!   - `spool_id`: UTF-8 identity of the sender spool the records came from
+//!     (absent in a new inbox, or one from before protocol 4; set, fsynced,
+//!     by the first sender's `Welcome`, before anything is stored; never
+//!     changed afterwards: a sender with another spool is refused).
 //! - tree `relations`: key = source relation OID (u32 big-endian), value =
 //!   the latest pgoutput Relation message seen for it at apply time, so apply
 //!   can resume after a restart with records whose Relation message was in a
@@ -132,6 +136,23 @@ impl Inbox {
     pub fn set_source(&self, source: &str) -> Result<(), StoreError> {
         self.meta
             .insert("source", source.as_bytes())
+            .map_err(|e| self.store.write_err(e))?;
+        self.store.sync()
+    }
+
+    /// The sender spool this inbox holds records of (`None`: none yet).
+    pub fn spool_id(&self) -> Result<Option<String>, StoreError> {
+        let v = self
+            .meta
+            .get("spool_id")
+            .map_err(|e| self.store.write_err(e))?;
+        Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Record the sender spool this inbox holds records of. Fsynced.
+    pub fn set_spool_id(&self, spool: &str) -> Result<(), StoreError> {
+        self.meta
+            .insert("spool_id", spool.as_bytes())
             .map_err(|e| self.store.write_err(e))?;
         self.store.sync()
     }

@@ -19,6 +19,11 @@
 //!   the slot may be confirmed up to the second. Absent on a new spool (0).
 //! - `source`: the source identity, `<system id>/<database>/<slot>` (UTF-8).
 //!   Written once by the first capture session; a spool never changes source.
+//! - `spool_id`: this spool's own identity, 128 random bits in hex (UTF-8),
+//!   written and fsynced by [`Spool::open`] when the spool is created (or
+//!   first opened by a version that has it); never changed. Record numbers
+//!   name transactions only within one spool: receivers keep it and are
+//!   refused by a spool with another (protocol 4).
 //! - `copy_state`: bincode [`CopyState`] (tables synced / waiting for a
 //!   copy). Absent until the first session decides what to copy.
 //! - `applied/<receiver>`: highest seq that receiver has applied to its
@@ -218,6 +223,18 @@ impl Spool {
         if registered {
             store.sync()?;
         }
+        if !inspect
+            && meta
+                .get(SPOOL_ID_KEY)
+                .map_err(|e| store.write_err(e))?
+                .is_none()
+        {
+            let id = format!("{:032x}", rand::random::<u128>());
+            meta.insert(SPOOL_ID_KEY, id.as_bytes())
+                .map_err(|e| store.write_err(e))?;
+            store.sync()?;
+            tracing::info!(spool_id = %id, "a new spool: its identity is made");
+        }
         let mut needs_copy = Vec::new();
         for item in meta.scan_prefix(NEEDS_COPY_PREFIX) {
             let (k, _) = item.map_err(|e| store.write_err(e))?;
@@ -290,6 +307,20 @@ impl Spool {
                 path: self.store.path.clone(),
                 key: "meta/source".into(),
             })
+    }
+
+    /// This spool's identity (`meta/spool_id`), made by [`Spool::open`].
+    pub fn spool_id(&self) -> Result<String, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            path: self.store.path.clone(),
+            key: format!("meta/{SPOOL_ID_KEY}"),
+        };
+        let v = self
+            .meta
+            .get(SPOOL_ID_KEY)
+            .map_err(|e| self.store.write_err(e))?
+            .ok_or_else(corrupt)?;
+        String::from_utf8(v.to_vec()).map_err(|_| corrupt())
     }
 
     /// Record the source identity. Fsynced (blocks: call it off the async
@@ -582,6 +613,8 @@ impl Spool {
 const APPLIED_PREFIX: &str = "applied/";
 /// What earlier versions named `applied/`; moved on open.
 const OLD_APPLIED_PREFIX: &str = "ack/";
+/// `meta` key of the spool's identity.
+const SPOOL_ID_KEY: &str = "spool_id";
 const NEEDS_COPY_PREFIX: &str = "needs_copy/";
 const START_PREFIX: &str = "start/";
 

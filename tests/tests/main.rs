@@ -12,6 +12,7 @@ mod harness_selftest;
 mod links;
 mod queue;
 mod replication;
+mod trust_identity;
 
 // ---------------------------------------------------------------------------
 // Other test modules go here, one line each (keep this list sorted), e.g.:
