@@ -13,13 +13,18 @@
 //!   - `source`: UTF-8 identity of the source the inbox belongs to (absent
 //!     in a new inbox; set by the first sender's `Welcome` or a seed import,
 //!     never changed afterwards).
+//!   - `spool_id`: UTF-8 identity of the sender spool the records came from
+//!     (absent in a new inbox, or one from before protocol 4; set, fsynced,
+//!     by the first sender's `Welcome`, before anything is stored; never
+//!     changed afterwards: a sender with another spool is refused).
 //! - tree `relations`: key = source relation OID (u32 big-endian), value =
 //!   the latest pgoutput Relation message seen for it at apply time, so apply
 //!   can resume after a restart with records whose Relation message was in a
 //!   record already applied and deleted.
 //!
-//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (under sled's blob
-//! threshold, so it stays in the fsynced log). The records' total is held
+//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (sled may still
+//! put a page of several records in a blob file: `Store::sync` fsyncs every
+//! file and directory of the store). The records' total is held
 //! under `inbox-max-bytes` by ingest, which waits (the sender keeps the batch)
 //! while a batch would take the inbox past it; an inbox that holds no
 //! complete transaction apply could commit (empty, or the start of one
@@ -168,6 +173,23 @@ impl Inbox {
     pub fn set_source(&self, source: &str) -> Result<(), StoreError> {
         self.meta
             .insert("source", source.as_bytes())
+            .map_err(|e| self.store.write_err(e))?;
+        self.store.sync()
+    }
+
+    /// The sender spool this inbox holds records of (`None`: none yet).
+    pub fn spool_id(&self) -> Result<Option<String>, StoreError> {
+        let v = self
+            .meta
+            .get("spool_id")
+            .map_err(|e| self.store.write_err(e))?;
+        Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Record the sender spool this inbox holds records of. Fsynced.
+    pub fn set_spool_id(&self, spool: &str) -> Result<(), StoreError> {
+        self.meta
+            .insert("spool_id", spool.as_bytes())
             .map_err(|e| self.store.write_err(e))?;
         self.store.sync()
     }

@@ -319,12 +319,19 @@ impl Ingest {
         truncations.borrow_and_update();
         let mut core = ReceiverSession::new(InboxFacts {
             source: self.inbox.source()?,
+            spool: self.inbox.spool_id()?,
             durable_seq: self.inbox.durable_seq(),
         });
-        framed::write_frame(&mut control_tx, &core.hello()).await?;
+        for frame in core.hello() {
+            framed::write_frame(&mut control_tx, &frame).await?;
+        }
         let answer = framed::read_frame(&mut control_rx).await?;
         let inbox_empty = self.inbox.first_seq()?.is_none();
         let welcomed = core.on_welcome(answer, inbox_empty)?;
+        if welcomed.adopt_spool {
+            let spool = welcomed.spool.clone();
+            blocking(&self.inbox, move |inbox| inbox.set_spool_id(&spool)).await?;
+        }
         if welcomed.adopt_source {
             let source = welcomed.source.clone();
             blocking(&self.inbox, move |inbox| inbox.set_source(&source)).await?;

@@ -356,6 +356,7 @@ impl Shipper {
                 Ok(None) => SpoolSource::NotYet,
                 Err(e) => SpoolSource::Unreadable(error_chain(&e)),
             },
+            spool: self.spool.spool_id()?,
             first_seq: marks.first_seq,
             complete_seq: marks.complete_seq,
             start_for: self.spool.start_for(receiver)?,
@@ -391,8 +392,20 @@ impl Shipper {
             pinned_level: self.cfg.zstd_level_pinned.then_some(self.cfg.zstd_level),
         };
         let mut core = SenderSession::new(spec.name.clone(), settings, sent_high);
-        let facts = self.spool_facts(&spec.name)?;
-        let resume_after = match core.on_hello(hello, &facts, Instant::now())? {
+        let admission = match core.on_hello(hello)? {
+            // Another protocol version: refused in the form it reads.
+            Some(refused) => refused,
+            None => {
+                let spool =
+                    tokio::time::timeout(HELLO_TIMEOUT, framed::read_frame(&mut control_rx))
+                        .await
+                        .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??
+                        .ok_or(ShipError::ClosedBeforeHello)?;
+                let facts = self.spool_facts(&spec.name)?;
+                core.on_hello_spool(spool, &facts, Instant::now())?
+            }
+        };
+        let resume_after = match admission {
             Admission::Refuse { frame, refusal } => {
                 let _ = framed::write_frame(&mut control_tx, &frame).await;
                 let _ = control_tx.finish();

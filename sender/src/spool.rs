@@ -7,8 +7,9 @@
 //! Tree `records`:
 //! - key = seq as u64 big-endian, value = an encoded
 //!   [`Record`](pgcourier_proto::record::Record) (CRC-32, under
-//!   `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them,
-//!   so sled keeps it in its fsynced log, never in a blob file). Dense.
+//!   `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them;
+//!   sled puts a page of several such records in a blob file, which
+//!   `Store::sync` fsyncs like the rest of the store). Dense.
 //!
 //! Tree `meta` (u64 values big-endian):
 //! - `complete_seq`: highest seq that ends a transaction and is fsynced:
@@ -18,6 +19,11 @@
 //!   the slot may be confirmed up to the second. Absent on a new spool (0).
 //! - `source`: the source identity, `<system id>/<database>/<slot>` (UTF-8).
 //!   Written once by the first capture session; a spool never changes source.
+//! - `spool_id`: this spool's own identity, 128 random bits in hex (UTF-8),
+//!   written and fsynced by [`Spool::open`] when the spool is created (or
+//!   first opened by a version that has it); never changed. Record numbers
+//!   name transactions only within one spool: receivers keep it and are
+//!   refused by a spool with another (protocol 4).
 //! - `copy_state`: bincode [`CopyState`] (tables synced / waiting for a
 //!   copy). Absent until the first session decides what to copy.
 //! - `confirmable_lsn`: the furthest position this spool has let capture
@@ -230,6 +236,18 @@ impl Spool {
         if registered {
             store.sync()?;
         }
+        if !inspect
+            && meta
+                .get(SPOOL_ID_KEY)
+                .map_err(|e| store.write_err(e))?
+                .is_none()
+        {
+            let id = format!("{:032x}", rand::random::<u128>());
+            meta.insert(SPOOL_ID_KEY, id.as_bytes())
+                .map_err(|e| store.write_err(e))?;
+            store.sync()?;
+            tracing::info!(spool_id = %id, "a new spool: its identity is made");
+        }
         let mut needs_copy = Vec::new();
         for item in meta.scan_prefix(NEEDS_COPY_PREFIX) {
             let (k, _) = item.map_err(|e| store.write_err(e))?;
@@ -302,6 +320,20 @@ impl Spool {
                 path: self.store.path.clone(),
                 key: "meta/source".into(),
             })
+    }
+
+    /// This spool's identity (`meta/spool_id`), made by [`Spool::open`].
+    pub fn spool_id(&self) -> Result<String, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            path: self.store.path.clone(),
+            key: format!("meta/{SPOOL_ID_KEY}"),
+        };
+        let v = self
+            .meta
+            .get(SPOOL_ID_KEY)
+            .map_err(|e| self.store.write_err(e))?
+            .ok_or_else(corrupt)?;
+        String::from_utf8(v.to_vec()).map_err(|_| corrupt())
     }
 
     /// Record the source identity. Fsynced (blocks: call it off the async
@@ -640,6 +672,8 @@ impl Spool {
 const APPLIED_PREFIX: &str = "applied/";
 /// What earlier versions named `applied/`; moved on open.
 const OLD_APPLIED_PREFIX: &str = "ack/";
+/// `meta` key of the spool's identity.
+const SPOOL_ID_KEY: &str = "spool_id";
 const NEEDS_COPY_PREFIX: &str = "needs_copy/";
 const START_PREFIX: &str = "start/";
 const CONFIRMABLE_KEY: &str = "confirmable_lsn";

@@ -14,6 +14,7 @@ mod queue;
 mod replication;
 mod trust_apply;
 mod trust_capture;
+mod trust_identity;
 
 // ---------------------------------------------------------------------------
 // Other test modules go here, one line each (keep this list sorted), e.g.:

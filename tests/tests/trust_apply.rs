@@ -22,7 +22,7 @@ fn free_tcp_port() -> u16 {
 }
 
 async fn status(port: u16) -> anyhow::Result<serde_json::Value> {
-    let addr = format!("127.0.0.1:{port}").parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let (_, body) = tokio::task::spawn_blocking(move || {
         pgcourier_common::ops::admin::request(addr, "GET", "/status")
     })

@@ -5,7 +5,9 @@
 //! receiver                                   sender
 //!   open bidi "control" stream
 //!   Hello{source, durable_seq}      ──────▶
-//!                                   ◀──────  Welcome{source, first_seq}
+//!   HelloSpool{spool}               ──────▶  (protocol 4; not read when
+//!                                             Hello names another version)
+//!                                   ◀──────  Welcome{source, spool, first_seq}
 //!                                            | RefuseClassed{reason, definite}
 //!                                            | Refuse{reason} (protocol mismatch)
 //!                                            open uni "data" stream
@@ -21,6 +23,18 @@
 //! then be fetched again (the receiver drops it and everything after it,
 //! and reconnects with a lower `durable_seq`).
 //!
+//! Record numbers name transactions only within one spool: `spool` is the
+//! sender spool's random identity, made when the spool is created. The
+//! inbox keeps the one it first received from; a receiver holding records
+//! of one spool is refused by (and refuses) a sender with another, so a
+//! replaced spool-dir that reuses the numbers is never taken for the same.
+//!
+//! Compatibility: the first frame (`Hello`) and the refusal every version
+//! reads (`Refuse`) keep the layout they had in version 1, so a side of any
+//! version can read the other's version and refuse it in a form it reads.
+//! That is why the spool identity travels in a frame of its own after
+//! `Hello` rather than in it. The other frames change with the version.
+//!
 //! Every frame is `[u32 big-endian length][bincode(Frame)]`, at most
 //! [`MAX_FRAME_BYTES`]. A batch payload is the zstd compression of
 //! `[u32 LE length][encoded record]...`; decompression is bounded by
@@ -34,13 +48,16 @@ use crate::record::{self, bincode_config, RecordError, MAX_RECORD_BYTES};
 /// 2: `Applied` frames; the spool is trimmed behind what receivers applied.
 /// 3: `RefuseClassed`: a refusal says whether retrying can help, so a
 /// receiver stops on a definite one instead of retrying for ever.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the spool identity: `HelloSpool` after `Hello`, `spool` in `Welcome`.
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_BATCH_RAW_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
-    /// Receiver → sender, first frame on the control stream.
+    /// Receiver → sender, first frame on the control stream. Its layout
+    /// never changes (see the module doc): the sender reads `protocol`
+    /// first.
     Hello {
         protocol: u32,
         /// Source identity the receiver's inbox belongs to (`None` when new).
@@ -49,7 +66,12 @@ pub enum Frame {
         durable_seq: u64,
     },
     /// Sender → receiver: accepted; batches follow on a uni stream.
-    Welcome { source: String, first_seq: u64 },
+    /// `spool`: the identity of the spool it ships from (protocol 4).
+    Welcome {
+        source: String,
+        spool: String,
+        first_seq: u64,
+    },
     /// Sender → receiver: refused; the connection closes. The form every
     /// protocol version decodes (variant 2 since version 1), so a sender
     /// uses it to refuse a receiver that speaks another version; a receiver
@@ -73,6 +95,10 @@ pub enum Frame {
     /// new branch is being prepared) or not (another source, records gone:
     /// an operator must act). The connection closes.
     RefuseClassed { reason: String, definite: bool },
+    /// Receiver → sender (protocol 4), right after `Hello`: the identity of
+    /// the spool the inbox holds records of (`None`: a new inbox, or one
+    /// from before protocol 4, which adopts the sender's).
+    HelloSpool { spool: Option<String> },
 }
 
 impl Frame {
@@ -86,6 +112,7 @@ impl Frame {
             Frame::Ack { .. } => "Ack",
             Frame::Applied { .. } => "Applied",
             Frame::RefuseClassed { .. } => "RefuseClassed",
+            Frame::HelloSpool { .. } => "HelloSpool",
         }
     }
 }
@@ -347,6 +374,33 @@ mod tests {
             Frame::RefuseClassed {
                 reason: "x".into(),
                 definite: true
+            }
+        );
+    }
+
+    /// A sender of any version reads a receiver's `Hello` to say in a form
+    /// it reads that it speaks another version: `Hello` keeps its version 1
+    /// layout, and the spool identity (protocol 4) is a frame of its own,
+    /// appended after `RefuseClassed`.
+    #[test]
+    fn hello_keeps_the_layout_every_version_reads_and_the_spool_follows_it() {
+        let hello = encode_frame(&Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            source: Some("s".into()),
+            durable_seq: 5,
+        })
+        .unwrap();
+        // [len][variant 0][protocol 4][Some][string len 1]["s"][5]
+        assert_eq!(hello, vec![0, 0, 0, 6, 0, 4, 1, 1, b's', 5]);
+        let spool = encode_frame(&Frame::HelloSpool {
+            spool: Some("ab".into()),
+        })
+        .unwrap();
+        assert_eq!(spool, vec![0, 0, 0, 5, 7, 1, 2, b'a', b'b']);
+        assert_eq!(
+            decode_frame(&spool[4..]).unwrap(),
+            Frame::HelloSpool {
+                spool: Some("ab".into())
             }
         );
     }

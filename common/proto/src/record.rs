@@ -12,8 +12,9 @@
 //! A transaction larger than the record size limit is split into several
 //! records with consecutive sequence numbers: `part` counts from 0 and only
 //! the last one has `last = true` and carries the commit's `end_lsn`.
-//! Bodies are kept under [`MAX_RECORD_BYTES`] so sled stores them inline in
-//! its log (larger values go to blob files that sled never fsyncs).
+//! Bodies are kept under [`MAX_RECORD_BYTES`]. (sled still writes a page
+//! holding several records to a blob file once the page passes about
+//! 128 KiB; `Store::sync` fsyncs those too.)
 
 use serde::{Deserialize, Serialize};
 

@@ -2,9 +2,10 @@
 //! with each batch, and what to acknowledge and report back.
 //!
 //! ```text
-//!  InboxFacts ──────▶ new ─▶ hello() ─▶ Hello{durable_seq}
-//!  Welcome ─────────▶ on_welcome ─▶ Welcomed { adopt_source, start_at_copy }
-//!  Refuse* ─────────▶           └─▶ Refused (transient | definite), WrongSource, Gap
+//!  InboxFacts ──────▶ new ─▶ hello() ─▶ Hello{durable_seq}, HelloSpool{spool}
+//!  Welcome ─────────▶ on_welcome ─▶ Welcomed { adopt_source, adopt_spool, start_at_copy }
+//!  Refuse* ─────────▶           └─▶ Refused (transient | definite), WrongSource,
+//!                                   WrongSpool, Gap
 //!  Batch + durable ─▶ on_batch ──▶ Replay { ack } | Store { skip } | Gap | Refetch
 //!  synced mark ─────▶ stored ────▶ Ack (raises `told`)
 //!  applied mark ────▶ applied ───▶ Applied, never past `told`
@@ -28,6 +29,9 @@ use crate::frame::{Frame, PROTOCOL_VERSION};
 pub struct InboxFacts {
     /// The source the inbox belongs to (`None`: a new inbox).
     pub source: Option<String>,
+    /// The sender spool the inbox holds records of (`None`: a new inbox,
+    /// or one from before protocol 4).
+    pub spool: Option<String>,
     /// Highest record stored and fsynced.
     pub durable_seq: u64,
 }
@@ -40,6 +44,11 @@ pub struct Welcomed {
     pub source: String,
     /// A new inbox: record that it belongs to `source` (fsynced).
     pub adopt_source: bool,
+    /// The sender's spool identity.
+    pub spool: String,
+    /// The inbox names no spool yet: record `spool` (fsynced) before
+    /// storing anything.
+    pub adopt_spool: bool,
     /// A new branch: the sender made a copy of the tables for it, starting
     /// right after this seq. Move the inbox there (it then holds, and has
     /// applied, everything through this seq, as after a seed import).
@@ -67,6 +76,8 @@ pub enum ReceiverError {
     ClosedBeforeWelcome,
     #[error("sender ships source {offered} but this inbox belongs to {ours}: use a new inbox-dir for a new source")]
     WrongSource { ours: String, offered: String },
+    #[error("sender ships from spool {offered} but this inbox holds records of spool {ours}: the sender's spool-dir was replaced (or restored from another spool's backup) and its record numbers name other transactions; re-seed this branch into an empty inbox-dir (move this one aside)")]
+    WrongSpool { ours: String, offered: String },
     #[error("gap: the inbox holds up to record {durable} but the sender resumes at {first}: records in between are lost; re-seed this branch")]
     Gap { durable: u64, first: u64 },
     #[error("the inbox dropped a corrupt record and everything after it; reconnecting to fetch them again")]
@@ -80,6 +91,7 @@ impl ReceiverError {
             ReceiverError::Refused { refusal } => refusal.class,
             ReceiverError::Protocol(_)
             | ReceiverError::WrongSource { .. }
+            | ReceiverError::WrongSpool { .. }
             | ReceiverError::Gap { .. } => Class::Definite,
             ReceiverError::ClosedBeforeWelcome | ReceiverError::Refetch => Class::Transient,
         }
@@ -97,6 +109,7 @@ enum Phase {
 pub struct ReceiverSession {
     phase: Phase,
     source: Option<String>,
+    spool: Option<String>,
     hello_durable: u64,
     /// Highest record this session told the sender it holds.
     told: u64,
@@ -109,19 +122,27 @@ impl ReceiverSession {
         ReceiverSession {
             phase: Phase::AwaitingWelcome,
             source: inbox.source,
+            spool: inbox.spool,
             hello_durable: inbox.durable_seq,
             told: inbox.durable_seq,
             reported: None,
         }
     }
 
-    /// The first frame: what the inbox holds durably.
-    pub fn hello(&self) -> Frame {
-        Frame::Hello {
-            protocol: PROTOCOL_VERSION,
-            source: self.source.clone(),
-            durable_seq: self.hello_durable,
-        }
+    /// The first two frames, to write in order: `Hello` (what the inbox
+    /// holds durably, in the layout every version reads) and `HelloSpool`
+    /// (the spool it holds records of).
+    pub fn hello(&self) -> [Frame; 2] {
+        [
+            Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                source: self.source.clone(),
+                durable_seq: self.hello_durable,
+            },
+            Frame::HelloSpool {
+                spool: self.spool.clone(),
+            },
+        ]
     }
 
     /// The sender's answer to `Hello` (`None`: the control stream ended).
@@ -135,8 +156,12 @@ impl ReceiverSession {
             return Err(ReceiverError::Protocol("a second answer to Hello".into()));
         }
         self.phase = Phase::Ended;
-        let (offered, first_seq) = match frame {
-            Some(Frame::Welcome { source, first_seq }) => (source, first_seq),
+        let (offered, spool, first_seq) = match frame {
+            Some(Frame::Welcome {
+                source,
+                spool,
+                first_seq,
+            }) => (source, spool, first_seq),
             Some(Frame::Refuse { reason }) => {
                 // Only a sender of another protocol version sends this form.
                 return Err(ReceiverError::Refused {
@@ -168,7 +193,16 @@ impl ReceiverSession {
                 });
             }
         }
+        if let Some(ours) = &self.spool {
+            if *ours != spool {
+                return Err(ReceiverError::WrongSpool {
+                    ours: ours.clone(),
+                    offered: spool,
+                });
+            }
+        }
         let adopt_source = self.source.is_none();
+        let adopt_spool = self.spool.is_none();
         let durable = self.hello_durable;
         let mut start_at_copy = None;
         if first_seq > durable + 1 {
@@ -188,6 +222,8 @@ impl ReceiverSession {
         Ok(Welcomed {
             source: offered,
             adopt_source,
+            spool,
+            adopt_spool,
             start_at_copy,
         })
     }
@@ -280,10 +316,13 @@ mod tests {
     use super::*;
 
     const SOURCE: &str = "hq-7";
+    const SPOOL: &str = "5b0e1a9c";
 
+    /// An inbox of `source` (and, when it has one, of our spool).
     fn session(source: Option<&str>, durable_seq: u64) -> ReceiverSession {
         ReceiverSession::new(InboxFacts {
             source: source.map(Into::into),
+            spool: source.map(|_| SPOOL.into()),
             durable_seq,
         })
     }
@@ -291,6 +330,7 @@ mod tests {
     fn welcome(first_seq: u64) -> Option<Frame> {
         Some(Frame::Welcome {
             source: SOURCE.into(),
+            spool: SPOOL.into(),
             first_seq,
         })
     }
@@ -305,19 +345,27 @@ mod tests {
     fn hello_says_what_the_inbox_holds() {
         assert_eq!(
             session(Some(SOURCE), 42).hello(),
-            Frame::Hello {
-                protocol: PROTOCOL_VERSION,
-                source: Some(SOURCE.into()),
-                durable_seq: 42
-            }
+            [
+                Frame::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    source: Some(SOURCE.into()),
+                    durable_seq: 42
+                },
+                Frame::HelloSpool {
+                    spool: Some(SPOOL.into())
+                }
+            ]
         );
         assert_eq!(
             session(None, 0).hello(),
-            Frame::Hello {
-                protocol: PROTOCOL_VERSION,
-                source: None,
-                durable_seq: 0
-            }
+            [
+                Frame::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    source: None,
+                    durable_seq: 0
+                },
+                Frame::HelloSpool { spool: None }
+            ]
         );
     }
 
@@ -329,6 +377,8 @@ mod tests {
             Welcomed {
                 source: SOURCE.into(),
                 adopt_source: true,
+                spool: SPOOL.into(),
+                adopt_spool: true,
                 start_at_copy: None
             }
         );
@@ -338,6 +388,8 @@ mod tests {
             Welcomed {
                 source: SOURCE.into(),
                 adopt_source: false,
+                spool: SPOOL.into(),
+                adopt_spool: false,
                 start_at_copy: None
             }
         );
@@ -353,6 +405,44 @@ mod tests {
         assert_eq!(e.class(), Class::Definite);
         // A session refused at Welcome takes no batch.
         assert!(s.on_batch(10, 10, 9, false).is_err());
+    }
+
+    /// Issue 12, item 2: a sender whose spool is not the one the inbox
+    /// holds records of is refused even when the record numbers would fit
+    /// (its spool was replaced and has reached them again).
+    #[test]
+    fn a_welcome_from_another_spool_is_refused_definitely_and_a_spool_less_inbox_adopts_it() {
+        let mut s = session(Some(SOURCE), 20);
+        let e = s
+            .on_welcome(
+                Some(Frame::Welcome {
+                    source: SOURCE.into(),
+                    spool: "b-spool".into(),
+                    first_seq: 1,
+                }),
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ReceiverError::WrongSpool {
+                ours: SPOOL.into(),
+                offered: "b-spool".into()
+            }
+        );
+        assert_eq!(e.class(), Class::Definite);
+        assert!(e.to_string().contains("re-seed this branch"), "{e}");
+        assert!(s.on_batch(21, 21, 20, false).is_err(), "takes no batch");
+        // An inbox from before protocol 4 holds a source but no spool: it
+        // adopts the sender's.
+        let mut s = ReceiverSession::new(InboxFacts {
+            source: Some(SOURCE.into()),
+            spool: None,
+            durable_seq: 20,
+        });
+        let w = s.on_welcome(welcome(1), false).unwrap();
+        assert!(w.adopt_spool && !w.adopt_source, "{w:?}");
+        assert_eq!(w.spool, SPOOL);
     }
 
     #[test]
@@ -384,6 +474,8 @@ mod tests {
             Welcomed {
                 source: SOURCE.into(),
                 adopt_source: true,
+                spool: SPOOL.into(),
+                adopt_spool: true,
                 start_at_copy: Some(49)
             }
         );

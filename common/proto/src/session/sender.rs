@@ -2,9 +2,12 @@
 //! in-flight window, Ack/Applied validation and batch shaping.
 //!
 //! ```text
-//!  Hello + SpoolFacts ─▶ on_hello ─▶ Admission::Welcome (resume after the receiver's
-//!                                      durable mark, or at a copy made for it)
-//!                                  └▶ Admission::Refuse (why, transient or definite)
+//!  Hello ─────────────▶ on_hello ─▶ read HelloSpool next | Admission::Refuse (another
+//!                                      protocol version, in the form it reads)
+//!  HelloSpool + SpoolFacts ─▶ on_hello_spool ─▶ Admission::Welcome (resume after the
+//!                                      receiver's durable mark, or at a copy made for it)
+//!                                  └▶ Admission::Refuse (why, transient or definite:
+//!                                      another source, another spool, records gone)
 //!  complete_seq ───────▶ wants ────▶ Want { from, max_raw_bytes } | None (window full,
 //!                                      nothing new)
 //!  records + rate ─────▶ next_batch ▶ Batch frame (zstd level from the rate; size from
@@ -61,6 +64,9 @@ pub enum SpoolSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpoolFacts {
     pub source: SpoolSource,
+    /// The spool's own identity (random, made when it was created): record
+    /// numbers name transactions only within it.
+    pub spool: String,
     /// Lowest record still stored (`complete_seq + 1` when empty).
     pub first_seq: u64,
     /// Highest record that is durable and ends a transaction.
@@ -140,9 +146,14 @@ impl SenderError {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Phase {
     AwaitingHello,
+    /// A `Hello` of this protocol came: its `HelloSpool` is next.
+    AwaitingSpool {
+        source: Option<String>,
+        durable_seq: u64,
+    },
     Streaming,
     Refused,
 }
@@ -189,15 +200,12 @@ impl SenderSession {
         }
     }
 
-    /// The receiver's first frame. A new branch whose copy was made for it
-    /// starts at that copy; anyone else resumes right after what it holds
-    /// durably, if the spool still has that and the receiver belongs here.
-    pub fn on_hello(
-        &mut self,
-        frame: Frame,
-        facts: &SpoolFacts,
-        now: Instant,
-    ) -> Result<Admission, SenderError> {
+    /// The receiver's first frame. `None`: it speaks this protocol, read
+    /// its next frame (`HelloSpool`) and pass it to
+    /// [`SenderSession::on_hello_spool`]. A receiver of another version is
+    /// refused at once, in the form every version reads (it sends no
+    /// `HelloSpool`, or one this side need not read).
+    pub fn on_hello(&mut self, frame: Frame) -> Result<Option<Admission>, SenderError> {
         if self.phase != Phase::AwaitingHello {
             return Err(SenderError::Protocol(
                 "Hello after the session began".into(),
@@ -214,22 +222,58 @@ impl SenderSession {
                 frame.name()
             )));
         };
+        if protocol != PROTOCOL_VERSION {
+            self.phase = Phase::Refused;
+            let refusal = Refusal::definite(format!("protocol {protocol} is not supported (this sender speaks {PROTOCOL_VERSION}): upgrade the older side"));
+            return Ok(Some(Admission::Refuse {
+                // The form a peer of any version can read.
+                frame: Frame::Refuse {
+                    reason: refusal.reason.clone(),
+                },
+                refusal,
+            }));
+        }
+        self.phase = Phase::AwaitingSpool {
+            source,
+            durable_seq,
+        };
+        Ok(None)
+    }
+
+    /// The receiver's second frame: the spool its inbox holds records of.
+    /// A new branch whose copy was made for it starts at that copy; anyone
+    /// else resumes right after what it holds durably, if the spool still
+    /// has that and the receiver belongs here: same source, same spool.
+    pub fn on_hello_spool(
+        &mut self,
+        frame: Frame,
+        facts: &SpoolFacts,
+        now: Instant,
+    ) -> Result<Admission, SenderError> {
+        let Phase::AwaitingSpool {
+            source,
+            durable_seq,
+        } = std::mem::replace(&mut self.phase, Phase::Refused)
+        else {
+            return Err(SenderError::Protocol(format!(
+                "{} where only the frame after Hello belongs",
+                frame.name()
+            )));
+        };
+        let Frame::HelloSpool { spool } = frame else {
+            return Err(SenderError::Protocol(format!(
+                "the frame after Hello is {}, not HelloSpool",
+                frame.name()
+            )));
+        };
         let start = facts.start_for.filter(|_| durable_seq == 0);
         let durable_seq = start.map_or(durable_seq, |s| s - 1);
-        let our_source = match admit(protocol, source.as_deref(), durable_seq, facts) {
+        let our_source = match admit(source.as_deref(), spool.as_deref(), durable_seq, facts) {
             Ok(s) => s,
             Err(refusal) => {
-                self.phase = Phase::Refused;
-                let frame = if protocol != PROTOCOL_VERSION {
-                    // The form a peer of any version can read.
-                    Frame::Refuse {
-                        reason: refusal.reason.clone(),
-                    }
-                } else {
-                    Frame::RefuseClassed {
-                        reason: refusal.reason.clone(),
-                        definite: refusal.class == Class::Definite,
-                    }
+                let frame = Frame::RefuseClassed {
+                    reason: refusal.reason.clone(),
+                    definite: refusal.class == Class::Definite,
                 };
                 return Ok(Admission::Refuse { frame, refusal });
             }
@@ -241,6 +285,7 @@ impl SenderSession {
         Ok(Admission::Welcome {
             frame: Frame::Welcome {
                 source: our_source,
+                spool: facts.spool.clone(),
                 first_seq: start.unwrap_or(facts.first_seq),
             },
             resume_after: durable_seq,
@@ -414,17 +459,15 @@ impl SenderSession {
     }
 }
 
-/// Whether a receiver that says hello with these facts may be served: our
-/// source, or why not. `durable_seq` is already moved to a copy's start.
+/// Whether a receiver of this protocol that says hello with these facts
+/// may be served: our source, or why not. `durable_seq` is already moved to
+/// a copy's start.
 fn admit(
-    protocol: u32,
     source: Option<&str>,
+    spool: Option<&str>,
     durable_seq: u64,
     facts: &SpoolFacts,
 ) -> Result<String, Refusal> {
-    if protocol != PROTOCOL_VERSION {
-        return Err(Refusal::definite(format!("protocol {protocol} is not supported (this sender speaks {PROTOCOL_VERSION}): upgrade the older side")));
-    }
     if facts.needs_copy && durable_seq == 0 {
         return Err(Refusal::transient(
             "this branch is new: its copy of the tables is being prepared; retry shortly",
@@ -447,6 +490,19 @@ fn admit(
         if theirs != our_source {
             return Err(Refusal::definite(format!(
                 "the receiver's inbox belongs to source {theirs}, this sender ships {our_source}"
+            )));
+        }
+    }
+    if let Some(theirs) = spool {
+        if theirs != facts.spool {
+            return Err(Refusal::definite(format!(
+                "the receiver's inbox holds records of spool {theirs}, but this sender's spool is {}: \
+                 the spool-dir was replaced (a new directory, or a backup of another spool restored) and its \
+                 record numbers name other transactions, so resuming would silently skip changes. \
+                 Re-seed this branch: stop the receiver and move its inbox-dir aside, then import a seed into \
+                 the new empty one (pgcourier-sender seed export, then pgcourier-receiver seed import), or just \
+                 start it if this spool still begins with its initial copy; then restart the sender",
+                facts.spool
             )));
         }
     }
@@ -525,6 +581,7 @@ mod tests {
     use crate::Lsn;
 
     const SOURCE: &str = "hq-7";
+    const SPOOL: &str = "5b0e1a9c";
 
     fn settings() -> ShipSettings {
         ShipSettings {
@@ -537,6 +594,7 @@ mod tests {
     fn facts(first_seq: u64, complete_seq: u64) -> SpoolFacts {
         SpoolFacts {
             source: SpoolSource::Known(SOURCE.into()),
+            spool: SPOOL.into(),
             first_seq,
             complete_seq,
             start_for: None,
@@ -550,6 +608,39 @@ mod tests {
             source: source.map(Into::into),
             durable_seq,
         }
+    }
+
+    /// The receiver's first two frames: `Hello`, then `HelloSpool` naming
+    /// our spool when the inbox belongs to a source (it has been welcomed).
+    fn greet(
+        s: &mut SenderSession,
+        source: Option<&str>,
+        durable_seq: u64,
+        facts: &SpoolFacts,
+        now: Instant,
+    ) -> Result<Admission, SenderError> {
+        let spool = source.map(|_| SPOOL);
+        greet_from(s, source, spool, durable_seq, facts, now)
+    }
+
+    fn greet_from(
+        s: &mut SenderSession,
+        source: Option<&str>,
+        spool: Option<&str>,
+        durable_seq: u64,
+        facts: &SpoolFacts,
+        now: Instant,
+    ) -> Result<Admission, SenderError> {
+        if let Some(refused) = s.on_hello(hello(source, durable_seq))? {
+            return Ok(refused);
+        }
+        s.on_hello_spool(
+            Frame::HelloSpool {
+                spool: spool.map(Into::into),
+            },
+            facts,
+            now,
+        )
     }
 
     /// A record of about `len` bytes of incompressible-ish text.
@@ -574,15 +665,33 @@ mod tests {
 
     fn welcomed(durable: u64, first: u64, complete: u64, now: Instant) -> SenderSession {
         let mut s = SenderSession::new("branch-a", settings(), 0);
-        match s.on_hello(hello(Some(SOURCE), durable), &facts(first, complete), now) {
+        match greet(&mut s, Some(SOURCE), durable, &facts(first, complete), now) {
             Ok(Admission::Welcome { .. }) => s,
             other => panic!("expected a welcome, got {other:?}"),
         }
     }
 
-    fn refusal(frame: Frame, facts: &SpoolFacts) -> (Frame, Refusal) {
+    /// The refusal of a receiver that says `hello` (a `Hello`) and, if
+    /// asked, names our spool when it has a source.
+    fn refusal(hello: Frame, facts: &SpoolFacts) -> (Frame, Refusal) {
         let mut s = SenderSession::new("branch-a", settings(), 0);
-        match s.on_hello(frame, facts, Instant::now()).unwrap() {
+        let admission = match s.on_hello(hello.clone()).unwrap() {
+            Some(refused) => refused,
+            None => {
+                let Frame::Hello { source, .. } = hello else {
+                    unreachable!("on_hello takes only a Hello")
+                };
+                s.on_hello_spool(
+                    Frame::HelloSpool {
+                        spool: source.map(|_| SPOOL.into()),
+                    },
+                    facts,
+                    Instant::now(),
+                )
+                .unwrap()
+            }
+        };
+        match admission {
             Admission::Refuse { frame, refusal } => (frame, refusal),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -591,14 +700,13 @@ mod tests {
     #[test]
     fn a_receiver_resumes_right_after_what_it_holds_durably() {
         let mut s = SenderSession::new("branch-a", settings(), 0);
-        let admitted = s
-            .on_hello(hello(Some(SOURCE), 5), &facts(3, 10), Instant::now())
-            .unwrap();
+        let admitted = greet(&mut s, Some(SOURCE), 5, &facts(3, 10), Instant::now()).unwrap();
         assert_eq!(
             admitted,
             Admission::Welcome {
                 frame: Frame::Welcome {
                     source: SOURCE.into(),
+                    spool: SPOOL.into(),
                     first_seq: 3
                 },
                 resume_after: 5
@@ -610,7 +718,7 @@ mod tests {
         // spool's first record, which must be 1.
         let mut s = SenderSession::new("branch-a", settings(), 0);
         assert!(matches!(
-            s.on_hello(hello(None, 0), &facts(1, 10), Instant::now()),
+            greet(&mut s, None, 0, &facts(1, 10), Instant::now()),
             Ok(Admission::Welcome {
                 resume_after: 0,
                 ..
@@ -640,12 +748,13 @@ mod tests {
         let mut f = facts(3, 80);
         f.start_for = Some(50);
         let mut s = SenderSession::new("branch-a", settings(), 0);
-        let admitted = s.on_hello(hello(None, 0), &f, Instant::now()).unwrap();
+        let admitted = greet(&mut s, None, 0, &f, Instant::now()).unwrap();
         assert_eq!(
             admitted,
             Admission::Welcome {
                 frame: Frame::Welcome {
                     source: SOURCE.into(),
+                    spool: SPOOL.into(),
                     first_seq: 50
                 },
                 resume_after: 49
@@ -655,7 +764,7 @@ mod tests {
         // Once it holds records, it resumes after them like anyone.
         let mut s = SenderSession::new("branch-a", settings(), 0);
         assert!(matches!(
-            s.on_hello(hello(Some(SOURCE), 60), &f, Instant::now()),
+            greet(&mut s, Some(SOURCE), 60, &f, Instant::now()),
             Ok(Admission::Welcome {
                 resume_after: 60,
                 ..
@@ -712,6 +821,56 @@ mod tests {
         assert!(matches!(frame, Frame::RefuseClassed { definite: true, .. }));
     }
 
+    /// Issue 12, item 2: record numbers name transactions only within one
+    /// spool. A receiver holding 20 records of spool A, greeted by a sender
+    /// whose new spool (same source, same slot) has reached 30, would resume
+    /// at 21 and never get the new spool's 1-20.
+    #[test]
+    fn a_receiver_holding_records_of_another_spool_is_refused_definitely_with_the_way_to_re_seed() {
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        let a = greet_from(
+            &mut s,
+            Some(SOURCE),
+            Some("a-spool"),
+            20,
+            &facts(1, 30),
+            Instant::now(),
+        )
+        .unwrap();
+        let Admission::Refuse { frame, refusal } = a else {
+            panic!("admitted a receiver of another spool: {a:?}")
+        };
+        assert_eq!(refusal.class, Class::Definite);
+        assert!(
+            refusal.reason.starts_with(&format!(
+                "the receiver's inbox holds records of spool a-spool, but this sender's spool is {SPOOL}"
+            )),
+            "{refusal:?}"
+        );
+        assert!(
+            refusal.reason.contains("Re-seed this branch"),
+            "{refusal:?}"
+        );
+        assert!(matches!(frame, Frame::RefuseClassed { definite: true, .. }));
+        assert_eq!(s.wants(30), None, "nothing is shipped to it");
+        // An inbox from before protocol 4 (no spool yet) is welcomed, and
+        // told which spool to keep.
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        let a = greet_from(
+            &mut s,
+            Some(SOURCE),
+            None,
+            20,
+            &facts(1, 30),
+            Instant::now(),
+        )
+        .unwrap();
+        assert!(
+            matches!(&a, Admission::Welcome { frame: Frame::Welcome { spool, .. }, resume_after: 20 } if spool == SPOOL),
+            "{a:?}"
+        );
+    }
+
     #[test]
     fn a_receiver_behind_the_trimmed_spool_must_be_re_seeded() {
         // Holds up to 4, spool starts at 6: record 5 is gone.
@@ -721,7 +880,7 @@ mod tests {
         // Holds up to 5: resumes at 6, the first stored.
         let mut s = SenderSession::new("branch-a", settings(), 0);
         assert!(matches!(
-            s.on_hello(hello(Some(SOURCE), 5), &facts(6, 10), Instant::now()),
+            greet(&mut s, Some(SOURCE), 5, &facts(6, 10), Instant::now()),
             Ok(Admission::Welcome {
                 resume_after: 5,
                 ..
@@ -743,8 +902,22 @@ mod tests {
     #[test]
     fn a_first_frame_other_than_hello_breaks_the_protocol() {
         let mut s = SenderSession::new("branch-a", settings(), 0);
+        let e = s.on_hello(Frame::Ack { durable_seq: 1 }).unwrap_err();
+        assert!(matches!(e, SenderError::Protocol(_)), "{e}");
+        // After a Hello of this protocol, only its HelloSpool.
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        assert_eq!(s.on_hello(hello(Some(SOURCE), 3)).unwrap(), None);
         let e = s
-            .on_hello(Frame::Ack { durable_seq: 1 }, &facts(1, 10), Instant::now())
+            .on_hello_spool(Frame::Ack { durable_seq: 1 }, &facts(1, 10), Instant::now())
+            .unwrap_err();
+        assert!(e.to_string().contains("not HelloSpool"), "{e}");
+        let mut s = SenderSession::new("branch-a", settings(), 0);
+        let e = s
+            .on_hello_spool(
+                Frame::HelloSpool { spool: None },
+                &facts(1, 10),
+                Instant::now(),
+            )
             .unwrap_err();
         assert!(matches!(e, SenderError::Protocol(_)), "{e}");
         // And nothing else is taken before Welcome.
@@ -884,8 +1057,7 @@ mod tests {
         // Records up to 12 went out on an earlier session; the receiver
         // holds 10.
         let mut s = SenderSession::new("branch-a", settings(), 12);
-        s.on_hello(hello(Some(SOURCE), 10), &facts(1, 100), Instant::now())
-            .unwrap();
+        greet(&mut s, Some(SOURCE), 10, &facts(1, 100), Instant::now()).unwrap();
         let b = s
             .next_batch((11..=14).map(|i| rec(i, 200, None)).collect(), 1e9, 100)
             .unwrap();

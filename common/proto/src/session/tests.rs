@@ -66,6 +66,7 @@ fn rec(seq: u64) -> Vec<u8> {
 /// The sender's spool: records `first..=complete`, trimmed behind the
 /// receiver's `Applied`.
 struct Spool {
+    id: String,
     records: VecDeque<Vec<u8>>,
     first: u64,
     complete: u64,
@@ -76,6 +77,7 @@ impl Spool {
     fn facts(&self) -> SpoolFacts {
         SpoolFacts {
             source: SpoolSource::Known("hq".into()),
+            spool: self.id.clone(),
             first_seq: self.first,
             complete_seq: self.complete,
             start_for: None,
@@ -117,6 +119,7 @@ impl Spool {
 #[derive(Default)]
 struct Branch {
     source: Option<String>,
+    spool: Option<String>,
     inbox: VecDeque<(u64, Vec<u8>)>,
     durable: u64,
     applied: u64,
@@ -164,6 +167,7 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
         pinned_level: Some(1),
     };
     let mut spool = Spool {
+        id: "spool-a".into(),
         records: VecDeque::new(),
         first: 1,
         complete: 0,
@@ -202,9 +206,12 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
         let (snd, rcv) = sessions.get_or_insert_with(|| {
             let rcv = ReceiverSession::new(InboxFacts {
                 source: branch.source.clone(),
+                spool: branch.spool.clone(),
                 durable_seq: branch.durable,
             });
-            to_sender.send(now, rcv.hello());
+            for f in rcv.hello() {
+                to_sender.send(now, f);
+            }
             (
                 SenderSession::new("branch", settings.clone(), sent_high),
                 rcv,
@@ -214,7 +221,13 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
         while let Some(frame) = to_sender.arrived(now) {
             match frame {
                 hello @ Frame::Hello { .. } => {
-                    match snd.on_hello(hello, &spool.facts(), now).unwrap() {
+                    assert_eq!(snd.on_hello(hello).unwrap(), None, "same protocol");
+                }
+                spool_frame @ Frame::HelloSpool { .. } => {
+                    match snd
+                        .on_hello_spool(spool_frame, &spool.facts(), now)
+                        .unwrap()
+                    {
                         Admission::Welcome { frame, .. } => to_receiver.send(now, frame),
                         Admission::Refuse { refusal, .. } => panic!("refused: {refusal:?}"),
                     }
@@ -267,6 +280,9 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
                     if w.adopt_source {
                         branch.source = Some(w.source);
                     }
+                    if w.adopt_spool {
+                        branch.spool = Some(w.spool);
+                    }
                     assert_eq!(w.start_at_copy, None);
                     if let Some(f) = rcv.applied(branch.applied) {
                         to_sender.send(now, f);
@@ -302,4 +318,86 @@ fn two_cores_over_a_dropping_link_deliver_every_record_once_and_in_order() {
         spool.complete + 1,
         "the spool trimmed everything applied"
     );
+}
+
+/// Issue 12, item 2: a sender started on a new spool-dir (same source,
+/// same slot) numbers its own transactions from 1. A branch holding 20
+/// records of the old spool must not be resumed at 21 once the new one has
+/// reached 30: it would never get the new spool's 1-20. Both cores refuse:
+/// the sender on the branch's `HelloSpool`, the branch on the `Welcome` of a
+/// sender that does not check.
+#[test]
+fn a_branch_holding_records_of_a_replaced_spool_is_refused_by_both_cores() {
+    let now = Instant::now();
+    let settings = ShipSettings {
+        max_in_flight: 16 << 10,
+        batch_bytes: 8 << 10,
+        pinned_level: Some(1),
+    };
+    let mut old = Spool {
+        id: "spool-a".into(),
+        records: VecDeque::new(),
+        first: 1,
+        complete: 0,
+        applied: 0,
+    };
+    old.capture(20);
+    // The branch, welcomed by the old spool, holds its 20 records.
+    let mut rcv = ReceiverSession::new(InboxFacts {
+        source: None,
+        spool: None,
+        durable_seq: 0,
+    });
+    let mut snd = SenderSession::new("branch", settings.clone(), 0);
+    let [hello, spool_frame] = rcv.hello();
+    assert_eq!(snd.on_hello(hello).unwrap(), None);
+    let Admission::Welcome { frame, .. } =
+        snd.on_hello_spool(spool_frame, &old.facts(), now).unwrap()
+    else {
+        panic!("the old spool refused a new branch")
+    };
+    let w = rcv.on_welcome(Some(frame), true).unwrap();
+    assert!(w.adopt_source && w.adopt_spool);
+    let branch = InboxFacts {
+        source: Some(w.source),
+        spool: Some(w.spool),
+        durable_seq: 20,
+    };
+    // A new spool on the same source, past what the branch holds.
+    let mut new = Spool {
+        id: "spool-b".into(),
+        records: VecDeque::new(),
+        first: 1,
+        complete: 0,
+        applied: 0,
+    };
+    new.capture(30);
+    let rcv = ReceiverSession::new(branch.clone());
+    let mut snd = SenderSession::new("branch", settings, 0);
+    let [hello, spool_frame] = rcv.hello();
+    assert_eq!(snd.on_hello(hello).unwrap(), None);
+    match snd.on_hello_spool(spool_frame, &new.facts(), now).unwrap() {
+        Admission::Refuse { frame, refusal } => {
+            assert_eq!(refusal.class, super::Class::Definite);
+            assert!(refusal.reason.contains("spool spool-a"), "{refusal:?}");
+            assert!(matches!(frame, Frame::RefuseClassed { definite: true, .. }));
+        }
+        other => panic!("admitted a branch holding another spool's records: {other:?}"),
+    }
+    assert_eq!(snd.wants(new.complete), None, "nothing is shipped");
+    // A sender that welcomes it anyway (no check of its own) is refused by
+    // the branch before any batch.
+    let mut rcv = ReceiverSession::new(branch);
+    let e = rcv
+        .on_welcome(
+            Some(Frame::Welcome {
+                source: "hq".into(),
+                spool: "spool-b".into(),
+                first_seq: 1,
+            }),
+            false,
+        )
+        .unwrap_err();
+    assert_eq!(e.class(), super::Class::Definite, "{e}");
+    assert!(rcv.on_batch(21, 21, 20, false).is_err());
 }
