@@ -1,9 +1,12 @@
 //! Issue 12, item 2: a spool has an identity, and a receiver that holds
 //! records of one spool is never resumed by another. Record numbers name
-//! transactions only within one spool: a new spool-dir on the same slot
-//! numbers its own transactions from 1, so a receiver holding N records of
-//! the old spool, admitted by the new one once it reaches N, would silently
-//! never get what the new spool holds at or below N.
+//! transactions only within one spool: a new spool-dir numbers its own
+//! transactions from 1, so a receiver holding N records of the old spool,
+//! admitted by the new one once it reaches N, would silently never get what
+//! the new spool holds at or below N. (A new spool-dir on the *same* slot is
+//! stopped earlier, at capture start-up, by the slot check of
+//! `trust_capture`; here the sender side is rebuilt whole, slot included,
+//! which only the spool identity can tell.)
 
 use std::time::Duration;
 
@@ -56,11 +59,25 @@ async fn a_receiver_is_refused_by_a_sender_whose_spool_was_replaced_and_re_syncs
         .await
         .context("the branch to hold spool A's rows")?;
 
-    // The branch goes away for a while; meanwhile the sender is started on a
-    // new spool-dir (a lost disk, a wrong path after a move) on the same
-    // slot, and captures more than the branch holds.
+    // The branch goes away for a while; meanwhile headquarters rebuilds its
+    // side (a lost disk: new spool-dir, the slot dropped and made again),
+    // and the new spool captures more than the branch holds.
     setup.branches[0].receiver.terminate()?;
     setup.sender.terminate()?;
+    let src = setup.source().await?;
+    wait_until("the old sender's slot to be released", WAIT, || async {
+        Ok(src
+            .query_one(
+                "SELECT count(*) = 0 FROM pg_replication_slots WHERE slot_name = 'pgcourier' AND active",
+                &[],
+            )
+            .await?
+            .get::<_, bool>(0))
+    })
+    .await?;
+    src.execute("SELECT pg_drop_replication_slot('pgcourier')", &[])
+        .await
+        .context("drop the old slot")?;
     let cfg = std::fs::read_to_string(&setup.sender_config)?;
     anyhow::ensure!(cfg.contains("spool-dir = \"spool\""), "sender.toml: {cfg}");
     std::fs::write(
