@@ -15,7 +15,7 @@ pub mod seed;
 use std::sync::Arc;
 
 use anyhow::Context;
-use pgcourier_common::ops::admin::Server;
+use pgcourier_common::ops::admin::Listeners;
 use pgcourier_common::transport::quic;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
@@ -57,25 +57,14 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
         apply: apply.clone(),
         link: ingest.link.clone(),
     });
-    let admin_socket = Server::start_socket(&cfg.admin_socket, endpoint_view.clone(), shutdown.clone())
+    let admin = Listeners::start(&cfg.admin_socket, cfg.admin, endpoint_view, shutdown.clone())
         .await
-        .context("start the admin socket (setting `admin-socket`)")?;
-    let admin = match cfg.admin {
-        Some(addr) => Some(
-            Server::start(addr, endpoint_view, shutdown.clone())
-                .await
-                .context("start the read-only admin listener (setting `admin`)")?,
-        ),
-        None => None,
-    };
+        .context("start the admin endpoint")?;
     let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
     apply.clone().run(shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await.context("join ingest task")?;
-    if let Some(admin) = admin {
-        admin.stopped().await;
-    }
-    admin_socket.stopped().await;
+    admin.stopped().await;
     inbox.sync().context("final inbox sync")?;
     Ok(())
 }

@@ -17,7 +17,7 @@ pub mod spool;
 use std::sync::Arc;
 
 use anyhow::Context;
-use pgcourier_common::ops::admin::Server;
+use pgcourier_common::ops::admin::Listeners;
 use pgcourier_common::transport::quic;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
@@ -64,17 +64,9 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
         shipper: shipper.clone(),
         seeds: seeds_tx,
     });
-    let admin_socket = Server::start_socket(&cfg.admin_socket, endpoint_view.clone(), shutdown.clone())
+    let admin = Listeners::start(&cfg.admin_socket, cfg.admin, endpoint_view, shutdown.clone())
         .await
-        .context("start the admin socket (setting `admin-socket`)")?;
-    let admin = match cfg.admin {
-        Some(addr) => Some(
-            Server::start(addr, endpoint_view, shutdown.clone())
-                .await
-                .context("start the read-only admin listener (setting `admin`)")?,
-        ),
-        None => None,
-    };
+        .context("start the admin endpoint")?;
     let ship_task = tokio::spawn(shipper.run(endpoint, shutdown.clone()));
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {
@@ -85,10 +77,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     }
     shutdown.cancel();
     ship_task.await.context("join shipping task")?;
-    if let Some(admin) = admin {
-        admin.stopped().await;
-    }
-    admin_socket.stopped().await;
+    admin.stopped().await;
     spool.flush_on_stop();
     result.map_err(anyhow::Error::from)
 }

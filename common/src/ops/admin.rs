@@ -215,7 +215,7 @@ fn unknown_request() -> Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("cannot listen on admin address {addr}")]
+    #[error("cannot listen on admin address {addr} (setting `admin`)")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -233,6 +233,40 @@ enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
 }
+
+/// A daemon's whole admin endpoint: the socket with every route and, when
+/// the `admin` setting asks for it, the read-only TCP listener. Both daemons
+/// start theirs with [`Listeners::start`] and wait for it with
+/// [`Listeners::stopped`] after the shutdown token is cancelled.
+pub struct Listeners {
+    socket: Server,
+    tcp: Option<Server>,
+}
+
+impl Listeners {
+    pub async fn start<E: Endpoint>(
+        socket: &Path,
+        tcp: Option<SocketAddr>,
+        endpoint: Arc<E>,
+        shutdown: CancellationToken,
+    ) -> Result<Listeners, AdminError> {
+        let socket = Server::start_socket(socket, endpoint.clone(), shutdown.clone()).await?;
+        let tcp = match tcp {
+            Some(addr) => Some(Server::start(addr, endpoint, shutdown).await?),
+            None => None,
+        };
+        Ok(Listeners { socket, tcp })
+    }
+
+    /// Wait until both listeners have drained (after shutdown).
+    pub async fn stopped(self) {
+        if let Some(tcp) = self.tcp {
+            tcp.stopped().await;
+        }
+        self.socket.stopped().await;
+    }
+}
+
 
 /// A running admin endpoint. Its accept loop, connections and requests are
 /// tasks of one tracker; they end when the shutdown token is cancelled
