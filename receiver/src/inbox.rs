@@ -528,7 +528,10 @@ mod tests {
         inbox.store_batch(5, &[record(5, true)]).unwrap();
         assert!(inbox.holds_complete_transaction());
         assert_eq!(inbox.truncate_from(5).unwrap(), Dropped::Refetch);
-        assert!(!inbox.holds_complete_transaction(), "counted again after a truncation");
+        assert!(
+            !inbox.holds_complete_transaction(),
+            "counted again after a truncation"
+        );
     }
 
     #[test]
@@ -542,11 +545,22 @@ mod tests {
         inbox.records.insert(seq_key(3), &[3u8][..]).unwrap();
         let t = inbox.subscribe_truncations();
         assert_eq!(inbox.truncate_from(3).unwrap(), Dropped::Applied);
-        assert!(!t.has_changed().unwrap(), "no refetch: ingest keeps its session");
-        assert_eq!(inbox.durable_seq(), 5, "the durable mark never goes below applied");
+        assert!(
+            !t.has_changed().unwrap(),
+            "no refetch: ingest keeps its session"
+        );
+        assert_eq!(
+            inbox.durable_seq(),
+            5,
+            "the durable mark never goes below applied"
+        );
         assert_eq!(inbox.applied_seq(), 3);
         assert_eq!(inbox.get(3).unwrap(), None);
-        assert_eq!(inbox.get(4).unwrap(), Some(vec![4]), "unapplied records stay");
+        assert_eq!(
+            inbox.get(4).unwrap(),
+            Some(vec![4]),
+            "unapplied records stay"
+        );
         assert_eq!(inbox.truncate_from(4).unwrap(), Dropped::Refetch);
         assert_eq!(inbox.durable_seq(), 3);
     }

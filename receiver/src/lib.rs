@@ -57,9 +57,14 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
         apply: apply.clone(),
         link: ingest.link.clone(),
     });
-    let admin = Listeners::start(&cfg.admin_socket, cfg.admin, endpoint_view, shutdown.clone())
-        .await
-        .context("start the admin endpoint")?;
+    let admin = Listeners::start(
+        &cfg.admin_socket,
+        cfg.admin,
+        endpoint_view,
+        shutdown.clone(),
+    )
+    .await
+    .context("start the admin endpoint")?;
     let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
     apply.clone().run(shutdown.clone()).await;
     shutdown.cancel();

@@ -64,9 +64,14 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
         shipper: shipper.clone(),
         seeds: seeds_tx,
     });
-    let admin = Listeners::start(&cfg.admin_socket, cfg.admin, endpoint_view, shutdown.clone())
-        .await
-        .context("start the admin endpoint")?;
+    let admin = Listeners::start(
+        &cfg.admin_socket,
+        cfg.admin,
+        endpoint_view,
+        shutdown.clone(),
+    )
+    .await
+    .context("start the admin endpoint")?;
     let ship_task = tokio::spawn(shipper.run(endpoint, shutdown.clone()));
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {

@@ -56,9 +56,8 @@ fn follow(socket: &Path, out: &Path) -> anyhow::Result<SeedSummary> {
     let path = out.display().to_string();
     loop {
         std::thread::sleep(Duration::from_millis(300));
-        let (code, body) = admin::request(socket, "GET", "/status").context(
-            "ask the running sender for the export's progress (setting `admin-socket`)",
-        )?;
+        let (code, body) = admin::request(socket, "GET", "/status")
+            .context("ask the running sender for the export's progress (setting `admin-socket`)")?;
         if code != 200 {
             bail!("the running sender answered {code}: {body}");
         }

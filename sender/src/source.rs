@@ -278,10 +278,12 @@ pub async fn prepare(
             }
             match row.get::<_, Option<String>>(2) {
                 Some(text) => parse_lsn("pg_replication_slots.confirmed_flush_lsn", &text)?,
-                None => return Err(SourceError::NotReady(format!(
+                None => {
+                    return Err(SourceError::NotReady(format!(
                     "replication slot {} has no confirmed_flush_lsn (is it still being created?)",
                     cfg.slot
-                ))),
+                )))
+                }
             }
         }
         None if resuming => {

@@ -965,7 +965,11 @@ mod tests {
             spool.append(seq, rec).unwrap();
         }
         assert_eq!(spool.rollback_uncommitted().unwrap(), 3);
-        assert_eq!(spool.next_seq(), 2, "the retry starts where the commit left");
+        assert_eq!(
+            spool.next_seq(),
+            2,
+            "the retry starts where the commit left"
+        );
         for seq in 2..=4 {
             assert_eq!(spool.get(seq).unwrap(), None, "stale record {seq}");
         }
@@ -977,7 +981,11 @@ mod tests {
             spool.read(1, 1 << 20).unwrap(),
             vec![b"one".to_vec(), b"t2".to_vec()]
         );
-        assert_eq!(spool.get(3).unwrap(), None, "no stale record past the commit");
+        assert_eq!(
+            spool.get(3).unwrap(),
+            None,
+            "no stale record past the commit"
+        );
         assert_eq!(spool.next_seq(), 3);
         // Nothing to roll back after a commit.
         assert_eq!(spool.rollback_uncommitted().unwrap(), 0);

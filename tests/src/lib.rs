@@ -38,9 +38,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
+pub use pgcourier_common::pg::quote_ident;
 use rand::Rng as _;
 use tokio_postgres::{Client, NoTls};
-pub use pgcourier_common::pg::quote_ident;
 
 /// PostgreSQL major version the harness runs.
 pub const PG_MAJOR: &str = "15";

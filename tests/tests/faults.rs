@@ -491,9 +491,10 @@ async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
 
 async fn admin_json(port: u16, path: &'static str) -> anyhow::Result<(serde_json::Value, String)> {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let (_, body) =
-        tokio::task::spawn_blocking(move || pgcourier_common::ops::admin::request(addr, "GET", path))
-            .await??;
+    let (_, body) = tokio::task::spawn_blocking(move || {
+        pgcourier_common::ops::admin::request(addr, "GET", path)
+    })
+    .await??;
     Ok((serde_json::from_str(&body).unwrap_or_default(), body))
 }
 

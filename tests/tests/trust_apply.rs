@@ -63,8 +63,10 @@ async fn a_transaction_spooled_twice_is_refused_out_of_order_and_never_applied_t
     // Hold records in the inbox: apply pauses on a missing table.
     dst.batch_execute("ALTER TABLE k RENAME TO k_away").await?;
     for i in 1..=3 {
-        src.batch_execute(&format!("INSERT INTO k SELECT {i} FROM generate_series(1, 2)"))
-            .await?;
+        src.batch_execute(&format!(
+            "INSERT INTO k SELECT {i} FROM generate_series(1, 2)"
+        ))
+        .await?;
     }
     wait_until("3 transactions to wait in the inbox", WAIT, || async {
         let st = status(admin).await?;
@@ -104,11 +106,17 @@ async fn a_transaction_spooled_twice_is_refused_out_of_order_and_never_applied_t
     // Apply alone: the sender (which never had records past 5) stays away.
     setup.sender.terminate()?;
     setup.restart_receiver(0)?;
-    wait_until("apply to refuse the copies, or apply them", WAIT, || async {
-        let st = status(admin).await?;
-        Ok(st["error_class"] == "out_of_order" && st["apply_state"] == "paused"
-            || count(&dst, "SELECT count(*) FROM k").await? >= 10)
-    })
+    wait_until(
+        "apply to refuse the copies, or apply them",
+        WAIT,
+        || async {
+            let st = status(admin).await?;
+            Ok(
+                st["error_class"] == "out_of_order" && st["apply_state"] == "paused"
+                    || count(&dst, "SELECT count(*) FROM k").await? >= 10,
+            )
+        },
+    )
     .await
     .with_context(|| setup.logs())?;
     let st = status(admin).await?;
@@ -120,7 +128,10 @@ async fn a_transaction_spooled_twice_is_refused_out_of_order_and_never_applied_t
         setup.logs()
     );
     anyhow::ensure!(
-        st["last_error"].as_str().unwrap_or("").contains("out of order"),
+        st["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("out of order"),
         "{st}"
     );
     Ok(())
@@ -130,8 +141,8 @@ async fn a_transaction_spooled_twice_is_refused_out_of_order_and_never_applied_t
 /// after a crash undid its delete) is dropped; the inbox never goes below
 /// what the sender was told is applied, so replication goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on(
-) -> anyhow::Result<()> {
+async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on() -> anyhow::Result<()>
+{
     let admin = free_tcp_port();
     let mut setup = Setup::start(
         "corruptapplied",
@@ -144,7 +155,8 @@ async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on(
     .await?;
     let src = setup.source().await?;
     for i in 1..=5 {
-        src.batch_execute(&format!("INSERT INTO k VALUES ({i})")).await?;
+        src.batch_execute(&format!("INSERT INTO k VALUES ({i})"))
+            .await?;
     }
     setup.wait_equal(0, &["public.k"], WAIT).await?;
     // Wait for the sender to hear it is applied (and trim behind it).
@@ -169,7 +181,8 @@ async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on(
     }
     setup.restart_receiver(0)?;
     for i in 6..=8 {
-        src.batch_execute(&format!("INSERT INTO k VALUES ({i})")).await?;
+        src.batch_execute(&format!("INSERT INTO k VALUES ({i})"))
+            .await?;
     }
     setup.wait_equal(0, &["public.k"], WAIT).await?;
     let st = status(admin).await?;
@@ -195,7 +208,8 @@ async fn a_transaction_larger_than_inbox_max_bytes_is_applied() -> anyhow::Resul
         "INSERT INTO big SELECT i, repeat(md5(i::text), 3) FROM generate_series(1, 20000) i",
     )
     .await?;
-    src.batch_execute("INSERT INTO big VALUES (0, 'after')").await?;
+    src.batch_execute("INSERT INTO big VALUES (0, 'after')")
+        .await?;
     setup.wait_equal(0, &["public.big"], WAIT).await
 }
 
@@ -238,6 +252,7 @@ async fn row_values_of_a_target_error_reach_neither_the_log_nor_status() -> anyh
         last_error.contains("users_email_key") && last_error.contains("23505"),
         "the error keeps the constraint and SQLSTATE: {last_error}"
     );
-    dst.batch_execute("DELETE FROM users WHERE id = 100").await?;
+    dst.batch_execute("DELETE FROM users WHERE id = 100")
+        .await?;
     setup.wait_equal(0, &["public.users"], WAIT).await
 }

@@ -165,8 +165,12 @@ async fn source_connection_cut_mid_peek_spools_each_transaction_once() -> anyhow
         .await
         .with_context(|| setup.logs())?;
     let (s, d): (i64, i64) = (
-        src.query_one("SELECT count(*) FROM nokey", &[]).await?.get(0),
-        dst.query_one("SELECT count(*) FROM nokey", &[]).await?.get(0),
+        src.query_one("SELECT count(*) FROM nokey", &[])
+            .await?
+            .get(0),
+        dst.query_one("SELECT count(*) FROM nokey", &[])
+            .await?
+            .get(0),
     );
     anyhow::ensure!(
         s == d,
@@ -247,8 +251,7 @@ async fn a_slot_ahead_of_its_spool_stops_capture_with_a_named_error() -> anyhow:
 /// comes back: its rows must be copied again, so that the branch ends
 /// identical (the changes made while it was out are in no stream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_that_leaves_the_publication_and_returns_is_copied_again() -> anyhow::Result<()>
-{
+async fn a_table_that_leaves_the_publication_and_returns_is_copied_again() -> anyhow::Result<()> {
     let setup = Setup::start(
         "trust-pub-return",
         Options {
@@ -284,7 +287,8 @@ async fn a_table_that_leaves_the_publication_and_returns_is_copied_again() -> an
         .await?;
     src.batch_execute("INSERT INTO b VALUES (300, 'back'); INSERT INTO a VALUES (1, 'a')")
         .await?;
-    setup.wait_equal(0, &["public.a", "public.b"], Duration::from_secs(60))
+    setup
+        .wait_equal(0, &["public.a", "public.b"], Duration::from_secs(60))
         .await?;
     Ok(())
 }
@@ -328,9 +332,8 @@ async fn a_full_spool_still_makes_the_copy_a_new_receiver_needs() -> anyhow::Res
         .await?;
     }
     let spool_dir = setup.dir.path().join("spool");
-    let open = || {
-        pgcourier_sender::spool::Spool::open_for_inspection(&spool_dir, &["branch0".into()])
-    };
+    let open =
+        || pgcourier_sender::spool::Spool::open_for_inspection(&spool_dir, &["branch0".into()]);
     wait_until(
         "the sender to capture past spool-max-bytes",
         WAIT,

@@ -3,8 +3,10 @@
 //! claims, decoding returns a value or an error, never panics, and never
 //! produces more than the limits allow.
 
+use pgcourier_proto::frame::{
+    self as wire, decode_batch, decode_frame, Frame, MAX_BATCH_RAW_BYTES,
+};
 use pgcourier_proto::record::{Piece, Record, MAX_RECORD_BYTES};
-use pgcourier_proto::frame::{self as wire, decode_batch, decode_frame, Frame, MAX_BATCH_RAW_BYTES};
 use pgcourier_proto::{pgoutput, Lsn};
 use proptest::prelude::*;
 

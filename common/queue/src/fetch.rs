@@ -70,10 +70,7 @@ impl Daemon {
         let addr = self.admin();
         match admin::request(addr.as_path(), method, path) {
             Ok((200, body)) => Ok(Some(body)),
-            Ok((code, body)) => bail!(
-                "admin socket {} answered {code}: {body}",
-                addr.display()
-            ),
+            Ok((code, body)) => bail!("admin socket {} answered {code}: {body}", addr.display()),
             Err(_) => Ok(None),
         }
     }

@@ -267,7 +267,6 @@ impl Listeners {
     }
 }
 
-
 /// A running admin endpoint. Its accept loop, connections and requests are
 /// tasks of one tracker; they end when the shutdown token is cancelled
 /// (requests in progress get [`DRAIN_TIMEOUT`] to finish).
@@ -338,7 +337,8 @@ impl Server {
 
     /// The TCP address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr.expect("local_addr is asked of a TCP admin server")
+        self.addr
+            .expect("local_addr is asked of a TCP admin server")
     }
 
     /// Wait until the accept loop and every connection have ended (after
@@ -940,7 +940,10 @@ mod tests {
         };
         assert_eq!(route(&Echo, &req, Access::Control).status, 200);
         let asked = ASKED_LIMIT.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(asked <= 1000, "/records asked the store for {asked} records");
+        assert!(
+            asked <= 1000,
+            "/records asked the store for {asked} records"
+        );
     }
 
     #[tokio::test]
@@ -960,7 +963,8 @@ mod tests {
         for _ in 0..200 {
             idle.push(TcpStream::connect(addr).await.unwrap());
         }
-        let asked = tokio::time::timeout(Duration::from_secs(2), fetch(addr, "GET", "/status")).await;
+        let asked =
+            tokio::time::timeout(Duration::from_secs(2), fetch(addr, "GET", "/status")).await;
         assert!(
             asked.is_err(),
             "a request was served beside 200 idle connections: connections are not counted"

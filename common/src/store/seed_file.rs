@@ -51,10 +51,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use pgcourier_proto::record::{self, MAX_RECORD_BYTES};
 use crate::pg::quote_ident;
 use crate::transport::tls::{fingerprint, Fingerprint, Identity};
 use crate::Lsn;
+use pgcourier_proto::record::{self, MAX_RECORD_BYTES};
 
 /// Prefix of the logical message that opens a copy transaction.
 pub const COPY_PREFIX: &str = "pgcourier.copy";
@@ -160,9 +160,26 @@ const MAX_TYPE_TEXT: usize = 1024;
 /// SQL's keyword type names that `format_type` writes unquoted and that
 /// mean something else (or nothing) when quoted.
 const KEYWORD_TYPES: &[&str] = &[
-    "bigint", "bit", "boolean", "char", "character", "dec", "decimal", "double", "float", "int",
-    "integer", "interval", "national", "nchar", "numeric", "real", "smallint", "time",
-    "timestamp", "varchar",
+    "bigint",
+    "bit",
+    "boolean",
+    "char",
+    "character",
+    "dec",
+    "decimal",
+    "double",
+    "float",
+    "int",
+    "integer",
+    "interval",
+    "national",
+    "nchar",
+    "numeric",
+    "real",
+    "smallint",
+    "time",
+    "timestamp",
+    "varchar",
 ];
 const INTERVAL_FIELDS: &[&str] = &["year", "month", "day", "hour", "minute", "second"];
 
@@ -176,8 +193,7 @@ impl TypeName {
         let mut out = String::new();
         let keyword = match (p.peek(), p.tokens.get(1)) {
             (Some(TypeToken::Word(w)), next)
-                if KEYWORD_TYPES.contains(&w.as_str())
-                    && next != Some(&TypeToken::Punct('.')) =>
+                if KEYWORD_TYPES.contains(&w.as_str()) && next != Some(&TypeToken::Punct('.')) =>
             {
                 Some(w.clone())
             }
@@ -341,7 +357,12 @@ impl TypeParser {
                     self.at += 1;
                     out.push_str(&n);
                 }
-                Some(t) => return Err(format!("a type modifier must be a number, not {}", describe(&t))),
+                Some(t) => {
+                    return Err(format!(
+                        "a type modifier must be a number, not {}",
+                        describe(&t)
+                    ))
+                }
                 None => return Err("unterminated type modifiers".into()),
             }
             if self.eat_punct(',') {
@@ -531,7 +552,11 @@ fn verify_signature(
         rustls::SignatureScheme::ECDSA_NISTP384_SHA384 => &sig::ECDSA_P384_SHA384_ASN1,
         rustls::SignatureScheme::ED25519 => &sig::ED25519,
         rustls::SignatureScheme::RSA_PSS_SHA256 => &sig::RSA_PSS_2048_8192_SHA256,
-        other => return Err(format!("signature scheme {other:?} is not one pgcourier uses")),
+        other => {
+            return Err(format!(
+                "signature scheme {other:?} is not one pgcourier uses"
+            ))
+        }
     };
     let key = public_key(cert_der).ok_or("the sender certificate does not parse")?;
     sig::UnparsedPublicKey::new(alg, key)
@@ -887,10 +912,7 @@ impl SeedReader {
 
     /// Read the whole file, verifying everything (its sender among
     /// `pinned`); returns the header and the record count.
-    pub fn verify_all(
-        path: &Path,
-        pinned: &[Fingerprint],
-    ) -> Result<(SeedHeader, u64), SeedError> {
+    pub fn verify_all(path: &Path, pinned: &[Fingerprint]) -> Result<(SeedHeader, u64), SeedError> {
         let mut r = SeedReader::open(path, pinned)?;
         let mut n = 0;
         while r.next_record()?.is_some() {
@@ -977,7 +999,10 @@ mod tests {
             let mut bad = good.clone();
             bad[at] ^= 0x40;
             std::fs::write(&path, &bad).unwrap();
-            assert!(SeedReader::verify_all(&path, &[sender().fingerprint()]).is_err(), "flip at {at}");
+            assert!(
+                SeedReader::verify_all(&path, &[sender().fingerprint()]).is_err(),
+                "flip at {at}"
+            );
         }
         std::fs::write(&path, b"not a seed at all").unwrap();
         assert!(matches!(
@@ -1132,11 +1157,18 @@ mod tests {
             ("text", "\"text\""),
             ("jsonb[]", "\"jsonb\"[]"),
             ("public.mood", "\"public\".\"mood\""),
-            ("\"Shop\".\"Odd \"\"Type\"\"\"[]", "\"Shop\".\"Odd \"\"Type\"\"\"[]"),
+            (
+                "\"Shop\".\"Odd \"\"Type\"\"\"[]",
+                "\"Shop\".\"Odd \"\"Type\"\"\"[]",
+            ),
             ("ext.vector(3)", "\"ext\".\"vector\"(3)"),
             ("integer.weird", "\"integer\".\"weird\""),
         ] {
-            assert_eq!(TypeName::parse(text).map(|t| t.to_string()), Ok(sql.to_owned()), "{text}");
+            assert_eq!(
+                TypeName::parse(text).map(|t| t.to_string()),
+                Ok(sql.to_owned()),
+                "{text}"
+            );
         }
         for bad in [
             "int); DROP TABLE x; --",

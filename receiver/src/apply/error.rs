@@ -247,8 +247,10 @@ mod tests {
 
     /// A real `tokio_postgres::Error` with these ErrorResponse fields.
     async fn server_error(fields_in: &[(u8, &str)]) -> tokio_postgres::Error {
-        let fields_in: Vec<(u8, String)> =
-            fields_in.iter().map(|(t, v)| (*t, (*v).to_owned())).collect();
+        let fields_in: Vec<(u8, String)> = fields_in
+            .iter()
+            .map(|(t, v)| (*t, (*v).to_owned()))
+            .collect();
         let sqlstate = fields_in
             .iter()
             .find(|(t, _)| *t == b'C')
@@ -291,8 +293,14 @@ mod tests {
             (b'S', "ERROR"),
             (b'V', "ERROR"),
             (b'C', "23505"),
-            (b'M', "duplicate key value violates unique constraint \"users_email_key\""),
-            (b'D', "Key (email)=(zebra-4417@secret.example) already exists."),
+            (
+                b'M',
+                "duplicate key value violates unique constraint \"users_email_key\"",
+            ),
+            (
+                b'D',
+                "Key (email)=(zebra-4417@secret.example) already exists.",
+            ),
             (b's', "public"),
             (b't', "users"),
             (b'n', "users_email_key"),
@@ -310,13 +318,19 @@ mod tests {
             (b'S', "ERROR"),
             (b'V', "ERROR"),
             (b'C', "22P02"),
-            (b'M', "invalid input syntax for type integer: \"zebra-4417\""),
+            (
+                b'M',
+                "invalid input syntax for type integer: \"zebra-4417\"",
+            ),
             (b'W', "COPY t, line 1, column n: \"zebra-4417\""),
         ])
         .await;
         let text = error_chain(&target(e));
         assert!(!text.contains("zebra"), "{text}");
-        assert!(text.contains("22P02: invalid input syntax for type integer"), "{text}");
+        assert!(
+            text.contains("22P02: invalid input syntax for type integer"),
+            "{text}"
+        );
     }
 
     fn target(source: tokio_postgres::Error) -> ApplyError {
@@ -351,7 +365,13 @@ mod tests {
         let cfg: tokio_postgres::Config = format!("host=127.0.0.1 port={port} user=courier")
             .parse()
             .unwrap();
-        let e = ApplyError::Connect(cfg.connect(tokio_postgres::NoTls).await.err().unwrap().into());
+        let e = ApplyError::Connect(
+            cfg.connect(tokio_postgres::NoTls)
+                .await
+                .err()
+                .unwrap()
+                .into(),
+        );
         assert!(e.is_transient());
         assert_eq!(e.class(), "connection");
     }

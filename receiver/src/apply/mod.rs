@@ -373,7 +373,12 @@ impl Apply {
                     prev = None;
                     continue;
                 }
-                Err(source) => return Err(ApplyError::Corrupt { seq: cursor, source }),
+                Err(source) => {
+                    return Err(ApplyError::Corrupt {
+                        seq: cursor,
+                        source,
+                    })
+                }
             };
             if record.seq != cursor {
                 return Err(ApplyError::Order {

@@ -157,11 +157,11 @@ mod tests {
     fn broken_parts_gaps_and_stale_starts_are_refused() {
         let start = pos(1, 10, 100, 0, false);
         for bad in [
-            pos(2, 10, 100, 2, false),  // a part skipped
-            pos(2, 11, 100, 1, false),  // another xid
-            pos(2, 10, 150, 1, true),   // another commit LSN
-            pos(2, 12, 200, 0, true),   // a new transaction before the last part
-            pos(3, 10, 100, 1, true),   // a seq skipped
+            pos(2, 10, 100, 2, false), // a part skipped
+            pos(2, 11, 100, 1, false), // another xid
+            pos(2, 10, 150, 1, true),  // another commit LSN
+            pos(2, 12, 200, 0, true),  // a new transaction before the last part
+            pos(3, 10, 100, 1, true),  // a seq skipped
         ] {
             assert!(check_follows(Some(&start), &bad, Lsn(0)).is_some(), "{bad}");
         }

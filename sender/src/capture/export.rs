@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use pgcourier_common::store::durable::Synced;
-use pgcourier_common::store::seed_file::{
-    self, SeedError, SeedHeader, SeedWriter, SEED_PREFIX,
-};
+use pgcourier_common::store::seed_file::{self, SeedError, SeedHeader, SeedWriter, SEED_PREFIX};
 use pgcourier_proto::cutter::{TxnCutter, TxnHead};
 use pgcourier_proto::pgoutput::{self, Message};
 use pgcourier_proto::record::Record;
@@ -194,7 +192,10 @@ mod tests {
         // An existing file is never replaced.
         let existing = dir.path().join("existing");
         std::fs::write(&existing, "precious").unwrap();
-        assert!(write_seed(&tmp, &existing).is_err(), "wrote over an existing file");
+        assert!(
+            write_seed(&tmp, &existing).is_err(),
+            "wrote over an existing file"
+        );
         assert_eq!(std::fs::read(&existing).unwrap(), b"precious");
         let _ = std::fs::remove_file(&tmp);
 
@@ -204,7 +205,10 @@ mod tests {
         std::fs::write(&target, "precious").unwrap();
         let link = dir.path().join("link.seed");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(write_seed(&tmp, &link).is_err(), "wrote over a symbolic link");
+        assert!(
+            write_seed(&tmp, &link).is_err(),
+            "wrote over a symbolic link"
+        );
         let _ = std::fs::remove_file(&tmp);
         let link_partial = dir.path().join("l.partial");
         std::os::unix::fs::symlink(&target, &link_partial).unwrap();

@@ -48,10 +48,9 @@ impl Capture {
                     // fsync task ended; a transient error is never the
                     // spool's own.)
                     let spool = self.spool.clone();
-                    let dropped =
-                        tokio::task::spawn_blocking(move || spool.rollback_uncommitted())
-                            .await
-                            .map_err(CaptureError::Blocking)??;
+                    let dropped = tokio::task::spawn_blocking(move || spool.rollback_uncommitted())
+                        .await
+                        .map_err(CaptureError::Blocking)??;
                     if dropped > 0 {
                         tracing::info!(
                             records = dropped,

@@ -645,7 +645,11 @@ fn a_transaction_committing_at_or_after_a_pending_cut_is_left_for_after_the_spli
         "{summary:?}"
     );
     assert_eq!(summary.last_commit, Lsn(0x1F00));
-    assert_eq!(summary.last_end, Lsn(0x1F08), "the slot is not confirmed past the cut");
+    assert_eq!(
+        summary.last_end,
+        Lsn(0x1F08),
+        "the slot is not confirmed past the cut"
+    );
     assert_eq!(
         summary.slot_step(wal, Some(Lsn(l))),
         SlotStep::Committed(Lsn(0x1F08))
@@ -660,7 +664,10 @@ fn a_transaction_committing_at_or_after_a_pending_cut_is_left_for_after_the_spli
     assert_eq!(summary.slot_step(wal, Some(Lsn(l))), SlotStep::Splice);
     // Once spliced (no cut pending), it is cut as any transaction.
     let (records, _) = cut(3, 0x1F00, &mut tables, &messages[4..]);
-    assert_eq!(records.iter().map(|r| r.xid).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(
+        records.iter().map(|r| r.xid).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
     assert_eq!(records[0].commit_lsn, Lsn(l));
 }
 

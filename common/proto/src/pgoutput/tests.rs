@@ -440,8 +440,7 @@ fn every_message_kind_survives_an_encode_decode_round_trip() {
             ],
         }));
     }
-    for (cascade, restart_identity) in
-        [(false, false), (true, false), (false, true), (true, true)]
+    for (cascade, restart_identity) in [(false, false), (true, false), (false, true), (true, true)]
     {
         messages.push(Message::Truncate {
             cascade,

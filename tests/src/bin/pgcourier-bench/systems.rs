@@ -182,8 +182,11 @@ impl Courier {
         let d = dir.path();
         let sender_fp =
             pgcourier_common::transport::tls::keygen(&d.join("s.crt"), &d.join("s.key"), "sender")?;
-        let receiver_fp =
-            pgcourier_common::transport::tls::keygen(&d.join("r.crt"), &d.join("r.key"), "receiver")?;
+        let receiver_fp = pgcourier_common::transport::tls::keygen(
+            &d.join("r.crt"),
+            &d.join("r.key"),
+            "receiver",
+        )?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
