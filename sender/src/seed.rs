@@ -12,7 +12,7 @@ use pgcourier_common::ops::progress::Bar;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{Capture, SeedOutcome, SeedRequest, SeedSummary};
+use crate::capture::{Capture, SeedRequest, SeedSummary};
 use crate::spool::Spool;
 use crate::SenderConfig;
 
@@ -61,28 +61,24 @@ fn follow(socket: &Path, out: &Path) -> anyhow::Result<SeedSummary> {
         if code != 200 {
             bail!("the running sender answered {code}: {body}");
         }
-        let st: serde_json::Value = serde_json::from_str(&body).context("parse sender status")?;
-        if let Ok(outcome) = serde_json::from_value::<SeedOutcome>(st["last_seed"].clone()) {
-            if outcome.path == path {
-                bar.finish();
-                return match (outcome.summary, outcome.error) {
-                    (Some(s), _) => Ok(s),
-                    (None, e) => bail!("seed export failed: {}", e.unwrap_or_default()),
-                };
-            }
+        let st: crate::admin::SenderStatus =
+            serde_json::from_str(&body).context("parse the running sender's status")?;
+        if let Some(outcome) = st.last_seed.filter(|o| o.path == path) {
+            bar.finish();
+            return match (outcome.summary, outcome.error) {
+                (Some(s), _) => Ok(s),
+                (None, Some(e)) => bail!("seed export failed: {e}"),
+                (None, None) => bail!("seed export failed; the sender's log says why"),
+            };
         }
-        let copy = &st["copy"];
-        if copy.is_object() {
-            let total: u64 = copy["tables"]
-                .as_array()
-                .map(|t| t.iter().filter_map(|t| t["rows_estimate"].as_u64()).sum())
-                .unwrap_or(0);
+        if let Some(copy) = st.copy {
+            let total: u64 = copy.tables.iter().map(|t| t.rows_estimate).sum();
             bar.draw(
                 "seed export",
-                copy["rows"].as_u64().unwrap_or(0),
+                copy.rows,
                 total,
-                copy["rows_per_second"].as_f64().unwrap_or(0.0),
-                copy["eta_seconds"].as_f64(),
+                copy.rows_per_second,
+                copy.eta_seconds,
             );
         }
     }
