@@ -15,6 +15,7 @@ mod replication;
 mod trust_apply;
 mod trust_capture;
 mod trust_identity;
+mod trust_publication;
 
 // ---------------------------------------------------------------------------
 // Other test modules go here, one line each (keep this list sorted), e.g.:

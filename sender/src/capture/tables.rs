@@ -166,7 +166,14 @@ impl Capture {
         };
         let mut backoff = crate::Backoff::new(self.cfg.max_backoff);
         let cut = loop {
-            match copy::take_cut(&self.cfg.source, &tables, self.cfg.copy_lock_wait).await {
+            match copy::take_cut(
+                &self.cfg.source,
+                &self.cfg.publication,
+                &tables,
+                self.cfg.copy_lock_wait,
+            )
+            .await
+            {
                 Ok(cut) => break cut,
                 Err(e) if e.is_lock_timeout() => {
                     let delay = backoff.next();

@@ -15,13 +15,17 @@ use crate::source::{self, SourceClient, SourceError};
 pub struct Cut {
     pub lsn: Lsn,
     pub client: SourceClient,
+    /// The publication whose tables are copied: its column lists and row
+    /// filters say what of them the copy sends (describe.rs, read.rs).
+    pub publication: String,
 }
 
-/// Take a cut over `oids`. Waits for the tables' current writers; gives up
+/// Take a cut over `oids`, tables of `publication`. Waits for the tables' current writers; gives up
 /// after `lock_wait` ([`CopyError::is_lock_timeout`]) so the caller can
 /// retry without holding writers back for long.
 pub async fn take_cut(
     cfg: &tokio_postgres::Config,
+    publication: &str,
     oids: &[u32],
     lock_wait: Duration,
 ) -> Result<Cut, CopyError> {
@@ -52,7 +56,11 @@ pub async fn take_cut(
     lock.close().await;
     let text: String = row.get(0);
     let lsn: Lsn = text.parse().map_err(|_| CopyError::InvalidLsn(text))?;
-    Ok(Cut { lsn, client: snap })
+    Ok(Cut {
+        lsn,
+        client: snap,
+        publication: publication.to_owned(),
+    })
 }
 
 impl Cut {

@@ -1,5 +1,11 @@
 //! What is copied: the publication's tables, and their definitions read in
 //! the cut's snapshot (the copy's metadata and one Relation per table).
+//!
+//! Only what the publication publishes: a PostgreSQL 15 column list leaves
+//! columns out of the definitions (and so of the rows, read.rs, and of the
+//! branch's CREATE TABLE), as pgoutput leaves them out of the live stream;
+//! a row filter is applied by the readers. Only the configured publication
+//! counts, whatever other publications the table is in.
 
 use pgcourier_common::pg::quote_ident;
 use pgcourier_common::store::seed_file::{CopyColumn, CopyMeta, CopyTable};
@@ -22,6 +28,37 @@ pub async fn published_tables(client: &Client, publication: &str) -> Result<Vec<
         .await
         .map_err(|e| SourceError::query("list the publication's tables", e))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What a publication publishes of one table (`pg_publication_tables`):
+/// its columns (every column when it has no column list) and its row
+/// filter, the text of a boolean SQL expression on the table's columns.
+pub(super) struct Published {
+    pub columns: Vec<String>,
+    pub row_filter: Option<String>,
+}
+
+/// What `publication` publishes of table `oid`, as seen now by `client`;
+/// `None` when the table is not in it.
+pub(super) async fn published(
+    client: &Client,
+    publication: &str,
+    oid: u32,
+) -> Result<Option<Published>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT p.attnames::text[], p.rowfilter FROM pg_publication_tables p \
+             JOIN pg_namespace n ON n.nspname = p.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+             WHERE p.pubname = $1 AND c.oid = $2",
+            &[&publication, &oid],
+        )
+        .await
+        .map_err(|e| SourceError::query("read what the publication publishes of a table", e))?;
+    Ok(row.map(|r| Published {
+        columns: r.get::<_, Option<Vec<String>>>(0).unwrap_or_default(),
+        row_filter: r.get(1),
+    }))
 }
 
 pub(super) async fn quoted_names(
@@ -66,6 +103,10 @@ pub async fn describe(
             // Dropped since it was listed: nothing to copy.
             continue;
         };
+        let Some(publishes) = published(&cut.client, &cut.publication, oid).await? else {
+            // Left the publication since it was listed: nothing to copy.
+            continue;
+        };
         let ident: String = t.get(2);
         let cols = cut
             .client
@@ -83,6 +124,11 @@ pub async fn describe(
             )
             .await
             .map_err(|e| SourceError::query("read the columns of a table to copy", e))?;
+        // Only the published columns, in table order (pgoutput's order).
+        let cols: Vec<_> = cols
+            .into_iter()
+            .filter(|c| publishes.columns.iter().any(|p| p == c.get::<_, &str>(0)))
+            .collect();
         let pk = cut
             .client
             .query(
@@ -94,6 +140,12 @@ pub async fn describe(
             )
             .await
             .map_err(|e| SourceError::query("read the primary key of a table to copy", e))?;
+        let mut primary_key: Vec<String> = pk.iter().map(|r| r.get(0)).collect();
+        if !primary_key.iter().all(|k| publishes.columns.contains(k)) {
+            // A key on columns the branch does not get would be a different
+            // (or impossible) constraint: the branch's table has none.
+            primary_key.clear();
+        }
         let replica_identity = match ident.as_str() {
             "d" => ReplicaIdentity::Default,
             "n" => ReplicaIdentity::Nothing,
@@ -138,7 +190,7 @@ pub async fn describe(
                     not_null: c.get(2),
                 })
                 .collect(),
-            primary_key: pk.iter().map(|r| r.get(0)).collect(),
+            primary_key,
             rows_estimate: u64::try_from(t.get::<_, i64>(3)).unwrap_or(0),
             bytes_estimate: u64::try_from(t.get::<_, i64>(4)).unwrap_or(0),
         });

@@ -5,8 +5,9 @@
 //! tables waiting (capture/tables.rs)
 //!   → cut.rs: LOCK .. IN SHARE MODE, REPEATABLE READ snapshot, L, exported snapshot
 //!   → capture peeks up to L (capture/poll.rs)
-//!   → describe.rs: the tables' definitions in the snapshot
+//!   → describe.rs: the tables' definitions in the snapshot (published columns only)
 //!   → read.rs: readers join the exported snapshot, rows become pgoutput Inserts
+//!     (the publication's row filter as WHERE)
 //!   → capture/splice.rs: the SPLICE, the copy spooled as the transaction at L − 1
 //!     (or written to a seed file: common/src/store/seed_file.rs is its format)
 //! ```

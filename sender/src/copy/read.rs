@@ -1,6 +1,8 @@
 //! The read: `copy-workers` connections join the cut's exported snapshot
 //! and stream the tables' rows as pgoutput Insert messages, a table at a
-//! time each, their rows interleaved 64 KiB at a time.
+//! time each, their rows interleaved 64 KiB at a time. Only the published
+//! columns (describe.rs) of the rows the publication's row filter lets
+//! through.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use pgcourier_common::store::seed_file::CopyTable;
 use pgcourier_proto::pgoutput::{self, Message, Value};
 use tokio_postgres::Client;
 
+use super::describe::{published, Published};
 use super::{CopyError, Cut};
 use crate::source::{self, SourceError};
 
@@ -61,6 +64,7 @@ pub async fn read_rows<E: From<CopyError>>(
         readers.spawn(reader(
             cfg.clone(),
             snapshot.clone(),
+            cut.publication.clone(),
             tables.clone(),
             next.clone(),
             tx.clone(),
@@ -87,8 +91,15 @@ pub async fn read_rows<E: From<CopyError>>(
     Ok(())
 }
 
-/// The SELECT that reads a table's rows as text, columns in Relation order.
-async fn select_sql(client: &Client, table: &CopyTable) -> Result<String, SourceError> {
+/// The SELECT that reads a table's rows as text, columns in Relation order
+/// (the published columns: describe.rs), rows as the publication's row
+/// filter lets through. The filter's text comes from the source's catalog
+/// and is inserted parenthesised, as PostgreSQL's own tablesync does.
+async fn select_sql(
+    client: &Client,
+    publication: &str,
+    table: &CopyTable,
+) -> Result<String, SourceError> {
     let relkind: String = client
         .query_one(
             "SELECT relkind::text FROM pg_class WHERE oid = $1",
@@ -97,13 +108,24 @@ async fn select_sql(client: &Client, table: &CopyTable) -> Result<String, Source
         .await
         .map_err(|e| SourceError::query("read a table to copy", e))?
         .get(0);
+    let filter = match published(client, publication, table.oid).await? {
+        Some(Published {
+            row_filter: Some(f),
+            ..
+        }) => format!(" WHERE ({f})"),
+        Some(Published {
+            row_filter: None, ..
+        }) => String::new(),
+        // Left the publication in this snapshot: it publishes no row.
+        None => " WHERE false".to_owned(),
+    };
     let cols: Vec<String> = table
         .columns
         .iter()
         .map(|c| format!("{}::text", quote_ident(&c.name)))
         .collect();
     Ok(format!(
-        "SELECT {} FROM {}{}",
+        "SELECT {} FROM {}{}{filter}",
         if cols.is_empty() {
             "NULL::text".to_owned()
         } else {
@@ -120,12 +142,13 @@ async fn select_sql(client: &Client, table: &CopyTable) -> Result<String, Source
 async fn reader(
     cfg: tokio_postgres::Config,
     snapshot: String,
+    publication: String,
     tables: Arc<Vec<CopyTable>>,
     next: Arc<AtomicUsize>,
     tx: tokio::sync::mpsc::Sender<Rows>,
 ) -> Result<(), SourceError> {
     let client = source::connect(&cfg).await?;
-    let read = read_tables(&client, &snapshot, &tables, &next, &tx).await;
+    let read = read_tables(&client, &snapshot, &publication, &tables, &next, &tx).await;
     client.close().await;
     read
 }
@@ -133,6 +156,7 @@ async fn reader(
 async fn read_tables(
     client: &Client,
     snapshot: &str,
+    publication: &str,
     tables: &[CopyTable],
     next: &AtomicUsize,
     tx: &tokio::sync::mpsc::Sender<Rows>,
@@ -149,7 +173,7 @@ async fn read_tables(
         let Some(table) = tables.get(i) else {
             return Ok(());
         };
-        let sql = select_sql(client, table).await?;
+        let sql = select_sql(client, publication, table).await?;
         let stream = client
             .query_raw(
                 &sql,
