@@ -76,7 +76,10 @@ fn last_boundary(store: &Store, records: &sled::Tree, below: u64) -> Result<u64,
     for item in records.range(..seq_key(below)).rev() {
         let (k, v) = item.map_err(|e| store.write_err(e))?;
         if is_last(&v) {
-            return Ok(key_seq(&k).unwrap_or(0));
+            return key_seq(&k).ok_or_else(|| StoreError::Corrupt {
+                path: store.path.clone(),
+                key: format!("{k:?}"),
+            });
         }
     }
     Ok(0)
@@ -431,6 +434,34 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Inbox::open(path, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn a_malformed_record_key_is_an_error_never_boundary_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
+            // A key that is not 8 bytes, holding a transaction's last record.
+            inbox.records.insert(b"bad", record(1, true)).unwrap();
+            inbox.sync().unwrap();
+        }
+        let mut last = None;
+        for _ in 0..100 {
+            match Inbox::open(dir.path(), 1 << 20) {
+                Err(StoreError::Open { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => {
+                    last = Some(other);
+                    break;
+                }
+            }
+        }
+        assert!(
+            matches!(last, Some(Err(StoreError::Corrupt { .. }))),
+            "a malformed key was read as a boundary: {:?}",
+            last.map(|r| r.map(|i| i.durable_seq()))
+        );
     }
 
     #[test]
