@@ -53,6 +53,8 @@ pub enum SourceError {
         "the source returned {what} = {text:?}, which is not an LSN: is it PostgreSQL 15 or later?"
     )]
     InvalidLsn { what: &'static str, text: String },
+    #[error("the source's catalog returned {what}: is it PostgreSQL 15 or later?")]
+    Catalog { what: String },
 }
 
 impl SourceError {
@@ -67,6 +69,7 @@ impl SourceError {
             SourceError::Query { source, .. } => classify(source).transient,
             SourceError::NotReady(_)
             | SourceError::InvalidLsn { .. }
+            | SourceError::Catalog { .. }
             | SourceError::WrongSource { .. }
             | SourceError::SlotAhead { .. }
             | SourceError::LoginRefused { .. } => false,

@@ -55,9 +55,19 @@ pub(super) async fn published(
         )
         .await
         .map_err(|e| SourceError::query("read what the publication publishes of a table", e))?;
-    Ok(row.map(|r| Published {
-        columns: r.get::<_, Option<Vec<String>>>(0).unwrap_or_default(),
-        row_filter: r.get(1),
+    let Some(row) = row else { return Ok(None) };
+    // PostgreSQL 15 lists every column when there is no column list; a NULL
+    // would copy a table with no columns, so it is refused, never read as
+    // an empty list.
+    let columns: Option<Vec<String>> = row.get(0);
+    let columns = columns.ok_or_else(|| SourceError::Catalog {
+        what: format!(
+            "no published columns (pg_publication_tables.attnames is NULL) for table oid {oid} in publication {publication}"
+        ),
+    })?;
+    Ok(Some(Published {
+        columns,
+        row_filter: row.get(1),
     }))
 }
 
