@@ -10,24 +10,24 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::config::SenderConfig;
 use pgcourier_common::ops::backoff::error_chain;
-use pgcourier_common::pg::errors::classify;
+use pgcourier_common::pg::errors::{classify, PgError};
 use pgcourier_common::pg::{quote_ident, quote_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("cannot connect to the source database (setting `source`)")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(#[source] PgError),
     #[error("the source database refused the login (setting `source`): {hint}")]
     LoginRefused {
         hint: &'static str,
         #[source]
-        source: tokio_postgres::Error,
+        source: PgError,
     },
     #[error("source query failed: {what}")]
     Query {
         what: &'static str,
         #[source]
-        source: tokio_postgres::Error,
+        source: PgError,
     },
     #[error("source is not ready: {0}")]
     NotReady(String),
@@ -59,14 +59,17 @@ pub enum SourceError {
 
 impl SourceError {
     pub fn query(what: &'static str, source: tokio_postgres::Error) -> SourceError {
-        SourceError::Query { what, source }
+        SourceError::Query {
+            what,
+            source: PgError(source),
+        }
     }
 
     pub fn is_transient(&self) -> bool {
         match self {
             // Retried: after a kill the lock holder's backend may linger a moment.
             SourceError::Connect(_) | SourceError::SlotBusy { .. } => true,
-            SourceError::Query { source, .. } => classify(source).transient,
+            SourceError::Query { source, .. } => classify(&source.0).transient,
             SourceError::NotReady(_)
             | SourceError::InvalidLsn { .. }
             | SourceError::Catalog { .. }
@@ -128,8 +131,11 @@ impl SourceClient {
 pub async fn connect(cfg: &tokio_postgres::Config) -> Result<SourceClient, SourceError> {
     let (client, conn) = cfg.connect(NoTls).await.map_err(|e| {
         match pgcourier_common::config::login_refused(&e) {
-            Some(hint) => SourceError::LoginRefused { hint, source: e },
-            None => SourceError::Connect(e),
+            Some(hint) => SourceError::LoginRefused {
+                hint,
+                source: PgError(e),
+            },
+            None => SourceError::Connect(PgError(e)),
         }
     })?;
     let driver = tokio::spawn(async move {
@@ -383,7 +389,7 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         }
     };
     let q = |what: &'static str, e: tokio_postgres::Error| Problem {
-        what: format!("{what}: {e}"),
+        what: format!("{what}: {}", PgError(e)),
         fix: "check the role's privileges".into(),
     };
     match client.query_one("SHOW wal_level", &[]).await {
@@ -531,4 +537,84 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         Err(e) => problems.push(q("list tables", e)),
     }
     (problems, notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgcourier_common::ops::backoff::error_chain;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// A one-shot server on 127.0.0.1 that lets the login in, then answers
+    /// the first query (capture's session settings) with an ErrorResponse
+    /// whose message and DETAIL carry a row value, as a source error on a
+    /// row (a bad value, a duplicate key) does.
+    async fn source_failing_its_first_query(value: &'static str) -> SourceError {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let len = sock.read_i32().await.unwrap();
+            let mut startup = vec![0; usize::try_from(len).unwrap() - 4];
+            sock.read_exact(&mut startup).await.unwrap();
+            let mut out = message(b'R', &0i32.to_be_bytes());
+            out.extend(message(b'Z', b"I"));
+            sock.write_all(&out).await.unwrap();
+            let _tag = sock.read_u8().await.unwrap();
+            let len = sock.read_i32().await.unwrap();
+            let mut query = vec![0; usize::try_from(len).unwrap() - 4];
+            sock.read_exact(&mut query).await.unwrap();
+            let mut fields = Vec::new();
+            for (tag, text) in [
+                (b'S', "ERROR".to_owned()),
+                (b'V', "ERROR".to_owned()),
+                (b'C', "22P02".to_owned()),
+                (
+                    b'M',
+                    format!("invalid input syntax for type integer: \"{value}\""),
+                ),
+                (b'D', format!("Key (code)=({value}) is the culprit.")),
+            ] {
+                fields.push(tag);
+                fields.extend_from_slice(text.as_bytes());
+                fields.push(0);
+            }
+            fields.push(0);
+            let mut out = message(b'E', &fields);
+            out.extend(message(b'Z', b"I"));
+            sock.write_all(&out).await.unwrap();
+            // Hold the connection until the client has read the answer.
+            let mut rest = Vec::new();
+            let _ = sock.read_to_end(&mut rest).await;
+        });
+        let cfg: tokio_postgres::Config =
+            format!("host=127.0.0.1 port={port} user=courier dbname=postgres")
+                .parse()
+                .unwrap();
+        let Err(e) = connect(&cfg).await else {
+            panic!("the session settings query succeeded on the test server");
+        };
+        server.abort();
+        e
+    }
+
+    #[tokio::test]
+    async fn a_source_error_is_reported_without_row_values() {
+        let value = "zebra-secret-7731";
+        let e = source_failing_its_first_query(value).await;
+        let text = error_chain(&e);
+        assert!(
+            !text.contains(value),
+            "a row value reached the error text: {text}"
+        );
+        assert!(text.contains("22P02"), "the SQLSTATE is kept: {text}");
+        assert!(!e.is_transient(), "22P02 is definite");
+    }
 }

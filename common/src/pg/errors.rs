@@ -57,6 +57,99 @@ pub fn classify_sqlstate(code: Option<&str>) -> PgFault {
     PgFault { transient, class }
 }
 
+/// A PostgreSQL error as the daemons log and report it, source and target
+/// alike: without row values. The text is built from the severity, the
+/// SQLSTATE, the message and the table, column, type and constraint names,
+/// never from DETAIL, HINT or CONTEXT (a unique violation's DETAIL is
+/// `Key (email)=(...) already exists`); the quoted values of data exceptions
+/// (class 22: `invalid input syntax for type integer: "..."`) and of a
+/// trigger's RAISE (class P0) are masked. The error itself is kept for
+/// [`classify`].
+#[derive(Debug)]
+pub struct PgError(pub tokio_postgres::Error);
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> PgError {
+        PgError(e)
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => f.write_str(&describe_db_error(db)),
+            // Not from the server (I/O, protocol, conversion): no row values.
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self.0.as_db_error() {
+            // The DbError's own text carries DETAIL: never shown.
+            Some(_) => None,
+            None => std::error::Error::source(&self.0),
+        }
+    }
+}
+
+/// A server error's text without row values: severity, SQLSTATE, message
+/// (quoted values masked where the message carries them) and the names of
+/// the table, column, data type and constraint involved. Never DETAIL,
+/// HINT, CONTEXT or the statement.
+fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
+    let code = db.code().code();
+    let message = if code.starts_with("22") || code.starts_with("P0") {
+        mask_quoted(db.message())
+    } else {
+        db.message().to_owned()
+    };
+    let mut s = format!("{} {code}: {message}", db.severity());
+    let mut names = Vec::new();
+    if let Some(t) = db.table() {
+        names.push(match db.schema() {
+            Some(schema) => format!("table {schema}.{t}"),
+            None => format!("table {t}"),
+        });
+    }
+    if let Some(c) = db.column() {
+        names.push(format!("column {c}"));
+    }
+    if let Some(d) = db.datatype() {
+        names.push(format!("type {d}"));
+    }
+    if let Some(c) = db.constraint() {
+        names.push(format!("constraint {c}"));
+    }
+    if !names.is_empty() {
+        s.push_str(&format!(" ({})", names.join(", ")));
+    }
+    s
+}
+
+/// `invalid input syntax for type integer: "42x"` → `... "…"`.
+fn mask_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for ch in message.chars() {
+        if ch == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(ch);
+        }
+    }
+    if inside {
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@
 //! quoted values of data exceptions (class 22: `invalid input syntax for
 //! type integer: "..."`) and of a trigger's RAISE (class P0) are masked.
 
-use pgcourier_common::pg::errors::{classify, PgFault};
+use pgcourier_common::pg::errors::{classify, PgError, PgFault};
 use pgcourier_common::pg::progress_row::ProgressError;
 use pgcourier_proto::pgoutput;
 use pgcourier_proto::record::RecordError;
@@ -137,93 +137,6 @@ pub(super) fn target_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -
         what: what.to_owned(),
         source: source.into(),
     }
-}
-
-/// A PostgreSQL error as apply logs and reports it: without row values
-/// (see the module header). The error itself is kept for classification.
-#[derive(Debug)]
-pub struct PgError(pub tokio_postgres::Error);
-
-impl From<tokio_postgres::Error> for PgError {
-    fn from(e: tokio_postgres::Error) -> PgError {
-        PgError(e)
-    }
-}
-
-impl std::fmt::Display for PgError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.as_db_error() {
-            Some(db) => f.write_str(&describe_db_error(db)),
-            // Not from the server (I/O, protocol, conversion): no row values.
-            None => write!(f, "{}", self.0),
-        }
-    }
-}
-
-impl std::error::Error for PgError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self.0.as_db_error() {
-            // The DbError's own text carries DETAIL: never shown.
-            Some(_) => None,
-            None => std::error::Error::source(&self.0),
-        }
-    }
-}
-
-/// A server error's text without row values: severity, SQLSTATE, message
-/// (quoted values masked where the message carries them) and the names of
-/// the table, column, data type and constraint involved. Never DETAIL,
-/// HINT, CONTEXT or the statement.
-pub(crate) fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
-    let code = db.code().code();
-    let message = if code.starts_with("22") || code.starts_with("P0") {
-        mask_quoted(db.message())
-    } else {
-        db.message().to_owned()
-    };
-    let mut s = format!("{} {code}: {message}", db.severity());
-    let mut names = Vec::new();
-    if let Some(t) = db.table() {
-        names.push(match db.schema() {
-            Some(schema) => format!("table {schema}.{t}"),
-            None => format!("table {t}"),
-        });
-    }
-    if let Some(c) = db.column() {
-        names.push(format!("column {c}"));
-    }
-    if let Some(d) = db.datatype() {
-        names.push(format!("type {d}"));
-    }
-    if let Some(c) = db.constraint() {
-        names.push(format!("constraint {c}"));
-    }
-    if !names.is_empty() {
-        s.push_str(&format!(" ({})", names.join(", ")));
-    }
-    s
-}
-
-/// `invalid input syntax for type integer: "42x"` → `... "…"`.
-fn mask_quoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut inside = false;
-    for ch in message.chars() {
-        if ch == '"' {
-            if inside {
-                out.push_str("…\"");
-            } else {
-                out.push('"');
-            }
-            inside = !inside;
-        } else if !inside {
-            out.push(ch);
-        }
-    }
-    if inside {
-        out.push('…');
-    }
-    out
 }
 
 #[cfg(test)]

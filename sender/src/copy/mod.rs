@@ -70,6 +70,6 @@ impl CopyError {
     /// finish within `copy-lock-wait`; retry later.
     pub fn is_lock_timeout(&self) -> bool {
         matches!(self, CopyError::Source(SourceError::Query { source, .. })
-            if source.code().map(|c| c.code()) == Some("55P03"))
+            if source.0.code().map(|c| c.code()) == Some("55P03"))
     }
 }
