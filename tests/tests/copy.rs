@@ -9,7 +9,7 @@ use anyhow::Context;
 use pgcourier_tests::bin_path;
 use serde_json::Value;
 
-use crate::fixture::{keygen, Options, Setup};
+use crate::fixture::{keygen, without_receiver, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(300);
 
@@ -420,23 +420,6 @@ async fn a_copy_cut_by_an_outage_resumes_without_resending_what_arrived() -> any
         setup.logs()
     );
     Ok(())
-}
-
-/// sender.toml with the `[[receiver]]` block of `name` removed; returns the
-/// file and the removed block.
-fn without_receiver(config: &str, name: &str) -> (String, String) {
-    let mut parts = config.split("\n[[receiver]]");
-    let mut kept = parts.next().unwrap_or_default().to_owned();
-    let mut removed = String::new();
-    for block in parts {
-        if block.contains(&format!("name = \"{name}\"")) {
-            removed = format!("\n[[receiver]]{block}");
-        } else {
-            kept.push_str("\n[[receiver]]");
-            kept.push_str(block);
-        }
-    }
-    (kept, removed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -318,3 +318,20 @@ pub async fn wait_count(
     })
     .await
 }
+
+/// sender.toml with the `[[receiver]]` block of `name` removed; returns the
+/// file and the removed block.
+pub fn without_receiver(config: &str, name: &str) -> (String, String) {
+    let mut parts = config.split("\n[[receiver]]");
+    let mut kept = parts.next().unwrap_or_default().to_owned();
+    let mut removed = String::new();
+    for block in parts {
+        if block.contains(&format!("name = \"{name}\"")) {
+            removed = format!("\n[[receiver]]{block}");
+        } else {
+            kept.push_str("\n[[receiver]]");
+            kept.push_str(block);
+        }
+    }
+    (kept, removed)
+}

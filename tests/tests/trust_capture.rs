@@ -20,7 +20,7 @@ use pgcourier_netem::{Link, LinkParams, OutageMode, RelayHandle, TcpRelay};
 use pgcourier_tests::{wait_until, PgCluster};
 use tokio::net::{TcpListener, UnixStream};
 
-use crate::fixture::{wait_count, Options, Setup};
+use crate::fixture::{wait_count, without_receiver, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -368,21 +368,4 @@ async fn a_full_spool_still_makes_the_copy_a_new_receiver_needs() -> anyhow::Res
         .wait_equal(0, &["public.t"], Duration::from_secs(90))
         .await?;
     Ok(())
-}
-
-/// sender.toml with the `[[receiver]]` block of `name` removed; returns the
-/// file and the removed block.
-fn without_receiver(config: &str, name: &str) -> (String, String) {
-    let mut parts = config.split("\n[[receiver]]");
-    let mut kept = parts.next().unwrap_or_default().to_owned();
-    let mut removed = String::new();
-    for block in parts {
-        if block.contains(&format!("name = \"{name}\"")) {
-            removed = format!("\n[[receiver]]{block}");
-        } else {
-            kept.push_str("\n[[receiver]]");
-            kept.push_str(block);
-        }
-    }
-    (kept, removed)
 }
