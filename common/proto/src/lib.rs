@@ -7,6 +7,8 @@
 //! - [`frame`]: the session's frames and the zstd batch codec.
 //! - [`pgoutput`]: decoding of PostgreSQL's logical replication messages.
 //! - [`cutter`]: capture's transaction cutting, pgoutput messages to records.
+//! - [`walstream`]: the replication stream's messages (XLogData, keepalive,
+//!   standby status update).
 
 pub mod cutter;
 pub mod frame;
@@ -14,5 +16,6 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod record;
 pub mod session;
+pub mod walstream;
 
 pub use lsn::Lsn;

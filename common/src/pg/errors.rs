@@ -99,13 +99,7 @@ impl std::error::Error for PgError {
 /// the table, column, data type and constraint involved. Never DETAIL,
 /// HINT, CONTEXT or the statement.
 fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
-    let code = db.code().code();
-    let message = if code.starts_with("22") || code.starts_with("P0") {
-        mask_quoted(db.message())
-    } else {
-        db.message().to_owned()
-    };
-    let mut s = format!("{} {code}: {message}", db.severity());
+    let mut s = describe_server_error(db.severity(), db.code().code(), db.message());
     let mut names = Vec::new();
     if let Some(t) = db.table() {
         names.push(match db.schema() {
@@ -126,6 +120,19 @@ fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
         s.push_str(&format!(" ({})", names.join(", ")));
     }
     s
+}
+
+/// A server error's text from its severity, SQLSTATE and message alone,
+/// with quoted values masked where the message carries row values (classes
+/// 22 and P0): for errors that do not come through tokio-postgres (the
+/// replication connection's).
+pub fn describe_server_error(severity: &str, code: &str, message: &str) -> String {
+    let message = if code.starts_with("22") || code.starts_with("P0") {
+        mask_quoted(message)
+    } else {
+        message.to_owned()
+    };
+    format!("{severity} {code}: {message}")
 }
 
 /// `invalid input syntax for type integer: "42x"` → `... "…"`.
