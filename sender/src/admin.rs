@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use pgcourier_common::ops::admin::{self, Endpoint, Kind, Metrics, Response, Role};
 use pgcourier_common::ops::inspect;
-use pgcourier_proto::pgoutput::Relation;
+use pgcourier_proto::pgoutput::{self, Message, Relation};
 use pgcourier_proto::record::Record;
 use serde::{Deserialize, Serialize};
 
@@ -303,6 +303,12 @@ pub fn metrics(st: &SenderStatus) -> String {
 /// Relation definitions seen in the `window` records before `seq`.
 fn relations_before(spool: &Spool, seq: u64, window: u64) -> HashMap<u32, Relation> {
     let mut rels = HashMap::new();
+    // The latest of each table first; then those of the window, in order.
+    for raw in spool.relations().unwrap_or_default() {
+        if let Ok(Message::Relation(r)) = pgoutput::decode(&raw) {
+            rels.insert(r.oid, r);
+        }
+    }
     let from = seq.saturating_sub(window).max(spool.marks().first_seq);
     for s in from..seq {
         if let Ok(Some(bytes)) = spool.get(s) {

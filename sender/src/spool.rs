@@ -114,6 +114,9 @@ pub struct SpoolMarks {
     pub captured_end_lsn: Lsn,
 }
 
+/// Meta keys of the Relation messages kept for inspection.
+const RELATION_PREFIX: &[u8] = b"relation/";
+
 pub struct Spool {
     store: Store,
     records: sled::Tree,
@@ -419,6 +422,28 @@ impl Spool {
             .map_err(|e| self.store.write_err(e))?;
         self.state.lock().expect("spool state lock").capture_writes += 1;
         Ok(())
+    }
+
+    /// Keep a table's latest Relation message, for showing the records
+    /// spooled after it (a stream sends it once per session, so the record
+    /// that carried it may be trimmed long before the ones that need it).
+    /// Durable with the next commit; only inspection reads it.
+    pub fn save_relation(&self, oid: u32, message: &[u8]) -> Result<(), StoreError> {
+        let mut key = RELATION_PREFIX.to_vec();
+        key.extend_from_slice(&oid.to_be_bytes());
+        self.meta
+            .insert(key, message)
+            .map_err(|e| self.store.write_err(e))?;
+        Ok(())
+    }
+
+    /// The Relation messages kept by [`Spool::save_relation`].
+    pub fn relations(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.meta
+            .scan_prefix(RELATION_PREFIX)
+            .values()
+            .map(|v| v.map(|v| v.to_vec()).map_err(|e| self.store.write_err(e)))
+            .collect()
     }
 
     /// fsync what was written.

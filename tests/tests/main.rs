@@ -12,6 +12,7 @@ mod harness_selftest;
 mod links;
 mod queue;
 mod replication;
+mod stream_capture;
 mod stream_client;
 mod trust_apply;
 mod trust_capture;

@@ -3,9 +3,11 @@
 use pgcourier_common::store::durable::StoreError;
 use pgcourier_proto::cutter::CutError;
 use pgcourier_proto::record::RecordError;
+use pgcourier_proto::walstream::StreamError;
 
 use super::ExportError;
 use crate::copy::CopyError;
+use crate::replication::ReplicationError;
 use crate::source::SourceError;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,10 @@ pub enum CaptureError {
     Record(#[from] RecordError),
     #[error(transparent)]
     Cut(#[from] CutError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("the source's replication stream is malformed")]
+    Stream(#[from] StreamError),
     /// The seed file could not be written: reported to whoever asked;
     /// capture goes on.
     #[error("seed export failed")]
@@ -34,7 +40,9 @@ impl CaptureError {
         match self {
             CaptureError::Source(e) => e.is_transient(),
             CaptureError::Copy(e) => e.is_transient(),
-            CaptureError::Spool(_)
+            CaptureError::Replication(e) => e.fault().transient,
+            CaptureError::Stream(_)
+            | CaptureError::Spool(_)
             | CaptureError::Record(_)
             | CaptureError::Cut(_)
             | CaptureError::Seed(_)

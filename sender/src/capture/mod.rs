@@ -37,11 +37,10 @@
 
 mod error;
 mod export;
-mod poll;
 mod run;
-mod slot;
 mod splice;
 mod status;
+mod stream;
 mod tables;
 
 use std::sync::{Arc, Mutex};
@@ -70,6 +69,11 @@ pub struct Capture {
     /// A cut taken and not yet spliced into the spool.
     cut: Option<PendingCut>,
     seeds: Option<mpsc::Receiver<SeedRequest>>,
+    /// A seed asked for while a stream was open: its cut is taken next.
+    pending_seed: Option<SeedRequest>,
+    /// A position the spool made durable while no stream was open (a
+    /// splice): the next stream confirms it first.
+    confirm_on_start: Option<pgcourier_common::store::durable::Synced<Lsn>>,
 }
 
 impl Capture {
@@ -82,6 +86,8 @@ impl Capture {
             copy_state: CopyState::default(),
             cut: None,
             seeds: None,
+            pending_seed: None,
+            confirm_on_start: None,
         }
     }
 

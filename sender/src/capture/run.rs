@@ -1,5 +1,5 @@
 //! The capture loop: a session per source connection, retried with backoff
-//! on transient errors; inside a session, peek after peek, paused while the
+//! on transient errors; inside a session, stream after stream (capture/stream.rs), paused while the
 //! spool is full, with cuts taken when a copy or a seed is due.
 
 use std::time::{Duration, Instant};
@@ -7,12 +7,10 @@ use std::time::{Duration, Instant};
 use pgcourier_common::ops::backoff::error_chain;
 use tokio_util::sync::CancellationToken;
 
+use super::stream::{StreamEnd, STATS_EVERY};
 use super::tables::Job;
 use super::{Capture, CaptureError};
 use crate::source::{self, SourceError};
-
-/// How often slot statistics are read (and new tables looked for).
-const STATS_EVERY: Duration = Duration::from_secs(2);
 
 impl Capture {
     /// Capture until `shutdown`, reconnecting with backoff on transient
@@ -124,8 +122,8 @@ impl Capture {
             // trim: pausing would wait for room that only that copy makes.
             // So capture goes on past spool-max-bytes until it is spliced.
             if self.spool.needs_copy().is_empty() && self.spool_full() {
-                // Paused: the slot keeps WAL on the source until receivers
-                // catch up and the spool is trimmed.
+                // Paused, with no stream open: the slot keeps WAL on the
+                // source until receivers catch up and the spool is trimmed.
                 if stats_at.elapsed() >= STATS_EVERY {
                     stats_at = Instant::now();
                     let stats = source::slot_stats(&client, &self.cfg.slot).await?;
@@ -140,40 +138,19 @@ impl Capture {
             if self.cut.is_none() {
                 self.next_cut(&client, shutdown).await?;
             }
-            let peek = self.poll(&client).await?;
-            {
-                let mut st = self.status.lock().expect("status lock");
-                st.transactions += peek.transactions;
-                st.copy_waiting = self.copy_state.tables.waiting.len();
-            }
-            if stats_at.elapsed() >= STATS_EVERY {
-                stats_at = Instant::now();
-                let stats = source::slot_stats(&client, &self.cfg.slot).await?;
-                self.status.lock().expect("status lock").slot = stats;
-                self.find_new_tables(&client).await?;
-            }
-            // Each peek decodes the WAL from the slot's restart LSN, which
-            // PostgreSQL moves only every few seconds: peeking again at once
-            // is worth it only while a backlog fills whole peeks.
-            let caught_up = peek.messages < u64::from(self.cfg.capture_batch_changes);
-            if caught_up {
-                let idle = self.cut.is_none();
-                let seeds = self.seeds.as_mut();
-                let request = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(self.cfg.poll_interval) => None,
-                    Some(req) = async move {
-                        match seeds {
-                            Some(rx) if idle => rx.recv().await,
-                            _ => std::future::pending().await,
-                        }
-                    } => Some(req),
-                };
-                if let Some(req) = request {
-                    self.start_cut(&client, Job::Seed(req), shutdown).await?;
+            match self.stream(&client, shutdown, &mut stats_at).await? {
+                StreamEnd::Stopped => return Ok(()),
+                StreamEnd::CutDue | StreamEnd::Paused => {}
+                StreamEnd::Splice => {
+                    let pending = self
+                        .cut
+                        .take()
+                        .expect("a splice is only due with a cut pending");
+                    // Confirmed by the next stream's first status update
+                    // (the slot is still held by the walsender that just
+                    // ended).
+                    self.confirm_on_start = Some(self.splice(pending).await?);
                 }
-            } else if shutdown.is_cancelled() {
-                return Ok(());
             }
         }
     }
@@ -207,7 +184,7 @@ impl Capture {
 
     /// Whether the spool is at `spool-max-bytes`; logs and reports the
     /// change either way.
-    fn spool_full(&self) -> bool {
+    pub(super) fn spool_full(&self) -> bool {
         let Some(max) = self.cfg.spool_max_bytes else {
             return false;
         };

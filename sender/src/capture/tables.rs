@@ -123,7 +123,11 @@ impl Capture {
         client: &Client,
         shutdown: &CancellationToken,
     ) -> Result<(), CaptureError> {
-        if let Some(req) = self.seeds.as_mut().and_then(|rx| rx.try_recv().ok()) {
+        let seed = self
+            .pending_seed
+            .take()
+            .or_else(|| self.seeds.as_mut().and_then(|rx| rx.try_recv().ok()));
+        if let Some(req) = seed {
             return self.start_cut(client, Job::Seed(req), shutdown).await;
         }
         if let Some(name) = self.spool.needs_copy().into_iter().next() {

@@ -19,6 +19,7 @@
 //! payloads (parse them with `pgcourier_proto::walstream`) and whose
 //! [`ReplicationStream::send_status`] confirms positions.
 
+mod open;
 mod wire;
 
 #[cfg(test)]
@@ -36,6 +37,7 @@ use postgres_protocol::authentication::sasl::{self, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub use open::open;
 pub use wire::ServerError;
 use wire::{Backend, Frame};
 
@@ -389,6 +391,13 @@ impl ReplicationStream {
                 }
             }
         }
+    }
+
+    /// Whether a whole message is already buffered, so [`Self::next`] will
+    /// return without waiting for the network. Capture ends a batch (and
+    /// fsyncs it) when none is.
+    pub fn has_buffered(&self) -> bool {
+        wire::frame_ready(&self.conn.buf)
     }
 
     /// Send a standby status update (and flush it to the socket).

@@ -39,6 +39,16 @@ pub(super) fn split_frame(
     Ok(Some(Frame { tag, body }))
 }
 
+/// Whether `buf` starts with a whole message (a broken length counts as
+/// one: reading it reports the error).
+pub(super) fn frame_ready(buf: &[u8]) -> bool {
+    if buf.len() < 5 {
+        return false;
+    }
+    let len = u32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+    len < 4 || buf.len() > len
+}
+
 /// A server error or notice, by its fields. Only severity, SQLSTATE and
 /// message are kept: DETAIL and the rest may carry row values.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -306,6 +306,27 @@ impl Cutter {
         Ok(fed)
     }
 
+    /// Transactions committing at or after the pending cut read so far in
+    /// this batch: the stream has delivered everything before the cut.
+    pub fn after_cut(&self) -> u64 {
+        self.summary.after_cut
+    }
+
+    /// Between transactions: the stream may stop here, or a batch commit.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.open, Open::Idle)
+    }
+
+    /// For a stream that goes on: the counts and positions of what was fed
+    /// since the last call (a batch, judged as a peek is), starting a new
+    /// one. Only between transactions.
+    pub fn take_summary(&mut self) -> Result<PeekSummary, CutError> {
+        if !self.is_idle() {
+            return Err(CutError::OutOfOrder("batch ended inside a transaction"));
+        }
+        Ok(std::mem::take(&mut self.summary))
+    }
+
     /// End of the peek. A peek that ends inside a transaction is an error:
     /// proto_version 1 returns whole transactions only.
     pub fn finish(self) -> Result<PeekSummary, CutError> {

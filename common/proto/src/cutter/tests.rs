@@ -702,3 +702,35 @@ mod property {
         }
     }
 }
+
+#[test]
+fn a_stream_is_judged_batch_by_batch_and_only_between_transactions() {
+    let mut tables = synced(&[A]);
+    let mut cutter = Cutter::new(1, Lsn(50));
+    // A transaction already spooled, then a new one: the first batch.
+    for m in txn(40, 1, vec![insert(A, "old")]).into_iter().chain(txn(
+        100,
+        2,
+        vec![relation(A), insert(A, "new")],
+    )) {
+        cutter.message(&m, &mut tables).unwrap();
+    }
+    let first = cutter.take_summary().unwrap();
+    assert_eq!((first.skipped, first.transactions), (1, 1));
+    assert_eq!(first.last_commit, Lsn(100));
+    // Inside the next transaction no batch may end.
+    cutter.message(&begin(200, 3), &mut tables).unwrap();
+    assert!(!cutter.is_idle());
+    assert!(cutter.take_summary().is_err());
+    cutter.message(&insert(A, "later"), &mut tables).unwrap();
+    let fed = cutter.message(&commit(200, 208), &mut tables).unwrap();
+    assert_eq!(
+        fed.records[0].seq, 2,
+        "sequence numbers run on across batches"
+    );
+    let second = cutter.take_summary().unwrap();
+    assert_eq!((second.skipped, second.transactions), (0, 1));
+    assert_eq!((second.last_commit, second.last_end), (Lsn(200), Lsn(208)));
+    // An empty batch asks for nothing.
+    assert!(!cutter.take_summary().unwrap().needs_commit());
+}
