@@ -14,6 +14,7 @@ mod queue;
 mod replication;
 mod trust_apply;
 mod trust_capture;
+mod trust_cut;
 mod trust_identity;
 mod trust_publication;
 
