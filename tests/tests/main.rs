@@ -12,6 +12,7 @@ mod harness_selftest;
 mod links;
 mod queue;
 mod replication;
+mod trust_admin;
 mod trust_apply;
 mod trust_capture;
 mod trust_cut;
