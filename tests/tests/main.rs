@@ -14,8 +14,10 @@ mod queue;
 mod replication;
 mod stream_capture;
 mod stream_client;
+mod trust_admin;
 mod trust_apply;
 mod trust_capture;
+mod trust_cut;
 mod trust_identity;
 mod trust_publication;
 
