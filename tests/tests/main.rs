@@ -15,6 +15,7 @@ mod replication;
 mod trust_apply;
 mod trust_capture;
 mod trust_identity;
+mod trust_pg_tls;
 mod trust_publication;
 
 // ---------------------------------------------------------------------------
