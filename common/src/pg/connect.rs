@@ -596,7 +596,7 @@ impl PgConnect {
                 host: t.describe(),
                 mode: self.ssl_mode,
                 check: tls_hint(r, self.verifies_chain),
-                source: r.clone(),
+                source: Box::new(r.clone()),
             };
         }
         ConnectError::Server {
@@ -710,7 +710,7 @@ pub enum ConnectError {
         mode: SslMode,
         check: &'static str,
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
 }
 

@@ -357,6 +357,6 @@ async fn a_server_without_tls_is_a_definite_error_under_require_and_plaintext_un
     let Err(e) = prefer.connect().await else {
         panic!("the test server accepted a login")
     };
-    assert_eq!(e.login_refused().is_some(), true, "{e:?}");
+    assert!(e.login_refused().is_some(), "{e:?}");
     server.await.unwrap();
 }
