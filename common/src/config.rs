@@ -190,38 +190,23 @@ pub struct PasswordSource {
     pub password_file: Option<PathBuf>,
 }
 
-/// Build a tokio-postgres config from a libpq-style connection string
-/// (`host=... dbname=...` or a `postgres://` URL) plus the password source.
+/// Resolve a PostgreSQL connection string (setting `setting`: `source`,
+/// `target`) with libpq's conventions and this process's environment: see
+/// [`crate::pg::connect`] for the order (connection string, service file,
+/// environment, defaults) and the password's (connection string, then
+/// `password-env` / `password-file`, then the service file, `PGPASSWORD`,
+/// `.pgpass`).
 pub fn pg_config(
     setting: &'static str,
     conninfo: &str,
     password: &PasswordSource,
-) -> Result<tokio_postgres::Config, ConfigError> {
-    let mut cfg: tokio_postgres::Config =
-        conninfo
-            .parse()
-            .map_err(|e: tokio_postgres::Error| ConfigError::Invalid {
-                setting,
-                message: e.to_string(),
-            })?;
-    if let Some(var) = &password.password_env {
-        let pw = std::env::var(var).map_err(|_| ConfigError::Invalid {
-            setting: "password-env",
-            message: format!("environment variable {var} is not set"),
-        })?;
-        cfg.password(pw);
-    }
-    if let Some(path) = &password.password_file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
-            setting: "password-file",
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
-        cfg.password(text.lines().next().unwrap_or("").to_owned());
-    }
-    if cfg.get_application_name().is_none() {
-        cfg.application_name("pgcourier");
-    }
-    Ok(cfg)
+) -> Result<crate::pg::connect::PgConnect, ConfigError> {
+    crate::pg::connect::PgConnect::resolve(
+        setting,
+        conninfo,
+        password,
+        &crate::pg::connect::Environment::from_process(),
+    )
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ pub enum Link {
 
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
-    pub target: tokio_postgres::Config,
+    pub target: pgcourier_common::pg::connect::PgConnect,
     pub inbox_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,

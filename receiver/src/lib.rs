@@ -75,21 +75,21 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
 }
 
 /// Log in to the target once at start: a login it refuses (wrong password,
-/// role or database) will not succeed by retrying, so the receiver exits
-/// with an error naming the setting. An unreachable target is only logged:
+/// role or database) or a TLS failure (certificate refused, server without
+/// TLS under sslmode=require or stronger) will not succeed by retrying, so
+/// the receiver exits with an error naming the setting. An unreachable target is only logged:
 /// apply retries until it is up.
 async fn probe_target(cfg: &ReceiverConfig) -> anyhow::Result<()> {
-    let attempt = tokio::time::timeout(
-        std::time::Duration::from_secs(15),
-        cfg.target.connect(tokio_postgres::NoTls),
-    )
-    .await;
+    let attempt =
+        tokio::time::timeout(std::time::Duration::from_secs(15), cfg.target.connect()).await;
     match attempt {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => match pgcourier_common::config::login_refused(&e) {
+        Ok(Err(e)) => match e.login_refused() {
             Some(hint) => Err(anyhow::Error::new(e).context(format!(
                 "the target database refused the login (setting `target`): {hint}"
             ))),
+            // TLS refused or failed: retrying cannot help either.
+            None if e.class() == "tls" => Err(anyhow::Error::new(e)),
             None => {
                 tracing::warn!(error = %pgcourier_common::ops::backoff::error_chain(&e), "cannot reach the target database (setting `target`) yet; apply retries until it is up");
                 Ok(())

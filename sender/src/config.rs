@@ -106,7 +106,7 @@ pub struct ReceiverSpec {
 
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
-    pub source: tokio_postgres::Config,
+    pub source: pgcourier_common::pg::connect::PgConnect,
     pub slot: String,
     pub publication: String,
     /// Schema-qualified tables to publish; empty: all tables.

@@ -4,9 +4,10 @@
 //! one SQLSTATE classifier; LSNs the source returns are parsed or refused,
 //! never defaulted.
 
+use pgcourier_common::pg::connect::{ConnectError, PgConnect};
 use pgcourier_common::store::durable::Synced;
 use pgcourier_proto::Lsn;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::SenderConfig;
 use pgcourier_common::ops::backoff::error_chain;
@@ -15,13 +16,13 @@ use pgcourier_common::pg::{quote_ident, quote_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot connect to the source database (setting `source`)")]
-    Connect(#[source] PgError),
+    #[error(transparent)]
+    Connect(ConnectError),
     #[error("the source database refused the login (setting `source`): {hint}")]
     LoginRefused {
         hint: &'static str,
         #[source]
-        source: PgError,
+        source: ConnectError,
     },
     #[error("source query failed: {what}")]
     Query {
@@ -68,7 +69,10 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             // Retried: after a kill the lock holder's backend may linger a moment.
-            SourceError::Connect(_) | SourceError::SlotBusy { .. } => true,
+            SourceError::SlotBusy { .. } => true,
+            // Unreachable or starting: retried; TLS refused or failed: the
+            // operator must act (sslmode, sslrootcert, the certificate).
+            SourceError::Connect(e) => e.is_transient(),
             SourceError::Query { source, .. } => classify(&source.0).transient,
             SourceError::NotReady(_)
             | SourceError::InvalidLsn { .. }
@@ -128,15 +132,10 @@ impl SourceClient {
 }
 
 /// Connect to the source, with the session settings capture relies on.
-pub async fn connect(cfg: &tokio_postgres::Config) -> Result<SourceClient, SourceError> {
-    let (client, conn) = cfg.connect(NoTls).await.map_err(|e| {
-        match pgcourier_common::config::login_refused(&e) {
-            Some(hint) => SourceError::LoginRefused {
-                hint,
-                source: PgError(e),
-            },
-            None => SourceError::Connect(PgError(e)),
-        }
+pub async fn connect(cfg: &PgConnect) -> Result<SourceClient, SourceError> {
+    let (client, conn) = cfg.connect().await.map_err(|e| match e.login_refused() {
+        Some(hint) => SourceError::LoginRefused { hint, source: e },
+        None => SourceError::Connect(e),
     })?;
     let driver = tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -594,10 +593,11 @@ mod tests {
             let mut rest = Vec::new();
             let _ = sock.read_to_end(&mut rest).await;
         });
-        let cfg: tokio_postgres::Config =
-            format!("host=127.0.0.1 port={port} user=courier dbname=postgres")
-                .parse()
-                .unwrap();
+        let cfg = PgConnect::from_conninfo(
+            "source",
+            &format!("host=127.0.0.1 port={port} user=courier dbname=postgres sslmode=disable"),
+        )
+        .unwrap();
         let Err(e) = connect(&cfg).await else {
             panic!("the session settings query succeeded on the test server");
         };

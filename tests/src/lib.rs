@@ -7,7 +7,9 @@
 //!
 //! Overview:
 //! * [`PgCluster`]: a throwaway PostgreSQL 15 cluster (`wal_level=logical`,
-//!   Unix socket only), stopped and removed on drop.
+//!   Unix socket only), stopped and removed on drop. [`PgCluster::start_tls`]
+//!   also listens on 127.0.0.1 with TLS only (a certificate signed by a
+//!   [`TestCa`]) and a role that logs in with a password.
 //! * [`bin_path`]: path of a built daemon binary (`pgcourier-sender`,
 //!   `pgcourier-receiver`).
 //! * [`Daemon`]: a child process whose stdout/stderr go to a log file, killed
@@ -231,8 +233,71 @@ pub struct PgCluster {
     log_file: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// The TCP listener's TLS set-up, when started with [`PgCluster::start_tls`].
+    tls: Option<ServerTls>,
     /// Lock on the port reservation; released when the cluster is dropped.
     _port_lock: File,
+}
+
+/// A test certificate authority (rcgen), its certificate in a PEM file.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    cert_path: PathBuf,
+}
+
+impl TestCa {
+    /// A new CA whose certificate is written to `dir/<name>.crt`.
+    pub fn new(dir: &Path, name: &str) -> anyhow::Result<TestCa> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("pgcourier test CA {name}"),
+        );
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key)?;
+        let cert_path = dir.join(format!("{name}.crt"));
+        fs::write(&cert_path, cert.pem())
+            .with_context(|| format!("writing {}", cert_path.display()))?;
+        Ok(TestCa {
+            cert,
+            key,
+            cert_path,
+        })
+    }
+
+    /// The CA certificate (PEM), for `sslrootcert`.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+
+    /// A server certificate for these DNS names, signed by this CA:
+    /// (certificate PEM, key PEM).
+    pub fn server_cert(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// What [`PgCluster::start_tls`] set up.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The role that logs in over TCP (superuser) and its password.
+    pub role: String,
+    pub password: String,
 }
 
 impl std::fmt::Debug for PgCluster {
@@ -249,6 +314,33 @@ impl PgCluster {
     /// Create (initdb), configure and start a new cluster. Blocking; fine to
     /// call from a tokio test.
     pub fn start(name: &str) -> anyhow::Result<PgCluster> {
+        Self::start_with(name, None)
+    }
+
+    /// As [`PgCluster::start`], and also listen on 127.0.0.1 (TCP) with
+    /// `ssl = on`: a server certificate for `names` signed by `ca`, pg_hba
+    /// `hostssl all all 127.0.0.1/32 scram-sha-256` and `hostnossl ...
+    /// reject`, and a superuser `role` whose password is `password`. The
+    /// Unix socket stays as in [`PgCluster::start`] (trust).
+    pub fn start_tls(
+        name: &str,
+        ca: &TestCa,
+        names: &[&str],
+        role: &str,
+        password: &str,
+    ) -> anyhow::Result<PgCluster> {
+        let (cert, key) = ca.server_cert(names)?;
+        let tls = ServerTls {
+            role: role.to_string(),
+            password: password.to_string(),
+        };
+        Self::start_with(name, Some((tls, cert, key)))
+    }
+
+    fn start_with(
+        name: &str,
+        tls: Option<(ServerTls, String, String)>,
+    ) -> anyhow::Result<PgCluster> {
         let bindir = pg_bindir()?;
         let dir = short_tempdir(name)?;
         let root_dir = dir.path().to_path_buf();
@@ -288,14 +380,100 @@ impl PgCluster {
             log_file,
             port,
             as_postgres,
+            tls: tls.as_ref().map(|(t, _, _)| t.clone()),
             _port_lock: port_lock,
         };
         cluster.initdb()?;
         cluster.write_config()?;
+        if let Some((_, cert, key)) = &tls {
+            cluster.write_tls_config(cert, key)?;
+        }
         cluster
             .start_again()
             .with_context(|| format!("starting cluster {name}"))?;
+        if let Some(t) = &cluster.tls {
+            // Over the Unix socket (trust): the password is a literal, quoted.
+            let sql = format!(
+                "CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}'",
+                quote_ident(&t.role),
+                t.password.replace('\'', "''")
+            );
+            let out = cluster.run_pg(
+                "psql",
+                [
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    &cluster.root_dir.display().to_string(),
+                    "-p",
+                    &cluster.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    &sql,
+                ],
+            );
+            out.with_context(|| format!("creating role {} on cluster {name}", t.role))?;
+        }
         Ok(cluster)
+    }
+
+    /// Server certificate and key in the data directory (owned by the
+    /// server's user, key 0600), `ssl = on` and TCP on 127.0.0.1, and a
+    /// pg_hba.conf that takes TCP logins over TLS only, with a password.
+    fn write_tls_config(&self, cert: &str, key: &str) -> anyhow::Result<()> {
+        for (file, text, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+            let path = self.data_dir.join(file);
+            fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+            if self.as_postgres {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&path)
+                    .status()
+                    .context("running chown")?;
+                if !status.success() {
+                    bail!(
+                        "chown postgres:postgres {} failed: {status}",
+                        path.display()
+                    );
+                }
+            }
+        }
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .with_context(|| format!("opening {}", conf.display()))?;
+        write!(
+            f,
+            "listen_addresses = '127.0.0.1'\n\
+             ssl = on\n\
+             ssl_cert_file = 'server.crt'\n\
+             ssl_key_file = 'server.key'\n\
+             password_encryption = 'scram-sha-256'\n"
+        )?;
+        let hba = self.data_dir.join("pg_hba.conf");
+        fs::write(
+            &hba,
+            "# pgcourier test harness: TCP only over TLS, with a password\n\
+             local all all trust\n\
+             local replication all trust\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .with_context(|| format!("writing {}", hba.display()))?;
+        Ok(())
+    }
+
+    /// The TCP listener's TLS set-up (`None` unless started with
+    /// [`PgCluster::start_tls`]).
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.as_ref()
     }
 
     /// Run a PostgreSQL binary (as user postgres when we are root), from the
@@ -697,6 +875,8 @@ pub struct Daemon {
     name: String,
     bin: PathBuf,
     args: Vec<String>,
+    /// Extra environment variables for the child.
+    env: Vec<(String, String)>,
     log_path: PathBuf,
     child: Mutex<Child>,
     status: Mutex<Option<ExitStatus>>,
@@ -717,12 +897,29 @@ impl Daemon {
     /// Start `bin args...`; stdout and stderr are appended to `log_path`.
     /// `RUST_LOG` defaults to `info` unless set in the environment.
     pub fn spawn(name: &str, bin: &Path, args: &[&str], log_path: &Path) -> anyhow::Result<Daemon> {
+        Self::spawn_with_env(name, bin, args, &[], log_path)
+    }
+
+    /// As [`Daemon::spawn`], with these environment variables set for the
+    /// child (and again on [`Daemon::respawn`]).
+    pub fn spawn_with_env(
+        name: &str,
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_path: &Path,
+    ) -> anyhow::Result<Daemon> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let child = Self::start_child(name, bin, &args, log_path)?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::start_child(name, bin, &args, &env, log_path)?;
         Ok(Daemon {
             name: name.to_string(),
             bin: bin.to_path_buf(),
             args,
+            env,
             log_path: log_path.to_path_buf(),
             child: Mutex::new(child),
             status: Mutex::new(None),
@@ -733,6 +930,7 @@ impl Daemon {
         name: &str,
         bin: &Path,
         args: &[String],
+        env: &[(String, String)],
         log_path: &Path,
     ) -> anyhow::Result<Child> {
         let mut log = OpenOptions::new()
@@ -755,6 +953,7 @@ impl Daemon {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.spawn()
             .with_context(|| format!("spawning {name}: {} {}", bin.display(), args.join(" ")))
     }
@@ -765,7 +964,8 @@ impl Daemon {
         if self.is_running() {
             bail!("{} is still running", self.name);
         }
-        let child = Self::start_child(&self.name, &self.bin, &self.args, &self.log_path)?;
+        let child =
+            Self::start_child(&self.name, &self.bin, &self.args, &self.env, &self.log_path)?;
         *self.child.lock().unwrap() = child;
         *self.status.lock().unwrap() = None;
         Ok(())

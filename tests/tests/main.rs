@@ -19,6 +19,7 @@ mod trust_apply;
 mod trust_capture;
 mod trust_cut;
 mod trust_identity;
+mod trust_pg_tls;
 mod trust_publication;
 
 // ---------------------------------------------------------------------------

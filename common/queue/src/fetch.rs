@@ -19,7 +19,6 @@ use pgcourier_sender::admin::SenderStatus;
 use pgcourier_sender::spool::Spool;
 use pgcourier_sender::SenderConfig;
 use serde::Serialize;
-use tokio_postgres::NoTls;
 
 /// The daemon a config file belongs to.
 pub enum Daemon {
@@ -177,7 +176,7 @@ fn stopped_sender(c: &SenderConfig) -> anyhow::Result<SenderStatus> {
     let slot = runtime()?.block_on(async {
         let (client, conn) = c
             .source
-            .connect(NoTls)
+            .connect()
             .await
             .map_err(|e| format!("sender stopped; {}", error_chain(&e)))?;
         // The connection is driven here and ends when the client is dropped.
@@ -206,7 +205,7 @@ fn stopped_receiver(c: &ReceiverConfig) -> anyhow::Result<ReceiverStatus> {
     let mut apply = pgcourier_receiver::apply::ApplyStatus::default();
     if let Some(source) = inbox.source()? {
         let applied = runtime()?.block_on(async {
-            let (client, conn) = c.target.connect(NoTls).await.map_err(|e| {
+            let (client, conn) = c.target.connect().await.map_err(|e| {
                 format!(
                     "receiver stopped and the target does not answer: {}",
                     error_chain(&e)

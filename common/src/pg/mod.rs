@@ -1,8 +1,10 @@
-//! Talking to PostgreSQL, the same way at both sites: identifiers are
-//! always quoted, errors are classified by SQLSTATE in one place, and the
-//! branch's progress row (the exactly-once anchor) is read by one function
-//! that never falls back to a default.
+//! Talking to PostgreSQL, the same way at both sites: every connection is
+//! resolved and opened in one place (libpq's conventions, TLS), identifiers
+//! are always quoted, errors are classified by SQLSTATE in one place, and
+//! the branch's progress row (the exactly-once anchor) is read by one
+//! function that never falls back to a default.
 
+pub mod connect;
 pub mod errors;
 pub mod progress_row;
 pub mod time;

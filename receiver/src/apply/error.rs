@@ -11,6 +11,7 @@
 //! quoted values of data exceptions (class 22: `invalid input syntax for
 //! type integer: "..."`) and of a trigger's RAISE (class P0) are masked.
 
+use pgcourier_common::pg::connect::ConnectError;
 use pgcourier_common::pg::errors::{classify, PgError, PgFault};
 use pgcourier_common::pg::progress_row::ProgressError;
 use pgcourier_proto::pgoutput;
@@ -20,8 +21,8 @@ use pgcourier_proto::record::RecordError;
 /// and [`ApplyError::is_transient`] whether it is retried soon.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("cannot connect to the target database (setting `target`)")]
-    Connect(#[source] PgError),
+    #[error(transparent)]
+    Connect(ConnectError),
     #[error("target query failed: {what}")]
     Target {
         what: String,
@@ -84,7 +85,8 @@ impl ApplyError {
     /// from PostgreSQL `connection`, `read_only`, `in_use`,
     /// `serialization` (retried) or `login_refused`, `missing_table`,
     /// `missing_column`, `type_mismatch`, `unique_violation`, `constraint`,
-    /// `permission_denied`, `target_error` (any other SQLSTATE); from apply
+    /// `permission_denied`, `target_error` (any other SQLSTATE), `tls` (the
+    /// TLS handshake failed, or the server refused TLS); from apply
     /// itself `no_key`, `corrupt_record`, `out_of_order`, `bad_record`, `bad_progress_row`,
     /// `inbox` or `seed`.
     pub fn class(&self) -> &'static str {
@@ -97,7 +99,16 @@ impl ApplyError {
             class,
         };
         match self {
-            ApplyError::Connect(e) | ApplyError::Target { source: e, .. } => target_fault(&e.0),
+            ApplyError::Connect(e) => match e.server_error() {
+                Some(e) => target_fault(e),
+                // Unreachable (retried), or TLS refused or failed (`tls`:
+                // sslmode, sslrootcert, the server's certificate).
+                None => PgFault {
+                    transient: e.is_transient(),
+                    class: e.class(),
+                },
+            },
+            ApplyError::Target { source: e, .. } => target_fault(&e.0),
             ApplyError::Progress(p) => match p.query_error() {
                 Some(e) => target_fault(e),
                 None => definite("bad_progress_row"),
@@ -143,13 +154,14 @@ pub(super) fn target_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -
 mod tests {
     use super::*;
     use pgcourier_common::ops::backoff::error_chain;
+    use pgcourier_common::pg::connect::PgConnect;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A real `tokio_postgres::Error` carrying `sqlstate`: a one-shot server
-    /// on 127.0.0.1 answers the startup message with a FATAL ErrorResponse,
-    /// as PostgreSQL does when it refuses a login.
-    async fn refused_at_startup(sqlstate: &str) -> tokio_postgres::Error {
-        server_error(&[
+    /// A real connection error carrying `sqlstate`: a one-shot server on
+    /// 127.0.0.1 answers the startup message with a FATAL ErrorResponse, as
+    /// PostgreSQL does when it refuses a login.
+    async fn refused_at_startup(sqlstate: &str) -> ConnectError {
+        connect_error(&[
             (b'S', "FATAL"),
             (b'V', "FATAL"),
             (b'C', sqlstate),
@@ -160,6 +172,15 @@ mod tests {
 
     /// A real `tokio_postgres::Error` with these ErrorResponse fields.
     async fn server_error(fields_in: &[(u8, &str)]) -> tokio_postgres::Error {
+        connect_error(fields_in)
+            .await
+            .into_server_error()
+            .expect("the test server answered")
+    }
+
+    /// The connection error of a login answered with these ErrorResponse
+    /// fields.
+    async fn connect_error(fields_in: &[(u8, &str)]) -> ConnectError {
         let fields_in: Vec<(u8, String)> = fields_in
             .iter()
             .map(|(t, v)| (*t, (*v).to_owned()))
@@ -188,15 +209,20 @@ mod tests {
             msg.extend_from_slice(&fields);
             sock.write_all(&msg).await.unwrap();
         });
-        let cfg: tokio_postgres::Config =
-            format!("host=127.0.0.1 port={port} user=courier dbname=postgres")
-                .parse()
-                .unwrap();
-        let Err(e) = cfg.connect(tokio_postgres::NoTls).await else {
+        let cfg = PgConnect::from_conninfo(
+            "target",
+            &format!("host=127.0.0.1 port={port} user=courier dbname=postgres sslmode=disable"),
+        )
+        .unwrap();
+        let Err(e) = cfg.connect().await else {
             panic!("the test server accepted a login");
         };
         server.await.unwrap();
-        assert_eq!(e.code().map(|c| c.code()), Some(sqlstate.as_str()), "{e}");
+        assert_eq!(
+            e.server_error().and_then(|e| e.code()).map(|c| c.code()),
+            Some(sqlstate.as_str()),
+            "{e}"
+        );
         e
     }
 
@@ -256,7 +282,7 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_password_while_running_is_definite_never_retried_as_transient() {
         for code in ["28P01", "28000", "3D000"] {
-            let e = ApplyError::Connect(refused_at_startup(code).await.into());
+            let e = ApplyError::Connect(refused_at_startup(code).await);
             assert!(
                 !e.is_transient(),
                 "{code}: a refused login must not be retried as transient"
@@ -267,7 +293,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_or_starting_target_is_retried() {
-        let e = ApplyError::Connect(refused_at_startup("57P03").await.into());
+        let e = ApplyError::Connect(refused_at_startup("57P03").await);
         assert!(e.is_transient());
         assert_eq!(e.class(), "connection");
         // Nobody listens on this port any more: connection refused, no SQLSTATE.
@@ -275,16 +301,12 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let cfg: tokio_postgres::Config = format!("host=127.0.0.1 port={port} user=courier")
-            .parse()
-            .unwrap();
-        let e = ApplyError::Connect(
-            cfg.connect(tokio_postgres::NoTls)
-                .await
-                .err()
-                .unwrap()
-                .into(),
-        );
+        let cfg = PgConnect::from_conninfo(
+            "target",
+            &format!("host=127.0.0.1 port={port} user=courier"),
+        )
+        .unwrap();
+        let e = ApplyError::Connect(cfg.connect().await.err().unwrap());
         assert!(e.is_transient());
         assert_eq!(e.class(), "connection");
     }
@@ -305,7 +327,7 @@ mod tests {
             ("55P03", false, "target_error"),
             ("XX000", false, "target_error"),
         ] {
-            let e = target(refused_at_startup(code).await);
+            let e = target(refused_at_startup(code).await.into_server_error().unwrap());
             assert_eq!((e.is_transient(), e.class()), (transient, class), "{code}");
         }
     }

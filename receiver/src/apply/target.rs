@@ -12,10 +12,11 @@
 use std::ops::Deref;
 use std::time::Duration;
 
+use pgcourier_common::pg::connect::{ConnectError, PgConnect};
 use pgcourier_common::pg::progress_row;
 use pgcourier_proto::Lsn;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use super::error::{target_err, ApplyError};
 use super::Apply;
@@ -34,10 +35,8 @@ pub(crate) struct TargetClient {
 impl TargetClient {
     /// Connect to the target (setting `target`) and start the connection's
     /// driver task.
-    pub(crate) async fn connect(
-        cfg: &tokio_postgres::Config,
-    ) -> Result<Self, tokio_postgres::Error> {
-        let (client, conn) = cfg.connect(NoTls).await?;
+    pub(crate) async fn connect(cfg: &PgConnect) -> Result<Self, ConnectError> {
+        let (client, conn) = cfg.connect().await?;
         let driver = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "target connection ended");
@@ -98,7 +97,7 @@ impl Apply {
     pub(super) async fn connect(&self) -> Result<Connected, ApplyError> {
         let client = TargetClient::connect(&self.cfg.target)
             .await
-            .map_err(|e| ApplyError::Connect(e.into()))?;
+            .map_err(ApplyError::Connect)?;
         client
             .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3; SET lock_timeout = '30s'")
             .await

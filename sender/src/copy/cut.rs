@@ -24,7 +24,7 @@ pub struct Cut {
 /// after `lock_wait` ([`CopyError::is_lock_timeout`]) so the caller can
 /// retry without holding writers back for long.
 pub async fn take_cut(
-    cfg: &tokio_postgres::Config,
+    cfg: &pgcourier_common::pg::connect::PgConnect,
     publication: &str,
     oids: &[u32],
     lock_wait: Duration,

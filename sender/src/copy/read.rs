@@ -48,7 +48,7 @@ const CHUNK_BYTES: u64 = 64 * 1024;
 /// the cut exported). Memory is bounded by the chunks in the channel. The
 /// readers are tracked in a `JoinSet`: an error from `take` ends them all.
 pub async fn read_rows<E: From<CopyError>>(
-    cfg: &tokio_postgres::Config,
+    cfg: &pgcourier_common::pg::connect::PgConnect,
     workers: usize,
     cut: &Cut,
     tables: &[CopyTable],
@@ -140,7 +140,7 @@ async fn select_sql(
 /// the next table not yet taken until none is left. Stops quietly when
 /// the copy was abandoned (the receiving end is gone).
 async fn reader(
-    cfg: tokio_postgres::Config,
+    cfg: pgcourier_common::pg::connect::PgConnect,
     snapshot: String,
     publication: String,
     tables: Arc<Vec<CopyTable>>,
