@@ -33,6 +33,9 @@ async fn connect(
             database: "postgres".into(),
             password: password.map(str::to_owned),
             application_name: "pgcourier-stream-test".into(),
+            options: None,
+            tls: false,
+            tls_end_point: None,
         },
     )
     .await

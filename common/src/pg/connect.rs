@@ -41,7 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::{ChannelBinding, SslNegotiation};
 use tokio_postgres::Client;
 
-pub use tls::{HandshakeError, PgSocket, PgTlsStream};
+pub use tls::{HandshakeError, PgSocket, PgStream, PgTlsStream};
 
 use crate::config::{ConfigError, PasswordSource};
 use crate::pg::errors::{classify, PgError};
@@ -583,6 +583,88 @@ impl PgConnect {
                 ),
             ))),
         }
+    }
+
+    /// A stream to `t` for a protocol client of our own (the sender's
+    /// replication connection), TLS negotiated as `sslmode` says; the login
+    /// is the caller's. `allow` opens plaintext (the caller may come back
+    /// with [`PgConnect::open_tls_stream`] if the server refuses the login);
+    /// `prefer` takes TLS when the server offers it, and plaintext on a new
+    /// socket when the handshake fails.
+    pub async fn open_stream(&self, t: &Target) -> Result<PgStream, ConnectError> {
+        if matches!(t.host, Host::Unix(_))
+            || matches!(self.ssl_mode, SslMode::Disable | SslMode::Allow)
+        {
+            return Ok(PgStream::Plain(self.socket(t).await?));
+        }
+        match self.ssl_mode {
+            SslMode::Prefer => match self.tls_stream(t, false).await {
+                Err(e @ ConnectError::Tls { .. }) => {
+                    tracing::warn!(setting = self.setting, host = %t.describe(), error = %crate::ops::backoff::error_chain(&e), "TLS failed; sslmode=prefer goes on without TLS");
+                    Ok(PgStream::Plain(self.socket(t).await?))
+                }
+                r => r,
+            },
+            _ => self.tls_stream(t, true).await,
+        }
+    }
+
+    /// A TLS stream to `t` whatever `sslmode` says (but `disable`): for
+    /// `allow` after the server refused a plaintext login.
+    pub async fn open_tls_stream(&self, t: &Target) -> Result<PgStream, ConnectError> {
+        self.tls_stream(t, true).await
+    }
+
+    async fn tls_stream(&self, t: &Target, required: bool) -> Result<PgStream, ConnectError> {
+        let (Some(config), Some(name)) = (&self.tls, &t.server_name) else {
+            unreachable!("resolve builds the TLS config and a name for every TCP target unless sslmode=disable")
+        };
+        let mut socket = self.socket(t).await?;
+        let unreachable = |source: std::io::Error| ConnectError::Unreachable {
+            setting: self.setting,
+            host: t.describe(),
+            source,
+        };
+        // SSLRequest: length 8, code 80877103.
+        socket
+            .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .map_err(unreachable)?;
+        let mut answer = [0u8; 1];
+        socket.read_exact(&mut answer).await.map_err(unreachable)?;
+        match answer[0] {
+            b'S' => match tls::handshake(config.clone(), name.clone(), socket).await {
+                Ok(s) => Ok(PgStream::Tls(s)),
+                Err(HandshakeError::Refused(r)) => Err(ConnectError::Tls {
+                    setting: self.setting,
+                    host: t.describe(),
+                    mode: self.ssl_mode,
+                    check: tls_hint(&r, self.verifies_chain),
+                    source: Box::new(r),
+                }),
+                Err(HandshakeError::Io(e)) => Err(unreachable(e)),
+                Err(HandshakeError::NotConfigured) => {
+                    unreachable!("the config was given")
+                }
+            },
+            b'N' if !required => Ok(PgStream::Plain(socket)),
+            b'N' => Err(ConnectError::TlsRefused {
+                setting: self.setting,
+                host: t.describe(),
+                mode: self.ssl_mode,
+            }),
+            other => Err(unreachable(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the server answered the TLS request with byte {other:#04x}: is it PostgreSQL?"
+                ),
+            ))),
+        }
+    }
+
+    /// How long a connection attempt may take (`connect_timeout`).
+    pub fn connect_timeout(&self) -> Option<Duration> {
+        self.connect_timeout
     }
 
     /// Classify an error from tokio-postgres' login: a refused handshake

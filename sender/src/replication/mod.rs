@@ -29,6 +29,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use pgcourier_common::pg::connect::ConnectError;
 use pgcourier_common::pg::errors::{classify_sqlstate, PgFault};
 use pgcourier_common::pg::quote_ident;
 use pgcourier_proto::walstream::StatusUpdate;
@@ -61,6 +62,8 @@ pub enum ReplicationError {
     Auth(String),
     #[error("replication connection to the source timed out while {0}")]
     Timeout(&'static str),
+    #[error("replication connection to the source")]
+    Connect(#[source] ConnectError),
 }
 
 impl ReplicationError {
@@ -70,6 +73,10 @@ impl ReplicationError {
         match self {
             ReplicationError::Io(_) | ReplicationError::Timeout(_) => classify_sqlstate(None),
             ReplicationError::Server(e) => classify_sqlstate(Some(&e.code)),
+            ReplicationError::Connect(e) => PgFault {
+                transient: e.is_transient(),
+                class: e.class(),
+            },
             // A server that does not speak the protocol we expect, or a
             // login we cannot make (no password, a method we lack):
             // retrying the same thing cannot help.
@@ -100,6 +107,14 @@ pub struct StartupParams {
     pub database: String,
     pub password: Option<String>,
     pub application_name: String,
+    /// libpq's `options` (command-line options for the server session).
+    pub options: Option<String>,
+    /// The stream is TLS.
+    pub tls: bool,
+    /// The server certificate's `tls-server-end-point` hash: SCRAM then
+    /// binds the login to this TLS session (SCRAM-SHA-256-PLUS) when the
+    /// server offers it.
+    pub tls_end_point: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for StartupParams {
@@ -155,7 +170,8 @@ impl ReplicationConnection {
             ("IntervalStyle", "postgres"),
             ("extra_float_digits", "3"),
         ];
-        frontend::startup_message(startup.iter().copied(), &mut self.out)?;
+        let options = params.options.as_deref().map(|o| ("options", o));
+        frontend::startup_message(startup.iter().copied().chain(options), &mut self.out)?;
         self.flush().await?;
         self.authenticate(params).await?;
         // ParameterStatus, BackendKeyData, then ReadyForQuery.
@@ -197,16 +213,23 @@ impl ReplicationConnection {
                 frontend::password_message(hash.as_bytes(), &mut self.out)?;
             }
             Backend::AuthSasl(mechanisms) => {
-                if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
-                    return Err(ReplicationError::Auth(format!(
-                        "the server offers SASL mechanisms {mechanisms:?}, none of which is SCRAM-SHA-256"
-                    )));
-                }
-                let mut scram = ScramSha256::new(
-                    password()?.as_bytes(),
-                    sasl::ChannelBinding::unsupported(),
-                );
-                frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut self.out)?;
+                let plus = mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256_PLUS);
+                let (mechanism, binding) = match &params.tls_end_point {
+                    Some(hash) if plus => (
+                        sasl::SCRAM_SHA_256_PLUS,
+                        sasl::ChannelBinding::tls_server_end_point(hash.clone()),
+                    ),
+                    _ if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) => {
+                        return Err(ReplicationError::Auth(format!(
+                            "the server offers SASL mechanisms {mechanisms:?}, none of which pgcourier can use (SCRAM-SHA-256)"
+                        )))
+                    }
+                    // TLS, but the server does not offer binding.
+                    _ if params.tls => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+                    _ => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                };
+                let mut scram = ScramSha256::new(password()?.as_bytes(), binding);
+                frontend::sasl_initial_response(mechanism, scram.message(), &mut self.out)?;
                 self.flush().await?;
                 match self.read_backend().await? {
                     Backend::AuthSaslContinue(data) => scram.update(&data).map_err(|e| {

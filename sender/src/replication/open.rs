@@ -1,52 +1,66 @@
-//! Opening a replication connection from the `source` setting: the first
-//! host it names (a Unix socket directory or a TCP host) and its login.
+//! Opening a replication connection from the `source` setting: the same
+//! hosts, TLS (sslmode, sslrootcert, client certificate) and login as
+//! every other source connection (`pgcourier_common::pg::connect`), then
+//! our own startup with `replication=database`.
 
-use std::time::Duration;
+use pgcourier_common::pg::connect::{PgConnect, PgStream, SslMode, Target};
 
-use tokio_postgres::config::Host;
+use super::{ReplicationConnection, ReplicationError, StartupParams};
 
-use super::{ReplicationConnection, ReplicationError, StartupParams, Transport};
-
-/// How long the TCP or socket connect may take.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Connect to the source named by `cfg` with `replication=database`.
-pub async fn open(cfg: &tokio_postgres::Config) -> Result<ReplicationConnection, ReplicationError> {
-    let host = cfg
-        .get_hosts()
-        .first()
-        .cloned()
-        .unwrap_or_else(|| Host::Unix("/var/run/postgresql".into()));
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    let dial = async {
-        let io: Box<dyn Transport> = match &host {
-            Host::Tcp(name) => {
-                let stream = tokio::net::TcpStream::connect((name.as_str(), port)).await?;
-                stream.set_nodelay(true)?;
-                Box::new(stream)
-            }
-            Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                Box::new(tokio::net::UnixStream::connect(path).await?)
+/// Connect to the first of the source's hosts that accepts, as libpq
+/// would: a definite refusal anywhere is what is reported.
+pub async fn open(cfg: &PgConnect) -> Result<ReplicationConnection, ReplicationError> {
+    let mut definite = None;
+    let mut last = None;
+    for target in cfg.targets() {
+        let attempt = async {
+            let stream = cfg
+                .open_stream(target)
+                .await
+                .map_err(ReplicationError::Connect)?;
+            match login(cfg, target, stream).await {
+                // sslmode=allow: plaintext first, TLS when the server
+                // refuses the plaintext login.
+                Err(ReplicationError::Server(_)) if cfg.ssl_mode() == SslMode::Allow => {
+                    let stream = cfg
+                        .open_tls_stream(target)
+                        .await
+                        .map_err(ReplicationError::Connect)?;
+                    login(cfg, target, stream).await
+                }
+                r => r,
             }
         };
-        Ok::<_, std::io::Error>(io)
-    };
-    let io = tokio::time::timeout(DIAL_TIMEOUT, dial)
-        .await
-        .map_err(|_| ReplicationError::Timeout("connecting"))??;
-    let user = cfg
-        .get_user()
-        .map(str::to_owned)
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "postgres".into());
+        let result = match cfg.connect_timeout() {
+            Some(limit) => tokio::time::timeout(limit, attempt)
+                .await
+                .unwrap_or(Err(ReplicationError::Timeout("connecting"))),
+            None => attempt.await,
+        };
+        match result {
+            Ok(c) => return Ok(c),
+            Err(e) if !e.fault().transient && definite.is_none() => definite = Some(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(definite
+        .or(last)
+        .unwrap_or_else(|| ReplicationError::Protocol("setting `source` names no host".into())))
+}
+
+async fn login(
+    cfg: &PgConnect,
+    target: &Target,
+    stream: PgStream,
+) -> Result<ReplicationConnection, ReplicationError> {
     let params = StartupParams {
-        database: cfg.get_dbname().map_or_else(|| user.clone(), str::to_owned),
-        user,
-        password: cfg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned()),
-        application_name: cfg.get_application_name().unwrap_or("pgcourier").to_owned(),
+        user: cfg.user().to_owned(),
+        database: cfg.dbname().to_owned(),
+        password: target.password().map(str::to_owned),
+        application_name: cfg.application_name().unwrap_or("pgcourier").to_owned(),
+        options: cfg.options().map(str::to_owned),
+        tls: stream.is_tls(),
+        tls_end_point: stream.server_end_point(),
     };
-    ReplicationConnection::connect(io, &params).await
+    ReplicationConnection::connect(Box::new(stream), &params).await
 }

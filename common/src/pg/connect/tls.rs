@@ -269,24 +269,101 @@ impl TlsConnect<PgSocket> for Connector {
     fn connect(self, stream: PgSocket) -> Self::Future {
         Box::pin(async move {
             let (config, name) = self.tls.ok_or(HandshakeError::NotConfigured)?;
-            tokio_rustls::TlsConnector::from(config)
-                .connect(name, stream)
-                .await
-                .map(PgTlsStream)
-                .map_err(|e| {
-                    // tokio-rustls wraps rustls' own errors in an io::Error.
-                    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                        let inner = e
-                            .into_inner()
-                            .expect("checked above")
-                            .downcast::<rustls::Error>()
-                            .expect("checked above");
-                        HandshakeError::Refused(*inner)
-                    } else {
-                        HandshakeError::Io(e)
-                    }
-                })
+            handshake(config, name, stream).await
         })
+    }
+}
+
+/// The TLS handshake on `stream` (the server has accepted our SSLRequest).
+pub(crate) async fn handshake(
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    stream: PgSocket,
+) -> Result<PgTlsStream, HandshakeError> {
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map(PgTlsStream)
+        .map_err(|e| {
+            // tokio-rustls wraps rustls' own errors in an io::Error.
+            if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                let inner = e
+                    .into_inner()
+                    .expect("checked above")
+                    .downcast::<rustls::Error>()
+                    .expect("checked above");
+                HandshakeError::Refused(*inner)
+            } else {
+                HandshakeError::Io(e)
+            }
+        })
+}
+
+/// A stream to PostgreSQL for a protocol client of our own (the sender's
+/// replication connection): plaintext or TLS, as `sslmode` negotiated it.
+pub enum PgStream {
+    Plain(PgSocket),
+    Tls(PgTlsStream),
+}
+
+impl PgStream {
+    /// RFC 5929 `tls-server-end-point` of the server's certificate, for
+    /// SCRAM-SHA-256-PLUS; `None` without TLS or for an algorithm without
+    /// one.
+    pub fn server_end_point(&self) -> Option<Vec<u8>> {
+        match self {
+            PgStream::Plain(_) => None,
+            PgStream::Tls(t) => {
+                let (_, conn) = t.0.get_ref();
+                conn.peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| tls_server_end_point(c))
+            }
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, PgStream::Tls(_))
+    }
+}
+
+impl AsyncRead for PgStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            PgStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PgStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            PgStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            PgStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            PgStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            PgStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 
