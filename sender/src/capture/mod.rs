@@ -1,31 +1,33 @@
 //! Capture: source WAL → pgoutput messages → spool records. Steps 1-4 of a
-//! change's path (**slot peek → cutter → spool fsync → slot advance** →
+//! change's path (**slot stream → cutter → spool fsync → status update** →
 //! ship → inbox → apply), and the copy's C1, C3 and C4.
 //!
-//! The slot is read with `pg_logical_slot_peek_binary_changes` (proto_version
-//! 1: only committed transactions, each whole and in commit order); its rows
-//! are streamed, never collected, through the pure cutter
-//! ([`pgcourier_proto::cutter`]) into records of at most ~24 KiB. After a
-//! peek's transactions are appended, [`Spool::commit`] fsyncs them (off the
-//! async workers) and returns a [`Synced`] position; only with it in hand is
-//! the slot advanced (`pg_replication_slot_advance`): the slot never
-//! confirms what the spool could lose (invariant 1).
+//! The slot is streamed over a replication connection of our own
+//! (`START_REPLICATION .. LOGICAL`, proto_version 1: only committed
+//! transactions, each whole and in commit order, decoded once as the WAL
+//! is written; [`crate::replication`]). Each message goes through the pure
+//! cutter ([`pgcourier_proto::cutter`]) into records of at most ~24 KiB.
+//! When a batch of whole transactions is appended, [`Spool::commit`] fsyncs
+//! it (off the async workers) and returns a [`Synced`] position; only with
+//! it in hand is a standby status update sent with that flush position:
+//! the slot never confirms what the spool could lose (invariant 1).
 //!
-//! After a crash between the spool fsync and the slot advance, the next peek
-//! returns transactions already spooled; they are recognised by their commit
-//! LSN (at or below the spool's `captured_commit_lsn`) and skipped.
+//! After a crash between the spool fsync and the status update, the next
+//! stream sends transactions already spooled again; they are recognised by
+//! their commit LSN (at or below the spool's `captured_commit_lsn`) and
+//! skipped.
 //!
 //! A quiet publication would pin WAL on the source forever (PostgreSQL 15
-//! emits nothing for transactions that touch no published table), so when a
-//! peek returns nothing the slot is advanced to the WAL insert position read
-//! before the peek, provided WAL was flushed that far: every commit record
-//! that starts below that position was then visible to the peek.
+//! sends nothing for transactions that touch no published table), so once
+//! everything received is durable, the position of the walsender's
+//! keepalive (how far it has decoded) is confirmed.
 //!
 //! Files, by role:
 //! - `run.rs`: the session loop: connect, check the source, retry with
-//!   backoff, pause while the spool is full.
-//! - `poll.rs`: one peek, driven through the cutter into the spool.
-//! - `slot.rs`: WAL positions, and the slot advance (takes a `Synced` mark).
+//!   backoff, pause while the spool is full, take cuts and splice copies
+//!   between streams.
+//! - `stream.rs`: one stream of the slot, driven through the cutter into
+//!   the spool, batches committed and confirmed.
 //! - `tables.rs`: which tables wait for a copy; choosing and taking cuts.
 //! - `splice.rs`: the SPLICE: a cut's copy spooled as the transaction at
 //!   L − 1, the tables it copied marked synced, `needs_copy` answered.

@@ -1,15 +1,16 @@
-//! The capture cutter: pgoutput messages from a slot peek in, spool
+//! The capture cutter: pgoutput messages from the slot's stream in, spool
 //! records out. Step 2 of a change's path (WAL → **records** → spool →
-//! ship → inbox → apply); the sender's `capture` is its driver: it peeks
-//! the slot, feeds each message here, appends the records this returns to
-//! the spool, commits (fsync) and advances the slot as [`PeekSummary::slot_step`]
-//! says.
+//! ship → inbox → apply); the sender's `capture/stream.rs` is its driver: it
+//! feeds each message of the stream here, appends the records this returns
+//! to the spool, and at the end of each batch of whole transactions
+//! ([`Cutter::take_summary`]) commits (fsync) and confirms the position to
+//! the source.
 //!
 //! Pure: no I/O, no clock. Everything the cutter knows comes in as values
 //! (message bytes, the spool's next sequence number, the commit LSN already
-//! spooled, the tables' copy state, WAL positions read before the peek).
+//! spooled, the tables' copy state, the pending cut).
 //!
-//! What it decides, in the order a peek's messages meet it:
+//! What it decides, in the order the stream's messages meet it:
 //! - **Begin** opens a transaction. One whose commit LSN is at or below
 //!   `skip_through` (what the spool already holds: the slot lagged behind
 //!   the spool after a crash) is read through and *skipped*. With a cut
@@ -27,7 +28,7 @@
 //!   record. A transaction with nothing kept is *dropped*: no record, but
 //!   its commit still counts for the spool's marks.
 //! - Anything out of order (a change outside a transaction, Begin inside
-//!   one, a Commit whose LSN differs from its Begin's, a peek that ends
+//!   one, a Commit whose LSN differs from its Begin's, a batch that ends
 //!   inside a transaction, an empty message) is a [`CutError`].
 
 mod txn;
@@ -75,10 +76,10 @@ pub struct Fed {
     pub new_table: Option<u32>,
 }
 
-/// Counts and positions of one peek, for the spool commit, the slot and
+/// Counts and positions of one batch, for the spool commit, the slot and
 /// status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PeekSummary {
+pub struct BatchSummary {
     /// Messages fed, Begin and Commit included.
     pub messages: u64,
     /// Transactions cut into records.
@@ -94,60 +95,15 @@ pub struct PeekSummary {
     /// Highest end LSN of any transaction seen, skipped ones included.
     pub last_end: Lsn,
     /// Transactions committing at or after the pending cut, left for the
-    /// peeks after the splice.
+    /// stream after the splice.
     pub after_cut: u64,
 }
 
-/// The WAL positions read just before a peek.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WalPosition {
-    pub insert: Lsn,
-    pub flush: Lsn,
-}
-
-/// What may be confirmed to the slot after a peek. Every value is a claim
-/// about the spool: the driver confirms only with the spool's fsync in hand
-/// (invariant 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SlotStep {
-    /// Nothing new may be confirmed.
-    Hold,
-    /// Confirm the last transaction's end: everything up to it is in the
-    /// spool (this peek's commit, or an earlier one for skipped ones).
-    Committed(Lsn),
-    /// The peek found nothing below the WAL insert position read before it,
-    /// and WAL was flushed that far: confirm it, so a quiet publication does
-    /// not pin WAL on the source.
-    Quiet(Lsn),
-    /// A cut is pending and every transaction committing before it is
-    /// spooled: splice the copy in, then confirm the copy's end.
-    Splice,
-}
-
-impl PeekSummary {
-    /// Whether the spool must commit (fsync) this peek's work: something
+impl BatchSummary {
+    /// Whether the spool must commit (fsync) this batch's work: something
     /// was cut, or a dropped transaction moves the spool's marks.
     pub fn needs_commit(&self) -> bool {
         self.transactions > 0 || self.dropped > 0
-    }
-
-    /// What to confirm to the slot, given the WAL position read before the
-    /// peek and the pending cut's LSN, if any (the peek then read only up
-    /// to it).
-    pub fn slot_step(&self, wal: WalPosition, cut: Option<Lsn>) -> SlotStep {
-        if self.last_end > Lsn::ZERO {
-            return SlotStep::Committed(self.last_end);
-        }
-        if self.skipped > 0 {
-            return SlotStep::Hold;
-        }
-        match cut {
-            Some(cut) if wal.flush >= cut => SlotStep::Splice,
-            // Never past the cut before the copy is spliced in.
-            Some(_) => SlotStep::Hold,
-            None if wal.flush >= wal.insert => SlotStep::Quiet(wal.insert),
-            None => SlotStep::Hold,
-        }
     }
 }
 
@@ -162,17 +118,17 @@ enum Open {
     Cutting(TxnCutter),
 }
 
-/// Cuts the messages of one slot peek into records.
+/// Cuts the messages of one slot stream into records.
 pub struct Cutter {
     next_seq: u64,
     skip_through: Lsn,
     cut: Option<Lsn>,
     open: Open,
-    summary: PeekSummary,
+    summary: BatchSummary,
 }
 
 impl Cutter {
-    /// A peek whose first record takes `next_seq` (the spool's), and whose
+    /// A stream whose first record takes `next_seq` (the spool's), and whose
     /// transactions committing at or below `skip_through` (the spool's
     /// captured commit LSN) are already spooled.
     pub fn new(next_seq: u64, skip_through: Lsn) -> Cutter {
@@ -181,18 +137,18 @@ impl Cutter {
             skip_through,
             cut: None,
             open: Open::Idle,
-            summary: PeekSummary::default(),
+            summary: BatchSummary::default(),
         }
     }
 
-    /// A peek made with a cut pending at `cut` (its `upto_lsn`): only
-    /// transactions committing before it are cut; those committing at or
-    /// after it are read through and left for the peeks after the splice
-    /// (counted in [`PeekSummary::after_cut`]). PostgreSQL stops a peek at
-    /// the first record that *ends* at or past `upto_lsn`, so when the cut
-    /// lies just past a WAL page header the commit that starts at it is
-    /// decoded too; that transaction is not in the copy's snapshot, and the
-    /// copy (commit LSN L − 1) must come before it.
+    /// A stream read with a cut pending at `cut`: only transactions
+    /// committing before it are cut; those committing at or after it are
+    /// read through and left for the stream after the splice (counted in
+    /// [`BatchSummary::after_cut`]), which starts at L and so sends them
+    /// again. A commit may start exactly at L (when the cut lies just past
+    /// a WAL page header, L is where the next record goes): that
+    /// transaction is not in the copy's snapshot, and the copy (commit LSN
+    /// L − 1) must come before it.
     pub fn before_cut(mut self, cut: Option<Lsn>) -> Cutter {
         self.cut = cut;
         self
@@ -206,7 +162,7 @@ impl Cutter {
         }
     }
 
-    /// Feed one pgoutput message, as the peek returned it.
+    /// Feed one pgoutput message, as the stream delivered it.
     pub fn message(&mut self, data: &[u8], tables: &mut Tables) -> Result<Fed, CutError> {
         self.summary.messages += 1;
         let mut fed = Fed::default();
@@ -318,22 +274,22 @@ impl Cutter {
     }
 
     /// For a stream that goes on: the counts and positions of what was fed
-    /// since the last call (a batch, judged as a peek is), starting a new
+    /// since the last call (a batch), starting a new
     /// one. Only between transactions.
-    pub fn take_summary(&mut self) -> Result<PeekSummary, CutError> {
+    pub fn take_summary(&mut self) -> Result<BatchSummary, CutError> {
         if !self.is_idle() {
             return Err(CutError::OutOfOrder("batch ended inside a transaction"));
         }
         Ok(std::mem::take(&mut self.summary))
     }
 
-    /// End of the peek. A peek that ends inside a transaction is an error:
-    /// proto_version 1 returns whole transactions only.
-    pub fn finish(self) -> Result<PeekSummary, CutError> {
+    /// End of the input. Input that ends inside a transaction is an error:
+    /// proto_version 1 sends whole transactions only.
+    pub fn finish(self) -> Result<BatchSummary, CutError> {
         match self.open {
             Open::Idle => Ok(self.summary),
             Open::Skipping | Open::AfterCut | Open::Cutting(_) => {
-                Err(CutError::OutOfOrder("peek ended inside a transaction"))
+                Err(CutError::OutOfOrder("input ended inside a transaction"))
             }
         }
     }

@@ -77,7 +77,7 @@ fn cut(
     skip_through: u64,
     tables: &mut Tables,
     messages: &[Vec<u8>],
-) -> (Vec<Record>, PeekSummary) {
+) -> (Vec<Record>, BatchSummary) {
     let mut cutter = Cutter::new(next_seq, Lsn(skip_through));
     let mut records = Vec::new();
     for m in messages {
@@ -153,7 +153,7 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
     );
     assert_eq!(
         summary,
-        PeekSummary {
+        BatchSummary {
             messages: 4,
             transactions: 1,
             records: 1,
@@ -533,7 +533,7 @@ fn out_of_order_and_malformed_streams_are_errors() {
     cutter.message(&begin(0x100, 1), &mut synced(&[A])).unwrap();
     assert_eq!(
         cutter.finish().unwrap_err(),
-        CutError::OutOfOrder("peek ended inside a transaction")
+        CutError::OutOfOrder("input ended inside a transaction")
     );
 }
 
@@ -559,71 +559,8 @@ fn a_transaction_cut_for_one_receiver_says_so_on_every_record_and_may_end_empty(
 }
 
 #[test]
-fn the_slot_is_told_the_last_end_or_the_quiet_insert_position_or_to_splice() {
-    let wal = |insert, flush| WalPosition {
-        insert: Lsn(insert),
-        flush: Lsn(flush),
-    };
-    let nothing = PeekSummary::default();
-    let spooled = PeekSummary {
-        transactions: 1,
-        last_end: Lsn(0x300),
-        ..PeekSummary::default()
-    };
-    assert_eq!(
-        spooled.slot_step(wal(0x500, 0x500), None),
-        SlotStep::Committed(Lsn(0x300))
-    );
-    assert_eq!(
-        spooled.slot_step(wal(0x500, 0x500), Some(Lsn(0x400))),
-        SlotStep::Committed(Lsn(0x300)),
-        "a peek that returned transactions confirms them; the splice waits for an empty peek"
-    );
-    assert_eq!(
-        nothing.slot_step(wal(0x500, 0x500), None),
-        SlotStep::Quiet(Lsn(0x500))
-    );
-    assert_eq!(
-        nothing.slot_step(wal(0x500, 0x4FF), None),
-        SlotStep::Hold,
-        "WAL not flushed to the insert position: a commit below it may not be decodable yet"
-    );
-    assert_eq!(
-        nothing.slot_step(wal(0x500, 0x400), Some(Lsn(0x400))),
-        SlotStep::Splice
-    );
-    assert_eq!(
-        nothing.slot_step(wal(0x500, 0x3FF), Some(Lsn(0x400))),
-        SlotStep::Hold,
-        "the cut is not flushed yet"
-    );
-    assert_eq!(
-        nothing.slot_step(wal(0x500, 0x500), Some(Lsn(0x600))),
-        SlotStep::Hold,
-        "never quiet past a pending cut"
-    );
-    let skipped_without_end = PeekSummary {
-        skipped: 1,
-        ..PeekSummary::default()
-    };
-    assert_eq!(
-        skipped_without_end.slot_step(wal(0x500, 0x500), None),
-        SlotStep::Hold
-    );
-}
-
-/// A cut L on a WAL page boundary: `pg_current_wal_insert_lsn()` points
-/// past the page header, the record before ends at the boundary, and a peek
-/// with `upto_lsn = L` also decodes a commit that starts at L. That
-/// transaction is not in the copy's snapshot and must follow the copy (at
-/// L - 1), never precede it.
-#[test]
 fn a_transaction_committing_at_or_after_a_pending_cut_is_left_for_after_the_splice() {
     let l = 0x2000 + 24;
-    let wal = WalPosition {
-        insert: Lsn(l + 0x100),
-        flush: Lsn(l + 0x100),
-    };
     let mut tables = synced(&[A]);
     let mut messages = txn(0x1F00, 1, vec![relation(A), insert(A, "before")]);
     messages.extend(txn(l, 2, vec![insert(A, "at the cut")]));
@@ -650,18 +587,16 @@ fn a_transaction_committing_at_or_after_a_pending_cut_is_left_for_after_the_spli
         Lsn(0x1F08),
         "the slot is not confirmed past the cut"
     );
-    assert_eq!(
-        summary.slot_step(wal, Some(Lsn(l))),
-        SlotStep::Committed(Lsn(0x1F08))
-    );
-    // The next peek (from 0x1F08) returns only the transaction at L: the
-    // splice is due, and that transaction comes after it.
+    // A stream restarted from 0x1F08 sends only the transactions from L
+    // on: with the cut still pending, none is spooled (the splice is due),
+    // and they come after it.
     let mut cutter = Cutter::new(2, Lsn(0x1F00)).before_cut(Some(Lsn(l)));
     for m in &messages[4..] {
         assert!(cutter.message(m, &mut tables).unwrap().records.is_empty());
     }
     let summary = cutter.finish().unwrap();
-    assert_eq!(summary.slot_step(wal, Some(Lsn(l))), SlotStep::Splice);
+    assert_eq!((summary.transactions, summary.after_cut), (0, 2));
+    assert!(!summary.needs_commit());
     // Once spliced (no cut pending), it is cut as any transaction.
     let (records, _) = cut(3, 0x1F00, &mut tables, &messages[4..]);
     assert_eq!(
