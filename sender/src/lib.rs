@@ -73,13 +73,15 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     )
     .await
     .context("start the admin endpoint")?;
+    let links = shipper.clone();
     let ship_task = tokio::spawn(shipper.run(endpoint, shutdown.clone()));
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {
         tracing::error!(error = %pgcourier_common::ops::backoff::error_chain(e), "capture stopped: the operator must act; the sender ships what is spooled, then exits");
         // Shipping what is already spooled is still useful; once every
         // receiver holds it, exit (non-zero) so a service manager sees it.
-        drained(&spool, &shutdown).await;
+        let receivers: Vec<String> = cfg.receivers.iter().map(|r| r.name.clone()).collect();
+        drained(&spool, &receivers, &links, &shutdown).await;
     }
     shutdown.cancel();
     ship_task.await.context("join shipping task")?;
@@ -89,8 +91,14 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// Wait until every receiver has acknowledged everything spooled (the spool
-/// is empty), or `shutdown`.
-async fn drained(spool: &spool::Spool, shutdown: &CancellationToken) {
+/// is empty) or has been refused for good (the sender stopped dialing it:
+/// waiting for it would never end), or `shutdown`.
+async fn drained(
+    spool: &spool::Spool,
+    receivers: &[String],
+    links: &ship::Shipper,
+    shutdown: &CancellationToken,
+) {
     let mut marks = spool.subscribe();
     loop {
         let m = *marks.borrow_and_update();
@@ -101,9 +109,31 @@ async fn drained(spool: &spool::Spool, shutdown: &CancellationToken) {
             );
             return;
         }
+        let refused: Vec<String> = {
+            let links = links.links.lock().expect("links lock");
+            links
+                .iter()
+                .filter(|(_, l)| l.stopped.is_some())
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let waiting = receivers
+            .iter()
+            .filter(|name| !refused.contains(name))
+            .any(|name| spool.applied(name).unwrap_or(0) < m.complete_seq);
+        if !waiting {
+            tracing::info!(
+                complete_seq = m.complete_seq,
+                refused = ?refused,
+                "every receiver that can still be reached holds everything spooled; exiting"
+            );
+            return;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = marks.changed() => if r.is_err() { return },
+            // A receiver refused for good changes no mark.
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
     }
 }
