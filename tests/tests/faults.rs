@@ -321,8 +321,9 @@ fn set_config_line(path: &Path, key: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A rate-limited TCP relay (one direction) that cuts its connections when
-/// down, in front of `forward`.
+/// A netem TCP relay in front of `forward`, with a rate limit per direction
+/// (`None`: unlimited), that resets its connections when set down and
+/// refuses new ones until it is set up again.
 async fn tcp_link(
     forward: std::net::SocketAddr,
     toward_server_bps: Option<u64>,
@@ -787,7 +788,9 @@ async fn run_schedule(rig: &Rig, k: u64, sch: &Schedule) -> anyhow::Result<Vec<L
     let faults_done = start.elapsed();
     rig.check_alive()?;
     // Work committed after every restart must arrive.
-    let sentinel = 10_000_000 + k as i64;
+    // Negative: workload ids are (k + 1) * 100,000 and up, which reached
+    // 10,000,000 + k (the sentinels before) at schedule 99.
+    let sentinel = -1 - k as i64;
     let mut src = reconnect(&rig.setup).await?;
     exec(
         &rig.setup,
