@@ -763,6 +763,30 @@ impl Drop for PgCluster {
     }
 }
 
+impl PgCluster {
+    /// Make the server listen on TCP at `127.0.0.1` too (on its own port,
+    /// which is reserved machine-wide), for tests that put a TCP relay in
+    /// front of it; restarts the server (`-m fast`). Returns the address.
+    pub fn listen_on_loopback(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .with_context(|| format!("opening {}", conf.display()))?;
+        // The last setting in the file wins over the harness's ''.
+        writeln!(f, "listen_addresses = '127.0.0.1'")
+            .with_context(|| format!("writing {}", conf.display()))?;
+        drop(f);
+        self.restart().with_context(|| {
+            format!(
+                "restarting cluster {} to listen on 127.0.0.1:{}",
+                self.name, self.port
+            )
+        })?;
+        Ok(std::net::SocketAddr::from(([127, 0, 0, 1], self.port)))
+    }
+}
+
 /// Path of a built daemon binary (`pgcourier-sender`, `pgcourier-receiver`).
 ///
 /// `PGCOURIER_BIN_DIR` if set; else next to the test executable

@@ -1,8 +1,23 @@
-//! Fault injection: seeded random SIGKILL schedules across every process of
-//! a replication (sender, receiver, the netem relay between them, the target
-//! PostgreSQL and the source PostgreSQL) during a mixed workload. Every
-//! schedule ends with the target equal to the source, row for row, and each
-//! source row change applied exactly once (an audit trigger on both sides).
+//! Fault injection: seeded random fault schedules across every process and
+//! link of a replication during a mixed workload. Every schedule ends with
+//! the target equal to the source, row for row, and each source row change
+//! applied exactly once (an audit trigger on both sides).
+//!
+//! The faults ([`Victim`]):
+//! - SIGKILL of the sender, the receiver or the netem UDP relay process
+//!   between them; `pg_ctl -m immediate` of the target or the source
+//!   PostgreSQL; each restarted after a pause;
+//! - `SourceLink`: the sender reaches its source through a netem TCP relay
+//!   rate-limited to 4 Mbit/s toward the sender, so that a peek's rows take
+//!   seconds to arrive; the relay cuts its connections (RST) while the rows
+//!   of the bulk transaction flow, refuses new ones for a pause, then
+//!   accepts again (item 1 of issue 12 was found this way);
+//! - `TargetLink`: the receiver reaches its target through a netem TCP
+//!   relay (8 Mbit/s toward the target); it is cut while apply's statements
+//!   flow;
+//! - `SourceRestartFast`: a clean `pg_ctl -m fast` stop and start of the
+//!   source while a large backlog (a 12,000-row bulk transaction) is not yet
+//!   captured, which is checked against the slot before the stop.
 //!
 //! Schedules are seeded and replayable:
 //! - `PGCOURIER_SOAK_SCHEDULES=N`: run N schedules (default 20, the CI run);
@@ -11,12 +26,16 @@
 //!   one failing schedule, set `PGCOURIER_FAULT_SEED` to its seed and
 //!   `PGCOURIER_SOAK_SCHEDULES=1`.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use pgcourier_netem::{Direction, Link, LinkParams, OutageMode, RelayHandle, TcpRelay};
 use pgcourier_tests::{bin_path, wait_until, Daemon};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::fixture::{wait_count, Options, Setup};
@@ -25,6 +44,24 @@ use crate::replication::{acct_transactions, audit_differences, ACCT_SCHEMA};
 const WAIT: Duration = Duration::from_secs(180);
 /// Short link timers so that a dead peer is noticed quickly.
 const TIMERS: &str = "idle-timeout = \"4s\"\nkeep-alive = \"1s\"";
+/// The source link's rate toward the sender: a peek of the 4,000-row bulk
+/// transaction takes about a second to arrive, the 12,000-row one several.
+const SOURCE_LINK_BPS: u64 = 4_000_000;
+/// The target link's rate toward the target: apply's statements trickle,
+/// so a cut lands inside target transactions.
+const TARGET_LINK_BPS: u64 = 8_000_000;
+/// Rows of the bulk transaction when a schedule cuts the source link (so
+/// that there is a transfer to cut) or restarts the source (a large
+/// backlog, a few seconds of transfer).
+const LINK_BULK_ROWS: u32 = 4_000;
+const BACKLOG_BULK_ROWS: u32 = 12_000;
+/// A link counts as carrying a transfer while at least this many bytes
+/// crossed it in the last [`FLOW_WINDOW`] (idle traffic, the sender's
+/// empty peeks every 50 ms, stays well below).
+const FLOWING: u64 = 4 << 10;
+const FLOW_WINDOW: Duration = Duration::from_millis(100);
+/// How long a link cut waits for its bytes before it cuts anyway.
+const CUT_PATIENCE: Duration = Duration::from_secs(5);
 
 fn env_u64(name: &str) -> anyhow::Result<Option<u64>> {
     match std::env::var(name) {
@@ -37,32 +74,82 @@ fn env_u64(name: &str) -> anyhow::Result<Option<u64>> {
     }
 }
 
-/// The processes a schedule may kill.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a schedule may break.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Victim {
     Sender,
     Receiver,
     Relay,
     TargetPg,
     SourcePg,
+    /// The sender's connections to its source, cut mid-transfer.
+    SourceLink,
+    /// The receiver's connections to its target, cut mid-apply.
+    TargetLink,
+    /// The source stopped with `-m fast` and started, during a backlog.
+    SourceRestartFast,
 }
 
-const VICTIMS: [Victim; 5] = [
+const VICTIMS: [Victim; 8] = [
     Victim::Sender,
     Victim::Receiver,
     Victim::Relay,
     Victim::TargetPg,
     Victim::SourcePg,
+    Victim::SourceLink,
+    Victim::TargetLink,
+    Victim::SourceRestartFast,
 ];
 
-/// One SIGKILL (or immediate stop, for PostgreSQL) and the restart after it.
+impl Victim {
+    /// Faults timed from the commit of the bulk transaction rather than
+    /// from the start of the workload.
+    fn after_bulk(self) -> bool {
+        matches!(
+            self,
+            Victim::SourceLink | Victim::TargetLink | Victim::SourceRestartFast
+        )
+    }
+
+    /// Two faults that stop the same server are not drawn together (one
+    /// would stop a server the other is restarting).
+    fn excludes(self, other: Victim) -> bool {
+        matches!(
+            (self, other),
+            (Victim::SourcePg, Victim::SourceRestartFast)
+                | (Victim::SourceRestartFast, Victim::SourcePg)
+        )
+    }
+}
+
+/// One fault and the recovery after it.
 #[derive(Clone, Copy, Debug)]
 struct Kill {
     victim: Victim,
-    /// Since the start of the workload.
+    /// Since the start of the workload, or for [`Victim::after_bulk`]
+    /// faults since the bulk transaction committed.
     at: Duration,
-    /// How long the victim stays down.
+    /// How long the victim stays down (a cut link refuses connections).
     down: Duration,
+    /// Link cuts: the bytes that must have crossed the link (toward the
+    /// sender for `SourceLink`, toward the target for `TargetLink`) after
+    /// `at`, with bytes still flowing, before the cut.
+    after_bytes: u64,
+}
+
+impl std::fmt::Display for Kill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let from = if self.victim.after_bulk() {
+            "bulk+"
+        } else {
+            ""
+        };
+        write!(f, "{:?}@{from}{}ms", self.victim, self.at.as_millis())?;
+        if matches!(self.victim, Victim::SourceLink | Victim::TargetLink) {
+            write!(f, " after {} KiB", self.after_bytes >> 10)?;
+        }
+        write!(f, " down {}ms", self.down.as_millis())
+    }
 }
 
 /// What one schedule does, drawn from its seed.
@@ -86,29 +173,179 @@ impl Schedule {
         let mut kills = Vec::new();
         for _ in 0..n {
             let v = victims.remove(rng.gen_range(0..victims.len()));
+            victims.retain(|o| !v.excludes(*o));
+            let at_max = match v {
+                Victim::SourceLink | Victim::TargetLink => 200,
+                Victim::SourceRestartFast => 500,
+                _ => 1500,
+            };
             kills.push(Kill {
                 victim: v,
-                at: Duration::from_millis(rng.gen_range(0..1500)),
+                at: Duration::from_millis(rng.gen_range(0..at_max)),
                 down: Duration::from_millis(rng.gen_range(0..1500)),
+                after_bytes: match v {
+                    // Up to about 0.4 s into the bulk transaction's rows.
+                    Victim::SourceLink => rng.gen_range(4 << 10..192 << 10),
+                    Victim::TargetLink => rng.gen_range(1 << 10..128 << 10),
+                    _ => 0,
+                },
             });
         }
-        kills.sort_by_key(|k| k.at);
+        kills.sort_by_key(|k| (k.victim.after_bulk(), k.at));
         let small = rng.gen_range(60..160);
+        let mut bulk_rows = [50, 500, 4000][rng.gen_range(0..3)];
+        if kills.iter().any(|k| k.victim == Victim::SourceRestartFast) {
+            bulk_rows = BACKLOG_BULK_ROWS;
+        } else if kills
+            .iter()
+            .any(|k| matches!(k.victim, Victim::SourceLink | Victim::TargetLink))
+        {
+            bulk_rows = bulk_rows.max(LINK_BULK_ROWS);
+        }
         Schedule {
             seed,
             kills,
             small,
-            bulk_rows: [50, 500, 4000][rng.gen_range(0..3)],
+            bulk_rows,
             bulk_after: rng.gen_range(0..small),
         }
     }
 }
 
-/// The replication under test, with the netem relay as a process of its own
-/// so that it can be killed too.
+/// How a fault landed, for the log and the tally.
+#[derive(Clone, Copy, Debug)]
+enum Landed {
+    Kill,
+    /// A link cut: the bytes that crossed since `at`, and whether a
+    /// transfer was under way (at least [`FLOWING`] bytes in the last
+    /// [`FLOW_WINDOW`]) or the cut came after [`CUT_PATIENCE`].
+    Cut {
+        bytes: u64,
+        flowing: bool,
+    },
+    /// A fast restart, with this many bytes of WAL past the slot's
+    /// confirmed position (the bulk transaction not captured yet).
+    Restart {
+        backlog: i64,
+    },
+}
+
+impl std::fmt::Display for Landed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Landed::Kill => write!(f, "killed"),
+            Landed::Cut { bytes, flowing } => write!(
+                f,
+                "cut after {} KiB, {}",
+                bytes >> 10,
+                if *flowing {
+                    "mid-transfer"
+                } else {
+                    "idle (patience ran out)"
+                }
+            ),
+            Landed::Restart { backlog } => {
+                write!(f, "restarted with {} KiB of WAL uncaptured", backlog >> 10)
+            }
+        }
+    }
+}
+
+/// The fault tally of a run.
+#[derive(Default)]
+struct Tally {
+    faults: BTreeMap<Victim, u32>,
+    mid_transfer: BTreeMap<Victim, u32>,
+    backlogs: Vec<i64>,
+}
+
+impl Tally {
+    fn add(&mut self, v: Victim, landed: Landed) {
+        *self.faults.entry(v).or_default() += 1;
+        match landed {
+            Landed::Cut { flowing: true, .. } => *self.mid_transfer.entry(v).or_default() += 1,
+            Landed::Restart { backlog } => self.backlogs.push(backlog),
+            _ => {}
+        }
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "faults per kind: {:?}", self.faults)?;
+        for v in [Victim::SourceLink, Victim::TargetLink] {
+            if let Some(n) = self.faults.get(&v) {
+                let mid = self.mid_transfer.get(&v).copied().unwrap_or(0);
+                write!(f, "; {v:?} cuts mid-transfer: {mid} of {n}")?;
+            }
+        }
+        if let (Some(lo), Some(hi)) = (self.backlogs.iter().min(), self.backlogs.iter().max()) {
+            write!(
+                f,
+                "; fast source restarts with a backlog of {} to {} KiB of WAL",
+                lo >> 10,
+                hi >> 10
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The replication under test: the netem UDP relay between sender and
+/// receiver is a process of its own so that it can be killed too; the TCP
+/// relays in front of the source and the target run in the test.
 struct Rig {
     setup: Setup,
     relay: Daemon,
+    source_link: RelayHandle,
+    target_link: RelayHandle,
+}
+
+/// Replace the value of the `key = ...` line of a config file.
+fn set_config_line(path: &Path, key: &str, value: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let prefix = format!("{key} = ");
+    let mut found = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with(&prefix) {
+            found = true;
+            out.push_str(&format!("{key} = {value:?}\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    anyhow::ensure!(found, "no {key} line in {}", path.display());
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+/// A netem TCP relay in front of `forward`, with a rate limit per direction
+/// (`None`: unlimited), that resets its connections when set down and
+/// refuses new ones until it is set up again.
+async fn tcp_link(
+    forward: std::net::SocketAddr,
+    toward_server_bps: Option<u64>,
+    toward_client_bps: Option<u64>,
+    seed: u64,
+) -> anyhow::Result<RelayHandle> {
+    let params = |rate_bps| LinkParams {
+        rate_bps,
+        ..LinkParams::default()
+    };
+    TcpRelay::start(
+        "127.0.0.1:0".parse()?,
+        forward,
+        Link {
+            forward: params(toward_server_bps),
+            back: params(toward_client_bps),
+            seed,
+        },
+        OutageMode::Cut,
+    )
+    .await
+    .with_context(|| format!("start a netem TCP relay to {forward}"))
 }
 
 impl Rig {
@@ -126,6 +363,8 @@ impl Rig {
             },
         )
         .await?;
+        setup.sender.kill9()?;
+        setup.branches[0].receiver.kill9()?;
         // Put a netem relay process between the sender and the receiver.
         let receiver_cfg = std::fs::read_to_string(&setup.branches[0].config)?;
         let listen = receiver_cfg
@@ -151,7 +390,6 @@ impl Rig {
             ],
             &setup.dir.path().join("netem.log"),
         )?;
-        setup.sender.kill9()?;
         let sender_cfg = std::fs::read_to_string(&setup.sender_config)?;
         let rewired = sender_cfg.replace(
             &format!("address = \"{listen}\""),
@@ -162,18 +400,127 @@ impl Rig {
             "could not rewire the sender to netem"
         );
         std::fs::write(&setup.sender_config, rewired)?;
+        // Both PostgreSQL servers behind a netem TCP relay.
+        let (source_addr, target_addr) = tokio::task::block_in_place(|| {
+            anyhow::Ok((
+                setup.hq.listen_on_loopback()?,
+                setup.branches[0].pg.listen_on_loopback()?,
+            ))
+        })?;
+        let source_link = tcp_link(source_addr, None, Some(SOURCE_LINK_BPS), 21).await?;
+        let target_link = tcp_link(target_addr, Some(TARGET_LINK_BPS), None, 22).await?;
+        let via = |relay: &RelayHandle| {
+            format!(
+                "host=127.0.0.1 port={} user=postgres dbname={}",
+                relay.local_addr().port(),
+                crate::fixture::DB
+            )
+        };
+        set_config_line(&setup.sender_config, "source", &via(&source_link))?;
+        set_config_line(&setup.branches[0].config, "target", &via(&target_link))?;
         setup.sender.respawn()?;
-        Ok(Rig { setup, relay })
+        setup.branches[0].receiver.respawn()?;
+        Ok(Rig {
+            setup,
+            relay,
+            source_link,
+            target_link,
+        })
     }
 
     fn logs(&self) -> String {
+        let link = |r: &RelayHandle| {
+            let s = r.stats();
+            format!(
+                "down {}, {} connections, {} cut, {} refused, {} B toward the server, {} B back",
+                s.down,
+                s.relay.connections,
+                s.relay.connections_cut,
+                s.relay.connections_refused,
+                s.forward.bytes_forwarded,
+                s.back.bytes_forwarded
+            )
+        };
         format!(
-            "{}\n--- netem log ---\n{}\n--- source server log ---\n{}\n--- target server log ---\n{}",
+            "{}\n--- netem log ---\n{}\n--- source link: {}\n--- target link: {}\n\
+             --- source server log ---\n{}\n--- target server log ---\n{}",
             self.setup.logs(),
             self.relay.log_tail(20),
+            link(&self.source_link),
+            link(&self.target_link),
             self.setup.hq.log_tail(20),
             self.setup.branches[0].pg.log_tail(20)
         )
+    }
+
+    /// Carry out `kill`: wait for its moment, break the victim, wait, and
+    /// bring it back. `bulk` says when the bulk transaction has committed
+    /// (the source's WAL position before it began).
+    async fn fault(
+        &self,
+        kill: &Kill,
+        mut bulk: watch::Receiver<Option<String>>,
+    ) -> anyhow::Result<Landed> {
+        let bulk_start = if kill.victim.after_bulk() {
+            let waited = tokio::time::timeout(WAIT, bulk.wait_for(Option::is_some))
+                .await
+                .context("waiting for the bulk transaction to commit")?;
+            let lsn = waited
+                .map_err(|_| anyhow::anyhow!("the workload ended before its bulk transaction"))?
+                .clone();
+            lsn
+        } else {
+            None
+        };
+        tokio::time::sleep(kill.at).await;
+        let landed = match kill.victim {
+            Victim::SourceLink => {
+                cut_when_flowing(&self.source_link, Direction::Back, kill.after_bytes).await
+            }
+            Victim::TargetLink => {
+                cut_when_flowing(&self.target_link, Direction::Forward, kill.after_bytes).await
+            }
+            Victim::SourceRestartFast => {
+                let start = bulk_start.unwrap_or_default();
+                let backlog = self.backlog(&start).await?;
+                tokio::task::block_in_place(|| self.setup.hq.stop())?;
+                Landed::Restart { backlog }
+            }
+            v => {
+                self.kill(v)?;
+                Landed::Kill
+            }
+        };
+        tokio::time::sleep(kill.down).await;
+        self.restart(kill.victim)
+            .with_context(|| format!("restart {:?}", kill.victim))?;
+        Ok(landed)
+    }
+
+    /// Bytes of WAL past the slot's confirmed position; fails unless the
+    /// bulk transaction (whose WAL begins at or after `bulk_start`) is
+    /// still uncaptured: the slot is confirmed to `bulk_start` at most (an
+    /// empty peek may confirm it up to the insert position, so exactly
+    /// there), i.e. unless there is a backlog for a restart to land in.
+    async fn backlog(&self, bulk_start: &str) -> anyhow::Result<i64> {
+        let src = reconnect(&self.setup).await?;
+        let row = src
+            .query_one(
+                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn <= $1::text::pg_lsn, \
+                 pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = 'pgcourier'",
+                &[&bulk_start],
+            )
+            .await
+            .context("reading the slot pgcourier on the source")?;
+        let (confirmed, behind, bytes): (String, bool, i64) = (row.get(0), row.get(1), row.get(2));
+        anyhow::ensure!(
+            behind,
+            "no backlog for the fast restart: the slot pgcourier is confirmed up to {confirmed}, \
+             past the start of the bulk transaction ({bulk_start}): the schedule must restart \
+             the source sooner or make the bulk transaction larger"
+        );
+        Ok(bytes)
     }
 
     fn kill(&self, v: Victim) -> anyhow::Result<()> {
@@ -183,7 +530,11 @@ impl Rig {
             Victim::Relay => self.relay.kill9().map(drop),
             Victim::TargetPg => tokio::task::block_in_place(|| self.setup.branches[0].pg.kill()),
             Victim::SourcePg => tokio::task::block_in_place(|| self.setup.hq.kill()),
+            Victim::SourceLink | Victim::TargetLink | Victim::SourceRestartFast => {
+                unreachable!("{v:?} is broken by Rig::fault")
+            }
         }
+        .with_context(|| format!("kill {v:?}"))
     }
 
     fn restart(&self, v: Victim) -> anyhow::Result<()> {
@@ -194,7 +545,17 @@ impl Rig {
             Victim::TargetPg => {
                 tokio::task::block_in_place(|| self.setup.branches[0].pg.start_again())
             }
-            Victim::SourcePg => tokio::task::block_in_place(|| self.setup.hq.start_again()),
+            Victim::SourcePg | Victim::SourceRestartFast => {
+                tokio::task::block_in_place(|| self.setup.hq.start_again())
+            }
+            Victim::SourceLink => {
+                self.source_link.set_down(false);
+                Ok(())
+            }
+            Victim::TargetLink => {
+                self.target_link.set_down(false);
+                Ok(())
+            }
         }
     }
 
@@ -213,6 +574,46 @@ impl Rig {
     }
 }
 
+/// Bytes `link` has carried in `dir` so far.
+fn carried(link: &RelayHandle, dir: Direction) -> u64 {
+    let s = link.stats();
+    match dir {
+        Direction::Forward => s.forward.bytes_forwarded,
+        Direction::Back => s.back.bytes_forwarded,
+    }
+}
+
+/// Cut `link` (it resets every connection and refuses new ones until it is
+/// set up again) once `after` bytes have crossed it in `dir` and bytes are
+/// still flowing, or after [`CUT_PATIENCE`] whatever flows.
+async fn cut_when_flowing(link: &RelayHandle, dir: Direction, after: u64) -> Landed {
+    let start = Instant::now();
+    let base = carried(link, dir);
+    let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
+    // Bounded by CUT_PATIENCE (a sample every 5 ms: about 1,000 rounds).
+    loop {
+        let now = Instant::now();
+        let bytes = carried(link, dir);
+        samples.push_back((now, bytes));
+        while samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > FLOW_WINDOW)
+        {
+            samples.pop_front();
+        }
+        let recent = bytes - samples.front().map_or(bytes, |s| s.1);
+        let flowing = recent >= FLOWING;
+        if (bytes - base >= after && flowing) || now.duration_since(start) >= CUT_PATIENCE {
+            link.set_down(true);
+            return Landed::Cut {
+                bytes: bytes - base,
+                flowing,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A source connection that comes back after the source restarts.
 async fn reconnect(setup: &Setup) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -227,12 +628,23 @@ async fn reconnect(setup: &Setup) -> anyhow::Result<Client> {
     }
 }
 
+/// Whether `e` says the connection is gone (rather than that the statement
+/// is wrong): closed, or ended by the server (a shutdown: SQLSTATE class 57,
+/// or a connection exception: class 08).
+fn connection_lost(client: &Client, e: &tokio_postgres::Error) -> bool {
+    client.is_closed()
+        || e.code().is_none_or(|c| {
+            let code = c.code();
+            code.starts_with("57") || code.starts_with("08")
+        })
+}
+
 /// Run `sql` as one transaction; if the source goes away, reconnect and go
 /// on with the next one (whether the cut one committed is for the source's
 /// audit log to say, and the comparison uses that log).
 async fn exec(setup: &Setup, client: &mut Client, sql: &str) -> anyhow::Result<()> {
     if let Err(e) = client.batch_execute(sql).await {
-        if e.code().is_some() && !client.is_closed() {
+        if !connection_lost(client, &e) {
             // An SQL error (not a lost connection) is a bug in the workload.
             return Err(anyhow::Error::new(e).context(format!("workload statement {sql}")));
         }
@@ -241,9 +653,29 @@ async fn exec(setup: &Setup, client: &mut Client, sql: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// The source's WAL insert position, as text.
+async fn wal_position(setup: &Setup, client: &mut Client) -> anyhow::Result<String> {
+    let q = "SELECT pg_current_wal_lsn()::text";
+    match client.query_one(q, &[]).await {
+        Ok(row) => Ok(row.get(0)),
+        Err(e) if connection_lost(client, &e) => {
+            *client = reconnect(setup).await?;
+            Ok(client.query_one(q, &[]).await?.get(0))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The mixed workload of schedule `k`: single-row inserts, updates and
-/// deletes, and one multi-row transaction, on ids of its own.
-async fn workload(setup: &Setup, k: u64, sch: &Schedule) -> anyhow::Result<()> {
+/// deletes, and one multi-row transaction, on ids of its own. Once the
+/// multi-row transaction is done, `bulk` gets the WAL position from before
+/// it.
+async fn workload(
+    setup: &Setup,
+    k: u64,
+    sch: &Schedule,
+    bulk: watch::Sender<Option<String>>,
+) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(sch.seed ^ 0x5eed);
     let mut client = reconnect(setup).await?;
     let base = (k as i64 + 1) * 100_000;
@@ -257,7 +689,9 @@ async fn workload(setup: &Setup, k: u64, sch: &Schedule) -> anyhow::Result<()> {
                  UPDATE acct SET bal = bal + 1, note = 'bulk+' WHERE id BETWEEN {lo} AND {hi} AND id % 3 = 0; \
                  DELETE FROM acct WHERE id BETWEEN {lo} AND {hi} AND id % 7 = 0; COMMIT"
             );
+            let before = wal_position(setup, &mut client).await?;
             exec(setup, &mut client, &sql).await?;
+            bulk.send_replace(Some(before));
         }
         let sql = match rng.gen_range(0..10) {
             0..=4 => {
@@ -281,25 +715,82 @@ async fn workload(setup: &Setup, k: u64, sch: &Schedule) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_schedule(rig: &Rig, k: u64, sch: &Schedule) -> anyhow::Result<()> {
+/// Digests of what a schedule checks, computed by each server (the tables
+/// grow with every schedule; reading them whole into the test each time
+/// made the checks most of a long run): every row of `acct`, and the audit
+/// log as a multiset (each distinct change with its count, as
+/// [`audit_differences`] compares it).
+const DIGESTS: &str = "SELECT \
+    (SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text COLLATE \"C\"), '')) FROM acct t), \
+    (SELECT md5(coalesce(string_agg(x, E'\\n' ORDER BY x COLLATE \"C\"), '')) FROM \
+       (SELECT tbl || ' ' || op || ' ' || coalesce(r, 'NULL') || ' x' || count(*) AS x \
+        FROM audit.log GROUP BY tbl, op, r) g)";
+
+/// The target equals the source row for row, and every source row change
+/// was applied exactly once. Compares digests; on a difference, compares
+/// the rows themselves to say what differs.
+async fn check_equal(src: &Client, dst: &Client) -> anyhow::Result<()> {
+    async fn digests(c: &Client) -> anyhow::Result<(String, String)> {
+        let row = c.query_one(DIGESTS, &[]).await?;
+        Ok((row.get(0), row.get(1)))
+    }
+    let (s, d) = (digests(src).await?, digests(dst).await?);
+    if s.0 != d.0 {
+        pgcourier_tests::assert_tables_equal(src, dst, &["public.acct"]).await?;
+        anyhow::bail!("the digests of acct differ, but not its rows as the test reads them");
+    }
+    if s.1 != d.1 {
+        let diff = audit_differences(src, dst).await?;
+        anyhow::ensure!(
+            !diff.is_empty(),
+            "the digests of the audit logs differ, but not the logs as the test reads them"
+        );
+        anyhow::bail!(
+            "row changes not applied exactly once:\n{}",
+            diff.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Run schedule `k`; returns how each of its faults landed.
+async fn run_schedule(rig: &Rig, k: u64, sch: &Schedule) -> anyhow::Result<Vec<Landed>> {
     let start = Instant::now();
+    let carried_before = (
+        carried(&rig.source_link, Direction::Back),
+        carried(&rig.target_link, Direction::Forward),
+    );
+    // A source that crashes (SourcePg) comes back with its slot rewound,
+    // at worst to where the last checkpoint saved it, and capture peeks
+    // everything after that again through the 4 Mbit/s link (the spool
+    // skips what it holds): a checkpoint here keeps that to this
+    // schedule's work.
+    reconnect(&rig.setup)
+        .await?
+        .batch_execute("CHECKPOINT")
+        .await
+        .context("CHECKPOINT on the source")?;
+    let (bulk, bulk_rx) = watch::channel(None);
     let faults = async {
-        let events = sch.kills.iter().map(|kill| async move {
-            tokio::time::sleep(kill.at).await;
-            rig.kill(kill.victim)
-                .with_context(|| format!("kill {:?}", kill.victim))?;
-            tokio::time::sleep(kill.down).await;
-            rig.restart(kill.victim)
-                .with_context(|| format!("restart {:?}", kill.victim))
+        let events = sch.kills.iter().map(|kill| {
+            let bulk = bulk_rx.clone();
+            async move {
+                rig.fault(kill, bulk)
+                    .await
+                    .with_context(|| format!("fault {kill}"))
+            }
         });
-        futures_util::future::try_join_all(events).await.map(drop)
+        futures_util::future::try_join_all(events).await
     };
-    let (w, f) = tokio::join!(workload(&rig.setup, k, sch), faults);
-    f?;
+    let (w, f) = tokio::join!(workload(&rig.setup, k, sch, bulk), faults);
     w?;
+    let landed = f?;
+    let faults_done = start.elapsed();
     rig.check_alive()?;
     // Work committed after every restart must arrive.
-    let sentinel = 10_000_000 + k as i64;
+    // Negative: workload ids are (k + 1) * 100,000 and up, which reached
+    // 10,000,000 + k (the sentinels before) at schedule 99.
+    let sentinel = -1 - k as i64;
     let mut src = reconnect(&rig.setup).await?;
     exec(
         &rig.setup,
@@ -315,19 +806,25 @@ async fn run_schedule(rig: &Rig, k: u64, sch: &Schedule) -> anyhow::Result<()> {
         WAIT,
     )
     .await?;
-    pgcourier_tests::assert_tables_equal(&src, &dst, &["public.acct"]).await?;
-    let diff = audit_differences(&src, &dst).await?;
-    anyhow::ensure!(
-        diff.is_empty(),
-        "row changes not applied exactly once:\n{}",
-        diff.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
-    );
+    let caught_up = start.elapsed();
+    check_equal(&src, &dst).await?;
     eprintln!(
-        "faults: schedule {k} (seed {}) passed in {:.1?}",
+        "faults: schedule {k} (seed {}) passed in {:.1?} (workload {:.1?}, caught up {:.1?}; \
+         the links carried {} KiB from the source, {} KiB to the target): {}",
         sch.seed,
-        start.elapsed()
+        start.elapsed(),
+        faults_done,
+        caught_up,
+        (carried(&rig.source_link, Direction::Back) - carried_before.0) >> 10,
+        (carried(&rig.target_link, Direction::Forward) - carried_before.1) >> 10,
+        sch.kills
+            .iter()
+            .zip(&landed)
+            .map(|(kill, l)| format!("{:?} {l}", kill.victim))
+            .collect::<Vec<_>>()
+            .join("; ")
     );
-    Ok(())
+    Ok(landed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,41 +838,41 @@ async fn random_kill_schedules_end_identical_with_every_change_applied_once() ->
             .as_secs(),
     };
     eprintln!(
-        "faults: {schedules} kill schedules, base seed {base} \
+        "faults: {schedules} fault schedules, base seed {base} \
          (replay schedule k with PGCOURIER_FAULT_SEED=<its seed> PGCOURIER_SOAK_SCHEDULES=1)"
     );
+    let started = Instant::now();
     let rig = Rig::start().await?;
-    let mut tally = std::collections::BTreeMap::<String, u32>::new();
+    let mut tally = Tally::default();
     for k in 0..schedules {
         let sch = Schedule::draw(base.wrapping_add(k));
         eprintln!(
-            "faults: schedule {k} seed {}: {} small txns, a {}-row txn after {}, kills {:?}",
+            "faults: schedule {k} seed {}: {} small txns, a {}-row txn after {}, faults [{}]",
             sch.seed,
             sch.small,
             sch.bulk_rows,
             sch.bulk_after,
             sch.kills
                 .iter()
-                .map(|k| format!(
-                    "{:?}@{}ms down {}ms",
-                    k.victim,
-                    k.at.as_millis(),
-                    k.down.as_millis()
-                ))
+                .map(ToString::to_string)
                 .collect::<Vec<_>>()
+                .join(", ")
         );
-        run_schedule(&rig, k, &sch).await.with_context(|| {
+        let landed = run_schedule(&rig, k, &sch).await.with_context(|| {
             format!(
                 "schedule {k} failed: replay with PGCOURIER_FAULT_SEED={} PGCOURIER_SOAK_SCHEDULES=1\n{}",
                 sch.seed,
                 rig.logs()
             )
         })?;
-        for kill in &sch.kills {
-            *tally.entry(format!("{:?}", kill.victim)).or_default() += 1;
+        for (kill, l) in sch.kills.iter().zip(landed) {
+            tally.add(kill.victim, l);
         }
     }
-    eprintln!("faults: all {schedules} schedules passed; kills per process: {tally:?}");
+    eprintln!(
+        "faults: all {schedules} schedules passed in {:.1?}; {tally}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -598,4 +1095,40 @@ async fn full_spool_and_inbox_pause_with_an_alert_lose_nothing_and_resume_by_the
     })
     .await
     .with_context(|| setup.logs())
+}
+
+/// The draw (no PostgreSQL): every kind of fault is drawn, faults on one
+/// server never together, and the schedules that cut a link or restart the
+/// source get the bulk transaction that gives them something to land in.
+#[test]
+fn schedules_draw_every_fault_kind_with_a_bulk_transaction_to_land_in() {
+    let mut seen = BTreeMap::<Victim, u32>::new();
+    for seed in 0..2_000 {
+        let sch = Schedule::draw(seed);
+        assert!((1..=3).contains(&sch.kills.len()), "{sch:?}");
+        for (i, a) in sch.kills.iter().enumerate() {
+            *seen.entry(a.victim).or_default() += 1;
+            for b in &sch.kills[i + 1..] {
+                assert!(
+                    a.victim != b.victim && !a.victim.excludes(b.victim),
+                    "seed {seed}: {a} with {b}"
+                );
+            }
+            match a.victim {
+                Victim::SourceRestartFast => assert_eq!(sch.bulk_rows, BACKLOG_BULK_ROWS),
+                Victim::SourceLink | Victim::TargetLink => {
+                    assert!(sch.bulk_rows >= LINK_BULK_ROWS, "seed {seed}: {sch:?}");
+                    assert!(a.after_bytes > 0);
+                }
+                _ => {}
+            }
+        }
+        assert!(sch.bulk_after < sch.small);
+    }
+    assert_eq!(seen.len(), VICTIMS.len(), "kinds drawn: {seen:?}");
+    assert!(
+        !Victim::SourcePg.excludes(Victim::SourceLink)
+            && Victim::SourcePg.excludes(Victim::SourceRestartFast)
+            && Victim::SourceRestartFast.excludes(Victim::SourcePg)
+    );
 }
