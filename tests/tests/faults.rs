@@ -455,13 +455,13 @@ impl Rig {
 
     /// Carry out `kill`: wait for its moment, break the victim, wait, and
     /// bring it back. `bulk` says when the bulk transaction has committed
-    /// (the source's WAL position before it began).
+    /// (the source's WAL position right after its commit).
     async fn fault(
         &self,
         kill: &Kill,
         mut bulk: watch::Receiver<Option<String>>,
     ) -> anyhow::Result<Landed> {
-        let bulk_start = if kill.victim.after_bulk() {
+        let bulk_end = if kill.victim.after_bulk() {
             let waited = tokio::time::timeout(WAIT, bulk.wait_for(Option::is_some))
                 .await
                 .context("waiting for the bulk transaction to commit")?;
@@ -481,8 +481,8 @@ impl Rig {
                 cut_when_flowing(&self.target_link, Direction::Forward, kill.after_bytes).await
             }
             Victim::SourceRestartFast => {
-                let start = bulk_start.unwrap_or_default();
-                let backlog = self.backlog(&start).await?;
+                let end = bulk_end.unwrap_or_default();
+                let backlog = self.backlog(&end).await?;
                 tokio::task::block_in_place(|| self.setup.hq.stop())?;
                 Landed::Restart { backlog }
             }
@@ -498,18 +498,20 @@ impl Rig {
     }
 
     /// Bytes of WAL past the slot's confirmed position; fails unless the
-    /// bulk transaction (whose WAL begins at or after `bulk_start`) is
-    /// still uncaptured: the slot is confirmed to `bulk_start` at most (an
-    /// empty peek may confirm it up to the insert position, so exactly
-    /// there), i.e. unless there is a backlog for a restart to land in.
-    async fn backlog(&self, bulk_start: &str) -> anyhow::Result<i64> {
+    /// bulk transaction (committed just before `bulk_end`) is still
+    /// unconfirmed: the slot is confirmed to short of `bulk_end`, i.e.
+    /// unless there is a backlog for a restart to land in. (The slot may
+    /// pass the transaction's start before its commit: a streaming
+    /// walsender's keepalives confirm what it has decoded while no
+    /// transaction has been sent in full.)
+    async fn backlog(&self, bulk_end: &str) -> anyhow::Result<i64> {
         let src = reconnect(&self.setup).await?;
         let row = src
             .query_one(
-                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn <= $1::text::pg_lsn, \
+                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn < $1::text::pg_lsn, \
                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
                  FROM pg_replication_slots WHERE slot_name = 'pgcourier'",
-                &[&bulk_start],
+                &[&bulk_end],
             )
             .await
             .context("reading the slot pgcourier on the source")?;
@@ -517,8 +519,8 @@ impl Rig {
         anyhow::ensure!(
             behind,
             "no backlog for the fast restart: the slot pgcourier is confirmed up to {confirmed}, \
-             past the start of the bulk transaction ({bulk_start}): the schedule must restart \
-             the source sooner or make the bulk transaction larger"
+             past the commit of the bulk transaction (before {bulk_end}): the schedule must \
+             restart the source sooner or make the bulk transaction larger"
         );
         Ok(bytes)
     }
@@ -668,8 +670,8 @@ async fn wal_position(setup: &Setup, client: &mut Client) -> anyhow::Result<Stri
 
 /// The mixed workload of schedule `k`: single-row inserts, updates and
 /// deletes, and one multi-row transaction, on ids of its own. Once the
-/// multi-row transaction is done, `bulk` gets the WAL position from before
-/// it.
+/// multi-row transaction is done, `bulk` gets the WAL position right after
+/// its commit.
 async fn workload(
     setup: &Setup,
     k: u64,
@@ -689,9 +691,9 @@ async fn workload(
                  UPDATE acct SET bal = bal + 1, note = 'bulk+' WHERE id BETWEEN {lo} AND {hi} AND id % 3 = 0; \
                  DELETE FROM acct WHERE id BETWEEN {lo} AND {hi} AND id % 7 = 0; COMMIT"
             );
-            let before = wal_position(setup, &mut client).await?;
             exec(setup, &mut client, &sql).await?;
-            bulk.send_replace(Some(before));
+            let after = wal_position(setup, &mut client).await?;
+            bulk.send_replace(Some(after));
         }
         let sql = match rng.gen_range(0..10) {
             0..=4 => {
