@@ -50,7 +50,7 @@ enum Command {
 enum SeedAction {
     /// Write the published tables, as of now, to one compressed, checksummed
     /// file for `pgcourier-receiver seed import`; live shipping continues
-    /// from the same point. Asks the running sender through `admin`, or
+    /// from the same point. Asks the running sender through its admin socket (`admin-socket`), or
     /// works on the spool itself when the sender is stopped.
     Export {
         /// Path of the TOML configuration file.
