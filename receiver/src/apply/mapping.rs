@@ -43,8 +43,9 @@ struct TargetColumn {
 /// index besides its primary key and no user trigger, on it or any
 /// partition: then the order in which one statement changes its rows cannot
 /// matter.
-const SET_BASED_SQL: &str =
-    "WITH tree AS (SELECT relid FROM pg_partition_tree($1::text::regclass)) \
+/// (`pg_partition_tree` lists nothing for a table that is not partitioned.)
+const SET_BASED_SQL: &str = "WITH tree AS (SELECT $1::text::regclass AS relid \
+        UNION SELECT relid FROM pg_partition_tree($1::text::regclass)) \
  SELECT NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid IN (SELECT relid FROM tree) \
         AND (i.indisunique OR i.indisexclusion) AND NOT i.indisprimary) \
     AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid IN (SELECT relid FROM tree) \
