@@ -61,6 +61,9 @@ const WORKLOAD: &[&str] = &[
      INSERT INTO sets (id, t, v) SELECT g, 'back', g FROM generate_series(1500, 1599) g; \
      DELETE FROM sets WHERE id BETWEEN 1500 AND 1549; \
      UPDATE sets SET v = 0, t = 'kept' WHERE id BETWEEN 1550 AND 1599; COMMIT",
+    // Runs shorter than 8 go one by one.
+    "UPDATE sets SET t = 'short run', v = 7 WHERE id BETWEEN 700 AND 703",
+    "DELETE FROM sets WHERE id BETWEEN 710 AND 712",
     // Key changes and unchanged TOAST values go one by one.
     "UPDATE sets SET id = id + 100000 WHERE id BETWEEN 500 AND 520",
     "UPDATE sets SET big = repeat(md5(id::text), 3000) WHERE id BETWEEN 600 AND 640",
@@ -168,6 +171,10 @@ async fn runs_of_updates_and_deletes_apply_as_sets_in_order() -> anyhow::Result<
         (
             "one-by-one UPDATE of sets",
             "UPDATE \"public\".\"sets\" SET",
+        ),
+        (
+            "one-by-one DELETE of sets",
+            "DELETE FROM \"public\".\"sets\" WHERE",
         ),
         (
             "one-by-one UPDATE of uniq",
