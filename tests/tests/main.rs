@@ -4,6 +4,7 @@
 //! `pgcourier_tests` (tests/src/lib.rs). Tests run in parallel: every test
 //! starts its own clusters, daemons and work directories.
 
+mod apply_sets;
 mod bad_input;
 mod copy;
 mod faults;

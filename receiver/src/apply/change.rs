@@ -1,15 +1,17 @@
 //! A record's pgoutput messages → queued changes: Relations are
-//! remembered, inserts join runs of inserts, updates and deletes become
-//! prepared statements with their key, a TRUNCATE is queued as a barrier, a
-//! copy's metadata starts a table load. Messages cut into fragments are
-//! put back together first.
+//! remembered, inserts join runs of inserts, updates and deletes by primary
+//! key join runs of updates or deletes (`set_based_row` says which can;
+//! the others become prepared statements with their key), a TRUNCATE is
+//! queued as a barrier, a copy's metadata starts a table load. Messages cut
+//! into fragments are put back together first.
 
 use pgcourier_common::store::seed_file::COPY_PREFIX;
 use pgcourier_proto::pgoutput::{self, Message, OldTuple, Tuple, Value};
 use pgcourier_proto::record::{Piece, Record};
 
 use super::error::ApplyError;
-use super::pipeline::Pending;
+use super::mapping::TableMap;
+use super::pipeline::{key_hash, Pending};
 use super::sql::{text_value, truncate_sql, Op};
 use super::{Apply, Session};
 
@@ -43,7 +45,12 @@ impl Apply {
                 _ => None,
             };
             match msg {
-                Message::Relation(rel) => self.remember_relation(s, rel, bytes)?,
+                Message::Relation(rel) => {
+                    // The run being gathered was mapped with the shape this
+                    // Relation may change: queue it first.
+                    self.flush_run(s).await?;
+                    self.remember_relation(s, rel, bytes)?
+                }
                 Message::LogicalMessage {
                     prefix, content, ..
                 } if prefix == COPY_PREFIX => {
@@ -101,7 +108,8 @@ impl Apply {
     }
 
     /// One row change → a queued statement, or a row added to the current
-    /// run of inserts (sent as one COPY).
+    /// run (inserts: sent as one COPY; updates and deletes by primary key:
+    /// one set-based statement).
     async fn queue_change(
         &self,
         s: &mut Session,
@@ -155,7 +163,17 @@ impl Apply {
                 .filter(|(_, on)| **on)
                 .map(|(v, _)| text_value(v))
                 .collect();
-            self.queue_insert(s, oid, set, row).await?;
+            let wher = vec![false; set.len()];
+            self.queue_run(s, oid, op, set, wher, row, None).await?;
+            return Ok(());
+        }
+        if let Some((row, key)) = set_based_row(target, op, old, new) {
+            let set = match op {
+                Op::Update => set,
+                _ => wher.clone(),
+            };
+            self.queue_run(s, oid, op, set, wher, row, Some(key))
+                .await?;
             return Ok(());
         }
         self.flush_run(s).await?;
@@ -178,5 +196,136 @@ impl Apply {
             op,
         });
         Ok(())
+    }
+}
+
+/// The row an update or delete brings to a set-based run, and the hash of
+/// its key; `None` when it must go on its own (a prepared statement): the
+/// table has no primary key usable set-based (`TableMap::set_based`), a key
+/// value is missing or NULL, or an update changes its key, leaves an
+/// unchanged TOAST value or sets no column outside the key.
+///
+/// The row: an update's values of every column; a delete's key values, in
+/// column order.
+pub(super) fn set_based_row(
+    target: &TableMap,
+    op: Op,
+    old: Option<&OldTuple>,
+    new: &Tuple,
+) -> Option<(Vec<Option<String>>, u64)> {
+    if !target.set_based || target.key.is_empty() {
+        return None;
+    }
+    let mut key_cols = target.key.clone();
+    key_cols.sort_unstable();
+    let key_source: &Tuple = match (op, old) {
+        (Op::Insert, _) => return None,
+        (_, Some(old)) => old.tuple(),
+        (Op::Update, None) => new,
+        (Op::Delete, None) => return None,
+    };
+    let mut key = Vec::with_capacity(key_cols.len());
+    for &k in &key_cols {
+        match key_source.get(k) {
+            Some(Value::Text(t)) => key.push(t.as_str()),
+            _ => return None,
+        }
+    }
+    let row = match op {
+        Op::Update => {
+            // The key unchanged, every column set (no unchanged TOAST
+            // value), and something to set besides the key.
+            let same_key = key_cols
+                .iter()
+                .zip(&key)
+                .all(|(&k, v)| matches!(new.get(k), Some(Value::Text(t)) if t == v));
+            if !same_key
+                || new.len() <= key_cols.len()
+                || new.iter().any(|v| matches!(v, Value::UnchangedToast))
+            {
+                return None;
+            }
+            new.iter().map(text_value).collect()
+        }
+        _ => key.iter().map(|v| Some((*v).to_owned())).collect(),
+    };
+    Some((row, key_hash(&key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(key: Vec<usize>, set_based: bool) -> TableMap {
+        TableMap {
+            table: "\"s\".\"t\"".into(),
+            columns: vec![
+                ("\"a\"".into(), "text".into()),
+                ("\"id\"".into(), "integer".into()),
+                ("\"b\"".into(), "text".into()),
+            ],
+            key,
+            key_is_pk: set_based,
+            set_based,
+        }
+    }
+
+    fn t(v: &str) -> Value {
+        Value::Text(v.into())
+    }
+
+    #[test]
+    fn an_update_by_primary_key_carries_every_column_and_hashes_its_key() {
+        let m = target(vec![1], true);
+        let new = vec![t("x"), t("7"), Value::Null];
+        let (row, key) = set_based_row(&m, Op::Update, None, &new).unwrap();
+        assert_eq!(row, vec![Some("x".into()), Some("7".into()), None]);
+        assert_eq!(key, key_hash(&["7"]));
+        // The same key in an old key tuple: the same run key.
+        let old = OldTuple::Key(vec![Value::Null, t("7"), Value::Null]);
+        let (_, again) = set_based_row(&m, Op::Update, Some(&old), &new).unwrap();
+        assert_eq!(again, key);
+        // Another key, another hash.
+        let other = vec![t("x"), t("8"), Value::Null];
+        assert_ne!(set_based_row(&m, Op::Update, None, &other).unwrap().1, key);
+    }
+
+    #[test]
+    fn a_delete_carries_its_key_values_in_column_order() {
+        let m = target(vec![1, 0], true);
+        let old = OldTuple::Key(vec![t("x"), t("7"), Value::Null]);
+        let (row, key) = set_based_row(&m, Op::Delete, Some(&old), &old.tuple().clone()).unwrap();
+        assert_eq!(row, vec![Some("x".into()), Some("7".into())]);
+        assert_eq!(key, key_hash(&["x", "7"]));
+    }
+
+    #[test]
+    fn changes_that_cannot_join_a_set_go_on_their_own() {
+        let new = vec![t("x"), t("7"), t("y")];
+        // No usable primary key.
+        assert!(set_based_row(&target(vec![1], false), Op::Update, None, &new).is_none());
+        assert!(set_based_row(&target(vec![], true), Op::Update, None, &new).is_none());
+        let m = target(vec![1], true);
+        // The key changes.
+        let old = OldTuple::Key(vec![Value::Null, t("6"), Value::Null]);
+        assert!(set_based_row(&m, Op::Update, Some(&old), &new).is_none());
+        // An unchanged TOAST value.
+        let toast = vec![t("x"), t("7"), Value::UnchangedToast];
+        assert!(set_based_row(&m, Op::Update, None, &toast).is_none());
+        // A NULL key.
+        let null_key = vec![t("x"), Value::Null, t("y")];
+        assert!(set_based_row(&m, Op::Update, None, &null_key).is_none());
+        let old = OldTuple::Key(null_key.clone());
+        assert!(set_based_row(&m, Op::Delete, Some(&old), &null_key).is_none());
+        // Nothing but the key to set.
+        let all_key = target(vec![0, 1, 2], true);
+        assert!(set_based_row(&all_key, Op::Update, None, &new).is_none());
+        assert!(set_based_row(
+            &all_key,
+            Op::Delete,
+            Some(&OldTuple::Key(new.clone())),
+            &new
+        )
+        .is_some());
     }
 }

@@ -24,6 +24,11 @@ pub(super) struct TableMap {
     /// `key` is the target's primary key (compare with `=`); otherwise the
     /// whole-row identity compared as text.
     pub(super) key_is_pk: bool,
+    /// Runs of updates and deletes may go as one set-based statement
+    /// (`pipeline.rs`): `key` is the primary key, and no other unique or
+    /// exclusion index and no user trigger (on the table or a partition)
+    /// could tell in which order the rows of one statement were changed.
+    pub(super) set_based: bool,
 }
 
 /// One column of the target table: name, type (`format_type`), part of the
@@ -33,6 +38,18 @@ struct TargetColumn {
     ty: String,
     pk: bool,
 }
+
+/// Whether the target table `$1` (quoted name) has no unique or exclusion
+/// index besides its primary key and no user trigger, on it or any
+/// partition: then the order in which one statement changes its rows cannot
+/// matter.
+/// (`pg_partition_tree` lists nothing for a table that is not partitioned.)
+const SET_BASED_SQL: &str = "WITH tree AS (SELECT $1::text::regclass AS relid \
+        UNION SELECT relid FROM pg_partition_tree($1::text::regclass)) \
+ SELECT NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid IN (SELECT relid FROM tree) \
+        AND (i.indisunique OR i.indisexclusion) AND NOT i.indisprimary) \
+    AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid IN (SELECT relid FROM tree) \
+        AND NOT g.tgisinternal)";
 
 /// The target table's columns in order; none when it does not exist.
 const COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
@@ -80,6 +97,7 @@ impl Apply {
             self.inbox.save_relation(rel.oid, raw)?;
             s.targets.remove(&rel.oid);
             s.statements.retain(|k, _| k.0 != rel.oid);
+            s.set_statements.retain(|k, _| k.0 != rel.oid);
             s.relations.insert(rel.oid, rel);
         }
         Ok(())
@@ -115,7 +133,17 @@ impl Apply {
             })
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
             .map_err(target_err("read target table definition"))?;
-        let map = map_table(rel, &columns)?;
+        let mut map = map_table(rel, &columns)?;
+        if map.key_is_pk {
+            let row = s
+                .client
+                .query_one(SET_BASED_SQL, &[&map.table])
+                .await
+                .map_err(target_err("read target table indexes and triggers"))?;
+            map.set_based = row
+                .try_get(0)
+                .map_err(target_err("read target table indexes and triggers"))?;
+        }
         s.targets.insert(oid, map);
         Ok(())
     }
@@ -171,6 +199,7 @@ fn map_table(rel: &Relation, target: &[TargetColumn]) -> Result<TableMap, ApplyE
         columns,
         key,
         key_is_pk,
+        set_based: false,
     })
 }
 

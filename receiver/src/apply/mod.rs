@@ -71,7 +71,7 @@ pub(crate) use target::TargetClient;
 
 use error::target_err;
 use mapping::TableMap;
-use pipeline::{InsertRun, Pending};
+use pipeline::{Pending, Run};
 use sql::Op;
 
 /// Applies the inbox to the target; one per receiver (and one per seed
@@ -109,17 +109,21 @@ struct Session {
     /// Prepared statements by change shape: relation, kind, columns set,
     /// columns in the WHERE (`sql.rs`).
     statements: HashMap<(u32, Op, Vec<bool>, Vec<bool>), Statement>,
+    /// Set-based statements for runs of updates and deletes, by relation
+    /// and kind (`sql.rs`).
+    set_statements: HashMap<(u32, Op), Statement>,
     /// Moves the progress row (`target.rs`).
     progress: Statement,
     /// Changes queued, not yet sent (`pipeline.rs`).
     pending: Vec<Pending>,
-    /// The run of inserts being gathered for one COPY (`pipeline.rs`).
-    run: Option<InsertRun>,
+    /// The run of inserts (for one COPY) or of updates or deletes (for one
+    /// set-based statement) being gathered (`pipeline.rs`).
+    run: Option<Run>,
     /// A message arriving in fragments, so far (`change.rs`).
     fragment: Vec<u8>,
     /// The table copy being loaded, if any (`copy_load.rs`).
     copy: Option<LoadProgress>,
-    /// COPY data queued in `pending`.
+    /// COPY and set data queued in `pending`.
     pending_bytes: usize,
 }
 
@@ -272,6 +276,7 @@ impl Apply {
             relations: HashMap::new(),
             targets: HashMap::new(),
             statements: HashMap::new(),
+            set_statements: HashMap::new(),
             progress,
             pending: Vec::new(),
             run: None,

@@ -1,8 +1,19 @@
 //! Queued changes → the target, fast and in order: prepared statements are
 //! pipelined (up to `PIPELINE_DEPTH` in flight before the first reply);
-//! runs of inserts into one table go out as one COPY; unprepared SQL
-//! (TRUNCATE) and COPY are barriers that wait for what precedes them. What
-//! is queued is bounded in statements and COPY bytes (invariant 5).
+//! runs of inserts into one table go out as one COPY, runs of updates or of
+//! deletes by primary key to one table as one set-based statement
+//! (`UPDATE .. FROM unnest(..)` / `DELETE .. USING unnest(..)`, `sql.rs`);
+//! unprepared SQL (TRUNCATE) and COPY are barriers that wait for what
+//! precedes them. What is queued is bounded in statements and bytes
+//! (invariant 5).
+//!
+//! Order: a run holds consecutive changes only, and a run of updates or
+//! deletes never holds the same key twice (the change that would repeat a
+//! key starts the next run), so applying a run as one statement changes
+//! each row once, as the changes one by one would have.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 
 use futures_util::future::try_join_all;
 use pgcourier_common::pg::quote_ident;
@@ -14,8 +25,8 @@ use super::{Apply, Session};
 
 /// Statements queued before the pipeline is drained.
 const PIPELINE_DEPTH: usize = 512;
-/// ... or once the queued COPY data reaches this many bytes (bounds memory
-/// in a large transaction: invariant 5).
+/// ... or once the queued COPY and set data reaches this many bytes (bounds
+/// memory in a large transaction: invariant 5).
 const PIPELINE_BYTES: usize = 4 << 20;
 
 /// A change queued on the session, waiting for the next drain.
@@ -35,22 +46,88 @@ pub(super) enum Pending {
         data: Vec<u8>,
         rel: u32,
     },
+    /// A run of updates or deletes to one table as one statement: one text
+    /// array per column (`sql.rs`, `build_set_sql`), `rows` rows.
+    Set {
+        stmt: Statement,
+        columns: Vec<Vec<Option<String>>>,
+        rows: u64,
+        rel: u32,
+    },
 }
 
-/// Consecutive inserts into one table with the same columns, waiting to be
-/// sent as one COPY (or as single inserts when the run stays short).
-pub(super) struct InsertRun {
+/// Consecutive changes of one kind to one table with the same columns,
+/// waiting to be sent as one statement (a COPY, or one set-based UPDATE or
+/// DELETE) or, when the run stays short, as one statement per row.
+pub(super) struct Run {
     oid: u32,
+    op: Op,
+    /// The columns whose values a row holds: an insert's columns set; an
+    /// update's columns (all of them: a run holds no unchanged TOAST
+    /// value); a delete's key columns.
     set: Vec<bool>,
+    /// The key columns (updates: the key is among the values; inserts:
+    /// none).
+    wher: Vec<bool>,
     rows: Vec<Vec<Option<String>>>,
+    /// Hashes of the keys in the run (updates and deletes): a change whose
+    /// key hashes to one of them starts a new run. A collision only ends a
+    /// run early.
+    keys: HashSet<u64>,
     bytes: usize,
 }
 
-/// Runs shorter than this go out as pipelined INSERTs.
-const COPY_MIN_ROWS: usize = 8;
+/// Runs shorter than this go out as one statement per row.
+const RUN_MIN_ROWS: usize = 8;
 /// A run is flushed at this many rows or bytes (bounds memory).
-const COPY_MAX_ROWS: usize = 5000;
-const COPY_MAX_BYTES: usize = 1 << 20;
+const RUN_MAX_ROWS: usize = 5000;
+const RUN_MAX_BYTES: usize = 1 << 20;
+
+/// The hash a run keeps of a row's key (its values as text).
+pub(super) fn key_hash(key: &[&str]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+impl Run {
+    fn new(oid: u32, op: Op, set: Vec<bool>, wher: Vec<bool>) -> Run {
+        Run {
+            oid,
+            op,
+            set,
+            wher,
+            rows: Vec::new(),
+            keys: HashSet::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Whether a change joins this run: same table, kind and columns, and
+    /// (updates and deletes) a key not yet in the run.
+    fn admits(&self, oid: u32, op: Op, set: &[bool], key: Option<u64>) -> bool {
+        self.oid == oid
+            && self.op == op
+            && self.set == set
+            && key.is_none_or(|k| !self.keys.contains(&k))
+    }
+
+    fn push(&mut self, row: Vec<Option<String>>, key: Option<u64>) {
+        self.bytes += row
+            .iter()
+            .map(|v| v.as_ref().map_or(2, |t| t.len() + 1))
+            .sum::<usize>();
+        if let Some(k) = key {
+            self.keys.insert(k);
+            self.bytes += 8;
+        }
+        self.rows.push(row);
+    }
+
+    fn full(&self) -> bool {
+        self.rows.len() >= RUN_MAX_ROWS || self.bytes >= RUN_MAX_BYTES
+    }
+}
 
 impl Session {
     /// Time to drain: enough statements or COPY bytes are queued.
@@ -60,74 +137,103 @@ impl Session {
 }
 
 impl Apply {
-    /// Add an insert's row (the values of the columns in `set`) to the run
-    /// of inserts into its table, starting a new run when the table or the
-    /// columns differ.
-    pub(super) async fn queue_insert(
+    /// Add a change's row to the run of its kind and table, starting a new
+    /// run when the table, kind or columns differ or the key is already in
+    /// the run. `row`: an insert's values of the columns in `set`; an
+    /// update's values of every column (`set` all true, its key columns in
+    /// `wher`); a delete's values of the key columns (`set` = `wher`).
+    /// `key`: the hash of an update's or delete's key (`key_hash`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn queue_run(
         &self,
         s: &mut Session,
         oid: u32,
+        op: Op,
         set: Vec<bool>,
+        wher: Vec<bool>,
         row: Vec<Option<String>>,
+        key: Option<u64>,
     ) -> Result<(), ApplyError> {
-        let bytes: usize = row
-            .iter()
-            .map(|v| v.as_ref().map_or(2, |t| t.len() + 1))
-            .sum();
-        let same = matches!(&s.run, Some(r) if r.oid == oid && r.set == set);
+        let same = matches!(&s.run, Some(r) if r.admits(oid, op, &set, key));
         if !same {
             self.flush_run(s).await?;
-            s.run = Some(InsertRun {
-                oid,
-                set,
-                rows: Vec::new(),
-                bytes: 0,
-            });
+            s.run = Some(Run::new(oid, op, set, wher));
         }
         let run = s.run.as_mut().expect("run just ensured");
-        run.rows.push(row);
-        run.bytes += bytes;
-        if run.rows.len() >= COPY_MAX_ROWS || run.bytes >= COPY_MAX_BYTES {
+        run.push(row, key);
+        if run.full() {
             self.flush_run(s).await?;
         }
         Ok(())
     }
 
-    /// Queue the pending insert run: as one COPY when long enough, else as
-    /// single INSERTs.
+    /// Queue the pending run: as one COPY or one set-based statement when
+    /// long enough, else as one statement per row.
     pub(super) async fn flush_run(&self, s: &mut Session) -> Result<(), ApplyError> {
         let Some(run) = s.run.take() else {
             return Ok(());
         };
-        if run.rows.len() >= COPY_MIN_ROWS {
-            let target = &s.targets[&run.oid];
-            let cols: Vec<&str> = (0..run.set.len())
-                .filter(|&i| run.set[i])
-                .map(|i| target.columns[i].0.as_str())
-                .collect();
-            let sql = format!("COPY {} ({}) FROM STDIN", target.table, cols.join(", "));
-            let mut data = Vec::with_capacity(run.bytes + run.rows.len());
-            for row in &run.rows {
-                copy_row(&mut data, row);
-            }
-            s.pending_bytes += data.len();
-            s.pending.push(Pending::Copy {
-                sql,
-                data,
-                rel: run.oid,
-            });
-        } else {
-            let wher = vec![false; run.set.len()];
-            let stmt = self
-                .statement(s, run.oid, Op::Insert, &run.set, &wher)
-                .await?;
-            for params in run.rows {
-                s.pending.push(Pending::Prepared {
-                    stmt: stmt.clone(),
-                    params,
+        let long = run.rows.len() >= RUN_MIN_ROWS;
+        match run.op {
+            Op::Insert if long => {
+                let target = &s.targets[&run.oid];
+                let cols: Vec<&str> = (0..run.set.len())
+                    .filter(|&i| run.set[i])
+                    .map(|i| target.columns[i].0.as_str())
+                    .collect();
+                let sql = format!("COPY {} ({}) FROM STDIN", target.table, cols.join(", "));
+                let mut data = Vec::with_capacity(run.bytes + run.rows.len());
+                for row in &run.rows {
+                    copy_row(&mut data, row);
+                }
+                s.pending_bytes += data.len();
+                s.pending.push(Pending::Copy {
+                    sql,
+                    data,
                     rel: run.oid,
-                    op: Op::Insert,
                 });
+            }
+            Op::Update | Op::Delete if long => {
+                let stmt = self.set_statement(s, run.oid, run.op, &run.wher).await?;
+                let rows = run.rows.len();
+                let mut columns = vec![Vec::with_capacity(rows); run.rows[0].len()];
+                for row in run.rows {
+                    for (c, v) in row.into_iter().enumerate() {
+                        columns[c].push(v);
+                    }
+                }
+                s.pending_bytes += run.bytes;
+                s.pending.push(Pending::Set {
+                    stmt,
+                    columns,
+                    rows: rows as u64,
+                    rel: run.oid,
+                });
+            }
+            op => {
+                // One statement per row, as each change would have gone on
+                // its own: a delete sets nothing; an update also sends its
+                // key for the WHERE.
+                let set = match op {
+                    Op::Delete => vec![false; run.set.len()],
+                    _ => run.set.clone(),
+                };
+                let stmt = self.statement(s, run.oid, op, &set, &run.wher).await?;
+                for mut params in run.rows {
+                    if op == Op::Update {
+                        let key: Vec<Option<String>> = (0..run.wher.len())
+                            .filter(|&i| run.wher[i])
+                            .map(|i| params[i].clone())
+                            .collect();
+                        params.extend(key);
+                    }
+                    s.pending.push(Pending::Prepared {
+                        stmt: stmt.clone(),
+                        params,
+                        rel: run.oid,
+                        op,
+                    });
+                }
             }
         }
         Ok(())
@@ -169,6 +275,8 @@ impl Apply {
             return Ok(());
         }
         let client = &s.client;
+        // Each reply: rows changed, rows the statement should have changed
+        // (an insert: not checked), table.
         let futures = pending.iter().map(|p| async move {
             match p {
                 Pending::Prepared {
@@ -179,10 +287,25 @@ impl Apply {
                 } => {
                     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                         params.iter().map(|p| p as _).collect();
+                    let expected = u64::from(*op != Op::Insert);
                     client
                         .execute(stmt, &refs)
                         .await
-                        .map(|n| (n, Some((*rel, *op))))
+                        .map(|n| (n, expected, *rel))
+                        .map_err(|e| (e, Some(*rel)))
+                }
+                Pending::Set {
+                    stmt,
+                    columns,
+                    rows,
+                    rel,
+                } => {
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        columns.iter().map(|c| c as _).collect();
+                    client
+                        .execute(stmt, &refs)
+                        .await
+                        .map(|n| (n, *rows, *rel))
                         .map_err(|e| (e, Some(*rel)))
                 }
                 Pending::Sql { .. } | Pending::Copy { .. } => {
@@ -193,13 +316,14 @@ impl Apply {
         match try_join_all(futures).await {
             Ok(results) => {
                 let mut missing = 0;
-                for (n, what) in results {
-                    if let Some((rel, op)) = what {
-                        if n == 0 && op != Op::Insert {
-                            missing += 1;
-                            if let Some(t) = s.targets.get(&rel) {
-                                tracing::warn!(table = %t.table, "row to update or delete not found on the target (it was changed there, or never copied); change skipped");
-                            }
+                for (n, expected, rel) in results {
+                    // A row to update or delete that is not there: the
+                    // change is skipped and counted, one by one or in a set.
+                    let absent = expected.saturating_sub(n);
+                    if absent > 0 {
+                        missing += absent;
+                        if let Some(t) = s.targets.get(&rel) {
+                            tracing::warn!(table = %t.table, rows = absent, "row to update or delete not found on the target (it was changed there, or never copied); change skipped");
                         }
                     }
                 }
@@ -275,5 +399,67 @@ mod tests {
             &[Some("a\tb\nc\\d\re".into()), None, Some(String::new())],
         );
         assert_eq!(out, b"a\\tb\\nc\\\\d\\re\t\\N\t\n".to_vec());
+    }
+
+    fn row(v: &str) -> Vec<Option<String>> {
+        vec![Some(v.into()), None]
+    }
+
+    #[test]
+    fn a_run_ends_where_a_key_repeats() {
+        let (k1, k2) = (Some(key_hash(&["1"])), Some(key_hash(&["2"])));
+        let mut run = Run::new(7, Op::Update, vec![true, true], vec![true, false]);
+        assert!(run.admits(7, Op::Update, &[true, true], k1));
+        run.push(row("1"), k1);
+        assert!(run.admits(7, Op::Update, &[true, true], k2));
+        run.push(row("2"), k2);
+        // The same key again (same row updated twice): not in this run, so
+        // the second update is applied after the first.
+        assert!(!run.admits(7, Op::Update, &[true, true], k1));
+        assert!(!run.admits(7, Op::Update, &[true, true], k2));
+        // Deletes of the same keys start their own run too.
+        let mut del = Run::new(7, Op::Delete, vec![true, false], vec![true, false]);
+        del.push(row("1"), k1);
+        assert!(!del.admits(7, Op::Delete, &[true, false], k1));
+        assert!(del.admits(7, Op::Delete, &[true, false], k2));
+    }
+
+    #[test]
+    fn a_run_holds_one_kind_of_change_to_one_table_with_one_shape() {
+        let k = Some(key_hash(&["1"]));
+        let run = Run::new(7, Op::Update, vec![true, true], vec![true, false]);
+        assert!(!run.admits(8, Op::Update, &[true, true], k));
+        assert!(!run.admits(7, Op::Delete, &[true, true], k));
+        assert!(!run.admits(7, Op::Update, &[true, false], k));
+        let inserts = Run::new(7, Op::Insert, vec![true, true], vec![false, false]);
+        assert!(inserts.admits(7, Op::Insert, &[true, true], None));
+        assert!(!inserts.admits(7, Op::Update, &[true, true], k));
+    }
+
+    #[test]
+    fn a_run_is_full_at_its_row_or_byte_cap() {
+        let mut run = Run::new(7, Op::Delete, vec![true], vec![true]);
+        for i in 0..RUN_MAX_ROWS - 1 {
+            let key = i.to_string();
+            run.push(vec![Some(key.clone())], Some(key_hash(&[&key])));
+        }
+        assert!(!run.full());
+        run.push(vec![Some("last".into())], Some(key_hash(&["last"])));
+        assert!(run.full());
+        let mut big = Run::new(7, Op::Update, vec![true, true], vec![true, false]);
+        big.push(
+            vec![Some("1".into()), Some("x".repeat(RUN_MAX_BYTES / 2))],
+            k_of("1"),
+        );
+        assert!(!big.full());
+        big.push(
+            vec![Some("2".into()), Some("x".repeat(RUN_MAX_BYTES / 2))],
+            k_of("2"),
+        );
+        assert!(big.full());
+    }
+
+    fn k_of(v: &str) -> Option<u64> {
+        Some(key_hash(&[v]))
     }
 }

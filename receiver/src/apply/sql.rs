@@ -3,6 +3,11 @@
 //! column's type (`$n::text::<type>`), the row found by its primary key or,
 //! without one, exactly one row matching the replica identity. Each shape is
 //! prepared once per session.
+//!
+//! A run of updates or deletes to one table by its primary key goes as one
+//! set-based statement instead (`build_set_sql`): each column's values as
+//! one text array, `unnest`ed into rows, joined to the table on the key and
+//! cast to the target's types as above.
 
 use pgcourier_proto::pgoutput::Value;
 use tokio_postgres::types::Type;
@@ -45,6 +50,34 @@ impl Apply {
                 source: e.into(),
             })?;
         s.statements.insert(key, st.clone());
+        Ok(st)
+    }
+}
+
+impl Apply {
+    /// The prepared set-based statement for a run of `op` (update or delete)
+    /// to `oid` by the key columns `wher` (cached per session).
+    pub(super) async fn set_statement(
+        &self,
+        s: &mut Session,
+        oid: u32,
+        op: Op,
+        wher: &[bool],
+    ) -> Result<Statement, ApplyError> {
+        if let Some(st) = s.set_statements.get(&(oid, op)) {
+            return Ok(st.clone());
+        }
+        let target = &s.targets[&oid];
+        let (sql, n) = build_set_sql(target, op, wher);
+        let st = s
+            .client
+            .prepare_typed(&sql, &vec![Type::TEXT_ARRAY; n])
+            .await
+            .map_err(|e| ApplyError::Target {
+                what: format!("prepare statement for {}", target.table),
+                source: e.into(),
+            })?;
+        s.set_statements.insert((oid, op), st.clone());
         Ok(st)
     }
 }
@@ -121,6 +154,57 @@ fn build_sql(t: &TableMap, op: Op, set: &[bool], wher: &[bool]) -> (String, usiz
     (sql, n)
 }
 
+/// The set-based statement for a run of updates or deletes by the key
+/// columns `wher` (a primary key), and its parameter count: one text array
+/// per column the rows carry (an update: every column; a delete: the key
+/// columns), in column order, `unnest`ed side by side into the rows
+/// `s(c1, c2, ..)`. An update sets the columns outside the key; its key is
+/// unchanged (a run holds no update that changes it).
+pub(super) fn build_set_sql(t: &TableMap, op: Op, wher: &[bool]) -> (String, usize) {
+    let carried: Vec<usize> = match op {
+        Op::Update => (0..t.columns.len()).collect(),
+        _ => (0..wher.len()).filter(|&i| wher[i]).collect(),
+    };
+    let arrays: Vec<String> = (1..=carried.len())
+        .map(|p| format!("${p}::text[]"))
+        .collect();
+    let names: Vec<String> = (1..=carried.len()).map(|p| format!("c{p}")).collect();
+    let rows = format!("unnest({}) AS s({})", arrays.join(", "), names.join(", "));
+    // `s.cN` of column i, cast to its target type.
+    let value = |i: usize| {
+        let p = carried
+            .iter()
+            .position(|&c| c == i)
+            .expect("column carried")
+            + 1;
+        format!("s.c{p}::{}", t.columns[i].1)
+    };
+    let conds: Vec<String> = (0..wher.len())
+        .filter(|&i| wher[i])
+        .map(|i| format!("t.{} = {}", t.columns[i].0, value(i)))
+        .collect();
+    let sql = match op {
+        Op::Update => {
+            let sets: Vec<String> = (0..wher.len())
+                .filter(|&i| !wher[i])
+                .map(|i| format!("{} = {}", t.columns[i].0, value(i)))
+                .collect();
+            format!(
+                "UPDATE {} AS t SET {} FROM {rows} WHERE {}",
+                t.table,
+                sets.join(", "),
+                conds.join(" AND ")
+            )
+        }
+        _ => format!(
+            "DELETE FROM {} AS t USING {rows} WHERE {}",
+            t.table,
+            conds.join(" AND ")
+        ),
+    };
+    (sql, carried.len())
+}
+
 /// A TRUNCATE of the target tables `tables` (already quoted), with the
 /// source's options.
 pub(super) fn truncate_sql(tables: &[String], restart_identity: bool, cascade: bool) -> String {
@@ -148,6 +232,7 @@ mod tests {
             ],
             key: vec![0],
             key_is_pk,
+            set_based: key_is_pk,
         }
     }
 
@@ -188,6 +273,35 @@ mod tests {
             sql,
             "UPDATE \"s\".\"T\" SET \"v\" = $1::text::text WHERE ctid = (SELECT ctid FROM \"s\".\"T\" \
              WHERE \"id\"::text IS NOT DISTINCT FROM $2::text AND \"v\"::text IS NOT DISTINCT FROM $3::text LIMIT 1)"
+        );
+    }
+
+    #[test]
+    fn runs_update_and_delete_in_one_statement_joined_on_the_key() {
+        let mut t = target(true);
+        // The key is the last column: the arrays still go in column order.
+        t.columns.swap(0, 2);
+        t.key = vec![2];
+        let (sql, n) = build_set_sql(&t, Op::Update, &[false, false, true]);
+        assert_eq!(n, 3);
+        assert_eq!(
+            sql,
+            "UPDATE \"s\".\"T\" AS t SET \"j\" = s.c1::jsonb, \"v\" = s.c2::text \
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS s(c1, c2, c3) \
+             WHERE t.\"id\" = s.c3::integer"
+        );
+        let (sql, n) = build_set_sql(&t, Op::Delete, &[false, false, true]);
+        assert_eq!(n, 1);
+        assert_eq!(
+            sql,
+            "DELETE FROM \"s\".\"T\" AS t USING unnest($1::text[]) AS s(c1) \
+             WHERE t.\"id\" = s.c1::integer"
+        );
+        let (sql, n) = build_set_sql(&t, Op::Delete, &[true, false, true]);
+        assert_eq!(n, 2);
+        assert!(
+            sql.ends_with("WHERE t.\"j\" = s.c1::jsonb AND t.\"id\" = s.c2::integer"),
+            "{sql}"
         );
     }
 
