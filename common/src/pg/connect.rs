@@ -535,6 +535,44 @@ impl PgConnect {
         t: &Target,
         required: bool,
     ) -> Result<(Client, PgConnection), ConnectError> {
+        let (config, name, socket, accepted) = self.ssl_request(t, required).await?;
+        let mut cfg = self.attempt_config(t);
+        if accepted {
+            // Our SSLRequest is answered: tokio-postgres goes straight to
+            // the handshake (which calls our Connector).
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            cfg.ssl_negotiation(SslNegotiation::Direct);
+            let connector = tls::Connector {
+                tls: Some((config, name)),
+            };
+            cfg.connect_raw(socket, connector)
+                .await
+                .map_err(|e| self.login_error(t, e))
+        } else {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            cfg.connect_raw(socket, tls::Connector { tls: None })
+                .await
+                .map_err(|e| self.login_error(t, e))
+        }
+    }
+
+    /// Open a socket to `t` and send the SSLRequest. `true`: the server
+    /// accepted (the TLS handshake comes next); `false`: it declined and
+    /// TLS is not `required`, so the login goes on in plaintext on the same
+    /// socket. Declined under `required` is [`ConnectError::TlsRefused`].
+    async fn ssl_request(
+        &self,
+        t: &Target,
+        required: bool,
+    ) -> Result<
+        (
+            Arc<rustls::ClientConfig>,
+            ServerName<'static>,
+            PgSocket,
+            bool,
+        ),
+        ConnectError,
+    > {
         let (Some(config), Some(name)) = (&self.tls, &t.server_name) else {
             unreachable!("resolve builds the TLS config and a name for every TCP target unless sslmode=disable")
         };
@@ -551,38 +589,24 @@ impl PgConnect {
             .map_err(unreachable)?;
         let mut answer = [0u8; 1];
         socket.read_exact(&mut answer).await.map_err(unreachable)?;
-        let mut cfg = self.attempt_config(t);
-        match answer[0] {
-            b'S' => {
-                // Our SSLRequest is answered: tokio-postgres goes straight
-                // to the handshake (which calls our Connector).
-                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
-                cfg.ssl_negotiation(SslNegotiation::Direct);
-                let connector = tls::Connector {
-                    tls: Some((config.clone(), name.clone())),
-                };
-                cfg.connect_raw(socket, connector)
-                    .await
-                    .map_err(|e| self.login_error(t, e))
+        let accepted = match answer[0] {
+            b'S' => true,
+            b'N' if !required => false,
+            b'N' => {
+                return Err(ConnectError::TlsRefused {
+                    setting: self.setting,
+                    host: t.describe(),
+                    mode: self.ssl_mode,
+                })
             }
-            b'N' if !required => {
-                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                cfg.connect_raw(socket, tls::Connector { tls: None })
-                    .await
-                    .map_err(|e| self.login_error(t, e))
-            }
-            b'N' => Err(ConnectError::TlsRefused {
-                setting: self.setting,
-                host: t.describe(),
-                mode: self.ssl_mode,
-            }),
-            other => Err(unreachable(std::io::Error::new(
+            other => return Err(unreachable(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "the server answered the TLS request with byte {other:#04x}: is it PostgreSQL?"
                 ),
             ))),
-        }
+        };
+        Ok((config.clone(), name.clone(), socket, accepted))
     }
 
     /// A stream to `t` for a protocol client of our own (the sender's
@@ -616,49 +640,25 @@ impl PgConnect {
     }
 
     async fn tls_stream(&self, t: &Target, required: bool) -> Result<PgStream, ConnectError> {
-        let (Some(config), Some(name)) = (&self.tls, &t.server_name) else {
-            unreachable!("resolve builds the TLS config and a name for every TCP target unless sslmode=disable")
-        };
-        let mut socket = self.socket(t).await?;
-        let unreachable = |source: std::io::Error| ConnectError::Unreachable {
-            setting: self.setting,
-            host: t.describe(),
-            source,
-        };
-        // SSLRequest: length 8, code 80877103.
-        socket
-            .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-            .await
-            .map_err(unreachable)?;
-        let mut answer = [0u8; 1];
-        socket.read_exact(&mut answer).await.map_err(unreachable)?;
-        match answer[0] {
-            b'S' => match tls::handshake(config.clone(), name.clone(), socket).await {
-                Ok(s) => Ok(PgStream::Tls(s)),
-                Err(HandshakeError::Refused(r)) => Err(ConnectError::Tls {
-                    setting: self.setting,
-                    host: t.describe(),
-                    mode: self.ssl_mode,
-                    check: tls_hint(&r, self.verifies_chain),
-                    source: Box::new(r),
-                }),
-                Err(HandshakeError::Io(e)) => Err(unreachable(e)),
-                Err(HandshakeError::NotConfigured) => {
-                    unreachable!("the config was given")
-                }
-            },
-            b'N' if !required => Ok(PgStream::Plain(socket)),
-            b'N' => Err(ConnectError::TlsRefused {
+        let (config, name, socket, accepted) = self.ssl_request(t, required).await?;
+        if !accepted {
+            return Ok(PgStream::Plain(socket));
+        }
+        match tls::handshake(config, name, socket).await {
+            Ok(s) => Ok(PgStream::Tls(s)),
+            Err(HandshakeError::Refused(r)) => Err(ConnectError::Tls {
                 setting: self.setting,
                 host: t.describe(),
                 mode: self.ssl_mode,
+                check: tls_hint(&r, self.verifies_chain),
+                source: Box::new(r),
             }),
-            other => Err(unreachable(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "the server answered the TLS request with byte {other:#04x}: is it PostgreSQL?"
-                ),
-            ))),
+            Err(HandshakeError::Io(source)) => Err(ConnectError::Unreachable {
+                setting: self.setting,
+                host: t.describe(),
+                source,
+            }),
+            Err(HandshakeError::NotConfigured) => unreachable!("the config was given"),
         }
     }
 
