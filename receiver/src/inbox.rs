@@ -3,10 +3,13 @@
 //! empties it: QUIC → ingest → **inbox** → apply → target.
 //!
 //! Keys and values:
-//! - tree `records`: key = seq as u64 big-endian, value = the encoded
-//!   record exactly as the sender spooled it (its checksum is checked on
-//!   arrival and again before apply). Dense from the first stored seq to
-//!   `durable_seq`.
+//! - trees `segments` and `segments.low`: the records, a
+//!   [`SegmentLog`](pgcourier_common::store::segments) (one sled key per
+//!   segment of about 32 KiB of consecutive records, key = its first seq as
+//!   u64 big-endian), each the encoded record exactly as the sender spooled
+//!   it (its checksum is checked on arrival and again before apply). Dense
+//!   from the first stored seq to `durable_seq`. Earlier versions kept one
+//!   key per record in tree `records`: [`Inbox::open`] moves them.
 //! - tree `meta`:
 //!   - `durable_seq`: u64 big-endian, highest seq stored and fsynced (what
 //!     ingest acknowledges; 0: none).
@@ -22,8 +25,8 @@
 //!   can resume after a restart with records whose Relation message was in a
 //!   record already applied and deleted.
 //!
-//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (sled may still
-//! put a page of several records in a blob file: `Store::sync` fsyncs every
+//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (sled may
+//! put a page of segments in a blob file: `Store::sync` fsyncs every
 //! file and directory of the store). The records' total is held
 //! under `inbox-max-bytes` by ingest, which waits (the sender keeps the batch)
 //! while a batch would take the inbox past it; an inbox that holds no
@@ -57,9 +60,8 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pgcourier_common::store::durable::{
-    get_u64, key_seq, put_u64, seq_key, Store, StoreError, Synced,
-};
+use pgcourier_common::store::durable::{get_u64, put_u64, Store, StoreError, Synced};
+use pgcourier_common::store::segments::SegmentLog;
 use tokio::sync::watch;
 
 /// What [`Inbox::truncate_from`] did with a corrupt record.
@@ -72,36 +74,22 @@ pub enum Dropped {
 }
 
 /// The highest stored seq below `below` that ends its transaction (0: none).
-fn last_boundary(store: &Store, records: &sled::Tree, below: u64) -> Result<u64, StoreError> {
-    for item in records.range(..seq_key(below)).rev() {
-        let (k, v) = item.map_err(|e| store.write_err(e))?;
-        if is_last(&v) {
-            return key_seq(&k).ok_or_else(|| StoreError::Corrupt {
-                path: store.path.clone(),
-                key: format!("{k:?}"),
-            });
-        }
-    }
-    Ok(0)
+fn last_boundary(records: &SegmentLog, below: u64) -> Result<u64, StoreError> {
+    Ok(records.rfind(below, is_last)?.unwrap_or(0))
 }
 
 pub struct Inbox {
     store: Store,
-    records: sled::Tree,
+    records: SegmentLog,
     meta: sled::Tree,
     relations: sled::Tree,
     durable: watch::Sender<u64>,
-    deleted_through: AtomicU64,
     /// Highest seq applied (deleted after the target commit).
     applied: watch::Sender<u64>,
     /// Counts [`Inbox::truncate_from`] calls: ingest reconnects on a change.
     truncations: watch::Sender<u64>,
     /// Serialises appends and truncations.
     write: std::sync::Mutex<()>,
-    /// Bytes of the records stored (what `inbox-max-bytes` limits).
-    bytes: AtomicU64,
-    /// Number of records stored.
-    count: AtomicU64,
     /// Ingest is holding batches back at `inbox-max-bytes`.
     full: std::sync::atomic::AtomicBool,
     /// Highest stored seq that is the last record of its transaction (0:
@@ -118,35 +106,26 @@ fn is_last(bytes: &[u8]) -> bool {
 impl Inbox {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Inbox, StoreError> {
         let store = Store::open(path, cache_bytes)?;
-        let records = store.tree("records")?;
+        let records = SegmentLog::open(&store, "segments", Some("records"))?;
         let meta = store.tree("meta")?;
         let relations = store.tree("relations")?;
         let durable = get_u64(&store, &meta, "durable_seq")?.unwrap_or(0);
         let (tx, _) = watch::channel(durable);
         // Records are deleted only once applied: below the first one left,
         // everything is applied.
-        let applied = match records.first().map_err(|e| store.write_err(e))? {
-            Some((k, _)) => key_seq(&k).unwrap_or(1).saturating_sub(1),
+        let applied = match records.first_seq()? {
+            Some(first) => first - 1,
             None => durable,
         };
-        let (mut count, mut bytes) = (0u64, 0u64);
-        for v in records.iter().values() {
-            let v = v.map_err(|e| store.write_err(e))?;
-            count += 1;
-            bytes += v.len() as u64;
-        }
-        let boundary = last_boundary(&store, &records, u64::MAX)?;
+        let boundary = last_boundary(&records, u64::MAX)?;
         Ok(Inbox {
             boundary: AtomicU64::new(boundary),
-            bytes: AtomicU64::new(bytes),
-            count: AtomicU64::new(count),
             full: false.into(),
             store,
             records,
             meta,
             relations,
             durable: tx,
-            deleted_through: AtomicU64::new(0),
             applied: watch::channel(applied).0,
             truncations: watch::channel(0).0,
             write: std::sync::Mutex::new(()),
@@ -231,17 +210,7 @@ impl Inbox {
         if first_seq != durable + 1 {
             return Ok(None);
         }
-        let mut batch = sled::Batch::default();
-        for (i, r) in records.iter().enumerate() {
-            batch.insert(&seq_key(first_seq + i as u64), r.as_slice());
-        }
-        self.records
-            .apply_batch(batch)
-            .map_err(|e| self.store.write_err(e))?;
-        let added: u64 = records.iter().map(|r| r.len() as u64).sum();
-        self.bytes.fetch_add(added, Ordering::Relaxed);
-        self.count
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.records.put(first_seq, records)?;
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
@@ -268,18 +237,11 @@ impl Inbox {
             return Ok(Dropped::Applied);
         }
         let _write = self.write.lock().expect("inbox write lock");
-        for item in self.records.range(seq_key(seq)..) {
-            let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            self.records
-                .remove(k)
-                .map_err(|e| self.store.write_err(e))?;
-            self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
-            self.count.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.records.truncate_from(seq)?;
         let durable = seq.saturating_sub(1).min(self.durable_seq());
         put_u64(&self.store, &self.meta, "durable_seq", durable)?;
         self.store.sync()?;
-        let boundary = last_boundary(&self.store, &self.records, seq)?;
+        let boundary = last_boundary(&self.records, seq)?;
         self.boundary.store(boundary, Ordering::Relaxed);
         self.durable.send_replace(durable);
         self.truncations.send_modify(|n| *n += 1);
@@ -290,14 +252,6 @@ impl Inbox {
     /// it) though still here (back after a crash undid its delete), and
     /// everything before it; the applied mark moves up to it.
     pub fn drop_applied(&self, seq: u64) -> Result<(), StoreError> {
-        if let Some(v) = self
-            .records
-            .remove(seq_key(seq))
-            .map_err(|e| self.store.write_err(e))?
-        {
-            self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
-            self.count.fetch_sub(1, Ordering::Relaxed);
-        }
         self.delete_through(seq)
     }
 
@@ -305,12 +259,9 @@ impl Inbox {
     /// everything through `seq` (the seed's marker), so the sender ships
     /// from `seq + 1`. Older records are removed. Fsynced.
     pub fn reset_to_seed(&self, source: &str, seq: u64) -> Result<(), StoreError> {
-        self.records.clear().map_err(|e| self.store.write_err(e))?;
-        self.bytes.store(0, Ordering::Relaxed);
-        self.count.store(0, Ordering::Relaxed);
+        self.records.reset(seq)?;
         put_u64(&self.store, &self.meta, "durable_seq", seq)?;
         self.store.sync()?;
-        self.deleted_through.store(seq, Ordering::Relaxed);
         self.boundary.store(seq, Ordering::Relaxed);
         // Nothing at or below `seq` is ours to apply: count it as applied.
         self.applied.send_replace(seq);
@@ -322,41 +273,18 @@ impl Inbox {
 
     /// The record at `seq`, if stored.
     pub fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .records
-            .get(seq_key(seq))
-            .map_err(|e| self.store.write_err(e))?
-            .map(|v| v.to_vec()))
+        self.records.get(seq)
     }
 
     /// Lowest stored seq.
     pub fn first_seq(&self) -> Result<Option<u64>, StoreError> {
-        match self.records.first().map_err(|e| self.store.write_err(e))? {
-            None => Ok(None),
-            Some((k, _)) => Ok(key_seq(&k)),
-        }
+        self.records.first_seq()
     }
 
     /// Delete records up to `seq` after they were applied (not synced: a
     /// record that reappears after a crash is skipped by the progress mark).
     pub fn delete_through(&self, seq: u64) -> Result<(), StoreError> {
-        let from = self.deleted_through.load(Ordering::Relaxed);
-        let start = if from == 0 {
-            self.first_seq()?.unwrap_or(seq + 1)
-        } else {
-            from + 1
-        };
-        for s in start..=seq {
-            if let Some(v) = self
-                .records
-                .remove(seq_key(s))
-                .map_err(|e| self.store.write_err(e))?
-            {
-                self.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
-                self.count.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        self.deleted_through.store(seq.max(from), Ordering::Relaxed);
+        self.records.trim_through(seq)?;
         self.applied.send_if_modified(|a| {
             let moved = seq > *a;
             *a = (*a).max(seq);
@@ -367,7 +295,7 @@ impl Inbox {
 
     /// Bytes of the records stored.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.records.depth().1
     }
 
     /// Whether the inbox holds the last record of a transaction not yet
@@ -409,10 +337,7 @@ impl Inbox {
     /// Records stored (not yet deleted) and their bytes: counters kept by
     /// every write, counted from the store when it opens.
     pub fn depth(&self) -> (u64, u64) {
-        (
-            self.count.load(Ordering::Relaxed),
-            self.bytes.load(Ordering::Relaxed),
-        )
+        self.records.depth()
     }
 
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -442,7 +367,8 @@ mod tests {
         {
             let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
             // A key that is not 8 bytes, holding a transaction's last record.
-            inbox.records.insert(b"bad", record(1, true)).unwrap();
+            let segments = inbox.store.tree("segments").unwrap();
+            segments.insert(b"bad", record(1, true)).unwrap();
             inbox.sync().unwrap();
         }
         let mut last = None;
@@ -573,7 +499,7 @@ mod tests {
         inbox.store_batch(1, &recs).unwrap();
         // Records 1..=3 applied; record 3 back (a crash undid its delete).
         inbox.delete_through(3).unwrap();
-        inbox.records.insert(seq_key(3), &[3u8][..]).unwrap();
+        inbox.records.put_back(3, &[3u8]).unwrap();
         let t = inbox.subscribe_truncations();
         assert_eq!(inbox.truncate_from(3).unwrap(), Dropped::Applied);
         assert!(

@@ -4,12 +4,15 @@
 //!
 //! # Keys
 //!
-//! Tree `records`:
-//! - key = seq as u64 big-endian, value = an encoded
-//!   [`Record`](pgcourier_proto::record::Record) (CRC-32, under
-//!   `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them;
-//!   sled puts a page of several such records in a blob file, which
-//!   `Store::sync` fsyncs like the rest of the store). Dense.
+//! Trees `segments` and `segments.low`: the records, a
+//! [`SegmentLog`](pgcourier_common::store::segments): one sled key per
+//! segment of about 32 KiB of consecutive records, key = its first seq
+//! (u64 big-endian), each record an encoded
+//! [`Record`](pgcourier_proto::record::Record) (CRC-32, under
+//! `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them).
+//! Dense. sled may put a page of segments in a blob file, which
+//! `Store::sync` fsyncs like the rest of the store. Earlier versions kept
+//! one key per record in tree `records`: [`Spool::open`] moves them.
 //!
 //! Tree `meta` (u64 values big-endian):
 //! - `complete_seq`: highest seq that ends a transaction and is fsynced:
@@ -55,7 +58,7 @@
 //! # Who writes, who deletes, and when
 //!
 //! - Capture appends records at `next_seq` ([`Spool::append`]: not durable,
-//!   not shipped) and calls [`Spool::commit`] at transaction boundaries,
+//!   not shipped; kept in memory until their segment is full) and calls [`Spool::commit`] at transaction boundaries,
 //!   which writes the three marks and fsyncs (files and directory) before it
 //!   returns a [`Synced`] end LSN; only with it does capture confirm the slot
 //!   (invariant 1). `copy_state` is written by capture and fsynced with the
@@ -84,9 +87,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use pgcourier_common::store::durable::{
-    get_u64, key_seq, put_u64, seq_key, Store, StoreError, Synced,
-};
+use pgcourier_common::store::durable::{get_u64, key_seq, put_u64, Store, StoreError, Synced};
+use pgcourier_common::store::segments::SegmentLog;
 use pgcourier_proto::cutter::Tables;
 use pgcourier_proto::Lsn;
 use tokio::sync::watch;
@@ -119,12 +121,10 @@ const RELATION_PREFIX: &[u8] = b"relation/";
 
 pub struct Spool {
     store: Store,
-    records: sled::Tree,
+    records: SegmentLog,
     meta: sled::Tree,
     state: Mutex<State>,
     marks: watch::Sender<SpoolMarks>,
-    /// Bytes of the records stored (what `spool-max-bytes` limits).
-    bytes: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -172,11 +172,19 @@ impl Spool {
         inspect: bool,
     ) -> Result<Spool, StoreError> {
         let store = Store::open(path, cache_bytes)?;
-        let records = store.tree("records")?;
         let meta = store.tree("meta")?;
         if !inspect {
             migrate_ack_keys(&store, &meta)?;
         }
+        if inspect && !store.tree("records")?.is_empty() {
+            return Err(StoreError::Dir {
+                path: path.into(),
+                source: std::io::Error::other(
+                    "a spool of an earlier version (one key per record): start the sender once to convert it, then inspect it",
+                ),
+            });
+        }
+        let records = SegmentLog::open(&store, "segments", (!inspect).then_some("records"))?;
         // Absent on a new spool: nothing spooled yet.
         let complete_seq = get_u64(&store, &meta, "complete_seq")?.unwrap_or(0);
         let captured_commit_lsn = Lsn(get_u64(&store, &meta, "captured_commit_lsn")?.unwrap_or(0));
@@ -184,11 +192,7 @@ impl Spool {
         // Remove a transaction tail that was never committed to the spool.
         let mut dropped = 0u64;
         if !inspect {
-            for item in records.range(seq_key(complete_seq + 1)..) {
-                let (k, _) = item.map_err(|e| store.write_err(e))?;
-                records.remove(k).map_err(|e| store.write_err(e))?;
-                dropped += 1;
-            }
+            dropped = records.truncate_from(complete_seq + 1)?;
         }
         if dropped > 0 {
             tracing::info!(
@@ -198,13 +202,7 @@ impl Spool {
             );
             store.sync()?;
         }
-        let first_seq = match records.first().map_err(|e| store.write_err(e))? {
-            Some((k, _)) => key_seq(&k).ok_or_else(|| StoreError::Corrupt {
-                path: store.path.clone(),
-                key: "records".into(),
-            })?,
-            None => complete_seq + 1,
-        };
+        let first_seq = records.first_seq()?.unwrap_or(complete_seq + 1);
         let mut applied = BTreeMap::new();
         let mut registered = false;
         for name in receivers {
@@ -256,10 +254,6 @@ impl Spool {
             let (k, _) = item.map_err(|e| store.write_err(e))?;
             needs_copy.push(receiver_of(&store, &k, NEEDS_COPY_PREFIX)?);
         }
-        let mut bytes = 0u64;
-        for value in records.iter().values() {
-            bytes += value.map_err(|e| store.write_err(e))?.len() as u64;
-        }
         let marks = SpoolMarks {
             complete_seq,
             first_seq,
@@ -267,7 +261,6 @@ impl Spool {
         };
         let (marks_tx, _) = watch::channel(marks);
         Ok(Spool {
-            bytes: std::sync::atomic::AtomicU64::new(bytes),
             store,
             records,
             meta,
@@ -496,11 +489,7 @@ impl Spool {
     pub fn append(&self, seq: u64, encoded: &[u8]) -> Result<(), StoreError> {
         let mut st = self.state.lock().expect("spool state lock");
         assert_eq!(seq, st.next_seq, "spool appends must be dense");
-        self.records
-            .insert(seq_key(seq), encoded)
-            .map_err(|e| self.store.write_err(e))?;
-        self.bytes
-            .fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.records.append(seq, encoded)?;
         st.next_seq += 1;
         st.capture_writes += 1;
         Ok(())
@@ -516,18 +505,7 @@ impl Spool {
     /// in flight.
     pub fn rollback_uncommitted(&self) -> Result<u64, StoreError> {
         let mut st = self.state.lock().expect("spool state lock");
-        let mut deleted = 0;
-        for seq in st.complete_seq + 1..st.next_seq {
-            if let Some(v) = self
-                .records
-                .remove(seq_key(seq))
-                .map_err(|e| self.store.write_err(e))?
-            {
-                self.bytes
-                    .fetch_sub(v.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                deleted += 1;
-            }
-        }
+        let deleted = self.records.truncate_from(st.complete_seq + 1)?;
         st.next_seq = st.complete_seq + 1;
         Ok(deleted)
     }
@@ -544,6 +522,7 @@ impl Spool {
             debug_assert!(commit_lsn >= st.captured_commit_lsn);
             (st.next_seq - 1, st.capture_writes)
         };
+        self.records.write_pending()?;
         put_u64(&self.store, &self.meta, "complete_seq", complete)?;
         put_u64(&self.store, &self.meta, "captured_commit_lsn", commit_lsn.0)?;
         put_u64(&self.store, &self.meta, "captured_end_lsn", end_lsn.0)?;
@@ -570,28 +549,16 @@ impl Spool {
     /// one record), never past `complete_seq`.
     pub fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Vec<u8>>, StoreError> {
         let complete = self.state.lock().expect("spool state lock").complete_seq;
-        let mut out = Vec::new();
-        let mut bytes = 0;
         if from > complete {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        for item in self.records.range(seq_key(from)..=seq_key(complete)) {
-            let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seq = key_seq(&k).ok_or_else(|| StoreError::Corrupt {
+        let out = self.records.read(from, complete, max_bytes)?;
+        if out.is_empty() {
+            // Dense up to complete_seq: a record missing there is damage.
+            return Err(StoreError::Corrupt {
                 path: self.store.path.clone(),
-                key: "records".into(),
-            })?;
-            if seq != from + out.len() as u64 {
-                return Err(StoreError::Corrupt {
-                    path: self.store.path.clone(),
-                    key: format!("records/{}", from + out.len() as u64),
-                });
-            }
-            if !out.is_empty() && bytes + v.len() > max_bytes {
-                break;
-            }
-            bytes += v.len();
-            out.push(v.to_vec());
+                key: format!("segments/{from}"),
+            });
         }
         Ok(out)
     }
@@ -599,20 +566,12 @@ impl Spool {
     /// Total bytes of the records after `seq` (what a receiver at `seq`
     /// still lacks). Walks those records.
     pub fn bytes_after(&self, seq: u64) -> Result<u64, StoreError> {
-        let mut bytes = 0;
-        for value in self.records.range(seq_key(seq + 1)..).values() {
-            bytes += value.map_err(|e| self.store.write_err(e))?.len() as u64;
-        }
-        Ok(bytes)
+        self.records.bytes_after(seq)
     }
 
     /// One record by seq (for inspection).
     pub fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .records
-            .get(seq_key(seq))
-            .map_err(|e| self.store.write_err(e))?
-            .map(|v| v.to_vec()))
+        self.records.get(seq)
     }
 
     /// Highest seq `receiver` has applied to its target (`applied/<receiver>`);
@@ -631,7 +590,7 @@ impl Spool {
     /// has applied. Returns the number deleted. The mark is not fsynced by
     /// itself: after a crash the receiver reports it again.
     pub fn record_applied(&self, receiver: &str, seq: u64) -> Result<u64, StoreError> {
-        let (from, to) = {
+        let through = {
             let mut st = self.state.lock().expect("spool state lock");
             let complete = st.complete_seq;
             let Some(applied) = st.applied.get_mut(receiver) else {
@@ -651,29 +610,16 @@ impl Spool {
             if min < st.first_seq {
                 return Ok(0);
             }
-            let from = st.first_seq;
             st.first_seq = min + 1;
             self.publish(&st);
-            (from, min)
+            min
         };
-        let mut deleted = 0;
-        for seq in from..=to {
-            if let Some(v) = self
-                .records
-                .remove(seq_key(seq))
-                .map_err(|e| self.store.write_err(e))?
-            {
-                self.bytes
-                    .fetch_sub(v.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            }
-            deleted += 1;
-        }
-        Ok(deleted)
+        self.records.trim_through(through)
     }
 
     /// Bytes of the records stored.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+        self.records.depth().1
     }
 
     /// Persist the applied marks and trims before the process exits.
@@ -815,7 +761,9 @@ mod tests {
         let records = store.tree("records").unwrap();
         let meta = store.tree("meta").unwrap();
         for seq in 1..=4u64 {
-            records.insert(seq_key(seq), &b"rec"[..]).unwrap();
+            records
+                .insert(pgcourier_common::store::durable::seq_key(seq), &b"rec"[..])
+                .unwrap();
         }
         put_u64(&store, &meta, "complete_seq", 4).unwrap();
         for (key, seq) in marks {
@@ -838,9 +786,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         old_layout(dir.path(), &[("ack/a", 3), ("ack/b", 1), ("ack/gone", 2)]);
         {
-            // Inspection reads the old layout and writes nothing.
-            let spool = Spool::open_for_inspection(dir.path(), &names(&["a", "b"])).unwrap();
-            assert_eq!((spool.applied("a"), spool.applied("b")), (Some(3), Some(1)));
+            // Inspection writes nothing: it cannot convert the records.
+            use pgcourier_common::ops::backoff::error_chain;
+            let err = Spool::open_for_inspection(dir.path(), &names(&["a", "b"]))
+                .err()
+                .expect("an old spool with records is not inspected");
+            assert!(
+                error_chain(&err).contains("start the sender once"),
+                "{}",
+                error_chain(&err)
+            );
         }
         assert!(meta_keys(dir.path()).contains(&"ack/a".to_owned()));
         {
@@ -858,7 +813,13 @@ mod tests {
         }
         let spool = Spool::open(dir.path(), 1 << 20, &names(&["a", "b"])).unwrap();
         assert_eq!((spool.applied("a"), spool.applied("b")), (Some(3), Some(1)));
+        // The records moved into segments (and record 1, applied by both,
+        // is still there: nothing was trimmed by the move).
+        assert_eq!(spool.read(1, 1 << 20).unwrap(), vec![b"rec".to_vec(); 4]);
         assert_eq!(spool.record_applied("b", 3).unwrap(), 3);
+        drop(spool);
+        let spool = Spool::open_for_inspection(dir.path(), &names(&["a", "b"])).unwrap();
+        assert_eq!(spool.get(4).unwrap().as_deref(), Some(&b"rec"[..]));
     }
 
     #[test]

@@ -895,8 +895,8 @@ async fn receiver_status(port: u16) -> anyhow::Result<serde_json::Value> {
 }
 
 /// A byte of a record flipped on disk in the receiver's inbox (written with
-/// the inbox's own store API while the receiver is stopped: flipping a byte
-/// of sled's log file would trip sled's own checksums first, not ours).
+/// the inbox's own segment log while the receiver is stopped: flipping a
+/// byte of sled's log file would trip sled's own checksums first, not ours).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
 ) -> anyhow::Result<()> {
@@ -934,16 +934,13 @@ async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
     let inbox_dir = setup.dir.path().join("branch0-inbox");
     let victim = {
         let store = pgcourier_common::store::durable::Store::open(&inbox_dir, 1 << 20)?;
-        let records = store.tree("records")?;
-        let (key, value) = records
-            .iter()
-            .nth(4)
-            .context("a 5th record in the inbox")??;
-        let seq = u64::from_be_bytes(key.as_ref().try_into()?);
-        let mut bad = value.to_vec();
+        let records =
+            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None)?;
+        let seq = records.first_seq()?.context("a record in the inbox")? + 4;
+        let mut bad = records.get(seq)?.context("a 5th record in the inbox")?;
         let at = bad.len() - 3;
         bad[at] ^= 0x20;
-        records.insert(key, bad)?;
+        records.put_back(seq, &bad)?;
         store.sync()?;
         seq
     };

@@ -175,8 +175,9 @@ async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on() -
             &setup.dir.path().join("branch0-inbox"),
             1 << 20,
         )?;
-        let records = store.tree("records")?;
-        records.insert(applied.to_be_bytes(), vec![0x5a; 40])?;
+        let records =
+            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None)?;
+        records.put_back(applied, &[0x5a; 40])?;
         store.sync()?;
     }
     setup.restart_receiver(0)?;

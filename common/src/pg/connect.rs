@@ -599,12 +599,14 @@ impl PgConnect {
                     mode: self.ssl_mode,
                 })
             }
-            other => return Err(unreachable(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
+            other => {
+                return Err(unreachable(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
                     "the server answered the TLS request with byte {other:#04x}: is it PostgreSQL?"
                 ),
-            ))),
+                )))
+            }
         };
         Ok((config.clone(), name.clone(), socket, accepted))
     }

@@ -3,3 +3,4 @@
 
 pub mod durable;
 pub mod seed_file;
+pub mod segments;
