@@ -116,6 +116,19 @@ pub struct SpoolMarks {
     pub captured_end_lsn: Lsn,
 }
 
+/// A batch [`Spool::seal`] wrote and [`Spool::sync_sealed`] has yet to
+/// make durable.
+#[derive(Debug)]
+#[must_use = "a sealed batch is shipped only once sync_sealed returns"]
+pub struct Sealed {
+    /// Its last record.
+    complete: u64,
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    /// Capture's writes up to it.
+    writes: u64,
+}
+
 /// Meta keys of the Relation messages kept for inspection.
 const RELATION_PREFIX: &[u8] = b"relation/";
 
@@ -502,12 +515,20 @@ impl Spool {
     /// append them at the same sequence numbers, once. Returns how many
     /// records were deleted. Not fsynced: a crash drops the tail anyway
     /// ([`Spool::open`]). Capture calls it only when no commit of its own is
-    /// in flight.
+    /// in flight. The marks a [`Spool::seal`] whose fsync failed wrote are
+    /// put back to those last made durable.
     pub fn rollback_uncommitted(&self) -> Result<u64, StoreError> {
         let mut st = self.state.lock().expect("spool state lock");
         let deleted = self.records.truncate_from(st.complete_seq + 1)?;
         st.next_seq = st.complete_seq + 1;
+        self.write_marks(st.complete_seq, st.captured_commit_lsn, st.captured_end_lsn)?;
         Ok(deleted)
+    }
+
+    fn write_marks(&self, complete: u64, commit_lsn: Lsn, end_lsn: Lsn) -> Result<(), StoreError> {
+        put_u64(&self.store, &self.meta, "complete_seq", complete)?;
+        put_u64(&self.store, &self.meta, "captured_commit_lsn", commit_lsn.0)?;
+        put_u64(&self.store, &self.meta, "captured_end_lsn", end_lsn.0)
     }
 
     /// Make everything appended durable (fsync) and shippable. The caller
@@ -516,6 +537,18 @@ impl Spool {
     /// workers); returns `end_lsn` as [`Synced`]: what the slot may now be
     /// confirmed to (invariant 1).
     pub fn commit(&self, commit_lsn: Lsn, end_lsn: Lsn) -> Result<Synced<Lsn>, StoreError> {
+        let sealed = self.seal(commit_lsn, end_lsn)?;
+        self.sync_sealed(sealed)
+    }
+
+    /// The first half of [`Spool::commit`], which does not wait for the
+    /// disk: write everything appended so far, and the marks that make it
+    /// shippable once durable, to the store. Capture may append the next
+    /// batch while [`Spool::sync_sealed`] fsyncs this one; one batch is
+    /// sealed at a time. Until its fsync returns nothing it holds is
+    /// shipped, and a crash, or a [`Spool::rollback_uncommitted`] after a
+    /// failed fsync, drops it all.
+    pub fn seal(&self, commit_lsn: Lsn, end_lsn: Lsn) -> Result<Sealed, StoreError> {
         let (complete, writes) = {
             let st = self.state.lock().expect("spool state lock");
             debug_assert!(end_lsn >= st.captured_end_lsn);
@@ -523,18 +556,28 @@ impl Spool {
             (st.next_seq - 1, st.capture_writes)
         };
         self.records.write_pending()?;
-        put_u64(&self.store, &self.meta, "complete_seq", complete)?;
-        put_u64(&self.store, &self.meta, "captured_commit_lsn", commit_lsn.0)?;
-        put_u64(&self.store, &self.meta, "captured_end_lsn", end_lsn.0)?;
+        self.write_marks(complete, commit_lsn, end_lsn)?;
         self.note_confirmable(end_lsn)?;
+        Ok(Sealed {
+            complete,
+            commit_lsn,
+            end_lsn,
+            writes,
+        })
+    }
+
+    /// The second half of [`Spool::commit`]: fsync, then publish the
+    /// sealed batch as shippable. Blocks on the fsync (call it off the
+    /// async workers); returns its end LSN as [`Synced`].
+    pub fn sync_sealed(&self, sealed: Sealed) -> Result<Synced<Lsn>, StoreError> {
         self.store.sync()?;
         let mut st = self.state.lock().expect("spool state lock");
-        st.complete_seq = complete;
-        st.captured_commit_lsn = commit_lsn;
-        st.captured_end_lsn = end_lsn;
-        st.synced_writes = st.synced_writes.max(writes);
+        st.complete_seq = sealed.complete;
+        st.captured_commit_lsn = sealed.commit_lsn;
+        st.captured_end_lsn = sealed.end_lsn;
+        st.synced_writes = st.synced_writes.max(sealed.writes);
         self.publish(&st);
-        Ok(Synced::after_sync(end_lsn))
+        Ok(Synced::after_sync(sealed.end_lsn))
     }
 
     fn publish(&self, st: &State) {
@@ -730,6 +773,61 @@ mod tests {
             spool.read(1, 1 << 20).unwrap(),
             vec![b"one".to_vec(), b"two".to_vec()]
         );
+    }
+
+    #[test]
+    fn a_sealed_batch_ships_only_after_its_fsync_and_appends_meanwhile_are_not_part_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![7u8; 40 << 10];
+        {
+            let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+            for seq in 1..=3 {
+                spool.append(seq, b"batch one").unwrap();
+            }
+            let sealed = spool.seal(Lsn(10), Lsn(11)).unwrap();
+            assert_eq!(
+                spool.marks().complete_seq,
+                0,
+                "not shippable before its fsync"
+            );
+            assert!(spool.read(1, 1 << 20).unwrap().is_empty());
+            // The next batch is read while the fsync runs; records this big
+            // fill segments, which go to the store at once.
+            spool.append(4, &big).unwrap();
+            spool.append(5, &big).unwrap();
+            assert_eq!(
+                spool.sync_sealed(sealed).unwrap(),
+                Synced::after_sync(Lsn(11))
+            );
+            assert_eq!(spool.marks().complete_seq, 3);
+            assert_eq!(spool.read(1, 1 << 20).unwrap().len(), 3);
+            assert_eq!(spool.next_seq(), 6);
+        }
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+        assert_eq!(spool.marks().complete_seq, 3);
+        assert_eq!(spool.next_seq(), 4, "the unsealed batch is dropped");
+        assert_eq!(spool.get(4).unwrap(), None);
+        assert_eq!(spool.bytes(), 3 * 9);
+    }
+
+    #[test]
+    fn a_rollback_after_a_failed_fsync_puts_back_the_marks_its_seal_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+            spool.append(1, b"one").unwrap();
+            spool.append(2, b"two").unwrap();
+            spool.commit(Lsn(5), Lsn(6)).unwrap();
+            spool.append(3, b"three").unwrap();
+            // Its fsync failed: never made durable by sync_sealed.
+            let _failed = spool.seal(Lsn(7), Lsn(8)).unwrap();
+            assert_eq!(spool.rollback_uncommitted().unwrap(), 1);
+            spool.sync().unwrap();
+        }
+        let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
+        assert_eq!(spool.marks().complete_seq, 2);
+        assert_eq!(spool.captured_commit_lsn(), Lsn(5));
+        assert_eq!(spool.read(1, 1 << 20).unwrap().len(), 2);
     }
 
     #[test]

@@ -80,19 +80,22 @@ async fn a_transaction_spooled_twice_is_refused_out_of_order_and_never_applied_t
     let inbox_dir = setup.dir.path().join("branch0-inbox");
     {
         let store = pgcourier_common::store::durable::Store::open(&inbox_dir, 1 << 20)?;
-        let records = store.tree("records")?;
+        let records =
+            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None)?;
         let meta = store.tree("meta")?;
+        let first = records.first_seq()?.context("records in the inbox")?;
         let waiting: Vec<Record> = records
+            .read(first, u64::MAX, usize::MAX)?
             .iter()
-            .values()
-            .map(|v| Ok(Record::decode(&v?)?))
+            .map(|v| Ok(Record::decode(v)?))
             .collect::<anyhow::Result<_>>()?;
         let durable = waiting.last().context("records in the inbox")?.seq;
         for (i, r) in waiting.iter().enumerate() {
             let mut again = r.clone();
             again.seq = durable + 1 + i as u64;
-            records.insert(again.seq.to_be_bytes(), again.encode()?)?;
+            records.append(again.seq, &again.encode()?)?;
         }
+        records.write_pending()?;
         let top = durable + waiting.len() as u64;
         meta.insert("durable_seq", &top.to_be_bytes())?;
         store.sync()?;

@@ -76,6 +76,9 @@ pub struct Capture {
     /// A position the spool made durable while no stream was open (a
     /// splice): the next stream confirms it first.
     confirm_on_start: Option<pgcourier_common::store::durable::Synced<Lsn>>,
+    /// The batch whose fsync runs while the stream is read on
+    /// (`stream.rs`); none outside a stream.
+    in_flight: Option<stream::InFlight>,
 }
 
 impl Capture {
@@ -90,6 +93,7 @@ impl Capture {
             seeds: None,
             pending_seed: None,
             confirm_on_start: None,
+            in_flight: None,
         }
     }
 

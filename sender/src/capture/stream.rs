@@ -1,11 +1,13 @@
 //! One stream of the slot, driven through the cutter: the walsender sends
 //! each pgoutput message as it decodes it (once, in commit order); each
 //! message goes to [`Cutter`], the records it returns are appended to the
-//! spool, and a batch of whole transactions is committed (fsync, off the
-//! async workers) when nothing more is buffered or after
-//! `capture-batch-changes` messages. Only with the spool's `Synced` mark in
-//! hand is the new position sent to the source in a standby status update
-//! (invariant 1). Every decision about the messages is the cutter's.
+//! spool, and a batch of whole transactions is sealed when nothing more is
+//! buffered or after `capture-batch-changes` messages. Its fsync runs off
+//! the async workers while the stream is read on (the next batch waits for
+//! it before it is sealed: one batch in flight, so a batch is whatever
+//! arrived during the fsync before it). Only with the spool's `Synced`
+//! mark in hand is the new position sent to the source in a standby status
+//! update (invariant 1). Every decision about the messages is the cutter's.
 //!
 //! A stream ends between transactions, with a last status update, when:
 //! - a cut is pending and every transaction committing before it is
@@ -24,7 +26,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgcourier_common::store::durable::Synced;
+use pgcourier_common::store::durable::{StoreError, Synced};
 use pgcourier_proto::cutter::Cutter;
 use pgcourier_proto::walstream::{self, ServerMessage, StatusUpdate};
 use pgcourier_proto::Lsn;
@@ -60,9 +62,31 @@ pub(super) enum StreamEnd {
     Paused,
 }
 
+/// A sealed batch whose fsync is running.
+pub(super) struct InFlight {
+    fsync: tokio::task::JoinHandle<Result<Synced<Lsn>, StoreError>>,
+    transactions: u64,
+    records: u64,
+}
+
 impl Capture {
-    /// Stream the slot until one of [`StreamEnd`]'s reasons.
+    /// Stream the slot until one of [`StreamEnd`]'s reasons. Whatever the
+    /// outcome, no fsync is left running when it returns: a rollback after
+    /// an error must see what it made durable.
     pub(super) async fn stream(
+        &mut self,
+        client: &Client,
+        shutdown: &CancellationToken,
+        stats_at: &mut Instant,
+    ) -> Result<StreamEnd, CaptureError> {
+        let streamed = self.stream_once(client, shutdown, stats_at).await;
+        let settled = self.settle(None).await;
+        let end = streamed?;
+        settled?;
+        Ok(end)
+    }
+
+    async fn stream_once(
         &mut self,
         client: &Client,
         shutdown: &CancellationToken,
@@ -107,10 +131,17 @@ impl Capture {
             }
             let seeds = self.seeds.as_mut();
             let take_seed = idle && self.cut.is_none() && self.pending_seed.is_none();
+            let in_flight = self.in_flight.as_mut();
             let event = tokio::select! {
                 _ = shutdown.cancelled() => Event::Stop,
                 payload = stream.next() => Event::Payload(payload?),
                 _ = tokio::time::sleep_until(status_at) => Event::Tick,
+                done = async move {
+                    match in_flight {
+                        Some(f) => (&mut f.fsync).await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::Synced(done),
                 Some(req) = async move {
                     match seeds {
                         Some(rx) if take_seed => rx.recv().await,
@@ -129,6 +160,7 @@ impl Capture {
                     // Inside a transaction: what it appended is not
                     // committed; the next start drops it, and the slot
                     // sends the transaction again.
+                    self.settle(Some(&mut stream)).await?;
                     stream.close(CLOSE_WAIT).await;
                     return Ok(StreamEnd::Stopped);
                 }
@@ -170,6 +202,7 @@ impl Capture {
                         // the walsender has read may be confirmed.
                         if idle
                             && batch.messages == 0
+                            && self.in_flight.is_none()
                             && self.cut.is_none()
                             && wal_end > self.confirmed
                             && (reply_requested || quiet_at.elapsed() >= STATUS_EVERY)
@@ -196,8 +229,13 @@ impl Capture {
                     }
                 }
                 Event::Seed(req) => self.pending_seed = Some(req),
+                Event::Synced(done) => {
+                    let f = self.in_flight.take().expect("a batch in flight");
+                    self.landed(Some(&mut stream), f, done).await?;
+                }
             }
         };
+        self.settle(Some(&mut stream)).await?;
         // The walsender keeps only what a status update told it.
         self.send_status(&mut stream, false).await?;
         stream.close(CLOSE_WAIT).await;
@@ -248,15 +286,20 @@ impl Capture {
             self.spool.set_copy_state(&self.copy_state)?;
         }
         let synced = if summary.needs_commit() {
-            let (commit, end) = (summary.last_commit, summary.last_end);
-            let synced = self
-                .blocking(move |spool| spool.commit(commit, end))
-                .await?;
-            tracing::debug!(transactions = summary.transactions, records = summary.records, end_lsn = %end, "spooled");
-            Some(synced)
+            // One batch in flight: the one before must be durable first.
+            self.settle(Some(stream)).await?;
+            let sealed = self.spool.seal(summary.last_commit, summary.last_end)?;
+            let spool = self.spool.clone();
+            self.in_flight = Some(InFlight {
+                fsync: tokio::task::spawn_blocking(move || spool.sync_sealed(sealed)),
+                transactions: summary.transactions,
+                records: summary.records,
+            });
+            None
         } else if summary.last_end > Lsn::ZERO || batch.tables_changed {
             // Transactions the spool already held (fsynced by an earlier
             // commit), or only the copy state changed.
+            self.settle(Some(stream)).await?;
             let end = summary.last_end.max(self.confirmed);
             Some(
                 self.blocking(move |spool| spool.synced_through(end))
@@ -272,6 +315,31 @@ impl Capture {
         }
         *batch = Batch::default();
         if let Some(synced) = synced {
+            self.confirm(stream, synced).await?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the batch in flight, if any, and confirm it (on `stream`,
+    /// if one is open; otherwise the next stream starts after it).
+    async fn settle(&mut self, stream: Option<&mut ReplicationStream>) -> Result<(), CaptureError> {
+        let Some(mut f) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let done = (&mut f.fsync).await;
+        self.landed(stream, f, done).await
+    }
+
+    /// The batch in flight's fsync returned: confirm it.
+    async fn landed(
+        &mut self,
+        stream: Option<&mut ReplicationStream>,
+        f: InFlight,
+        done: Result<Result<Synced<Lsn>, StoreError>, tokio::task::JoinError>,
+    ) -> Result<(), CaptureError> {
+        let synced = done.map_err(CaptureError::Blocking)??;
+        tracing::debug!(transactions = f.transactions, records = f.records, end_lsn = %synced.get(), "spooled");
+        if let Some(stream) = stream {
             self.confirm(stream, synced).await?;
         }
         Ok(())
@@ -356,6 +424,8 @@ enum Event {
     Payload(Option<bytes::Bytes>),
     Tick,
     Seed(super::SeedRequest),
+    /// The batch in flight's fsync returned.
+    Synced(Result<Result<Synced<Lsn>, StoreError>, tokio::task::JoinError>),
 }
 
 /// What the current batch holds.
