@@ -175,7 +175,7 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
                           the inbox (polls the daemons' status, which walks spool and inbox:
                           it slows the drain it measures)
 
-A full run (--runs 3) takes about 40 minutes on 2 cores; --quick about 4.";
+A full run (--runs 3) takes about 50 minutes on 2 cores; --quick about 6.";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let args: Vec<String> = std::env::args().skip(1).collect();
