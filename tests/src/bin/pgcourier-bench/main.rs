@@ -7,12 +7,18 @@
 //! - `backlog`: 200k single-row INSERT and 200k single-row UPDATE
 //!   transactions queued while both systems are stopped, then drained on
 //!   loopback (through netem's `clean` relays, which count the wire bytes);
+//! - `backlog-open`: the same backlogs, each also drained with a
+//!   transaction left open on the source since before it, and the slowdown
+//!   that causes to each system (runs the plain backlog too when `backlog`
+//!   is not selected);
 //! - `steady`: pgbench TPC-B-like at full speed without replication, with
 //!   pgcourier, with PostgreSQL's own; the lag when pgbench stops;
 //! - `slow`: the UPDATE backlog drained across netem's `dsl`, `3g` and
 //!   `satellite` profiles (PostgreSQL's own through netem's TCP relay);
 //! - `copy`: initial copy of pgbench scale 10 on a clean link and on `3g`;
 //! - `big`: one transaction of 1M rows: time and peak memory (VmHWM);
+//! - `bytea`: one transaction inserting one 64 MiB bytea value of random
+//!   bytes: time and peak memory (VmHWM);
 //! - `spool`: capture into the spool with no receiver, against
 //!   `pg_recvlogical` writing the same changes to a file.
 //!
@@ -37,7 +43,16 @@ use pgcourier_netem::Profile;
 use report::Report;
 use workloads::Change;
 
-const WORKLOADS: [&str; 6] = ["backlog", "steady", "slow", "copy", "big", "spool"];
+const WORKLOADS: [&str; 8] = [
+    "backlog",
+    "backlog-open",
+    "steady",
+    "slow",
+    "copy",
+    "big",
+    "bytea",
+    "spool",
+];
 
 /// Sizes and switches; `--quick` starts from smaller sizes.
 pub struct Opts {
@@ -59,6 +74,8 @@ pub struct Opts {
     /// Seconds without progress after which pgcourier's copy counts as absent.
     pub copy_stall: u64,
     pub big_rows: i64,
+    /// Size of the one bytea value, MiB.
+    pub bytea_mib: i64,
     pub spool_txns: i64,
     pub outage: Option<u64>,
     pub congestion: Option<String>,
@@ -96,6 +113,7 @@ impl Opts {
             copy_3g_runs: 1,
             copy_stall: 60,
             big_rows: 1_000_000,
+            bytea_mib: 64,
             spool_txns: 200_000,
             outage: None,
             congestion: None,
@@ -120,6 +138,7 @@ impl Opts {
         self.copy_3g_scale = 1;
         self.copy_stall = 20;
         self.big_rows = 100_000;
+        self.bytea_mib = 16;
         self.spool_txns = 20_000;
     }
 }
@@ -130,7 +149,9 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --quick                 small sizes, one run (a smoke run of a few minutes)
   --runs N                runs of each workload (default 3; the table shows medians)
   --json FILE             write every figure and sample as JSON
-  --workload LIST         comma-separated, from backlog,steady,slow,copy,big,spool (default: all)
+  --workload LIST         comma-separated, from backlog,backlog-open,steady,slow,copy,big,bytea,spool
+                          (default: all); backlog-open drains each backlog again with a transaction
+                          left open on the source since before it (and runs backlog if not listed)
   --transactions N        backlog size (default 200000)
   --change insert|update|both   backlog changes (default both)
   --slow PROFILE=N,...    slow-link profiles and their backlog sizes
@@ -143,6 +164,7 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --copy-3g-runs N        runs of the 3g copy (default 1: about 15 min for PostgreSQL's own)
   --copy-stall S          seconds without progress before pgcourier's copy counts as absent (60)
   --big-rows N            rows of the one large transaction (default 1000000)
+  --bytea-mib N           size of the one bytea value, MiB (default 64; --quick 16)
   --spool-txns N          transactions captured with the link down (default 200000)
   --outage S              cut the link for S seconds a third into each slow-link drain
   --congestion C          pgcourier's QUIC congestion controller (cubic, bbr, newreno)
@@ -153,7 +175,7 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
                           the inbox (polls the daemons' status, which walks spool and inbox:
                           it slows the drain it measures)
 
-A full run (--runs 3) takes about 40 minutes on 2 cores; --quick about 4.";
+A full run (--runs 3) takes about 50 minutes on 2 cores; --quick about 6.";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -215,6 +237,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--copy-3g-runs" => o.copy_3g_runs = num(&mut it, &a)? as usize,
             "--copy-stall" => o.copy_stall = num(&mut it, &a)? as u64,
             "--big-rows" => o.big_rows = num(&mut it, &a)?,
+            "--bytea-mib" => o.bytea_mib = num(&mut it, &a)?.max(1),
             "--spool-txns" => o.spool_txns = num(&mut it, &a)?,
             "--outage" => o.outage = Some(num(&mut it, &a)? as u64),
             "--congestion" => {
@@ -304,11 +327,20 @@ async fn main() -> anyhow::Result<()> {
             o.runs,
             started.elapsed().as_secs_f64()
         );
-        if has("backlog") {
+        if has("backlog") || has("backlog-open") {
             for &c in &o.backlog_changes {
-                workloads::backlog(&o, &mut report, c, o.backlog_txns, profile("clean"))
+                let n = o.backlog_txns;
+                let without = workloads::backlog(&o, &mut report, c, n, profile("clean"), false)
                     .await
                     .with_context(|| format!("backlog {}", c.name()))?;
+                if has("backlog-open") {
+                    let with = workloads::backlog(&o, &mut report, c, n, profile("clean"), true)
+                        .await
+                        .with_context(|| {
+                            format!("backlog {} with a transaction left open", c.name())
+                        })?;
+                    workloads::open_txn_slowdown(&mut report, c, n, without, with);
+                }
             }
         }
         if has("steady") {
@@ -318,7 +350,7 @@ async fn main() -> anyhow::Result<()> {
         }
         if has("slow") {
             for (p, n) in &o.slow {
-                workloads::backlog(&o, &mut report, Change::Update, *n, profile(p))
+                workloads::backlog(&o, &mut report, Change::Update, *n, profile(p), false)
                     .await
                     .with_context(|| format!("slow link {p}"))?;
             }
@@ -337,6 +369,11 @@ async fn main() -> anyhow::Result<()> {
             workloads::big_transaction(&o, &mut report, o.big_rows)
                 .await
                 .context("one large transaction")?;
+        }
+        if has("bytea") {
+            workloads::bytea(&o, &mut report, o.bytea_mib)
+                .await
+                .context("one large bytea value")?;
         }
         if has("spool") {
             workloads::spool(&o, &mut report, o.spool_txns)

@@ -305,6 +305,6 @@ mod tests {
         assert!(r.table().contains("1.33x"));
         assert!(r.table().contains("MISS"));
         assert_eq!(fmt_num(1234567.0), "1,234,567");
-        assert_eq!(fmt_num(3.14159), "3.14");
+        assert_eq!(fmt_num(1.23456), "1.23");
     }
 }

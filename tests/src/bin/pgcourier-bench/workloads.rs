@@ -88,16 +88,27 @@ async fn courier_without_copy(
 }
 
 /// Backlog catch-up: `n` single-row transactions queued while both systems
-/// are stopped, then drained by each in turn through `profile`.
+/// are stopped, then drained by each in turn through `profile`. With
+/// `open_txn`, a session on hq holds a transaction open (with an xid and a
+/// change to an unpublished table, so logical decoding sees it running)
+/// from before the backlog until both systems have drained it: neither can
+/// move its slot's restart position past that transaction's start.
+/// Returns the drain rates (txn/s) of pgcourier and PostgreSQL's own.
 pub async fn backlog(
     o: &Opts,
     r: &mut Report,
     change: Change,
     n: i64,
     profile: Profile,
-) -> anyhow::Result<()> {
+    open_txn: bool,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let link = profile.name;
-    let tag = format!("[{link} {} x{}]", change.name(), k(n));
+    let tag = format!(
+        "[{link} {} x{}{}]",
+        change.name(),
+        k(n),
+        if open_txn { ", txn open" } else { "" }
+    );
     let pgs = clusters(&["hq", "ours", "native"]).await?;
     let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
     for pg in [hq, ours, native_pg] {
@@ -116,6 +127,19 @@ pub async fn backlog(
         .await?;
     let native = Native::new(hq, &profile, "native").await?;
     native.subscribe(native_pg, false, false).await?;
+
+    // Both slots exist: the transaction left open starts after them and
+    // before the backlog.
+    let held = if open_txn {
+        hq.execute(DB, "CREATE TABLE held (id bigint)").await?;
+        let c = hq.client(DB).await?;
+        c.batch_execute("BEGIN; INSERT INTO held VALUES (1)")
+            .await
+            .context("opening the transaction left open on hq")?;
+        Some(c)
+    } else {
+        None
+    };
 
     let t = Instant::now();
     match change {
@@ -248,9 +272,41 @@ pub async fn backlog(
         );
         theirs = Some((secs, bytes, up));
     }
+    if let Some(c) = held {
+        // Still open: both drains happened with it running.
+        let open: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .context("checking the transaction left open on hq")?
+            .get(0);
+        anyhow::ensure!(
+            open == 1,
+            "the transaction left open on hq had no xid at the end of the drains"
+        );
+        c.batch_execute("ROLLBACK").await?;
+    }
 
     let rate = |secs: f64| n as f64 / secs;
     let per = |bytes: u64| bytes as f64 / n as f64;
+    if open_txn {
+        let label = format!(
+            "backlog {} single-row {}, a transaction open on the source since before it",
+            k(n),
+            change.name()
+        );
+        r.add(
+            &format!("backlog-open-{}-rate", change.name().to_lowercase()),
+            &format!("{label}: catch-up"),
+            "txn/s = rows/s",
+            Target::None,
+            Some(rate(ours_secs)),
+            theirs.map(|t| rate(t.0)),
+        );
+        return Ok((rate(ours_secs), theirs.map(|t| rate(t.0))));
+    }
     let (key, label, rate_target) = if link == "clean" {
         (
             format!("backlog-{}", change.name().to_lowercase()),
@@ -315,7 +371,32 @@ pub async fn backlog(
             theirs.and_then(|t| t.2),
         );
     }
-    Ok(())
+    Ok((rate(ours_secs), theirs.map(|t| rate(t.0))))
+}
+
+/// The slowdown a transaction left open on the source causes: drain time
+/// with it / without it (= txn/s without / with), from the two backlogs of
+/// the same run, for each system. Issue 13: pgcourier's at most 1.2x.
+pub fn open_txn_slowdown(
+    r: &mut Report,
+    change: Change,
+    n: i64,
+    without: (f64, Option<f64>),
+    with: (f64, Option<f64>),
+) {
+    let slow = |without: f64, with: f64| (with > 0.0).then(|| without / with);
+    r.add(
+        &format!("backlog-open-{}-slowdown", change.name().to_lowercase()),
+        &format!(
+            "backlog {} single-row {}: drain time with a transaction open / without",
+            k(n),
+            change.name()
+        ),
+        "x",
+        Target::AtMost(1.2),
+        slow(without.0, with.0),
+        without.1.zip(with.1).and_then(|(a, b)| slow(a, b)),
+    );
 }
 
 /// A field of the sender's last "shipping totals" log line.
@@ -859,5 +940,163 @@ pub async fn spool(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result<()> {
         theirs.map(|s| n as f64 / s),
     );
     r.note(key, "PostgreSQL: pg_recvlogical to a file");
+    Ok(())
+}
+
+/// How long one large value may take to arrive before pgcourier counts as
+/// failed on it (PostgreSQL's own gets [`DRAIN_TIMEOUT`]).
+const BYTEA_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One transaction inserting one row with a `size_mib` MiB bytea value of
+/// random (incompressible) bytes, generated on hq (pgcrypto's
+/// `gen_random_bytes`, 1 KiB a call) while both systems are stopped: the
+/// time until the target holds it (checked by md5) and the peak memory of
+/// each side. pgcourier failing on it (a daemon exiting, or no row within
+/// [`BYTEA_TIMEOUT`]) is printed with the daemons' log tails and leaves its
+/// column empty; the run goes on.
+pub async fn bytea(o: &Opts, r: &mut Report, size_mib: i64) -> anyhow::Result<()> {
+    let tag = format!("[one {size_mib} MiB bytea value]");
+    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
+    for pg in [hq, ours, native_pg] {
+        pg.execute(
+            DB,
+            "CREATE TABLE blob (id bigint PRIMARY KEY, b bytea NOT NULL)",
+        )
+        .await?;
+    }
+    let mut courier = courier_without_copy(hq, ours, clean(), "public.blob", o).await?;
+    hq.execute(DB, "CREATE PUBLICATION native FOR TABLE blob")
+        .await?;
+    let native = Native::new(hq, &clean(), "native").await?;
+    native.subscribe(native_pg, false, false).await?;
+    hq.execute(DB, "CREATE EXTENSION pgcrypto").await?;
+    let t = Instant::now();
+    hq.execute(
+        DB,
+        &format!(
+            "INSERT INTO blob SELECT 1, string_agg(gen_random_bytes(1024), ''::bytea) FROM generate_series(1, {})",
+            size_mib * 1024
+        ),
+    )
+    .await?;
+    let md5 = query_text(hq, "SELECT md5(b) FROM blob WHERE id = 1")
+        .await?
+        .context("no value on hq")?;
+    let stored = query_i64(hq, "SELECT pg_column_size(b)::bigint FROM blob").await?;
+    println!(
+        "{tag} inserted in {:.1} s ({:.1} MiB stored on hq)",
+        t.elapsed().as_secs_f64(),
+        stored as f64 / MIB
+    );
+    let sql = "SELECT count(*) FROM blob";
+    let poll = Duration::from_millis(100);
+
+    // pgcourier.
+    let t = Instant::now();
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    let client = ours.client(DB).await?;
+    let mut rss = (None, None);
+    let failure = loop {
+        let c: i64 = client.query_one(sql, &[]).await?.get(0);
+        if c >= 1 {
+            break None;
+        }
+        // VmHWM while both run: a daemon that exits takes its peak along.
+        rss = courier.peak_rss();
+        let dead: Vec<&str> = [("sender", &courier.sender), ("receiver", &courier.receiver)]
+            .into_iter()
+            .filter(|(_, d)| !d.as_ref().is_some_and(|d| d.is_running()))
+            .map(|(n, _)| n)
+            .collect();
+        if !dead.is_empty() {
+            break Some(format!("{} exited", dead.join(" and ")));
+        }
+        if t.elapsed() > BYTEA_TIMEOUT {
+            break Some(format!("no row on the target after {BYTEA_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(poll).await;
+    };
+    let secs = t.elapsed().as_secs_f64();
+    let ours_result = match failure {
+        None => {
+            rss = courier.peak_rss();
+            let got = query_text(ours, "SELECT md5(b) FROM blob WHERE id = 1").await?;
+            anyhow::ensure!(
+                got.as_deref() == Some(md5.as_str()),
+                "{tag} pgcourier applied a different value (md5 {got:?}, hq's {md5})"
+            );
+            println!(
+                "{tag} pgcourier: {secs:.1} s, peak RSS sender {}, receiver {}, {:.1} MiB on the wire",
+                mib(rss.0),
+                mib(rss.1),
+                relay_bytes(&courier.relay) as f64 / MIB
+            );
+            Some(secs)
+        }
+        Some(why) => {
+            println!(
+                "{tag} pgcourier FAILED after {secs:.1} s: {why}; peak RSS so far sender {}, receiver {}\n{}",
+                mib(rss.0),
+                mib(rss.1),
+                courier.log_tails()
+            );
+            None
+        }
+    };
+    courier.stop()?;
+
+    let mut theirs = None;
+    if !o.skip_native {
+        let t = Instant::now();
+        native.enable(native_pg, true).await?;
+        wait_count(native_pg, sql, 1, poll, DRAIN_TIMEOUT).await?;
+        let secs = t.elapsed().as_secs_f64();
+        let (ws, aw) = native.peak_rss(hq, native_pg).await;
+        let got = query_text(native_pg, "SELECT md5(b) FROM blob WHERE id = 1").await?;
+        anyhow::ensure!(
+            got.as_deref() == Some(md5.as_str()),
+            "{tag} PostgreSQL applied a different value (md5 {got:?}, hq's {md5})"
+        );
+        println!(
+            "{tag} PostgreSQL: {secs:.1} s, peak RSS walsender {}, apply worker {}, {:.1} MiB on the wire",
+            mib(ws),
+            mib(aw),
+            relay_bytes(&native.relay) as f64 / MIB
+        );
+        theirs = Some((secs, ws, aw));
+    }
+    let label = format!("one {size_mib} MiB bytea value");
+    // Issue 13: the value held in memory at most once, plus a base.
+    let limit = Target::AtMost(64.0 + 2.0 * size_mib as f64);
+    let ok = ours_result.is_some();
+    r.add(
+        "bytea-time",
+        &format!("{label}: time to apply"),
+        "s",
+        Target::None,
+        ours_result,
+        theirs.map(|t| t.0),
+    );
+    r.add(
+        "bytea-rss-sender",
+        &format!("{label}: peak memory, sender (PostgreSQL: walsender)"),
+        "MiB",
+        limit,
+        rss.0.filter(|_| ok).map(|b| b as f64 / MIB),
+        theirs.and_then(|t| t.1).map(|b| b as f64 / MIB),
+    );
+    r.add(
+        "bytea-rss-receiver",
+        &format!("{label}: peak memory, receiver (PostgreSQL: apply worker)"),
+        "MiB",
+        limit,
+        rss.1.filter(|_| ok).map(|b| b as f64 / MIB),
+        theirs.and_then(|t| t.2).map(|b| b as f64 / MIB),
+    );
+    if !ok {
+        r.note("bytea-time", "pgcourier failed: see its log lines above");
+    }
     Ok(())
 }
