@@ -387,37 +387,52 @@ impl SegmentLog {
         Ok(out)
     }
 
-    /// Bytes of the records stored after `seq`.
+    /// Bytes of the records stored after `seq`: from the total kept in
+    /// memory, walking the records on the shorter side of `seq`.
     pub fn bytes_after(&self, seq: u64) -> Result<u64, StoreError> {
-        let (low, pending_bytes, pending_first) = {
+        let (low, last, total) = {
+            let inner = self.inner.lock().expect("segment log lock");
+            (inner.low, inner.last, inner.bytes)
+        };
+        if seq <= low {
+            return Ok(total);
+        }
+        if seq >= last {
+            return Ok(0);
+        }
+        if seq - low <= last - seq {
+            Ok(total.saturating_sub(self.bytes_between(low + 1, seq)?))
+        } else {
+            self.bytes_between(seq + 1, last)
+        }
+    }
+
+    /// Bytes of the records `from..=to` stored (pending included).
+    fn bytes_between(&self, from: u64, to: u64) -> Result<u64, StoreError> {
+        let mut bytes = 0;
+        let pending_first = {
             let inner = self.inner.lock().expect("segment log lock");
             let p = &inner.pending;
-            let from = (seq + 1).max(inner.low + 1);
-            let b = if p.count > 0 {
-                (from.max(p.first)..p.first + p.count)
+            if p.count > 0 && to >= p.first {
+                bytes += (from.max(p.first)..=to)
                     .filter_map(|s| pending_record(p, s))
                     .map(|r| r.len() as u64)
-                    .sum()
-            } else {
-                0
-            };
-            (inner.low, b, (p.count > 0).then_some(p.first))
+                    .sum::<u64>();
+            }
+            (p.count > 0).then_some(p.first)
         };
-        let from = (seq + 1).max(low + 1);
         let start = match self.segment(from)? {
             Some(seg) => seg.first,
             None => from,
         };
-        let mut bytes = pending_bytes;
-        for item in self.tree.range(seq_key(start)..) {
+        for item in self.tree.range(seq_key(start)..=seq_key(to)) {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seg = self.parse(&k, v)?;
-            if pending_first.is_some_and(|p| seg.first >= p) {
+            let first = key_seq(&k).ok_or_else(|| self.corrupt(&format!("{}/{k:?}", self.name)))?;
+            if pending_first.is_some_and(|p| first >= p) {
                 break;
             }
-            if seg.last() >= from {
-                bytes += seg.bytes_from(from);
-            }
+            bytes += walk(&v, first, from, to)
+                .ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?;
         }
         Ok(bytes)
     }
@@ -599,6 +614,27 @@ impl SegmentLog {
     }
 }
 
+/// Bytes of the records `from..=to` in segment `value` (whose first record
+/// is `first`), read without copying; `None` if it is not a segment.
+fn walk(value: &[u8], first: u64, from: u64, to: u64) -> Option<u64> {
+    if value.first() != Some(&FORMAT) {
+        return None;
+    }
+    let (mut at, mut seq, mut bytes) = (1, first, 0u64);
+    while at < value.len() && seq <= to {
+        let len = u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?) as usize;
+        if value.len() - (at + 4) < len {
+            return None;
+        }
+        if seq >= from {
+            bytes += len as u64;
+        }
+        at += 4 + len;
+        seq += 1;
+    }
+    Some(bytes)
+}
+
 /// Add a record to a segment being built.
 fn push(p: &mut Pending, seq: u64, record: &[u8]) {
     if p.count == 0 {
@@ -703,6 +739,12 @@ mod tests {
             want[1990..].iter().map(|r| r.len() as u64).sum::<u64>()
         );
         assert_eq!(log.bytes_after(0).unwrap(), bytes);
+        // Walked on the near side of seq: the total less what is before it.
+        assert_eq!(
+            log.bytes_after(5).unwrap(),
+            want[5..].iter().map(|r| r.len() as u64).sum::<u64>()
+        );
+        assert_eq!(log.bytes_after(2000).unwrap(), 0);
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! message goes to [`Cutter`], the records it returns are appended to the
 //! spool, and a batch of whole transactions is sealed when nothing more is
 //! buffered or after `capture-batch-changes` messages. Its fsync runs off
-//! the async workers while the stream is read on (the next batch waits for
-//! it before it is sealed: one batch in flight, so a batch is whatever
-//! arrived during the fsync before it). Only with the spool's `Synced`
+//! the async workers while the stream is read on; the next batch is sealed
+//! when that fsync returns (one batch in flight: a batch is whatever
+//! arrived during the fsync before it, a group commit). Only with the spool's `Synced`
 //! mark in hand is the new position sent to the source in a standby status
 //! update (invariant 1). Every decision about the messages is the cutter's.
 //!
@@ -122,10 +122,19 @@ impl Capture {
         let end = loop {
             let idle = cutter.is_idle();
             if idle && (batch.messages >= batch_max || !stream.has_buffered() || past_cut) {
-                if batch.messages > 0 {
+                let end = self.stream_end(cut, past_cut, server_end, shutdown);
+                // Group commit: while the batch before is being fsynced
+                // this one grows with whatever arrives; it is sealed when
+                // that fsync returns (or when it is full, or the stream
+                // ends).
+                let seal = self.in_flight.is_none()
+                    || batch.messages >= batch_max
+                    || past_cut
+                    || end.is_some();
+                if batch.messages > 0 && seal {
                     self.end_batch(&mut stream, &mut cutter, &mut batch).await?;
                 }
-                if let Some(end) = self.stream_end(cut, past_cut, server_end, shutdown) {
+                if let Some(end) = end {
                     break end;
                 }
             }
