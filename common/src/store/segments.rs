@@ -68,6 +68,10 @@ struct Inner {
     bytes: u64,
     /// The segment read last, parsed.
     cached: Option<Parsed>,
+    /// Counts rewrites and removals of segments that may be read
+    /// ([`SegmentLog::truncate_from`], [`SegmentLog::reset`]): a read that
+    /// began before one does not keep what it read.
+    rewrites: u64,
 }
 
 #[derive(Default)]
@@ -144,6 +148,7 @@ impl SegmentLog {
                 count: 0,
                 bytes: 0,
                 cached: None,
+                rewrites: 0,
             }),
         };
         if let Some(legacy) = legacy {
@@ -238,6 +243,7 @@ impl SegmentLog {
         inner.count = count;
         inner.bytes = bytes;
         inner.cached = None;
+        inner.rewrites += 1;
         inner.pending = Pending::default();
         Ok(())
     }
@@ -348,7 +354,7 @@ impl SegmentLog {
 
     /// Record `seq` if it is stored above the low mark.
     pub fn get(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        {
+        let rewrites = {
             let inner = self.inner.lock().expect("segment log lock");
             if seq <= inner.low || seq > inner.last {
                 return Ok(None);
@@ -360,12 +366,16 @@ impl SegmentLog {
             if let Some(c) = inner.cached.as_ref().filter(|c| c.holds(seq)) {
                 return Ok(Some(c.record(seq).to_vec()));
             }
-        }
+            inner.rewrites
+        };
         let Some(seg) = self.segment(seq)? else {
             return Ok(None);
         };
         let out = seg.record(seq).to_vec();
-        self.inner.lock().expect("segment log lock").cached = Some(seg);
+        let mut inner = self.inner.lock().expect("segment log lock");
+        if inner.rewrites == rewrites {
+            inner.cached = Some(seg);
+        }
         Ok(Some(out))
     }
 
@@ -525,6 +535,7 @@ impl SegmentLog {
         inner.count -= count;
         inner.bytes -= bytes;
         inner.cached = None;
+        inner.rewrites += 1;
         Ok(count)
     }
 
@@ -536,6 +547,7 @@ impl SegmentLog {
         self.set_low(low)?;
         inner.pending = Pending::default();
         inner.cached = None;
+        inner.rewrites += 1;
         inner.low = low;
         inner.last = low;
         inner.count = 0;
