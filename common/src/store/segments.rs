@@ -172,11 +172,15 @@ impl SegmentLog {
         let mut moved = 0u64;
         for item in old.iter() {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seq = key_seq(&k).ok_or_else(|| self.corrupt(&format!("{legacy}/{k:?}")))?;
+            let seq = key_seq(&k)
+                .filter(|&s| s > 0)
+                .ok_or_else(|| self.corrupt(&format!("{legacy}/{k:?}")))?;
             if moved == 0 {
                 // Everything before the first record kept was deleted.
                 self.set_low(seq - 1)?;
                 self.inner.lock().expect("segment log lock").low = seq - 1;
+            } else if seq != self.inner.lock().expect("segment log lock").last + 1 {
+                return Err(self.corrupt(&format!("{legacy}/{seq} (records are not dense)")));
             }
             self.append(seq, &v)?;
             moved += 1;
@@ -853,6 +857,24 @@ mod tests {
         assert_eq!(all(&log, 41, 400), want);
         assert_eq!(log.depth(), (360, 360 * 150));
         log.append(401, &rec(401, 1)).unwrap();
+    }
+
+    #[test]
+    fn a_gap_in_an_earlier_version_s_records_is_a_named_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let old = store.tree("records").unwrap();
+            for seq in [1u64, 2, 4] {
+                old.insert(seq_key(seq), rec(seq, 10)).unwrap();
+            }
+            store.sync().unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        match SegmentLog::open(&store, "segments", Some("records")) {
+            Err(StoreError::Corrupt { key, .. }) => assert!(key.starts_with("records/4"), "{key}"),
+            other => panic!("opened: {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]
