@@ -184,20 +184,26 @@ impl Capture {
                 Event::Payload(Some(payload)) => match walstream::parse(&payload)? {
                     ServerMessage::XLogData { data, .. } => {
                         batch.messages += 1;
-                        let fed = cutter.message(data, &mut self.copy_state.tables)?;
+                        // Each record goes to the spool as it is cut: a
+                        // large value's fragments are not all held at once.
+                        let spool = &self.spool;
+                        let new_table = cutter.message_each(
+                            data,
+                            &mut self.copy_state.tables,
+                            |record| -> Result<(), CaptureError> {
+                                Ok(spool.append(record.seq, &record.encode()?)?)
+                            },
+                        )?;
                         if let (Some(b'R'), Some(oid)) = (data.first(), data.get(1..5)) {
                             let oid = u32::from_be_bytes(oid.try_into().expect("4 bytes"));
                             self.spool.save_relation(oid, data)?;
                         }
-                        if let Some(oid) = fed.new_table {
+                        if let Some(oid) = new_table {
                             tracing::info!(
                                 oid,
                                 "a table new to the stream: its rows will be copied"
                             );
                             batch.tables_changed = true;
-                        }
-                        for record in fed.records {
-                            self.spool.append(record.seq, &record.encode()?)?;
                         }
                         past_cut |= cutter.after_cut() > 0;
                     }

@@ -76,6 +76,32 @@ pub struct Fed {
     pub new_table: Option<u32>,
 }
 
+/// Why feeding a message stopped: the cutter's error, or the caller's
+/// (kept by [`Cutter::message_each`]).
+enum Stop {
+    Cut(CutError),
+    Stopped,
+}
+
+impl From<CutError> for Stop {
+    fn from(e: CutError) -> Stop {
+        Stop::Cut(e)
+    }
+}
+
+impl From<DecodeError> for Stop {
+    fn from(e: DecodeError) -> Stop {
+        Stop::Cut(e.into())
+    }
+}
+
+/// What [`Cutter::message_each`] counts of one message.
+#[derive(Default)]
+struct FedEach {
+    records: u64,
+    new_table: Option<u32>,
+}
+
 /// Counts and positions of one batch, for the spool commit, the slot and
 /// status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -164,10 +190,51 @@ impl Cutter {
 
     /// Feed one pgoutput message, as the stream delivered it.
     pub fn message(&mut self, data: &[u8], tables: &mut Tables) -> Result<Fed, CutError> {
+        let mut records = Vec::new();
+        let new_table = self.message_each(data, tables, |r| {
+            records.push(r);
+            Ok::<(), CutError>(())
+        })?;
+        Ok(Fed { records, new_table })
+    }
+
+    /// [`Self::message`], handing each record to `each` as soon as it is
+    /// cut (in sequence order) instead of gathering them: a message of
+    /// 100 MiB is then held once (the caller's bytes), not twice (invariant
+    /// 5). Returns [`Fed::new_table`]. The first error from `each` is
+    /// returned; the stream is then broken (the caller ends it, and its
+    /// uncommitted records are dropped).
+    pub fn message_each<E: From<CutError>>(
+        &mut self,
+        data: &[u8],
+        tables: &mut Tables,
+        mut each: impl FnMut(Record) -> Result<(), E>,
+    ) -> Result<Option<u32>, E> {
+        let mut failed = None;
+        let result = self.feed(data, tables, &mut |record| {
+            each(record).map_err(|e| {
+                failed = Some(e);
+                Stop::Stopped
+            })
+        });
+        match (result, failed) {
+            (_, Some(e)) => Err(e),
+            (Ok(new_table), None) => Ok(new_table),
+            (Err(Stop::Cut(e)), None) => Err(e.into()),
+            (Err(Stop::Stopped), None) => unreachable!("stopped only with an error"),
+        }
+    }
+
+    fn feed(
+        &mut self,
+        data: &[u8],
+        tables: &mut Tables,
+        each: &mut dyn FnMut(Record) -> Result<(), Stop>,
+    ) -> Result<Option<u32>, Stop> {
         self.summary.messages += 1;
-        let mut fed = Fed::default();
+        let mut fed = FedEach::default();
         match data.first() {
-            None => return Err(CutError::OutOfOrder("empty pgoutput message")),
+            None => return Err(Stop::from(CutError::OutOfOrder("empty pgoutput message"))),
             Some(b'B') => {
                 let Message::Begin {
                     final_lsn,
@@ -175,12 +242,14 @@ impl Cutter {
                     xid,
                 } = pgoutput::decode(data)?
                 else {
-                    return Err(CutError::OutOfOrder(
+                    return Err(Stop::from(CutError::OutOfOrder(
                         "Begin message does not decode as Begin",
-                    ));
+                    )));
                 };
                 if !matches!(self.open, Open::Idle) {
-                    return Err(CutError::OutOfOrder("Begin inside a transaction"));
+                    return Err(Stop::from(CutError::OutOfOrder(
+                        "Begin inside a transaction",
+                    )));
                 }
                 self.open = if final_lsn <= self.skip_through {
                     Open::Skipping
@@ -205,61 +274,78 @@ impl Cutter {
                     ..
                 } = pgoutput::decode(data)?
                 else {
-                    return Err(CutError::OutOfOrder(
+                    return Err(Stop::from(CutError::OutOfOrder(
                         "Commit message does not decode as Commit",
-                    ));
+                    )));
                 };
                 let txn = match std::mem::replace(&mut self.open, Open::Idle) {
-                    Open::Idle => return Err(CutError::OutOfOrder("Commit outside a transaction")),
+                    Open::Idle => {
+                        return Err(Stop::from(CutError::OutOfOrder(
+                            "Commit outside a transaction",
+                        )))
+                    }
                     Open::Skipping => {
                         self.summary.last_end = self.summary.last_end.max(end_lsn);
                         self.summary.skipped += 1;
-                        return Ok(fed);
+                        return Ok(fed.new_table);
                     }
                     // Neither spooled nor confirmed: the slot returns it
                     // again after the splice.
                     Open::AfterCut => {
                         self.summary.after_cut += 1;
-                        return Ok(fed);
+                        return Ok(fed.new_table);
                     }
                     Open::Cutting(txn) => txn,
                 };
                 if txn.head().commit_lsn != commit_lsn {
-                    return Err(CutError::OutOfOrder(
+                    return Err(Stop::from(CutError::OutOfOrder(
                         "Commit LSN differs from Begin final LSN",
-                    ));
+                    )));
                 }
                 self.summary.last_end = self.summary.last_end.max(end_lsn);
                 self.summary.last_commit = commit_lsn;
                 if txn.is_empty() {
                     self.summary.dropped += 1;
-                    return Ok(fed);
+                    return Ok(fed.new_table);
                 }
                 let record = txn.finish(end_lsn);
                 self.next_seq = record.seq + 1;
-                fed.records.push(record);
+                fed.records += 1;
+                each(record)?;
                 self.summary.transactions += 1;
             }
             Some(&kind) => {
                 let txn = match &mut self.open {
-                    Open::Idle => return Err(CutError::OutOfOrder("change outside a transaction")),
-                    Open::Skipping | Open::AfterCut => return Ok(fed),
+                    Open::Idle => {
+                        return Err(Stop::from(CutError::OutOfOrder(
+                            "change outside a transaction",
+                        )))
+                    }
+                    Open::Skipping | Open::AfterCut => return Ok(fed.new_table),
                     Open::Cutting(txn) => txn,
                 };
                 let kept;
                 let data = match filter(kind, data, tables, &mut fed.new_table)? {
                     Filter::Keep => data,
-                    Filter::Drop => return Ok(fed),
+                    Filter::Drop => return Ok(fed.new_table),
                     Filter::Replace(bytes) => {
                         kept = bytes;
                         &kept
                     }
                 };
-                fed.records = txn.push(data);
+                let mut cut = 0;
+                let pushed = txn.push_each(data, |r| {
+                    cut += 1;
+                    each(r)
+                });
+                fed.records += cut;
+                self.summary.records += cut;
+                pushed?;
+                return Ok(fed.new_table);
             }
         }
-        self.summary.records += fed.records.len() as u64;
-        Ok(fed)
+        self.summary.records += fed.records;
+        Ok(fed.new_table)
     }
 
     /// Transactions committing at or after the pending cut read so far in

@@ -669,3 +669,69 @@ fn a_stream_is_judged_batch_by_batch_and_only_between_transactions() {
     // An empty batch asks for nothing.
     assert!(!cutter.take_summary().unwrap().needs_commit());
 }
+
+#[test]
+fn message_each_hands_over_each_record_as_it_is_cut_and_stops_at_the_first_error() {
+    let big = insert_of_len(A, 5 * MAX_PIECE_BYTES + 7);
+    let body = vec![insert(A, "before"), big, insert(A, "after")];
+    let messages = txn(0x100, 1, body);
+    let (want, want_summary) = cut(1, 0, &mut synced(&[A]), &messages);
+
+    // The same records, in the same order, one call each.
+    let mut cutter = Cutter::new(1, Lsn(0));
+    let mut tables = synced(&[A]);
+    let mut got = Vec::new();
+    for m in &messages {
+        let calls_before = got.len();
+        let new_table = cutter
+            .message_each(m, &mut tables, |r| {
+                got.push(r);
+                Ok::<(), CutError>(())
+            })
+            .expect("a well-formed stream");
+        assert_eq!(new_table, None);
+        if m.len() > MAX_PIECE_BYTES {
+            // The big message closed the small one's record and five of its
+            // own fragments, each handed over on its own.
+            assert_eq!(got.len() - calls_before, 6);
+        }
+    }
+    assert_eq!(got, want);
+    assert_eq!(cutter.finish().expect("whole transactions"), want_summary);
+
+    // The caller's error stops the cut at once and comes back unchanged.
+    #[derive(Debug, PartialEq)]
+    enum Caller {
+        Full,
+        Cut(CutError),
+    }
+    impl From<CutError> for Caller {
+        fn from(e: CutError) -> Caller {
+            Caller::Cut(e)
+        }
+    }
+    let mut cutter = Cutter::new(1, Lsn(0));
+    let mut tables = synced(&[A]);
+    let mut calls = 0;
+    for m in &messages[..2] {
+        cutter
+            .message_each(m, &mut tables, |_| Ok::<(), Caller>(()))
+            .expect("begin and a small insert cut nothing");
+    }
+    let err = cutter
+        .message_each(&messages[2], &mut tables, |_| {
+            calls += 1;
+            Err(Caller::Full)
+        })
+        .unwrap_err();
+    assert_eq!(err, Caller::Full);
+    assert_eq!(calls, 1, "no record is cut after the caller's error");
+    // The cutter's own errors come back through the caller's type.
+    let err = Cutter::new(1, Lsn(0))
+        .message_each(&insert(A, "x"), &mut tables, |_| Ok::<(), Caller>(()))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Caller::Cut(CutError::OutOfOrder("change outside a transaction"))
+    );
+}

@@ -71,16 +71,34 @@ impl TxnCutter {
     /// none), in sequence order.
     pub fn push(&mut self, message: &[u8]) -> Vec<Record> {
         let mut closed = Vec::new();
+        self.push_each(message, |r| {
+            closed.push(r);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .expect("infallible");
+        closed
+    }
+
+    /// [`Self::push`], handing each closed record to `each` as soon as it
+    /// is cut, so a large message's fragments are never all held at once
+    /// (invariant 5: memory bounded by configuration, not by value size).
+    /// The first error from `each` stops the cut and is returned; the
+    /// transaction is then broken (the caller abandons it).
+    pub fn push_each<E>(
+        &mut self,
+        message: &[u8],
+        mut each: impl FnMut(Record) -> Result<(), E>,
+    ) -> Result<(), E> {
         if message.len() <= MAX_PIECE_BYTES {
             if self.bytes + message.len() > TARGET_RECORD_BYTES && !self.pieces.is_empty() {
-                closed.push(self.close(false, Lsn::ZERO));
+                each(self.close(false, Lsn::ZERO))?;
             }
             self.bytes += message.len();
             self.pieces.push(Piece::Message(message.to_vec()));
-            return closed;
+            return Ok(());
         }
         if !self.pieces.is_empty() {
-            closed.push(self.close(false, Lsn::ZERO));
+            each(self.close(false, Lsn::ZERO))?;
         }
         let mut chunks = message.chunks(MAX_PIECE_BYTES).peekable();
         while let Some(chunk) = chunks.next() {
@@ -90,12 +108,12 @@ impl TxnCutter {
                 more,
             });
             if more {
-                closed.push(self.close(false, Lsn::ZERO));
+                each(self.close(false, Lsn::ZERO))?;
             } else {
                 self.bytes = chunk.len();
             }
         }
-        closed
+        Ok(())
     }
 
     /// The transaction's closing record (`last`, carrying `end_lsn`), with
