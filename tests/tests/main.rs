@@ -10,6 +10,7 @@ mod copy;
 mod faults;
 mod fixture;
 mod harness_selftest;
+mod large_values;
 mod links;
 mod queue;
 mod replication;

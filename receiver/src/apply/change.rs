@@ -11,7 +11,7 @@ use pgcourier_proto::record::{Piece, Record};
 
 use super::error::ApplyError;
 use super::mapping::TableMap;
-use super::pipeline::{key_hash, Pending};
+use super::pipeline::{key_hash, Pending, LARGE_CHANGE_BYTES};
 use super::sql::{text_value, truncate_sql, Op};
 use super::{Apply, Session};
 
@@ -26,8 +26,21 @@ impl Apply {
             let owned;
             let bytes: &[u8] = match piece {
                 Piece::Message(m) => m,
+                // The rest of an insert being streamed (`large.rs`).
+                Piece::Fragment { bytes, more } if s.large.is_some() => {
+                    self.large_feed(s, record.seq, bytes, *more).await?;
+                    if !more {
+                        changes += 1;
+                    }
+                    continue;
+                }
                 Piece::Fragment { bytes, more: true } => {
                     s.fragment.extend_from_slice(bytes);
+                    if s.fragment.len() >= LARGE_CHANGE_BYTES && s.fragment.first() == Some(&b'I') {
+                        // Too large to put together: streamed from here on.
+                        let buffered = std::mem::take(&mut s.fragment);
+                        self.large_start(s, record.seq, &buffered).await?;
+                    }
                     continue;
                 }
                 Piece::Fragment { bytes, more: false } => {

@@ -34,6 +34,7 @@
 //! | source relation → target table and columns, by name | `mapping.rs` |
 //! | one change shape → SQL, prepared once per session | `sql.rs` |
 //! | queued changes → pipelined statements, COPY runs, TRUNCATE barrier | `pipeline.rs` |
+//! | an insert of many MiB streamed from its fragments into its own COPY | `large.rs` |
 //! | a table copy or seed file: create tables, load, progress | `copy_load.rs` |
 //! | the operator's skip of the blocking transaction | `skip.rs` |
 //! | errors and their classes; status and lag | `error.rs`, `status.rs` |
@@ -41,6 +42,7 @@
 mod change;
 mod copy_load;
 mod error;
+mod large;
 mod mapping;
 mod order;
 mod pipeline;
@@ -121,6 +123,9 @@ struct Session {
     run: Option<Run>,
     /// A message arriving in fragments, so far (`change.rs`).
     fragment: Vec<u8>,
+    /// An insert too large to put together, being streamed into a COPY of
+    /// its own as its fragments arrive (`large.rs`).
+    large: Option<large::LargeCopy>,
     /// The table copy being loaded, if any (`copy_load.rs`).
     copy: Option<LoadProgress>,
     /// COPY and set data queued in `pending`.
@@ -281,6 +286,7 @@ impl Apply {
             pending: Vec::new(),
             run: None,
             fragment: Vec::new(),
+            large: None,
             copy: None,
             pending_bytes: 0,
         };

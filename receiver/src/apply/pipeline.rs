@@ -29,6 +29,13 @@ const PIPELINE_DEPTH: usize = 512;
 /// memory in a large transaction: invariant 5).
 const PIPELINE_BYTES: usize = 4 << 20;
 
+/// An insert whose fragments reach this many bytes is not put together:
+/// it is streamed into a COPY of its own (`large.rs`), so a value of many
+/// MiB is never held whole.
+pub(super) const LARGE_CHANGE_BYTES: usize = 1 << 20;
+/// COPY data of a large insert goes out in pieces of about this size.
+pub(super) const COPY_CHUNK_BYTES: usize = 256 << 10;
+
 /// A change queued on the session, waiting for the next drain.
 pub(super) enum Pending {
     Prepared {
@@ -354,24 +361,27 @@ pub(super) fn copy_row(out: &mut Vec<u8>, row: &[Option<String>]) {
         }
         match v {
             None => out.extend_from_slice(b"\\N"),
-            Some(t) => {
-                for &b in t.as_bytes() {
-                    match b {
-                        b'\\' => out.extend_from_slice(b"\\\\"),
-                        b'\n' => out.extend_from_slice(b"\\n"),
-                        b'\r' => out.extend_from_slice(b"\\r"),
-                        b'\t' => out.extend_from_slice(b"\\t"),
-                        _ => out.push(b),
-                    }
-                }
-            }
+            Some(t) => copy_escape(out, t.as_bytes()),
         }
     }
     out.push(b'\n');
 }
 
+/// A value's text escaped for COPY text format.
+pub(super) fn copy_escape(out: &mut Vec<u8>, text: &[u8]) {
+    for &b in text {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.push(b),
+        }
+    }
+}
+
 /// An apply error that names the table (and column, when PostgreSQL says).
-fn target_error(s: &Session, rel: Option<u32>, e: tokio_postgres::Error) -> ApplyError {
+pub(super) fn target_error(s: &Session, rel: Option<u32>, e: tokio_postgres::Error) -> ApplyError {
     // A TRUNCATE names its tables in its own statement, not in `rel`.
     let table = match rel.and_then(|r| s.targets.get(&r)) {
         Some(t) => t.table.as_str(),
