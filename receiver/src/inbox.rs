@@ -5,7 +5,7 @@
 //! Keys and values:
 //! - trees `segments` and `segments.low`: the records, a
 //!   [`SegmentLog`](pgcourier_common::store::segments) (one sled key per
-//!   segment of about 32 KiB of consecutive records, key = its first seq as
+//!   segment of about 4 KiB of consecutive records, key = its first seq as
 //!   u64 big-endian), each the encoded record exactly as the sender spooled
 //!   it (its checksum is checked on arrival and again before apply). Dense
 //!   from the first stored seq to `durable_seq`. Earlier versions kept one

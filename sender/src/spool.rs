@@ -6,7 +6,7 @@
 //!
 //! Trees `segments` and `segments.low`: the records, a
 //! [`SegmentLog`](pgcourier_common::store::segments): one sled key per
-//! segment of about 32 KiB of consecutive records, key = its first seq
+//! segment of about 4 KiB of consecutive records, key = its first seq
 //! (u64 big-endian), each record an encoded
 //! [`Record`](pgcourier_proto::record::Record) (CRC-32, under
 //! `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them).
