@@ -106,10 +106,11 @@ fn is_last(bytes: &[u8]) -> bool {
 impl Inbox {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Inbox, StoreError> {
         let store = Store::open(path, cache_bytes)?;
-        let records = SegmentLog::open(&store, "segments", Some("records"))?;
         let meta = store.tree("meta")?;
         let relations = store.tree("relations")?;
         let durable = get_u64(&store, &meta, "durable_seq")?.unwrap_or(0);
+        // Past `durable_seq`: a batch a crash cut before its fsync.
+        let records = SegmentLog::open(&store, "segments", Some("records"), Some(durable + 1))?;
         let (tx, _) = watch::channel(durable);
         // Records are deleted only once applied: below the first one left,
         // everything is applied.

@@ -197,24 +197,18 @@ impl Spool {
                 ),
             });
         }
-        let records = SegmentLog::open(&store, "segments", (!inspect).then_some("records"))?;
         // Absent on a new spool: nothing spooled yet.
         let complete_seq = get_u64(&store, &meta, "complete_seq")?.unwrap_or(0);
         let captured_commit_lsn = Lsn(get_u64(&store, &meta, "captured_commit_lsn")?.unwrap_or(0));
         let captured_end_lsn = Lsn(get_u64(&store, &meta, "captured_end_lsn")?.unwrap_or(0));
-        // Remove a transaction tail that was never committed to the spool.
-        let mut dropped = 0u64;
-        if !inspect {
-            dropped = records.truncate_from(complete_seq + 1)?;
-        }
-        if dropped > 0 {
-            tracing::info!(
-                dropped,
-                complete_seq,
-                "removed spool records of a transaction cut by a stop; it will be captured again"
-            );
-            store.sync()?;
-        }
+        // Past `complete_seq`: a transaction tail a stop cut before its
+        // commit (the slot sends it again), removed on open.
+        let records = SegmentLog::open(
+            &store,
+            "segments",
+            (!inspect).then_some("records"),
+            (!inspect).then_some(complete_seq + 1),
+        )?;
         let first_seq = records.first_seq()?.unwrap_or(complete_seq + 1);
         let mut applied = BTreeMap::new();
         let mut registered = false;

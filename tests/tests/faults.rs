@@ -935,7 +935,7 @@ async fn a_record_corrupted_in_the_inbox_is_never_applied_and_is_fetched_again(
     let victim = {
         let store = pgcourier_common::store::durable::Store::open(&inbox_dir, 1 << 20)?;
         let records =
-            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None)?;
+            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None, None)?;
         let seq = records.first_seq()?.context("a record in the inbox")? + 4;
         let mut bad = records.get(seq)?.context("a 5th record in the inbox")?;
         let at = bad.len() - 3;

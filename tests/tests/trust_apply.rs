@@ -81,7 +81,7 @@ async fn a_transaction_spooled_twice_is_refused_out_of_order_and_never_applied_t
     {
         let store = pgcourier_common::store::durable::Store::open(&inbox_dir, 1 << 20)?;
         let records =
-            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None)?;
+            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None, None)?;
         let meta = store.tree("meta")?;
         let first = records.first_seq()?.context("records in the inbox")?;
         let waiting: Vec<Record> = records
@@ -179,7 +179,7 @@ async fn a_corrupt_record_already_applied_is_dropped_and_replication_goes_on() -
             1 << 20,
         )?;
         let records =
-            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None)?;
+            pgcourier_common::store::segments::SegmentLog::open(&store, "segments", None, None)?;
         records.put_back(applied, &[0x5a; 40])?;
         store.sync()?;
     }

@@ -141,8 +141,17 @@ impl SegmentLog {
     /// Open the log in trees `<name>` and `<name>.low` of `store`, checking
     /// every segment (format, density) and counting its records. Records a
     /// store of an earlier version kept one per key in tree `legacy` are
-    /// moved into segments first, fsynced.
-    pub fn open(store: &Store, name: &str, legacy: Option<&str>) -> Result<SegmentLog, StoreError> {
+    /// moved into segments first, fsynced. Records from `tail_from` on are
+    /// an unfinished tail the owner never made durable (the spool's past
+    /// `complete_seq`, the inbox's past `durable_seq`): they are removed
+    /// before the segments are checked, since a crash may have left any
+    /// part of them.
+    pub fn open(
+        store: &Store,
+        name: &str,
+        legacy: Option<&str>,
+        tail_from: Option<u64>,
+    ) -> Result<SegmentLog, StoreError> {
         let log = SegmentLog {
             store: store.clone(),
             name: name.into(),
@@ -160,6 +169,12 @@ impl SegmentLog {
         };
         if let Some(legacy) = legacy {
             log.migrate(legacy)?;
+        }
+        if let Some(from) = tail_from {
+            let (dropped, _) = log.cut_tail(from)?;
+            if dropped > 0 {
+                tracing::info!(store = %store.path.display(), dropped, from, "removed the records of a batch never made durable (cut by a stop); they will come again");
+            }
         }
         log.recount()?;
         Ok(log)
@@ -520,19 +535,48 @@ impl SegmentLog {
                 bytes += r.len() as u64;
             }
         }
-        let start = match self.segment(from)? {
-            Some(seg) => seg.first,
-            None => from,
-        };
-        for item in self.tree.range(seq_key(start)..) {
-            let (k, v) = item.map_err(|e| self.store.write_err(e))?;
+        let (c, b) = self.cut_tail(from)?;
+        count += c;
+        bytes += b;
+        inner.last = from - 1;
+        inner.count -= count;
+        inner.bytes -= bytes;
+        inner.cached = None;
+        inner.rewrites += 1;
+        Ok(count)
+    }
+
+    /// Remove the segments from `from` on, the last first, then cut short
+    /// the one that holds records before it: whatever prefix of these
+    /// writes a crash keeps, the segments left are dense. Returns the
+    /// records and bytes removed.
+    fn cut_tail(&self, from: u64) -> Result<(u64, u64), StoreError> {
+        let (mut records, mut bytes) = (0u64, 0u64);
+        let tail: Vec<sled::IVec> = self
+            .tree
+            .range(seq_key(from)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.store.write_err(e))?;
+        for k in tail.iter().rev() {
+            if let Some(v) = self.tree.get(k).map_err(|e| self.store.write_err(e))? {
+                let seg = self.parse(k, v)?;
+                records += seg.spans.len() as u64;
+                bytes += seg.bytes_from(seg.first);
+            }
+            self.tree.remove(k).map_err(|e| self.store.write_err(e))?;
+        }
+        let before = self
+            .tree
+            .range(..seq_key(from))
+            .next_back()
+            .transpose()
+            .map_err(|e| self.store.write_err(e))?;
+        if let Some((k, v)) = before {
             let seg = self.parse(&k, v)?;
-            let gone_from = seg.first.max(from);
-            count += seg.last() + 1 - gone_from;
-            bytes += seg.bytes_from(gone_from);
-            if seg.first >= from {
-                self.tree.remove(&k).map_err(|e| self.store.write_err(e))?;
-            } else {
+            if seg.last() >= from {
+                records += seg.last() + 1 - from;
+                bytes += seg.bytes_from(from);
                 let mut kept = Pending::default();
                 for s in seg.first..from {
                     push(&mut kept, s, seg.record(s));
@@ -542,12 +586,7 @@ impl SegmentLog {
                     .map_err(|e| self.store.write_err(e))?;
             }
         }
-        inner.last = from - 1;
-        inner.count -= count;
-        inner.bytes -= bytes;
-        inner.cached = None;
-        inner.rewrites += 1;
-        Ok(count)
+        Ok((records, bytes))
     }
 
     /// Delete every record; the low mark becomes `low` (the next record
@@ -700,7 +739,7 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> (Store, SegmentLog) {
         let store = Store::open(dir, 1 << 20).unwrap();
-        let log = SegmentLog::open(&store, "segments", Some("records")).unwrap();
+        let log = SegmentLog::open(&store, "segments", Some("records"), None).unwrap();
         (store, log)
     }
 
@@ -709,7 +748,7 @@ mod tests {
     fn reopen(dir: &std::path::Path) -> (Store, SegmentLog) {
         for _ in 0..100 {
             if let Ok(store) = Store::open(dir, 1 << 20) {
-                let log = SegmentLog::open(&store, "segments", Some("records")).unwrap();
+                let log = SegmentLog::open(&store, "segments", Some("records"), None).unwrap();
                 return (store, log);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -877,10 +916,49 @@ mod tests {
             store.sync().unwrap();
         }
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        match SegmentLog::open(&store, "segments", Some("records")) {
+        match SegmentLog::open(&store, "segments", Some("records"), None) {
             Err(StoreError::Corrupt { key, .. }) => assert!(key.starts_with("records/4"), "{key}"),
             other => panic!("opened: {:?}", other.map(|_| ())),
         }
+    }
+
+    /// Soak schedule 1796400083: the sender killed while a rollback was
+    /// removing an uncommitted tail left the tail's first segment removed
+    /// and a later one still there; the spool did not open ("segments are
+    /// not dense"). The tail past what the owner made durable is removed
+    /// before the check, and removals go from the end.
+    #[test]
+    fn a_gap_a_crash_left_in_the_tail_past_the_durable_mark_is_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs: Vec<Vec<u8>> = (1..=12).map(|s| rec(s, 10)).collect();
+        {
+            let (store, log) = open(dir.path());
+            log.put(1, &recs[..4]).unwrap();
+            log.put(5, &recs[4..8]).unwrap();
+            log.put(9, &recs[8..]).unwrap();
+            log.tree.remove(seq_key(5)).unwrap();
+            store.sync().unwrap();
+        }
+        for _ in 0..100 {
+            if let Ok(store) = Store::open(dir.path(), 1 << 20) {
+                assert!(
+                    matches!(
+                        SegmentLog::open(&store, "segments", None, None),
+                        Err(StoreError::Corrupt { .. })
+                    ),
+                    "the gap is damage when nothing says it is a tail"
+                );
+                // Durable through 3: the tail from 4 (inside the first
+                // segment) goes.
+                let log = SegmentLog::open(&store, "segments", None, Some(4)).unwrap();
+                assert_eq!(log.depth(), (3, 30));
+                assert_eq!(all(&log, 1, 12), recs[..3]);
+                log.append(4, &recs[3]).unwrap();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("the store did not reopen");
     }
 
     #[test]
@@ -906,7 +984,7 @@ mod tests {
             for _ in 0..100 {
                 match Store::open(dir.path(), 1 << 20) {
                     Ok(store) => {
-                        got = Some(SegmentLog::open(&store, "segments", None).map(|_| ()));
+                        got = Some(SegmentLog::open(&store, "segments", None, None).map(|_| ()));
                         break;
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
