@@ -362,8 +362,8 @@ impl SegmentLog {
         }
     }
 
-    /// The segment holding `seq`, parsed (from the one kept, or read and
-    /// kept); `None` if no segment in the tree holds it.
+    /// The segment in the tree holding `seq`, read and parsed (the read
+    /// cache is [`SegmentLog::get`]'s); `None` if none holds it.
     fn segment(&self, seq: u64) -> Result<Option<Parsed>, StoreError> {
         let found = self
             .tree
@@ -646,16 +646,7 @@ impl SegmentLog {
     #[doc(hidden)]
     pub fn put_back(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
         self.write_pending()?;
-        let found = self
-            .tree
-            .range(..=seq_key(seq))
-            .next_back()
-            .transpose()
-            .map_err(|e| self.store.write_err(e))?;
-        let held = match found {
-            Some((k, v)) => Some(self.parse(&k, v)?).filter(|s| s.holds(seq)),
-            None => None,
-        };
+        let held = self.segment(seq)?;
         let mut seg = Pending::default();
         match held {
             Some(old) => {
