@@ -3,13 +3,15 @@
 //! empties it: QUIC → ingest → **inbox** → apply → target.
 //!
 //! Keys and values:
-//! - trees `segments` and `segments.low`: the records, a
-//!   [`SegmentLog`](pgcourier_common::store::segments) (one sled key per
-//!   segment of about 4 KiB of consecutive records, key = its first seq as
-//!   u64 big-endian), each the encoded record exactly as the sender spooled
-//!   it (its checksum is checked on arrival and again before apply). Dense
-//!   from the first stored seq to `durable_seq`. Earlier versions kept one
-//!   key per record in tree `records`: [`Inbox::open`] moves them.
+//! - directory `segments.d`, trees `segments.index` and `segments.low`:
+//!   the records, a [`SegmentLog`](pgcourier_common::store::segments)
+//!   (segments of about 32 KiB of consecutive records in files of their
+//!   own; one sled key per segment, key = its first seq as u64 big-endian,
+//!   value = where its body lies), each the encoded record exactly as the
+//!   sender spooled it (its checksum is checked on arrival and again before
+//!   apply). Dense from the first stored seq to `durable_seq`. Earlier
+//!   versions kept the records in sled (tree `records`, one key per record;
+//!   then tree `segments`): [`Inbox::open`] moves them.
 //! - tree `meta`:
 //!   - `durable_seq`: u64 big-endian, highest seq stored and fsynced (what
 //!     ingest acknowledges; 0: none).
@@ -25,9 +27,7 @@
 //!   can resume after a restart with records whose Relation message was in a
 //!   record already applied and deleted.
 //!
-//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES) (sled may
-//! put a page of segments in a blob file: `Store::sync` fsyncs every
-//! file and directory of the store). The records' total is held
+//! Limits: a record is at most [`MAX_RECORD_BYTES`](pgcourier_proto::record::MAX_RECORD_BYTES). The records' total is held
 //! under `inbox-max-bytes` by ingest, which waits (the sender keeps the batch)
 //! while a batch would take the inbox past it; an inbox that holds no
 //! complete transaction apply could commit (empty, or the start of one
@@ -212,6 +212,9 @@ impl Inbox {
             return Ok(None);
         }
         self.records.put(first_seq, records)?;
+        // The records' files first: the mark must not reach the disk before
+        // what it covers (sled writes its log when it likes).
+        self.records.sync_files()?;
         let last = first_seq + records.len() as u64 - 1;
         put_u64(&self.store, &self.meta, "durable_seq", last)?;
         self.store.sync()?;
@@ -368,7 +371,7 @@ mod tests {
         {
             let inbox = Inbox::open(dir.path(), 1 << 20).unwrap();
             // A key that is not 8 bytes, holding a transaction's last record.
-            let segments = inbox.store.tree("segments").unwrap();
+            let segments = inbox.store.tree("segments.index").unwrap();
             segments.insert(b"bad", record(1, true)).unwrap();
             inbox.sync().unwrap();
         }

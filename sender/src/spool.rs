@@ -4,15 +4,16 @@
 //!
 //! # Keys
 //!
-//! Trees `segments` and `segments.low`: the records, a
-//! [`SegmentLog`](pgcourier_common::store::segments): one sled key per
-//! segment of about 4 KiB of consecutive records, key = its first seq
-//! (u64 big-endian), each record an encoded
+//! Directory `segments.d` and trees `segments.index` and `segments.low`:
+//! the records, a [`SegmentLog`](pgcourier_common::store::segments):
+//! segments of about 32 KiB of consecutive records in files of their own,
+//! one sled key per segment (key = its first seq, u64 big-endian; value =
+//! where its body lies), each record an encoded
 //! [`Record`](pgcourier_proto::record::Record) (CRC-32, under
 //! `MAX_RECORD_BYTES` = 96 KiB, about 24 KiB at most as capture cuts them).
-//! Dense. sled may put a page of segments in a blob file, which
-//! `Store::sync` fsyncs like the rest of the store. Earlier versions kept
-//! one key per record in tree `records`: [`Spool::open`] moves them.
+//! Dense. Earlier versions kept the records in sled (one key per record in
+//! tree `records`, then segment bodies in tree `segments`): [`Spool::open`]
+//! moves them.
 //!
 //! Tree `meta` (u64 values big-endian):
 //! - `complete_seq`: highest seq that ends a transaction and is fsynced:
@@ -536,8 +537,9 @@ impl Spool {
     }
 
     /// The first half of [`Spool::commit`], which does not wait for the
-    /// disk: write everything appended so far, and the marks that make it
-    /// shippable once durable, to the store. Capture may append the next
+    /// disk: write everything appended so far to the store's files (the
+    /// marks that make it shippable are written by [`Spool::sync_sealed`],
+    /// after the files' fsync). Capture may append the next
     /// batch while [`Spool::sync_sealed`] fsyncs this one; one batch is
     /// sealed at a time. Until its fsync returns nothing it holds is
     /// shipped, and a crash, or a [`Spool::rollback_uncommitted`] after a
@@ -550,8 +552,6 @@ impl Spool {
             (st.next_seq - 1, st.capture_writes)
         };
         self.records.write_pending()?;
-        self.write_marks(complete, commit_lsn, end_lsn)?;
-        self.note_confirmable(end_lsn)?;
         Ok(Sealed {
             complete,
             commit_lsn,
@@ -560,10 +560,15 @@ impl Spool {
         })
     }
 
-    /// The second half of [`Spool::commit`]: fsync, then publish the
-    /// sealed batch as shippable. Blocks on the fsync (call it off the
+    /// The second half of [`Spool::commit`]: fsync the records, write the
+    /// marks, fsync the store, then publish the sealed batch as shippable. Blocks on the fsync (call it off the
     /// async workers); returns its end LSN as [`Synced`].
     pub fn sync_sealed(&self, sealed: Sealed) -> Result<Synced<Lsn>, StoreError> {
+        // The records' files first: the marks must not reach the disk
+        // before what they cover (sled writes its log when it likes).
+        self.records.sync_files()?;
+        self.write_marks(sealed.complete, sealed.commit_lsn, sealed.end_lsn)?;
+        self.note_confirmable(sealed.end_lsn)?;
         self.store.sync()?;
         let mut st = self.state.lock().expect("spool state lock");
         st.complete_seq = sealed.complete;

@@ -17,6 +17,14 @@
 //! store's own directory entry is durable too. Nothing the store relies on
 //! is left unsynced when `sync` returns: only then is a [`Synced`] mark
 //! made.
+//!
+//! Files an owner keeps beside sled in a directory of the store (the
+//! segment bodies of a [`SegmentLog`](crate::store::segments::SegmentLog))
+//! are that owner's to fsync: it registers a [`Beside`], which `sync` asks
+//! to fsync them (and their directory) before sled's own fsync, so that
+//! nothing sled holds can point at bytes not yet durable, and whose files
+//! no longer referenced are removed only after sled's fsync made their
+//! removal from sled durable.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -52,6 +60,23 @@ pub enum StoreError {
     },
     #[error("store {path} holds a corrupt entry at key {key}")]
     Corrupt { path: PathBuf, key: String },
+    #[error("store file {path} cannot be written or read")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Files kept beside sled, in a directory of the store, by their owner.
+pub trait Beside: Send + Sync {
+    /// The directory, left out of [`Store::sync`]'s own walk.
+    fn dir(&self) -> &Path;
+    /// fsync every file written since its last fsync, and the directory if
+    /// an entry was added. Returns the files whose last reference in sled
+    /// was removed before this call: [`Store::sync`] removes them once
+    /// sled's fsync has made that removal durable.
+    fn sync_files(&self) -> Result<Vec<PathBuf>, StoreError>;
 }
 
 /// A value that is durable: every byte of the store it came from was
@@ -83,6 +108,8 @@ pub struct Store {
     /// Each file under the store as the last [`Store::sync`] left it
     /// (fsynced): a file whose stamp is unchanged need not be fsynced again.
     synced: Arc<Mutex<HashMap<PathBuf, Stamp>>>,
+    /// Owners of files beside sled ([`Beside`]).
+    besides: Arc<Mutex<Vec<Arc<dyn Beside>>>>,
 }
 
 /// What tells a changed file: its inode, length and modification time.
@@ -105,7 +132,8 @@ impl Stamp {
     }
 }
 
-fn fsync(path: &Path) -> Result<(), StoreError> {
+/// fsync a file or directory, naming it in the error.
+pub fn fsync(path: &Path) -> Result<(), StoreError> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|source| StoreError::Sync {
@@ -150,7 +178,13 @@ impl Store {
             db,
             path: path.into(),
             synced: Arc::default(),
+            besides: Arc::default(),
         })
+    }
+
+    /// Register files kept beside sled: [`Store::sync`] fsyncs them first.
+    pub fn add_beside(&self, beside: Arc<dyn Beside>) {
+        self.besides.lock().expect("store besides lock").push(beside);
     }
 
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
@@ -164,13 +198,21 @@ impl Store {
         }
     }
 
-    /// Make every write so far durable: sled flush, then fsync of every
-    /// file under the store that changed since the last sync (`db` always,
-    /// and `conf`, `snap.*`, `blobs/*` when new or changed), then of every
-    /// directory of the store, deepest first. Blocks on the disk.
+    /// Make every write so far durable: the files kept beside sled
+    /// ([`Beside`]) first, then sled flush, then fsync of every file under
+    /// the store that changed since the last sync (`db` always, and `conf`,
+    /// `snap.*`, `blobs/*` when new or changed), then of every directory of
+    /// the store, deepest first; then the files beside sled that sled no
+    /// longer references are removed. Blocks on the disk.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| self.write_err(e))?;
         let mut synced = self.synced.lock().expect("store sync lock");
+        let besides = self.besides.lock().expect("store besides lock").clone();
+        let mut unlink = Vec::new();
+        for b in &besides {
+            unlink.extend(b.sync_files()?);
+        }
+        let beside_dirs: Vec<&Path> = besides.iter().map(|b| b.dir()).collect();
+        self.db.flush().map_err(|e| self.write_err(e))?;
         let mut now = HashMap::with_capacity(synced.len());
         let mut dirs = vec![self.path.clone()];
         let mut i = 0;
@@ -194,7 +236,9 @@ impl Store {
                     Err(source) => return Err(StoreError::Sync { path, source }),
                 };
                 if meta.is_dir() {
-                    dirs.push(path);
+                    if !beside_dirs.contains(&path.as_path()) {
+                        dirs.push(path);
+                    }
                     continue;
                 }
                 if !meta.is_file() {
@@ -220,6 +264,16 @@ impl Store {
             fsync(dir)?;
         }
         *synced = now;
+        // Nothing durable references them now. A removal a crash undoes
+        // leaves a file no entry references, removed on the next open.
+        for path in unlink {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(file = %path.display(), error = %e, "a store file no longer needed could not be removed; it is tried again at the next start")
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 }
@@ -298,11 +352,19 @@ mod tests {
                 .insert(seq_key(i), vec![i as u8 + 1; 16 << 10])
                 .unwrap();
         }
+        // Segment bodies in files beside sled, and their new directory.
+        let log = crate::store::segments::SegmentLog::open(&store, "segments", None, Some(1))
+            .unwrap();
+        log.put(1, &vec![vec![7u8; 1000]; 50]).unwrap();
         store.sync().unwrap();
         let _ = File::open(base.join(SYNC_RETURNED));
         assert!(
             fs::read_dir(base.join("store/blobs")).unwrap().count() > 0,
             "no blob file was written: the test would prove nothing"
+        );
+        assert!(
+            fs::read_dir(base.join("store/segments.d")).unwrap().count() > 0,
+            "no segment file was written: the test would prove nothing"
         );
     }
 

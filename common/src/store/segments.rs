@@ -1,4 +1,5 @@
-//! Records kept in segments: one sled key per run of consecutive records.
+//! Records kept in segments: runs of consecutive records in files of our
+//! own, indexed by sled.
 //!
 //! The spool and the inbox each hold a dense sequence of encoded records,
 //! every one carrying its own CRC-32 ([`Record`](pgcourier_proto::record)).
@@ -8,63 +9,144 @@
 //! [`SegmentLog`] packs consecutive records into segments of about
 //! [`SEGMENT_BYTES`] and pays it once per segment.
 //!
-//! Why 4 KiB: sled 0.34 keeps large values in memory whatever its
-//! `cache_capacity` (REFERENCE.md; measured here: with 32 KiB segments the
-//! receiver held a 64 MiB value's 128 MiB of hex text, 161 MiB peak, against
-//! 120 MiB with 4 KiB), while 4 KiB already packs about 25 single-row
-//! transactions per key. A record larger than a segment (records are cut at
-//! about 8 KiB, a large value's fragments at 16 KiB) is a segment alone.
+//! Why the bodies are not in sled: sled 0.34 keeps in memory the values it
+//! holds, whatever its `cache_capacity` (REFERENCE.md; heaptrack on the
+//! receiver during a 1M-row transaction kept in sled: 120 MiB allocated by
+//! `IVec::from`, the whole transaction). Memory must not grow with the
+//! backlog or a transaction's size (invariant 5), so sled keeps only a
+//! small locator per segment, and the bodies go to append-only files that
+//! are read back with `pread`.
 //!
 //! # Layout
 //!
-//! - Tree `<name>`: key = the segment's first seq (u64 big-endian), value =
-//!   [`FORMAT`] (one byte), then for each record `[length: u32
-//!   little-endian][the encoded record]`. Segments are dense and never
+//! - Directory `<store>/<name>.d/`: files named by a number (20 digits),
+//!   each a run of segment bodies appended one after another. A process
+//!   appends to a file of its own, which it closes at about [`FILE_BYTES`]
+//!   for the next. A body is [`FORMAT`] (one byte), then for each record
+//!   `[length: u32 little-endian][the encoded record]`. Bodies are written
+//!   once and never changed.
+//! - Tree `<name>.index`: key = the segment's first seq (u64 big-endian),
+//!   value = its [`Loc`]: file, offset and length of the body, how many of
+//!   its records count and their bytes. Segments are dense and never
 //!   overlap: each one's key is the previous one's key plus its record
-//!   count. Written once; rewritten only to cut a segment short
-//!   ([`SegmentLog::truncate_from`]).
+//!   count. Cutting a segment short ([`SegmentLog::truncate_from`]) writes
+//!   a smaller count; the body stays.
 //! - Tree `<name>.low`, key `low`: the highest seq deleted
 //!   ([`SegmentLog::trim_through`]). Records at or below it are gone even
-//!   while the segment that holds them still holds later ones; a segment is
-//!   removed once all of its records are. Written with each trim and not
-//!   fsynced by itself: after a crash, records at or below the real mark
-//!   may come back, as a delete a crash undid always could (the spool
-//!   ships from each receiver's own mark; apply skips what its progress
-//!   row covers).
+//!   while the segment that holds them still holds later ones; a segment's
+//!   locator is removed once all of its records are, and a file once no
+//!   locator references it. Written with each trim and not fsynced by
+//!   itself: after a crash, records at or below the real mark may come
+//!   back, as a delete a crash undid always could (the spool ships from
+//!   each receiver's own mark; apply skips what its progress row covers).
+//!
+//! Earlier versions kept the records in sled: one key per record (tree
+//! `records`), then the bodies themselves in tree `<name>`.
+//! [`SegmentLog::open`] moves them into files, fsynced before the old keys
+//! are removed.
+//!
+//! # Durability
+//!
+//! Nothing here fsyncs by itself on the write path. The log registers with
+//! its [`Store`] as a [`Beside`]: [`Store::sync`] fsyncs the files written
+//! (and the directory, when a file was added) before sled's fsync, and
+//! removes a file only after sled's fsync made its last locator's removal
+//! durable. A locator may reach the disk before the body it points at (sled
+//! writes its log when it likes): such locators are past the owner's
+//! durable mark, an unfinished tail the owner cuts on open (`tail_from`).
+//! The owner's durable mark itself must not reach sled before the bodies
+//! it covers are fsynced: owners call [`SegmentLog::sync_files`] before
+//! they write it (the spool's `sync_sealed`, the inbox's `store_batch`).
+//!
+//! # Memory
 //!
 //! Records appended and not yet written ([`SegmentLog::append`]) wait in
 //! memory, at most one segment, until the segment is full or the owner
 //! calls [`SegmentLog::write_pending`] (before its fsync). Reads parse one
-//! segment and keep it: reading record after record costs one sled lookup
-//! per segment. Memory: the pending segment and the one kept for reading,
-//! each under `SEGMENT_BYTES` plus one record.
-//!
-//! Nothing here fsyncs: the owner calls [`Store::sync`] (invariants 1 and 2
-//! are the owner's: the spool's commit, the inbox's batch).
+//! segment and keep it: reading record after record costs one `pread` per
+//! segment. Memory: the pending segment and the one kept for reading, each
+//! under `SEGMENT_BYTES` plus one record, a handful of open files, and
+//! sled's index (about 50 bytes per segment).
 
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use crate::store::durable::{key_seq, seq_key, Store, StoreError};
+use crate::store::durable::{fsync, key_seq, seq_key, Beside, Store, StoreError};
 
 /// A segment is written once its records reach this many bytes.
-pub const SEGMENT_BYTES: usize = 4 << 10;
+pub const SEGMENT_BYTES: usize = 32 << 10;
 
-/// First byte of every segment value: the layout above.
+/// A process appends to one file until it reaches this many bytes.
+pub const FILE_BYTES: u64 = 16 << 20;
+
+/// First byte of every segment body: the layout above.
 const FORMAT: u8 = 1;
+
+/// First byte of every locator.
+const LOC_FORMAT: u8 = 2;
 
 /// Key of the low mark in tree `<name>.low`.
 const LOW_KEY: &[u8] = b"low";
 
+/// Files kept open for reading, besides the one appended to.
+const READERS: usize = 8;
+
+/// Where a segment's body lies, and what of it counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    file: u64,
+    offset: u64,
+    len: u32,
+    /// Records of the body that belong to the log (the first ones): fewer
+    /// than the body holds once the segment was cut short.
+    records: u32,
+    /// Their bytes (records only, without the length fields).
+    bytes: u64,
+}
+
+impl Loc {
+    const LEN: usize = 1 + 8 + 8 + 4 + 4 + 8;
+
+    fn encode(&self) -> [u8; Loc::LEN] {
+        let mut out = [0u8; Loc::LEN];
+        out[0] = LOC_FORMAT;
+        out[1..9].copy_from_slice(&self.file.to_be_bytes());
+        out[9..17].copy_from_slice(&self.offset.to_be_bytes());
+        out[17..21].copy_from_slice(&self.len.to_be_bytes());
+        out[21..25].copy_from_slice(&self.records.to_be_bytes());
+        out[25..33].copy_from_slice(&self.bytes.to_be_bytes());
+        out
+    }
+
+    fn decode(v: &[u8]) -> Option<Loc> {
+        if v.len() != Loc::LEN || v[0] != LOC_FORMAT {
+            return None;
+        }
+        let loc = Loc {
+            file: u64::from_be_bytes(v[1..9].try_into().ok()?),
+            offset: u64::from_be_bytes(v[9..17].try_into().ok()?),
+            len: u32::from_be_bytes(v[17..21].try_into().ok()?),
+            records: u32::from_be_bytes(v[21..25].try_into().ok()?),
+            bytes: u64::from_be_bytes(v[25..33].try_into().ok()?),
+        };
+        (loc.records > 0).then_some(loc)
+    }
+}
+
 pub struct SegmentLog {
     store: Store,
     name: String,
-    tree: sled::Tree,
+    index: sled::Tree,
     low_tree: sled::Tree,
+    files: Arc<Files>,
     inner: Mutex<Inner>,
 }
 
 struct Inner {
-    /// Records appended and not yet in the tree.
+    /// Records appended and not yet in a file.
     pending: Pending,
     /// Highest seq deleted: nothing at or below it is read.
     low: u64,
@@ -75,7 +157,7 @@ struct Inner {
     bytes: u64,
     /// The segment read last, parsed.
     cached: Option<Parsed>,
-    /// Counts rewrites and removals of segments that may be read
+    /// Counts cuts and removals of segments that may be read
     /// ([`SegmentLog::truncate_from`], [`SegmentLog::reset`]): a read that
     /// began before one does not keep what it read.
     rewrites: u64,
@@ -85,14 +167,14 @@ struct Inner {
 struct Pending {
     first: u64,
     count: u64,
-    /// The segment value being built (starts with [`FORMAT`]).
+    /// The segment body being built (starts with [`FORMAT`]).
     value: Vec<u8>,
 }
 
-/// A segment value and where each record lies in it.
+/// A segment body and where each of its records (those that count) lies.
 struct Parsed {
     first: u64,
-    value: sled::IVec,
+    value: Vec<u8>,
     /// `(start, length)` of each record in `value`.
     spans: Vec<(usize, usize)>,
 }
@@ -111,21 +193,23 @@ impl Parsed {
         &self.value[start..start + len]
     }
 
-    /// Bytes of the records from `from` on.
-    fn bytes_from(&self, from: u64) -> u64 {
+    /// Bytes of the records `from..=to` it holds.
+    fn bytes_between(&self, from: u64, to: u64) -> u64 {
         let skip = from.saturating_sub(self.first) as usize;
-        self.spans.iter().skip(skip).map(|s| s.1 as u64).sum()
+        let take = (to.min(self.last()) + 1).saturating_sub(self.first.max(from)) as usize;
+        self.spans.iter().skip(skip).take(take).map(|s| s.1 as u64).sum()
     }
 }
 
-/// The spans of the records in a segment value; `None` if it is not one.
-fn spans(value: &[u8]) -> Option<Vec<(usize, usize)>> {
+/// The spans of the first `records` records in a segment body; `None` if
+/// it is not a body holding that many.
+fn spans(value: &[u8], records: u32) -> Option<Vec<(usize, usize)>> {
     if value.first() != Some(&FORMAT) {
         return None;
     }
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(records as usize);
     let mut at = 1;
-    while at < value.len() {
+    while out.len() < records as usize {
         let len = u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?) as usize;
         let start = at + 4;
         if value.len() - start < len {
@@ -134,29 +218,224 @@ fn spans(value: &[u8]) -> Option<Vec<(usize, usize)>> {
         out.push((start, len));
         at = start + len;
     }
-    (!out.is_empty()).then_some(out)
+    Some(out)
+}
+
+/// The segment files of one log: the one appended to, those open for
+/// reading, what awaits an fsync, and which files sled still references.
+struct Files {
+    dir: PathBuf,
+    st: Mutex<FilesState>,
+    /// Held through an fsync of the files: a second caller returns only
+    /// once what the first took is durable.
+    fsyncing: Mutex<()>,
+}
+
+#[derive(Default)]
+struct FilesState {
+    /// The file appended to: its number, handle and length.
+    current: Option<(u64, Arc<File>, u64)>,
+    /// The number the next new file takes.
+    next: u64,
+    /// Locators referencing each file.
+    live: BTreeMap<u64, u64>,
+    readers: BTreeMap<u64, Arc<File>>,
+    /// Files written since their last fsync.
+    dirty: BTreeMap<u64, Arc<File>>,
+    /// A file was added to the directory since its last fsync.
+    dir_dirty: bool,
+    /// The directory exists (made durable in the store directory).
+    dir_made: bool,
+    /// The files found in the directory on open.
+    found: Vec<u64>,
+    /// Files no locator references any more, waiting for that to be
+    /// durable before they are removed.
+    doomed: Vec<u64>,
+}
+
+impl Files {
+    fn path(&self, file: u64) -> PathBuf {
+        self.dir.join(format!("{file:020}"))
+    }
+
+    fn io_err(&self, path: PathBuf) -> impl FnOnce(std::io::Error) -> StoreError {
+        move |source| StoreError::File { path, source }
+    }
+
+    /// Append a segment body; returns its file and offset. Not fsynced.
+    fn write(&self, body: &[u8]) -> Result<(u64, u64), StoreError> {
+        let mut st = self.st.lock().expect("segment files lock");
+        if st.current.as_ref().is_none_or(|c| c.2 >= FILE_BYTES) {
+            if !st.dir_made {
+                // Made at the first write, so that inspection writes nothing.
+                match fs::create_dir(&self.dir) {
+                    Ok(()) => fsync(self.dir.parent().expect("the store directory"))?,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(source) => {
+                        return Err(StoreError::Dir {
+                            path: self.dir.clone(),
+                            source,
+                        })
+                    }
+                }
+                st.dir_made = true;
+            }
+            let n = st.next;
+            let path = self.path(n);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(self.io_err(path))?;
+            st.next += 1;
+            st.dir_dirty = true;
+            if let Some((old, _, _)) = st.current.replace((n, Arc::new(file), 0)) {
+                if st.live.get(&old).copied().unwrap_or(0) == 0 {
+                    st.live.remove(&old);
+                    st.doomed.push(old);
+                }
+            }
+        }
+        let (n, file, len) = st.current.clone().expect("a current file");
+        file.write_all_at(body, len)
+            .map_err(self.io_err(self.path(n)))?;
+        st.current.as_mut().expect("a current file").2 = len + body.len() as u64;
+        st.dirty.insert(n, file);
+        *st.live.entry(n).or_default() += 1;
+        Ok((n, len))
+    }
+
+    /// One locator less references `file`.
+    fn release(&self, file: u64) {
+        let mut st = self.st.lock().expect("segment files lock");
+        let Some(n) = st.live.get_mut(&file) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 && st.current.as_ref().is_none_or(|c| c.0 != file) {
+            st.live.remove(&file);
+            st.readers.remove(&file);
+            st.doomed.push(file);
+        }
+    }
+
+    /// A handle to read `file`.
+    fn reader(&self, file: u64) -> Result<Arc<File>, StoreError> {
+        let mut st = self.st.lock().expect("segment files lock");
+        if let Some(c) = st.current.as_ref().filter(|c| c.0 == file) {
+            return Ok(c.1.clone());
+        }
+        if let Some(f) = st.readers.get(&file) {
+            return Ok(f.clone());
+        }
+        let path = self.path(file);
+        let f = Arc::new(File::open(&path).map_err(self.io_err(path))?);
+        if st.readers.len() >= READERS {
+            st.readers.pop_first();
+        }
+        st.readers.insert(file, f.clone());
+        Ok(f)
+    }
+
+    /// fsync the files written, and the directory if a file was added.
+    fn fsync_written(&self) -> Result<(), StoreError> {
+        let _fsyncing = self.fsyncing.lock().expect("segment fsync lock");
+        let (dirty, dir_dirty) = {
+            let mut st = self.st.lock().expect("segment files lock");
+            (
+                std::mem::take(&mut st.dirty),
+                std::mem::take(&mut st.dir_dirty),
+            )
+        };
+        let put_back = |dirty: BTreeMap<u64, Arc<File>>, failed: Option<u64>| {
+            let mut st = self.st.lock().expect("segment files lock");
+            for (n, f) in dirty {
+                st.dirty.entry(n).or_insert(f);
+            }
+            st.dir_dirty |= dir_dirty;
+            // After a failed fsync the kernel may have dropped the pages it
+            // could not write: nothing more is appended to that file.
+            if failed.is_some() && st.current.as_ref().map(|c| c.0) == failed {
+                if let Some((n, _, _)) = st.current.take() {
+                    if st.live.get(&n) == Some(&0) {
+                        st.live.remove(&n);
+                        st.doomed.push(n);
+                    }
+                }
+            }
+        };
+        for (n, f) in &dirty {
+            if let Err(source) = f.sync_all() {
+                let (n, path) = (*n, self.path(*n));
+                put_back(dirty, Some(n));
+                return Err(StoreError::Sync { path, source });
+            }
+        }
+        if dir_dirty {
+            if let Err(e) = fsync(&self.dir) {
+                put_back(BTreeMap::new(), None);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Beside for Files {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn sync_files(&self) -> Result<Vec<PathBuf>, StoreError> {
+        // Taken first: their locators were removed before this call, so
+        // the sled fsync that follows makes the removal durable.
+        let doomed = std::mem::take(&mut self.st.lock().expect("segment files lock").doomed);
+        if let Err(e) = self.fsync_written() {
+            self.st
+                .lock()
+                .expect("segment files lock")
+                .doomed
+                .extend(doomed);
+            return Err(e);
+        }
+        Ok(doomed.into_iter().map(|n| self.path(n)).collect())
+    }
 }
 
 impl SegmentLog {
-    /// Open the log in trees `<name>` and `<name>.low` of `store`, checking
-    /// every segment (format, density) and counting its records. Records a
-    /// store of an earlier version kept one per key in tree `legacy` are
-    /// moved into segments first, fsynced. Records from `tail_from` on are
-    /// an unfinished tail the owner never made durable (the spool's past
-    /// `complete_seq`, the inbox's past `durable_seq`): they are removed
-    /// before the segments are checked, since a crash may have left any
-    /// part of them.
+    /// Open the log in trees `<name>.index` and `<name>.low` and directory
+    /// `<name>.d` of `store`, checking every locator (format, density, the
+    /// file's length) and counting the records. Given `legacy`, records an
+    /// earlier version kept in sled (one per key in tree `legacy`, or in
+    /// segments in tree `<name>`) are moved into files first, fsynced;
+    /// without it (inspection), finding such records is an error. Records
+    /// from `tail_from` on are an unfinished tail the owner never made
+    /// durable (the spool's past `complete_seq`, the inbox's past
+    /// `durable_seq`): they are removed before the check, since a crash may
+    /// have left any part of them; files no locator references are then
+    /// removed at the next sync. Without `tail_from` (inspection) nothing
+    /// is written.
     pub fn open(
         store: &Store,
         name: &str,
         legacy: Option<&str>,
         tail_from: Option<u64>,
     ) -> Result<SegmentLog, StoreError> {
+        let dir = store.path.join(format!("{name}.d"));
+        let files = Arc::new(Files {
+            dir,
+            st: Mutex::default(),
+            fsyncing: Mutex::default(),
+        });
+        store.add_beside(files.clone());
         let log = SegmentLog {
             store: store.clone(),
             name: name.into(),
-            tree: store.tree(name)?,
+            index: store.tree(&format!("{name}.index"))?,
             low_tree: store.tree(&format!("{name}.low"))?,
+            files,
             inner: Mutex::new(Inner {
                 pending: Pending::default(),
                 low: 0,
@@ -167,8 +446,19 @@ impl SegmentLog {
                 rewrites: 0,
             }),
         };
-        if let Some(legacy) = legacy {
-            log.migrate(legacy)?;
+        log.scan_files()?;
+        match legacy {
+            Some(legacy) => log.migrate(legacy)?,
+            None => {
+                if !store.tree(name)?.is_empty() {
+                    return Err(StoreError::Dir {
+                        path: store.path.clone(),
+                        source: std::io::Error::other(format!(
+                            "records of an earlier version in tree {name}: start the daemon once to convert them, then inspect"
+                        )),
+                    });
+                }
+            }
         }
         if let Some(from) = tail_from {
             let (dropped, _) = log.cut_tail(from)?;
@@ -176,42 +466,113 @@ impl SegmentLog {
                 tracing::info!(store = %store.path.display(), dropped, from, "removed the records of a batch never made durable (cut by a stop); they will come again");
             }
         }
-        log.recount()?;
+        log.recount(tail_from.is_some())?;
         Ok(log)
     }
 
-    /// Move records kept one per key (key = seq, value = record) in tree
-    /// `legacy` into segments: written and fsynced before the old keys are
-    /// removed (and fsynced). A crash between the two leaves both; the next
-    /// open starts over from the old keys.
+    /// Number the next file after every one in the directory.
+    fn scan_files(&self) -> Result<(), StoreError> {
+        let mut found = Vec::new();
+        if self.files.dir.exists() {
+            let entries = fs::read_dir(&self.files.dir).map_err(|source| StoreError::Dir {
+                path: self.files.dir.clone(),
+                source,
+            })?;
+            for entry in entries {
+                let entry = entry.map_err(|source| StoreError::Dir {
+                    path: self.files.dir.clone(),
+                    source,
+                })?;
+                if let Some(n) = entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
+                    found.push(n);
+                }
+            }
+        }
+        let mut st = self.files.st.lock().expect("segment files lock");
+        st.next = found.iter().max().map_or(0, |n| n + 1);
+        st.found = found;
+        Ok(())
+    }
+
+    /// Move records an earlier version kept in sled into files: one per key
+    /// (key = seq, value = record) in tree `legacy`, or segment bodies in
+    /// tree `<name>` (with the same low mark). Written and fsynced before
+    /// the old keys are removed (and fsynced). A crash between the two
+    /// leaves both; the next open starts over from the old keys.
     fn migrate(&self, legacy: &str) -> Result<(), StoreError> {
-        let old = self.store.tree(legacy)?;
-        if old.is_empty() {
+        let per_record = self.store.tree(legacy)?;
+        let bodies = self.store.tree(&self.name)?;
+        if per_record.is_empty() && bodies.is_empty() {
             return Ok(());
         }
-        self.tree.clear().map_err(|e| self.store.write_err(e))?;
-        self.low_tree.clear().map_err(|e| self.store.write_err(e))?;
+        for (k, v) in self.index.iter().flatten() {
+            if let (Some(_), Some(loc)) = (key_seq(&k), Loc::decode(&v)) {
+                self.files.release(loc.file);
+            }
+        }
+        self.index.clear().map_err(|e| self.store.write_err(e))?;
         let mut moved = 0u64;
-        for item in old.iter() {
-            let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seq = key_seq(&k)
-                .filter(|&s| s > 0)
-                .ok_or_else(|| self.corrupt(&format!("{legacy}/{k:?}")))?;
-            if moved == 0 {
+        let mut take = |seq: u64, record: &[u8], what: &str| -> Result<(), StoreError> {
+            let inner = self.inner.lock().expect("segment log lock");
+            let (count, last) = (inner.count, inner.last);
+            drop(inner);
+            if count == 0 {
                 // Everything before the first record kept was deleted.
                 self.set_low(seq - 1)?;
-                self.inner.lock().expect("segment log lock").low = seq - 1;
-            } else if seq != self.inner.lock().expect("segment log lock").last + 1 {
-                return Err(self.corrupt(&format!("{legacy}/{seq} (records are not dense)")));
+                let mut inner = self.inner.lock().expect("segment log lock");
+                inner.low = seq - 1;
+                inner.last = seq - 1;
+            } else if seq != last + 1 {
+                return Err(self.corrupt(&format!("{what}/{seq} (records are not dense)")));
             }
-            self.append(seq, &v)?;
+            self.append(seq, record)?;
             moved += 1;
+            Ok(())
+        };
+        if !per_record.is_empty() {
+            self.low_tree.clear().map_err(|e| self.store.write_err(e))?;
+            for item in per_record.iter() {
+                let (k, v) = item.map_err(|e| self.store.write_err(e))?;
+                let seq = key_seq(&k)
+                    .filter(|&s| s > 0)
+                    .ok_or_else(|| self.corrupt(&format!("{legacy}/{k:?}")))?;
+                take(seq, &v, legacy)?;
+            }
+        } else {
+            let low = self.read_low()?;
+            for item in bodies.iter() {
+                let (k, v) = item.map_err(|e| self.store.write_err(e))?;
+                let first = key_seq(&k)
+                    .ok_or_else(|| self.corrupt(&format!("{}/{k:?}", self.name)))?;
+                let mut at = 1;
+                let mut seq = first;
+                if v.first() != Some(&FORMAT) {
+                    return Err(self.corrupt(&format!("{}/{first}", self.name)));
+                }
+                while at < v.len() {
+                    let len = v
+                        .get(at..at + 4)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u32::from_le_bytes)
+                        .ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?
+                        as usize;
+                    let record = v
+                        .get(at + 4..at + 4 + len)
+                        .ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?;
+                    if seq > low {
+                        take(seq, record, &self.name)?;
+                    }
+                    at += 4 + len;
+                    seq += 1;
+                }
+            }
         }
         self.write_pending()?;
         self.store.sync()?;
-        old.clear().map_err(|e| self.store.write_err(e))?;
+        per_record.clear().map_err(|e| self.store.write_err(e))?;
+        bodies.clear().map_err(|e| self.store.write_err(e))?;
         self.store.sync()?;
-        tracing::info!(store = %self.store.path.display(), records = moved, "moved the records of an earlier version's store into segments");
+        tracing::info!(store = %self.store.path.display(), records = moved, "moved the records an earlier version kept in sled into segment files");
         Ok(())
     }
 
@@ -229,39 +590,92 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// Read the low mark and count what every segment holds above it.
-    fn recount(&self) -> Result<(), StoreError> {
-        let low = match self
+    fn read_low(&self) -> Result<u64, StoreError> {
+        match self
             .low_tree
             .get(LOW_KEY)
             .map_err(|e| self.store.write_err(e))?
         {
-            Some(v) => key_seq(&v).ok_or_else(|| self.corrupt(&format!("{}.low", self.name)))?,
-            None => 0,
-        };
+            Some(v) => key_seq(&v).ok_or_else(|| self.corrupt(&format!("{}.low", self.name))),
+            None => Ok(0),
+        }
+    }
+
+    /// A locator read from the index.
+    fn loc(&self, key: &[u8], value: &[u8]) -> Result<(u64, Loc), StoreError> {
+        let first = key_seq(key)
+            .ok_or_else(|| self.corrupt(&format!("{}.index/{key:?}", self.name)))?;
+        let loc =
+            Loc::decode(value).ok_or_else(|| self.corrupt(&format!("{}.index/{first}", self.name)))?;
+        Ok((first, loc))
+    }
+
+    /// Read the low mark and count what every segment holds above it; check
+    /// that segments are dense and that each file holds its bodies. With
+    /// `repair`, locators a crash kept below the low mark are removed, and
+    /// files no locator references are removed at the next sync.
+    fn recount(&self, repair: bool) -> Result<(), StoreError> {
+        let low = self.read_low()?;
         let (mut count, mut bytes, mut next) = (0u64, 0u64, None::<u64>);
-        for item in self.tree.iter() {
+        let mut live: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        let mut partial = Vec::new();
+        for item in self.index.iter() {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seg = self.parse(&k, v)?;
-            if next.is_some_and(|n| n != seg.first) {
+            let (first, loc) = self.loc(&k, &v)?;
+            let last = first + u64::from(loc.records) - 1;
+            if next.is_some_and(|n| n != first) {
                 return Err(self.corrupt(&format!(
-                    "{}/{} (segments are not dense: expected {})",
+                    "{}.index/{first} (segments are not dense: expected {})",
                     self.name,
-                    seg.first,
                     next.unwrap_or(0)
                 )));
             }
-            next = Some(seg.last() + 1);
-            if seg.last() <= low {
+            next = Some(last + 1);
+            if last <= low && repair {
                 // Trimmed whole, its removal lost by a crash.
-                self.tree.remove(&k).map_err(|e| self.store.write_err(e))?;
+                self.index.remove(&k).map_err(|e| self.store.write_err(e))?;
                 continue;
             }
-            let from = seg.first.max(low + 1);
-            if from <= seg.last() {
-                count += seg.last() + 1 - from;
-                bytes += seg.bytes_from(from);
+            let end = live.entry(loc.file).or_default();
+            end.0 += 1;
+            end.1 = end.1.max(loc.offset + u64::from(loc.len));
+            if first > low {
+                count += u64::from(loc.records);
+                bytes += loc.bytes;
+            } else if last > low {
+                partial.push((first, loc, low + 1, last));
+                count += last - low;
             }
+        }
+        let mut st = self.files.st.lock().expect("segment files lock");
+        for (&file, &(_, end)) in &live {
+            let path = self.files.path(file);
+            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if len < end {
+                return Err(StoreError::Corrupt {
+                    path: path.clone(),
+                    key: format!(
+                        "{}.index: a segment ends at byte {end} of file {}, which holds {len} (missing or cut short)",
+                        self.name,
+                        path.display()
+                    ),
+                });
+            }
+        }
+        st.live = live.iter().map(|(&f, &(n, _))| (f, n)).collect();
+        if repair {
+            let orphans: Vec<u64> = st
+                .found
+                .iter()
+                .copied()
+                .filter(|n| !st.live.contains_key(n))
+                .collect();
+            st.doomed.extend(orphans);
+            st.found.clear();
+        }
+        drop(st);
+        for (first, loc, from, to) in partial {
+            bytes += self.body(first, loc)?.bytes_between(from, to);
         }
         let mut inner = self.inner.lock().expect("segment log lock");
         inner.low = low;
@@ -274,9 +688,17 @@ impl SegmentLog {
         Ok(())
     }
 
-    fn parse(&self, key: &[u8], value: sled::IVec) -> Result<Parsed, StoreError> {
-        let first = key_seq(key).ok_or_else(|| self.corrupt(&format!("{}/{key:?}", self.name)))?;
-        let spans = spans(&value).ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?;
+    /// Read and parse the body a locator points at.
+    fn body(&self, first: u64, loc: Loc) -> Result<Parsed, StoreError> {
+        let file = self.files.reader(loc.file)?;
+        let mut value = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut value, loc.offset)
+            .map_err(|source| StoreError::File {
+                path: self.files.path(loc.file),
+                source,
+            })?;
+        let spans = spans(&value, loc.records)
+            .ok_or_else(|| self.corrupt(&format!("{}.index/{first} (its body in file {:020})", self.name, loc.file)))?;
         Ok(Parsed {
             first,
             value,
@@ -285,8 +707,8 @@ impl SegmentLog {
     }
 
     /// Append one encoded record at `seq`: the next after the last stored,
-    /// or any seq above the low mark when nothing is stored. Written to the
-    /// tree when its segment is full; not durable until the owner's fsync.
+    /// or any seq above the low mark when nothing is stored. Written to a
+    /// file when its segment is full; not durable until the owner's fsync.
     pub fn append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().expect("segment log lock");
         if inner.count == 0 {
@@ -309,7 +731,7 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// Append records `first..` and write them to the tree (one or more
+    /// Append records `first..` and write them to a file (one or more
     /// segments). Not durable until the owner's fsync.
     pub fn put(&self, first: u64, records: &[Vec<u8>]) -> Result<(), StoreError> {
         for (i, r) in records.iter().enumerate() {
@@ -318,7 +740,8 @@ impl SegmentLog {
         self.write_pending()
     }
 
-    /// Write the records appended so far to the tree (not fsynced).
+    /// Write the records appended so far to a file and index them (not
+    /// fsynced).
     pub fn write_pending(&self) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().expect("segment log lock");
         self.write_pending_locked(&mut inner)
@@ -328,11 +751,27 @@ impl SegmentLog {
         if inner.pending.count == 0 {
             return Ok(());
         }
-        let p = std::mem::take(&mut inner.pending);
-        self.tree
-            .insert(seq_key(p.first), p.value)
+        let p = &inner.pending;
+        let (file, offset) = self.files.write(&p.value)?;
+        let loc = Loc {
+            file,
+            offset,
+            len: u32::try_from(p.value.len()).expect("a segment is under 4 GiB"),
+            records: u32::try_from(p.count).expect("a segment holds under 2^32 records"),
+            bytes: (p.value.len() - 1) as u64 - 4 * p.count,
+        };
+        self.index
+            .insert(seq_key(p.first), &loc.encode()[..])
             .map_err(|e| self.store.write_err(e))?;
+        inner.pending = Pending::default();
         Ok(())
+    }
+
+    /// fsync the segment files written so far (and their directory). The
+    /// owner calls it before it writes a mark saying they are durable;
+    /// [`Store::sync`] calls it too.
+    pub fn sync_files(&self) -> Result<(), StoreError> {
+        self.files.fsync_written()
     }
 
     /// Records stored above the low mark, and their bytes (pending
@@ -352,21 +791,20 @@ impl SegmentLog {
         if count == 0 {
             return Ok(None);
         }
-        match self.tree.first().map_err(|e| self.store.write_err(e))? {
+        match self.index.first().map_err(|e| self.store.write_err(e))? {
             Some((k, _)) => {
-                let first =
-                    key_seq(&k).ok_or_else(|| self.corrupt(&format!("{}/{k:?}", self.name)))?;
+                let first = key_seq(&k)
+                    .ok_or_else(|| self.corrupt(&format!("{}.index/{k:?}", self.name)))?;
                 Ok(Some(first.max(low + 1)))
             }
             None => Ok(pending_first),
         }
     }
 
-    /// The segment in the tree holding `seq`, read and parsed (the read
-    /// cache is [`SegmentLog::get`]'s); `None` if none holds it.
-    fn segment(&self, seq: u64) -> Result<Option<Parsed>, StoreError> {
+    /// The locator of the segment holding `seq`, if one in the index does.
+    fn find(&self, seq: u64) -> Result<Option<(sled::IVec, u64, Loc)>, StoreError> {
         let found = self
-            .tree
+            .index
             .range(..=seq_key(seq))
             .next_back()
             .transpose()
@@ -374,8 +812,17 @@ impl SegmentLog {
         let Some((k, v)) = found else {
             return Ok(None);
         };
-        let seg = self.parse(&k, v)?;
-        Ok(seg.holds(seq).then_some(seg))
+        let (first, loc) = self.loc(&k, &v)?;
+        Ok((seq - first < u64::from(loc.records)).then_some((k, first, loc)))
+    }
+
+    /// The segment holding `seq`, read and parsed (the read cache is
+    /// [`SegmentLog::get`]'s); `None` if none in the index holds it.
+    fn segment(&self, seq: u64) -> Result<Option<Parsed>, StoreError> {
+        match self.find(seq)? {
+            Some((_, first, loc)) => self.body(first, loc).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Record `seq` if it is stored above the low mark.
@@ -424,7 +871,7 @@ impl SegmentLog {
     }
 
     /// Bytes of the records stored after `seq`: from the total kept in
-    /// memory, walking the records on the shorter side of `seq`.
+    /// memory, less or plus the records on the shorter side of `seq`.
     pub fn bytes_after(&self, seq: u64) -> Result<u64, StoreError> {
         let (low, last, total) = {
             let inner = self.inner.lock().expect("segment log lock");
@@ -443,6 +890,19 @@ impl SegmentLog {
         }
     }
 
+    /// Bytes of the records `from..=to` of a segment: from its locator when
+    /// it lies inside, else from its body.
+    fn segment_bytes(&self, first: u64, loc: Loc, from: u64, to: u64) -> Result<u64, StoreError> {
+        let last = first + u64::from(loc.records) - 1;
+        if from <= first && last <= to {
+            return Ok(loc.bytes);
+        }
+        if from > last || to < first {
+            return Ok(0);
+        }
+        Ok(self.body(first, loc)?.bytes_between(from, to))
+    }
+
     /// Bytes of the records `from..=to` stored (pending included).
     fn bytes_between(&self, from: u64, to: u64) -> Result<u64, StoreError> {
         let mut bytes = 0;
@@ -457,18 +917,17 @@ impl SegmentLog {
             }
             (p.count > 0).then_some(p.first)
         };
-        let start = match self.segment(from)? {
-            Some(seg) => seg.first,
+        let start = match self.find(from)? {
+            Some((_, first, _)) => first,
             None => from,
         };
-        for item in self.tree.range(seq_key(start)..=seq_key(to)) {
+        for item in self.index.range(seq_key(start)..=seq_key(to)) {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let first = key_seq(&k).ok_or_else(|| self.corrupt(&format!("{}/{k:?}", self.name)))?;
+            let (first, loc) = self.loc(&k, &v)?;
             if pending_first.is_some_and(|p| first >= p) {
                 break;
             }
-            bytes += walk(&v, first, from, to)
-                .ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?;
+            bytes += self.segment_bytes(first, loc, from, to)?;
         }
         Ok(bytes)
     }
@@ -490,22 +949,24 @@ impl SegmentLog {
         }
         let (mut count, mut bytes) = (0u64, 0u64);
         // The segment holding the first record trimmed, then each after it.
-        let start = match self.segment(old_low + 1)? {
-            Some(seg) => seg.first,
+        let start = match self.find(old_low + 1)? {
+            Some((_, first, _)) => first,
             None => old_low + 1,
         };
-        for item in self.tree.range(seq_key(start)..) {
+        for item in self.index.range(seq_key(start)..) {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seg = self.parse(&k, v)?;
-            if seg.first > new_low {
+            let (first, loc) = self.loc(&k, &v)?;
+            if first > new_low {
                 break;
             }
-            let from = seg.first.max(old_low + 1);
-            let to = seg.last().min(new_low);
+            let last = first + u64::from(loc.records) - 1;
+            let from = first.max(old_low + 1);
+            let to = last.min(new_low);
             count += to + 1 - from;
-            bytes += seg.bytes_from(from) - seg.bytes_from(to + 1);
-            if seg.last() <= new_low {
-                self.tree.remove(&k).map_err(|e| self.store.write_err(e))?;
+            bytes += self.segment_bytes(first, loc, from, to)?;
+            if last <= new_low {
+                self.index.remove(&k).map_err(|e| self.store.write_err(e))?;
+                self.files.release(loc.file);
             }
         }
         inner.low = new_low;
@@ -516,8 +977,8 @@ impl SegmentLog {
     }
 
     /// Delete record `seq` and every one after it (pending included); a
-    /// segment that holds records before it is rewritten without the rest.
-    /// Not fsynced. Returns how many records were deleted.
+    /// segment that holds records before it is cut short. Not fsynced.
+    /// Returns how many records were deleted.
     pub fn truncate_from(&self, seq: u64) -> Result<u64, StoreError> {
         let mut inner = self.inner.lock().expect("segment log lock");
         let from = seq.max(inner.low + 1);
@@ -546,43 +1007,47 @@ impl SegmentLog {
         Ok(count)
     }
 
-    /// Remove the segments from `from` on, the last first, then cut short
-    /// the one that holds records before it: whatever prefix of these
+    /// Remove the locators of the segments from `from` on, the last first,
+    /// then cut short the one that holds records before it (a smaller
+    /// count in its locator; its body stays): whatever prefix of these
     /// writes a crash keeps, the segments left are dense. Returns the
-    /// records and bytes removed.
+    /// records and bytes removed (counted from the locators: a tail cut on
+    /// open may point at bodies a crash lost).
     fn cut_tail(&self, from: u64) -> Result<(u64, u64), StoreError> {
         let (mut records, mut bytes) = (0u64, 0u64);
-        let tail: Vec<sled::IVec> = self
-            .tree
+        let tail: Vec<(sled::IVec, sled::IVec)> = self
+            .index
             .range(seq_key(from)..)
-            .keys()
             .collect::<Result<_, _>>()
             .map_err(|e| self.store.write_err(e))?;
-        for k in tail.iter().rev() {
-            if let Some(v) = self.tree.get(k).map_err(|e| self.store.write_err(e))? {
-                let seg = self.parse(k, v)?;
-                records += seg.spans.len() as u64;
-                bytes += seg.bytes_from(seg.first);
-            }
-            self.tree.remove(k).map_err(|e| self.store.write_err(e))?;
+        for (k, v) in tail.iter().rev() {
+            let (_, loc) = self.loc(k, v)?;
+            records += u64::from(loc.records);
+            bytes += loc.bytes;
+            self.index.remove(k).map_err(|e| self.store.write_err(e))?;
+            self.files.release(loc.file);
         }
         let before = self
-            .tree
+            .index
             .range(..seq_key(from))
             .next_back()
             .transpose()
             .map_err(|e| self.store.write_err(e))?;
         if let Some((k, v)) = before {
-            let seg = self.parse(&k, v)?;
-            if seg.last() >= from {
-                records += seg.last() + 1 - from;
-                bytes += seg.bytes_from(from);
-                let mut kept = Pending::default();
-                for s in seg.first..from {
-                    push(&mut kept, s, seg.record(s));
-                }
-                self.tree
-                    .insert(&k, kept.value)
+            let (first, loc) = self.loc(&k, &v)?;
+            let last = first + u64::from(loc.records) - 1;
+            if last >= from {
+                let seg = self.body(first, loc)?;
+                let cut = seg.bytes_between(from, last);
+                records += last + 1 - from;
+                bytes += cut;
+                let kept = Loc {
+                    records: u32::try_from(from - first).expect("fewer records"),
+                    bytes: loc.bytes - cut,
+                    ..loc
+                };
+                self.index
+                    .insert(&k, &kept.encode()[..])
                     .map_err(|e| self.store.write_err(e))?;
             }
         }
@@ -593,8 +1058,16 @@ impl SegmentLog {
     /// appended is above it). Not fsynced.
     pub fn reset(&self, low: u64) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().expect("segment log lock");
-        self.tree.clear().map_err(|e| self.store.write_err(e))?;
+        self.index.clear().map_err(|e| self.store.write_err(e))?;
         self.set_low(low)?;
+        {
+            let mut st = self.files.st.lock().expect("segment files lock");
+            let files: Vec<u64> = st.live.keys().copied().collect();
+            st.doomed.extend(files);
+            st.live.clear();
+            st.readers.clear();
+            st.current = None;
+        }
         inner.pending = Pending::default();
         inner.cached = None;
         inner.rewrites += 1;
@@ -624,9 +1097,10 @@ impl SegmentLog {
             }
             inner.low
         };
-        for item in self.tree.range(..seq_key(below)).rev() {
+        for item in self.index.range(..seq_key(below)).rev() {
             let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-            let seg = self.parse(&k, v)?;
+            let (first, loc) = self.loc(&k, &v)?;
+            let seg = self.body(first, loc)?;
             for s in (seg.first.max(low + 1)..=seg.last().min(below.saturating_sub(1))).rev() {
                 if pred(seg.record(s)) {
                     return Ok(Some(s));
@@ -642,50 +1116,44 @@ impl SegmentLog {
     /// Put record `seq` back as a crash or a bad disk could: its bytes
     /// replaced in the segment that holds it, or, if it was deleted, as a
     /// segment of its own just before the first one, with the low mark
-    /// lowered below it. For fault tests, on a store no daemon has open.
+    /// lowered below it. For fault tests, on a store no daemon has open;
+    /// fsynced.
     #[doc(hidden)]
     pub fn put_back(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
         self.write_pending()?;
-        let held = self.segment(seq)?;
+        let held = self.find(seq)?;
         let mut seg = Pending::default();
-        match held {
-            Some(old) => {
+        match &held {
+            Some((_, first, loc)) => {
+                let old = self.body(*first, *loc)?;
                 for s in old.first..=old.last() {
                     push(&mut seg, s, if s == seq { record } else { old.record(s) });
                 }
             }
             None => push(&mut seg, seq, record),
         }
-        self.tree
-            .insert(seq_key(seg.first), seg.value)
+        if let Some((_, _, loc)) = held {
+            self.files.release(loc.file);
+        }
+        let (file, offset) = self.files.write(&seg.value)?;
+        let loc = Loc {
+            file,
+            offset,
+            len: seg.value.len() as u32,
+            records: seg.count as u32,
+            bytes: (seg.value.len() - 1) as u64 - 4 * seg.count,
+        };
+        self.sync_files()?;
+        self.index
+            .insert(seq_key(seg.first), &loc.encode()[..])
             .map_err(|e| self.store.write_err(e))?;
         let low = self.inner.lock().expect("segment log lock").low;
         if seq <= low {
             self.set_low(seq - 1)?;
         }
-        self.recount()
+        self.store.sync()?;
+        self.recount(false)
     }
-}
-
-/// Bytes of the records `from..=to` in segment `value` (whose first record
-/// is `first`), read without copying; `None` if it is not a segment.
-fn walk(value: &[u8], first: u64, from: u64, to: u64) -> Option<u64> {
-    if value.first() != Some(&FORMAT) {
-        return None;
-    }
-    let (mut at, mut seq, mut bytes) = (1, first, 0u64);
-    while at < value.len() && seq <= to {
-        let len = u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?) as usize;
-        if value.len() - (at + 4) < len {
-            return None;
-        }
-        if seq >= from {
-            bytes += len as u64;
-        }
-        at += 4 + len;
-        seq += 1;
-    }
-    Some(bytes)
 }
 
 /// Add a record to a segment being built.
@@ -720,6 +1188,7 @@ fn pending_record(p: &Pending, seq: u64) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     /// A record of `len` bytes that tells its seq.
     fn rec(seq: u64, len: usize) -> Vec<u8> {
@@ -770,7 +1239,7 @@ mod tests {
             // record of at most 400 bytes past it): about total / SEGMENT_BYTES.
             let total: usize = want.iter().map(|r| r.len() + 4).sum();
             let (fewest, most) = (total / (SEGMENT_BYTES + 404), total / SEGMENT_BYTES + 1);
-            let n = log.tree.len();
+            let n = log.index.len();
             assert!(
                 (fewest..=most).contains(&n),
                 "{n} segments for 2000 records of {total} bytes: expected {fewest}..={most}"
@@ -806,16 +1275,16 @@ mod tests {
         {
             let (store, log) = open(dir.path());
             log.put(1, &want).unwrap();
-            let segments = log.tree.len();
+            let segments = log.index.len();
             // Mid-segment: the segment stays, its first records are gone.
             assert_eq!(log.trim_through(3).unwrap(), 3);
             assert_eq!(log.get(3).unwrap(), None);
             assert_eq!(log.get(4).unwrap().as_ref(), Some(&want[3]));
             assert_eq!(log.first_seq().unwrap(), Some(4));
-            assert_eq!(log.tree.len(), segments);
+            assert_eq!(log.index.len(), segments);
             assert_eq!(log.trim_through(2).unwrap(), 0, "already trimmed");
             assert_eq!(log.trim_through(700).unwrap(), 697);
-            assert!(log.tree.len() < segments, "whole segments are removed");
+            assert!(log.index.len() < segments, "whole segments are removed");
             assert_eq!(log.depth(), (300, 300 * 200));
             assert_eq!(log.bytes_after(0).unwrap(), 300 * 200);
             store.sync().unwrap();
@@ -927,7 +1396,7 @@ mod tests {
             log.put(1, &recs[..4]).unwrap();
             log.put(5, &recs[4..8]).unwrap();
             log.put(9, &recs[8..]).unwrap();
-            log.tree.remove(seq_key(5)).unwrap();
+            log.index.remove(seq_key(5)).unwrap();
             store.sync().unwrap();
         }
         for _ in 0..100 {
@@ -952,42 +1421,188 @@ mod tests {
         panic!("the store did not reopen");
     }
 
+    /// Reopen the store at `dir` (sled may hold its lock a moment after
+    /// the last handle is dropped) and open the log with no tail.
+    fn open_plain(dir: &std::path::Path) -> Result<SegmentLog, StoreError> {
+        for _ in 0..100 {
+            if let Ok(store) = Store::open(dir, 1 << 20) {
+                return SegmentLog::open(&store, "segments", None, None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("the store did not reopen");
+    }
+
     #[test]
-    fn a_bad_segment_or_a_gap_between_segments_is_a_named_error() {
-        for bad in ["format", "length", "gap", "key"] {
+    fn a_bad_locator_a_gap_or_a_file_cut_short_is_a_named_error() {
+        for bad in ["format", "gap", "key", "file"] {
             let dir = tempfile::tempdir().unwrap();
             {
                 let (store, log) = open(dir.path());
                 log.put(1, &[rec(1, 20), rec(2, 20)]).unwrap();
                 log.put(3, &[rec(3, 20)]).unwrap();
                 match bad {
-                    "format" => log.tree.insert(seq_key(3), &[9u8, 1, 0, 0, 0, 7][..]),
-                    "length" => log.tree.insert(seq_key(3), &[FORMAT, 200, 0, 0, 0, 7][..]),
-                    "gap" => log
-                        .tree
-                        .insert(seq_key(4), log.tree.remove(seq_key(3)).unwrap().unwrap()),
-                    _ => log.tree.insert(b"x", &[FORMAT][..]),
+                    "format" => {
+                        log.index.insert(seq_key(3), &[9u8, 1, 0][..]).unwrap();
+                    }
+                    "gap" => {
+                        let v = log.index.remove(seq_key(3)).unwrap().unwrap();
+                        log.index.insert(seq_key(4), v).unwrap();
+                    }
+                    "key" => {
+                        log.index.insert(b"x", &[LOC_FORMAT][..]).unwrap();
+                    }
+                    _ => {
+                        store.sync().unwrap();
+                        let (_, loc) = log.find(3).unwrap().map(|f| (f.1, f.2)).unwrap();
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(log.files.path(loc.file))
+                            .unwrap();
+                        f.set_len(loc.offset + 3).unwrap();
+                    }
                 }
-                .unwrap();
                 store.sync().unwrap();
             }
-            let mut got = None;
-            for _ in 0..100 {
-                match Store::open(dir.path(), 1 << 20) {
-                    Ok(store) => {
-                        got = Some(SegmentLog::open(&store, "segments", None, None).map(|_| ()));
-                        break;
-                    }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            match open_plain(dir.path()) {
+                Err(StoreError::Corrupt { key, .. }) => {
+                    assert!(key.starts_with("segments.index"), "{bad}: {key}")
                 }
-            }
-            match got {
-                Some(Err(StoreError::Corrupt { key, .. })) => {
-                    assert!(key.starts_with("segments/"), "{bad}: {key}")
-                }
-                other => panic!("{bad}: opened: {other:?}"),
+                other => panic!("{bad}: opened: {:?}", other.map(|_| ())),
             }
         }
+    }
+
+    #[test]
+    fn a_body_damaged_on_disk_is_a_named_error_when_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = {
+            let (store, log) = open(dir.path());
+            log.put(1, &[rec(1, 20), rec(2, 20)]).unwrap();
+            store.sync().unwrap();
+            log.find(1).unwrap().unwrap().2
+        };
+        // The first length field says more than the body holds.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(format!("segments.d/{:020}", loc.file)))
+            .unwrap();
+        f.write_all_at(&[0xff, 0xff, 0, 0], loc.offset + 1).unwrap();
+        let log = open_plain(dir.path()).unwrap();
+        match log.get(1) {
+            Err(StoreError::Corrupt { key, .. }) => {
+                assert!(key.starts_with("segments.index/1 (its body"), "{key}")
+            }
+            other => panic!("read: {other:?}"),
+        }
+    }
+
+    /// Invariant 5: sled keeps in memory the values it holds, so it must
+    /// hold no record bodies, only locators of a fixed size.
+    #[test]
+    fn sled_holds_only_locators_and_the_bodies_are_in_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, log) = open(dir.path());
+        let recs: Vec<Vec<u8>> = (1..=3000).map(|s| rec(s, 1000)).collect();
+        log.put(1, &recs).unwrap();
+        store.sync().unwrap();
+        assert!(log.index.len() >= 3000 * 1000 / (SEGMENT_BYTES + 1004));
+        for item in log.index.iter() {
+            let (_, v) = item.unwrap();
+            assert_eq!(v.len(), Loc::LEN, "a value that is not a locator");
+        }
+        let on_disk: u64 = fs::read_dir(dir.path().join("segments.d"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(on_disk >= 3000 * 1004, "bodies in files: {on_disk} bytes");
+    }
+
+    /// A file is removed once no locator references it, and only after a
+    /// sync made that durable; an orphan a crash left is removed after the
+    /// next open's first sync.
+    #[test]
+    fn files_no_longer_referenced_are_removed_after_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = |d: &std::path::Path| fs::read_dir(d.join("segments.d")).unwrap().count();
+        let per_file = (FILE_BYTES / (SEGMENT_BYTES as u64)) as usize;
+        // Enough records of 8 KiB for three files and a bit.
+        let n = (3 * per_file + 2) * (SEGMENT_BYTES / 8192) + 8;
+        let recs: Vec<Vec<u8>> = (1..=n as u64).map(|s| rec(s, 8192)).collect();
+        {
+            let (store, log) = open(dir.path());
+            log.put(1, &recs).unwrap();
+            store.sync().unwrap();
+            assert_eq!(files(dir.path()), 4);
+            assert_eq!(log.trim_through(n as u64 / 2).unwrap(), n as u64 / 2);
+            assert_eq!(files(dir.path()), 4, "removed before the sync");
+            store.sync().unwrap();
+            assert_eq!(files(dir.path()), 3, "the first file is unreferenced");
+            // An orphan, as a crash between sled's fsync and the removal
+            // leaves one.
+            fs::write(dir.path().join(format!("segments.d/{:020}", 0)), b"x").unwrap();
+            assert_eq!(log.bytes_after(0).unwrap(), (n - n / 2) as u64 * 8192);
+        }
+        let (store, log) = reopen(dir.path());
+        store.sync().unwrap();
+        assert_eq!(files(dir.path()), 4, "inspection removes nothing");
+        drop((store, log));
+        let (store, log) = (0..100)
+            .find_map(|_| match Store::open(dir.path(), 1 << 20) {
+                Ok(store) => {
+                    let log =
+                        SegmentLog::open(&store, "segments", None, Some(n as u64 + 1)).unwrap();
+                    Some((store, log))
+                }
+                Err(_) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                }
+            })
+            .expect("the store reopens");
+        store.sync().unwrap();
+        assert_eq!(files(dir.path()), 3, "the orphan is removed");
+        assert!(all(&log, n as u64 / 2 + 1, n as u64) == recs[n / 2..], "records differ");
+        log.reset(n as u64).unwrap();
+        store.sync().unwrap();
+        assert_eq!(files(dir.path()), 0);
+        log.put(n as u64 + 1, &[rec(n as u64 + 1, 10)]).unwrap();
+        assert_eq!(all(&log, n as u64 + 1, u64::MAX), vec![rec(n as u64 + 1, 10)]);
+    }
+
+    /// Session 5's store kept the segment bodies in sled (tree `segments`,
+    /// with the low mark in `segments.low`): they move into files.
+    #[test]
+    fn segments_an_earlier_version_kept_in_sled_move_into_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let want: Vec<Vec<u8>> = (1..=300).map(|s| rec(s, 150)).collect();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let old = store.tree("segments").unwrap();
+            for first in (1..=300u64).step_by(100) {
+                let mut p = Pending::default();
+                for s in first..first + 100 {
+                    push(&mut p, s, &want[s as usize - 1]);
+                }
+                old.insert(seq_key(first), p.value).unwrap();
+            }
+            store
+                .tree("segments.low")
+                .unwrap()
+                .insert(LOW_KEY, &42u64.to_be_bytes())
+                .unwrap();
+            store.sync().unwrap();
+        }
+        assert!(
+            matches!(open_plain(dir.path()), Err(StoreError::Dir { .. })),
+            "inspection of the old layout is refused, not misread"
+        );
+        let (store, log) = reopen(dir.path());
+        assert!(store.tree("segments").unwrap().is_empty(), "old keys removed");
+        assert_eq!(log.first_seq().unwrap(), Some(43));
+        assert_eq!(log.depth(), (258, 258 * 150));
+        assert_eq!(log.get(42).unwrap(), None);
+        assert!(all(&log, 43, 300) == want[42..], "records differ");
     }
 
     #[test]
