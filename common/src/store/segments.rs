@@ -1203,17 +1203,27 @@ mod tests {
         (store, log)
     }
 
-    /// sled's background thread may hold the file lock for a moment after
-    /// the last handle is dropped.
-    fn reopen(dir: &std::path::Path) -> (Store, SegmentLog) {
+    /// Open the store at `dir` again and the log in it. sled's background
+    /// thread may hold the file lock for a moment after the last handle is
+    /// dropped.
+    fn reopen_with(
+        dir: &std::path::Path,
+        legacy: Option<&str>,
+        tail_from: Option<u64>,
+    ) -> (Store, Result<SegmentLog, StoreError>) {
         for _ in 0..100 {
             if let Ok(store) = Store::open(dir, 1 << 20) {
-                let log = SegmentLog::open(&store, "segments", Some("records"), None).unwrap();
+                let log = SegmentLog::open(&store, "segments", legacy, tail_from);
                 return (store, log);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        open(dir)
+        panic!("the store did not reopen");
+    }
+
+    fn reopen(dir: &std::path::Path) -> (Store, SegmentLog) {
+        let (store, log) = reopen_with(dir, Some("records"), None);
+        (store, log.unwrap())
     }
 
     fn all(log: &SegmentLog, from: u64, to: u64) -> Vec<Vec<u8>> {
@@ -1421,16 +1431,9 @@ mod tests {
         panic!("the store did not reopen");
     }
 
-    /// Reopen the store at `dir` (sled may hold its lock a moment after
-    /// the last handle is dropped) and open the log with no tail.
+    /// Reopen for inspection: no legacy, no tail.
     fn open_plain(dir: &std::path::Path) -> Result<SegmentLog, StoreError> {
-        for _ in 0..100 {
-            if let Ok(store) = Store::open(dir, 1 << 20) {
-                return SegmentLog::open(&store, "segments", None, None);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        panic!("the store did not reopen");
+        reopen_with(dir, None, None).1
     }
 
     #[test]
@@ -1547,19 +1550,8 @@ mod tests {
         store.sync().unwrap();
         assert_eq!(files(dir.path()), 4, "inspection removes nothing");
         drop((store, log));
-        let (store, log) = (0..100)
-            .find_map(|_| match Store::open(dir.path(), 1 << 20) {
-                Ok(store) => {
-                    let log =
-                        SegmentLog::open(&store, "segments", None, Some(n as u64 + 1)).unwrap();
-                    Some((store, log))
-                }
-                Err(_) => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    None
-                }
-            })
-            .expect("the store reopens");
+        let (store, log) = reopen_with(dir.path(), None, Some(n as u64 + 1));
+        let log = log.unwrap();
         store.sync().unwrap();
         assert_eq!(files(dir.path()), 3, "the orphan is removed");
         assert!(all(&log, n as u64 / 2 + 1, n as u64) == recs[n / 2..], "records differ");
