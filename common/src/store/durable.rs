@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirEntryExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -105,11 +105,21 @@ impl<T> Synced<T> {
 pub struct Store {
     pub db: sled::Db,
     pub path: PathBuf,
-    /// Each file under the store as the last [`Store::sync`] left it
-    /// (fsynced): a file whose stamp is unchanged need not be fsynced again.
-    synced: Arc<Mutex<HashMap<PathBuf, Stamp>>>,
+    /// The store as the last [`Store::sync`] left it (fsynced).
+    synced: Arc<Mutex<SyncedState>>,
     /// Owners of files beside sled ([`Beside`]).
     besides: Arc<Mutex<Vec<Arc<dyn Beside>>>>,
+}
+
+/// What the last [`Store::sync`] made durable.
+#[derive(Default)]
+struct SyncedState {
+    /// Each file under the store: a file whose stamp is unchanged need not
+    /// be fsynced again.
+    files: HashMap<PathBuf, Stamp>,
+    /// Each directory's entries (name and inode, sorted): a directory
+    /// whose entries are unchanged need not be fsynced again.
+    listings: HashMap<PathBuf, Vec<(std::ffi::OsString, u64)>>,
 }
 
 /// What tells a changed file: its inode, length and modification time.
@@ -213,7 +223,8 @@ impl Store {
         }
         let beside_dirs: Vec<&Path> = besides.iter().map(|b| b.dir()).collect();
         self.db.flush().map_err(|e| self.write_err(e))?;
-        let mut now = HashMap::with_capacity(synced.len());
+        let mut now = HashMap::with_capacity(synced.files.len());
+        let mut listings = HashMap::with_capacity(synced.listings.len());
         let mut dirs = vec![self.path.clone()];
         let mut i = 0;
         while i < dirs.len() {
@@ -223,11 +234,13 @@ impl Store {
                 path: dir.clone(),
                 source,
             })?;
+            let mut listing = Vec::new();
             for entry in entries {
                 let entry = entry.map_err(|source| StoreError::Sync {
                     path: dir.clone(),
                     source,
                 })?;
+                listing.push((entry.file_name(), entry.ino()));
                 let path = entry.path();
                 let meta = match fs::symlink_metadata(&path) {
                     Ok(m) => m,
@@ -245,7 +258,7 @@ impl Store {
                     continue;
                 }
                 let stamp = Stamp::of(&meta);
-                if path == self.path.join("db") || synced.get(&path) != Some(&stamp) {
+                if path == self.path.join("db") || synced.files.get(&path) != Some(&stamp) {
                     match fsync(&path) {
                         Err(StoreError::Sync { source, .. })
                             if source.kind() == std::io::ErrorKind::NotFound =>
@@ -257,13 +270,20 @@ impl Store {
                 }
                 now.insert(path, stamp);
             }
+            listing.sort_unstable();
+            listings.insert(dir, listing);
         }
         // Directory entries (new blobs, a renamed snapshot, removals): the
-        // deepest directories first, the store directory last.
+        // deepest directories first, the store directory last; those whose
+        // entries are as the last sync left them are durable already (read
+        // before that fsync: an entry added after the reading differs now).
         for dir in dirs.iter().rev() {
-            fsync(dir)?;
+            if synced.listings.get(dir) != listings.get(dir) {
+                fsync(dir)?;
+            }
         }
-        *synced = now;
+        synced.files = now;
+        synced.listings = listings;
         // Nothing durable references them now. A removal a crash undoes
         // leaves a file no entry references, removed on the next open.
         for path in unlink {
@@ -357,10 +377,21 @@ mod tests {
             .unwrap();
         log.put(1, &vec![vec![7u8; 1000]; 50]).unwrap();
         store.sync().unwrap();
+        let blobs = || fs::read_dir(base.join("store/blobs")).unwrap().count();
+        let first = blobs();
+        // A second round: a sync fsyncs a directory only when its entries
+        // changed, and here they do (new blobs).
+        for i in 100..112u64 {
+            records
+                .insert(seq_key(i), vec![i as u8 + 1; 16 << 10])
+                .unwrap();
+        }
+        store.sync().unwrap();
         let _ = File::open(base.join(SYNC_RETURNED));
+        assert!(first > 0, "no blob file was written: the test would prove nothing");
         assert!(
-            fs::read_dir(base.join("store/blobs")).unwrap().count() > 0,
-            "no blob file was written: the test would prove nothing"
+            blobs() != first,
+            "the second round changed no entry of blobs/: the test would prove nothing"
         );
         assert!(
             fs::read_dir(base.join("store/segments.d")).unwrap().count() > 0,

@@ -367,7 +367,7 @@ impl Files {
             }
         };
         for (n, f) in &dirty {
-            if let Err(source) = f.sync_all() {
+            if let Err(source) = f.sync_data() {
                 let (n, path) = (*n, self.path(*n));
                 put_back(dirty, Some(n));
                 return Err(StoreError::Sync { path, source });
