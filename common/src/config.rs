@@ -142,6 +142,39 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// Parse a rate in bits per second, as tc and netem write it: `256kbit`,
+/// `2Mbit`, `1.5Mbit/s`, `1Gbit` (decimal prefixes: k = 1000). Returns bits
+/// per second.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate such as \"256kbit\" or \"2Mbit\""))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "bit" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        _ => {
+            return Err(format!(
+                "unknown rate unit in {text:?} (use bit, kbit, Mbit or Gbit, as in \"256kbit\")"
+            ))
+        }
+    };
+    let bps = (value * mult).round();
+    if !(8_000.0..=1e12).contains(&bps) {
+        return Err(format!(
+            "rate {text:?} is out of range (8kbit to 1000Gbit)"
+        ));
+    }
+    Ok(bps as u64)
+}
+
 /// Serde adapter for sizes: a string like "64MiB" or a plain integer of bytes.
 pub fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
@@ -220,6 +253,17 @@ mod tests {
         assert_eq!(parse_size("1 KiB").unwrap(), 1024);
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn rates_parse_in_bits_per_second() {
+        assert_eq!(parse_rate("256kbit").unwrap(), 256_000);
+        assert_eq!(parse_rate("2Mbit").unwrap(), 2_000_000);
+        assert_eq!(parse_rate("1.5 Mbit/s").unwrap(), 1_500_000);
+        assert_eq!(parse_rate("1Gbit").unwrap(), 1_000_000_000);
+        for bad in ["256", "256kb", "fast", "1bit", "kbit", "2Tbit"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[derive(Debug, Deserialize)]

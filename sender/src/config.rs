@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pgcourier_common::config::{self, de_duration, de_size, defaults, ConfigError, PasswordSource};
+use pgcourier_common::config::{self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource};
 use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
@@ -61,6 +61,7 @@ struct RawReceiver {
     name: String,
     fingerprint: String,
     address: Option<SocketAddr>,
+    max_rate: Option<String>,
 }
 
 fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -102,6 +103,10 @@ pub struct ReceiverSpec {
     pub fingerprint: Fingerprint,
     /// Dial this address; `None`: the receiver dials us (reverse mode).
     pub address: Option<SocketAddr>,
+    /// `max-rate`: the most this receiver's link may carry from us, bits
+    /// per second (QUIC's headers and acknowledgements included); `None`:
+    /// as fast as the link goes.
+    pub max_rate: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -217,10 +222,17 @@ impl SenderConfig {
                     format!("receiver {:?} repeats a name or fingerprint", r.name),
                 ));
             }
+            let max_rate = r
+                .max_rate
+                .as_deref()
+                .map(parse_rate)
+                .transpose()
+                .map_err(|e| invalid("receiver.max-rate", format!("receiver {:?}: {e}", r.name)))?;
             receivers.push(ReceiverSpec {
                 name: r.name,
                 fingerprint,
                 address: r.address,
+                max_rate,
             });
         }
         if receivers.iter().any(|r| r.address.is_none()) && raw.listen.is_none() {

@@ -33,6 +33,7 @@ use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::session::sender::{
     Admission, Control, SenderError, SenderSession, ShipSettings, SpoolFacts, SpoolSource,
 };
+use pgcourier_proto::session::pace::Pacer;
 use pgcourier_proto::session::{Class, SessionId, Takeover};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -160,6 +161,9 @@ pub struct LinkStatus {
     pub acked_bytes: u64,
     /// Average acknowledged raw bytes per second on this connection.
     pub throughput_bytes_per_sec: f64,
+    /// `max-rate`, when set: the cap the link is paced to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rate_bits_per_sec: Option<u64>,
     /// Set when the sender stopped dialing this receiver after a definite
     /// error (the error): an operator must act, then restart the sender.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,9 +186,20 @@ pub struct Shipper {
 
 impl Shipper {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Arc<Shipper> {
+        let links = cfg
+            .receivers
+            .iter()
+            .map(|r| {
+                let link = LinkStatus {
+                    max_rate_bits_per_sec: r.max_rate,
+                    ..LinkStatus::default()
+                };
+                (r.name.clone(), link)
+            })
+            .collect();
         Arc::new(Shipper {
             stats: ShipStats::default(),
-            links: Mutex::default(),
+            links: Mutex::new(links),
             sent_high: Mutex::default(),
             cfg,
             spool,
@@ -510,7 +525,20 @@ impl Shipper {
 
         let send = async {
             let mut marks_rx = self.spool.subscribe();
+            // `max-rate`, in bytes per second; what this connection sent.
+            let mut pacer = spec.max_rate.map(|bits| Pacer::new(bits / 8, Instant::now()));
+            let mut frame_bytes = 0u64;
             loop {
+                if let Some(p) = pacer.as_mut() {
+                    // The larger of what was written and what QUIC has put
+                    // on the wire (its overhead included, once sent).
+                    let sent = frame_bytes.max(conn.stats().udp_tx.bytes);
+                    let wait = p.wait(Instant::now(), sent);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
                 let complete = marks_rx.borrow_and_update().complete_seq;
                 let Some(want) = lock().wants(complete) else {
                     tokio::select! {
@@ -535,6 +563,7 @@ impl Shipper {
                     *h = (*h).max(shipped.sent_high);
                 }
                 framed::write_frame(&mut data, &shipped.frame).await?;
+                frame_bytes += shipped.wire_bytes;
                 let in_flight = lock().in_flight_bytes();
                 self.set_link(&spec.name, |l| {
                     l.in_flight_bytes = in_flight;

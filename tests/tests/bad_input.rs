@@ -80,6 +80,11 @@ fn bad_configurations_exit_non_zero_with_an_error_naming_the_setting() -> anyhow
         ),
         (
             "pgcourier-sender",
+            format!("{src}spool-dir = \"s\"\n{tail}max-rate = \"2 megabits\"\n"),
+            "receiver.max-rate",
+        ),
+        (
+            "pgcourier-sender",
             format!("{src}spool-dir = \"s\"\npassword-env = \"PGC_NO_SUCH_VAR\"\n{tail}"),
             "password-env",
         ),

@@ -70,6 +70,8 @@ pub struct Options<'a> {
     pub sender_extra: &'a str,
     /// Extra lines for every receiver.toml.
     pub receiver_extra: &'a str,
+    /// Extra lines for every `[[receiver]]` entry of sender.toml.
+    pub receiver_entry_extra: &'a str,
     /// An emulated link (netem UDP relay) between the sender and each
     /// receiver; only with [`Dial::SenderDials`].
     pub link: Option<pgcourier_netem::Link>,
@@ -88,6 +90,7 @@ impl Default for Options<'_> {
             tables: &[],
             sender_extra: "",
             receiver_extra: "",
+            receiver_entry_extra: "",
             link: None,
             wait_for_copy: true,
         }
@@ -163,7 +166,8 @@ impl Setup {
                 (Dial::ReceiverDials, _) => String::new(),
             };
             receivers_toml.push_str(&format!(
-                "\n[[receiver]]\nname = \"{rname}\"\nfingerprint = \"{fp}\"\n{address}"
+                "\n[[receiver]]\nname = \"{rname}\"\nfingerprint = \"{fp}\"\n{address}{}\n",
+                opts.receiver_entry_extra
             ));
             let receiver = spawn_receiver(&dir, &config, &rname)?;
             branches.push(Branch {

@@ -6,6 +6,7 @@
 
 mod apply_sets;
 mod bad_input;
+mod budget;
 mod copy;
 mod faults;
 mod fixture;

@@ -61,6 +61,7 @@ async fn setup(name: &str, sender_admin: u16, receiver_admin: u16) -> anyhow::Re
             receiver_extra: Box::leak(receiver_extra.into_boxed_str()),
             link: None,
             wait_for_copy: true,
+            ..Options::default()
         },
     )
     .await

@@ -174,6 +174,7 @@ fn mixed(branches: usize, dial: Dial) -> Options<'static> {
         receiver_extra: "",
         link: None,
         wait_for_copy: true,
+        ..Options::default()
     }
 }
 
@@ -228,6 +229,7 @@ fn acct(branches: usize, dial: Dial) -> Options<'static> {
         receiver_extra: "",
         link: None,
         wait_for_copy: true,
+        ..Options::default()
     }
 }
 

@@ -208,6 +208,10 @@ fn sender(st: &SenderStatus) -> String {
             ),
             _ => "not connected".into(),
         };
+        let conn = match r.link.as_ref().and_then(|l| l.max_rate_bits_per_sec) {
+            Some(bits) => format!("{conn}; capped at {} kbit/s", bits / 1000),
+            None => conn,
+        };
         out.push_str(&format!(
             "receiver {:<8} acked {} ({} records, {} behind, lag {}); {conn}\n",
             r.name,

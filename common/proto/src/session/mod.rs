@@ -26,6 +26,7 @@
 //!   branch), what to do with each batch, what to acknowledge and report.
 //! - [`Takeover`]: which session of a peer is the live one (both ends).
 
+pub mod pace;
 pub mod receiver;
 pub mod sender;
 
