@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgcourier_common::config::{self, de_duration, de_size, defaults, ConfigError, PasswordSource};
+use pgcourier_common::transport::peer::PeerAddr;
 use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
@@ -22,7 +23,7 @@ struct RawReceiverConfig {
     cert: PathBuf,
     key: PathBuf,
     listen: Option<SocketAddr>,
-    sender_address: Option<SocketAddr>,
+    sender_address: Option<String>,
     sender_fingerprints: Vec<String>,
     admin: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
@@ -57,8 +58,9 @@ fn default_true() -> bool {
 pub enum Link {
     /// Default: the sender dials this address.
     Listen(SocketAddr),
-    /// Reverse mode (receiver behind NAT): dial the sender.
-    Dial(SocketAddr),
+    /// Reverse mode (receiver behind NAT): dial the sender (a host name is
+    /// resolved again at every dial).
+    Dial(PeerAddr),
 }
 
 #[derive(Clone, Debug)]
@@ -112,7 +114,10 @@ impl ReceiverConfig {
         let target = config::pg_config("target", &raw.target, &password)?;
         let link = match (raw.listen, raw.sender_address) {
             (Some(l), None) => Link::Listen(l),
-            (None, Some(s)) => Link::Dial(s),
+            (None, Some(s)) => Link::Dial(
+                s.parse()
+                    .map_err(|e: String| invalid("sender-address", e))?,
+            ),
             (Some(_), Some(_)) => return Err(invalid("listen", "set either `listen` (the sender dials us) or `sender-address` (we dial the sender), not both")),
             (None, None) => return Err(invalid("listen", "set `listen` (the sender dials us) or `sender-address` (we dial the sender)")),
         };

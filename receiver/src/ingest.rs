@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_common::store::durable::{StoreError, Synced};
 use pgcourier_common::transport::framed::{self, WireError};
+use pgcourier_common::transport::peer::PeerAddr;
 use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::frame::{self, Frame};
@@ -45,6 +46,8 @@ pub enum IngestError {
     Connection(#[from] quinn::ConnectionError),
     #[error("cannot start connection")]
     Connect(#[from] quinn::ConnectError),
+    #[error("cannot resolve the sender's address")]
+    Resolve(#[source] std::io::Error),
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("inbox write failed")]
@@ -80,6 +83,7 @@ impl IngestError {
         match self {
             IngestError::Connection(_)
             | IngestError::Connect(_)
+            | IngestError::Resolve(_)
             | IngestError::Wire(WireError::Io(_)) => Class::Transient,
             // A frame or batch that does not decode comes again the same way.
             IngestError::Wire(WireError::Frame(_)) => Class::Definite,
@@ -158,7 +162,7 @@ impl Ingest {
 
     pub async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
         match self.cfg.link.clone() {
-            Link::Dial(addr) => self.dial_loop(&endpoint, addr, &shutdown).await,
+            Link::Dial(addr) => self.dial_loop(&endpoint, &addr, &shutdown).await,
             Link::Listen(_) => self.accept_loop(&endpoint, &shutdown).await,
         }
         endpoint.close(0u32.into(), b"receiver stopping");
@@ -176,14 +180,15 @@ impl Ingest {
     async fn dial_loop(
         &self,
         endpoint: &quinn::Endpoint,
-        addr: std::net::SocketAddr,
+        addr: &PeerAddr,
         shutdown: &CancellationToken,
     ) {
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         loop {
             let started = Instant::now();
             let attempt = async {
-                let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
+                let to = addr.resolve().await.map_err(IngestError::Resolve)?;
+                let conn = endpoint.connect(to, SERVER_NAME)?.await?;
                 self.check_peer(&conn)?;
                 let id = self.sessions.lock().expect("sessions lock").begin();
                 self.session(&conn, id).await

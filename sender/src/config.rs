@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pgcourier_common::transport::peer::PeerAddr;
 use pgcourier_common::config::{self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource};
 use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
@@ -60,7 +61,7 @@ struct RawSenderConfig {
 struct RawReceiver {
     name: String,
     fingerprint: String,
-    address: Option<SocketAddr>,
+    address: Option<String>,
     max_rate: Option<String>,
 }
 
@@ -101,8 +102,9 @@ fn default_in_flight() -> u64 {
 pub struct ReceiverSpec {
     pub name: String,
     pub fingerprint: Fingerprint,
-    /// Dial this address; `None`: the receiver dials us (reverse mode).
-    pub address: Option<SocketAddr>,
+    /// Dial this address (a host name is resolved again at every dial);
+    /// `None`: the receiver dials us (reverse mode).
+    pub address: Option<PeerAddr>,
     /// `max-rate`: the most this receiver's link may carry from us, bits
     /// per second (QUIC's headers and acknowledgements included); `None`:
     /// as fast as the link goes.
@@ -228,10 +230,16 @@ impl SenderConfig {
                 .map(parse_rate)
                 .transpose()
                 .map_err(|e| invalid("receiver.max-rate", format!("receiver {:?}: {e}", r.name)))?;
+            let address = r
+                .address
+                .as_deref()
+                .map(str::parse::<PeerAddr>)
+                .transpose()
+                .map_err(|e| invalid("receiver.address", format!("receiver {:?}: {e}", r.name)))?;
             receivers.push(ReceiverSpec {
                 name: r.name,
                 fingerprint,
-                address: r.address,
+                address,
                 max_rate,
             });
         }

@@ -50,6 +50,8 @@ pub enum ShipError {
     Connection(#[from] quinn::ConnectionError),
     #[error("cannot start connection")]
     Connect(#[from] quinn::ConnectError),
+    #[error("cannot resolve the receiver's address")]
+    Resolve(#[source] std::io::Error),
     #[error("stream failed")]
     Write(#[from] quinn::WriteError),
     #[error(transparent)]
@@ -77,6 +79,8 @@ impl ShipError {
         match self {
             ShipError::Connection(_)
             | ShipError::Connect(_)
+            // DNS down, or the name not yet (re)registered.
+            | ShipError::Resolve(_)
             | ShipError::Write(_)
             | ShipError::Wire(WireError::Io(_))
             | ShipError::ClosedBeforeHello
@@ -251,12 +255,14 @@ impl Shipper {
     ) {
         let addr = spec
             .address
+            .clone()
             .expect("dial_loop only for receivers with an address");
         let mut backoff = Backoff::new(self.cfg.max_backoff);
         loop {
             let started = Instant::now();
             let result = async {
-                let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
+                let to = addr.resolve().await.map_err(ShipError::Resolve)?;
+                let conn = endpoint.connect(to, SERVER_NAME)?.await?;
                 let fp = peer_fingerprint(&conn);
                 if fp != Some(spec.fingerprint) {
                     conn.close(1u32.into(), b"wrong receiver certificate");

@@ -85,6 +85,16 @@ fn bad_configurations_exit_non_zero_with_an_error_naming_the_setting() -> anyhow
         ),
         (
             "pgcourier-sender",
+            format!("{src}spool-dir = \"s\"\n{}", tail.replace("127.0.0.1:9", "branch_1:9")),
+            "receiver.address",
+        ),
+        (
+            "pgcourier-receiver",
+            format!("target = \"host=/nonexistent\"\ninbox-dir = \"i\"\nsender-address = \"hq.example\"\n{recv_tail}"),
+            "sender-address",
+        ),
+        (
+            "pgcourier-sender",
             format!("{src}spool-dir = \"s\"\npassword-env = \"PGC_NO_SUCH_VAR\"\n{tail}"),
             "password-env",
         ),

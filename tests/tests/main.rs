@@ -12,6 +12,7 @@ mod faults;
 mod fixture;
 mod harness_selftest;
 mod large_values;
+mod peers;
 mod links;
 mod queue;
 mod replication;

@@ -2,6 +2,7 @@
 //! and frames on its streams.
 
 pub mod framed;
+pub mod peer;
 pub mod quic;
 pub mod settings;
 pub mod tls;
