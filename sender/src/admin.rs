@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use pgcourier_common::ops::admin::{self, Endpoint, Kind, Metrics, Response, Role};
-use pgcourier_common::ops::inspect;
+use pgcourier_common::ops::{inspect, local_time};
 use pgcourier_proto::pgoutput::{self, Message, Relation};
 use pgcourier_proto::record::Record;
 use serde::{Deserialize, Serialize};
@@ -120,7 +120,16 @@ pub fn status(
                 records_behind: behind,
                 bytes_behind,
                 lag_seconds: lag,
-                link: links.get(&r.name).cloned(),
+                link: links.get(&r.name).cloned().map(|mut link| {
+                    // The window in force now, whether or not anything waits.
+                    if let Some(budget) = &r.budget {
+                        let (rate, _, next) = budget.at(local_time::seconds_of_day());
+                        link.rate_in_force = Some(crate::ship::describe_rate(rate));
+                        link.rate_changes_in_seconds =
+                            (!budget.windows.is_empty()).then_some(next);
+                    }
+                    link
+                }),
             }
         })
         .collect();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgcourier_common::transport::peer::PeerAddr;
+use pgcourier_proto::session::pace::{Rate, Schedule, Window};
 use pgcourier_common::config::{self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource};
 use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
@@ -63,6 +64,46 @@ struct RawReceiver {
     fingerprint: String,
     address: Option<String>,
     max_rate: Option<String>,
+    #[serde(default)]
+    schedule: Vec<RawWindow>,
+}
+
+/// One `[[receiver.schedule]]` window.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawWindow {
+    from: String,
+    to: String,
+    rate: String,
+}
+
+/// A time of day, `HH:MM` or `HH:MM:SS`, in seconds since midnight.
+fn parse_time_of_day(text: &str) -> Result<u32, String> {
+    let bad = || format!("{text:?} is not a time of day such as \"22:00\" or \"06:30:00\"");
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.len() != 2) {
+        return Err(bad());
+    }
+    let n: Vec<u32> = parts
+        .iter()
+        .map(|p| p.parse::<u32>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let (h, m, sec) = (n[0], n[1], n.get(2).copied().unwrap_or(0));
+    if h > 23 || m > 59 || sec > 59 {
+        return Err(bad());
+    }
+    Ok(h * 3600 + m * 60 + sec)
+}
+
+/// A window's rate: `unlimited`, `closed`, or a rate such as `64kbit`.
+fn parse_window_rate(text: &str) -> Result<Rate, String> {
+    match text.trim() {
+        "unlimited" => Ok(Rate::Unlimited),
+        "closed" => Ok(Rate::Closed),
+        other => parse_rate(other)
+            .map(|bits| Rate::Bytes(bits / 8))
+            .map_err(|e| format!("{e}; or \"unlimited\", or \"closed\" for nothing")),
+    }
 }
 
 fn de_opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -109,6 +150,9 @@ pub struct ReceiverSpec {
     /// per second (QUIC's headers and acknowledgements included); `None`:
     /// as fast as the link goes.
     pub max_rate: Option<u64>,
+    /// The rate in force by time of day: `schedule`'s windows, and
+    /// `max-rate` outside them; `None`: neither is set.
+    pub budget: Option<Schedule>,
 }
 
 #[derive(Clone, Debug)]
@@ -236,11 +280,31 @@ impl SenderConfig {
                 .map(str::parse::<PeerAddr>)
                 .transpose()
                 .map_err(|e| invalid("receiver.address", format!("receiver {:?}: {e}", r.name)))?;
+            let mut windows = Vec::new();
+            for w in &r.schedule {
+                let window = (|| -> Result<Window, String> {
+                    let (from, to) = (parse_time_of_day(&w.from)?, parse_time_of_day(&w.to)?);
+                    if from == to {
+                        return Err(format!("window {}-{} is empty", w.from, w.to));
+                    }
+                    Ok(Window {
+                        from,
+                        to,
+                        rate: parse_window_rate(&w.rate)?,
+                    })
+                })()
+                .map_err(|e| invalid("receiver.schedule", format!("receiver {:?}: {e}", r.name)))?;
+                windows.push(window);
+            }
+            let otherwise = max_rate.map_or(Rate::Unlimited, |bits| Rate::Bytes(bits / 8));
+            let budget = (!windows.is_empty() || max_rate.is_some())
+                .then_some(Schedule { windows, otherwise });
             receivers.push(ReceiverSpec {
                 name: r.name,
                 fingerprint,
                 address,
                 max_rate,
+                budget,
             });
         }
         if receivers.iter().any(|r| r.address.is_none()) && raw.listen.is_none() {
@@ -296,5 +360,23 @@ impl SenderConfig {
             max_backoff: raw.max_backoff,
             receivers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_of_day_and_window_rates_parse() {
+        assert_eq!(parse_time_of_day("22:00").unwrap(), 22 * 3600);
+        assert_eq!(parse_time_of_day("06:30:15").unwrap(), 6 * 3600 + 30 * 60 + 15);
+        for bad in ["24:00", "6:00", "22", "22:60", "22:00:00:00", "noon"] {
+            assert!(parse_time_of_day(bad).is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(parse_window_rate("closed").unwrap(), Rate::Closed);
+        assert_eq!(parse_window_rate("unlimited").unwrap(), Rate::Unlimited);
+        assert_eq!(parse_window_rate("64kbit").unwrap(), Rate::Bytes(8000));
+        assert!(parse_window_rate("cheap").is_err());
     }
 }

@@ -33,7 +33,8 @@ use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::session::sender::{
     Admission, Control, SenderError, SenderSession, ShipSettings, SpoolFacts, SpoolSource,
 };
-use pgcourier_proto::session::pace::Pacer;
+use pgcourier_common::ops::local_time;
+use pgcourier_proto::session::pace::{Pacer, Rate};
 use pgcourier_proto::session::{Class, SessionId, Takeover};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -70,6 +71,15 @@ pub enum ShipError {
     HelloTimeout(Duration),
     #[error("superseded by a newer connection from the same receiver")]
     Superseded,
+}
+
+/// A rate as status shows it.
+pub(crate) fn describe_rate(rate: Rate) -> String {
+    match rate {
+        Rate::Unlimited => "unlimited".into(),
+        Rate::Closed => "closed".into(),
+        Rate::Bytes(b) => format!("{} kbit/s", b * 8 / 1000),
+    }
 }
 
 impl ShipError {
@@ -165,9 +175,17 @@ pub struct LinkStatus {
     pub acked_bytes: u64,
     /// Average acknowledged raw bytes per second on this connection.
     pub throughput_bytes_per_sec: f64,
-    /// `max-rate`, when set: the cap the link is paced to.
+    /// `max-rate`, when set: the cap the link is paced to outside the
+    /// `schedule`'s windows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rate_bits_per_sec: Option<u64>,
+    /// With `max-rate` or `schedule`: the rate in force now ("unlimited",
+    /// "closed", "64 kbit/s").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_in_force: Option<String>,
+    /// With `schedule`: seconds until the next window starts or ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_changes_in_seconds: Option<u32>,
     /// Set when the sender stopped dialing this receiver after a definite
     /// error (the error): an operator must act, then restart the sender.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -531,15 +549,32 @@ impl Shipper {
 
         let send = async {
             let mut marks_rx = self.spool.subscribe();
-            // `max-rate`, in bytes per second; what this connection sent.
-            let mut pacer = spec.max_rate.map(|bits| Pacer::new(bits / 8, Instant::now()));
+            // `max-rate` and `schedule`: the rate in force now, paced over
+            // what this connection sent: the larger of what was written
+            // and what QUIC has put on the wire (its overhead included,
+            // once sent).
+            let mut pacer = spec.budget.as_ref().map(|_| Pacer::new(1, Instant::now()));
             let mut frame_bytes = 0u64;
             loop {
-                if let Some(p) = pacer.as_mut() {
-                    // The larger of what was written and what QUIC has put
-                    // on the wire (its overhead included, once sent).
-                    let sent = frame_bytes.max(conn.stats().udp_tx.bytes);
-                    let wait = p.wait(Instant::now(), sent);
+                if let (Some(budget), Some(p)) = (spec.budget.as_ref(), pacer.as_mut()) {
+                    let (now, sent) = (Instant::now(), frame_bytes.max(conn.stats().udp_tx.bytes));
+                    let (rate, _, next) = budget.at(local_time::seconds_of_day());
+                    let wait = match rate {
+                        Rate::Closed => {
+                            p.reset(now, sent);
+                            // Look again at the window's end (or in a
+                            // minute, should the clock move).
+                            Duration::from_secs(u64::from(next.clamp(1, 60)))
+                        }
+                        Rate::Unlimited => {
+                            p.reset(now, sent);
+                            Duration::ZERO
+                        }
+                        Rate::Bytes(b) => {
+                            p.set_rate(b, now);
+                            p.wait(now, sent)
+                        }
+                    };
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                         continue;

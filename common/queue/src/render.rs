@@ -208,9 +208,17 @@ fn sender(st: &SenderStatus) -> String {
             ),
             _ => "not connected".into(),
         };
-        let conn = match r.link.as_ref().and_then(|l| l.max_rate_bits_per_sec) {
-            Some(bits) => format!("{conn}; capped at {} kbit/s", bits / 1000),
-            None => conn,
+        let conn = match r.link.as_ref() {
+            Some(l) if l.rate_in_force.is_some() || l.max_rate_bits_per_sec.is_some() => {
+                let rate = l.rate_in_force.clone().unwrap_or_else(|| {
+                    format!("{} kbit/s", l.max_rate_bits_per_sec.unwrap_or(0) / 1000)
+                });
+                match l.rate_changes_in_seconds {
+                    Some(s) => format!("{conn}; rate {rate}, next window change in {s} s"),
+                    None => format!("{conn}; rate {rate}"),
+                }
+            }
+            _ => conn,
         };
         out.push_str(&format!(
             "receiver {:<8} acked {} ({} records, {} behind, lag {}); {conn}\n",

@@ -5,5 +5,6 @@
 pub mod admin;
 pub mod backoff;
 pub mod inspect;
+pub mod local_time;
 pub mod logging;
 pub mod progress;

@@ -27,6 +27,26 @@ pub struct Pacer {
 }
 
 impl Pacer {
+    /// Change the cap (a time window began), keeping what is owed and at
+    /// most the new burst.
+    pub fn set_rate(&mut self, rate: u64, now: Instant) {
+        let rate = rate.max(1) as f64;
+        if rate == self.rate {
+            return;
+        }
+        let _ = self.wait(now, self.counted);
+        self.rate = rate;
+        self.tokens = self.tokens.min(rate * BURST.as_secs_f64());
+    }
+
+    /// Forget what was sent so far (sent while the link was not capped)
+    /// and start full again from `sent`.
+    pub fn reset(&mut self, now: Instant, sent: u64) {
+        self.at = now;
+        self.counted = self.counted.max(sent);
+        self.tokens = self.rate * BURST.as_secs_f64();
+    }
+
     /// A pacer for `rate` bytes per second, starting full.
     pub fn new(rate: u64, now: Instant) -> Pacer {
         let rate = rate.max(1) as f64;
@@ -52,6 +72,65 @@ impl Pacer {
         } else {
             Duration::from_secs_f64(-self.tokens / self.rate)
         }
+    }
+}
+
+/// What a link may carry: without limit, a cap in bytes per second, or
+/// nothing (a closed window).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    Unlimited,
+    Bytes(u64),
+    Closed,
+}
+
+/// A time window of the local day, `[from, to)` in seconds since local
+/// midnight; `from > to` spans midnight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub from: u32,
+    pub to: u32,
+    pub rate: Rate,
+}
+
+impl Window {
+    fn holds(&self, sec: u32) -> bool {
+        if self.from <= self.to {
+            (self.from..self.to).contains(&sec)
+        } else {
+            sec >= self.from || sec < self.to
+        }
+    }
+}
+
+pub const DAY: u32 = 24 * 3600;
+
+/// A receiver's `schedule`: the first window holding the time of day
+/// decides the rate; outside every window, `otherwise` (its `max-rate`, or
+/// no limit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub windows: Vec<Window>,
+    pub otherwise: Rate,
+}
+
+impl Schedule {
+    /// The rate in force at `sec` (seconds since local midnight), the
+    /// window that sets it (`None`: outside every window), and the seconds
+    /// until the next window starts or ends.
+    pub fn at(&self, sec: u32) -> (Rate, Option<usize>, u32) {
+        let sec = sec % DAY;
+        let found = self.windows.iter().position(|w| w.holds(sec));
+        let rate = found.map_or(self.otherwise, |i| self.windows[i].rate);
+        let next = self
+            .windows
+            .iter()
+            .flat_map(|w| [w.from, w.to])
+            .map(|b| (b + DAY - sec) % DAY)
+            .filter(|&d| d > 0)
+            .min()
+            .unwrap_or(DAY);
+        (rate, found, next)
     }
 }
 
@@ -102,6 +181,37 @@ mod tests {
         assert_eq!(p.wait(later, 25_000), Duration::ZERO);
         let w = p.wait(later, 35_000);
         assert_eq!(w, Duration::from_millis(100), "10 KB of debt at 100 KB/s");
+    }
+
+    #[test]
+    fn the_first_window_holding_the_time_sets_the_rate_and_midnight_is_crossed() {
+        let h = |h: u32| h * 3600;
+        let s = Schedule {
+            windows: vec![
+                // Full rate at night, closed at lunch.
+                Window { from: h(22), to: h(6), rate: Rate::Unlimited },
+                Window { from: h(12), to: h(13), rate: Rate::Closed },
+            ],
+            otherwise: Rate::Bytes(8000),
+        };
+        assert_eq!(s.at(h(23)), (Rate::Unlimited, Some(0), h(7)));
+        assert_eq!(s.at(h(2)), (Rate::Unlimited, Some(0), h(4)));
+        assert_eq!(s.at(h(6)), (Rate::Bytes(8000), None, h(6)));
+        assert_eq!(s.at(h(12) + 30), (Rate::Closed, Some(1), 3600 - 30));
+        assert_eq!(s.at(h(13)), (Rate::Bytes(8000), None, h(9)));
+        assert_eq!(s.at(h(21) + 3599), (Rate::Bytes(8000), None, 1));
+        let none = Schedule { windows: vec![], otherwise: Rate::Unlimited };
+        assert_eq!(none.at(5), (Rate::Unlimited, None, DAY));
+    }
+
+    #[test]
+    fn a_new_rate_keeps_the_debt_and_at_most_the_new_burst() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100_000, t0);
+        assert_eq!(p.wait(t0, 45_000), Duration::from_millis(200));
+        // Half the rate: the same 20 KB of debt takes twice as long.
+        p.set_rate(50_000, t0);
+        assert_eq!(p.wait(t0, 45_000), Duration::from_millis(400));
     }
 
     #[test]
