@@ -168,9 +168,7 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     };
     let bps = (value * mult).round();
     if !(8_000.0..=1e12).contains(&bps) {
-        return Err(format!(
-            "rate {text:?} is out of range (8kbit to 1000Gbit)"
-        ));
+        return Err(format!("rate {text:?} is out of range (8kbit to 1000Gbit)"));
     }
     Ok(bps as u64)
 }

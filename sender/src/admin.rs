@@ -125,8 +125,7 @@ pub fn status(
                     if let Some(budget) = &r.budget {
                         let (rate, _, next) = budget.at(local_time::seconds_of_day());
                         link.rate_in_force = Some(crate::ship::describe_rate(rate));
-                        link.rate_changes_in_seconds =
-                            (!budget.windows.is_empty()).then_some(next);
+                        link.rate_changes_in_seconds = (!budget.windows.is_empty()).then_some(next);
                     }
                     link
                 }),

@@ -6,11 +6,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pgcourier_common::config::{
+    self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource,
+};
 use pgcourier_common::transport::peer::PeerAddr;
-use pgcourier_proto::session::pace::{Rate, Schedule, Window};
-use pgcourier_common::config::{self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource};
 use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
+use pgcourier_proto::session::pace::{Rate, Schedule, Window};
 use serde::Deserialize;
 
 /// The daemon's own settings. The shared ones (link: [`TransportSettings`];
@@ -370,7 +372,10 @@ mod tests {
     #[test]
     fn times_of_day_and_window_rates_parse() {
         assert_eq!(parse_time_of_day("22:00").unwrap(), 22 * 3600);
-        assert_eq!(parse_time_of_day("06:30:15").unwrap(), 6 * 3600 + 30 * 60 + 15);
+        assert_eq!(
+            parse_time_of_day("06:30:15").unwrap(),
+            6 * 3600 + 30 * 60 + 15
+        );
         for bad in ["24:00", "6:00", "22", "22:60", "22:00:00:00", "noon"] {
             assert!(parse_time_of_day(bad).is_err(), "{bad:?} parsed");
         }

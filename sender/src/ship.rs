@@ -27,14 +27,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgcourier_common::ops::backoff::{error_chain, Backoff};
+use pgcourier_common::ops::local_time;
 use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
 use pgcourier_common::transport::tls::Fingerprint;
+use pgcourier_proto::session::pace::{Pacer, Rate};
 use pgcourier_proto::session::sender::{
     Admission, Control, SenderError, SenderSession, ShipSettings, SpoolFacts, SpoolSource,
 };
-use pgcourier_common::ops::local_time;
-use pgcourier_proto::session::pace::{Pacer, Rate};
 use pgcourier_proto::session::{Class, SessionId, Takeover};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

@@ -21,7 +21,9 @@ const ROWS: &str = "INSERT INTO blob SELECT g, (SELECT string_agg(decode(md5(ran
 async fn a_receiver_capped_by_max_rate_gets_the_cap_and_loses_nothing() -> anyhow::Result<()> {
     // 4 Mbit/s = 500 kB/s, far below what loopback carries.
     let cap = 4_000_000.0 / 8.0;
-    let link = Profile::by_name("clean").context("netem profile clean")?.link(1);
+    let link = Profile::by_name("clean")
+        .context("netem profile clean")?
+        .link(1);
     let setup = Setup::start(
         "max_rate",
         Options {
@@ -85,7 +87,9 @@ fn hms(sec: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_that_closes_during_a_drain_holds_the_backlog_and_loses_nothing(
 ) -> anyhow::Result<()> {
-    let link = Profile::by_name("clean").context("netem profile clean")?.link(2);
+    let link = Profile::by_name("clean")
+        .context("netem profile clean")?
+        .link(2);
     let mut setup = Setup::start(
         "schedule",
         Options {
@@ -112,13 +116,20 @@ async fn a_window_that_closes_during_a_drain_holds_the_backlog_and_loses_nothing
     setup.sender = pgcourier_tests::Daemon::spawn_with_env(
         "sender",
         &pgcourier_tests::bin_path("pgcourier-sender"),
-        &["run", "--config", setup.sender_config.to_str().context("utf-8")?],
+        &[
+            "run",
+            "--config",
+            setup.sender_config.to_str().context("utf-8")?,
+        ],
         &[("TZ", "UTC")],
         &setup.dir.path().join("sender.log"),
     )?;
     let src = setup.source().await?;
-    src.execute("INSERT INTO blob SELECT g, '\\x00' FROM generate_series(1, 10) g", &[])
-        .await?;
+    src.execute(
+        "INSERT INTO blob SELECT g, '\\x00' FROM generate_series(1, 10) g",
+        &[],
+    )
+    .await?;
     setup
         .wait_equal(0, &["public.blob"], Duration::from_secs(30))
         .await?;
@@ -136,8 +147,11 @@ async fn a_window_that_closes_during_a_drain_holds_the_backlog_and_loses_nothing
     tokio::time::sleep(until(from) + Duration::from_secs(1)).await;
     let sent = || setup.relays[0].stats().forward.bytes_forwarded;
     let before = sent();
-    src.execute(&ROWS.replace("generate_series(1, 600)", "generate_series(11, 310)"), &[])
-        .await?;
+    src.execute(
+        &ROWS.replace("generate_series(1, 600)", "generate_series(11, 310)"),
+        &[],
+    )
+    .await?;
     let status = crate::copy::status(&setup.sender_config)?;
     assert_eq!(
         status["receivers"][0]["link"]["rate_in_force"], "closed",
@@ -151,9 +165,14 @@ async fn a_window_that_closes_during_a_drain_holds_the_backlog_and_loses_nothing
         .query_one("SELECT count(*) FROM blob", &[])
         .await?
         .get(0);
-    eprintln!("schedule: {during} bytes toward the receiver while closed; the branch held {held} rows");
+    eprintln!(
+        "schedule: {during} bytes toward the receiver while closed; the branch held {held} rows"
+    );
     // Keep-alives and acknowledgements only: 3 MB waited in the spool.
-    assert!(during < 20_000, "{during} bytes sent while the window was closed");
+    assert!(
+        during < 20_000,
+        "{during} bytes sent while the window was closed"
+    );
     assert_eq!(held, 10, "rows applied while the window was closed");
     setup
         .wait_equal(0, &["public.blob"], Duration::from_secs(60))

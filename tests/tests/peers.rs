@@ -63,8 +63,11 @@ async fn a_receiver_whose_name_moves_to_another_address_is_found_again() -> anyh
     std::fs::write(&hosts, format!("127.0.0.1 {NAME}\n"))?;
     setup.sender = spawn_sender_with_hosts(&setup, &hosts)?;
     let src = setup.source().await?;
-    src.execute("INSERT INTO t SELECT g, 'first' FROM generate_series(1, 100) g", &[])
-        .await?;
+    src.execute(
+        "INSERT INTO t SELECT g, 'first' FROM generate_series(1, 100) g",
+        &[],
+    )
+    .await?;
     setup
         .wait_equal(0, &["public.t"], Duration::from_secs(60))
         .await?;
@@ -82,8 +85,11 @@ async fn a_receiver_whose_name_moves_to_another_address_is_found_again() -> anyh
     )?;
     std::fs::write(&hosts, format!("127.0.0.2 {NAME}\n"))?;
     setup.restart_receiver(0)?;
-    src.execute("INSERT INTO t SELECT g, 'second' FROM generate_series(101, 200) g", &[])
-        .await?;
+    src.execute(
+        "INSERT INTO t SELECT g, 'second' FROM generate_series(101, 200) g",
+        &[],
+    )
+    .await?;
     setup
         .wait_equal(0, &["public.t"], Duration::from_secs(60))
         .await?;

@@ -194,7 +194,10 @@ impl Store {
 
     /// Register files kept beside sled: [`Store::sync`] fsyncs them first.
     pub fn add_beside(&self, beside: Arc<dyn Beside>) {
-        self.besides.lock().expect("store besides lock").push(beside);
+        self.besides
+            .lock()
+            .expect("store besides lock")
+            .push(beside);
     }
 
     pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
@@ -373,8 +376,8 @@ mod tests {
                 .unwrap();
         }
         // Segment bodies in files beside sled, and their new directory.
-        let log = crate::store::segments::SegmentLog::open(&store, "segments", None, Some(1))
-            .unwrap();
+        let log =
+            crate::store::segments::SegmentLog::open(&store, "segments", None, Some(1)).unwrap();
         log.put(1, &vec![vec![7u8; 1000]; 50]).unwrap();
         store.sync().unwrap();
         let blobs = || fs::read_dir(base.join("store/blobs")).unwrap().count();
@@ -388,7 +391,10 @@ mod tests {
         }
         store.sync().unwrap();
         let _ = File::open(base.join(SYNC_RETURNED));
-        assert!(first > 0, "no blob file was written: the test would prove nothing");
+        assert!(
+            first > 0,
+            "no blob file was written: the test would prove nothing"
+        );
         assert!(
             blobs() != first,
             "the second round changed no entry of blobs/: the test would prove nothing"

@@ -197,7 +197,12 @@ impl Parsed {
     fn bytes_between(&self, from: u64, to: u64) -> u64 {
         let skip = from.saturating_sub(self.first) as usize;
         let take = (to.min(self.last()) + 1).saturating_sub(self.first.max(from)) as usize;
-        self.spans.iter().skip(skip).take(take).map(|s| s.1 as u64).sum()
+        self.spans
+            .iter()
+            .skip(skip)
+            .take(take)
+            .map(|s| s.1 as u64)
+            .sum()
     }
 }
 
@@ -483,7 +488,11 @@ impl SegmentLog {
                     path: self.files.dir.clone(),
                     source,
                 })?;
-                if let Some(n) = entry.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
+                if let Some(n) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
                     found.push(n);
                 }
             }
@@ -542,8 +551,8 @@ impl SegmentLog {
             let low = self.read_low()?;
             for item in bodies.iter() {
                 let (k, v) = item.map_err(|e| self.store.write_err(e))?;
-                let first = key_seq(&k)
-                    .ok_or_else(|| self.corrupt(&format!("{}/{k:?}", self.name)))?;
+                let first =
+                    key_seq(&k).ok_or_else(|| self.corrupt(&format!("{}/{k:?}", self.name)))?;
                 let mut at = 1;
                 let mut seq = first;
                 if v.first() != Some(&FORMAT) {
@@ -603,10 +612,10 @@ impl SegmentLog {
 
     /// A locator read from the index.
     fn loc(&self, key: &[u8], value: &[u8]) -> Result<(u64, Loc), StoreError> {
-        let first = key_seq(key)
-            .ok_or_else(|| self.corrupt(&format!("{}.index/{key:?}", self.name)))?;
-        let loc =
-            Loc::decode(value).ok_or_else(|| self.corrupt(&format!("{}.index/{first}", self.name)))?;
+        let first =
+            key_seq(key).ok_or_else(|| self.corrupt(&format!("{}.index/{key:?}", self.name)))?;
+        let loc = Loc::decode(value)
+            .ok_or_else(|| self.corrupt(&format!("{}.index/{first}", self.name)))?;
         Ok((first, loc))
     }
 
@@ -697,8 +706,12 @@ impl SegmentLog {
                 path: self.files.path(loc.file),
                 source,
             })?;
-        let spans = spans(&value, loc.records)
-            .ok_or_else(|| self.corrupt(&format!("{}.index/{first} (its body in file {:020})", self.name, loc.file)))?;
+        let spans = spans(&value, loc.records).ok_or_else(|| {
+            self.corrupt(&format!(
+                "{}.index/{first} (its body in file {:020})",
+                self.name, loc.file
+            ))
+        })?;
         Ok(Parsed {
             first,
             value,
@@ -1554,12 +1567,18 @@ mod tests {
         let log = log.unwrap();
         store.sync().unwrap();
         assert_eq!(files(dir.path()), 3, "the orphan is removed");
-        assert!(all(&log, n as u64 / 2 + 1, n as u64) == recs[n / 2..], "records differ");
+        assert!(
+            all(&log, n as u64 / 2 + 1, n as u64) == recs[n / 2..],
+            "records differ"
+        );
         log.reset(n as u64).unwrap();
         store.sync().unwrap();
         assert_eq!(files(dir.path()), 0);
         log.put(n as u64 + 1, &[rec(n as u64 + 1, 10)]).unwrap();
-        assert_eq!(all(&log, n as u64 + 1, u64::MAX), vec![rec(n as u64 + 1, 10)]);
+        assert_eq!(
+            all(&log, n as u64 + 1, u64::MAX),
+            vec![rec(n as u64 + 1, 10)]
+        );
     }
 
     /// Session 5's store kept the segment bodies in sled (tree `segments`,
@@ -1590,7 +1609,10 @@ mod tests {
             "inspection of the old layout is refused, not misread"
         );
         let (store, log) = reopen(dir.path());
-        assert!(store.tree("segments").unwrap().is_empty(), "old keys removed");
+        assert!(
+            store.tree("segments").unwrap().is_empty(),
+            "old keys removed"
+        );
         assert_eq!(log.first_seq().unwrap(), Some(43));
         assert_eq!(log.depth(), (258, 258 * 150));
         assert_eq!(log.get(42).unwrap(), None);

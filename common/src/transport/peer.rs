@@ -34,7 +34,9 @@ impl FromStr for PeerAddr {
             && host.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             });
@@ -65,8 +67,9 @@ impl PeerAddr {
         match self {
             PeerAddr::Ip(a) => Ok(*a),
             PeerAddr::Name { host, port } => {
-                let all: Vec<SocketAddr> =
-                    tokio::net::lookup_host((host.as_str(), *port)).await?.collect();
+                let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
+                    .await?
+                    .collect();
                 all.iter()
                     .find(|a| a.is_ipv4())
                     .or(all.first())

@@ -189,8 +189,16 @@ mod tests {
         let s = Schedule {
             windows: vec![
                 // Full rate at night, closed at lunch.
-                Window { from: h(22), to: h(6), rate: Rate::Unlimited },
-                Window { from: h(12), to: h(13), rate: Rate::Closed },
+                Window {
+                    from: h(22),
+                    to: h(6),
+                    rate: Rate::Unlimited,
+                },
+                Window {
+                    from: h(12),
+                    to: h(13),
+                    rate: Rate::Closed,
+                },
             ],
             otherwise: Rate::Bytes(8000),
         };
@@ -200,7 +208,10 @@ mod tests {
         assert_eq!(s.at(h(12) + 30), (Rate::Closed, Some(1), 3600 - 30));
         assert_eq!(s.at(h(13)), (Rate::Bytes(8000), None, h(9)));
         assert_eq!(s.at(h(21) + 3599), (Rate::Bytes(8000), None, 1));
-        let none = Schedule { windows: vec![], otherwise: Rate::Unlimited };
+        let none = Schedule {
+            windows: vec![],
+            otherwise: Rate::Unlimited,
+        };
         assert_eq!(none.at(5), (Rate::Unlimited, None, DAY));
     }
 
