@@ -510,8 +510,8 @@ impl Spool {
     /// append them at the same sequence numbers, once. Returns how many
     /// records were deleted. Not fsynced: a crash drops the tail anyway
     /// ([`Spool::open`]). Capture calls it only when no commit of its own is
-    /// in flight. The marks a [`Spool::seal`] whose fsync failed wrote are
-    /// put back to those last made durable.
+    /// in flight. The marks a [`Spool::sync_sealed`] wrote before its store
+    /// fsync failed are put back to those last made durable.
     pub fn rollback_uncommitted(&self) -> Result<u64, StoreError> {
         let mut st = self.state.lock().expect("spool state lock");
         let deleted = self.records.truncate_from(st.complete_seq + 1)?;
@@ -790,6 +790,16 @@ mod tests {
                 "not shippable before its fsync"
             );
             assert!(spool.read(1, 1 << 20).unwrap().is_empty());
+            // Nor are its marks in the store: sled may write them to disk at
+            // any time, and they must not get there before the records'
+            // files are fsynced (sync_sealed writes them after).
+            for mark in ["complete_seq", "captured_end_lsn", CONFIRMABLE_KEY] {
+                assert_eq!(
+                    get_u64(&spool.store, &spool.meta, mark).unwrap(),
+                    None,
+                    "{mark} written by the seal"
+                );
+            }
             // The next batch is read while the fsync runs; records this big
             // fill segments, which go to the store at once.
             spool.append(4, &big).unwrap();
@@ -810,7 +820,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rollback_after_a_failed_fsync_puts_back_the_marks_its_seal_wrote() {
+    fn a_rollback_after_a_failed_fsync_puts_back_the_marks_written_before_it() {
         let dir = tempfile::tempdir().unwrap();
         {
             let spool = Spool::open(dir.path(), 1 << 20, &names(&["a"])).unwrap();
@@ -818,8 +828,13 @@ mod tests {
             spool.append(2, b"two").unwrap();
             spool.commit(Lsn(5), Lsn(6)).unwrap();
             spool.append(3, b"three").unwrap();
-            // Its fsync failed: never made durable by sync_sealed.
-            let _failed = spool.seal(Lsn(7), Lsn(8)).unwrap();
+            // sync_sealed fsynced the records and wrote the marks, then its
+            // store fsync failed.
+            let sealed = spool.seal(Lsn(7), Lsn(8)).unwrap();
+            spool.records.sync_files().unwrap();
+            spool
+                .write_marks(sealed.complete, sealed.commit_lsn, sealed.end_lsn)
+                .unwrap();
             assert_eq!(spool.rollback_uncommitted().unwrap(), 1);
             spool.sync().unwrap();
         }
