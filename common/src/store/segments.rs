@@ -206,15 +206,17 @@ impl Parsed {
     }
 }
 
-/// The spans of the first `records` records in a segment body; `None` if
-/// it is not a body holding that many.
+/// The spans of the first `records` records in a segment body (all of
+/// them with `u32::MAX`, ending where the body ends); `None` if it is not a
+/// body holding that many.
 fn spans(value: &[u8], records: u32) -> Option<Vec<(usize, usize)>> {
     if value.first() != Some(&FORMAT) {
         return None;
     }
-    let mut out = Vec::with_capacity(records as usize);
+    let all = records == u32::MAX;
+    let mut out = Vec::with_capacity(if all { 0 } else { records as usize });
     let mut at = 1;
-    while out.len() < records as usize {
+    while out.len() < records as usize && !(all && at == value.len()) {
         let len = u32::from_le_bytes(value.get(at..at + 4)?.try_into().ok()?) as usize;
         let start = at + 4;
         if value.len() - start < len {
@@ -514,11 +516,8 @@ impl SegmentLog {
         if per_record.is_empty() && bodies.is_empty() {
             return Ok(());
         }
-        for (k, v) in self.index.iter().flatten() {
-            if let (Some(_), Some(loc)) = (key_seq(&k), Loc::decode(&v)) {
-                self.files.release(loc.file);
-            }
-        }
+        // What a migration a crash cut short left (its files are orphans,
+        // removed by the open's repair).
         self.index.clear().map_err(|e| self.store.write_err(e))?;
         let mut moved = 0u64;
         let mut take = |seq: u64, record: &[u8], what: &str| -> Result<(), StoreError> {
@@ -553,26 +552,12 @@ impl SegmentLog {
                 let (k, v) = item.map_err(|e| self.store.write_err(e))?;
                 let first =
                     key_seq(&k).ok_or_else(|| self.corrupt(&format!("{}/{k:?}", self.name)))?;
-                let mut at = 1;
-                let mut seq = first;
-                if v.first() != Some(&FORMAT) {
-                    return Err(self.corrupt(&format!("{}/{first}", self.name)));
-                }
-                while at < v.len() {
-                    let len = v
-                        .get(at..at + 4)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u32::from_le_bytes)
-                        .ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?
-                        as usize;
-                    let record = v
-                        .get(at + 4..at + 4 + len)
-                        .ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?;
+                let spans = spans(&v, u32::MAX)
+                    .ok_or_else(|| self.corrupt(&format!("{}/{first}", self.name)))?;
+                for (seq, (start, len)) in (first..).zip(spans) {
                     if seq > low {
-                        take(seq, record, &self.name)?;
+                        take(seq, &v[start..start + len], &self.name)?;
                     }
-                    at += 4 + len;
-                    seq += 1;
                 }
             }
         }
@@ -659,7 +644,11 @@ impl SegmentLog {
         let mut st = self.files.st.lock().expect("segment files lock");
         for (&file, &(_, end)) in &live {
             let path = self.files.path(file);
-            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let len = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(source) => return Err(StoreError::File { path, source }),
+            };
             if len < end {
                 return Err(StoreError::Corrupt {
                     path: path.clone(),
