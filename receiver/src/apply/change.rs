@@ -134,17 +134,7 @@ impl Apply {
     ) -> Result<(), ApplyError> {
         self.resolve(s, seq, oid).await?;
         let target = &s.targets[&oid];
-        if new.len() != target.columns.len() {
-            return Err(ApplyError::Order {
-                seq,
-                message: format!(
-                    "a change to {} has {} columns, its Relation {}",
-                    target.table,
-                    new.len(),
-                    target.columns.len()
-                ),
-            });
-        }
+        target.check_columns(seq, new.len())?;
         // Which columns are set, and which identify the row.
         let set: Vec<bool> = match op {
             Op::Insert | Op::Update => new

@@ -251,18 +251,7 @@ impl super::Apply {
         let decode = |source| ApplyError::Decode { seq, source };
         let (rel, stream) = InsertStream::start(buffered).map_err(decode)?;
         self.resolve(s, seq, rel).await?;
-        let target = &s.targets[&rel];
-        if stream.columns() != target.columns.len() {
-            return Err(ApplyError::Order {
-                seq,
-                message: format!(
-                    "a change to {} has {} columns, its Relation {}",
-                    target.table,
-                    stream.columns(),
-                    target.columns.len()
-                ),
-            });
-        }
+        s.targets[&rel].check_columns(seq, stream.columns())?;
         self.drain(s).await?;
         let target = &s.targets[&rel];
         let cols: Vec<&str> = target.columns.iter().map(|(n, _)| n.as_str()).collect();

@@ -31,6 +31,25 @@ pub(super) struct TableMap {
     pub(super) set_based: bool,
 }
 
+impl TableMap {
+    /// A change to this table carries one value per column of its Relation
+    /// message: one that does not does not follow it.
+    pub(super) fn check_columns(&self, seq: u64, columns: usize) -> Result<(), ApplyError> {
+        if columns == self.columns.len() {
+            return Ok(());
+        }
+        Err(ApplyError::Order {
+            seq,
+            message: format!(
+                "a change to {} has {} columns, its Relation {}",
+                self.table,
+                columns,
+                self.columns.len()
+            ),
+        })
+    }
+}
+
 /// One column of the target table: name, type (`format_type`), part of the
 /// primary key.
 struct TargetColumn {
