@@ -121,7 +121,9 @@ pub fn status(
                 bytes_behind,
                 lag_seconds: lag,
                 link: links.get(&r.name).cloned().map(|mut link| {
-                    // The window in force now, whether or not anything waits.
+                    // The cap, and the window in force now, whether or not
+                    // anything waits.
+                    link.max_rate_bits_per_sec = r.max_rate;
                     if let Some(budget) = &r.budget {
                         let (rate, _, next) = budget.at(local_time::seconds_of_day());
                         link.rate_in_force = Some(crate::ship::describe_rate(rate));

@@ -176,7 +176,8 @@ pub struct LinkStatus {
     /// Average acknowledged raw bytes per second on this connection.
     pub throughput_bytes_per_sec: f64,
     /// `max-rate`, when set: the cap the link is paced to outside the
-    /// `schedule`'s windows.
+    /// `schedule`'s windows. This and the two below are filled in from the
+    /// configuration and the clock when status is asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rate_bits_per_sec: Option<u64>,
     /// With `max-rate` or `schedule`: the rate in force now ("unlimited",
@@ -208,20 +209,9 @@ pub struct Shipper {
 
 impl Shipper {
     pub fn new(cfg: Arc<SenderConfig>, spool: Arc<Spool>) -> Arc<Shipper> {
-        let links = cfg
-            .receivers
-            .iter()
-            .map(|r| {
-                let link = LinkStatus {
-                    max_rate_bits_per_sec: r.max_rate,
-                    ..LinkStatus::default()
-                };
-                (r.name.clone(), link)
-            })
-            .collect();
         Arc::new(Shipper {
             stats: ShipStats::default(),
-            links: Mutex::new(links),
+            links: Mutex::default(),
             sent_high: Mutex::default(),
             cfg,
             spool,
@@ -553,10 +543,12 @@ impl Shipper {
             // what this connection sent: the larger of what was written
             // and what QUIC has put on the wire (its overhead included,
             // once sent).
-            let mut pacer = spec.budget.as_ref().map(|_| Pacer::new(1, Instant::now()));
+            // (The pacer's rate is set from the budget before each use.)
+            let mut pacer = Pacer::new(1, Instant::now());
             let mut frame_bytes = 0u64;
             loop {
-                if let (Some(budget), Some(p)) = (spec.budget.as_ref(), pacer.as_mut()) {
+                if let Some(budget) = spec.budget.as_ref() {
+                    let p = &mut pacer;
                     let (now, sent) = (Instant::now(), frame_bytes.max(conn.stats().udp_tx.bytes));
                     let (rate, _, next) = budget.at(local_time::seconds_of_day());
                     let wait = match rate {
