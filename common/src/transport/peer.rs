@@ -23,7 +23,7 @@ impl FromStr for PeerAddr {
         }
         let bad = || {
             format!(
-                "{text:?} is not an address: use host:port or ip:port (\"branch1.example:7741\", \"203.0.113.10:7741\", \"[2001:db8::1]:7741\")"
+                "{text:?} is not an address: use host:port or ip:port (\"branch1.example:7741\", \"203.0.113.10:7741\")"
             )
         };
         let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
