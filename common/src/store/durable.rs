@@ -142,6 +142,15 @@ impl Stamp {
     }
 }
 
+/// How long [`Store::open`] waits for sled's lock on a store to be let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether sled refused to open because another holder has the store's
+/// lock (sled 0.34 reports it as an `Other` I/O error with this text).
+fn is_lock_refusal(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
+}
+
 /// fsync a file or directory, naming it in the error.
 pub fn fsync(path: &Path) -> Result<(), StoreError> {
     File::open(path)
@@ -175,15 +184,28 @@ impl Store {
                 _ => fsync(Path::new("."))?,
             }
         }
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.into(),
-                source,
-            })?;
+            .flush_every_ms(Some(1000));
+        // sled's lock on `db` is let go when the last of its background
+        // threads drops the file, a moment after the last handle of a store
+        // closed in this process: wait that moment out, and only then say
+        // that another process holds it.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Err(e) if is_lock_refusal(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => {
+                    break other.map_err(|source| StoreError::Open {
+                        path: path.into(),
+                        source,
+                    })?
+                }
+            }
+        };
         Ok(Store {
             db,
             path: path.into(),
@@ -349,6 +371,44 @@ mod tests {
             get_u64(&store, &store.tree("meta").unwrap(), "x").unwrap(),
             Some(7)
         );
+    }
+
+    /// Locks the store's `db` file the way sled does (flock, exclusive),
+    /// as sled's background threads still do a moment after the last
+    /// handle of a store is dropped.
+    fn hold_lock(path: &Path) -> File {
+        use std::os::fd::AsRawFd;
+        let file = File::open(path.join("db")).unwrap();
+        // SAFETY: flock on a descriptor this function owns.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        file
+    }
+
+    #[test]
+    fn open_waits_for_a_lock_let_go_a_moment_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        drop(Store::open(&path, 1 << 20).unwrap());
+        let held = hold_lock(&path);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let store = Store::open(&path, 1 << 20);
+        release.join().unwrap();
+        assert!(store.is_ok(), "{:?}", store.err());
+    }
+
+    #[test]
+    fn a_lock_held_on_is_an_error_naming_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        drop(Store::open(&path, 1 << 20).unwrap());
+        let _held = hold_lock(&path);
+        let err = Store::open(&path, 1 << 20).err().expect("the lock is held");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("another pgcourier process"), "{text}");
     }
 
     /// Set in the child process that [`sync_leaves_no_written_file_or_directory_unsynced`]
