@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgcourier_common::config::{self, de_duration, de_size, defaults, ConfigError, PasswordSource};
-use pgcourier_common::transport::peer::PeerAddr;
+use pgcourier_common::transport::link::Transport;
+use pgcourier_common::transport::peer::{parse_proxy, PeerAddr};
 use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use serde::Deserialize;
@@ -24,6 +25,8 @@ struct RawReceiverConfig {
     key: PathBuf,
     listen: Option<SocketAddr>,
     sender_address: Option<String>,
+    transport: Option<Transport>,
+    proxy: Option<String>,
     sender_fingerprints: Vec<String>,
     admin: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
@@ -70,6 +73,11 @@ pub struct ReceiverConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub link: Link,
+    /// With `sender-address`: `auto` (QUIC, falling back to TCP), `quic`
+    /// or `tcp`.
+    pub dial_transport: Transport,
+    /// With `sender-address`: dial through this HTTP proxy (CONNECT; TCP).
+    pub proxy: Option<PeerAddr>,
     pub sender_fingerprints: Vec<Fingerprint>,
     /// Read-only admin listener (HTTP: /metrics, /health, /status), any
     /// address (a Prometheus server elsewhere may scrape it); off by
@@ -121,6 +129,25 @@ impl ReceiverConfig {
             (Some(_), Some(_)) => return Err(invalid("listen", "set either `listen` (the sender dials us) or `sender-address` (we dial the sender), not both")),
             (None, None) => return Err(invalid("listen", "set `listen` (the sender dials us) or `sender-address` (we dial the sender)")),
         };
+        let proxy = raw
+            .proxy
+            .as_deref()
+            .map(parse_proxy)
+            .transpose()
+            .map_err(|e| invalid("proxy", e))?;
+        if matches!(link, Link::Listen(_)) && (proxy.is_some() || raw.transport.is_some()) {
+            return Err(invalid(
+                if proxy.is_some() { "proxy" } else { "transport" },
+                "applies only when the receiver dials the sender (`sender-address`); with `listen` the receiver accepts QUIC and TCP on that port, and the sender's settings choose",
+            ));
+        }
+        let dial_transport = raw.transport.unwrap_or_default();
+        if proxy.is_some() && dial_transport == Transport::Quic {
+            return Err(invalid(
+                "proxy",
+                "an HTTP proxy carries TCP only: set transport = \"tcp\" or \"auto\", or remove the proxy",
+            ));
+        }
         if raw.sender_fingerprints.is_empty() {
             return Err(invalid("sender-fingerprints", "pin at least one sender certificate fingerprint (printed by pgcourier-sender keygen)"));
         }
@@ -146,6 +173,8 @@ impl ReceiverConfig {
             cert: base.join(raw.cert),
             key: base.join(raw.key),
             link,
+            dial_transport,
+            proxy,
             sender_fingerprints: fps,
             admin: raw.admin,
             admin_socket: base.join(

@@ -1,4 +1,4 @@
-//! Ingest: QUIC → verified batches → inbox (fsynced) → Ack.
+//! Ingest: QUIC (or TLS over TCP) → verified batches → inbox (fsynced) → Ack.
 //!
 //! The receiver opens the control stream on whichever connection exists
 //! (it dialed the sender in reverse mode, or accepted the sender's dial),
@@ -10,8 +10,10 @@
 //! This file is the driver: every decision (Welcome handling, gaps, the
 //! start at a copy made for a new branch, what to do with each batch, what
 //! to acknowledge and report, which session is live) is made by
-//! [`pgcourier_proto::session::receiver`] and [`Takeover`]. Here: QUIC
-//! streams, the inbox (its fsyncs run on the blocking pool), status.
+//! [`pgcourier_proto::session::receiver`] and [`Takeover`]. Here: the link's
+//! streams ([`Conn`]: QUIC or TCP), the inbox (its fsyncs run on the
+//! blocking pool), status. In reverse mode a dialler that fell back to TCP
+//! moves its session back to QUIC when a QUIC handshake completes again.
 //!
 //! Errors: a definite one about the inbox or this branch (a gap, another
 //! source, a store error, a definite refusal or a wrong certificate where
@@ -26,8 +28,10 @@ use std::time::{Duration, Instant};
 use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_common::store::durable::{StoreError, Synced};
 use pgcourier_common::transport::framed::{self, WireError};
+use pgcourier_common::transport::link::{
+    Conn, DialError, Dialer, LinkError, Net, RecvHalf, SendHalf,
+};
 use pgcourier_common::transport::peer::PeerAddr;
-use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::frame::{self, Frame};
 use pgcourier_proto::session::receiver::{
@@ -42,12 +46,10 @@ use crate::inbox::Inbox;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("connection failed")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("cannot start connection")]
-    Connect(#[from] quinn::ConnectError),
-    #[error("cannot resolve the sender's address")]
-    Resolve(#[source] std::io::Error),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("cannot connect")]
+    Dial(#[from] DialError),
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("inbox write failed")]
@@ -64,7 +66,7 @@ impl IngestError {
     /// The peer closed the connection on purpose (stopping, superseded).
     pub fn is_clean_close(&self) -> bool {
         let conn = match self {
-            IngestError::Connection(c) => Some(c),
+            IngestError::Link(l) => return l.is_clean_close(),
             IngestError::Wire(WireError::Io(io)) => io
                 .get_ref()
                 .and_then(|e| e.downcast_ref::<quinn::ReadError>())
@@ -81,10 +83,9 @@ impl IngestError {
     /// connection would meet the same error.
     pub fn class(&self) -> Class {
         match self {
-            IngestError::Connection(_)
-            | IngestError::Connect(_)
-            | IngestError::Resolve(_)
-            | IngestError::Wire(WireError::Io(_)) => Class::Transient,
+            IngestError::Link(_) | IngestError::Dial(_) | IngestError::Wire(WireError::Io(_)) => {
+                Class::Transient
+            }
             // A frame or batch that does not decode comes again the same way.
             IngestError::Wire(WireError::Frame(_)) => Class::Definite,
             IngestError::Inbox(_) | IngestError::InboxTask(_) => Class::Definite,
@@ -110,6 +111,17 @@ impl IngestError {
 pub struct LinkStatus {
     pub connected: bool,
     pub peer: Option<String>,
+    /// The transport of the current connection: "quic" or "tcp".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// Reverse mode with `transport = "auto"`: no QUIC handshake with the
+    /// sender completes but TCP works, so the receiver dials over TCP and
+    /// tries QUIC again every `quic-retry`.
+    #[serde(default)]
+    pub fell_back_to_tcp: bool,
+    /// Times the receiver's dialler fell back to TCP since the start.
+    #[serde(default)]
+    pub tcp_fallbacks: u64,
     /// RFC 3339 time the current connection was established.
     pub connected_since: Option<String>,
     pub rtt_ms: Option<f64>,
@@ -144,7 +156,7 @@ pub struct Ingest {
     /// The connection of the session that writes the inbox; a newer session
     /// closes it once the sender on it is welcomed (so an impostor or a
     /// wrong sender cannot interrupt a good session).
-    sessions: Arc<Mutex<Takeover<(), quinn::Connection>>>,
+    sessions: Arc<Mutex<Takeover<(), Conn>>>,
     /// Held by the session that writes the inbox, from its welcome on.
     writer: Arc<tokio::sync::Mutex<()>>,
 }
@@ -160,12 +172,12 @@ impl Ingest {
         }
     }
 
-    pub async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+    pub async fn run(self, net: Arc<Net>, shutdown: CancellationToken) {
         match self.cfg.link.clone() {
-            Link::Dial(addr) => self.dial_loop(&endpoint, &addr, &shutdown).await,
-            Link::Listen(_) => self.accept_loop(&endpoint, &shutdown).await,
+            Link::Dial(addr) => self.dial_loop(&net, &addr, &shutdown).await,
+            Link::Listen(_) => self.accept_loop(&net, &shutdown).await,
         }
-        endpoint.close(0u32.into(), b"receiver stopping");
+        net.close(b"receiver stopping").await;
     }
 
     /// Ingest stopped after a definite error: say it once, show it in
@@ -177,26 +189,57 @@ impl Ingest {
         shutdown.cancelled().await;
     }
 
-    async fn dial_loop(
-        &self,
-        endpoint: &quinn::Endpoint,
-        addr: &PeerAddr,
-        shutdown: &CancellationToken,
-    ) {
+    async fn dial_loop(&self, net: &Arc<Net>, addr: &PeerAddr, shutdown: &CancellationToken) {
+        let dialer = Dialer::new(
+            net.clone(),
+            "sender".into(),
+            addr.clone(),
+            self.cfg.dial_transport,
+            self.cfg.proxy.clone(),
+        );
         let mut backoff = Backoff::new(self.cfg.max_backoff);
+        // A QUIC connection that completed its handshake while the session
+        // ran over TCP: the next session's.
+        let mut next: Option<Conn> = None;
         loop {
             let started = Instant::now();
             let attempt = async {
-                let to = addr.resolve().await.map_err(IngestError::Resolve)?;
-                let conn = endpoint.connect(to, SERVER_NAME)?.await?;
+                let was_tcp_first = dialer.fell_back();
+                let conn = match next.take() {
+                    Some(c) => c,
+                    None => dialer.dial().await?,
+                };
+                {
+                    let mut link = self.link.lock().expect("link lock");
+                    if dialer.fell_back() && !was_tcp_first {
+                        link.tcp_fallbacks += 1;
+                    }
+                    link.fell_back_to_tcp = dialer.fell_back();
+                }
                 self.check_peer(&conn)?;
                 let id = self.sessions.lock().expect("sessions lock").begin();
-                self.session(&conn, id).await
+                let session = self.session(&conn, id);
+                tokio::pin!(session);
+                tokio::select! {
+                    r = &mut session => r,
+                    quic = dialer.quic_returns() => {
+                        // Over TCP after a fallback: move to QUIC, as the
+                        // sender would see a stop.
+                        conn.close(0, b"");
+                        let _ = session.await;
+                        self.link.lock().expect("link lock").fell_back_to_tcp = false;
+                        next = Some(quic);
+                        Ok(())
+                    }
+                }
             };
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = attempt => r,
             };
+            if next.is_some() {
+                continue;
+            }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff.reset();
             }
@@ -215,7 +258,7 @@ impl Ingest {
         }
     }
 
-    async fn accept_loop(&self, endpoint: &quinn::Endpoint, shutdown: &CancellationToken) {
+    async fn accept_loop(&self, net: &Net, shutdown: &CancellationToken) {
         // Sessions run side by side until one is welcomed by a sender
         // shipping our source; it then closes the one before it (which may be
         // half-dead after a link outage).
@@ -249,10 +292,10 @@ impl Ingest {
                     }
                     continue;
                 }
-                i = endpoint.accept() => match i { Some(i) => i, None => break },
+                i = net.accept() => match i { Some(i) => i, None => break },
             };
             let remote = incoming.remote_address();
-            let conn = match incoming.await {
+            let conn = match incoming.establish().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(peer = %remote, error = %e, "incoming connection failed");
@@ -261,7 +304,7 @@ impl Ingest {
             };
             if let Err(e) = self.check_peer(&conn) {
                 tracing::warn!(peer = %remote, error = %e, "refusing connection");
-                conn.close(1u32.into(), b"not a pinned sender");
+                conn.close(1, b"not a pinned sender");
                 continue;
             }
             let me = Ingest {
@@ -275,16 +318,16 @@ impl Ingest {
             sessions.spawn(async move { (remote, me.session(&conn, id).await) });
         }
         for conn in self.sessions.lock().expect("sessions lock").drain() {
-            conn.close(0u32.into(), b"receiver stopping");
+            conn.close(0, b"receiver stopping");
         }
         sessions.shutdown().await;
     }
 
-    fn check_peer(&self, conn: &quinn::Connection) -> Result<(), IngestError> {
-        match peer_fingerprint(conn) {
+    fn check_peer(&self, conn: &Conn) -> Result<(), IngestError> {
+        match conn.peer_fingerprint() {
             Some(fp) if self.cfg.sender_fingerprints.contains(&fp) => Ok(()),
             other => {
-                conn.close(1u32.into(), b"not a pinned sender");
+                conn.close(1, b"not a pinned sender");
                 Err(IngestError::WrongPeer(
                     other
                         .map(|f: Fingerprint| f.to_string())
@@ -296,30 +339,34 @@ impl Ingest {
 
     /// One session: hello, then store and acknowledge batches until the
     /// connection ends.
-    async fn session(&self, conn: &quinn::Connection, id: SessionId) -> Result<(), IngestError> {
+    async fn session(&self, conn: &Conn, id: SessionId) -> Result<(), IngestError> {
         let mut writing = None;
         let result = self.serve(conn, id, &mut writing).await;
         self.sessions.lock().expect("sessions lock").ended(&(), id);
         if matches!(result, Err(IngestError::Session(ReceiverError::Refetch))) {
             // The sender resumes from our lower durable mark on the next
             // connection.
-            conn.close(3u32.into(), b"re-fetching records");
+            conn.close(3, b"re-fetching records");
+        } else {
+            // The TCP socket ends with the session (QUIC's when dropped).
+            conn.close(0, b"");
         }
         if writing.is_some() {
             let mut link = self.link.lock().expect("link lock");
             link.connected = false;
             link.rtt_ms = None;
+            link.transport = None;
         }
         result
     }
 
     async fn serve<'a>(
         &'a self,
-        conn: &quinn::Connection,
+        conn: &Conn,
         id: SessionId,
         writing: &mut Option<tokio::sync::MutexGuard<'a, ()>>,
     ) -> Result<(), IngestError> {
-        let (mut control_tx, mut control_rx) = conn.open_bi().await?;
+        let (mut control_tx, mut control_rx) = conn.open_control().await?;
         let mut truncations = self.inbox.subscribe_truncations();
         truncations.borrow_and_update();
         let mut core = ReceiverSession::new(InboxFacts {
@@ -356,21 +403,22 @@ impl Ingest {
                 .expect("sessions lock")
                 .welcomed(&(), id, conn.clone())
         {
-            old.close(2u32.into(), b"superseded");
+            old.close(2, b"superseded");
         }
         *writing = Some(self.writer.lock().await);
         // The inbox may have moved while the session before ended.
         let durable = self.inbox.durable_seq();
-        tracing::info!(peer = %conn.remote_address(), durable_seq = durable, "connected to sender; receiving");
+        tracing::info!(peer = %conn.remote_address(), transport = conn.transport(), durable_seq = durable, "connected to sender; receiving");
         {
             let mut link = self.link.lock().expect("link lock");
             link.connected = true;
             link.peer = Some(conn.remote_address().to_string());
+            link.transport = Some(conn.transport().to_owned());
             link.connected_since =
                 Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             link.connections += 1;
         }
-        let mut data = framed::Counting::new(conn.accept_uni().await?);
+        let mut data = framed::Counting::new(conn.accept_data(control_rx).await?);
         let mut whole = 0u64;
         let core = Mutex::new(core);
         let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<Synced<u64>>(64);
@@ -398,7 +446,7 @@ impl Ingest {
     async fn report(
         &self,
         core: &Mutex<ReceiverSession>,
-        control_tx: &mut quinn::SendStream,
+        control_tx: &mut SendHalf,
         mut acks: tokio::sync::mpsc::Receiver<Synced<u64>>,
         mut truncations: tokio::sync::watch::Receiver<u64>,
     ) -> Result<(), IngestError> {
@@ -463,11 +511,11 @@ impl Ingest {
     async fn receive(
         &self,
         core: &Mutex<ReceiverSession>,
-        data: &mut framed::Counting<quinn::RecvStream>,
+        data: &mut framed::Counting<RecvHalf>,
         whole: &mut u64,
         acks: tokio::sync::mpsc::Sender<Synced<u64>>,
         truncations: &tokio::sync::watch::Receiver<u64>,
-        conn: &quinn::Connection,
+        conn: &Conn,
     ) -> Result<(), IngestError> {
         loop {
             let frame = match framed::read_frame(data).await? {
@@ -589,8 +637,17 @@ mod tests {
             Class::Transient
         );
         assert_eq!(
-            IngestError::Connection(quinn::ConnectionError::TimedOut).class(),
+            IngestError::Link(LinkError::Quic(quinn::ConnectionError::TimedOut)).class(),
             Class::Transient
+        );
+        assert!(
+            IngestError::Link(LinkError::Quic(quinn::ConnectionError::ApplicationClosed(
+                quinn::ApplicationClose {
+                    error_code: 0u32.into(),
+                    reason: Default::default()
+                }
+            )))
+            .is_clean_close()
         );
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pgcourier_common::ops::admin::Listeners;
-use pgcourier_common::transport::quic;
+use pgcourier_common::transport::link::Net;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
 
@@ -39,15 +39,17 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
         config::Link::Listen(addr) => (addr, true),
         config::Link::Dial(_) => ("0.0.0.0:0".parse().expect("valid address"), false),
     };
-    let endpoint = quic::endpoint(
-        bind,
-        &identity,
-        &cfg.sender_fingerprints,
-        &cfg.transport,
-        listen,
-    )
-    .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
-    tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "receiver starting");
+    let net = Arc::new(
+        Net::open(
+            bind,
+            &identity,
+            &cfg.sender_fingerprints,
+            &cfg.transport,
+            listen,
+        )
+        .with_context(|| format!("open the link's sockets on {bind} (setting `listen`)"))?,
+    );
+    tracing::info!(fingerprint = %identity.fingerprint(), bind = %net.local_addr().map(|a| a.to_string()).unwrap_or_default(), "receiver starting");
 
     probe_target(&cfg).await?;
     let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
@@ -65,7 +67,7 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     )
     .await
     .context("start the admin endpoint")?;
-    let ingest_task = tokio::spawn(ingest.run(endpoint, shutdown.clone()));
+    let ingest_task = tokio::spawn(ingest.run(net, shutdown.clone()));
     apply.clone().run(shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await.context("join ingest task")?;

@@ -41,6 +41,9 @@ pub struct ShippingTotals {
     pub compressed_bytes: u64,
     pub compression_ratio: f64,
     pub udp_tx_bytes: u64,
+    /// Bytes sent over TCP by finished connections (TLS included).
+    #[serde(default)]
+    pub tcp_tx_bytes: u64,
     pub resent_bytes: u64,
 }
 
@@ -148,6 +151,7 @@ pub fn status(
                 0.0
             },
             udp_tx_bytes: get(&s.stats.udp_tx_bytes),
+            tcp_tx_bytes: get(&s.stats.tcp_tx_bytes),
             resent_bytes: get(&s.stats.resent_bytes),
         }
     });
@@ -277,6 +281,27 @@ pub fn metrics(st: &SenderStatus) -> String {
                 Kind::Counter,
                 &l,
                 link.connections as f64,
+            );
+            m.sample(
+                "pgcourier_sender_receiver_tcp",
+                "1 while the receiver's connection runs over TCP (0 over QUIC or when not connected).",
+                Kind::Gauge,
+                &l,
+                f64::from(u8::from(link.transport.as_deref() == Some("tcp"))),
+            );
+            m.sample(
+                "pgcourier_sender_receiver_tcp_fallback",
+                "1 while transport = auto has fallen back to TCP for this receiver (no QUIC handshake completes).",
+                Kind::Gauge,
+                &l,
+                f64::from(u8::from(link.fell_back_to_tcp)),
+            );
+            m.sample(
+                "pgcourier_sender_receiver_tcp_fallbacks_total",
+                "Times transport = auto fell back to TCP for this receiver.",
+                Kind::Counter,
+                &l,
+                link.tcp_fallbacks as f64,
             );
         }
     }
@@ -473,6 +498,7 @@ mod tests {
                 compressed_bytes: 4,
                 compression_ratio: 0.75,
                 udp_tx_bytes: 5,
+                tcp_tx_bytes: 7,
                 resent_bytes: 6,
             }),
             copy: Some({

@@ -9,7 +9,8 @@ use std::time::Duration;
 use pgcourier_common::config::{
     self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource,
 };
-use pgcourier_common::transport::peer::PeerAddr;
+use pgcourier_common::transport::link::Transport;
+use pgcourier_common::transport::peer::{parse_proxy, PeerAddr};
 use pgcourier_common::transport::settings::TransportSettings;
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::session::pace::{Rate, Schedule, Window};
@@ -68,6 +69,9 @@ struct RawReceiver {
     max_rate: Option<String>,
     #[serde(default)]
     schedule: Vec<RawWindow>,
+    #[serde(default)]
+    transport: Transport,
+    proxy: Option<String>,
 }
 
 /// One `[[receiver.schedule]]` window.
@@ -155,6 +159,10 @@ pub struct ReceiverSpec {
     /// The rate in force by time of day: `schedule`'s windows, and
     /// `max-rate` outside them; `None`: neither is set.
     pub budget: Option<Schedule>,
+    /// How we dial it: `auto` (QUIC, falling back to TCP), `quic`, `tcp`.
+    pub transport: Transport,
+    /// Dial through this HTTP proxy (CONNECT; TCP only).
+    pub proxy: Option<PeerAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -301,12 +309,26 @@ impl SenderConfig {
             let otherwise = max_rate.map_or(Rate::Unlimited, |bits| Rate::Bytes(bits / 8));
             let budget = (!windows.is_empty() || max_rate.is_some())
                 .then_some(Schedule { windows, otherwise });
+            let proxy = r
+                .proxy
+                .as_deref()
+                .map(parse_proxy)
+                .transpose()
+                .map_err(|e| invalid("receiver.proxy", format!("receiver {:?}: {e}", r.name)))?;
+            if proxy.is_some() && address.is_none() {
+                return Err(invalid("receiver.proxy", format!("receiver {:?} has a proxy but no address: a proxy is for dialling it; give its address, or remove the proxy", r.name)));
+            }
+            if proxy.is_some() && r.transport == Transport::Quic {
+                return Err(invalid("receiver.proxy", format!("receiver {:?}: an HTTP proxy carries TCP only: set transport = \"tcp\" or \"auto\", or remove the proxy", r.name)));
+            }
             receivers.push(ReceiverSpec {
                 name: r.name,
                 fingerprint,
                 address,
                 max_rate,
                 budget,
+                transport: r.transport,
+                proxy,
             });
         }
         if receivers.iter().any(|r| r.address.is_none()) && raw.listen.is_none() {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pgcourier_common::ops::admin::Listeners;
-use pgcourier_common::transport::quic;
+use pgcourier_common::transport::link::Net;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
 
@@ -45,15 +45,17 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     let bind = cfg
         .listen
         .unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
-    let endpoint = quic::endpoint(
-        bind,
-        &identity,
-        &pinned,
-        &cfg.transport,
-        cfg.listen.is_some(),
-    )
-    .with_context(|| format!("open QUIC endpoint on {bind} (setting `listen`)"))?;
-    tracing::info!(fingerprint = %identity.fingerprint(), bind = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), receivers = names.len(), "sender starting");
+    let net = Arc::new(
+        Net::open(
+            bind,
+            &identity,
+            &pinned,
+            &cfg.transport,
+            cfg.listen.is_some(),
+        )
+        .with_context(|| format!("open the link's sockets on {bind} (setting `listen`)"))?,
+    );
+    tracing::info!(fingerprint = %identity.fingerprint(), bind = %net.local_addr().map(|a| a.to_string()).unwrap_or_default(), receivers = names.len(), "sender starting");
 
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
     let (seeds_tx, seeds_rx) = tokio::sync::mpsc::channel(1);
@@ -74,7 +76,7 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     .await
     .context("start the admin endpoint")?;
     let links = shipper.clone();
-    let ship_task = tokio::spawn(shipper.run(endpoint, shutdown.clone()));
+    let ship_task = tokio::spawn(shipper.run(net, shutdown.clone()));
     let result = capture.run(shutdown.clone()).await;
     if let Err(e) = &result {
         tracing::error!(error = %pgcourier_common::ops::backoff::error_chain(e), "capture stopped: the operator must act; the sender ships what is spooled, then exits");

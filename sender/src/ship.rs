@@ -1,4 +1,5 @@
-//! Shipping: spool → zstd batches → QUIC → receivers; acknowledgements back.
+//! Shipping: spool → zstd batches → QUIC (or TLS over TCP) → receivers;
+//! acknowledgements back.
 //!
 //! One session per receiver at a time, on a connection either side dialed
 //! (the sender dials receivers that have an `address`; receivers without one
@@ -14,8 +15,11 @@
 //! This file is the driver: every decision (admission and refusals, the
 //! resume point, the window, Ack/Applied validation, batch shaping, re-sent
 //! bytes, which session is live) is made by
-//! [`pgcourier_proto::session::sender`] and [`Takeover`]. Here: QUIC
-//! streams, the spool, quinn's congestion figures, status and counters.
+//! [`pgcourier_proto::session::sender`] and [`Takeover`]. Here: the link's
+//! streams ([`Conn`]: QUIC or TCP), the spool, the transport's congestion
+//! figures, status and counters. A dialler that fell back to TCP moves its
+//! session back to QUIC when a QUIC handshake completes again
+//! ([`Dialer::quic_returns`]).
 //! A definite error (a refusal that retrying cannot fix, a wrong peer
 //! certificate, a peer that breaks the protocol) stops dialing that
 //! receiver with one ERROR line and shows in its link status; the other
@@ -29,13 +33,16 @@ use std::time::{Duration, Instant};
 use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_common::ops::local_time;
 use pgcourier_common::transport::framed::{self, WireError};
-use pgcourier_common::transport::quic::{peer_fingerprint, SERVER_NAME};
+use pgcourier_common::transport::link::{
+    Conn, DialError, Dialer, Incoming, LinkError, Net, RecvHalf, SendHalf,
+};
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::session::pace::{Pacer, Rate};
 use pgcourier_proto::session::sender::{
     Admission, Control, SenderError, SenderSession, ShipSettings, SpoolFacts, SpoolSource,
 };
 use pgcourier_proto::session::{Class, SessionId, Takeover};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,14 +54,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
-    #[error("connection failed")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("cannot start connection")]
-    Connect(#[from] quinn::ConnectError),
-    #[error("cannot resolve the receiver's address")]
-    Resolve(#[source] std::io::Error),
-    #[error("stream failed")]
-    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("cannot connect")]
+    Dial(#[from] DialError),
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("spool read failed")]
@@ -87,11 +90,9 @@ impl ShipError {
     /// would meet the same error; stop dialing this receiver and say why.
     pub fn class(&self) -> Class {
         match self {
-            ShipError::Connection(_)
-            | ShipError::Connect(_)
-            // DNS down, or the name not yet (re)registered.
-            | ShipError::Resolve(_)
-            | ShipError::Write(_)
+            // The link, DNS down, or a name not yet (re)registered.
+            ShipError::Link(_)
+            | ShipError::Dial(_)
             | ShipError::Wire(WireError::Io(_))
             | ShipError::ClosedBeforeHello
             | ShipError::HelloTimeout(_)
@@ -116,10 +117,13 @@ pub struct ShipStats {
     pub raw_bytes: AtomicU64,
     /// Batch payload bytes after zstd.
     pub compressed_bytes: AtomicU64,
-    /// UDP payload bytes sent and received by finished connections
+    /// UDP payload bytes sent and received by finished QUIC connections
     /// (QUIC, TLS and acknowledgements included).
     pub udp_tx_bytes: AtomicU64,
     pub udp_rx_bytes: AtomicU64,
+    /// Bytes sent and received by finished TCP connections (TLS included).
+    pub tcp_tx_bytes: AtomicU64,
+    pub tcp_rx_bytes: AtomicU64,
     pub connections: AtomicU64,
     /// Compressed bytes of records shipped again after a reconnect (the
     /// receiver had not made them durable before the link dropped).
@@ -141,24 +145,30 @@ impl ShipStats {
             compressed_bytes = get(&self.compressed_bytes),
             udp_tx_bytes = get(&self.udp_tx_bytes),
             udp_rx_bytes = get(&self.udp_rx_bytes),
+            tcp_tx_bytes = get(&self.tcp_tx_bytes),
+            tcp_rx_bytes = get(&self.tcp_rx_bytes),
             resent_bytes = get(&self.resent_bytes),
             "shipping totals"
         );
     }
 }
 
-/// Adds a connection's UDP byte counts to the totals when the session ends,
-/// however it ends (including cancellation at shutdown).
+/// Adds a connection's wire byte counts to the totals when the session
+/// ends, however it ends (including cancellation at shutdown).
 struct ConnStats<'a> {
-    conn: &'a quinn::Connection,
+    conn: &'a Conn,
     stats: &'a ShipStats,
 }
 
 impl Drop for ConnStats<'_> {
     fn drop(&mut self) {
-        let s = self.conn.stats();
-        ShipStats::add(&self.stats.udp_tx_bytes, s.udp_tx.bytes);
-        ShipStats::add(&self.stats.udp_rx_bytes, s.udp_rx.bytes);
+        let (tx, rx) = self.conn.wire_bytes();
+        let (t, r) = match self.conn {
+            Conn::Quic(_) => (&self.stats.udp_tx_bytes, &self.stats.udp_rx_bytes),
+            Conn::Tcp(_) => (&self.stats.tcp_tx_bytes, &self.stats.tcp_rx_bytes),
+        };
+        ShipStats::add(t, tx);
+        ShipStats::add(r, rx);
     }
 }
 
@@ -167,6 +177,17 @@ impl Drop for ConnStats<'_> {
 pub struct LinkStatus {
     pub connected: bool,
     pub peer: Option<String>,
+    /// The transport of the current connection: "quic" or "tcp".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// `transport = "auto"` found no QUIC handshake completing but TCP
+    /// working: this receiver is dialled over TCP, and QUIC is tried again
+    /// every `quic-retry`.
+    #[serde(default)]
+    pub fell_back_to_tcp: bool,
+    /// Times this receiver's dialler fell back to TCP since the start.
+    #[serde(default)]
+    pub tcp_fallbacks: u64,
     pub connected_since: Option<String>,
     pub rtt_ms: Option<f64>,
     pub in_flight_bytes: u64,
@@ -222,7 +243,7 @@ impl Shipper {
     /// Dial receivers that have an address and accept those that dial in,
     /// until `shutdown`. Every session is a task of one tracker, cancelled
     /// through `shutdown` and awaited before this returns.
-    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, net: Arc<Net>, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         for spec in self
             .cfg
@@ -232,15 +253,15 @@ impl Shipper {
             .cloned()
         {
             let me = self.clone();
-            let ep = endpoint.clone();
+            let net = net.clone();
             let sd = shutdown.clone();
-            tasks.spawn(async move { me.dial_loop(ep, spec, sd).await });
+            tasks.spawn(async move { me.dial_loop(net, spec, sd).await });
         }
         if self.cfg.listen.is_some() {
             loop {
                 let incoming = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    i = endpoint.accept() => match i { Some(i) => i, None => break },
+                    i = net.accept() => match i { Some(i) => i, None => break },
                 };
                 let me = self.clone();
                 let sd = shutdown.clone();
@@ -249,15 +270,14 @@ impl Shipper {
         }
         tasks.close();
         tasks.wait().await;
-        endpoint.close(0u32.into(), b"sender stopping");
         // Let the close reach the peers before the process exits.
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        net.close(b"sender stopping").await;
         self.stats.log_totals();
     }
 
     async fn dial_loop(
         self: Arc<Self>,
-        endpoint: quinn::Endpoint,
+        net: Arc<Net>,
         spec: ReceiverSpec,
         shutdown: CancellationToken,
     ) {
@@ -265,23 +285,58 @@ impl Shipper {
             .address
             .clone()
             .expect("dial_loop only for receivers with an address");
+        let dialer = Dialer::new(
+            net,
+            format!("receiver {}", spec.name),
+            addr.clone(),
+            spec.transport,
+            spec.proxy.clone(),
+        );
         let mut backoff = Backoff::new(self.cfg.max_backoff);
+        // A QUIC connection that completed its handshake while the session
+        // ran over TCP: the next session's.
+        let mut next: Option<Conn> = None;
         loop {
             let started = Instant::now();
             let result = async {
-                let to = addr.resolve().await.map_err(ShipError::Resolve)?;
-                let conn = endpoint.connect(to, SERVER_NAME)?.await?;
-                let fp = peer_fingerprint(&conn);
+                let was_tcp_first = dialer.fell_back();
+                let conn = match next.take() {
+                    Some(c) => c,
+                    None => dialer.dial().await?,
+                };
+                if dialer.fell_back() && !was_tcp_first {
+                    self.set_link(&spec.name, |l| l.tcp_fallbacks += 1);
+                }
+                self.set_link(&spec.name, |l| l.fell_back_to_tcp = dialer.fell_back());
+                let fp = conn.peer_fingerprint();
                 if fp != Some(spec.fingerprint) {
-                    conn.close(1u32.into(), b"wrong receiver certificate");
+                    conn.close(1, b"wrong receiver certificate");
                     return Err(ShipError::WrongPeer(fp.unwrap_or(Fingerprint([0; 32]))));
                 }
-                self.clone().session(conn, &spec, &shutdown).await
+                // Over TCP after a fallback, the session runs until QUIC
+                // handshakes complete again; it then ends (as at a stop)
+                // and the next one runs over QUIC.
+                let switch = shutdown.child_token();
+                let session = self.clone().session(conn, &spec, &switch);
+                tokio::pin!(session);
+                tokio::select! {
+                    r = &mut session => r,
+                    quic = dialer.quic_returns() => {
+                        switch.cancel();
+                        let _ = session.await;
+                        self.set_link(&spec.name, |l| l.fell_back_to_tcp = false);
+                        next = Some(quic);
+                        Ok(())
+                    }
+                }
             };
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = result => r,
             };
+            if next.is_some() {
+                continue;
+            }
             if started.elapsed() > Duration::from_secs(10) {
                 // A session that lasted: start the backoff afresh, and report
                 // the next failure even if it looks like the last one.
@@ -309,16 +364,16 @@ impl Shipper {
         }
     }
 
-    async fn accepted(self: Arc<Self>, incoming: quinn::Incoming, shutdown: CancellationToken) {
+    async fn accepted(self: Arc<Self>, incoming: Incoming, shutdown: CancellationToken) {
         let remote = incoming.remote_address();
-        let conn = match incoming.await {
+        let conn = match incoming.establish().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer = %remote, error = %e, "incoming connection failed");
                 return;
             }
         };
-        let fp = peer_fingerprint(&conn);
+        let fp = conn.peer_fingerprint();
         let Some(spec) = self
             .cfg
             .receivers
@@ -327,7 +382,7 @@ impl Shipper {
             .cloned()
         else {
             tracing::warn!(peer = %remote, offered = ?fp, "refusing connection: certificate matches no configured receiver");
-            conn.close(1u32.into(), b"unknown receiver");
+            conn.close(1, b"unknown receiver");
             return;
         };
         match self.clone().session(conn, &spec, &shutdown).await {
@@ -344,7 +399,7 @@ impl Shipper {
     /// One session with one receiver on an established connection.
     async fn session(
         self: Arc<Self>,
-        conn: quinn::Connection,
+        conn: Conn,
         spec: &ReceiverSpec,
         shutdown: &CancellationToken,
     ) -> Result<(), ShipError> {
@@ -364,11 +419,10 @@ impl Shipper {
             .expect("sessions lock")
             .ended(&spec.name, id);
         match &result {
-            Err(ShipError::Superseded) if !shutdown.is_cancelled() => {
-                conn.close(2u32.into(), b"superseded")
-            }
-            _ if shutdown.is_cancelled() => conn.close(0u32.into(), b"sender stopping"),
-            _ => {}
+            Err(ShipError::Superseded) if !shutdown.is_cancelled() => conn.close(2, b"superseded"),
+            _ if shutdown.is_cancelled() => conn.close(0, b"sender stopping"),
+            // The TCP socket ends with the session (QUIC's when dropped).
+            _ => conn.close(0, b""),
         }
         if shutdown.is_cancelled() {
             return Ok(());
@@ -395,13 +449,13 @@ impl Shipper {
 
     async fn serve(
         &self,
-        conn: &quinn::Connection,
+        conn: &Conn,
         spec: &ReceiverSpec,
         id: SessionId,
         token: &CancellationToken,
     ) -> Result<(), ShipError> {
         let (mut control_tx, mut control_rx) =
-            tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            tokio::time::timeout(HELLO_TIMEOUT, conn.accept_control())
                 .await
                 .map_err(|_| ShipError::HelloTimeout(HELLO_TIMEOUT))??;
         let hello = tokio::time::timeout(HELLO_TIMEOUT, framed::read_frame(&mut control_rx))
@@ -437,10 +491,14 @@ impl Shipper {
         let resume_after = match admission {
             Admission::Refuse { frame, refusal } => {
                 let _ = framed::write_frame(&mut control_tx, &frame).await;
-                let _ = control_tx.finish();
+                let _ = control_tx.shutdown().await;
                 // Let the refusal reach the receiver (it closes the connection
                 // once it has read it) before this side drops the connection.
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    conn.closed_by_peer(&mut control_rx),
+                )
+                .await;
                 return Err(ShipError::Refused {
                     reason: refusal.reason,
                     class: refusal.class,
@@ -465,10 +523,11 @@ impl Shipper {
         }
         // The spool is trimmed by the receiver's `Applied` frames, not by
         // what it stores: a record it finds corrupt can be shipped again.
-        tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), durable_seq = resume_after, "receiver connected; shipping");
+        tracing::info!(receiver = %spec.name, peer = %conn.remote_address(), transport = conn.transport(), durable_seq = resume_after, "receiver connected; shipping");
         self.set_link(&spec.name, |l| {
             l.connected = true;
             l.peer = Some(conn.remote_address().to_string());
+            l.transport = Some(conn.transport().to_owned());
             l.connected_since =
                 Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             l.connections += 1;
@@ -476,9 +535,10 @@ impl Shipper {
             l.acked_bytes = 0;
             l.throughput_bytes_per_sec = 0.0;
         });
-        let result = self.stream(conn, spec, core, control_rx).await;
+        let result = self.stream(conn, spec, core, control_tx, control_rx).await;
         self.set_link(&spec.name, |l| {
             l.connected = false;
+            l.transport = None;
             l.rtt_ms = None;
             l.in_flight_bytes = 0;
         });
@@ -499,12 +559,13 @@ impl Shipper {
     /// never contended.
     async fn stream(
         &self,
-        conn: &quinn::Connection,
+        conn: &Conn,
         spec: &ReceiverSpec,
         core: SenderSession,
-        mut control_rx: quinn::RecvStream,
+        control_tx: SendHalf,
+        mut control_rx: RecvHalf,
     ) -> Result<(), ShipError> {
-        let mut data = conn.open_uni().await?;
+        let mut data = conn.open_data(control_tx).await?;
         let core = Mutex::new(core);
         let lock = || core.lock().expect("session core lock");
         // Woken on each Ack (a stored permit: no wake-up is lost).
@@ -541,15 +602,15 @@ impl Shipper {
             let mut marks_rx = self.spool.subscribe();
             // `max-rate` and `schedule`: the rate in force now, paced over
             // what this connection sent: the larger of what was written
-            // and what QUIC has put on the wire (its overhead included,
-            // once sent).
+            // and what the transport has put on the wire (its overhead
+            // included, once sent).
             // (The pacer's rate is set from the budget before each use.)
             let mut pacer = Pacer::new(1, Instant::now());
             let mut frame_bytes = 0u64;
             loop {
                 if let Some(budget) = spec.budget.as_ref() {
                     let p = &mut pacer;
-                    let (now, sent) = (Instant::now(), frame_bytes.max(conn.stats().udp_tx.bytes));
+                    let (now, sent) = (Instant::now(), frame_bytes.max(conn.wire_bytes().0));
                     let (rate, _, next) = budget.at(local_time::seconds_of_day());
                     let wait = match rate {
                         Rate::Closed => {
@@ -582,8 +643,7 @@ impl Shipper {
                 };
                 let records = self.spool.read(want.from, want.max_raw_bytes)?;
                 // What the link carries now: congestion window per RTT.
-                let rtt = conn.rtt();
-                let rate = conn.stats().path.cwnd as f64 / rtt.as_secs_f64().max(0.001);
+                let (rtt, rate) = (conn.rtt(), conn.rate_estimate());
                 let shipped = lock().next_batch(records, rate, complete)?;
                 ShipStats::add(&self.stats.compressed_bytes, shipped.wire_bytes);
                 ShipStats::add(&self.stats.resent_bytes, shipped.resent_bytes);
@@ -642,7 +702,11 @@ mod tests {
         assert_eq!(ShipError::ClosedBeforeHello.class(), Class::Transient);
         assert_eq!(ShipError::Superseded.class(), Class::Transient);
         assert_eq!(
-            ShipError::Connection(quinn::ConnectionError::TimedOut).class(),
+            ShipError::Link(LinkError::Quic(quinn::ConnectionError::TimedOut)).class(),
+            Class::Transient
+        );
+        assert_eq!(
+            ShipError::Dial(DialError::QuicTimeout(Duration::from_secs(5))).class(),
             Class::Transient
         );
         // The log line names the refusal as before.

@@ -50,6 +50,17 @@ impl FromStr for PeerAddr {
     }
 }
 
+/// An HTTP proxy as configured (`proxy = "http://host:port"`): the peer
+/// the TCP transport dials and asks for a tunnel (`CONNECT`).
+pub fn parse_proxy(text: &str) -> Result<PeerAddr, String> {
+    let rest = text.trim().strip_prefix("http://").ok_or_else(|| {
+        format!(
+            "{text:?} is not an HTTP proxy: use http://host:port (\"http://proxy.example:3128\")"
+        )
+    })?;
+    rest.trim_end_matches('/').parse()
+}
+
 impl fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

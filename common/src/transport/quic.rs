@@ -69,7 +69,7 @@ fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// TLS 1.3 client configuration presenting `identity` and accepting only
 /// pinned server certificates.
-fn client_crypto(
+pub(crate) fn client_crypto(
     identity: &Identity,
     pinned: &[Fingerprint],
 ) -> Result<rustls::ClientConfig, TlsError> {
@@ -93,7 +93,7 @@ fn client_crypto(
 
 /// TLS 1.3 server configuration presenting `identity` and requiring a
 /// pinned client certificate.
-fn server_crypto(
+pub(crate) fn server_crypto(
     identity: &Identity,
     pinned: &[Fingerprint],
 ) -> Result<rustls::ServerConfig, TlsError> {
@@ -126,23 +126,37 @@ pub fn endpoint(
     transport: &TransportSettings,
     listen: bool,
 ) -> Result<quinn::Endpoint, TlsError> {
+    let client = Arc::new(client_crypto(identity, pinned)?);
+    let server = Arc::new(server_crypto(identity, pinned)?);
+    endpoint_with(bind, identity, pinned, transport, listen, &client, &server)
+}
+
+/// [`endpoint`] with TLS configurations already built (shared with the TCP
+/// transport by [`crate::transport::link::Net`]).
+pub(crate) fn endpoint_with(
+    bind: SocketAddr,
+    identity: &Identity,
+    pinned: &[Fingerprint],
+    transport: &TransportSettings,
+    listen: bool,
+    client_crypto: &Arc<rustls::ClientConfig>,
+    server_crypto: &Arc<rustls::ServerConfig>,
+) -> Result<quinn::Endpoint, TlsError> {
     if pinned.is_empty() {
         tracing::warn!(%bind, "no peer certificate fingerprints are pinned: every peer will be refused");
     }
     let transport = Arc::new(transport_config(transport)?);
 
-    let client_tls = QuicClientConfig::try_from(Arc::new(client_crypto(identity, pinned)?))
-        .map_err(|e| {
-            TlsError::Config(format!("TLS client configuration unusable for QUIC: {e}"))
-        })?;
+    let client_tls = QuicClientConfig::try_from(client_crypto.clone()).map_err(|e| {
+        TlsError::Config(format!("TLS client configuration unusable for QUIC: {e}"))
+    })?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
     client.transport_config(transport.clone());
 
     let server = if listen {
-        let server_tls = QuicServerConfig::try_from(Arc::new(server_crypto(identity, pinned)?))
-            .map_err(|e| {
-                TlsError::Config(format!("TLS server configuration unusable for QUIC: {e}"))
-            })?;
+        let server_tls = QuicServerConfig::try_from(server_crypto.clone()).map_err(|e| {
+            TlsError::Config(format!("TLS server configuration unusable for QUIC: {e}"))
+        })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server.transport_config(transport);
         Some(server)

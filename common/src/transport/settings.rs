@@ -1,5 +1,6 @@
-//! The QUIC link settings both daemons read from their config file
-//! (`congestion`, `idle-timeout`, `keep-alive`, `window`, `initial-rtt`):
+//! The link settings both daemons read from their config file
+//! (`congestion`, `idle-timeout`, `keep-alive`, `window`, `initial-rtt`,
+//! `handshake-timeout`, `quic-retry`):
 //! one struct, flattened into `sender.toml` and `receiver.toml`, and turned
 //! into quinn's transport configuration by [`crate::transport::quic`].
 
@@ -49,6 +50,17 @@ pub struct TransportSettings {
     /// Default 100 ms: the RTT assumed before the first measurement.
     #[serde(default = "default_initial_rtt", deserialize_with = "de_duration")]
     pub initial_rtt: Duration,
+    /// Default 5 s: how long a dial waits for a handshake (TCP and TLS, or
+    /// QUIC under `transport = "auto"`, after which it falls back to TCP).
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub handshake_timeout: Duration,
+    /// Default 60 s: after falling back to TCP, how often a dialler tries a
+    /// QUIC handshake again, moving back to QUIC when one completes.
+    #[serde(default = "default_quic_retry", deserialize_with = "de_duration")]
+    pub quic_retry: Duration,
 }
 
 fn default_congestion() -> Congestion {
@@ -66,6 +78,12 @@ fn default_window() -> u64 {
 fn default_initial_rtt() -> Duration {
     Duration::from_millis(100)
 }
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_quic_retry() -> Duration {
+    Duration::from_secs(60)
+}
 
 impl Default for TransportSettings {
     fn default() -> Self {
@@ -75,6 +93,8 @@ impl Default for TransportSettings {
             keep_alive: default_keep_alive(),
             window_bytes: default_window(),
             initial_rtt: default_initial_rtt(),
+            handshake_timeout: default_handshake_timeout(),
+            quic_retry: default_quic_retry(),
         }
     }
 }

@@ -66,6 +66,12 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on TCP {addr} (the TCP port of the same number as the QUIC one must be free too)")]
+    BindTcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]
