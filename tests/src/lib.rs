@@ -1344,3 +1344,66 @@ mod tests {
         assert!(describe_difference("t", &s, &s).is_none());
     }
 }
+
+/// An HTTP proxy that answers `CONNECT host:port` with a tunnel (test
+/// equipment, not the product): counts the tunnels it opened and keeps the
+/// request lines it was sent. Stops with the test's runtime.
+pub struct ConnectProxy {
+    pub addr: std::net::SocketAddr,
+    requests: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    pub async fn start() -> anyhow::Result<ConnectProxy> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let requests = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                        let mut b = [0u8; 1];
+                        if client.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let line = text.lines().next().unwrap_or_default().to_owned();
+                    seen.lock().expect("requests lock").push(line.clone());
+                    let target = match line.split_whitespace().collect::<Vec<_>>()[..] {
+                        ["CONNECT", target, _] => target.to_owned(),
+                        _ => {
+                            let _ = client
+                                .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target.as_str()).await
+                    else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    if client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+        });
+        Ok(ConnectProxy { addr, requests })
+    }
+
+    /// The request lines received so far ("CONNECT 127.0.0.1:7000 HTTP/1.1").
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("requests lock").clone()
+    }
+}

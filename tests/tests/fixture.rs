@@ -75,6 +75,10 @@ pub struct Options<'a> {
     /// An emulated link (netem UDP relay) between the sender and each
     /// receiver; only with [`Dial::SenderDials`].
     pub link: Option<pgcourier_netem::Link>,
+    /// With `link`: a netem TCP relay too, on the UDP relay's port number
+    /// (through `tcp_link`), so the TCP transport has a path; its handle
+    /// follows the UDP relays in `relays`.
+    pub tcp_link: Option<pgcourier_netem::Link>,
     /// Return only once every receiver has applied the initial copy (so
     /// that what the test writes or plants next is not part of it).
     pub wait_for_copy: bool,
@@ -92,6 +96,7 @@ impl Default for Options<'_> {
             receiver_extra: "",
             receiver_entry_extra: "",
             link: None,
+            tcp_link: None,
             wait_for_copy: true,
         }
     }
@@ -128,6 +133,7 @@ impl Setup {
         let mut receivers_toml = String::new();
         let mut branches = Vec::new();
         let mut relays = Vec::new();
+        let mut tcp_relays = Vec::new();
         for (i, pg) in clusters.enumerate() {
             pg.execute(DB, opts.schema)
                 .await
@@ -161,6 +167,18 @@ impl Setup {
                     .context("start the netem relay")?;
                     let addr = relay.local_addr();
                     relays.push(relay);
+                    if let Some(tcp_link) = &opts.tcp_link {
+                        tcp_relays.push(
+                            pgcourier_netem::TcpRelay::start(
+                                addr,
+                                format!("127.0.0.1:{port}").parse()?,
+                                tcp_link.clone(),
+                                pgcourier_netem::OutageMode::Cut,
+                            )
+                            .await
+                            .context("start the netem TCP relay")?,
+                        );
+                    }
                     format!("address = \"{addr}\"\n")
                 }
                 (Dial::ReceiverDials, _) => String::new(),
@@ -204,6 +222,7 @@ impl Setup {
             ),
         )?;
         let sender = spawn_sender(&dir, &sender_config)?;
+        relays.extend(tcp_relays);
         let setup = Setup {
             relays,
             hq,

@@ -18,6 +18,7 @@ mod queue;
 mod replication;
 mod stream_capture;
 mod stream_client;
+mod transports;
 mod trust_admin;
 mod trust_apply;
 mod trust_capture;

@@ -1,4 +1,4 @@
-//! Frames on a QUIC stream: the async reading and writing of
+//! Frames on a stream (QUIC's, or the TLS-over-TCP byte stream): the async reading and writing of
 //! [`pgcourier_proto::frame`]'s length-prefixed frames, and a reader that
 //! counts what it read (what a cut link wasted). Used by both session
 //! drivers (`sender/src/ship.rs`, `receiver/src/ingest.rs`) between the
@@ -18,6 +18,9 @@ pub enum WireError {
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), WireError> {
     let buf = frame::encode_frame(frame)?;
     w.write_all(&buf).await?;
+    // TLS over TCP holds what it encrypted until flushed (QUIC's streams
+    // send on their own: a no-op there).
+    w.flush().await?;
     Ok(())
 }
 

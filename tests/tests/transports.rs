@@ -1,0 +1,242 @@
+//! The TCP transport and `transport = "auto"`: replication over TLS on
+//! TCP in both directions of dialling, the fallback when UDP is dropped
+//! entirely (netem's UDP relay down) or only QUIC's handshakes are (the
+//! relay's MTU below QUIC's 1200-byte Initial, while small datagrams
+//! pass), the move back to QUIC, and a CONNECT proxy. Every test ends with
+//! each source row change applied exactly once.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use pgcourier_netem::Profile;
+use pgcourier_tests::{wait_until, ConnectProxy};
+use serde_json::Value;
+
+use crate::copy::status;
+use crate::fixture::{Dial, Options, Setup};
+use crate::replication::{acct_transactions, assert_applied_exactly_once, ACCT_SCHEMA};
+
+/// Short timers: an outage outlasts the idle timeout, a dial falls back
+/// after 1 s, and QUIC is tried again every 3 s.
+const TIMERS: &str =
+    "idle-timeout = \"4s\"\nkeep-alive = \"1s\"\nhandshake-timeout = \"1s\"\nquic-retry = \"3s\"";
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The sender's view of receiver 0's link, from `pgcourier-queue status`.
+fn sender_link(setup: &Setup) -> anyhow::Result<Value> {
+    let st = status(&setup.sender_config)?;
+    Ok(st["receivers"][0]["link"].clone())
+}
+
+async fn wait_transport(setup: &Setup, transport: &str, fell_back: bool) -> anyhow::Result<()> {
+    wait_until(
+        &format!("the sender's link to run over {transport} (fell back: {fell_back})"),
+        WAIT,
+        || async {
+            let link = sender_link(setup)?;
+            Ok(link["connected"] == true
+                && link["transport"] == transport
+                && link["fell_back_to_tcp"] == fell_back)
+        },
+    )
+    .await
+    .with_context(|| setup.logs())
+}
+
+/// Wait until the branch has applied every change the source made so far
+/// (the audit trigger fires on both sides).
+async fn caught_up(setup: &Setup) -> anyhow::Result<()> {
+    let (src, dst) = (setup.source().await?, setup.target(0).await?);
+    let count = "SELECT count(*) FROM audit.log";
+    let n: i64 = src.query_one(count, &[]).await?.get(0);
+    wait_until(&format!("{n} changes applied"), WAIT, || async {
+        let got: i64 = dst.query_one(count, &[]).await?.get(0);
+        Ok(got >= n)
+    })
+    .await
+    .with_context(|| setup.logs())
+}
+
+fn clean(seed: u64) -> anyhow::Result<pgcourier_netem::Link> {
+    Ok(Profile::by_name("clean")
+        .context("profile clean")?
+        .link(seed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_dropped_falls_back_to_tcp_and_moves_back_to_quic_losing_nothing() -> anyhow::Result<()>
+{
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let sender_extra = format!("{TIMERS}\nadmin = \"127.0.0.1:{admin_port}\"");
+    let setup = Setup::start(
+        "udp_dropped",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            sender_extra: &sender_extra,
+            receiver_extra: TIMERS,
+            link: Some(clean(11)?),
+            tcp_link: Some(clean(12)?),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 200).await?;
+    caught_up(&setup).await?;
+    wait_transport(&setup, "quic", false).await?;
+
+    // UDP is dropped entirely, in the middle of a workload.
+    let (udp, tcp) = (&setup.relays[0], &setup.relays[1]);
+    udp.set_down(true);
+    let down_at = std::time::Instant::now();
+    acct_transactions(&src, 201, 200).await?;
+    wait_transport(&setup, "tcp", true).await?;
+    eprintln!(
+        "on TCP {:.1} s after UDP was dropped (idle timeout 4 s, handshake timeout 1 s)",
+        down_at.elapsed().as_secs_f64()
+    );
+    caught_up(&setup).await?;
+    assert!(
+        tcp.stats().forward.bytes_forwarded > 0,
+        "nothing went through the TCP relay"
+    );
+    let link = sender_link(&setup)?;
+    assert_eq!(link["tcp_fallbacks"], 1, "{link}");
+
+    // UDP comes back: QUIC within quic-retry (3 s) and a handshake.
+    udp.set_down(false);
+    let up_at = std::time::Instant::now();
+    wait_transport(&setup, "quic", false).await?;
+    eprintln!(
+        "back on QUIC {:.1} s after UDP returned",
+        up_at.elapsed().as_secs_f64()
+    );
+    acct_transactions(&src, 401, 200).await?;
+    caught_up(&setup).await?;
+    assert_applied_exactly_once(&setup, 0).await?;
+
+    let log = setup.sender.log();
+    assert_eq!(
+        log.matches("falling back to TLS over TCP").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("moving back to QUIC").count(), 1, "{log}");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
+    let (_, metrics) = tokio::task::spawn_blocking(move || {
+        pgcourier_common::ops::admin::request(addr, "GET", "/metrics")
+    })
+    .await??;
+    assert!(
+        metrics.contains("pgcourier_sender_receiver_tcp_fallbacks_total{receiver=\"branch0\"} 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_handshakes_dropped_while_small_datagrams_pass_still_fall_back() -> anyhow::Result<()>
+{
+    // A path that drops UDP datagrams over 1000 bytes: every QUIC client
+    // Initial (padded to at least 1200) is lost; a small probe passes.
+    let mut link = clean(21)?;
+    link.forward.mtu = Some(1000);
+    link.back.mtu = Some(1000);
+    let setup = Setup::start(
+        "quic_blocked",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            sender_extra: TIMERS,
+            receiver_extra: TIMERS,
+            link: Some(link),
+            tcp_link: Some(clean(22)?),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let udp = &setup.relays[0];
+    let before = udp.stats().forward;
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    probe.send_to(b"are you there", udp.local_addr())?;
+    wait_until("the probe to pass the UDP relay", WAIT, || async {
+        Ok(udp.stats().forward.bytes_forwarded >= before.bytes_forwarded + 13)
+    })
+    .await?;
+    assert!(
+        udp.stats().forward.dropped.too_big > 0,
+        "no QUIC handshake was dropped"
+    );
+
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 300).await?;
+    caught_up(&setup).await?;
+    wait_transport(&setup, "tcp", true).await?;
+    assert_applied_exactly_once(&setup, 0).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiver_dials_over_tcp_in_reverse_mode() -> anyhow::Result<()> {
+    let setup = Setup::start(
+        "reverse_tcp",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            dial: Dial::ReceiverDials,
+            receiver_extra: "transport = \"tcp\"",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 300).await?;
+    caught_up(&setup).await?;
+    let rlink = status(&setup.branches[0].config)?["link"].clone();
+    assert_eq!(rlink["transport"], "tcp", "{rlink}");
+    let slink = sender_link(&setup)?;
+    assert_eq!(slink["transport"], "tcp", "{slink}");
+    // Chosen, not fallen back to.
+    assert_eq!(rlink["fell_back_to_tcp"], false, "{rlink}");
+    assert_applied_exactly_once(&setup, 0).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_proxy_carries_the_link() -> anyhow::Result<()> {
+    let proxy = ConnectProxy::start().await?;
+    let entry = format!("proxy = \"http://{}\"", proxy.addr);
+    let setup = Setup::start(
+        "proxy",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            receiver_entry_extra: &entry,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 300).await?;
+    caught_up(&setup).await?;
+    wait_transport(&setup, "tcp", false).await?;
+    let config = std::fs::read_to_string(&setup.sender_config)?;
+    let receiver = config
+        .lines()
+        .find_map(|l| l.strip_prefix("address = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .context("the receiver's address in sender.toml")?;
+    let requests = proxy.requests();
+    assert!(!requests.is_empty());
+    assert!(
+        requests
+            .iter()
+            .all(|r| r == &format!("CONNECT {receiver} HTTP/1.1")),
+        "{requests:?}"
+    );
+    assert_applied_exactly_once(&setup, 0).await?;
+    Ok(())
+}
