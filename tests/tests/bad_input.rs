@@ -95,6 +95,36 @@ fn bad_configurations_exit_non_zero_with_an_error_naming_the_setting() -> anyhow
         ),
         (
             "pgcourier-sender",
+            format!("{src}spool-dir = \"s\"\n{tail}transport = \"udp\"\n"),
+            "transport",
+        ),
+        (
+            "pgcourier-sender",
+            format!("{src}spool-dir = \"s\"\n{tail}proxy = \"proxy.example:3128\"\n"),
+            "receiver.proxy",
+        ),
+        (
+            "pgcourier-sender",
+            format!("{src}spool-dir = \"s\"\n{tail}transport = \"quic\"\nproxy = \"http://proxy.example:3128\"\n"),
+            "receiver.proxy",
+        ),
+        (
+            "pgcourier-sender",
+            format!("{src}spool-dir = \"s\"\nhandshake-timeout = \"fast\"\n{tail}"),
+            "handshake-timeout",
+        ),
+        (
+            "pgcourier-receiver",
+            format!("target = \"host=/nonexistent\"\ninbox-dir = \"i\"\nlisten = \"127.0.0.1:0\"\nproxy = \"http://proxy.example:3128\"\n{recv_tail}"),
+            "proxy",
+        ),
+        (
+            "pgcourier-receiver",
+            format!("target = \"host=/nonexistent\"\ninbox-dir = \"i\"\nlisten = \"127.0.0.1:0\"\ntransport = \"tcp\"\n{recv_tail}"),
+            "transport",
+        ),
+        (
+            "pgcourier-sender",
             format!("{src}spool-dir = \"s\"\npassword-env = \"PGC_NO_SUCH_VAR\"\n{tail}"),
             "password-env",
         ),

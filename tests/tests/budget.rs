@@ -1,6 +1,6 @@
 //! A link's budget: a receiver capped by `max-rate` gets no more than the
 //! cap, measured at netem's relay (QUIC's headers and acknowledgements
-//! included), and loses nothing.
+//! included, or TLS records over TCP), and loses nothing.
 
 use std::time::{Duration, Instant};
 
@@ -19,24 +19,37 @@ const ROWS: &str = "INSERT INTO blob SELECT g, (SELECT string_agg(decode(md5(ran
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_capped_by_max_rate_gets_the_cap_and_loses_nothing() -> anyhow::Result<()> {
+    capped("quic").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_capped_by_max_rate_over_tcp_gets_the_cap_and_loses_nothing(
+) -> anyhow::Result<()> {
+    capped("tcp").await
+}
+
+/// The cap measured at the relay of `transport` (netem's UDP relay for
+/// QUIC, its TCP relay for TCP: TLS records included).
+async fn capped(transport: &str) -> anyhow::Result<()> {
     // 4 Mbit/s = 500 kB/s, far below what loopback carries.
     let cap = 4_000_000.0 / 8.0;
-    let link = Profile::by_name("clean")
-        .context("netem profile clean")?
-        .link(1);
+    let clean = Profile::by_name("clean").context("netem profile clean")?;
+    let entry = format!("max-rate = \"4Mbit\"\ntransport = \"{transport}\"");
     let setup = Setup::start(
-        "max_rate",
+        &format!("max_rate_{transport}"),
         Options {
             schema: SCHEMA,
-            receiver_entry_extra: "max-rate = \"4Mbit\"",
-            link: Some(link),
+            receiver_entry_extra: &entry,
+            link: Some(clean.link(1)),
+            tcp_link: Some(clean.link(2)),
             ..Options::default()
         },
     )
     .await?;
+    let relay = if transport == "tcp" { 1 } else { 0 };
     setup.hq.execute(crate::fixture::DB, ROWS).await?;
     // The relay's count of the sender's bytes toward the receiver.
-    let sent = || setup.relays[0].stats().forward.bytes_forwarded;
+    let sent = || setup.relays[relay].stats().forward.bytes_forwarded;
     let start = sent();
     // Past the start (the burst a pacer allows after an idle spell), then
     // 4 MB later: the rate in between.
@@ -58,7 +71,7 @@ async fn a_receiver_capped_by_max_rate_gets_the_cap_and_loses_nothing() -> anyho
     let secs = (marks[1] - marks[0]).as_secs_f64();
     let rate = (to - from) as f64 / secs;
     eprintln!(
-        "max-rate 4Mbit: 4 MB in {secs:.2} s, {:.0} kbit/s",
+        "max-rate 4Mbit over {transport}: 4 MB in {secs:.2} s, {:.0} kbit/s",
         rate * 8.0 / 1000.0
     );
     assert!(
