@@ -29,7 +29,7 @@ use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_common::store::durable::{StoreError, Synced};
 use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::link::{
-    Conn, DialError, Dialer, LinkError, Net, RecvHalf, SendHalf,
+    Conn, DialError, Dialer, LinkError, Net, RecvHalf, Redial, SendHalf,
 };
 use pgcourier_common::transport::peer::PeerAddr;
 use pgcourier_common::transport::tls::Fingerprint;
@@ -198,16 +198,20 @@ impl Ingest {
             self.cfg.proxy.clone(),
         );
         let mut backoff = Backoff::new(self.cfg.max_backoff);
+        let mut redial = Redial::new(net.settings());
         // A QUIC connection that completed its handshake while the session
         // ran over TCP: the next session's.
         let mut next: Option<Conn> = None;
         loop {
             let started = Instant::now();
+            let probe = redial.next(started);
             let attempt = async {
                 let was_tcp_first = dialer.fell_back();
-                let conn = match next.take() {
-                    Some(c) => c,
-                    None => dialer.dial().await?,
+                let conn = match (next.take(), probe) {
+                    (Some(c), _) => c,
+                    // Connected a moment ago: the sender is expected back.
+                    (None, Some(p)) => dialer.probe(p).await?,
+                    (None, None) => dialer.dial().await?,
                 };
                 {
                     let mut link = self.link.lock().expect("link lock");
@@ -218,9 +222,10 @@ impl Ingest {
                 }
                 self.check_peer(&conn)?;
                 let id = self.sessions.lock().expect("sessions lock").begin();
+                let welcomed_before = self.link.lock().expect("link lock").connections;
                 let session = self.session(&conn, id);
                 tokio::pin!(session);
-                tokio::select! {
+                let result = tokio::select! {
                     r = &mut session => r,
                     quic = dialer.quic_returns() => {
                         // Over TCP after a fallback: move to QUIC, as the
@@ -231,7 +236,11 @@ impl Ingest {
                         next = Some(quic);
                         Ok(())
                     }
+                };
+                if self.link.lock().expect("link lock").connections > welcomed_before {
+                    redial.dropped(Instant::now(), conn.rtt(), matches!(conn, Conn::Tcp(_)));
                 }
+                result
             };
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -243,7 +252,9 @@ impl Ingest {
             if started.elapsed() > Duration::from_secs(10) {
                 backoff.reset();
             }
-            let delay = backoff.next();
+            let delay = redial
+                .wait(Instant::now(), probe, started)
+                .unwrap_or_else(|| backoff.next());
             if let Err(e) = result {
                 if e.class() == Class::Definite {
                     self.stop(&e, shutdown).await;

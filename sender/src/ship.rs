@@ -34,7 +34,7 @@ use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_common::ops::local_time;
 use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::link::{
-    Conn, DialError, Dialer, Incoming, LinkError, Net, RecvHalf, SendHalf,
+    Conn, DialError, Dialer, Incoming, LinkError, Net, RecvHalf, Redial, SendHalf,
 };
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::session::pace::{Pacer, Rate};
@@ -285,6 +285,7 @@ impl Shipper {
             .address
             .clone()
             .expect("dial_loop only for receivers with an address");
+        let mut redial = Redial::new(net.settings());
         let dialer = Dialer::new(
             net,
             format!("receiver {}", spec.name),
@@ -298,11 +299,14 @@ impl Shipper {
         let mut next: Option<Conn> = None;
         loop {
             let started = Instant::now();
+            let probe = redial.next(started);
             let result = async {
                 let was_tcp_first = dialer.fell_back();
-                let conn = match next.take() {
-                    Some(c) => c,
-                    None => dialer.dial().await?,
+                let conn = match (next.take(), probe) {
+                    (Some(c), _) => c,
+                    // The receiver was connected a moment ago: expected back.
+                    (None, Some(p)) => dialer.probe(p).await?,
+                    (None, None) => dialer.dial().await?,
                 };
                 if dialer.fell_back() && !was_tcp_first {
                     self.set_link(&spec.name, |l| l.tcp_fallbacks += 1);
@@ -317,9 +321,11 @@ impl Shipper {
                 // handshakes complete again; it then ends (as at a stop)
                 // and the next one runs over QUIC.
                 let switch = shutdown.child_token();
+                let watched = conn.clone();
+                let welcomed_before = self.connections(&spec.name);
                 let session = self.clone().session(conn, &spec, &switch);
                 tokio::pin!(session);
-                tokio::select! {
+                let result = tokio::select! {
                     r = &mut session => r,
                     quic = dialer.quic_returns() => {
                         switch.cancel();
@@ -328,7 +334,15 @@ impl Shipper {
                         next = Some(quic);
                         Ok(())
                     }
+                };
+                if self.connections(&spec.name) > welcomed_before {
+                    redial.dropped(
+                        Instant::now(),
+                        watched.rtt(),
+                        matches!(watched, Conn::Tcp(_)),
+                    );
                 }
+                result
             };
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -342,7 +356,9 @@ impl Shipper {
                 // the next failure even if it looks like the last one.
                 backoff.reset();
             }
-            let delay = backoff.next();
+            let delay = redial
+                .wait(Instant::now(), probe, started)
+                .unwrap_or_else(|| backoff.next());
             match result {
                 Ok(()) => {}
                 Err(e) if e.class() == Class::Definite => {
@@ -543,6 +559,15 @@ impl Shipper {
             l.in_flight_bytes = 0;
         });
         result
+    }
+
+    /// Sessions welcomed with this receiver so far.
+    fn connections(&self, name: &str) -> u64 {
+        self.links
+            .lock()
+            .expect("links lock")
+            .get(name)
+            .map_or(0, |l| l.connections)
     }
 
     fn set_link(&self, name: &str, f: impl FnOnce(&mut LinkStatus)) {

@@ -417,6 +417,83 @@ impl Net {
     }
 }
 
+/// One short dial attempt while a peer is expected back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// Over TCP (the transport of the connection that dropped), else QUIC.
+    pub tcp: bool,
+    /// How long the attempt may take: a few round trips of the path as it
+    /// was, at least 500 ms, at most `handshake-timeout`. An attempt that
+    /// fails sooner (refused at once) waits out the rest, so attempts come
+    /// at most once per bound.
+    pub bound: Duration,
+}
+
+/// When to dial again after a session ends: the decision of the dial
+/// loops, kept apart from them to be tested in virtual time.
+///
+/// A link that carried a session and dropped (a receiver restarting, a
+/// link going down for a while) is expected back: for `return-window`
+/// after the drop the dialler tries back to back, each try bounded by
+/// four round trips (a QUIC client sends its Initial at once, then at
+/// most once more within the bound), so the peer is found within about a
+/// bound of becoming reachable instead of at the next backoff step. After
+/// the window, and for a peer never reached, the dial loop's exponential
+/// backoff (up to `max-backoff`) applies.
+#[derive(Debug)]
+pub struct Redial {
+    window: Duration,
+    handshake: Duration,
+    expected: Option<(std::time::Instant, Probe)>,
+}
+
+impl Redial {
+    pub fn new(settings: &TransportSettings) -> Redial {
+        Redial {
+            window: settings.return_window,
+            handshake: settings.handshake_timeout,
+            expected: None,
+        }
+    }
+
+    /// A welcomed session on a connection with this RTT and transport
+    /// ended at `now`: the peer is expected back for a window from now.
+    pub fn dropped(&mut self, now: std::time::Instant, rtt: Duration, tcp: bool) {
+        if self.window.is_zero() {
+            return;
+        }
+        let floor = Duration::from_millis(500).min(self.handshake);
+        let bound = (rtt * 4).clamp(floor, self.handshake);
+        self.expected = Some((now + self.window, Probe { tcp, bound }));
+    }
+
+    /// How long to wait before the next try while the peer is expected
+    /// back: nothing after the drop, else the rest of the last probe's
+    /// bound (`tried`, begun at `started`), so tries come at most once per
+    /// bound. `None` after the window: the caller backs off.
+    pub fn wait(
+        &self,
+        now: std::time::Instant,
+        tried: Option<Probe>,
+        started: std::time::Instant,
+    ) -> Option<Duration> {
+        self.next(now)?;
+        Some(tried.map_or(Duration::ZERO, |p| {
+            p.bound
+                .saturating_sub(now.saturating_duration_since(started))
+        }))
+    }
+
+    /// The next attempt: a probe while the peer is expected back, `None`
+    /// after the window (an ordinary dial, then backoff).
+    pub fn next(&self, now: std::time::Instant) -> Option<Probe> {
+        match self.expected {
+            Some((until, probe)) if now < until => Some(probe),
+            _ => None,
+        }
+    }
+}
+
 /// Dials one peer by its `transport` setting; remembers whether it fell
 /// back to TCP.
 pub struct Dialer {
@@ -504,7 +581,7 @@ impl Dialer {
     pub async fn dial(&self) -> Result<Conn, DialError> {
         let bound = self.net.settings.handshake_timeout;
         match self.transport {
-            Transport::Quic => self.quic(None).await,
+            Transport::Quic => self.quic(Some(bound)).await,
             Transport::Tcp => Ok(self.tcp().await?),
             Transport::Auto if self.proxy.is_some() => Ok(self.tcp().await?),
             Transport::Auto if self.fell_back() => match self.tcp().await {
@@ -533,6 +610,25 @@ impl Dialer {
                 other => other,
             },
         }
+    }
+
+    /// One attempt over the transport the last connection used, bounded by
+    /// `probe.bound`, changing no fallback decision (while a peer is
+    /// expected back; see [`Redial`]).
+    pub async fn probe(&self, probe: Probe) -> Result<Conn, DialError> {
+        if probe.tcp {
+            let s = &self.net.settings;
+            let conn = tcp::connect(
+                &self.peer,
+                self.proxy.as_ref(),
+                self.net.client_tls.clone(),
+                s,
+                probe.bound,
+            )
+            .await?;
+            return Ok(Conn::Tcp(conn));
+        }
+        self.quic(Some(probe.bound)).await
     }
 
     /// While a fallen-back dialler's session runs over TCP: try a QUIC
@@ -634,6 +730,64 @@ mod tests {
 
     fn acks(seqs: std::ops::Range<u64>) -> Vec<Frame> {
         seqs.map(|durable_seq| Frame::Ack { durable_seq }).collect()
+    }
+
+    #[test]
+    fn a_dropped_link_is_probed_within_a_few_round_trips_for_the_return_window_only() {
+        let settings = TransportSettings {
+            handshake_timeout: Duration::from_secs(5),
+            return_window: Duration::from_secs(60),
+            ..TransportSettings::default()
+        };
+        let t0 = std::time::Instant::now();
+        let mut redial = Redial::new(&settings);
+        assert_eq!(
+            redial.next(t0),
+            None,
+            "a peer never reached: ordinary dials"
+        );
+        // 1 Mbit/s, 200 ms RTT: probes bounded by 800 ms.
+        redial.dropped(t0, Duration::from_millis(200), false);
+        let probe = Probe {
+            tcp: false,
+            bound: Duration::from_millis(800),
+        };
+        assert_eq!(redial.next(t0), Some(probe));
+        assert_eq!(redial.next(t0 + Duration::from_secs(59)), Some(probe));
+        assert_eq!(
+            redial.next(t0 + Duration::from_secs(60)),
+            None,
+            "then backoff"
+        );
+        // Right after the drop: at once; after a probe refused in 100 ms:
+        // the rest of its bound; after the window: the caller's backoff.
+        assert_eq!(redial.wait(t0, None, t0), Some(Duration::ZERO));
+        let t = t0 + Duration::from_millis(100);
+        assert_eq!(
+            redial.wait(t, Some(probe), t0),
+            Some(Duration::from_millis(700))
+        );
+        let t = t0 + Duration::from_secs(61);
+        assert_eq!(redial.wait(t, Some(probe), t0), None);
+        // Loopback: at least 500 ms; satellite with 2 s RTT: at most the
+        // handshake timeout; the transport of the dropped connection.
+        redial.dropped(t0, Duration::from_micros(50), true);
+        assert_eq!(
+            redial.next(t0),
+            Some(Probe {
+                tcp: true,
+                bound: Duration::from_millis(500)
+            })
+        );
+        redial.dropped(t0, Duration::from_secs(2), false);
+        assert_eq!(redial.next(t0).unwrap().bound, Duration::from_secs(5));
+        let off = TransportSettings {
+            return_window: Duration::ZERO,
+            ..settings
+        };
+        let mut redial = Redial::new(&off);
+        redial.dropped(t0, Duration::from_millis(200), false);
+        assert_eq!(redial.next(t0), None, "return-window = 0s turns it off");
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! The link settings both daemons read from their config file
 //! (`congestion`, `idle-timeout`, `keep-alive`, `window`, `initial-rtt`,
-//! `handshake-timeout`, `quic-retry`):
+//! `handshake-timeout`, `quic-retry`, `return-window`):
 //! one struct, flattened into `sender.toml` and `receiver.toml`, and turned
 //! into quinn's transport configuration by [`crate::transport::quic`].
 
@@ -61,6 +61,13 @@ pub struct TransportSettings {
     /// QUIC handshake again, moving back to QUIC when one completes.
     #[serde(default = "default_quic_retry", deserialize_with = "de_duration")]
     pub quic_retry: Duration,
+    /// Default 60 s; `0s` disables it. After a connection that carried a
+    /// session drops, the dialler tries again at once and back to back
+    /// (each try bounded by a few round trips) for this long, so a peer
+    /// that returns is found within about a second; then it backs off up
+    /// to `max-backoff`, so a peer really gone is not hammered.
+    #[serde(default = "default_return_window", deserialize_with = "de_duration")]
+    pub return_window: Duration,
 }
 
 fn default_congestion() -> Congestion {
@@ -84,6 +91,9 @@ fn default_handshake_timeout() -> Duration {
 fn default_quic_retry() -> Duration {
     Duration::from_secs(60)
 }
+fn default_return_window() -> Duration {
+    Duration::from_secs(60)
+}
 
 impl Default for TransportSettings {
     fn default() -> Self {
@@ -95,6 +105,7 @@ impl Default for TransportSettings {
             initial_rtt: default_initial_rtt(),
             handshake_timeout: default_handshake_timeout(),
             quic_retry: default_quic_retry(),
+            return_window: default_return_window(),
         }
     }
 }
