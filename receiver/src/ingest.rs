@@ -306,18 +306,6 @@ impl Ingest {
                 i = net.accept() => match i { Some(i) => i, None => break },
             };
             let remote = incoming.remote_address();
-            let conn = match incoming.establish().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(peer = %remote, error = %e, "incoming connection failed");
-                    continue;
-                }
-            };
-            if let Err(e) = self.check_peer(&conn) {
-                tracing::warn!(peer = %remote, error = %e, "refusing connection");
-                conn.close(1, b"not a pinned sender");
-                continue;
-            }
             let me = Ingest {
                 cfg: self.cfg.clone(),
                 inbox: self.inbox.clone(),
@@ -325,8 +313,25 @@ impl Ingest {
                 sessions: self.sessions.clone(),
                 writer: self.writer.clone(),
             };
-            let id = self.sessions.lock().expect("sessions lock").begin();
-            sessions.spawn(async move { (remote, me.session(&conn, id).await) });
+            // The handshake runs in the session's own task: a peer that
+            // connects and says nothing holds that task (until the
+            // handshake timeout), not the accept loop.
+            sessions.spawn(async move {
+                let conn = match incoming.establish().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(peer = %remote, error = %e, "incoming connection failed");
+                        return (remote, Ok(()));
+                    }
+                };
+                if let Err(e) = me.check_peer(&conn) {
+                    tracing::warn!(peer = %remote, error = %e, "refusing connection");
+                    conn.close(1, b"not a pinned sender");
+                    return (remote, Ok(()));
+                }
+                let id = me.sessions.lock().expect("sessions lock").begin();
+                (remote, me.session(&conn, id).await)
+            });
         }
         for conn in self.sessions.lock().expect("sessions lock").drain() {
             conn.close(0, b"receiver stopping");

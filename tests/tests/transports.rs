@@ -309,3 +309,40 @@ async fn a_link_back_after_an_outage_is_found_again_losing_nothing() -> anyhow::
     );
     Ok(())
 }
+
+/// A stranger that opens a TCP connection to the receiver's port and says
+/// nothing holds only its own handshake, not the receiver's accept loop:
+/// the sender, restarted meanwhile, connects and replicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tcp_client_does_not_hold_the_listener() -> anyhow::Result<()> {
+    let mut setup = Setup::start(
+        "silent_client",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            // The silent client would hold an accept loop that waited
+            // for its handshake for longer than the test waits.
+            receiver_extra: "handshake-timeout = \"600s\"",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let config = std::fs::read_to_string(&setup.branches[0].config)?;
+    let listen = config
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .context("the receiver's listen address")?
+        .to_owned();
+    setup.sender.terminate()?;
+    let silent = tokio::net::TcpStream::connect(listen.as_str()).await?;
+    // Let the receiver accept it before the sender dials.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    setup.restart_sender()?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 100).await?;
+    caught_up(&setup).await?;
+    assert_applied_exactly_once(&setup, 0).await?;
+    drop(silent);
+    Ok(())
+}
