@@ -14,7 +14,9 @@
 //! - `steady`: pgbench TPC-B-like at full speed without replication, with
 //!   pgcourier, with PostgreSQL's own; the lag when pgbench stops;
 //! - `slow`: the UPDATE backlog drained across netem's `dsl`, `3g` and
-//!   `satellite` profiles (PostgreSQL's own through netem's TCP relay);
+//!   `satellite` profiles, by pgcourier over QUIC (netem's UDP relay) and
+//!   over TCP (netem's TCP relay, which applies no loss), and by
+//!   PostgreSQL's own (netem's TCP relay);
 //! - `copy`: initial copy of pgbench scale 10 on a clean link and on `3g`;
 //! - `big`: one transaction of 1M rows: time and peak memory (VmHWM);
 //! - `bytea`: one transaction inserting one 64 MiB bytea value of random
@@ -80,6 +82,8 @@ pub struct Opts {
     pub outage: Option<u64>,
     pub congestion: Option<String>,
     pub skip_native: bool,
+    /// Leave pgcourier over TCP out of the slow-link workload.
+    pub skip_tcp: bool,
     /// Follow pgcourier's marks during backlog drains (perturbs them: a
     /// status request walks the whole spool and inbox).
     pub phases: bool,
@@ -118,6 +122,7 @@ impl Opts {
             outage: None,
             congestion: None,
             skip_native: false,
+            skip_tcp: false,
             phases: false,
             sender_conf: Vec::new(),
             receiver_conf: Vec::new(),
@@ -169,6 +174,9 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --outage S              cut the link for S seconds a third into each slow-link drain
   --congestion C          pgcourier's QUIC congestion controller (cubic, bbr, newreno)
   --skip-native           measure pgcourier only
+  --skip-tcp              slow: leave out pgcourier over TCP (transport = \"tcp\", through netem's
+                          TCP relay, which applies the profile's delay, rate and outages but not
+                          its loss), measured by default beside pgcourier over QUIC
   --sender-conf LINE      add a top-level line to sender.toml (repeatable), e.g.
                           --sender-conf 'cache-capacity = \"16MiB\"'; --receiver-conf LINE likewise
   --phases                print when a pgcourier backlog was all spooled and all durable in
@@ -244,6 +252,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                 o.congestion = Some(it.next().context("--congestion cubic|bbr|newreno")?)
             }
             "--skip-native" => o.skip_native = true,
+            "--skip-tcp" => o.skip_tcp = true,
             "--phases" => o.phases = true,
             "--sender-conf" => o
                 .sender_conf
@@ -330,15 +339,17 @@ async fn main() -> anyhow::Result<()> {
         if has("backlog") || has("backlog-open") {
             for &c in &o.backlog_changes {
                 let n = o.backlog_txns;
-                let without = workloads::backlog(&o, &mut report, c, n, profile("clean"), false)
-                    .await
-                    .with_context(|| format!("backlog {}", c.name()))?;
-                if has("backlog-open") {
-                    let with = workloads::backlog(&o, &mut report, c, n, profile("clean"), true)
+                let without =
+                    workloads::backlog(&o, &mut report, c, n, profile("clean"), false, false)
                         .await
-                        .with_context(|| {
-                            format!("backlog {} with a transaction left open", c.name())
-                        })?;
+                        .with_context(|| format!("backlog {}", c.name()))?;
+                if has("backlog-open") {
+                    let with =
+                        workloads::backlog(&o, &mut report, c, n, profile("clean"), true, false)
+                            .await
+                            .with_context(|| {
+                                format!("backlog {} with a transaction left open", c.name())
+                            })?;
                     workloads::open_txn_slowdown(&mut report, c, n, without, with);
                 }
             }
@@ -350,9 +361,18 @@ async fn main() -> anyhow::Result<()> {
         }
         if has("slow") {
             for (p, n) in &o.slow {
-                workloads::backlog(&o, &mut report, Change::Update, *n, profile(p), false)
-                    .await
-                    .with_context(|| format!("slow link {p}"))?;
+                let over_tcp = !o.skip_tcp;
+                workloads::backlog(
+                    &o,
+                    &mut report,
+                    Change::Update,
+                    *n,
+                    profile(p),
+                    false,
+                    over_tcp,
+                )
+                .await
+                .with_context(|| format!("slow link {p}"))?;
             }
         }
         if has("copy") {

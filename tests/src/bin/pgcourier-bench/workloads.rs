@@ -12,7 +12,7 @@ use pgcourier_tests::PgCluster;
 use crate::report::{Report, Target};
 use crate::systems::{
     clusters, pg_client_command, pgbench_init, query_i64, query_text, relay_bytes, run_client,
-    wait_count, Courier, CourierOpts, Native, DB, PGBENCH_TABLES,
+    wait_count, Courier, CourierOpts, Native, Transport, DB, PGBENCH_TABLES,
 };
 use crate::Opts;
 
@@ -60,11 +60,14 @@ fn k(n: i64) -> String {
 }
 
 /// A pgcourier pair whose sender does not copy (`initial-copy = false`)
-/// and has created its slot; both daemons stopped.
+/// and has created its slot; both daemons stopped. `name` names the slot
+/// and the publication on `hq` (one per pair sharing it).
 async fn courier_without_copy(
     hq: &PgCluster,
     target: &PgCluster,
     profile: Profile,
+    transport: Transport,
+    name: &str,
     tables: &str,
     o: &Opts,
 ) -> anyhow::Result<Courier> {
@@ -73,8 +76,9 @@ async fn courier_without_copy(
         target,
         &CourierOpts {
             profile,
-            slot: "pgcourier".into(),
-            publication: "pgcourier".into(),
+            transport,
+            slot: name.into(),
+            publication: name.into(),
             tables: tables.split(", ").map(String::from).collect(),
             congestion: o.congestion.clone(),
             initial_copy: false,
@@ -83,7 +87,7 @@ async fn courier_without_copy(
         },
     )
     .await?;
-    courier.create_slot(hq, "pgcourier").await?;
+    courier.create_slot(hq, name).await?;
     Ok(courier)
 }
 
@@ -92,8 +96,11 @@ async fn courier_without_copy(
 /// `open_txn`, a session on hq holds a transaction open (with an xid and a
 /// change to an unpublished table, so logical decoding sees it running)
 /// from before the backlog until both systems have drained it: neither can
-/// move its slot's restart position past that transaction's start.
-/// Returns the drain rates (txn/s) of pgcourier and PostgreSQL's own.
+/// move its slot's restart position past that transaction's start. With
+/// `over_tcp`, a second pgcourier pair (own slot, own target) drains the
+/// same backlog over its TCP transport, after the QUIC pair and before
+/// PostgreSQL's own; its lines sit under the QUIC ones.
+/// Returns the drain rates (txn/s) of pgcourier (QUIC) and PostgreSQL's own.
 pub async fn backlog(
     o: &Opts,
     r: &mut Report,
@@ -101,6 +108,7 @@ pub async fn backlog(
     n: i64,
     profile: Profile,
     open_txn: bool,
+    over_tcp: bool,
 ) -> anyhow::Result<(f64, Option<f64>)> {
     let link = profile.name;
     let tag = format!(
@@ -109,9 +117,14 @@ pub async fn backlog(
         k(n),
         if open_txn { ", txn open" } else { "" }
     );
-    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let mut names = vec!["hq", "ours", "native"];
+    if over_tcp {
+        names.push("ours-tcp");
+    }
+    let pgs = clusters(&names).await?;
     let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
-    for pg in [hq, ours, native_pg] {
+    let ours_tcp = pgs.get(3);
+    for pg in pgs.iter() {
         pg.execute(DB, SCHEMA).await?;
         if change == Change::Update {
             pg.execute(
@@ -122,7 +135,31 @@ pub async fn backlog(
         }
     }
     hq.execute(DB, LOADERS).await?;
-    let mut courier = courier_without_copy(hq, ours, profile.clone(), "public.bench", o).await?;
+    let mut courier = courier_without_copy(
+        hq,
+        ours,
+        profile.clone(),
+        Transport::Quic,
+        "pgcourier",
+        "public.bench",
+        o,
+    )
+    .await?;
+    let mut courier_tcp = match ours_tcp {
+        Some(target) => Some(
+            courier_without_copy(
+                hq,
+                target,
+                profile.clone(),
+                Transport::Tcp,
+                "pgcourier_tcp",
+                "public.bench",
+                o,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
         .await?;
     let native = Native::new(hq, &profile, "native").await?;
@@ -162,82 +199,21 @@ pub async fn backlog(
     };
     let expected = query_i64(hq, sql).await?;
 
-    // pgcourier.
-    let b0 = relay_bytes(&courier.relay);
-    let t = Instant::now();
-    courier.start_receiver()?;
-    courier.start_sender()?;
-    // Off by default: each status request walks the whole spool and inbox.
-    let phases = o.phases.then(|| courier.track_phases(t));
-    let base = query_i64(ours, sql).await?;
-    let admin = courier.receiver_admin;
-    let durable_at_up: Arc<Mutex<Option<u64>>> = Arc::default();
-    let ours_up = drain(
-        ours,
-        sql,
-        expected,
-        base,
-        o.outage.map(Duration::from_secs).zip(Some(&courier.relay)),
-        || {
-            let at_up = durable_at_up.clone();
-            async move {
-                // Applied past what the branch held durably at link-up.
-                let st = Courier::status(admin).await?;
-                let durable = st["durable_seq"].as_u64().unwrap_or(0);
-                let applied = st["applied_seq"].as_u64().unwrap_or(0);
-                let d0 = *at_up.lock().expect("lock").get_or_insert(durable);
-                Ok(applied > d0)
-            }
-        },
-    )
-    .await
-    .with_context(|| courier.log_tails())?;
-    let ours_secs = t.elapsed().as_secs_f64();
-    let ours_bytes = relay_bytes(&courier.relay) - b0;
-    let link_stats = courier.relay.stats();
-    let (s_rss, r_rss) = courier.peak_rss();
-    let [spooled, durable, _] = match phases {
-        Some(p) => p.finish().await,
-        None => [None; 3],
+    // pgcourier, over QUIC then over TCP.
+    let ours_drain = courier_drain(o, &mut courier, ours, sql, expected, n, &profile, &tag).await?;
+    let tcp_drain = match (&mut courier_tcp, ours_tcp) {
+        (Some(courier), Some(target)) => {
+            Some(courier_drain(o, courier, target, sql, expected, n, &profile, &tag).await?)
+        }
+        _ => None,
     };
-    courier.stop()?;
-    let phases = if o.phases {
-        let at = |s: Option<f64>| {
-            s.map(|s| format!("{s:.2} s"))
-                .unwrap_or_else(|| "n/a".into())
-        };
-        format!(
-            "; all spooled at {}, all durable in the inbox at {}",
-            at(spooled),
-            at(durable)
-        )
-    } else {
-        String::new()
-    };
-    println!(
-        "{tag} pgcourier: {ours_secs:.2} s, {:.0} txn/s, {:.1} bytes/txn, peak RSS sender {} / receiver {}{phases}",
-        n as f64 / ours_secs,
-        ours_bytes as f64 / n as f64,
-        mib(s_rss),
-        mib(r_rss),
-    );
-
-    if let Some(rate) = profile.forward.rate_bps {
-        // How well the link was used: bytes it carried, and compressed
-        // records shipped once (from the sender's shipping totals, logged
-        // at exit), per second the link was up, against its rate.
-        let log = std::fs::read_to_string(courier.dir().join("sender.log")).unwrap_or_default();
-        let compressed = shipping_total(&log, "compressed_bytes").unwrap_or(0);
-        let resent = shipping_total(&log, "resent_bytes").unwrap_or(0);
-        let up_secs = ours_secs - o.outage.unwrap_or(0) as f64;
-        let per_sec = rate as f64 / 8.0 * up_secs;
-        println!(
-            "{tag} pgcourier over {link}: link busy {:.0}%, goodput {:.0}% (compressed records shipped once), {resent} bytes shipped again; dropped by the link: {:?}",
-            100.0 * link_stats.forward.bytes_forwarded as f64 / per_sec,
-            100.0 * compressed.saturating_sub(resent) as f64 / per_sec,
-            link_stats.forward.dropped
-        );
-    }
+    let CourierDrain {
+        secs: ours_secs,
+        bytes: ours_bytes,
+        link_up: ours_up,
+        spooled,
+        durable,
+    } = ours_drain;
 
     // PostgreSQL's own.
     let mut theirs = None;
@@ -324,17 +300,27 @@ pub async fn backlog(
             },
         )
     };
+    let drained = if link == "clean" { "catch-up" } else { "drain" };
     r.add(
         &format!("{key}-rate"),
-        &format!(
-            "{label}: {}",
-            if link == "clean" { "catch-up" } else { "drain" }
-        ),
+        &format!("{label}: {drained}"),
         "txn/s = rows/s",
         rate_target,
         Some(rate(ours_secs)),
         theirs.map(|t| rate(t.0)),
     );
+    // pgcourier over TCP has no target of its own: its lines are there to
+    // compare the transports.
+    if let Some(tcp) = &tcp_drain {
+        r.add(
+            &format!("{key}-tcp-rate"),
+            &format!("{label}: {drained} (TCP)"),
+            "txn/s = rows/s",
+            Target::None,
+            Some(rate(tcp.secs)),
+            theirs.map(|t| rate(t.0)),
+        );
+    }
     r.add(
         &format!("{key}-bytes"),
         &format!("{label}: wire"),
@@ -343,6 +329,16 @@ pub async fn backlog(
         Some(per(ours_bytes)),
         theirs.map(|t| per(t.1)),
     );
+    if let Some(tcp) = &tcp_drain {
+        r.add(
+            &format!("{key}-tcp-bytes"),
+            &format!("{label}: wire (TCP)"),
+            "bytes/txn = bytes/row",
+            Target::None,
+            Some(per(tcp.bytes)),
+            theirs.map(|t| per(t.1)),
+        );
+    }
     if o.phases {
         r.add(
             &format!("{key}-spooled"),
@@ -370,8 +366,142 @@ pub async fn backlog(
             ours_up,
             theirs.and_then(|t| t.2),
         );
+        if let Some(tcp) = &tcp_drain {
+            r.add(
+                &format!("{key}-tcp-linkup"),
+                &format!("{label}: {o} s outage, link-up to first new txn applied (TCP)"),
+                "s",
+                Target::None,
+                tcp.link_up,
+                theirs.and_then(|t| t.2),
+            );
+        }
     }
     Ok((rate(ours_secs), theirs.map(|t| rate(t.0))))
+}
+
+/// What one pgcourier pair's drain of a backlog took.
+struct CourierDrain {
+    secs: f64,
+    /// Both ways through the pair's relay, as for PostgreSQL's own.
+    bytes: u64,
+    /// With `--outage`: from link-up to the first transaction applied that
+    /// crossed the link after it.
+    link_up: Option<f64>,
+    /// With `--phases`: when all was spooled, and all durable in the inbox.
+    spooled: Option<f64>,
+    durable: Option<f64>,
+}
+
+/// Start `courier`'s daemons and time their drain of the backlog queued on
+/// hq into `target` (until `sql` there reaches `expected`); stop them.
+#[allow(clippy::too_many_arguments)]
+async fn courier_drain(
+    o: &Opts,
+    courier: &mut Courier,
+    target: &PgCluster,
+    sql: &str,
+    expected: i64,
+    n: i64,
+    profile: &Profile,
+    tag: &str,
+) -> anyhow::Result<CourierDrain> {
+    let link = profile.name;
+    let system = match courier.transport {
+        Transport::Quic => "pgcourier",
+        Transport::Tcp => "pgcourier (TCP)",
+    };
+    let b0 = relay_bytes(&courier.relay);
+    let t = Instant::now();
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    // Off by default: each status request walks the whole spool and inbox.
+    let phases = o.phases.then(|| courier.track_phases(t));
+    let base = query_i64(target, sql).await?;
+    let admin = courier.receiver_admin;
+    let durable_at_up: Arc<Mutex<Option<u64>>> = Arc::default();
+    let link_up = drain(
+        target,
+        sql,
+        expected,
+        base,
+        o.outage.map(Duration::from_secs).zip(Some(&courier.relay)),
+        || {
+            let at_up = durable_at_up.clone();
+            async move {
+                // Applied past what the branch held durably at link-up.
+                let st = Courier::status(admin).await?;
+                let durable = st["durable_seq"].as_u64().unwrap_or(0);
+                let applied = st["applied_seq"].as_u64().unwrap_or(0);
+                let d0 = *at_up.lock().expect("lock").get_or_insert(durable);
+                Ok(applied > d0)
+            }
+        },
+    )
+    .await
+    .with_context(|| courier.log_tails())?;
+    let secs = t.elapsed().as_secs_f64();
+    let bytes = relay_bytes(&courier.relay) - b0;
+    let link_stats = courier.relay.stats();
+    let (s_rss, r_rss) = courier.peak_rss();
+    let [spooled, durable, _] = match phases {
+        Some(p) => p.finish().await,
+        None => [None; 3],
+    };
+    // After the timing: a status request walks the spool.
+    let ran_over = courier.link_transport().await.ok().flatten();
+    courier.stop()?;
+    if courier.transport == Transport::Tcp {
+        anyhow::ensure!(
+            ran_over.as_deref() != Some("quic"),
+            "{tag} the sender configured with transport = \"tcp\" reports its link over QUIC"
+        );
+    }
+    let phases = if o.phases {
+        let at = |s: Option<f64>| {
+            s.map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        format!(
+            "; all spooled at {}, all durable in the inbox at {}",
+            at(spooled),
+            at(durable)
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "{tag} {system}: {secs:.2} s, {:.0} txn/s, {:.1} bytes/txn, peak RSS sender {} / receiver {}, link over {}{phases}",
+        n as f64 / secs,
+        bytes as f64 / n as f64,
+        mib(s_rss),
+        mib(r_rss),
+        ran_over.as_deref().unwrap_or("n/a (down at the end)"),
+    );
+
+    if let Some(rate) = profile.forward.rate_bps {
+        // How well the link was used: bytes it carried, and compressed
+        // records shipped once (from the sender's shipping totals, logged
+        // at exit), per second the link was up, against its rate.
+        let log = std::fs::read_to_string(courier.dir().join("sender.log")).unwrap_or_default();
+        let compressed = shipping_total(&log, "compressed_bytes").unwrap_or(0);
+        let resent = shipping_total(&log, "resent_bytes").unwrap_or(0);
+        let up_secs = secs - o.outage.unwrap_or(0) as f64;
+        let per_sec = rate as f64 / 8.0 * up_secs;
+        println!(
+            "{tag} {system} over {link}: link busy {:.0}%, goodput {:.0}% (compressed records shipped once), {resent} bytes shipped again; dropped by the link: {:?}",
+            100.0 * link_stats.forward.bytes_forwarded as f64 / per_sec,
+            100.0 * compressed.saturating_sub(resent) as f64 / per_sec,
+            link_stats.forward.dropped
+        );
+    }
+    Ok(CourierDrain {
+        secs,
+        bytes,
+        link_up,
+        spooled,
+        durable,
+    })
 }
 
 /// The slowdown a transaction left open on the source causes: drain time
@@ -534,7 +664,16 @@ pub async fn steady(o: &Opts, r: &mut Report) -> anyhow::Result<()> {
     let tps0 = pgbench_run(hq, o).await?;
     println!("{tag} without replication: {tps0:.0} TPS");
 
-    let mut courier = courier_without_copy(hq, ours, clean(), PGBENCH_TABLES, o).await?;
+    let mut courier = courier_without_copy(
+        hq,
+        ours,
+        clean(),
+        Transport::Quic,
+        "pgcourier",
+        PGBENCH_TABLES,
+        o,
+    )
+    .await?;
     courier.start_receiver()?;
     courier.start_sender()?;
     courier.wait_connected().await?;
@@ -705,6 +844,7 @@ async fn courier_copy(
         target,
         &CourierOpts {
             profile,
+            transport: Transport::Quic,
             slot: "pgcourier".into(),
             publication: "pgcourier".into(),
             tables: PGBENCH_TABLES.split(", ").map(String::from).collect(),
@@ -783,7 +923,16 @@ pub async fn big_transaction(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result
     for pg in [hq, ours, native_pg] {
         pg.execute(DB, SCHEMA).await?;
     }
-    let mut courier = courier_without_copy(hq, ours, clean(), "public.bench", o).await?;
+    let mut courier = courier_without_copy(
+        hq,
+        ours,
+        clean(),
+        Transport::Quic,
+        "pgcourier",
+        "public.bench",
+        o,
+    )
+    .await?;
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
         .await?;
     let native = Native::new(hq, &clean(), "native").await?;
@@ -874,7 +1023,16 @@ pub async fn spool(o: &Opts, r: &mut Report, n: i64) -> anyhow::Result<()> {
     hq.execute(DB, SCHEMA).await?;
     hq.execute(DB, LOADERS).await?;
     // The receiver is never started: its address is a relay to nowhere.
-    let mut courier = courier_without_copy(hq, hq, clean(), "public.bench", o).await?;
+    let mut courier = courier_without_copy(
+        hq,
+        hq,
+        clean(),
+        Transport::Quic,
+        "pgcourier",
+        "public.bench",
+        o,
+    )
+    .await?;
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE bench")
         .await?;
     hq.execute(
@@ -968,7 +1126,16 @@ pub async fn bytea(o: &Opts, r: &mut Report, size_mib: i64) -> anyhow::Result<()
         )
         .await?;
     }
-    let mut courier = courier_without_copy(hq, ours, clean(), "public.blob", o).await?;
+    let mut courier = courier_without_copy(
+        hq,
+        ours,
+        clean(),
+        Transport::Quic,
+        "pgcourier",
+        "public.blob",
+        o,
+    )
+    .await?;
     hq.execute(DB, "CREATE PUBLICATION native FOR TABLE blob")
         .await?;
     let native = Native::new(hq, &clean(), "native").await?;
