@@ -13,6 +13,7 @@ mod fixture;
 mod harness_selftest;
 mod large_values;
 mod links;
+mod observability;
 mod peers;
 mod queue;
 mod replication;
