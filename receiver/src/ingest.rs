@@ -29,7 +29,7 @@ use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_common::store::durable::{StoreError, Synced};
 use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::link::{
-    Conn, DialError, Dialer, LinkError, Net, RecvHalf, Redial, SendHalf,
+    Conn, DialError, Dialer, LinkError, Net, RecvHalf, Redial, SendHalf, TransportStatus,
 };
 use pgcourier_common::transport::peer::PeerAddr;
 use pgcourier_common::transport::tls::Fingerprint;
@@ -111,17 +111,8 @@ impl IngestError {
 pub struct LinkStatus {
     pub connected: bool,
     pub peer: Option<String>,
-    /// The transport of the current connection: "quic" or "tcp".
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub transport: Option<String>,
-    /// Reverse mode with `transport = "auto"`: no QUIC handshake with the
-    /// sender completes but TCP works, so the receiver dials over TCP and
-    /// tries QUIC again every `quic-retry`.
-    #[serde(default)]
-    pub fell_back_to_tcp: bool,
-    /// Times the receiver's dialler fell back to TCP since the start.
-    #[serde(default)]
-    pub tcp_fallbacks: u64,
+    #[serde(flatten)]
+    pub transport: TransportStatus,
     /// RFC 3339 time the current connection was established.
     pub connected_since: Option<String>,
     pub rtt_ms: Option<f64>,
@@ -213,13 +204,11 @@ impl Ingest {
                     (None, Some(p)) => dialer.probe(p).await?,
                     (None, None) => dialer.dial().await?,
                 };
-                {
-                    let mut link = self.link.lock().expect("link lock");
-                    if dialer.fell_back() && !was_tcp_first {
-                        link.tcp_fallbacks += 1;
-                    }
-                    link.fell_back_to_tcp = dialer.fell_back();
-                }
+                self.link
+                    .lock()
+                    .expect("link lock")
+                    .transport
+                    .dialled(was_tcp_first, &dialer);
                 self.check_peer(&conn)?;
                 let id = self.sessions.lock().expect("sessions lock").begin();
                 let welcomed_before = self.link.lock().expect("link lock").connections;
@@ -232,7 +221,7 @@ impl Ingest {
                         // sender would see a stop.
                         conn.close(0, b"");
                         let _ = session.await;
-                        self.link.lock().expect("link lock").fell_back_to_tcp = false;
+                        self.link.lock().expect("link lock").transport.fell_back_to_tcp = false;
                         next = Some(quic);
                         Ok(())
                     }
@@ -371,7 +360,7 @@ impl Ingest {
             let mut link = self.link.lock().expect("link lock");
             link.connected = false;
             link.rtt_ms = None;
-            link.transport = None;
+            link.transport.current = None;
         }
         result
     }
@@ -429,7 +418,7 @@ impl Ingest {
             let mut link = self.link.lock().expect("link lock");
             link.connected = true;
             link.peer = Some(conn.remote_address().to_string());
-            link.transport = Some(conn.transport().to_owned());
+            link.transport.current = Some(conn.transport().to_owned());
             link.connected_since =
                 Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             link.connections += 1;

@@ -287,21 +287,21 @@ pub fn metrics(st: &SenderStatus) -> String {
                 "1 while the receiver's connection runs over TCP (0 over QUIC or when not connected).",
                 Kind::Gauge,
                 &l,
-                f64::from(u8::from(link.transport.as_deref() == Some("tcp"))),
+                f64::from(u8::from(link.transport.current.as_deref() == Some("tcp"))),
             );
             m.sample(
                 "pgcourier_sender_receiver_tcp_fallback",
                 "1 while transport = auto has fallen back to TCP for this receiver (no QUIC handshake completes).",
                 Kind::Gauge,
                 &l,
-                f64::from(u8::from(link.fell_back_to_tcp)),
+                f64::from(u8::from(link.transport.fell_back_to_tcp)),
             );
             m.sample(
                 "pgcourier_sender_receiver_tcp_fallbacks_total",
                 "Times transport = auto fell back to TCP for this receiver.",
                 Kind::Counter,
                 &l,
-                link.tcp_fallbacks as f64,
+                link.transport.tcp_fallbacks as f64,
             );
         }
     }

@@ -34,7 +34,7 @@ use pgcourier_common::ops::backoff::{error_chain, Backoff};
 use pgcourier_common::ops::local_time;
 use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::link::{
-    Conn, DialError, Dialer, Incoming, LinkError, Net, RecvHalf, Redial, SendHalf,
+    Conn, DialError, Dialer, Incoming, LinkError, Net, RecvHalf, Redial, SendHalf, TransportStatus,
 };
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::session::pace::{Pacer, Rate};
@@ -177,17 +177,8 @@ impl Drop for ConnStats<'_> {
 pub struct LinkStatus {
     pub connected: bool,
     pub peer: Option<String>,
-    /// The transport of the current connection: "quic" or "tcp".
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub transport: Option<String>,
-    /// `transport = "auto"` found no QUIC handshake completing but TCP
-    /// working: this receiver is dialled over TCP, and QUIC is tried again
-    /// every `quic-retry`.
-    #[serde(default)]
-    pub fell_back_to_tcp: bool,
-    /// Times this receiver's dialler fell back to TCP since the start.
-    #[serde(default)]
-    pub tcp_fallbacks: u64,
+    #[serde(flatten)]
+    pub transport: TransportStatus,
     pub connected_since: Option<String>,
     pub rtt_ms: Option<f64>,
     pub in_flight_bytes: u64,
@@ -308,10 +299,7 @@ impl Shipper {
                     (None, Some(p)) => dialer.probe(p).await?,
                     (None, None) => dialer.dial().await?,
                 };
-                if dialer.fell_back() && !was_tcp_first {
-                    self.set_link(&spec.name, |l| l.tcp_fallbacks += 1);
-                }
-                self.set_link(&spec.name, |l| l.fell_back_to_tcp = dialer.fell_back());
+                self.set_link(&spec.name, |l| l.transport.dialled(was_tcp_first, &dialer));
                 let fp = conn.peer_fingerprint();
                 if fp != Some(spec.fingerprint) {
                     conn.close(1, b"wrong receiver certificate");
@@ -330,7 +318,7 @@ impl Shipper {
                     quic = dialer.quic_returns() => {
                         switch.cancel();
                         let _ = session.await;
-                        self.set_link(&spec.name, |l| l.fell_back_to_tcp = false);
+                        self.set_link(&spec.name, |l| l.transport.fell_back_to_tcp = false);
                         next = Some(quic);
                         Ok(())
                     }
@@ -543,7 +531,7 @@ impl Shipper {
         self.set_link(&spec.name, |l| {
             l.connected = true;
             l.peer = Some(conn.remote_address().to_string());
-            l.transport = Some(conn.transport().to_owned());
+            l.transport.current = Some(conn.transport().to_owned());
             l.connected_since =
                 Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
             l.connections += 1;
@@ -554,7 +542,7 @@ impl Shipper {
         let result = self.stream(conn, spec, core, control_tx, control_rx).await;
         self.set_link(&spec.name, |l| {
             l.connected = false;
-            l.transport = None;
+            l.transport.current = None;
             l.rtt_ms = None;
             l.in_flight_bytes = 0;
         });

@@ -228,23 +228,24 @@ impl Conn {
 
     /// The sender's side: the control stream the receiver opens.
     pub async fn accept_control(&self) -> Result<(SendHalf, RecvHalf), LinkError> {
-        match self {
-            Conn::Quic(c) => {
-                let (tx, rx) = c.accept_bi().await?;
-                Ok((Box::new(tx), Box::new(rx)))
-            }
-            Conn::Tcp(c) => {
-                let (rx, tx) = c.take_halves().ok_or(LinkError::Taken)?;
-                Ok((Box::new(tx), Box::new(rx)))
-            }
-        }
+        self.control(false).await
     }
 
     /// The receiver's side: open the control stream.
     pub async fn open_control(&self) -> Result<(SendHalf, RecvHalf), LinkError> {
+        self.control(true).await
+    }
+
+    /// The control stream, opened by this side (`open`) or by the peer.
+    /// Over TCP it is the connection's one byte stream either way.
+    async fn control(&self, open: bool) -> Result<(SendHalf, RecvHalf), LinkError> {
         match self {
             Conn::Quic(c) => {
-                let (tx, rx) = c.open_bi().await?;
+                let (tx, rx) = if open {
+                    c.open_bi().await?
+                } else {
+                    c.accept_bi().await?
+                };
                 Ok((Box::new(tx), Box::new(rx)))
             }
             Conn::Tcp(c) => {
@@ -414,6 +415,32 @@ impl Net {
     pub async fn close(&self, reason: &[u8]) {
         self.quic.close(0u32.into(), reason);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.quic.wait_idle()).await;
+    }
+}
+
+/// What status shows of a link's transport, on either daemon.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TransportStatus {
+    /// The transport of the current connection: "quic" or "tcp".
+    #[serde(rename = "transport", skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
+    /// `transport = "auto"` found no QUIC handshake completing but TCP
+    /// working: the peer is dialled over TCP, and QUIC is tried again
+    /// every `quic-retry`.
+    #[serde(default)]
+    pub fell_back_to_tcp: bool,
+    /// Times the dialler fell back to TCP since the start.
+    #[serde(default)]
+    pub tcp_fallbacks: u64,
+}
+
+impl TransportStatus {
+    /// After a dial by `dialer`, which had or had not fallen back before it.
+    pub fn dialled(&mut self, had_fallen_back: bool, dialer: &Dialer) {
+        if dialer.fell_back() && !had_fallen_back {
+            self.tcp_fallbacks += 1;
+        }
+        self.fell_back_to_tcp = dialer.fell_back();
     }
 }
 

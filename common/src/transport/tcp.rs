@@ -353,32 +353,13 @@ pub async fn connect(
         addr: target.to_string(),
         source,
     })?;
-    let sock = dup(&stream, remote)?;
-    let counts = Arc::<Counts>::default();
-    let counted = Counted {
-        inner: stream,
-        counts: counts.clone(),
-    };
     let name = ServerName::try_from(SERVER_NAME).expect("a valid server name");
-    let tls_stream = tokio::time::timeout(
-        timeout,
-        tokio_rustls::TlsConnector::from(tls).connect(name, counted),
-    )
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    secure(stream, remote, timeout, |counted| async move {
+        let tls = connector.connect(name, counted).await?;
+        Ok(tokio_rustls::TlsStream::Client(tls))
+    })
     .await
-    .map_err(|_| TcpError::HandshakeTimeout {
-        addr: remote,
-        timeout,
-    })?
-    .map_err(|source| TcpError::Handshake {
-        addr: remote,
-        source,
-    })?;
-    Ok(TcpConn::new(
-        tokio_rustls::TlsStream::Client(tls_stream),
-        sock,
-        remote,
-        counts,
-    ))
 }
 
 /// Run the server side of the TLS handshake on an accepted connection.
@@ -393,31 +374,44 @@ pub async fn accept(
         addr: remote,
         source,
     })?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    secure(stream, remote, timeout, |counted| async move {
+        let tls = acceptor.accept(counted).await?;
+        Ok(tokio_rustls::TlsStream::Server(tls))
+    })
+    .await
+}
+
+/// Run `handshake` (TLS, either side) on a connection within `timeout`,
+/// counting the bytes below TLS, and keep a second descriptor of the
+/// socket for the connection's path figures and its close.
+async fn secure<F, Fut>(
+    stream: TcpStream,
+    remote: SocketAddr,
+    timeout: Duration,
+    handshake: F,
+) -> Result<TcpConn, TcpError>
+where
+    F: FnOnce(Counted) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Tls>>,
+{
     let sock = dup(&stream, remote)?;
     let counts = Arc::<Counts>::default();
     let counted = Counted {
         inner: stream,
         counts: counts.clone(),
     };
-    let tls_stream = tokio::time::timeout(
-        timeout,
-        tokio_rustls::TlsAcceptor::from(tls).accept(counted),
-    )
-    .await
-    .map_err(|_| TcpError::HandshakeTimeout {
-        addr: remote,
-        timeout,
-    })?
-    .map_err(|source| TcpError::Handshake {
-        addr: remote,
-        source,
-    })?;
-    Ok(TcpConn::new(
-        tokio_rustls::TlsStream::Server(tls_stream),
-        sock,
-        remote,
-        counts,
-    ))
+    let tls = tokio::time::timeout(timeout, handshake(counted))
+        .await
+        .map_err(|_| TcpError::HandshakeTimeout {
+            addr: remote,
+            timeout,
+        })?
+        .map_err(|source| TcpError::Handshake {
+            addr: remote,
+            source,
+        })?;
+    Ok(TcpConn::new(tls, sock, remote, counts))
 }
 
 /// A second descriptor of `stream`'s socket.
