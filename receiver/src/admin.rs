@@ -205,6 +205,21 @@ pub fn metrics(st: &ReceiverStatus) -> String {
             "Round-trip time of the current connection.",
             l.rtt_ms.unwrap_or(0.0) / 1000.0,
         );
+        m.gauge(
+            "pgcourier_receiver_link_tcp",
+            "1 while the connection to the sender runs over TCP (0 over QUIC or when not connected).",
+            f64::from(u8::from(l.transport.current.as_deref() == Some("tcp"))),
+        );
+        m.gauge(
+            "pgcourier_receiver_link_tcp_fallback",
+            "1 while transport = auto has fallen back to TCP in reverse mode (no QUIC handshake with the sender completes).",
+            f64::from(u8::from(l.transport.fell_back_to_tcp)),
+        );
+        m.counter(
+            "pgcourier_receiver_link_tcp_fallbacks_total",
+            "Times transport = auto fell back to TCP in reverse mode.",
+            l.transport.tcp_fallbacks as f64,
+        );
         m.counter(
             "pgcourier_receiver_connections_total",
             "Connections established with the sender (reconnects + 1).",

@@ -181,13 +181,17 @@ async fn quic_handshakes_dropped_while_small_datagrams_pass_still_fall_back() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_receiver_dials_over_tcp_in_reverse_mode() -> anyhow::Result<()> {
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let receiver_extra = format!("transport = \"tcp\"\nadmin = \"127.0.0.1:{admin_port}\"");
     let setup = Setup::start(
         "reverse_tcp",
         Options {
             schema: ACCT_SCHEMA,
             tables: &["public.acct"],
             dial: Dial::ReceiverDials,
-            receiver_extra: "transport = \"tcp\"",
+            receiver_extra: &receiver_extra,
             ..Options::default()
         },
     )
@@ -201,6 +205,21 @@ async fn the_receiver_dials_over_tcp_in_reverse_mode() -> anyhow::Result<()> {
     assert_eq!(slink["transport"], "tcp", "{slink}");
     // Chosen, not fallen back to.
     assert_eq!(rlink["fell_back_to_tcp"], false, "{rlink}");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
+    let (_, metrics) = tokio::task::spawn_blocking(move || {
+        pgcourier_common::ops::admin::request(addr, "GET", "/metrics")
+    })
+    .await??;
+    for line in [
+        "pgcourier_receiver_link_tcp 1",
+        "pgcourier_receiver_link_tcp_fallback 0",
+        "pgcourier_receiver_link_tcp_fallbacks_total 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in {metrics}"
+        );
+    }
     assert_applied_exactly_once(&setup, 0).await?;
     Ok(())
 }
