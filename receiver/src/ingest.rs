@@ -227,7 +227,7 @@ impl Ingest {
                     }
                 };
                 if self.link.lock().expect("link lock").connections > welcomed_before {
-                    redial.dropped(Instant::now(), conn.rtt(), matches!(conn, Conn::Tcp(_)));
+                    redial.dropped(Instant::now(), conn.rtt());
                 }
                 result
             };

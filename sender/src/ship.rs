@@ -324,11 +324,7 @@ impl Shipper {
                     }
                 };
                 if self.connections(&spec.name) > welcomed_before {
-                    redial.dropped(
-                        Instant::now(),
-                        watched.rtt(),
-                        matches!(watched, Conn::Tcp(_)),
-                    );
+                    redial.dropped(Instant::now(), watched.rtt());
                 }
                 result
             };

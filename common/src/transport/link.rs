@@ -447,8 +447,6 @@ impl TransportStatus {
 /// One short dial attempt while a peer is expected back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Probe {
-    /// Over TCP (the transport of the connection that dropped), else QUIC.
-    pub tcp: bool,
     /// How long the attempt may take: a few round trips of the path as it
     /// was, at least 500 ms, at most `handshake-timeout`. An attempt that
     /// fails sooner (refused at once) waits out the rest, so attempts come
@@ -463,8 +461,10 @@ pub struct Probe {
 /// link going down for a while) is expected back: for `return-window`
 /// after the drop the dialler tries back to back, each try bounded by
 /// four round trips (a QUIC client sends its Initial at once, then at
-/// most once more within the bound), so the peer is found within about a
-/// bound of becoming reachable instead of at the next backoff step. After
+/// most once more within the bound; under `auto` a TCP try follows a QUIC
+/// one that got no answer, so a link that came back without UDP is found
+/// too), so the peer is found within about a bound of becoming reachable
+/// instead of at the next backoff step. After
 /// the window, and for a peer never reached, the dial loop's exponential
 /// backoff (up to `max-backoff`) applies.
 #[derive(Debug)]
@@ -483,15 +483,15 @@ impl Redial {
         }
     }
 
-    /// A welcomed session on a connection with this RTT and transport
-    /// ended at `now`: the peer is expected back for a window from now.
-    pub fn dropped(&mut self, now: std::time::Instant, rtt: Duration, tcp: bool) {
+    /// A welcomed session on a connection with this RTT ended at `now`:
+    /// the peer is expected back for a window from now.
+    pub fn dropped(&mut self, now: std::time::Instant, rtt: Duration) {
         if self.window.is_zero() {
             return;
         }
         let floor = Duration::from_millis(500).min(self.handshake);
         let bound = (rtt * 4).clamp(floor, self.handshake);
-        self.expected = Some((now + self.window, Probe { tcp, bound }));
+        self.expected = Some((now + self.window, Probe { bound }));
     }
 
     /// How long to wait before the next try while the peer is expected
@@ -586,15 +586,14 @@ impl Dialer {
         Ok(Conn::Quic(conn))
     }
 
-    async fn tcp(&self) -> Result<Conn, TcpError> {
-        let s = &self.net.settings;
+    async fn tcp(&self, bound: Duration) -> Result<Conn, TcpError> {
         Ok(Conn::Tcp(
             tcp::connect(
                 &self.peer,
                 self.proxy.as_ref(),
                 self.net.client_tls.clone(),
-                s,
-                s.handshake_timeout,
+                &self.net.settings,
+                bound,
             )
             .await?,
         ))
@@ -606,12 +605,21 @@ impl Dialer {
     /// certificate) is that error: UDP works. Through a `proxy` only TCP
     /// is possible.
     pub async fn dial(&self) -> Result<Conn, DialError> {
-        let bound = self.net.settings.handshake_timeout;
+        self.dial_within(self.net.settings.handshake_timeout).await
+    }
+
+    /// A dial while the peer is expected back (see [`Redial`]): the same
+    /// rule as [`Dialer::dial`], each handshake bounded by `probe.bound`.
+    pub async fn probe(&self, probe: Probe) -> Result<Conn, DialError> {
+        self.dial_within(probe.bound).await
+    }
+
+    async fn dial_within(&self, bound: Duration) -> Result<Conn, DialError> {
         match self.transport {
             Transport::Quic => self.quic(Some(bound)).await,
-            Transport::Tcp => Ok(self.tcp().await?),
-            Transport::Auto if self.proxy.is_some() => Ok(self.tcp().await?),
-            Transport::Auto if self.fell_back() => match self.tcp().await {
+            Transport::Tcp => Ok(self.tcp(bound).await?),
+            Transport::Auto if self.proxy.is_some() => Ok(self.tcp(bound).await?),
+            Transport::Auto if self.fell_back() => match self.tcp(bound).await {
                 Ok(c) => Ok(c),
                 // TCP gone: perhaps UDP is back.
                 Err(tcp) => match self.quic(Some(bound)).await {
@@ -623,7 +631,7 @@ impl Dialer {
                 },
             },
             Transport::Auto => match self.quic(Some(bound)).await {
-                Err(DialError::QuicTimeout(_)) => match self.tcp().await {
+                Err(DialError::QuicTimeout(_)) => match self.tcp(bound).await {
                     Ok(c) => {
                         self.set_fell_back(true, "no handshake");
                         Ok(c)
@@ -637,25 +645,6 @@ impl Dialer {
                 other => other,
             },
         }
-    }
-
-    /// One attempt over the transport the last connection used, bounded by
-    /// `probe.bound`, changing no fallback decision (while a peer is
-    /// expected back; see [`Redial`]).
-    pub async fn probe(&self, probe: Probe) -> Result<Conn, DialError> {
-        if probe.tcp {
-            let s = &self.net.settings;
-            let conn = tcp::connect(
-                &self.peer,
-                self.proxy.as_ref(),
-                self.net.client_tls.clone(),
-                s,
-                probe.bound,
-            )
-            .await?;
-            return Ok(Conn::Tcp(conn));
-        }
-        self.quic(Some(probe.bound)).await
     }
 
     /// While a fallen-back dialler's session runs over TCP: try a QUIC
@@ -774,9 +763,8 @@ mod tests {
             "a peer never reached: ordinary dials"
         );
         // 1 Mbit/s, 200 ms RTT: probes bounded by 800 ms.
-        redial.dropped(t0, Duration::from_millis(200), false);
+        redial.dropped(t0, Duration::from_millis(200));
         let probe = Probe {
-            tcp: false,
             bound: Duration::from_millis(800),
         };
         assert_eq!(redial.next(t0), Some(probe));
@@ -797,23 +785,22 @@ mod tests {
         let t = t0 + Duration::from_secs(61);
         assert_eq!(redial.wait(t, Some(probe), t0), None);
         // Loopback: at least 500 ms; satellite with 2 s RTT: at most the
-        // handshake timeout; the transport of the dropped connection.
-        redial.dropped(t0, Duration::from_micros(50), true);
+        // handshake timeout.
+        redial.dropped(t0, Duration::from_micros(50));
         assert_eq!(
             redial.next(t0),
             Some(Probe {
-                tcp: true,
                 bound: Duration::from_millis(500)
             })
         );
-        redial.dropped(t0, Duration::from_secs(2), false);
+        redial.dropped(t0, Duration::from_secs(2));
         assert_eq!(redial.next(t0).unwrap().bound, Duration::from_secs(5));
         let off = TransportSettings {
             return_window: Duration::ZERO,
             ..settings
         };
         let mut redial = Redial::new(&off);
-        redial.dropped(t0, Duration::from_millis(200), false);
+        redial.dropped(t0, Duration::from_millis(200));
         assert_eq!(redial.next(t0), None, "return-window = 0s turns it off");
     }
 
@@ -952,7 +939,12 @@ mod tests {
             let client =
                 Net::open(localhost(), &hq, &[branch.fingerprint()], &settings, false).unwrap();
             let d = dialer(client, at, Transport::Auto, None);
-            let conn = d.dial().await.unwrap();
+            // A probe (a peer expected back after a drop) follows the same
+            // rule: a link that came back without UDP is found over TCP.
+            let probe = Probe {
+                bound: Duration::from_millis(500),
+            };
+            let conn = d.probe(probe).await.unwrap();
             assert_eq!(conn.transport(), "tcp");
             assert!(d.fell_back());
             assert_eq!(receive_one(&conn).await, acks(1..5));
