@@ -88,10 +88,9 @@ pub enum DialError {
     QuicTimeout(Duration),
     #[error(transparent)]
     Tcp(#[from] TcpError),
-    #[error("no QUIC handshake within {timeout:?} ({quic}), and TCP failed too")]
+    #[error("no QUIC handshake within {timeout:?}, and TCP failed too")]
     Neither {
         timeout: Duration,
-        quic: String,
         #[source]
         tcp: TcpError,
     },
@@ -558,12 +557,12 @@ impl Dialer {
         self.fell_back.load(Ordering::Relaxed)
     }
 
-    fn set_fell_back(&self, now: bool, quic: &str) {
+    fn set_fell_back(&self, now: bool) {
         let before = self.fell_back.swap(now, Ordering::Relaxed);
         let s = &self.net.settings;
         match (before, now) {
             (false, true) => tracing::warn!(
-                peer = %self.who, address = %self.peer, quic = %quic,
+                peer = %self.who, address = %self.peer,
                 "no QUIC handshake within {:?} but TCP works: falling back to TLS over TCP; QUIC is tried again every {:?}",
                 s.handshake_timeout, s.quic_retry
             ),
@@ -624,7 +623,7 @@ impl Dialer {
                 // TCP gone: perhaps UDP is back.
                 Err(tcp) => match self.quic(Some(bound)).await {
                     Ok(c) => {
-                        self.set_fell_back(false, "");
+                        self.set_fell_back(false);
                         Ok(c)
                     }
                     Err(_) => Err(tcp.into()),
@@ -633,12 +632,11 @@ impl Dialer {
             Transport::Auto => match self.quic(Some(bound)).await {
                 Err(DialError::QuicTimeout(_)) => match self.tcp(bound).await {
                     Ok(c) => {
-                        self.set_fell_back(true, "no handshake");
+                        self.set_fell_back(true);
                         Ok(c)
                     }
                     Err(tcp) => Err(DialError::Neither {
                         timeout: bound,
-                        quic: "no answer".into(),
                         tcp,
                     }),
                 },
@@ -659,7 +657,7 @@ impl Dialer {
         loop {
             tokio::time::sleep(s.quic_retry).await;
             if let Ok(conn) = self.quic(Some(s.handshake_timeout)).await {
-                self.set_fell_back(false, "");
+                self.set_fell_back(false);
                 return conn;
             }
         }
