@@ -59,7 +59,17 @@ impl UdpRelay {
         forward: SocketAddr,
         link: Link,
     ) -> Result<RelayHandle, RelayError> {
-        let control = LinkControl::new(&link)?;
+        UdpRelay::start_sharing(listen, forward, LinkControl::new(&link)?).await
+    }
+
+    /// Like [`UdpRelay::start`], through the models of `control`: relays
+    /// started with the same control share one bottleneck (its rate, queue
+    /// and counters), as two branches behind one uplink do.
+    pub async fn start_sharing(
+        listen: SocketAddr,
+        forward: SocketAddr,
+        control: LinkControl,
+    ) -> Result<RelayHandle, RelayError> {
         let (socket, sender) = open_socket(listen, None).map_err(|source| RelayError::Bind {
             addr: listen,
             source,

@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgcourier_netem::{ControlPort, Link, LinkParams, UdpRelay};
+use pgcourier_netem::{ControlPort, Link, LinkControl, LinkParams, UdpRelay};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
@@ -124,6 +124,47 @@ async fn commanded_outage_drops_datagrams_and_up_restores_them() {
     let stats = relay.stats();
     assert_eq!(stats.forward.packets_forwarded, 2);
     assert!(!stats.down);
+}
+
+#[tokio::test]
+async fn relays_sharing_a_control_share_one_bottleneck() {
+    let (echo_a, _server_a) = echo_server().await;
+    let (echo_b, _server_b) = echo_server().await;
+    // 80 kbit/s: a 1000-byte datagram takes 100 ms to cross.
+    let link = Link::symmetric(
+        LinkParams {
+            rate_bps: Some(80_000),
+            ..LinkParams::default()
+        },
+        1,
+    );
+    let control = LinkControl::new(&link).expect("link parameters");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let a = UdpRelay::start_sharing(any, echo_a, control.clone())
+        .await
+        .expect("start relay a");
+    let b = UdpRelay::start_sharing(any, echo_b, control)
+        .await
+        .expect("start relay b");
+    let (ca, cb) = (client(a.local_addr()).await, client(b.local_addr()).await);
+    let sent = Instant::now();
+    ca.send(&[1; 1000]).await.expect("send through a");
+    cb.send(&[2; 1000]).await.expect("send through b");
+    assert_eq!(recv(&cb, "b's echo").await, vec![2; 1000]);
+    // b's datagram queued behind a's: two serialisations each way.
+    let rtt = sent.elapsed();
+    assert!(
+        rtt >= Duration::from_millis(300),
+        "b's datagram crossed in {rtt:?}, as if a's were not in the same queue"
+    );
+    assert_eq!(recv(&ca, "a's echo").await, vec![1; 1000]);
+    assert_eq!(b.stats().forward.packets_forwarded, 2);
+    a.set_down(true);
+    cb.send(b"lost").await.expect("send through b");
+    wait_for(LIMIT, "b's datagram dropped by a's outage", || {
+        b.stats().forward.dropped.outage == 1
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -17,6 +17,10 @@
 //!   `satellite` profiles, by pgcourier over QUIC (netem's UDP relay) and
 //!   over TCP (netem's TCP relay, which applies no loss), and by
 //!   PostgreSQL's own (netem's TCP relay);
+//! - `join`: a 300k-row table joins the publication of a branch that
+//!   follows live writes (a row every 100 ms) across `dsl`: how stale the
+//!   branch's live rows get while the table is copied, and how long the
+//!   copy takes;
 //! - `copy`: initial copy of pgbench scale 10 on a clean link and on `3g`;
 //! - `big`: one transaction of 1M rows: time and peak memory (VmHWM);
 //! - `bytea`: one transaction inserting one 64 MiB bytea value of random
@@ -45,11 +49,12 @@ use pgcourier_netem::Profile;
 use report::Report;
 use workloads::Change;
 
-const WORKLOADS: [&str; 8] = [
+const WORKLOADS: [&str; 9] = [
     "backlog",
     "backlog-open",
     "steady",
     "slow",
+    "join",
     "copy",
     "big",
     "bytea",
@@ -76,6 +81,9 @@ pub struct Opts {
     /// Seconds without progress after which pgcourier's copy counts as absent.
     pub copy_stall: u64,
     pub big_rows: i64,
+    /// Rows of the table that joins the publication (`join`), and its link.
+    pub join_rows: i64,
+    pub join_profile: String,
     /// Size of the one bytea value, MiB.
     pub bytea_mib: i64,
     pub spool_txns: i64,
@@ -117,6 +125,8 @@ impl Opts {
             copy_3g_runs: 1,
             copy_stall: 60,
             big_rows: 1_000_000,
+            join_rows: 300_000,
+            join_profile: "dsl".into(),
             bytea_mib: 64,
             spool_txns: 200_000,
             outage: None,
@@ -143,6 +153,7 @@ impl Opts {
         self.copy_3g_scale = 1;
         self.copy_stall = 20;
         self.big_rows = 100_000;
+        self.join_rows = 50_000;
         self.bytea_mib = 16;
         self.spool_txns = 20_000;
     }
@@ -154,7 +165,7 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --quick                 small sizes, one run (a smoke run of a few minutes)
   --runs N                runs of each workload (default 3; the table shows medians)
   --json FILE             write every figure and sample as JSON
-  --workload LIST         comma-separated, from backlog,backlog-open,steady,slow,copy,big,bytea,spool
+  --workload LIST         comma-separated, from backlog,backlog-open,steady,slow,join,copy,big,bytea,spool
                           (default: all); backlog-open drains each backlog again with a transaction
                           left open on the source since before it (and runs backlog if not listed)
   --transactions N        backlog size (default 200000)
@@ -168,6 +179,8 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --copy-3g-scale S       initial copy across 3g (default 10)
   --copy-3g-runs N        runs of the 3g copy (default 1: about 15 min for PostgreSQL's own)
   --copy-stall S          seconds without progress before pgcourier's copy counts as absent (60)
+  --join-rows N           rows of the table that joins the publication (default 300000)
+  --join-profile P        the link it joins over (default dsl)
   --big-rows N            rows of the one large transaction (default 1000000)
   --bytea-mib N           size of the one bytea value, MiB (default 64; --quick 16)
   --spool-txns N          transactions captured with the link down (default 200000)
@@ -245,6 +258,13 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--copy-3g-runs" => o.copy_3g_runs = num(&mut it, &a)? as usize,
             "--copy-stall" => o.copy_stall = num(&mut it, &a)? as u64,
             "--big-rows" => o.big_rows = num(&mut it, &a)?,
+            "--join-rows" => o.join_rows = num(&mut it, &a)?,
+            "--join-profile" => {
+                let p = it.next().context("--join-profile needs a netem profile")?;
+                Profile::by_name(&p)
+                    .with_context(|| format!("no netem profile {p:?}: {:?}", Profile::names()))?;
+                o.join_profile = p;
+            }
             "--bytea-mib" => o.bytea_mib = num(&mut it, &a)?.max(1),
             "--spool-txns" => o.spool_txns = num(&mut it, &a)?,
             "--outage" => o.outage = Some(num(&mut it, &a)? as u64),
@@ -374,6 +394,11 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("slow link {p}"))?;
             }
+        }
+        if has("join") {
+            workloads::join(&o, &mut report, profile(&o.join_profile), o.join_rows)
+                .await
+                .context("a table joins the publication")?;
         }
         if has("copy") {
             workloads::copy(&o, &mut report, profile("clean"), o.copy_scale)

@@ -1270,3 +1270,231 @@ pub async fn bytea(o: &Opts, r: &mut Report, size_mib: i64) -> anyhow::Result<()
     }
     Ok(())
 }
+
+const JOIN_SCHEMA: &str = "
+CREATE TABLE live (id bigint PRIMARY KEY, at timestamptz NOT NULL);
+CREATE TABLE big (id bigint PRIMARY KEY, filler text NOT NULL);";
+/// How often the writer commits a row to `live`, and how often the branch
+/// is asked how old its newest `live` row is.
+const LIVE_EVERY: Duration = Duration::from_millis(100);
+/// Samples of the staleness before the table joins.
+const LIVE_BASELINE: usize = 50;
+
+/// What a branch's live changes saw while a large table joined.
+struct JoinFigures {
+    /// Median age of the branch's newest live row before the join, s.
+    before: f64,
+    /// Largest age while the table was being copied, s.
+    during_max: f64,
+    /// From the join until the branch holds every row of the table, s.
+    copy: f64,
+}
+
+/// A large table joins the publication of a branch that follows live
+/// changes, on the same link. A writer commits a row with its time to
+/// `live` every 100 ms throughout; the branch is asked every 100 ms how old
+/// its newest `live` row is (the staleness a user there sees). pgcourier
+/// copies the joining table at a cut of the stream and applies the copy
+/// in commit order, so live changes committed after the cut wait for it;
+/// PostgreSQL copies it in a table-sync worker beside the apply worker
+/// (both over the same link).
+pub async fn join(o: &Opts, r: &mut Report, profile: Profile, rows: i64) -> anyhow::Result<()> {
+    let link = profile.name;
+    let tag = format!("[join of {} rows over {link}]", k(rows));
+    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
+    for pg in [hq, ours, native_pg] {
+        pg.execute(DB, JOIN_SCHEMA).await?;
+    }
+    // About 80 bytes a row, not very compressible (hex digests).
+    hq.execute(
+        DB,
+        &format!(
+            "INSERT INTO big SELECT g, md5(g::text) || md5((g::bigint * 7919)::text) FROM generate_series(1, {rows}) g"
+        ),
+    )
+    .await?;
+    let mut courier = courier_without_copy(
+        hq,
+        ours,
+        profile.clone(),
+        Transport::Quic,
+        "pgcourier",
+        "public.live",
+        o,
+    )
+    .await?;
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    courier.wait_connected().await?;
+    let mine = join_phase(
+        hq,
+        ours,
+        rows,
+        "ALTER PUBLICATION pgcourier ADD TABLE big",
+        None,
+    )
+    .await
+    .with_context(|| courier.log_tails())?;
+    courier.stop()?;
+    hq.execute(DB, "SELECT pg_drop_replication_slot('pgcourier')")
+        .await?;
+    println!(
+        "{tag} pgcourier: live staleness {:.2} s before, up to {:.1} s while the table copied; copy complete after {:.1} s",
+        mine.before, mine.during_max, mine.copy
+    );
+    let mut theirs = None;
+    if !o.skip_native {
+        hq.execute(DB, "CREATE PUBLICATION native FOR TABLE live")
+            .await?;
+        let native = Native::new(hq, &profile, "native").await?;
+        native.subscribe(native_pg, false, true).await?;
+        native.wait_slot_active(hq, true).await?;
+        let f = join_phase(
+            hq,
+            native_pg,
+            rows,
+            "ALTER PUBLICATION native ADD TABLE big",
+            Some("ALTER SUBSCRIPTION native REFRESH PUBLICATION"),
+        )
+        .await?;
+        println!(
+            "{tag} PostgreSQL's own: live staleness {:.2} s before, up to {:.1} s while the table copied; copy complete after {:.1} s",
+            f.before, f.during_max, f.copy
+        );
+        theirs = Some(f);
+    }
+    let label = format!(
+        "{} rows join the publication over {link}, live writes every 100 ms",
+        k(rows)
+    );
+    r.add(
+        &format!("join-{link}-before"),
+        &format!("{label}: live staleness before (median)"),
+        "s",
+        Target::None,
+        Some(mine.before),
+        theirs.as_ref().map(|t| t.before),
+    );
+    r.add(
+        &format!("join-{link}-during"),
+        &format!("{label}: live staleness while it copies (max)"),
+        "s",
+        Target::RatioAtMost(1.0),
+        Some(mine.during_max),
+        theirs.as_ref().map(|t| t.during_max),
+    );
+    r.add(
+        &format!("join-{link}-copy"),
+        &format!("{label}: until the branch holds the table"),
+        "s",
+        Target::RatioAtMost(1.0),
+        Some(mine.copy),
+        theirs.as_ref().map(|t| t.copy),
+    );
+    Ok(())
+}
+
+/// Live writes on `hq` throughout; `alter` (on hq) and `refresh` (on the
+/// target) make `big` join; until the target holds `rows` rows of it.
+async fn join_phase(
+    hq: &PgCluster,
+    target: &PgCluster,
+    rows: i64,
+    alter: &str,
+    refresh: Option<&str>,
+) -> anyhow::Result<JoinFigures> {
+    let first = query_i64(hq, "SELECT coalesce(max(id), 0) + 1 FROM live").await?;
+    let writer_client = hq.client(DB).await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut id = first;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writer_client
+                    .execute("INSERT INTO live VALUES ($1, clock_timestamp())", &[&id])
+                    .await?;
+                id += 1;
+                tokio::time::sleep(LIVE_EVERY).await;
+            }
+            anyhow::Ok(id - first)
+        })
+    };
+    let result = async {
+        wait_count(
+            target,
+            &format!("SELECT count(*) FROM live WHERE id >= {first}"),
+            1,
+            LIVE_EVERY,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let t = target.client(DB).await?;
+        let staleness = || async {
+            let s: f64 = t
+                .query_one(
+                    "SELECT extract(epoch FROM clock_timestamp() - max(at))::float8 FROM live",
+                    &[],
+                )
+                .await?
+                .get(0);
+            anyhow::Ok(s)
+        };
+        let mut before = Vec::with_capacity(LIVE_BASELINE);
+        for _ in 0..LIVE_BASELINE {
+            before.push(staleness().await?);
+            tokio::time::sleep(LIVE_EVERY).await;
+        }
+        before.sort_by(f64::total_cmp);
+        // Asked on its own connection, so that a query of the joining table
+        // (which pgcourier's load holds locked: it truncates it first) does
+        // not hold the samples back.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let done = done.clone();
+            let t = target.client(DB).await?;
+            tokio::spawn(async move {
+                let mut max: f64 = 0.0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let s: f64 = t
+                        .query_one(
+                            "SELECT extract(epoch FROM clock_timestamp() - max(at))::float8 FROM live",
+                            &[],
+                        )
+                        .await?
+                        .get(0);
+                    max = max.max(s);
+                    tokio::time::sleep(LIVE_EVERY).await;
+                }
+                anyhow::Ok(max)
+            })
+        };
+        hq.execute(DB, alter).await?;
+        if let Some(sql) = refresh {
+            target.execute(DB, sql).await?;
+        }
+        let joined = Instant::now();
+        let copied = wait_count(
+            target,
+            "SELECT count(*) FROM big",
+            rows,
+            LIVE_EVERY,
+            DRAIN_TIMEOUT,
+        )
+        .await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let during_max = sampler.await??;
+        copied?;
+        anyhow::Ok(JoinFigures {
+            before: before[before.len() / 2],
+            during_max,
+            copy: joined.elapsed().as_secs_f64(),
+        })
+    }
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await??;
+    anyhow::ensure!(written > 0, "the live writer wrote nothing");
+    result
+}
