@@ -21,6 +21,9 @@
 //!   follows live writes (a row every 100 ms) across `dsl`: how stale the
 //!   branch's live rows get while the table is copied, and how long the
 //!   copy takes;
+//! - `neighbour`: a new branch takes its first copy (the same 300k rows)
+//!   while another follows live writes, both behind one `dsl` uplink: how
+//!   stale the live branch gets meanwhile;
 //! - `copy`: initial copy of pgbench scale 10 on a clean link and on `3g`;
 //! - `big`: one transaction of 1M rows: time and peak memory (VmHWM);
 //! - `bytea`: one transaction inserting one 64 MiB bytea value of random
@@ -49,12 +52,13 @@ use pgcourier_netem::Profile;
 use report::Report;
 use workloads::Change;
 
-const WORKLOADS: [&str; 9] = [
+const WORKLOADS: [&str; 10] = [
     "backlog",
     "backlog-open",
     "steady",
     "slow",
     "join",
+    "neighbour",
     "copy",
     "big",
     "bytea",
@@ -165,7 +169,7 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --quick                 small sizes, one run (a smoke run of a few minutes)
   --runs N                runs of each workload (default 3; the table shows medians)
   --json FILE             write every figure and sample as JSON
-  --workload LIST         comma-separated, from backlog,backlog-open,steady,slow,join,copy,big,bytea,spool
+  --workload LIST         comma-separated, from backlog,backlog-open,steady,slow,join,neighbour,copy,big,bytea,spool
                           (default: all); backlog-open drains each backlog again with a transaction
                           left open on the source since before it (and runs backlog if not listed)
   --transactions N        backlog size (default 200000)
@@ -179,8 +183,9 @@ pgcourier-bench: pgcourier beside PostgreSQL's own logical replication
   --copy-3g-scale S       initial copy across 3g (default 10)
   --copy-3g-runs N        runs of the 3g copy (default 1: about 15 min for PostgreSQL's own)
   --copy-stall S          seconds without progress before pgcourier's copy counts as absent (60)
-  --join-rows N           rows of the table that joins the publication (default 300000)
-  --join-profile P        the link it joins over (default dsl)
+  --join-rows N           rows of the table that joins the publication, and of the
+                          neighbour's copy (default 300000)
+  --join-profile P        the link of join and neighbour (default dsl)
   --big-rows N            rows of the one large transaction (default 1000000)
   --bytea-mib N           size of the one bytea value, MiB (default 64; --quick 16)
   --spool-txns N          transactions captured with the link down (default 200000)
@@ -399,6 +404,11 @@ async fn main() -> anyhow::Result<()> {
             workloads::join(&o, &mut report, profile(&o.join_profile), o.join_rows)
                 .await
                 .context("a table joins the publication")?;
+        }
+        if has("neighbour") {
+            workloads::neighbour(&o, &mut report, profile(&o.join_profile), o.join_rows)
+                .await
+                .context("a new branch copies beside a live one")?;
         }
         if has("copy") {
             workloads::copy(&o, &mut report, profile("clean"), o.copy_scale)

@@ -330,6 +330,14 @@ impl Courier {
         Ok(())
     }
 
+    /// SIGTERM the sender (clean stop) and wait for it.
+    pub fn stop_sender(&mut self) -> anyhow::Result<()> {
+        if let Some(d) = self.sender.take() {
+            d.terminate()?;
+        }
+        Ok(())
+    }
+
     /// SIGTERM both daemons (clean stop) and wait for them.
     pub fn stop(&mut self) -> anyhow::Result<()> {
         for d in [self.sender.take(), self.receiver.take()]
@@ -339,6 +347,59 @@ impl Courier {
             d.terminate()?;
         }
         Ok(())
+    }
+
+    /// Another branch of the same sender, `branch2` on `target`: its keys,
+    /// its receiver config, its `[[receiver]]` block appended to
+    /// sender.toml (read when the sender next starts), behind a UDP relay
+    /// that shares this pair's bottleneck (one uplink for both branches).
+    pub async fn add_branch(&mut self, target: &PgCluster) -> anyhow::Result<Branch> {
+        let d = self.dir.path();
+        let fp = pgcourier_common::transport::tls::keygen(
+            &d.join("r2.crt"),
+            &d.join("r2.key"),
+            "receiver2",
+        )?;
+        let sender_fp = std::fs::read_to_string(&self.receiver_cfg)?
+            .lines()
+            .find(|l| l.starts_with("sender-fingerprints"))
+            .context("receiver.toml has sender-fingerprints")?
+            .to_string();
+        let port = listen_port()?;
+        let relay = UdpRelay::start_sharing(
+            "127.0.0.1:0".parse()?,
+            format!("127.0.0.1:{port}").parse()?,
+            self.relay.control(),
+        )
+        .await?;
+        // The first receiver's link settings (timers), with its own names.
+        let link: String = std::fs::read_to_string(&self.receiver_cfg)?
+            .lines()
+            .skip_while(|l| !l.starts_with("admin"))
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = d.join("receiver2.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "target = \"{}\"\ninbox-dir = \"inbox2\"\ncert = \"r2.crt\"\nkey = \"r2.key\"\nlisten = \"127.0.0.1:{port}\"\n\
+                 {sender_fp}\n{link}",
+                target.conninfo(DB)
+            ),
+        )?;
+        let mut sender = std::fs::read_to_string(&self.sender_cfg)?;
+        sender += &format!(
+            "\n[[receiver]]\nname = \"branch2\"\nfingerprint = \"{fp}\"\naddress = \"{}\"\n",
+            relay.local_addr()
+        );
+        std::fs::write(&self.sender_cfg, sender)?;
+        Ok(Branch {
+            cfg,
+            log: d.join("receiver2.log"),
+            _relay: relay,
+            receiver: None,
+        })
     }
 
     /// Start the sender alone until it has created its slot on `hq`, then
@@ -437,6 +498,36 @@ impl Courier {
             tail("sender.log"),
             tail("receiver.log")
         )
+    }
+}
+
+/// A second branch of a [`Courier`] (see [`Courier::add_branch`]).
+pub struct Branch {
+    cfg: PathBuf,
+    log: PathBuf,
+    /// Held: dropping it stops the relay.
+    _relay: RelayHandle,
+    pub receiver: Option<Daemon>,
+}
+
+impl Branch {
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.receiver.is_none() {
+            self.receiver = Some(Daemon::spawn(
+                "receiver2",
+                &bin_path("pgcourier-receiver"),
+                &["run", "--config", self.cfg.to_str().expect("utf-8")],
+                &self.log,
+            )?);
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(d) = self.receiver.take() {
+            d.terminate()?;
+        }
+        Ok(())
     }
 }
 

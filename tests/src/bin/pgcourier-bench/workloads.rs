@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pgcourier_netem::{Profile, RelayHandle};
-use pgcourier_tests::PgCluster;
+use pgcourier_tests::{wait_until, PgCluster};
 
 use crate::report::{Report, Target};
 use crate::systems::{
@@ -1404,24 +1404,68 @@ async fn join_phase(
     alter: &str,
     refresh: Option<&str>,
 ) -> anyhow::Result<JoinFigures> {
-    let first = query_i64(hq, "SELECT coalesce(max(id), 0) + 1 FROM live").await?;
-    let writer_client = hq.client(DB).await?;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
+    let probe = LiveProbe::start(hq, target).await?;
+    let result = async {
+        let t0 = Instant::now();
+        tokio::time::sleep(LIVE_EVERY * LIVE_BASELINE as u32).await;
+        let before = probe.median_since(t0);
+        hq.execute(DB, alter).await?;
+        if let Some(sql) = refresh {
+            target.execute(DB, sql).await?;
+        }
+        let joined = Instant::now();
+        wait_count(
+            target,
+            "SELECT count(*) FROM big",
+            rows,
+            LIVE_EVERY,
+            DRAIN_TIMEOUT,
+        )
+        .await?;
+        anyhow::Ok(JoinFigures {
+            before,
+            during_max: probe.max_since(joined),
+            copy: joined.elapsed().as_secs_f64(),
+        })
+    }
+    .await;
+    probe.finish().await?;
+    result
+}
+
+/// A writer committing a row with its time to `live` on hq every 100 ms,
+/// and a sampler asking a branch every 100 ms how old its newest `live` row
+/// is (the staleness a user there sees), on its own connection: a query of
+/// a table being loaded (which pgcourier's copy holds locked: it truncates
+/// it first) does not hold the samples back.
+struct LiveProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    writer: tokio::task::JoinHandle<anyhow::Result<i64>>,
+    sampler: tokio::task::JoinHandle<anyhow::Result<()>>,
+    samples: Arc<Mutex<Vec<(Instant, f64)>>>,
+}
+
+impl LiveProbe {
+    /// Start both; returns once the branch holds the writer's first row.
+    async fn start(hq: &PgCluster, target: &PgCluster) -> anyhow::Result<LiveProbe> {
+        let first = query_i64(hq, "SELECT coalesce(max(id), 0) + 1 FROM live").await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let running = {
+            let stop = stop.clone();
+            move || !stop.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let w = hq.client(DB).await?;
+        let writing = running.clone();
+        let writer = tokio::spawn(async move {
             let mut id = first;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                writer_client
-                    .execute("INSERT INTO live VALUES ($1, clock_timestamp())", &[&id])
+            while writing() {
+                w.execute("INSERT INTO live VALUES ($1, clock_timestamp())", &[&id])
                     .await?;
                 id += 1;
                 tokio::time::sleep(LIVE_EVERY).await;
             }
             anyhow::Ok(id - first)
-        })
-    };
-    let result = async {
+        });
         wait_count(
             target,
             &format!("SELECT count(*) FROM live WHERE id >= {first}"),
@@ -1431,70 +1475,217 @@ async fn join_phase(
         )
         .await?;
         let t = target.client(DB).await?;
-        let staleness = || async {
-            let s: f64 = t
-                .query_one(
-                    "SELECT extract(epoch FROM clock_timestamp() - max(at))::float8 FROM live",
-                    &[],
-                )
-                .await?
-                .get(0);
-            anyhow::Ok(s)
-        };
-        let mut before = Vec::with_capacity(LIVE_BASELINE);
-        for _ in 0..LIVE_BASELINE {
-            before.push(staleness().await?);
-            tokio::time::sleep(LIVE_EVERY).await;
-        }
-        before.sort_by(f64::total_cmp);
-        // Asked on its own connection, so that a query of the joining table
-        // (which pgcourier's load holds locked: it truncates it first) does
-        // not hold the samples back.
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = {
-            let done = done.clone();
-            let t = target.client(DB).await?;
-            tokio::spawn(async move {
-                let mut max: f64 = 0.0;
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    let s: f64 = t
-                        .query_one(
-                            "SELECT extract(epoch FROM clock_timestamp() - max(at))::float8 FROM live",
-                            &[],
-                        )
-                        .await?
-                        .get(0);
-                    max = max.max(s);
-                    tokio::time::sleep(LIVE_EVERY).await;
-                }
-                anyhow::Ok(max)
-            })
-        };
-        hq.execute(DB, alter).await?;
-        if let Some(sql) = refresh {
-            target.execute(DB, sql).await?;
-        }
-        let joined = Instant::now();
-        let copied = wait_count(
-            target,
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let into = samples.clone();
+        let sampler = tokio::spawn(async move {
+            while running() {
+                let s: f64 = t
+                    .query_one(
+                        "SELECT extract(epoch FROM clock_timestamp() - max(at))::float8 FROM live",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                into.lock().expect("samples").push((Instant::now(), s));
+                tokio::time::sleep(LIVE_EVERY).await;
+            }
+            anyhow::Ok(())
+        });
+        Ok(LiveProbe {
+            stop,
+            writer,
+            sampler,
+            samples,
+        })
+    }
+
+    fn since(&self, t: Instant) -> Vec<f64> {
+        let mut v: Vec<f64> = self
+            .samples
+            .lock()
+            .expect("samples")
+            .iter()
+            .filter(|s| s.0 >= t)
+            .map(|s| s.1)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn median_since(&self, t: Instant) -> f64 {
+        let v = self.since(t);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    fn max_since(&self, t: Instant) -> f64 {
+        self.since(t).last().copied().unwrap_or(f64::NAN)
+    }
+
+    async fn finish(self) -> anyhow::Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = self.writer.await??;
+        self.sampler.await??;
+        anyhow::ensure!(written > 0, "the live writer wrote nothing");
+        Ok(())
+    }
+}
+
+/// Rows written to `live` before a neighbour joins, so that the spool has
+/// deleted records and the new branch needs a copy made for it alone.
+const NEIGHBOUR_PRELOAD: i64 = 20_000;
+
+/// A new branch B takes its first copy (`rows` rows of `big`) while branch
+/// A follows live writes, both behind one `profile` uplink (two netem relays
+/// sharing one bottleneck). pgcourier: B is added to the sender's config
+/// and the sender restarted (it reads its config at start), so A's
+/// staleness is also measured across a restart alone; B gets a copy made
+/// for it alone and A is shipped placeholders. PostgreSQL's own: a second
+/// subscription with `copy_data = true` through the same relay.
+pub async fn neighbour(
+    o: &Opts,
+    r: &mut Report,
+    profile: Profile,
+    rows: i64,
+) -> anyhow::Result<()> {
+    let link = profile.name;
+    let tag = format!("[neighbour copy of {} rows over {link}]", k(rows));
+    let pgs = clusters(&["hq", "a", "b", "na", "nb"]).await?;
+    let (hq, a, b, na, nb) = (&pgs[0], &pgs[1], &pgs[2], &pgs[3], &pgs[4]);
+    for pg in &pgs {
+        pg.execute(DB, JOIN_SCHEMA).await?;
+    }
+    hq.execute(
+        DB,
+        &format!(
+            "INSERT INTO big SELECT g, md5(g::text) || md5((g::bigint * 7919)::text) FROM generate_series(1, {rows}) g"
+        ),
+    )
+    .await?;
+    let mut courier = courier_without_copy(
+        hq,
+        a,
+        profile.clone(),
+        Transport::Quic,
+        "pgcourier",
+        "public.live, public.big",
+        o,
+    )
+    .await?;
+    courier.start_receiver()?;
+    courier.start_sender()?;
+    courier.wait_connected().await?;
+    hq.execute(
+        DB,
+        &format!("INSERT INTO live SELECT g, now() FROM generate_series(1, {NEIGHBOUR_PRELOAD}) g"),
+    )
+    .await?;
+    let admin = courier.sender_admin;
+    wait_until(
+        "the spool to delete what A applied",
+        DRAIN_TIMEOUT,
+        || async move {
+            Ok(Courier::status(admin).await?["first_seq"]
+                .as_u64()
+                .unwrap_or(0)
+                > 1)
+        },
+    )
+    .await
+    .with_context(|| courier.log_tails())?;
+    let probe = LiveProbe::start(hq, a).await?;
+    let mine = async {
+        // A restart alone.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let t = Instant::now();
+        courier.stop_sender()?;
+        courier.start_sender()?;
+        courier.wait_connected().await?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let restart = probe.max_since(t);
+        // A restart with B added.
+        let mut branch = courier.add_branch(b).await?;
+        branch.start()?;
+        let t = Instant::now();
+        courier.stop_sender()?;
+        courier.start_sender()?;
+        let copy = wait_count(
+            b,
             "SELECT count(*) FROM big",
             rows,
             LIVE_EVERY,
             DRAIN_TIMEOUT,
         )
-        .await;
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let during_max = sampler.await??;
-        copied?;
-        anyhow::Ok(JoinFigures {
-            before: before[before.len() / 2],
-            during_max,
-            copy: joined.elapsed().as_secs_f64(),
-        })
+        .await
+        .with_context(|| courier.log_tails())?;
+        let during = probe.max_since(t);
+        branch.stop()?;
+        anyhow::Ok((restart, during, copy))
     }
     .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let written = writer.await??;
-    anyhow::ensure!(written > 0, "the live writer wrote nothing");
-    result
+    probe.finish().await?;
+    let (restart, during, copy) = mine?;
+    courier.stop()?;
+    hq.execute(DB, "SELECT pg_drop_replication_slot('pgcourier')")
+        .await?;
+    println!(
+        "{tag} pgcourier: A's live staleness up to {restart:.1} s across a sender restart alone, up to {during:.1} s across the restart that adds B and B's copy; B holds the table after {copy:.1} s"
+    );
+    let mut theirs = None;
+    if !o.skip_native {
+        hq.execute(DB, "CREATE PUBLICATION native FOR TABLE live, big")
+            .await?;
+        let native = Native::new(hq, &profile, "native").await?;
+        native.subscribe(na, false, true).await?;
+        native.wait_slot_active(hq, true).await?;
+        let probe = LiveProbe::start(hq, na).await?;
+        let f = async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let t = Instant::now();
+            nb.execute(
+                DB,
+                &format!(
+                    "CREATE SUBSCRIPTION nativeb CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={DB}' \
+                     PUBLICATION native WITH (copy_data = true)",
+                    native.relay.local_addr().port()
+                ),
+            )
+            .await?;
+            let copy =
+                wait_count(nb, "SELECT count(*) FROM big", rows, LIVE_EVERY, DRAIN_TIMEOUT).await?;
+            anyhow::Ok((probe.max_since(t), copy))
+        }
+        .await;
+        probe.finish().await?;
+        let (during, copy) = f?;
+        println!(
+            "{tag} PostgreSQL's own: A's live staleness up to {during:.1} s while B copies; B holds the table after {copy:.1} s"
+        );
+        theirs = Some((during, copy));
+    }
+    let label = format!("a new branch takes a {}-row copy over {link}, shared with a branch that follows live writes", k(rows));
+    r.add(
+        &format!("neighbour-{link}-restart"),
+        &format!("{label}: the live branch's staleness across a sender restart alone (max)"),
+        "s",
+        Target::None,
+        Some(restart),
+        None,
+    );
+    r.add(
+        &format!("neighbour-{link}-during"),
+        &format!("{label}: the live branch's staleness while the new one copies (max)"),
+        "s",
+        Target::RatioAtMost(1.0),
+        Some(during),
+        theirs.map(|t| t.0),
+    );
+    r.add(
+        &format!("neighbour-{link}-copy"),
+        &format!("{label}: until the new branch holds the table"),
+        "s",
+        Target::RatioAtMost(1.0),
+        Some(copy),
+        theirs.map(|t| t.1),
+    );
+    Ok(())
 }
