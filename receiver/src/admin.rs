@@ -125,6 +125,10 @@ pub fn status(
 
 pub fn metrics(st: &ReceiverStatus) -> String {
     let mut m = Metrics::default();
+    m.build_info(
+        "pgcourier_receiver_build_info",
+        "1, labelled with the version of the pgcourier-receiver that answers.",
+    );
     m.gauge(
         "pgcourier_receiver_inbox_records",
         "Records stored in the inbox (received, not yet applied and deleted).",

@@ -179,6 +179,10 @@ pub fn status(
 
 pub fn metrics(st: &SenderStatus) -> String {
     let mut m = Metrics::default();
+    m.build_info(
+        "pgcourier_sender_build_info",
+        "1, labelled with the version of the pgcourier-sender that answers.",
+    );
     m.gauge(
         "pgcourier_sender_spool_records",
         "Records in the spool.",

@@ -755,3 +755,53 @@ fn the_dashboard_has_its_variables_and_every_panel_reads_the_datasource_variable
         );
     }
 }
+
+/// Both daemons' `/metrics` (every family, for a status with every part
+/// present) pass `promtool check metrics`: the text format and
+/// Prometheus's naming rules (a counter ends in `_total`, units in base
+/// units), with the build and the process families there.
+#[test]
+fn promtool_accepts_the_metrics_of_both_daemons() {
+    for (who, text) in [
+        (
+            "sender",
+            pgcourier_sender::admin::metrics(&full_sender_status()),
+        ),
+        (
+            "receiver",
+            pgcourier_receiver::admin::metrics(&full_receiver_status()),
+        ),
+    ] {
+        for family in [
+            format!(
+                "pgcourier_{who}_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "process_resident_memory_bytes ".to_string(),
+            "process_cpu_seconds_total ".to_string(),
+        ] {
+            assert!(text.contains(&family), "{who}: no {family:?} in:\n{text}");
+        }
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run promtool (Debian's package `prometheus`, installed by scripts/install-postgres)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("promtool's stdin")
+            .write_all(text.as_bytes())
+            .expect("write the metrics to promtool");
+        let out = child.wait_with_output().expect("promtool ends");
+        assert!(
+            out.status.success(),
+            "{who}: promtool check metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

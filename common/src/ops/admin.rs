@@ -669,20 +669,22 @@ pub enum Kind {
     Counter,
 }
 
-/// Prometheus text format (0.0.4) writer: samples are kept by family, so
-/// each family is written once, as one group, with its HELP and TYPE lines
-/// (the format requires it), in the order families were first seen.
+/// The `/metrics` body of one scrape, written by the `prometheus` crate
+/// (text format 0.0.4): the daemon's families, each with its HELP and TYPE
+/// once, then the process's own (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`,
+/// `process_start_time_seconds`, ..., read from /proc at the scrape).
+/// Values come from the status view, which reads counters and marks the
+/// daemon keeps as it runs.
 #[derive(Default)]
 pub struct Metrics {
-    families: Vec<Family>,
-    index: HashMap<&'static str, usize>,
+    registry: prometheus::Registry,
+    families: HashMap<&'static str, Family>,
 }
 
-struct Family {
-    name: &'static str,
-    help: &'static str,
-    kind: Kind,
-    samples: String,
+enum Family {
+    Gauge(prometheus::GaugeVec),
+    Counter(prometheus::CounterVec),
 }
 
 impl Metrics {
@@ -694,7 +696,20 @@ impl Metrics {
         self.sample(name, help, Kind::Counter, &[], value);
     }
 
-    /// One sample of family `name` with `labels` (values escaped here).
+    /// `<name>{version="..."} 1`: which build answers (`name` ends in
+    /// `_build_info`).
+    pub fn build_info(&mut self, name: &'static str, help: &'static str) {
+        self.sample(
+            name,
+            help,
+            Kind::Gauge,
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1.0,
+        );
+    }
+
+    /// One sample of family `name` with `labels`; the first sample of a
+    /// family fixes its kind and label names.
     pub fn sample(
         &mut self,
         name: &'static str,
@@ -703,54 +718,53 @@ impl Metrics {
         labels: &[(&str, &str)],
         value: f64,
     ) {
-        use std::fmt::Write;
-        let index = *self.index.entry(name).or_insert_with(|| {
-            self.families.push(Family {
-                name,
-                help,
-                kind,
-                samples: String::new(),
-            });
-            self.families.len() - 1
+        let names: Vec<&str> = labels.iter().map(|l| l.0).collect();
+        let values: Vec<&str> = labels.iter().map(|l| l.1).collect();
+        let registry = &self.registry;
+        let family = self.families.entry(name).or_insert_with(|| {
+            let opts = prometheus::Opts::new(name, help);
+            let family = match kind {
+                Kind::Gauge => Family::Gauge(
+                    prometheus::GaugeVec::new(opts, &names).expect("a valid metric family"),
+                ),
+                Kind::Counter => Family::Counter(
+                    prometheus::CounterVec::new(opts, &names).expect("a valid metric family"),
+                ),
+            };
+            let collector: Box<dyn prometheus::core::Collector> = match &family {
+                Family::Gauge(g) => Box::new(g.clone()),
+                Family::Counter(c) => Box::new(c.clone()),
+            };
+            registry
+                .register(collector)
+                .expect("each family registered once");
+            family
         });
-        let family = &mut self.families[index];
-        debug_assert_eq!(family.kind, kind, "metric {name} changes kind");
-        let out = &mut family.samples;
-        out.push_str(name);
-        for (i, (k, v)) in labels.iter().enumerate() {
-            out.push(if i == 0 { '{' } else { ',' });
-            let _ = write!(
-                out,
-                "{k}=\"{}\"",
-                v.replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n")
-            );
+        match family {
+            Family::Gauge(g) => {
+                debug_assert_eq!(kind, Kind::Gauge, "metric {name} changes kind");
+                g.with_label_values(&values).set(value);
+            }
+            // A counter's value is the daemon's running total: a fresh
+            // counter raised to it (never by a negative or NaN amount).
+            Family::Counter(c) => {
+                debug_assert_eq!(kind, Kind::Counter, "metric {name} changes kind");
+                if value > 0.0 {
+                    c.with_label_values(&values).inc_by(value);
+                } else {
+                    c.with_label_values(&values);
+                }
+            }
         }
-        if !labels.is_empty() {
-            out.push('}');
-        }
-        let _ = match value {
-            v if v == f64::INFINITY => writeln!(out, " +Inf"),
-            v if v == f64::NEG_INFINITY => writeln!(out, " -Inf"),
-            v => writeln!(out, " {v}"),
-        };
     }
 
     pub fn finish(self) -> String {
-        let mut text = String::new();
-        for f in self.families {
-            let kind = match f.kind {
-                Kind::Gauge => "gauge",
-                Kind::Counter => "counter",
-            };
-            text.push_str(&format!(
-                "# HELP {0} {1}\n# TYPE {0} {kind}\n",
-                f.name, f.help
-            ));
-            text.push_str(&f.samples);
-        }
-        text
+        let mut families = self.registry.gather();
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        families.extend(prometheus::core::Collector::collect(&process));
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
     }
 }
 
@@ -805,16 +819,40 @@ mod tests {
             3.0,
         );
         m.gauge("pgcourier_inf", "Infinite.", f64::INFINITY);
+        m.build_info("pgcourier_x_build_info", "The build.");
         let text = m.finish();
-        assert_eq!(
-            text,
-            "# HELP pgcourier_x An x.\n# TYPE pgcourier_x gauge\npgcourier_x 1.5\n\
-             # HELP pgcourier_y A y.\n# TYPE pgcourier_y gauge\n\
-             pgcourier_y{receiver=\"b\\\"1\"} 2\npgcourier_y{receiver=\"b2\"} 3\n\
-             # HELP pgcourier_z A z.\n# TYPE pgcourier_z counter\n\
-             pgcourier_z{receiver=\"b\\\"1\"} 4\n\
-             # HELP pgcourier_inf Infinite.\n# TYPE pgcourier_inf gauge\npgcourier_inf +Inf\n"
-        );
+        for part in [
+            "# HELP pgcourier_x An x.\n# TYPE pgcourier_x gauge\npgcourier_x 1.5\n",
+            "# HELP pgcourier_y A y.\n# TYPE pgcourier_y gauge\n\
+             pgcourier_y{receiver=\"b\\\"1\"} 2\npgcourier_y{receiver=\"b2\"} 3\n",
+            "# HELP pgcourier_z A z.\n# TYPE pgcourier_z counter\n\
+             pgcourier_z{receiver=\"b\\\"1\"} 4\n",
+            "# TYPE pgcourier_inf gauge\npgcourier_inf ",
+            &format!(
+                "pgcourier_x_build_info{{version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            ),
+            // The process's own, from /proc.
+            "# TYPE process_cpu_seconds_total counter\n",
+            "# TYPE process_resident_memory_bytes gauge\n",
+            "# TYPE process_start_time_seconds gauge\n",
+        ] {
+            assert!(text.contains(part), "{part:?} not in:\n{text}");
+        }
+        // The crate writes infinity as `inf`, which Prometheus's parser (Go's
+        // ParseFloat) reads as +Inf, as Rust's does.
+        let inf = text
+            .lines()
+            .find_map(|l| l.strip_prefix("pgcourier_inf "))
+            .expect("the pgcourier_inf sample");
+        assert_eq!(inf.parse::<f64>(), Ok(f64::INFINITY));
+        for family in ["pgcourier_y", "pgcourier_z", "process_open_fds"] {
+            assert_eq!(
+                text.matches(&format!("# TYPE {family} ")).count(),
+                1,
+                "{family} is not one group:\n{text}"
+            );
+        }
     }
 
     /// The last `limit` the Echo endpoint's `list` was asked for.
