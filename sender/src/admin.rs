@@ -110,7 +110,7 @@ pub fn status(
                 0.0
             };
             let bytes_behind = if behind > 0 {
-                spool.bytes_after(acked).unwrap_or_else(|e| {
+                spool.bytes_behind(&r.name, acked).unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "read the spool for status");
                     0
                 })

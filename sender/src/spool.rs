@@ -84,12 +84,12 @@
 //! captured ≥ `complete_seq` (fsynced) ≥ confirmed to the slot;
 //! `complete_seq` ≥ each `applied/` ≥ trimmed (`first_seq - 1`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
 use pgcourier_common::store::durable::{get_u64, key_seq, put_u64, Store, StoreError, Synced};
-use pgcourier_common::store::segments::SegmentLog;
+use pgcourier_common::store::segments::{AfterMemo, SegmentLog};
 use pgcourier_proto::cutter::Tables;
 use pgcourier_proto::Lsn;
 use tokio::sync::watch;
@@ -139,6 +139,8 @@ pub struct Spool {
     meta: sled::Tree,
     state: Mutex<State>,
     marks: watch::Sender<SpoolMarks>,
+    /// Per receiver, what [`Spool::bytes_behind`] read last time.
+    behind: Mutex<HashMap<String, Option<AfterMemo>>>,
 }
 
 struct State {
@@ -272,6 +274,7 @@ impl Spool {
             store,
             records,
             meta,
+            behind: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
                 next_seq: complete_seq + 1,
                 complete_seq,
@@ -609,6 +612,15 @@ impl Spool {
     /// still lacks). Walks those records.
     pub fn bytes_after(&self, seq: u64) -> Result<u64, StoreError> {
         self.records.bytes_after(seq)
+    }
+
+    /// Bytes of the records after `seq`, which `receiver` has applied: as
+    /// [`Spool::bytes_after`], reading only the records it applied since the
+    /// last call for it (status and `/metrics` ask this at every request).
+    pub fn bytes_behind(&self, receiver: &str, seq: u64) -> Result<u64, StoreError> {
+        let mut memos = self.behind.lock().expect("spool behind lock");
+        let memo = memos.entry(receiver.to_owned()).or_default();
+        self.records.bytes_after_memo(seq, memo)
     }
 
     /// One record by seq (for inspection).

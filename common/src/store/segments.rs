@@ -155,6 +155,9 @@ struct Inner {
     /// Records stored above `low` (pending included), and their bytes.
     count: u64,
     bytes: u64,
+    /// Bytes appended since the log was opened (never goes down): with a
+    /// [`AfterMemo`], what arrived after a mark without reading it.
+    appended: u64,
     /// The segment read last, parsed.
     cached: Option<Parsed>,
     /// Counts cuts and removals of segments that may be read
@@ -169,6 +172,15 @@ struct Pending {
     count: u64,
     /// The segment body being built (starts with [`FORMAT`]).
     value: Vec<u8>,
+}
+
+/// What [`SegmentLog::bytes_after_memo`] keeps between calls for one mark.
+#[derive(Clone, Copy, Debug)]
+pub struct AfterMemo {
+    seq: u64,
+    bytes: u64,
+    appended: u64,
+    rewrites: u64,
 }
 
 /// A segment body and where each of its records (those that count) lies.
@@ -449,6 +461,7 @@ impl SegmentLog {
                 last: 0,
                 count: 0,
                 bytes: 0,
+                appended: 0,
                 cached: None,
                 rewrites: 0,
             }),
@@ -727,6 +740,7 @@ impl SegmentLog {
         inner.last = seq;
         inner.count += 1;
         inner.bytes += record.len() as u64;
+        inner.appended += record.len() as u64;
         if inner.pending.value.len() >= SEGMENT_BYTES {
             self.write_pending_locked(&mut inner)?;
         }
@@ -892,6 +906,51 @@ impl SegmentLog {
         }
     }
 
+    /// [`SegmentLog::bytes_after`], reading only the records between the
+    /// `seq` of the last call with `memo` and this one (a reader's mark moves
+    /// forward a little between two status requests): what was appended
+    /// since is known from a counter, what was deleted since lies at or
+    /// below the low mark. Falls back to [`SegmentLog::bytes_after`] on the
+    /// first call, after a cut or reset of the log, or when `seq` moved back.
+    pub fn bytes_after_memo(
+        &self,
+        seq: u64,
+        memo: &mut Option<AfterMemo>,
+    ) -> Result<u64, StoreError> {
+        let (low, last, total, appended, rewrites) = {
+            let inner = self.inner.lock().expect("segment log lock");
+            (
+                inner.low,
+                inner.last,
+                inner.bytes,
+                inner.appended,
+                inner.rewrites,
+            )
+        };
+        let bytes = match *memo {
+            _ if seq <= low => total,
+            _ if seq >= last => 0,
+            Some(m) if m.rewrites == rewrites && m.seq <= seq => {
+                if m.seq >= low {
+                    // (m.seq, seq] is still stored: take it off.
+                    (m.bytes + (appended - m.appended))
+                        .saturating_sub(self.bytes_between(m.seq + 1, seq)?)
+                } else {
+                    // Deleted through low since: count what is left below seq.
+                    total.saturating_sub(self.bytes_between(low + 1, seq)?)
+                }
+            }
+            _ => self.bytes_after(seq)?,
+        };
+        *memo = Some(AfterMemo {
+            seq,
+            bytes,
+            appended,
+            rewrites,
+        });
+        Ok(bytes)
+    }
+
     /// Bytes of the records `from..=to` of a segment: from its locator when
     /// it lies inside, else from its body.
     fn segment_bytes(&self, first: u64, loc: Loc, from: u64, to: u64) -> Result<u64, StoreError> {
@@ -929,6 +988,8 @@ impl SegmentLog {
             if pending_first.is_some_and(|p| first >= p) {
                 break;
             }
+            #[cfg(test)]
+            tests::LOCATORS_READ.with(|n| n.set(n.get() + 1));
             bytes += self.segment_bytes(first, loc, from, to)?;
         }
         Ok(bytes)
@@ -1191,6 +1252,85 @@ fn pending_record(p: &Pending, seq: u64) -> Option<&[u8]> {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    thread_local! {
+        /// Segment locators read by `bytes_between` on this thread.
+        pub static LOCATORS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn locators_read() -> u64 {
+        LOCATORS_READ.with(|n| n.get())
+    }
+
+    /// A reader's mark moving forward in the middle of a log that grows
+    /// ahead of it and is trimmed behind it (a slower reader holds the low
+    /// mark back): the memo gives what a full count gives, at every step,
+    /// and reads only the segments the mark crossed since the last call,
+    /// where a full count walks the shorter side, thousands of records.
+    #[test]
+    fn bytes_after_with_a_memo_counts_as_the_full_walk_and_reads_only_what_the_mark_crossed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, log) = open(dir.path());
+        let mut memo = None;
+        let mut last = 0u64;
+        // About 300 segments of 1 KB records.
+        for _ in 0..10_000 {
+            last += 1;
+            log.append(last, &rec(last, 1000 + (last % 7) as usize))
+                .unwrap();
+        }
+        log.write_pending().unwrap();
+        let (mut mark, mut slow) = (5_000u64, 1_000u64);
+        log.trim_through(slow).unwrap();
+        assert_eq!(
+            log.bytes_after_memo(mark, &mut memo).unwrap(),
+            log.bytes_after(mark).unwrap()
+        );
+        let mut full_reads = 0;
+        for step in 0..400u64 {
+            for _ in 0..(step % 5) * 20 {
+                last += 1;
+                log.append(last, &rec(last, 100 + (last % 300) as usize))
+                    .unwrap();
+            }
+            if step % 3 == 0 {
+                log.write_pending().unwrap();
+            }
+            // The mark moves forward, some steps more than others.
+            mark = (mark + (step % 4) * 25).min(last);
+            // The slower reader moves too: trimmed behind the mark now and
+            // then, once right up to it.
+            if step % 7 == 0 {
+                slow = if step == 350 { mark } else { slow + 100 };
+                log.trim_through(slow).unwrap();
+            }
+            let before = locators_read();
+            let fast = log.bytes_after_memo(mark, &mut memo).unwrap();
+            let read = locators_read() - before;
+            let before = locators_read();
+            assert_eq!(
+                fast,
+                log.bytes_after(mark).unwrap(),
+                "step {step}, mark {mark}"
+            );
+            full_reads += locators_read() - before;
+            // The mark crossed at most 75 records, under 3 segments.
+            assert!(
+                read <= 4,
+                "step {step}: {read} locators read for a mark that moved a little"
+            );
+        }
+        assert!(
+            full_reads > 400 * 20,
+            "the full count read only {full_reads} locators: the test does not put the mark in the middle"
+        );
+        // A cut behind the reader's back: counted afresh.
+        log.truncate_from(last - 50).unwrap();
+        assert_eq!(
+            log.bytes_after_memo(mark, &mut memo).unwrap(),
+            log.bytes_after(mark).unwrap()
+        );
+    }
 
     /// A record of `len` bytes that tells its seq.
     fn rec(seq: u64, len: usize) -> Vec<u8> {
