@@ -1,21 +1,11 @@
-//! A one-line progress bar for the seed commands, drawn on stderr only when
-//! it is a terminal.
+//! A one-line progress bar for the seed commands, drawn by `indicatif` on
+//! stderr, and only when stderr is a terminal (hidden in logs and pipes).
 
-use std::io::{IsTerminal, Write};
-
-/// Draws `label [#####.....] 42% 1.2M/2.9M rows 310k rows/s ETA 6s`.
+/// Draws `label [#####.....]  42% 1.2M/2.9M rows 310k rows/s ETA 6s`; the
+/// counts, rate and ETA are the daemon's (a copy's progress in its status).
+#[derive(Default)]
 pub struct Bar {
-    tty: bool,
-    drawn: bool,
-}
-
-impl Default for Bar {
-    fn default() -> Self {
-        Bar {
-            tty: std::io::stderr().is_terminal(),
-            drawn: false,
-        }
-    }
+    bar: Option<indicatif::ProgressBar>,
 }
 
 fn short(n: f64) -> String {
@@ -30,7 +20,19 @@ fn short(n: f64) -> String {
     }
 }
 
-/// The bar's text (without the carriage return).
+/// What follows the bar: `1.2M/2.9M rows 310k rows/s ETA 6s`.
+fn counts(done: u64, total: u64, rate: f64, eta: Option<f64>) -> String {
+    let eta = eta.map_or(String::new(), |s| format!(" ETA {}s", s.round() as u64));
+    format!(
+        "{}/{} rows {} rows/s{eta}",
+        short(done as f64),
+        short(total as f64),
+        short(rate),
+    )
+}
+
+/// The bar as text, for screens that are redrawn whole (`pgcourier-queue
+/// watch`).
 pub fn line(label: &str, done: u64, total: u64, rate: f64, eta: Option<f64>) -> String {
     const WIDTH: usize = 24;
     let frac = if total > 0 {
@@ -39,35 +41,48 @@ pub fn line(label: &str, done: u64, total: u64, rate: f64, eta: Option<f64>) -> 
         0.0
     };
     let filled = (frac * WIDTH as f64).round() as usize;
-    let eta = eta.map_or(String::new(), |s| format!(" ETA {}s", s.round() as u64));
     format!(
-        "{label} [{}{}] {:>3.0}% {}/{} rows {} rows/s{eta}",
+        "{label} [{}{}] {:>3.0}% {}",
         "#".repeat(filled),
         ".".repeat(WIDTH - filled),
         frac * 100.0,
-        short(done as f64),
-        short(total as f64),
-        short(rate),
+        counts(done, total, rate, eta),
     )
 }
 
 impl Bar {
     pub fn draw(&mut self, label: &str, done: u64, total: u64, rate: f64, eta: Option<f64>) {
-        if !self.tty {
-            return;
-        }
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r\x1b[2K{}", line(label, done, total, rate, eta));
-        let _ = err.flush();
-        self.drawn = true;
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(total),
+                indicatif::ProgressDrawTarget::hidden(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:24}] {percent:>3}% {msg}")
+                    .expect("a valid template")
+                    .progress_chars("#."),
+            );
+            bar.set_prefix(label.to_owned());
+            bar.set_message(counts(done, total, rate, eta));
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar
+        });
+        bar.set_prefix(label.to_owned());
+        bar.set_message(counts(done, total, rate, eta));
+        bar.set_length(total);
+        bar.set_position(done);
     }
 
-    /// End the bar's line.
+    /// End the bar's line (it stays on the terminal as last drawn).
     pub fn finish(&mut self) {
-        if self.drawn {
-            eprintln!();
-            self.drawn = false;
+        if let Some(bar) = self.bar.take() {
+            bar.abandon();
         }
+    }
+
+    /// Whether nothing is drawn (stderr is not a terminal).
+    pub fn is_hidden(&self) -> bool {
+        self.bar.as_ref().is_none_or(|b| b.is_hidden())
     }
 }
 
@@ -82,5 +97,16 @@ mod tests {
             "copy [############............]  50% 500/1.0k rows 2.5k rows/s ETA 0s"
         );
         assert!(line("x", 5, 0, 0.0, None).contains("  0%"));
+    }
+
+    /// Under `cargo test` stderr is captured or a pipe: nothing is drawn.
+    /// On a terminal (`cargo test -- --nocapture` in one) the bar shows.
+    #[test]
+    fn the_bar_is_hidden_when_stderr_is_not_a_terminal() {
+        use std::io::IsTerminal;
+        let mut bar = Bar::default();
+        bar.draw("seed export", 5, 10, 1.0, Some(5.0));
+        assert_eq!(bar.is_hidden(), !std::io::stderr().is_terminal());
+        bar.finish();
     }
 }
