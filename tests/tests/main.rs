@@ -7,6 +7,7 @@
 mod apply_sets;
 mod bad_input;
 mod budget;
+mod cli;
 mod copy;
 mod faults;
 mod fixture;

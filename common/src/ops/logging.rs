@@ -9,9 +9,11 @@ use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
-/// Install the tracing subscriber: `human` (default) or `json`, filtered by
-/// `RUST_LOG` (default `info`).
-pub fn init(format: &str) {
+pub use crate::ops::cli::LogFormat;
+
+/// Install the tracing subscriber in `format`, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
@@ -19,7 +21,7 @@ pub fn init(format: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
@@ -66,7 +68,7 @@ pub fn fail(program: &str, error: &dyn std::error::Error) -> ExitCode {
 /// `run` ends well, 1 (its error printed) when it fails.
 pub fn run_daemon<C, E, F, Fut, R>(
     program: &str,
-    log_format: &str,
+    log_format: LogFormat,
     load: impl FnOnce() -> Result<C, E>,
     run: F,
 ) -> ExitCode
