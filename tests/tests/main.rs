@@ -20,6 +20,7 @@ mod queue;
 mod replication;
 mod stream_capture;
 mod stream_client;
+mod systemd;
 mod transports;
 mod trust_admin;
 mod trust_apply;
