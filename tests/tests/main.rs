@@ -29,6 +29,7 @@ mod trust_cut;
 mod trust_identity;
 mod trust_pg_tls;
 mod trust_publication;
+mod units;
 
 // ---------------------------------------------------------------------------
 // Other test modules go here, one line each (keep this list sorted), e.g.:
