@@ -16,17 +16,22 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pgcourier_common::ops::admin::Listeners;
+use pgcourier_common::ops::logging::Definite;
+use pgcourier_common::ops::systemd;
 use pgcourier_common::transport::link::Net;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ReceiverConfig;
 
-/// Run the receiver until `shutdown` is cancelled.
+/// Run the receiver until `shutdown` is cancelled. Tells systemd it is
+/// ready once the inbox is open, the target's login was tried and the link
+/// listens or dials. A target that refuses the login is [`Definite`].
 pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let identity = tls::load_identity(&cfg.cert, &cfg.key)
-        .context("load the receiver's certificate (settings `cert`, `key`)")?;
+        .context("load the receiver's certificate (settings `cert`, `key`)")
+        .context(Definite::BadInput)?;
     let inbox = Arc::new(
         inbox::Inbox::open(&cfg.inbox_dir, cfg.cache_capacity).with_context(|| {
             format!(
@@ -51,7 +56,9 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     );
     tracing::info!(fingerprint = %identity.fingerprint(), bind = %net.local_addr().map(|a| a.to_string()).unwrap_or_default(), "receiver starting");
 
-    probe_target(&cfg).await?;
+    probe_target(&cfg)
+        .await
+        .context(Definite::OperatorMustAct)?;
     let ingest = ingest::Ingest::new(cfg.clone(), inbox.clone());
     let apply = Arc::new(apply::Apply::new(cfg.clone(), inbox.clone()));
     let endpoint_view = Arc::new(admin::Admin {
@@ -68,6 +75,10 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
     .await
     .context("start the admin endpoint")?;
     let ingest_task = tokio::spawn(ingest.run(net, shutdown.clone()));
+    systemd::ready(&match &cfg.link {
+        config::Link::Listen(addr) => format!("inbox open, listening on {addr} for the sender"),
+        config::Link::Dial(peer) => format!("inbox open, dialling the sender at {peer}"),
+    });
     apply.clone().run(shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await.context("join ingest task")?;

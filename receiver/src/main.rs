@@ -1,13 +1,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use pgcourier_common::ops::cli::{self, LogFormat, CONFIG_ENV};
 use pgcourier_receiver::ReceiverConfig;
 
 /// pgcourier-receiver: receive changes from the headquarters sender over QUIC,
 /// store them durably and apply them to the branch database exactly once.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Examples:\n  pgcourier-receiver keygen --cert /etc/pgcourier/branch1.crt --key /etc/pgcourier/branch1.key --name branch1\n  pgcourier-receiver run --config /etc/pgcourier/receiver-branch1.toml"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,20 +20,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the receiver daemon.
+    #[command(
+        after_help = "Example:\n  pgcourier-receiver run --config /etc/pgcourier/receiver-branch1.toml --log-format json"
+    )]
     Run {
         /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
-        /// Log format: human or json.
-        #[arg(long, default_value = "human")]
-        log_format: String,
+        #[arg(long, value_enum, default_value_t)]
+        log_format: LogFormat,
     },
     /// Seed files exported by `pgcourier-sender seed export`.
+    #[command(
+        after_help = "Example:\n  pgcourier-receiver seed import --config /etc/pgcourier/receiver-branch1.toml /media/disk/branch1.seed"
+    )]
     Seed {
         #[command(subcommand)]
         action: SeedAction,
     },
     /// Write a key and self-signed certificate; print its SHA-256 fingerprint.
+    #[command(
+        after_help = "Example:\n  pgcourier-receiver keygen --cert /etc/pgcourier/branch1.crt --key /etc/pgcourier/branch1.key --name branch1"
+    )]
     Keygen {
         #[arg(long, default_value = "receiver.crt")]
         cert: PathBuf,
@@ -44,9 +56,12 @@ enum Command {
 enum SeedAction {
     /// Verify a seed file, then load it into the branch (the receiver must be
     /// stopped); live shipping continues right after the seed's position.
+    #[command(
+        after_help = "Example:\n  pgcourier-receiver seed import --config /etc/pgcourier/receiver-branch1.toml /media/disk/branch1.seed"
+    )]
     Import {
         /// Path of the TOML configuration file.
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
         /// The seed file.
         file: PathBuf,
@@ -54,6 +69,9 @@ enum SeedAction {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = cli::generate_if_asked(Cli::command) {
+        return code;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Keygen { cert, key, name } => {
@@ -73,7 +91,7 @@ fn main() -> ExitCode {
         Command::Seed {
             action: SeedAction::Import { config, file },
         } => {
-            pgcourier_common::ops::logging::init("human");
+            pgcourier_common::ops::logging::init(LogFormat::Human);
             let cfg = match ReceiverConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-receiver", &e),
@@ -98,7 +116,7 @@ fn main() -> ExitCode {
         }
         Command::Run { config, log_format } => pgcourier_common::ops::logging::run_daemon(
             "pgcourier-receiver",
-            &log_format,
+            log_format,
             || ReceiverConfig::load(&config),
             pgcourier_receiver::run,
         ),

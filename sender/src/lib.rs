@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pgcourier_common::ops::admin::Listeners;
+use pgcourier_common::ops::logging::Definite;
+use pgcourier_common::ops::systemd;
 use pgcourier_common::transport::link::Net;
 use pgcourier_common::transport::tls;
 use tokio_util::sync::CancellationToken;
@@ -27,11 +29,13 @@ pub use config::SenderConfig;
 pub(crate) use pgcourier_common::ops::backoff::Backoff;
 
 /// Run the sender until `shutdown` is cancelled or a definite error stops
-/// capture.
+/// capture (marked [`Definite`]). Tells systemd it is ready once capture
+/// streams from the slot, or retries the source after a transient error.
 pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let identity = tls::load_identity(&cfg.cert, &cfg.key)
-        .context("load the sender's certificate (settings `cert`, `key`)")?;
+        .context("load the sender's certificate (settings `cert`, `key`)")
+        .context(Definite::BadInput)?;
     let names: Vec<String> = cfg.receivers.iter().map(|r| r.name.clone()).collect();
     let spool = Arc::new(
         spool::Spool::open(&cfg.spool_dir, cfg.cache_capacity, &names).with_context(|| {
@@ -59,7 +63,10 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
 
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
     let (seeds_tx, seeds_rx) = tokio::sync::mpsc::channel(1);
-    let capture = capture::Capture::new(cfg.clone(), spool.clone()).with_seeds(seeds_rx);
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let capture = capture::Capture::new(cfg.clone(), spool.clone())
+        .with_seeds(seeds_rx)
+        .with_started(started_tx);
     let endpoint_view = Arc::new(admin::Admin {
         cfg: cfg.clone(),
         spool: spool.clone(),
@@ -77,9 +84,23 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     .context("start the admin endpoint")?;
     let links = shipper.clone();
     let ship_task = tokio::spawn(shipper.run(net, shutdown.clone()));
-    let result = capture.run(shutdown.clone()).await;
+    let receivers = cfg.receivers.len();
+    let ready = async {
+        let line = match started_rx.await {
+            Ok(capture::CaptureStart::Capturing) => "capturing from slot",
+            Ok(capture::CaptureStart::Retrying) => "retrying the source (see the log) for slot",
+            // Capture stopped before it started: no readiness to report.
+            Err(_) => return,
+        };
+        systemd::ready(&format!(
+            "{line} {}, shipping to {receivers} receiver(s)",
+            cfg.slot
+        ));
+    };
+    let (result, ()) = tokio::join!(capture.run(shutdown.clone()), ready);
     if let Err(e) = &result {
         tracing::error!(error = %pgcourier_common::ops::backoff::error_chain(e), "capture stopped: the operator must act; the sender ships what is spooled, then exits");
+        systemd::status("capture stopped on a definite error (see the log); shipping what is spooled, then exiting");
         // Shipping what is already spooled is still useful; once every
         // receiver holds it, exit (non-zero) so a service manager sees it.
         let receivers: Vec<String> = cfg.receivers.iter().map(|r| r.name.clone()).collect();
@@ -89,7 +110,11 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     ship_task.await.context("join shipping task")?;
     admin.stopped().await;
     spool.flush_on_stop();
-    result.map_err(anyhow::Error::from)
+    result.map_err(|e| match e {
+        // A task that died: a restart may cure it.
+        capture::CaptureError::Blocking(_) => anyhow::Error::from(e),
+        e => anyhow::Error::from(e).context(Definite::OperatorMustAct),
+    })
 }
 
 /// Wait until every receiver has acknowledged everything spooled (the spool

@@ -1,13 +1,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use pgcourier_common::ops::cli::{self, LogFormat, CONFIG_ENV};
 use pgcourier_sender::SenderConfig;
 
 /// pgcourier-sender: capture changes from the headquarters database, spool
 /// them durably and ship them to branch receivers over QUIC.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Examples:\n  pgcourier-sender keygen --cert /etc/pgcourier/sender.crt --key /etc/pgcourier/sender.key\n  pgcourier-sender check --config /etc/pgcourier/sender.toml\n  pgcourier-sender run --config /etc/pgcourier/sender.toml"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,26 +20,37 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sender daemon.
+    #[command(
+        after_help = "Example:\n  pgcourier-sender run --config /etc/pgcourier/sender.toml --log-format json"
+    )]
     Run {
         /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
-        /// Log format: human or json.
-        #[arg(long, default_value = "human")]
-        log_format: String,
+        #[arg(long, value_enum, default_value_t)]
+        log_format: LogFormat,
     },
     /// Verify the source's prerequisites and print each problem with its fix.
+    #[command(
+        after_help = "Example:\n  pgcourier-sender check --config /etc/pgcourier/sender.toml"
+    )]
     Check {
         /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
     },
     /// Seed files: a snapshot of the published tables that travels on a disk.
+    #[command(
+        after_help = "Example:\n  pgcourier-sender seed export --config /etc/pgcourier/sender.toml --out /media/disk/branch7.seed"
+    )]
     Seed {
         #[command(subcommand)]
         action: SeedAction,
     },
     /// Write a key and self-signed certificate; print its SHA-256 fingerprint.
+    #[command(
+        after_help = "Example:\n  pgcourier-sender keygen --cert /etc/pgcourier/sender.crt --key /etc/pgcourier/sender.key --name hq"
+    )]
     Keygen {
         #[arg(long, default_value = "sender.crt")]
         cert: PathBuf,
@@ -52,9 +67,12 @@ enum SeedAction {
     /// file for `pgcourier-receiver seed import`; live shipping continues
     /// from the same point. Asks the running sender through its admin socket (`admin-socket`), or
     /// works on the spool itself when the sender is stopped.
+    #[command(
+        after_help = "Example:\n  pgcourier-sender seed export --config /etc/pgcourier/sender.toml --out /media/disk/branch7.seed"
+    )]
     Export {
         /// Path of the TOML configuration file.
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
         /// The seed file to write (must not exist).
         #[arg(long)]
@@ -63,6 +81,9 @@ enum SeedAction {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = cli::generate_if_asked(Cli::command) {
+        return code;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Keygen { cert, key, name } => {
@@ -78,7 +99,7 @@ fn main() -> ExitCode {
         Command::Seed {
             action: SeedAction::Export { config, out },
         } => {
-            pgcourier_common::ops::logging::init("human");
+            pgcourier_common::ops::logging::init(LogFormat::Human);
             let cfg = match SenderConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
@@ -119,7 +140,7 @@ fn main() -> ExitCode {
         }
         Command::Run { config, log_format } => pgcourier_common::ops::logging::run_daemon(
             "pgcourier-sender",
-            &log_format,
+            log_format,
             || SenderConfig::load(&config),
             pgcourier_sender::run,
         ),

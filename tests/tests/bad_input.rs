@@ -255,7 +255,8 @@ async fn unreachable_databases_are_named_and_refused_logins_exit_non_zero() -> a
     );
     run.terminate()?;
 
-    // run: a wrong password is definite: exit 1 naming the setting.
+    // run: a wrong password is definite: exit 3 (an operator must act)
+    // naming the setting.
     let cfg = write(
         d,
         "wrongpw.toml",
@@ -270,7 +271,7 @@ async fn unreachable_databases_are_named_and_refused_logins_exit_non_zero() -> a
         Duration::from_secs(60),
     )?;
     anyhow::ensure!(
-        status.code() == Some(1)
+        status.code() == Some(3)
             && out.contains("refused the login (setting `source`): wrong password"),
         "sender with a wrong password: exit {status}\n{out}"
     );
@@ -303,11 +304,11 @@ async fn unreachable_databases_are_named_and_refused_logins_exit_non_zero() -> a
         Duration::from_secs(60),
     )?;
     anyhow::ensure!(
-        status.code() == Some(1) && out.contains("the database does not exist"),
+        status.code() == Some(3) && out.contains("the database does not exist"),
         "sender with a missing database: exit {status}\n{out}"
     );
 
-    // The receiver: a wrong password on the target, exit 1 naming `target`.
+    // The receiver: a wrong password on the target, exit 3 naming `target`.
     let cfg = write(
         d,
         "receiver.toml",
@@ -323,7 +324,7 @@ async fn unreachable_databases_are_named_and_refused_logins_exit_non_zero() -> a
         Duration::from_secs(60),
     )?;
     anyhow::ensure!(
-        status.code() == Some(1)
+        status.code() == Some(3)
             && out.contains("refused the login (setting `target`): wrong password"),
         "receiver with a wrong password: exit {status}\n{out}"
     );
@@ -819,8 +820,8 @@ async fn a_source_that_cannot_continue_the_stream_is_reported_loudly_never_skipp
             .unwrap_or_default()
     );
     anyhow::ensure!(
-        !status.success() && log.contains("publication"),
-        "a dropped publication must stop capture loudly (exit {status}):\n{log}"
+        status.code() == Some(3) && log.contains("publication"),
+        "a dropped publication must stop capture loudly, exit 3 (exit {status}):\n{log}"
     );
     // The slot dropped: a restarted sender must not create a new one and
     // carry on past the gap.
@@ -831,7 +832,7 @@ async fn a_source_that_cannot_continue_the_stream_is_reported_loudly_never_skipp
     let status = wait_exit(&setup.sender, "the sender to stop on the dropped slot").await?;
     let log = setup.sender.log();
     anyhow::ensure!(
-        status.code() == Some(1) && log.contains("is gone (dropped?)") && log.contains("re-seed"),
+        status.code() == Some(3) && log.contains("is gone (dropped?)") && log.contains("re-seed"),
         "a dropped slot must stop the sender with how to re-seed (exit {status}):\n{}",
         setup.sender.log_tail(20)
     );
@@ -879,7 +880,7 @@ async fn a_source_that_cannot_continue_the_stream_is_reported_loudly_never_skipp
         Duration::from_secs(60),
     )?;
     anyhow::ensure!(
-        status.code() == Some(1) && out.contains("wal_level is replica"),
+        status.code() == Some(3) && out.contains("wal_level is replica"),
         "run with wal_level = replica: exit {status}\n{out}"
     );
     Ok(())

@@ -7,6 +7,7 @@
 mod apply_sets;
 mod bad_input;
 mod budget;
+mod cli;
 mod copy;
 mod faults;
 mod fixture;
@@ -19,6 +20,7 @@ mod queue;
 mod replication;
 mod stream_capture;
 mod stream_client;
+mod systemd;
 mod transports;
 mod trust_admin;
 mod trust_apply;
@@ -27,6 +29,7 @@ mod trust_cut;
 mod trust_identity;
 mod trust_pg_tls;
 mod trust_publication;
+mod units;
 
 // ---------------------------------------------------------------------------
 // Other test modules go here, one line each (keep this list sorted), e.g.:

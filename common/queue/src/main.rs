@@ -17,8 +17,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use pgcourier_common::ops::cli::{self, CONFIG_ENV};
 use pgcourier_receiver::admin::ApplyState;
 
 use crate::fetch::{Daemon, Status};
@@ -26,14 +27,15 @@ use crate::fetch::{Daemon, Status};
 #[derive(Parser)]
 #[command(
     version,
-    about = "Inspect and act on pgcourier's spool (sender) and inbox (receiver)"
+    about = "Inspect and act on pgcourier's spool (sender) and inbox (receiver)",
+    after_help = "Examples:\n  sudo -u pgcourier pgcourier-queue --config /etc/pgcourier/sender.toml status\n  sudo -u pgcourier pgcourier-queue --config /etc/pgcourier/receiver-branch1.toml list --limit 5"
 )]
 struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
     /// The daemon's config file (sender.toml or receiver.toml).
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, env = CONFIG_ENV)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -42,8 +44,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Is it flowing, how far behind, what is waiting or stuck.
+    #[command(
+        after_help = "Example:\n  pgcourier-queue --config /etc/pgcourier/sender.toml status --json"
+    )]
     Status,
     /// One line per record: sequence, LSN, commit time, changes, bytes, tables.
+    #[command(
+        after_help = "Example:\n  pgcourier-queue --config /etc/pgcourier/receiver-branch1.toml list --from 1200 --limit 50"
+    )]
     List {
         #[arg(long)]
         from: Option<u64>,
@@ -51,12 +59,18 @@ enum Command {
         limit: usize,
     },
     /// The decoded changes of one record.
+    #[command(
+        after_help = "Example:\n  pgcourier-queue --config /etc/pgcourier/receiver-branch1.toml show 1234 --format json"
+    )]
     Show {
         seq: u64,
-        #[arg(long, default_value = "sql")]
-        format: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: ShowFormat,
     },
     /// Refresh `status` every second (Ctrl-C to stop).
+    #[command(
+        after_help = "Example:\n  pgcourier-queue --config /etc/pgcourier/sender.toml watch"
+    )]
     Watch {
         /// Stop after this many refreshes.
         #[arg(long)]
@@ -64,6 +78,9 @@ enum Command {
     },
     /// Receiver: skip the transaction blocking apply; recorded with the
     /// reason, time and content in pgcourier.skipped on the target.
+    #[command(
+        after_help = "Example:\n  pgcourier-queue --config /etc/pgcourier/receiver-branch1.toml skip 1234 --reason \"row deleted on the branch by hand; ticket 42\""
+    )]
     Skip {
         seq: u64,
         #[arg(long)]
@@ -71,7 +88,20 @@ enum Command {
     },
 }
 
+/// How `show` prints a record's changes.
+#[derive(Clone, Copy, Default, ValueEnum)]
+enum ShowFormat {
+    /// As SQL statements.
+    #[default]
+    Sql,
+    /// As the daemon serializes them.
+    Json,
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = cli::generate_if_asked(Cli::command) {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -102,10 +132,9 @@ fn status_code(st: &Status) -> u8 {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<u8> {
-    let path = cli
-        .config
-        .as_deref()
-        .context("--config FILE is required: the sender's or receiver's config")?;
+    let path = cli.config.as_deref().context(
+        "--config FILE (or PGCOURIER_CONFIG) is required: the sender's or receiver's config",
+    )?;
     let daemon = Daemon::load(path)?;
     match &cli.command {
         Command::Status => {
@@ -149,11 +178,11 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Show { seq, format } => {
-            let format = if cli.json { "json" } else { format.as_str() };
-            match format {
-                "json" => println!("{}", fetch::show(&daemon, *seq, format)?),
-                "sql" => print!("{}", fetch::show(&daemon, *seq, format)?),
-                other => bail!("--format is sql or json, not {other:?}"),
+            match (cli.json, format) {
+                (true, _) | (_, ShowFormat::Json) => {
+                    println!("{}", fetch::show(&daemon, *seq, "json")?)
+                }
+                (false, ShowFormat::Sql) => print!("{}", fetch::show(&daemon, *seq, "sql")?),
             }
             Ok(0)
         }

@@ -1,17 +1,54 @@
 //! How a daemon process starts and stops: the tracing subscriber, the
-//! runtime, SIGTERM/SIGINT turned into the shutdown token, and the exit
-//! codes (0 stopped cleanly, 1 the daemon failed, 2 bad input such as the
-//! config or certificate files). Both daemons' `main` call [`run_daemon`].
+//! runtime, SIGTERM/SIGINT turned into the shutdown token, systemd's
+//! watchdog and `STOPPING=1` (`ops/systemd.rs`), and the exit codes. Both
+//! daemons' `main` call [`run_daemon`].
+//!
+//! Exit codes (the units in `deploy/systemd/` restart on 1 and not on 2 or
+//! 3, `RestartPreventExitStatus=2 3`, so that a definite error does not
+//! restart in a loop):
+//! - 0: stopped cleanly (a signal).
+//! - 1: the daemon failed in a way a restart may cure (a socket in use, a
+//!   task that died, a store that would not open).
+//! - 2: bad input: the command line, the config file, the certificate or
+//!   key files ([`Definite::BadInput`]).
+//! - 3: stopped on a definite error an operator must act on before a
+//!   restart can help ([`Definite::OperatorMustAct`]): the sender's capture
+//!   stopped (slot dropped or ahead of the spool, another source, a login
+//!   or TLS refused, a dropped publication, a spool write the disk refused),
+//!   the receiver's target refused its login or TLS at start.
 
-use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
-/// Install the tracing subscriber: `human` (default) or `json`, filtered by
-/// `RUST_LOG` (default `info`).
-pub fn init(format: &str) {
+pub use crate::ops::cli::LogFormat;
+use crate::ops::systemd;
+
+/// What a daemon's `run` marks its error with (as the outermost
+/// `anyhow` context) when a restart cannot cure it; the exit code follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Definite {
+    /// Exit 2: a file it was given (certificate, key) is unusable.
+    #[error("bad input")]
+    BadInput,
+    /// Exit 3: the daemon stopped on an error that needs an operator.
+    #[error("stopped on a definite error, an operator must act")]
+    OperatorMustAct,
+}
+
+impl Definite {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Definite::BadInput => 2,
+            Definite::OperatorMustAct => 3,
+        }
+    }
+}
+
+/// Install the tracing subscriber in `format`, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
@@ -19,7 +56,7 @@ pub fn init(format: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
@@ -62,19 +99,20 @@ pub fn fail(program: &str, error: &dyn std::error::Error) -> ExitCode {
 
 /// A daemon's `run` command: start logging in `log_format`, `load` its
 /// config (exit 2 when it is bad), then `run(config, shutdown)` on the
-/// daemon runtime until it returns; a signal cancels `shutdown`. Exit 0 when
-/// `run` ends well, 1 (its error printed) when it fails.
-pub fn run_daemon<C, E, F, Fut, R>(
+/// daemon runtime until it returns; a signal cancels `shutdown`. Meanwhile
+/// systemd's watchdog is fed, and told `STOPPING=1` once `shutdown` is
+/// cancelled. Exit 0 when `run` ends well; when it fails, its error printed
+/// and the exit code its [`Definite`] mark gives, else 1.
+pub fn run_daemon<C, E, F, Fut>(
     program: &str,
-    log_format: &str,
+    log_format: LogFormat,
     load: impl FnOnce() -> Result<C, E>,
     run: F,
 ) -> ExitCode
 where
     E: std::error::Error,
     F: FnOnce(C, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<(), R>>,
-    R: Display,
+    Fut: Future<Output = anyhow::Result<()>>,
 {
     init(log_format);
     let config = match load() {
@@ -89,12 +127,21 @@ where
             shutdown.cancel();
             result
         };
-        let (result, ()) = tokio::join!(daemon, cancel_on_signal(shutdown.clone()));
+        let stopping = async {
+            shutdown.cancelled().await;
+            systemd::stopping();
+        };
+        let all = async { tokio::join!(daemon, cancel_on_signal(shutdown.clone()), stopping) };
+        let (result, (), ()) = tokio::select! {
+            r = all => r,
+            never = systemd::watchdog() => match never {},
+        };
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{program}: {e:#}");
-                ExitCode::from(1)
+                let code = e.downcast_ref::<Definite>().map_or(1, |d| d.exit_code());
+                ExitCode::from(code)
             }
         }
     })

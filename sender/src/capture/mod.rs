@@ -48,14 +48,14 @@ mod tables;
 use std::sync::{Arc, Mutex};
 
 use pgcourier_proto::Lsn;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SenderConfig;
 use crate::spool::{CopyState, Spool};
 
 pub use error::CaptureError;
 pub use export::ExportError;
-pub use status::{CaptureStatus, SeedOutcome, SeedRequest, SeedSummary};
+pub use status::{CaptureStart, CaptureStatus, SeedOutcome, SeedRequest, SeedSummary};
 
 use tables::PendingCut;
 
@@ -79,6 +79,8 @@ pub struct Capture {
     /// The batch whose fsync runs while the stream is read on
     /// (`stream.rs`); none outside a stream.
     in_flight: Option<stream::InFlight>,
+    /// Told how the first session went: capturing, or retrying the source.
+    started: Option<oneshot::Sender<CaptureStart>>,
 }
 
 impl Capture {
@@ -94,6 +96,23 @@ impl Capture {
             pending_seed: None,
             confirm_on_start: None,
             in_flight: None,
+            started: None,
+        }
+    }
+
+    /// Tell `started` once capture streams from the slot (the slot and the
+    /// publication are in place), or once its first session failed with a
+    /// transient error and is retried, whichever comes first; it is dropped
+    /// unanswered when capture stops on a definite error first.
+    pub fn with_started(mut self, started: oneshot::Sender<CaptureStart>) -> Capture {
+        self.started = Some(started);
+        self
+    }
+
+    fn tell_started(&mut self, how: CaptureStart) {
+        if let Some(tx) = self.started.take() {
+            // The receiving end may be gone: nobody waits any more.
+            let _ = tx.send(how);
         }
     }
 

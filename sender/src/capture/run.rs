@@ -39,6 +39,7 @@ impl Capture {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     self.status.lock().expect("status lock").last_error = Some(error_chain(&e));
+                    self.tell_started(super::CaptureStart::Retrying);
                     // What the failed peek or copy appended is not committed:
                     // the retry decodes those transactions again and must
                     // append them at the same sequence numbers, once. (No
@@ -109,6 +110,7 @@ impl Capture {
         self.confirmed = identity.confirmed_flush;
         self.load_tables(&client).await?;
         tracing::info!(slot = %self.cfg.slot, confirmed = %self.confirmed, "capturing from source");
+        self.tell_started(super::CaptureStart::Capturing);
         {
             let mut st = self.status.lock().expect("status lock");
             st.last_error = None;

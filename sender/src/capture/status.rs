@@ -24,6 +24,15 @@ pub struct CaptureStatus {
     pub last_seed: Option<SeedOutcome>,
 }
 
+/// How capture's first session went (`Capture::with_started`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureStart {
+    /// The slot is in place and capture streams from it.
+    Capturing,
+    /// The source could not be reached or refused for now; capture retries.
+    Retrying,
+}
+
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SeedOutcome {
     pub path: String,
