@@ -222,3 +222,69 @@ fn man_pages_and_completions_are_generated_from_the_command_lines() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+/// In `--log-format json` every line on stderr is a JSON object, the
+/// error the daemon stops on included: a config that does not load (exit
+/// 2) and a receiver whose certificate files are missing (exit 2, from
+/// `run`).
+#[test]
+fn in_json_mode_the_log_is_json_to_the_end_the_fatal_error_included() {
+    let dir = workdir("cli-json");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "this is = not toml [").expect("write bad.toml");
+    let no_cert = dir.path().join("receiver.toml");
+    let missing_cert = dir.path().join("missing.crt");
+    std::fs::write(
+        &no_cert,
+        format!(
+            "target = \"host=/nonexistent dbname=x\"\ninbox-dir = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             listen = \"127.0.0.1:0\"\nsender-fingerprints = [\"{}\"]\n",
+            dir.path().join("inbox").display(),
+            missing_cert.display(),
+            dir.path().join("missing.key").display(),
+            "ab".repeat(32)
+        ),
+    )
+    .expect("write receiver.toml");
+    for (bin, config, named) in [
+        ("pgcourier-sender", &bad, bad.display().to_string()),
+        ("pgcourier-receiver", &bad, bad.display().to_string()),
+        (
+            "pgcourier-receiver",
+            &no_cert,
+            missing_cert.display().to_string(),
+        ),
+    ] {
+        let out = run(
+            bin,
+            &[
+                "run",
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--log-format",
+                "json",
+            ],
+            &[],
+        );
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{bin}: {all}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("{bin}: a line that is not JSON ({e}): {l:?}\n{all}")
+                })
+            })
+            .collect();
+        let last = lines
+            .last()
+            .unwrap_or_else(|| panic!("{bin}: no log: {all}"));
+        assert_eq!(last["level"], "ERROR", "{bin}: {all}");
+        let error = last["fields"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&named),
+            "{bin}: the fatal line should name {named}: {all}"
+        );
+    }
+}

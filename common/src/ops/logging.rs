@@ -97,6 +97,16 @@ pub fn fail(program: &str, error: &dyn std::error::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The error a daemon stops on, as the last line of its log: in the json
+/// format a JSON object like every other line (level ERROR, the error in
+/// the field `error`), else `program: error` on stderr.
+fn fatal(program: &str, format: LogFormat, error: &str) {
+    match format {
+        LogFormat::Json => tracing::error!(program, error, "stopped on an error"),
+        LogFormat::Human => eprintln!("{program}: {error}"),
+    }
+}
+
 /// A daemon's `run` command: start logging in `log_format`, `load` its
 /// config (exit 2 when it is bad), then `run(config, shutdown)` on the
 /// daemon runtime until it returns; a signal cancels `shutdown`. Meanwhile
@@ -117,7 +127,10 @@ where
     init(log_format);
     let config = match load() {
         Ok(c) => c,
-        Err(e) => return fail(program, &e),
+        Err(e) => {
+            fatal(program, log_format, &crate::ops::backoff::error_chain(&e));
+            return ExitCode::from(2);
+        }
     };
     runtime().block_on(async {
         let shutdown = CancellationToken::new();
@@ -139,7 +152,7 @@ where
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("{program}: {e:#}");
+                fatal(program, log_format, &format!("{e:#}"));
                 let code = e.downcast_ref::<Definite>().map_or(1, |d| d.exit_code());
                 ExitCode::from(code)
             }
