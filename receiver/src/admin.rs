@@ -50,6 +50,9 @@ pub struct ReceiverStatus {
     pub inbox_bytes: u64,
     /// Ingest holds batches back at `inbox-max-bytes`.
     pub inbox_full: bool,
+    /// `inbox-max-bytes`, when set.
+    #[serde(default)]
+    pub inbox_max_bytes: Option<u64>,
     pub durable_seq: u64,
     pub applied_seq: u64,
     pub applied_commit_lsn: String,
@@ -101,6 +104,8 @@ pub fn status(
         inbox_records: records,
         inbox_bytes: bytes,
         inbox_full: inbox.is_full(),
+        // The caller knows the configuration.
+        inbox_max_bytes: None,
         durable_seq: durable,
         applied_seq: apply.applied_seq,
         applied_commit_lsn: apply.applied_commit_lsn.to_string(),
@@ -143,6 +148,23 @@ pub fn metrics(st: &ReceiverStatus) -> String {
         "pgcourier_receiver_inbox_full",
         "1 while batches wait at the sender because the inbox is at inbox-max-bytes.",
         f64::from(u8::from(st.inbox_full)),
+    );
+    if let Some(max) = st.inbox_max_bytes {
+        m.gauge(
+            "pgcourier_receiver_inbox_max_bytes",
+            "The inbox's limit (inbox-max-bytes), when set.",
+            max as f64,
+        );
+    }
+    m.gauge(
+        "pgcourier_receiver_copy_active",
+        "1 while a table copy is being loaded into the target.",
+        f64::from(u8::from(st.copy.is_some())),
+    );
+    m.gauge(
+        "pgcourier_receiver_copy_rows",
+        "Rows of the table copy being loaded, so far (0 when none).",
+        st.copy.as_ref().map_or(0.0, |c| c.rows as f64),
     );
     m.gauge(
         "pgcourier_receiver_durable_seq",
@@ -308,18 +330,22 @@ pub struct Admin {
     pub inbox: Arc<Inbox>,
     pub apply: Arc<Apply>,
     pub link: Arc<Mutex<LinkStatus>>,
+    /// `inbox-max-bytes`, for the status.
+    pub inbox_max_bytes: Option<u64>,
 }
 
 impl Endpoint for Admin {
     type Status = ReceiverStatus;
 
     fn status(&self) -> ReceiverStatus {
-        status(
+        let mut st = status(
             &self.inbox,
             &self.apply.status.lock().expect("status lock"),
             Some(&self.link.lock().expect("link lock")),
             true,
-        )
+        );
+        st.inbox_max_bytes = self.inbox_max_bytes;
+        st
     }
 
     fn metrics(&self, st: &ReceiverStatus) -> String {

@@ -65,6 +65,7 @@ pub async fn run(cfg: ReceiverConfig, shutdown: CancellationToken) -> anyhow::Re
         inbox: inbox.clone(),
         apply: apply.clone(),
         link: ingest.link.clone(),
+        inbox_max_bytes: cfg.inbox_max_bytes,
     });
     let admin = Listeners::start(
         &cfg.admin_socket,

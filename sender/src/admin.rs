@@ -57,6 +57,9 @@ pub struct SenderStatus {
     pub capture_error: Option<String>,
     /// Capture paused at `spool-max-bytes`.
     pub spool_full: bool,
+    /// `spool-max-bytes`, when set.
+    #[serde(default)]
+    pub spool_max_bytes: Option<u64>,
     pub captured_end_lsn: String,
     pub spool_records: u64,
     pub spool_bytes: u64,
@@ -162,6 +165,7 @@ pub fn status(
         slot: capture.slot.clone(),
         capture_error: capture.last_error.clone(),
         spool_full: capture.spool_full,
+        spool_max_bytes: cfg.spool_max_bytes,
         captured_end_lsn: marks.captured_end_lsn.to_string(),
         spool_records: records,
         spool_bytes: bytes,
@@ -212,6 +216,23 @@ pub fn metrics(st: &SenderStatus) -> String {
         "pgcourier_sender_spool_full",
         "1 while capture is paused at spool-max-bytes (the slot keeps WAL on the source).",
         f64::from(u8::from(st.spool_full)),
+    );
+    if let Some(max) = st.spool_max_bytes {
+        m.gauge(
+            "pgcourier_sender_spool_max_bytes",
+            "The spool's limit (spool-max-bytes), when set.",
+            max as f64,
+        );
+    }
+    m.gauge(
+        "pgcourier_sender_copy_active",
+        "1 while a table copy (or a seed export) is being read from the source.",
+        f64::from(u8::from(st.copy.is_some())),
+    );
+    m.gauge(
+        "pgcourier_sender_copy_rows",
+        "Rows of the table copy (or seed export) being read, so far (0 when none).",
+        st.copy.as_ref().map_or(0.0, |c| c.rows as f64),
     );
     if let Some(slot) = &st.slot {
         m.gauge(

@@ -229,7 +229,7 @@ fn stopped_receiver(c: &ReceiverConfig) -> anyhow::Result<ReceiverStatus> {
             Err(e) => apply.last_error = Some(e),
         }
     }
-    Ok(pgcourier_receiver::admin::status(
-        &inbox, &apply, None, false,
-    ))
+    let mut st = pgcourier_receiver::admin::status(&inbox, &apply, None, false);
+    st.inbox_max_bytes = c.inbox_max_bytes;
+    Ok(st)
 }
