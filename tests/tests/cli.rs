@@ -107,7 +107,13 @@ fn commands(bin: &str) -> Vec<Vec<&'static str>> {
             &["seed"],
             &["seed", "export"],
         ],
-        "pgcourier-receiver" => &[&["run"], &["init"], &["keygen"], &["seed"], &["seed", "import"]],
+        "pgcourier-receiver" => &[
+            &["run"],
+            &["init"],
+            &["keygen"],
+            &["seed"],
+            &["seed", "import"],
+        ],
         _ => &[&["status"], &["list"], &["show"], &["watch"], &["skip"]],
     };
     all.extend(subs.iter().map(|s| s.to_vec()));
