@@ -10,6 +10,7 @@ pub mod apply;
 pub mod config;
 pub mod inbox;
 pub mod ingest;
+pub mod init;
 pub mod seed;
 
 use std::sync::Arc;

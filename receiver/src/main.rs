@@ -3,6 +3,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use pgcourier_common::ops::cli::{self, LogFormat, CONFIG_ENV};
+use pgcourier_common::transport::tls::Fingerprint;
+use pgcourier_receiver::init::LinkArg;
 use pgcourier_receiver::ReceiverConfig;
 
 /// pgcourier-receiver: receive changes from the headquarters sender over QUIC,
@@ -27,8 +29,48 @@ enum Command {
         /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
         #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+        /// How to log to stderr (the level: RUST_LOG, default info).
         #[arg(long, value_enum, default_value_t)]
         log_format: LogFormat,
+    },
+    /// Set up a receiver without an editor: keep the certificate and key
+    /// next to the config (receiver.crt, receiver.key) or make them, write a
+    /// new config (mode 0640) from these flags, print the fingerprint for the
+    /// sender's [[receiver]] entry, then log in to the target once.
+    #[command(
+        after_help = "Example:\n  pgcourier-receiver init --config /etc/pgcourier/receiver-branch1.toml --target \"host=/var/run/postgresql dbname=branch\" --inbox-dir /var/lib/pgcourier/branch1/inbox --listen 0.0.0.0:7741 --sender-fingerprint <fingerprint printed by pgcourier-sender init>"
+    )]
+    Init {
+        /// The config file to write (it must not exist).
+        #[arg(long, short, env = CONFIG_ENV)]
+        config: PathBuf,
+        /// The branch database (setting `target`): a libpq connection string or URI.
+        #[arg(long, value_name = "DSN")]
+        target: String,
+        /// The inbox's directory (setting `inbox-dir`).
+        #[arg(long)]
+        inbox_dir: PathBuf,
+        /// The sender's certificate fingerprint (setting
+        /// `sender-fingerprints`). Repeat for a second sender.
+        #[arg(
+            long = "sender-fingerprint",
+            value_name = "FINGERPRINT",
+            required = true
+        )]
+        sender_fingerprints: Vec<Fingerprint>,
+        /// The sender dials us at this address (setting `listen`).
+        #[arg(
+            long,
+            required_unless_present = "sender_address",
+            conflicts_with = "sender_address"
+        )]
+        listen: Option<String>,
+        /// We dial the sender at this address (setting `sender-address`; reverse mode).
+        #[arg(long)]
+        sender_address: Option<String>,
+        /// The certificate's name, when one is made.
+        #[arg(long, default_value = "pgcourier-receiver")]
+        name: String,
     },
     /// Seed files exported by `pgcourier-sender seed export`.
     #[command(
@@ -86,6 +128,55 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => pgcourier_common::ops::logging::fail("pgcourier-receiver", &e),
+            }
+        }
+        Command::Init {
+            config,
+            target,
+            inbox_dir,
+            sender_fingerprints,
+            listen,
+            sender_address,
+            name,
+        } => {
+            let link = match (listen, sender_address) {
+                (Some(a), _) => LinkArg::Listen(a),
+                (None, Some(a)) => LinkArg::SenderAddress(a),
+                (None, None) => unreachable!("clap requires --listen or --sender-address"),
+            };
+            let args = pgcourier_receiver::init::Init {
+                config,
+                target,
+                inbox_dir,
+                sender_fingerprints,
+                link,
+                name,
+            };
+            let done = match pgcourier_receiver::init::init(&args) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("pgcourier-receiver: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            println!("{}", done.fingerprint);
+            let keys = if done.made_keys { "made" } else { "kept" };
+            eprintln!(
+                "wrote {} ({keys} {} and {}); pin this fingerprint in the sender's [[receiver]] entry",
+                args.config.display(),
+                done.cert.display(),
+                done.key.display()
+            );
+            let rt = pgcourier_common::ops::logging::runtime();
+            match rt.block_on(pgcourier_receiver::init::check_target(&done.config)) {
+                Ok(()) => {
+                    println!("ok: the target accepts the login");
+                    ExitCode::SUCCESS
+                }
+                Err(problem) => {
+                    println!("problem: {problem}");
+                    ExitCode::from(1)
+                }
             }
         }
         Command::Seed {

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod copy;
+pub mod init;
 pub mod replication;
 pub mod seed;
 pub mod ship;

@@ -27,6 +27,7 @@ enum Command {
         /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
         #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+        /// How to log to stderr (the level: RUST_LOG, default info).
         #[arg(long, value_enum, default_value_t)]
         log_format: LogFormat,
     },
@@ -38,6 +39,38 @@ enum Command {
         /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
         #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+    },
+    /// Set up a sender without an editor: keep the certificate and key next
+    /// to the config (sender.crt, sender.key) or make them, write a new config
+    /// (mode 0640) from these flags, print the fingerprint for the branches,
+    /// then run `check`.
+    #[command(
+        after_help = "Example:\n  pgcourier-sender init --config /etc/pgcourier/sender.toml --source \"host=/var/run/postgresql dbname=hq user=pgcourier\" --spool-dir /var/lib/pgcourier/spool --receiver branch1=<fingerprint printed by pgcourier-receiver keygen>@branch1.example:7741"
+    )]
+    Init {
+        /// The config file to write (it must not exist).
+        #[arg(long, short, env = CONFIG_ENV)]
+        config: PathBuf,
+        /// The source database (setting `source`): a libpq connection string or URI.
+        #[arg(long, value_name = "DSN")]
+        source: String,
+        /// The spool's directory (setting `spool-dir`).
+        #[arg(long)]
+        spool_dir: PathBuf,
+        /// A branch: its name, its certificate's fingerprint and, when the
+        /// sender dials it, its address. Repeat for each branch.
+        #[arg(
+            long = "receiver",
+            value_name = "NAME=FINGERPRINT[@ADDRESS]",
+            required = true
+        )]
+        receivers: Vec<pgcourier_sender::init::ReceiverArg>,
+        /// Accept receivers that dial in at this address (setting `listen`).
+        #[arg(long)]
+        listen: Option<String>,
+        /// The certificate's name, when one is made.
+        #[arg(long, default_value = "pgcourier-sender")]
+        name: String,
     },
     /// Seed files: a snapshot of the published tables that travels on a disk.
     #[command(
@@ -118,24 +151,42 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => {
-            let cfg = match SenderConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
+        Command::Check { config } => match SenderConfig::load(&config) {
+            Ok(cfg) => check(&cfg),
+            Err(e) => pgcourier_common::ops::logging::fail("pgcourier-sender", &e),
+        },
+        Command::Init {
+            config,
+            source,
+            spool_dir,
+            receivers,
+            listen,
+            name,
+        } => {
+            let args = pgcourier_sender::init::Init {
+                config,
+                source,
+                spool_dir,
+                listen,
+                receivers,
+                name,
             };
-            let rt = pgcourier_common::ops::logging::runtime();
-            let (problems, notes) = rt.block_on(pgcourier_sender::source::check(&cfg));
-            for n in &notes {
-                println!("note: {n}");
-            }
-            for p in &problems {
-                println!("problem: {}\n    fix: {}", p.what, p.fix);
-            }
-            if problems.is_empty() {
-                println!("ok: the source is ready for pgcourier");
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
+            match pgcourier_sender::init::init(&args) {
+                Ok(done) => {
+                    println!("{}", done.fingerprint);
+                    let keys = if done.made_keys { "made" } else { "kept" };
+                    eprintln!(
+                        "wrote {} ({keys} {} and {}); pin this fingerprint in each receiver's sender-fingerprints",
+                        args.config.display(),
+                        done.cert.display(),
+                        done.key.display()
+                    );
+                    check(&done.config)
+                }
+                Err(e) => {
+                    eprintln!("pgcourier-sender: {e:#}");
+                    ExitCode::from(2)
+                }
             }
         }
         Command::Run { config, log_format } => pgcourier_common::ops::logging::run_daemon(
@@ -144,5 +195,24 @@ fn main() -> ExitCode {
             || SenderConfig::load(&config),
             pgcourier_sender::run,
         ),
+    }
+}
+
+/// Check the source's prerequisites, print each problem with its fix; exit
+/// 1 if there is one.
+fn check(cfg: &SenderConfig) -> ExitCode {
+    let rt = pgcourier_common::ops::logging::runtime();
+    let (problems, notes) = rt.block_on(pgcourier_sender::source::check(cfg));
+    for n in &notes {
+        println!("note: {n}");
+    }
+    for p in &problems {
+        println!("problem: {}\n    fix: {}", p.what, p.fix);
+    }
+    if problems.is_empty() {
+        println!("ok: the source is ready for pgcourier");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

@@ -102,11 +102,18 @@ fn commands(bin: &str) -> Vec<Vec<&'static str>> {
         "pgcourier-sender" => &[
             &["run"],
             &["check"],
+            &["init"],
             &["keygen"],
             &["seed"],
             &["seed", "export"],
         ],
-        "pgcourier-receiver" => &[&["run"], &["keygen"], &["seed"], &["seed", "import"]],
+        "pgcourier-receiver" => &[
+            &["run"],
+            &["init"],
+            &["keygen"],
+            &["seed"],
+            &["seed", "import"],
+        ],
         _ => &[&["status"], &["list"], &["show"], &["watch"], &["skip"]],
     };
     all.extend(subs.iter().map(|s| s.to_vec()));

@@ -12,6 +12,7 @@ mod copy;
 mod faults;
 mod fixture;
 mod harness_selftest;
+mod init;
 mod large_values;
 mod links;
 mod observability;

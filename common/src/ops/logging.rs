@@ -46,6 +46,14 @@ impl Definite {
     }
 }
 
+/// The exit code of a daemon whose `run` failed with `error`: its
+/// [`Definite`] mark's, else 1.
+pub fn failure_code(error: &anyhow::Error) -> u8 {
+    error
+        .downcast_ref::<Definite>()
+        .map_or(1, |d| d.exit_code())
+}
+
 /// Install the tracing subscriber in `format`, filtered by `RUST_LOG`
 /// (default `info`).
 pub fn init(format: LogFormat) {
@@ -153,8 +161,7 @@ where
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 fatal(program, log_format, &format!("{e:#}"));
-                let code = e.downcast_ref::<Definite>().map_or(1, |d| d.exit_code());
-                ExitCode::from(code)
+                ExitCode::from(failure_code(&e))
             }
         }
     })
@@ -163,6 +170,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_run_exits_by_its_mark_under_any_context() {
+        use anyhow::Context;
+        let io = || std::io::Error::other("disk full");
+        let plain = anyhow::Error::new(io()).context("flush spool");
+        assert_eq!(failure_code(&plain), 1);
+        let must_act = Err::<(), _>(io())
+            .context("capture stopped")
+            .context(Definite::OperatorMustAct)
+            .unwrap_err();
+        assert_eq!(failure_code(&must_act), 3);
+        assert!(
+            format!("{must_act:#}").contains("an operator must act: capture stopped: disk full")
+        );
+        let bad = Err::<(), _>(io())
+            .context("load the sender's certificate")
+            .context(Definite::BadInput)
+            .context("start the sender")
+            .unwrap_err();
+        assert_eq!(failure_code(&bad), 2);
+    }
 
     #[tokio::test]
     async fn the_signal_listener_ends_when_the_daemon_cancels_its_token() {

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
+pub mod init;
 pub mod inspect;
 pub mod local_time;
 pub mod logging;
