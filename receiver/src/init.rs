@@ -35,14 +35,7 @@ pub enum LinkArg {
 }
 
 /// What `init` did.
-pub struct Initialized {
-    pub config: ReceiverConfig,
-    pub fingerprint: Fingerprint,
-    /// The certificate and key were made now (not found).
-    pub made_keys: bool,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub type Initialized = pgcourier_common::ops::init::Initialized<ReceiverConfig>;
 
 pub fn init(args: &Init) -> anyhow::Result<Initialized> {
     let (cert, key) = identity_paths(&args.config, "receiver");

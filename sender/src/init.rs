@@ -61,14 +61,7 @@ impl FromStr for ReceiverArg {
 }
 
 /// What `init` did.
-pub struct Initialized {
-    pub config: SenderConfig,
-    pub fingerprint: Fingerprint,
-    /// The certificate and key were made now (not found).
-    pub made_keys: bool,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub type Initialized = pgcourier_common::ops::init::Initialized<SenderConfig>;
 
 pub fn init(args: &Init) -> anyhow::Result<Initialized> {
     let (cert, key) = identity_paths(&args.config, "sender");

@@ -15,6 +15,16 @@ use anyhow::{bail, Context};
 
 use crate::transport::tls::{self, Fingerprint};
 
+/// What `init` did, for a daemon whose config is `C`.
+pub struct Initialized<C> {
+    pub config: C,
+    pub fingerprint: Fingerprint,
+    /// The certificate and key were made now (not found).
+    pub made_keys: bool,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// The daemon's certificate and key: loaded when both files exist, made
 /// (key 0600, certificate 0644) when neither does. Returns its fingerprint
 /// and whether it was made now.

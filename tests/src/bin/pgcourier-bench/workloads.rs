@@ -1280,6 +1280,25 @@ const LIVE_EVERY: Duration = Duration::from_millis(100);
 /// Samples of the staleness before the table joins.
 const LIVE_BASELINE: usize = 50;
 
+/// Clusters `names`, each with the `live` and `big` tables; the first
+/// (headquarters) holds `rows` rows of `big`, about 80 bytes each and not
+/// very compressible (hex digests).
+async fn join_clusters(names: &[&'static str], rows: i64) -> anyhow::Result<Vec<PgCluster>> {
+    let pgs = clusters(names).await?;
+    for pg in &pgs {
+        pg.execute(DB, JOIN_SCHEMA).await?;
+    }
+    pgs[0]
+        .execute(
+            DB,
+            &format!(
+                "INSERT INTO big SELECT g, md5(g::text) || md5((g::bigint * 7919)::text) FROM generate_series(1, {rows}) g"
+            ),
+        )
+        .await?;
+    Ok(pgs)
+}
+
 /// What a branch's live changes saw while a large table joined.
 struct JoinFigures {
     /// Median age of the branch's newest live row before the join, s.
@@ -1301,19 +1320,8 @@ struct JoinFigures {
 pub async fn join(o: &Opts, r: &mut Report, profile: Profile, rows: i64) -> anyhow::Result<()> {
     let link = profile.name;
     let tag = format!("[join of {} rows over {link}]", k(rows));
-    let pgs = clusters(&["hq", "ours", "native"]).await?;
+    let pgs = join_clusters(&["hq", "ours", "native"], rows).await?;
     let (hq, ours, native_pg) = (&pgs[0], &pgs[1], &pgs[2]);
-    for pg in [hq, ours, native_pg] {
-        pg.execute(DB, JOIN_SCHEMA).await?;
-    }
-    // About 80 bytes a row, not very compressible (hex digests).
-    hq.execute(
-        DB,
-        &format!(
-            "INSERT INTO big SELECT g, md5(g::text) || md5((g::bigint * 7919)::text) FROM generate_series(1, {rows}) g"
-        ),
-    )
-    .await?;
     let mut courier = courier_without_copy(
         hq,
         ours,
@@ -1549,18 +1557,8 @@ pub async fn neighbour(
 ) -> anyhow::Result<()> {
     let link = profile.name;
     let tag = format!("[neighbour copy of {} rows over {link}]", k(rows));
-    let pgs = clusters(&["hq", "a", "b", "na", "nb"]).await?;
+    let pgs = join_clusters(&["hq", "a", "b", "na", "nb"], rows).await?;
     let (hq, a, b, na, nb) = (&pgs[0], &pgs[1], &pgs[2], &pgs[3], &pgs[4]);
-    for pg in &pgs {
-        pg.execute(DB, JOIN_SCHEMA).await?;
-    }
-    hq.execute(
-        DB,
-        &format!(
-            "INSERT INTO big SELECT g, md5(g::text) || md5((g::bigint * 7919)::text) FROM generate_series(1, {rows}) g"
-        ),
-    )
-    .await?;
     let mut courier = courier_without_copy(
         hq,
         a,
