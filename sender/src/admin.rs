@@ -497,6 +497,7 @@ mod tests {
             }),
             capture_error: Some("source unreachable".into()),
             spool_full: false,
+            spool_max_bytes: Some(1 << 30),
             captured_end_lsn: "0/16B3748".into(),
             spool_records: 3,
             spool_bytes: 900,
