@@ -212,7 +212,7 @@ async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_sc
 async fn a_schema_change_the_branch_refuses_pauses_apply_naming_it_until_the_conflict_is_gone(
 ) -> anyhow::Result<()> {
     let admin = free_tcp_port();
-    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"\nmax-backoff = \"1s\"");
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
     let setup = Setup::start(
         "ddl-refused",
         Options {

@@ -51,8 +51,9 @@ pub const NOT_CAPTURED: &[&str] = &[
     "ALTER DEFAULT PRIVILEGES",
 ];
 
-/// The SQL that installs (or replaces: idempotent) the capture function and
-/// the event trigger. Needs a superuser on PostgreSQL 15.
+/// The SQL that installs (or replaces: idempotent) the capture functions
+/// and creates the event triggers when absent (a trigger an operator
+/// disabled stays disabled: `check` reports it). Needs a superuser on PostgreSQL 15.
 ///
 /// The function emits one message per query string per transaction: a
 /// string of several DDL statements fires the trigger once per statement,
@@ -120,10 +121,16 @@ BEGIN
             'tags', tags)::text);
 END
 $pgcourier$;
-DROP EVENT TRIGGER IF EXISTS {trigger};
-CREATE EVENT TRIGGER {trigger} ON ddl_command_end EXECUTE FUNCTION {schema}.ddl_capture();
-DROP EVENT TRIGGER IF EXISTS {drops};
-CREATE EVENT TRIGGER {drops} ON sql_drop EXECUTE FUNCTION {schema}.ddl_drops();
+DO $pgcourier$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = '{DDL_TRIGGER}') THEN
+        CREATE EVENT TRIGGER {trigger} ON ddl_command_end EXECUTE FUNCTION {schema}.ddl_capture();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = '{DDL_TRIGGER}_drops') THEN
+        CREATE EVENT TRIGGER {drops} ON sql_drop EXECUTE FUNCTION {schema}.ddl_drops();
+    END IF;
+END
+$pgcourier$;
 "#,
         skipped = skipped.join(", "),
     )
