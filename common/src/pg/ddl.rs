@@ -94,17 +94,19 @@ BEGIN
                WHERE NOT c.in_extension
                  AND c.command_tag <> ALL (ARRAY[{skipped}])
                  AND c.schema_name IS DISTINCT FROM '{DDL_SCHEMA}'
+                 AND NOT (c.object_type = 'schema' AND c.object_identity = '{DDL_SCHEMA}')
                  AND coalesce(c.schema_name, '') NOT LIKE 'pg\_temp%')
       INTO listed, tags
       FROM pg_catalog.pg_event_trigger_ddl_commands() c;
     IF listed = 0 THEN
-        -- Not listed (a DROP): what the sql_drop trigger saw.
-        IF pg_catalog.current_setting('pgcourier.ddl_drop', true) = 'local' THEN
-            PERFORM pg_catalog.set_config('pgcourier.ddl_drop', '', true);
-            RETURN;
+        -- Nothing listed: a DROP (pg_event_trigger_ddl_commands() lists
+        -- none) that the sql_drop trigger saw drop a replicated object, or
+        -- nothing to replicate (IF NOT EXISTS / IF EXISTS that did nothing).
+        IF TG_TAG LIKE 'DROP %'
+           AND pg_catalog.current_setting('pgcourier.ddl_drop', true) = 'replicated' THEN
+            tags := ARRAY[TG_TAG];
         END IF;
         PERFORM pg_catalog.set_config('pgcourier.ddl_drop', '', true);
-        tags := ARRAY[TG_TAG];
     END IF;
     IF tags IS NULL THEN
         RETURN;
@@ -398,6 +400,11 @@ mod tests {
         assert!(sql.contains("CREATE OR REPLACE FUNCTION \"pgcourier\".ddl_capture()"));
         assert!(sql.contains("CREATE EVENT TRIGGER \"pgcourier_ddl\" ON ddl_command_end"));
         assert!(sql.contains("IS DISTINCT FROM 'pgcourier'"));
+        // Its own schema, created by this very script, is not captured.
+        assert!(sql.contains("c.object_identity = 'pgcourier'"));
+        // Nothing listed and not a DROP (CREATE SCHEMA IF NOT EXISTS that
+        // did nothing): not captured.
+        assert!(sql.contains("TG_TAG LIKE 'DROP %'"));
         assert!(sql.contains("pg_logical_emit_message(true, 'pgcourier.ddl'"));
     }
 }
