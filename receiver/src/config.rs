@@ -44,6 +44,24 @@ struct RawReceiverConfig {
     inbox_max_bytes: Option<u64>,
     #[serde(default = "defaults::max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
+    #[serde(default)]
+    ddl: Ddl,
+    #[serde(default)]
+    ddl_deny: Vec<String>,
+}
+
+/// Which schema changes captured at the source (`pgcourier.ddl` messages)
+/// a branch applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ddl {
+    /// Every captured statement (default).
+    #[default]
+    All,
+    /// None: the branch's schema is managed by hand, and apply pauses at the
+    /// first change that no longer fits it (the behaviour before DDL was
+    /// replicated).
+    None,
 }
 
 fn default_group_txns() -> u32 {
@@ -101,6 +119,12 @@ pub struct ReceiverConfig {
     pub inbox_max_bytes: Option<u64>,
     pub transport: TransportSettings,
     pub max_backoff: Duration,
+    /// Which captured schema changes are applied (`ddl`, default `all`).
+    pub ddl: Ddl,
+    /// Command tags (`DROP TABLE`, upper case, single spaces) whose
+    /// statements are not applied but logged as skipped by rule
+    /// (`ddl-deny`, default none).
+    pub ddl_deny: Vec<String>,
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
@@ -164,6 +188,21 @@ impl ReceiverConfig {
                 "apply group limits must be at least 1",
             ));
         }
+        let mut ddl_deny = Vec::new();
+        for tag in &raw.ddl_deny {
+            let tag = tag
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_uppercase();
+            if tag.is_empty() {
+                return Err(invalid(
+                    "ddl-deny",
+                    "an empty command tag: name commands such as \"DROP TABLE\"",
+                ));
+            }
+            ddl_deny.push(tag);
+        }
         if raw.inbox_max_bytes.is_some_and(|b| b < (64 << 10)) {
             return Err(invalid("inbox-max-bytes", "must be at least 64KiB"));
         }
@@ -189,6 +228,8 @@ impl ReceiverConfig {
             inbox_max_bytes: raw.inbox_max_bytes,
             transport,
             max_backoff: raw.max_backoff,
+            ddl: raw.ddl,
+            ddl_deny,
         })
     }
 }
@@ -212,6 +253,18 @@ mod tests {
 
     fn load(extra: &str) -> Result<ReceiverConfig, ConfigError> {
         load_text(&format!("{BASE}{extra}"))
+    }
+
+    #[test]
+    fn ddl_settings_default_to_all_and_normalise_deny_tags() {
+        let c = load("").unwrap();
+        assert_eq!(c.ddl, Ddl::All);
+        assert!(c.ddl_deny.is_empty());
+        let c = load("ddl = \"none\"\nddl-deny = [\"drop  table\"]\n").unwrap();
+        assert_eq!(c.ddl, Ddl::None);
+        assert_eq!(c.ddl_deny, vec!["DROP TABLE"]);
+        assert!(load("ddl = \"some\"\n").is_err());
+        assert!(load("ddl-deny = [\" \"]\n").is_err());
     }
 
     #[test]

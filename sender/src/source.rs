@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use crate::config::SenderConfig;
 use pgcourier_common::ops::backoff::error_chain;
 use pgcourier_common::pg::errors::{classify, PgError};
-use pgcourier_common::pg::{quote_ident, quote_table};
+use pgcourier_common::pg::{ddl, quote_ident, quote_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -256,6 +256,8 @@ pub async fn prepare(
         tracing::info!(publication = %cfg.publication, "created publication");
     }
 
+    install_ddl_capture(client).await?;
+
     let slot = client
         .query_opt(
             "SELECT plugin::text, database::text, confirmed_flush_lsn::text, wal_status \
@@ -318,6 +320,47 @@ pub async fn prepare(
         confirmed_flush: confirmed,
         created_slot,
     })
+}
+
+/// Install (or replace) the event trigger that puts DDL into the WAL
+/// (`pgcourier_common::pg::ddl`), when the role is a superuser (event
+/// triggers need one on PostgreSQL 15). Otherwise one warning: DDL is then
+/// not replicated, and a branch pauses at the first change it cannot apply,
+/// as before.
+pub async fn install_ddl_capture(client: &Client) -> Result<(), SourceError> {
+    let superuser: bool = client
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::query("read role attributes", e))?
+        .get(0);
+    if !superuser {
+        if !ddl_capture_enabled(client).await? {
+            tracing::warn!(
+                "schema changes are not replicated: the sender's role is not a superuser and cannot install the DDL event trigger; run `pgcourier-sender check` for the SQL a superuser can run"
+            );
+        }
+        return Ok(());
+    }
+    client
+        .batch_execute(&ddl::install_sql())
+        .await
+        .map_err(|e| SourceError::query("install the DDL event trigger", e))?;
+    Ok(())
+}
+
+/// Whether the DDL event trigger exists and is enabled.
+pub async fn ddl_capture_enabled(client: &Client) -> Result<bool, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT evtenabled::text FROM pg_catalog.pg_event_trigger WHERE evtname = $1",
+            &[&ddl::DDL_TRIGGER],
+        )
+        .await
+        .map_err(|e| SourceError::query("look up the DDL event trigger", e))?;
+    Ok(row.is_some_and(|r| r.get::<_, String>(0) != "D"))
 }
 
 /// Confirm the slot up to `to`: the source may then recycle the WAL below
@@ -403,12 +446,14 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         }
         Err(e) => problems.push(q("read wal_level", e)),
     }
+    let mut superuser = false;
     match client
         .query_one("SELECT rolsuper, rolreplication, current_user::text FROM pg_roles WHERE rolname = current_user", &[])
         .await
     {
         Ok(row) => {
             let (sup, repl, user): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
+            superuser = sup;
             if !sup && !repl {
                 problems.push(Problem {
                     what: format!("role {user} has neither REPLICATION nor SUPERUSER"),
@@ -467,6 +512,27 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
             "publication {} is absent: run will create it",
             cfg.publication
         ));
+    }
+    match ddl_capture_enabled(&client).await {
+        Ok(true) => {}
+        Ok(false) if superuser => notes.push(format!(
+            "the DDL event trigger {} is absent or disabled: run will install it",
+            ddl::DDL_TRIGGER
+        )),
+        Ok(false) => problems.push(Problem {
+            what: format!(
+                "the DDL event trigger {} is missing or disabled: schema changes would not be replicated (run installs it when its role is a superuser)",
+                ddl::DDL_TRIGGER
+            ),
+            fix: format!(
+                "run as a superuser on the source database:\n{}",
+                ddl::install_sql()
+            ),
+        }),
+        Err(e) => problems.push(Problem {
+            what: error_chain(&e),
+            fix: "check the role's privileges".into(),
+        }),
     }
     // Tables whose updates and deletes could not be replicated.
     let tables_sql = "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \

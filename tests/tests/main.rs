@@ -9,6 +9,7 @@ mod bad_input;
 mod budget;
 mod cli;
 mod copy;
+mod ddl;
 mod faults;
 mod fixture;
 mod harness_selftest;

@@ -5,6 +5,7 @@
 //! function that never falls back to a default.
 
 pub mod connect;
+pub mod ddl;
 pub mod errors;
 pub mod progress_row;
 pub mod time;

@@ -2,9 +2,11 @@
 //! remembered, inserts join runs of inserts, updates and deletes by primary
 //! key join runs of updates or deletes (`set_based_row` says which can;
 //! the others become prepared statements with their key), a TRUNCATE is
-//! queued as a barrier, a copy's metadata starts a table load. Messages cut
+//! queued as a barrier, a copy's metadata starts a table load, a schema
+//! change runs in place (`ddl.rs`). Messages cut
 //! into fragments are put back together first.
 
+use pgcourier_common::pg::ddl::DDL_PREFIX;
 use pgcourier_common::store::seed_file::COPY_PREFIX;
 use pgcourier_proto::pgoutput::{self, Message, OldTuple, Tuple, Value};
 use pgcourier_proto::record::{Piece, Record};
@@ -68,6 +70,11 @@ impl Apply {
                     prefix, content, ..
                 } if prefix == COPY_PREFIX => {
                     self.start_copy(s, record.seq, &content).await?;
+                }
+                Message::LogicalMessage {
+                    prefix, content, ..
+                } if prefix == DDL_PREFIX => {
+                    self.apply_ddl(s, record.seq, &content).await?;
                 }
                 Message::Insert { rel, new } => {
                     self.queue_change(s, record.seq, rel, Op::Insert, None, &new)

@@ -65,6 +65,17 @@ pub enum ApplyError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("record {seq} holds a schema change message that does not decode: {message}")]
+    DdlMessage { seq: u64, message: String },
+    #[error("the schema change in record {seq} failed at the target: {statement}. Fix what it conflicts with at the branch (a local object of the same name, a missing one) and apply retries it by itself; or apply the change at the branch by hand, then pgcourier-queue skip")]
+    Ddl {
+        seq: u64,
+        statement: String,
+        #[source]
+        source: PgError,
+    },
+    #[error("the schema change in record {seq} is a query string of several statements, which is not replayed: {statement}. Apply it at the branch by hand, then pgcourier-queue skip")]
+    DdlSeveral { seq: u64, statement: String },
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
@@ -84,7 +95,8 @@ impl ApplyError {
     /// A short stable name of the kind of error, for status and metrics:
     /// from PostgreSQL `connection`, `read_only`, `in_use`,
     /// `serialization` (retried) or `login_refused`, `missing_table`,
-    /// `missing_column`, `type_mismatch`, `unique_violation`, `constraint`,
+    /// `missing_column`, `type_mismatch`, `ddl` (a schema change the branch
+    /// refused, or one it does not replay), `unique_violation`, `constraint`,
     /// `permission_denied`, `target_error` (any other SQLSTATE), `tls` (the
     /// TLS handshake failed, or the server refused TLS); from apply
     /// itself `no_key`, `corrupt_record`, `out_of_order`, `bad_record`, `bad_progress_row`,
@@ -116,12 +128,18 @@ impl ApplyError {
             ApplyError::MissingTable { .. } => definite("missing_table"),
             ApplyError::MissingColumn { .. } => definite("missing_column"),
             ApplyError::NoKey { .. } => definite("no_key"),
+            // A lost connection while running DDL is retried as any other.
+            ApplyError::Ddl { source, .. } if target_fault(&source.0).transient => {
+                target_fault(&source.0)
+            }
+            ApplyError::Ddl { .. } | ApplyError::DdlSeveral { .. } => definite("ddl"),
             ApplyError::Corrupt { .. } => definite("corrupt_record"),
             ApplyError::OutOfOrder { .. } => definite("out_of_order"),
             ApplyError::Decode { .. }
             | ApplyError::UnknownRelation { .. }
             | ApplyError::Order { .. }
             | ApplyError::CopyMeta { .. }
+            | ApplyError::DdlMessage { .. }
             | ApplyError::SkipContent { .. } => definite("bad_record"),
             ApplyError::Inbox(_) | ApplyError::StoredRelation(_) => definite("inbox"),
             ApplyError::Seed(_) => definite("seed"),

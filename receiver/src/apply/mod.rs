@@ -35,12 +35,14 @@
 //! | one change shape → SQL, prepared once per session | `sql.rs` |
 //! | queued changes → pipelined statements, COPY runs, TRUNCATE barrier | `pipeline.rs` |
 //! | an insert of many MiB streamed from its fragments into its own COPY | `large.rs` |
+//! | a schema change (DDL message) run in the same target transaction | `ddl.rs` |
 //! | a table copy or seed file: create tables, load, progress | `copy_load.rs` |
 //! | the operator's skip of the blocking transaction | `skip.rs` |
 //! | errors and their classes; status and lag | `error.rs`, `status.rs` |
 
 mod change;
 mod copy_load;
+mod ddl;
 mod error;
 mod large;
 mod mapping;
@@ -130,6 +132,9 @@ struct Session {
     copy: Option<LoadProgress>,
     /// COPY and set data queued in `pending`.
     pending_bytes: usize,
+    /// The open group ran DDL: it ends with the current source transaction
+    /// (`ddl.rs`).
+    end_group: bool,
 }
 
 /// Where the open group of source transactions ends: what its progress row
@@ -289,6 +294,7 @@ impl Apply {
             large: None,
             copy: None,
             pending_bytes: 0,
+            end_group: false,
         };
         self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {
@@ -464,6 +470,7 @@ impl Apply {
                 });
                 let careful = record.seq <= self.careful_until.load(Ordering::Relaxed);
                 if careful
+                    || s.end_group
                     || group_txns >= self.cfg.apply_group_transactions
                     || group_changes >= self.cfg.apply_group_changes
                 {
@@ -507,6 +514,7 @@ impl Apply {
             .await
             .map_err(target_err("commit target transaction"))?;
         debug_assert!(end.commit_lsn > s.marker);
+        s.end_group = false;
         s.marker = end.commit_lsn;
         s.marker_seq = end.seq;
         self.inbox.delete_through(end.seq)?;

@@ -413,6 +413,8 @@ impl Capture {
         let options = [
             ("proto_version", "1"),
             ("publication_names", publication.as_str()),
+            // Logical messages: DDL (`pgcourier.ddl`) travels as one.
+            ("messages", "true"),
         ];
         let deadline = Instant::now() + SLOT_RELEASE_WAIT;
         loop {

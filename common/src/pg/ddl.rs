@@ -1,0 +1,410 @@
+//! Schema changes, both sites: how DDL enters the WAL at the source and how
+//! the branch reads it back.
+//!
+//! At the source an event trigger (`pgcourier_ddl`, `ddl_command_end`,
+//! installed by the sender: [`install_sql`]) writes each DDL statement into
+//! the WAL as a transactional logical message with the prefix
+//! [`DDL_PREFIX`] and a JSON [`DdlMessage`] as content. It reaches capture
+//! inside its transaction, in commit order, with the changes around it, and
+//! travels in the same spool record. At the branch apply runs the statement
+//! in the same target transaction (`receiver/src/apply/ddl.rs`), after
+//! splitting the text with [`split_statements`] (a query string of several
+//! statements is not replayed: it pauses apply).
+
+use serde::{Deserialize, Serialize};
+
+use super::quote_ident;
+
+/// The prefix of the logical messages that carry DDL.
+pub const DDL_PREFIX: &str = "pgcourier.ddl";
+
+/// The schema the sender's trigger function lives in (also the receiver's
+/// bookkeeping schema at the branch); DDL in it is never captured.
+pub const DDL_SCHEMA: &str = "pgcourier";
+/// The event trigger's name.
+pub const DDL_TRIGGER: &str = "pgcourier_ddl";
+
+/// What one DDL message carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlMessage {
+    /// The client's query string (`current_query()`): the statement, or
+    /// several when the client sent them in one string.
+    pub statement: String,
+    /// The source session's `search_path` when the statement ran.
+    pub search_path: String,
+    /// The command tags of the DDL commands it ran (`CREATE TABLE`, ...).
+    pub tags: Vec<String>,
+}
+
+/// Command tags the trigger never captures: the source's own replication
+/// set-up (publications, subscriptions) and privileges, which name roles,
+/// and roles are global objects a branch has its own of.
+pub const NOT_CAPTURED: &[&str] = &[
+    "CREATE PUBLICATION",
+    "ALTER PUBLICATION",
+    "DROP PUBLICATION",
+    "CREATE SUBSCRIPTION",
+    "ALTER SUBSCRIPTION",
+    "DROP SUBSCRIPTION",
+    "GRANT",
+    "REVOKE",
+    "ALTER DEFAULT PRIVILEGES",
+];
+
+/// The SQL that installs (or replaces: idempotent) the capture functions
+/// and creates the event triggers when absent (a trigger an operator
+/// disabled stays disabled: `check` reports it). Needs a superuser on PostgreSQL 15.
+///
+/// The function emits one message per query string per transaction: a
+/// string of several DDL statements fires the trigger once per statement,
+/// but `current_query()` is the whole string each time, so a
+/// transaction-local setting (`pgcourier.ddl_last`: the string's md5 and the
+/// statement's start time) remembers what was emitted last.
+pub fn install_sql() -> String {
+    let schema = quote_ident(DDL_SCHEMA);
+    let trigger = quote_ident(DDL_TRIGGER);
+    let drops = quote_ident(&format!("{DDL_TRIGGER}_drops"));
+    let skipped: Vec<String> = NOT_CAPTURED.iter().map(|t| format!("'{t}'")).collect();
+    format!(
+        r#"CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE OR REPLACE FUNCTION {schema}.ddl_drops() RETURNS event_trigger
+LANGUAGE plpgsql AS $pgcourier$
+BEGIN
+    -- A DROP is not listed by pg_event_trigger_ddl_commands(): say here
+    -- whether it dropped only temporary objects or pgcourier's own.
+    PERFORM pg_catalog.set_config('pgcourier.ddl_drop',
+        CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+                           WHERE d.original AND NOT d.is_temporary
+                             AND d.schema_name IS DISTINCT FROM '{DDL_SCHEMA}')
+             THEN 'replicated' ELSE 'local' END, true);
+END
+$pgcourier$;
+CREATE OR REPLACE FUNCTION {schema}.ddl_capture() RETURNS event_trigger
+LANGUAGE plpgsql AS $pgcourier$
+DECLARE
+    tags text[];
+    listed bigint;
+    mark text;
+BEGIN
+    IF TG_TAG = ANY (ARRAY[{skipped}]) THEN
+        RETURN;
+    END IF;
+    SELECT pg_catalog.count(*),
+           pg_catalog.array_agg(DISTINCT c.command_tag) FILTER (
+               WHERE NOT c.in_extension
+                 AND c.command_tag <> ALL (ARRAY[{skipped}])
+                 AND c.schema_name IS DISTINCT FROM '{DDL_SCHEMA}'
+                 AND NOT (c.object_type = 'schema' AND c.object_identity = '{DDL_SCHEMA}')
+                 AND coalesce(c.schema_name, '') NOT LIKE 'pg\_temp%')
+      INTO listed, tags
+      FROM pg_catalog.pg_event_trigger_ddl_commands() c;
+    IF listed = 0 THEN
+        -- Nothing listed: a DROP (pg_event_trigger_ddl_commands() lists
+        -- none) that the sql_drop trigger saw drop a replicated object, or
+        -- nothing to replicate (IF NOT EXISTS / IF EXISTS that did nothing).
+        IF TG_TAG LIKE 'DROP %'
+           AND pg_catalog.current_setting('pgcourier.ddl_drop', true) = 'replicated' THEN
+            tags := ARRAY[TG_TAG];
+        END IF;
+        PERFORM pg_catalog.set_config('pgcourier.ddl_drop', '', true);
+    END IF;
+    IF tags IS NULL THEN
+        RETURN;
+    END IF;
+    mark := pg_catalog.md5(pg_catalog.current_query()) || '/' || pg_catalog.statement_timestamp()::text;
+    IF pg_catalog.current_setting('pgcourier.ddl_last', true) IS NOT DISTINCT FROM mark THEN
+        RETURN;
+    END IF;
+    PERFORM pg_catalog.set_config('pgcourier.ddl_last', mark, true);
+    PERFORM pg_catalog.pg_logical_emit_message(true, '{DDL_PREFIX}',
+        pg_catalog.json_build_object(
+            'statement', pg_catalog.current_query(),
+            'search_path', pg_catalog.current_setting('search_path'),
+            'tags', tags)::text);
+END
+$pgcourier$;
+DO $pgcourier$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = '{DDL_TRIGGER}') THEN
+        CREATE EVENT TRIGGER {trigger} ON ddl_command_end EXECUTE FUNCTION {schema}.ddl_capture();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = '{DDL_TRIGGER}_drops') THEN
+        CREATE EVENT TRIGGER {drops} ON sql_drop EXECUTE FUNCTION {schema}.ddl_drops();
+    END IF;
+END
+$pgcourier$;
+"#,
+        skipped = skipped.join(", "),
+    )
+}
+
+/// A query string split at its top-level semicolons: the statements, each
+/// trimmed, without empty ones (a trailing `;`, comments only). Quotes
+/// (`'..'`, `E'..'` with backslash escapes, `".."`), dollar quotes
+/// (`$tag$..$tag$`) and comments (`--`, nested `/* */`) are skipped over.
+pub fn split_statements(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut code = false;
+    for seg in segments(text) {
+        match seg.kind {
+            Kind::Code => {
+                for (i, c) in text[seg.start..seg.end].char_indices() {
+                    if c == ';' {
+                        let at = seg.start + i;
+                        if code {
+                            out.push(text[start..at].trim().to_owned());
+                        }
+                        start = at + 1;
+                        code = false;
+                    } else if !c.is_whitespace() {
+                        code = true;
+                    }
+                }
+            }
+            Kind::Quoted => code = true,
+            Kind::Comment => {}
+        }
+    }
+    if code {
+        out.push(text[start..].trim().to_owned());
+    }
+    out
+}
+
+/// The statement without its top-level `CONCURRENTLY` keyword (`CREATE
+/// INDEX CONCURRENTLY`, `DROP INDEX CONCURRENTLY`, `REINDEX ...
+/// CONCURRENTLY`), which cannot run inside a transaction block; `None` when
+/// it has none.
+pub fn without_concurrently(statement: &str) -> Option<String> {
+    let mut out = String::with_capacity(statement.len());
+    let mut found = false;
+    for seg in segments(statement) {
+        let part = &statement[seg.start..seg.end];
+        if seg.kind != Kind::Code {
+            out.push_str(part);
+            continue;
+        }
+        let mut word_start: Option<usize> = None;
+        let mut last = 0;
+        let bytes: Vec<(usize, char)> = part.char_indices().collect();
+        for (n, &(i, c)) in bytes.iter().enumerate() {
+            let is_word = c.is_alphanumeric() || c == '_' || c == '$';
+            if is_word && word_start.is_none() {
+                word_start = Some(i);
+            }
+            let ends = !is_word || n + 1 == bytes.len();
+            if let (true, Some(ws)) = (ends, word_start) {
+                let we = if is_word { i + c.len_utf8() } else { i };
+                if part[ws..we].eq_ignore_ascii_case("concurrently") {
+                    out.push_str(&part[last..ws]);
+                    last = we;
+                    found = true;
+                }
+                word_start = None;
+            }
+        }
+        out.push_str(&part[last..]);
+    }
+    found.then_some(out)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Code,
+    Quoted,
+    Comment,
+}
+
+struct Segment {
+    kind: Kind,
+    start: usize,
+    end: usize,
+}
+
+/// The text cut into code, quoted text and comments. An unterminated quote
+/// or comment runs to the end.
+fn segments(text: &str) -> Vec<Segment> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut code_start = 0;
+    let push_code = |out: &mut Vec<Segment>, from: usize, to: usize| {
+        if to > from {
+            out.push(Segment {
+                kind: Kind::Code,
+                start: from,
+                end: to,
+            });
+        }
+    };
+    while i < b.len() {
+        let prev_is_word = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+        let (kind, end) = match b[i] {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                let end = text[i..].find('\n').map_or(b.len(), |n| i + n + 1);
+                (Kind::Comment, end)
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                let mut j = i;
+                loop {
+                    if j + 1 >= b.len() {
+                        break (Kind::Comment, b.len());
+                    }
+                    if b[j] == b'/' && b[j + 1] == b'*' {
+                        depth += 1;
+                        j += 2;
+                    } else if b[j] == b'*' && b[j + 1] == b'/' {
+                        depth -= 1;
+                        j += 2;
+                        if depth == 0 {
+                            break (Kind::Comment, j);
+                        }
+                    } else {
+                        j += 1;
+                    }
+                }
+            }
+            b'\'' => {
+                let escapes = i > 0
+                    && matches!(b[i - 1], b'e' | b'E')
+                    && !(i > 1 && (b[i - 2].is_ascii_alphanumeric() || b[i - 2] == b'_'));
+                (Kind::Quoted, quoted_end(b, i, b'\'', escapes))
+            }
+            b'"' => (Kind::Quoted, quoted_end(b, i, b'"', false)),
+            b'$' if !prev_is_word => match dollar_tag(b, i) {
+                Some(tag) => {
+                    let body = i + tag.len();
+                    let end = text[body..]
+                        .find(tag)
+                        .map_or(b.len(), |n| body + n + tag.len());
+                    (Kind::Quoted, end)
+                }
+                None => {
+                    i += 1;
+                    continue;
+                }
+            },
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        push_code(&mut out, code_start, i);
+        out.push(Segment {
+            kind,
+            start: i,
+            end,
+        });
+        i = end;
+        code_start = end;
+    }
+    push_code(&mut out, code_start, b.len());
+    out
+}
+
+/// Where a quote opened at `open` ends (after its closing quote). A doubled
+/// quote stays inside; with `escapes`, so does a backslash-escaped one.
+fn quoted_end(b: &[u8], open: usize, quote: u8, escapes: bool) -> usize {
+    let mut j = open + 1;
+    while j < b.len() {
+        if escapes && b[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if b[j] == quote {
+            if b.get(j + 1) == Some(&quote) {
+                j += 2;
+                continue;
+            }
+            return j + 1;
+        }
+        j += 1;
+    }
+    b.len()
+}
+
+/// The dollar-quote tag (`$$`, `$fn$`) opening at `at`, if one does: a
+/// parameter (`$1`) is none.
+fn dollar_tag(b: &[u8], at: usize) -> Option<&str> {
+    let mut j = at + 1;
+    if b.get(j).is_some_and(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
+        j += 1;
+    }
+    if b.get(j) == Some(&b'$') {
+        std::str::from_utf8(&b[at..=j]).ok()
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_statement_with_or_without_its_semicolon() {
+        assert_eq!(
+            split_statements("ALTER TABLE t ADD COLUMN a int;"),
+            vec!["ALTER TABLE t ADD COLUMN a int"]
+        );
+        assert_eq!(
+            split_statements("  CREATE TABLE t (a int)  -- trailing\n"),
+            vec!["CREATE TABLE t (a int)  -- trailing"]
+        );
+        assert!(split_statements(" ; -- nothing\n /* ; */").is_empty());
+    }
+
+    #[test]
+    fn semicolons_inside_quotes_comments_and_dollar_quotes_do_not_split() {
+        let text = "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $fn$ SELECT 1; $fn$; \
+                    COMMENT ON TABLE t IS 'a; b'';c'; \
+                    COMMENT ON TABLE \"x;y\" IS E'it\\'s; ok' /* ; /* ; */ ; */; \
+                    SELECT $1; -- ; \n SELECT 2";
+        let parts = split_statements(text);
+        assert_eq!(parts.len(), 5, "{parts:#?}");
+        assert!(parts[0].ends_with("$fn$ SELECT 1; $fn$"));
+        assert_eq!(parts[1], "COMMENT ON TABLE t IS 'a; b'';c'");
+        assert!(parts[2].starts_with("COMMENT ON TABLE \"x;y\" IS E'it\\'s; ok'"));
+        assert_eq!(parts[3], "SELECT $1");
+        assert_eq!(parts[4], "-- ; \n SELECT 2");
+    }
+
+    #[test]
+    fn concurrently_is_removed_only_where_it_is_a_keyword() {
+        assert_eq!(
+            without_concurrently("CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (a)").as_deref(),
+            Some("CREATE INDEX  IF NOT EXISTS i ON t (a)")
+        );
+        assert_eq!(
+            without_concurrently("drop index concurrently i").as_deref(),
+            Some("drop index  i")
+        );
+        assert_eq!(
+            without_concurrently("COMMENT ON TABLE t IS 'concurrently'"),
+            None
+        );
+        assert_eq!(
+            without_concurrently("CREATE INDEX concurrently_a ON t (a)"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_install_sql_quotes_its_names_and_skips_its_own_schema() {
+        let sql = install_sql();
+        assert!(sql.contains("CREATE OR REPLACE FUNCTION \"pgcourier\".ddl_capture()"));
+        assert!(sql.contains("CREATE EVENT TRIGGER \"pgcourier_ddl\" ON ddl_command_end"));
+        assert!(sql.contains("IS DISTINCT FROM 'pgcourier'"));
+        // Its own schema, created by this very script, is not captured.
+        assert!(sql.contains("c.object_identity = 'pgcourier'"));
+        // Nothing listed and not a DROP (CREATE SCHEMA IF NOT EXISTS that
+        // did nothing): not captured.
+        assert!(sql.contains("TG_TAG LIKE 'DROP %'"));
+        assert!(sql.contains("pg_logical_emit_message(true, 'pgcourier.ddl'"));
+    }
+}

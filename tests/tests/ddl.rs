@@ -1,0 +1,306 @@
+//! Schema changes follow headquarters: DDL captured by the sender's event
+//! trigger is applied at the branch in commit order, inside the target
+//! transaction of its source transaction, under a continuous write load.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use pgcourier_tests::{bin_path, pg_bindir, wait_until, PgCluster};
+
+use crate::fixture::{Options, Setup, DB};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a TCP port")
+}
+
+/// GET the receiver's /status.
+async fn status(port: u16) -> anyhow::Result<serde_json::Value> {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let (_, body) = tokio::task::spawn_blocking(move || {
+        pgcourier_common::ops::admin::request(addr, "GET", "/status")
+    })
+    .await??;
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// `pg_dump --schema-only` of schema public, without comments, SET lines,
+/// `\restrict` lines and blank lines.
+fn schema_dump(pg: &PgCluster) -> anyhow::Result<String> {
+    let out = Command::new(pg_bindir()?.join("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--no-publications",
+            "--no-subscriptions",
+            "-n",
+            "public",
+            "-d",
+            &pg.conninfo(DB),
+        ])
+        .output()
+        .context("run pg_dump")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pg_dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            let t = l.trim();
+            !(t.is_empty()
+                || t.starts_with("--")
+                || t.starts_with("SET ")
+                // pg_dump's per-run random key (17.6+, 15.14+).
+                || t.starts_with("\\restrict ")
+                || t.starts_with("\\unrestrict ")
+                || t.starts_with("SELECT pg_catalog.set_config"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// The migration, one statement per query (as psql sends a script).
+const MIGRATION: &[&str] = &[
+    "ALTER TABLE item ADD COLUMN status text DEFAULT 'new'",
+    "UPDATE item SET status = 'old' WHERE id % 2 = 0",
+    "ALTER TABLE item ALTER COLUMN status SET NOT NULL",
+    "ALTER TABLE item RENAME COLUMN name TO label",
+    "ALTER TABLE item ALTER COLUMN qty TYPE bigint USING qty::bigint * 10",
+    "CREATE INDEX CONCURRENTLY item_status ON item (status)",
+    "CREATE TYPE mood AS ENUM ('calm', 'busy')",
+    "ALTER TYPE mood ADD VALUE 'tired'",
+    "ALTER TABLE item ADD COLUMN mood mood",
+    "UPDATE item SET mood = 'tired' WHERE id % 5 = 0",
+    "CREATE TABLE note (id integer PRIMARY KEY, item_id integer, body text)",
+    "INSERT INTO note SELECT g, g, 'note ' || g FROM generate_series(1, 50) g",
+    "ALTER TABLE item DROP COLUMN label",
+    "CREATE TABLE scratch (id integer PRIMARY KEY)",
+    "INSERT INTO scratch SELECT generate_series(1, 10)",
+    "DROP TABLE scratch",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_schema(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-migration",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, name text, qty integer);",
+            receiver_extra: &receiver_extra,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let dst = setup.target(0).await?;
+    // A branch-local audit of applied inserts (schema audit: not dumped).
+    dst.batch_execute(
+        "CREATE SCHEMA audit;
+         CREATE TABLE audit.applied (id integer);
+         CREATE FUNCTION audit.rec() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO audit.applied VALUES (NEW.id); RETURN NULL; END $$;
+         CREATE TRIGGER applied AFTER INSERT ON item FOR EACH ROW EXECUTE FUNCTION audit.rec();
+         ALTER TABLE item ENABLE ALWAYS TRIGGER applied;",
+    )
+    .await?;
+
+    // The writer: inserts and updates into the table being changed, until
+    // the migration is done (bounded in count and time).
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let client = setup.source().await?;
+        let done = done.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut id = 0i32;
+            while id < 3000 && started.elapsed() < Duration::from_secs(60) {
+                id += 1;
+                client
+                    .execute(
+                        "INSERT INTO item (id, qty) VALUES ($1, $2::text::bigint)",
+                        &[&id, &id.to_string()],
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("writer insert {id}: {:?}", e.as_db_error()))?;
+                if id % 3 == 0 {
+                    client
+                        .execute("UPDATE item SET qty = qty + 1 WHERE id = $1", &[&(id - 1)])
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("writer update {id}: {:?}", e.as_db_error())
+                        })?;
+                }
+                if done.load(Ordering::Relaxed) && id >= 200 {
+                    break;
+                }
+            }
+            anyhow::Ok(id)
+        })
+    };
+    let src = setup.source().await?;
+    for statement in MIGRATION {
+        src.batch_execute(statement)
+            .await
+            .with_context(|| format!("source: {statement}"))?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // DDL and DML in one source transaction, statement by statement.
+    src.batch_execute("BEGIN").await?;
+    src.batch_execute("ALTER TABLE note ADD COLUMN seen boolean DEFAULT false")
+        .await?;
+    src.batch_execute("UPDATE note SET seen = true WHERE id < 10")
+        .await?;
+    src.batch_execute("INSERT INTO note VALUES (51, 1, 'late', true)")
+        .await?;
+    src.batch_execute("COMMIT").await?;
+    done.store(true, Ordering::Relaxed);
+    let written = writer.await??;
+    eprintln!("writer: {written} inserts");
+
+    setup
+        .wait_equal(0, &["public.item", "public.note"], WAIT)
+        .await?;
+    // Schema: identical, once the branch's local audit trigger is gone.
+    dst.batch_execute("DROP TRIGGER applied ON item").await?;
+    let (hq, branch) = (schema_dump(&setup.hq)?, schema_dump(&setup.branches[0].pg)?);
+    anyhow::ensure!(
+        hq == branch,
+        "schemas differ:\n--- hq ---\n{hq}\n--- branch ---\n{branch}"
+    );
+    anyhow::ensure!(hq.contains("item_status"), "the index is there: {hq}");
+    // No insert applied twice.
+    let (applied, twice): (i64, i64) = {
+        let r = dst
+            .query_one(
+                "SELECT count(*), (SELECT count(*) FROM (SELECT id FROM audit.applied GROUP BY id HAVING count(*) > 1) x) FROM audit.applied",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    anyhow::ensure!(
+        applied == i64::from(written) && twice == 0,
+        "{applied} inserts applied for {written} written, {twice} ids applied more than once"
+    );
+    // Apply never paused.
+    let st = status(admin).await?;
+    anyhow::ensure!(
+        st["error_class"].is_null() && st["apply_state"] != "paused",
+        "apply reports an error: {st}"
+    );
+    let log = setup.branches[0].receiver.log();
+    anyhow::ensure!(
+        !log.contains("apply paused"),
+        "apply paused on the way:\n{}",
+        setup.logs()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_the_branch_refuses_pauses_apply_naming_it_until_the_conflict_is_gone(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-refused",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
+            receiver_extra: &receiver_extra,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let (src, dst) = (setup.source().await?, setup.target(0).await?);
+    // A local object in the way.
+    dst.batch_execute("CREATE TABLE extra (local text)").await?;
+    src.batch_execute("INSERT INTO item VALUES (1, 1)").await?;
+    src.batch_execute("CREATE TABLE extra (id integer PRIMARY KEY, v text)")
+        .await?;
+    src.batch_execute("INSERT INTO extra VALUES (1, 'one')")
+        .await?;
+    src.batch_execute("INSERT INTO item VALUES (2, 2)").await?;
+    wait_until("apply to pause with class ddl", WAIT, || async {
+        let st = status(admin).await?;
+        Ok(st["apply_state"] == "paused" && st["error_class"] == "ddl")
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    let out = Command::new(bin_path("pgcourier-queue"))
+        .args([
+            "--config",
+            setup.branches[0].config.to_str().expect("utf-8"),
+            "status",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        text.contains("CREATE TABLE extra (id integer PRIMARY KEY, v text)")
+            && text.contains("(ddl)"),
+        "pgcourier-queue status names the statement: {text}"
+    );
+    // What came before the refused transaction is applied.
+    let n: i64 = dst
+        .query_one("SELECT count(*) FROM item", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(n == 1, "item holds {n} rows at the pause");
+    // The DBA removes the local table: apply resumes by itself.
+    dst.batch_execute("DROP TABLE extra").await?;
+    setup
+        .wait_equal(0, &["public.item", "public.extra"], WAIT)
+        .await?;
+    // A sender restart installs its trigger again: that is no schema change
+    // for the branch (it once paused on the install script).
+    let mut setup = setup;
+    setup.sender.kill9()?;
+    setup.restart_sender()?;
+    src.batch_execute("INSERT INTO item VALUES (3, 3)").await?;
+    setup
+        .wait_equal(0, &["public.item", "public.extra"], WAIT)
+        .await?;
+    let st = status(admin).await?;
+    anyhow::ensure!(
+        st["error_class"].is_null(),
+        "apply reports an error after the sender restarted: {st}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ddl_none_the_branch_pauses_at_a_column_it_lacks() -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"\nddl = \"none\"");
+    let setup = Setup::start(
+        "ddl-none",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
+            receiver_extra: &receiver_extra,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    src.batch_execute("ALTER TABLE item ADD COLUMN note text")
+        .await?;
+    src.batch_execute("INSERT INTO item VALUES (1, 1, 'x')")
+        .await?;
+    wait_until("apply to pause with class missing_column", WAIT, || async {
+        let st = status(admin).await?;
+        Ok(st["apply_state"] == "paused" && st["error_class"] == "missing_column")
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    Ok(())
+}
