@@ -41,6 +41,8 @@ struct RawSenderConfig {
     capture_batch_changes: u32,
     #[serde(default = "default_true")]
     initial_copy: bool,
+    #[serde(default)]
+    ddl_capture: bool,
     #[serde(default = "default_copy_lock_wait", deserialize_with = "de_duration")]
     copy_lock_wait: Duration,
     #[serde(default = "default_copy_workers")]
@@ -188,6 +190,9 @@ pub struct SenderConfig {
     pub poll_interval: Duration,
     pub capture_batch_changes: u32,
     /// Copy the published tables' existing rows when the spool is new.
+    /// Install the DDL event trigger at the source (`ddl-capture`; off by
+    /// default until its limits are lifted: see README, "Schema changes").
+    pub ddl_capture: bool,
     pub initial_copy: bool,
     /// How long a copy's cut waits for the tables' writers before retrying.
     pub copy_lock_wait: Duration,
@@ -372,6 +377,7 @@ impl SenderConfig {
             poll_interval: raw.poll_interval,
             capture_batch_changes: raw.capture_batch_changes,
             initial_copy: raw.initial_copy,
+            ddl_capture: raw.ddl_capture,
             copy_lock_wait: raw.copy_lock_wait,
             copy_workers: raw.copy_workers,
             batch_bytes: raw.batch_bytes as usize,

@@ -256,7 +256,9 @@ pub async fn prepare(
         tracing::info!(publication = %cfg.publication, "created publication");
     }
 
-    install_ddl_capture(client).await?;
+    if cfg.ddl_capture {
+        install_ddl_capture(client).await?;
+    }
 
     let slot = client
         .query_opt(
@@ -514,6 +516,11 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         ));
     }
     match ddl_capture_enabled(&client).await {
+        Ok(true) if !cfg.ddl_capture => notes.push(format!(
+            "the DDL event trigger {} is installed and enabled although ddl-capture is off: schema changes are still replicated; to stop it, as a superuser: DROP EVENT TRIGGER {0}; DROP EVENT TRIGGER {0}_drops;",
+            ddl::DDL_TRIGGER
+        )),
+        Ok(false) if !cfg.ddl_capture => {}
         Ok(true) => {}
         Ok(false) if superuser => notes.push(format!(
             "the DDL event trigger {} is absent or disabled: run will install it",

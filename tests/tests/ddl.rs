@@ -99,6 +99,7 @@ async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_sc
         Options {
             schema: "CREATE TABLE item (id integer PRIMARY KEY, name text, qty integer);",
             receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
             ..Options::default()
         },
     )
@@ -218,6 +219,7 @@ async fn a_schema_change_the_branch_refuses_pauses_apply_naming_it_until_the_con
         Options {
             schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
             receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
             ..Options::default()
         },
     )
@@ -287,11 +289,50 @@ async fn with_ddl_none_the_branch_pauses_at_a_column_it_lacks() -> anyhow::Resul
         Options {
             schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
             receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
             ..Options::default()
         },
     )
     .await?;
     let src = setup.source().await?;
+    src.batch_execute("ALTER TABLE item ADD COLUMN note text")
+        .await?;
+    src.batch_execute("INSERT INTO item VALUES (1, 1, 'x')")
+        .await?;
+    wait_until("apply to pause with class missing_column", WAIT, || async {
+        let st = status(admin).await?;
+        Ok(st["apply_state"] == "paused" && st["error_class"] == "missing_column")
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    Ok(())
+}
+
+/// `ddl-capture` is off by default: the sender installs no event trigger,
+/// and a schema change at headquarters reaches no branch (the branch pauses
+/// at the first row that no longer fits, as before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ddl_capture_the_sender_installs_no_trigger() -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-off",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
+            receiver_extra: &receiver_extra,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    let triggers: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgcourier%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(triggers, 0, "{}", setup.logs());
     src.batch_execute("ALTER TABLE item ADD COLUMN note text")
         .await?;
     src.batch_execute("INSERT INTO item VALUES (1, 1, 'x')")
