@@ -38,11 +38,20 @@ pub struct Setup {
     pub dir: tempfile::TempDir,
 }
 
+/// A port free on loopback for UDP and for TCP: a receiver listens on
+/// both with one number (a port free for UDP alone was once taken on TCP
+/// by another test's connection, and the receiver could not start).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("bind a UDP port on loopback")
+    for _ in 0..50 {
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("bind a UDP port on loopback");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on loopback for both UDP and TCP in 50 tries")
 }
 
 pub fn keygen(dir: &Path, name: &str) -> String {

@@ -410,11 +410,19 @@ impl Capture {
         shutdown: &CancellationToken,
     ) -> Result<Option<ReplicationStream>, CaptureError> {
         let publication = pgcourier_common::pg::quote_ident(&self.cfg.publication);
+        // Logical messages only with `ddl-capture` (DDL travels as one,
+        // `pgcourier.ddl`): pgoutput also sends other applications'
+        // messages, the non-transactional ones outside any transaction,
+        // which capture refuses as out of order.
+        let messages = if self.cfg.ddl_capture {
+            "true"
+        } else {
+            "false"
+        };
         let options = [
             ("proto_version", "1"),
             ("publication_names", publication.as_str()),
-            // Logical messages: DDL (`pgcourier.ddl`) travels as one.
-            ("messages", "true"),
+            ("messages", messages),
         ];
         let deadline = Instant::now() + SLOT_RELEASE_WAIT;
         loop {
