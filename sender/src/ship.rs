@@ -51,11 +51,6 @@ use crate::config::{ReceiverSpec, SenderConfig};
 use crate::spool::Spool;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
-/// Under `max-rate`: the most of this connection's frames QUIC may hold
-/// unsent before the shipper writes more (see the pacing in `ship`), and
-/// how often it looks again while it holds more.
-const UNSENT_MAX: u64 = 64 << 10;
-const UNSENT_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
@@ -624,8 +619,7 @@ impl Shipper {
             loop {
                 if let Some(budget) = spec.budget.as_ref() {
                     let p = &mut pacer;
-                    let wire = conn.wire_bytes().0;
-                    let (now, sent) = (Instant::now(), frame_bytes.max(wire));
+                    let (now, sent) = (Instant::now(), frame_bytes.max(conn.wire_bytes().0));
                     let (rate, _, next) = budget.at(local_time::seconds_of_day());
                     let wait = match rate {
                         Rate::Closed => {
@@ -640,15 +634,7 @@ impl Shipper {
                         }
                         Rate::Bytes(b) => {
                             p.set_rate(b, now);
-                            match p.wait(now, sent) {
-                                // Frames QUIC has taken but not yet put on
-                                // the wire (its congestion window still
-                                // growing) were counted when written: were
-                                // more written, QUIC would later send them
-                                // all at once, above the cap. Wait for it.
-                                w if w.is_zero() && frame_bytes > wire + UNSENT_MAX => UNSENT_POLL,
-                                w => w,
-                            }
+                            p.wait(now, sent)
                         }
                     };
                     if !wait.is_zero() {
