@@ -347,10 +347,41 @@ pub async fn install_ddl_capture(client: &Client) -> Result<(), SourceError> {
         return Ok(());
     }
     client
-        .batch_execute(&ddl::install_sql())
+        .batch_execute(&ddl::install_sql(None))
         .await
         .map_err(|e| SourceError::query("install the DDL event trigger", e))?;
     Ok(())
+}
+
+/// The key the DDL trigger signs its messages with; `Err` says why it
+/// cannot be read (not installed, or the role may not read it).
+pub async fn read_ddl_key(client: &Client) -> Result<Result<Vec<u8>, String>, SourceError> {
+    let sql = format!(
+        "SELECT key FROM {}.{}",
+        quote_ident(ddl::DDL_SCHEMA),
+        quote_ident(ddl::DDL_KEY_TABLE)
+    );
+    match client.query_opt(&sql, &[]).await {
+        Ok(Some(row)) => Ok(Ok(row.get(0))),
+        Ok(None) => Ok(Err(format!(
+            "{}.{} is empty",
+            ddl::DDL_SCHEMA,
+            ddl::DDL_KEY_TABLE
+        ))),
+        Err(e) => match e.code().map(|c| c.code()) {
+            Some("42P01" | "3F000") => Ok(Err(format!(
+                "{}.{} does not exist (the DDL trigger is not installed)",
+                ddl::DDL_SCHEMA,
+                ddl::DDL_KEY_TABLE
+            ))),
+            Some("42501") => Ok(Err(format!(
+                "the sender's role may not read {}.{}",
+                ddl::DDL_SCHEMA,
+                ddl::DDL_KEY_TABLE
+            ))),
+            _ => Err(SourceError::query("read the DDL signing key", e)),
+        },
+    }
 }
 
 /// Whether the DDL event trigger exists and is enabled.
@@ -449,6 +480,7 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         Err(e) => problems.push(q("read wal_level", e)),
     }
     let mut superuser = false;
+    let mut role = None;
     match client
         .query_one("SELECT rolsuper, rolreplication, current_user::text FROM pg_roles WHERE rolname = current_user", &[])
         .await
@@ -456,6 +488,7 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         Ok(row) => {
             let (sup, repl, user): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
             superuser = sup;
+            role = Some(user.clone());
             if !sup && !repl {
                 problems.push(Problem {
                     what: format!("role {user} has neither REPLICATION nor SUPERUSER"),
@@ -521,7 +554,20 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
             ddl::DDL_TRIGGER
         )),
         Ok(false) if !cfg.ddl_capture => {}
-        Ok(true) => {}
+        Ok(true) => match read_ddl_key(&client).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(why)) => problems.push(Problem {
+                what: format!("schema changes would not be replicated: {why}"),
+                fix: format!(
+                    "run as a superuser on the source database:\n{}",
+                    ddl::install_sql(role.as_deref().filter(|_| !superuser))
+                ),
+            }),
+            Err(e) => problems.push(Problem {
+                what: error_chain(&e),
+                fix: "check the role's privileges".into(),
+            }),
+        },
         Ok(false) if superuser => notes.push(format!(
             "the DDL event trigger {} is absent or disabled: run will install it",
             ddl::DDL_TRIGGER
@@ -533,7 +579,7 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
             ),
             fix: format!(
                 "run as a superuser on the source database:\n{}",
-                ddl::install_sql()
+                ddl::install_sql(role.as_deref())
             ),
         }),
         Err(e) => problems.push(Problem {

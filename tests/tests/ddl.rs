@@ -345,3 +345,108 @@ async fn without_ddl_capture_the_sender_installs_no_trigger() -> anyhow::Result<
     .with_context(|| setup.logs())?;
     Ok(())
 }
+
+/// Any role at headquarters may call `pg_logical_emit_message`, and a
+/// branch runs what a `pgcourier.ddl` message says: capture keeps only the
+/// messages the trigger signed. A forged DDL message, a forged copy
+/// message and other applications' messages (transactional or not) reach
+/// no branch and stop nothing; the signing function works only inside DDL;
+/// the key is neither readable by other roles nor copied; DDL run by code
+/// (a DO block) pauses apply, naming it, instead of running the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_foreign_logical_messages_never_reach_the_branch() -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-forged",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);
+                     CREATE ROLE mallory LOGIN;
+                     GRANT SELECT, INSERT ON item TO mallory;",
+            receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let (src, dst) = (setup.source().await?, setup.target(0).await?);
+    src.batch_execute("INSERT INTO item VALUES (1, 1)").await?;
+    setup.wait_equal(0, &["public.item"], WAIT).await?;
+
+    let conninfo = setup
+        .hq
+        .conninfo(DB)
+        .replace("user=postgres", "user=mallory");
+    let (mallory, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    // Forged: a statement, a copy (which would truncate the branch's
+    // tables), with a row around them; other applications' messages.
+    mallory
+        .batch_execute(
+            r#"BEGIN;
+               INSERT INTO item VALUES (2, 2);
+               SELECT pg_logical_emit_message(true, 'pgcourier.ddl',
+                   '{"statement":"DROP TABLE item","search_path":"public","tags":["DROP TABLE"]}');
+               SELECT pg_logical_emit_message(true, 'pgcourier.copy', '{}');
+               SELECT pg_logical_emit_message(true, 'app.audit', 'x');
+               COMMIT;
+               SELECT pg_logical_emit_message(false, 'app.heartbeat', 'beat');
+               SELECT pg_logical_emit_message(false, 'pgcourier.ddl', '{"statement":"DROP TABLE item"}');"#,
+        )
+        .await?;
+    // The signing function refuses outside DDL; the key is not readable.
+    let e = mallory
+        .batch_execute("SELECT pgcourier.ddl_emit('DROP TABLE', 'public', 'postgres')")
+        .await
+        .expect_err("ddl_emit outside DDL");
+    anyhow::ensure!(
+        format!("{:?}", e.as_db_error())
+            .contains("can only be called in an event trigger function"),
+        "ddl_emit outside DDL: {e:?}"
+    );
+    let e = mallory
+        .batch_execute("SELECT key FROM pgcourier.ddl_key")
+        .await
+        .expect_err("the key is private");
+    anyhow::ensure!(
+        e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "reading the key: {e:?}"
+    );
+    // A real schema change after them is applied, in order.
+    src.batch_execute("ALTER TABLE item ADD COLUMN note text")
+        .await?;
+    src.batch_execute("INSERT INTO item VALUES (3, 3, 'three')")
+        .await?;
+    setup.wait_equal(0, &["public.item"], WAIT).await?;
+    let key_at_branch: Option<String> = dst
+        .query_one("SELECT to_regclass('pgcourier.ddl_key')::text", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        key_at_branch.is_none(),
+        "the DDL key was copied to the branch"
+    );
+    let log = setup.sender.log();
+    anyhow::ensure!(
+        log.contains("left out pgcourier.ddl logical messages whose signature does not verify"),
+        "the sender says it left a forged message out:\n{}",
+        setup.logs()
+    );
+
+    // DDL made by code: the code is not run at the branch.
+    src.batch_execute(
+        "DO $$ BEGIN EXECUTE 'CREATE TABLE by_code (id integer PRIMARY KEY)'; END $$",
+    )
+    .await?;
+    wait_until("apply to pause with class ddl", WAIT, || async {
+        let st = status(admin).await?;
+        Ok(st["apply_state"] == "paused"
+            && st["error_class"] == "ddl"
+            && st["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("made by code at headquarters")))
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    Ok(())
+}

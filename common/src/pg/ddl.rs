@@ -16,13 +16,16 @@ use serde::{Deserialize, Serialize};
 use super::quote_ident;
 
 /// The prefix of the logical messages that carry DDL.
-pub const DDL_PREFIX: &str = "pgcourier.ddl";
+pub use pgcourier_proto::cutter::DDL_PREFIX;
 
 /// The schema the sender's trigger function lives in (also the receiver's
 /// bookkeeping schema at the branch); DDL in it is never captured.
 pub const DDL_SCHEMA: &str = "pgcourier";
 /// The event trigger's name.
 pub const DDL_TRIGGER: &str = "pgcourier_ddl";
+
+/// The table holding the key the trigger signs DDL messages with.
+pub const DDL_KEY_TABLE: &str = "ddl_key";
 
 /// What one DDL message carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +37,11 @@ pub struct DdlMessage {
     pub search_path: String,
     /// The command tags of the DDL commands it ran (`CREATE TABLE`, ...).
     pub tags: Vec<String>,
+    /// The role that ran it at the source (`current_user`); the branch
+    /// runs the statement as that role. Absent in messages of versions
+    /// before it was carried.
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 /// Command tags the trigger never captures: the source's own replication
@@ -53,21 +61,54 @@ pub const NOT_CAPTURED: &[&str] = &[
 
 /// The SQL that installs (or replaces: idempotent) the capture functions
 /// and creates the event triggers when absent (a trigger an operator
-/// disabled stays disabled: `check` reports it). Needs a superuser on PostgreSQL 15.
+/// disabled stays disabled: `check` reports it). Needs a superuser on
+/// PostgreSQL 15. `reader`: a role, not a superuser, that the sender
+/// connects as and that must read the key.
 ///
-/// The function emits one message per query string per transaction: a
-/// string of several DDL statements fires the trigger once per statement,
-/// but `current_query()` is the whole string each time, so a
-/// transaction-local setting (`pgcourier.ddl_last`: the string's md5 and the
-/// statement's start time) remembers what was emitted last.
-pub fn install_sql() -> String {
+/// Messages are signed: any role may call `pg_logical_emit_message`, and a
+/// branch runs what a `pgcourier.ddl` message says, so the message carries
+/// an HMAC-SHA256 of its content under a random key kept in
+/// `pgcourier.ddl_key` (readable by its owner and `reader` only; made once,
+/// kept across re-installs). The signing function `ddl_emit` is `SECURITY
+/// DEFINER` (it reads the key for whoever runs DDL) and works only inside a
+/// DDL command (`pg_event_trigger_ddl_commands()` refuses elsewhere), where
+/// the statement it signs is always the client's own query string. It
+/// signs the role that ran the statement only if the session's login role
+/// could be it (`pg_has_role`). The capture (`pgcourier_proto::cutter`)
+/// keeps only messages that verify.
+///
+/// One message per query string per transaction: a string of several DDL
+/// statements fires the trigger once per statement, but `current_query()`
+/// is the whole string each time, so a transaction-local setting
+/// (`pgcourier.ddl_last`: the string's md5 and the statement's start time)
+/// remembers what was emitted last. The drop trigger's verdict
+/// (`pgcourier.ddl_drop`) carries the statement's start time too, so a
+/// value set by hand in an earlier statement does not count.
+pub fn install_sql(reader: Option<&str>) -> String {
     let schema = quote_ident(DDL_SCHEMA);
     let trigger = quote_ident(DDL_TRIGGER);
     let drops = quote_ident(&format!("{DDL_TRIGGER}_drops"));
+    let key_table = format!("{schema}.{}", quote_ident(DDL_KEY_TABLE));
     let skipped: Vec<String> = NOT_CAPTURED.iter().map(|t| format!("'{t}'")).collect();
+    let grant = match reader {
+        Some(role) => format!(
+            "GRANT USAGE ON SCHEMA {schema} TO {role};\nGRANT SELECT ON {key_table} TO {role};\n",
+            role = quote_ident(role)
+        ),
+        None => String::new(),
+    };
     format!(
         r#"CREATE SCHEMA IF NOT EXISTS {schema};
-CREATE OR REPLACE FUNCTION {schema}.ddl_drops() RETURNS event_trigger
+CREATE TABLE IF NOT EXISTS {key_table} (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    key bytea NOT NULL
+);
+REVOKE ALL ON {key_table} FROM PUBLIC;
+INSERT INTO {key_table} (key)
+    SELECT pg_catalog.decode(pg_catalog.replace(
+        pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''), 'hex')
+    ON CONFLICT DO NOTHING;
+{grant}CREATE OR REPLACE FUNCTION {schema}.ddl_drops() RETURNS event_trigger
 LANGUAGE plpgsql AS $pgcourier$
 BEGIN
     -- A DROP is not listed by pg_event_trigger_ddl_commands(): say here
@@ -76,51 +117,83 @@ BEGIN
         CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
                            WHERE d.original AND NOT d.is_temporary
                              AND d.schema_name IS DISTINCT FROM '{DDL_SCHEMA}')
-             THEN 'replicated' ELSE 'local' END, true);
+             THEN 'replicated/' || pg_catalog.statement_timestamp()::text ELSE 'local' END, true);
 END
 $pgcourier$;
-CREATE OR REPLACE FUNCTION {schema}.ddl_capture() RETURNS event_trigger
-LANGUAGE plpgsql AS $pgcourier$
+CREATE OR REPLACE FUNCTION {schema}.ddl_emit(tag text, path text, runner text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pgcourier$
 DECLARE
     tags text[];
     listed bigint;
     mark text;
+    k bytea;
+    body bytea;
+    ipad bytea;
+    opad bytea;
 BEGIN
-    IF TG_TAG = ANY (ARRAY[{skipped}]) THEN
-        RETURN;
-    END IF;
-    SELECT pg_catalog.count(*),
-           pg_catalog.array_agg(DISTINCT c.command_tag) FILTER (
+    SELECT count(*),
+           array_agg(DISTINCT c.command_tag) FILTER (
                WHERE NOT c.in_extension
                  AND c.command_tag <> ALL (ARRAY[{skipped}])
                  AND c.schema_name IS DISTINCT FROM '{DDL_SCHEMA}'
                  AND NOT (c.object_type = 'schema' AND c.object_identity = '{DDL_SCHEMA}')
                  AND coalesce(c.schema_name, '') NOT LIKE 'pg\_temp%')
       INTO listed, tags
-      FROM pg_catalog.pg_event_trigger_ddl_commands() c;
+      FROM pg_event_trigger_ddl_commands() c;
     IF listed = 0 THEN
         -- Nothing listed: a DROP (pg_event_trigger_ddl_commands() lists
-        -- none) that the sql_drop trigger saw drop a replicated object, or
-        -- nothing to replicate (IF NOT EXISTS / IF EXISTS that did nothing).
-        IF TG_TAG LIKE 'DROP %'
-           AND pg_catalog.current_setting('pgcourier.ddl_drop', true) = 'replicated' THEN
-            tags := ARRAY[TG_TAG];
+        -- none) that the sql_drop trigger saw drop a replicated object in
+        -- this very statement, or nothing to replicate (IF NOT EXISTS /
+        -- IF EXISTS that did nothing).
+        IF current_setting('pgcourier.ddl_drop', true)
+           = 'replicated/' || statement_timestamp()::text THEN
+            IF tag LIKE 'DROP %' THEN
+                tags := ARRAY[tag];
+            END IF;
         END IF;
-        PERFORM pg_catalog.set_config('pgcourier.ddl_drop', '', true);
+        PERFORM set_config('pgcourier.ddl_drop', '', true);
     END IF;
     IF tags IS NULL THEN
         RETURN;
     END IF;
-    mark := pg_catalog.md5(pg_catalog.current_query()) || '/' || pg_catalog.statement_timestamp()::text;
-    IF pg_catalog.current_setting('pgcourier.ddl_last', true) IS NOT DISTINCT FROM mark THEN
+    mark := md5(current_query()) || '/' || statement_timestamp()::text;
+    IF current_setting('pgcourier.ddl_last', true) IS NOT DISTINCT FROM mark THEN
         RETURN;
     END IF;
-    PERFORM pg_catalog.set_config('pgcourier.ddl_last', mark, true);
-    PERFORM pg_catalog.pg_logical_emit_message(true, '{DDL_PREFIX}',
-        pg_catalog.json_build_object(
-            'statement', pg_catalog.current_query(),
-            'search_path', pg_catalog.current_setting('search_path'),
-            'tags', tags)::text);
+    PERFORM set_config('pgcourier.ddl_last', mark, true);
+    IF runner IS NULL OR NOT pg_has_role(session_user, runner, 'MEMBER') THEN
+        runner := session_user;
+    END IF;
+    SELECT d.key INTO k FROM {key_table} d;
+    IF k IS NULL THEN
+        RAISE EXCEPTION 'pgcourier: no key in {DDL_SCHEMA}.{DDL_KEY_TABLE}'
+            USING HINT = 'run pgcourier-sender (as a superuser) or the SQL pgcourier-sender check prints';
+    END IF;
+    body := convert_to(json_build_object(
+        'statement', current_query(),
+        'search_path', path,
+        'tags', tags,
+        'role', runner)::text, 'UTF8');
+    k := k || decode(repeat('00', 64 - length(k)), 'hex');
+    ipad := k;
+    opad := k;
+    FOR i IN 0..63 LOOP
+        ipad := set_byte(ipad, i, get_byte(k, i) # 54);
+        opad := set_byte(opad, i, get_byte(k, i) # 92);
+    END LOOP;
+    PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}',
+        convert_to(encode(sha256(opad || sha256(ipad || body)), 'hex'), 'UTF8') || body);
+END
+$pgcourier$;
+-- Whoever runs DDL calls ddl_emit (through ddl_capture, as themselves).
+GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
+CREATE OR REPLACE FUNCTION {schema}.ddl_capture() RETURNS event_trigger
+LANGUAGE plpgsql AS $pgcourier$
+BEGIN
+    IF TG_TAG = ANY (ARRAY[{skipped}]) THEN
+        RETURN;
+    END IF;
+    PERFORM {schema}.ddl_emit(TG_TAG, pg_catalog.current_setting('search_path'), current_user::text);
 END
 $pgcourier$;
 DO $pgcourier$
@@ -170,6 +243,37 @@ pub fn split_statements(text: &str) -> Vec<String> {
         out.push(text[start..].trim().to_owned());
     }
     out
+}
+
+/// The first words a DDL statement may start with. The trigger fires for
+/// DDL run by code too (a `DO` block, a function called by `SELECT` or
+/// `CALL`), whose query string is that code: not replayed.
+const DDL_VERBS: &[&str] = &[
+    "CREATE", "ALTER", "DROP", "COMMENT", "SECURITY", "IMPORT", "REFRESH",
+];
+
+/// Whether `statement` (one, from [`split_statements`]) starts, after
+/// comments and parentheses, with a DDL verb.
+pub fn is_ddl_statement(statement: &str) -> bool {
+    for seg in segments(statement) {
+        match seg.kind {
+            Kind::Comment => continue,
+            Kind::Quoted => return false,
+            Kind::Code => {
+                let code = &statement[seg.start..seg.end];
+                let code = code.trim_start_matches(|c: char| c.is_whitespace());
+                if code.is_empty() {
+                    continue;
+                }
+                let word: String = code
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphabetic())
+                    .collect();
+                return DDL_VERBS.iter().any(|v| v.eq_ignore_ascii_case(&word));
+            }
+        }
+    }
+    false
 }
 
 /// The statement without its top-level `CONCURRENTLY` keyword (`CREATE
@@ -375,6 +479,31 @@ mod tests {
     }
 
     #[test]
+    fn only_statements_that_are_ddl_themselves_are_replayed() {
+        for yes in [
+            "CREATE TABLE t (a int)",
+            "  -- migration 12\n/* x */ alter table t add b int",
+            "DROP INDEX CONCURRENTLY i",
+            "COMMENT ON TABLE t IS 'x'",
+            "REFRESH MATERIALIZED VIEW v",
+        ] {
+            assert!(is_ddl_statement(yes), "{yes}");
+        }
+        for no in [
+            "DO $$ BEGIN CREATE TABLE t (); PERFORM 1; END $$",
+            "SELECT make_tables()",
+            "CALL migrate()",
+            "WITH x AS (SELECT 1) SELECT * INTO t FROM x",
+            "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+            "createx TABLE t ()",
+            "",
+            "-- only a comment",
+        ] {
+            assert!(!is_ddl_statement(no), "{no}");
+        }
+    }
+
+    #[test]
     fn concurrently_is_removed_only_where_it_is_a_keyword() {
         assert_eq!(
             without_concurrently("CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (a)").as_deref(),
@@ -396,7 +525,10 @@ mod tests {
 
     #[test]
     fn the_install_sql_quotes_its_names_and_skips_its_own_schema() {
-        let sql = install_sql();
+        let sql = install_sql(None);
+        assert!(!sql.contains("GRANT SELECT"));
+        assert!(install_sql(Some("cour ier"))
+            .contains("GRANT SELECT ON \"pgcourier\".\"ddl_key\" TO \"cour ier\";"));
         assert!(sql.contains("CREATE OR REPLACE FUNCTION \"pgcourier\".ddl_capture()"));
         assert!(sql.contains("CREATE EVENT TRIGGER \"pgcourier_ddl\" ON ddl_command_end"));
         assert!(sql.contains("IS DISTINCT FROM 'pgcourier'"));
@@ -404,7 +536,8 @@ mod tests {
         assert!(sql.contains("c.object_identity = 'pgcourier'"));
         // Nothing listed and not a DROP (CREATE SCHEMA IF NOT EXISTS that
         // did nothing): not captured.
-        assert!(sql.contains("TG_TAG LIKE 'DROP %'"));
+        assert!(sql.contains("tag LIKE 'DROP %'"));
+        assert!(sql.contains("SECURITY DEFINER SET search_path = pg_catalog, pg_temp"));
         assert!(sql.contains("pg_logical_emit_message(true, 'pgcourier.ddl'"));
     }
 }

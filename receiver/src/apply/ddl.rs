@@ -9,14 +9,20 @@
 //! Settings: `ddl = "none"` ignores every message; a command tag in
 //! `ddl-deny` leaves the statement out, logged as skipped by rule. A query
 //! string holding several statements is not run: apply pauses, naming it
-//! (apply it by hand, then `pgcourier-queue skip`). `CONCURRENTLY` cannot
+//! (apply it by hand, then `pgcourier-queue skip`). Nor is one that is not
+//! itself a DDL statement (`DO`, `SELECT f()`, `CALL`: the trigger fired
+//! for DDL that code ran): replaying it would run that code at the branch
+//! with the apply role's rights. Statements run as the apply role; the
+//! role that ran them at the source is logged. `CONCURRENTLY` cannot
 //! run inside a transaction block: it is dropped, and the index is built
 //! (or dropped) inside the target transaction, holding its lock until the
 //! group commits. The group ends after a transaction with DDL, so that what
 //! it created (an enum value) is committed before the next transaction uses
 //! it.
 
-use pgcourier_common::pg::ddl::{split_statements, without_concurrently, DdlMessage};
+use pgcourier_common::pg::ddl::{
+    is_ddl_statement, split_statements, without_concurrently, DdlMessage,
+};
 
 use super::error::{target_err, ApplyError};
 use super::{Apply, Session};
@@ -70,6 +76,12 @@ impl Apply {
                 })
             }
         };
+        if !is_ddl_statement(&statement) {
+            return Err(ApplyError::DdlByCode {
+                seq,
+                statement: text,
+            });
+        }
         let statement = without_concurrently(&statement).unwrap_or(statement);
         // Order: everything queued before the statement reaches the target
         // first, and nothing after it is prepared against the old shape.
@@ -100,7 +112,7 @@ impl Apply {
         s.statements.clear();
         s.set_statements.clear();
         s.end_group = true;
-        tracing::info!(seq, statement = %text, "applied schema change");
+        tracing::info!(seq, statement = %text, source_role = msg.role.as_deref().unwrap_or("?"), "applied schema change");
         Ok(())
     }
 }

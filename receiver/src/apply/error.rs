@@ -76,6 +76,8 @@ pub enum ApplyError {
     },
     #[error("the schema change in record {seq} is a query string of several statements, which is not replayed: {statement}. Apply it at the branch by hand, then pgcourier-queue skip")]
     DdlSeveral { seq: u64, statement: String },
+    #[error("the schema change in record {seq} was made by code at headquarters (a DO block, or a function called by SELECT or CALL): its query string is not a DDL statement and is not run at the branch, where it would run that code with the apply role's rights: {statement}. Make the same schema change at the branch by hand, then pgcourier-queue skip")]
+    DdlByCode { seq: u64, statement: String },
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
@@ -132,7 +134,9 @@ impl ApplyError {
             ApplyError::Ddl { source, .. } if target_fault(&source.0).transient => {
                 target_fault(&source.0)
             }
-            ApplyError::Ddl { .. } | ApplyError::DdlSeveral { .. } => definite("ddl"),
+            ApplyError::Ddl { .. }
+            | ApplyError::DdlSeveral { .. }
+            | ApplyError::DdlByCode { .. } => definite("ddl"),
             ApplyError::Corrupt { .. } => definite("corrupt_record"),
             ApplyError::OutOfOrder { .. } => definite("out_of_order"),
             ApplyError::Decode { .. }

@@ -81,6 +81,8 @@ pub struct Capture {
     in_flight: Option<stream::InFlight>,
     /// Told how the first session went: capturing, or retrying the source.
     started: Option<oneshot::Sender<CaptureStart>>,
+    /// Whether the missing DDL key was reported (once per process).
+    ddl_key_warned: bool,
 }
 
 impl Capture {
@@ -97,6 +99,7 @@ impl Capture {
             confirm_on_start: None,
             in_flight: None,
             started: None,
+            ddl_key_warned: false,
         }
     }
 

@@ -109,8 +109,10 @@ impl Capture {
             self.confirm(&mut stream, synced).await?;
         }
         let cut = self.cut.as_ref().map(|p| p.cut.lsn);
-        let mut cutter =
-            Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn()).before_cut(cut);
+        let ddl_key = self.ddl_key(client).await?;
+        let mut cutter = Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn())
+            .before_cut(cut)
+            .with_ddl_key(ddl_key);
         let batch_max = u64::from(self.cfg.capture_batch_changes);
         let mut batch = Batch::default();
         // A transaction committing at or after the pending cut arrived.
@@ -295,6 +297,12 @@ impl Capture {
         batch: &mut Batch,
     ) -> Result<(), CaptureError> {
         let summary = cutter.take_summary()?;
+        if summary.forged_ddl > 0 {
+            tracing::warn!(
+                messages = summary.forged_ddl,
+                "left out pgcourier.ddl logical messages whose signature does not verify: not written by pgcourier's DDL trigger (a role at the source called pg_logical_emit_message with pgcourier's prefix), or pgcourier.ddl_key changed while they were in the WAL; their statements are not replicated"
+            );
+        }
         if batch.tables_changed {
             // Durable with the commit below, before any transaction whose
             // changes it explains.
@@ -398,6 +406,25 @@ impl Capture {
         let stats = source::slot_stats(client, &self.cfg.slot).await?;
         self.status.lock().expect("status lock").slot = stats;
         self.find_new_tables(client).await
+    }
+
+    /// The key DDL messages are signed with (`pgcourier.ddl_key`), with
+    /// `ddl-capture`; read at each stream's start (a superuser may install
+    /// it while the sender runs). Missing or unreadable: `None` (DDL
+    /// messages are then left out), said once.
+    async fn ddl_key(&mut self, client: &Client) -> Result<Option<Vec<u8>>, CaptureError> {
+        if !self.cfg.ddl_capture {
+            return Ok(None);
+        }
+        match crate::source::read_ddl_key(client).await? {
+            Ok(key) => Ok(Some(key)),
+            Err(why) => {
+                if !std::mem::replace(&mut self.ddl_key_warned, true) {
+                    tracing::warn!("schema changes are not replicated: {why}; run `pgcourier-sender check` for the SQL a superuser can run");
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Open the replication connection and start streaming at `start`.

@@ -9,21 +9,24 @@
 
 use pgcourier_common::pg::quote_ident;
 use pgcourier_common::store::seed_file::{CopyColumn, CopyMeta, CopyTable};
+use pgcourier_proto::cutter::OWN_SCHEMA;
 use pgcourier_proto::pgoutput::{Column, Relation, ReplicaIdentity};
 use tokio_postgres::Client;
 
 use super::{CopyError, Cut};
 use crate::source::SourceError;
 
-/// The OIDs of the tables in the publication now.
+/// The OIDs of the tables in the publication now, but for pgcourier's own
+/// (schema `pgcourier`: the DDL key, which `FOR ALL TABLES` publishes),
+/// which are never copied, as capture never carries them.
 pub async fn published_tables(client: &Client, publication: &str) -> Result<Vec<u32>, SourceError> {
     let rows = client
         .query(
             "SELECT c.oid FROM pg_publication_tables p \
              JOIN pg_namespace n ON n.nspname = p.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
-             WHERE p.pubname = $1 ORDER BY 1",
-            &[&publication],
+             WHERE p.pubname = $1 AND p.schemaname <> $2 ORDER BY 1",
+            &[&publication, &OWN_SCHEMA],
         )
         .await
         .map_err(|e| SourceError::query("list the publication's tables", e))?;
@@ -50,8 +53,8 @@ pub(super) async fn published(
             "SELECT p.attnames::text[], p.rowfilter FROM pg_publication_tables p \
              JOIN pg_namespace n ON n.nspname = p.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
-             WHERE p.pubname = $1 AND c.oid = $2",
-            &[&publication, &oid],
+             WHERE p.pubname = $1 AND c.oid = $2 AND p.schemaname <> $3",
+            &[&publication, &oid, &OWN_SCHEMA],
         )
         .await
         .map_err(|e| SourceError::query("read what the publication publishes of a table", e))?;

@@ -20,8 +20,19 @@
 //!   neither synced nor waiting makes it wait for a copy; Relations,
 //!   Inserts, Updates and Deletes of a waiting table are left out (the
 //!   copy's snapshot holds them); a Truncate keeps only its relations that
-//!   are not waiting. Everything else (Relations of other tables, Types,
-//!   Origins, logical messages) is kept, in order.
+//!   are not waiting. Tables of pgcourier's own schema ([`OWN_SCHEMA`]:
+//!   the DDL key at the source, bookkeeping) are never carried, whatever
+//!   the publication says. Everything else (Relations of other tables,
+//!   Types, Origins) is kept, in order.
+//! - **Logical messages**: only transactional ones with the prefix
+//!   [`DDL_PREFIX`] whose signature verifies with the source's DDL key
+//!   ([`Cutter::with_ddl_key`]) are kept, without the signature. Any role
+//!   at the source may call `pg_logical_emit_message`: other applications'
+//!   messages (transactional or not, the latter arriving between
+//!   transactions) are left out, counted in
+//!   [`BatchSummary::foreign_messages`], and a `pgcourier.ddl` message that
+//!   does not verify (forged: the branch would run its statement) is left
+//!   out and counted in [`BatchSummary::forged_ddl`].
 //! - Kept messages are cut into records by [`TxnCutter`] (≤ 8 KiB plus one
 //!   message; fragments of 16 KiB for bigger messages).
 //! - **Commit** closes the transaction with its `end_lsn` on the last
@@ -45,6 +56,55 @@ use crate::record::Record;
 use crate::Lsn;
 
 pub use txn::{TxnCutter, TxnHead};
+
+/// The prefix of the logical messages that carry DDL
+/// (`pgcourier_common::pg::ddl`).
+pub const DDL_PREFIX: &str = "pgcourier.ddl";
+
+/// pgcourier's schema at both sites: its tables are never carried.
+pub const OWN_SCHEMA: &str = "pgcourier";
+
+/// Hex characters of the signature that opens a DDL message's content.
+const MAC_HEX: usize = 64;
+
+/// HMAC-SHA256 of `content` under `key` (RFC 2104), as the source's
+/// trigger computes it in SQL (`pgcourier.ddl_emit`).
+pub fn ddl_mac(key: &[u8], content: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(content)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// The content of a signed DDL message without its signature, when the
+/// signature (64 lowercase hex characters before the JSON) verifies.
+pub fn verify_ddl(key: &[u8], content: &[u8]) -> Option<Vec<u8>> {
+    if content.len() < MAC_HEX {
+        return None;
+    }
+    let (hex, body) = content.split_at(MAC_HEX);
+    let expected = ddl_mac(key, body);
+    let mut diff = 0u8;
+    for (i, want) in expected.iter().enumerate() {
+        let pair = std::str::from_utf8(&hex[2 * i..2 * i + 2]).ok()?;
+        let got = u8::from_str_radix(pair, 16).ok()?;
+        diff |= got ^ want;
+    }
+    (diff == 0).then(|| body.to_vec())
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CutError {
@@ -123,6 +183,11 @@ pub struct BatchSummary {
     /// Transactions committing at or after the pending cut, left for the
     /// stream after the splice.
     pub after_cut: u64,
+    /// Other applications' logical messages left out.
+    pub foreign_messages: u64,
+    /// `pgcourier.ddl` messages left out because their signature did not
+    /// verify (or no DDL key was given).
+    pub forged_ddl: u64,
 }
 
 impl BatchSummary {
@@ -151,6 +216,10 @@ pub struct Cutter {
     cut: Option<Lsn>,
     open: Open,
     summary: BatchSummary,
+    ddl_key: Option<Vec<u8>>,
+    /// Relations of [`OWN_SCHEMA`] seen in this stream (pgoutput sends a
+    /// relation's Relation before its first change in each stream).
+    own: BTreeSet<u32>,
 }
 
 impl Cutter {
@@ -164,7 +233,16 @@ impl Cutter {
             cut: None,
             open: Open::Idle,
             summary: BatchSummary::default(),
+            ddl_key: None,
+            own: BTreeSet::new(),
         }
+    }
+
+    /// Keep the `pgcourier.ddl` messages signed with `key` (the source's
+    /// `pgcourier.ddl_key`); without one every DDL message is left out.
+    pub fn with_ddl_key(mut self, key: Option<Vec<u8>>) -> Cutter {
+        self.ddl_key = key;
+        self
     }
 
     /// A stream read with a cut pending at `cut`: only transactions
@@ -233,6 +311,25 @@ impl Cutter {
     ) -> Result<Option<u32>, Stop> {
         self.summary.messages += 1;
         let mut fed = FedEach::default();
+        // Logical messages are decided before the transaction state: a
+        // non-transactional one arrives between transactions.
+        let replaced;
+        let data = if data.first() == Some(&b'M') {
+            match self.logical_message(data)? {
+                Some(kept) if matches!(self.open, Open::Cutting(_)) => {
+                    replaced = kept;
+                    &replaced[..]
+                }
+                Some(_) if matches!(self.open, Open::Idle) => {
+                    return Err(Stop::from(CutError::OutOfOrder(
+                        "transactional logical message outside a transaction",
+                    )))
+                }
+                _ => return Ok(fed.new_table),
+            }
+        } else {
+            data
+        };
         match data.first() {
             None => return Err(Stop::from(CutError::OutOfOrder("empty pgoutput message"))),
             Some(b'B') => {
@@ -325,7 +422,7 @@ impl Cutter {
                     Open::Cutting(txn) => txn,
                 };
                 let kept;
-                let data = match filter(kind, data, tables, &mut fed.new_table)? {
+                let data = match filter(kind, data, tables, &mut self.own, &mut fed.new_table)? {
                     Filter::Keep => data,
                     Filter::Drop => return Ok(fed.new_table),
                     Filter::Replace(bytes) => {
@@ -346,6 +443,40 @@ impl Cutter {
         }
         self.summary.records += fed.records;
         Ok(fed.new_table)
+    }
+
+    /// A logical message (see the module doc): the message to keep, with
+    /// the signature taken out, or `None` to leave it out (counted).
+    fn logical_message(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>, CutError> {
+        let Message::LogicalMessage {
+            transactional,
+            lsn,
+            prefix,
+            content,
+        } = pgoutput::decode(data)?
+        else {
+            return Err(CutError::OutOfOrder(
+                "logical message does not decode as one",
+            ));
+        };
+        if !transactional || prefix != DDL_PREFIX {
+            self.summary.foreign_messages += 1;
+            return Ok(None);
+        }
+        let verified = self
+            .ddl_key
+            .as_deref()
+            .and_then(|key| verify_ddl(key, &content));
+        let Some(content) = verified else {
+            self.summary.forged_ddl += 1;
+            return Ok(None);
+        };
+        Ok(Some(pgoutput::encode(&Message::LogicalMessage {
+            transactional,
+            lsn,
+            prefix,
+            content,
+        })))
     }
 
     /// Transactions committing at or after the pending cut read so far in
@@ -389,10 +520,12 @@ enum Filter {
 
 /// Leave out what a pending copy's snapshot holds: changes to tables
 /// waiting for a copy. A Relation for a table never seen makes it wait.
+/// Leave out pgcourier's own tables (`own`, learnt from their Relations).
 fn filter(
     kind: u8,
     data: &[u8],
     tables: &mut Tables,
+    own: &mut BTreeSet<u32>,
     new_table: &mut Option<u32>,
 ) -> Result<Filter, CutError> {
     match kind {
@@ -402,6 +535,19 @@ fn filter(
                 Some(b) => u32::from_be_bytes(b.try_into().expect("a 4-byte slice")),
                 None => return Err(CutError::OutOfOrder("change message too short")),
             };
+            if kind == b'R' {
+                let Message::Relation(rel) = pgoutput::decode(data)? else {
+                    return Err(CutError::OutOfOrder("Relation does not decode"));
+                };
+                if rel.schema == OWN_SCHEMA {
+                    own.insert(oid);
+                } else {
+                    own.remove(&oid);
+                }
+            }
+            if own.contains(&oid) {
+                return Ok(Filter::Drop);
+            }
             if kind == b'R' && !tables.synced.contains(&oid) && !tables.waiting.contains(&oid) {
                 tables.waiting.insert(oid);
                 *new_table = Some(oid);
@@ -424,7 +570,7 @@ fn filter(
             let kept: Vec<u32> = rels
                 .iter()
                 .copied()
-                .filter(|oid| !tables.waiting.contains(oid))
+                .filter(|oid| !tables.waiting.contains(oid) && !own.contains(oid))
                 .collect();
             Ok(if kept.len() == rels.len() {
                 Filter::Keep

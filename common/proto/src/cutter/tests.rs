@@ -162,6 +162,8 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
             last_commit: Lsn(0x100),
             last_end: Lsn(0x108),
             after_cut: 0,
+            foreign_messages: 0,
+            forged_ddl: 0,
         }
     );
 }
@@ -443,16 +445,142 @@ fn relations_types_origins_and_messages_of_carried_tables_stay_in_order_with_the
         insert(A, "1"),
         relation(A),
         insert(A, "2"),
-        encode(&Message::LogicalMessage {
-            transactional: true,
-            lsn: Lsn(6),
-            prefix: "p".into(),
-            content: b"c".to_vec(),
-        }),
         truncate(&[A]),
     ];
     let (records, _) = cut(1, 0, &mut synced(&[A]), &txn(0x100, 1, body.clone()));
     assert_eq!(reassemble(&records), body);
+}
+
+fn message(transactional: bool, prefix: &str, content: &[u8]) -> Vec<u8> {
+    encode(&Message::LogicalMessage {
+        transactional,
+        lsn: Lsn(6),
+        prefix: prefix.into(),
+        content: content.to_vec(),
+    })
+}
+
+fn signed(key: &[u8], body: &[u8]) -> Vec<u8> {
+    let mac: String = ddl_mac(key, body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    [mac.as_bytes(), body].concat()
+}
+
+#[test]
+fn the_ddl_signature_is_hmac_sha256_as_rfc_4231_gives_it() {
+    // RFC 4231, test case 2.
+    let mac = ddl_mac(b"Jefe", b"what do ya want for nothing?");
+    let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex,
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    );
+    let body = br#"{"statement":"ALTER TABLE t ADD b int"}"#;
+    assert_eq!(
+        verify_ddl(b"k", &signed(b"k", body)).as_deref(),
+        Some(&body[..])
+    );
+    assert_eq!(verify_ddl(b"other", &signed(b"k", body)), None);
+    let mut tampered = signed(b"k", body);
+    *tampered.last_mut().unwrap() = b' ';
+    assert_eq!(verify_ddl(b"k", &tampered), None);
+    assert_eq!(verify_ddl(b"k", body), None);
+    assert_eq!(verify_ddl(b"k", b"zz"), None);
+}
+
+#[test]
+fn other_applications_logical_messages_are_left_out_inside_and_between_transactions() {
+    let mut stream = vec![message(false, "app.heartbeat", b"1")];
+    stream.extend(txn(
+        0x100,
+        1,
+        vec![
+            message(true, "app.audit", b"x"),
+            insert(A, "1"),
+            // Not ours although it looks like it: pgcourier's copy
+            // metadata is written by the sender, never read from the slot.
+            message(true, "pgcourier.copy", b"{}"),
+        ],
+    ));
+    stream.push(message(false, "pgcourier.ddl", b"{}"));
+    stream.extend(txn(0x200, 2, vec![insert(A, "2")]));
+    let mut tables = synced(&[A]);
+    let mut cutter = Cutter::new(1, Lsn::ZERO).with_ddl_key(Some(b"k".to_vec()));
+    let mut records = Vec::new();
+    for m in &stream {
+        records.extend(cutter.message(m, &mut tables).expect("carried on").records);
+    }
+    let summary = cutter.finish().expect("ends between transactions");
+    assert_eq!(reassemble(&records), vec![insert(A, "1"), insert(A, "2")]);
+    assert_eq!(summary.foreign_messages, 4);
+    assert_eq!(summary.forged_ddl, 0);
+}
+
+#[test]
+fn a_ddl_message_is_kept_unsigned_only_when_its_signature_verifies() {
+    let body = br#"{"statement":"ALTER TABLE t ADD b int","search_path":"public","tags":[]}"#;
+    let stream = txn(
+        0x100,
+        1,
+        vec![
+            message(true, DDL_PREFIX, &signed(b"key", body)),
+            message(
+                true,
+                DDL_PREFIX,
+                &signed(b"guess", b"{\"statement\":\"DROP TABLE t\"}"),
+            ),
+            message(true, DDL_PREFIX, b"{\"statement\":\"DROP TABLE t\"}"),
+            insert(A, "1"),
+        ],
+    );
+    let run = |key: Option<&[u8]>| {
+        let mut tables = synced(&[A]);
+        let mut cutter = Cutter::new(1, Lsn::ZERO).with_ddl_key(key.map(<[u8]>::to_vec));
+        let mut records = Vec::new();
+        for m in &stream {
+            records.extend(cutter.message(m, &mut tables).expect("carried on").records);
+        }
+        (reassemble(&records), cutter.finish().expect("whole"))
+    };
+    let (kept, summary) = run(Some(b"key"));
+    assert_eq!(kept, vec![message(true, DDL_PREFIX, body), insert(A, "1")]);
+    assert_eq!(summary.forged_ddl, 2);
+    // Without the key nothing is trusted.
+    let (kept, summary) = run(None);
+    assert_eq!(kept, vec![insert(A, "1")]);
+    assert_eq!(summary.forged_ddl, 3);
+}
+
+#[test]
+fn tables_of_pgcourier_s_own_schema_are_never_carried_nor_wait_for_a_copy() {
+    let own = encode(&Message::Relation(Relation {
+        oid: B,
+        schema: OWN_SCHEMA.into(),
+        name: "ddl_key".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![Column {
+            key: true,
+            name: "key".into(),
+            type_oid: 17,
+            type_modifier: -1,
+        }],
+    }));
+    let body = vec![
+        relation(A),
+        insert(A, "1"),
+        own,
+        insert(B, "secret"),
+        truncate(&[A, B]),
+    ];
+    let mut tables = synced(&[A]);
+    let (records, _) = cut(1, 0, &mut tables, &txn(0x100, 1, body));
+    assert_eq!(
+        reassemble(&records),
+        vec![relation(A), insert(A, "1"), truncate(&[A])]
+    );
+    assert!(tables.waiting.is_empty(), "{tables:?}");
 }
 
 #[test]
