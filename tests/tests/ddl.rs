@@ -83,29 +83,16 @@ const MIGRATION: &[&str] = &[
     "UPDATE item SET mood = 'tired' WHERE id % 5 = 0",
     "CREATE TABLE note (id integer PRIMARY KEY, item_id integer, body text)",
     "INSERT INTO note SELECT g, g, 'note ' || g FROM generate_series(1, 50) g",
+    "CREATE TABLE summary AS SELECT id, qty FROM item WHERE id <= 20",
     "ALTER TABLE item DROP COLUMN label",
     "CREATE TABLE scratch (id integer PRIMARY KEY)",
     "INSERT INTO scratch SELECT generate_series(1, 10)",
     "DROP TABLE scratch",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_schema(
-) -> anyhow::Result<()> {
-    let admin = free_tcp_port();
-    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
-    let setup = Setup::start(
-        "ddl-migration",
-        Options {
-            schema: "CREATE TABLE item (id integer PRIMARY KEY, name text, qty integer);",
-            receiver_extra: &receiver_extra,
-            sender_extra: "ddl-capture = true",
-            ..Options::default()
-        },
-    )
-    .await?;
-    let dst = setup.target(0).await?;
-    // A branch-local audit of applied inserts (schema audit: not dumped).
+/// A branch-local audit of applied inserts into `item` (schema audit: not
+/// dumped).
+async fn audit_inserts(dst: &tokio_postgres::Client) -> anyhow::Result<()> {
     dst.batch_execute(
         "CREATE SCHEMA audit;
          CREATE TABLE audit.applied (id integer);
@@ -115,48 +102,54 @@ async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_sc
          ALTER TABLE item ENABLE ALWAYS TRIGGER applied;",
     )
     .await?;
+    Ok(())
+}
 
-    // The writer: inserts and updates into the table being changed, until
-    // the migration is done (bounded in count and time).
-    let done = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let client = setup.source().await?;
-        let done = done.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let mut id = 0i32;
-            while id < 3000 && started.elapsed() < Duration::from_secs(60) {
-                id += 1;
+/// The writer: inserts and updates into the table being changed, until
+/// `done` (bounded in count and time). Returns the rows inserted.
+fn spawn_writer(
+    client: tokio_postgres::Client,
+    done: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<i32>> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut id = 0i32;
+        while id < 3000 && started.elapsed() < Duration::from_secs(90) {
+            id += 1;
+            client
+                .execute(
+                    "INSERT INTO item (id, qty) VALUES ($1, $2::text::bigint)",
+                    &[&id, &id.to_string()],
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("writer insert {id}: {:?}", e.as_db_error()))?;
+            if id % 3 == 0 {
                 client
-                    .execute(
-                        "INSERT INTO item (id, qty) VALUES ($1, $2::text::bigint)",
-                        &[&id, &id.to_string()],
-                    )
+                    .execute("UPDATE item SET qty = qty + 1 WHERE id = $1", &[&(id - 1)])
                     .await
-                    .map_err(|e| anyhow::anyhow!("writer insert {id}: {:?}", e.as_db_error()))?;
-                if id % 3 == 0 {
-                    client
-                        .execute("UPDATE item SET qty = qty + 1 WHERE id = $1", &[&(id - 1)])
-                        .await
-                        .map_err(|e| {
-                            anyhow::anyhow!("writer update {id}: {:?}", e.as_db_error())
-                        })?;
-                }
-                if done.load(Ordering::Relaxed) && id >= 200 {
-                    break;
-                }
+                    .map_err(|e| anyhow::anyhow!("writer update {id}: {:?}", e.as_db_error()))?;
             }
-            anyhow::Ok(id)
-        })
-    };
-    let src = setup.source().await?;
-    for statement in MIGRATION {
+            if done.load(Ordering::Relaxed) && id >= 200 {
+                break;
+            }
+        }
+        anyhow::Ok(id)
+    })
+}
+
+/// Run `steps` of the migration at the source, one statement per query.
+async fn migrate(src: &tokio_postgres::Client, steps: &[&str]) -> anyhow::Result<()> {
+    for statement in steps {
         src.batch_execute(statement)
             .await
             .with_context(|| format!("source: {statement}"))?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // DDL and DML in one source transaction, statement by statement.
+    Ok(())
+}
+
+/// DDL and DML in one source transaction, statement by statement.
+async fn migrate_in_one_transaction(src: &tokio_postgres::Client) -> anyhow::Result<()> {
     src.batch_execute("BEGIN").await?;
     src.batch_execute("ALTER TABLE note ADD COLUMN seen boolean DEFAULT false")
         .await?;
@@ -165,13 +158,16 @@ async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_sc
     src.batch_execute("INSERT INTO note VALUES (51, 1, 'late', true)")
         .await?;
     src.batch_execute("COMMIT").await?;
-    done.store(true, Ordering::Relaxed);
-    let written = writer.await??;
-    eprintln!("writer: {written} inserts");
+    Ok(())
+}
 
+/// After the migration: the branch's data and schema equal headquarters',
+/// each insert was applied once, and apply never paused.
+async fn converged(setup: &Setup, admin: u16, written: i32) -> anyhow::Result<()> {
     setup
-        .wait_equal(0, &["public.item", "public.note"], WAIT)
+        .wait_equal(0, &["public.item", "public.note", "public.summary"], WAIT)
         .await?;
+    let dst = setup.target(0).await?;
     // Schema: identical, once the branch's local audit trigger is gone.
     dst.batch_execute("DROP TRIGGER applied ON item").await?;
     let (hq, branch) = (schema_dump(&setup.hq)?, schema_dump(&setup.branches[0].pg)?);
@@ -207,6 +203,94 @@ async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_sc
         setup.logs()
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_under_write_load_leaves_the_branch_identical_in_data_and_schema(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-migration",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, name text, qty integer);",
+            receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
+            ..Options::default()
+        },
+    )
+    .await?;
+    audit_inserts(&setup.target(0).await?).await?;
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(setup.source().await?, done.clone());
+    let src = setup.source().await?;
+    migrate(&src, MIGRATION).await?;
+    migrate_in_one_transaction(&src).await?;
+    done.store(true, Ordering::Relaxed);
+    let written = writer.await??;
+    eprintln!("writer: {written} inserts");
+    converged(&setup, admin, written).await
+}
+
+/// The same migration through an outage of the link that spans part of it,
+/// a sender killed (SIGKILL) during the outage and a receiver killed while
+/// it catches up afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_through_an_outage_and_killed_daemons_leaves_the_branch_identical(
+) -> anyhow::Result<()> {
+    const TIMERS: &str = "idle-timeout = \"4s\"\nkeep-alive = \"1s\"";
+    let admin = free_tcp_port();
+    let receiver_extra = format!("{TIMERS}\nadmin = \"127.0.0.1:{admin}\"");
+    let link = pgcourier_netem::Profile::by_name("dsl")
+        .context("dsl profile")?
+        .link(15);
+    let mut setup = Setup::start(
+        "ddl-outage",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, name text, qty integer);",
+            receiver_extra: &receiver_extra,
+            sender_extra: &format!("{TIMERS}\nddl-capture = true"),
+            link: Some(link),
+            ..Options::default()
+        },
+    )
+    .await?;
+    audit_inserts(&setup.target(0).await?).await?;
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(setup.source().await?, done.clone());
+    let src = setup.source().await?;
+    let (first, rest) = MIGRATION.split_at(4);
+    let (during, after) = rest.split_at(6);
+    migrate(&src, first).await?;
+    setup.relays[0].set_down(true);
+    migrate(&src, &during[..3]).await?;
+    setup.sender.kill9()?;
+    migrate(&src, &during[3..]).await?;
+    setup.restart_sender()?;
+    migrate(&src, after).await?;
+    migrate_in_one_transaction(&src).await?;
+    setup.relays[0].set_down(false);
+    // Kill the receiver once it has applied part of what the outage held.
+    let dst = setup.target(0).await?;
+    let at_outage: i64 = dst
+        .query_one("SELECT count(*) FROM audit.applied", &[])
+        .await?
+        .get(0);
+    wait_until("the branch to apply after the outage", WAIT, || async {
+        let n: i64 = dst
+            .query_one("SELECT count(*) FROM audit.applied", &[])
+            .await?
+            .get(0);
+        Ok(n > at_outage)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    setup.branches[0].receiver.kill9()?;
+    setup.restart_receiver(0)?;
+    done.store(true, Ordering::Relaxed);
+    let written = writer.await??;
+    eprintln!("writer: {written} inserts");
+    converged(&setup, admin, written).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,6 +276,67 @@ pub fn is_ddl_statement(statement: &str) -> bool {
     false
 }
 
+/// `CREATE TABLE .. AS query` (command tag `CREATE TABLE AS`) made to
+/// create the table empty: `WITH NO DATA` in place of a trailing `WITH
+/// [NO] DATA`, or added on a line of its own. The rows the source's query
+/// wrote reach the branch as changes when the publication publishes the
+/// new table, and are not the branch's to compute (its query would read the
+/// branch's rows, and the changes would then insert them twice).
+pub fn ctas_without_data(statement: &str) -> String {
+    // The code words, with where each starts and ends.
+    let mut words: Vec<(usize, usize)> = Vec::new();
+    for seg in segments(statement) {
+        if seg.kind != Kind::Code {
+            // A quoted or commented part ends any "WITH DATA" before it.
+            words.push((seg.start, seg.start));
+            continue;
+        }
+        let part = &statement[seg.start..seg.end];
+        let mut start = None;
+        for (i, c) in part
+            .char_indices()
+            .chain(std::iter::once((part.len(), ' ')))
+        {
+            let is_word = c.is_alphanumeric() || c == '_';
+            match (is_word, start) {
+                (true, None) => start = Some(i),
+                (false, Some(st)) => {
+                    words.push((seg.start + st, seg.start + i));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    let is = |w: &(usize, usize), kw: &str| statement[w.0..w.1].eq_ignore_ascii_case(kw);
+    // Trailing comments and whitespace do not count.
+    let tail_start = segments(statement)
+        .iter()
+        .rev()
+        .find(|seg| seg.kind != Kind::Comment && !statement[seg.start..seg.end].trim().is_empty())
+        .map_or(0, |seg| seg.end);
+    let code_words: Vec<&(usize, usize)> = words
+        .iter()
+        .filter(|w| w.1 > w.0 && w.1 <= tail_start)
+        .collect();
+    let n = code_words.len();
+    let cut_at = if n >= 3
+        && is(code_words[n - 3], "WITH")
+        && is(code_words[n - 2], "NO")
+        && is(code_words[n - 1], "DATA")
+    {
+        Some(code_words[n - 3].0)
+    } else if n >= 2 && is(code_words[n - 2], "WITH") && is(code_words[n - 1], "DATA") {
+        Some(code_words[n - 2].0)
+    } else {
+        None
+    };
+    match cut_at {
+        Some(at) => format!("{}WITH NO DATA", &statement[..at]),
+        None => format!("{}\nWITH NO DATA", statement.trim_end()),
+    }
+}
+
 /// The statement without its top-level `CONCURRENTLY` keyword (`CREATE
 /// INDEX CONCURRENTLY`, `DROP INDEX CONCURRENTLY`, `REINDEX ...
 /// CONCURRENTLY`), which cannot run inside a transaction block; `None` when
@@ -501,6 +562,27 @@ mod tests {
         ] {
             assert!(!is_ddl_statement(no), "{no}");
         }
+    }
+
+    #[test]
+    fn create_table_as_is_replayed_without_its_rows() {
+        assert_eq!(
+            ctas_without_data("CREATE TABLE t AS SELECT * FROM s"),
+            "CREATE TABLE t AS SELECT * FROM s\nWITH NO DATA"
+        );
+        assert_eq!(
+            ctas_without_data("create table t as select 1 with data"),
+            "create table t as select 1 WITH NO DATA"
+        );
+        assert_eq!(
+            ctas_without_data("CREATE TABLE t AS SELECT 1 WITH NO DATA -- done"),
+            "CREATE TABLE t AS SELECT 1 WITH NO DATA"
+        );
+        // A trailing comment is not where the clause goes.
+        assert_eq!(
+            ctas_without_data("CREATE TABLE t AS SELECT 'with data' -- with data"),
+            "CREATE TABLE t AS SELECT 'with data' -- with data\nWITH NO DATA"
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! itself a DDL statement (`DO`, `SELECT f()`, `CALL`: the trigger fired
 //! for DDL that code ran): replaying it would run that code at the branch
 //! with the apply role's rights. Statements run as the apply role; the
-//! role that ran them at the source is logged. `CONCURRENTLY` cannot
+//! role that ran them at the source is logged. `CREATE TABLE .. AS` runs
+//! `WITH NO DATA`: its rows come as changes (when published), never from
+//! the branch's own rows. `CONCURRENTLY` cannot
 //! run inside a transaction block: it is dropped, and the index is built
 //! (or dropped) inside the target transaction, holding its lock until the
 //! group commits. The group ends after a transaction with DDL, so that what
@@ -21,7 +23,7 @@
 //! it.
 
 use pgcourier_common::pg::ddl::{
-    is_ddl_statement, split_statements, without_concurrently, DdlMessage,
+    ctas_without_data, is_ddl_statement, split_statements, without_concurrently, DdlMessage,
 };
 
 use super::error::{target_err, ApplyError};
@@ -82,6 +84,11 @@ impl Apply {
                 statement: text,
             });
         }
+        let statement = if msg.tags.iter().any(|t| t == "CREATE TABLE AS") {
+            ctas_without_data(&statement)
+        } else {
+            statement
+        };
         let statement = without_concurrently(&statement).unwrap_or(statement);
         // Order: everything queued before the statement reaches the target
         // first, and nothing after it is prepared against the old shape.
