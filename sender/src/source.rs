@@ -257,7 +257,7 @@ pub async fn prepare(
     }
 
     if cfg.ddl_capture {
-        install_ddl_capture(client).await?;
+        install_ddl_capture(client, &cfg.publication).await?;
     }
 
     let slot = client
@@ -329,7 +329,7 @@ pub async fn prepare(
 /// triggers need one on PostgreSQL 15). Otherwise one warning: DDL is then
 /// not replicated, and a branch pauses at the first change it cannot apply,
 /// as before.
-pub async fn install_ddl_capture(client: &Client) -> Result<(), SourceError> {
+pub async fn install_ddl_capture(client: &Client, publication: &str) -> Result<(), SourceError> {
     let superuser: bool = client
         .query_one(
             "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
@@ -347,7 +347,7 @@ pub async fn install_ddl_capture(client: &Client) -> Result<(), SourceError> {
         return Ok(());
     }
     client
-        .batch_execute(&ddl::install_sql(None))
+        .batch_execute(&ddl::install_sql(None, publication))
         .await
         .map_err(|e| SourceError::query("install the DDL event trigger", e))?;
     Ok(())
@@ -560,7 +560,7 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
                 what: format!("schema changes would not be replicated: {why}"),
                 fix: format!(
                     "run as a superuser on the source database:\n{}",
-                    ddl::install_sql(role.as_deref().filter(|_| !superuser))
+                    ddl::install_sql(role.as_deref().filter(|_| !superuser), &cfg.publication)
                 ),
             }),
             Err(e) => problems.push(Problem {
@@ -579,7 +579,7 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
             ),
             fix: format!(
                 "run as a superuser on the source database:\n{}",
-                ddl::install_sql(role.as_deref())
+                ddl::install_sql(role.as_deref(), &cfg.publication)
             ),
         }),
         Err(e) => problems.push(Problem {

@@ -534,3 +534,65 @@ async fn forged_and_foreign_logical_messages_never_reach_the_branch() -> anyhow:
     .with_context(|| setup.logs())?;
     Ok(())
 }
+
+/// With a `FOR TABLE` publication, a table created at headquarters in a
+/// schema that has a published table joins the publication in its creating
+/// transaction and is followed from its first row; one created in another
+/// schema does not join (its DDL still reaches the branch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_table_beside_published_ones_joins_a_for_table_publication() -> anyhow::Result<()> {
+    let setup = Setup::start(
+        "ddl-for-table",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);
+                     CREATE SCHEMA other;",
+            tables: &["public.item"],
+            sender_extra: "ddl-capture = true",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    // One statement per query, as psql sends a script.
+    for statement in [
+        "BEGIN",
+        "CREATE TABLE extra (id integer PRIMARY KEY, v text)",
+        "INSERT INTO extra VALUES (1, 'first')",
+        "COMMIT",
+    ] {
+        src.batch_execute(statement).await?;
+    }
+    src.batch_execute("CREATE TABLE other.apart (id integer PRIMARY KEY)")
+        .await?;
+    src.batch_execute("INSERT INTO extra VALUES (2, 'second')")
+        .await?;
+    src.batch_execute("INSERT INTO other.apart VALUES (1)")
+        .await?;
+    src.batch_execute("INSERT INTO item VALUES (1, 1)").await?;
+    setup
+        .wait_equal(0, &["public.item", "public.extra"], WAIT)
+        .await?;
+    let published: Vec<String> = src
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'pgcourier' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    anyhow::ensure!(
+        published == ["public.extra", "public.item"],
+        "published: {published:?}"
+    );
+    let dst = setup.target(0).await?;
+    let apart: i64 = dst
+        .query_one("SELECT count(*) FROM other.apart", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        apart == 0,
+        "other.apart is created at the branch, not followed"
+    );
+    Ok(())
+}

@@ -84,7 +84,14 @@ pub const NOT_CAPTURED: &[&str] = &[
 /// remembers what was emitted last. The drop trigger's verdict
 /// (`pgcourier.ddl_drop`) carries the statement's start time too, so a
 /// value set by hand in an earlier statement does not count.
-pub fn install_sql(reader: Option<&str>) -> String {
+///
+/// With a `FOR TABLE` publication (`publication`), a table created in a
+/// schema that already has a table in it is added to it by `ddl_emit`
+/// (`ALTER PUBLICATION .. ADD TABLE`, as the function's owner), in the
+/// creating transaction: it is then copied and followed from its first
+/// row, as with `FOR ALL TABLES`.
+pub fn install_sql(reader: Option<&str>, publication: &str) -> String {
+    let publication = publication.replace('\'', "''");
     let schema = quote_ident(DDL_SCHEMA);
     let trigger = quote_ident(DDL_TRIGGER);
     let drops = quote_ident(&format!("{DDL_TRIGGER}_drops"));
@@ -130,6 +137,7 @@ DECLARE
     body bytea;
     ipad bytea;
     opad bytea;
+    added record;
 BEGIN
     SELECT count(*),
            array_agg(DISTINCT c.command_tag) FILTER (
@@ -156,6 +164,26 @@ BEGIN
     IF tags IS NULL THEN
         RETURN;
     END IF;
+    FOR added IN
+        SELECT c.objid::regclass AS rel
+          FROM pg_event_trigger_ddl_commands() c
+          JOIN pg_class k ON k.oid = c.objid
+         WHERE c.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS')
+           AND c.object_type = 'table' AND NOT c.in_extension
+           AND k.relkind IN ('r', 'p') AND k.relpersistence = 'p' AND NOT k.relispartition
+           AND c.schema_name IS DISTINCT FROM '{DDL_SCHEMA}'
+           AND EXISTS (SELECT 1 FROM pg_publication p
+                        WHERE p.pubname = '{publication}' AND NOT p.puballtables)
+           AND EXISTS (SELECT 1 FROM pg_publication_rel r
+                         JOIN pg_publication p ON p.oid = r.prpubid
+                         JOIN pg_class t ON t.oid = r.prrelid
+                        WHERE p.pubname = '{publication}' AND t.relnamespace = k.relnamespace)
+           AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r
+                             JOIN pg_publication p ON p.oid = r.prpubid
+                            WHERE p.pubname = '{publication}' AND r.prrelid = k.oid)
+    LOOP
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', '{publication}', added.rel);
+    END LOOP;
     mark := md5(current_query()) || '/' || statement_timestamp()::text;
     IF current_setting('pgcourier.ddl_last', true) IS NOT DISTINCT FROM mark THEN
         RETURN;
@@ -607,9 +635,10 @@ mod tests {
 
     #[test]
     fn the_install_sql_quotes_its_names_and_skips_its_own_schema() {
-        let sql = install_sql(None);
+        let sql = install_sql(None, "pub'x");
         assert!(!sql.contains("GRANT SELECT"));
-        assert!(install_sql(Some("cour ier"))
+        assert!(sql.contains("p.pubname = 'pub''x'"));
+        assert!(install_sql(Some("cour ier"), "p")
             .contains("GRANT SELECT ON \"pgcourier\".\"ddl_key\" TO \"cour ier\";"));
         assert!(sql.contains("CREATE OR REPLACE FUNCTION \"pgcourier\".ddl_capture()"));
         assert!(sql.contains("CREATE EVENT TRIGGER \"pgcourier_ddl\" ON ddl_command_end"));
