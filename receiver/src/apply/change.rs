@@ -277,6 +277,7 @@ mod tests {
             key,
             key_is_pk: set_based,
             set_based,
+            overriding: false,
         }
     }
 
