@@ -76,6 +76,13 @@ pub enum ApplyError {
     },
     #[error("the schema change in record {seq} is a query string of several statements, which is not replayed: {statement}. Apply it at the branch by hand, then pgcourier-queue skip")]
     DdlSeveral { seq: u64, statement: String },
+    #[error("moving sequence {sequence} forward at the target failed (apply moves each sequence that feeds a column to the values the applied rows used): if permission was denied, GRANT SELECT, UPDATE ON SEQUENCE {sequence} TO {role}; apply retries by itself")]
+    Sequence {
+        sequence: String,
+        role: String,
+        #[source]
+        source: PgError,
+    },
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
@@ -120,7 +127,9 @@ impl ApplyError {
                     class: e.class(),
                 },
             },
-            ApplyError::Target { source: e, .. } => target_fault(&e.0),
+            ApplyError::Target { source: e, .. } | ApplyError::Sequence { source: e, .. } => {
+                target_fault(&e.0)
+            }
             ApplyError::Progress(p) => match p.query_error() {
                 Some(e) => target_fault(e),
                 None => definite("bad_progress_row"),

@@ -3,14 +3,16 @@
 //! there is what values are cast to), and the row is identified by the
 //! target's primary key or, without one, by the source's replica identity.
 //! Relations learnt from the stream are kept in the inbox for the next
-//! session; mappings are cached per session and dropped when a Relation
-//! changes.
+//! session; mappings, with the sequences that feed the target's columns
+//! (`sequences.rs`), are cached per session and dropped when a Relation
+//! changes or a schema change runs.
 
 use pgcourier_common::pg::quote_ident;
 use pgcourier_proto::pgoutput::{self, Message, Relation, ReplicaIdentity};
 use pgcourier_proto::record::{Piece, Record};
 
 use super::error::{target_err, ApplyError};
+use super::sequences::SeqColumn;
 use super::{Apply, Session};
 
 /// The target table a source relation maps to, resolved by name.
@@ -33,6 +35,8 @@ pub(super) struct TableMap {
     /// says `OVERRIDING SYSTEM VALUE` to write the source's value (COPY
     /// writes it regardless).
     pub(super) overriding: bool,
+    /// The columns a sequence feeds at the target (`sequences.rs`).
+    pub(super) sequences: Vec<SeqColumn>,
 }
 
 impl TableMap {
@@ -169,6 +173,8 @@ impl Apply {
                 .try_get(0)
                 .map_err(target_err("read target table indexes and triggers"))?;
         }
+        let source: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+        map.sequences = self.discover_sequences(s, &map.table, &source).await?;
         s.targets.insert(oid, map);
         Ok(())
     }
@@ -226,6 +232,7 @@ fn map_table(rel: &Relation, target: &[TargetColumn]) -> Result<TableMap, ApplyE
         key_is_pk,
         set_based: false,
         overriding: target.iter().any(|t| t.always),
+        sequences: Vec::new(),
     })
 }
 

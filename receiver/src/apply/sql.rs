@@ -239,6 +239,7 @@ mod tests {
             key_is_pk,
             set_based: key_is_pk,
             overriding: false,
+            sequences: Vec::new(),
         }
     }
 
