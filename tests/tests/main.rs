@@ -20,6 +20,7 @@ mod observability;
 mod peers;
 mod queue;
 mod replication;
+mod sequences;
 mod stream_capture;
 mod stream_client;
 mod systemd;

@@ -142,6 +142,9 @@ impl Apply {
         self.resolve(s, seq, oid).await?;
         let target = &s.targets[&oid];
         target.check_columns(seq, new.len())?;
+        if op != Op::Delete {
+            s.sequences.note_row(&target.sequences, new);
+        }
         // Which columns are set, and which identify the row.
         let set: Vec<bool> = match op {
             Op::Insert | Op::Update => new
@@ -277,6 +280,8 @@ mod tests {
             key,
             key_is_pk: set_based,
             set_based,
+            overriding: false,
+            sequences: Vec::new(),
         }
     }
 

@@ -78,6 +78,13 @@ pub enum ApplyError {
     DdlSeveral { seq: u64, statement: String },
     #[error("the schema change in record {seq} was made by code at headquarters (a DO block, or a function called by SELECT or CALL): its query string is not a DDL statement and is not run at the branch, where it would run that code with the apply role's rights: {statement}. Make the same schema change at the branch by hand, then pgcourier-queue skip")]
     DdlByCode { seq: u64, statement: String },
+    #[error("moving sequence {sequence} forward at the target failed (apply moves each sequence that feeds a column to the values the applied rows used): if permission was denied, GRANT SELECT, UPDATE ON SEQUENCE {sequence} TO {role}; apply retries by itself")]
+    Sequence {
+        sequence: String,
+        role: String,
+        #[source]
+        source: PgError,
+    },
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
@@ -122,7 +129,9 @@ impl ApplyError {
                     class: e.class(),
                 },
             },
-            ApplyError::Target { source: e, .. } => target_fault(&e.0),
+            ApplyError::Target { source: e, .. } | ApplyError::Sequence { source: e, .. } => {
+                target_fault(&e.0)
+            }
             ApplyError::Progress(p) => match p.query_error() {
                 Some(e) => target_fault(e),
                 None => definite("bad_progress_row"),

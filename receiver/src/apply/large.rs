@@ -302,6 +302,10 @@ impl super::Apply {
         sent.map_err(|e| super::pipeline::target_error(s, Some(large.rel), e))?;
         if more {
             s.large = Some(large);
+        } else {
+            // The row was never decoded: its sequences' values are read
+            // back from the table (`sequences.rs`).
+            self.note_table_extremes(s, large.rel).await?;
         }
         Ok(())
     }

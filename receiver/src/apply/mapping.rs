@@ -3,14 +3,16 @@
 //! there is what values are cast to), and the row is identified by the
 //! target's primary key or, without one, by the source's replica identity.
 //! Relations learnt from the stream are kept in the inbox for the next
-//! session; mappings are cached per session and dropped when a Relation
-//! changes.
+//! session; mappings, with the sequences that feed the target's columns
+//! (`sequences.rs`), are cached per session and dropped when a Relation
+//! changes or a schema change runs.
 
 use pgcourier_common::pg::quote_ident;
 use pgcourier_proto::pgoutput::{self, Message, Relation, ReplicaIdentity};
 use pgcourier_proto::record::{Piece, Record};
 
 use super::error::{target_err, ApplyError};
+use super::sequences::SeqColumn;
 use super::{Apply, Session};
 
 /// The target table a source relation maps to, resolved by name.
@@ -29,6 +31,12 @@ pub(super) struct TableMap {
     /// exclusion index and no user trigger (on the table or a partition)
     /// could tell in which order the rows of one statement were changed.
     pub(super) set_based: bool,
+    /// The target has a `GENERATED ALWAYS` identity column: an `INSERT`
+    /// says `OVERRIDING SYSTEM VALUE` to write the source's value (COPY
+    /// writes it regardless).
+    pub(super) overriding: bool,
+    /// The columns a sequence feeds at the target (`sequences.rs`).
+    pub(super) sequences: Vec<SeqColumn>,
 }
 
 impl TableMap {
@@ -51,11 +59,12 @@ impl TableMap {
 }
 
 /// One column of the target table: name, type (`format_type`), part of the
-/// primary key.
+/// primary key, a `GENERATED ALWAYS` identity column.
 struct TargetColumn {
     name: String,
     ty: String,
     pk: bool,
+    always: bool,
 }
 
 /// Whether the target table `$1` (quoted name) has no unique or exclusion
@@ -72,7 +81,7 @@ const SET_BASED_SQL: &str = "WITH tree AS (SELECT $1::text::regclass AS relid \
 
 /// The target table's columns in order; none when it does not exist.
 const COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
-        coalesce(a.attnum = ANY (i.indkey::int2[]), false) \
+        coalesce(a.attnum = ANY (i.indkey::int2[]), false), a.attidentity = 'a' \
  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
  LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary \
@@ -148,6 +157,7 @@ impl Apply {
                     name: r.try_get(0)?,
                     ty: r.try_get(1)?,
                     pk: r.try_get(2)?,
+                    always: r.try_get(3)?,
                 })
             })
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
@@ -163,6 +173,8 @@ impl Apply {
                 .try_get(0)
                 .map_err(target_err("read target table indexes and triggers"))?;
         }
+        let source: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+        map.sequences = self.discover_sequences(s, &map.table, &source).await?;
         s.targets.insert(oid, map);
         Ok(())
     }
@@ -219,6 +231,8 @@ fn map_table(rel: &Relation, target: &[TargetColumn]) -> Result<TableMap, ApplyE
         key,
         key_is_pk,
         set_based: false,
+        overriding: target.iter().any(|t| t.always),
+        sequences: Vec::new(),
     })
 }
 
@@ -250,6 +264,7 @@ mod tests {
             name: name.into(),
             ty: ty.into(),
             pk,
+            always: false,
         }
     }
 
@@ -272,6 +287,15 @@ mod tests {
             ]
         );
         assert_eq!((m.key, m.key_is_pk), (vec![0], true));
+    }
+
+    #[test]
+    fn a_generated_always_identity_column_makes_inserts_override_it() {
+        let rel = relation(ReplicaIdentity::Default, &[("id", true), ("note", false)]);
+        let mut target = [col("id", "bigint", true), col("note", "text", false)];
+        assert!(!map_table(&rel, &target).unwrap().overriding);
+        target[0].always = true;
+        assert!(map_table(&rel, &target).unwrap().overriding);
     }
 
     #[test]

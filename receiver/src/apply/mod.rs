@@ -37,6 +37,7 @@
 //! | an insert of many MiB streamed from its fragments into its own COPY | `large.rs` |
 //! | a schema change (DDL message) run in the same target transaction | `ddl.rs` |
 //! | a table copy or seed file: create tables, load, progress | `copy_load.rs` |
+//! | sequences moved to the values applied rows used, before the commit | `sequences.rs` |
 //! | the operator's skip of the blocking transaction | `skip.rs` |
 //! | errors and their classes; status and lag | `error.rs`, `status.rs` |
 
@@ -48,6 +49,7 @@ mod large;
 mod mapping;
 mod order;
 mod pipeline;
+mod sequences;
 mod skip;
 mod sql;
 mod status;
@@ -135,6 +137,9 @@ struct Session {
     /// The open group ran DDL: it ends with the current source transaction
     /// (`ddl.rs`).
     end_group: bool,
+    /// Per sequence feeding a target column, the furthest value the open
+    /// group's rows used (`sequences.rs`).
+    sequences: sequences::Marks,
 }
 
 /// Where the open group of source transactions ends: what its progress row
@@ -295,6 +300,7 @@ impl Apply {
             copy: None,
             pending_bytes: 0,
             end_group: false,
+            sequences: sequences::Marks::default(),
         };
         self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {
@@ -487,8 +493,8 @@ impl Apply {
         }
     }
 
-    /// Commit the open group: send what is queued, move the progress row,
-    /// COMMIT, and only then delete its records from the inbox.
+    /// Commit the open group: send what is queued, move its sequences
+    /// forward, move the progress row, COMMIT, and only then delete its records from the inbox.
     async fn commit_group(
         &self,
         s: &mut Session,
@@ -496,6 +502,7 @@ impl Apply {
         txns: u32,
     ) -> Result<(), ApplyError> {
         self.drain(s).await?;
+        self.move_sequences(s).await?;
         s.client
             .execute(
                 &s.progress,

@@ -112,9 +112,14 @@ fn build_sql(t: &TableMap, op: Op, set: &[bool], wher: &[bool]) -> (String, usiz
             let names: Vec<&str> = cols.iter().map(|&i| t.columns[i].0.as_str()).collect();
             let values: Vec<String> = cols.iter().map(|&i| cast(i, next())).collect();
             sql = format!(
-                "INSERT INTO {} ({}) VALUES ({})",
+                "INSERT INTO {} ({}) {}VALUES ({})",
                 t.table,
                 names.join(", "),
+                if t.overriding {
+                    "OVERRIDING SYSTEM VALUE "
+                } else {
+                    ""
+                },
                 values.join(", ")
             );
         }
@@ -233,6 +238,8 @@ mod tests {
             key: vec![0],
             key_is_pk,
             set_based: key_is_pk,
+            overriding: false,
+            sequences: Vec::new(),
         }
     }
 
@@ -250,6 +257,16 @@ mod tests {
         assert_eq!(
             build_sql(&t, Op::Delete, &[false; 3], &[true, false, false]).0,
             "DELETE FROM \"s\".\"T\" WHERE \"id\" = $1::text::integer"
+        );
+    }
+
+    #[test]
+    fn an_insert_into_a_generated_always_identity_table_overrides_it() {
+        let mut t = target(true);
+        t.overriding = true;
+        assert_eq!(
+            build_sql(&t, Op::Insert, &[true, true, false], &[false; 3]).0,
+            "INSERT INTO \"s\".\"T\" (\"id\", \"v\") OVERRIDING SYSTEM VALUE VALUES ($1::text::integer, $2::text::text)"
         );
     }
 
