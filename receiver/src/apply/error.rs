@@ -76,6 +76,12 @@ pub enum ApplyError {
     },
     #[error("the schema change in record {seq} is a query string of several statements, which is not replayed: {statement}. Apply it at the branch by hand, then pgcourier-queue skip")]
     DdlSeveral { seq: u64, statement: String },
+    #[error("the schema change in record {seq} changes tables and, in the same query string, objects that ddl = \"tables\" leaves out ({outside}): {statement}. Apply at the branch by hand the part it should have, then pgcourier-queue skip")]
+    DdlMixed {
+        seq: u64,
+        statement: String,
+        outside: String,
+    },
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
@@ -132,7 +138,9 @@ impl ApplyError {
             ApplyError::Ddl { source, .. } if target_fault(&source.0).transient => {
                 target_fault(&source.0)
             }
-            ApplyError::Ddl { .. } | ApplyError::DdlSeveral { .. } => definite("ddl"),
+            ApplyError::Ddl { .. }
+            | ApplyError::DdlSeveral { .. }
+            | ApplyError::DdlMixed { .. } => definite("ddl"),
             ApplyError::Corrupt { .. } => definite("corrupt_record"),
             ApplyError::OutOfOrder { .. } => definite("out_of_order"),
             ApplyError::Decode { .. }
