@@ -462,6 +462,11 @@ impl Apply {
                 if let Some((seq, reason)) = skip.filter(|(seq, _)| *seq == record.seq) {
                     self.skip_transaction(s, seq, &reason).await?;
                     *self.skip.lock().expect("skip lock") = None;
+                    // Its records are deleted: go on after them (reading
+                    // `cursor` again found it missing when nothing had
+                    // arrived after it yet, and paused apply as out of order).
+                    cursor = s.marker_seq + 1;
+                    prev = None;
                     continue;
                 }
                 if let Some(alone) = alone {
