@@ -44,16 +44,14 @@ struct RawReceiverConfig {
     inbox_max_bytes: Option<u64>,
     #[serde(default = "defaults::max_backoff", deserialize_with = "de_duration")]
     max_backoff: Duration,
-    #[serde(default)]
-    ddl: Ddl,
+    ddl: Option<String>,
     #[serde(default)]
     ddl_deny: Vec<String>,
 }
 
 /// Which schema changes captured at the source (`pgcourier.ddl` messages)
 /// a branch applies.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Ddl {
     /// Every captured statement (default).
     #[default]
@@ -62,6 +60,46 @@ pub enum Ddl {
     /// first change that no longer fits it (the behaviour before DDL was
     /// replicated).
     None,
+    /// Tables and what they need ([`TABLE_TAGS`]; comments on tables and
+    /// columns); the rest (views, functions, triggers, policies,
+    /// extensions, ...) is left out, each statement logged. A query string
+    /// that does both pauses apply.
+    Tables,
+}
+
+/// The command tags `ddl = "tables"` applies, with `COMMENT` when it is on a
+/// table or a column.
+pub const TABLE_TAGS: &[&str] = &[
+    "CREATE TABLE",
+    "ALTER TABLE",
+    "DROP TABLE",
+    "CREATE INDEX",
+    "ALTER INDEX",
+    "DROP INDEX",
+    "CREATE TYPE",
+    "ALTER TYPE",
+    "DROP TYPE",
+    "CREATE SEQUENCE",
+    "ALTER SEQUENCE",
+    "DROP SEQUENCE",
+    "CREATE SCHEMA",
+    "ALTER SCHEMA",
+];
+
+impl std::str::FromStr for Ddl {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Ddl, ConfigError> {
+        match s {
+            "all" => Ok(Ddl::All),
+            "none" => Ok(Ddl::None),
+            "tables" => Ok(Ddl::Tables),
+            _ => Err(invalid(
+                "ddl",
+                format!("{s:?} is not one of \"all\" (the default), \"none\" or \"tables\""),
+            )),
+        }
+    }
 }
 
 fn default_group_txns() -> u32 {
@@ -203,6 +241,7 @@ impl ReceiverConfig {
             }
             ddl_deny.push(tag);
         }
+        let ddl = raw.ddl.as_deref().map_or(Ok(Ddl::All), str::parse)?;
         if raw.inbox_max_bytes.is_some_and(|b| b < (64 << 10)) {
             return Err(invalid("inbox-max-bytes", "must be at least 64KiB"));
         }
@@ -228,7 +267,7 @@ impl ReceiverConfig {
             inbox_max_bytes: raw.inbox_max_bytes,
             transport,
             max_backoff: raw.max_backoff,
-            ddl: raw.ddl,
+            ddl,
             ddl_deny,
         })
     }
@@ -265,6 +304,17 @@ mod tests {
         assert_eq!(c.ddl_deny, vec!["DROP TABLE"]);
         assert!(load("ddl = \"some\"\n").is_err());
         assert!(load("ddl-deny = [\" \"]\n").is_err());
+    }
+
+    #[test]
+    fn ddl_tables_is_read_and_a_bad_value_names_the_setting_and_the_choices() {
+        assert_eq!(load("ddl = \"tables\"\n").unwrap().ddl, Ddl::Tables);
+        let err = load("ddl = \"table\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("setting `ddl`")
+                && err.contains("\"all\" (the default), \"none\" or \"tables\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -596,3 +596,380 @@ async fn a_new_table_beside_published_ones_joins_a_for_table_publication() -> an
     );
     Ok(())
 }
+
+/// Wait until `done` holds; fail at once, with the status, if apply pauses
+/// meanwhile.
+async fn wait_applied<F, Fut>(
+    setup: &Setup,
+    admin: u16,
+    what: &str,
+    mut done: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    wait_until(what, WAIT, || {
+        let check = done();
+        async move { Ok(check.await? || status(admin).await?["apply_state"] == "paused") }
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    // A pause lasts until the target is fixed: still there.
+    let st = status(admin).await?;
+    anyhow::ensure!(
+        st["apply_state"] != "paused",
+        "apply paused waiting for {what}: {st}\n{}",
+        setup.logs()
+    );
+    Ok(())
+}
+
+/// `indisvalid` of index `name` at the branch; `None` when there is none.
+async fn index_valid(client: &tokio_postgres::Client, name: &str) -> anyhow::Result<Option<bool>> {
+    Ok(client
+        .query_one(
+            "SELECT (SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1::text))",
+            &[&name],
+        )
+        .await?
+        .get(0))
+}
+
+/// `CREATE INDEX CONCURRENTLY` at headquarters is applied at the branch on
+/// its own, with `CONCURRENTLY`, between target transactions: while it
+/// waits for a branch writer's open transaction, other branch writers go
+/// on. (Inside a target transaction the build's SHARE lock request waits in
+/// the lock queue, and every writer after it waits behind it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_index_is_built_at_the_branch_without_blocking_its_writers(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-concurrently",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
+            source_sql: "INSERT INTO item SELECT g, g FROM generate_series(1, 100) g;",
+            receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let (src, dst) = (setup.source().await?, setup.target(0).await?);
+    setup.wait_equal(0, &["public.item"], WAIT).await?;
+    // A branch writer in the middle of its transaction.
+    let holder = setup.target(0).await?;
+    holder
+        .batch_execute("BEGIN; INSERT INTO item VALUES (-1, 0)")
+        .await?;
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    let before: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    src.batch_execute("CREATE INDEX CONCURRENTLY item_qty ON item (qty)")
+        .await?;
+    wait_until(
+        "apply's index statement to wait for the branch writer",
+        WAIT,
+        || async {
+            let n: i64 = dst
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                      WHERE pid NOT IN ($1, pg_backend_pid()) \
+                        AND query LIKE '%item_qty%' AND wait_event_type = 'Lock'",
+                    &[&holder_pid],
+                )
+                .await?
+                .get(0);
+            Ok(n > 0)
+        },
+    )
+    .await
+    .with_context(|| setup.logs())?;
+    // Meanwhile another branch writer is not held up.
+    let writer = setup.target(0).await?;
+    writer.batch_execute("SET lock_timeout = '10s'").await?;
+    if let Err(e) = writer
+        .batch_execute("BEGIN; INSERT INTO item VALUES (-2, 0)")
+        .await
+    {
+        anyhow::bail!(
+            "a branch INSERT waited behind the index being applied: {}\n{}",
+            e.as_db_error()
+                .map_or(e.to_string(), |d| d.message().to_owned()),
+            setup.logs()
+        );
+    }
+    writer.batch_execute("ROLLBACK").await?;
+    holder.batch_execute("ROLLBACK").await?;
+    wait_until("the index to be valid at the branch", WAIT, || async {
+        Ok(index_valid(&dst, "public.item_qty").await? == Some(true))
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    // The progress row moved past its transaction, and apply goes on.
+    wait_until("the progress row to pass the index", WAIT, || async {
+        let passed: bool = dst
+            .query_one(
+                "SELECT coalesce(bool_or(commit_lsn > $1::text::pg_lsn), false) FROM pgcourier.progress",
+                &[&before],
+            )
+            .await?
+            .get(0);
+        Ok(passed)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    src.batch_execute("INSERT INTO item VALUES (101, 101)")
+        .await?;
+    setup.wait_equal(0, &["public.item"], WAIT).await?;
+    let log = setup.branches[0].receiver.log();
+    anyhow::ensure!(
+        !log.contains("apply paused"),
+        "apply paused on the way:\n{}",
+        setup.logs()
+    );
+    Ok(())
+}
+
+/// A crash between a `CONCURRENTLY` statement and its progress row replays
+/// the statement over what the first run left: an invalid index (an
+/// interrupted build, here marked invalid by hand), the index already
+/// built, the index already dropped. None of these stops apply, and the
+/// index ends valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_index_statement_replayed_over_what_a_first_run_left_ends_valid(
+) -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-concurrently-replay",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
+            source_sql: "INSERT INTO item SELECT g, g FROM generate_series(1, 100) g; \
+                         CREATE INDEX item_gone ON item (qty, id);",
+            receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let (src, dst) = (setup.source().await?, setup.target(0).await?);
+    dst.batch_execute(
+        "CREATE INDEX item_qty ON item (qty);
+         UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'item_qty'::regclass;
+         CREATE INDEX item_built ON item (id, qty);",
+    )
+    .await?;
+    anyhow::ensure!(index_valid(&dst, "item_qty").await? == Some(false));
+    src.batch_execute("CREATE INDEX CONCURRENTLY item_qty ON item (qty)")
+        .await?;
+    src.batch_execute("CREATE INDEX CONCURRENTLY item_built ON item (id, qty)")
+        .await?;
+    src.batch_execute("DROP INDEX CONCURRENTLY item_gone")
+        .await?;
+    src.batch_execute("INSERT INTO item VALUES (101, 101)")
+        .await?;
+    wait_applied(&setup, admin, "the row after the indexes", || async {
+        let n: i64 = dst
+            .query_one("SELECT count(*) FROM item WHERE id = 101", &[])
+            .await?
+            .get(0);
+        Ok(n == 1)
+    })
+    .await?;
+    for index in ["item_qty", "item_built"] {
+        let valid = index_valid(&dst, index).await?;
+        anyhow::ensure!(valid == Some(true), "{index}: valid {valid:?}");
+    }
+    setup.wait_equal(0, &["public.item"], WAIT).await?;
+    Ok(())
+}
+
+/// A `CONCURRENTLY` build that fails at the branch (a unique index over a
+/// branch-local duplicate) pauses apply naming it; the operator's skip moves
+/// past it and leaves no invalid index behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_concurrent_index_pauses_naming_it_and_can_be_skipped() -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"");
+    let setup = Setup::start(
+        "ddl-concurrently-skip",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
+            source_sql: "INSERT INTO item SELECT g, g FROM generate_series(1, 10) g;",
+            receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let (src, dst) = (setup.source().await?, setup.target(0).await?);
+    dst.batch_execute("INSERT INTO item VALUES (-1, 1)").await?;
+    src.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY item_qty_u ON item (qty)")
+        .await?;
+    wait_until("apply to pause with class ddl", WAIT, || async {
+        let st = status(admin).await?;
+        Ok(st["apply_state"] == "paused" && st["error_class"] == "ddl")
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    let st = status(admin).await?;
+    anyhow::ensure!(
+        st["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("CREATE UNIQUE INDEX CONCURRENTLY item_qty_u ON item (qty)"),
+        "the error names the statement: {st}"
+    );
+    let blocking = st["blocking_seq"].as_u64().context("blocking seq")?;
+    let out = Command::new(bin_path("pgcourier-queue"))
+        .args([
+            "--config",
+            setup.branches[0].config.to_str().expect("utf-8"),
+            "skip",
+            &blocking.to_string(),
+            "--reason",
+            "duplicate qty at the branch",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "skip: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("apply to take the skip", WAIT, || async {
+        Ok(status(admin).await?["skipped_transactions"] == 1)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    src.batch_execute("INSERT INTO item VALUES (11, 11)")
+        .await?;
+    wait_applied(&setup, admin, "the row after the skipped index", || async {
+        let n: i64 = dst
+            .query_one("SELECT count(*) FROM item WHERE id = 11", &[])
+            .await?
+            .get(0);
+        Ok(n == 1)
+    })
+    .await?;
+    let left = index_valid(&dst, "item_qty_u").await?;
+    anyhow::ensure!(
+        left.is_none(),
+        "the failed build left an index: valid {left:?}"
+    );
+    let skipped: i64 = dst
+        .query_one("SELECT count(*) FROM pgcourier.skipped", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(skipped == 1, "{skipped} transactions recorded as skipped");
+    Ok(())
+}
+
+/// `ddl = "tables"`: table changes are applied, views and functions left
+/// out (logged); one query string doing both pauses apply naming it, until
+/// the operator applies the table part by hand and skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ddl_tables_only_table_changes_reach_the_branch() -> anyhow::Result<()> {
+    let admin = free_tcp_port();
+    let receiver_extra = format!("admin = \"127.0.0.1:{admin}\"\nddl = \"tables\"");
+    let setup = Setup::start(
+        "ddl-tables",
+        Options {
+            schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
+            receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = true",
+            ..Options::default()
+        },
+    )
+    .await?;
+    let (src, dst) = (setup.source().await?, setup.target(0).await?);
+    src.batch_execute("CREATE VIEW item_view AS SELECT id FROM item")
+        .await?;
+    src.batch_execute(
+        "CREATE FUNCTION item_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM item'",
+    )
+    .await?;
+    src.batch_execute("ALTER TABLE item ADD COLUMN note text")
+        .await?;
+    src.batch_execute("COMMENT ON COLUMN item.note IS 'free text'")
+        .await?;
+    src.batch_execute("INSERT INTO item VALUES (1, 1, 'x')")
+        .await?;
+    wait_applied(&setup, admin, "the row with the new column", || async {
+        let n: i64 = dst
+            .query_one("SELECT count(*) FROM item WHERE id = 1", &[])
+            .await?
+            .get(0);
+        Ok(n == 1)
+    })
+    .await?;
+    setup.wait_equal(0, &["public.item"], WAIT).await?;
+    let (view, function, comment): (bool, bool, Option<String>) = {
+        let r = dst
+            .query_one(
+                "SELECT to_regclass('item_view') IS NOT NULL, to_regproc('item_count') IS NOT NULL, \
+                        col_description('item'::regclass, 3)",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1), r.get(2))
+    };
+    anyhow::ensure!(
+        !view && !function && comment.as_deref() == Some("free text"),
+        "at the branch: view {view}, function {function}, comment {comment:?}"
+    );
+    let log = setup.branches[0].receiver.log();
+    anyhow::ensure!(
+        log.contains("CREATE VIEW item_view") && log.contains("CREATE FUNCTION item_count"),
+        "the left-out statements are logged:\n{}",
+        setup.logs()
+    );
+
+    // One statement doing both.
+    let mixed = "CREATE SCHEMA extra CREATE TABLE extra_t (a int) CREATE VIEW extra_v AS SELECT a FROM extra_t";
+    src.batch_execute(mixed).await?;
+    wait_until("apply to pause with class ddl", WAIT, || async {
+        let st = status(admin).await?;
+        Ok(st["apply_state"] == "paused" && st["error_class"] == "ddl")
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    let st = status(admin).await?;
+    let error = st["last_error"].as_str().unwrap_or("");
+    anyhow::ensure!(
+        error.contains(mixed) && error.contains("CREATE VIEW") && error.contains("skip"),
+        "the error names the statement, the part left out and what to do: {st}"
+    );
+    let blocking = st["blocking_seq"].as_u64().context("blocking seq")?;
+    dst.batch_execute("CREATE SCHEMA extra CREATE TABLE extra_t (a int)")
+        .await?;
+    let out = Command::new(bin_path("pgcourier-queue"))
+        .args([
+            "--config",
+            setup.branches[0].config.to_str().expect("utf-8"),
+            "skip",
+            &blocking.to_string(),
+            "--reason",
+            "table part applied by hand",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "skip: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    src.batch_execute("INSERT INTO extra.extra_t VALUES (7); INSERT INTO item VALUES (2, 2, 'y')")
+        .await?;
+    setup
+        .wait_equal(0, &["public.item", "extra.extra_t"], WAIT)
+        .await?;
+    Ok(())
+}

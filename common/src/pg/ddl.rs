@@ -9,7 +9,9 @@
 //! travels in the same spool record. At the branch apply runs the statement
 //! in the same target transaction (`receiver/src/apply/ddl.rs`), after
 //! splitting the text with [`split_statements`] (a query string of several
-//! statements is not replayed: it pauses apply).
+//! statements is not replayed: it pauses apply); a statement with
+//! `CONCURRENTLY` is read by [`concurrently`] and run on its own, between
+//! target transactions.
 
 use serde::{Deserialize, Serialize};
 
@@ -402,6 +404,157 @@ pub fn without_concurrently(statement: &str) -> Option<String> {
     found.then_some(out)
 }
 
+/// What a statement with `CONCURRENTLY` does, as far as the branch needs
+/// to know to run it on its own, outside a transaction block, and to run it
+/// again harmlessly after a crash between the statement and the progress
+/// row (`receiver/src/apply/ddl.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Concurrently {
+    /// `CREATE [UNIQUE] INDEX CONCURRENTLY [IF NOT EXISTS] index ON [ONLY]
+    /// table ...`: the index is created in the table's schema. Both names
+    /// as written (quoted or not; the table possibly schema-qualified), for
+    /// `to_regclass`.
+    CreateIndex { index: String, table: String },
+    /// `DROP INDEX CONCURRENTLY [IF EXISTS] index [CASCADE | RESTRICT]`:
+    /// one index (PostgreSQL allows no more with `CONCURRENTLY`), as
+    /// written.
+    DropIndex { index: String },
+    /// `REINDEX ... CONCURRENTLY ...`: running it again rebuilds again.
+    Reindex,
+}
+
+/// The shape of a statement holding the keyword `CONCURRENTLY`; `None` when
+/// it has none, or when its shape is not one of [`Concurrently`] (an index
+/// created without a name: a replay could not tell whether it was built).
+pub fn concurrently(statement: &str) -> Option<Concurrently> {
+    let tokens = tokens(statement);
+    let word = |i: usize, w: &str| matches!(tokens.get(i), Some(Token::Word(t)) if t.eq_ignore_ascii_case(w));
+    if !tokens
+        .iter()
+        .any(|t| matches!(t, Token::Word(w) if w.eq_ignore_ascii_case("concurrently")))
+    {
+        return None;
+    }
+    if word(0, "reindex") {
+        return Some(Concurrently::Reindex);
+    }
+    let mut i;
+    if word(0, "create") {
+        i = 1;
+        if word(i, "unique") {
+            i += 1;
+        }
+        if !(word(i, "index") && word(i + 1, "concurrently")) {
+            return None;
+        }
+        i += 2;
+        if word(i, "if") && word(i + 1, "not") && word(i + 2, "exists") {
+            i += 3;
+        }
+        if word(i, "on") {
+            return None;
+        }
+        let index = name_at(&tokens, i)?.to_owned();
+        i += 1;
+        if !word(i, "on") {
+            return None;
+        }
+        i += 1;
+        if word(i, "only") {
+            i += 1;
+        }
+        let (table, _) = qualified_at(&tokens, i)?;
+        return Some(Concurrently::CreateIndex { index, table });
+    }
+    if word(0, "drop") && word(1, "index") && word(2, "concurrently") {
+        i = 3;
+        if word(i, "if") && word(i + 1, "exists") {
+            i += 2;
+        }
+        let (index, next) = qualified_at(&tokens, i)?;
+        i = next;
+        if word(i, "cascade") || word(i, "restrict") {
+            i += 1;
+        }
+        return (i == tokens.len()).then_some(Concurrently::DropIndex { index });
+    }
+    None
+}
+
+/// Whether `statement` is `COMMENT ON TABLE` or `COMMENT ON COLUMN`.
+pub fn comments_on_table(statement: &str) -> bool {
+    let tokens = tokens(statement);
+    let word = |i: usize, w: &str| matches!(tokens.get(i), Some(Token::Word(t)) if t.eq_ignore_ascii_case(w));
+    word(0, "comment") && word(1, "on") && (word(2, "table") || word(2, "column"))
+}
+
+/// A token of a statement's code: a word (keyword or plain identifier), a
+/// quoted identifier (with its quotes), a literal, or one other character.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token<'a> {
+    Word(&'a str),
+    Quoted(&'a str),
+    Literal,
+    Other(char),
+}
+
+/// The tokens of `text`, comments left out.
+fn tokens(text: &str) -> Vec<Token<'_>> {
+    let mut out = Vec::new();
+    for seg in segments(text) {
+        let part = &text[seg.start..seg.end];
+        match seg.kind {
+            Kind::Comment => {}
+            Kind::Quoted if part.starts_with('"') => out.push(Token::Quoted(part)),
+            Kind::Quoted => out.push(Token::Literal),
+            Kind::Code => {
+                let mut word_start: Option<usize> = None;
+                for (i, c) in part.char_indices() {
+                    let is_word = c.is_alphanumeric() || c == '_' || c == '$';
+                    match (is_word, word_start) {
+                        (true, None) => word_start = Some(i),
+                        (true, Some(_)) => {}
+                        (false, ws) => {
+                            if let Some(ws) = ws {
+                                out.push(Token::Word(&part[ws..i]));
+                                word_start = None;
+                            }
+                            if !c.is_whitespace() {
+                                out.push(Token::Other(c));
+                            }
+                        }
+                    }
+                }
+                if let Some(ws) = word_start {
+                    out.push(Token::Word(&part[ws..]));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The name (a word or a quoted identifier) at `at`, as written.
+fn name_at<'a>(tokens: &[Token<'a>], at: usize) -> Option<&'a str> {
+    match tokens.get(at)? {
+        Token::Word(w) | Token::Quoted(w) => Some(w),
+        _ => None,
+    }
+}
+
+/// The possibly qualified name (`a`, `s.a`, `"S"."a"`) starting at `at`,
+/// as written, and where it ends.
+fn qualified_at(tokens: &[Token<'_>], at: usize) -> Option<(String, usize)> {
+    let mut name = name_at(tokens, at)?.to_owned();
+    let mut i = at + 1;
+    while tokens.get(i) == Some(&Token::Other('.')) {
+        name.push('.');
+        name.push_str(name_at(tokens, i + 1)?);
+        i += 2;
+    }
+    Some((name, i))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Code,
@@ -631,6 +784,50 @@ mod tests {
             without_concurrently("CREATE INDEX concurrently_a ON t (a)"),
             None
         );
+    }
+
+    #[test]
+    fn concurrent_statements_are_read_for_the_names_a_replay_needs() {
+        assert_eq!(
+            concurrently(
+                "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS \"Item_A\" ON ONLY s.\"T\" (a)"
+            ),
+            Some(Concurrently::CreateIndex {
+                index: "\"Item_A\"".into(),
+                table: "s.\"T\"".into()
+            })
+        );
+        assert_eq!(
+            concurrently("create index /* c */ concurrently item_a on item using btree (a)"),
+            Some(Concurrently::CreateIndex {
+                index: "item_a".into(),
+                table: "item".into()
+            })
+        );
+        assert_eq!(
+            concurrently("DROP INDEX CONCURRENTLY IF EXISTS public.item_a CASCADE"),
+            Some(Concurrently::DropIndex {
+                index: "public.item_a".into()
+            })
+        );
+        assert_eq!(
+            concurrently("REINDEX INDEX CONCURRENTLY item_a"),
+            Some(Concurrently::Reindex)
+        );
+        // No name: a replay could not find what a first run built.
+        assert_eq!(concurrently("CREATE INDEX CONCURRENTLY ON item (a)"), None);
+        // Several indexes, or none of the keyword.
+        assert_eq!(concurrently("DROP INDEX CONCURRENTLY a, b"), None);
+        assert_eq!(concurrently("CREATE INDEX item_a ON item (a)"), None);
+        assert_eq!(concurrently("COMMENT ON INDEX i IS 'CONCURRENTLY'"), None);
+    }
+
+    #[test]
+    fn comments_on_tables_and_columns_are_told_from_other_comments() {
+        assert!(comments_on_table("COMMENT ON TABLE t IS 'x'"));
+        assert!(comments_on_table("comment  on column t.a is null"));
+        assert!(!comments_on_table("COMMENT ON FUNCTION f() IS 'on table'"));
+        assert!(!comments_on_table("COMMENT ON VIEW v IS 'x'"));
     }
 
     #[test]

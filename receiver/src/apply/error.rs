@@ -85,6 +85,12 @@ pub enum ApplyError {
         #[source]
         source: PgError,
     },
+    #[error("the schema change in record {seq} changes tables and, in the same query string, objects that ddl = \"tables\" leaves out ({outside}): {statement}. Apply at the branch by hand the part it should have, then pgcourier-queue skip")]
+    DdlMixed {
+        seq: u64,
+        statement: String,
+        outside: String,
+    },
     #[error(transparent)]
     Progress(#[from] ProgressError),
     #[error(transparent)]
@@ -145,7 +151,8 @@ impl ApplyError {
             }
             ApplyError::Ddl { .. }
             | ApplyError::DdlSeveral { .. }
-            | ApplyError::DdlByCode { .. } => definite("ddl"),
+            | ApplyError::DdlByCode { .. }
+            | ApplyError::DdlMixed { .. } => definite("ddl"),
             ApplyError::Corrupt { .. } => definite("corrupt_record"),
             ApplyError::OutOfOrder { .. } => definite("out_of_order"),
             ApplyError::Decode { .. }

@@ -35,7 +35,7 @@
 //! | one change shape → SQL, prepared once per session | `sql.rs` |
 //! | queued changes → pipelined statements, COPY runs, TRUNCATE barrier | `pipeline.rs` |
 //! | an insert of many MiB streamed from its fragments into its own COPY | `large.rs` |
-//! | a schema change (DDL message) run in the same target transaction | `ddl.rs` |
+//! | a schema change (DDL message) run in the same target transaction, or on its own between groups (`CONCURRENTLY`) | `ddl.rs` |
 //! | a table copy or seed file: create tables, load, progress | `copy_load.rs` |
 //! | sequences moved to the values applied rows used, before the commit | `sequences.rs` |
 //! | the operator's skip of the blocking transaction | `skip.rs` |
@@ -68,7 +68,7 @@ use std::time::Duration;
 use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ReceiverConfig;
+use crate::config::{Ddl, ReceiverConfig};
 use crate::inbox::{Dropped, Inbox};
 
 pub use error::ApplyError;
@@ -446,11 +446,39 @@ impl Apply {
                     group_changes = 0;
                 }
             }
+            // A CONCURRENTLY statement, alone in its source transaction:
+            // applied on its own, after the group so far (`ddl.rs`).
+            let alone = match self.cfg.ddl {
+                Ddl::None => None,
+                _ => ddl::alone(&record),
+            };
+            if alone.is_some() && open {
+                self.commit_group(
+                    s,
+                    group_end.take().expect("open group has an end"),
+                    group_txns,
+                )
+                .await?;
+                open = false;
+                group_txns = 0;
+                group_changes = 0;
+            }
             if !open {
                 let skip = self.skip.lock().expect("skip lock").clone();
                 if let Some((seq, reason)) = skip.filter(|(seq, _)| *seq == record.seq) {
                     self.skip_transaction(s, seq, &reason).await?;
                     *self.skip.lock().expect("skip lock") = None;
+                    // Its records are deleted: go on after them (reading
+                    // `cursor` again found it missing when nothing had
+                    // arrived after it yet, and paused apply as out of order).
+                    cursor = s.marker_seq + 1;
+                    prev = None;
+                    continue;
+                }
+                if let Some(alone) = alone {
+                    self.apply_alone(s, &record, alone).await?;
+                    in_txn = false;
+                    cursor += 1;
                     continue;
                 }
                 s.client
