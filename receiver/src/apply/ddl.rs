@@ -458,6 +458,7 @@ mod tests {
             statement: statement.into(),
             search_path: "public".into(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            role: None,
         }
     }
 
