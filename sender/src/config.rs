@@ -41,7 +41,7 @@ struct RawSenderConfig {
     capture_batch_changes: u32,
     #[serde(default = "default_true")]
     initial_copy: bool,
-    #[serde(default)]
+    #[serde(default = "default_true")]
     ddl_capture: bool,
     #[serde(default = "default_copy_lock_wait", deserialize_with = "de_duration")]
     copy_lock_wait: Duration,
@@ -189,10 +189,10 @@ pub struct SenderConfig {
     pub admin_socket: PathBuf,
     pub poll_interval: Duration,
     pub capture_batch_changes: u32,
-    /// Copy the published tables' existing rows when the spool is new.
-    /// Install the DDL event trigger at the source (`ddl-capture`; off by
-    /// default until its limits are lifted: see README, "Schema changes").
+    /// Install the DDL event trigger at the source (`ddl-capture`, on by
+    /// default: README, "Schema changes").
     pub ddl_capture: bool,
+    /// Copy the published tables' existing rows when the spool is new.
     pub initial_copy: bool,
     /// How long a copy's cut waits for the tables' writers before retrying.
     pub copy_lock_wait: Duration,

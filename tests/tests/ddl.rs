@@ -392,8 +392,8 @@ async fn with_ddl_none_the_branch_pauses_at_a_column_it_lacks() -> anyhow::Resul
     Ok(())
 }
 
-/// `ddl-capture` is off by default: the sender installs no event trigger,
-/// and a schema change at headquarters reaches no branch (the branch pauses
+/// With `ddl-capture = false` the sender installs no event trigger, and a
+/// schema change at headquarters reaches no branch (the branch pauses
 /// at the first row that no longer fits, as before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_ddl_capture_the_sender_installs_no_trigger() -> anyhow::Result<()> {
@@ -404,6 +404,7 @@ async fn without_ddl_capture_the_sender_installs_no_trigger() -> anyhow::Result<
         Options {
             schema: "CREATE TABLE item (id integer PRIMARY KEY, qty integer);",
             receiver_extra: &receiver_extra,
+            sender_extra: "ddl-capture = false",
             ..Options::default()
         },
     )
