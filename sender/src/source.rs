@@ -597,7 +597,9 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         Ok(rows) => {
             let published: Option<Vec<(String, String)>> = if has_pub {
                 match client
-                    .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&cfg.publication])
+                    // pgcourier's own tables (the DDL key, which FOR ALL
+                    // TABLES publishes) are never carried: not listed.
+                    .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 AND schemaname <> $2", &[&cfg.publication, &pgcourier_proto::cutter::OWN_SCHEMA])
                     .await
                 {
                     Ok(rows) => Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()),

@@ -69,7 +69,9 @@ fn schema_dump(pg: &PgCluster) -> anyhow::Result<String> {
         .join("\n"))
 }
 
-/// The migration, one statement per query (as psql sends a script).
+/// The migration, one statement per query (as psql sends a script): what
+/// migrations do to tables, columns, constraints, indexes, types, views,
+/// functions, triggers, comments and sequences, renames included.
 const MIGRATION: &[&str] = &[
     "ALTER TABLE item ADD COLUMN status text DEFAULT 'new'",
     "UPDATE item SET status = 'old' WHERE id % 2 = 0",
@@ -88,6 +90,18 @@ const MIGRATION: &[&str] = &[
     "CREATE TABLE scratch (id integer PRIMARY KEY)",
     "INSERT INTO scratch SELECT generate_series(1, 10)",
     "DROP TABLE scratch",
+    "ALTER TABLE item ADD CONSTRAINT qty_not_negative CHECK (qty >= 0)",
+    "CREATE VIEW item_view AS SELECT id, status FROM item",
+    "ALTER VIEW item_view RENAME TO item_list",
+    "CREATE FUNCTION item_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM item'",
+    "ALTER FUNCTION item_count() RENAME TO item_total",
+    "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",
+    "CREATE TRIGGER item_touch BEFORE UPDATE ON item FOR EACH ROW EXECUTE FUNCTION touch()",
+    "COMMENT ON TABLE item IS 'what the shops sell'",
+    "CREATE SEQUENCE ticket_seq START 100",
+    "ALTER SEQUENCE ticket_seq RENAME TO ticket_no",
+    "ALTER TABLE note ALTER COLUMN body SET DEFAULT 'empty'",
+    "ALTER TABLE item DROP CONSTRAINT qty_not_negative",
 ];
 
 /// A branch-local audit of applied inserts into `item` (schema audit: not
