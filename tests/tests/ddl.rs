@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use pgcourier_tests::{bin_path, pg_bindir, wait_until, PgCluster};
 
-use crate::fixture::{Options, Setup, DB};
+use crate::fixture::{admin_status as status, Options, Setup, DB};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -19,16 +19,6 @@ fn free_tcp_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind a TCP port")
-}
-
-/// GET the receiver's /status.
-async fn status(port: u16) -> anyhow::Result<serde_json::Value> {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let (_, body) = tokio::task::spawn_blocking(move || {
-        pgcourier_common::ops::admin::request(addr, "GET", "/status")
-    })
-    .await??;
-    Ok(serde_json::from_str(&body)?)
 }
 
 /// `pg_dump --schema-only` of schema public, without comments, SET lines,

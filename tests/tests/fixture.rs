@@ -54,6 +54,16 @@ pub fn free_udp_port() -> u16 {
     panic!("no port free on loopback for both UDP and TCP in 50 tries")
 }
 
+/// GET the /status of a daemon's admin listener on 127.0.0.1:`port`.
+pub async fn admin_status(port: u16) -> anyhow::Result<serde_json::Value> {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let (_, body) = tokio::task::spawn_blocking(move || {
+        pgcourier_common::ops::admin::request(addr, "GET", "/status")
+    })
+    .await??;
+    Ok(serde_json::from_str(&body)?)
+}
+
 pub fn keygen(dir: &Path, name: &str) -> String {
     pgcourier_common::transport::tls::keygen(
         &dir.join(format!("{name}.crt")),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use pgcourier_tests::wait_until;
 
-use crate::fixture::{Options, Setup};
+use crate::fixture::{admin_status as status, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -181,16 +181,6 @@ async fn after_a_burst_of_inserts_the_branch_sequences_are_beyond_every_row_it_h
             .map_err(|e| anyhow::anyhow!("{sql} at the branch: {:?}", e.as_db_error()))?;
     }
     Ok(())
-}
-
-/// GET the receiver's /status.
-async fn status(port: u16) -> anyhow::Result<serde_json::Value> {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let (_, body) = tokio::task::spawn_blocking(move || {
-        pgcourier_common::ops::admin::request(addr, "GET", "/status")
-    })
-    .await??;
-    Ok(serde_json::from_str(&body)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use anyhow::Context;
 use pgcourier_proto::record::Record;
 use pgcourier_tests::wait_until;
 
-use crate::fixture::{wait_count, Options, Setup};
+use crate::fixture::{admin_status as status, wait_count, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -19,15 +19,6 @@ fn free_tcp_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind a TCP port")
-}
-
-async fn status(port: u16) -> anyhow::Result<serde_json::Value> {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let (_, body) = tokio::task::spawn_blocking(move || {
-        pgcourier_common::ops::admin::request(addr, "GET", "/status")
-    })
-    .await??;
-    Ok(serde_json::from_str(&body)?)
 }
 
 fn leak(s: String) -> &'static str {
