@@ -145,6 +145,16 @@ async fn after_a_burst_of_inserts_the_branch_sequences_are_beyond_every_row_it_h
         .await?;
     src.batch_execute(&format!("BEGIN; {} ROLLBACK", insert_rows(1, "gap again")))
         .await?;
+    // Updates of a GENERATED ALWAYS identity table, one by one and as a
+    // run (set-based at the branch): its identity column is never set.
+    for id in [1, 2, 3] {
+        src.batch_execute(&format!(
+            "UPDATE s_always SET note = 'changed' WHERE id = {id}"
+        ))
+        .await?;
+    }
+    src.batch_execute("UPDATE s_always SET note = note || ' again' WHERE id <= 50")
+        .await?;
     setup.wait_equal(0, TABLES, WAIT).await?;
 
     let dst = setup.target(0).await?;

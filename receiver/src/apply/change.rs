@@ -281,6 +281,7 @@ mod tests {
             key_is_pk: set_based,
             set_based,
             overriding: false,
+            always: Vec::new(),
             sequences: Vec::new(),
         }
     }

@@ -35,6 +35,9 @@ pub(super) struct TableMap {
     /// says `OVERRIDING SYSTEM VALUE` to write the source's value (COPY
     /// writes it regardless).
     pub(super) overriding: bool,
+    /// Per source column: the target's is a `GENERATED ALWAYS` identity
+    /// column, which an `UPDATE` may set to `DEFAULT` only (`sql.rs`).
+    pub(super) always: Vec<bool>,
     /// The columns a sequence feeds at the target (`sequences.rs`).
     pub(super) sequences: Vec<SeqColumn>,
 }
@@ -188,6 +191,7 @@ fn map_table(rel: &Relation, target: &[TargetColumn]) -> Result<TableMap, ApplyE
         return Err(ApplyError::MissingTable { table });
     }
     let mut columns = Vec::new();
+    let mut always = Vec::new();
     for c in &rel.columns {
         let Some(t) = target.iter().find(|t| t.name == c.name) else {
             return Err(ApplyError::MissingColumn {
@@ -196,6 +200,7 @@ fn map_table(rel: &Relation, target: &[TargetColumn]) -> Result<TableMap, ApplyE
             });
         };
         columns.push((quote_ident(&t.name), t.ty.clone()));
+        always.push(t.always);
     }
     let pk: Vec<&String> = target.iter().filter(|t| t.pk).map(|t| &t.name).collect();
     let (key, key_is_pk) = if !pk.is_empty() {
@@ -232,6 +237,7 @@ fn map_table(rel: &Relation, target: &[TargetColumn]) -> Result<TableMap, ApplyE
         key_is_pk,
         set_based: false,
         overriding: target.iter().any(|t| t.always),
+        always,
         sequences: Vec::new(),
     })
 }

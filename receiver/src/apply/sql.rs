@@ -124,11 +124,21 @@ fn build_sql(t: &TableMap, op: Op, set: &[bool], wher: &[bool]) -> (String, usiz
             );
         }
         Op::Update | Op::Delete => {
+            // A GENERATED ALWAYS identity column may be set to DEFAULT only:
+            // its new value (the source could not change it but to DEFAULT,
+            // a new one) is checked as unchanged instead, so an update that
+            // did change it finds no row and is reported as missing.
+            let mut unchanged = Vec::new();
             if op == Op::Update {
-                let sets: Vec<String> = (0..set.len())
-                    .filter(|&i| set[i])
-                    .map(|i| format!("{} = {}", t.columns[i].0, cast(i, next())))
-                    .collect();
+                let mut sets = Vec::new();
+                for i in (0..set.len()).filter(|&i| set[i]) {
+                    let assign = format!("{} = {}", t.columns[i].0, cast(i, next()));
+                    if t.always.get(i) == Some(&true) {
+                        unchanged.push(assign);
+                    } else {
+                        sets.push(assign);
+                    }
+                }
                 sql.push_str(&format!("UPDATE {} SET {}", t.table, sets.join(", ")));
             } else {
                 sql.push_str(&format!("DELETE FROM {}", t.table));
@@ -143,6 +153,7 @@ fn build_sql(t: &TableMap, op: Op, set: &[bool], wher: &[bool]) -> (String, usiz
                         format!("{}::text IS NOT DISTINCT FROM ${p}::text", t.columns[i].0)
                     }
                 })
+                .chain(unchanged)
                 .collect();
             if t.key_is_pk {
                 sql.push_str(&format!(" WHERE {}", conds.join(" AND ")));
@@ -184,14 +195,17 @@ pub(super) fn build_set_sql(t: &TableMap, op: Op, wher: &[bool]) -> (String, usi
             + 1;
         format!("s.c{p}::{}", t.columns[i].1)
     };
+    // A GENERATED ALWAYS identity column outside the key is checked as
+    // unchanged, not set (see `build_sql`).
+    let always = |i: usize| t.always.get(i) == Some(&true);
     let conds: Vec<String> = (0..wher.len())
-        .filter(|&i| wher[i])
+        .filter(|&i| wher[i] || (op == Op::Update && always(i)))
         .map(|i| format!("t.{} = {}", t.columns[i].0, value(i)))
         .collect();
     let sql = match op {
         Op::Update => {
             let sets: Vec<String> = (0..wher.len())
-                .filter(|&i| !wher[i])
+                .filter(|&i| !wher[i] && !always(i))
                 .map(|i| format!("{} = {}", t.columns[i].0, value(i)))
                 .collect();
             format!(
@@ -239,8 +253,25 @@ mod tests {
             key_is_pk,
             set_based: key_is_pk,
             overriding: false,
+            always: Vec::new(),
             sequences: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_generated_always_identity_column_is_checked_unchanged_never_set() {
+        let mut t = target(true);
+        t.always = vec![true, false, false];
+        assert_eq!(
+            build_sql(&t, Op::Update, &[true, true, false], &[true, false, false]),
+            ("UPDATE \"s\".\"T\" SET \"v\" = $2::text::text WHERE \"id\" = $3::text::integer AND \"id\" = $1::text::integer".into(), 3)
+        );
+        // Outside the key too, and in the set-based form.
+        t.always = vec![false, true, false];
+        let (sql, _) = build_set_sql(&t, Op::Update, &[true, false, false]);
+        assert!(sql.contains("SET \"j\" = s.c3::jsonb"), "{sql}");
+        assert!(sql.contains("t.\"v\" = s.c2::text"), "{sql}");
+        assert!(!sql.contains("\"v\" = s.c2::text,"), "{sql}");
     }
 
     #[test]
