@@ -142,6 +142,17 @@ struct Session {
     sequences: sequences::Marks,
 }
 
+/// The source transactions being grouped into one target transaction.
+#[derive(Default)]
+struct Group {
+    /// A target transaction is open.
+    open: bool,
+    txns: u32,
+    changes: u32,
+    /// Set at the end of each of its source transactions.
+    end: Option<GroupEnd>,
+}
+
 /// Where the open group of source transactions ends: what its progress row
 /// says once it commits.
 struct GroupEnd {
@@ -339,10 +350,7 @@ impl Apply {
             None => self.inbox.durable_seq() + 1,
         };
         let mut durable_rx = self.inbox.subscribe();
-        let mut open = false;
-        let mut group_txns = 0u32;
-        let mut group_changes = 0u32;
-        let mut group_end: Option<GroupEnd> = None;
+        let mut group = Group::default();
         let mut in_txn = false;
         // The record read before `cursor` (`order.rs`).
         let mut prev: Option<order::Position> = None;
@@ -350,16 +358,8 @@ impl Apply {
             let durable = *durable_rx.borrow_and_update();
             if cursor > durable {
                 // Nothing more to read now: end the group if at a boundary.
-                if open && !in_txn {
-                    self.commit_group(
-                        s,
-                        group_end.take().expect("open group has an end"),
-                        group_txns,
-                    )
-                    .await?;
-                    open = false;
-                    group_txns = 0;
-                    group_changes = 0;
+                if group.open && !in_txn {
+                    self.close_group(s, &mut group).await?;
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -368,7 +368,7 @@ impl Apply {
                 continue;
             }
             self.position.store(cursor, Ordering::Relaxed);
-            if !open {
+            if !group.open {
                 // The inbox was moved forward (a new branch starting at its
                 // copy): nothing before its first record is ours to apply.
                 if let Some(first) = self.inbox.first_seq()? {
@@ -385,7 +385,7 @@ impl Apply {
             })?;
             let record = match Record::decode(&bytes) {
                 Ok(record) => record,
-                Err(source) if cursor <= s.marker_seq && !open => {
+                Err(source) if cursor <= s.marker_seq && !group.open => {
                     // Applied before a restart (the progress row covers it)
                     // and back after a crash undid its delete: nothing to
                     // fetch again, nothing to apply. Drop it; never lower
@@ -422,7 +422,7 @@ impl Apply {
                 // relations, and delete it (it may have come back after a
                 // crash undid its delete).
                 self.learn_relations(s, &record)?;
-                if record.last && !open {
+                if record.last && !group.open {
                     self.inbox.delete_through(record.seq)?;
                 }
                 cursor += 1;
@@ -430,20 +430,12 @@ impl Apply {
             }
             if record.part == 0 {
                 self.txn_first.store(record.seq, Ordering::Relaxed);
-                if open && !self.inbox.is_whole_through(record.seq) {
+                if group.open && !self.inbox.is_whole_through(record.seq) {
                     // A transaction not yet whole in the inbox joins no
                     // group: commit the group first, so that the inbox never
                     // waits at `inbox-max-bytes` for room a group holding
                     // complete transactions frees only once this one ends.
-                    self.commit_group(
-                        s,
-                        group_end.take().expect("open group has an end"),
-                        group_txns,
-                    )
-                    .await?;
-                    open = false;
-                    group_txns = 0;
-                    group_changes = 0;
+                    self.close_group(s, &mut group).await?;
                 }
             }
             // A CONCURRENTLY statement, alone in its source transaction:
@@ -452,18 +444,10 @@ impl Apply {
                 Ddl::None => None,
                 _ => ddl::alone(&record),
             };
-            if alone.is_some() && open {
-                self.commit_group(
-                    s,
-                    group_end.take().expect("open group has an end"),
-                    group_txns,
-                )
-                .await?;
-                open = false;
-                group_txns = 0;
-                group_changes = 0;
+            if alone.is_some() && group.open {
+                self.close_group(s, &mut group).await?;
             }
-            if !open {
+            if !group.open {
                 let skip = self.skip.lock().expect("skip lock").clone();
                 if let Some((seq, reason)) = skip.filter(|(seq, _)| *seq == record.seq) {
                     self.skip_transaction(s, seq, &reason).await?;
@@ -485,18 +469,18 @@ impl Apply {
                     .batch_execute("BEGIN")
                     .await
                     .map_err(target_err("begin target transaction"))?;
-                open = true;
+                group.open = true;
             }
             in_txn = !record.last;
-            group_changes += self.queue_record(s, &record).await?;
+            group.changes += self.queue_record(s, &record).await?;
             if record.last {
                 if let Some(c) = s.copy.as_mut() {
                     c.complete = true;
                 }
             }
             if record.last {
-                group_txns += 1;
-                group_end = Some(GroupEnd {
+                group.txns += 1;
+                group.end = Some(GroupEnd {
                     seq: record.seq,
                     commit_lsn: record.commit_lsn,
                     end_lsn: record.end_lsn,
@@ -505,20 +489,24 @@ impl Apply {
                 let careful = record.seq <= self.careful_until.load(Ordering::Relaxed);
                 if careful
                     || s.end_group
-                    || group_txns >= self.cfg.apply_group_transactions
-                    || group_changes >= self.cfg.apply_group_changes
+                    || group.txns >= self.cfg.apply_group_transactions
+                    || group.changes >= self.cfg.apply_group_changes
                 {
-                    self.commit_group(s, group_end.take().expect("just set"), group_txns)
-                        .await?;
-                    open = false;
-                    group_txns = 0;
-                    group_changes = 0;
+                    self.close_group(s, &mut group).await?;
                 }
             } else if s.pipeline_full() {
                 self.drain(s).await?;
             }
             cursor += 1;
         }
+    }
+
+    /// Commit `group` (open, with an end) and start the next afresh.
+    async fn close_group(&self, s: &mut Session, group: &mut Group) -> Result<(), ApplyError> {
+        let end = group.end.take().expect("an open group has an end");
+        self.commit_group(s, end, group.txns).await?;
+        *group = Group::default();
+        Ok(())
     }
 
     /// Commit the open group: send what is queued, move its sequences
