@@ -418,7 +418,14 @@ impl Cutter {
                             "change outside a transaction",
                         )))
                     }
-                    Open::Skipping | Open::AfterCut => return Ok(fed.new_table),
+                    Open::Skipping | Open::AfterCut => {
+                        // pgoutput sends a Relation once per stream: one
+                        // read here still tells later transactions' changes.
+                        if kind == b'R' {
+                            note_own(data, &mut self.own)?;
+                        }
+                        return Ok(fed.new_table);
+                    }
                     Open::Cutting(txn) => txn,
                 };
                 let kept;
@@ -512,6 +519,19 @@ impl Cutter {
     }
 }
 
+/// Remember whether the Relation `data` is one of [`OWN_SCHEMA`]'s tables.
+fn note_own(data: &[u8], own: &mut BTreeSet<u32>) -> Result<(), CutError> {
+    let Message::Relation(rel) = pgoutput::decode(data)? else {
+        return Err(CutError::OutOfOrder("Relation does not decode"));
+    };
+    if rel.schema == OWN_SCHEMA {
+        own.insert(rel.oid);
+    } else {
+        own.remove(&rel.oid);
+    }
+    Ok(())
+}
+
 enum Filter {
     Keep,
     Drop,
@@ -536,14 +556,7 @@ fn filter(
                 None => return Err(CutError::OutOfOrder("change message too short")),
             };
             if kind == b'R' {
-                let Message::Relation(rel) = pgoutput::decode(data)? else {
-                    return Err(CutError::OutOfOrder("Relation does not decode"));
-                };
-                if rel.schema == OWN_SCHEMA {
-                    own.insert(oid);
-                } else {
-                    own.remove(&oid);
-                }
+                note_own(data, own)?;
             }
             if own.contains(&oid) {
                 return Ok(Filter::Drop);
