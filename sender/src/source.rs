@@ -362,7 +362,18 @@ pub async fn read_ddl_key(client: &Client) -> Result<Result<Vec<u8>, String>, So
         quote_ident(ddl::DDL_KEY_TABLE)
     );
     match client.query_opt(&sql, &[]).await {
-        Ok(Some(row)) => Ok(Ok(row.get(0))),
+        Ok(Some(row)) => match row.try_get::<_, Vec<u8>>(0) {
+            // The install makes 32 random bytes; a short key (set by hand)
+            // would let anyone sign.
+            Ok(key) if key.len() >= 16 => Ok(Ok(key)),
+            Ok(key) => Ok(Err(format!(
+                "{}.{} holds a key of {} bytes (at least 16 are needed; delete the row and run the sender as a superuser to make a new one)",
+                ddl::DDL_SCHEMA,
+                ddl::DDL_KEY_TABLE,
+                key.len()
+            ))),
+            Err(e) => Err(SourceError::query("read the DDL signing key", e)),
+        },
         Ok(None) => Ok(Err(format!(
             "{}.{} is empty",
             ddl::DDL_SCHEMA,

@@ -537,6 +537,23 @@ async fn forged_and_foreign_logical_messages_never_reach_the_branch() -> anyhow:
     })
     .await
     .with_context(|| setup.logs())?;
+
+    // A key short enough to guess (set by hand) is refused: `check` says so.
+    src.batch_execute("UPDATE pgcourier.ddl_key SET key = '\\x01'")
+        .await?;
+    let out = Command::new(bin_path("pgcourier-sender"))
+        .args([
+            "check",
+            "--config",
+            setup.sender_config.to_str().expect("utf-8"),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.code() == Some(1) && text.contains("holds a key of 1 bytes"),
+        "check on a 1-byte key: {:?}\n{text}",
+        out.status
+    );
     Ok(())
 }
 
