@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use pgcourier_tests::{bin_path, wait_until, workdir, Daemon, PgCluster};
 
-use crate::fixture::{keygen, wait_count, Options, Setup, DB};
+use crate::fixture::{free_tcp_port, keygen, wait_count, Options, Setup, DB};
 use crate::replication::{acct_transactions, assert_applied_exactly_once, ACCT_SCHEMA};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -623,13 +623,6 @@ async fn peers_that_are_not_ours_are_refused_with_a_reason_and_replication_goes_
     still_replicates(&setup).await?;
     setup.wait_equal(0, &["public.acct"], WAIT).await?;
     assert_applied_exactly_once(&setup, 0).await
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
 }
 
 /// GET `path` from an admin endpoint.

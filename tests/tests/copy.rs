@@ -9,7 +9,7 @@ use anyhow::Context;
 use pgcourier_tests::bin_path;
 use serde_json::Value;
 
-use crate::fixture::{keygen, without_receiver, Options, Setup};
+use crate::fixture::{free_tcp_port, keygen, without_receiver, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(300);
 
@@ -26,13 +26,6 @@ pub const COPY_ROWS: &str = "
     INSERT INTO \"Extra Stock\" SELECT 'k' || g, g / 7.0, date '2026-01-01' + g FROM generate_series(1, 1000) g;";
 
 pub const COPY_TABLES: &[&str] = &["public.items", "public.shops", "public.\"Extra Stock\""];
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
-}
 
 /// `pgcourier-queue --json status` for a config.
 pub fn status(config: &std::path::Path) -> anyhow::Result<Value> {

@@ -10,16 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use pgcourier_tests::{bin_path, pg_bindir, wait_until, PgCluster};
 
-use crate::fixture::{admin_status as status, Options, Setup, DB};
+use crate::fixture::{admin_status as status, free_tcp_port, Options, Setup, DB};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
-}
 
 /// `pg_dump --schema-only` of schema public, without comments, SET lines,
 /// `\restrict` lines and blank lines.

@@ -38,7 +38,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::fixture::{wait_count, Options, Setup};
+use crate::fixture::{free_tcp_port, wait_count, Options, Setup};
 use crate::replication::{acct_transactions, audit_differences, ACCT_SCHEMA};
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -876,13 +876,6 @@ async fn random_kill_schedules_end_identical_with_every_change_applied_once() ->
         started.elapsed()
     );
     Ok(())
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
 }
 
 async fn receiver_status(port: u16) -> anyhow::Result<serde_json::Value> {

@@ -54,6 +54,14 @@ pub fn free_udp_port() -> u16 {
     panic!("no port free on loopback for both UDP and TCP in 50 tries")
 }
 
+/// A TCP port free on 127.0.0.1 now.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a TCP port")
+}
+
 /// GET the /status of a daemon's admin listener on 127.0.0.1:`port`.
 pub async fn admin_status(port: u16) -> anyhow::Result<serde_json::Value> {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;

@@ -8,16 +8,9 @@ use anyhow::Context;
 use pgcourier_tests::{bin_path, wait_until};
 use serde_json::Value;
 
-use crate::fixture::{wait_count, Dial, Options, Setup};
+use crate::fixture::{free_tcp_port, wait_count, Dial, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
-}
 
 /// Run pgcourier-queue; returns (exit code, stdout).
 fn queue(config: &std::path::Path, args: &[&str]) -> anyhow::Result<(i32, String)> {

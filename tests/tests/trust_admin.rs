@@ -17,18 +17,11 @@ use pgcourier_common::ops::admin::{self, AdminTarget};
 use pgcourier_tests::{bin_path, wait_until};
 use serde_json::Value;
 
-use crate::fixture::{wait_count, Options, Setup};
+use crate::fixture::{free_tcp_port, wait_count, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(120);
 /// A value that must never leave the admin socket (nor reach a log).
 const SECRET: &str = "okapi-7c3e-never-on-tcp";
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
-}
 
 /// One request to an admin endpoint (TCP or socket).
 async fn ask(

@@ -10,16 +10,9 @@ use anyhow::Context;
 use pgcourier_proto::record::Record;
 use pgcourier_tests::wait_until;
 
-use crate::fixture::{admin_status as status, wait_count, Options, Setup};
+use crate::fixture::{admin_status as status, free_tcp_port, wait_count, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
-}
 
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
