@@ -610,31 +610,31 @@ impl Shipper {
         let send = async {
             let mut marks_rx = self.spool.subscribe();
             // `max-rate` and `schedule`: the rate in force now, paced over
-            // what this connection sent: the larger of what was written
-            // and what the transport has put on the wire (its overhead
-            // included, once sent).
+            // what this connection sent: the frames written, and what the
+            // transport put on the wire beyond them (its overhead and
+            // retransmissions, once sent).
             // (The pacer's rate is set from the budget before each use.)
             let mut pacer = Pacer::new(1, Instant::now());
             let mut frame_bytes = 0u64;
             loop {
                 if let Some(budget) = spec.budget.as_ref() {
                     let p = &mut pacer;
-                    let (now, sent) = (Instant::now(), frame_bytes.max(conn.wire_bytes().0));
+                    let (now, wire) = (Instant::now(), conn.wire_bytes().0);
                     let (rate, _, next) = budget.at(local_time::seconds_of_day());
                     let wait = match rate {
                         Rate::Closed => {
-                            p.reset(now, sent);
+                            p.reset(now, frame_bytes, wire);
                             // Look again at the window's end (or in a
                             // minute, should the clock move).
                             Duration::from_secs(u64::from(next.clamp(1, 60)))
                         }
                         Rate::Unlimited => {
-                            p.reset(now, sent);
+                            p.reset(now, frame_bytes, wire);
                             Duration::ZERO
                         }
                         Rate::Bytes(b) => {
                             p.set_rate(b, now);
-                            p.wait(now, sent)
+                            p.wait(now, frame_bytes, wire)
                         }
                     };
                     if !wait.is_zero() {

@@ -17,12 +17,12 @@ const SCHEMA: &str = "CREATE TABLE blob (id int PRIMARY KEY, b bytea NOT NULL);"
 const ROWS: &str = "INSERT INTO blob SELECT g, (SELECT string_agg(decode(md5(random()::text || g || i), 'hex'), '') \
                     FROM generate_series(1, 640) i) FROM generate_series(1, 1200) g";
 
-// Open bug (issue 14): over QUIC the measured rate is sometimes 5-7% above
-// the cap (4,278 kbit/s under 4 Mbit in a fresh-clone CI run on an idle
-// machine; 4,030-4,083 in others). The test is kept, and run with
-// `cargo test -p pgcourier-tests --test e2e budget:: -- --ignored`, until
-// the pacer holds the cap over QUIC; over TCP it does (the test below).
-#[ignore = "open bug: QUIC's rate can exceed max-rate by 5-7% (issue 14)"]
+// Over QUIC the cap held only in the long run until the pacer charged
+// frames as they were written: it charged the larger of the frames and
+// QUIC's UDP count, so after QUIC resent a burst (late acknowledgements on
+// a busy machine look like losses) frames went uncharged until they caught
+// up, and the relay measured 4,140-4,493 kbit/s over 10 MB (unit test
+// `the_wire_holds_the_cap_in_every_second_when_the_transport_resends`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_capped_by_max_rate_gets_the_cap_and_loses_nothing() -> anyhow::Result<()> {
     capped("quic").await
