@@ -36,6 +36,8 @@ struct RawReceiverConfig {
     apply_group_changes: u32,
     #[serde(default = "default_true")]
     replica_role: bool,
+    #[serde(default = "default_true")]
+    origin: bool,
     #[serde(default)]
     create_tables: bool,
     #[serde(default = "defaults::cache_capacity", deserialize_with = "de_size")]
@@ -147,6 +149,9 @@ pub struct ReceiverConfig {
     pub apply_group_transactions: u32,
     pub apply_group_changes: u32,
     pub replica_role: bool,
+    /// Apply under the replication origin `pgcourier/<source>`, so that a
+    /// sender capturing this database leaves apply's writes out.
+    pub origin: bool,
     /// Create a copied table missing on the target from the source's
     /// definition (columns, types, NOT NULL, primary key).
     pub create_tables: bool,
@@ -262,6 +267,7 @@ impl ReceiverConfig {
             apply_group_transactions: raw.apply_group_transactions,
             apply_group_changes: raw.apply_group_changes,
             replica_role: raw.replica_role,
+            origin: raw.origin,
             create_tables: raw.create_tables,
             cache_capacity: raw.cache_capacity,
             inbox_max_bytes: raw.inbox_max_bytes,

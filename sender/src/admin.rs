@@ -75,6 +75,10 @@ pub struct SenderStatus {
     pub copy_waiting: usize,
     /// How the last seed export ended.
     pub last_seed: Option<crate::capture::SeedOutcome>,
+    /// Transactions a receiver's apply wrote at this source since the
+    /// sender started, left out of capture (no loop back to their site).
+    #[serde(default)]
+    pub looped_transactions: u64,
 }
 
 fn commit_time(spool: &Spool, seq: u64) -> Option<i64> {
@@ -178,6 +182,7 @@ pub fn status(
         copy: capture.copy.clone(),
         copy_waiting: capture.copy_waiting,
         last_seed: capture.last_seed.clone(),
+        looped_transactions: capture.looped_transactions,
     }
 }
 
@@ -224,6 +229,11 @@ pub fn metrics(st: &SenderStatus) -> String {
             max as f64,
         );
     }
+    m.counter(
+        "pgcourier_sender_looped_transactions_total",
+        "Transactions a receiver's apply wrote at this source, left out of capture so they are not sent back to the site they came from.",
+        st.looped_transactions as f64,
+    );
     m.gauge(
         "pgcourier_sender_copy_active",
         "1 while a table copy (or a seed export) is being read from the source.",
@@ -535,6 +545,7 @@ mod tests {
             }),
             copy_waiting: 1,
             last_seed: None,
+            looped_transactions: 0,
         };
         let written = serde_json::to_value(&st).unwrap();
         assert_eq!(written["role"], "sender");

@@ -32,6 +32,7 @@ mod trust_cut;
 mod trust_identity;
 mod trust_pg_tls;
 mod trust_publication;
+mod two_way;
 mod units;
 
 // ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use pgcourier_common::pg::connect::{ConnectError, PgConnect};
 use pgcourier_common::pg::progress_row;
+use pgcourier_proto::cutter::ORIGIN_PREFIX;
 use pgcourier_proto::Lsn;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Statement};
@@ -137,6 +138,27 @@ impl Apply {
                 Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         };
+        if self.cfg.origin {
+            // Every transaction this session commits carries the origin in
+            // its WAL, and a sender capturing this database leaves it out
+            // (`ORIGIN_PREFIX`): what came from another site is not sent
+            // back there.
+            let name = format!("{ORIGIN_PREFIX}{source}");
+            client
+                .execute(
+                    "SELECT pg_catalog.pg_replication_origin_create($1) WHERE pg_catalog.pg_replication_origin_oid($1) IS NULL",
+                    &[&name],
+                )
+                .await
+                .map_err(target_err("create the replication origin apply writes under (needs superuser or EXECUTE on pg_replication_origin_create; or set origin = false)"))?;
+            client
+                .execute(
+                    "SELECT pg_catalog.pg_replication_origin_session_setup($1)",
+                    &[&name],
+                )
+                .await
+                .map_err(target_err("apply under the replication origin (needs superuser or EXECUTE on pg_replication_origin_session_setup; or set origin = false)"))?;
+        }
         let (marker, marker_seq) = match progress_row::read(&client, &source).await? {
             Some(p) => (p.commit_lsn, p.seq),
             None => (Lsn::ZERO, 0),

@@ -16,6 +16,9 @@ pub struct CaptureStatus {
     /// Capture is paused: the spool holds `spool-max-bytes` or more.
     pub spool_full: bool,
     pub transactions: u64,
+    /// Transactions a receiver's apply wrote here, not captured (they came
+    /// from another site; carrying them would send them back).
+    pub looped_transactions: u64,
     /// The copy being read, if any.
     pub copy: Option<CopyProgress>,
     /// Tables waiting for a copy.

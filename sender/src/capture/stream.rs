@@ -334,6 +334,7 @@ impl Capture {
         {
             let mut st = self.status.lock().expect("status lock");
             st.transactions += summary.transactions;
+            st.looped_transactions += summary.looped;
             st.copy_waiting = self.copy_state.tables.waiting.len();
         }
         *batch = Batch::default();

@@ -24,6 +24,14 @@
 //!   the DDL key at the source, bookkeeping) are never carried, whatever
 //!   the publication says. Everything else (Relations of other tables,
 //!   Types, Origins) is kept, in order.
+//! - **Origin**: a transaction whose Origin message (right after Begin)
+//!   names one of pgcourier's replication origins ([`ORIGIN_PREFIX`]) was
+//!   written by a receiver's apply at this site: it came from another
+//!   site, and carrying it would send it back there (a loop). Its changes,
+//!   messages and the Origin itself are left out, counted in
+//!   [`BatchSummary::looped`]; its Relations and Types are kept (pgoutput
+//!   sends them once per stream, and a later local transaction needs
+//!   them). Other origins (PostgreSQL's own subscriptions) are carried.
 //! - **Logical messages**: only transactional ones with the prefix
 //!   [`DDL_PREFIX`] whose signature verifies with the source's DDL key
 //!   ([`Cutter::with_ddl_key`]) are kept, without the signature. Any role
@@ -63,6 +71,10 @@ pub const DDL_PREFIX: &str = "pgcourier.ddl";
 
 /// pgcourier's schema at both sites: its tables are never carried.
 pub const OWN_SCHEMA: &str = "pgcourier";
+
+/// How the replication origins a receiver's apply writes under begin
+/// (`pgcourier/<source>`): transactions carrying one are not captured.
+pub const ORIGIN_PREFIX: &str = "pgcourier/";
 
 /// Hex characters of the signature that opens a DDL message's content.
 const MAC_HEX: usize = 64;
@@ -188,6 +200,9 @@ pub struct BatchSummary {
     /// `pgcourier.ddl` messages left out because their signature did not
     /// verify (or no DDL key was given).
     pub forged_ddl: u64,
+    /// Transactions a receiver's apply wrote here (their origin is one of
+    /// pgcourier's): their changes left out, so they are not sent back.
+    pub looped: u64,
 }
 
 impl BatchSummary {
@@ -207,6 +222,9 @@ enum Open {
     AfterCut,
     /// Inside a transaction being cut.
     Cutting(TxnCutter),
+    /// Inside a transaction a receiver's apply wrote (its origin is one of
+    /// ours): only its Relations and Types are kept.
+    Looped(TxnCutter),
 }
 
 /// Cuts the messages of one slot stream into records.
@@ -261,7 +279,7 @@ impl Cutter {
     /// Sequence number the next record will take.
     pub fn next_seq(&self) -> u64 {
         match &self.open {
-            Open::Cutting(txn) => txn.next_seq(),
+            Open::Cutting(txn) | Open::Looped(txn) => txn.next_seq(),
             Open::Idle | Open::Skipping | Open::AfterCut => self.next_seq,
         }
     }
@@ -393,6 +411,10 @@ impl Cutter {
                         return Ok(fed.new_table);
                     }
                     Open::Cutting(txn) => txn,
+                    Open::Looped(txn) => {
+                        self.summary.looped += 1;
+                        txn
+                    }
                 };
                 if txn.head().commit_lsn != commit_lsn {
                     return Err(Stop::from(CutError::OutOfOrder(
@@ -424,6 +446,25 @@ impl Cutter {
                         if kind == b'R' {
                             note_own(data, &mut self.own)?;
                         }
+                        return Ok(fed.new_table);
+                    }
+                    Open::Looped(txn) => {
+                        if !matches!(kind, b'R' | b'Y') {
+                            return Ok(fed.new_table);
+                        }
+                        txn
+                    }
+                    Open::Cutting(txn) if kind == b'O' && is_ours(data)? => {
+                        if !txn.is_empty() {
+                            return Err(Stop::from(CutError::OutOfOrder(
+                                "Origin message after a transaction's changes",
+                            )));
+                        }
+                        let Open::Cutting(txn) = std::mem::replace(&mut self.open, Open::Idle)
+                        else {
+                            unreachable!("matched as Cutting");
+                        };
+                        self.open = Open::Looped(txn);
                         return Ok(fed.new_table);
                     }
                     Open::Cutting(txn) => txn,
@@ -512,11 +553,19 @@ impl Cutter {
     pub fn finish(self) -> Result<BatchSummary, CutError> {
         match self.open {
             Open::Idle => Ok(self.summary),
-            Open::Skipping | Open::AfterCut | Open::Cutting(_) => {
+            Open::Skipping | Open::AfterCut | Open::Cutting(_) | Open::Looped(_) => {
                 Err(CutError::OutOfOrder("input ended inside a transaction"))
             }
         }
     }
+}
+
+/// Whether the Origin message `data` names one of pgcourier's origins.
+fn is_ours(data: &[u8]) -> Result<bool, CutError> {
+    let Message::Origin { name, .. } = pgoutput::decode(data)? else {
+        return Err(CutError::OutOfOrder("Origin does not decode"));
+    };
+    Ok(name.starts_with(ORIGIN_PREFIX))
 }
 
 /// Remember whether the Relation `data` is one of [`OWN_SCHEMA`]'s tables.

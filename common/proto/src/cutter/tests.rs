@@ -164,6 +164,7 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
             after_cut: 0,
             foreign_messages: 0,
             forged_ddl: 0,
+            looped: 0,
         }
     );
 }
@@ -876,5 +877,83 @@ fn message_each_hands_over_each_record_as_it_is_cut_and_stops_at_the_first_error
     assert_eq!(
         err,
         Caller::Cut(CutError::OutOfOrder("change outside a transaction"))
+    );
+}
+
+fn origin(name: &str) -> Vec<u8> {
+    encode(&Message::Origin {
+        lsn: Lsn(5),
+        name: name.into(),
+    })
+}
+
+#[test]
+fn a_transaction_a_receiver_applied_here_is_not_carried_but_its_relations_are() {
+    let ty = encode(&Message::Type {
+        oid: 900,
+        schema: "public".into(),
+        name: "mood".into(),
+    });
+    let ddl_key = b"0123456789abcdef".to_vec();
+    let mut stream = txn(
+        0x100,
+        1,
+        vec![
+            origin("pgcourier/7/postgres/pgcourier"),
+            ty.clone(),
+            relation(A),
+            insert(A, "from the other site"),
+            truncate(&[A]),
+            signed(&ddl_key, br#"{"sql":"ALTER TABLE t ADD c int"}"#),
+        ],
+    );
+    // Nothing of ours but the origin: dropped, its commit still counts.
+    stream.extend(txn(
+        0x200,
+        2,
+        vec![origin("pgcourier/x"), insert(A, "again")],
+    ));
+    // A local transaction after them: its changes need the Relation the
+    // looped one carried; PostgreSQL's own subscription's origin is kept.
+    let local = vec![origin("pg_16400"), insert(A, "local")];
+    stream.extend(txn(0x300, 3, local.clone()));
+    let mut cutter = Cutter::new(1, Lsn(0)).with_ddl_key(Some(ddl_key));
+    let mut records = Vec::new();
+    for m in &stream {
+        records.extend(
+            cutter
+                .message(m, &mut synced(&[A]))
+                .expect("well formed")
+                .records,
+        );
+    }
+    let summary = cutter.finish().expect("ends between transactions");
+    assert_eq!(summary.looped, 2);
+    assert_eq!(summary.dropped, 1, "the second has nothing to keep");
+    assert_eq!(summary.transactions, 2);
+    assert_eq!(summary.last_commit, Lsn(0x300));
+    let first: Vec<Record> = records
+        .iter()
+        .filter(|r| r.commit_lsn == Lsn(0x100))
+        .cloned()
+        .collect();
+    assert_eq!(reassemble(&first), vec![ty, relation(A)]);
+    let last: Vec<Record> = records
+        .iter()
+        .filter(|r| r.commit_lsn == Lsn(0x300))
+        .cloned()
+        .collect();
+    assert_eq!(reassemble(&last), local);
+    // An origin of ours after a change is a stream out of order.
+    let mut cutter = Cutter::new(1, Lsn(0));
+    let mut tables = synced(&[A]);
+    for m in [begin(0x400, 4), relation(A)] {
+        cutter.message(&m, &mut tables).expect("well formed");
+    }
+    assert_eq!(
+        cutter.message(&origin("pgcourier/y"), &mut tables),
+        Err(CutError::OutOfOrder(
+            "Origin message after a transaction's changes"
+        ))
     );
 }

@@ -1,0 +1,173 @@
+//! Both directions between two sites, the same table written at each:
+//! headquarters' sender ships to the branch, and a second pair (a sender
+//! at the branch, a receiver at headquarters) ships back. Apply writes
+//! under a replication origin of pgcourier's and capture leaves those
+//! transactions out, so a change never returns to the site it came from.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use pgcourier_tests::{bin_path, wait_until, Daemon};
+
+use crate::fixture::{admin_status, free_tcp_port, free_udp_port, keygen, Options, Setup, DB};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Headquarters → branch by the fixture, branch → headquarters started
+/// here; returns the admin ports (hq sender, branch receiver, branch
+/// sender, hq receiver) and the two daemons of the way back.
+async fn both_ways(
+    name: &str,
+    receiver_extra: &str,
+) -> anyhow::Result<(Setup, [u16; 4], Daemon, Daemon)> {
+    let ports = [
+        free_tcp_port(),
+        free_tcp_port(),
+        free_tcp_port(),
+        free_tcp_port(),
+    ];
+    let setup = Setup::start(
+        name,
+        Options {
+            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
+            sender_extra: &format!("admin = \"127.0.0.1:{}\"", ports[0]),
+            receiver_extra: &format!("admin = \"127.0.0.1:{}\"\n{receiver_extra}", ports[1]),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let dir = setup.dir.path();
+    let back_fp = keygen(dir, "back-sender");
+    let hq_fp = keygen(dir, "hq-receiver");
+    let port = free_udp_port();
+    let hq_receiver_config = dir.join("hq-receiver.toml");
+    std::fs::write(
+        &hq_receiver_config,
+        format!(
+            "target = \"{}\"\ninbox-dir = \"hq-inbox\"\ncert = \"hq-receiver.crt\"\nkey = \"hq-receiver.key\"\n\
+             listen = \"127.0.0.1:{port}\"\nsender-fingerprints = [\"{back_fp}\"]\nmax-backoff = \"2s\"\n\
+             admin = \"127.0.0.1:{}\"\n{receiver_extra}\n",
+            setup.hq.conninfo(DB),
+            ports[3]
+        ),
+    )?;
+    let back_sender_config = dir.join("back-sender.toml");
+    std::fs::write(
+        &back_sender_config,
+        format!(
+            "source = \"{}\"\nspool-dir = \"back-spool\"\ncert = \"back-sender.crt\"\nkey = \"back-sender.key\"\n\
+             initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nadmin = \"127.0.0.1:{}\"\n\n\
+             [[receiver]]\nname = \"hq\"\nfingerprint = \"{hq_fp}\"\naddress = \"127.0.0.1:{port}\"\n",
+            setup.branches[0].pg.conninfo(DB),
+            ports[2]
+        ),
+    )?;
+    let hq_receiver =
+        crate::fixture::spawn_receiver(&setup.dir, &hq_receiver_config, "hq-receiver")?;
+    let back_sender = Daemon::spawn(
+        "back-sender",
+        &bin_path("pgcourier-sender"),
+        &[
+            "run",
+            "--config",
+            back_sender_config.to_str().context("utf-8 path")?,
+        ],
+        &dir.join("back-sender.log"),
+    )?;
+    Ok((setup, ports, back_sender, hq_receiver))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Result<()> {
+    let (setup, ports, back_sender, hq_receiver) = both_ways("two_way", "").await?;
+    let logs = || {
+        format!(
+            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
+            setup.logs(),
+            back_sender.log_tail(40),
+            hq_receiver.log_tail(40)
+        )
+    };
+    let hq = setup.source().await?;
+    let branch = setup.target(0).await?;
+    // Wait for the way back to capture before the branch writes.
+    wait_until("the branch's sender to capture", WAIT, || async {
+        Ok(admin_status(ports[2])
+            .await
+            .is_ok_and(|s| s["slot"].is_object()))
+    })
+    .await
+    .with_context(logs)?;
+    for i in 1..=30 {
+        hq.execute("INSERT INTO item VALUES ($1, 'hq')", &[&i])
+            .await?;
+        branch
+            .execute("INSERT INTO item VALUES ($1, 'branch')", &[&(1000 + i)])
+            .await?;
+    }
+    // Each side changes a row the other wrote.
+    hq.batch_execute("UPDATE item SET v = 'changed at hq' WHERE id = 1001")
+        .await?;
+    branch
+        .batch_execute("UPDATE item SET v = 'changed at the branch' WHERE id = 1")
+        .await?;
+    let count = "SELECT count(*) FROM item";
+    crate::fixture::wait_count(&hq, count, 60, WAIT)
+        .await
+        .with_context(logs)?;
+    crate::fixture::wait_count(&branch, count, 60, WAIT)
+        .await
+        .with_context(logs)?;
+    pgcourier_tests::wait_tables_equal(&hq, &branch, &["public.item"], WAIT)
+        .await
+        .with_context(logs)?;
+    let v: String = hq
+        .query_one("SELECT v FROM item WHERE id = 1", &[])
+        .await?
+        .get(0);
+    assert_eq!(v, "changed at the branch");
+
+    // No loop: apply's writes were left out by the other sender, nothing
+    // is paused, and the spools stop growing.
+    let quiet = || async {
+        let mut marks = Vec::new();
+        for port in ports {
+            let st = admin_status(port).await?;
+            marks.push(st);
+        }
+        anyhow::Ok(marks)
+    };
+    let before = quiet().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = quiet().await?;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        for key in ["complete_seq", "durable_seq", "applied_seq"] {
+            assert_eq!(
+                b[key],
+                a[key],
+                "daemon {i}: {key} moved while both sites were quiet: {a}\n{}",
+                logs()
+            );
+        }
+        assert!(a["last_error"].is_null(), "daemon {i}: {a}\n{}", logs());
+    }
+    for (i, port) in [(0, ports[0]), (2, ports[2])] {
+        let st = &after[i];
+        let looped = st["looped_transactions"].as_u64().unwrap_or(0);
+        assert!(
+            looped > 0,
+            "sender on port {port} left out no applied transaction: {st}"
+        );
+        eprintln!("sender {i}: {looped} transactions applied there left out of capture");
+    }
+    // The origins are PostgreSQL's, visible to a DBA.
+    let origins: i64 = hq
+        .query_one(
+            "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'pgcourier/%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(origins, 1, "headquarters' apply has one origin");
+    Ok(())
+}
