@@ -36,8 +36,10 @@ struct RawReceiverConfig {
     apply_group_changes: u32,
     #[serde(default = "default_true")]
     replica_role: bool,
-    #[serde(default = "default_true")]
-    origin: bool,
+    /// Unset: as `replica-role` (both need superuser; a branch applying
+    /// as an ordinary role keeps working after an upgrade).
+    #[serde(default)]
+    origin: Option<bool>,
     #[serde(default)]
     create_tables: bool,
     #[serde(default = "defaults::cache_capacity", deserialize_with = "de_size")]
@@ -267,7 +269,7 @@ impl ReceiverConfig {
             apply_group_transactions: raw.apply_group_transactions,
             apply_group_changes: raw.apply_group_changes,
             replica_role: raw.replica_role,
-            origin: raw.origin,
+            origin: raw.origin.unwrap_or(raw.replica_role),
             create_tables: raw.create_tables,
             cache_capacity: raw.cache_capacity,
             inbox_max_bytes: raw.inbox_max_bytes,
@@ -310,6 +312,18 @@ mod tests {
         assert_eq!(c.ddl_deny, vec!["DROP TABLE"]);
         assert!(load("ddl = \"some\"\n").is_err());
         assert!(load("ddl-deny = [\" \"]\n").is_err());
+    }
+
+    #[test]
+    fn the_origin_follows_replica_role_unless_set() {
+        assert!(load("").unwrap().origin);
+        assert!(!load("replica-role = false\n").unwrap().origin);
+        assert!(
+            load("replica-role = false\norigin = true\n")
+                .unwrap()
+                .origin
+        );
+        assert!(!load("origin = false\n").unwrap().origin);
     }
 
     #[test]

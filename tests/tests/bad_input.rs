@@ -739,7 +739,7 @@ async fn target_errors_pause_apply_classified_in_status_and_metrics_and_it_resum
     std::fs::write(
         &setup.branches[0].config,
         format!(
-            "replica-role = false\norigin = false\n{}",
+            "replica-role = false\n{}",
             cfg.replace("user=postgres", "user=applier")
         ),
     )?;

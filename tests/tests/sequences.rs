@@ -222,7 +222,7 @@ async fn a_sequence_the_apply_role_may_not_move_pauses_apply_naming_it_and_the_g
     std::fs::write(
         &setup.branches[0].config,
         format!(
-            "replica-role = false\norigin = false\n{}",
+            "replica-role = false\n{}",
             cfg.replace("user=postgres", "user=applier")
         ),
     )?;
