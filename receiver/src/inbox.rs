@@ -177,6 +177,29 @@ impl Inbox {
         self.store.sync()
     }
 
+    /// The certificate fingerprint of the sender that last welcomed this
+    /// inbox (`None`: not recorded yet): apply's replication origin is
+    /// named after it, so that a sender at this site can tell which of its
+    /// receivers' sites a change came from.
+    pub fn sender_fingerprint(&self) -> Result<Option<String>, StoreError> {
+        let v = self
+            .meta
+            .get("sender_fingerprint")
+            .map_err(|e| self.store.write_err(e))?;
+        Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Record the sender's fingerprint (when it changed). Fsynced.
+    pub fn set_sender_fingerprint(&self, fingerprint: &str) -> Result<(), StoreError> {
+        if self.sender_fingerprint()?.as_deref() == Some(fingerprint) {
+            return Ok(());
+        }
+        self.meta
+            .insert("sender_fingerprint", fingerprint.as_bytes())
+            .map_err(|e| self.store.write_err(e))?;
+        self.store.sync()
+    }
+
     /// Highest seq applied to the target (and deleted here).
     pub fn applied_seq(&self) -> u64 {
         *self.applied.borrow()

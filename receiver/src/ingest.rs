@@ -389,6 +389,12 @@ impl Ingest {
             let spool = welcomed.spool.clone();
             blocking(&self.inbox, move |inbox| inbox.set_spool_id(&spool)).await?;
         }
+        // Before the source: apply, waiting for a new inbox's source,
+        // then finds the fingerprint its origin is named after.
+        if let Some(fp) = conn.peer_fingerprint() {
+            let fp = fp.to_string();
+            blocking(&self.inbox, move |inbox| inbox.set_sender_fingerprint(&fp)).await?;
+        }
         if welcomed.adopt_source {
             let source = welcomed.source.clone();
             blocking(&self.inbox, move |inbox| inbox.set_source(&source)).await?;

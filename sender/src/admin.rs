@@ -79,6 +79,10 @@ pub struct SenderStatus {
     /// sender started, left out of capture (no loop back to their site).
     #[serde(default)]
     pub looped_transactions: u64,
+    /// Of those, transactions from the site of one of this sender's
+    /// receivers, forwarded to every other receiver.
+    #[serde(default)]
+    pub forwarded_transactions: u64,
 }
 
 fn commit_time(spool: &Spool, seq: u64) -> Option<i64> {
@@ -183,6 +187,7 @@ pub fn status(
         copy_waiting: capture.copy_waiting,
         last_seed: capture.last_seed.clone(),
         looped_transactions: capture.looped_transactions,
+        forwarded_transactions: capture.forwarded_transactions,
     }
 }
 
@@ -231,8 +236,13 @@ pub fn metrics(st: &SenderStatus) -> String {
     }
     m.counter(
         "pgcourier_sender_looped_transactions_total",
-        "Transactions a receiver's apply wrote at this source, left out of capture so they are not sent back to the site they came from.",
+        "Transactions a receiver's apply wrote at this source that no other receiver takes, left out of capture so they are not sent back to the site they came from.",
         st.looped_transactions as f64,
+    );
+    m.counter(
+        "pgcourier_sender_forwarded_transactions_total",
+        "Transactions a receiver's apply wrote at this source from the site of one of this sender's receivers, forwarded to the other receivers.",
+        st.forwarded_transactions as f64,
     );
     m.gauge(
         "pgcourier_sender_copy_active",
@@ -546,6 +556,7 @@ mod tests {
             copy_waiting: 1,
             last_seed: None,
             looped_transactions: 0,
+            forwarded_transactions: 0,
         };
         let written = serde_json::to_value(&st).unwrap();
         assert_eq!(written["role"], "sender");

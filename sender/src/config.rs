@@ -268,10 +268,17 @@ impl SenderConfig {
                     format!("receiver {:?}: {e}", r.name),
                 )
             })?;
-            if r.name.is_empty() || r.name.len() > 100 || r.name.contains('/') {
+            if r.name.is_empty()
+                || r.name.len() > 100
+                || r.name.contains('/')
+                || r.name.starts_with(pgcourier_proto::record::NOT_FOR)
+            {
                 return Err(invalid(
                     "receiver.name",
-                    format!("{:?}: 1-100 characters, no '/'", r.name),
+                    format!(
+                        "{:?}: 1-100 characters, no '/', not starting with '!'",
+                        r.name
+                    ),
                 ));
             }
             if receivers

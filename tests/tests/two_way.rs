@@ -171,3 +171,176 @@ async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Res
     assert_eq!(origins, 1, "headquarters' apply has one origin");
     Ok(())
 }
+
+/// The way back from branch `i` to headquarters: a sender at the branch
+/// with the branch's certificate, and a receiver at headquarters with
+/// headquarters' (each site has one identity for both directions).
+fn way_back(setup: &Setup, i: usize, admin: [u16; 2]) -> anyhow::Result<(Daemon, Daemon)> {
+    let dir = setup.dir.path();
+    let branch_config = std::fs::read_to_string(&setup.branches[i].config)?;
+    let hq_fp = branch_config
+        .split("sender-fingerprints = [\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .context("the sender's fingerprint in a branch config")?
+        .to_owned();
+    let branch_fp = &setup.branches[i].fingerprint;
+    let port = free_udp_port();
+    let receiver_config = dir.join(format!("hq-receiver-{i}.toml"));
+    std::fs::write(
+        &receiver_config,
+        format!(
+            "target = \"{}\"\ninbox-dir = \"hq-inbox-{i}\"\ncert = \"sender.crt\"\nkey = \"sender.key\"\n\
+             listen = \"127.0.0.1:{port}\"\nsender-fingerprints = [\"{branch_fp}\"]\nmax-backoff = \"2s\"\n\
+             admin = \"127.0.0.1:{}\"\n",
+            setup.hq.conninfo(DB),
+            admin[1]
+        ),
+    )?;
+    let sender_config = dir.join(format!("back-sender-{i}.toml"));
+    std::fs::write(
+        &sender_config,
+        format!(
+            "source = \"{}\"\nspool-dir = \"back-spool-{i}\"\ncert = \"branch{i}.crt\"\nkey = \"branch{i}.key\"\n\
+             initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nadmin = \"127.0.0.1:{}\"\n\n\
+             [[receiver]]\nname = \"hq\"\nfingerprint = \"{hq_fp}\"\naddress = \"127.0.0.1:{port}\"\n",
+            setup.branches[i].pg.conninfo(DB),
+            admin[0]
+        ),
+    )?;
+    let receiver =
+        crate::fixture::spawn_receiver(&setup.dir, &receiver_config, &format!("hq-receiver-{i}"))?;
+    let sender = Daemon::spawn(
+        &format!("back-sender-{i}"),
+        &bin_path("pgcourier-sender"),
+        &[
+            "run",
+            "--config",
+            sender_config.to_str().context("utf-8 path")?,
+        ],
+        &dir.join(format!("back-sender-{i}.log")),
+    )?;
+    Ok((sender, receiver))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branchs_change_reaches_the_other_branch_through_headquarters_once() -> anyhow::Result<()>
+{
+    // Admin ports: hq sender, branch receivers 0 and 1, then per way back
+    // its sender and its receiver at headquarters.
+    let ports: Vec<u16> = (0..7).map(|_| free_tcp_port()).collect();
+    let setup = Setup::start(
+        "forwarding",
+        Options {
+            branches: 2,
+            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
+            sender_extra: &format!("admin = \"127.0.0.1:{}\"", ports[0]),
+            ..Options::default()
+        },
+    )
+    .await?;
+    // The fixture's receivers have no admin listener: give them one.
+    let mut setup = setup;
+    for i in 0..2 {
+        setup.branches[i].receiver.terminate()?;
+        let cfg = std::fs::read_to_string(&setup.branches[i].config)?;
+        std::fs::write(
+            &setup.branches[i].config,
+            format!("admin = \"127.0.0.1:{}\"\n{cfg}", ports[1 + i]),
+        )?;
+        setup.restart_receiver(i)?;
+    }
+    let back0 = way_back(&setup, 0, [ports[3], ports[4]])?;
+    let back1 = way_back(&setup, 1, [ports[5], ports[6]])?;
+    let logs = || {
+        let mut s = setup.logs();
+        for (name, d) in [
+            ("back sender 0", &back0.0),
+            ("hq receiver 0", &back0.1),
+            ("back sender 1", &back1.0),
+            ("hq receiver 1", &back1.1),
+        ] {
+            s.push_str(&format!("\n--- {name} ---\n{}", d.log_tail(30)));
+        }
+        s
+    };
+    for port in [ports[3], ports[5]] {
+        wait_until("the branches' senders to capture", WAIT, || async {
+            Ok(admin_status(port)
+                .await
+                .is_ok_and(|s| s["slot"].is_object()))
+        })
+        .await
+        .with_context(logs)?;
+    }
+    let hq = setup.source().await?;
+    let b0 = setup.target(0).await?;
+    let b1 = setup.target(1).await?;
+    for i in 1..=20 {
+        hq.execute("INSERT INTO item VALUES ($1, 'hq')", &[&i])
+            .await?;
+        b0.execute("INSERT INTO item VALUES ($1, 'branch0')", &[&(1000 + i)])
+            .await?;
+        b1.execute("INSERT INTO item VALUES ($1, 'branch1')", &[&(2000 + i)])
+            .await?;
+    }
+    // A branch changes a row the other branch wrote.
+    b0.batch_execute("UPDATE item SET v = 'changed at branch0' WHERE id = 2001")
+        .await?;
+    let count = "SELECT count(*) FROM item";
+    for c in [&hq, &b0, &b1] {
+        crate::fixture::wait_count(c, count, 60, WAIT)
+            .await
+            .with_context(logs)?;
+    }
+    for b in [&b0, &b1] {
+        pgcourier_tests::wait_tables_equal(&hq, b, &["public.item"], WAIT)
+            .await
+            .with_context(logs)?;
+    }
+    let v: String = b1
+        .query_one("SELECT v FROM item WHERE id = 2001", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        v, "changed at branch0",
+        "branch1 has branch0's change to its row"
+    );
+
+    // Headquarters forwarded what each branch wrote to the other branch
+    // only; the branches sent nothing of headquarters' back. Then nothing
+    // moves: no loop.
+    let statuses = || async {
+        let mut all = Vec::new();
+        for &port in &ports {
+            all.push(admin_status(port).await?);
+        }
+        anyhow::Ok(all)
+    };
+    let before = statuses().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = statuses().await?;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        for key in ["complete_seq", "durable_seq", "applied_seq"] {
+            assert_eq!(
+                b[key],
+                a[key],
+                "daemon {i}: {key} moved while every site was quiet: {a}\n{}",
+                logs()
+            );
+        }
+        assert!(a["last_error"].is_null(), "daemon {i}: {a}\n{}", logs());
+    }
+    let hq_sender = &after[0];
+    let forwarded = hq_sender["forwarded_transactions"].as_u64().unwrap_or(0);
+    assert!(forwarded > 0, "headquarters forwarded nothing: {hq_sender}");
+    for st in [&after[3], &after[5]] {
+        assert!(st["looped_transactions"].as_u64().unwrap_or(0) > 0, "{st}");
+        assert_eq!(st["forwarded_transactions"], 0, "{st}");
+    }
+    eprintln!(
+        "headquarters forwarded {forwarded} transactions; the branches left out {} and {}",
+        after[3]["looped_transactions"], after[5]["looped_transactions"]
+    );
+    Ok(())
+}

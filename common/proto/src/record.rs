@@ -39,8 +39,11 @@ pub struct Record {
     /// Position in the sender's spool; dense, starts at 1.
     pub seq: u64,
     /// The one receiver this record is for (a copy made for a new branch);
-    /// every other receiver is shipped an empty record in its place. Second
-    /// in the encoding so shipping reads it without a full decode.
+    /// every other receiver is shipped an empty record in its place. With
+    /// [`NOT_FOR`] before the name: every receiver but that one (a change
+    /// made at that receiver's site, forwarded to the others), see
+    /// [`addressed_to`]. Second in the encoding so shipping reads it
+    /// without a full decode.
     pub only_for: Option<String>,
     /// The source transaction's commit record LSN (pgoutput Begin final_lsn).
     pub commit_lsn: Lsn,
@@ -155,8 +158,23 @@ pub fn verify(bytes: &[u8]) -> Result<(), RecordError> {
     Ok(())
 }
 
-/// The receiver an encoded record is addressed to, if only one, read
-/// without a full decode (checksum verified).
+/// Before a receiver's name in [`Record::only_for`]: the record is for
+/// every receiver but that one. (Receiver names never start with it.)
+pub const NOT_FOR: char = '!';
+
+/// Whether a record whose `only_for` is this goes to receiver `name`.
+pub fn addressed_to(only_for: Option<&str>, name: &str) -> bool {
+    match only_for {
+        None => true,
+        Some(to) => match to.strip_prefix(NOT_FOR) {
+            Some(not) => not != name,
+            None => to == name,
+        },
+    }
+}
+
+/// The receivers an encoded record is addressed to (see
+/// [`Record::only_for`]), read without a full decode (checksum verified).
 pub fn peek_only_for(bytes: &[u8]) -> Result<Option<String>, RecordError> {
     verify(bytes)?;
     let ((_, only_for), _): ((u64, Option<String>), usize) =

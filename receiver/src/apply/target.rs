@@ -143,7 +143,15 @@ impl Apply {
             // its WAL, and a sender capturing this database leaves it out
             // (`ORIGIN_PREFIX`): what came from another site is not sent
             // back there.
-            let name = format!("{ORIGIN_PREFIX}{source}");
+            // Named after the sender that shipped (its certificate: the
+            // site's identity), so a sender here forwards what came from
+            // one of its receivers' sites to the others only; an inbox
+            // that has not recorded it yet uses the source.
+            let site = self
+                .inbox
+                .sender_fingerprint()?
+                .unwrap_or_else(|| source.clone());
+            let name = format!("{ORIGIN_PREFIX}{site}");
             client
                 .execute(
                     "SELECT pg_catalog.pg_replication_origin_create($1) WHERE pg_catalog.pg_replication_origin_oid($1) IS NULL",

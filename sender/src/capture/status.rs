@@ -19,6 +19,9 @@ pub struct CaptureStatus {
     /// Transactions a receiver's apply wrote here, not captured (they came
     /// from another site; carrying them would send them back).
     pub looped_transactions: u64,
+    /// Transactions a receiver's apply wrote here from the site of one of
+    /// this sender's receivers, forwarded to the others.
+    pub forwarded_transactions: u64,
     /// The copy being read, if any.
     pub copy: Option<CopyProgress>,
     /// Tables waiting for a copy.

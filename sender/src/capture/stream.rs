@@ -112,7 +112,14 @@ impl Capture {
         let ddl_key = self.ddl_key(client).await?;
         let mut cutter = Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn())
             .before_cut(cut)
-            .with_ddl_key(ddl_key);
+            .with_ddl_key(ddl_key)
+            .with_forwarding(
+                self.cfg
+                    .receivers
+                    .iter()
+                    .map(|r| (r.fingerprint.to_string(), r.name.clone()))
+                    .collect(),
+            );
         let batch_max = u64::from(self.cfg.capture_batch_changes);
         let mut batch = Batch::default();
         // A transaction committing at or after the pending cut arrived.
@@ -335,6 +342,7 @@ impl Capture {
             let mut st = self.status.lock().expect("status lock");
             st.transactions += summary.transactions;
             st.looped_transactions += summary.looped;
+            st.forwarded_transactions += summary.forwarded;
             st.copy_waiting = self.copy_state.tables.waiting.len();
         }
         *batch = Batch::default();

@@ -25,13 +25,20 @@
 //!   the publication says. Everything else (Relations of other tables,
 //!   Types, Origins) is kept, in order.
 //! - **Origin**: a transaction whose Origin message (right after Begin)
-//!   names one of pgcourier's replication origins ([`ORIGIN_PREFIX`]) was
+//!   names one of pgcourier's replication origins ([`ORIGIN_PREFIX`] and
+//!   the certificate fingerprint of the sender that shipped it) was
 //!   written by a receiver's apply at this site: it came from another
-//!   site, and carrying it would send it back there (a loop). Its changes,
-//!   messages and the Origin itself are left out, counted in
+//!   site. When that site is one of this sender's receivers and there are
+//!   others ([`Cutter::with_forwarding`]: headquarters, forwarding a
+//!   branch's change to the other branches) it is cut as usual, addressed
+//!   to every receiver but that one ([`crate::record::NOT_FOR`]), without
+//!   the Origin message; counted in [`BatchSummary::forwarded`]. Otherwise
+//!   (a branch, whose only receiver is the site the change came from) its
+//!   changes, messages and the Origin are left out, counted in
 //!   [`BatchSummary::looped`]; its Relations and Types are kept (pgoutput
 //!   sends them once per stream, and a later local transaction needs
-//!   them). Other origins (PostgreSQL's own subscriptions) are carried.
+//!   them). Either way a change never goes back to the site it came from.
+//!   Other origins (PostgreSQL's own subscriptions) are carried.
 //! - **Logical messages**: only transactional ones with the prefix
 //!   [`DDL_PREFIX`] whose signature verifies with the source's DDL key
 //!   ([`Cutter::with_ddl_key`]) are kept, without the signature. Any role
@@ -55,7 +62,7 @@ mod txn;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -73,7 +80,9 @@ pub const DDL_PREFIX: &str = "pgcourier.ddl";
 pub const OWN_SCHEMA: &str = "pgcourier";
 
 /// How the replication origins a receiver's apply writes under begin
-/// (`pgcourier/<source>`): transactions carrying one are not captured.
+/// (`pgcourier/<fingerprint of the sender that shipped it>`, or
+/// `pgcourier/<source>` for an inbox that has not recorded its sender's
+/// fingerprint): transactions carrying one are never sent back.
 pub const ORIGIN_PREFIX: &str = "pgcourier/";
 
 /// Hex characters of the signature that opens a DDL message's content.
@@ -203,6 +212,9 @@ pub struct BatchSummary {
     /// Transactions a receiver's apply wrote here (their origin is one of
     /// pgcourier's): their changes left out, so they are not sent back.
     pub looped: u64,
+    /// Transactions a receiver's apply wrote here from the site of one of
+    /// this sender's receivers: cut for every receiver but that one.
+    pub forwarded: u64,
 }
 
 impl BatchSummary {
@@ -238,6 +250,9 @@ pub struct Cutter {
     /// Relations of [`OWN_SCHEMA`] seen in this stream (pgoutput sends a
     /// relation's Relation before its first change in each stream).
     own: BTreeSet<u32>,
+    /// Origin names (after [`ORIGIN_PREFIX`]) of the sites of this
+    /// sender's receivers, and the receiver at each.
+    forward: BTreeMap<String, String>,
 }
 
 impl Cutter {
@@ -253,7 +268,16 @@ impl Cutter {
             summary: BatchSummary::default(),
             ddl_key: None,
             own: BTreeSet::new(),
+            forward: BTreeMap::new(),
         }
+    }
+
+    /// Forward what a receiver's apply wrote here from the site of one of
+    /// this sender's receivers (`sites`: origin name after
+    /// [`ORIGIN_PREFIX`] → receiver name) to every other receiver.
+    pub fn with_forwarding(mut self, sites: BTreeMap<String, String>) -> Cutter {
+        self.forward = sites;
+        self
     }
 
     /// Keep the `pgcourier.ddl` messages signed with `key` (the source's
@@ -434,6 +458,11 @@ impl Cutter {
                 self.summary.transactions += 1;
             }
             Some(&kind) => {
+                let ours = if kind == b'O' {
+                    our_origin(data)?
+                } else {
+                    None
+                };
                 let txn = match &mut self.open {
                     Open::Idle => {
                         return Err(Stop::from(CutError::OutOfOrder(
@@ -454,11 +483,20 @@ impl Cutter {
                         }
                         txn
                     }
-                    Open::Cutting(txn) if kind == b'O' && is_ours(data)? => {
+                    Open::Cutting(txn) if ours.is_some() => {
+                        let site = ours.unwrap_or_default();
                         if !txn.is_empty() {
                             return Err(Stop::from(CutError::OutOfOrder(
                                 "Origin message after a transaction's changes",
                             )));
+                        }
+                        // Forwarded when another receiver is there to take it.
+                        if let Some(receiver) =
+                            self.forward.get(&site).filter(|_| self.forward.len() > 1)
+                        {
+                            txn.address(Some(format!("{}{receiver}", crate::record::NOT_FOR)));
+                            self.summary.forwarded += 1;
+                            return Ok(fed.new_table);
                         }
                         let Open::Cutting(txn) = std::mem::replace(&mut self.open, Open::Idle)
                         else {
@@ -560,12 +598,13 @@ impl Cutter {
     }
 }
 
-/// Whether the Origin message `data` names one of pgcourier's origins.
-fn is_ours(data: &[u8]) -> Result<bool, CutError> {
+/// The site (after [`ORIGIN_PREFIX`]) when the Origin message `data` names
+/// one of pgcourier's origins.
+fn our_origin(data: &[u8]) -> Result<Option<String>, CutError> {
     let Message::Origin { name, .. } = pgoutput::decode(data)? else {
         return Err(CutError::OutOfOrder("Origin does not decode"));
     };
-    Ok(name.starts_with(ORIGIN_PREFIX))
+    Ok(name.strip_prefix(ORIGIN_PREFIX).map(Into::into))
 }
 
 /// Remember whether the Relation `data` is one of [`OWN_SCHEMA`]'s tables.

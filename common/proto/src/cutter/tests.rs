@@ -165,6 +165,7 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
             foreign_messages: 0,
             forged_ddl: 0,
             looped: 0,
+            forwarded: 0,
         }
     );
 }
@@ -956,4 +957,72 @@ fn a_transaction_a_receiver_applied_here_is_not_carried_but_its_relations_are() 
             "Origin message after a transaction's changes"
         ))
     );
+}
+
+#[test]
+fn a_transaction_from_a_receivers_site_is_forwarded_to_the_others_only() {
+    let sites: BTreeMap<String, String> = [
+        ("f00d".to_string(), "branch-a".to_string()),
+        ("cafe".to_string(), "branch-b".to_string()),
+    ]
+    .into();
+    let mut cutter = Cutter::new(1, Lsn(0)).with_forwarding(sites);
+    let mut tables = synced(&[A]);
+    let mut records = Vec::new();
+    let mut stream = txn(
+        0x100,
+        1,
+        vec![origin("pgcourier/f00d"), relation(A), insert(A, "a")],
+    );
+    // From a site that is none of our receivers: not carried.
+    stream.extend(txn(
+        0x200,
+        2,
+        vec![origin("pgcourier/beef"), insert(A, "x")],
+    ));
+    stream.extend(txn(0x300, 3, vec![insert(A, "local")]));
+    for m in &stream {
+        records.extend(cutter.message(m, &mut tables).expect("well formed").records);
+    }
+    let summary = cutter.finish().expect("ends between transactions");
+    assert_eq!(
+        (summary.forwarded, summary.looped, summary.dropped),
+        (1, 1, 1)
+    );
+    let forwarded: Vec<Record> = records
+        .iter()
+        .filter(|r| r.commit_lsn == Lsn(0x100))
+        .cloned()
+        .collect();
+    assert_eq!(
+        reassemble(&forwarded),
+        vec![relation(A), insert(A, "a")],
+        "without the Origin"
+    );
+    assert!(forwarded
+        .iter()
+        .all(|r| r.only_for.as_deref() == Some("!branch-a")));
+    let local: Vec<Record> = records
+        .iter()
+        .filter(|r| r.commit_lsn == Lsn(0x300))
+        .cloned()
+        .collect();
+    assert!(local.iter().all(|r| r.only_for.is_none()));
+    assert!(crate::record::addressed_to(Some("!branch-a"), "branch-b"));
+    assert!(!crate::record::addressed_to(Some("!branch-a"), "branch-a"));
+    assert!(crate::record::addressed_to(Some("branch-a"), "branch-a"));
+    assert!(!crate::record::addressed_to(Some("branch-a"), "branch-b"));
+    // A branch: its one receiver is the site the change came from, so
+    // there is nobody to forward to.
+    let one: BTreeMap<String, String> = [("f00d".to_string(), "hq".to_string())].into();
+    let mut cutter = Cutter::new(1, Lsn(0)).with_forwarding(one);
+    for m in txn(0x100, 1, vec![origin("pgcourier/f00d"), insert(A, "a")]) {
+        assert!(cutter
+            .message(&m, &mut tables)
+            .expect("well formed")
+            .records
+            .is_empty());
+    }
+    let summary = cutter.finish().expect("ends between transactions");
+    assert_eq!((summary.forwarded, summary.looped), (0, 1));
 }

@@ -57,6 +57,13 @@ impl TxnCutter {
         &self.head
     }
 
+    /// Address the transaction (see [`Record::only_for`]); only before any
+    /// message was pushed, so every record carries it.
+    pub fn address(&mut self, only_for: Option<String>) {
+        debug_assert!(self.is_empty(), "addressed after its first message");
+        self.head.only_for = only_for;
+    }
+
     /// Sequence number the next record will take.
     pub fn next_seq(&self) -> u64 {
         self.seq

@@ -434,8 +434,9 @@ impl SenderSession {
         self.shape.raw_bytes
     }
 
-    /// Records made for one other receiver (its copy) become empty
-    /// placeholders: same positions and transaction boundaries, no changes.
+    /// Records made for one other receiver (its copy), and records
+    /// forwarded from this receiver's own site, become empty placeholders:
+    /// same positions and transaction boundaries, no changes.
     fn addressed(&self, records: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, SenderError> {
         let first = self.next;
         records
@@ -446,13 +447,15 @@ impl SenderSession {
                     seq: first + i as u64,
                     source,
                 };
-                match record::peek_only_for(&bytes).map_err(bad)? {
-                    Some(to) if to != self.receiver => Record::decode(&bytes)
+                let to = record::peek_only_for(&bytes).map_err(bad)?;
+                if record::addressed_to(to.as_deref(), &self.receiver) {
+                    Ok(bytes)
+                } else {
+                    Record::decode(&bytes)
                         .map_err(bad)?
                         .placeholder()
                         .encode()
-                        .map_err(bad),
-                    _ => Ok(bytes),
+                        .map_err(bad)
                 }
             })
             .collect()
@@ -1065,6 +1068,33 @@ mod tests {
         assert_eq!(b.sent_high, 14);
         let b = s.next_batch(vec![rec(15, 200, None)], 1e9, 100).unwrap();
         assert_eq!(b.resent_bytes, 0);
+    }
+
+    #[test]
+    fn a_change_forwarded_from_a_receivers_own_site_reaches_it_as_a_placeholder() {
+        // `welcomed` serves "branch-a".
+        let mut s = welcomed(0, 1, 100, Instant::now());
+        let from_us = rec(1, 300, Some("!branch-a"));
+        let from_b = rec(2, 300, Some("!branch-b"));
+        let b = s
+            .next_batch(vec![from_us, from_b.clone()], 1e9, 100)
+            .unwrap();
+        let Frame::Batch {
+            first_seq,
+            last_seq,
+            raw_len,
+            payload,
+        } = b.frame
+        else {
+            panic!("not a batch")
+        };
+        let got = decode_batch(first_seq, last_seq, raw_len, &payload).unwrap();
+        let placeholder = Record::decode(&got[0]).unwrap();
+        assert!(
+            placeholder.pieces.is_empty() && placeholder.seq == 1,
+            "{placeholder:?}"
+        );
+        assert_eq!(got[1], from_b);
     }
 
     #[test]
