@@ -223,59 +223,147 @@ fn way_back(setup: &Setup, i: usize, admin: [u16; 2]) -> anyhow::Result<(Daemon,
     Ok((sender, receiver))
 }
 
+/// Headquarters and two branches, both ways: the fixture's sender and
+/// receivers, plus a way back per branch. Admin ports: hq sender, branch
+/// receivers 0 and 1, then per way back its sender and its receiver at
+/// headquarters.
+struct ThreeSites {
+    setup: Setup,
+    ports: Vec<u16>,
+    back: [(Daemon, Daemon); 2],
+}
+
+impl ThreeSites {
+    async fn start(name: &str) -> anyhow::Result<ThreeSites> {
+        let ports: Vec<u16> = (0..7).map(|_| free_tcp_port()).collect();
+        let mut setup = Setup::start(
+            name,
+            Options {
+                branches: 2,
+                schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
+                sender_extra: &format!("admin = \"127.0.0.1:{}\"", ports[0]),
+                ..Options::default()
+            },
+        )
+        .await?;
+        // The fixture's receivers have no admin listener: give them one.
+        for i in 0..2 {
+            setup.branches[i].receiver.terminate()?;
+            let cfg = std::fs::read_to_string(&setup.branches[i].config)?;
+            std::fs::write(
+                &setup.branches[i].config,
+                format!("admin = \"127.0.0.1:{}\"\n{cfg}", ports[1 + i]),
+            )?;
+            setup.restart_receiver(i)?;
+        }
+        let back = [
+            way_back(&setup, 0, [ports[3], ports[4]])?,
+            way_back(&setup, 1, [ports[5], ports[6]])?,
+        ];
+        let sites = ThreeSites { setup, ports, back };
+        for port in [sites.ports[3], sites.ports[5]] {
+            wait_until("the branches' senders to capture", WAIT, || async {
+                Ok(admin_status(port)
+                    .await
+                    .is_ok_and(|s| s["slot"].is_object()))
+            })
+            .await
+            .with_context(|| sites.logs())?;
+        }
+        Ok(sites)
+    }
+
+    fn logs(&self) -> String {
+        let mut s = self.setup.logs();
+        for (i, (sender, receiver)) in self.back.iter().enumerate() {
+            s.push_str(&format!(
+                "\n--- back sender {i} ---\n{}\n--- hq receiver {i} ---\n{}",
+                sender.log_tail(30),
+                receiver.log_tail(30)
+            ));
+        }
+        s
+    }
+
+    /// Every site holds `n` rows, the same ones; then nothing moves for 3 s
+    /// (no loop) and no daemon reports an error. Returns the statuses.
+    async fn converged(&self, n: i64) -> anyhow::Result<Vec<serde_json::Value>> {
+        let hq = self.setup.source().await?;
+        let count = "SELECT count(*) FROM item";
+        crate::fixture::wait_count(&hq, count, n, WAIT)
+            .await
+            .with_context(|| self.logs())?;
+        for i in 0..2 {
+            let b = self.setup.target(i).await?;
+            crate::fixture::wait_count(&b, count, n, WAIT)
+                .await
+                .with_context(|| self.logs())?;
+            pgcourier_tests::wait_tables_equal(&hq, &b, &["public.item"], WAIT)
+                .await
+                .with_context(|| self.logs())?;
+        }
+        let statuses = || async {
+            let mut all = Vec::new();
+            for (i, &port) in self.ports.iter().enumerate() {
+                // A daemon just respawned may not listen yet.
+                let deadline = tokio::time::Instant::now() + WAIT;
+                let status = loop {
+                    match admin_status(port).await {
+                        Ok(s) => break s,
+                        Err(e) if tokio::time::Instant::now() > deadline => {
+                            return Err(e.context(format!("daemon {i}'s status\n{}", self.logs())))
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                };
+                all.push(status);
+            }
+            anyhow::Ok(all)
+        };
+        // Marks settle once every receiver has reported what it applied.
+        let mut before = statuses().await?;
+        let mut after = before.clone();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            after = statuses().await?;
+            let moved = before.iter().zip(&after).any(|(b, a)| {
+                ["complete_seq", "durable_seq", "applied_seq"]
+                    .iter()
+                    .any(|k| b[k] != a[k])
+            });
+            if !moved {
+                break;
+            }
+            before = after.clone();
+        }
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            for key in ["complete_seq", "durable_seq", "applied_seq"] {
+                assert_eq!(
+                    b[key],
+                    a[key],
+                    "daemon {i}: {key} kept moving while every site was quiet: {a}\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                a["last_error"].is_null(),
+                "daemon {i}: {a}\n{}",
+                self.logs()
+            );
+        }
+        let total: i64 = hq.query_one(count, &[]).await?.get(0);
+        assert_eq!(total, n, "headquarters has {total} rows, not {n}");
+        Ok(after)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branchs_change_reaches_the_other_branch_through_headquarters_once() -> anyhow::Result<()>
 {
-    // Admin ports: hq sender, branch receivers 0 and 1, then per way back
-    // its sender and its receiver at headquarters.
-    let ports: Vec<u16> = (0..7).map(|_| free_tcp_port()).collect();
-    let setup = Setup::start(
-        "forwarding",
-        Options {
-            branches: 2,
-            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
-            sender_extra: &format!("admin = \"127.0.0.1:{}\"", ports[0]),
-            ..Options::default()
-        },
-    )
-    .await?;
-    // The fixture's receivers have no admin listener: give them one.
-    let mut setup = setup;
-    for i in 0..2 {
-        setup.branches[i].receiver.terminate()?;
-        let cfg = std::fs::read_to_string(&setup.branches[i].config)?;
-        std::fs::write(
-            &setup.branches[i].config,
-            format!("admin = \"127.0.0.1:{}\"\n{cfg}", ports[1 + i]),
-        )?;
-        setup.restart_receiver(i)?;
-    }
-    let back0 = way_back(&setup, 0, [ports[3], ports[4]])?;
-    let back1 = way_back(&setup, 1, [ports[5], ports[6]])?;
-    let logs = || {
-        let mut s = setup.logs();
-        for (name, d) in [
-            ("back sender 0", &back0.0),
-            ("hq receiver 0", &back0.1),
-            ("back sender 1", &back1.0),
-            ("hq receiver 1", &back1.1),
-        ] {
-            s.push_str(&format!("\n--- {name} ---\n{}", d.log_tail(30)));
-        }
-        s
-    };
-    for port in [ports[3], ports[5]] {
-        wait_until("the branches' senders to capture", WAIT, || async {
-            Ok(admin_status(port)
-                .await
-                .is_ok_and(|s| s["slot"].is_object()))
-        })
-        .await
-        .with_context(logs)?;
-    }
-    let hq = setup.source().await?;
-    let b0 = setup.target(0).await?;
-    let b1 = setup.target(1).await?;
+    let sites = ThreeSites::start("forwarding").await?;
+    let hq = sites.setup.source().await?;
+    let b0 = sites.setup.target(0).await?;
+    let b1 = sites.setup.target(1).await?;
     for i in 1..=20 {
         hq.execute("INSERT INTO item VALUES ($1, 'hq')", &[&i])
             .await?;
@@ -284,53 +372,24 @@ async fn a_branchs_change_reaches_the_other_branch_through_headquarters_once() -
         b1.execute("INSERT INTO item VALUES ($1, 'branch1')", &[&(2000 + i)])
             .await?;
     }
-    // A branch changes a row the other branch wrote.
+    // A branch changes a row the other branch wrote, once it has it.
+    crate::fixture::wait_count(&b0, "SELECT count(*) FROM item WHERE id = 2001", 1, WAIT)
+        .await
+        .with_context(|| sites.logs())?;
     b0.batch_execute("UPDATE item SET v = 'changed at branch0' WHERE id = 2001")
         .await?;
-    let count = "SELECT count(*) FROM item";
-    for c in [&hq, &b0, &b1] {
-        crate::fixture::wait_count(c, count, 60, WAIT)
-            .await
-            .with_context(logs)?;
-    }
-    for b in [&b0, &b1] {
-        pgcourier_tests::wait_tables_equal(&hq, b, &["public.item"], WAIT)
-            .await
-            .with_context(logs)?;
-    }
-    let v: String = b1
-        .query_one("SELECT v FROM item WHERE id = 2001", &[])
-        .await?
-        .get(0);
-    assert_eq!(
-        v, "changed at branch0",
-        "branch1 has branch0's change to its row"
-    );
+    crate::fixture::wait_count(
+        &b1,
+        "SELECT count(*) FROM item WHERE v = 'changed at branch0'",
+        1,
+        WAIT,
+    )
+    .await
+    .with_context(|| sites.logs())?;
+    let after = sites.converged(60).await?;
 
     // Headquarters forwarded what each branch wrote to the other branch
-    // only; the branches sent nothing of headquarters' back. Then nothing
-    // moves: no loop.
-    let statuses = || async {
-        let mut all = Vec::new();
-        for &port in &ports {
-            all.push(admin_status(port).await?);
-        }
-        anyhow::Ok(all)
-    };
-    let before = statuses().await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = statuses().await?;
-    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
-        for key in ["complete_seq", "durable_seq", "applied_seq"] {
-            assert_eq!(
-                b[key],
-                a[key],
-                "daemon {i}: {key} moved while every site was quiet: {a}\n{}",
-                logs()
-            );
-        }
-        assert!(a["last_error"].is_null(), "daemon {i}: {a}\n{}", logs());
-    }
+    // only; the branches sent nothing of headquarters' back.
     let hq_sender = &after[0];
     let forwarded = hq_sender["forwarded_transactions"].as_u64().unwrap_or(0);
     assert!(forwarded > 0, "headquarters forwarded nothing: {hq_sender}");
@@ -341,6 +400,101 @@ async fn a_branchs_change_reaches_the_other_branch_through_headquarters_once() -
     eprintln!(
         "headquarters forwarded {forwarded} transactions; the branches left out {} and {}",
         after[3]["looped_transactions"], after[5]["looped_transactions"]
+    );
+    Ok(())
+}
+
+/// Insert rows `ids` at `pg`, one per transaction, through restarts of
+/// the cluster: a lost connection is opened again, and a key already there
+/// (its commit's answer was lost) counts as written.
+async fn write_through(
+    pg: &pgcourier_tests::PgCluster,
+    site: &str,
+    ids: std::ops::RangeInclusive<i32>,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut client = None;
+    for id in ids {
+        loop {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{site}: could not write row {id}"
+            );
+            if client.is_none() {
+                client = pg.client(DB).await.ok();
+                if client.is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+            let c = client.as_ref().expect("just set");
+            match c
+                .execute("INSERT INTO item VALUES ($1, $2)", &[&id, &site])
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    break
+                }
+                Err(_) => {
+                    client = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Kill -9 of daemons on both ways and an immediate stop of headquarters'
+/// cluster while the three sites write: the same end state, every row
+/// once everywhere, no loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_comes_through_kill_9_of_daemons_and_of_headquarters_cluster(
+) -> anyhow::Result<()> {
+    let sites = ThreeSites::start("forwarding_kills").await?;
+    let n = 150;
+    let writers = async {
+        tokio::try_join!(
+            write_through(&sites.setup.hq, "hq", 1..=n),
+            write_through(&sites.setup.branches[0].pg, "branch0", 1001..=1000 + n),
+            write_through(&sites.setup.branches[1].pg, "branch1", 2001..=2000 + n),
+        )
+    };
+    let faults = async {
+        let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        pause(800).await;
+        sites.setup.sender.kill9()?;
+        pause(500).await;
+        sites.setup.sender.respawn()?;
+        pause(800).await;
+        sites.back[0].1.kill9()?;
+        sites.back[1].0.kill9()?;
+        pause(500).await;
+        sites.back[0].1.respawn()?;
+        sites.back[1].0.respawn()?;
+        pause(800).await;
+        sites.setup.hq.kill()?;
+        pause(1500).await;
+        sites.setup.hq.start_again()?;
+        pause(800).await;
+        sites.setup.branches[1].receiver.kill9()?;
+        sites.back[0].0.kill9()?;
+        pause(500).await;
+        sites.setup.branches[1].receiver.respawn()?;
+        sites.back[0].0.respawn()?;
+        anyhow::Ok(())
+    };
+    let (w, f) = tokio::join!(writers, faults);
+    f.with_context(|| sites.logs())?;
+    w.with_context(|| sites.logs())?;
+    let after = sites.converged(3 * i64::from(n)).await?;
+    eprintln!(
+        "after kills: headquarters forwarded {}, the branches left out {} and {}",
+        after[0]["forwarded_transactions"],
+        after[3]["looped_transactions"],
+        after[5]["looped_transactions"]
     );
     Ok(())
 }
