@@ -9,6 +9,8 @@ use std::time::Duration;
 use pgcourier_common::config::{
     self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource,
 };
+use pgcourier_common::pg::conflict::LAST_WRITER_WINS;
+use pgcourier_common::pg::quote_table;
 use pgcourier_common::transport::link::Transport;
 use pgcourier_common::transport::peer::{parse_proxy, PeerAddr};
 use pgcourier_common::transport::settings::TransportSettings;
@@ -60,6 +62,25 @@ struct RawSenderConfig {
     max_backoff: Duration,
     #[serde(default, rename = "receiver")]
     receivers: Vec<RawReceiver>,
+    site: Option<String>,
+    #[serde(default)]
+    site_priority: i32,
+    #[serde(default, rename = "table")]
+    table_settings: Vec<RawTable>,
+}
+
+/// One `[[table]]`: a table's direction and conflict policy.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawTable {
+    name: String,
+    #[serde(default = "default_direction")]
+    direction: String,
+    conflict: Option<String>,
+}
+
+fn default_direction() -> String {
+    "down".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +195,15 @@ pub struct SenderConfig {
     pub publication: String,
     /// Schema-qualified tables to publish; empty: all tables.
     pub tables: Vec<String>,
+    /// This site's name in row clocks (`site`), needed with two-way tables.
+    pub site: Option<String>,
+    /// Breaks ties between versions with the same clock: the higher wins
+    /// (`site-priority`, default 0).
+    pub site_priority: i32,
+    /// Tables written at several sites (`[[table]] direction = "both"`),
+    /// quoted and qualified, with their conflict policy
+    /// (`pgcourier_common::pg::conflict`).
+    pub two_way: Vec<(String, String)>,
     pub spool_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -367,7 +397,46 @@ impl SenderConfig {
         if raw.spool_max_bytes.is_some_and(|b| b < (64 << 10)) {
             return Err(invalid("spool-max-bytes", "must be at least 64KiB"));
         }
+        let mut two_way = Vec::new();
+        for t in &raw.table_settings {
+            match t.direction.as_str() {
+                "down" => {}
+                "both" => {
+                    let policy = t.conflict.clone().unwrap_or_else(|| LAST_WRITER_WINS.into());
+                    if policy != LAST_WRITER_WINS {
+                        return Err(invalid(
+                            "table.conflict",
+                            format!("table {}: conflict = {policy:?} is not built yet; the policy built is \"{LAST_WRITER_WINS}\"", t.name),
+                        ));
+                    }
+                    two_way.push((quote_table(&t.name), policy));
+                }
+                other => {
+                    return Err(invalid(
+                        "table.direction",
+                        format!("table {}: direction = {other:?}: \"down\" (headquarters to branches, the default) or \"both\" (written at every site)", t.name),
+                    ))
+                }
+            }
+        }
+        if !two_way.is_empty() {
+            if raw.site.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                return Err(invalid(
+                    "site",
+                    "tables with direction = \"both\" need this site's name (`site = \"hq\"`), unique among the sites",
+                ));
+            }
+            if !raw.ddl_capture {
+                return Err(invalid(
+                    "ddl-capture",
+                    "tables with direction = \"both\" sign their row clocks with the DDL capture's key: leave ddl-capture on",
+                ));
+            }
+        }
         Ok(SenderConfig {
+            site: raw.site,
+            site_priority: raw.site_priority,
+            two_way,
             source,
             slot: raw.slot,
             publication: raw.publication,
@@ -403,6 +472,55 @@ impl SenderConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load_with(extra: &str) -> Result<SenderConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sender.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "source = \"host=/tmp dbname=app\"\nspool-dir = \"spool\"\ncert = \"s.crt\"\nkey = \"s.key\"\n\
+                 listen = \"127.0.0.1:4433\"\n{extra}\n[[receiver]]\nname = \"b\"\nfingerprint = \"{}\"\n",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
+        SenderConfig::load(&path)
+    }
+
+    #[test]
+    fn a_two_way_table_needs_a_site_and_a_built_policy() {
+        let both = "[[table]]\nname = \"shop.orders\"\ndirection = \"both\"\n";
+        let cfg = load_with(&format!("site = \"hq\"\nsite-priority = 5\n{both}")).unwrap();
+        assert_eq!(
+            cfg.two_way,
+            vec![(
+                "\"shop\".\"orders\"".to_owned(),
+                LAST_WRITER_WINS.to_owned()
+            )]
+        );
+        assert_eq!((cfg.site.as_deref(), cfg.site_priority), (Some("hq"), 5));
+        // One-way tables need nothing.
+        let down = load_with("[[table]]\nname = \"t\"\ndirection = \"down\"\n").unwrap();
+        assert!(down.two_way.is_empty());
+        let refused = |extra: &str, setting: &str| {
+            let e = load_with(extra).expect_err(extra).to_string();
+            assert!(e.contains(setting), "{extra}: {e}");
+        };
+        refused(both, "site");
+        refused(
+            &format!("site = \"hq\"\nddl-capture = false\n{both}"),
+            "ddl-capture",
+        );
+        refused(
+            &format!("site = \"hq\"\n{both}conflict = \"manual\"\n"),
+            "table.conflict",
+        );
+        refused(
+            "[[table]]\nname = \"t\"\ndirection = \"up\"\n",
+            "table.direction",
+        );
+    }
 
     #[test]
     fn times_of_day_and_window_rates_parse() {

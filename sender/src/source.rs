@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use crate::config::SenderConfig;
 use pgcourier_common::ops::backoff::error_chain;
 use pgcourier_common::pg::errors::{classify, PgError};
-use pgcourier_common::pg::{ddl, quote_ident, quote_table};
+use pgcourier_common::pg::{conflict, ddl, quote_ident, quote_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -259,6 +259,7 @@ pub async fn prepare(
     if cfg.ddl_capture {
         install_ddl_capture(client, &cfg.publication).await?;
     }
+    install_two_way(client, cfg).await?;
 
     let slot = client
         .query_opt(
@@ -350,6 +351,38 @@ pub async fn install_ddl_capture(client: &Client, publication: &str) -> Result<(
         .batch_execute(&ddl::install_sql(None, publication))
         .await
         .map_err(|e| SourceError::query("install the DDL event trigger", e))?;
+    Ok(())
+}
+
+/// Tables written at several sites (`[[table]] direction = "both"`): the
+/// clock and conflict functions installed or replaced, each table
+/// registered and stamped (`pgcourier_common::pg::conflict`). Needs a
+/// superuser, as the DDL trigger does.
+async fn install_two_way(client: &Client, cfg: &SenderConfig) -> Result<(), SourceError> {
+    let Some(site) = cfg.site.as_deref().filter(|_| !cfg.two_way.is_empty()) else {
+        return Ok(());
+    };
+    let superuser: bool = client
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::query("read role attributes", e))?
+        .get(0);
+    if !superuser {
+        return Err(SourceError::NotReady(
+            "tables with direction = \"both\" need the sender's role to be a superuser (it installs the row-clock trigger and signs with the DDL key)".into(),
+        ));
+    }
+    let mut sql = conflict::install_sql(site, cfg.site_priority);
+    for (table, policy) in &cfg.two_way {
+        sql.push_str(&conflict::two_way_sql(table, policy));
+    }
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| SourceError::query("install the row clocks of the two-way tables", e))?;
     Ok(())
 }
 

@@ -19,6 +19,7 @@ const WAIT: Duration = Duration::from_secs(90);
 async fn both_ways(
     name: &str,
     receiver_extra: &str,
+    sender_extra: [&str; 2],
 ) -> anyhow::Result<(Setup, [u16; 4], Daemon, Daemon)> {
     let ports = [
         free_tcp_port(),
@@ -30,7 +31,7 @@ async fn both_ways(
         name,
         Options {
             schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
-            sender_extra: &format!("admin = \"127.0.0.1:{}\"", ports[0]),
+            sender_extra: &format!("admin = \"127.0.0.1:{}\"\n{}", ports[0], sender_extra[0]),
             receiver_extra: &format!("admin = \"127.0.0.1:{}\"\n{receiver_extra}", ports[1]),
             ..Options::default()
         },
@@ -56,10 +57,11 @@ async fn both_ways(
         &back_sender_config,
         format!(
             "source = \"{}\"\nspool-dir = \"back-spool\"\ncert = \"back-sender.crt\"\nkey = \"back-sender.key\"\n\
-             initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nadmin = \"127.0.0.1:{}\"\n\n\
+             initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nadmin = \"127.0.0.1:{}\"\n{}\n\n\
              [[receiver]]\nname = \"hq\"\nfingerprint = \"{hq_fp}\"\naddress = \"127.0.0.1:{port}\"\n",
             setup.branches[0].pg.conninfo(DB),
-            ports[2]
+            ports[2],
+            sender_extra[1]
         ),
     )?;
     let hq_receiver =
@@ -79,7 +81,7 @@ async fn both_ways(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Result<()> {
-    let (setup, ports, back_sender, hq_receiver) = both_ways("two_way", "").await?;
+    let (setup, ports, back_sender, hq_receiver) = both_ways("two_way", "", ["", ""]).await?;
     let logs = || {
         format!(
             "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
@@ -105,7 +107,13 @@ async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Res
             .execute("INSERT INTO item VALUES ($1, 'branch')", &[&(1000 + i)])
             .await?;
     }
-    // Each side changes a row the other wrote.
+    // Each side changes a row the other wrote, once it has it.
+    crate::fixture::wait_count(&hq, "SELECT count(*) FROM item WHERE id = 1001", 1, WAIT)
+        .await
+        .with_context(logs)?;
+    crate::fixture::wait_count(&branch, "SELECT count(*) FROM item WHERE id = 1", 1, WAIT)
+        .await
+        .with_context(logs)?;
     hq.batch_execute("UPDATE item SET v = 'changed at hq' WHERE id = 1001")
         .await?;
     branch
@@ -496,5 +504,198 @@ async fn forwarding_comes_through_kill_9_of_daemons_and_of_headquarters_cluster(
         after[3]["looped_transactions"],
         after[5]["looped_transactions"]
     );
+    Ok(())
+}
+
+/// `[[table]]` making `item` two-way, for the sender of site `site`.
+fn two_way_item(site: &str) -> String {
+    format!("site = \"{site}\"\n[[table]]\nname = \"public.item\"\ndirection = \"both\"\n")
+}
+
+/// A site's row clocks, one line each; rows 15 to 20, which the initial
+/// copy may have carried without their clocks, left out.
+async fn clock_rows(c: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
+    let rows = c
+        .query(
+            "SELECT tbl, key::text, hlc, site, deleted FROM pgcourier.clock \
+             WHERE NOT (key ->> 'id')::int BETWEEN 15 AND 20 ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} {}",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, String>(3),
+                r.get::<_, bool>(4)
+            )
+        })
+        .collect())
+}
+
+/// A row's value at a site (`None`: no such row).
+async fn value(c: &tokio_postgres::Client, id: i32) -> anyhow::Result<Option<String>> {
+    Ok(c.query_opt("SELECT v FROM item WHERE id = $1", &[&id])
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// Both sites write the same rows and keys while the link is down, each
+/// kind of conflict once or more: after it comes back both hold the same
+/// rows, each row the version with the later clock, the same clocks, and
+/// every conflict, with the version that lost, in each site's
+/// `pgcourier.conflicts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_writes_at_two_sites_converge_to_the_later_version_and_are_recorded(
+) -> anyhow::Result<()> {
+    let (setup, ports, back_sender, hq_receiver) = both_ways(
+        "conflicts",
+        "",
+        [&two_way_item("hq"), &two_way_item("branch0")],
+    )
+    .await?;
+    let logs = || {
+        format!(
+            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
+            setup.logs(),
+            back_sender.log_tail(40),
+            hq_receiver.log_tail(40)
+        )
+    };
+    let hq = setup.source().await?;
+    let branch = setup.target(0).await?;
+    wait_until("the branch's sender to capture", WAIT, || async {
+        Ok(admin_status(ports[2])
+            .await
+            .is_ok_and(|s| s["slot"].is_object()))
+    })
+    .await
+    .with_context(logs)?;
+    for i in 1..=20 {
+        hq.execute("INSERT INTO item VALUES ($1, 'first')", &[&i])
+            .await?;
+    }
+    let count = "SELECT count(*) FROM item";
+    crate::fixture::wait_count(&branch, count, 20, WAIT)
+        .await
+        .with_context(logs)?;
+
+    // The link goes down: both receivers stop; the senders spool on.
+    setup.branches[0].receiver.terminate()?;
+    hq_receiver.terminate()?;
+    // `first` writes, then `second` a little later (a later clock).
+    let step = || tokio::time::sleep(Duration::from_millis(5));
+    for id in 1..=10 {
+        let (first, second) = if id <= 5 {
+            (&branch, &hq)
+        } else {
+            (&hq, &branch)
+        };
+        first
+            .execute("UPDATE item SET v = 'older' WHERE id = $1", &[&id])
+            .await?;
+        step().await;
+        second
+            .execute("UPDATE item SET v = 'newer' WHERE id = $1", &[&id])
+            .await?;
+        step().await;
+    }
+    for id in 100..=102 {
+        branch
+            .execute("INSERT INTO item VALUES ($1, 'older')", &[&id])
+            .await?;
+        step().await;
+        hq.execute("INSERT INTO item VALUES ($1, 'newer')", &[&id])
+            .await?;
+        step().await;
+    }
+    // A delete, then an update of the same row elsewhere: the row comes
+    // back with the update; an update, then a delete: it stays deleted.
+    for id in 11..=12 {
+        hq.execute("DELETE FROM item WHERE id = $1", &[&id]).await?;
+        step().await;
+        branch
+            .execute("UPDATE item SET v = 'newer' WHERE id = $1", &[&id])
+            .await?;
+        step().await;
+    }
+    branch
+        .execute("UPDATE item SET v = 'older' WHERE id = 13", &[])
+        .await?;
+    step().await;
+    hq.execute("DELETE FROM item WHERE id = 13", &[]).await?;
+    for c in [&hq, &branch] {
+        c.execute("DELETE FROM item WHERE id = 14", &[]).await?;
+    }
+    for id in 200..=202 {
+        branch
+            .execute("INSERT INTO item VALUES ($1, 'branch')", &[&id])
+            .await?;
+        hq.execute("INSERT INTO item VALUES ($1 + 100, 'hq')", &[&id])
+            .await?;
+    }
+
+    // The link comes back.
+    setup.branches[0].receiver.respawn()?;
+    hq_receiver.respawn()?;
+    crate::fixture::wait_count(&hq, count, 27, WAIT)
+        .await
+        .with_context(logs)?;
+    pgcourier_tests::wait_tables_equal(&hq, &branch, &["public.item"], WAIT)
+        .await
+        .with_context(logs)?;
+    for (id, want) in [
+        (1, Some("newer")),
+        (6, Some("newer")),
+        (100, Some("newer")),
+        (11, Some("newer")),
+        (13, None),
+        (14, None),
+        (15, Some("first")),
+    ] {
+        for (site, c) in [("headquarters", &hq), ("the branch", &branch)] {
+            assert_eq!(
+                value(c, id).await?.as_deref(),
+                want,
+                "row {id} at {site}\n{}",
+                logs()
+            );
+        }
+    }
+    assert_eq!(
+        clock_rows(&hq).await?,
+        clock_rows(&branch).await?,
+        "the sites' row clocks differ"
+    );
+    // Each site met every conflicting key once, and kept what lost.
+    let conflicts = "SELECT (key ->> 'id')::int, kind, winner, local_row IS NOT NULL, \
+                            remote_row IS NOT NULL FROM pgcourier.conflicts ORDER BY 1";
+    for (site, c) in [("headquarters", &hq), ("the branch", &branch)] {
+        let rows = c.query(conflicts, &[]).await?;
+        let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        let want: Vec<i32> = (1..=14).chain(100..=102).collect();
+        assert_eq!(ids, want, "conflicts recorded at {site}");
+        for r in &rows {
+            let (id, kind, winner): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
+            let (local, remote): (bool, bool) = (r.get(3), r.get(4));
+            // The losing version is kept, unless it is a deletion.
+            let lost_row = if winner == "local" { remote } else { local };
+            let lost_deletion = match (kind.as_str(), winner.as_str()) {
+                ("delete/delete", _) => true,
+                ("update/delete" | "insert/delete", "remote") => true,
+                ("delete/update", "local") => true,
+                _ => false,
+            };
+            assert!(
+                lost_row || lost_deletion,
+                "{site}: conflict on row {id} ({kind}, {winner} won) lost the other version"
+            );
+        }
+        eprintln!("{site}: {} conflicts recorded", rows.len());
+    }
     Ok(())
 }

@@ -117,7 +117,33 @@ INSERT INTO {key_table} (key)
     SELECT pg_catalog.decode(pg_catalog.replace(
         pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''), 'hex')
     ON CONFLICT DO NOTHING;
-{grant}CREATE OR REPLACE FUNCTION {schema}.ddl_drops() RETURNS event_trigger
+{grant}-- The HMAC-SHA256 of a message body under the key, in hex, for the
+-- SECURITY DEFINER functions that sign (DDL here, row clocks in
+-- conflict.rs): nobody else may call it.
+CREATE OR REPLACE FUNCTION {schema}.mac(body bytea) RETURNS bytea
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    k bytea;
+    ipad bytea;
+    opad bytea;
+BEGIN
+    SELECT d.key INTO k FROM {key_table} d;
+    IF k IS NULL THEN
+        RAISE EXCEPTION 'pgcourier: no key in {DDL_SCHEMA}.{DDL_KEY_TABLE}'
+            USING HINT = 'run pgcourier-sender (as a superuser) or the SQL pgcourier-sender check prints';
+    END IF;
+    k := k || decode(repeat('00', 64 - length(k)), 'hex');
+    ipad := k;
+    opad := k;
+    FOR i IN 0..63 LOOP
+        ipad := set_byte(ipad, i, get_byte(k, i) # 54);
+        opad := set_byte(opad, i, get_byte(k, i) # 92);
+    END LOOP;
+    RETURN convert_to(encode(sha256(opad || sha256(ipad || body)), 'hex'), 'UTF8');
+END
+$pgcourier$;
+REVOKE ALL ON FUNCTION {schema}.mac(bytea) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION {schema}.ddl_drops() RETURNS event_trigger
 LANGUAGE plpgsql AS $pgcourier$
 BEGIN
     -- A DROP is not listed by pg_event_trigger_ddl_commands(): say here
@@ -135,10 +161,7 @@ DECLARE
     tags text[];
     listed bigint;
     mark text;
-    k bytea;
     body bytea;
-    ipad bytea;
-    opad bytea;
     added record;
 BEGIN
     SELECT count(*),
@@ -194,25 +217,12 @@ BEGIN
     IF runner IS NULL OR NOT pg_has_role(session_user, runner, 'MEMBER') THEN
         runner := session_user;
     END IF;
-    SELECT d.key INTO k FROM {key_table} d;
-    IF k IS NULL THEN
-        RAISE EXCEPTION 'pgcourier: no key in {DDL_SCHEMA}.{DDL_KEY_TABLE}'
-            USING HINT = 'run pgcourier-sender (as a superuser) or the SQL pgcourier-sender check prints';
-    END IF;
     body := convert_to(json_build_object(
         'statement', current_query(),
         'search_path', path,
         'tags', tags,
         'role', runner)::text, 'UTF8');
-    k := k || decode(repeat('00', 64 - length(k)), 'hex');
-    ipad := k;
-    opad := k;
-    FOR i IN 0..63 LOOP
-        ipad := set_byte(ipad, i, get_byte(k, i) # 54);
-        opad := set_byte(opad, i, get_byte(k, i) # 92);
-    END LOOP;
-    PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}',
-        convert_to(encode(sha256(opad || sha256(ipad || body)), 'hex'), 'UTF8') || body);
+    PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}', {schema}.mac(body) || body);
 END
 $pgcourier$;
 -- Whoever runs DDL calls ddl_emit (through ddl_capture, as themselves).

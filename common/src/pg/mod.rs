@@ -4,6 +4,7 @@
 //! the branch's progress row (the exactly-once anchor) is read by one
 //! function that never falls back to a default.
 
+pub mod conflict;
 pub mod connect;
 pub mod ddl;
 pub mod errors;

@@ -6,6 +6,7 @@
 //! change runs in place (`ddl.rs`). Messages cut
 //! into fragments are put back together first.
 
+use pgcourier_common::pg::conflict::CLOCK_PREFIX;
 use pgcourier_common::pg::ddl::DDL_PREFIX;
 use pgcourier_common::store::seed_file::COPY_PREFIX;
 use pgcourier_proto::pgoutput::{self, Message, OldTuple, Tuple, Value};
@@ -70,6 +71,12 @@ impl Apply {
                     prefix, content, ..
                 } if prefix == COPY_PREFIX => {
                     self.start_copy(s, record.seq, &content).await?;
+                }
+                Message::LogicalMessage {
+                    prefix, content, ..
+                } if prefix == CLOCK_PREFIX => {
+                    // For the change right after it (`two_way.rs`).
+                    s.clock = Some(String::from_utf8_lossy(&content).into_owned());
                 }
                 Message::LogicalMessage {
                     prefix, content, ..
@@ -144,6 +151,10 @@ impl Apply {
         target.check_columns(seq, new.len())?;
         if op != Op::Delete {
             s.sequences.note_row(&target.sequences, new);
+        }
+        let clock = s.clock.take();
+        if target.two_way {
+            return self.queue_two_way(s, oid, op, old, new, clock).await;
         }
         // Which columns are set, and which identify the row.
         let set: Vec<bool> = match op {
@@ -283,6 +294,7 @@ mod tests {
             overriding: false,
             always: Vec::new(),
             sequences: Vec::new(),
+            two_way: false,
         }
     }
 

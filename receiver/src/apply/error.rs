@@ -33,6 +33,8 @@ pub enum ApplyError {
     MissingTable { table: String },
     #[error("column {column} of table {table} does not exist on the target: ALTER TABLE {table} ADD COLUMN {column} <type>, then apply resumes")]
     MissingColumn { table: String, column: String },
+    #[error("table {table} is written at several sites (pgcourier.two_way) but apply runs with replica-role = false, under which its own writes would be stamped as this site's: set replica-role = true (the default)")]
+    TwoWayNeedsReplicaRole { table: String },
     #[error("table {table} has no primary key on the target and no replica identity on the source: add a primary key on the target")]
     NoKey { table: String },
     #[error("record {seq} in the inbox is corrupt")]
@@ -145,6 +147,7 @@ impl ApplyError {
             ApplyError::MissingTable { .. } => definite("missing_table"),
             ApplyError::MissingColumn { .. } => definite("missing_column"),
             ApplyError::NoKey { .. } => definite("no_key"),
+            ApplyError::TwoWayNeedsReplicaRole { .. } => definite("two_way_replica_role"),
             // A lost connection while running DDL is retried as any other.
             ApplyError::Ddl { source, .. } if target_fault(&source.0).transient => {
                 target_fault(&source.0)

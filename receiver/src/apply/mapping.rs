@@ -40,6 +40,10 @@ pub(super) struct TableMap {
     pub(super) always: Vec<bool>,
     /// The columns a sequence feeds at the target (`sequences.rs`).
     pub(super) sequences: Vec<SeqColumn>,
+    /// Written at several sites (registered in `pgcourier.two_way`): each
+    /// change goes through `pgcourier.apply_change` with its row clock
+    /// (`two_way.rs`).
+    pub(super) two_way: bool,
 }
 
 impl TableMap {
@@ -178,6 +182,7 @@ impl Apply {
         }
         let source: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
         map.sequences = self.discover_sequences(s, &map.table, &source).await?;
+        map.two_way = self.is_two_way(s, &map.table).await?;
         s.targets.insert(oid, map);
         Ok(())
     }
@@ -239,6 +244,7 @@ fn map_table(rel: &Relation, target: &[TargetColumn]) -> Result<TableMap, ApplyE
         overriding: target.iter().any(|t| t.always),
         always,
         sequences: Vec::new(),
+        two_way: false,
     })
 }
 

@@ -54,6 +54,7 @@ mod skip;
 mod sql;
 mod status;
 mod target;
+mod two_way;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -140,6 +141,11 @@ struct Session {
     /// Per sequence feeding a target column, the furthest value the open
     /// group's rows used (`sequences.rs`).
     sequences: sequences::Marks,
+    /// The row clock read just before the change it belongs to
+    /// (`two_way.rs`).
+    clock: Option<String>,
+    /// `pgcourier.apply_change`, prepared on first use (`two_way.rs`).
+    two_way: Option<Statement>,
 }
 
 /// The source transactions being grouped into one target transaction.
@@ -312,6 +318,8 @@ impl Apply {
             pending_bytes: 0,
             end_group: false,
             sequences: sequences::Marks::default(),
+            clock: None,
+            two_way: None,
         };
         self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {

@@ -255,6 +255,7 @@ mod tests {
             overriding: false,
             always: Vec::new(),
             sequences: Vec::new(),
+            two_way: false,
         }
     }
 

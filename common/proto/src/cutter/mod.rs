@@ -40,7 +40,8 @@
 //!   them). Either way a change never goes back to the site it came from.
 //!   Other origins (PostgreSQL's own subscriptions) are carried.
 //! - **Logical messages**: only transactional ones with the prefix
-//!   [`DDL_PREFIX`] whose signature verifies with the source's DDL key
+//!   [`DDL_PREFIX`] or [`CLOCK_PREFIX`] whose signature verifies with the
+//!   source's DDL key
 //!   ([`Cutter::with_ddl_key`]) are kept, without the signature. Any role
 //!   at the source may call `pg_logical_emit_message`: other applications'
 //!   messages (transactional or not, the latter arriving between
@@ -75,6 +76,11 @@ pub use txn::{TxnCutter, TxnHead};
 /// The prefix of the logical messages that carry DDL
 /// (`pgcourier_common::pg::ddl`).
 pub const DDL_PREFIX: &str = "pgcourier.ddl";
+
+/// The prefix of the logical messages that carry a row's clock, for
+/// tables written at several sites (`pgcourier_common::pg::conflict`);
+/// signed and kept as DDL messages are.
+pub const CLOCK_PREFIX: &str = "pgcourier.clock";
 
 /// pgcourier's schema at both sites: its tables are never carried.
 pub const OWN_SCHEMA: &str = "pgcourier";
@@ -545,7 +551,7 @@ impl Cutter {
                 "logical message does not decode as one",
             ));
         };
-        if !transactional || prefix != DDL_PREFIX {
+        if !transactional || (prefix != DDL_PREFIX && prefix != CLOCK_PREFIX) {
             self.summary.foreign_messages += 1;
             return Ok(None);
         }

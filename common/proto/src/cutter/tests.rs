@@ -555,6 +555,38 @@ fn a_ddl_message_is_kept_unsigned_only_when_its_signature_verifies() {
     assert_eq!(summary.forged_ddl, 3);
 }
 
+#[test]
+fn a_row_clock_is_kept_unsigned_before_its_change_only_when_it_verifies() {
+    let body = br#"{"tbl":"public.t","key":{"id":1},"hlc":7,"site":"b0"}"#;
+    let stream = txn(
+        0x100,
+        1,
+        vec![
+            message(true, CLOCK_PREFIX, &signed(b"key", body)),
+            insert(A, "1"),
+            // A forged clock (a huge one would make a row unbeatable).
+            message(true, CLOCK_PREFIX, &signed(b"guess", body)),
+            insert(A, "2"),
+        ],
+    );
+    let mut tables = synced(&[A]);
+    let mut cutter = Cutter::new(1, Lsn::ZERO).with_ddl_key(Some(b"key".to_vec()));
+    let mut records = Vec::new();
+    for m in &stream {
+        records.extend(cutter.message(m, &mut tables).expect("carried on").records);
+    }
+    let summary = cutter.finish().expect("whole");
+    assert_eq!(
+        reassemble(&records),
+        vec![
+            message(true, CLOCK_PREFIX, body),
+            insert(A, "1"),
+            insert(A, "2")
+        ]
+    );
+    assert_eq!(summary.forged_ddl, 1);
+}
+
 fn own_relation(oid: u32) -> Vec<u8> {
     encode(&Message::Relation(Relation {
         oid,
