@@ -68,6 +68,11 @@ pub struct ReceiverStatus {
     pub error_class: Option<String>,
     pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
+    /// Conflicts on two-way tables since start: the remote version won,
+    /// this site's won, parked for an operator (`pgcourier-queue
+    /// conflicts`).
+    #[serde(default)]
+    pub conflicts: crate::apply::Outcomes,
     pub skipped_transactions: u64,
     pub link: Option<LinkStatus>,
     /// The table copy being loaded (committed as one transaction).
@@ -122,6 +127,7 @@ pub fn status(
         error_class: apply.error_class.map(str::to_owned),
         blocking_seq: apply.blocking_seq,
         missing_rows: apply.missing_rows,
+        conflicts: apply.conflicts.clone(),
         skipped_transactions: apply.skipped_transactions,
         copy: apply.copy.clone(),
         link: link.cloned(),
@@ -215,6 +221,19 @@ pub fn metrics(st: &ReceiverStatus) -> String {
         "Updates or deletes whose row was not found on the target.",
         st.missing_rows as f64,
     );
+    for (winner, n) in [
+        ("remote", st.conflicts.remote_won),
+        ("local", st.conflicts.local_won),
+        ("parked", st.conflicts.parked),
+    ] {
+        m.sample(
+            "pgcourier_receiver_conflicts_total",
+            "Conflicts on two-way tables since start, by the version kept (parked: waiting for an operator); each is a row of pgcourier.conflicts.",
+            Kind::Counter,
+            &[("winner", winner)],
+            n as f64,
+        );
+    }
     m.counter(
         "pgcourier_receiver_skipped_transactions_total",
         "Transactions skipped by an operator.",

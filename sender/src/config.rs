@@ -9,7 +9,7 @@ use std::time::Duration;
 use pgcourier_common::config::{
     self, de_duration, de_size, defaults, parse_rate, ConfigError, PasswordSource,
 };
-use pgcourier_common::pg::conflict::LAST_WRITER_WINS;
+use pgcourier_common::pg::conflict::{LAST_WRITER_WINS, POLICIES};
 use pgcourier_common::pg::quote_table;
 use pgcourier_common::transport::link::Transport;
 use pgcourier_common::transport::peer::{parse_proxy, PeerAddr};
@@ -77,6 +77,8 @@ struct RawTable {
     #[serde(default = "default_direction")]
     direction: String,
     conflict: Option<String>,
+    #[serde(default)]
+    delta: Vec<String>,
 }
 
 fn default_direction() -> String {
@@ -200,10 +202,8 @@ pub struct SenderConfig {
     /// Breaks ties between versions with the same clock: the higher wins
     /// (`site-priority`, default 0).
     pub site_priority: i32,
-    /// Tables written at several sites (`[[table]] direction = "both"`),
-    /// quoted and qualified, with their conflict policy
-    /// (`pgcourier_common::pg::conflict`).
-    pub two_way: Vec<(String, String)>,
+    /// Tables written at several sites (`[[table]] direction = "both"`).
+    pub two_way: Vec<TwoWayTable>,
     pub spool_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -241,6 +241,17 @@ pub struct SenderConfig {
     pub transport: TransportSettings,
     pub max_backoff: Duration,
     pub receivers: Vec<ReceiverSpec>,
+}
+
+/// A table written at several sites (`pgcourier_common::pg::conflict`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TwoWayTable {
+    /// Quoted and qualified.
+    pub table: String,
+    /// `conflict`: one of `conflict::POLICIES`.
+    pub policy: String,
+    /// `delta`: numeric columns whose concurrent changes add up.
+    pub delta: Vec<String>,
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
@@ -403,13 +414,21 @@ impl SenderConfig {
                 "down" => {}
                 "both" => {
                     let policy = t.conflict.clone().unwrap_or_else(|| LAST_WRITER_WINS.into());
-                    if policy != LAST_WRITER_WINS {
+                    if !POLICIES.contains(&policy.as_str()) {
                         return Err(invalid(
                             "table.conflict",
-                            format!("table {}: conflict = {policy:?} is not built yet; the policy built is \"{LAST_WRITER_WINS}\"", t.name),
+                            format!(
+                                "table {}: conflict = {policy:?} is not a policy: one of {}",
+                                t.name,
+                                POLICIES.join(", ")
+                            ),
                         ));
                     }
-                    two_way.push((quote_table(&t.name), policy));
+                    two_way.push(TwoWayTable {
+                        table: quote_table(&t.name),
+                        policy,
+                        delta: t.delta.clone(),
+                    });
                 }
                 other => {
                     return Err(invalid(
@@ -494,11 +513,18 @@ mod tests {
         let cfg = load_with(&format!("site = \"hq\"\nsite-priority = 5\n{both}")).unwrap();
         assert_eq!(
             cfg.two_way,
-            vec![(
-                "\"shop\".\"orders\"".to_owned(),
-                LAST_WRITER_WINS.to_owned()
-            )]
+            vec![TwoWayTable {
+                table: "\"shop\".\"orders\"".into(),
+                policy: LAST_WRITER_WINS.into(),
+                delta: Vec::new()
+            }]
         );
+        let manual = load_with(&format!(
+            "site = \"hq\"\n{both}conflict = \"manual\"\ndelta = [\"stock\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(manual.two_way[0].policy, "manual");
+        assert_eq!(manual.two_way[0].delta, vec!["stock".to_owned()]);
         assert_eq!((cfg.site.as_deref(), cfg.site_priority), (Some("hq"), 5));
         // One-way tables need nothing.
         let down = load_with("[[table]]\nname = \"t\"\ndirection = \"down\"\n").unwrap();
@@ -513,7 +539,7 @@ mod tests {
             "ddl-capture",
         );
         refused(
-            &format!("site = \"hq\"\n{both}conflict = \"manual\"\n"),
+            &format!("site = \"hq\"\n{both}conflict = \"merge-columns\"\n"),
             "table.conflict",
         );
         refused(

@@ -376,8 +376,8 @@ async fn install_two_way(client: &Client, cfg: &SenderConfig) -> Result<(), Sour
         ));
     }
     let mut sql = conflict::install_sql(site, cfg.site_priority);
-    for (table, policy) in &cfg.two_way {
-        sql.push_str(&conflict::two_way_sql(table, policy));
+    for t in &cfg.two_way {
+        sql.push_str(&conflict::two_way_sql(&t.table, &t.policy, &t.delta));
     }
     client
         .batch_execute(&sql)

@@ -30,7 +30,7 @@ async fn both_ways(
     let setup = Setup::start(
         name,
         Options {
-            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
+            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0)",
             sender_extra: &format!("admin = \"127.0.0.1:{}\"\n{}", ports[0], sender_extra[0]),
             receiver_extra: &format!("admin = \"127.0.0.1:{}\"\n{receiver_extra}", ports[1]),
             ..Options::default()
@@ -697,5 +697,201 @@ async fn conflicting_writes_at_two_sites_converge_to_the_later_version_and_are_r
         }
         eprintln!("{site}: {} conflicts recorded", rows.len());
     }
+    Ok(())
+}
+
+/// `pgcourier-queue` on a site's config: exit code and stdout.
+fn queue(config: &std::path::Path, args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let out = std::process::Command::new(bin_path("pgcourier-queue"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Policy `manual` with a `delta` column: stock decrements made at both
+/// sites while the link is down all count, without a conflict; a row whose
+/// other columns both sites changed is parked at each, keeps its local
+/// version, and once an operator resolves it at one site
+/// (`pgcourier-queue conflicts resolve`) both sites hold the chosen
+/// version and nothing stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_conflicts_wait_for_an_operator_and_stock_counts_add_up() -> anyhow::Result<()> {
+    let table = |site: &str| {
+        format!(
+            "{}conflict = \"manual\"\ndelta = [\"qty\"]\n",
+            two_way_item(site)
+        )
+    };
+    let (setup, ports, back_sender, hq_receiver) =
+        both_ways("parked", "", [&table("hq"), &table("branch0")]).await?;
+    let logs = || {
+        format!(
+            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
+            setup.logs(),
+            back_sender.log_tail(40),
+            hq_receiver.log_tail(40)
+        )
+    };
+    let hq = setup.source().await?;
+    let branch = setup.target(0).await?;
+    wait_until("the branch's sender to capture", WAIT, || async {
+        Ok(admin_status(ports[2])
+            .await
+            .is_ok_and(|s| s["slot"].is_object()))
+    })
+    .await
+    .with_context(logs)?;
+    for i in 1..=3 {
+        hq.execute("INSERT INTO item VALUES ($1, 'first', 100)", &[&i])
+            .await?;
+    }
+    let count = "SELECT count(*) FROM item";
+    crate::fixture::wait_count(&branch, count, 3, WAIT)
+        .await
+        .with_context(logs)?;
+
+    setup.branches[0].receiver.terminate()?;
+    hq_receiver.terminate()?;
+    // Row 1: stock taken at both sites, nothing else changed.
+    for _ in 0..3 {
+        hq.batch_execute("UPDATE item SET qty = qty - 1 WHERE id = 1")
+            .await?;
+    }
+    for _ in 0..2 {
+        branch
+            .batch_execute("UPDATE item SET qty = qty - 2 WHERE id = 1")
+            .await?;
+    }
+    // Rows 2 and 3: both sites change the text; row 3 takes stock too.
+    hq.batch_execute("UPDATE item SET v = 'hq' WHERE id = 2")
+        .await?;
+    branch
+        .batch_execute("UPDATE item SET v = 'branch' WHERE id = 2")
+        .await?;
+    hq.batch_execute("UPDATE item SET v = 'hq', qty = qty - 1 WHERE id = 3")
+        .await?;
+    branch
+        .batch_execute("UPDATE item SET v = 'branch', qty = qty - 5 WHERE id = 3")
+        .await?;
+    setup.branches[0].receiver.respawn()?;
+    hq_receiver.respawn()?;
+
+    let open = "SELECT count(*) FROM pgcourier.conflicts WHERE state = 'open'";
+    for c in [&hq, &branch] {
+        crate::fixture::wait_count(c, open, 2, WAIT)
+            .await
+            .with_context(logs)?;
+        crate::fixture::wait_count(
+            c,
+            "SELECT count(*) FROM item WHERE id = 1 AND qty = 93",
+            1,
+            WAIT,
+        )
+        .await
+        .with_context(logs)?;
+        crate::fixture::wait_count(
+            c,
+            "SELECT count(*) FROM item WHERE id = 3 AND qty = 94",
+            1,
+            WAIT,
+        )
+        .await
+        .with_context(logs)?;
+    }
+    // Parked: each site keeps its own text meanwhile.
+    assert_eq!(value(&hq, 2).await?.as_deref(), Some("hq"));
+    assert_eq!(value(&branch, 2).await?.as_deref(), Some("branch"));
+
+    // An operator at headquarters takes the branch's row 2; one at the
+    // branch keeps its own row 3.
+    let hq_config = setup.dir.path().join("sender.toml");
+    let branch_config = &setup.branches[0].config;
+    let (code, listed) = queue(&hq_config, &["--json", "conflicts", "list", "--open"])?;
+    assert_eq!(code, 0, "{listed}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed)?;
+    let id_of = |list: &[serde_json::Value], row: i64| {
+        list.iter()
+            .find(|c| c["key"]["id"] == row)
+            .and_then(|c| c["id"].as_i64())
+            .context("the parked conflict of the row")
+    };
+    let hq_row2 = id_of(&listed, 2)?;
+    let (code, shown) = queue(&hq_config, &["conflicts", "show", &hq_row2.to_string()])?;
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("\"branch\"") && shown.contains("\"hq\""),
+        "show prints both versions: {shown}"
+    );
+    let (code, out) = queue(
+        &hq_config,
+        &[
+            "conflicts",
+            "resolve",
+            &hq_row2.to_string(),
+            "--keep",
+            "remote",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}");
+    // Resolved already: refused, exit 4.
+    let (code, out) = queue(
+        &hq_config,
+        &[
+            "conflicts",
+            "resolve",
+            &hq_row2.to_string(),
+            "--keep",
+            "local",
+        ],
+    )?;
+    assert_eq!(code, 4, "{out}");
+    let (code, listed) = queue(branch_config, &["--json", "conflicts", "list", "--open"])?;
+    assert_eq!(code, 0, "{listed}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed)?;
+    let branch_row3 = id_of(&listed, 3)?;
+    let (code, out) = queue(
+        branch_config,
+        &[
+            "conflicts",
+            "resolve",
+            &branch_row3.to_string(),
+            "--keep",
+            "local",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}");
+
+    for c in [&hq, &branch] {
+        crate::fixture::wait_count(c, open, 0, WAIT)
+            .await
+            .with_context(logs)?;
+    }
+    pgcourier_tests::wait_tables_equal(&hq, &branch, &["public.item"], WAIT)
+        .await
+        .with_context(logs)?;
+    assert_eq!(value(&hq, 2).await?.as_deref(), Some("branch"));
+    assert_eq!(value(&hq, 3).await?.as_deref(), Some("branch"));
+    let qty: Vec<i32> = hq
+        .query("SELECT qty FROM item ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(qty, vec![93, 100, 94], "every decrement counted once");
+    // The counters say what happened.
+    let st = admin_status(ports[3]).await?;
+    assert!(
+        st["conflicts"]["parked"].as_u64() >= Some(2),
+        "headquarters' receiver parked two: {st}"
+    );
     Ok(())
 }

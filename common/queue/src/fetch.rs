@@ -147,7 +147,7 @@ fn busy(e: impl std::fmt::Display, what: &str) -> anyhow::Error {
     )
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,8 +8,10 @@
 //!
 //! Exit codes: 0 ok; 1 error (config, store, endpoint); 2 usage; 3 `status`
 //! found a problem (receiver apply paused, sender capture failing);
-//! 4 `skip` refused (not the blocking transaction, or apply not blocked).
+//! 4 `skip` refused (not the blocking transaction, or apply not blocked),
+//! or `conflicts resolve` refused (no such conflict, or not open).
 
+mod conflicts;
 mod fetch;
 mod render;
 
@@ -86,6 +88,41 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Conflicts recorded at this site on tables written at several sites
+    /// (pgcourier.conflicts): list, show, resolve a parked one.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  pgcourier-queue --config /etc/pgcourier/receiver.toml conflicts list --open\n  pgcourier-queue --config /etc/pgcourier/receiver.toml conflicts show 17\n  pgcourier-queue --config /etc/pgcourier/receiver.toml conflicts resolve 17 --keep remote"
+    )]
+    Conflicts(ConflictsAction),
+}
+
+#[derive(Subcommand)]
+enum ConflictsAction {
+    /// The latest conflicts, newest first.
+    List {
+        /// Only those parked for an operator (policy manual).
+        #[arg(long)]
+        open: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One conflict with both versions and their clocks.
+    Show { id: i64 },
+    /// Decide a parked conflict: write the kept version here as a local
+    /// change, which every other site then applies.
+    Resolve {
+        id: i64,
+        /// Which version to keep: this site's or the one that arrived.
+        #[arg(long, value_enum)]
+        keep: Keep,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Keep {
+    Local,
+    Remote,
 }
 
 /// How `show` prints a record's changes.
@@ -186,6 +223,39 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Conflicts(action) => match action {
+            ConflictsAction::List { open, limit } => {
+                let found = conflicts::list(&daemon, *open, *limit)?;
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&found)?);
+                } else {
+                    println!("{}", conflicts::render_list(&found));
+                }
+                Ok(0)
+            }
+            ConflictsAction::Show { id } => {
+                let c = conflicts::show(&daemon, *id)?;
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                } else {
+                    print!("{}", conflicts::render_one(&c));
+                }
+                Ok(0)
+            }
+            ConflictsAction::Resolve { id, keep } => {
+                let keep = match keep {
+                    Keep::Local => "local",
+                    Keep::Remote => "remote",
+                };
+                let (done, message) = conflicts::resolve(&daemon, *id, keep)?;
+                if cli.json {
+                    println!("{}", serde_json::json!({ "ok": done, "message": message }));
+                } else {
+                    println!("{message}");
+                }
+                Ok(if done { 0 } else { 4 })
+            }
+        },
         Command::Skip { seq, reason } => {
             let (accepted, message) = fetch::skip(&daemon, *seq, reason)?;
             if cli.json {

@@ -75,6 +75,7 @@ use crate::inbox::{Dropped, Inbox};
 pub use error::ApplyError;
 pub use status::{lag_seconds, ApplyStatus, LoadProgress};
 pub(crate) use target::TargetClient;
+pub use two_way::Outcomes;
 
 use error::target_err;
 use mapping::TableMap;

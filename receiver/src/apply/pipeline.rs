@@ -47,6 +47,12 @@ pub(super) enum Pending {
     Sql {
         sql: String,
     },
+    /// A change to a two-way table through `pgcourier.apply_change`
+    /// (`two_way.rs`), which answers what it did with a conflict.
+    TwoWay {
+        stmt: Statement,
+        params: Vec<Option<String>>,
+    },
     /// A run of inserts into one table, loaded with COPY (text format).
     Copy {
         sql: String,
@@ -283,7 +289,8 @@ impl Apply {
         }
         let client = &s.client;
         // Each reply: rows changed, rows the statement should have changed
-        // (an insert: not checked), table.
+        // (an insert: not checked), table, and for a two-way change what
+        // `pgcourier.apply_change` did (`two_way::Outcome`).
         let futures = pending.iter().map(|p| async move {
             match p {
                 Pending::Prepared {
@@ -298,8 +305,18 @@ impl Apply {
                     client
                         .execute(stmt, &refs)
                         .await
-                        .map(|n| (n, expected, *rel))
+                        .map(|n| (n, expected, *rel, None))
                         .map_err(|e| (e, Some(*rel)))
+                }
+                Pending::TwoWay { stmt, params } => {
+                    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        params.iter().map(|p| p as _).collect();
+                    client
+                        .query_one(stmt, &refs)
+                        .await
+                        .and_then(|row| row.try_get::<_, i32>(0))
+                        .map(|code| (0, 0, 0, Some(code)))
+                        .map_err(|e| (e, None))
                 }
                 Pending::Set {
                     stmt,
@@ -312,7 +329,7 @@ impl Apply {
                     client
                         .execute(stmt, &refs)
                         .await
-                        .map(|n| (n, *rows, *rel))
+                        .map(|n| (n, *rows, *rel, None))
                         .map_err(|e| (e, Some(*rel)))
                 }
                 Pending::Sql { .. } | Pending::Copy { .. } => {
@@ -323,7 +340,11 @@ impl Apply {
         match try_join_all(futures).await {
             Ok(results) => {
                 let mut missing = 0;
-                for (n, expected, rel) in results {
+                let mut outcomes = super::two_way::Outcomes::default();
+                for (n, expected, rel, code) in results {
+                    if let Some(code) = code {
+                        outcomes.count(code);
+                    }
                     // A row to update or delete that is not there: the
                     // change is skipped and counted, one by one or in a set.
                     let absent = expected.saturating_sub(n);
@@ -336,6 +357,13 @@ impl Apply {
                 }
                 if missing > 0 {
                     self.status.lock().expect("status lock").missing_rows += missing;
+                }
+                if outcomes != super::two_way::Outcomes::default() {
+                    self.status
+                        .lock()
+                        .expect("status lock")
+                        .conflicts
+                        .add(&outcomes);
                 }
                 Ok(())
             }

@@ -22,6 +22,8 @@ pub struct ApplyStatus {
     /// on the target (a refused login, a bad progress row).
     pub blocking_seq: Option<u64>,
     pub missing_rows: u64,
+    /// Conflicts met on two-way tables since start, by outcome.
+    pub conflicts: super::two_way::Outcomes,
     pub skipped_transactions: u64,
     /// The copy being loaded, if any.
     pub copy: Option<LoadProgress>,

@@ -85,7 +85,7 @@ impl Apply {
                 ("D", None, Some(row_json(names, key)))
             }
         };
-        s.pending.push(super::pipeline::Pending::Prepared {
+        s.pending.push(super::pipeline::Pending::TwoWay {
             stmt,
             params: vec![
                 Some(table),
@@ -94,10 +94,36 @@ impl Apply {
                 row,
                 old_key,
             ],
-            rel: oid,
-            op,
         });
         Ok(())
+    }
+}
+
+/// What `pgcourier.apply_change` did with the changes of a drain, by its
+/// answer: 0 no conflict, 1 a conflict the remote version won, 2 one this
+/// site's version won, 3 parked for an operator (policy `manual`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Outcomes {
+    pub remote_won: u64,
+    pub local_won: u64,
+    pub parked: u64,
+}
+
+impl Outcomes {
+    pub fn count(&mut self, code: i32) {
+        match code {
+            1 => self.remote_won += 1,
+            2 => self.local_won += 1,
+            3 => self.parked += 1,
+            _ => {}
+        }
+    }
+
+    pub fn add(&mut self, other: &Outcomes) {
+        self.remote_won += other.remote_won;
+        self.local_won += other.local_won;
+        self.parked += other.parked;
     }
 }
 

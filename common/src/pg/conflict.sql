@@ -1,0 +1,385 @@
+-- Row clocks and conflict resolution for tables written at several sites
+-- (conflict.rs says how it works). Installed, or replaced, by the site's
+-- sender; @SITE@, @PRIORITY@, @CLOCK_PREFIX@ and @POLICIES@ are filled in.
+CREATE SCHEMA IF NOT EXISTS pgcourier;
+CREATE TABLE IF NOT EXISTS pgcourier.site (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    name text NOT NULL,
+    priority integer NOT NULL
+);
+INSERT INTO pgcourier.site (name, priority) VALUES (@SITE@, @PRIORITY@)
+    ON CONFLICT (one) DO UPDATE SET name = EXCLUDED.name, priority = EXCLUDED.priority;
+CREATE TABLE IF NOT EXISTS pgcourier.two_way (
+    tbl regclass PRIMARY KEY,
+    policy text NOT NULL CHECK (policy IN (@POLICIES@)),
+    -- Numeric columns whose concurrent changes add up (stock, balance).
+    delta text[] NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS pgcourier.clock (
+    tbl text NOT NULL,
+    key jsonb NOT NULL,
+    hlc bigint NOT NULL,
+    site text NOT NULL,
+    priority integer NOT NULL,
+    deleted boolean NOT NULL,
+    PRIMARY KEY (tbl, key)
+);
+CREATE TABLE IF NOT EXISTS pgcourier.conflicts (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    tbl text NOT NULL,
+    key jsonb NOT NULL,
+    kind text NOT NULL,
+    policy text NOT NULL,
+    -- The version kept: 'local' (this site's) or 'remote' (the one that
+    -- arrived); a parked conflict keeps 'local' until resolved.
+    winner text NOT NULL CHECK (winner IN ('local', 'remote')),
+    -- 'resolved' by the policy; 'open' (manual: parked), then 'resolved'
+    -- by an operator here, or 'resolved-elsewhere' by a resolution from
+    -- another site.
+    state text NOT NULL DEFAULT 'resolved'
+        CHECK (state IN ('resolved', 'open', 'resolved-elsewhere')),
+    local_row jsonb,
+    local_hlc bigint,
+    local_site text,
+    remote_row jsonb,
+    remote_hlc bigint,
+    remote_site text,
+    resolved_at timestamptz,
+    resolved_by text
+);
+CREATE INDEX IF NOT EXISTS conflicts_open ON pgcourier.conflicts (tbl, key) WHERE state = 'open';
+REVOKE ALL ON pgcourier.site, pgcourier.two_way, pgcourier.clock, pgcourier.conflicts FROM PUBLIC;
+
+-- A row's primary key as a JSON object, from the row as JSON.
+CREATE OR REPLACE FUNCTION pgcourier.row_key(rel regclass, r jsonb) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $pgcourier$
+    SELECT jsonb_object_agg(a.attname, r -> a.attname::text)
+      FROM pg_index i
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = rel AND i.indisprimary
+$pgcourier$;
+
+-- `WHERE` condition matching the row of table alias t whose key is the
+-- JSON object $1 (columns named from the catalog, quoted).
+CREATE OR REPLACE FUNCTION pgcourier.key_cond(rel regclass) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $pgcourier$
+    SELECT format('(%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) k)',
+                  string_agg(format('t.%I', a.attname), ', ' ORDER BY a.attnum),
+                  string_agg(format('k.%I', a.attname), ', ' ORDER BY a.attnum),
+                  rel)
+      FROM pg_index i
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+     WHERE i.indrelid = rel AND i.indisprimary
+$pgcourier$;
+
+CREATE OR REPLACE FUNCTION pgcourier.clock_emit(body jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    b bytea := convert_to(body::text, 'UTF8');
+BEGIN
+    PERFORM pg_logical_emit_message(true, @CLOCK_PREFIX@, pgcourier.mac(b) || b);
+END
+$pgcourier$;
+REVOKE ALL ON FUNCTION pgcourier.clock_emit(jsonb) FROM PUBLIC;
+
+-- A local write to a two-way table: the row's new clock, and for an
+-- update the old values of its delta columns (what the writer changed
+-- them from).
+CREATE OR REPLACE FUNCTION pgcourier.stamp() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    v_tbl text := format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    r jsonb := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
+    k jsonb;
+    loc pgcourier.clock;
+    me pgcourier.site;
+    h bigint;
+    body jsonb;
+    deltas text[];
+    old_values jsonb := '{}';
+    col text;
+BEGIN
+    k := pgcourier.row_key(TG_RELID, r);
+    IF TG_OP = 'UPDATE' AND k IS DISTINCT FROM pgcourier.row_key(TG_RELID, to_jsonb(OLD)) THEN
+        RAISE EXCEPTION 'pgcourier: the primary key of two-way table % cannot change', v_tbl
+            USING HINT = 'delete the row and insert it with its new key';
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        SELECT w.delta INTO deltas FROM pgcourier.two_way w WHERE w.tbl = TG_RELID;
+        FOREACH col IN ARRAY coalesce(deltas, '{}') LOOP
+            old_values := old_values || jsonb_build_object(col, to_jsonb(OLD) -> col);
+        END LOOP;
+        IF old_values <> '{}' AND (to_jsonb(NEW) - deltas) = (to_jsonb(OLD) - deltas)
+           AND to_jsonb(NEW) <> to_jsonb(OLD)
+           AND current_setting('pgcourier.resolving', true) IS DISTINCT FROM 'on' THEN
+            -- Only delta columns changed (a stock count): an increment,
+            -- which never conflicts; the row's version stays.
+            PERFORM pgcourier.clock_emit(jsonb_build_object(
+                'tbl', v_tbl, 'key', k, 'delta_only', true, 'old', old_values));
+            RETURN NEW;
+        END IF;
+    END IF;
+    SELECT * INTO me FROM pgcourier.site;
+    SELECT * INTO loc FROM pgcourier.clock c WHERE c.tbl = v_tbl AND c.key = k FOR UPDATE;
+    h := greatest((extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16,
+                  coalesce(loc.hlc, 0) + 1);
+    INSERT INTO pgcourier.clock AS c VALUES (v_tbl, k, h, me.name, me.priority, TG_OP = 'DELETE')
+        ON CONFLICT (tbl, key) DO UPDATE
+        SET hlc = EXCLUDED.hlc, site = EXCLUDED.site, priority = EXCLUDED.priority,
+            deleted = EXCLUDED.deleted;
+    body := jsonb_build_object(
+        'tbl', v_tbl, 'key', k, 'hlc', h, 'site', me.name, 'priority', me.priority,
+        'base_hlc', loc.hlc, 'base_site', loc.site);
+    IF old_values <> '{}' THEN
+        body := body || jsonb_build_object('old', old_values);
+    END IF;
+    IF current_setting('pgcourier.resolving', true) = 'on' THEN
+        -- An operator's resolution of a parked conflict: it settles the
+        -- conflict at every site.
+        body := body || jsonb_build_object('resolution', true);
+    END IF;
+    PERFORM pgcourier.clock_emit(body);
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$pgcourier$;
+
+-- The row `nr` (JSON, text values) with each delta column set to this
+-- site's value plus the writer's increment: cur + (new - old).
+CREATE OR REPLACE FUNCTION pgcourier.add_deltas(deltas text[], nr jsonb, old_values jsonb, cur jsonb)
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    col text;
+BEGIN
+    FOREACH col IN ARRAY coalesce(deltas, '{}') LOOP
+        IF nr ->> col IS NOT NULL AND old_values ->> col IS NOT NULL AND cur ->> col IS NOT NULL THEN
+            nr := jsonb_set(nr, ARRAY[col], to_jsonb(((cur ->> col)::numeric
+                + (nr ->> col)::numeric - (old_values ->> col)::numeric)::text));
+        END IF;
+    END LOOP;
+    RETURN nr;
+END
+$pgcourier$;
+
+-- This site's values of the delta columns, for the message that forwards
+-- a change: the next site adds (new - these), the same increment.
+CREATE OR REPLACE FUNCTION pgcourier.delta_values(deltas text[], cur jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $pgcourier$
+    SELECT coalesce(jsonb_object_agg(d, cur -> d), '{}') FROM unnest(deltas) d
+$pgcourier$;
+
+-- Apply one change to a two-way table (see conflict.rs). `new_row`: the
+-- new row's columns as text (an unchanged TOAST value left out);
+-- `old_key`: a delete's key columns as text. Returns 0 (no conflict),
+-- 1 (a conflict the remote version won), 2 (one this site's version won)
+-- or 3 (parked for an operator: policy manual).
+CREATE OR REPLACE FUNCTION pgcourier.apply_change(
+    rel regclass, clock text, op text, new_row jsonb, old_key jsonb) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    v_tbl text;
+    c jsonb := nullif(clock, '')::jsonb;
+    pol text;
+    deltas text[];
+    typed jsonb;
+    k jsonb;
+    cond text := pgcourier.key_cond(rel);
+    loc pgcourier.clock;
+    cur jsonb;
+    nr jsonb := new_row;
+    conflict boolean := false;
+    remote_wins boolean := true;
+    parked boolean := false;
+    resolution boolean;
+    cols text;
+    vals text;
+    sets text;
+BEGIN
+    SELECT format('%I.%I', s.nspname, t.relname) INTO v_tbl
+      FROM pg_class t JOIN pg_namespace s ON s.oid = t.relnamespace WHERE t.oid = rel;
+    SELECT w.policy, w.delta INTO pol, deltas FROM pgcourier.two_way w WHERE w.tbl = rel;
+    EXECUTE format('SELECT to_jsonb(jsonb_populate_record(NULL::%s, $1))', rel)
+        INTO typed USING CASE WHEN op = 'D' THEN old_key ELSE new_row END;
+    k := pgcourier.row_key(rel, typed);
+    IF c IS NOT NULL AND c -> 'key' IS DISTINCT FROM k THEN
+        c := NULL;
+    END IF;
+    EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE %s', rel, cond) INTO cur USING k;
+    IF c IS NOT NULL AND coalesce((c ->> 'delta_only')::boolean, false) THEN
+        -- Another site kept its own version but added this change's
+        -- increments: only those travel on.
+        IF op = 'U' AND cur IS NOT NULL THEN
+            PERFORM pgcourier.clock_emit(c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur)));
+            nr := pgcourier.add_deltas(deltas, nr, c -> 'old', cur);
+            SELECT string_agg(format('%I = r.%I', d, d), ', ') INTO sets FROM unnest(deltas) d;
+            EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
+                           rel, sets, rel, cond) USING k, nr;
+        END IF;
+        RETURN 0;
+    END IF;
+    IF c IS NOT NULL THEN
+        SELECT * INTO loc FROM pgcourier.clock WHERE tbl = v_tbl AND key = k FOR UPDATE;
+        conflict := loc.hlc IS NOT NULL
+            AND (loc.hlc, loc.site) IS DISTINCT FROM ((c ->> 'base_hlc')::bigint, c ->> 'base_site');
+        resolution := coalesce((c ->> 'resolution')::boolean, false);
+        IF NOT conflict THEN
+            remote_wins := true;
+        ELSIF pol = 'manual' AND NOT resolution THEN
+            remote_wins := false;
+            parked := true;
+        ELSIF pol = 'site-priority' AND NOT resolution THEN
+            remote_wins := ((c ->> 'priority')::integer, (c ->> 'hlc')::bigint, c ->> 'site')
+                           > (loc.priority, loc.hlc, loc.site);
+        ELSE
+            remote_wins := ((c ->> 'hlc')::bigint, (c ->> 'priority')::integer, c ->> 'site')
+                           > (loc.hlc, loc.priority, loc.site);
+        END IF;
+        IF resolution THEN
+            UPDATE pgcourier.conflicts
+               SET state = 'resolved-elsewhere', resolved_at = now(), resolved_by = c ->> 'site'
+             WHERE tbl = v_tbl AND key = k AND state = 'open';
+        END IF;
+    END IF;
+    -- The writer's increments of the delta columns, on top of this site's
+    -- values.
+    IF op = 'U' AND cur IS NOT NULL AND c ? 'old' THEN
+        nr := pgcourier.add_deltas(deltas, nr, c -> 'old', cur);
+    END IF;
+    IF conflict THEN
+        INSERT INTO pgcourier.conflicts (tbl, key, kind, policy, winner, state,
+                                         local_row, local_hlc, local_site,
+                                         remote_row, remote_hlc, remote_site)
+        VALUES (v_tbl, k,
+                CASE WHEN op = 'I' AND cur IS NOT NULL THEN 'insert/insert'
+                     WHEN op = 'I' THEN 'insert/delete'
+                     WHEN op = 'D' AND cur IS NULL THEN 'delete/delete'
+                     WHEN op = 'D' THEN 'delete/update'
+                     WHEN cur IS NULL THEN 'update/delete'
+                     ELSE 'update/update' END,
+                pol,
+                CASE WHEN remote_wins THEN 'remote' ELSE 'local' END,
+                CASE WHEN parked THEN 'open' ELSE 'resolved' END,
+                cur, loc.hlc, loc.site,
+                CASE WHEN op = 'D' THEN NULL ELSE typed END,
+                (c ->> 'hlc')::bigint, c ->> 'site');
+    END IF;
+    IF NOT remote_wins THEN
+        -- This site's version stays (for now, if parked), but the remote's
+        -- increments count, and travel on as increments only.
+        IF op = 'U' AND cur IS NOT NULL AND c ? 'old' AND cardinality(deltas) > 0 THEN
+            PERFORM pgcourier.clock_emit(jsonb_build_object(
+                'tbl', v_tbl, 'key', k, 'delta_only', true,
+                'old', pgcourier.delta_values(deltas, cur)));
+            SELECT string_agg(format('%I = r.%I', d, d), ', ') INTO sets FROM unnest(deltas) d;
+            EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
+                           rel, sets, rel, cond) USING k, nr;
+        END IF;
+        RETURN CASE WHEN parked THEN 3 ELSE 2 END;
+    END IF;
+    IF c IS NOT NULL THEN
+        INSERT INTO pgcourier.clock VALUES (v_tbl, k, (c ->> 'hlc')::bigint, c ->> 'site',
+                                            (c ->> 'priority')::integer, op = 'D')
+            ON CONFLICT (tbl, key) DO UPDATE
+            SET hlc = EXCLUDED.hlc, site = EXCLUDED.site, priority = EXCLUDED.priority,
+                deleted = EXCLUDED.deleted;
+        -- Forwarded with the change (headquarters to the other branches),
+        -- increments measured from this site's values.
+        IF c ? 'old' THEN
+            c := c - 'old';
+            IF op = 'U' AND cur IS NOT NULL THEN
+                c := c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur));
+            END IF;
+        END IF;
+        PERFORM pgcourier.clock_emit(c);
+    END IF;
+    IF op = 'D' THEN
+        EXECUTE format('DELETE FROM %s t WHERE %s', rel, cond) USING k;
+        RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
+    END IF;
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('r.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%I = r.%I', a.attname, a.attname), ', ' ORDER BY a.attnum)
+             FILTER (WHERE NOT a.attnum = ANY (i.indkey))
+      INTO cols, vals, sets
+      FROM pg_attribute a
+      JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attgenerated = '' AND nr ? a.attname::text;
+    IF cur IS NULL THEN
+        EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $2) r',
+                       rel, cols, vals, rel) USING k, nr;
+    ELSIF sets IS NOT NULL THEN
+        EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
+                       rel, sets, rel, cond) USING k, nr;
+    END IF;
+    RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
+END
+$pgcourier$;
+REVOKE ALL ON FUNCTION pgcourier.apply_change(regclass, text, text, jsonb, jsonb) FROM PUBLIC;
+
+-- An operator's decision on a parked conflict (`pgcourier-queue conflicts
+-- resolve`): 'remote' writes the version that arrived, 'local' writes
+-- this site's again; either way as a local write, stamped with a new
+-- clock and marked as a resolution, so every site ends with it.
+CREATE OR REPLACE FUNCTION pgcourier.resolve_conflict(conflict_id bigint, keep text, by_whom text)
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    f pgcourier.conflicts;
+    cur jsonb;
+    rel regclass;
+    cond text;
+    chosen jsonb;
+    cols text;
+    vals text;
+    sets text;
+BEGIN
+    IF keep NOT IN ('local', 'remote') THEN
+        RAISE EXCEPTION 'pgcourier: keep % is neither local nor remote', keep;
+    END IF;
+    SELECT * INTO f FROM pgcourier.conflicts WHERE id = conflict_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgcourier: no conflict %', conflict_id
+            USING HINT = 'pgcourier-queue conflicts list shows the open ones';
+    END IF;
+    IF f.state <> 'open' THEN
+        RAISE EXCEPTION 'pgcourier: conflict % is %, not open', conflict_id, f.state;
+    END IF;
+    rel := f.tbl::regclass;
+    cond := pgcourier.key_cond(rel);
+    EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE %s', rel, cond) INTO cur USING f.key;
+    chosen := cur;
+    IF keep = 'remote' THEN
+        -- The remote version, but the delta columns as they stand here:
+        -- every increment, the remote's included, is in them already.
+        IF f.remote_row IS NULL OR chosen IS NULL THEN
+            chosen := f.remote_row;
+        ELSE
+            chosen := f.remote_row || pgcourier.delta_values(
+                (SELECT w.delta FROM pgcourier.two_way w WHERE w.tbl = rel), chosen);
+        END IF;
+    END IF;
+    PERFORM set_config('pgcourier.resolving', 'on', true);
+    SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('r.%I', a.attname), ', ' ORDER BY a.attnum),
+           string_agg(format('%I = r.%I', a.attname, a.attname), ', ' ORDER BY a.attnum)
+      INTO cols, vals, sets
+      FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '';
+    -- One write of the row (stamped once), whatever it was here.
+    IF chosen IS NULL AND cur IS NOT NULL THEN
+        EXECUTE format('DELETE FROM %s t WHERE %s', rel, cond) USING f.key;
+    ELSIF chosen IS NOT NULL AND cur IS NULL THEN
+        EXECUTE format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r',
+                       rel, cols, vals, rel) USING chosen;
+    ELSIF chosen IS NOT NULL THEN
+        EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
+                       rel, sets, rel, cond) USING f.key, chosen;
+    END IF;
+    PERFORM set_config('pgcourier.resolving', '', true);
+    UPDATE pgcourier.conflicts
+       SET state = 'resolved', winner = keep, resolved_at = now(), resolved_by = by_whom
+     WHERE id = conflict_id;
+    RETURN format('conflict %s on %s %s: kept the %s version', conflict_id, f.tbl, f.key, keep);
+END
+$pgcourier$;
+REVOKE ALL ON FUNCTION pgcourier.resolve_conflict(bigint, text, text) FROM PUBLIC;
