@@ -183,7 +183,12 @@ async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Res
 /// The way back from branch `i` to headquarters: a sender at the branch
 /// with the branch's certificate, and a receiver at headquarters with
 /// headquarters' (each site has one identity for both directions).
-fn way_back(setup: &Setup, i: usize, admin: [u16; 2]) -> anyhow::Result<(Daemon, Daemon)> {
+fn way_back(
+    setup: &Setup,
+    i: usize,
+    admin: [u16; 2],
+    extra: &str,
+) -> anyhow::Result<(Daemon, Daemon)> {
     let dir = setup.dir.path();
     let branch_config = std::fs::read_to_string(&setup.branches[i].config)?;
     let hq_fp = branch_config
@@ -210,7 +215,7 @@ fn way_back(setup: &Setup, i: usize, admin: [u16; 2]) -> anyhow::Result<(Daemon,
         &sender_config,
         format!(
             "source = \"{}\"\nspool-dir = \"back-spool-{i}\"\ncert = \"branch{i}.crt\"\nkey = \"branch{i}.key\"\n\
-             initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nadmin = \"127.0.0.1:{}\"\n\n\
+             initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nadmin = \"127.0.0.1:{}\"\n{extra}\n\n\
              [[receiver]]\nname = \"hq\"\nfingerprint = \"{hq_fp}\"\naddress = \"127.0.0.1:{port}\"\n",
             setup.branches[i].pg.conninfo(DB),
             admin[0]
@@ -231,31 +236,50 @@ fn way_back(setup: &Setup, i: usize, admin: [u16; 2]) -> anyhow::Result<(Daemon,
     Ok((sender, receiver))
 }
 
-/// Headquarters and two branches, both ways: the fixture's sender and
-/// receivers, plus a way back per branch. Admin ports: hq sender, branch
-/// receivers 0 and 1, then per way back its sender and its receiver at
+/// Headquarters and `n` branches, both ways: the fixture's sender and
+/// receivers, plus a way back per branch. Admin ports: hq sender, the
+/// branch receivers, then per way back its sender and its receiver at
 /// headquarters.
-struct ThreeSites {
+struct Sites {
     setup: Setup,
     ports: Vec<u16>,
-    back: [(Daemon, Daemon); 2],
+    back: Vec<(Daemon, Daemon)>,
 }
 
-impl ThreeSites {
-    async fn start(name: &str) -> anyhow::Result<ThreeSites> {
-        let ports: Vec<u16> = (0..7).map(|_| free_tcp_port()).collect();
+impl Sites {
+    /// Headquarters and two branches, `item (id, v)` one-way tables
+    /// written everywhere (no two keys alike).
+    async fn start(name: &str) -> anyhow::Result<Sites> {
+        Sites::start_with(
+            name,
+            2,
+            "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
+            |_| String::new(),
+        )
+        .await
+    }
+
+    /// `extra(site)`: lines for the sender of site `site` ("hq",
+    /// "branch0", ...).
+    async fn start_with(
+        name: &str,
+        n: usize,
+        schema: &str,
+        extra: impl Fn(&str) -> String,
+    ) -> anyhow::Result<Sites> {
+        let ports: Vec<u16> = (0..1 + 3 * n).map(|_| free_tcp_port()).collect();
         let mut setup = Setup::start(
             name,
             Options {
-                branches: 2,
-                schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
-                sender_extra: &format!("admin = \"127.0.0.1:{}\"", ports[0]),
+                branches: n,
+                schema,
+                sender_extra: &format!("admin = \"127.0.0.1:{}\"\n{}", ports[0], extra("hq")),
                 ..Options::default()
             },
         )
         .await?;
         // The fixture's receivers have no admin listener: give them one.
-        for i in 0..2 {
+        for i in 0..n {
             setup.branches[i].receiver.terminate()?;
             let cfg = std::fs::read_to_string(&setup.branches[i].config)?;
             std::fs::write(
@@ -264,12 +288,19 @@ impl ThreeSites {
             )?;
             setup.restart_receiver(i)?;
         }
-        let back = [
-            way_back(&setup, 0, [ports[3], ports[4]])?,
-            way_back(&setup, 1, [ports[5], ports[6]])?,
-        ];
-        let sites = ThreeSites { setup, ports, back };
-        for port in [sites.ports[3], sites.ports[5]] {
+        let mut back = Vec::new();
+        for i in 0..n {
+            let at = 1 + n + 2 * i;
+            back.push(way_back(
+                &setup,
+                i,
+                [ports[at], ports[at + 1]],
+                &extra(&format!("branch{i}")),
+            )?);
+        }
+        let sites = Sites { setup, ports, back };
+        for i in 0..n {
+            let port = sites.ports[1 + n + 2 * i];
             wait_until("the branches' senders to capture", WAIT, || async {
                 Ok(admin_status(port)
                     .await
@@ -293,19 +324,24 @@ impl ThreeSites {
         s
     }
 
-    /// Every site holds `n` rows, the same ones; then nothing moves for 3 s
-    /// (no loop) and no daemon reports an error. Returns the statuses.
-    async fn converged(&self, n: i64) -> anyhow::Result<Vec<serde_json::Value>> {
+    /// Every site holds `n` rows (when given), the same ones; then nothing
+    /// moves for 3 s (no loop) and no daemon reports an error. Returns the
+    /// statuses.
+    async fn converged(&self, n: Option<i64>) -> anyhow::Result<Vec<serde_json::Value>> {
         let hq = self.setup.source().await?;
         let count = "SELECT count(*) FROM item";
-        crate::fixture::wait_count(&hq, count, n, WAIT)
-            .await
-            .with_context(|| self.logs())?;
-        for i in 0..2 {
-            let b = self.setup.target(i).await?;
-            crate::fixture::wait_count(&b, count, n, WAIT)
+        if let Some(n) = n {
+            crate::fixture::wait_count(&hq, count, n, WAIT)
                 .await
                 .with_context(|| self.logs())?;
+        }
+        for i in 0..self.back.len() {
+            let b = self.setup.target(i).await?;
+            if let Some(n) = n {
+                crate::fixture::wait_count(&b, count, n, WAIT)
+                    .await
+                    .with_context(|| self.logs())?;
+            }
             pgcourier_tests::wait_tables_equal(&hq, &b, &["public.item"], WAIT)
                 .await
                 .with_context(|| self.logs())?;
@@ -359,8 +395,10 @@ impl ThreeSites {
                 self.logs()
             );
         }
-        let total: i64 = hq.query_one(count, &[]).await?.get(0);
-        assert_eq!(total, n, "headquarters has {total} rows, not {n}");
+        if let Some(n) = n {
+            let total: i64 = hq.query_one(count, &[]).await?.get(0);
+            assert_eq!(total, n, "headquarters has {total} rows, not {n}");
+        }
         Ok(after)
     }
 }
@@ -368,7 +406,7 @@ impl ThreeSites {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branchs_change_reaches_the_other_branch_through_headquarters_once() -> anyhow::Result<()>
 {
-    let sites = ThreeSites::start("forwarding").await?;
+    let sites = Sites::start("forwarding").await?;
     let hq = sites.setup.source().await?;
     let b0 = sites.setup.target(0).await?;
     let b1 = sites.setup.target(1).await?;
@@ -394,7 +432,7 @@ async fn a_branchs_change_reaches_the_other_branch_through_headquarters_once() -
     )
     .await
     .with_context(|| sites.logs())?;
-    let after = sites.converged(60).await?;
+    let after = sites.converged(Some(60)).await?;
 
     // Headquarters forwarded what each branch wrote to the other branch
     // only; the branches sent nothing of headquarters' back.
@@ -461,7 +499,7 @@ async fn write_through(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_comes_through_kill_9_of_daemons_and_of_headquarters_cluster(
 ) -> anyhow::Result<()> {
-    let sites = ThreeSites::start("forwarding_kills").await?;
+    let sites = Sites::start("forwarding_kills").await?;
     let n = 150;
     let writers = async {
         tokio::try_join!(
@@ -497,7 +535,7 @@ async fn forwarding_comes_through_kill_9_of_daemons_and_of_headquarters_cluster(
     let (w, f) = tokio::join!(writers, faults);
     f.with_context(|| sites.logs())?;
     w.with_context(|| sites.logs())?;
-    let after = sites.converged(3 * i64::from(n)).await?;
+    let after = sites.converged(Some(3 * i64::from(n))).await?;
     eprintln!(
         "after kills: headquarters forwarded {}, the branches left out {} and {}",
         after[0]["forwarded_transactions"],
@@ -892,6 +930,250 @@ async fn parked_conflicts_wait_for_an_operator_and_stock_counts_add_up() -> anyh
     assert!(
         st["conflicts"]["parked"].as_u64() >= Some(2),
         "headquarters' receiver parked two: {st}"
+    );
+    Ok(())
+}
+
+/// What one site wrote while cut off: its last version of each key it
+/// wrote (`None`: it deleted the row) and the stock it took per stock row.
+#[derive(Default)]
+struct Written {
+    last: std::collections::BTreeMap<i32, Option<String>>,
+    taken: std::collections::BTreeMap<i32, i64>,
+    transactions: u32,
+}
+
+/// Stock rows: only their `qty` is taken (sometimes with `v` changed):
+/// never deleted, so their final `qty` is exact.
+const STOCK_ROWS: std::ops::RangeInclusive<i32> = 1..=8;
+/// Other keys: updated, deleted, inserted again, by every site.
+const OTHER_KEYS: std::ops::RangeInclusive<i32> = 9..=40;
+const STOCK: i64 = 1000;
+
+/// `ops` single-statement transactions at one site, drawn from `seed`.
+async fn random_writes(
+    c: &tokio_postgres::Client,
+    site: &str,
+    seed: u64,
+    ops: u32,
+) -> anyhow::Result<Written> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut w = Written::default();
+    for n in 0..ops {
+        let v = format!("{site}-{n}");
+        if rng.gen_bool(0.35) {
+            let id = rng.gen_range(STOCK_ROWS);
+            let take: i32 = rng.gen_range(1..=5);
+            if rng.gen_bool(0.3) {
+                c.execute(
+                    "UPDATE item SET v = $2, qty = qty - $3 WHERE id = $1",
+                    &[&id, &v, &take],
+                )
+                .await?;
+                w.last.insert(id, Some(v));
+            } else {
+                c.execute(
+                    "UPDATE item SET qty = qty - $2 WHERE id = $1",
+                    &[&id, &take],
+                )
+                .await?;
+            }
+            *w.taken.entry(id).or_default() += i64::from(take);
+        } else {
+            let id = rng.gen_range(OTHER_KEYS);
+            let here = c
+                .query_opt("SELECT 1 FROM item WHERE id = $1", &[&id])
+                .await?
+                .is_some();
+            if here && rng.gen_bool(0.3) {
+                c.execute("DELETE FROM item WHERE id = $1", &[&id]).await?;
+                w.last.insert(id, None);
+            } else if here {
+                c.execute("UPDATE item SET v = $2 WHERE id = $1", &[&id, &v])
+                    .await?;
+                w.last.insert(id, Some(v));
+            } else {
+                c.execute("INSERT INTO item (id, v) VALUES ($1, $2)", &[&id, &v])
+                    .await?;
+                w.last.insert(id, Some(v));
+            }
+        }
+        w.transactions += 1;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..15))).await;
+    }
+    Ok(w)
+}
+
+/// Headquarters and three branches, every branch cut off, all four
+/// writing the same rows and keys meanwhile (a seeded random workload:
+/// colliding inserts, updates, deletes, stock taken from a `delta`
+/// column), links restored in a random order with kill -9 of a daemon and
+/// an immediate stop of a cluster on the way: all four end identical,
+/// each stock row holds what is left after every site's takings, each
+/// site's last version of a key is either what every site holds or in a
+/// conflict log, nothing is parked, and the links go quiet.
+///
+/// `PGCOURIER_CONVERGE_SEED=S` replays a run (the seed is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_links_return(
+) -> anyhow::Result<()> {
+    use rand::{Rng, SeedableRng};
+    let seed = match std::env::var("PGCOURIER_CONVERGE_SEED") {
+        Ok(s) => s.parse().context("PGCOURIER_CONVERGE_SEED is a number")?,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+    };
+    eprintln!("converge: seed {seed} (replay with PGCOURIER_CONVERGE_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = 3;
+    let sites = Sites::start_with(
+        "converge",
+        n,
+        "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0)",
+        |site| {
+            format!(
+                "site = \"{site}\"\n[[table]]\nname = \"public.item\"\ndirection = \"both\"\n\
+                 delta = [\"qty\"]\n"
+            )
+        },
+    )
+    .await?;
+    let hq = sites.setup.source().await?;
+    for id in STOCK_ROWS.chain(OTHER_KEYS).step_by(1) {
+        if STOCK_ROWS.contains(&id) || id % 2 == 0 {
+            hq.execute(
+                "INSERT INTO item VALUES ($1, 'first', $2)",
+                &[&id, &(STOCK as i32)],
+            )
+            .await?;
+        }
+    }
+    let first: i64 = hq.query_one("SELECT count(*) FROM item", &[]).await?.get(0);
+    sites.converged(Some(first)).await?;
+
+    // Every branch is cut off: its receiver and headquarters' receiver of
+    // its way back stop; the senders spool on.
+    for i in 0..n {
+        sites.setup.branches[i].receiver.terminate()?;
+        sites.back[i].1.terminate()?;
+    }
+    let ops = 60;
+    let mut clients = vec![hq];
+    for i in 0..n {
+        clients.push(sites.setup.target(i).await?);
+    }
+    let names: Vec<String> = std::iter::once("hq".to_owned())
+        .chain((0..n).map(|i| format!("branch{i}")))
+        .collect();
+    let writes = futures_util::future::try_join_all(
+        clients
+            .iter()
+            .zip(&names)
+            .enumerate()
+            .map(|(k, (c, name))| random_writes(c, name, seed.wrapping_add(1 + k as u64), ops)),
+    )
+    .await?;
+
+    // The links come back one by one in a random order; on the way a
+    // daemon is killed -9 and a cluster stopped at once, both drawn.
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.gen_range(0..=i));
+    }
+    let killed_cluster = rng.gen_range(0..=n);
+    let killed_daemon = rng.gen_range(0..n);
+    eprintln!(
+        "converge: links back in order {order:?}; kill -9 of branch{killed_daemon}'s way-back sender, \
+         immediate stop of {}",
+        if killed_cluster == 0 { "headquarters' cluster".to_owned() } else { format!("branch{}'s cluster", killed_cluster - 1) }
+    );
+    let started = std::time::Instant::now();
+    for (step, &i) in order.iter().enumerate() {
+        sites.setup.branches[i].receiver.respawn()?;
+        sites.back[i].1.respawn()?;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+        if step == 0 {
+            sites.back[killed_daemon].0.kill9()?;
+            let pg = if killed_cluster == 0 {
+                &sites.setup.hq
+            } else {
+                &sites.setup.branches[killed_cluster - 1].pg
+            };
+            pg.kill()?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            pg.start_again()?;
+            sites.back[killed_daemon].0.respawn()?;
+        }
+    }
+    let statuses = sites.converged(None).await?;
+    let took = started.elapsed();
+
+    // Reconnect: a stopped cluster closed the writers' connections.
+    let hq = sites.setup.source().await?;
+    for id in STOCK_ROWS {
+        let taken: i64 = writes
+            .iter()
+            .map(|w| w.taken.get(&id).copied().unwrap_or(0))
+            .sum();
+        let qty: i32 = hq
+            .query_one("SELECT qty FROM item WHERE id = $1", &[&id])
+            .await?
+            .get(0);
+        assert_eq!(
+            i64::from(qty),
+            STOCK - taken,
+            "stock row {id}: every site's takings count once"
+        );
+    }
+    let mut logged = std::collections::BTreeSet::new();
+    let mut conflicts = Vec::new();
+    for i in 0..=n {
+        let c = if i == 0 {
+            sites.setup.source().await?
+        } else {
+            sites.setup.target(i - 1).await?
+        };
+        let rows = c
+            .query(
+                "SELECT local_row ->> 'v', remote_row ->> 'v', state FROM pgcourier.conflicts",
+                &[],
+            )
+            .await?;
+        for r in &rows {
+            logged.extend(r.get::<_, Option<String>>(0));
+            logged.extend(r.get::<_, Option<String>>(1));
+            assert_ne!(
+                r.get::<_, String>(2),
+                "open",
+                "nothing is parked under last-writer-wins"
+            );
+        }
+        conflicts.push(rows.len());
+    }
+    for (w, name) in writes.iter().zip(&names) {
+        for (id, last) in &w.last {
+            let Some(v) = last else { continue };
+            let now: Option<String> = hq
+                .query_opt("SELECT v FROM item WHERE id = $1", &[id])
+                .await?
+                .map(|r| r.get(0));
+            assert!(
+                now.as_deref() == Some(v.as_str()) || logged.contains(v),
+                "{name}'s last version of row {id} ({v}) is neither kept nor in a conflict log"
+            );
+        }
+    }
+    let sent: u64 = statuses
+        .iter()
+        .filter_map(|s| s["shipping"]["udp_tx_bytes"].as_u64())
+        .sum();
+    eprintln!(
+        "converge: {} transactions per site; converged {:.1} s after the first link returned; \
+         conflicts recorded per site (hq, branches) {conflicts:?}; {sent} UDP bytes sent by the senders since their last start",
+        ops,
+        took.as_secs_f64()
     );
     Ok(())
 }

@@ -22,8 +22,13 @@ CREATE TABLE IF NOT EXISTS pgcourier.clock (
     site text NOT NULL,
     priority integer NOT NULL,
     deleted boolean NOT NULL,
+    -- The clock of the insert that made this incarnation of the row (null:
+    -- not known, a row copied before it was stamped). Delta columns add up
+    -- within one incarnation only.
+    incarnation bigint,
     PRIMARY KEY (tbl, key)
 );
+ALTER TABLE pgcourier.clock ADD COLUMN IF NOT EXISTS incarnation bigint;
 CREATE TABLE IF NOT EXISTS pgcourier.conflicts (
     id bigserial PRIMARY KEY,
     at timestamptz NOT NULL DEFAULT now(),
@@ -99,12 +104,14 @@ DECLARE
     deltas text[];
     old_values jsonb := '{}';
     col text;
+    inc bigint;
 BEGIN
     k := pgcourier.row_key(TG_RELID, r);
     IF TG_OP = 'UPDATE' AND k IS DISTINCT FROM pgcourier.row_key(TG_RELID, to_jsonb(OLD)) THEN
         RAISE EXCEPTION 'pgcourier: the primary key of two-way table % cannot change', v_tbl
             USING HINT = 'delete the row and insert it with its new key';
     END IF;
+    SELECT * INTO loc FROM pgcourier.clock c WHERE c.tbl = v_tbl AND c.key = k FOR UPDATE;
     IF TG_OP = 'UPDATE' THEN
         SELECT w.delta INTO deltas FROM pgcourier.two_way w WHERE w.tbl = TG_RELID;
         FOREACH col IN ARRAY coalesce(deltas, '{}') LOOP
@@ -116,21 +123,23 @@ BEGIN
             -- Only delta columns changed (a stock count): an increment,
             -- which never conflicts; the row's version stays.
             PERFORM pgcourier.clock_emit(jsonb_build_object(
-                'tbl', v_tbl, 'key', k, 'delta_only', true, 'old', old_values));
+                'tbl', v_tbl, 'key', k, 'delta_only', true, 'old', old_values,
+                'inc', loc.incarnation));
             RETURN NEW;
         END IF;
     END IF;
     SELECT * INTO me FROM pgcourier.site;
-    SELECT * INTO loc FROM pgcourier.clock c WHERE c.tbl = v_tbl AND c.key = k FOR UPDATE;
     h := greatest((extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16,
                   coalesce(loc.hlc, 0) + 1);
-    INSERT INTO pgcourier.clock AS c VALUES (v_tbl, k, h, me.name, me.priority, TG_OP = 'DELETE')
+    inc := CASE WHEN TG_OP = 'INSERT' THEN h ELSE loc.incarnation END;
+    INSERT INTO pgcourier.clock AS c (tbl, key, hlc, site, priority, deleted, incarnation)
+        VALUES (v_tbl, k, h, me.name, me.priority, TG_OP = 'DELETE', inc)
         ON CONFLICT (tbl, key) DO UPDATE
         SET hlc = EXCLUDED.hlc, site = EXCLUDED.site, priority = EXCLUDED.priority,
-            deleted = EXCLUDED.deleted;
+            deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation;
     body := jsonb_build_object(
         'tbl', v_tbl, 'key', k, 'hlc', h, 'site', me.name, 'priority', me.priority,
-        'base_hlc', loc.hlc, 'base_site', loc.site);
+        'base_hlc', loc.hlc, 'base_site', loc.site, 'inc', inc);
     IF old_values <> '{}' THEN
         body := body || jsonb_build_object('old', old_values);
     END IF;
@@ -190,6 +199,7 @@ DECLARE
     conflict boolean := false;
     remote_wins boolean := true;
     parked boolean := false;
+    same_inc boolean := true;
     resolution boolean;
     cols text;
     vals text;
@@ -205,20 +215,33 @@ BEGIN
         c := NULL;
     END IF;
     EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE %s', rel, cond) INTO cur USING k;
+    IF c IS NOT NULL THEN
+        SELECT * INTO loc FROM pgcourier.clock WHERE tbl = v_tbl AND key = k FOR UPDATE;
+        -- Increments add up within one incarnation of the row: one that
+        -- another insert replaced here does not (the insert's values are
+        -- absolute).
+        same_inc := loc.incarnation IS NULL OR c ->> 'inc' IS NULL
+            OR loc.incarnation = (c ->> 'inc')::bigint;
+    END IF;
     IF c IS NOT NULL AND coalesce((c ->> 'delta_only')::boolean, false) THEN
-        -- Another site kept its own version but added this change's
-        -- increments: only those travel on.
-        IF op = 'U' AND cur IS NOT NULL THEN
+        -- An increment only (a stock count): it travels on as one.
+        IF op = 'U' AND cur IS NOT NULL AND same_inc THEN
             PERFORM pgcourier.clock_emit(c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur)));
             nr := pgcourier.add_deltas(deltas, nr, c -> 'old', cur);
             SELECT string_agg(format('%I = r.%I', d, d), ', ') INTO sets FROM unnest(deltas) d;
             EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
                            rel, sets, rel, cond) USING k, nr;
+            RETURN 0;
         END IF;
-        RETURN 0;
+        -- The row it counted against is gone here, or was replaced by
+        -- another insert: recorded, not applied.
+        INSERT INTO pgcourier.conflicts (tbl, key, kind, policy, winner,
+                                         local_row, local_hlc, local_site, remote_row)
+        VALUES (v_tbl, k, CASE WHEN cur IS NULL THEN 'increment/delete' ELSE 'increment/insert' END,
+                pol, 'local', cur, loc.hlc, loc.site, typed);
+        RETURN 2;
     END IF;
     IF c IS NOT NULL THEN
-        SELECT * INTO loc FROM pgcourier.clock WHERE tbl = v_tbl AND key = k FOR UPDATE;
         conflict := loc.hlc IS NOT NULL
             AND (loc.hlc, loc.site) IS DISTINCT FROM ((c ->> 'base_hlc')::bigint, c ->> 'base_site');
         resolution := coalesce((c ->> 'resolution')::boolean, false);
@@ -242,7 +265,7 @@ BEGIN
     END IF;
     -- The writer's increments of the delta columns, on top of this site's
     -- values.
-    IF op = 'U' AND cur IS NOT NULL AND c ? 'old' THEN
+    IF op = 'U' AND cur IS NOT NULL AND c ? 'old' AND same_inc THEN
         nr := pgcourier.add_deltas(deltas, nr, c -> 'old', cur);
     END IF;
     IF conflict THEN
@@ -266,10 +289,10 @@ BEGIN
     IF NOT remote_wins THEN
         -- This site's version stays (for now, if parked), but the remote's
         -- increments count, and travel on as increments only.
-        IF op = 'U' AND cur IS NOT NULL AND c ? 'old' AND cardinality(deltas) > 0 THEN
+        IF op = 'U' AND cur IS NOT NULL AND c ? 'old' AND cardinality(deltas) > 0 AND same_inc THEN
             PERFORM pgcourier.clock_emit(jsonb_build_object(
                 'tbl', v_tbl, 'key', k, 'delta_only', true,
-                'old', pgcourier.delta_values(deltas, cur)));
+                'old', pgcourier.delta_values(deltas, cur), 'inc', loc.incarnation));
             SELECT string_agg(format('%I = r.%I', d, d), ', ') INTO sets FROM unnest(deltas) d;
             EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
                            rel, sets, rel, cond) USING k, nr;
@@ -277,18 +300,17 @@ BEGIN
         RETURN CASE WHEN parked THEN 3 ELSE 2 END;
     END IF;
     IF c IS NOT NULL THEN
-        INSERT INTO pgcourier.clock VALUES (v_tbl, k, (c ->> 'hlc')::bigint, c ->> 'site',
-                                            (c ->> 'priority')::integer, op = 'D')
+        INSERT INTO pgcourier.clock (tbl, key, hlc, site, priority, deleted, incarnation)
+            VALUES (v_tbl, k, (c ->> 'hlc')::bigint, c ->> 'site', (c ->> 'priority')::integer,
+                    op = 'D', (c ->> 'inc')::bigint)
             ON CONFLICT (tbl, key) DO UPDATE
             SET hlc = EXCLUDED.hlc, site = EXCLUDED.site, priority = EXCLUDED.priority,
-                deleted = EXCLUDED.deleted;
+                deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation;
         -- Forwarded with the change (headquarters to the other branches),
-        -- increments measured from this site's values.
-        IF c ? 'old' THEN
-            c := c - 'old';
-            IF op = 'U' AND cur IS NOT NULL THEN
-                c := c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur));
-            END IF;
+        -- increments measured from this site's values when they were
+        -- added here (else as the writer measured them).
+        IF c ? 'old' AND op = 'U' AND cur IS NOT NULL AND same_inc THEN
+            c := c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur));
         END IF;
         PERFORM pgcourier.clock_emit(c);
     END IF;
