@@ -83,6 +83,10 @@ pub struct SenderStatus {
     /// receivers, forwarded to every other receiver.
     #[serde(default)]
     pub forwarded_transactions: u64,
+    /// Local writes at this site to tables it does not ship (`ship-tables
+    /// = "two-way"`: one-way tables at a branch), by table, since start.
+    #[serde(default)]
+    pub one_way_writes: std::collections::BTreeMap<String, u64>,
 }
 
 fn commit_time(spool: &Spool, seq: u64) -> Option<i64> {
@@ -188,6 +192,7 @@ pub fn status(
         last_seed: capture.last_seed.clone(),
         looped_transactions: capture.looped_transactions,
         forwarded_transactions: capture.forwarded_transactions,
+        one_way_writes: capture.one_way_writes.clone(),
     }
 }
 
@@ -239,6 +244,15 @@ pub fn metrics(st: &SenderStatus) -> String {
         "Transactions a receiver's apply wrote at this source that no other receiver takes, left out of capture so they are not sent back to the site they came from.",
         st.looped_transactions as f64,
     );
+    for (table, n) in &st.one_way_writes {
+        m.sample(
+            "pgcourier_sender_one_way_writes_total",
+            "Local writes at this site to a table it does not ship (ship-tables = \"two-way\"): one-way tables written at a branch, which differ from headquarters from then on.",
+            Kind::Counter,
+            &[("table", table.as_str())],
+            *n as f64,
+        );
+    }
     m.counter(
         "pgcourier_sender_forwarded_transactions_total",
         "Transactions a receiver's apply wrote at this source from the site of one of this sender's receivers, forwarded to the other receivers.",
@@ -557,6 +571,7 @@ mod tests {
             last_seed: None,
             looped_transactions: 0,
             forwarded_transactions: 0,
+            one_way_writes: [("public.prices".to_owned(), 2)].into(),
         };
         let written = serde_json::to_value(&st).unwrap();
         assert_eq!(written["role"], "sender");

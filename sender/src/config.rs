@@ -65,6 +65,8 @@ struct RawSenderConfig {
     site: Option<String>,
     #[serde(default)]
     site_priority: i32,
+    #[serde(default = "default_ship_tables")]
+    ship_tables: String,
     #[serde(default, rename = "table")]
     table_settings: Vec<RawTable>,
 }
@@ -79,6 +81,10 @@ struct RawTable {
     conflict: Option<String>,
     #[serde(default)]
     delta: Vec<String>,
+}
+
+fn default_ship_tables() -> String {
+    "all".into()
 }
 
 fn default_direction() -> String {
@@ -204,6 +210,10 @@ pub struct SenderConfig {
     pub site_priority: i32,
     /// Tables written at several sites (`[[table]] direction = "both"`).
     pub two_way: Vec<TwoWayTable>,
+    /// `ship-tables = "two-way"`: ship the two-way tables only (a branch);
+    /// a local write to any other published table is left out and
+    /// reported. `false` (`"all"`, the default): every published table.
+    pub ship_two_way_only: bool,
     pub spool_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -248,6 +258,8 @@ pub struct SenderConfig {
 pub struct TwoWayTable {
     /// Quoted and qualified.
     pub table: String,
+    /// `schema.name`, unquoted (as pgoutput names it).
+    pub name: String,
     /// `conflict`: one of `conflict::POLICIES`.
     pub policy: String,
     /// `delta`: numeric columns whose concurrent changes add up.
@@ -426,6 +438,10 @@ impl SenderConfig {
                     }
                     two_way.push(TwoWayTable {
                         table: quote_table(&t.name),
+                        name: match t.name.split_once('.') {
+                            Some(_) => t.name.clone(),
+                            None => format!("public.{}", t.name),
+                        },
                         policy,
                         delta: t.delta.clone(),
                     });
@@ -438,6 +454,22 @@ impl SenderConfig {
                 }
             }
         }
+        let ship_two_way_only = match raw.ship_tables.as_str() {
+            "all" => false,
+            "two-way" if two_way.is_empty() => {
+                return Err(invalid(
+                    "ship-tables",
+                    "\"two-way\" ships the tables with direction = \"both\", and there is none: add [[table]] entries, or ship all",
+                ))
+            }
+            "two-way" => true,
+            other => {
+                return Err(invalid(
+                    "ship-tables",
+                    format!("{other:?}: \"all\" (headquarters, the default) or \"two-way\" (a branch: only the tables written at every site go up)"),
+                ))
+            }
+        };
         if !two_way.is_empty() {
             if raw.site.as_deref().is_none_or(|s| s.trim().is_empty()) {
                 return Err(invalid(
@@ -453,6 +485,7 @@ impl SenderConfig {
             }
         }
         Ok(SenderConfig {
+            ship_two_way_only,
             site: raw.site,
             site_priority: raw.site_priority,
             two_way,
@@ -515,6 +548,7 @@ mod tests {
             cfg.two_way,
             vec![TwoWayTable {
                 table: "\"shop\".\"orders\"".into(),
+                name: "shop.orders".into(),
                 policy: LAST_WRITER_WINS.into(),
                 delta: Vec::new()
             }]
@@ -546,6 +580,10 @@ mod tests {
             "[[table]]\nname = \"t\"\ndirection = \"up\"\n",
             "table.direction",
         );
+        refused("ship-tables = \"two-way\"\n", "ship-tables");
+        let branch =
+            load_with(&format!("site = \"b\"\nship-tables = \"two-way\"\n{both}")).unwrap();
+        assert!(branch.ship_two_way_only && !cfg.ship_two_way_only);
     }
 
     #[test]

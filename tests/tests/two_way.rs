@@ -30,7 +30,8 @@ async fn both_ways(
     let setup = Setup::start(
         name,
         Options {
-            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0)",
+            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0); \
+                     CREATE TABLE price (id int PRIMARY KEY, p int NOT NULL)",
             sender_extra: &format!("admin = \"127.0.0.1:{}\"\n{}", ports[0], sender_extra[0]),
             receiver_extra: &format!("admin = \"127.0.0.1:{}\"\n{receiver_extra}", ports[1]),
             ..Options::default()
@@ -590,10 +591,14 @@ async fn value(c: &tokio_postgres::Client, id: i32) -> anyhow::Result<Option<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_writes_at_two_sites_converge_to_the_later_version_and_are_recorded(
 ) -> anyhow::Result<()> {
+    // The branch ships its two-way table only: `price` stays one-way.
     let (setup, ports, back_sender, hq_receiver) = both_ways(
         "conflicts",
         "",
-        [&two_way_item("hq"), &two_way_item("branch0")],
+        [
+            &two_way_item("hq"),
+            &format!("ship-tables = \"two-way\"\n{}", two_way_item("branch0")),
+        ],
     )
     .await?;
     let logs = || {
@@ -617,10 +622,30 @@ async fn conflicting_writes_at_two_sites_converge_to_the_later_version_and_are_r
         hq.execute("INSERT INTO item VALUES ($1, 'first')", &[&i])
             .await?;
     }
+    hq.batch_execute("INSERT INTO price VALUES (1, 10)").await?;
     let count = "SELECT count(*) FROM item";
     crate::fixture::wait_count(&branch, count, 20, WAIT)
         .await
         .with_context(logs)?;
+    crate::fixture::wait_count(&branch, "SELECT count(*) FROM price", 1, WAIT)
+        .await
+        .with_context(logs)?;
+    // A local write at the branch to the one-way table: reported, not
+    // shipped.
+    branch
+        .batch_execute("UPDATE price SET p = 99 WHERE id = 1")
+        .await?;
+    wait_until(
+        "the branch's sender to report its one-way write",
+        WAIT,
+        || async {
+            Ok(admin_status(ports[2])
+                .await
+                .is_ok_and(|s| s["one_way_writes"]["public.price"] == 1))
+        },
+    )
+    .await
+    .with_context(logs)?;
 
     // The link goes down: both receivers stop; the senders spool on.
     setup.branches[0].receiver.terminate()?;
@@ -686,6 +711,14 @@ async fn conflicting_writes_at_two_sites_converge_to_the_later_version_and_are_r
     pgcourier_tests::wait_tables_equal(&hq, &branch, &["public.item"], WAIT)
         .await
         .with_context(logs)?;
+    let p: i32 = hq
+        .query_one("SELECT p FROM price WHERE id = 1", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        p, 10,
+        "the branch's write to a one-way table reached headquarters"
+    );
     for (id, want) in [
         (1, Some("newer")),
         (6, Some("newer")),
@@ -722,12 +755,12 @@ async fn conflicting_writes_at_two_sites_converge_to_the_later_version_and_are_r
             let (local, remote): (bool, bool) = (r.get(3), r.get(4));
             // The losing version is kept, unless it is a deletion.
             let lost_row = if winner == "local" { remote } else { local };
-            let lost_deletion = match (kind.as_str(), winner.as_str()) {
-                ("delete/delete", _) => true,
-                ("update/delete" | "insert/delete", "remote") => true,
-                ("delete/update", "local") => true,
-                _ => false,
-            };
+            let lost_deletion = matches!(
+                (kind.as_str(), winner.as_str()),
+                ("delete/delete", _)
+                    | ("update/delete" | "insert/delete", "remote")
+                    | ("delete/update", "local")
+            );
             assert!(
                 lost_row || lost_deletion,
                 "{site}: conflict on row {id} ({kind}, {winner} won) lost the other version"
@@ -853,6 +886,9 @@ async fn parked_conflicts_wait_for_an_operator_and_stock_counts_add_up() -> anyh
     // branch keeps its own row 3.
     let hq_config = setup.dir.path().join("sender.toml");
     let branch_config = &setup.branches[0].config;
+    // What an operator sees (printed for the README's example).
+    let (_, table) = queue(&hq_config, &["conflicts", "list", "--open"])?;
+    eprintln!("$ pgcourier-queue conflicts list --open\n{table}");
     let (code, listed) = queue(&hq_config, &["--json", "conflicts", "list", "--open"])?;
     assert_eq!(code, 0, "{listed}");
     let listed: Vec<serde_json::Value> = serde_json::from_str(&listed)?;
@@ -865,6 +901,7 @@ async fn parked_conflicts_wait_for_an_operator_and_stock_counts_add_up() -> anyh
     let hq_row2 = id_of(&listed, 2)?;
     let (code, shown) = queue(&hq_config, &["conflicts", "show", &hq_row2.to_string()])?;
     assert_eq!(code, 0, "{shown}");
+    eprintln!("$ pgcourier-queue conflicts show {hq_row2}\n{shown}");
     assert!(
         shown.contains("\"branch\"") && shown.contains("\"hq\""),
         "show prints both versions: {shown}"
@@ -880,6 +917,7 @@ async fn parked_conflicts_wait_for_an_operator_and_stock_counts_add_up() -> anyh
         ],
     )?;
     assert_eq!(code, 0, "{out}");
+    eprintln!("$ pgcourier-queue conflicts resolve {hq_row2} --keep remote\n{out}");
     // Resolved already: refused, exit 4.
     let (code, out) = queue(
         &hq_config,

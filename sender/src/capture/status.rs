@@ -22,6 +22,9 @@ pub struct CaptureStatus {
     /// Transactions a receiver's apply wrote here from the site of one of
     /// this sender's receivers, forwarded to the others.
     pub forwarded_transactions: u64,
+    /// Local writes to tables this site does not ship (`ship-tables =
+    /// "two-way"`), by table, since start.
+    pub one_way_writes: std::collections::BTreeMap<String, u64>,
     /// The copy being read, if any.
     pub copy: Option<CopyProgress>,
     /// Tables waiting for a copy.

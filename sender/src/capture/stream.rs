@@ -113,6 +113,11 @@ impl Capture {
         let mut cutter = Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn())
             .before_cut(cut)
             .with_ddl_key(ddl_key)
+            .only_tables(
+                self.cfg
+                    .ship_two_way_only
+                    .then(|| self.cfg.two_way.iter().map(|t| t.name.clone()).collect()),
+            )
             .with_forwarding(
                 self.cfg
                     .receivers
@@ -343,6 +348,13 @@ impl Capture {
             st.transactions += summary.transactions;
             st.looped_transactions += summary.looped;
             st.forwarded_transactions += summary.forwarded;
+            for (table, n) in &summary.one_way {
+                let seen = st.one_way_writes.entry(table.clone()).or_default();
+                if *seen == 0 {
+                    tracing::warn!(%table, "a local write to a one-way table is not shipped (ship-tables = \"two-way\"): this site's copy of the table now differs from headquarters', whose changes to those rows will overwrite it; write it at headquarters, or make it two-way");
+                }
+                *seen += n;
+            }
             st.copy_waiting = self.copy_state.tables.waiting.len();
         }
         *batch = Batch::default();

@@ -191,7 +191,7 @@ struct FedEach {
 
 /// Counts and positions of one batch, for the spool commit, the slot and
 /// status.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchSummary {
     /// Messages fed, Begin and Commit included.
     pub messages: u64,
@@ -221,6 +221,9 @@ pub struct BatchSummary {
     /// Transactions a receiver's apply wrote here from the site of one of
     /// this sender's receivers: cut for every receiver but that one.
     pub forwarded: u64,
+    /// Changes to tables this site does not ship ([`Cutter::only_tables`]:
+    /// a branch ships its two-way tables only), left out, by table.
+    pub one_way: BTreeMap<String, u64>,
 }
 
 impl BatchSummary {
@@ -256,6 +259,11 @@ pub struct Cutter {
     /// Relations of [`OWN_SCHEMA`] seen in this stream (pgoutput sends a
     /// relation's Relation before its first change in each stream).
     own: BTreeSet<u32>,
+    /// The tables shipped (`schema.name`), when not all are
+    /// ([`Cutter::only_tables`]).
+    only: Option<BTreeSet<String>>,
+    /// Relations seen in this stream of tables not shipped, by name.
+    one_way: BTreeMap<u32, String>,
     /// Origin names (after [`ORIGIN_PREFIX`]) of the sites of this
     /// sender's receivers, and the receiver at each.
     forward: BTreeMap<String, String>,
@@ -274,8 +282,19 @@ impl Cutter {
             summary: BatchSummary::default(),
             ddl_key: None,
             own: BTreeSet::new(),
+            only: None,
+            one_way: BTreeMap::new(),
             forward: BTreeMap::new(),
         }
+    }
+
+    /// Ship only these tables (`schema.name`): a branch's sender ships its
+    /// two-way tables; a local write to any other table is left out and
+    /// counted in [`BatchSummary::one_way`] (it is one-way, headquarters to
+    /// the branches). `None`: every published table.
+    pub fn only_tables(mut self, tables: Option<BTreeSet<String>>) -> Cutter {
+        self.only = tables;
+        self
     }
 
     /// Forward what a receiver's apply wrote here from the site of one of
@@ -469,6 +488,11 @@ impl Cutter {
                 } else {
                     None
                 };
+                if kind == b'R' {
+                    // pgoutput sends a Relation once per stream: one read
+                    // anywhere still tells later transactions' changes.
+                    self.note_relation(data)?;
+                }
                 let txn = match &mut self.open {
                     Open::Idle => {
                         return Err(Stop::from(CutError::OutOfOrder(
@@ -476,11 +500,6 @@ impl Cutter {
                         )))
                     }
                     Open::Skipping | Open::AfterCut => {
-                        // pgoutput sends a Relation once per stream: one
-                        // read here still tells later transactions' changes.
-                        if kind == b'R' {
-                            note_own(data, &mut self.own)?;
-                        }
                         return Ok(fed.new_table);
                     }
                     Open::Looped(txn) => {
@@ -514,7 +533,20 @@ impl Cutter {
                     Open::Cutting(txn) => txn,
                 };
                 let kept;
-                let data = match filter(kind, data, tables, &mut self.own, &mut fed.new_table)? {
+                if let Some(name) = change_oid(kind, data)?.and_then(|oid| self.one_way.get(&oid)) {
+                    if kind != b'R' {
+                        *self.summary.one_way.entry(name.clone()).or_default() += 1;
+                    }
+                    return Ok(fed.new_table);
+                }
+                let data = match filter(
+                    kind,
+                    data,
+                    tables,
+                    &self.own,
+                    &self.one_way,
+                    &mut fed.new_table,
+                )? {
                     Filter::Keep => data,
                     Filter::Drop => return Ok(fed.new_table),
                     Filter::Replace(bytes) => {
@@ -613,17 +645,42 @@ fn our_origin(data: &[u8]) -> Result<Option<String>, CutError> {
     Ok(name.strip_prefix(ORIGIN_PREFIX).map(Into::into))
 }
 
-/// Remember whether the Relation `data` is one of [`OWN_SCHEMA`]'s tables.
-fn note_own(data: &[u8], own: &mut BTreeSet<u32>) -> Result<(), CutError> {
-    let Message::Relation(rel) = pgoutput::decode(data)? else {
-        return Err(CutError::OutOfOrder("Relation does not decode"));
-    };
-    if rel.schema == OWN_SCHEMA {
-        own.insert(rel.oid);
-    } else {
-        own.remove(&rel.oid);
+impl Cutter {
+    /// Remember whether the Relation `data` is one of [`OWN_SCHEMA`]'s
+    /// tables, or one this site does not ship.
+    fn note_relation(&mut self, data: &[u8]) -> Result<(), CutError> {
+        let Message::Relation(rel) = pgoutput::decode(data)? else {
+            return Err(CutError::OutOfOrder("Relation does not decode"));
+        };
+        if rel.schema == OWN_SCHEMA {
+            self.own.insert(rel.oid);
+        } else {
+            self.own.remove(&rel.oid);
+        }
+        let name = format!("{}.{}", rel.schema, rel.name);
+        match &self.only {
+            Some(only) if rel.schema != OWN_SCHEMA && !only.contains(&name) => {
+                self.one_way.insert(rel.oid, name);
+            }
+            _ => {
+                self.one_way.remove(&rel.oid);
+            }
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// The relation a Relation, Insert, Update or Delete is about.
+fn change_oid(kind: u8, data: &[u8]) -> Result<Option<u32>, CutError> {
+    if !matches!(kind, b'R' | b'I' | b'U' | b'D') {
+        return Ok(None);
+    }
+    match data.get(1..5) {
+        Some(b) => Ok(Some(u32::from_be_bytes(
+            b.try_into().expect("a 4-byte slice"),
+        ))),
+        None => Err(CutError::OutOfOrder("change message too short")),
+    }
 }
 
 enum Filter {
@@ -634,12 +691,14 @@ enum Filter {
 
 /// Leave out what a pending copy's snapshot holds: changes to tables
 /// waiting for a copy. A Relation for a table never seen makes it wait.
-/// Leave out pgcourier's own tables (`own`, learnt from their Relations).
+/// Leave out pgcourier's own tables (`own`, learnt from their Relations)
+/// and, from a TRUNCATE, tables not shipped (`one_way`).
 fn filter(
     kind: u8,
     data: &[u8],
     tables: &mut Tables,
-    own: &mut BTreeSet<u32>,
+    own: &BTreeSet<u32>,
+    one_way: &BTreeMap<u32, String>,
     new_table: &mut Option<u32>,
 ) -> Result<Filter, CutError> {
     match kind {
@@ -649,9 +708,6 @@ fn filter(
                 Some(b) => u32::from_be_bytes(b.try_into().expect("a 4-byte slice")),
                 None => return Err(CutError::OutOfOrder("change message too short")),
             };
-            if kind == b'R' {
-                note_own(data, own)?;
-            }
             if own.contains(&oid) {
                 return Ok(Filter::Drop);
             }
@@ -677,7 +733,11 @@ fn filter(
             let kept: Vec<u32> = rels
                 .iter()
                 .copied()
-                .filter(|oid| !tables.waiting.contains(oid) && !own.contains(oid))
+                .filter(|oid| {
+                    !tables.waiting.contains(oid)
+                        && !own.contains(oid)
+                        && !one_way.contains_key(oid)
+                })
                 .collect();
             Ok(if kept.len() == rels.len() {
                 Filter::Keep

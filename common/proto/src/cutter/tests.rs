@@ -166,6 +166,7 @@ fn a_small_transaction_is_one_last_record_with_its_commit_fields_and_end_lsn() {
             forged_ddl: 0,
             looped: 0,
             forwarded: 0,
+            one_way: BTreeMap::new(),
         }
     );
 }
@@ -585,6 +586,44 @@ fn a_row_clock_is_kept_unsigned_before_its_change_only_when_it_verifies() {
         ]
     );
     assert_eq!(summary.forged_ddl, 1);
+}
+
+#[test]
+fn a_site_that_ships_its_two_way_tables_only_counts_its_writes_to_the_others() {
+    // Table A (public.tA) is two-way; B (public.tB) is one-way: its
+    // Relation, changes and part of a TRUNCATE stay at the site.
+    let truncate = encode(&Message::Truncate {
+        cascade: false,
+        restart_identity: false,
+        rels: vec![A, B],
+    });
+    let mut stream = txn(
+        0x100,
+        1,
+        vec![relation(A), relation(B), insert(B, "b1"), insert(A, "1")],
+    );
+    stream.extend(txn(0x200, 2, vec![insert(B, "b2"), truncate]));
+    let mut tables = synced(&[A, B]);
+    let only = BTreeSet::from([format!("public.t{A}")]);
+    let mut cutter = Cutter::new(1, Lsn::ZERO).only_tables(Some(only));
+    let mut records = Vec::new();
+    for m in &stream {
+        records.extend(cutter.message(m, &mut tables).expect("carried on").records);
+    }
+    let summary = cutter.finish().expect("whole");
+    let kept_truncate = encode(&Message::Truncate {
+        cascade: false,
+        restart_identity: false,
+        rels: vec![A],
+    });
+    assert_eq!(
+        reassemble(&records),
+        vec![relation(A), insert(A, "1"), kept_truncate]
+    );
+    assert_eq!(
+        summary.one_way,
+        BTreeMap::from([(format!("public.t{B}"), 2)])
+    );
 }
 
 fn own_relation(oid: u32) -> Vec<u8> {
