@@ -30,8 +30,8 @@ async fn both_ways(
     let setup = Setup::start(
         name,
         Options {
-            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0); \
-                     CREATE TABLE price (id int PRIMARY KEY, p int NOT NULL)",
+            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0, \
+                     email text UNIQUE); CREATE TABLE price (id int PRIMARY KEY, p int NOT NULL)",
             sender_extra: &format!("admin = \"127.0.0.1:{}\"\n{}", ports[0], sender_extra[0]),
             receiver_extra: &format!("admin = \"127.0.0.1:{}\"\n{receiver_extra}", ports[1]),
             ..Options::default()
@@ -268,7 +268,10 @@ impl Sites {
         schema: &str,
         extra: impl Fn(&str) -> String,
     ) -> anyhow::Result<Sites> {
-        let ports: Vec<u16> = (0..1 + 3 * n).map(|_| free_tcp_port()).collect();
+        // Admin ports are picked just before each daemon binds them: a
+        // port picked early may meanwhile become some connection's
+        // ephemeral port.
+        let mut ports = vec![free_tcp_port()];
         let mut setup = Setup::start(
             name,
             Options {
@@ -283,6 +286,7 @@ impl Sites {
         for i in 0..n {
             setup.branches[i].receiver.terminate()?;
             let cfg = std::fs::read_to_string(&setup.branches[i].config)?;
+            ports.push(free_tcp_port());
             std::fs::write(
                 &setup.branches[i].config,
                 format!("admin = \"127.0.0.1:{}\"\n{cfg}", ports[1 + i]),
@@ -291,13 +295,9 @@ impl Sites {
         }
         let mut back = Vec::new();
         for i in 0..n {
-            let at = 1 + n + 2 * i;
-            back.push(way_back(
-                &setup,
-                i,
-                [ports[at], ports[at + 1]],
-                &extra(&format!("branch{i}")),
-            )?);
+            let admin = [free_tcp_port(), free_tcp_port()];
+            ports.extend(admin);
+            back.push(way_back(&setup, i, admin, &extra(&format!("branch{i}")))?);
         }
         let sites = Sites { setup, ports, back };
         for i in 0..n {
@@ -309,6 +309,19 @@ impl Sites {
             })
             .await
             .with_context(|| sites.logs())?;
+        }
+        // A daemon that could not bind its port has exited (and another
+        // process may have answered on it).
+        let all = std::iter::once(&sites.setup.sender)
+            .chain(sites.setup.branches.iter().map(|b| &b.receiver))
+            .chain(sites.back.iter().flat_map(|(s, r)| [s, r]));
+        for d in all {
+            anyhow::ensure!(
+                d.is_running(),
+                "{} exited at start\n{}",
+                d.name(),
+                sites.logs()
+            );
         }
         Ok(sites)
     }
@@ -1213,5 +1226,75 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
         ops,
         took.as_secs_f64()
     );
+    Ok(())
+}
+
+/// Two sites insert rows with different keys and the same value of a
+/// unique column while cut off: at each site the row written later stays
+/// and the other is deleted, the same everywhere, and the clash is
+/// recorded at both; apply never pauses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_key_clash_between_sites_keeps_the_later_row_everywhere() -> anyhow::Result<()> {
+    let (setup, ports, back_sender, hq_receiver) = both_ways(
+        "unique",
+        "",
+        [&two_way_item("hq"), &two_way_item("branch0")],
+    )
+    .await?;
+    let logs = || {
+        format!(
+            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
+            setup.logs(),
+            back_sender.log_tail(40),
+            hq_receiver.log_tail(40)
+        )
+    };
+    let hq = setup.source().await?;
+    let branch = setup.target(0).await?;
+    wait_until("the branch's sender to capture", WAIT, || async {
+        Ok(admin_status(ports[2])
+            .await
+            .is_ok_and(|s| s["slot"].is_object()))
+    })
+    .await
+    .with_context(logs)?;
+    setup.branches[0].receiver.terminate()?;
+    hq_receiver.terminate()?;
+    // a@x: headquarters first, the branch later; b@x: the other way.
+    hq.batch_execute("INSERT INTO item (id, v, email) VALUES (1, 'hq', 'a@x')")
+        .await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    branch
+        .batch_execute("INSERT INTO item (id, v, email) VALUES (2, 'branch', 'a@x')")
+        .await?;
+    branch
+        .batch_execute("INSERT INTO item (id, v, email) VALUES (3, 'branch', 'b@x')")
+        .await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    hq.batch_execute("INSERT INTO item (id, v, email) VALUES (4, 'hq', 'b@x')")
+        .await?;
+    setup.branches[0].receiver.respawn()?;
+    hq_receiver.respawn()?;
+
+    let clashes = "SELECT count(*) FROM pgcourier.conflicts WHERE kind = 'unique item_email_key'";
+    for c in [&hq, &branch] {
+        crate::fixture::wait_count(c, clashes, 2, WAIT)
+            .await
+            .with_context(logs)?;
+    }
+    pgcourier_tests::wait_tables_equal(&hq, &branch, &["public.item"], WAIT)
+        .await
+        .with_context(logs)?;
+    let ids: Vec<i32> = hq
+        .query("SELECT id FROM item ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![2, 4], "the later row of each clash stays");
+    for port in [ports[1], ports[3]] {
+        let st = admin_status(port).await?;
+        assert!(st["last_error"].is_null(), "apply went on: {st}");
+    }
     Ok(())
 }

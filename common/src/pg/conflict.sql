@@ -201,9 +201,13 @@ DECLARE
     parked boolean := false;
     same_inc boolean := true;
     resolution boolean;
-    cols text;
-    vals text;
     sets text;
+    clash text;
+    ucols text;
+    uvals text;
+    other jsonb;
+    okey jsonb;
+    oloc pgcourier.clock;
 BEGIN
     SELECT format('%I.%I', s.nspname, t.relname) INTO v_tbl
       FROM pg_class t JOIN pg_namespace s ON s.oid = t.relnamespace WHERE t.oid = rel;
@@ -299,6 +303,88 @@ BEGIN
         END IF;
         RETURN CASE WHEN parked THEN 3 ELSE 2 END;
     END IF;
+    IF c IS NOT NULL AND c ? 'old' AND op = 'U' AND cur IS NOT NULL AND same_inc THEN
+        -- Forwarded with increments measured from this site's values when
+        -- they were added here (else as the writer measured them).
+        c := c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur));
+    END IF;
+    IF op = 'D' OR NOT EXISTS (SELECT 1 FROM pg_index i
+                                WHERE i.indrelid = rel AND i.indisunique AND NOT i.indisprimary) THEN
+        PERFORM pgcourier.write_change(rel, v_tbl, k, c, op, nr, cur);
+        RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
+    END IF;
+    -- A unique index besides the primary key: the row may clash there
+    -- with another row of this site (two sites inserting the same e-mail
+    -- under different keys). The row written last by the policy's order
+    -- stays; the other is deleted here (every site decides the same).
+    FOR attempt IN 1..8 LOOP
+        BEGIN
+            PERFORM pgcourier.write_change(rel, v_tbl, k, c, op, nr, cur);
+            RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
+        EXCEPTION WHEN unique_violation THEN
+            GET STACKED DIAGNOSTICS clash = CONSTRAINT_NAME;
+            SELECT string_agg(format('t.%I', a.attname), ', ' ORDER BY a.attnum),
+                   string_agg(format('r.%I', a.attname), ', ' ORDER BY a.attnum)
+              INTO ucols, uvals
+              FROM pg_index i
+              JOIN pg_class ic ON ic.oid = i.indexrelid
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+             WHERE i.indrelid = rel AND ic.relname = clash AND NOT i.indisprimary;
+            IF ucols IS NULL THEN
+                RAISE;
+            END IF;
+            EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r)',
+                           rel, ucols, uvals, rel) INTO other USING nr;
+            IF other IS NULL THEN
+                RAISE;
+            END IF;
+            okey := pgcourier.row_key(rel, other);
+            SELECT * INTO oloc FROM pgcourier.clock WHERE tbl = v_tbl AND key = okey;
+            IF c IS NULL THEN
+                remote_wins := false;
+            ELSIF pol = 'manual' THEN
+                remote_wins := false;
+                parked := true;
+            ELSIF oloc.hlc IS NULL THEN
+                remote_wins := true;
+            ELSIF pol = 'site-priority' THEN
+                remote_wins := ((c ->> 'priority')::integer, (c ->> 'hlc')::bigint, c ->> 'site')
+                               > (oloc.priority, oloc.hlc, oloc.site);
+            ELSE
+                remote_wins := ((c ->> 'hlc')::bigint, (c ->> 'priority')::integer, c ->> 'site')
+                               > (oloc.hlc, oloc.priority, oloc.site);
+            END IF;
+            INSERT INTO pgcourier.conflicts (tbl, key, kind, policy, winner, state,
+                                             local_row, local_hlc, local_site,
+                                             remote_row, remote_hlc, remote_site)
+            VALUES (v_tbl, k, 'unique ' || clash, coalesce(pol, 'none'),
+                    CASE WHEN remote_wins THEN 'remote' ELSE 'local' END,
+                    CASE WHEN parked THEN 'open' ELSE 'resolved' END,
+                    other, oloc.hlc, oloc.site, typed, (c ->> 'hlc')::bigint, c ->> 'site');
+            IF NOT remote_wins THEN
+                RETURN CASE WHEN parked THEN 3 ELSE 2 END;
+            END IF;
+            EXECUTE format('DELETE FROM %s t WHERE %s', rel, cond) USING okey;
+            UPDATE pgcourier.clock SET deleted = true WHERE tbl = v_tbl AND key = okey;
+            conflict := true;
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'pgcourier: a change to % clashes with rows on more than 8 unique keys', v_tbl;
+END
+$pgcourier$;
+
+-- The write apply_change decided on: the row's clock becomes the
+-- change's (emitted again, so that headquarters forwards it), then the
+-- row is deleted or upserted.
+CREATE OR REPLACE FUNCTION pgcourier.write_change(
+    rel regclass, v_tbl text, k jsonb, c jsonb, op text, nr jsonb, cur jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    cond text := pgcourier.key_cond(rel);
+    cols text;
+    vals text;
+    sets text;
+BEGIN
     IF c IS NOT NULL THEN
         INSERT INTO pgcourier.clock (tbl, key, hlc, site, priority, deleted, incarnation)
             VALUES (v_tbl, k, (c ->> 'hlc')::bigint, c ->> 'site', (c ->> 'priority')::integer,
@@ -306,17 +392,11 @@ BEGIN
             ON CONFLICT (tbl, key) DO UPDATE
             SET hlc = EXCLUDED.hlc, site = EXCLUDED.site, priority = EXCLUDED.priority,
                 deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation;
-        -- Forwarded with the change (headquarters to the other branches),
-        -- increments measured from this site's values when they were
-        -- added here (else as the writer measured them).
-        IF c ? 'old' AND op = 'U' AND cur IS NOT NULL AND same_inc THEN
-            c := c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur));
-        END IF;
         PERFORM pgcourier.clock_emit(c);
     END IF;
     IF op = 'D' THEN
         EXECUTE format('DELETE FROM %s t WHERE %s', rel, cond) USING k;
-        RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
+        RETURN;
     END IF;
     SELECT string_agg(format('%I', a.attname), ', ' ORDER BY a.attnum),
            string_agg(format('r.%I', a.attname), ', ' ORDER BY a.attnum),
@@ -334,9 +414,9 @@ BEGIN
         EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
                        rel, sets, rel, cond) USING k, nr;
     END IF;
-    RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
 END
 $pgcourier$;
+REVOKE ALL ON FUNCTION pgcourier.write_change(regclass, text, jsonb, jsonb, text, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgcourier.apply_change(regclass, text, text, jsonb, jsonb) FROM PUBLIC;
 
 -- An operator's decision on a parked conflict (`pgcourier-queue conflicts
