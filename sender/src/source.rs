@@ -382,7 +382,12 @@ async fn install_two_way(client: &Client, cfg: &SenderConfig) -> Result<(), Sour
     client
         .batch_execute(&sql)
         .await
-        .map_err(|e| SourceError::query("install the row clocks of the two-way tables", e))?;
+        .map_err(|e| {
+            SourceError::query(
+                "install the row clocks of the tables with direction = \"both\" ([[table]] entries: does each exist, with a primary key?)",
+                e,
+            )
+        })?;
     Ok(())
 }
 

@@ -1078,6 +1078,17 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
     };
     eprintln!("converge: seed {seed} (replay with PGCOURIER_CONVERGE_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // For a figure: PGCOURIER_CONVERGE_OPS transactions per site (at most
+    // 20000), and PGCOURIER_CONVERGE_KILLS=0 to keep the senders' byte
+    // counts whole.
+    let ops: u32 = match std::env::var("PGCOURIER_CONVERGE_OPS") {
+        Ok(s) => s
+            .parse::<u32>()
+            .context("PGCOURIER_CONVERGE_OPS")?
+            .clamp(1, 20_000),
+        Err(_) => 60,
+    };
+    let kills = std::env::var("PGCOURIER_CONVERGE_KILLS").as_deref() != Ok("0");
     let n = 3;
     let sites = Sites::start_with(
         "converge",
@@ -1110,7 +1121,6 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
         sites.setup.branches[i].receiver.terminate()?;
         sites.back[i].1.terminate()?;
     }
-    let ops = 60;
     let mut clients = vec![hq];
     for i in 0..n {
         clients.push(sites.setup.target(i).await?);
@@ -1135,17 +1145,25 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
     }
     let killed_cluster = rng.gen_range(0..=n);
     let killed_daemon = rng.gen_range(0..n);
-    eprintln!(
-        "converge: links back in order {order:?}; kill -9 of branch{killed_daemon}'s way-back sender, \
-         immediate stop of {}",
-        if killed_cluster == 0 { "headquarters' cluster".to_owned() } else { format!("branch{}'s cluster", killed_cluster - 1) }
-    );
+    let cluster = if killed_cluster == 0 {
+        "headquarters' cluster".to_owned()
+    } else {
+        format!("branch{}'s cluster", killed_cluster - 1)
+    };
+    if kills {
+        eprintln!(
+            "converge: links back in order {order:?}; kill -9 of branch{killed_daemon}'s way-back \
+             sender, immediate stop of {cluster}"
+        );
+    } else {
+        eprintln!("converge: links back in order {order:?}; no kills");
+    }
     let started = std::time::Instant::now();
     for (step, &i) in order.iter().enumerate() {
         sites.setup.branches[i].receiver.respawn()?;
         sites.back[i].1.respawn()?;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
-        if step == 0 {
+        if step == 0 && kills {
             sites.back[killed_daemon].0.kill9()?;
             let pg = if killed_cluster == 0 {
                 &sites.setup.hq
@@ -1158,8 +1176,44 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
             sites.back[killed_daemon].0.respawn()?;
         }
     }
-    let statuses = sites.converged(None).await?;
+    // Identical first (timed), then quiet.
+    let hq = sites.setup.source().await?;
+    let backlog = 2 * WAIT + Duration::from_millis(20 * u64::from(ops));
+    for i in 0..n {
+        let b = sites.setup.target(i).await?;
+        if let Err(e) = pgcourier_tests::wait_tables_equal(&hq, &b, &["public.item"], backlog).await
+        {
+            // What each site holds and decided, for the diagnosis.
+            let mut dump = String::new();
+            for k in 0..=n {
+                let c = if k == 0 {
+                    sites.setup.source().await?
+                } else {
+                    sites.setup.target(k - 1).await?
+                };
+                for sql in [
+                    "SELECT 'row', id::text, v || ' qty ' || qty FROM item ORDER BY id",
+                    "SELECT 'clock', key::text, hlc || ' ' || site || ' deleted ' || deleted || ' inc ' \
+                     || coalesce(incarnation::text, '-') FROM pgcourier.clock ORDER BY key",
+                    "SELECT 'conflict', key::text, kind || ' ' || winner || ' local ' || coalesce(local_row ->> 'v', '-') \
+                     || '@' || coalesce(local_hlc::text, '-') || ' remote ' || coalesce(remote_row ->> 'v', '-') || '@' \
+                     || coalesce(remote_hlc::text, '-') FROM pgcourier.conflicts ORDER BY id",
+                ] {
+                    for r in c.query(sql, &[]).await? {
+                        dump.push_str(&format!(
+                            "site {k} {} {} {}\n",
+                            r.get::<_, String>(0),
+                            r.get::<_, String>(1),
+                            r.get::<_, String>(2)
+                        ));
+                    }
+                }
+            }
+            return Err(e.context(format!("seed {seed}\n{dump}\n{}", sites.logs())));
+        }
+    }
     let took = started.elapsed();
+    let statuses = sites.converged(None).await?;
 
     // Reconnect: a stopped cluster closed the writers' connections.
     let hq = sites.setup.source().await?;
@@ -1216,15 +1270,20 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
             );
         }
     }
-    let sent: u64 = statuses
-        .iter()
-        .filter_map(|s| s["shipping"]["udp_tx_bytes"].as_u64())
-        .sum();
+    let shipped = |field: &str| -> u64 {
+        statuses
+            .iter()
+            .filter_map(|s| s["shipping"][field].as_u64())
+            .sum()
+    };
     eprintln!(
         "converge: {} transactions per site; converged {:.1} s after the first link returned; \
-         conflicts recorded per site (hq, branches) {conflicts:?}; {sent} UDP bytes sent by the senders since their last start",
+         conflicts recorded per site (hq, branches) {conflicts:?}; the senders shipped {} bytes \
+         of changes compressed to {} (since their last start)",
         ops,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        shipped("raw_bytes"),
+        shipped("compressed_bytes")
     );
     Ok(())
 }

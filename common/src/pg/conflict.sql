@@ -209,6 +209,10 @@ DECLARE
     okey jsonb;
     oloc pgcourier.clock;
 BEGIN
+    -- One applying transaction at a time changes two-way tables here:
+    -- headquarters' receivers, one per branch, would otherwise deadlock
+    -- on the rows every site writes (stock rows), and abort whole groups.
+    PERFORM pg_advisory_xact_lock(pg_catalog.hashtextextended('pgcourier.two_way', 0));
     SELECT format('%I.%I', s.nspname, t.relname) INTO v_tbl
       FROM pg_class t JOIN pg_namespace s ON s.oid = t.relnamespace WHERE t.oid = rel;
     SELECT w.policy, w.delta INTO pol, deltas FROM pgcourier.two_way w WHERE w.tbl = rel;
@@ -218,7 +222,9 @@ BEGIN
     IF c IS NOT NULL AND c -> 'key' IS DISTINCT FROM k THEN
         c := NULL;
     END IF;
-    EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE %s', rel, cond) INTO cur USING k;
+    -- The row, then its clock: the order a local write locks them in
+    -- (the row, then the stamping trigger's clock row).
+    EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE %s FOR UPDATE', rel, cond) INTO cur USING k;
     IF c IS NOT NULL THEN
         SELECT * INTO loc FROM pgcourier.clock WHERE tbl = v_tbl AND key = k FOR UPDATE;
         -- Increments add up within one incarnation of the row: one that
