@@ -1357,3 +1357,57 @@ async fn a_unique_key_clash_between_sites_keeps_the_later_row_everywhere() -> an
     }
     Ok(())
 }
+
+/// A delete/delete conflict that the arriving deletion wins at
+/// headquarters changes no row there, but its clock must still reach the
+/// other branches: headquarters deletes first, branch 1 updates later,
+/// branch 0 deletes last (the latest version: deleted). Headquarters meets
+/// branch 0's deletion before branch 1's update and keeps the row deleted;
+/// branch 1 keeps its update against headquarters' older deletion and
+/// must then apply branch 0's, forwarded as a clock with no row change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_that_found_nothing_at_headquarters_still_reaches_the_other_branch(
+) -> anyhow::Result<()> {
+    let sites = Sites::start_with(
+        "orphan",
+        2,
+        "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
+        |site| {
+            format!("site = \"{site}\"\n[[table]]\nname = \"public.item\"\ndirection = \"both\"\n")
+        },
+    )
+    .await?;
+    let hq = sites.setup.source().await?;
+    hq.batch_execute("INSERT INTO item VALUES (1, 'first')")
+        .await?;
+    sites.converged(Some(1)).await?;
+    for i in 0..2 {
+        sites.setup.branches[i].receiver.terminate()?;
+        sites.back[i].1.terminate()?;
+    }
+    let b0 = sites.setup.target(0).await?;
+    let b1 = sites.setup.target(1).await?;
+    let step = || tokio::time::sleep(Duration::from_millis(5));
+    hq.batch_execute("DELETE FROM item WHERE id = 1").await?;
+    step().await;
+    b1.batch_execute("UPDATE item SET v = 'branch1' WHERE id = 1")
+        .await?;
+    step().await;
+    b0.batch_execute("DELETE FROM item WHERE id = 1").await?;
+
+    // Branch 0's link first: headquarters meets the delete/delete.
+    sites.setup.branches[0].receiver.respawn()?;
+    sites.back[0].1.respawn()?;
+    crate::fixture::wait_count(
+        &hq,
+        "SELECT count(*) FROM pgcourier.conflicts WHERE kind = 'delete/delete' AND winner = 'remote'",
+        1,
+        WAIT,
+    )
+    .await
+    .with_context(|| sites.logs())?;
+    sites.setup.branches[1].receiver.respawn()?;
+    sites.back[1].1.respawn()?;
+    sites.converged(Some(0)).await?;
+    Ok(())
+}

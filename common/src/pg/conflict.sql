@@ -139,7 +139,7 @@ BEGIN
             deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation;
     body := jsonb_build_object(
         'tbl', v_tbl, 'key', k, 'hlc', h, 'site', me.name, 'priority', me.priority,
-        'base_hlc', loc.hlc, 'base_site', loc.site, 'inc', inc);
+        'base_hlc', loc.hlc, 'base_site', loc.site, 'inc', inc, 'deleted', TG_OP = 'DELETE');
     IF old_values <> '{}' THEN
         body := body || jsonb_build_object('old', old_values);
     END IF;
@@ -220,6 +220,9 @@ BEGIN
         INTO typed USING CASE WHEN op = 'D' THEN old_key ELSE new_row END;
     k := pgcourier.row_key(rel, typed);
     IF c IS NOT NULL AND c -> 'key' IS DISTINCT FROM k THEN
+        -- The clock was of another row: a deletion that found nothing to
+        -- delete where it was applied (apply_orphan_clock).
+        PERFORM pgcourier.apply_orphan_clock(clock);
         c := NULL;
     END IF;
     -- The row, then its clock: the order a local write locks them in
@@ -378,6 +381,27 @@ BEGIN
     RAISE EXCEPTION 'pgcourier: a change to % clashes with rows on more than 8 unique keys', v_tbl;
 END
 $pgcourier$;
+
+-- A clock that no row change followed: a deletion headquarters applied
+-- to a row already gone there (delete/delete), forwarded so that every
+-- site ends with the same tombstone clock. Applied as that deletion.
+CREATE OR REPLACE FUNCTION pgcourier.apply_orphan_clock(clock text) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    c jsonb := clock::jsonb;
+    rel regclass;
+BEGIN
+    IF NOT coalesce((c ->> 'deleted')::boolean, false) THEN
+        RETURN 0;
+    END IF;
+    rel := to_regclass(c ->> 'tbl');
+    IF rel IS NULL OR NOT EXISTS (SELECT 1 FROM pgcourier.two_way w WHERE w.tbl = rel) THEN
+        RETURN 0;
+    END IF;
+    RETURN pgcourier.apply_change(rel, clock, 'D', NULL, c -> 'key');
+END
+$pgcourier$;
+REVOKE ALL ON FUNCTION pgcourier.apply_orphan_clock(text) FROM PUBLIC;
 
 -- The write apply_change decided on: the row's clock becomes the
 -- change's (emitted again, so that headquarters forwards it), then the

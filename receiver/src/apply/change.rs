@@ -75,9 +75,14 @@ impl Apply {
                 Message::LogicalMessage {
                     prefix, content, ..
                 } if prefix == CLOCK_PREFIX => {
-                    // For the change right after it (`two_way.rs`).
-                    s.clock = Some(String::from_utf8_lossy(&content).into_owned());
+                    // For the change right after it (`two_way.rs`); one
+                    // that none followed is a deletion of its own.
+                    let clock = String::from_utf8_lossy(&content).into_owned();
+                    if let Some(orphan) = s.clock.replace(clock) {
+                        self.queue_orphan_clock(s, orphan).await?;
+                    }
                 }
+
                 Message::LogicalMessage {
                     prefix, content, ..
                 } if prefix == DDL_PREFIX => {
@@ -129,6 +134,12 @@ impl Apply {
             }
             if s.pipeline_full() {
                 self.drain(s).await?;
+            }
+        }
+        // A clock at the end of its transaction belongs to no change.
+        if record.last {
+            if let Some(orphan) = s.clock.take() {
+                self.queue_orphan_clock(s, orphan).await?;
             }
         }
         Ok(changes)

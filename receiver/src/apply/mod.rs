@@ -147,6 +147,9 @@ struct Session {
     clock: Option<String>,
     /// `pgcourier.apply_change`, prepared on first use (`two_way.rs`).
     two_way: Option<Statement>,
+    /// `pgcourier.apply_orphan_clock`, looked up on first use: `Some(None)`
+    /// where the target has no two-way tables.
+    orphan: Option<Option<Statement>>,
 }
 
 /// The source transactions being grouped into one target transaction.
@@ -321,6 +324,7 @@ impl Apply {
             sequences: sequences::Marks::default(),
             clock: None,
             two_way: None,
+            orphan: None,
         };
         self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {

@@ -43,6 +43,49 @@ impl Apply {
             .map_err(target_err(what))
     }
 
+    /// Queue a clock message that no change followed (a deletion that
+    /// found nothing to delete at the site that forwarded it), for
+    /// `pgcourier.apply_orphan_clock`; nothing where this site has no
+    /// two-way tables.
+    pub(super) async fn queue_orphan_clock(
+        &self,
+        s: &mut Session,
+        clock: String,
+    ) -> Result<(), ApplyError> {
+        let what = "look up pgcourier.apply_orphan_clock";
+        if s.orphan.is_none() {
+            let installed: bool = s
+                .client
+                .query_one(
+                    "SELECT to_regprocedure('pgcourier.apply_orphan_clock(text)') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(target_err(what))?;
+            let stmt = if installed {
+                Some(
+                    s.client
+                        .prepare_typed("SELECT pgcourier.apply_orphan_clock($1)", &[Type::TEXT])
+                        .await
+                        .map_err(target_err("prepare pgcourier.apply_orphan_clock"))?,
+                )
+            } else {
+                None
+            };
+            s.orphan = Some(stmt);
+        }
+        let Some(Some(stmt)) = s.orphan.clone() else {
+            return Ok(());
+        };
+        self.flush_run(s).await?;
+        s.pending.push(super::pipeline::Pending::TwoWay {
+            stmt,
+            params: vec![Some(clock)],
+        });
+        Ok(())
+    }
+
     /// Queue one change to a two-way table (`Session::targets[oid]`).
     pub(super) async fn queue_two_way(
         &self,
