@@ -331,15 +331,7 @@ pub async fn prepare(
 /// not replicated, and a branch pauses at the first change it cannot apply,
 /// as before.
 pub async fn install_ddl_capture(client: &Client, publication: &str) -> Result<(), SourceError> {
-    let superuser: bool = client
-        .query_one(
-            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(|e| SourceError::query("read role attributes", e))?
-        .get(0);
-    if !superuser {
+    if !is_superuser(client).await? {
         if !ddl_capture_enabled(client).await? {
             tracing::warn!(
                 "schema changes are not replicated: the sender's role is not a superuser and cannot install the DDL event trigger; run `pgcourier-sender check` for the SQL a superuser can run"
@@ -354,6 +346,19 @@ pub async fn install_ddl_capture(client: &Client, publication: &str) -> Result<(
     Ok(())
 }
 
+/// Whether the sender's role is a superuser (event triggers and the
+/// row-clock install need one).
+async fn is_superuser(client: &Client) -> Result<bool, SourceError> {
+    client
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| SourceError::query("read role attributes", e))
+}
+
 /// Tables written at several sites (`[[table]] direction = "both"`): the
 /// clock and conflict functions installed or replaced, each table
 /// registered and stamped (`pgcourier_common::pg::conflict`). Needs a
@@ -362,15 +367,7 @@ async fn install_two_way(client: &Client, cfg: &SenderConfig) -> Result<(), Sour
     let Some(site) = cfg.site.as_deref().filter(|_| !cfg.two_way.is_empty()) else {
         return Ok(());
     };
-    let superuser: bool = client
-        .query_one(
-            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(|e| SourceError::query("read role attributes", e))?
-        .get(0);
-    if !superuser {
+    if !is_superuser(client).await? {
         return Err(SourceError::NotReady(
             "tables with direction = \"both\" need the sender's role to be a superuser (it installs the row-clock trigger and signs with the DDL key)".into(),
         ));

@@ -14,7 +14,7 @@ use crate::fixture::{admin_status, free_tcp_port, free_udp_port, keygen, Options
 const WAIT: Duration = Duration::from_secs(90);
 
 /// Headquarters → branch by the fixture, branch → headquarters started
-/// here; returns the admin ports (hq sender, branch receiver, branch
+/// here and capturing; returns the admin ports (hq sender, branch receiver, branch
 /// sender, hq receiver) and the two daemons of the way back.
 async fn both_ways(
     name: &str,
@@ -77,30 +77,33 @@ async fn both_ways(
         ],
         &dir.join("back-sender.log"),
     )?;
-    Ok((setup, ports, back_sender, hq_receiver))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Result<()> {
-    let (setup, ports, back_sender, hq_receiver) = both_ways("two_way", "", ["", ""]).await?;
-    let logs = || {
-        format!(
-            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
-            setup.logs(),
-            back_sender.log_tail(40),
-            hq_receiver.log_tail(40)
-        )
-    };
-    let hq = setup.source().await?;
-    let branch = setup.target(0).await?;
-    // Wait for the way back to capture before the branch writes.
+    // The way back captures before either site writes.
     wait_until("the branch's sender to capture", WAIT, || async {
         Ok(admin_status(ports[2])
             .await
             .is_ok_and(|s| s["slot"].is_object()))
     })
     .await
-    .with_context(logs)?;
+    .with_context(|| two_site_logs(&setup, &back_sender, &hq_receiver))?;
+    Ok((setup, ports, back_sender, hq_receiver))
+}
+
+/// Every daemon's log of a [`both_ways`] set-up, for failure messages.
+fn two_site_logs(setup: &Setup, back_sender: &Daemon, hq_receiver: &Daemon) -> String {
+    format!(
+        "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
+        setup.logs(),
+        back_sender.log_tail(40),
+        hq_receiver.log_tail(40)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Result<()> {
+    let (setup, ports, back_sender, hq_receiver) = both_ways("two_way", "", ["", ""]).await?;
+    let logs = || two_site_logs(&setup, &back_sender, &hq_receiver);
+    let hq = setup.source().await?;
+    let branch = setup.target(0).await?;
     for i in 1..=30 {
         hq.execute("INSERT INTO item VALUES ($1, 'hq')", &[&i])
             .await?;
@@ -614,23 +617,9 @@ async fn conflicting_writes_at_two_sites_converge_to_the_later_version_and_are_r
         ],
     )
     .await?;
-    let logs = || {
-        format!(
-            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
-            setup.logs(),
-            back_sender.log_tail(40),
-            hq_receiver.log_tail(40)
-        )
-    };
+    let logs = || two_site_logs(&setup, &back_sender, &hq_receiver);
     let hq = setup.source().await?;
     let branch = setup.target(0).await?;
-    wait_until("the branch's sender to capture", WAIT, || async {
-        Ok(admin_status(ports[2])
-            .await
-            .is_ok_and(|s| s["slot"].is_object()))
-    })
-    .await
-    .with_context(logs)?;
     for i in 1..=20 {
         hq.execute("INSERT INTO item VALUES ($1, 'first')", &[&i])
             .await?;
@@ -817,23 +806,9 @@ async fn parked_conflicts_wait_for_an_operator_and_stock_counts_add_up() -> anyh
     };
     let (setup, ports, back_sender, hq_receiver) =
         both_ways("parked", "", [&table("hq"), &table("branch0")]).await?;
-    let logs = || {
-        format!(
-            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
-            setup.logs(),
-            back_sender.log_tail(40),
-            hq_receiver.log_tail(40)
-        )
-    };
+    let logs = || two_site_logs(&setup, &back_sender, &hq_receiver);
     let hq = setup.source().await?;
     let branch = setup.target(0).await?;
-    wait_until("the branch's sender to capture", WAIT, || async {
-        Ok(admin_status(ports[2])
-            .await
-            .is_ok_and(|s| s["slot"].is_object()))
-    })
-    .await
-    .with_context(logs)?;
     for i in 1..=3 {
         hq.execute("INSERT INTO item VALUES ($1, 'first', 100)", &[&i])
             .await?;
@@ -1300,23 +1275,9 @@ async fn a_unique_key_clash_between_sites_keeps_the_later_row_everywhere() -> an
         [&two_way_item("hq"), &two_way_item("branch0")],
     )
     .await?;
-    let logs = || {
-        format!(
-            "{}\n--- back sender ---\n{}\n--- hq receiver ---\n{}",
-            setup.logs(),
-            back_sender.log_tail(40),
-            hq_receiver.log_tail(40)
-        )
-    };
+    let logs = || two_site_logs(&setup, &back_sender, &hq_receiver);
     let hq = setup.source().await?;
     let branch = setup.target(0).await?;
-    wait_until("the branch's sender to capture", WAIT, || async {
-        Ok(admin_status(ports[2])
-            .await
-            .is_ok_and(|s| s["slot"].is_object()))
-    })
-    .await
-    .with_context(logs)?;
     setup.branches[0].receiver.terminate()?;
     hq_receiver.terminate()?;
     // a@x: headquarters first, the branch later; b@x: the other way.

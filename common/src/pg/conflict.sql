@@ -170,6 +170,30 @@ BEGIN
 END
 $pgcourier$;
 
+-- Whether the version of clock `c` comes after the one whose clock here
+-- is `loc`: by (priority, clock, site) under site-priority, else by
+-- (clock, priority, site).
+CREATE OR REPLACE FUNCTION pgcourier.later(pol text, c jsonb, loc pgcourier.clock) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $pgcourier$
+    SELECT CASE WHEN pol = 'site-priority'
+                THEN ((c ->> 'priority')::integer, (c ->> 'hlc')::bigint, c ->> 'site')
+                     > ((loc).priority, (loc).hlc, (loc).site)
+                ELSE ((c ->> 'hlc')::bigint, (c ->> 'priority')::integer, c ->> 'site')
+                     > ((loc).hlc, (loc).priority, (loc).site) END
+$pgcourier$;
+
+-- Set the delta columns of the row keyed `k` to their values in `nr`.
+CREATE OR REPLACE FUNCTION pgcourier.set_deltas(rel regclass, deltas text[], k jsonb, nr jsonb)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
+DECLARE
+    sets text;
+BEGIN
+    SELECT string_agg(format('%I = r.%I', d, d), ', ') INTO sets FROM unnest(deltas) d;
+    EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
+                   rel, sets, rel, pgcourier.key_cond(rel)) USING k, nr;
+END
+$pgcourier$;
+
 -- This site's values of the delta columns, for the message that forwards
 -- a change: the next site adds (new - these), the same increment.
 CREATE OR REPLACE FUNCTION pgcourier.delta_values(deltas text[], cur jsonb) RETURNS jsonb
@@ -201,7 +225,6 @@ DECLARE
     parked boolean := false;
     same_inc boolean := true;
     resolution boolean;
-    sets text;
     clash text;
     ucols text;
     uvals text;
@@ -241,9 +264,7 @@ BEGIN
         IF op = 'U' AND cur IS NOT NULL AND same_inc THEN
             PERFORM pgcourier.clock_emit(c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur)));
             nr := pgcourier.add_deltas(deltas, nr, c -> 'old', cur);
-            SELECT string_agg(format('%I = r.%I', d, d), ', ') INTO sets FROM unnest(deltas) d;
-            EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
-                           rel, sets, rel, cond) USING k, nr;
+            PERFORM pgcourier.set_deltas(rel, deltas, k, nr);
             RETURN 0;
         END IF;
         -- The row it counted against is gone here, or was replaced by
@@ -263,12 +284,8 @@ BEGIN
         ELSIF pol = 'manual' AND NOT resolution THEN
             remote_wins := false;
             parked := true;
-        ELSIF pol = 'site-priority' AND NOT resolution THEN
-            remote_wins := ((c ->> 'priority')::integer, (c ->> 'hlc')::bigint, c ->> 'site')
-                           > (loc.priority, loc.hlc, loc.site);
         ELSE
-            remote_wins := ((c ->> 'hlc')::bigint, (c ->> 'priority')::integer, c ->> 'site')
-                           > (loc.hlc, loc.priority, loc.site);
+            remote_wins := pgcourier.later(CASE WHEN resolution THEN NULL ELSE pol END, c, loc);
         END IF;
         IF resolution THEN
             UPDATE pgcourier.conflicts
@@ -306,9 +323,7 @@ BEGIN
             PERFORM pgcourier.clock_emit(jsonb_build_object(
                 'tbl', v_tbl, 'key', k, 'delta_only', true,
                 'old', pgcourier.delta_values(deltas, cur), 'inc', loc.incarnation));
-            SELECT string_agg(format('%I = r.%I', d, d), ', ') INTO sets FROM unnest(deltas) d;
-            EXECUTE format('UPDATE %s t SET %s FROM jsonb_populate_record(NULL::%s, $2) r WHERE %s',
-                           rel, sets, rel, cond) USING k, nr;
+            PERFORM pgcourier.set_deltas(rel, deltas, k, nr);
         END IF;
         RETURN CASE WHEN parked THEN 3 ELSE 2 END;
     END IF;
@@ -356,12 +371,8 @@ BEGIN
                 parked := true;
             ELSIF oloc.hlc IS NULL THEN
                 remote_wins := true;
-            ELSIF pol = 'site-priority' THEN
-                remote_wins := ((c ->> 'priority')::integer, (c ->> 'hlc')::bigint, c ->> 'site')
-                               > (oloc.priority, oloc.hlc, oloc.site);
             ELSE
-                remote_wins := ((c ->> 'hlc')::bigint, (c ->> 'priority')::integer, c ->> 'site')
-                               > (oloc.hlc, oloc.priority, oloc.site);
+                remote_wins := pgcourier.later(pol, c, oloc);
             END IF;
             INSERT INTO pgcourier.conflicts (tbl, key, kind, policy, winner, state,
                                              local_row, local_hlc, local_site,
