@@ -573,7 +573,7 @@ mod tests {
             "ddl-capture",
         );
         refused(
-            &format!("site = \"hq\"\n{both}conflict = \"merge-columns\"\n"),
+            &format!("site = \"hq\"\n{both}conflict = \"first-wins\"\n"),
             "table.conflict",
         );
         refused(

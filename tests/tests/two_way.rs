@@ -1015,6 +1015,10 @@ async fn random_writes(
             if here && rng.gen_bool(0.3) {
                 c.execute("DELETE FROM item WHERE id = $1", &[&id]).await?;
                 w.last.insert(id, None);
+            } else if here && rng.gen_bool(0.25) {
+                // Another column (merge-columns keeps both).
+                c.execute("UPDATE item SET note = $2 WHERE id = $1", &[&id, &v])
+                    .await?;
             } else if here {
                 c.execute("UPDATE item SET v = $2 WHERE id = $1", &[&id, &v])
                     .await?;
@@ -1033,8 +1037,9 @@ async fn random_writes(
 
 /// Headquarters and three branches, every branch cut off, all four
 /// writing the same rows and keys meanwhile (a seeded random workload:
-/// colliding inserts, updates, deletes, stock taken from a `delta`
-/// column), links restored in a random order with kill -9 of a daemon and
+/// colliding inserts, updates of one column or another, deletes, stock
+/// taken from a `delta` column; the policy `last-writer-wins` or
+/// `merge-columns`, drawn), links restored in a random order with kill -9 of a daemon and
 /// an immediate stop of a cluster on the way: all four end identical,
 /// each stock row holds what is left after every site's takings, each
 /// site's last version of a key is either what every site holds or in a
@@ -1064,15 +1069,23 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
         Err(_) => 60,
     };
     let kills = std::env::var("PGCOURIER_CONVERGE_KILLS").as_deref() != Ok("0");
+    // The policy, drawn too (PGCOURIER_CONVERGE_POLICY chooses it).
+    let drawn = if rng.gen_bool(0.5) {
+        "last-writer-wins"
+    } else {
+        "merge-columns"
+    };
+    let policy = std::env::var("PGCOURIER_CONVERGE_POLICY").unwrap_or_else(|_| drawn.to_owned());
+    eprintln!("converge: policy {policy}");
     let n = 3;
     let sites = Sites::start_with(
         "converge",
         n,
-        "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0)",
+        "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0, note text)",
         |site| {
             format!(
                 "site = \"{site}\"\n[[table]]\nname = \"public.item\"\ndirection = \"both\"\n\
-                 delta = [\"qty\"]\n"
+                 conflict = \"{policy}\"\ndelta = [\"qty\"]\n"
             )
         },
     )
@@ -1167,7 +1180,7 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
                     sites.setup.target(k - 1).await?
                 };
                 for sql in [
-                    "SELECT 'row', id::text, v || ' qty ' || qty FROM item ORDER BY id",
+                    "SELECT 'row', id::text, v || ' qty ' || qty || ' note ' || coalesce(note, '-') FROM item ORDER BY id",
                     "SELECT 'clock', key::text, hlc || ' ' || site || ' deleted ' || deleted || ' inc ' \
                      || coalesce(incarnation::text, '-') FROM pgcourier.clock ORDER BY key",
                     "SELECT 'conflict', key::text, kind || ' ' || winner || ' local ' || coalesce(local_row ->> 'v', '-') \
@@ -1227,7 +1240,7 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
             assert_ne!(
                 r.get::<_, String>(2),
                 "open",
-                "nothing is parked under last-writer-wins"
+                "nothing is parked under {policy}"
             );
         }
         conflicts.push(rows.len());
@@ -1370,5 +1383,129 @@ async fn a_deletion_that_found_nothing_at_headquarters_still_reaches_the_other_b
     sites.setup.branches[1].receiver.respawn()?;
     sites.back[1].1.respawn()?;
     sites.converged(Some(0)).await?;
+    Ok(())
+}
+
+/// Policy `merge-columns` (with a `delta` column): two sites changing
+/// different columns of a row while the link is down both keep their
+/// change; the same column changed at both takes the later; stock taken
+/// at both adds up beside a column change; a deletion wins over an update
+/// of the row it removed, even a later one; an update of a row another
+/// insert replaced is dropped. Every such meeting is recorded, and both
+/// sites end with the same rows and clocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_columns_keeps_changes_to_different_columns_from_both_sites() -> anyhow::Result<()> {
+    let table = |site: &str| {
+        format!(
+            "{}conflict = \"merge-columns\"\ndelta = [\"qty\"]\n",
+            two_way_item(site)
+        )
+    };
+    let (setup, _ports, back_sender, hq_receiver) =
+        both_ways("merge", "", [&table("hq"), &table("branch0")]).await?;
+    let logs = || two_site_logs(&setup, &back_sender, &hq_receiver);
+    let hq = setup.source().await?;
+    let branch = setup.target(0).await?;
+    for i in 1..=6 {
+        hq.execute("INSERT INTO item VALUES ($1, 'first', 100)", &[&i])
+            .await?;
+    }
+    let count = "SELECT count(*) FROM item";
+    crate::fixture::wait_count(&branch, count, 6, WAIT)
+        .await
+        .with_context(logs)?;
+
+    setup.branches[0].receiver.terminate()?;
+    hq_receiver.terminate()?;
+    let step = || tokio::time::sleep(Duration::from_millis(5));
+    let writes: [(&tokio_postgres::Client, &str); 10] = [
+        // Row 1: different columns.
+        (&hq, "UPDATE item SET v = 'hq' WHERE id = 1"),
+        (&branch, "UPDATE item SET email = 'b1@branch' WHERE id = 1"),
+        // Row 2: the same column; the branch's is later.
+        (&hq, "UPDATE item SET v = 'older' WHERE id = 2"),
+        (&branch, "UPDATE item SET v = 'newer' WHERE id = 2"),
+        // Row 3: stock taken at both, beside a change of another column.
+        (&hq, "UPDATE item SET v = 'hq', qty = qty - 3 WHERE id = 3"),
+        (
+            &branch,
+            "UPDATE item SET email = 'b3@branch', qty = qty - 4 WHERE id = 3",
+        ),
+        // Row 4: deleted at headquarters, updated later at the branch.
+        (&hq, "DELETE FROM item WHERE id = 4"),
+        (&branch, "UPDATE item SET v = 'too late' WHERE id = 4"),
+        // Row 5: the branch updates, then headquarters deletes and
+        // inserts the key again (a new incarnation).
+        (&branch, "UPDATE item SET email = 'b5@branch' WHERE id = 5"),
+        (
+            &hq,
+            "DELETE FROM item WHERE id = 5; INSERT INTO item VALUES (5, 'reborn', 7)",
+        ),
+    ];
+    for (site, sql) in writes {
+        site.batch_execute(sql).await?;
+        step().await;
+    }
+    setup.branches[0].receiver.respawn()?;
+    hq_receiver.respawn()?;
+    crate::fixture::wait_count(&hq, count, 5, WAIT)
+        .await
+        .with_context(logs)?;
+    pgcourier_tests::wait_tables_equal(&hq, &branch, &["public.item"], WAIT)
+        .await
+        .with_context(logs)?;
+    let rows = "SELECT id, v, qty, coalesce(email, '-') FROM item ORDER BY id";
+    let want = vec![
+        "1 hq 100 b1@branch",
+        "2 newer 100 -",
+        "3 hq 93 b3@branch",
+        "5 reborn 7 -",
+        "6 first 100 -",
+    ];
+    for (site, c) in [("headquarters", &hq), ("the branch", &branch)] {
+        let got: Vec<String> = c
+            .query(rows, &[])
+            .await?
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} {}",
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, i32>(2),
+                    r.get::<_, String>(3)
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "rows at {site}\n{}", logs());
+    }
+    let clocks = "SELECT key::text, hlc, site, deleted, coalesce(cols::text, '') \
+                  FROM pgcourier.clock ORDER BY 1";
+    let clock_lines = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} {} {}",
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, bool>(3),
+                    r.get::<_, String>(4)
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        clock_lines(hq.query(clocks, &[]).await?),
+        clock_lines(branch.query(clocks, &[]).await?),
+        "the sites' row and column clocks differ"
+    );
+    // Rows 1 to 5 each met a change the writer had not seen, at each site.
+    let met = "SELECT DISTINCT (key ->> 'id')::int FROM pgcourier.conflicts \
+               WHERE policy = 'merge-columns' ORDER BY 1";
+    for (site, c) in [("headquarters", &hq), ("the branch", &branch)] {
+        let ids: Vec<i32> = c.query(met, &[]).await?.iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5], "conflicts recorded at {site}");
+    }
     Ok(())
 }

@@ -37,6 +37,22 @@
 //! conflict, whoever won, is a row of `pgcourier.conflicts` with both
 //! versions, in the apply transaction.
 //!
+//! Policy `merge-columns`: each row also keeps a clock per column
+//! (`pgcourier.clock.cols`, `{column: [hlc, priority, site]}`; `delta`
+//! columns have none), set by the trigger for the columns a write changed,
+//! and the clock message names them (`cols`). Within one incarnation of
+//! the row, each column the writer set takes the later of its clock and
+//! the column's clock here, so changes to different columns both survive
+//! and the same column goes to the later writer; a deletion removes the
+//! incarnation it saw whatever its clock (an update arriving after it is
+//! dropped, and one already applied does not save the row); an insert
+//! starts a new incarnation and the later incarnation (its insert's clock)
+//! replaces the row whole. A change whose clock is its incarnation's is
+//! an insert whatever op it arrives as (headquarters applies an insert
+//! over its own row as an update, and forwards that). Every such meeting
+//! the writer had not seen is recorded like any conflict (winner
+//! `remote` when a column of the arriving version was taken).
+//!
 //! **Convergence.** Each row ends, at every site that has received every
 //! version, as the version with the highest `(hlc, priority, site)`: a
 //! total order, the same at every site, whatever the order of arrival.
@@ -52,11 +68,13 @@ use super::quote_ident;
 pub use pgcourier_proto::cutter::CLOCK_PREFIX;
 
 /// The policies built: the higher `(hlc, priority, site)` wins; the
-/// higher `(priority, hlc, site)` wins; parked for an operator.
+/// higher `(priority, hlc, site)` wins; parked for an operator; column by
+/// column, the later clock wins.
 pub const LAST_WRITER_WINS: &str = "last-writer-wins";
 pub const SITE_PRIORITY: &str = "site-priority";
 pub const MANUAL: &str = "manual";
-pub const POLICIES: [&str; 3] = [LAST_WRITER_WINS, SITE_PRIORITY, MANUAL];
+pub const MERGE_COLUMNS: &str = "merge-columns";
+pub const POLICIES: [&str; 4] = [LAST_WRITER_WINS, SITE_PRIORITY, MANUAL, MERGE_COLUMNS];
 
 /// The SQL that installs (or replaces) the clock and conflict tables and
 /// functions (`conflict.sql`), and records this site's name and priority.

@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS pgcourier.two_way (
     -- Numeric columns whose concurrent changes add up (stock, balance).
     delta text[] NOT NULL DEFAULT '{}'
 );
+ALTER TABLE pgcourier.two_way DROP CONSTRAINT IF EXISTS two_way_policy_check;
+ALTER TABLE pgcourier.two_way ADD CONSTRAINT two_way_policy_check CHECK (policy IN (@POLICIES@));
 CREATE TABLE IF NOT EXISTS pgcourier.clock (
     tbl text NOT NULL,
     key jsonb NOT NULL,
@@ -29,6 +31,11 @@ CREATE TABLE IF NOT EXISTS pgcourier.clock (
     PRIMARY KEY (tbl, key)
 );
 ALTER TABLE pgcourier.clock ADD COLUMN IF NOT EXISTS incarnation bigint;
+-- merge-columns tables: each column's clock, {"column": [hlc, priority,
+-- site]}, of the write that last set it in this incarnation (a column
+-- not in it: never written since the row was copied; delta columns have
+-- none, their changes add up).
+ALTER TABLE pgcourier.clock ADD COLUMN IF NOT EXISTS cols jsonb;
 CREATE TABLE IF NOT EXISTS pgcourier.conflicts (
     id bigserial PRIMARY KEY,
     at timestamptz NOT NULL DEFAULT now(),
@@ -88,6 +95,13 @@ END
 $pgcourier$;
 REVOKE ALL ON FUNCTION pgcourier.clock_emit(jsonb) FROM PUBLIC;
 
+-- Column clocks: `cols` with each named column's clock set to (h, p, s).
+CREATE OR REPLACE FUNCTION pgcourier.set_col_clocks(cols jsonb, names text[], h bigint, p integer, s text)
+RETURNS jsonb LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $pgcourier$
+    SELECT coalesce(cols, '{}') || coalesce(jsonb_object_agg(n, jsonb_build_array(h, p, s)), '{}')
+      FROM unnest(names) n
+$pgcourier$;
+
 -- A local write to a two-way table: the row's new clock, and for an
 -- update the old values of its delta columns (what the writer changed
 -- them from).
@@ -105,6 +119,9 @@ DECLARE
     old_values jsonb := '{}';
     col text;
     inc bigint;
+    pol text;
+    changed text[];
+    cols jsonb;
 BEGIN
     k := pgcourier.row_key(TG_RELID, r);
     IF TG_OP = 'UPDATE' AND k IS DISTINCT FROM pgcourier.row_key(TG_RELID, to_jsonb(OLD)) THEN
@@ -112,8 +129,8 @@ BEGIN
             USING HINT = 'delete the row and insert it with its new key';
     END IF;
     SELECT * INTO loc FROM pgcourier.clock c WHERE c.tbl = v_tbl AND c.key = k FOR UPDATE;
+    SELECT w.policy, w.delta INTO pol, deltas FROM pgcourier.two_way w WHERE w.tbl = TG_RELID;
     IF TG_OP = 'UPDATE' THEN
-        SELECT w.delta INTO deltas FROM pgcourier.two_way w WHERE w.tbl = TG_RELID;
         FOREACH col IN ARRAY coalesce(deltas, '{}') LOOP
             old_values := old_values || jsonb_build_object(col, to_jsonb(OLD) -> col);
         END LOOP;
@@ -132,14 +149,30 @@ BEGIN
     h := greatest((extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16,
                   coalesce(loc.hlc, 0) + 1);
     inc := CASE WHEN TG_OP = 'INSERT' THEN h ELSE loc.incarnation END;
-    INSERT INTO pgcourier.clock AS c (tbl, key, hlc, site, priority, deleted, incarnation)
-        VALUES (v_tbl, k, h, me.name, me.priority, TG_OP = 'DELETE', inc)
+    IF pol = 'merge-columns' THEN
+        -- The columns this write set, each now with this clock.
+        IF TG_OP <> 'DELETE' THEN
+            SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO changed
+              FROM pg_attribute a
+             WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = '' AND NOT a.attname = ANY (coalesce(deltas, '{}'))
+               AND (TG_OP = 'INSERT'
+                    OR to_jsonb(NEW) -> a.attname::text IS DISTINCT FROM to_jsonb(OLD) -> a.attname::text);
+        END IF;
+        cols := CASE WHEN TG_OP = 'INSERT' THEN pgcourier.set_col_clocks(NULL, changed, h, me.priority, me.name)
+                     WHEN TG_OP = 'UPDATE' THEN pgcourier.set_col_clocks(loc.cols, changed, h, me.priority, me.name) END;
+    END IF;
+    INSERT INTO pgcourier.clock AS c (tbl, key, hlc, site, priority, deleted, incarnation, cols)
+        VALUES (v_tbl, k, h, me.name, me.priority, TG_OP = 'DELETE', inc, cols)
         ON CONFLICT (tbl, key) DO UPDATE
         SET hlc = EXCLUDED.hlc, site = EXCLUDED.site, priority = EXCLUDED.priority,
-            deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation;
+            deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation, cols = EXCLUDED.cols;
     body := jsonb_build_object(
         'tbl', v_tbl, 'key', k, 'hlc', h, 'site', me.name, 'priority', me.priority,
         'base_hlc', loc.hlc, 'base_site', loc.site, 'inc', inc, 'deleted', TG_OP = 'DELETE');
+    IF changed IS NOT NULL THEN
+        body := body || jsonb_build_object('cols', to_jsonb(changed));
+    END IF;
     IF old_values <> '{}' THEN
         body := body || jsonb_build_object('old', old_values);
     END IF;
@@ -231,6 +264,14 @@ DECLARE
     other jsonb;
     okey jsonb;
     oloc pgcourier.clock;
+    stored jsonb;
+    local_row jsonb;
+    same_row boolean;
+    mop text;
+    merged_some boolean := true;
+    col text;
+    lc jsonb;
+    mcols jsonb;
 BEGIN
     -- One applying transaction at a time changes two-way tables here:
     -- headquarters' receivers, one per branch, would otherwise deadlock
@@ -251,6 +292,7 @@ BEGIN
     -- The row, then its clock: the order a local write locks them in
     -- (the row, then the stamping trigger's clock row).
     EXECUTE format('SELECT to_jsonb(t) FROM %s t WHERE %s FOR UPDATE', rel, cond) INTO cur USING k;
+    local_row := cur;
     IF c IS NOT NULL THEN
         SELECT * INTO loc FROM pgcourier.clock WHERE tbl = v_tbl AND key = k FOR UPDATE;
         -- Increments add up within one incarnation of the row: one that
@@ -298,6 +340,69 @@ BEGIN
     IF op = 'U' AND cur IS NOT NULL AND c ? 'old' AND same_inc THEN
         nr := pgcourier.add_deltas(deltas, nr, c -> 'old', cur);
     END IF;
+    IF pol = 'merge-columns' AND c IS NOT NULL THEN
+        -- Column by column within one incarnation of the row; a deletion
+        -- wins over the updates of the incarnation it removed; a later
+        -- insert (a new incarnation) replaces the row whole.
+        same_row := loc.incarnation IS NOT DISTINCT FROM (c ->> 'inc')::bigint;
+        -- The write that made the incarnation (its clock is the
+        -- incarnation's), whatever op it arrives as: a site that applied
+        -- an insert over its own row forwards it as an update.
+        mop := CASE WHEN op <> 'D' AND c ->> 'inc' = c ->> 'hlc' THEN 'I' ELSE op END;
+        stored := jsonb_build_object('hlc', c -> 'hlc', 'site', c -> 'site',
+                                     'priority', c -> 'priority', 'deleted', op = 'D',
+                                     'inc', c -> 'inc');
+        IF mop = 'I' AND NOT same_row THEN
+            remote_wins := loc.hlc IS NULL
+                OR coalesce(loc.incarnation, 0) < (c ->> 'inc')::bigint;
+            stored := stored || jsonb_build_object('cols', pgcourier.set_col_clocks(NULL,
+                ARRAY(SELECT n FROM jsonb_object_keys(nr) n WHERE NOT n = ANY (deltas)),
+                (c ->> 'hlc')::bigint,
+                (c ->> 'priority')::integer, c ->> 'site'));
+        ELSIF op = 'D' THEN
+            -- Already gone here: the tombstone keeps the later deletion's clock.
+            remote_wins := same_row
+                AND (cur IS NOT NULL OR loc.hlc IS NULL OR pgcourier.later(NULL, c, loc));
+        ELSIF cur IS NULL OR NOT same_row THEN
+            -- An update of a row deleted here, or of an incarnation
+            -- another insert replaced.
+            remote_wins := false;
+        ELSE
+            -- Each column the writer set takes the later of its two
+            -- clocks.
+            mcols := coalesce(loc.cols, '{}');
+            merged_some := false;
+            FOR col IN SELECT jsonb_array_elements_text(CASE WHEN mop = 'I'
+                           THEN to_jsonb(ARRAY(SELECT jsonb_object_keys(nr)))
+                           ELSE coalesce(c -> 'cols', '[]') END) LOOP
+                CONTINUE WHEN NOT nr ? col OR col = ANY (deltas);
+                lc := mcols -> col;
+                IF lc IS NULL OR ((c ->> 'hlc')::bigint, (c ->> 'priority')::integer, c ->> 'site')
+                                    > ((lc ->> 0)::bigint, (lc ->> 1)::integer, lc ->> 2) THEN
+                    cur := jsonb_set(cur, ARRAY[col], nr -> col);
+                    mcols := pgcourier.set_col_clocks(mcols, ARRAY[col], (c ->> 'hlc')::bigint,
+                                                      (c ->> 'priority')::integer, c ->> 'site');
+                    merged_some := true;
+                END IF;
+            END LOOP;
+            -- Delta columns: the writer's increments, added above; an
+            -- insert's values (two inserts of one incarnation) by clock.
+            IF (op = 'U' AND c ? 'old' AND same_inc)
+               OR (mop = 'I' AND pgcourier.later(NULL, c, loc)) THEN
+                FOREACH col IN ARRAY deltas LOOP
+                    IF nr ? col THEN
+                        cur := jsonb_set(cur, ARRAY[col], nr -> col);
+                    END IF;
+                END LOOP;
+            END IF;
+            nr := cur;
+            remote_wins := true;
+            stored := CASE WHEN loc.hlc IS NULL OR pgcourier.later(NULL, c, loc) THEN stored
+                           ELSE jsonb_build_object('hlc', loc.hlc, 'site', loc.site,
+                                                   'priority', loc.priority, 'deleted', false)
+                      END || jsonb_build_object('inc', loc.incarnation, 'cols', mcols);
+        END IF;
+    END IF;
     IF conflict THEN
         INSERT INTO pgcourier.conflicts (tbl, key, kind, policy, winner, state,
                                          local_row, local_hlc, local_site,
@@ -310,9 +415,9 @@ BEGIN
                      WHEN cur IS NULL THEN 'update/delete'
                      ELSE 'update/update' END,
                 pol,
-                CASE WHEN remote_wins THEN 'remote' ELSE 'local' END,
+                CASE WHEN remote_wins AND merged_some THEN 'remote' ELSE 'local' END,
                 CASE WHEN parked THEN 'open' ELSE 'resolved' END,
-                cur, loc.hlc, loc.site,
+                local_row, loc.hlc, loc.site,
                 CASE WHEN op = 'D' THEN NULL ELSE typed END,
                 (c ->> 'hlc')::bigint, c ->> 'site');
     END IF;
@@ -330,11 +435,11 @@ BEGIN
     IF c IS NOT NULL AND c ? 'old' AND op = 'U' AND cur IS NOT NULL AND same_inc THEN
         -- Forwarded with increments measured from this site's values when
         -- they were added here (else as the writer measured them).
-        c := c || jsonb_build_object('old', pgcourier.delta_values(deltas, cur));
+        c := c || jsonb_build_object('old', pgcourier.delta_values(deltas, local_row));
     END IF;
     IF op = 'D' OR NOT EXISTS (SELECT 1 FROM pg_index i
                                 WHERE i.indrelid = rel AND i.indisunique AND NOT i.indisprimary) THEN
-        PERFORM pgcourier.write_change(rel, v_tbl, k, c, op, nr, cur);
+        PERFORM pgcourier.write_change(rel, v_tbl, k, c, op, nr, cur, stored);
         RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
     END IF;
     -- A unique index besides the primary key: the row may clash there
@@ -343,7 +448,7 @@ BEGIN
     -- stays; the other is deleted here (every site decides the same).
     FOR attempt IN 1..8 LOOP
         BEGIN
-            PERFORM pgcourier.write_change(rel, v_tbl, k, c, op, nr, cur);
+            PERFORM pgcourier.write_change(rel, v_tbl, k, c, op, nr, cur, stored);
             RETURN CASE WHEN conflict THEN 1 ELSE 0 END;
         EXCEPTION WHEN unique_violation THEN
             GET STACKED DIAGNOSTICS clash = CONSTRAINT_NAME;
@@ -417,22 +522,27 @@ REVOKE ALL ON FUNCTION pgcourier.apply_orphan_clock(text) FROM PUBLIC;
 -- The write apply_change decided on: the row's clock becomes the
 -- change's (emitted again, so that headquarters forwards it), then the
 -- row is deleted or upserted.
+-- `stored`: the clock the row keeps when it is not the change's (a
+-- merge-columns row: the later of the two, and its column clocks).
+DROP FUNCTION IF EXISTS pgcourier.write_change(regclass, text, jsonb, jsonb, text, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION pgcourier.write_change(
-    rel regclass, v_tbl text, k jsonb, c jsonb, op text, nr jsonb, cur jsonb) RETURNS void
+    rel regclass, v_tbl text, k jsonb, c jsonb, op text, nr jsonb, cur jsonb, stored jsonb) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $pgcourier$
 DECLARE
     cond text := pgcourier.key_cond(rel);
     cols text;
     vals text;
     sets text;
+    st jsonb;
 BEGIN
     IF c IS NOT NULL THEN
-        INSERT INTO pgcourier.clock (tbl, key, hlc, site, priority, deleted, incarnation)
-            VALUES (v_tbl, k, (c ->> 'hlc')::bigint, c ->> 'site', (c ->> 'priority')::integer,
-                    op = 'D', (c ->> 'inc')::bigint)
+        st := coalesce(stored, c);
+        INSERT INTO pgcourier.clock (tbl, key, hlc, site, priority, deleted, incarnation, cols)
+            VALUES (v_tbl, k, (st ->> 'hlc')::bigint, st ->> 'site', (st ->> 'priority')::integer,
+                    op = 'D', (st ->> 'inc')::bigint, st -> 'cols')
             ON CONFLICT (tbl, key) DO UPDATE
             SET hlc = EXCLUDED.hlc, site = EXCLUDED.site, priority = EXCLUDED.priority,
-                deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation;
+                deleted = EXCLUDED.deleted, incarnation = EXCLUDED.incarnation, cols = EXCLUDED.cols;
         PERFORM pgcourier.clock_emit(c);
     END IF;
     IF op = 'D' THEN
@@ -457,7 +567,7 @@ BEGIN
     END IF;
 END
 $pgcourier$;
-REVOKE ALL ON FUNCTION pgcourier.write_change(regclass, text, jsonb, jsonb, text, jsonb, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgcourier.write_change(regclass, text, jsonb, jsonb, text, jsonb, jsonb, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgcourier.apply_change(regclass, text, text, jsonb, jsonb) FROM PUBLIC;
 
 -- An operator's decision on a parked conflict (`pgcourier-queue conflicts

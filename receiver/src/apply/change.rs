@@ -25,6 +25,7 @@ impl Apply {
         record: &Record,
     ) -> Result<u32, ApplyError> {
         let mut changes = 0;
+        s.two_way_rechecked.clear();
         for piece in &record.pieces {
             let owned;
             let bytes: &[u8] = match piece {
@@ -164,6 +165,17 @@ impl Apply {
             s.sequences.note_row(&target.sequences, new);
         }
         let clock = s.clock.take();
+        if clock.is_some() && !target.two_way && s.two_way_rechecked.insert(oid) {
+            // The writing site stamps this table: this site may have
+            // registered it since the table was mapped (its own sender
+            // starting after this receiver). Once a record at most.
+            let table = target.table.clone();
+            let two_way = self.is_two_way(s, &table).await?;
+            if let Some(map) = s.targets.get_mut(&oid) {
+                map.two_way = two_way;
+            }
+        }
+        let target = &s.targets[&oid];
         if target.two_way {
             return self.queue_two_way(s, oid, op, old, new, clock).await;
         }

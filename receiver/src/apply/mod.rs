@@ -150,6 +150,9 @@ struct Session {
     /// `pgcourier.apply_orphan_clock`, looked up on first use: `Some(None)`
     /// where the target has no two-way tables.
     orphan: Option<Option<Statement>>,
+    /// Tables mapped as one-way whose registration was looked up again in
+    /// this record, since a change to them came with a row clock.
+    two_way_rechecked: std::collections::HashSet<u32>,
 }
 
 /// The source transactions being grouped into one target transaction.
@@ -325,6 +328,7 @@ impl Apply {
             clock: None,
             two_way: None,
             orphan: None,
+            two_way_rechecked: Default::default(),
         };
         self.status.lock().expect("status lock").copy = None;
         for raw in self.inbox.relations()? {
