@@ -210,9 +210,13 @@ pub struct SenderConfig {
     pub site_priority: i32,
     /// Tables written at several sites (`[[table]] direction = "both"`).
     pub two_way: Vec<TwoWayTable>,
-    /// `ship-tables = "two-way"`: ship the two-way tables only (a branch);
-    /// a local write to any other published table is left out and
-    /// reported. `false` (`"all"`, the default): every published table.
+    /// Tables written at the branches only (`direction = "up"`),
+    /// `schema.name`: a branch ships them, headquarters never does.
+    pub up: Vec<String>,
+    /// `ship-tables = "two-way"`: ship the two-way and `up` tables only (a
+    /// branch); a local write to any other published table is left out
+    /// and reported. `false` (`"all"`, the default): every published
+    /// table but the `up` ones.
     pub ship_two_way_only: bool,
     pub spool_dir: PathBuf,
     pub cert: PathBuf,
@@ -274,6 +278,18 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl SenderConfig {
+    /// Whether this sender ships table `name` (`schema.name`): a branch
+    /// (`ship-tables = "two-way"`) its two-way and `up` tables,
+    /// headquarters every table but the `up` ones.
+    pub fn ships(&self, name: &str) -> bool {
+        let up = self.up.iter().any(|t| t == name);
+        if self.ship_two_way_only {
+            up || self.two_way.iter().any(|t| t.name == name)
+        } else {
+            !up
+        }
+    }
+
     pub fn load(path: &Path) -> Result<SenderConfig, ConfigError> {
         let (raw, transport, password): (RawSenderConfig, TransportSettings, PasswordSource) =
             config::load_toml(path)?;
@@ -421,9 +437,21 @@ impl SenderConfig {
             return Err(invalid("spool-max-bytes", "must be at least 64KiB"));
         }
         let mut two_way = Vec::new();
+        let mut up = Vec::new();
+        let qualified = |name: &str| match name.split_once('.') {
+            Some(_) => name.to_owned(),
+            None => format!("public.{name}"),
+        };
         for t in &raw.table_settings {
+            if t.direction != "both" && (t.conflict.is_some() || !t.delta.is_empty()) {
+                return Err(invalid(
+                    "table.conflict",
+                    format!("table {}: conflict and delta are for tables written at every site (direction = \"both\"); a {:?} table has one writer", t.name, t.direction),
+                ));
+            }
             match t.direction.as_str() {
                 "down" => {}
+                "up" => up.push(qualified(&t.name)),
                 "both" => {
                     let policy = t.conflict.clone().unwrap_or_else(|| LAST_WRITER_WINS.into());
                     if !POLICIES.contains(&policy.as_str()) {
@@ -438,10 +466,7 @@ impl SenderConfig {
                     }
                     two_way.push(TwoWayTable {
                         table: quote_table(&t.name),
-                        name: match t.name.split_once('.') {
-                            Some(_) => t.name.clone(),
-                            None => format!("public.{}", t.name),
-                        },
+                        name: qualified(&t.name),
                         policy,
                         delta: t.delta.clone(),
                     });
@@ -449,24 +474,24 @@ impl SenderConfig {
                 other => {
                     return Err(invalid(
                         "table.direction",
-                        format!("table {}: direction = {other:?}: \"down\" (headquarters to branches, the default) or \"both\" (written at every site)", t.name),
+                        format!("table {}: direction = {other:?}: \"down\" (headquarters to branches, the default), \"up\" (branches to headquarters) or \"both\" (written at every site)", t.name),
                     ))
                 }
             }
         }
         let ship_two_way_only = match raw.ship_tables.as_str() {
             "all" => false,
-            "two-way" if two_way.is_empty() => {
+            "two-way" if two_way.is_empty() && up.is_empty() => {
                 return Err(invalid(
                     "ship-tables",
-                    "\"two-way\" ships the tables with direction = \"both\", and there is none: add [[table]] entries, or ship all",
+                    "\"two-way\" ships the tables with direction = \"both\" or \"up\", and there is none: add [[table]] entries, or ship all",
                 ))
             }
             "two-way" => true,
             other => {
                 return Err(invalid(
                     "ship-tables",
-                    format!("{other:?}: \"all\" (headquarters, the default) or \"two-way\" (a branch: only the tables written at every site go up)"),
+                    format!("{other:?}: \"all\" (headquarters, the default) or \"two-way\" (a branch: only the tables written here, direction = \"both\" or \"up\", go up)"),
                 ))
             }
         };
@@ -486,6 +511,7 @@ impl SenderConfig {
         }
         Ok(SenderConfig {
             ship_two_way_only,
+            up,
             site: raw.site,
             site_priority: raw.site_priority,
             two_way,
@@ -577,9 +603,20 @@ mod tests {
             "table.conflict",
         );
         refused(
-            "[[table]]\nname = \"t\"\ndirection = \"up\"\n",
+            "[[table]]\nname = \"t\"\ndirection = \"sideways\"\n",
             "table.direction",
         );
+        refused(
+            "[[table]]\nname = \"t\"\ndirection = \"up\"\nconflict = \"manual\"\n",
+            "table.conflict",
+        );
+        // Up tables: a branch ships them, headquarters does not.
+        let up = "[[table]]\nname = \"orders\"\ndirection = \"up\"\n";
+        let hq = load_with(up).unwrap();
+        assert_eq!(hq.up, vec!["public.orders".to_owned()]);
+        assert!(!hq.ships("public.orders") && hq.ships("public.prices"));
+        let shop = load_with(&format!("ship-tables = \"two-way\"\n{up}")).unwrap();
+        assert!(shop.ships("public.orders") && !shop.ships("public.prices"));
         refused("ship-tables = \"two-way\"\n", "ship-tables");
         let branch =
             load_with(&format!("site = \"b\"\nship-tables = \"two-way\"\n{both}")).unwrap();

@@ -1509,3 +1509,67 @@ async fn merge_columns_keeps_changes_to_different_columns_from_both_sites() -> a
     }
     Ok(())
 }
+
+/// A table written at the branches only (`direction = "up"`, orders taken
+/// at shops): each branch's rows reach headquarters, and go no further;
+/// headquarters' own write to it is reported, not shipped down; the
+/// one-way tables still come down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_written_at_the_branches_goes_up_to_headquarters_only() -> anyhow::Result<()> {
+    let up = "[[table]]\nname = \"public.orders\"\ndirection = \"up\"\n";
+    let sites = Sites::start_with(
+        "up",
+        2,
+        "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL); \
+         CREATE TABLE orders (id int PRIMARY KEY, shop text NOT NULL)",
+        |site| {
+            if site == "hq" {
+                up.to_owned()
+            } else {
+                format!("ship-tables = \"two-way\"\n{up}")
+            }
+        },
+    )
+    .await?;
+    let logs = || sites.logs();
+    let hq = sites.setup.source().await?;
+    let b0 = sites.setup.target(0).await?;
+    let b1 = sites.setup.target(1).await?;
+    hq.batch_execute("INSERT INTO orders VALUES (1, 'hq')")
+        .await?;
+    for i in 0..5 {
+        b0.execute("INSERT INTO orders VALUES ($1, 'branch0')", &[&(100 + i)])
+            .await?;
+        b1.execute("INSERT INTO orders VALUES ($1, 'branch1')", &[&(200 + i)])
+            .await?;
+    }
+    let orders = "SELECT count(*) FROM orders";
+    crate::fixture::wait_count(&hq, orders, 11, WAIT)
+        .await
+        .with_context(logs)?;
+    // Headquarters' next transaction comes down after anything it would
+    // have forwarded.
+    hq.batch_execute("INSERT INTO item VALUES (1, 'after')")
+        .await?;
+    for b in [&b0, &b1] {
+        crate::fixture::wait_count(b, "SELECT count(*) FROM item", 1, WAIT)
+            .await
+            .with_context(logs)?;
+    }
+    for (name, b) in [("branch0", &b0), ("branch1", &b1)] {
+        let shops: Vec<String> = b
+            .query("SELECT DISTINCT shop FROM orders", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(shops, vec![name.to_owned()], "orders at {name}\n{}", logs());
+    }
+    // Headquarters' own order and the ten it applied: left out, counted.
+    let status = admin_status(sites.ports[0]).await?;
+    assert_eq!(
+        status["one_way_writes"]["public.orders"], 11,
+        "headquarters' sender: {status}"
+    );
+    Ok(())
+}

@@ -51,7 +51,7 @@ impl Capture {
         txn: &CopyTxn,
         started: Instant,
     ) -> Result<(SeedSummary, Synced<Lsn>), CaptureError> {
-        let tables = copy::published_tables(&cut.client, &self.cfg.publication).await?;
+        let tables = copy::published_tables(&cut.client, &self.cfg).await?;
         let (meta, relations) = copy::describe(cut, &tables, "seed").await?;
         let identity =
             pgcourier_common::transport::tls::load_identity(&self.cfg.cert, &self.cfg.key)

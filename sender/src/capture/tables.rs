@@ -49,7 +49,7 @@ impl Capture {
         if self.copy_state.initial_done {
             return Ok(());
         }
-        let published = copy::published_tables(client, &self.cfg.publication).await?;
+        let published = copy::published_tables(client, &self.cfg).await?;
         if self.cfg.initial_copy {
             tracing::info!(
                 tables = published.len(),
@@ -81,7 +81,7 @@ impl Capture {
     /// comes back it is copied again. (Looked at every few seconds: a table
     /// dropped and added back between two looks is not noticed.)
     pub(super) async fn find_new_tables(&mut self, client: &Client) -> Result<(), CaptureError> {
-        let published = copy::published_tables(client, &self.cfg.publication).await?;
+        let published = copy::published_tables(client, &self.cfg).await?;
         let mut changed = false;
         let gone: Vec<u32> = self
             .copy_state
@@ -131,7 +131,7 @@ impl Capture {
             return self.start_cut(client, Job::Seed(req), shutdown).await;
         }
         if let Some(name) = self.spool.needs_copy().into_iter().next() {
-            let tables = copy::published_tables(client, &self.cfg.publication).await?;
+            let tables = copy::published_tables(client, &self.cfg).await?;
             let job = Job::Copy {
                 tables,
                 reason: format!("new receiver {name}"),
@@ -166,7 +166,7 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         let tables = match &job {
             Job::Copy { tables, .. } => tables.clone(),
-            Job::Seed(_) => copy::published_tables(client, &self.cfg.publication).await?,
+            Job::Seed(_) => copy::published_tables(client, &self.cfg).await?,
         };
         let mut backoff = crate::Backoff::new(self.cfg.max_backoff);
         let cut = loop {

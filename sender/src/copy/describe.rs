@@ -14,15 +14,21 @@ use pgcourier_proto::pgoutput::{Column, Relation, ReplicaIdentity};
 use tokio_postgres::Client;
 
 use super::{CopyError, Cut};
+use crate::config::SenderConfig;
 use crate::source::SourceError;
 
-/// The OIDs of the tables in the publication now, but for pgcourier's own
-/// (schema `pgcourier`: the DDL key, which `FOR ALL TABLES` publishes),
-/// which are never copied, as capture never carries them.
-pub async fn published_tables(client: &Client, publication: &str) -> Result<Vec<u32>, SourceError> {
+/// The OIDs of the tables in the publication now that this sender ships
+/// (`SenderConfig::ships`), but for pgcourier's own (schema `pgcourier`:
+/// the DDL key, which `FOR ALL TABLES` publishes), which are never copied,
+/// as capture never carries them.
+pub async fn published_tables(
+    client: &Client,
+    cfg: &SenderConfig,
+) -> Result<Vec<u32>, SourceError> {
+    let publication = &cfg.publication;
     let rows = client
         .query(
-            "SELECT c.oid FROM pg_publication_tables p \
+            "SELECT c.oid, p.schemaname::text || '.' || p.tablename::text FROM pg_publication_tables p \
              JOIN pg_namespace n ON n.nspname = p.schemaname \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
              WHERE p.pubname = $1 AND p.schemaname <> $2 ORDER BY 1",
@@ -30,7 +36,11 @@ pub async fn published_tables(client: &Client, publication: &str) -> Result<Vec<
         )
         .await
         .map_err(|e| SourceError::query("list the publication's tables", e))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows
+        .iter()
+        .filter(|r| cfg.ships(r.get(1)))
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// What a publication publishes of one table (`pg_publication_tables`):

@@ -262,6 +262,8 @@ pub struct Cutter {
     /// The tables shipped (`schema.name`), when not all are
     /// ([`Cutter::only_tables`]).
     only: Option<BTreeSet<String>>,
+    /// Tables never shipped (`schema.name`: [`Cutter::except_tables`]).
+    except: BTreeSet<String>,
     /// Relations seen in this stream of tables not shipped, by name.
     one_way: BTreeMap<u32, String>,
     /// Origin names (after [`ORIGIN_PREFIX`]) of the sites of this
@@ -283,6 +285,7 @@ impl Cutter {
             ddl_key: None,
             own: BTreeSet::new(),
             only: None,
+            except: BTreeSet::new(),
             one_way: BTreeMap::new(),
             forward: BTreeMap::new(),
         }
@@ -294,6 +297,15 @@ impl Cutter {
     /// the branches). `None`: every published table.
     pub fn only_tables(mut self, tables: Option<BTreeSet<String>>) -> Cutter {
         self.only = tables;
+        self
+    }
+
+    /// Never ship these tables (`schema.name`): headquarters' sender and
+    /// the tables written at the branches only (`direction = "up"`); a
+    /// local write to one, or a branch's forwarded, is left out and
+    /// counted in [`BatchSummary::one_way`] like the others.
+    pub fn except_tables(mut self, tables: BTreeSet<String>) -> Cutter {
+        self.except = tables;
         self
     }
 
@@ -658,13 +670,13 @@ impl Cutter {
             self.own.remove(&rel.oid);
         }
         let name = format!("{}.{}", rel.schema, rel.name);
-        match &self.only {
-            Some(only) if rel.schema != OWN_SCHEMA && !only.contains(&name) => {
-                self.one_way.insert(rel.oid, name);
-            }
-            _ => {
-                self.one_way.remove(&rel.oid);
-            }
+        let shipped = rel.schema == OWN_SCHEMA
+            || (self.only.as_ref().is_none_or(|only| only.contains(&name))
+                && !self.except.contains(&name));
+        if shipped {
+            self.one_way.remove(&rel.oid);
+        } else {
+            self.one_way.insert(rel.oid, name);
         }
         Ok(())
     }

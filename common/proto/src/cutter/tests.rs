@@ -626,6 +626,44 @@ fn a_site_that_ships_its_two_way_tables_only_counts_its_writes_to_the_others() {
     );
 }
 
+/// Headquarters' sender leaves out a table written at the branches only
+/// (`except_tables`), its own writes to it and a TRUNCATE of it included.
+#[test]
+fn a_table_written_at_the_branches_only_is_not_shipped_down() {
+    let truncate = encode(&Message::Truncate {
+        cascade: false,
+        restart_identity: false,
+        rels: vec![A, B],
+    });
+    let mut stream = txn(
+        0x100,
+        1,
+        vec![relation(A), relation(B), insert(B, "b1"), insert(A, "1")],
+    );
+    stream.extend(txn(0x200, 2, vec![insert(B, "b2"), truncate]));
+    let mut tables = synced(&[A, B]);
+    let up = BTreeSet::from([format!("public.t{B}")]);
+    let mut cutter = Cutter::new(1, Lsn::ZERO).except_tables(up);
+    let mut records = Vec::new();
+    for m in &stream {
+        records.extend(cutter.message(m, &mut tables).expect("carried on").records);
+    }
+    let summary = cutter.finish().expect("whole");
+    let kept_truncate = encode(&Message::Truncate {
+        cascade: false,
+        restart_identity: false,
+        rels: vec![A],
+    });
+    assert_eq!(
+        reassemble(&records),
+        vec![relation(A), insert(A, "1"), kept_truncate]
+    );
+    assert_eq!(
+        summary.one_way,
+        BTreeMap::from([(format!("public.t{B}"), 2)])
+    );
+}
+
 fn own_relation(oid: u32) -> Vec<u8> {
     encode(&Message::Relation(Relation {
         oid,
