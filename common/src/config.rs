@@ -31,13 +31,101 @@ fn parse_error(path: &Path, message: impl std::fmt::Display) -> ConfigError {
     }
 }
 
+/// Which daemon of a site reads a config file. A site is configured in
+/// one file (README, *Branches that write*): its sender's settings at the
+/// top, and an `[apply.<peer>]` section for each peer whose changes this
+/// site applies (a branch: `[apply.hq]`; headquarters: one per branch
+/// that writes). The sender ignores the sections; a receiver reads its
+/// section over what the site already says: `target` is the site's
+/// `source`, `cert`, `key`, the password and link settings are the
+/// site's (one identity per site, both directions), and
+/// `sender-fingerprints` is the fingerprint of the site's `[[receiver]]`
+/// of the same name. A file without `apply` is one daemon's, as before.
+#[derive(Clone, Copy, Debug)]
+pub enum Part<'a> {
+    Sender,
+    /// The receiver of this peer's changes (`None`: the file's only
+    /// `[apply.*]` section).
+    Receiver(Option<&'a str>),
+}
+
+/// The settings of `part` from the site file at `path` (text `text`), as
+/// TOML text; `None`: not a site file (no `[apply.*]` section).
+fn site_part(path: &Path, text: &str, part: Part) -> Result<Option<String>, ConfigError> {
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_error(path, e))?;
+    let Some(apply) = table.remove("apply") else {
+        return Ok(None);
+    };
+    let toml::Value::Table(sections) = apply else {
+        return Err(parse_error(
+            path,
+            "`apply` is a section per peer: [apply.<peer name>]",
+        ));
+    };
+    let peer = match part {
+        Part::Sender => return Ok(Some(table.to_string())),
+        Part::Receiver(Some(peer)) => peer.to_owned(),
+        Part::Receiver(None) if sections.len() == 1 => {
+            sections.keys().next().expect("one section").clone()
+        }
+        Part::Receiver(None) => {
+            let names: Vec<&str> = sections.keys().map(String::as_str).collect();
+            return Err(parse_error(
+                path,
+                format!(
+                    "it has a section for each of the peers {}: say which one this receiver applies with --peer",
+                    names.join(", ")
+                ),
+            ));
+        }
+    };
+    let Some(toml::Value::Table(section)) = sections.get(&peer) else {
+        let names: Vec<&str> = sections.keys().map(String::as_str).collect();
+        return Err(parse_error(
+            path,
+            format!(
+                "no section [apply.{peer}]; its sections are for {}",
+                names.join(", ")
+            ),
+        ));
+    };
+    let mut part = toml::Table::new();
+    let shared = settings::<crate::transport::settings::TransportSettings>()
+        .iter()
+        .chain(settings::<PasswordSource>())
+        .chain(&["cert", "key"]);
+    for key in shared {
+        if let Some(v) = table.get(*key) {
+            part.insert((*key).to_owned(), v.clone());
+        }
+    }
+    if let Some(source) = table.get("source") {
+        part.insert("target".into(), source.clone());
+    }
+    let fingerprint = table
+        .get("receiver")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|r| r.get("name").and_then(toml::Value::as_str) == Some(peer.as_str()))
+        .and_then(|r| r.get("fingerprint").cloned());
+    if let Some(fp) = fingerprint {
+        part.insert("sender-fingerprints".into(), toml::Value::Array(vec![fp]));
+    }
+    part.extend(section.clone());
+    Ok(Some(part.to_string()))
+}
+
 /// Read a TOML config file whose top-level settings are split over three
 /// structs: the daemon's own `A` and the shared `B` and `C` (the link's
 /// `TransportSettings`, the `PasswordSource`). Every top-level key must be
 /// a setting of one of them: that is checked first, so a misspelt setting
 /// is named as unknown rather than reported as a missing one; then each
 /// part is parsed from the text (so its errors point at the line).
-pub fn load_toml<A, B, C>(path: &Path) -> Result<(A, B, C), ConfigError>
+///
+/// A site file ([`Part`]) gives `part`'s settings; its errors name the
+/// section.
+pub fn load_toml<A, B, C>(path: &Path, part: Part) -> Result<(A, B, C), ConfigError>
 where
     A: serde::de::DeserializeOwned,
     B: serde::de::DeserializeOwned,
@@ -47,6 +135,22 @@ where
         path: path.into(),
         source,
     })?;
+    let (text, path) = match site_part(path, &text, part)? {
+        Some(part_text) => {
+            let what = match part {
+                Part::Sender => "the sender's settings".to_owned(),
+                Part::Receiver(_) => {
+                    "the [apply.*] section with what it takes from the site".into()
+                }
+            };
+            (
+                part_text,
+                PathBuf::from(format!("{} ({what})", path.display())),
+            )
+        }
+        None => (text, path.to_path_buf()),
+    };
+    let path = path.as_path();
     let table: toml::Table = toml::from_str(&text).map_err(|e| parse_error(path, e))?;
     let known = [settings::<A>(), settings::<B>(), settings::<C>()];
     if let Some(key) = table
@@ -283,7 +387,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
-        load_toml(&path)
+        load_toml(&path, Part::Sender)
     }
 
     #[test]

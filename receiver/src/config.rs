@@ -181,8 +181,15 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl ReceiverConfig {
     pub fn load(path: &Path) -> Result<ReceiverConfig, ConfigError> {
+        ReceiverConfig::load_peer(path, None)
+    }
+
+    /// From a site file (`config::Part`), the receiver of `peer`'s
+    /// changes (`None`: its only `[apply.*]` section); any other file is
+    /// one receiver's.
+    pub fn load_peer(path: &Path, peer: Option<&str>) -> Result<ReceiverConfig, ConfigError> {
         let (raw, transport, password): (RawReceiverConfig, TransportSettings, PasswordSource) =
-            config::load_toml(path)?;
+            config::load_toml(path, config::Part::Receiver(peer))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let password = PasswordSource {
             password_env: password.password_env,
@@ -357,5 +364,65 @@ mod tests {
             err.contains("window = \"12 parsecs\"") && err.contains("unknown size unit"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod site_file {
+    use super::*;
+
+    /// A branch's site file: its sender's settings, and the receiver of
+    /// headquarters' changes in `[apply.hq]`.
+    fn site(sections: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "source = \"host=/tmp dbname=shop\"\nspool-dir = \"spool\"\ncert = \"site.crt\"\n\
+                 key = \"site.key\"\nsite = \"shop-1\"\nship-tables = \"two-way\"\nhandshake-timeout = \"7s\"\n\
+                 [[table]]\nname = \"orders\"\ndirection = \"up\"\n\
+                 [[receiver]]\nname = \"hq\"\nfingerprint = \"{}\"\naddress = \"127.0.0.1:7001\"\n{sections}",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_receiver_takes_its_section_and_the_sites_identity_database_and_peer() {
+        let (dir, path) = site("[apply.hq]\ninbox-dir = \"inbox\"\nlisten = \"127.0.0.1:7000\"\n");
+        let cfg = ReceiverConfig::load(&path).unwrap();
+        assert_eq!(cfg.cert, dir.path().join("site.crt"));
+        assert_eq!(cfg.inbox_dir, dir.path().join("inbox"));
+        assert_eq!(cfg.sender_fingerprints.len(), 1);
+        assert_eq!(cfg.sender_fingerprints[0].to_string(), "ab".repeat(32));
+        assert_eq!(cfg.transport.handshake_timeout, Duration::from_secs(7));
+        assert!(
+            format!("{:?}", cfg.target).contains("shop"),
+            "target is the site's source"
+        );
+        let same = ReceiverConfig::load_peer(&path, Some("hq")).unwrap();
+        assert_eq!(same.inbox_dir, cfg.inbox_dir);
+    }
+
+    #[test]
+    fn several_sections_need_a_peer_and_a_wrong_peer_is_named() {
+        let (_dir, path) = site(
+            "[apply.hq]\ninbox-dir = \"a\"\nlisten = \"127.0.0.1:7000\"\n\
+             [apply.shop-2]\ninbox-dir = \"b\"\nlisten = \"127.0.0.1:7002\"\n\
+             sender-fingerprints = [\"0000000000000000000000000000000000000000000000000000000000000000\"]\n",
+        );
+        let e = ReceiverConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("--peer") && e.contains("shop-2"), "{e}");
+        let e = ReceiverConfig::load_peer(&path, Some("shop-3"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[apply.shop-3]"), "{e}");
+        let b = ReceiverConfig::load_peer(&path, Some("shop-2")).unwrap();
+        assert!(b.inbox_dir.ends_with("b"));
+        // A section's own setting wins over the site's.
+        assert_eq!(b.sender_fingerprints[0].to_string(), "0".repeat(64));
     }
 }

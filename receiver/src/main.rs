@@ -29,6 +29,10 @@ enum Command {
         /// Path of the TOML configuration file (see examples/ and docs/configuration.md).
         #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+        /// In a site file, the peer whose changes this receiver applies
+        /// (its `[apply.<peer>]` section; needed when there are several).
+        #[arg(long)]
+        peer: Option<String>,
         /// How to log to stderr (the level: RUST_LOG, default info).
         #[arg(long, value_enum, default_value_t)]
         log_format: LogFormat,
@@ -105,6 +109,9 @@ enum SeedAction {
         /// Path of the TOML configuration file.
         #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+        /// In a site file, the peer whose `[apply.<peer>]` section to use.
+        #[arg(long)]
+        peer: Option<String>,
         /// The seed file.
         file: PathBuf,
     },
@@ -180,10 +187,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Seed {
-            action: SeedAction::Import { config, file },
+            action: SeedAction::Import { config, peer, file },
         } => {
             pgcourier_common::ops::logging::init(LogFormat::Human);
-            let cfg = match ReceiverConfig::load(&config) {
+            let cfg = match ReceiverConfig::load_peer(&config, peer.as_deref()) {
                 Ok(c) => c,
                 Err(e) => return pgcourier_common::ops::logging::fail("pgcourier-receiver", &e),
             };
@@ -205,10 +212,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, log_format } => pgcourier_common::ops::logging::run_daemon(
+        Command::Run {
+            config,
+            peer,
+            log_format,
+        } => pgcourier_common::ops::logging::run_daemon(
             "pgcourier-receiver",
             log_format,
-            || ReceiverConfig::load(&config),
+            || ReceiverConfig::load_peer(&config, peer.as_deref()),
             pgcourier_receiver::run,
         ),
     }

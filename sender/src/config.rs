@@ -292,7 +292,7 @@ impl SenderConfig {
 
     pub fn load(path: &Path) -> Result<SenderConfig, ConfigError> {
         let (raw, transport, password): (RawSenderConfig, TransportSettings, PasswordSource) =
-            config::load_toml(path)?;
+            config::load_toml(path, config::Part::Sender)?;
         let base = path.parent().unwrap_or(Path::new("."));
         SenderConfig::from_raw(raw, transport, password, base)
     }
@@ -621,6 +621,22 @@ mod tests {
         let branch =
             load_with(&format!("site = \"b\"\nship-tables = \"two-way\"\n{both}")).unwrap();
         assert!(branch.ship_two_way_only && !cfg.ship_two_way_only);
+    }
+
+    /// A site file's `[apply.*]` sections are its receivers': the sender
+    /// reads the rest, and still refuses a misspelt setting there.
+    #[test]
+    fn a_site_files_sender_reads_all_but_the_apply_sections() {
+        let apply = "[apply.hq]\ninbox-dir = \"inbox\"\nlisten = \"127.0.0.1:7000\"\n";
+        let cfg = load_with(apply).unwrap();
+        assert_eq!(cfg.receivers.len(), 1);
+        let e = load_with(&format!("spool-dri = \"x\"\n{apply}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spool-dri") && e.contains("sender's settings"),
+            "{e}"
+        );
     }
 
     #[test]

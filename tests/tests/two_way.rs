@@ -1573,3 +1573,134 @@ async fn a_table_written_at_the_branches_goes_up_to_headquarters_only() -> anyho
     );
     Ok(())
 }
+
+/// Each site configured in one file: headquarters' sender and its
+/// receiver of the branch's changes (`[apply.branch0]`) from one, the
+/// branch's receiver (`[apply.hq]`) and sender from the other; the
+/// receivers take the site's identity, database and peer fingerprint.
+/// Changes flow both ways, and `pgcourier-queue` reads either daemon of a
+/// site from its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_is_configured_in_one_file() -> anyhow::Result<()> {
+    let setup = Setup::start(
+        "site-file",
+        Options {
+            schema: "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL)",
+            sender_extra: &two_way_item("hq"),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let dir = setup.dir.path();
+    setup.sender.terminate()?;
+    setup.branches[0].receiver.terminate()?;
+    let hq_fp = {
+        let branch_config = std::fs::read_to_string(&setup.branches[0].config)?;
+        branch_config
+            .split("sender-fingerprints = [\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .context("headquarters' fingerprint")?
+            .to_owned()
+    };
+    let back_port = free_udp_port();
+    let hq_site = dir.join("hq-site.toml");
+    std::fs::write(
+        &hq_site,
+        format!(
+            "{}\n[apply.branch0]\ninbox-dir = \"hq-inbox\"\nlisten = \"127.0.0.1:{back_port}\"\n\
+             max-backoff = \"2s\"\n",
+            std::fs::read_to_string(&setup.sender_config)?
+        ),
+    )?;
+    let branch_site = dir.join("branch-site.toml");
+    std::fs::write(
+        &branch_site,
+        format!(
+            "source = \"{}\"\nspool-dir = \"back-spool\"\ncert = \"branch0.crt\"\nkey = \"branch0.key\"\n\
+             initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nship-tables = \"two-way\"\n\
+             {}\n[[receiver]]\nname = \"hq\"\nfingerprint = \"{hq_fp}\"\naddress = \"127.0.0.1:{back_port}\"\n\n\
+             [apply.hq]\n{}",
+            setup.branches[0].pg.conninfo(DB),
+            two_way_item("branch0"),
+            std::fs::read_to_string(&setup.branches[0].config)?
+        ),
+    )?;
+    let path = |p: &std::path::Path| p.to_str().map(str::to_owned).context("utf-8 path");
+    let (hq_site_s, branch_site_s) = (path(&hq_site)?, path(&branch_site)?);
+    let daemons = [
+        Daemon::spawn(
+            "hq-site-sender",
+            &bin_path("pgcourier-sender"),
+            &["run", "--config", &hq_site_s],
+            &dir.join("hq-site-sender.log"),
+        )?,
+        Daemon::spawn(
+            "hq-site-receiver",
+            &bin_path("pgcourier-receiver"),
+            &["run", "--config", &hq_site_s, "--peer", "branch0"],
+            &dir.join("hq-site-receiver.log"),
+        )?,
+        Daemon::spawn(
+            "branch-site-receiver",
+            &bin_path("pgcourier-receiver"),
+            &["run", "--config", &branch_site_s],
+            &dir.join("branch-site-receiver.log"),
+        )?,
+        Daemon::spawn(
+            "branch-site-sender",
+            &bin_path("pgcourier-sender"),
+            &["run", "--config", &branch_site_s],
+            &dir.join("branch-site-sender.log"),
+        )?,
+    ];
+    let logs = || {
+        daemons
+            .iter()
+            .map(|d| format!("--- {} ---\n{}\n", d.name(), d.log_tail(30)))
+            .collect::<String>()
+    };
+    // The branch's sender captures before either site writes.
+    wait_until("the branch's sender to capture", WAIT, || async {
+        let (code, out) = queue(&branch_site, &["status", "--json"])?;
+        Ok(code == 0 && out.contains("\"slot\": {"))
+    })
+    .await
+    .with_context(logs)?;
+    let hq = setup.source().await?;
+    let branch = setup.target(0).await?;
+    for i in 1..=5 {
+        hq.execute("INSERT INTO item VALUES ($1, 'hq')", &[&i])
+            .await?;
+        branch
+            .execute("INSERT INTO item VALUES ($1, 'branch')", &[&(100 + i)])
+            .await?;
+    }
+    for c in [&hq, &branch] {
+        crate::fixture::wait_count(c, "SELECT count(*) FROM item", 10, WAIT)
+            .await
+            .with_context(logs)?;
+    }
+    for (config, peer, role) in [
+        (&hq_site, None, "sender"),
+        (&hq_site, Some("branch0"), "receiver"),
+        (&branch_site, Some("hq"), "receiver"),
+    ] {
+        let mut args = vec!["status", "--json"];
+        if let Some(p) = peer {
+            args.extend(["--peer", p]);
+        }
+        let (code, out) = queue(config, &args)?;
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains(&format!("\"role\": \"{role}\"")),
+            "{config:?} {peer:?}: {out}"
+        );
+    }
+    let (code, out) = queue(&hq_site, &["status", "--peer", "branch9"])?;
+    assert!(
+        code != 0 && out.contains("[apply.branch9]"),
+        "a wrong peer: {code} {out}"
+    );
+    Ok(())
+}

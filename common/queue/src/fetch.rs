@@ -35,13 +35,23 @@ pub enum Status {
 }
 
 impl Daemon {
-    /// Load a sender's config (it has `source`) or a receiver's (`target`).
-    pub fn load(path: &Path) -> anyhow::Result<Daemon> {
+    /// Load a sender's config (it has `source`) or a receiver's (`target`);
+    /// of a site file, the receiver of `peer`'s changes, or else the
+    /// sender.
+    pub fn load(path: &Path, peer: Option<&str>) -> anyhow::Result<Daemon> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read config file {}", path.display()))?;
         let value: toml::Value = toml::from_str(&text)
             .with_context(|| format!("config file {} is not TOML", path.display()))?;
-        if value.get("source").is_some() {
+        let site_file = value.get("apply").is_some();
+        if site_file && peer.is_some() {
+            Ok(Daemon::Receiver(ReceiverConfig::load_peer(path, peer)?))
+        } else if peer.is_some() {
+            bail!(
+                "--peer names a section of a site file, and {} has no [apply.*] section",
+                path.display()
+            )
+        } else if value.get("source").is_some() {
             Ok(Daemon::Sender(SenderConfig::load(path)?))
         } else if value.get("target").is_some() {
             Ok(Daemon::Receiver(ReceiverConfig::load(path)?))

@@ -39,6 +39,11 @@ struct Cli {
     /// The daemon's config file (sender.toml or receiver.toml).
     #[arg(long, short, global = true, env = CONFIG_ENV)]
     config: Option<PathBuf>,
+    /// With a site file (one file for the site's sender and receivers):
+    /// the receiver of this peer's changes (its `[apply.<peer>]` section);
+    /// without it, the site's sender.
+    #[arg(long, global = true)]
+    peer: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -172,7 +177,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
     let path = cli.config.as_deref().context(
         "--config FILE (or PGCOURIER_CONFIG) is required: the sender's or receiver's config",
     )?;
-    let daemon = Daemon::load(path)?;
+    let daemon = Daemon::load(path, cli.peer.as_deref())?;
     match &cli.command {
         Command::Status => {
             let st = fetch::status(&daemon)?;
