@@ -1406,19 +1406,24 @@ async fn merge_columns_keeps_changes_to_different_columns_from_both_sites() -> a
     let logs = || two_site_logs(&setup, &back_sender, &hq_receiver);
     let hq = setup.source().await?;
     let branch = setup.target(0).await?;
-    for i in 1..=6 {
+    for i in 1..=7 {
         hq.execute("INSERT INTO item VALUES ($1, 'first', 100)", &[&i])
             .await?;
     }
     let count = "SELECT count(*) FROM item";
-    crate::fixture::wait_count(&branch, count, 6, WAIT)
+    crate::fixture::wait_count(&branch, count, 7, WAIT)
         .await
         .with_context(logs)?;
+    // Row 7 as an initial copy leaves it at a branch that joins later:
+    // without its clock there.
+    branch
+        .batch_execute("DELETE FROM pgcourier.clock WHERE key = '{\"id\": 7}'")
+        .await?;
 
     setup.branches[0].receiver.terminate()?;
     hq_receiver.terminate()?;
     let step = || tokio::time::sleep(Duration::from_millis(5));
-    let writes: [(&tokio_postgres::Client, &str); 10] = [
+    let writes: [(&tokio_postgres::Client, &str); 12] = [
         // Row 1: different columns.
         (&hq, "UPDATE item SET v = 'hq' WHERE id = 1"),
         (&branch, "UPDATE item SET email = 'b1@branch' WHERE id = 1"),
@@ -1441,6 +1446,9 @@ async fn merge_columns_keeps_changes_to_different_columns_from_both_sites() -> a
             &hq,
             "DELETE FROM item WHERE id = 5; INSERT INTO item VALUES (5, 'reborn', 7)",
         ),
+        // Row 7, copied without its clock: different columns.
+        (&hq, "UPDATE item SET v = 'hq' WHERE id = 7"),
+        (&branch, "UPDATE item SET email = 'b7@branch' WHERE id = 7"),
     ];
     for (site, sql) in writes {
         site.batch_execute(sql).await?;
@@ -1448,7 +1456,7 @@ async fn merge_columns_keeps_changes_to_different_columns_from_both_sites() -> a
     }
     setup.branches[0].receiver.respawn()?;
     hq_receiver.respawn()?;
-    crate::fixture::wait_count(&hq, count, 5, WAIT)
+    crate::fixture::wait_count(&hq, count, 6, WAIT)
         .await
         .with_context(logs)?;
     pgcourier_tests::wait_tables_equal(&hq, &branch, &["public.item"], WAIT)
@@ -1461,6 +1469,7 @@ async fn merge_columns_keeps_changes_to_different_columns_from_both_sites() -> a
         "3 hq 93 b3@branch",
         "5 reborn 7 -",
         "6 first 100 -",
+        "7 hq 100 b7@branch",
     ];
     for (site, c) in [("headquarters", &hq), ("the branch", &branch)] {
         let got: Vec<String> = c
@@ -1505,7 +1514,7 @@ async fn merge_columns_keeps_changes_to_different_columns_from_both_sites() -> a
                WHERE policy = 'merge-columns' ORDER BY 1";
     for (site, c) in [("headquarters", &hq), ("the branch", &branch)] {
         let ids: Vec<i32> = c.query(met, &[]).await?.iter().map(|r| r.get(0)).collect();
-        assert_eq!(ids, vec![1, 2, 3, 4, 5], "conflicts recorded at {site}");
+        assert_eq!(ids, vec![1, 2, 3, 4, 5, 7], "conflicts recorded at {site}");
     }
     Ok(())
 }

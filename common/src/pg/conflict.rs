@@ -47,7 +47,9 @@
 //! incarnation it saw whatever its clock (an update arriving after it is
 //! dropped, and one already applied does not save the row); an insert
 //! starts a new incarnation and the later incarnation (its insert's clock)
-//! replaces the row whole. A change whose clock is its incarnation's is
+//! replaces the row whole; an update or deletion of an unknown incarnation
+//! (a row the initial copy brought without its clock) is taken as of the
+//! row's, which it then learns. A change whose clock is its incarnation's is
 //! an insert whatever op it arrives as (headquarters applies an insert
 //! over its own row as an update, and forwards that). Every such meeting
 //! the writer had not seen is recorded like any conflict (winner

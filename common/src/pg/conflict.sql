@@ -33,8 +33,8 @@ CREATE TABLE IF NOT EXISTS pgcourier.clock (
 ALTER TABLE pgcourier.clock ADD COLUMN IF NOT EXISTS incarnation bigint;
 -- merge-columns tables: each column's clock, {"column": [hlc, priority,
 -- site]}, of the write that last set it in this incarnation (a column
--- not in it: never written since the row was copied; delta columns have
--- none, their changes add up).
+-- not in it: never written since the row was copied; key columns have
+-- none, they never change, nor delta columns, whose changes add up).
 ALTER TABLE pgcourier.clock ADD COLUMN IF NOT EXISTS cols jsonb;
 CREATE TABLE IF NOT EXISTS pgcourier.conflicts (
     id bigserial PRIMARY KEY,
@@ -156,6 +156,7 @@ BEGIN
               FROM pg_attribute a
              WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped
                AND a.attgenerated = '' AND NOT a.attname = ANY (coalesce(deltas, '{}'))
+               AND NOT k ? a.attname::text
                AND (TG_OP = 'INSERT'
                     OR to_jsonb(NEW) -> a.attname::text IS DISTINCT FROM to_jsonb(OLD) -> a.attname::text);
         END IF;
@@ -344,11 +345,17 @@ BEGIN
         -- Column by column within one incarnation of the row; a deletion
         -- wins over the updates of the incarnation it removed; a later
         -- insert (a new incarnation) replaces the row whole.
-        same_row := loc.incarnation IS NOT DISTINCT FROM (c ->> 'inc')::bigint;
         -- The write that made the incarnation (its clock is the
         -- incarnation's), whatever op it arrives as: a site that applied
         -- an insert over its own row forwards it as an update.
         mop := CASE WHEN op <> 'D' AND c ->> 'inc' = c ->> 'hlc' THEN 'I' ELSE op END;
+        -- An update or deletion of an unknown incarnation (a row the
+        -- initial copy brought without its clock, and the writes to it
+        -- there) is taken as of the same one; an insert starts its own.
+        same_row := CASE WHEN mop = 'I'
+                         THEN loc.incarnation IS NOT DISTINCT FROM (c ->> 'inc')::bigint
+                         ELSE loc.incarnation IS NULL OR c ->> 'inc' IS NULL
+                              OR loc.incarnation = (c ->> 'inc')::bigint END;
         stored := jsonb_build_object('hlc', c -> 'hlc', 'site', c -> 'site',
                                      'priority', c -> 'priority', 'deleted', op = 'D',
                                      'inc', c -> 'inc');
@@ -356,7 +363,7 @@ BEGIN
             remote_wins := loc.hlc IS NULL
                 OR coalesce(loc.incarnation, 0) < (c ->> 'inc')::bigint;
             stored := stored || jsonb_build_object('cols', pgcourier.set_col_clocks(NULL,
-                ARRAY(SELECT n FROM jsonb_object_keys(nr) n WHERE NOT n = ANY (deltas)),
+                ARRAY(SELECT n FROM jsonb_object_keys(nr) n WHERE NOT n = ANY (deltas) AND NOT k ? n),
                 (c ->> 'hlc')::bigint,
                 (c ->> 'priority')::integer, c ->> 'site'));
         ELSIF op = 'D' THEN
@@ -375,7 +382,7 @@ BEGIN
             FOR col IN SELECT jsonb_array_elements_text(CASE WHEN mop = 'I'
                            THEN to_jsonb(ARRAY(SELECT jsonb_object_keys(nr)))
                            ELSE coalesce(c -> 'cols', '[]') END) LOOP
-                CONTINUE WHEN NOT nr ? col OR col = ANY (deltas);
+                CONTINUE WHEN NOT nr ? col OR col = ANY (deltas) OR k ? col;
                 lc := mcols -> col;
                 IF lc IS NULL OR ((c ->> 'hlc')::bigint, (c ->> 'priority')::integer, c ->> 'site')
                                     > ((lc ->> 0)::bigint, (lc ->> 1)::integer, lc ->> 2) THEN
@@ -400,7 +407,8 @@ BEGIN
             stored := CASE WHEN loc.hlc IS NULL OR pgcourier.later(NULL, c, loc) THEN stored
                            ELSE jsonb_build_object('hlc', loc.hlc, 'site', loc.site,
                                                    'priority', loc.priority, 'deleted', false)
-                      END || jsonb_build_object('inc', loc.incarnation, 'cols', mcols);
+                      END || jsonb_build_object('inc', coalesce(loc.incarnation, (c ->> 'inc')::bigint),
+                                                'cols', mcols);
         END IF;
     END IF;
     IF conflict THEN
