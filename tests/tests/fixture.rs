@@ -38,28 +38,41 @@ pub struct Setup {
     pub dir: tempfile::TempDir,
 }
 
+/// A port number below the kernel's ephemeral range (32768-60999 by
+/// default) and above the test clusters' (20000-29999), free on loopback
+/// now for TCP (and for UDP too with `udp`).
+/// Ports the kernel picked for a moment (bind to port 0) were handed out
+/// again as the source port of some connection (the test's own status
+/// requests, a dial) before the daemon given them could bind: it exited
+/// on "Address already in use". A port below the range is never handed
+/// out that way; the walk starts from a point of the process's own, so
+/// tests running at once start apart.
+fn free_port(udp: bool) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 30_000;
+    const SPAN: u32 = 2_760;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id().wrapping_mul(7919)) % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if tcp && (!udp || UdpSocket::bind(("127.0.0.1", port)).is_ok()) {
+            return port;
+        }
+    }
+    panic!("no port free on loopback between {LOW} and {}", LOW + SPAN)
+}
+
 /// A port free on loopback for UDP and for TCP: a receiver listens on
 /// both with one number (a port free for UDP alone was once taken on TCP
 /// by another test's connection, and the receiver could not start).
 pub fn free_udp_port() -> u16 {
-    for _ in 0..50 {
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map(|a| a.port())
-            .expect("bind a UDP port on loopback");
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free on loopback for both UDP and TCP in 50 tries")
+    free_port(true)
 }
 
-/// A TCP port free on 127.0.0.1 now.
+/// A TCP port free on 127.0.0.1 now (an admin listener's).
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a TCP port")
+    free_port(false)
 }
 
 /// GET the /status of a daemon's admin listener on 127.0.0.1:`port`.

@@ -196,9 +196,7 @@ async fn after_a_burst_of_inserts_the_branch_sequences_are_beyond_every_row_it_h
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequence_the_apply_role_may_not_move_pauses_apply_naming_it_and_the_grant(
 ) -> anyhow::Result<()> {
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let admin = crate::fixture::free_tcp_port();
     let mut setup = Setup::start(
         "sequences-grant",
         Options {

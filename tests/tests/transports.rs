@@ -66,9 +66,7 @@ fn clean(seed: u64) -> anyhow::Result<pgcourier_netem::Link> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_dropped_falls_back_to_tcp_and_moves_back_to_quic_losing_nothing() -> anyhow::Result<()>
 {
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let admin_port = crate::fixture::free_tcp_port();
     let sender_extra = format!("{TIMERS}\nadmin = \"127.0.0.1:{admin_port}\"");
     let setup = Setup::start(
         "udp_dropped",
@@ -181,9 +179,7 @@ async fn quic_handshakes_dropped_while_small_datagrams_pass_still_fall_back() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_receiver_dials_over_tcp_in_reverse_mode() -> anyhow::Result<()> {
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let admin_port = crate::fixture::free_tcp_port();
     let receiver_extra = format!("transport = \"tcp\"\nadmin = \"127.0.0.1:{admin_port}\"");
     let setup = Setup::start(
         "reverse_tcp",

@@ -1132,7 +1132,26 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
         order.swap(i, rng.gen_range(0..=i));
     }
     let killed_cluster = rng.gen_range(0..=n);
-    let killed_daemon = rng.gen_range(0..n);
+    // Any of the 1 + 3n daemons: headquarters' sender, a branch's
+    // receiver, a way-back sender, a receiver of it at headquarters.
+    let daemons: Vec<(&Daemon, String)> =
+        std::iter::once((&sites.setup.sender, "headquarters' sender".to_owned()))
+            .chain((0..n).flat_map(|i| {
+                [
+                    (
+                        &sites.setup.branches[i].receiver,
+                        format!("branch{i}'s receiver"),
+                    ),
+                    (&sites.back[i].0, format!("branch{i}'s way-back sender")),
+                    (
+                        &sites.back[i].1,
+                        format!("headquarters' receiver of branch{i}"),
+                    ),
+                ]
+            }))
+            .collect();
+    // Drawn when it happens, among those running then.
+    let killed_draw: f64 = rng.gen();
     let cluster = if killed_cluster == 0 {
         "headquarters' cluster".to_owned()
     } else {
@@ -1140,8 +1159,8 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
     };
     if kills {
         eprintln!(
-            "converge: links back in order {order:?}; kill -9 of branch{killed_daemon}'s way-back \
-             sender, immediate stop of {cluster}"
+            "converge: links back in order {order:?}; kill -9 of a running daemon, immediate stop \
+             of {cluster}"
         );
     } else {
         eprintln!("converge: links back in order {order:?}; no kills");
@@ -1152,7 +1171,11 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
         sites.back[i].1.respawn()?;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
         if step == 0 && kills {
-            sites.back[killed_daemon].0.kill9()?;
+            let running: Vec<&(&Daemon, String)> =
+                daemons.iter().filter(|(d, _)| d.is_running()).collect();
+            let (killed, killed_name) = running[(killed_draw * running.len() as f64) as usize];
+            eprintln!("converge: kill -9 of {killed_name}");
+            killed.kill9()?;
             let pg = if killed_cluster == 0 {
                 &sites.setup.hq
             } else {
@@ -1161,7 +1184,7 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
             pg.kill()?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             pg.start_again()?;
-            sites.back[killed_daemon].0.respawn()?;
+            killed.respawn()?;
         }
     }
     // Identical first (timed), then quiet.
