@@ -551,6 +551,17 @@ impl Cutter {
                     }
                     return Ok(fed.new_table);
                 }
+                if kind == b'T' {
+                    // A TRUNCATE of tables not shipped: counted as a write
+                    // to each (the filter leaves them out).
+                    if let Message::Truncate { rels, .. } = pgoutput::decode(data)? {
+                        for oid in rels {
+                            if let Some(name) = self.one_way.get(&oid) {
+                                *self.summary.one_way.entry(name.clone()).or_default() += 1;
+                            }
+                        }
+                    }
+                }
                 let data = match filter(
                     kind,
                     data,

@@ -622,7 +622,7 @@ fn a_site_that_ships_its_two_way_tables_only_counts_its_writes_to_the_others() {
     );
     assert_eq!(
         summary.one_way,
-        BTreeMap::from([(format!("public.t{B}"), 2)])
+        BTreeMap::from([(format!("public.t{B}"), 3)])
     );
 }
 
@@ -660,7 +660,7 @@ fn a_table_written_at_the_branches_only_is_not_shipped_down() {
     );
     assert_eq!(
         summary.one_way,
-        BTreeMap::from([(format!("public.t{B}"), 2)])
+        BTreeMap::from([(format!("public.t{B}"), 3)])
     );
 }
 
