@@ -702,7 +702,71 @@ pub async fn check(cfg: &SenderConfig) -> (Vec<Problem>, Vec<String>) {
         }
         Err(e) => problems.push(q("list tables", e)),
     }
+    check_two_way(&client, cfg, superuser, &mut problems).await;
     (problems, notes)
+}
+
+/// What `run` needs for the tables written at several sites: a superuser
+/// (it installs the row clocks), and each table present with a primary
+/// key, its `delta` columns numeric columns of it.
+async fn check_two_way(
+    client: &Client,
+    cfg: &SenderConfig,
+    superuser: bool,
+    problems: &mut Vec<Problem>,
+) {
+    if cfg.two_way.is_empty() {
+        return;
+    }
+    if !superuser {
+        problems.push(Problem {
+            what: "tables with direction = \"both\" need row clocks, which run installs only as a superuser".into(),
+            fix: "run the sender as a superuser role, or leave those tables one-way".into(),
+        });
+    }
+    let sql = "SELECT to_regclass($1) IS NOT NULL, \
+                      EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                               WHERE i.indrelid = to_regclass($1) AND i.indisprimary), \
+                      ARRAY(SELECT d FROM unnest($2::text[]) d \
+                             WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                                WHERE a.attrelid = to_regclass($1) AND a.attname = d \
+                                                  AND NOT a.attisdropped AND a.atttypid IN \
+                                                      ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, \
+                                                       'numeric'::regtype, 'float4'::regtype, 'float8'::regtype)))";
+    for t in &cfg.two_way {
+        let row = match client.query_one(sql, &[&t.table, &t.delta]).await {
+            Ok(row) => row,
+            Err(e) => {
+                problems.push(Problem {
+                    what: format!(
+                        "cannot check two-way table {}: {}",
+                        t.table,
+                        error_chain(&e)
+                    ),
+                    fix: "check the role's privileges".into(),
+                });
+                continue;
+            }
+        };
+        let (exists, has_pk, bad): (bool, bool, Vec<String>) = (row.get(0), row.get(1), row.get(2));
+        if !exists {
+            problems.push(Problem {
+                what: format!("two-way table {} ([[table]] direction = \"both\") does not exist here", t.table),
+                fix: "create it, with the same definition at every site, or remove its [[table]] entry".into(),
+            });
+        } else if !has_pk {
+            problems.push(Problem {
+                what: format!("two-way table {} has no primary key: its rows' clocks are kept by key", t.table),
+                fix: format!("ALTER TABLE {} ADD PRIMARY KEY (...), or leave it one-way (direction = \"down\")", t.table),
+            });
+        }
+        if exists && !bad.is_empty() {
+            problems.push(Problem {
+                what: format!("delta columns {} of two-way table {} are not numeric columns of it", bad.join(", "), t.table),
+                fix: "list in delta only numeric columns (integer, bigint, numeric, real, double precision) of the table".into(),
+            });
+        }
+    }
 }
 
 #[cfg(test)]

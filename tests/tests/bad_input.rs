@@ -878,3 +878,51 @@ async fn a_source_that_cannot_continue_the_stream_is_reported_loudly_never_skipp
     );
     Ok(())
 }
+
+/// `check` names what a two-way table lacks at this site: a primary key,
+/// numeric delta columns, the table itself; exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_a_two_way_table_lacks() -> anyhow::Result<()> {
+    let pg = tokio::task::spawn_blocking(|| PgCluster::start("two-way-check")).await??;
+    pg.execute(
+        DB,
+        "CREATE TABLE nokey (a int, b text); \
+         CREATE TABLE item (id int PRIMARY KEY, v text, qty int)",
+    )
+    .await?;
+    let dir = workdir("two-way-check");
+    let d = dir.path();
+    keygen(d, "sender");
+    let rfp = keygen(d, "receiver");
+    let both = |name: &str, extra: &str| {
+        format!("[[table]]\nname = \"{name}\"\ndirection = \"both\"\n{extra}\n")
+    };
+    let cfg = write(
+        d,
+        "two-way.toml",
+        &format!(
+            "source = \"{}\"\nspool-dir = \"spool\"\ncert = \"sender.crt\"\nkey = \"sender.key\"\nsite = \"hq\"\n\
+             {}{}{}[[receiver]]\nname = \"b\"\nfingerprint = \"{rfp}\"\naddress = \"127.0.0.1:9\"\n",
+            pg.conninfo(DB),
+            both("public.nokey", ""),
+            both("public.item", "delta = [\"qty\", \"v\", \"nosuch\"]"),
+            both("public.missing", ""),
+        ),
+    );
+    let (status, out) = run_to_end(
+        "pgcourier-sender",
+        &["check", "--config", cfg.to_str().expect("utf-8")],
+        Duration::from_secs(60),
+    )?;
+    for want in [
+        "two-way table \"public\".\"nokey\" has no primary key",
+        "delta columns v, nosuch of two-way table \"public\".\"item\" are not numeric",
+        "two-way table \"public\".\"missing\" ([[table]] direction = \"both\") does not exist here",
+    ] {
+        anyhow::ensure!(
+            status.code() == Some(1) && out.contains(want),
+            "check: exit {status}, wanted {want:?}\n{out}"
+        );
+    }
+    Ok(())
+}
