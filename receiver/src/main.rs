@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use pgcourier_common::ops::cli::{self, LogFormat, CONFIG_ENV};
+use pgcourier_common::ops::cli::{self, LogFormat, CONFIG_ENV, PEER_ENV};
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_receiver::init::LinkArg;
 use pgcourier_receiver::ReceiverConfig;
@@ -30,8 +30,10 @@ enum Command {
         #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
         /// In a site file, the peer whose changes this receiver applies
-        /// (its `[apply.<peer>]` section; needed when there are several).
-        #[arg(long)]
+        /// (its `[apply.<peer>]` section; needed when there are several;
+        /// the unit pgcourier-receiver@<peer> sets it). Ignored for a
+        /// receiver's own config file.
+        #[arg(long, env = PEER_ENV)]
         peer: Option<String>,
         /// How to log to stderr (the level: RUST_LOG, default info).
         #[arg(long, value_enum, default_value_t)]
@@ -110,7 +112,7 @@ enum SeedAction {
         #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
         /// In a site file, the peer whose `[apply.<peer>]` section to use.
-        #[arg(long)]
+        #[arg(long, env = PEER_ENV)]
         peer: Option<String>,
         /// The seed file.
         file: PathBuf,

@@ -1667,10 +1667,12 @@ async fn a_site_is_configured_in_one_file() -> anyhow::Result<()> {
             &["run", "--config", &hq_site_s],
             &dir.join("hq-site-sender.log"),
         )?,
-        Daemon::spawn(
+        // As the unit pgcourier-receiver@branch0 runs it.
+        Daemon::spawn_with_env(
             "hq-site-receiver",
             &bin_path("pgcourier-receiver"),
-            &["run", "--config", &hq_site_s, "--peer", "branch0"],
+            &["run", "--config", &hq_site_s],
+            &[("PGCOURIER_PEER", "branch0")],
             &dir.join("hq-site-receiver.log"),
         )?,
         Daemon::spawn(

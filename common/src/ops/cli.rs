@@ -15,6 +15,10 @@ use anyhow::Context;
 /// takes a config.
 pub const CONFIG_ENV: &str = "PGCOURIER_CONFIG";
 
+/// The environment variable for a receiver's `--peer` (its section of a
+/// site file): the unit `pgcourier-receiver@<peer>` sets it.
+pub const PEER_ENV: &str = "PGCOURIER_PEER";
+
 /// How a daemon logs to stderr.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
