@@ -682,7 +682,7 @@ impl Cutter {
         }
         let name = format!("{}.{}", rel.schema, rel.name);
         let shipped = rel.schema == OWN_SCHEMA
-            || (self.only.as_ref().is_none_or(|only| only.contains(&name))
+            || (self.only.as_ref().map_or(true, |only| only.contains(&name))
                 && !self.except.contains(&name));
         if shipped {
             self.one_way.remove(&rel.oid);
