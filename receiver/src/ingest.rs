@@ -30,6 +30,7 @@ use pgcourier_common::store::durable::{StoreError, Synced};
 use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::link::{
     Conn, DialError, Dialer, LinkError, Net, RecvHalf, Redial, SendHalf, TransportStatus,
+    REACHABLE_EVERY,
 };
 use pgcourier_common::transport::peer::PeerAddr;
 use pgcourier_common::transport::tls::Fingerprint;
@@ -193,6 +194,8 @@ impl Ingest {
         // A QUIC connection that completed its handshake while the session
         // ran over TCP: the next session's.
         let mut next: Option<Conn> = None;
+        // The last wait ended by a knock (`Dialer::until_reachable`).
+        let mut knocked = false;
         loop {
             let started = Instant::now();
             let probe = redial.next(started);
@@ -240,10 +243,11 @@ impl Ingest {
             }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff.reset();
+                knocked = false;
             }
-            let delay = redial
-                .wait(Instant::now(), probe, started)
-                .unwrap_or_else(|| backoff.next());
+            let expected = redial.wait(Instant::now(), probe, started);
+            let backing_off = expected.is_none();
+            let delay = expected.unwrap_or_else(|| backoff.next());
             if let Err(e) = result {
                 if e.class() == Class::Definite {
                     self.stop(&e, shutdown).await;
@@ -253,7 +257,12 @@ impl Ingest {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(delay) => knocked = false,
+                // Backing off from a sender gone a while: dial as soon as
+                // it answers again.
+                _ = dialer.until_reachable(!knocked), if backing_off && delay > REACHABLE_EVERY => {
+                    knocked = true;
+                }
             }
         }
     }

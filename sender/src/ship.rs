@@ -35,6 +35,7 @@ use pgcourier_common::ops::local_time;
 use pgcourier_common::transport::framed::{self, WireError};
 use pgcourier_common::transport::link::{
     Conn, DialError, Dialer, Incoming, LinkError, Net, RecvHalf, Redial, SendHalf, TransportStatus,
+    REACHABLE_EVERY,
 };
 use pgcourier_common::transport::tls::Fingerprint;
 use pgcourier_proto::session::pace::{Pacer, Rate};
@@ -288,6 +289,8 @@ impl Shipper {
         // A QUIC connection that completed its handshake while the session
         // ran over TCP: the next session's.
         let mut next: Option<Conn> = None;
+        // The last wait ended by a knock (`Dialer::until_reachable`).
+        let mut knocked = false;
         loop {
             let started = Instant::now();
             let probe = redial.next(started);
@@ -339,10 +342,11 @@ impl Shipper {
                 // A session that lasted: start the backoff afresh, and report
                 // the next failure even if it looks like the last one.
                 backoff.reset();
+                knocked = false;
             }
-            let delay = redial
-                .wait(Instant::now(), probe, started)
-                .unwrap_or_else(|| backoff.next());
+            let expected = redial.wait(Instant::now(), probe, started);
+            let backing_off = expected.is_none();
+            let delay = expected.unwrap_or_else(|| backoff.next());
             match result {
                 Ok(()) => {}
                 Err(e) if e.class() == Class::Definite => {
@@ -359,7 +363,12 @@ impl Shipper {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(delay) => knocked = false,
+                // Backing off from a peer gone a while: dial as soon as
+                // it answers again.
+                _ = dialer.until_reachable(!knocked), if backing_off && delay > REACHABLE_EVERY => {
+                    knocked = true;
+                }
             }
         }
     }

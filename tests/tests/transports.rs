@@ -361,3 +361,77 @@ async fn a_silent_tcp_client_does_not_hold_the_listener() -> anyhow::Result<()> 
     drop(silent);
     Ok(())
 }
+
+/// A peer gone longer than `return-window` (here 0 s: backoff only) is
+/// found within about a second of its link's return, not at the next
+/// backoff step (`max-backoff` 60 s here): the dialler knocks on its TCP
+/// port every second while it backs off, and a knock the peer's listener
+/// holds open ends the wait. Nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_backoff(
+) -> anyhow::Result<()> {
+    // Short dial attempts: the backoff's steps grow within the outage.
+    let timers = "idle-timeout = \"4s\"\nkeep-alive = \"1s\"\nreturn-window = \"0s\"\n\
+                  handshake-timeout = \"1s\"";
+    let mut setup = Setup::start(
+        "knock",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            sender_extra: timers,
+            receiver_extra: timers,
+            link: Some(thin_long()),
+            tcp_link: Some(thin_long()),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 50).await?;
+    caught_up(&setup).await?;
+    // Both daemons back off up to 60 s (the fixture's 2 s would hide it).
+    setup.sender.terminate()?;
+    for config in [&setup.sender_config, &setup.branches[0].config] {
+        let text = std::fs::read_to_string(config)?;
+        anyhow::ensure!(text.contains("max-backoff = \"2s\""), "{config:?}");
+        std::fs::write(
+            config,
+            text.replace("max-backoff = \"2s\"", "max-backoff = \"60s\""),
+        )?;
+    }
+    setup.restart_receiver(0)?;
+    setup.sender.respawn()?;
+    acct_transactions(&src, 1001, 10).await?;
+    caught_up(&setup).await?;
+    for relay in &setup.relays {
+        relay.set_down(true);
+    }
+    // Long enough for the backoff to reach steps of tens of seconds
+    // (0.1 s doubling: the ninth, 25.6 s, spans the return).
+    acct_transactions(&src, 51, 50).await?;
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    for relay in &setup.relays {
+        relay.set_down(false);
+    }
+    let up = std::time::Instant::now();
+    let dst = setup.target(0).await?;
+    wait_until("the first change of the outage applied", WAIT, || async {
+        let n: i64 = dst
+            .query_one("SELECT count(*) FROM acct WHERE id BETWEEN 51 AND 54", &[])
+            .await?
+            .get(0);
+        Ok(n > 0)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    let secs = up.elapsed().as_secs_f64();
+    eprintln!("link back after a 50 s outage (return-window 0 s, max-backoff 60 s): first outage transaction applied after {secs:.2} s");
+    assert!(
+        secs < 8.0,
+        "found {secs:.1} s after the link returned: at a backoff step, not by knocking\n{}",
+        setup.logs()
+    );
+    caught_up(&setup).await?;
+    assert_applied_exactly_once(&setup, 0).await?;
+    Ok(())
+}

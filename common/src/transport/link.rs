@@ -443,6 +443,28 @@ impl TransportStatus {
     }
 }
 
+/// How often [`Dialer::until_reachable`] knocks while the dial loop backs
+/// off.
+pub const REACHABLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether a listener at `to` takes a TCP connection and holds it (waiting
+/// for a TLS handshake, as ours do): something on the path that accepts
+/// and closes at once (a tunnel or forwarder whose far end is down) is not
+/// the peer.
+async fn knock(to: SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let Ok(Ok(mut stream)) =
+        tokio::time::timeout(REACHABLE_EVERY, tokio::net::TcpStream::connect(to)).await
+    else {
+        return false;
+    };
+    let mut byte = [0u8; 1];
+    // Closed or reset within the moment: not held; a byte: not ours.
+    tokio::time::timeout(REACHABLE_EVERY / 4, stream.read(&mut byte))
+        .await
+        .is_err()
+}
+
 /// One short dial attempt while a peer is expected back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Probe {
@@ -605,6 +627,42 @@ impl Dialer {
     /// is possible.
     pub async fn dial(&self) -> Result<Conn, DialError> {
         self.dial_within(self.net.settings.handshake_timeout).await
+    }
+
+    /// Returns once the peer's port accepts a TCP connection and holds it
+    /// (a listener takes TCP on its UDP port number, whatever its
+    /// transport), knocking every [`REACHABLE_EVERY`]: while the dial loop
+    /// backs off from a peer gone longer than `return-window`, this finds
+    /// it within about a second of it coming back, at the cost of a TCP
+    /// SYN a second (a QUIC dial costs a padded 1,200-byte Initial and its
+    /// resends). The connection is closed at once, before any TLS.
+    /// `first_counts`: an answer to the first knock ends the wait (the
+    /// peer came back during the dial that failed); otherwise only an
+    /// answer after a knock that got none does, so a peer reachable but
+    /// refusing sessions (the last wait ended by a knock, and the dial
+    /// still failed) is left to the backoff. Never returns through a
+    /// `proxy` (the proxy answers, not the peer).
+    pub async fn until_reachable(&self, first_counts: bool) {
+        if self.proxy.is_none() {
+            let mut first = !first_counts;
+            loop {
+                let knocked = tokio::time::Instant::now();
+                let up = match self.peer.resolve().await {
+                    Ok(to) => knock(to).await,
+                    Err(_) => false,
+                };
+                match (up, first) {
+                    (true, true) => break,
+                    (true, false) => {
+                        tracing::info!(peer = %self.who, address = %self.peer, "the peer answers again: dialing now");
+                        return;
+                    }
+                    (false, _) => first = false,
+                }
+                tokio::time::sleep_until(knocked + REACHABLE_EVERY).await;
+            }
+        }
+        std::future::pending().await
     }
 
     /// A dial while the peer is expected back (see [`Redial`]): the same
