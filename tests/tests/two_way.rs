@@ -187,10 +187,14 @@ async fn both_sites_write_the_same_table_and_nothing_comes_back() -> anyhow::Res
 /// The way back from branch `i` to headquarters: a sender at the branch
 /// with the branch's certificate, and a receiver at headquarters with
 /// headquarters' (each site has one identity for both directions).
+/// Headquarters' receiver listens on `port`; the branch's sender dials
+/// `address` (that port, or a netem relay to it).
 fn way_back(
     setup: &Setup,
     i: usize,
     admin: [u16; 2],
+    port: u16,
+    address: &str,
     extra: &str,
 ) -> anyhow::Result<(Daemon, Daemon)> {
     let dir = setup.dir.path();
@@ -202,7 +206,6 @@ fn way_back(
         .context("the sender's fingerprint in a branch config")?
         .to_owned();
     let branch_fp = &setup.branches[i].fingerprint;
-    let port = free_udp_port();
     let receiver_config = dir.join(format!("hq-receiver-{i}.toml"));
     std::fs::write(
         &receiver_config,
@@ -220,7 +223,7 @@ fn way_back(
         format!(
             "source = \"{}\"\nspool-dir = \"back-spool-{i}\"\ncert = \"branch{i}.crt\"\nkey = \"branch{i}.key\"\n\
              initial-copy = false\npoll-interval = \"50ms\"\nmax-backoff = \"2s\"\nadmin = \"127.0.0.1:{}\"\n{extra}\n\n\
-             [[receiver]]\nname = \"hq\"\nfingerprint = \"{hq_fp}\"\naddress = \"127.0.0.1:{port}\"\n",
+             [[receiver]]\nname = \"hq\"\nfingerprint = \"{hq_fp}\"\naddress = \"{address}\"\n",
             setup.branches[i].pg.conninfo(DB),
             admin[0]
         ),
@@ -248,6 +251,9 @@ struct Sites {
     setup: Setup,
     ports: Vec<u16>,
     back: Vec<(Daemon, Daemon)>,
+    /// With links through netem ([`Sites::start_linked`]): each way
+    /// back's relay (the ways down are `setup.relays`).
+    relays: Vec<pgcourier_netem::RelayHandle>,
 }
 
 impl Sites {
@@ -271,6 +277,23 @@ impl Sites {
         schema: &str,
         extra: impl Fn(&str) -> String,
     ) -> anyhow::Result<Sites> {
+        Sites::start_linked(name, n, schema, extra, false).await
+    }
+
+    /// As [`Sites::start_with`]; `netem`: every link, both ways, through
+    /// a netem UDP relay (clean), which a test takes down and up.
+    async fn start_linked(
+        name: &str,
+        n: usize,
+        schema: &str,
+        extra: impl Fn(&str) -> String,
+        netem: bool,
+    ) -> anyhow::Result<Sites> {
+        let link = || -> anyhow::Result<pgcourier_netem::Link> {
+            Ok(pgcourier_netem::Profile::by_name("clean")
+                .context("netem profile clean")?
+                .link(16))
+        };
         // Admin ports are picked just before each daemon binds them: a
         // port picked early may meanwhile become some connection's
         // ephemeral port.
@@ -281,6 +304,7 @@ impl Sites {
                 branches: n,
                 schema,
                 sender_extra: &format!("admin = \"127.0.0.1:{}\"\n{}", ports[0], extra("hq")),
+                link: if netem { Some(link()?) } else { None },
                 ..Options::default()
             },
         )
@@ -297,12 +321,32 @@ impl Sites {
             setup.restart_receiver(i)?;
         }
         let mut back = Vec::new();
+        let mut relays = Vec::new();
         for i in 0..n {
             let admin = [free_tcp_port(), free_tcp_port()];
             ports.extend(admin);
-            back.push(way_back(&setup, i, admin, &extra(&format!("branch{i}")))?);
+            let port = free_udp_port();
+            let mut address = format!("127.0.0.1:{port}");
+            if netem {
+                let relay = pgcourier_netem::UdpRelay::start(
+                    "127.0.0.1:0".parse()?,
+                    address.parse()?,
+                    link()?,
+                )
+                .await
+                .context("start a netem relay for a way back")?;
+                address = relay.local_addr().to_string();
+                relays.push(relay);
+            }
+            let extra = extra(&format!("branch{i}"));
+            back.push(way_back(&setup, i, admin, port, &address, &extra)?);
         }
-        let sites = Sites { setup, ports, back };
+        let sites = Sites {
+            setup,
+            ports,
+            back,
+            relays,
+        };
         for i in 0..n {
             let port = sites.ports[1 + n + 2 * i];
             wait_until("the branches' senders to capture", WAIT, || async {
@@ -1035,7 +1079,8 @@ async fn random_writes(
     Ok(w)
 }
 
-/// Headquarters and three branches, every branch cut off, all four
+/// Headquarters and three branches, every branch cut off (its links down
+/// both ways at netem relays), all four
 /// writing the same rows and keys meanwhile (a seeded random workload:
 /// colliding inserts, updates of one column or another, deletes, stock
 /// taken from a `delta` column; the policy `last-writer-wins` or
@@ -1078,7 +1123,7 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
     let policy = std::env::var("PGCOURIER_CONVERGE_POLICY").unwrap_or_else(|_| drawn.to_owned());
     eprintln!("converge: policy {policy}");
     let n = 3;
-    let sites = Sites::start_with(
+    let sites = Sites::start_linked(
         "converge",
         n,
         "CREATE TABLE item (id int PRIMARY KEY, v text NOT NULL, qty int NOT NULL DEFAULT 0, note text)",
@@ -1088,6 +1133,7 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
                  conflict = \"{policy}\"\ndelta = [\"qty\"]\n"
             )
         },
+        true,
     )
     .await?;
     let hq = sites.setup.source().await?;
@@ -1103,11 +1149,11 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
     let first: i64 = hq.query_one("SELECT count(*) FROM item", &[]).await?.get(0);
     sites.converged(Some(first)).await?;
 
-    // Every branch is cut off: its receiver and headquarters' receiver of
-    // its way back stop; the senders spool on.
+    // Every branch is cut off: its links down, both ways (netem); the
+    // daemons run on, the senders spool.
     for i in 0..n {
-        sites.setup.branches[i].receiver.terminate()?;
-        sites.back[i].1.terminate()?;
+        sites.setup.relays[i].set_down(true);
+        sites.relays[i].set_down(true);
     }
     let mut clients = vec![hq];
     for i in 0..n {
@@ -1167,8 +1213,8 @@ async fn four_sites_writing_the_same_rows_offline_converge_whatever_the_order_li
     }
     let started = std::time::Instant::now();
     for (step, &i) in order.iter().enumerate() {
-        sites.setup.branches[i].receiver.respawn()?;
-        sites.back[i].1.respawn()?;
+        sites.setup.relays[i].set_down(false);
+        sites.relays[i].set_down(false);
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
         if step == 0 && kills {
             let running: Vec<&(&Daemon, String)> =
