@@ -551,23 +551,13 @@ impl Cutter {
                     }
                     return Ok(fed.new_table);
                 }
-                if kind == b'T' {
-                    // A TRUNCATE of tables not shipped: counted as a write
-                    // to each (the filter leaves them out).
-                    if let Message::Truncate { rels, .. } = pgoutput::decode(data)? {
-                        for oid in rels {
-                            if let Some(name) = self.one_way.get(&oid) {
-                                *self.summary.one_way.entry(name.clone()).or_default() += 1;
-                            }
-                        }
-                    }
-                }
                 let data = match filter(
                     kind,
                     data,
                     tables,
                     &self.own,
                     &self.one_way,
+                    &mut self.summary.one_way,
                     &mut fed.new_table,
                 )? {
                     Filter::Keep => data,
@@ -715,13 +705,15 @@ enum Filter {
 /// Leave out what a pending copy's snapshot holds: changes to tables
 /// waiting for a copy. A Relation for a table never seen makes it wait.
 /// Leave out pgcourier's own tables (`own`, learnt from their Relations)
-/// and, from a TRUNCATE, tables not shipped (`one_way`).
+/// and, from a TRUNCATE, tables not shipped (`one_way`), each counted as
+/// one write in `one_way_writes`.
 fn filter(
     kind: u8,
     data: &[u8],
     tables: &mut Tables,
     own: &BTreeSet<u32>,
     one_way: &BTreeMap<u32, String>,
+    one_way_writes: &mut BTreeMap<String, u64>,
     new_table: &mut Option<u32>,
 ) -> Result<Filter, CutError> {
     match kind {
@@ -753,6 +745,11 @@ fn filter(
             else {
                 return Err(CutError::OutOfOrder("Truncate does not decode"));
             };
+            for oid in &rels {
+                if let Some(name) = one_way.get(oid) {
+                    *one_way_writes.entry(name.clone()).or_default() += 1;
+                }
+            }
             let kept: Vec<u32> = rels
                 .iter()
                 .copied()
