@@ -62,6 +62,13 @@ fn site_part(path: &Path, text: &str, part: Part) -> Result<Option<String>, Conf
             "`apply` is a section per peer: [apply.<peer name>]",
         ));
     };
+    let names = || {
+        sections
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let peer = match part {
         Part::Sender => return Ok(Some(table.to_string())),
         Part::Receiver(Some(peer)) => peer.to_owned(),
@@ -69,23 +76,21 @@ fn site_part(path: &Path, text: &str, part: Part) -> Result<Option<String>, Conf
             sections.keys().next().expect("one section").clone()
         }
         Part::Receiver(None) => {
-            let names: Vec<&str> = sections.keys().map(String::as_str).collect();
             return Err(parse_error(
                 path,
                 format!(
                     "it has a section for each of the peers {}: say which one this receiver applies with --peer",
-                    names.join(", ")
+                    names()
                 ),
             ));
         }
     };
     let Some(toml::Value::Table(section)) = sections.get(&peer) else {
-        let names: Vec<&str> = sections.keys().map(String::as_str).collect();
         return Err(parse_error(
             path,
             format!(
                 "no section [apply.{peer}]; its sections are for {}",
-                names.join(", ")
+                names()
             ),
         ));
     };

@@ -2,6 +2,7 @@
 //! contradiction. Every setting and its default is documented in
 //! `docs/configuration.md` and in `examples/sender.toml`.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -278,16 +279,32 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl SenderConfig {
-    /// Whether this sender ships table `name` (`schema.name`): a branch
-    /// (`ship-tables = "two-way"`) its two-way and `up` tables,
-    /// headquarters every table but the `up` ones.
-    pub fn ships(&self, name: &str) -> bool {
-        let up = self.up.iter().any(|t| t == name);
+    /// The only tables this sender ships (`schema.name`), when not all:
+    /// a branch's (`ship-tables = "two-way"`) two-way and `up` tables.
+    pub fn only_tables(&self) -> Option<BTreeSet<String>> {
+        self.ship_two_way_only.then(|| {
+            self.two_way
+                .iter()
+                .map(|t| t.name.clone())
+                .chain(self.up.iter().cloned())
+                .collect()
+        })
+    }
+
+    /// Tables this sender never ships: at headquarters, the `up` ones.
+    pub fn except_tables(&self) -> BTreeSet<String> {
         if self.ship_two_way_only {
-            up || self.two_way.iter().any(|t| t.name == name)
+            BTreeSet::new()
         } else {
-            !up
+            self.up.iter().cloned().collect()
         }
+    }
+
+    /// Whether this sender ships table `name` (`schema.name`), by
+    /// [`SenderConfig::only_tables`] and [`SenderConfig::except_tables`].
+    pub fn ships(&self, name: &str) -> bool {
+        self.only_tables().map_or(true, |only| only.contains(name))
+            && !self.except_tables().contains(name)
     }
 
     pub fn load(path: &Path) -> Result<SenderConfig, ConfigError> {

@@ -724,17 +724,18 @@ async fn check_two_way(
             fix: "run the sender as a superuser role, or leave those tables one-way".into(),
         });
     }
-    let sql = "SELECT to_regclass($1) IS NOT NULL, \
-                      EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
-                               WHERE i.indrelid = to_regclass($1) AND i.indisprimary), \
-                      ARRAY(SELECT d FROM unnest($2::text[]) d \
-                             WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
-                                                WHERE a.attrelid = to_regclass($1) AND a.attname = d \
-                                                  AND NOT a.attisdropped AND a.atttypid IN \
-                                                      ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, \
-                                                       'numeric'::regtype, 'float4'::regtype, 'float8'::regtype)))";
+    let sql = format!(
+        "SELECT to_regclass($1) IS NOT NULL, \
+                EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
+                         WHERE i.indrelid = to_regclass($1) AND i.indisprimary), \
+                ARRAY(SELECT d FROM unnest($2::text[]) d \
+                       WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                          WHERE a.attrelid = to_regclass($1) AND a.attname = d \
+                                            AND NOT a.attisdropped AND a.atttypid IN {}))",
+        conflict::DELTA_TYPES
+    );
     for t in &cfg.two_way {
-        let row = match client.query_one(sql, &[&t.table, &t.delta]).await {
+        let row = match client.query_one(&sql, &[&t.table, &t.delta]).await {
             Ok(row) => row,
             Err(e) => {
                 problems.push(Problem {

@@ -92,6 +92,11 @@ pub fn install_sql(site: &str, priority: i32) -> String {
         .replace("@POLICIES@", &policies.join(", "))
 }
 
+/// The types a `delta` column may have, as an SQL list of type OIDs (the
+/// install refuses others; `pgcourier-sender check` names them).
+pub const DELTA_TYPES: &str = "('int2'::regtype, 'int4'::regtype, 'int8'::regtype, \
+     'numeric'::regtype, 'float4'::regtype, 'float8'::regtype)";
+
 /// The SQL that makes `table` (quoted, qualified) two-way under `policy`,
 /// its `delta` columns adding up: registered, stamped by local writes.
 /// Idempotent.
@@ -121,9 +126,7 @@ BEGIN
     SELECT d INTO bad FROM unnest({delta}) d
      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
                         WHERE a.attrelid = '{literal}'::regclass AND a.attname = d
-                          AND NOT a.attisdropped AND a.atttypid IN
-                              ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'numeric'::regtype,
-                               'float4'::regtype, 'float8'::regtype))
+                          AND NOT a.attisdropped AND a.atttypid IN {DELTA_TYPES})
      LIMIT 1;
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'pgcourier: delta column % of two-way table % is not a numeric column of it', bad, '{literal}'

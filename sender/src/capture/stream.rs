@@ -113,19 +113,8 @@ impl Capture {
         let mut cutter = Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn())
             .before_cut(cut)
             .with_ddl_key(ddl_key)
-            .only_tables(self.cfg.ship_two_way_only.then(|| {
-                self.cfg
-                    .two_way
-                    .iter()
-                    .map(|t| t.name.clone())
-                    .chain(self.cfg.up.iter().cloned())
-                    .collect()
-            }))
-            .except_tables(if self.cfg.ship_two_way_only {
-                Default::default()
-            } else {
-                self.cfg.up.iter().cloned().collect()
-            })
+            .only_tables(self.cfg.only_tables())
+            .except_tables(self.cfg.except_tables())
             .with_forwarding(
                 self.cfg
                     .receivers
