@@ -267,6 +267,26 @@ fn thin_long() -> pgcourier_netem::Link {
     pgcourier_netem::Link::symmetric(params, 31)
 }
 
+/// Seconds from now (a link's return) until the first of the transactions
+/// from `first` on (`acct_transactions`' ids) is applied on the branch.
+async fn seconds_to_apply(setup: &Setup, first: i32) -> anyhow::Result<f64> {
+    let up = std::time::Instant::now();
+    let dst = setup.target(0).await?;
+    wait_until("the first change of the outage applied", WAIT, || async {
+        let n: i64 = dst
+            .query_one(
+                "SELECT count(*) FROM acct WHERE id BETWEEN $1 AND $1 + 3",
+                &[&first],
+            )
+            .await?
+            .get(0);
+        Ok(n > 0)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    Ok(up.elapsed().as_secs_f64())
+}
+
 /// Seconds from the link's return to the first transaction committed
 /// during the outage applied on the branch, after an outage longer than
 /// the idle timeout, with `extra` in both configs.
@@ -293,21 +313,7 @@ async fn return_after_outage(name: &str, extra: &str) -> anyhow::Result<f64> {
     acct_transactions(&src, 101, 100).await?;
     tokio::time::sleep(Duration::from_secs(12)).await;
     udp.set_down(false);
-    let up = std::time::Instant::now();
-    let dst = setup.target(0).await?;
-    wait_until("the first change of the outage applied", WAIT, || async {
-        let n: i64 = dst
-            .query_one(
-                "SELECT count(*) FROM acct WHERE id BETWEEN 101 AND 104",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(n > 0)
-    })
-    .await
-    .with_context(|| setup.logs())?;
-    let secs = up.elapsed().as_secs_f64();
+    let secs = seconds_to_apply(&setup, 101).await?;
     caught_up(&setup).await?;
     assert_applied_exactly_once(&setup, 0).await?;
     Ok(secs)
@@ -413,18 +419,7 @@ async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_b
     for relay in &setup.relays {
         relay.set_down(false);
     }
-    let up = std::time::Instant::now();
-    let dst = setup.target(0).await?;
-    wait_until("the first change of the outage applied", WAIT, || async {
-        let n: i64 = dst
-            .query_one("SELECT count(*) FROM acct WHERE id BETWEEN 51 AND 54", &[])
-            .await?
-            .get(0);
-        Ok(n > 0)
-    })
-    .await
-    .with_context(|| setup.logs())?;
-    let secs = up.elapsed().as_secs_f64();
+    let secs = seconds_to_apply(&setup, 51).await?;
     eprintln!("link back after a 50 s outage (return-window 0 s, max-backoff 60 s): first outage transaction applied after {secs:.2} s");
     assert!(
         secs < 8.0,
