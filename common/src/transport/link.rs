@@ -447,6 +447,9 @@ impl TransportStatus {
 /// off.
 pub const REACHABLE_EVERY: Duration = Duration::from_secs(1);
 
+/// How often the knocks look a peer's name up again (a dial always does).
+const RESOLVE_KNOCKS_EVERY: Duration = Duration::from_secs(30);
+
 /// Whether a listener at `to` takes a TCP connection and holds it (waiting
 /// for a TLS handshake, as ours do): something on the path that accepts
 /// and closes at once (a tunnel or forwarder whose far end is down) is not
@@ -635,8 +638,9 @@ impl Dialer {
     /// backs off from a peer gone longer than `return-window`, this finds
     /// it within about a second of it coming back, at the cost of a TCP
     /// SYN a second (a QUIC dial costs a padded 1,200-byte Initial and its
-    /// resends). The connection is closed at once, before any TLS.
-    /// `first_counts`: an answer to the first knock ends the wait (the
+    /// resends). The connection is closed at once, before any TLS. A peer
+    /// by name is looked up again every 30 s while
+    /// knocking (not at every knock). `first_counts`: an answer to the first knock ends the wait (the
     /// peer came back during the dial that failed); otherwise only an
     /// answer after a knock that got none does, so a peer reachable but
     /// refusing sessions (the last wait ended by a knock, and the dial
@@ -645,11 +649,16 @@ impl Dialer {
     pub async fn until_reachable(&self, first_counts: bool) {
         if self.proxy.is_none() {
             let mut first = !first_counts;
+            // A name is looked up again now and then, not at every knock.
+            let mut resolved: Option<(SocketAddr, tokio::time::Instant)> = None;
             loop {
                 let knocked = tokio::time::Instant::now();
-                let up = match self.peer.resolve().await {
-                    Ok(to) => knock(to).await,
-                    Err(_) => false,
+                if resolved.map_or(true, |(_, at)| knocked - at >= RESOLVE_KNOCKS_EVERY) {
+                    resolved = self.peer.resolve().await.ok().map(|to| (to, knocked));
+                }
+                let up = match resolved {
+                    Some((to, _)) => knock(to).await,
+                    None => false,
                 };
                 match (up, first) {
                     (true, true) => break,
