@@ -443,6 +443,15 @@ pub struct CopyMeta {
     /// Why the copy was made: `initial`, `new table`, `seed`.
     pub reason: String,
     pub tables: Vec<CopyTable>,
+    /// A table joining a running publication: this transaction starts join
+    /// `id`, whose rows follow in chunks (`store/join.rs`); it carries
+    /// no rows and no TRUNCATE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<u64>,
+    /// Joins the sender abandoned (its snapshot was lost): the branch drops
+    /// their staging tables and held changes first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aborts: Vec<u64>,
 }
 
 const SEED_MAGIC: &[u8; 8] = b"PGCSEED1";

@@ -224,6 +224,8 @@ pub async fn describe(
             cut_lsn: cut.lsn,
             reason: reason.to_owned(),
             tables,
+            join: None,
+            aborts: Vec::new(),
         },
         relations,
     ))
