@@ -269,6 +269,13 @@ pub struct Cutter {
     /// Origin names (after [`ORIGIN_PREFIX`]) of the sites of this
     /// sender's receivers, and the receiver at each.
     forward: BTreeMap<String, String>,
+    /// Commit LSN of the last transaction spooled, skipped or spliced:
+    /// a spliced transaction takes a commit LSN above it.
+    last_commit: Lsn,
+    /// No transaction still to come commits below this: the end of the
+    /// last commit record read, or what the walsender said it has read
+    /// ([`Cutter::saw_server_end`]).
+    room_end: Lsn,
 }
 
 impl Cutter {
@@ -288,7 +295,61 @@ impl Cutter {
             except: BTreeSet::new(),
             one_way: BTreeMap::new(),
             forward: BTreeMap::new(),
+            last_commit: skip_through,
+            room_end: Lsn::ZERO,
         }
+    }
+
+    /// The spool holds everything that commits below `end` (its captured
+    /// end LSN): no transaction of this stream commits below it.
+    pub fn with_room_end(mut self, end: Lsn) -> Cutter {
+        self.room_end = end;
+        self
+    }
+
+    /// The walsender has read the WAL up to `end` (a keepalive): every
+    /// transaction committing below it was delivered before. Only between
+    /// transactions.
+    pub fn saw_server_end(&mut self, end: Lsn) {
+        if self.is_idle() && self.cut.is_none() {
+            self.room_end = self.room_end.max(end);
+        }
+    }
+
+    /// Splice a transaction of our own between the stream's transactions
+    /// (a joining table's chunk, `store/join.rs`): `message` alone, with
+    /// commit LSN one above the last transaction's and below any still to
+    /// come, so the order rule and the exactly-once marker hold for it as
+    /// for any. `None`: no LSN is free between them (the WAL must move on
+    /// first), or a transaction or a cut is open; nothing was cut.
+    pub fn splice(&mut self, message: &[u8], commit_time: i64) -> Option<Vec<Record>> {
+        let commit_lsn = Lsn(self.last_commit.0 + 1);
+        // One LSN is left free below `room_end`: a copy cut taken next may
+        // be as low as `room_end`, and its copy commits at the cut − 1.
+        if !self.is_idle() || self.cut.is_some() || commit_lsn.0 + 1 >= self.room_end.0 {
+            return None;
+        }
+        let mut txn = TxnCutter::new(
+            self.next_seq,
+            TxnHead {
+                commit_lsn,
+                commit_time,
+                xid: 0,
+                only_for: None,
+            },
+        );
+        let mut records = txn.push(message);
+        records.push(txn.finish(commit_lsn));
+        self.next_seq += records.len() as u64;
+        self.last_commit = commit_lsn;
+        self.summary.messages += 1;
+        self.summary.transactions += 1;
+        self.summary.records += records.len() as u64;
+        self.summary.last_commit = commit_lsn;
+        // Everything committing below `room_end` was fed before: the
+        // batch's end may stand there (never behind the spool's).
+        self.summary.last_end = self.summary.last_end.max(self.room_end);
+        Some(records)
     }
 
     /// Ship only these tables (`schema.name`): a branch's sender ships its
@@ -461,6 +522,7 @@ impl Cutter {
                         )))
                     }
                     Open::Skipping => {
+                        self.room_end = self.room_end.max(end_lsn);
                         self.summary.last_end = self.summary.last_end.max(end_lsn);
                         self.summary.skipped += 1;
                         return Ok(fed.new_table);
@@ -484,6 +546,8 @@ impl Cutter {
                 }
                 self.summary.last_end = self.summary.last_end.max(end_lsn);
                 self.summary.last_commit = commit_lsn;
+                self.last_commit = commit_lsn;
+                self.room_end = self.room_end.max(end_lsn);
                 if txn.is_empty() {
                     self.summary.dropped += 1;
                     return Ok(fed.new_table);

@@ -1111,3 +1111,55 @@ fn a_transaction_from_a_receivers_site_is_forwarded_to_the_others_only() {
     let summary = cutter.finish().expect("ends between transactions");
     assert_eq!((summary.forwarded, summary.looped), (0, 1));
 }
+
+#[test]
+fn a_spliced_transaction_commits_between_its_neighbours_only_where_the_wal_leaves_room() {
+    let chunk = b"M-chunk".to_vec();
+    // After a transaction committing at 0x100 and ending at 0x108: room
+    // for 0x101 .. 0x106 (one LSN is kept free below the end).
+    let mut cutter = Cutter::new(1, Lsn::ZERO).with_room_end(Lsn(0x80));
+    let mut tables = synced(&[A]);
+    assert!(cutter.splice(&chunk, 5).is_some(), "0x1 .. 0x7e is free");
+    let mut cutter = Cutter::new(1, Lsn(0x80)).with_room_end(Lsn(0x80));
+    assert!(
+        cutter.splice(&chunk, 5).is_none(),
+        "no LSN free above the spool's last commit"
+    );
+    let mut records = Vec::new();
+    for m in txn(0x100, 1, vec![insert(A, "x")]) {
+        records.extend(cutter.message(&m, &mut tables).unwrap().records);
+    }
+    let mut spliced = Vec::new();
+    while let Some(r) = cutter.splice(&chunk, 5) {
+        spliced.extend(r);
+    }
+    let lsns: Vec<u64> = spliced.iter().map(|r| r.commit_lsn.0).collect();
+    assert_eq!(lsns, (0x101..=0x106).collect::<Vec<_>>());
+    assert!(spliced.iter().all(|r| r.last && r.part == 0 && r.xid == 0));
+    assert_eq!(spliced[0].seq, 2, "dense after the stream's record");
+    // Inside a transaction: never.
+    cutter.message(&begin(0x200, 2), &mut tables).unwrap();
+    assert!(cutter.splice(&chunk, 5).is_none());
+    for m in [insert(A, "y"), commit(0x200, 0x208)] {
+        records.extend(cutter.message(&m, &mut tables).unwrap().records);
+    }
+    assert_eq!(
+        records.last().unwrap().seq,
+        8,
+        "the stream goes on after them"
+    );
+    // A keepalive past the last commit makes room up to it.
+    cutter.saw_server_end(Lsn(0x300));
+    let r = cutter.splice(&chunk, 5).unwrap();
+    assert_eq!((r[0].commit_lsn, r[0].seq), (Lsn(0x201), 9));
+    let summary = cutter.finish().unwrap();
+    assert_eq!(summary.last_commit, Lsn(0x201));
+    assert_eq!(summary.last_end, Lsn(0x300));
+    assert_eq!(summary.transactions, 2 + 7);
+    // Never with a cut pending: the stream stops before it for the copy.
+    let mut cutter = Cutter::new(1, Lsn(0x100))
+        .with_room_end(Lsn(0x400))
+        .before_cut(Some(Lsn(0x400)));
+    cutter.saw_server_end(Lsn(0x500));
+    assert!(cutter.splice(&chunk, 5).is_none());
+}
