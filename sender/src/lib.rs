@@ -65,9 +65,11 @@ pub async fn run(cfg: SenderConfig, shutdown: CancellationToken) -> anyhow::Resu
     let shipper = ship::Shipper::new(cfg.clone(), spool.clone());
     let (seeds_tx, seeds_rx) = tokio::sync::mpsc::channel(1);
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let room = shipper.clone();
     let capture = capture::Capture::new(cfg.clone(), spool.clone())
         .with_seeds(seeds_rx)
-        .with_started(started_tx);
+        .with_started(started_tx)
+        .with_link_room(Arc::new(move |bytes| room.link_has_room(bytes)));
     let endpoint_view = Arc::new(admin::Admin {
         cfg: cfg.clone(),
         spool: spool.clone(),

@@ -232,6 +232,36 @@ impl Shipper {
         })
     }
 
+    /// Whether a joining table's next chunk may be spooled (capture's
+    /// `join.rs`): some receiver is connected, and every connected one has
+    /// less than `bytes` of the spool left to send. A receiver far behind
+    /// (catching up a backlog) has no room: live changes go first.
+    pub fn link_has_room(&self, bytes: u64) -> bool {
+        let connected: Vec<String> = self
+            .links
+            .lock()
+            .expect("links lock")
+            .iter()
+            .filter(|(_, l)| l.connected)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if connected.is_empty() {
+            return false;
+        }
+        let next = self.spool.next_seq();
+        let high = self.sent_high.lock().expect("sent_high lock");
+        connected.iter().all(|name| {
+            let sent = high
+                .get(name)
+                .copied()
+                .unwrap_or(0)
+                .max(self.spool.applied(name).unwrap_or(0));
+            // At most this many records to walk.
+            next.saturating_sub(sent) <= 64
+                && self.spool.bytes_after(sent).is_ok_and(|b| b < bytes)
+        })
+    }
+
     /// Dial receivers that have an address and accept those that dial in,
     /// until `shutdown`. Every session is a task of one tracker, cancelled
     /// through `shutdown` and awaited before this returns.

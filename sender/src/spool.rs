@@ -107,6 +107,21 @@ pub struct CopyState {
     pub tables: Tables,
 }
 
+/// Tables joining a running publication in chunks (`capture/join.rs`):
+/// the joins started and not yet ended, and the ones abandoned since the
+/// last copy (named in the next copy's metadata, so the branches drop what
+/// they staged). Stored as bincode under `meta/joins`, durable with the
+/// commit of the transaction that changes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Joins {
+    /// The id the next join takes.
+    pub next_id: u64,
+    /// Joins whose start is spooled and whose end is not: (id, tables).
+    pub open: Vec<(u64, Vec<u32>)>,
+    /// Joins abandoned, not yet named in a copy.
+    pub aborted: Vec<u64>,
+}
+
 /// What shipping and status need to know, published after every commit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpoolMarks {
@@ -423,6 +438,35 @@ impl Spool {
             .expect("copy state encodes");
         self.meta
             .insert("copy_state", bytes)
+            .map_err(|e| self.store.write_err(e))?;
+        self.state.lock().expect("spool state lock").capture_writes += 1;
+        Ok(())
+    }
+
+    /// The joins' bookkeeping (see [`Joins`]).
+    pub fn joins(&self) -> Result<Joins, StoreError> {
+        let Some(v) = self
+            .meta
+            .get("joins")
+            .map_err(|e| self.store.write_err(e))?
+        else {
+            return Ok(Joins::default());
+        };
+        bincode::serde::decode_from_slice(&v, pgcourier_proto::record::bincode_config())
+            .map(|(st, _)| st)
+            .map_err(|_| StoreError::Corrupt {
+                path: self.store.path.clone(),
+                key: "meta/joins".into(),
+            })
+    }
+
+    /// Write the joins' bookkeeping; durable with the next commit, as
+    /// [`Spool::set_copy_state`].
+    pub fn set_joins(&self, joins: &Joins) -> Result<(), StoreError> {
+        let bytes = bincode::serde::encode_to_vec(joins, pgcourier_proto::record::bincode_config())
+            .expect("joins encode");
+        self.meta
+            .insert("joins", bytes)
             .map_err(|e| self.store.write_err(e))?;
         self.state.lock().expect("spool state lock").capture_writes += 1;
         Ok(())

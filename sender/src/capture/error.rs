@@ -32,6 +32,10 @@ pub enum CaptureError {
     Seed(#[from] ExportError),
     #[error("the spool's fsync task stopped unexpectedly")]
     Blocking(#[source] tokio::task::JoinError),
+    /// A joining table's reader ended without its end: the join is
+    /// abandoned and its tables copied again from a new cut.
+    #[error("the reader of a joining table stopped unexpectedly; the table will be copied again")]
+    JoinReader,
 }
 
 impl CaptureError {
@@ -41,6 +45,7 @@ impl CaptureError {
             CaptureError::Source(e) => e.is_transient(),
             CaptureError::Copy(e) => e.is_transient(),
             CaptureError::Replication(e) => e.fault().transient,
+            CaptureError::JoinReader => true,
             CaptureError::Stream(_)
             | CaptureError::Spool(_)
             | CaptureError::Record(_)

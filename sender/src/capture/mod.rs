@@ -31,6 +31,9 @@
 //! - `tables.rs`: which tables wait for a copy; choosing and taking cuts.
 //! - `splice.rs`: the SPLICE: a cut's copy spooled as the transaction at
 //!   L − 1, the tables it copied marked synced, `needs_copy` answered.
+//! - `join.rs`: a table joining a running publication: its start at
+//!   L − 1, its rows spliced in chunks between live transactions, paced
+//!   by the link; joins cut short abandoned.
 //! - `export.rs`: a seed export: the copy written to a file, a marker
 //!   spooled.
 //! - `status.rs`, `error.rs`: what admin and the CLI see.
@@ -39,6 +42,7 @@
 
 mod error;
 mod export;
+mod join;
 mod run;
 mod splice;
 mod status;
@@ -51,13 +55,16 @@ use pgcourier_proto::Lsn;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SenderConfig;
-use crate::spool::{CopyState, Spool};
+use crate::spool::{CopyState, Joins, Spool};
 
 pub use error::CaptureError;
 pub use export::ExportError;
 pub use status::{CaptureStart, CaptureStatus, SeedOutcome, SeedRequest, SeedSummary};
 
 use tables::PendingCut;
+
+/// See [`Capture::with_link_room`].
+pub type LinkRoom = Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
 pub struct Capture {
     cfg: Arc<SenderConfig>,
@@ -70,6 +77,13 @@ pub struct Capture {
     copy_state: CopyState,
     /// A cut taken and not yet spliced into the spool.
     cut: Option<PendingCut>,
+    /// The joins' bookkeeping, as in the spool's `joins`.
+    joins: Joins,
+    /// The join being read and spliced (`join.rs`).
+    join: Option<join::ActiveJoin>,
+    /// Whether every connected receiver has less than the given bytes left
+    /// to send (false with none connected): paces a join's chunks.
+    link_room: Option<LinkRoom>,
     seeds: Option<mpsc::Receiver<SeedRequest>>,
     /// A seed asked for while a stream was open: its cut is taken next.
     pending_seed: Option<SeedRequest>,
@@ -94,6 +108,9 @@ impl Capture {
             confirmed: Lsn::ZERO,
             copy_state: CopyState::default(),
             cut: None,
+            joins: Joins::default(),
+            join: None,
+            link_room: None,
             seeds: None,
             pending_seed: None,
             confirm_on_start: None,
@@ -117,6 +134,14 @@ impl Capture {
             // The receiving end may be gone: nobody waits any more.
             let _ = tx.send(how);
         }
+    }
+
+    /// Pace a joining table's chunks by the link: `room(bytes)` says
+    /// whether every connected receiver has less than `bytes` left to send
+    /// (the shipper knows). Without it, no table joins in chunks.
+    pub fn with_link_room(mut self, room: LinkRoom) -> Capture {
+        self.link_room = Some(room);
+        self
     }
 
     /// Accept seed export requests from this channel.

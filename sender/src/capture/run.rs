@@ -22,6 +22,9 @@ impl Capture {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = self.session(&shutdown) => r,
             };
+            // A join's snapshot ends with it: the next session abandons
+            // the join (`join.rs`).
+            self.join = None;
             // A cut does not survive its connection.
             if let Some(pending) = self.cut.take() {
                 if let Job::Seed(req) = pending.job {

@@ -61,8 +61,17 @@ impl Capture {
         let spliced = match job {
             Job::Copy {
                 tables,
+                join: true,
+                ..
+            } => {
+                // The cut's snapshot stays open for the join's reader.
+                return self.start_join(cut, &tables, &txn, started).await;
+            }
+            Job::Copy {
+                tables,
                 reason,
                 only_for,
+                join: false,
             } => {
                 self.splice_copy(&cut, &tables, &reason, only_for, &txn, started)
                     .await
@@ -99,7 +108,10 @@ impl Capture {
         txn: &CopyTxn,
         started: Instant,
     ) -> Result<Synced<Lsn>, CaptureError> {
-        let (meta, relations) = copy::describe(cut, tables, reason).await?;
+        let (mut meta, relations) = copy::describe(cut, tables, reason).await?;
+        // Joins abandoned since the last copy: the branches drop what they
+        // staged first (`join.rs`).
+        meta.aborts = self.joins.aborted.clone();
         tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), rows_estimate = meta.tables.iter().map(|t| t.rows_estimate).sum::<u64>(), "copying tables into the spool");
         let start = self.spool.next_seq();
         let cutter = TxnCutter::new(
@@ -126,6 +138,10 @@ impl Capture {
                 self.copy_state.tables.synced.insert(*oid);
             }
             self.spool.set_copy_state(&self.copy_state)?;
+        }
+        let aborted = std::mem::take(&mut self.joins.aborted);
+        if !aborted.is_empty() {
+            self.spool.set_joins(&self.joins)?;
         }
         let (commit, end) = (txn.commit_lsn, txn.end_lsn);
         let synced = self
@@ -160,7 +176,7 @@ impl Capture {
         emit: &mut impl FnMut(Record) -> Result<(), CaptureError>,
     ) -> Result<(), CaptureError> {
         self.status.lock().expect("status lock").copy = Some(CopyProgress::new(meta));
-        for message in copy_head(meta, relations) {
+        for message in copy_head(meta, relations, true) {
             for record in cutter.push(&message) {
                 emit(record)?;
             }
@@ -215,8 +231,10 @@ impl Capture {
 }
 
 /// The copy transaction's first messages: its metadata, the tables'
-/// Relations, and one TRUNCATE of them all (none when no table is left).
-fn copy_head(meta: &CopyMeta, relations: &[Relation]) -> Vec<Vec<u8>> {
+/// Relations, and (with `truncate`) one TRUNCATE of them all (none when no
+/// table is left). A join's start has no TRUNCATE: its end replaces the
+/// tables.
+pub(super) fn copy_head(meta: &CopyMeta, relations: &[Relation], truncate: bool) -> Vec<Vec<u8>> {
     let content = serde_json::to_vec(meta).expect("copy metadata encodes as JSON");
     let mut head = vec![pgoutput::encode(&Message::LogicalMessage {
         transactional: true,
@@ -229,7 +247,7 @@ fn copy_head(meta: &CopyMeta, relations: &[Relation]) -> Vec<Vec<u8>> {
             .iter()
             .map(|rel| pgoutput::encode(&Message::Relation(rel.clone()))),
     );
-    if !relations.is_empty() {
+    if truncate && !relations.is_empty() {
         head.push(pgoutput::encode(&Message::Truncate {
             cascade: false,
             restart_identity: false,

@@ -33,6 +33,7 @@ use pgcourier_proto::Lsn;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::join::{Spliced, JOIN_POLL};
 use super::{Capture, CaptureError};
 use crate::replication::{self, ReplicationError, ReplicationStream};
 use crate::source;
@@ -111,6 +112,7 @@ impl Capture {
         let cut = self.cut.as_ref().map(|p| p.cut.lsn);
         let ddl_key = self.ddl_key(client).await?;
         let mut cutter = Cutter::new(self.spool.next_seq(), self.spool.captured_commit_lsn())
+            .with_room_end(marks.captured_end_lsn)
             .before_cut(cut)
             .with_ddl_key(ddl_key)
             .only_tables(self.cfg.only_tables())
@@ -132,6 +134,22 @@ impl Capture {
         let mut status_at = tokio::time::Instant::now() + STATUS_EVERY;
         let end = loop {
             let idle = cutter.is_idle();
+            // A joining table's chunk, between transactions, one per batch
+            // (`join.rs`).
+            if idle && self.cut.is_none() && !batch.chunk {
+                match self.splice_chunk(&mut cutter, client, &mut stream).await? {
+                    Spliced::Nothing => {}
+                    Spliced::Chunk => {
+                        batch.messages += 1;
+                        batch.chunk = true;
+                    }
+                    Spliced::End => {
+                        batch.messages += 1;
+                        batch.chunk = true;
+                        batch.joins_changed = true;
+                    }
+                }
+            }
             if idle && (batch.messages >= batch_max || !stream.has_buffered() || past_cut) {
                 let end = self.stream_end(cut, past_cut, server_end, shutdown);
                 // Group commit: while the batch before is being fsynced
@@ -152,6 +170,10 @@ impl Capture {
             let seeds = self.seeds.as_mut();
             let take_seed = idle && self.cut.is_none() && self.pending_seed.is_none();
             let in_flight = self.in_flight.as_mut();
+            // The join's reader: its next chunk once the last is spliced;
+            // while one waits for room, a look again soon.
+            let chunk_waits = self.join.as_ref().is_some_and(|j| j.pending.is_some());
+            let join = self.join.as_mut().filter(|j| j.pending.is_none());
             let event = tokio::select! {
                 _ = shutdown.cancelled() => Event::Stop,
                 payload = stream.next() => Event::Payload(payload?),
@@ -168,6 +190,19 @@ impl Capture {
                         _ => std::future::pending().await,
                     }
                 } => Event::Seed(req),
+                chunk = async move {
+                    match join {
+                        Some(j) => j.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::Chunk(chunk),
+                _ = async {
+                    if chunk_waits {
+                        tokio::time::sleep(JOIN_POLL).await
+                    } else {
+                        std::future::pending().await
+                    }
+                } => Event::JoinPoll,
             };
             match event {
                 Event::Stop if idle => {
@@ -224,6 +259,7 @@ impl Capture {
                         ..
                     } => {
                         server_end = server_end.max(wal_end);
+                        cutter.saw_server_end(wal_end);
                         // Quiet: everything received is durable, so what
                         // the walsender has read may be confirmed.
                         if idle
@@ -255,6 +291,16 @@ impl Capture {
                     }
                 }
                 Event::Seed(req) => self.pending_seed = Some(req),
+                Event::Chunk(Some(Ok(chunk))) => {
+                    if let Some(j) = self.join.as_mut() {
+                        j.pending = Some(chunk);
+                    }
+                }
+                Event::Chunk(Some(Err(e))) => return Err(e.into()),
+                Event::Chunk(None) => {
+                    return Err(CaptureError::JoinReader);
+                }
+                Event::JoinPoll => {}
                 Event::Synced(done) => {
                     let f = self.in_flight.take().expect("a batch in flight");
                     self.landed(Some(&mut stream), f, done).await?;
@@ -285,9 +331,10 @@ impl Capture {
                 return Some(StreamEnd::Splice);
             }
         }
+        // Tables that join while a join is read wait for its end.
         let copy_due = self.cut.is_none()
             && (self.pending_seed.is_some()
-                || !self.copy_state.tables.waiting.is_empty()
+                || (!self.copy_state.tables.waiting.is_empty() && self.join.is_none())
                 || !self.spool.needs_copy().is_empty());
         if copy_due {
             return Some(StreamEnd::CutDue);
@@ -316,6 +363,10 @@ impl Capture {
             // Durable with the commit below, before any transaction whose
             // changes it explains.
             self.spool.set_copy_state(&self.copy_state)?;
+        }
+        if batch.joins_changed {
+            // A join's end: it leaves `open` with the commit that spools it.
+            self.save_joins()?;
         }
         let synced = if summary.needs_commit() {
             // One batch in flight: the one before must be durable first.
@@ -400,7 +451,7 @@ impl Capture {
     }
 
     /// A status update: flushed and applied = what the spool holds durably.
-    async fn send_status(
+    pub(super) async fn send_status(
         &self,
         stream: &mut ReplicationStream,
         reply_requested: bool,
@@ -494,6 +545,10 @@ enum Event {
     Payload(Option<bytes::Bytes>),
     Tick,
     Seed(super::SeedRequest),
+    /// The join's reader sent a chunk (or failed, or stopped).
+    Chunk(Option<Result<crate::copy::JoinChunk, crate::copy::CopyError>>),
+    /// Look again whether the waiting chunk has room.
+    JoinPoll,
     /// The batch in flight's fsync returned.
     Synced(Result<Result<Synced<Lsn>, StoreError>, tokio::task::JoinError>),
 }
@@ -505,4 +560,8 @@ struct Batch {
     messages: u64,
     /// A Relation made a table wait for a copy.
     tables_changed: bool,
+    /// A joining table's chunk was spliced into it.
+    chunk: bool,
+    /// A join ended in it (`join.rs`).
+    joins_changed: bool,
 }

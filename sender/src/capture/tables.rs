@@ -26,6 +26,9 @@ pub(super) enum Job {
         tables: Vec<u32>,
         reason: String,
         only_for: Option<String>,
+        /// Tables joining a running publication: their rows follow in
+        /// chunks (`join.rs`) instead of in the copy transaction.
+        join: bool,
     },
     /// Copy every published table into a seed file.
     Seed(SeedRequest),
@@ -46,6 +49,7 @@ impl Capture {
             // A new spool: nothing decided yet (`initial_done` is false).
             None => CopyState::default(),
         };
+        self.abandon_joins().await?;
         if self.copy_state.initial_done {
             return Ok(());
         }
@@ -136,20 +140,19 @@ impl Capture {
                 tables,
                 reason: format!("new receiver {name}"),
                 only_for: Some(name),
+                join: false,
             };
             return self.start_cut(client, job, shutdown).await;
         }
         let t = &self.copy_state.tables;
-        if !t.waiting.is_empty() {
+        // Tables that join while a join is read wait for it to end.
+        if !t.waiting.is_empty() && self.join.is_none() {
+            let initial = t.synced.is_empty();
             let job = Job::Copy {
                 tables: t.waiting.iter().copied().collect(),
-                reason: if t.synced.is_empty() {
-                    "initial"
-                } else {
-                    "new table"
-                }
-                .into(),
+                reason: if initial { "initial" } else { "new table" }.into(),
                 only_for: None,
+                join: !initial && self.link_room.is_some(),
             };
             return self.start_cut(client, job, shutdown).await;
         }

@@ -42,7 +42,7 @@ mod read;
 pub use cut::{take_cut, Cut};
 pub use describe::{describe, published_tables};
 pub use progress::{CopyProgress, TableProgress};
-pub use read::{read_rows, Rows};
+pub use read::{read_join, read_rows, JoinChunk, Rows, JOIN_CHUNK_BYTES};
 
 use crate::source::SourceError;
 

@@ -63,10 +63,16 @@ impl CopyProgress {
     /// Count rows taken from a reader, and update the totals and the
     /// estimate of the time left.
     pub fn add(&mut self, rows: &Rows) {
-        if let Some(t) = self.tables.get_mut(rows.table) {
-            t.rows += rows.messages.len() as u64;
-            t.bytes += rows.bytes;
-            t.done = rows.done;
+        self.add_counts(rows.table, rows.messages.len() as u64, rows.bytes, rows.done);
+    }
+
+    /// Count `rows` rows of `bytes` read from the table at `table` (in
+    /// the copy's list); `done`: its last.
+    pub fn add_counts(&mut self, table: usize, rows: u64, bytes: u64, done: bool) {
+        if let Some(t) = self.tables.get_mut(table) {
+            t.rows += rows;
+            t.bytes += bytes;
+            t.done = done;
         }
         self.elapsed_seconds = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
         self.rows = self.tables.iter().map(|t| t.rows).sum();

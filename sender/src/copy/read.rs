@@ -213,3 +213,122 @@ async fn read_tables(
         }
     }
 }
+
+/// A chunk of a join is cut once its rows reach this many bytes.
+pub const JOIN_CHUNK_BYTES: usize = 64 * 1024;
+
+/// What the join reader hands to capture: a chunk or the end, as the
+/// `pgcourier.join` message to splice, and the rows it holds.
+#[derive(Debug)]
+pub struct JoinChunk {
+    pub message: Vec<u8>,
+    /// Index of the table in the join's list, its rows in this chunk, and
+    /// their bytes (`None` for the end).
+    pub table: Option<(usize, u64, u64)>,
+    pub end: bool,
+}
+
+/// Read the tables of join `id` in the cut's own snapshot, a table at a
+/// time (`COPY (SELECT ..) TO STDOUT`: the published columns, as the
+/// publication's row filter lets through), and send them to `tx` in
+/// chunks of [`JOIN_CHUNK_BYTES`], then the end. The channel is bounded:
+/// reading waits for capture to splice, so memory holds a few chunks
+/// whatever the table's size. Stops quietly when capture dropped the
+/// join (the receiving end is gone). The cut is closed at the end.
+pub async fn read_join(
+    cut: Cut,
+    id: u64,
+    tables: Vec<CopyTable>,
+    tx: tokio::sync::mpsc::Sender<Result<JoinChunk, CopyError>>,
+) {
+    let result = read_join_tables(&cut, id, &tables, &tx).await;
+    cut.close().await;
+    if let Err(e) = result {
+        // Capture may be gone already: nothing else to tell.
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+async fn read_join_tables(
+    cut: &Cut,
+    id: u64,
+    tables: &[CopyTable],
+    tx: &tokio::sync::mpsc::Sender<Result<JoinChunk, CopyError>>,
+) -> Result<(), CopyError> {
+    use pgcourier_common::store::join::{JoinKind, JoinPart, JOIN_PREFIX};
+    let message = |part: JoinPart, rows: &[u8]| {
+        pgoutput::encode(&Message::LogicalMessage {
+            transactional: true,
+            lsn: cut.lsn,
+            prefix: JOIN_PREFIX.into(),
+            content: part.encode(rows),
+        })
+    };
+    let (mut n, mut total) = (0u64, 0u64);
+    for (i, table) in tables.iter().enumerate() {
+        let sql = format!(
+            "COPY ({}) TO STDOUT",
+            select_sql(&cut.client, &cut.publication, table).await?
+        );
+        let stream = cut
+            .client
+            .copy_out(sql.as_str())
+            .await
+            .map_err(|e| SourceError::query("read rows of a joining table", e))?;
+        pin_mut!(stream);
+        let mut buf = Vec::with_capacity(JOIN_CHUNK_BYTES + 1024);
+        let mut rows = 0u64;
+        loop {
+            let next = stream
+                .try_next()
+                .await
+                .map_err(|e| SourceError::query("read rows of a joining table", e))?;
+            let done = next.is_none();
+            if let Some(data) = next {
+                // COPY sends a row per CopyData, each ending in a newline
+                // (one inside a value is escaped).
+                rows += data.iter().filter(|&&b| b == b'\n').count() as u64;
+                buf.extend_from_slice(&data);
+            }
+            if buf.len() >= JOIN_CHUNK_BYTES || (done && !buf.is_empty()) {
+                n += 1;
+                total += rows;
+                let part = JoinPart {
+                    id,
+                    kind: JoinKind::Rows,
+                    table: table.oid,
+                    n,
+                    rows,
+                };
+                let chunk = JoinChunk {
+                    message: message(part, &buf),
+                    table: Some((i, rows, buf.len() as u64)),
+                    end: false,
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(());
+                }
+                buf.clear();
+                rows = 0;
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    let end = JoinPart {
+        id,
+        kind: JoinKind::End,
+        table: 0,
+        n,
+        rows: total,
+    };
+    let _ = tx
+        .send(Ok(JoinChunk {
+            message: message(end, &[]),
+            table: None,
+            end: true,
+        }))
+        .await;
+    Ok(())
+}

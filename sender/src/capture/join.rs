@@ -1,0 +1,260 @@
+//! A table joining a running publication, in chunks (`store/join.rs` has
+//! the messages, docs/design.md the reasons). The cut is taken as for any
+//! copy; then:
+//!
+//! 1. **Start** (`start_join`): the transaction at L − 1 carries the
+//!    tables' definitions and Relations only; the tables move from
+//!    `waiting` to `synced`, so their changes after L are spooled like any
+//!    (the branch holds them until the rows are in). The join is `open` in
+//!    the spool's [`Joins`], durable with that transaction.
+//! 2. **Chunks**: a reader task (`copy::read_join`) reads the tables in
+//!    the cut's snapshot, which stays open, into a bounded channel; the
+//!    stream loop splices one chunk at a time between the live
+//!    transactions (`Cutter::splice`: a commit LSN the WAL leaves free
+//!    between them), only while every connected receiver has less than
+//!    two chunks left to send. So a live transaction waits behind at most
+//!    two chunks on the link, and the copy takes the rest of the link.
+//!    With no receiver connected, nothing is spliced: the copy waits with
+//!    the link. When no LSN is free (a quiet source), the sender commits
+//!    an empty transaction with an XID (`SELECT txid_current()`: a commit
+//!    record, nothing decoded) and asks the walsender where it has read to.
+//! 3. **End**: spliced like a chunk; the join leaves `open` in the same
+//!    commit.
+//!
+//! A join cut short (the session or the sender ended: its snapshot is
+//! gone) is abandoned when the next session loads the tables: its tables
+//! wait for a copy again, from a new cut, and its id is named in that
+//! copy's `aborts`, so the branches drop what they staged and held before
+//! loading the new copy (which holds the effect of those changes).
+
+use std::time::{Duration, Instant};
+
+use pgcourier_common::store::durable::Synced;
+use pgcourier_proto::cutter::{Cutter, TxnCutter, TxnHead};
+use pgcourier_proto::Lsn;
+use tokio_postgres::Client;
+
+use super::splice::CopyTxn;
+use super::{Capture, CaptureError};
+use crate::copy::{self, CopyProgress, Cut, JoinChunk, JOIN_CHUNK_BYTES};
+
+/// How often the stream loop looks again for room on the link while a
+/// chunk waits.
+pub(super) const JOIN_POLL: Duration = Duration::from_millis(20);
+
+/// At most one empty transaction this often, to move the WAL on.
+const TICK_EVERY: Duration = Duration::from_millis(100);
+
+/// Chunks read ahead of the splice.
+const READ_AHEAD: usize = 2;
+
+/// The join being read and spliced.
+pub(super) struct ActiveJoin {
+    pub id: u64,
+    rx: tokio::sync::mpsc::Receiver<Result<JoinChunk, copy::CopyError>>,
+    /// The next chunk, read and not yet spliced.
+    pub pending: Option<JoinChunk>,
+    task: tokio::task::JoinHandle<()>,
+    ticked: Option<Instant>,
+    chunks: u64,
+}
+
+impl Drop for ActiveJoin {
+    fn drop(&mut self) {
+        // Its snapshot connection ends with it.
+        self.task.abort();
+    }
+}
+
+impl ActiveJoin {
+    /// The next chunk from the reader (`None`: it stopped without an end,
+    /// which it never does while capture holds the join).
+    pub async fn recv(&mut self) -> Option<Result<JoinChunk, copy::CopyError>> {
+        self.rx.recv().await
+    }
+}
+
+/// What splicing the pending chunk did.
+pub(super) enum Spliced {
+    /// Nothing was pending, or the link or the WAL has no room yet.
+    Nothing,
+    /// A chunk went into the batch.
+    Chunk,
+    /// The join's end went into the batch: the join is over.
+    End,
+}
+
+impl Capture {
+    /// Abandon the joins a previous session or process left open: their
+    /// tables wait for a new copy, and the copy names the joins in
+    /// `aborts`. Before anything is captured.
+    pub(super) async fn abandon_joins(&mut self) -> Result<(), CaptureError> {
+        self.joins = self.spool.joins()?;
+        if self.joins.open.is_empty() {
+            return Ok(());
+        }
+        for (id, tables) in std::mem::take(&mut self.joins.open) {
+            tracing::info!(
+                join = id,
+                tables = tables.len(),
+                "a table join was cut short (its snapshot is gone): its tables will be copied again from a new cut"
+            );
+            for oid in tables {
+                if self.copy_state.tables.synced.remove(&oid) {
+                    self.copy_state.tables.waiting.insert(oid);
+                }
+            }
+            self.joins.aborted.push(id);
+        }
+        let (state, joins) = (self.copy_state.clone(), self.joins.clone());
+        self.blocking(move |spool| {
+            spool.set_copy_state(&state)?;
+            spool.set_joins(&joins)?;
+            spool.sync()
+        })
+        .await
+    }
+
+    /// Spool the join's start at the cut − 1 and start reading its rows.
+    pub(super) async fn start_join(
+        &mut self,
+        cut: Cut,
+        tables: &[u32],
+        txn: &CopyTxn,
+        started: Instant,
+    ) -> Result<Synced<Lsn>, CaptureError> {
+        let id = self.joins.next_id;
+        let (mut meta, relations) = copy::describe(&cut, tables, "new table").await?;
+        meta.join = Some(id);
+        meta.aborts = self.joins.aborted.clone();
+        let mut cutter = TxnCutter::new(
+            self.spool.next_seq(),
+            TxnHead {
+                commit_lsn: txn.commit_lsn,
+                commit_time: txn.commit_time,
+                xid: 0,
+                only_for: None,
+            },
+        );
+        let spool = self.spool.clone();
+        for message in super::splice::copy_head(&meta, &relations, false) {
+            for record in cutter.push(&message) {
+                spool.append(record.seq, &record.encode()?)?;
+            }
+        }
+        let last = cutter.finish(txn.end_lsn);
+        spool.append(last.seq, &last.encode()?)?;
+        for oid in tables {
+            self.copy_state.tables.waiting.remove(oid);
+            self.copy_state.tables.synced.insert(*oid);
+        }
+        let mut joins = self.joins.clone();
+        joins.next_id += 1;
+        joins.aborted.clear();
+        joins.open.push((id, tables.to_vec()));
+        self.spool.set_copy_state(&self.copy_state)?;
+        self.spool.set_joins(&joins)?;
+        let (commit, end) = (txn.commit_lsn, txn.end_lsn);
+        let synced = self
+            .blocking(move |spool| spool.commit(commit, end))
+            .await?;
+        self.joins = joins;
+        tracing::info!(
+            join = id,
+            cut = %cut.lsn,
+            tables = meta.tables.len(),
+            rows_estimate = meta.tables.iter().map(|t| t.rows_estimate).sum::<u64>(),
+            seconds = started.elapsed().as_secs_f64(),
+            "a table joins: its rows follow in chunks between the live transactions"
+        );
+        self.status.lock().expect("status lock").copy = Some(CopyProgress::new(&meta));
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let task = tokio::spawn(copy::read_join(cut, id, meta.tables.clone(), tx));
+        self.join = Some(ActiveJoin {
+            id,
+            rx,
+            pending: None,
+            task,
+            ticked: None,
+            chunks: 0,
+        });
+        Ok(synced)
+    }
+
+    /// Whether a chunk may go to the link now: every connected receiver has
+    /// less than two chunks left to send, and one is connected.
+    fn link_has_room(&self) -> bool {
+        self.link_room
+            .as_ref()
+            .is_some_and(|room| room(2 * JOIN_CHUNK_BYTES as u64))
+    }
+
+    /// Splice the pending chunk into the stream between transactions, when
+    /// the link and the WAL have room for it. Moves the WAL on (an empty
+    /// transaction, and a status update asking where the walsender has
+    /// read to) when only the WAL lacks room.
+    pub(super) async fn splice_chunk(
+        &mut self,
+        cutter: &mut Cutter,
+        client: &Client,
+        stream: &mut crate::replication::ReplicationStream,
+    ) -> Result<Spliced, CaptureError> {
+        let waiting = self.join.as_ref().is_some_and(|j| j.pending.is_some());
+        if !waiting || !self.link_has_room() {
+            return Ok(Spliced::Nothing);
+        }
+        let join = self.join.as_mut().expect("checked");
+        let chunk = join.pending.as_ref().expect("checked");
+        let now = pgcourier_common::pg::time::now_pg_micros();
+        let Some(records) = cutter.splice(&chunk.message, now) else {
+            if join.ticked.is_none_or_elapsed(TICK_EVERY) {
+                join.ticked = Some(Instant::now());
+                client
+                    .batch_execute("SELECT txid_current()")
+                    .await
+                    .map_err(|e| crate::source::SourceError::query("move the WAL on for a joining table's next chunk", e))?;
+                self.send_status(stream, true).await?;
+            }
+            return Ok(Spliced::Nothing);
+        };
+        for record in records {
+            self.spool.append(record.seq, &record.encode()?)?;
+        }
+        let chunk = join.pending.take().expect("checked");
+        join.chunks += 1;
+        if let Some((table, rows, bytes)) = chunk.table {
+            if let Some(p) = self.status.lock().expect("status lock").copy.as_mut() {
+                p.add_counts(table, rows, bytes, false);
+            }
+        }
+        if !chunk.end {
+            return Ok(Spliced::Chunk);
+        }
+        let join = self.join.take().expect("checked");
+        self.joins.open.retain(|(id, _)| *id != join.id);
+        let rows = self.copy_finished();
+        tracing::info!(
+            join = join.id,
+            chunks = join.chunks,
+            rows,
+            "a table join's rows are all spooled"
+        );
+        Ok(Spliced::End)
+    }
+
+    /// Write the joins' bookkeeping with the batch that changed it.
+    pub(super) fn save_joins(&self) -> Result<(), CaptureError> {
+        Ok(self.spool.set_joins(&self.joins)?)
+    }
+}
+
+/// `None`, or longer ago than `every`.
+trait Elapsed {
+    fn is_none_or_elapsed(&self, every: Duration) -> bool;
+}
+
+impl Elapsed for Option<Instant> {
+    fn is_none_or_elapsed(&self, every: Duration) -> bool {
+        self.map_or(true, |t| t.elapsed() >= every)
+    }
+}
