@@ -14,6 +14,7 @@ mod faults;
 mod fixture;
 mod harness_selftest;
 mod init;
+mod join_live;
 mod large_values;
 mod links;
 mod observability;

@@ -110,8 +110,10 @@ impl Capture {
     ) -> Result<Synced<Lsn>, CaptureError> {
         let (mut meta, relations) = copy::describe(cut, tables, reason).await?;
         // Joins abandoned since the last copy: the branches drop what they
-        // staged first (`join.rs`).
-        meta.aborts = self.joins.aborted.clone();
+        // staged first (`join.rs`). Only in a copy every branch receives.
+        if only_for.is_none() {
+            meta.aborts = self.joins.aborted.clone();
+        }
         tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), rows_estimate = meta.tables.iter().map(|t| t.rows_estimate).sum::<u64>(), "copying tables into the spool");
         let start = self.spool.next_seq();
         let cutter = TxnCutter::new(
@@ -139,8 +141,8 @@ impl Capture {
             }
             self.spool.set_copy_state(&self.copy_state)?;
         }
-        let aborted = std::mem::take(&mut self.joins.aborted);
-        if !aborted.is_empty() {
+        if !meta.aborts.is_empty() {
+            self.joins.aborted.clear();
             self.spool.set_joins(&self.joins)?;
         }
         let (commit, end) = (txn.commit_lsn, txn.end_lsn);

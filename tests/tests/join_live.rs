@@ -1,0 +1,205 @@
+//! Issue 14: a table that joins a running publication does not hold back
+//! the live changes to the branch's other tables. Its rows travel in
+//! chunks between the live transactions (the sender's capture/join.rs),
+//! are staged at the branch and swapped in at the end with the changes
+//! made to the table meanwhile (the receiver's apply/join.rs). Over a
+//! netem 3g relay (1 Mbit/s), so the load takes seconds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pgcourier_tests::wait_until;
+
+use crate::fixture::{Options, Setup};
+
+const WAIT: Duration = Duration::from_secs(240);
+
+const SCHEMA: &str = "CREATE TABLE live (id bigint PRIMARY KEY, note text);
+     CREATE TABLE big (id integer PRIMARY KEY, h text NOT NULL, n integer);";
+
+/// About 2 MB of rows that compress about 2:1: some 8 s on 3g.
+const BIG_ROWS: &str = "INSERT INTO big SELECT g, md5(g::text) || md5((g * 7)::text), g % 1000 \
+     FROM generate_series(1, 30000) g;";
+
+async fn start(name: &str, seed: u64) -> anyhow::Result<Setup> {
+    let link = pgcourier_netem::Profile::by_name("3g")
+        .context("3g profile")?
+        .link(seed);
+    Setup::start(
+        name,
+        Options {
+            schema: SCHEMA,
+            source_sql: BIG_ROWS,
+            tables: &["public.live"],
+            link: Some(link),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// Writes until `stop`: a row into `live` every 100 ms, and changes to
+/// `big` (rows the copy reads early and late, deleted, inserted).
+async fn writer(
+    setup: &Setup,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<i64>>> {
+    let src = setup.source().await?;
+    Ok(tokio::spawn(async move {
+        let mut i = 0i64;
+        while !stop.load(Ordering::Relaxed) && i < 3000 {
+            i += 1;
+            src.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO live VALUES ({i}, 'live {i}');
+                 UPDATE big SET n = n + 1, h = 'early {i}' WHERE id = {};
+                 UPDATE big SET n = n + 1 WHERE id = {};
+                 DELETE FROM big WHERE id = {};
+                 INSERT INTO big VALUES ({}, 'new {i}', {i});
+                 COMMIT",
+                i % 50 + 1,
+                30000 - (i % 50),
+                1000 + i,
+                100_000 + i,
+            ))
+            .await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(i)
+    }))
+}
+
+async fn one(client: &tokio_postgres::Client, sql: &str) -> anyhow::Result<i64> {
+    Ok(client.query_one(sql, &[]).await?.get(0))
+}
+
+/// The branch is loading a join: its `pgcourier.joining` row, and rows
+/// staged so far.
+async fn loading(dst: &tokio_postgres::Client) -> anyhow::Result<Option<i64>> {
+    let exists = one(
+        dst,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'pgcourier' AND tablename = 'joining'",
+    )
+    .await?;
+    if exists == 0 {
+        return Ok(None);
+    }
+    let row = dst
+        .query_opt("SELECT rows FROM pgcourier.joining LIMIT 1", &[])
+        .await?;
+    Ok(row.map(|r| r.get::<_, i64>(0)))
+}
+
+/// Nothing of a join is left at the branch: no joining or held rows, no
+/// staging table.
+async fn nothing_staged(dst: &tokio_postgres::Client) -> anyhow::Result<()> {
+    assert_eq!(one(dst, "SELECT count(*) FROM pgcourier.joining").await?, 0);
+    assert_eq!(one(dst, "SELECT count(*) FROM pgcourier.held").await?, 0);
+    assert_eq!(
+        one(
+            dst,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'pgcourier' AND tablename LIKE 'join\\_%'"
+        )
+        .await?,
+        0,
+        "a staging table is left"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_changes_keep_arriving_while_a_joining_table_loads_in_chunks() -> anyhow::Result<()> {
+    let setup = start("join-live", 41).await?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(&setup, stop.clone()).await?;
+    wait_until("live rows reach the branch", WAIT, || async {
+        Ok(one(&dst, "SELECT count(*) FROM live").await? >= 5)
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    src.batch_execute("ALTER PUBLICATION pgcourier ADD TABLE big")
+        .await?;
+    // The join is under way at the branch (rows staged, not all), and live
+    // rows committed after it started keep being applied meanwhile.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seen: Option<(i64, i64)> = None;
+    loop {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no live rows applied while the joining table was half loaded\n{}",
+            setup.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(staged) = loading(&dst).await? else {
+            continue;
+        };
+        let live = one(&dst, "SELECT count(*) FROM live").await?;
+        match seen {
+            None if staged > 0 => seen = Some((staged, live)),
+            Some((first, live_then)) if staged > first && live >= live_then + 5 => {
+                if loading(&dst).await?.is_some_and(|r| r < 30000) {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    let big_now = one(&dst, "SELECT count(*) FROM big").await?;
+    assert_eq!(big_now, 0, "the table stays empty at the branch until its rows are all in");
+    stop.store(true, Ordering::Relaxed);
+    let n = writes.await??;
+    assert!(n > 10, "{n} writes");
+    setup
+        .wait_equal(0, &["public.live", "public.big"], WAIT)
+        .await?;
+    nothing_staged(&dst).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_survives_kill_9_of_the_receiver_and_is_copied_again_after_kill_9_of_the_sender(
+) -> anyhow::Result<()> {
+    let mut setup = start("join-kill", 43).await?;
+    let src = setup.source().await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(&setup, stop.clone()).await?;
+    src.batch_execute("ALTER PUBLICATION pgcourier ADD TABLE big")
+        .await?;
+    let dst = setup.target(0).await?;
+    let staged_past = |at_least: i64| {
+        let dst = &dst;
+        move || async move { Ok(loading(dst).await?.is_some_and(|r| r > at_least)) }
+    };
+    wait_until("rows staged", WAIT, staged_past(0))
+        .await
+        .with_context(|| setup.logs())?;
+    // The receiver dies mid-load: staging, held changes and progress are
+    // in the target; it carries on where it stood.
+    setup.branches[0].receiver.kill9()?;
+    let staged = loading(&dst).await?.unwrap_or(0);
+    setup.restart_receiver(0)?;
+    wait_until("more rows staged after the receiver's restart", WAIT, staged_past(staged))
+        .await
+        .with_context(|| setup.logs())?;
+    // The sender dies mid-load: its snapshot is gone. The join is
+    // abandoned, the table copied again from a new cut.
+    setup.sender.kill9()?;
+    setup.restart_sender()?;
+    stop.store(true, Ordering::Relaxed);
+    writes.await??;
+    setup
+        .wait_equal(0, &["public.live", "public.big"], WAIT)
+        .await?;
+    wait_until("nothing of the first join left", WAIT, || async {
+        Ok(one(&dst, "SELECT count(*) FROM pgcourier.joining").await? == 0)
+    })
+    .await?;
+    nothing_staged(&dst).await?;
+    let logs = setup.logs();
+    assert!(logs.contains("cut short"), "the sender abandoned the join: {logs}");
+    Ok(())
+}
