@@ -89,34 +89,11 @@ impl Apply {
                 } if prefix == DDL_PREFIX => {
                     self.apply_ddl(s, record.seq, &content).await?;
                 }
-                Message::Insert { rel, new } => {
-                    self.queue_change(s, record.seq, rel, Op::Insert, None, &new)
-                        .await?;
-                    changes += 1;
-                }
-                Message::Update { rel, old, new } => {
-                    self.queue_change(s, record.seq, rel, Op::Update, old.as_ref(), &new)
-                        .await?;
-                    changes += 1;
-                }
-                Message::Delete { rel, old } => {
-                    self.queue_change(s, record.seq, rel, Op::Delete, Some(&old), old.tuple())
-                        .await?;
-                    changes += 1;
-                }
-                Message::Truncate {
-                    cascade,
-                    restart_identity,
-                    rels,
-                } => {
-                    let mut names = Vec::new();
-                    for oid in rels {
-                        self.resolve(s, record.seq, oid).await?;
-                        names.push(s.targets[&oid].table.clone());
-                    }
-                    let sql = truncate_sql(&names, restart_identity, cascade);
-                    self.flush_run(s).await?;
-                    s.pending.push(Pending::Sql { sql });
+                msg @ (Message::Insert { .. }
+                | Message::Update { .. }
+                | Message::Delete { .. }
+                | Message::Truncate { .. }) => {
+                    self.queue_row_message(s, record.seq, msg).await?;
                     changes += 1;
                 }
                 Message::Begin { .. }
@@ -144,6 +121,53 @@ impl Apply {
             }
         }
         Ok(changes)
+    }
+
+    /// A row change message (Insert, Update, Delete, Truncate) → queued
+    /// changes: the one path for changes read live from a record and for
+    /// held changes replayed at the end of a join (`join.rs`). Any other
+    /// message is refused (the caller routes it elsewhere).
+    pub(super) async fn queue_row_message(
+        &self,
+        s: &mut Session,
+        seq: u64,
+        msg: Message,
+    ) -> Result<(), ApplyError> {
+        match msg {
+            Message::Insert { rel, new } => {
+                self.queue_change(s, seq, rel, Op::Insert, None, &new).await
+            }
+            Message::Update { rel, old, new } => {
+                self.queue_change(s, seq, rel, Op::Update, old.as_ref(), &new)
+                    .await
+            }
+            Message::Delete { rel, old } => {
+                self.queue_change(s, seq, rel, Op::Delete, Some(&old), old.tuple())
+                    .await
+            }
+            Message::Truncate {
+                cascade,
+                restart_identity,
+                rels,
+            } => {
+                let mut names = Vec::new();
+                for oid in rels {
+                    self.resolve(s, seq, oid).await?;
+                    names.push(s.targets[&oid].table.clone());
+                }
+                let sql = truncate_sql(&names, restart_identity, cascade);
+                self.flush_run(s).await?;
+                s.pending.push(Pending::Sql { sql });
+                Ok(())
+            }
+            other => Err(ApplyError::Order {
+                seq,
+                message: format!(
+                    "a {:?} message where a row change was expected",
+                    other.kind() as char
+                ),
+            }),
+        }
     }
 
     /// One row change → a queued statement, or a row added to the current
