@@ -8,6 +8,7 @@
 
 use pgcourier_common::pg::conflict::CLOCK_PREFIX;
 use pgcourier_common::pg::ddl::DDL_PREFIX;
+use pgcourier_common::store::join::JOIN_PREFIX;
 use pgcourier_common::store::seed_file::COPY_PREFIX;
 use pgcourier_proto::pgoutput::{self, Message, OldTuple, Tuple, Value};
 use pgcourier_proto::record::{Piece, Record};
@@ -40,8 +41,13 @@ impl Apply {
                 }
                 Piece::Fragment { bytes, more: true } => {
                     s.fragment.extend_from_slice(bytes);
-                    if s.fragment.len() >= LARGE_CHANGE_BYTES && s.fragment.first() == Some(&b'I') {
-                        // Too large to put together: streamed from here on.
+                    if s.fragment.len() >= LARGE_CHANGE_BYTES
+                        && s.fragment.first() == Some(&b'I')
+                        && !s.joins.holds_insert(&s.fragment)
+                    {
+                        // Too large to put together: streamed from here on
+                        // (unless held for a joining table, `join.rs`; a
+                        // join's chunk is a logical message, never streamed).
                         let buffered = std::mem::take(&mut s.fragment);
                         self.large_start(s, record.seq, &buffered).await?;
                     }
@@ -66,12 +72,18 @@ impl Apply {
                     // The run being gathered was mapped with the shape this
                     // Relation may change: queue it first.
                     self.flush_run(s).await?;
+                    self.hold_relation(s, record.seq, rel.oid, bytes)?;
                     self.remember_relation(s, rel, bytes)?
                 }
                 Message::LogicalMessage {
                     prefix, content, ..
                 } if prefix == COPY_PREFIX => {
                     self.start_copy(s, record.seq, &content).await?;
+                }
+                Message::LogicalMessage {
+                    prefix, content, ..
+                } if prefix == JOIN_PREFIX => {
+                    self.join_message(s, record.seq, &content).await?;
                 }
                 Message::LogicalMessage {
                     prefix, content, ..
@@ -93,7 +105,8 @@ impl Apply {
                 | Message::Update { .. }
                 | Message::Delete { .. }
                 | Message::Truncate { .. }) => {
-                    self.queue_row_message(s, record.seq, msg).await?;
+                    // Held instead while its table joins (`join.rs`).
+                    self.queue_or_hold(s, record.seq, msg, bytes).await?;
                     changes += 1;
                 }
                 Message::Begin { .. }
