@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! join start   CopyMeta join = id: per table, pgcourier."join_<id>_<oid>"
-//!              (LIKE the target) and a pgcourier.joining row; the table's
+//!              (the target's published columns, their types, no
+//!              constraints) and a pgcourier.joining row; the table's
 //!              source OID is loading from now on
 //! live txn     a change to a loading table is not applied: its pgoutput
 //!              message goes to pgcourier.held (id, n in arrival order); a
@@ -33,8 +34,13 @@
 //! error ends the session, so it never outlives a rolled-back transaction.
 //!
 //! The target a join replaces is the table apply writes the source table
-//! to (by name, `mapping.rs`); the staging table has the target's columns,
-//! and the chunks name the published columns (the CopyTable's, in order).
+//! to (by name, `mapping.rs`). The staging table has the published columns
+//! (the CopyTable's, in order, as the chunks name them) with the target's
+//! types, and nothing else: a target column the source does not publish
+//! (NOT NULL with a default) takes its default at the end's INSERT, and the
+//! target's constraints are checked there. It is an ordinary logged table:
+//! an unlogged one would be emptied by a crash of the target after chunks
+//! committed.
 //!
 //! Limits: a row clock (two-way tables) before a held change is dropped
 //! (a two-way table joining mid-run is not supported: its held changes
@@ -176,21 +182,33 @@ fn column_list(columns: &[String]) -> String {
         .join(", ")
 }
 
+/// The staging table: the target's published columns with their types, no
+/// rows, no constraints.
+fn staging_sql(staging: &str, target: &str, columns: &[String]) -> String {
+    format!(
+        "CREATE TABLE {staging} AS SELECT {} FROM {target} WITH NO DATA",
+        column_list(columns)
+    )
+}
+
 /// A chunk's rows into the staging table.
 fn copy_sql(staging: &str, columns: &[String]) -> String {
     format!("COPY {staging} ({}) FROM STDIN", column_list(columns))
 }
 
-/// The target's rows replaced by the staging table's. `OVERRIDING SYSTEM
-/// VALUE` writes the source's values into a `GENERATED ALWAYS` identity
-/// column, as apply does; it changes nothing on other tables.
-fn swap_sql(target: &str, staging: &str, columns: &[String]) -> [String; 2] {
+/// The target's rows replaced by the staging table's. `overriding`: the
+/// target has a `GENERATED ALWAYS` identity column, into which the insert
+/// writes the source's values (`OVERRIDING SYSTEM VALUE`), as apply does.
+fn swap_sql(target: &str, staging: &str, columns: &[String], overriding: bool) -> [String; 2] {
     let cols = column_list(columns);
+    let overriding = if overriding {
+        "OVERRIDING SYSTEM VALUE "
+    } else {
+        ""
+    };
     [
         format!("TRUNCATE {target}"),
-        format!(
-            "INSERT INTO {target} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {staging}"
-        ),
+        format!("INSERT INTO {target} ({cols}) {overriding}SELECT {cols} FROM {staging}"),
     ]
 }
 
@@ -280,14 +298,14 @@ impl Apply {
                 return Err(ApplyError::MissingTable { table: target });
             }
             let staging = staging_name(id, t.oid);
+            let columns: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
             s.client
-                .batch_execute(&format!("CREATE TABLE {staging} (LIKE {target})"))
+                .batch_execute(&staging_sql(&staging, &target, &columns))
                 .await
                 .map_err(|e| ApplyError::Target {
                     what: format!("create staging table {staging} for joining table {target}"),
                     source: e.into(),
                 })?;
-            let columns: Vec<String> = t.columns.iter().map(|c| c.name.clone()).collect();
             s.client
                 .execute(
                     "INSERT INTO pgcourier.joining (id, source_oid, target, staging, columns) \
@@ -472,9 +490,11 @@ impl Apply {
         let mut names = Vec::with_capacity(oids.len());
         for &oid in &oids {
             self.resolve(s, seq, oid).await?;
-            let target = s.targets[&oid].table.clone();
+            let map = &s.targets[&oid];
+            let (target, overriding) = (map.table.clone(), map.overriding);
             let columns = s.joins.tables[&oid].columns.clone();
-            for sql in swap_sql(&target, &staging_name(part.id, oid), &columns) {
+            let staging = staging_name(part.id, oid);
+            for sql in swap_sql(&target, &staging, &columns, overriding) {
                 s.client
                     .batch_execute(&sql)
                     .await
@@ -751,15 +771,25 @@ mod tests {
         assert_eq!(staging, "pgcourier.\"join_7_16384\"");
         let columns = vec!["id".to_owned(), "Note \"x\"".to_owned()];
         assert_eq!(
+            staging_sql(&staging, "\"s\".\"t\"", &columns),
+            "CREATE TABLE pgcourier.\"join_7_16384\" AS SELECT \"id\", \"Note \"\"x\"\"\" \
+             FROM \"s\".\"t\" WITH NO DATA"
+        );
+        assert_eq!(
             copy_sql(&staging, &columns),
             "COPY pgcourier.\"join_7_16384\" (\"id\", \"Note \"\"x\"\"\") FROM STDIN"
         );
-        let [truncate, insert] = swap_sql("\"s\".\"t\"", &staging, &columns);
+        let [truncate, insert] = swap_sql("\"s\".\"t\"", &staging, &columns, false);
         assert_eq!(truncate, "TRUNCATE \"s\".\"t\"");
         assert_eq!(
             insert,
-            "INSERT INTO \"s\".\"t\" (\"id\", \"Note \"\"x\"\"\") OVERRIDING SYSTEM VALUE \
+            "INSERT INTO \"s\".\"t\" (\"id\", \"Note \"\"x\"\"\") \
              SELECT \"id\", \"Note \"\"x\"\"\" FROM pgcourier.\"join_7_16384\""
+        );
+        let [_, insert] = swap_sql("\"s\".\"t\"", &staging, &columns, true);
+        assert!(
+            insert.starts_with("INSERT INTO \"s\".\"t\" (\"id\", \"Note \"\"x\"\"\") OVERRIDING SYSTEM VALUE SELECT"),
+            "{insert}"
         );
     }
 
