@@ -67,8 +67,10 @@ use super::{Apply, Session};
 /// the tables being loaded (`target` and `staging` are quoted names, for
 /// the operator; apply derives both again from the source OID), and the
 /// changes held back meanwhile (`n`: order of arrival within the join).
-pub(super) const CREATE_SQL: &str = "CREATE SCHEMA IF NOT EXISTS pgcourier; \
-     CREATE TABLE IF NOT EXISTS pgcourier.joining ( \
+/// Run after `pgcourier.progress` is there, in its schema (without `CREATE
+/// SCHEMA`, which asks for CREATE on the database even when the schema
+/// exists).
+pub(super) const CREATE_SQL: &str = "CREATE TABLE IF NOT EXISTS pgcourier.joining ( \
        id bigint NOT NULL, source_oid oid NOT NULL, target text NOT NULL, staging text NOT NULL, \
        columns text[] NOT NULL, rows bigint NOT NULL DEFAULT 0, PRIMARY KEY (id, source_oid)); \
      CREATE TABLE IF NOT EXISTS pgcourier.held ( \
