@@ -3,8 +3,10 @@
 //! key join runs of updates or deletes (`set_based_row` says which can;
 //! the others become prepared statements with their key), a TRUNCATE is
 //! queued as a barrier, a copy's metadata starts a table load, a schema
-//! change runs in place (`ddl.rs`). Messages cut
-//! into fragments are put back together first.
+//! change runs in place (`ddl.rs`), a join's chunk or end is loaded
+//! (`join.rs`), and a change to a table still joining is held instead of
+//! applied (`join.rs`). Messages cut into fragments are put back together
+//! first.
 
 use pgcourier_common::pg::conflict::CLOCK_PREFIX;
 use pgcourier_common::pg::ddl::DDL_PREFIX;
