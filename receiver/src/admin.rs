@@ -77,6 +77,10 @@ pub struct ReceiverStatus {
     pub link: Option<LinkStatus>,
     /// The table copy being loaded (committed as one transaction).
     pub copy: Option<crate::apply::LoadProgress>,
+    /// Tables joining in chunks: rows loaded so far into their staging
+    /// tables (the target shows them once the join ends).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joining: Vec<crate::apply::JoiningTable>,
 }
 
 /// Assemble the status view.
@@ -130,6 +134,7 @@ pub fn status(
         conflicts: apply.conflicts.clone(),
         skipped_transactions: apply.skipped_transactions,
         copy: apply.copy.clone(),
+        joining: apply.joining.clone(),
         link: link.cloned(),
     }
 }

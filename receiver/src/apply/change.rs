@@ -3,11 +3,14 @@
 //! key join runs of updates or deletes (`set_based_row` says which can;
 //! the others become prepared statements with their key), a TRUNCATE is
 //! queued as a barrier, a copy's metadata starts a table load, a schema
-//! change runs in place (`ddl.rs`). Messages cut
-//! into fragments are put back together first.
+//! change runs in place (`ddl.rs`), a join's chunk or end is loaded
+//! (`join.rs`), and a change to a table still joining is held instead of
+//! applied (`join.rs`). Messages cut into fragments are put back together
+//! first.
 
 use pgcourier_common::pg::conflict::CLOCK_PREFIX;
 use pgcourier_common::pg::ddl::DDL_PREFIX;
+use pgcourier_common::store::join::JOIN_PREFIX;
 use pgcourier_common::store::seed_file::COPY_PREFIX;
 use pgcourier_proto::pgoutput::{self, Message, OldTuple, Tuple, Value};
 use pgcourier_proto::record::{Piece, Record};
@@ -40,8 +43,13 @@ impl Apply {
                 }
                 Piece::Fragment { bytes, more: true } => {
                     s.fragment.extend_from_slice(bytes);
-                    if s.fragment.len() >= LARGE_CHANGE_BYTES && s.fragment.first() == Some(&b'I') {
-                        // Too large to put together: streamed from here on.
+                    if s.fragment.len() >= LARGE_CHANGE_BYTES
+                        && s.fragment.first() == Some(&b'I')
+                        && !s.joins.holds_insert(&s.fragment)
+                    {
+                        // Too large to put together: streamed from here on
+                        // (unless held for a joining table, `join.rs`; a
+                        // join's chunk is a logical message, never streamed).
                         let buffered = std::mem::take(&mut s.fragment);
                         self.large_start(s, record.seq, &buffered).await?;
                     }
@@ -66,12 +74,18 @@ impl Apply {
                     // The run being gathered was mapped with the shape this
                     // Relation may change: queue it first.
                     self.flush_run(s).await?;
+                    self.hold_relation(s, record.seq, rel.oid, bytes)?;
                     self.remember_relation(s, rel, bytes)?
                 }
                 Message::LogicalMessage {
                     prefix, content, ..
                 } if prefix == COPY_PREFIX => {
                     self.start_copy(s, record.seq, &content).await?;
+                }
+                Message::LogicalMessage {
+                    prefix, content, ..
+                } if prefix == JOIN_PREFIX => {
+                    self.join_message(s, record.seq, &content).await?;
                 }
                 Message::LogicalMessage {
                     prefix, content, ..
@@ -89,34 +103,12 @@ impl Apply {
                 } if prefix == DDL_PREFIX => {
                     self.apply_ddl(s, record.seq, &content).await?;
                 }
-                Message::Insert { rel, new } => {
-                    self.queue_change(s, record.seq, rel, Op::Insert, None, &new)
-                        .await?;
-                    changes += 1;
-                }
-                Message::Update { rel, old, new } => {
-                    self.queue_change(s, record.seq, rel, Op::Update, old.as_ref(), &new)
-                        .await?;
-                    changes += 1;
-                }
-                Message::Delete { rel, old } => {
-                    self.queue_change(s, record.seq, rel, Op::Delete, Some(&old), old.tuple())
-                        .await?;
-                    changes += 1;
-                }
-                Message::Truncate {
-                    cascade,
-                    restart_identity,
-                    rels,
-                } => {
-                    let mut names = Vec::new();
-                    for oid in rels {
-                        self.resolve(s, record.seq, oid).await?;
-                        names.push(s.targets[&oid].table.clone());
-                    }
-                    let sql = truncate_sql(&names, restart_identity, cascade);
-                    self.flush_run(s).await?;
-                    s.pending.push(Pending::Sql { sql });
+                msg @ (Message::Insert { .. }
+                | Message::Update { .. }
+                | Message::Delete { .. }
+                | Message::Truncate { .. }) => {
+                    // Held instead while its table joins (`join.rs`).
+                    self.queue_or_hold(s, record.seq, msg, bytes).await?;
                     changes += 1;
                 }
                 Message::Begin { .. }
@@ -144,6 +136,53 @@ impl Apply {
             }
         }
         Ok(changes)
+    }
+
+    /// A row change message (Insert, Update, Delete, Truncate) → queued
+    /// changes: the one path for changes read live from a record and for
+    /// held changes replayed at the end of a join (`join.rs`). Any other
+    /// message is refused (the caller routes it elsewhere).
+    pub(super) async fn queue_row_message(
+        &self,
+        s: &mut Session,
+        seq: u64,
+        msg: Message,
+    ) -> Result<(), ApplyError> {
+        match msg {
+            Message::Insert { rel, new } => {
+                self.queue_change(s, seq, rel, Op::Insert, None, &new).await
+            }
+            Message::Update { rel, old, new } => {
+                self.queue_change(s, seq, rel, Op::Update, old.as_ref(), &new)
+                    .await
+            }
+            Message::Delete { rel, old } => {
+                self.queue_change(s, seq, rel, Op::Delete, Some(&old), old.tuple())
+                    .await
+            }
+            Message::Truncate {
+                cascade,
+                restart_identity,
+                rels,
+            } => {
+                let mut names = Vec::new();
+                for oid in rels {
+                    self.resolve(s, seq, oid).await?;
+                    names.push(s.targets[&oid].table.clone());
+                }
+                let sql = truncate_sql(&names, restart_identity, cascade);
+                self.flush_run(s).await?;
+                s.pending.push(Pending::Sql { sql });
+                Ok(())
+            }
+            other => Err(ApplyError::Order {
+                seq,
+                message: format!(
+                    "a {:?} message where a row change was expected",
+                    other.kind() as char
+                ),
+            }),
+        }
     }
 
     /// One row change → a queued statement, or a row added to the current

@@ -3,7 +3,8 @@
 //! copy's metadata creates missing tables when `create-tables` allows, and
 //! its progress is tracked per table; its rows then go through the ordinary
 //! path (TRUNCATE, runs of inserts as COPY) and commit as one transaction
-//! with the progress row.
+//! with the progress row. A copy that starts a join in chunks (CopyMeta
+//! `join`) or abandons joins (`aborts`) goes on in `join.rs`.
 
 use pgcourier_common::pg::quote_ident;
 use pgcourier_common::store::seed_file::{CopyMeta, SeedReader};
@@ -26,6 +27,11 @@ impl Apply {
             seq,
             message: e.to_string(),
         })?;
+        if !meta.aborts.is_empty() {
+            // Abandoned joins go before anything else of this copy, which
+            // holds their tables' rows (`join.rs`).
+            self.abort_joins(s, seq, &meta.aborts).await?;
+        }
         if self.cfg.create_tables {
             // Every table's DDL is built (types validated) before any runs;
             // then one statement per call, never a batch.
@@ -51,6 +57,10 @@ impl Apply {
                         source: e.into(),
                     })?;
             }
+        }
+        if let Some(id) = meta.join {
+            // No rows in this transaction: they follow in chunks.
+            return self.start_join(s, seq, id, &meta).await;
         }
         let progress = LoadProgress {
             reason: meta.reason.clone(),

@@ -59,6 +59,8 @@ pub enum ApplyError {
     OutOfOrder { seq: u64, message: String },
     #[error("record {seq} holds copy metadata that does not decode: {message}")]
     CopyMeta { seq: u64, message: String },
+    #[error("record {seq} holds a join message (pgcourier.join) that cannot be applied: {message}. The sender and the receiver disagree on the join's messages (check their versions); skipping it leaves the table out of step: re-seed it instead")]
+    Join { seq: u64, message: String },
     #[error("a Relation message kept in the inbox does not decode: the inbox is damaged; restore it, or re-seed the branch")]
     StoredRelation(#[source] pgoutput::DecodeError),
     #[error("record {seq} cannot be rendered for pgcourier.skipped")]
@@ -162,6 +164,7 @@ impl ApplyError {
             | ApplyError::UnknownRelation { .. }
             | ApplyError::Order { .. }
             | ApplyError::CopyMeta { .. }
+            | ApplyError::Join { .. }
             | ApplyError::DdlMessage { .. }
             | ApplyError::SkipContent { .. } => definite("bad_record"),
             ApplyError::Inbox(_) | ApplyError::StoredRelation(_) => definite("inbox"),

@@ -130,12 +130,20 @@ impl Apply {
     ) -> Result<(), ApplyError> {
         if s.relations.get(&rel.oid) != Some(&rel) {
             self.inbox.save_relation(rel.oid, raw)?;
+            self.use_relation(s, rel);
+        }
+        Ok(())
+    }
+
+    /// Map changes to `rel.oid` with this Relation from now on, in this
+    /// session only (a held one replayed at a join's end, `join.rs`).
+    pub(super) fn use_relation(&self, s: &mut Session, rel: Relation) {
+        if s.relations.get(&rel.oid) != Some(&rel) {
             s.targets.remove(&rel.oid);
             s.statements.retain(|k, _| k.0 != rel.oid);
             s.set_statements.retain(|k, _| k.0 != rel.oid);
             s.relations.insert(rel.oid, rel);
         }
-        Ok(())
     }
 
     /// Map a source relation to its target table (cached per session).

@@ -37,6 +37,7 @@
 //! | an insert of many MiB streamed from its fragments into its own COPY | `large.rs` |
 //! | a schema change (DDL message) run in the same target transaction, or on its own between groups (`CONCURRENTLY`) | `ddl.rs` |
 //! | a table copy or seed file: create tables, load, progress | `copy_load.rs` |
+//! | a table joining in chunks: staging tables, its changes held meanwhile, then swapped in and replayed | `join.rs` |
 //! | sequences moved to the values applied rows used, before the commit | `sequences.rs` |
 //! | the operator's skip of the blocking transaction | `skip.rs` |
 //! | errors and their classes; status and lag | `error.rs`, `status.rs` |
@@ -45,6 +46,7 @@ mod change;
 mod copy_load;
 mod ddl;
 mod error;
+mod join;
 mod large;
 mod mapping;
 mod order;
@@ -73,7 +75,7 @@ use crate::config::{Ddl, ReceiverConfig};
 use crate::inbox::{Dropped, Inbox};
 
 pub use error::ApplyError;
-pub use status::{lag_seconds, ApplyStatus, LoadProgress};
+pub use status::{lag_seconds, ApplyStatus, JoiningTable, LoadProgress};
 pub(crate) use target::TargetClient;
 pub use two_way::Outcomes;
 
@@ -134,6 +136,8 @@ struct Session {
     large: Option<large::LargeCopy>,
     /// The table copy being loaded, if any (`copy_load.rs`).
     copy: Option<LoadProgress>,
+    /// The tables joining in chunks, whose changes are held (`join.rs`).
+    joins: join::Joins,
     /// COPY and set data queued in `pending`.
     pending_bytes: usize,
     /// The open group ran DDL: it ends with the current source transaction
@@ -322,6 +326,7 @@ impl Apply {
             fragment: Vec::new(),
             large: None,
             copy: None,
+            joins: join::Joins::default(),
             pending_bytes: 0,
             end_group: false,
             sequences: sequences::Marks::default(),
@@ -349,6 +354,7 @@ impl Apply {
                 }
             }
         }
+        self.load_joins(&mut s).await?;
         Ok(s)
     }
 
@@ -558,7 +564,9 @@ impl Apply {
         s.marker = end.commit_lsn;
         s.marker_seq = end.seq;
         self.inbox.delete_through(end.seq)?;
+        self.log_loaded_joins(s);
         let mut st = self.status.lock().expect("status lock");
+        st.joining = s.joins.status();
         if s.copy.as_ref().is_some_and(|c| c.complete) {
             let mut c = s.copy.take().expect("checked");
             c.refresh();

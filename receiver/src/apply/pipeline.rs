@@ -253,9 +253,11 @@ impl Apply {
     }
 
     /// Send every queued statement and wait for all replies: statements are
-    /// pipelined; a COPY waits for what precedes it.
+    /// pipelined; a COPY waits for what precedes it. Changes held for
+    /// joining tables go first, in one statement (`join.rs`).
     pub(super) async fn drain(&self, s: &mut Session) -> Result<(), ApplyError> {
         self.flush_run(s).await?;
+        self.flush_held(s).await?;
         let pending = std::mem::take(&mut s.pending);
         s.pending_bytes = 0;
         let mut batch: Vec<Pending> = Vec::new();
@@ -373,7 +375,11 @@ impl Apply {
 }
 
 /// Send one COPY's data in text format and wait for its completion.
-async fn copy_in(client: &Client, sql: &str, data: Vec<u8>) -> Result<u64, tokio_postgres::Error> {
+pub(super) async fn copy_in(
+    client: &Client,
+    sql: &str,
+    data: Vec<u8>,
+) -> Result<u64, tokio_postgres::Error> {
     use futures_util::SinkExt;
     let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
     futures_util::pin_mut!(sink);

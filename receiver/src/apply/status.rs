@@ -1,7 +1,7 @@
 //! What apply reports: [`ApplyStatus`] (marks, last error and its class,
 //! pause, skip and missing-row counts) read by the admin endpoint and the
-//! queue CLI, [`LoadProgress`] of a table copy or seed being loaded, and
-//! the apply lag.
+//! queue CLI, [`LoadProgress`] of a table copy or seed being loaded,
+//! [`JoiningTable`] of a table joining in chunks, and the apply lag.
 
 use pgcourier_proto::Lsn;
 
@@ -27,6 +27,20 @@ pub struct ApplyStatus {
     pub skipped_transactions: u64,
     /// The copy being loaded, if any.
     pub copy: Option<LoadProgress>,
+    /// Tables joining in chunks, as of the last commit (`join.rs`).
+    pub joining: Vec<JoiningTable>,
+}
+
+/// A table joining in chunks: its rows load into a staging table while
+/// its changes are held; the target shows them once the join ends.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JoiningTable {
+    /// The join (the sender's id).
+    pub join: u64,
+    /// The target table, quoted.
+    pub table: String,
+    /// Rows loaded into the staging table so far.
+    pub rows: u64,
 }
 
 /// Progress of a table copy being loaded into the target (it commits as one

@@ -1,7 +1,7 @@
 //! The target connection: connect, pin the session settings that fix how
 //! text values are read (`datestyle`, `intervalstyle`,
 //! `extra_float_digits`), create the `pgcourier` schema and progress table
-//! on first start, read the progress row (the marker: everything at or
+//! (and the join tables, `join.rs`) on first start, read the progress row (the marker: everything at or
 //! below it was applied) and prepare the statement that moves it.
 //!
 //! The connection's driver task is owned by the [`TargetClient`] it serves:
@@ -123,6 +123,28 @@ impl Apply {
                 ))
                 .await
                 .map_err(target_err("create the pgcourier schema and progress table"))?;
+        }
+        // The join tables came later than the progress table: created on
+        // the first start of a version that has them.
+        let joins: bool = client
+            .query_one(
+                "SELECT to_regclass('pgcourier.joining') IS NOT NULL \
+                 AND to_regclass('pgcourier.held') IS NOT NULL",
+                &[],
+            )
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(target_err("look up the join tables"))?;
+        if !joins {
+            client
+                .batch_execute(&format!(
+                    "SET client_min_messages = warning; {}",
+                    super::join::CREATE_SQL
+                ))
+                .await
+                .map_err(target_err(
+                    "create the join tables (pgcourier.joining, pgcourier.held)",
+                ))?;
         }
         let source = loop {
             if let Some(s) = self.inbox.source()? {
