@@ -234,23 +234,29 @@ impl Shipper {
 
     /// Whether a joining table's next chunk may be spooled (capture's
     /// `join.rs`): some receiver is connected, and every connected one has
-    /// less than `bytes` of the spool left to send. A receiver far behind
-    /// (catching up a backlog) has no room: live changes go first.
+    /// less than `bytes`, plus what its link carries in a round trip, sent
+    /// and not yet acknowledged or not yet sent. So a live change spooled
+    /// next waits behind about that much, and the link stays busy. A
+    /// receiver far behind (catching up a backlog) has no room: live
+    /// changes go first.
     pub fn link_has_room(&self, bytes: u64) -> bool {
-        let connected: Vec<String> = self
+        let connected: Vec<(String, u64, u64)> = self
             .links
             .lock()
             .expect("links lock")
             .iter()
             .filter(|(_, l)| l.connected)
-            .map(|(name, _)| name.clone())
+            .map(|(name, l)| {
+                let round_trip = l.throughput_bytes_per_sec * l.rtt_ms.unwrap_or(0.0) / 1000.0;
+                (name.clone(), l.in_flight_bytes, bytes + round_trip as u64)
+            })
             .collect();
         if connected.is_empty() {
             return false;
         }
         let next = self.spool.next_seq();
         let high = self.sent_high.lock().expect("sent_high lock");
-        connected.iter().all(|name| {
+        connected.iter().all(|(name, in_flight, limit)| {
             let sent = high
                 .get(name)
                 .copied()
@@ -258,7 +264,10 @@ impl Shipper {
                 .max(self.spool.applied(name).unwrap_or(0));
             // At most this many records to walk.
             next.saturating_sub(sent) <= 64
-                && self.spool.bytes_after(sent).is_ok_and(|b| b < bytes)
+                && self
+                    .spool
+                    .bytes_after(sent)
+                    .is_ok_and(|unsent| in_flight + unsent < *limit)
         })
     }
 
@@ -628,13 +637,18 @@ impl Shipper {
                 match control {
                     Control::Acked { freed_bytes } => {
                         if freed_bytes > 0 {
-                            let (bytes, rate) = {
+                            let (bytes, rate, in_flight) = {
                                 let c = lock();
-                                (c.acked_bytes(), c.throughput(Instant::now()))
+                                (
+                                    c.acked_bytes(),
+                                    c.throughput(Instant::now()),
+                                    c.in_flight_bytes(),
+                                )
                             };
                             self.set_link(&spec.name, |l| {
                                 l.acked_bytes = bytes;
                                 l.throughput_bytes_per_sec = rate;
+                                l.in_flight_bytes = in_flight;
                             });
                         }
                         acked.notify_one();
