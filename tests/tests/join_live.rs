@@ -149,7 +149,10 @@ async fn live_changes_keep_arriving_while_a_joining_table_loads_in_chunks() -> a
         }
     }
     let big_now = one(&dst, "SELECT count(*) FROM big").await?;
-    assert_eq!(big_now, 0, "the table stays empty at the branch until its rows are all in");
+    assert_eq!(
+        big_now, 0,
+        "the table stays empty at the branch until its rows are all in"
+    );
     stop.store(true, Ordering::Relaxed);
     let n = writes.await??;
     assert!(n > 10, "{n} writes");
@@ -182,9 +185,13 @@ async fn a_join_survives_kill_9_of_the_receiver_and_is_copied_again_after_kill_9
     setup.branches[0].receiver.kill9()?;
     let staged = loading(&dst).await?.unwrap_or(0);
     setup.restart_receiver(0)?;
-    wait_until("more rows staged after the receiver's restart", WAIT, staged_past(staged))
-        .await
-        .with_context(|| setup.logs())?;
+    wait_until(
+        "more rows staged after the receiver's restart",
+        WAIT,
+        staged_past(staged),
+    )
+    .await
+    .with_context(|| setup.logs())?;
     // The sender dies mid-load: its snapshot is gone. The join is
     // abandoned, the table copied again from a new cut.
     setup.sender.kill9()?;
@@ -200,6 +207,9 @@ async fn a_join_survives_kill_9_of_the_receiver_and_is_copied_again_after_kill_9
     .await?;
     nothing_staged(&dst).await?;
     let logs = setup.logs();
-    assert!(logs.contains("cut short"), "the sender abandoned the join: {logs}");
+    assert!(
+        logs.contains("cut short"),
+        "the sender abandoned the join: {logs}"
+    );
     Ok(())
 }

@@ -27,10 +27,21 @@ impl Apply {
             seq,
             message: e.to_string(),
         })?;
-        if !meta.aborts.is_empty() {
-            // Abandoned joins go before anything else of this copy, which
-            // holds their tables' rows (`join.rs`).
-            self.abort_joins(s, seq, &meta.aborts).await?;
+        // Abandoned joins go before anything else of this copy, which
+        // holds their tables' rows (`join.rs`); so does a join of a table
+        // this copy holds, named or not (the sender's note of it may have
+        // been lost with a crash).
+        let mut aborts = meta.aborts.clone();
+        aborts.extend(
+            meta.tables
+                .iter()
+                .filter_map(|t| s.joins.loading_id(t.oid))
+                .filter(|id| !meta.aborts.contains(id)),
+        );
+        aborts.sort_unstable();
+        aborts.dedup();
+        if !aborts.is_empty() {
+            self.abort_joins(s, seq, &aborts).await?;
         }
         if self.cfg.create_tables {
             // Every table's DDL is built (types validated) before any runs;

@@ -115,6 +115,11 @@ pub(super) struct Loaded {
 }
 
 impl Joins {
+    /// The join loading the source table `oid`, if one is.
+    pub(super) fn loading_id(&self, oid: u32) -> Option<u64> {
+        self.tables.get(&oid).map(|l| l.id)
+    }
+
     /// The join loading the source table `oid`, if any: its changes are
     /// held.
     pub(super) fn holding(&self, oid: u32) -> Option<u64> {

@@ -212,7 +212,12 @@ impl Capture {
                 client
                     .batch_execute("SELECT txid_current()")
                     .await
-                    .map_err(|e| crate::source::SourceError::query("move the WAL on for a joining table's next chunk", e))?;
+                    .map_err(|e| {
+                        crate::source::SourceError::query(
+                            "move the WAL on for a joining table's next chunk",
+                            e,
+                        )
+                    })?;
                 self.send_status(stream, true).await?;
             }
             return Ok(Spliced::Nothing);

@@ -60,9 +60,7 @@ impl Capture {
         };
         let spliced = match job {
             Job::Copy {
-                tables,
-                join: true,
-                ..
+                tables, join: true, ..
             } => {
                 // The cut's snapshot stays open for the join's reader.
                 return self.start_join(cut, &tables, &txn, started).await;

@@ -63,7 +63,12 @@ impl CopyProgress {
     /// Count rows taken from a reader, and update the totals and the
     /// estimate of the time left.
     pub fn add(&mut self, rows: &Rows) {
-        self.add_counts(rows.table, rows.messages.len() as u64, rows.bytes, rows.done);
+        self.add_counts(
+            rows.table,
+            rows.messages.len() as u64,
+            rows.bytes,
+            rows.done,
+        );
     }
 
     /// Count `rows` rows of `bytes` read from the table at `table` (in
