@@ -116,10 +116,25 @@ pub struct CopyState {
 pub struct Joins {
     /// The id the next join takes.
     pub next_id: u64,
-    /// Joins whose start is spooled and whose end is not: (id, tables).
-    pub open: Vec<(u64, Vec<u32>)>,
+    /// Joins whose start is spooled and whose end is not.
+    pub open: Vec<OpenJoin>,
     /// Joins abandoned, not yet named in a copy.
     pub aborted: Vec<u64>,
+    /// Receivers added late whose join was abandoned: each is owed a new
+    /// copy, made for it alone, at its place in the stream (its start
+    /// stays where it is: it applies the abandoned join's records, then
+    /// the new copy).
+    pub owed: Vec<String>,
+}
+
+/// A join whose start is spooled and whose end is not.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OpenJoin {
+    pub id: u64,
+    pub tables: Vec<u32>,
+    /// A join made for one receiver added late (its copy), or `None`: a
+    /// table joining for every receiver.
+    pub only_for: Option<String>,
 }
 
 /// What shipping and status need to know, published after every commit.

@@ -53,12 +53,13 @@ async fn writer(
             i += 1;
             src.batch_execute(&format!(
                 "BEGIN;
-                 INSERT INTO live VALUES ({i}, 'live {i}');
+                 INSERT INTO live VALUES ({}, 'live {i}');
                  UPDATE big SET n = n + 1, h = 'early {i}' WHERE id = {};
                  UPDATE big SET n = n + 1 WHERE id = {};
                  DELETE FROM big WHERE id = {};
                  INSERT INTO big VALUES ({}, 'new {i}', {i});
                  COMMIT",
+                10_000 + i,
                 i % 50 + 1,
                 30000 - (i % 50),
                 1000 + i,
@@ -211,5 +212,90 @@ async fn a_join_survives_kill_9_of_the_receiver_and_is_copied_again_after_kill_9
         logs.contains("cut short"),
         "the sender abandoned the join: {logs}"
     );
+    Ok(())
+}
+
+/// A receiver added once the spool has deleted records gets its copy as a
+/// join made for it alone (chunks addressed to it, placeholders for the
+/// others). The sender dies mid-join: the new branch applies what it was
+/// sent, then a new copy owed to it, which drops the abandoned join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_receiver_s_join_cut_short_by_kill_9_of_the_sender_is_owed_a_new_copy(
+) -> anyhow::Result<()> {
+    let link = pgcourier_netem::Profile::by_name("3g")
+        .context("3g profile")?
+        .link(47);
+    let mut setup = Setup::start(
+        "join-owed",
+        Options {
+            branches: 2,
+            schema: SCHEMA,
+            source_sql: BIG_ROWS,
+            link: Some(link),
+            ..Options::default()
+        },
+    )
+    .await?;
+    setup.branches[1].receiver.terminate()?;
+    setup.sender.terminate()?;
+    let original = std::fs::read_to_string(&setup.sender_config)?;
+    let (without, block) = crate::fixture::without_receiver(&original, "branch1");
+    anyhow::ensure!(!block.is_empty(), "no block for branch1 in {original}");
+    std::fs::write(&setup.sender_config, &without)?;
+    setup.restart_sender()?;
+    let src = setup.source().await?;
+    for i in 1..=200 {
+        src.batch_execute(&format!("INSERT INTO live VALUES ({i}, 'before')"))
+            .await?;
+    }
+    setup.wait_equal(0, &["public.live"], WAIT).await?;
+    wait_until("the spool deleted what branch0 applied", WAIT, || async {
+        let st = crate::copy::status(&setup.sender_config)?;
+        Ok(st["first_seq"].as_u64().unwrap_or(0) > 1)
+    })
+    .await?;
+    setup.sender.terminate()?;
+    std::fs::write(
+        &setup.sender_config,
+        format!(
+            "{without}{}",
+            block.replace("name = \"branch1\"", "name = \"branch9\"")
+        ),
+    )?;
+    std::fs::remove_dir_all(setup.dir.path().join("branch1-inbox"))?;
+    setup.restart_sender()?;
+    setup.restart_receiver(1)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(&setup, stop.clone()).await?;
+    let dst = setup.target(1).await?;
+    wait_until("rows staged at the new branch", WAIT, || async {
+        Ok(loading(&dst).await?.is_some_and(|r| r > 0))
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    setup.sender.kill9()?;
+    setup.restart_sender()?;
+    stop.store(true, Ordering::Relaxed);
+    writes.await??;
+    for i in [0, 1] {
+        setup
+            .wait_equal(i, &["public.live", "public.big"], WAIT)
+            .await?;
+    }
+    wait_until("nothing of the first join left", WAIT, || async {
+        Ok(one(&dst, "SELECT count(*) FROM pgcourier.joining").await? == 0)
+    })
+    .await?;
+    nothing_staged(&dst).await?;
+    let logs = setup.logs();
+    assert!(
+        logs.contains("cut short"),
+        "the sender abandoned the join: {logs}"
+    );
+    // Branch 0 loaded the initial copy and nothing else: the new branch's
+    // chunks reached it as placeholders.
+    let branch0 = setup.branches[0].receiver.log();
+    assert_eq!(branch0.matches("loading a table copy").count(), 1, "{logs}");
+    assert!(!branch0.contains("join started"), "{logs}");
     Ok(())
 }

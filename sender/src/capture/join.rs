@@ -37,6 +37,7 @@ use tokio_postgres::Client;
 use super::splice::CopyTxn;
 use super::{Capture, CaptureError};
 use crate::copy::{self, CopyProgress, Cut, JoinChunk, JOIN_CHUNK_BYTES};
+use crate::spool::OpenJoin;
 
 /// How often the stream loop looks again for room on the link while a
 /// chunk waits.
@@ -51,6 +52,8 @@ const READ_AHEAD: usize = 2;
 /// The join being read and spliced.
 pub(super) struct ActiveJoin {
     pub id: u64,
+    /// The receiver it is for, or `None`: every receiver.
+    only_for: Option<String>,
     rx: tokio::sync::mpsc::Receiver<Result<JoinChunk, copy::CopyError>>,
     /// The next chunk, read and not yet spliced.
     pub pending: Option<JoinChunk>,
@@ -74,6 +77,16 @@ impl ActiveJoin {
     }
 }
 
+/// What a join copies, and for whom.
+pub(super) struct JoinJob<'a> {
+    pub tables: &'a [u32],
+    pub reason: &'a str,
+    pub only_for: Option<String>,
+    /// A copy owed to `only_for` after its join was abandoned: its start
+    /// stays.
+    pub again: bool,
+}
+
 /// What splicing the pending chunk did.
 pub(super) enum Spliced {
     /// Nothing was pending, or the link or the WAL has no room yet.
@@ -93,18 +106,30 @@ impl Capture {
         if self.joins.open.is_empty() {
             return Ok(());
         }
-        for (id, tables) in std::mem::take(&mut self.joins.open) {
+        for join in std::mem::take(&mut self.joins.open) {
             tracing::info!(
-                join = id,
-                tables = tables.len(),
+                join = join.id,
+                tables = join.tables.len(),
+                receiver = join.only_for.as_deref().unwrap_or("every receiver"),
                 "a table join was cut short (its snapshot is gone): its tables will be copied again from a new cut"
             );
-            for oid in tables {
-                if self.copy_state.tables.synced.remove(&oid) {
-                    self.copy_state.tables.waiting.insert(oid);
+            match join.only_for {
+                // The receiver applies what it was sent, then a new copy
+                // made for it, which drops the abandoned join first.
+                Some(name) => {
+                    if !self.joins.owed.contains(&name) {
+                        self.joins.owed.push(name);
+                    }
+                }
+                None => {
+                    for oid in join.tables {
+                        if self.copy_state.tables.synced.remove(&oid) {
+                            self.copy_state.tables.waiting.insert(oid);
+                        }
+                    }
+                    self.joins.aborted.push(join.id);
                 }
             }
-            self.joins.aborted.push(id);
         }
         let (state, joins) = (self.copy_state.clone(), self.joins.clone());
         self.blocking(move |spool| {
@@ -116,24 +141,36 @@ impl Capture {
     }
 
     /// Spool the join's start at the cut − 1 and start reading its rows.
+    /// `only_for`: a copy made for a receiver added late, as a join (it
+    /// starts at the join's start, unless `again`: a copy it is owed after
+    /// an abandoned one).
     pub(super) async fn start_join(
         &mut self,
         cut: Cut,
-        tables: &[u32],
+        job: JoinJob<'_>,
         txn: &CopyTxn,
         started: Instant,
     ) -> Result<Synced<Lsn>, CaptureError> {
+        let JoinJob {
+            tables,
+            reason,
+            only_for,
+            again,
+        } = job;
         let id = self.joins.next_id;
-        let (mut meta, relations) = copy::describe(&cut, tables, "new table").await?;
+        let (mut meta, relations) = copy::describe(&cut, tables, reason).await?;
         meta.join = Some(id);
-        meta.aborts = self.joins.aborted.clone();
+        if only_for.is_none() {
+            meta.aborts = self.joins.aborted.clone();
+        }
+        let start = self.spool.next_seq();
         let mut cutter = TxnCutter::new(
-            self.spool.next_seq(),
+            start,
             TxnHead {
                 commit_lsn: txn.commit_lsn,
                 commit_time: txn.commit_time,
                 xid: 0,
-                only_for: None,
+                only_for: only_for.clone(),
             },
         );
         let spool = self.spool.clone();
@@ -144,21 +181,35 @@ impl Capture {
         }
         let last = cutter.finish(txn.end_lsn);
         spool.append(last.seq, &last.encode()?)?;
-        for oid in tables {
-            self.copy_state.tables.waiting.remove(oid);
-            self.copy_state.tables.synced.insert(*oid);
-        }
         let mut joins = self.joins.clone();
         joins.next_id += 1;
-        joins.aborted.clear();
-        joins.open.push((id, tables.to_vec()));
-        self.spool.set_copy_state(&self.copy_state)?;
+        match &only_for {
+            None => {
+                for oid in tables {
+                    self.copy_state.tables.waiting.remove(oid);
+                    self.copy_state.tables.synced.insert(*oid);
+                }
+                self.spool.set_copy_state(&self.copy_state)?;
+                joins.aborted.clear();
+            }
+            Some(name) => joins.owed.retain(|n| n != name),
+        }
+        joins.open.push(OpenJoin {
+            id,
+            tables: tables.to_vec(),
+            only_for: only_for.clone(),
+        });
         self.spool.set_joins(&joins)?;
         let (commit, end) = (txn.commit_lsn, txn.end_lsn);
         let synced = self
             .blocking(move |spool| spool.commit(commit, end))
             .await?;
         self.joins = joins;
+        if let (Some(name), false) = (&only_for, again) {
+            let name = name.clone();
+            self.blocking(move |spool| spool.copy_made_for(std::slice::from_ref(&name), start))
+                .await?;
+        }
         tracing::info!(
             join = id,
             cut = %cut.lsn,
@@ -172,6 +223,7 @@ impl Capture {
         let task = tokio::spawn(copy::read_join(cut, id, meta.tables.clone(), tx));
         self.join = Some(ActiveJoin {
             id,
+            only_for,
             rx,
             pending: None,
             task,
@@ -206,7 +258,7 @@ impl Capture {
         let join = self.join.as_mut().expect("checked");
         let chunk = join.pending.as_ref().expect("checked");
         let now = pgcourier_common::pg::time::now_pg_micros();
-        let Some(records) = cutter.splice(&chunk.message, now) else {
+        let Some(records) = cutter.splice(&chunk.message, now, join.only_for.clone()) else {
             if join.ticked.is_none_or_elapsed(TICK_EVERY) {
                 join.ticked = Some(Instant::now());
                 client
@@ -236,7 +288,7 @@ impl Capture {
             return Ok(Spliced::Chunk);
         }
         let join = self.join.take().expect("checked");
-        self.joins.open.retain(|(id, _)| *id != join.id);
+        self.joins.open.retain(|j| j.id != join.id);
         let rows = self.copy_finished();
         tracing::info!(
             join = join.id,

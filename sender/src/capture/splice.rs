@@ -27,6 +27,7 @@ use pgcourier_proto::pgoutput::{self, Message, Relation};
 use pgcourier_proto::record::Record;
 use pgcourier_proto::Lsn;
 
+use super::join::JoinJob;
 use super::tables::{Job, PendingCut};
 use super::{Capture, CaptureError};
 use crate::copy::{self, CopyProgress, Cut, Rows};
@@ -60,18 +61,29 @@ impl Capture {
         };
         let spliced = match job {
             Job::Copy {
-                tables, join: true, ..
+                tables,
+                reason,
+                only_for,
+                join: true,
+                again,
             } => {
                 // The cut's snapshot stays open for the join's reader.
-                return self.start_join(cut, &tables, &txn, started).await;
+                let job = JoinJob {
+                    tables: &tables,
+                    reason: &reason,
+                    only_for,
+                    again,
+                };
+                return self.start_join(cut, job, &txn, started).await;
             }
             Job::Copy {
                 tables,
                 reason,
                 only_for,
                 join: false,
+                again,
             } => {
-                self.splice_copy(&cut, &tables, &reason, only_for, &txn, started)
+                self.splice_copy(&cut, &tables, &reason, (only_for, again), &txn, started)
                     .await
             }
             Job::Seed(req) => {
@@ -102,7 +114,7 @@ impl Capture {
         cut: &Cut,
         tables: &[u32],
         reason: &str,
-        only_for: Option<String>,
+        (only_for, again): (Option<String>, bool),
         txn: &CopyTxn,
         started: Instant,
     ) -> Result<Synced<Lsn>, CaptureError> {
@@ -147,9 +159,22 @@ impl Capture {
         let synced = self
             .blocking(move |spool| spool.commit(commit, end))
             .await?;
-        if let Some(name) = only_for {
-            self.blocking(move |spool| spool.copy_made_for(std::slice::from_ref(&name), start))
+        match only_for {
+            // Owed after an abandoned join: its start stays where it is.
+            Some(name) if again => {
+                self.joins.owed.retain(|n| *n != name);
+                let joins = self.joins.clone();
+                self.blocking(move |spool| {
+                    spool.set_joins(&joins)?;
+                    spool.sync()
+                })
                 .await?;
+            }
+            Some(name) => {
+                self.blocking(move |spool| spool.copy_made_for(std::slice::from_ref(&name), start))
+                    .await?;
+            }
+            None => {}
         }
         let rows = self.copy_finished();
         tracing::info!(

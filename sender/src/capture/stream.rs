@@ -335,6 +335,7 @@ impl Capture {
         let copy_due = self.cut.is_none()
             && (self.pending_seed.is_some()
                 || (!self.copy_state.tables.waiting.is_empty() && self.join.is_none())
+                || !self.joins.owed.is_empty()
                 || !self.spool.needs_copy().is_empty());
         if copy_due {
             return Some(StreamEnd::CutDue);

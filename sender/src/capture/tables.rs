@@ -26,9 +26,13 @@ pub(super) enum Job {
         tables: Vec<u32>,
         reason: String,
         only_for: Option<String>,
-        /// Tables joining a running publication: their rows follow in
-        /// chunks (`join.rs`) instead of in the copy transaction.
+        /// Tables joining a running publication, or a copy for a receiver
+        /// added late: the rows follow in chunks (`join.rs`) instead of in
+        /// the copy transaction.
         join: bool,
+        /// A copy owed to `only_for` after its join was abandoned: its
+        /// start stays where it is.
+        again: bool,
     },
     /// Copy every published table into a seed file.
     Seed(SeedRequest),
@@ -134,13 +138,23 @@ impl Capture {
         if let Some(req) = seed {
             return self.start_cut(client, Job::Seed(req), shutdown).await;
         }
-        if let Some(name) = self.spool.needs_copy().into_iter().next() {
+        // A copy in chunks while no other join is read (one at a time).
+        let join = self.join.is_none() && self.link_room.is_some();
+        let owed = self.joins.owed.first().cloned();
+        if let Some((name, again)) = owed.map(|n| (n, true)).or_else(|| {
+            self.spool
+                .needs_copy()
+                .into_iter()
+                .next()
+                .map(|n| (n, false))
+        }) {
             let tables = copy::published_tables(client, &self.cfg).await?;
             let job = Job::Copy {
                 tables,
                 reason: format!("new receiver {name}"),
                 only_for: Some(name),
-                join: false,
+                join,
+                again,
             };
             return self.start_cut(client, job, shutdown).await;
         }
@@ -152,7 +166,8 @@ impl Capture {
                 tables: t.waiting.iter().copied().collect(),
                 reason: if initial { "initial" } else { "new table" }.into(),
                 only_for: None,
-                join: !initial && self.link_room.is_some(),
+                join: !initial && join,
+                again: false,
             };
             return self.start_cut(client, job, shutdown).await;
         }

@@ -320,9 +320,16 @@ impl Cutter {
     /// (a joining table's chunk, `store/join.rs`): `message` alone, with
     /// commit LSN one above the last transaction's and below any still to
     /// come, so the order rule and the exactly-once marker hold for it as
-    /// for any. `None`: no LSN is free between them (the WAL must move on
-    /// first), or a transaction or a cut is open; nothing was cut.
-    pub fn splice(&mut self, message: &[u8], commit_time: i64) -> Option<Vec<Record>> {
+    /// for any. `only_for`: the one receiver it is for (a join made for a
+    /// new receiver), as [`Record::only_for`]. `None`: no LSN is free
+    /// between them (the WAL must move on first), or a transaction or a
+    /// cut is open; nothing was cut.
+    pub fn splice(
+        &mut self,
+        message: &[u8],
+        commit_time: i64,
+        only_for: Option<String>,
+    ) -> Option<Vec<Record>> {
         let commit_lsn = Lsn(self.last_commit.0 + 1);
         // One LSN is left free below `room_end`: a copy cut taken next may
         // be as low as `room_end`, and its copy commits at the cut − 1.
@@ -335,7 +342,7 @@ impl Cutter {
                 commit_lsn,
                 commit_time,
                 xid: 0,
-                only_for: None,
+                only_for,
             },
         );
         let mut records = txn.push(message);

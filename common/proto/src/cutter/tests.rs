@@ -1119,10 +1119,13 @@ fn a_spliced_transaction_commits_between_its_neighbours_only_where_the_wal_leave
     // for 0x101 .. 0x106 (one LSN is kept free below the end).
     let mut cutter = Cutter::new(1, Lsn::ZERO).with_room_end(Lsn(0x80));
     let mut tables = synced(&[A]);
-    assert!(cutter.splice(&chunk, 5).is_some(), "0x1 .. 0x7e is free");
+    assert!(
+        cutter.splice(&chunk, 5, None).is_some(),
+        "0x1 .. 0x7e is free"
+    );
     let mut cutter = Cutter::new(1, Lsn(0x80)).with_room_end(Lsn(0x80));
     assert!(
-        cutter.splice(&chunk, 5).is_none(),
+        cutter.splice(&chunk, 5, None).is_none(),
         "no LSN free above the spool's last commit"
     );
     let mut records = Vec::new();
@@ -1130,7 +1133,7 @@ fn a_spliced_transaction_commits_between_its_neighbours_only_where_the_wal_leave
         records.extend(cutter.message(&m, &mut tables).unwrap().records);
     }
     let mut spliced = Vec::new();
-    while let Some(r) = cutter.splice(&chunk, 5) {
+    while let Some(r) = cutter.splice(&chunk, 5, None) {
         spliced.extend(r);
     }
     let lsns: Vec<u64> = spliced.iter().map(|r| r.commit_lsn.0).collect();
@@ -1139,7 +1142,7 @@ fn a_spliced_transaction_commits_between_its_neighbours_only_where_the_wal_leave
     assert_eq!(spliced[0].seq, 2, "dense after the stream's record");
     // Inside a transaction: never.
     cutter.message(&begin(0x200, 2), &mut tables).unwrap();
-    assert!(cutter.splice(&chunk, 5).is_none());
+    assert!(cutter.splice(&chunk, 5, None).is_none());
     for m in [insert(A, "y"), commit(0x200, 0x208)] {
         records.extend(cutter.message(&m, &mut tables).unwrap().records);
     }
@@ -1150,8 +1153,9 @@ fn a_spliced_transaction_commits_between_its_neighbours_only_where_the_wal_leave
     );
     // A keepalive past the last commit makes room up to it.
     cutter.saw_server_end(Lsn(0x300));
-    let r = cutter.splice(&chunk, 5).unwrap();
+    let r = cutter.splice(&chunk, 5, Some("new".into())).unwrap();
     assert_eq!((r[0].commit_lsn, r[0].seq), (Lsn(0x201), 9));
+    assert_eq!(r[0].only_for.as_deref(), Some("new"));
     let summary = cutter.finish().unwrap();
     assert_eq!(summary.last_commit, Lsn(0x201));
     assert_eq!(summary.last_end, Lsn(0x300));
@@ -1161,5 +1165,5 @@ fn a_spliced_transaction_commits_between_its_neighbours_only_where_the_wal_leave
         .with_room_end(Lsn(0x400))
         .before_cut(Some(Lsn(0x400)));
     cutter.saw_server_end(Lsn(0x500));
-    assert!(cutter.splice(&chunk, 5).is_none());
+    assert!(cutter.splice(&chunk, 5, None).is_none());
 }
