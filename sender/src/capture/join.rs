@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use pgcourier_common::store::durable::Synced;
 use pgcourier_proto::cutter::{Cutter, TxnCutter, TxnHead};
+use pgcourier_proto::pgoutput;
 use pgcourier_proto::Lsn;
 use tokio_postgres::Client;
 
@@ -54,6 +55,8 @@ pub(super) struct ActiveJoin {
     pub id: u64,
     /// The receiver it is for, or `None`: every receiver.
     only_for: Option<String>,
+    /// The columns each table had at the cut (published ones, in order).
+    columns: std::collections::HashMap<u32, Vec<String>>,
     rx: tokio::sync::mpsc::Receiver<Result<JoinChunk, copy::CopyError>>,
     /// The next chunk, read and not yet spliced.
     pub pending: Option<JoinChunk>,
@@ -107,29 +110,10 @@ impl Capture {
             return Ok(());
         }
         for join in std::mem::take(&mut self.joins.open) {
-            tracing::info!(
-                join = join.id,
-                tables = join.tables.len(),
-                receiver = join.only_for.as_deref().unwrap_or("every receiver"),
-                "a table join was cut short (its snapshot is gone): its tables will be copied again from a new cut"
+            self.abandon(
+                join,
+                "a table join was cut short (its snapshot is gone): its tables will be copied again from a new cut",
             );
-            match join.only_for {
-                // The receiver applies what it was sent, then a new copy
-                // made for it, which drops the abandoned join first.
-                Some(name) => {
-                    if !self.joins.owed.contains(&name) {
-                        self.joins.owed.push(name);
-                    }
-                }
-                None => {
-                    for oid in join.tables {
-                        if self.copy_state.tables.synced.remove(&oid) {
-                            self.copy_state.tables.waiting.insert(oid);
-                        }
-                    }
-                    self.joins.aborted.push(join.id);
-                }
-            }
         }
         let (state, joins) = (self.copy_state.clone(), self.joins.clone());
         self.blocking(move |spool| {
@@ -138,6 +122,65 @@ impl Capture {
             spool.sync()
         })
         .await
+    }
+
+    /// Abandon `join` (no longer open): a join for every receiver makes its
+    /// tables wait for a new copy, whose metadata names it in `aborts`; a
+    /// join for a receiver added late leaves it owed a new copy made for
+    /// it (it applies what it was sent, then that copy, which drops the
+    /// abandoned join first). The caller makes the state durable.
+    fn abandon(&mut self, join: OpenJoin, why: &str) {
+        tracing::info!(
+            join = join.id,
+            tables = join.tables.len(),
+            receiver = join.only_for.as_deref().unwrap_or("every receiver"),
+            "{why}"
+        );
+        match join.only_for {
+            Some(name) => {
+                if !self.joins.owed.contains(&name) {
+                    self.joins.owed.push(name);
+                }
+            }
+            None => {
+                for oid in join.tables {
+                    if self.copy_state.tables.synced.remove(&oid) {
+                        self.copy_state.tables.waiting.insert(oid);
+                    }
+                }
+                self.joins.aborted.push(join.id);
+            }
+        }
+    }
+
+    /// A Relation in the stream: if it is a table the active join reads
+    /// and its columns are no longer those the join started with (a
+    /// schema change while it loads), the join is abandoned at once, its
+    /// reader stopped, and the tables copied again from a new cut (the
+    /// branch's staging table and held changes no longer match the table).
+    /// Returns whether it was (the copy and join state then go with the
+    /// batch's commit).
+    pub(super) fn relation_seen(&mut self, oid: u32, relation: &[u8]) -> bool {
+        let Some(expected) = self.join.as_ref().and_then(|j| j.columns.get(&oid)) else {
+            return false;
+        };
+        let Ok(pgoutput::Message::Relation(rel)) = pgoutput::decode(relation) else {
+            return false;
+        };
+        if rel.columns.iter().map(|c| &c.name).eq(expected.iter()) {
+            return false;
+        }
+        let join = self.join.take().expect("checked");
+        self.copy_finished();
+        let Some(i) = self.joins.open.iter().position(|j| j.id == join.id) else {
+            return false;
+        };
+        let open = self.joins.open.remove(i);
+        self.abandon(
+            open,
+            "a joining table's columns changed while it loaded: the join is abandoned and the table copied again from a new cut",
+        );
+        true
     }
 
     /// Spool the join's start at the cut − 1 and start reading its rows.
@@ -223,6 +266,11 @@ impl Capture {
         let task = tokio::spawn(copy::read_join(cut, id, meta.tables.clone(), tx));
         self.join = Some(ActiveJoin {
             id,
+            columns: meta
+                .tables
+                .iter()
+                .map(|t| (t.oid, t.columns.iter().map(|c| c.name.clone()).collect()))
+                .collect(),
             only_for,
             rx,
             pending: None,

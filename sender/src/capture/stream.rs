@@ -243,6 +243,10 @@ impl Capture {
                         if let (Some(b'R'), Some(oid)) = (data.first(), data.get(1..5)) {
                             let oid = u32::from_be_bytes(oid.try_into().expect("4 bytes"));
                             self.spool.save_relation(oid, data)?;
+                            if self.relation_seen(oid, data) {
+                                batch.tables_changed = true;
+                                batch.joins_changed = true;
+                            }
                         }
                         if let Some(oid) = new_table {
                             tracing::info!(
