@@ -430,3 +430,58 @@ async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_b
     assert_applied_exactly_once(&setup, 0).await?;
     Ok(())
 }
+
+
+/// The same in reverse mode (the receiver dials the sender, which is
+/// behind the firewall of headquarters' side here): the sender is down
+/// 50 s (its host restarting), the receiver's dials back off towards
+/// `max-backoff` = 60 s, and it knocks on the sender's port meanwhile; the
+/// sender's return is noticed by a knock, not at the next backoff step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_back_after_a_long_outage_is_dialled_by_a_reverse_mode_receiver_when_it_answers(
+) -> anyhow::Result<()> {
+    let timers = "idle-timeout = \"4s\"\nkeep-alive = \"1s\"\nreturn-window = \"0s\"\n\
+                  handshake-timeout = \"1s\"";
+    let mut setup = Setup::start(
+        "knock-reverse",
+        Options {
+            schema: ACCT_SCHEMA,
+            tables: &["public.acct"],
+            dial: Dial::ReceiverDials,
+            sender_extra: timers,
+            receiver_extra: timers,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let src = setup.source().await?;
+    acct_transactions(&src, 1, 50).await?;
+    caught_up(&setup).await?;
+    setup.sender.terminate()?;
+    for config in [&setup.sender_config, &setup.branches[0].config] {
+        let text = std::fs::read_to_string(config)?;
+        anyhow::ensure!(text.contains("max-backoff = \"2s\""), "{config:?}");
+        std::fs::write(
+            config,
+            text.replace("max-backoff = \"2s\"", "max-backoff = \"60s\""),
+        )?;
+    }
+    setup.restart_receiver(0)?;
+    setup.sender.respawn()?;
+    acct_transactions(&src, 1001, 10).await?;
+    caught_up(&setup).await?;
+    setup.sender.terminate()?;
+    acct_transactions(&src, 51, 50).await?;
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    setup.sender.respawn()?;
+    let secs = seconds_to_apply(&setup, 51).await?;
+    eprintln!("sender back after a 50 s outage, reverse mode (max-backoff 60 s): first outage transaction applied after {secs:.2} s");
+    assert!(
+        secs < 8.0,
+        "found {secs:.1} s after the sender returned: at a backoff step, not by knocking\n{}",
+        setup.logs()
+    );
+    caught_up(&setup).await?;
+    assert_applied_exactly_once(&setup, 0).await?;
+    Ok(())
+}
