@@ -59,6 +59,7 @@ use pgcourier_common::store::seed_file::CopyMeta;
 use pgcourier_proto::pgoutput::{self, Message, Relation};
 
 use super::error::{target_err, ApplyError};
+use super::join_side::{Side, SideTable};
 use super::pipeline::copy_in;
 use super::status::JoiningTable;
 use super::{Apply, Session};
@@ -103,6 +104,8 @@ pub(super) struct Joins {
     queued: Vec<(i64, i64, Vec<u8>)>,
     /// Joins the open group loaded: logged once it commits.
     loaded: Vec<Loaded>,
+    /// Per join, its side transaction (`join_side.rs`), from its chunk 1.
+    pub(super) sides: HashMap<u64, Side>,
 }
 
 /// A join loaded by the open group, for the log line after its commit.
@@ -112,6 +115,9 @@ pub(super) struct Loaded {
     rows: u64,
     replayed: u64,
     seconds: f64,
+    /// How the rows went into the tables: `side transaction` or `from
+    /// staging`.
+    swap: &'static str,
 }
 
 impl Joins {
@@ -131,6 +137,31 @@ impl Joins {
     /// (`large.rs`) but held whole.
     pub(super) fn holds_insert(&self, message: &[u8]) -> bool {
         insert_rel(message).is_some_and(|rel| self.holding(rel).is_some())
+    }
+
+    /// Join `join`'s tables, as its side transaction writes them.
+    pub(super) fn side_tables(&self, join: u64) -> HashMap<u32, SideTable> {
+        self.tables
+            .iter()
+            .filter(|(_, t)| t.id == join)
+            .map(|(&oid, t)| {
+                (
+                    oid,
+                    SideTable {
+                        target: t.target.clone(),
+                        columns: t.columns.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The open group committed: the chunks it staged go to their side
+    /// transactions.
+    pub(super) fn committed(&mut self) {
+        for side in self.sides.values_mut() {
+            side.committed();
+        }
     }
 
     /// The loading tables, for the status.
@@ -181,7 +212,7 @@ fn split_truncate(
 }
 
 /// The columns quoted, comma-separated.
-fn column_list(columns: &[String]) -> String {
+pub(super) fn column_list(columns: &[String]) -> String {
     columns
         .iter()
         .map(|c| quote_ident(c))
@@ -350,6 +381,9 @@ impl Apply {
         self.drain(s).await?;
         for &id in ids {
             let db = db_id(seq, id)?;
+            if let Some(side) = s.joins.sides.remove(&id) {
+                side.abandon("the join is aborted").await;
+            }
             let what = "abort a join";
             let oids: Vec<u32> = s
                 .client
@@ -427,10 +461,11 @@ impl Apply {
         let sql = copy_sql(&staging_name(part.id, part.table), &t.columns);
         let target = t.target.clone();
         self.drain(s).await?;
+        let data = bytes::Bytes::copy_from_slice(rows);
         let loaded = if rows.is_empty() {
             0
         } else {
-            copy_in(&s.client, &sql, rows.to_vec())
+            copy_in(&s.client, &sql, data.clone())
                 .await
                 .map_err(|e| ApplyError::Target {
                     what: format!(
@@ -459,6 +494,7 @@ impl Apply {
         if let Some(t) = s.joins.tables.get_mut(&part.table) {
             t.rows += loaded;
         }
+        self.side_stage(s, part.id, part.n, part.table, data, loaded);
         Ok(())
     }
 
@@ -494,21 +530,28 @@ impl Apply {
         }
         let db = db_id(seq, part.id)?;
         self.drain(s).await?;
-        let mut names = Vec::with_capacity(oids.len());
         for &oid in &oids {
             self.resolve(s, seq, oid).await?;
+        }
+        // The fast path: the side transaction filled the tables; else (or
+        // once it failed) the slow one, from staging (`join_side.rs`).
+        let side = self.commit_side(s, part.id, part.n, &oids).await?;
+        let mut names = Vec::with_capacity(oids.len());
+        for &oid in &oids {
             let map = &s.targets[&oid];
             let (target, overriding) = (map.table.clone(), map.overriding);
-            let columns = s.joins.tables[&oid].columns.clone();
-            let staging = staging_name(part.id, oid);
-            for sql in swap_sql(&target, &staging, &columns, overriding) {
-                s.client
-                    .batch_execute(&sql)
-                    .await
-                    .map_err(|e| ApplyError::Target {
-                        what: format!("replace {target} by the rows of join {}", part.id),
-                        source: e.into(),
-                    })?;
+            if !side {
+                let columns = s.joins.tables[&oid].columns.clone();
+                let staging = staging_name(part.id, oid);
+                for sql in swap_sql(&target, &staging, &columns, overriding) {
+                    s.client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(|e| ApplyError::Target {
+                            what: format!("replace {target} by the rows of join {}", part.id),
+                            source: e.into(),
+                        })?;
+                }
             }
             self.note_table_extremes(s, oid).await?;
             names.push(target);
@@ -541,6 +584,11 @@ impl Apply {
             rows,
             replayed,
             seconds: started.elapsed().as_secs_f64(),
+            swap: if side {
+                "side transaction"
+            } else {
+                "from staging"
+            },
         });
         Ok(())
     }
@@ -724,6 +772,7 @@ impl Apply {
                 rows = j.rows,
                 held_changes_replayed = j.replayed,
                 seconds = j.seconds,
+                swap = j.swap,
                 "join loaded and committed: the tables are replaced by their rows and their held changes applied"
             );
         }
