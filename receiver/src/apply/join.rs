@@ -1,9 +1,14 @@
 //! A table joining a running publication in chunks (the messages are
 //! described in `pgcourier_common::store::join`): its rows are loaded into
 //! a staging table chunk by chunk, between the live transactions, while
-//! the live changes to it are held back; at the join's end the staging
-//! rows replace the table and the held changes are replayed, in one target
-//! transaction.
+//! the live changes to it are held back; at the join's end the table holds
+//! the join's rows and the held changes are replayed. The rows reach the
+//! table by one of two paths: a side transaction on a second connection
+//! fills it while the join loads and commits at the end (`join_side.rs`:
+//! the end costs the apply connection no time that grows with the table),
+//! or, when that side transaction does not hold every chunk (a receiver
+//! restarted mid-join, an error on it, a schema change meanwhile), the end
+//! replaces the table with its staging rows on the apply connection.
 //!
 //! ```text
 //! join start   CopyMeta join = id: per table, pgcourier."join_<id>_<oid>"
@@ -15,11 +20,15 @@
 //!              TRUNCATE is split, the loading tables' part held, the
 //!              rest applied; a Relation of a loading table is held too,
 //!              so the replay decodes each change with its shape
-//! chunk        COPY into the staging table; pgcourier.joining.rows grows
-//! end          TRUNCATE target; INSERT INTO target SELECT FROM staging;
-//!              the held changes replayed in n order through the ordinary
-//!              path (`queue_row_message`), read back REPLAY_BATCH at a
-//!              time; staging dropped, held and joining rows deleted
+//! chunk        COPY into the staging table; pgcourier.joining.rows grows;
+//!              once its group commits, COPY into the target in the join's
+//!              side transaction (opened at chunk 1: DELETE FROM target)
+//! end          side transaction complete: its COMMIT; else it is rolled
+//!              back, and TRUNCATE target; INSERT INTO target SELECT FROM
+//!              staging. Then the held changes replayed in n order through
+//!              the ordinary path (`queue_row_message`), read back
+//!              REPLAY_BATCH at a time; staging dropped, held and joining
+//!              rows deleted
 //! abort        (an id in a later CopyMeta's aborts) staging dropped, held
 //!              and joining rows deleted, before anything else of that copy
 //! ```
@@ -29,18 +38,25 @@
 //! progress row (`mod.rs`). A crash before the commit undoes the step with
 //! the rest of the group, and the group is applied again; after it, the
 //! progress row says the step's transaction was applied, and it is
-//! skipped. The session's view of the loading tables ([`Joins`]) is read
-//! from `pgcourier.joining` and `pgcourier.held` at session start, and any
-//! error ends the session, so it never outlives a rolled-back transaction.
+//! skipped. The side transaction commits before the end's group: a crash
+//! between the two leaves staging, the held changes and the progress row
+//! as they were, and the end is applied again from staging, which
+//! replaces the side transaction's rows with the same rows
+//! (`join_side.rs`). The session's view of the loading tables ([`Joins`])
+//! is read from `pgcourier.joining` and `pgcourier.held` at session start,
+//! and any error ends the session, so it never outlives a rolled-back
+//! transaction.
 //!
 //! The target a join replaces is the table apply writes the source table
 //! to (by name, `mapping.rs`). The staging table has the published columns
 //! (the CopyTable's, in order, as the chunks name them) with the target's
 //! types, and nothing else: a target column the source does not publish
-//! (NOT NULL with a default) takes its default at the end's INSERT, and the
-//! target's constraints are checked there. It is an ordinary logged table:
-//! an unlogged one would be emptied by a crash of the target after chunks
-//! committed.
+//! (NOT NULL with a default) takes its default at the end's INSERT (or the
+//! side transaction's COPY), and the target's constraints are checked
+//! there (a row the side transaction's COPY refuses gives it up: the end's
+//! INSERT then reports it, naming the table). It is an ordinary logged
+//! table: an unlogged one would be emptied by a crash of the target after
+//! chunks committed.
 //!
 //! Limits: a row clock (two-way tables) before a held change is dropped
 //! (a two-way table joining mid-run is not supported: its held changes

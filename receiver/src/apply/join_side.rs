@@ -50,6 +50,20 @@
 //! side transaction blocks apply only where apply takes a table lock on it:
 //! DDL (handled above) and the slow path's TRUNCATE (never taken while the
 //! side transaction is open).
+//!
+//! Replication origin: one session at a time may have an origin set up,
+//! and the commit record's origin is what a sender capturing this database
+//! looks at. Apply resets its origin, the side connection sets it up for
+//! its COMMIT and resets it, and apply sets it up again, all inside the
+//! end's group (its commit record carries the origin as before).
+//!
+//! Limits: a lock the branch takes on a loading table (a reader's `SELECT
+//! .. FOR UPDATE`, a `TRUNCATE .. CASCADE` reaching it, with `replica-role
+//! = false` a foreign key check of a row referencing it) waits on the side
+//! transaction, up to `lock_timeout` (30 s): apply then retries, and the
+//! join ends by the slow path. The side transaction's DELETE leaves dead
+//! rows for VACUUM, where TRUNCATE left none. A side transaction needs one
+//! more connection to the target per join being loaded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
