@@ -161,6 +161,18 @@ async fn live_changes_keep_arriving_while_a_joining_table_loads_in_chunks() -> a
         .wait_equal(0, &["public.live", "public.big"], WAIT)
         .await?;
     nothing_staged(&dst).await?;
+    // The rows went into the table in the side transaction, committed at
+    // the end: the apply connection did not copy them from staging.
+    let receiver_log = setup.branches[0].receiver.log();
+    let loaded: Vec<&str> = receiver_log
+        .lines()
+        .filter(|l| l.contains("join loaded"))
+        .collect();
+    assert!(
+        loaded.len() == 1 && loaded[0].contains("side transaction"),
+        "the join's end took the side transaction's path: {loaded:?}\n{}",
+        setup.logs()
+    );
     Ok(())
 }
 

@@ -211,6 +211,8 @@ impl Apply {
         let Some(statement) = self.ddl_statement(seq, &msg)? else {
             return Ok(());
         };
+        // Its lock could wait on a side transaction's, which waits on apply.
+        self.abandon_sides(s, "a schema change").await;
         let text = shown(&msg.statement);
         let statement = match without_concurrently(&statement) {
             Some(plain) => {
@@ -266,6 +268,8 @@ impl Apply {
         let seq = record.seq;
         if let Some(statement) = self.ddl_statement(seq, &alone.msg)? {
             debug_assert_eq!(statement, alone.statement);
+            // CONCURRENTLY waits for every older transaction to end.
+            self.abandon_sides(s, "a schema change").await;
             self.session_settings(s, &alone.msg.search_path, Some("0"))
                 .await?;
             if let Err(e) = self.run_alone(s, seq, &statement, &alone.shape).await {

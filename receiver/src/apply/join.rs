@@ -1,9 +1,14 @@
 //! A table joining a running publication in chunks (the messages are
 //! described in `pgcourier_common::store::join`): its rows are loaded into
 //! a staging table chunk by chunk, between the live transactions, while
-//! the live changes to it are held back; at the join's end the staging
-//! rows replace the table and the held changes are replayed, in one target
-//! transaction.
+//! the live changes to it are held back; at the join's end the table holds
+//! the join's rows and the held changes are replayed. The rows reach the
+//! table by one of two paths: a side transaction on a second connection
+//! fills it while the join loads and commits at the end (`join_side.rs`:
+//! the end costs the apply connection no time that grows with the table),
+//! or, when that side transaction does not hold every chunk (a receiver
+//! restarted mid-join, an error on it, a schema change meanwhile), the end
+//! replaces the table with its staging rows on the apply connection.
 //!
 //! ```text
 //! join start   CopyMeta join = id: per table, pgcourier."join_<id>_<oid>"
@@ -15,11 +20,15 @@
 //!              TRUNCATE is split, the loading tables' part held, the
 //!              rest applied; a Relation of a loading table is held too,
 //!              so the replay decodes each change with its shape
-//! chunk        COPY into the staging table; pgcourier.joining.rows grows
-//! end          TRUNCATE target; INSERT INTO target SELECT FROM staging;
-//!              the held changes replayed in n order through the ordinary
-//!              path (`queue_row_message`), read back REPLAY_BATCH at a
-//!              time; staging dropped, held and joining rows deleted
+//! chunk        COPY into the staging table; pgcourier.joining.rows grows;
+//!              once its group commits, COPY into the target in the join's
+//!              side transaction (opened at chunk 1: DELETE FROM target)
+//! end          side transaction complete: its COMMIT; else it is rolled
+//!              back, and TRUNCATE target; INSERT INTO target SELECT FROM
+//!              staging. Then the held changes replayed in n order through
+//!              the ordinary path (`queue_row_message`), read back
+//!              REPLAY_BATCH at a time; staging dropped, held and joining
+//!              rows deleted
 //! abort        (an id in a later CopyMeta's aborts) staging dropped, held
 //!              and joining rows deleted, before anything else of that copy
 //! ```
@@ -29,18 +38,25 @@
 //! progress row (`mod.rs`). A crash before the commit undoes the step with
 //! the rest of the group, and the group is applied again; after it, the
 //! progress row says the step's transaction was applied, and it is
-//! skipped. The session's view of the loading tables ([`Joins`]) is read
-//! from `pgcourier.joining` and `pgcourier.held` at session start, and any
-//! error ends the session, so it never outlives a rolled-back transaction.
+//! skipped. The side transaction commits before the end's group: a crash
+//! between the two leaves staging, the held changes and the progress row
+//! as they were, and the end is applied again from staging, which
+//! replaces the side transaction's rows with the same rows
+//! (`join_side.rs`). The session's view of the loading tables ([`Joins`])
+//! is read from `pgcourier.joining` and `pgcourier.held` at session start,
+//! and any error ends the session, so it never outlives a rolled-back
+//! transaction.
 //!
 //! The target a join replaces is the table apply writes the source table
 //! to (by name, `mapping.rs`). The staging table has the published columns
 //! (the CopyTable's, in order, as the chunks name them) with the target's
 //! types, and nothing else: a target column the source does not publish
-//! (NOT NULL with a default) takes its default at the end's INSERT, and the
-//! target's constraints are checked there. It is an ordinary logged table:
-//! an unlogged one would be emptied by a crash of the target after chunks
-//! committed.
+//! (NOT NULL with a default) takes its default at the end's INSERT (or the
+//! side transaction's COPY), and the target's constraints are checked
+//! there (a row the side transaction's COPY refuses gives it up: the end's
+//! INSERT then reports it, naming the table). It is an ordinary logged
+//! table: an unlogged one would be emptied by a crash of the target after
+//! chunks committed.
 //!
 //! Limits: a row clock (two-way tables) before a held change is dropped
 //! (a two-way table joining mid-run is not supported: its held changes
@@ -59,6 +75,7 @@ use pgcourier_common::store::seed_file::CopyMeta;
 use pgcourier_proto::pgoutput::{self, Message, Relation};
 
 use super::error::{target_err, ApplyError};
+use super::join_side::{Side, SideTable};
 use super::pipeline::copy_in;
 use super::status::JoiningTable;
 use super::{Apply, Session};
@@ -103,6 +120,8 @@ pub(super) struct Joins {
     queued: Vec<(i64, i64, Vec<u8>)>,
     /// Joins the open group loaded: logged once it commits.
     loaded: Vec<Loaded>,
+    /// Per join, its side transaction (`join_side.rs`), from its chunk 1.
+    pub(super) sides: HashMap<u64, Side>,
 }
 
 /// A join loaded by the open group, for the log line after its commit.
@@ -112,6 +131,9 @@ pub(super) struct Loaded {
     rows: u64,
     replayed: u64,
     seconds: f64,
+    /// How the rows went into the tables: `side transaction` or `from
+    /// staging`.
+    swap: &'static str,
 }
 
 impl Joins {
@@ -131,6 +153,31 @@ impl Joins {
     /// (`large.rs`) but held whole.
     pub(super) fn holds_insert(&self, message: &[u8]) -> bool {
         insert_rel(message).is_some_and(|rel| self.holding(rel).is_some())
+    }
+
+    /// Join `join`'s tables, as its side transaction writes them.
+    pub(super) fn side_tables(&self, join: u64) -> HashMap<u32, SideTable> {
+        self.tables
+            .iter()
+            .filter(|(_, t)| t.id == join)
+            .map(|(&oid, t)| {
+                (
+                    oid,
+                    SideTable {
+                        target: t.target.clone(),
+                        columns: t.columns.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The open group committed: the chunks it staged go to their side
+    /// transactions.
+    pub(super) fn committed(&mut self) {
+        for side in self.sides.values_mut() {
+            side.committed();
+        }
     }
 
     /// The loading tables, for the status.
@@ -181,7 +228,7 @@ fn split_truncate(
 }
 
 /// The columns quoted, comma-separated.
-fn column_list(columns: &[String]) -> String {
+pub(super) fn column_list(columns: &[String]) -> String {
     columns
         .iter()
         .map(|c| quote_ident(c))
@@ -350,6 +397,9 @@ impl Apply {
         self.drain(s).await?;
         for &id in ids {
             let db = db_id(seq, id)?;
+            if let Some(side) = s.joins.sides.remove(&id) {
+                side.abandon("the join is aborted").await;
+            }
             let what = "abort a join";
             let oids: Vec<u32> = s
                 .client
@@ -427,10 +477,11 @@ impl Apply {
         let sql = copy_sql(&staging_name(part.id, part.table), &t.columns);
         let target = t.target.clone();
         self.drain(s).await?;
+        let data = bytes::Bytes::copy_from_slice(rows);
         let loaded = if rows.is_empty() {
             0
         } else {
-            copy_in(&s.client, &sql, rows.to_vec())
+            copy_in(&s.client, &sql, data.clone())
                 .await
                 .map_err(|e| ApplyError::Target {
                     what: format!(
@@ -459,6 +510,7 @@ impl Apply {
         if let Some(t) = s.joins.tables.get_mut(&part.table) {
             t.rows += loaded;
         }
+        self.side_stage(s, part.id, part.n, part.table, data, loaded);
         Ok(())
     }
 
@@ -494,21 +546,28 @@ impl Apply {
         }
         let db = db_id(seq, part.id)?;
         self.drain(s).await?;
-        let mut names = Vec::with_capacity(oids.len());
         for &oid in &oids {
             self.resolve(s, seq, oid).await?;
+        }
+        // The fast path: the side transaction filled the tables; else (or
+        // once it failed) the slow one, from staging (`join_side.rs`).
+        let side = self.commit_side(s, part.id, part.n, &oids).await?;
+        let mut names = Vec::with_capacity(oids.len());
+        for &oid in &oids {
             let map = &s.targets[&oid];
             let (target, overriding) = (map.table.clone(), map.overriding);
-            let columns = s.joins.tables[&oid].columns.clone();
-            let staging = staging_name(part.id, oid);
-            for sql in swap_sql(&target, &staging, &columns, overriding) {
-                s.client
-                    .batch_execute(&sql)
-                    .await
-                    .map_err(|e| ApplyError::Target {
-                        what: format!("replace {target} by the rows of join {}", part.id),
-                        source: e.into(),
-                    })?;
+            if !side {
+                let columns = s.joins.tables[&oid].columns.clone();
+                let staging = staging_name(part.id, oid);
+                for sql in swap_sql(&target, &staging, &columns, overriding) {
+                    s.client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(|e| ApplyError::Target {
+                            what: format!("replace {target} by the rows of join {}", part.id),
+                            source: e.into(),
+                        })?;
+                }
             }
             self.note_table_extremes(s, oid).await?;
             names.push(target);
@@ -541,6 +600,11 @@ impl Apply {
             rows,
             replayed,
             seconds: started.elapsed().as_secs_f64(),
+            swap: if side {
+                "side transaction"
+            } else {
+                "from staging"
+            },
         });
         Ok(())
     }
@@ -724,6 +788,7 @@ impl Apply {
                 rows = j.rows,
                 held_changes_replayed = j.replayed,
                 seconds = j.seconds,
+                swap = j.swap,
                 "join loaded and committed: the tables are replaced by their rows and their held changes applied"
             );
         }

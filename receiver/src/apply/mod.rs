@@ -38,6 +38,7 @@
 //! | a schema change (DDL message) run in the same target transaction, or on its own between groups (`CONCURRENTLY`) | `ddl.rs` |
 //! | a table copy or seed file: create tables, load, progress | `copy_load.rs` |
 //! | a table joining in chunks: staging tables, its changes held meanwhile, then swapped in and replayed | `join.rs` |
+//! | a joining table filled meanwhile by a side transaction on a second connection, committed at the join's end | `join_side.rs` |
 //! | sequences moved to the values applied rows used, before the commit | `sequences.rs` |
 //! | the operator's skip of the blocking transaction | `skip.rs` |
 //! | errors and their classes; status and lag | `error.rs`, `status.rs` |
@@ -47,6 +48,7 @@ mod copy_load;
 mod ddl;
 mod error;
 mod join;
+mod join_side;
 mod large;
 mod mapping;
 mod order;
@@ -124,6 +126,8 @@ struct Session {
     set_statements: HashMap<(u32, Op), Statement>,
     /// Moves the progress row (`target.rs`).
     progress: Statement,
+    /// The replication origin apply writes under, if any (`target.rs`).
+    origin: Option<String>,
     /// Changes queued, not yet sent (`pipeline.rs`).
     pending: Vec<Pending>,
     /// The run of inserts (for one COPY) or of updates or deletes (for one
@@ -140,8 +144,9 @@ struct Session {
     joins: join::Joins,
     /// COPY and set data queued in `pending`.
     pending_bytes: usize,
-    /// The open group ran DDL: it ends with the current source transaction
-    /// (`ddl.rs`).
+    /// The open group ends with the current source transaction: it ran
+    /// DDL (`ddl.rs`), or staged chunks a side transaction waits for
+    /// (`join_side.rs`).
     end_group: bool,
     /// Per sequence feeding a target column, the furthest value the open
     /// group's rows used (`sequences.rs`).
@@ -209,6 +214,9 @@ impl Apply {
                         _ = shutdown.cancelled() => Ok(()),
                         r = self.session(&mut s, &shutdown) => r,
                     };
+                    // Side transactions end with their session, first.
+                    self.abandon_sides(&mut s, "the end of the apply session")
+                        .await;
                     s.client.close().await;
                     match result {
                         Ok(()) => return,
@@ -310,6 +318,7 @@ impl Apply {
             marker,
             marker_seq,
             progress,
+            origin,
         } = self.connect().await?;
         let mut s = Session {
             client,
@@ -321,6 +330,7 @@ impl Apply {
             statements: HashMap::new(),
             set_statements: HashMap::new(),
             progress,
+            origin,
             pending: Vec::new(),
             run: None,
             fragment: Vec::new(),
@@ -564,6 +574,7 @@ impl Apply {
         s.marker = end.commit_lsn;
         s.marker_seq = end.seq;
         self.inbox.delete_through(end.seq)?;
+        s.joins.committed();
         self.log_loaded_joins(s);
         let mut st = self.status.lock().expect("status lock");
         st.joining = s.joins.status();

@@ -378,12 +378,12 @@ impl Apply {
 pub(super) async fn copy_in(
     client: &Client,
     sql: &str,
-    data: Vec<u8>,
+    data: impl Into<bytes::Bytes>,
 ) -> Result<u64, tokio_postgres::Error> {
     use futures_util::SinkExt;
     let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
     futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(data)).await?;
+    sink.send(data.into()).await?;
     sink.finish().await
 }
 

@@ -21,6 +21,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::error::{target_err, ApplyError};
 use super::Apply;
+use crate::config::ReceiverConfig;
 
 /// How long [`TargetClient::close`] waits for the server to see the
 /// session end before it drops the connection.
@@ -92,23 +93,35 @@ pub(super) struct Connected {
     /// when nothing was applied from this source yet).
     pub(super) marker_seq: u64,
     pub(super) progress: Statement,
+    /// The replication origin the session applies under (`origin`), by
+    /// name: a join's side transaction borrows it for its commit.
+    pub(super) origin: Option<String>,
+}
+
+/// A target connection with apply's session settings: how text values
+/// are read, the lock timeout, and `session_replication_role = replica`
+/// when `replica-role` is set. The apply session and a join's side
+/// transaction (`join_side.rs`) both start here, so they write alike.
+pub(super) async fn open(cfg: &ReceiverConfig) -> Result<TargetClient, ApplyError> {
+    let client = TargetClient::connect(&cfg.target)
+        .await
+        .map_err(ApplyError::Connect)?;
+    client
+        .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3; SET lock_timeout = '30s'")
+        .await
+        .map_err(target_err("set session parameters"))?;
+    if cfg.replica_role {
+        client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .map_err(target_err("set session_replication_role = replica (needs superuser; or set replica-role = false)"))?;
+    }
+    Ok(client)
 }
 
 impl Apply {
     pub(super) async fn connect(&self) -> Result<Connected, ApplyError> {
-        let client = TargetClient::connect(&self.cfg.target)
-            .await
-            .map_err(ApplyError::Connect)?;
-        client
-            .batch_execute("SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3; SET lock_timeout = '30s'")
-            .await
-            .map_err(target_err("set session parameters"))?;
-        if self.cfg.replica_role {
-            client
-                .batch_execute("SET session_replication_role = replica")
-                .await
-                .map_err(target_err("set session_replication_role = replica (needs superuser; or set replica-role = false)"))?;
-        }
+        let client = open(&self.cfg).await?;
         // Created on the first start; later starts need no CREATE privilege.
         let exists: bool = client
             .query_one("SELECT to_regclass('pgcourier.progress') IS NOT NULL", &[])
@@ -160,6 +173,7 @@ impl Apply {
                 Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         };
+        let mut origin = None;
         if self.cfg.origin {
             // Every transaction this session commits carries the origin in
             // its WAL, and a sender capturing this database leaves it out
@@ -188,6 +202,7 @@ impl Apply {
                 )
                 .await
                 .map_err(target_err("apply under the replication origin (needs superuser or EXECUTE on pg_replication_origin_session_setup; or set origin = false)"))?;
+            origin = Some(name);
         }
         let (marker, marker_seq) = match progress_row::read(&client, &source).await? {
             Some(p) => (p.commit_lsn, p.seq),
@@ -202,6 +217,7 @@ impl Apply {
             marker,
             marker_seq,
             progress,
+            origin,
         })
     }
 }
