@@ -17,10 +17,10 @@ use crate::fixture::{Options, Setup};
 const WAIT: Duration = Duration::from_secs(240);
 
 const SCHEMA: &str = "CREATE TABLE live (id bigint PRIMARY KEY, note text);
-     CREATE TABLE big (id integer PRIMARY KEY, h text NOT NULL, n integer);";
+     CREATE TABLE big (id integer PRIMARY KEY, h text NOT NULL, n integer, spare text);";
 
 /// About 2 MB of rows that compress about 2:1: some 8 s on 3g.
-const BIG_ROWS: &str = "INSERT INTO big SELECT g, md5(g::text) || md5((g * 7)::text), g % 1000 \
+const BIG_ROWS: &str = "INSERT INTO big (id, h, n) SELECT g, md5(g::text) || md5((g * 7)::text), g % 1000 \
      FROM generate_series(1, 30000) g;";
 
 async fn start(name: &str, seed: u64) -> anyhow::Result<Setup> {
@@ -309,5 +309,39 @@ async fn a_new_receiver_s_join_cut_short_by_kill_9_of_the_sender_is_owed_a_new_c
     let branch0 = setup.branches[0].receiver.log();
     assert_eq!(branch0.matches("loading a table copy").count(), 1, "{logs}");
     assert!(!branch0.contains("join started"), "{logs}");
+    Ok(())
+}
+
+/// A schema change to the joining table while it loads: a column dropped
+/// at the source (and, through DDL replication, at the branch). The join is
+/// abandoned and copied again when the sender sees the table's new shape
+/// first, or its end leaves the column out when the end comes first;
+/// either way the branch ends up equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_dropped_while_its_table_joins_leaves_the_branch_equal() -> anyhow::Result<()> {
+    let setup = start("join-ddl", 53).await?;
+    let src = setup.source().await?;
+    let dst = setup.target(0).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(&setup, stop.clone()).await?;
+    src.batch_execute("ALTER PUBLICATION pgcourier ADD TABLE big")
+        .await?;
+    wait_until("rows staged", WAIT, || async {
+        Ok(loading(&dst).await?.is_some_and(|r| r > 0))
+    })
+    .await
+    .with_context(|| setup.logs())?;
+    src.batch_execute("ALTER TABLE big DROP COLUMN spare").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writes.await??;
+    setup
+        .wait_equal(0, &["public.live", "public.big"], WAIT)
+        .await?;
+    wait_until("the join ended", WAIT, || async {
+        Ok(one(&dst, "SELECT count(*) FROM pgcourier.joining").await? == 0)
+    })
+    .await?;
+    nothing_staged(&dst).await?;
     Ok(())
 }

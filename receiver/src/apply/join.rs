@@ -557,7 +557,27 @@ impl Apply {
             let map = &s.targets[&oid];
             let (target, overriding) = (map.table.clone(), map.overriding);
             if !side {
-                let columns = s.joins.tables[&oid].columns.clone();
+                // Only the columns the table still has: one dropped by a
+                // schema change while it loaded is left out (its held
+                // changes no longer name it either).
+                let present: Vec<String> = s
+                    .client
+                    .query(
+                        "SELECT attname::text FROM pg_attribute \
+                         WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+                        &[&target],
+                    )
+                    .await
+                    .map_err(target_err("read the columns of a joining table"))?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let columns: Vec<String> = s.joins.tables[&oid]
+                    .columns
+                    .iter()
+                    .filter(|c| present.contains(c))
+                    .cloned()
+                    .collect();
                 let staging = staging_name(part.id, oid);
                 for sql in swap_sql(&target, &staging, &columns, overriding) {
                     s.client
