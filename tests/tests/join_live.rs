@@ -20,7 +20,8 @@ const SCHEMA: &str = "CREATE TABLE live (id bigint PRIMARY KEY, note text);
      CREATE TABLE big (id integer PRIMARY KEY, h text NOT NULL, n integer, spare text);";
 
 /// About 2 MB of rows that compress about 2:1: some 8 s on 3g.
-const BIG_ROWS: &str = "INSERT INTO big (id, h, n) SELECT g, md5(g::text) || md5((g * 7)::text), g % 1000 \
+const BIG_ROWS: &str =
+    "INSERT INTO big (id, h, n) SELECT g, md5(g::text) || md5((g * 7)::text), g % 1000 \
      FROM generate_series(1, 30000) g;";
 
 async fn start(name: &str, seed: u64) -> anyhow::Result<Setup> {
@@ -331,7 +332,8 @@ async fn a_column_dropped_while_its_table_joins_leaves_the_branch_equal() -> any
     })
     .await
     .with_context(|| setup.logs())?;
-    src.batch_execute("ALTER TABLE big DROP COLUMN spare").await?;
+    src.batch_execute("ALTER TABLE big DROP COLUMN spare")
+        .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     writes.await??;

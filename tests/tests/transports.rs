@@ -431,7 +431,6 @@ async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_b
     Ok(())
 }
 
-
 /// The same in reverse mode (the receiver dials the sender, which is
 /// behind the firewall of headquarters' side here): the sender is down
 /// 50 s (its host restarting), the receiver's dials back off towards

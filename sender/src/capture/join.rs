@@ -307,7 +307,7 @@ impl Capture {
         let chunk = join.pending.as_ref().expect("checked");
         let now = pgcourier_common::pg::time::now_pg_micros();
         let Some(records) = cutter.splice(&chunk.message, now, join.only_for.clone()) else {
-            if join.ticked.is_none_or_elapsed(TICK_EVERY) {
+            if due(join.ticked, TICK_EVERY) {
                 join.ticked = Some(Instant::now());
                 client
                     .batch_execute("SELECT txid_current()")
@@ -353,13 +353,10 @@ impl Capture {
     }
 }
 
-/// `None`, or longer ago than `every`.
-trait Elapsed {
-    fn is_none_or_elapsed(&self, every: Duration) -> bool;
-}
-
-impl Elapsed for Option<Instant> {
-    fn is_none_or_elapsed(&self, every: Duration) -> bool {
-        self.map_or(true, |t| t.elapsed() >= every)
+/// Never, or longer ago than `every`.
+fn due(last: Option<Instant>, every: Duration) -> bool {
+    match last {
+        None => true,
+        Some(t) => t.elapsed() >= every,
     }
 }
