@@ -731,7 +731,8 @@ async fn target_errors_pause_apply_classified_in_status_and_metrics_and_it_resum
     // Permission denied: apply as a role that may not write the table.
     dst.batch_execute(
         "CREATE ROLE applier LOGIN; GRANT USAGE, CREATE ON SCHEMA pgcourier TO applier; \
-         ALTER TABLE pgcourier.progress OWNER TO applier; GRANT SELECT, UPDATE, DELETE ON t TO applier",
+         ALTER TABLE pgcourier.progress OWNER TO applier; ALTER TABLE pgcourier.joining OWNER TO applier; \
+         ALTER TABLE pgcourier.held OWNER TO applier; GRANT SELECT, UPDATE, DELETE ON t TO applier",
     )
     .await?;
     setup.branches[0].receiver.terminate()?;

@@ -211,7 +211,8 @@ async fn a_sequence_the_apply_role_may_not_move_pauses_apply_naming_it_and_the_g
     let dst = setup.target(0).await?;
     dst.batch_execute(
         "CREATE ROLE applier LOGIN; GRANT USAGE, CREATE ON SCHEMA pgcourier TO applier; \
-         ALTER TABLE pgcourier.progress OWNER TO applier; \
+         ALTER TABLE pgcourier.progress OWNER TO applier; ALTER TABLE pgcourier.joining OWNER TO applier; \
+         ALTER TABLE pgcourier.held OWNER TO applier; \
          GRANT SELECT, INSERT, UPDATE, DELETE ON p TO applier",
     )
     .await?;
