@@ -197,6 +197,20 @@ impl Capture {
             .await
             {
                 Ok(cut) => break cut,
+                // Dropped since it was seen (a migration that adds a table
+                // and drops it at once): the next look-up leaves it out.
+                Err(e) if e.is_table_gone() => {
+                    tracing::info!(error = %error_chain(&e), "a table to copy was dropped before the cut: taking the cut again without it");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            if let Job::Seed(req) = job {
+                                req.answer(&self.status, Err("the sender is stopping".into()));
+                            }
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    }
+                }
                 Err(e) if e.is_lock_timeout() => {
                     let delay = backoff.next();
                     backoff.log_once(

@@ -66,6 +66,14 @@ impl CopyError {
         matches!(self, CopyError::Source(e) if e.is_transient())
     }
 
+    /// A table to copy was dropped between the look-up of its name and the
+    /// cut's lock (SQLSTATE 42P01): take the cut again (the look-up then
+    /// leaves it out).
+    pub fn is_table_gone(&self) -> bool {
+        matches!(self, CopyError::Source(SourceError::Query { source, .. })
+            if source.0.code().map(|c| c.code()) == Some("42P01"))
+    }
+
     /// A lock timeout while taking the cut: the tables' writers did not
     /// finish within `copy-lock-wait`; retry later.
     pub fn is_lock_timeout(&self) -> bool {
