@@ -9,7 +9,7 @@ use anyhow::Context;
 use pgcourier_tests::bin_path;
 use serde_json::Value;
 
-use crate::fixture::{free_tcp_port, keygen, without_receiver, Options, Setup};
+use crate::fixture::{free_tcp_port, keygen, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(300);
 
@@ -433,13 +433,7 @@ async fn a_receiver_added_later_gets_a_copy_made_for_it_alone() -> anyhow::Resul
     )
     .await?;
     // Branch 1 leaves the configuration; the spool moves on without it.
-    setup.branches[1].receiver.terminate()?;
-    setup.sender.terminate()?;
-    let original = std::fs::read_to_string(&setup.sender_config)?;
-    let (without, block) = without_receiver(&original, "branch1");
-    anyhow::ensure!(!block.is_empty(), "no block for branch1 in {original}");
-    std::fs::write(&setup.sender_config, &without)?;
-    setup.restart_sender()?;
+    let removed = setup.remove_branch(1)?;
     let src = setup.source().await?;
     churn(&src, 1, 300).await?;
     setup.wait_equal(0, &["public.items"], WAIT).await?;
@@ -451,14 +445,7 @@ async fn a_receiver_added_later_gets_a_copy_made_for_it_alone() -> anyhow::Resul
     // It comes back as a new branch: a fresh inbox, a damaged table, and a
     // name the spool has never seen.
     setup.sender.terminate()?;
-    std::fs::write(
-        &setup.sender_config,
-        format!(
-            "{without}{}",
-            block.replace("name = \"branch1\"", "name = \"branch9\"")
-        ),
-    )?;
-    std::fs::remove_dir_all(setup.dir.path().join("branch1-inbox"))?;
+    setup.add_back_as(&removed, 1, "branch9")?;
     setup
         .target(1)
         .await?

@@ -382,6 +382,44 @@ pub async fn wait_count(
     .await
 }
 
+/// What [`Setup::remove_branch`] took out of sender.toml.
+pub struct Removed {
+    /// sender.toml without the branch.
+    pub without: String,
+    /// Its `[[receiver]]` block.
+    pub block: String,
+}
+
+impl Setup {
+    /// Branch `i` leaves the configuration: its receiver and the sender
+    /// stop, and the sender starts again without its `[[receiver]]` block,
+    /// so the spool moves on (and trims) without it.
+    pub fn remove_branch(&mut self, i: usize) -> anyhow::Result<Removed> {
+        self.branches[i].receiver.terminate()?;
+        self.sender.terminate()?;
+        let original = std::fs::read_to_string(&self.sender_config)?;
+        let name = format!("branch{i}");
+        let (without, block) = without_receiver(&original, &name);
+        anyhow::ensure!(!block.is_empty(), "no block for {name} in {original}");
+        std::fs::write(&self.sender_config, &without)?;
+        self.restart_sender()?;
+        Ok(Removed { without, block })
+    }
+
+    /// Branch `i`, removed, comes back as a receiver new to the spool: its
+    /// block under the name `new_name`, a fresh inbox. The sender must be
+    /// stopped; the caller starts the daemons.
+    pub fn add_back_as(&self, removed: &Removed, i: usize, new_name: &str) -> anyhow::Result<()> {
+        let block = removed.block.replace(
+            &format!("name = \"branch{i}\""),
+            &format!("name = \"{new_name}\""),
+        );
+        std::fs::write(&self.sender_config, format!("{}{block}", removed.without))?;
+        std::fs::remove_dir_all(self.dir.path().join(format!("branch{i}-inbox")))?;
+        Ok(())
+    }
+}
+
 /// sender.toml with the `[[receiver]]` block of `name` removed; returns the
 /// file and the removed block.
 pub fn without_receiver(config: &str, name: &str) -> (String, String) {

@@ -41,36 +41,49 @@ async fn start(name: &str, seed: u64) -> anyhow::Result<Setup> {
     .await
 }
 
-/// Writes until `stop`: a row into `live` every 100 ms, and changes to
+/// Writes until stopped: a row into `live` every 100 ms, and changes to
 /// `big` (rows the copy reads early and late, deleted, inserted).
-async fn writer(
-    setup: &Setup,
+struct Writer {
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<i64>>> {
-    let src = setup.source().await?;
-    Ok(tokio::spawn(async move {
-        let mut i = 0i64;
-        while !stop.load(Ordering::Relaxed) && i < 3000 {
-            i += 1;
-            src.batch_execute(&format!(
-                "BEGIN;
-                 INSERT INTO live VALUES ({}, 'live {i}');
-                 UPDATE big SET n = n + 1, h = 'early {i}' WHERE id = {};
-                 UPDATE big SET n = n + 1 WHERE id = {};
-                 DELETE FROM big WHERE id = {};
-                 INSERT INTO big VALUES ({}, 'new {i}', {i});
-                 COMMIT",
-                10_000 + i,
-                i % 50 + 1,
-                30000 - (i % 50),
-                1000 + i,
-                100_000 + i,
-            ))
-            .await?;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(i)
-    }))
+    task: tokio::task::JoinHandle<anyhow::Result<i64>>,
+}
+
+impl Writer {
+    async fn start(setup: &Setup) -> anyhow::Result<Writer> {
+        let src = setup.source().await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stopped.load(Ordering::Relaxed) && i < 3000 {
+                i += 1;
+                src.batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO live VALUES ({}, 'live {i}');
+                     UPDATE big SET n = n + 1, h = 'early {i}' WHERE id = {};
+                     UPDATE big SET n = n + 1 WHERE id = {};
+                     DELETE FROM big WHERE id = {};
+                     INSERT INTO big VALUES ({}, 'new {i}', {i});
+                     COMMIT",
+                    10_000 + i,
+                    i % 50 + 1,
+                    30000 - (i % 50),
+                    1000 + i,
+                    100_000 + i,
+                ))
+                .await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(i)
+        });
+        Ok(Writer { stop, task })
+    }
+
+    /// Stop; the transactions it wrote.
+    async fn stop(self) -> anyhow::Result<i64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
 }
 
 async fn one(client: &tokio_postgres::Client, sql: &str) -> anyhow::Result<i64> {
@@ -94,10 +107,22 @@ async fn loading(dst: &tokio_postgres::Client) -> anyhow::Result<Option<i64>> {
     Ok(row.map(|r| r.get::<_, i64>(0)))
 }
 
-/// Nothing of a join is left at the branch: no joining or held rows, no
-/// staging table.
+/// Wait until the branch has staged more than `rows` rows of a join.
+async fn staged_past(setup: &Setup, dst: &tokio_postgres::Client, rows: i64) -> anyhow::Result<()> {
+    wait_until(&format!("more than {rows} rows staged"), WAIT, || async {
+        Ok(loading(dst).await?.is_some_and(|r| r > rows))
+    })
+    .await
+    .with_context(|| setup.logs())
+}
+
+/// Wait until no join is loading at the branch; then nothing of one is
+/// left there: no joining or held rows, no staging table.
 async fn nothing_staged(dst: &tokio_postgres::Client) -> anyhow::Result<()> {
-    assert_eq!(one(dst, "SELECT count(*) FROM pgcourier.joining").await?, 0);
+    wait_until("no join loading", WAIT, || async {
+        Ok(one(dst, "SELECT count(*) FROM pgcourier.joining").await? == 0)
+    })
+    .await?;
     assert_eq!(one(dst, "SELECT count(*) FROM pgcourier.held").await?, 0);
     assert_eq!(
         one(
@@ -116,8 +141,7 @@ async fn live_changes_keep_arriving_while_a_joining_table_loads_in_chunks() -> a
     let setup = start("join-live", 41).await?;
     let src = setup.source().await?;
     let dst = setup.target(0).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(&setup, stop.clone()).await?;
+    let writes = Writer::start(&setup).await?;
     wait_until("live rows reach the branch", WAIT, || async {
         Ok(one(&dst, "SELECT count(*) FROM live").await? >= 5)
     })
@@ -155,8 +179,7 @@ async fn live_changes_keep_arriving_while_a_joining_table_loads_in_chunks() -> a
         big_now, 0,
         "the table stays empty at the branch until its rows are all in"
     );
-    stop.store(true, Ordering::Relaxed);
-    let n = writes.await??;
+    let n = writes.stop().await?;
     assert!(n > 10, "{n} writes");
     setup
         .wait_equal(0, &["public.live", "public.big"], WAIT)
@@ -182,43 +205,25 @@ async fn a_join_survives_kill_9_of_the_receiver_and_is_copied_again_after_kill_9
 ) -> anyhow::Result<()> {
     let mut setup = start("join-kill", 43).await?;
     let src = setup.source().await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(&setup, stop.clone()).await?;
+    let writes = Writer::start(&setup).await?;
     src.batch_execute("ALTER PUBLICATION pgcourier ADD TABLE big")
         .await?;
     let dst = setup.target(0).await?;
-    let staged_past = |at_least: i64| {
-        let dst = &dst;
-        move || async move { Ok(loading(dst).await?.is_some_and(|r| r > at_least)) }
-    };
-    wait_until("rows staged", WAIT, staged_past(0))
-        .await
-        .with_context(|| setup.logs())?;
+    staged_past(&setup, &dst, 0).await?;
     // The receiver dies mid-load: staging, held changes and progress are
     // in the target; it carries on where it stood.
     setup.branches[0].receiver.kill9()?;
     let staged = loading(&dst).await?.unwrap_or(0);
     setup.restart_receiver(0)?;
-    wait_until(
-        "more rows staged after the receiver's restart",
-        WAIT,
-        staged_past(staged),
-    )
-    .await
-    .with_context(|| setup.logs())?;
+    staged_past(&setup, &dst, staged).await?;
     // The sender dies mid-load: its snapshot is gone. The join is
     // abandoned, the table copied again from a new cut.
     setup.sender.kill9()?;
     setup.restart_sender()?;
-    stop.store(true, Ordering::Relaxed);
-    writes.await??;
+    writes.stop().await?;
     setup
         .wait_equal(0, &["public.live", "public.big"], WAIT)
         .await?;
-    wait_until("nothing of the first join left", WAIT, || async {
-        Ok(one(&dst, "SELECT count(*) FROM pgcourier.joining").await? == 0)
-    })
-    .await?;
     nothing_staged(&dst).await?;
     let logs = setup.logs();
     assert!(
@@ -249,13 +254,7 @@ async fn a_new_receiver_s_join_cut_short_by_kill_9_of_the_sender_is_owed_a_new_c
         },
     )
     .await?;
-    setup.branches[1].receiver.terminate()?;
-    setup.sender.terminate()?;
-    let original = std::fs::read_to_string(&setup.sender_config)?;
-    let (without, block) = crate::fixture::without_receiver(&original, "branch1");
-    anyhow::ensure!(!block.is_empty(), "no block for branch1 in {original}");
-    std::fs::write(&setup.sender_config, &without)?;
-    setup.restart_sender()?;
+    let removed = setup.remove_branch(1)?;
     let src = setup.source().await?;
     for i in 1..=200 {
         src.batch_execute(&format!("INSERT INTO live VALUES ({i}, 'before')"))
@@ -268,37 +267,20 @@ async fn a_new_receiver_s_join_cut_short_by_kill_9_of_the_sender_is_owed_a_new_c
     })
     .await?;
     setup.sender.terminate()?;
-    std::fs::write(
-        &setup.sender_config,
-        format!(
-            "{without}{}",
-            block.replace("name = \"branch1\"", "name = \"branch9\"")
-        ),
-    )?;
-    std::fs::remove_dir_all(setup.dir.path().join("branch1-inbox"))?;
+    setup.add_back_as(&removed, 1, "branch9")?;
     setup.restart_sender()?;
     setup.restart_receiver(1)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(&setup, stop.clone()).await?;
+    let writes = Writer::start(&setup).await?;
     let dst = setup.target(1).await?;
-    wait_until("rows staged at the new branch", WAIT, || async {
-        Ok(loading(&dst).await?.is_some_and(|r| r > 0))
-    })
-    .await
-    .with_context(|| setup.logs())?;
+    staged_past(&setup, &dst, 0).await?;
     setup.sender.kill9()?;
     setup.restart_sender()?;
-    stop.store(true, Ordering::Relaxed);
-    writes.await??;
+    writes.stop().await?;
     for i in [0, 1] {
         setup
             .wait_equal(i, &["public.live", "public.big"], WAIT)
             .await?;
     }
-    wait_until("nothing of the first join left", WAIT, || async {
-        Ok(one(&dst, "SELECT count(*) FROM pgcourier.joining").await? == 0)
-    })
-    .await?;
     nothing_staged(&dst).await?;
     let logs = setup.logs();
     assert!(
@@ -323,27 +305,17 @@ async fn a_column_dropped_while_its_table_joins_leaves_the_branch_equal() -> any
     let setup = start("join-ddl", 53).await?;
     let src = setup.source().await?;
     let dst = setup.target(0).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(&setup, stop.clone()).await?;
+    let writes = Writer::start(&setup).await?;
     src.batch_execute("ALTER PUBLICATION pgcourier ADD TABLE big")
         .await?;
-    wait_until("rows staged", WAIT, || async {
-        Ok(loading(&dst).await?.is_some_and(|r| r > 0))
-    })
-    .await
-    .with_context(|| setup.logs())?;
+    staged_past(&setup, &dst, 0).await?;
     src.batch_execute("ALTER TABLE big DROP COLUMN spare")
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    writes.await??;
+    writes.stop().await?;
     setup
         .wait_equal(0, &["public.live", "public.big"], WAIT)
         .await?;
-    wait_until("the join ended", WAIT, || async {
-        Ok(one(&dst, "SELECT count(*) FROM pgcourier.joining").await? == 0)
-    })
-    .await?;
     nothing_staged(&dst).await?;
     Ok(())
 }

@@ -368,26 +368,27 @@ async fn a_silent_tcp_client_does_not_hold_the_listener() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A peer gone longer than `return-window` (here 0 s: backoff only) is
-/// found within about a second of its link's return, not at the next
-/// backoff step (`max-backoff` 60 s here): the dialler knocks on its TCP
-/// port every second while it backs off, and a knock the peer's listener
-/// holds open ends the wait. Nothing lost or doubled.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_backoff(
-) -> anyhow::Result<()> {
-    // Short dial attempts: the backoff's steps grow within the outage.
-    let timers = "idle-timeout = \"4s\"\nkeep-alive = \"1s\"\nreturn-window = \"0s\"\n\
-                  handshake-timeout = \"1s\"";
+/// Short dial attempts, so the backoff's steps grow within an outage.
+const KNOCK_TIMERS: &str = "idle-timeout = \"4s\"\nkeep-alive = \"1s\"\nreturn-window = \"0s\"\n\
+                            handshake-timeout = \"1s\"";
+
+/// A caught-up pair whose daemons back off up to 60 s (the fixture's 2 s
+/// would hide a backoff step), for the knock tests.
+async fn knock_setup(
+    name: &str,
+    dial: Dial,
+    link: Option<pgcourier_netem::Link>,
+) -> anyhow::Result<Setup> {
     let mut setup = Setup::start(
-        "knock",
+        name,
         Options {
             schema: ACCT_SCHEMA,
             tables: &["public.acct"],
-            sender_extra: timers,
-            receiver_extra: timers,
-            link: Some(thin_long()),
-            tcp_link: Some(thin_long()),
+            dial,
+            sender_extra: KNOCK_TIMERS,
+            receiver_extra: KNOCK_TIMERS,
+            tcp_link: link.clone(),
+            link,
             ..Options::default()
         },
     )
@@ -395,7 +396,6 @@ async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_b
     let src = setup.source().await?;
     acct_transactions(&src, 1, 50).await?;
     caught_up(&setup).await?;
-    // Both daemons back off up to 60 s (the fixture's 2 s would hide it).
     setup.sender.terminate()?;
     for config in [&setup.sender_config, &setup.branches[0].config] {
         let text = std::fs::read_to_string(config)?;
@@ -409,6 +409,34 @@ async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_b
     setup.sender.respawn()?;
     acct_transactions(&src, 1001, 10).await?;
     caught_up(&setup).await?;
+    Ok(setup)
+}
+
+/// After a 50 s outage (`acct_transactions` from 51 written during it):
+/// the first of them is applied within 8 s of `what` returning, found by
+/// a knock and not at a backoff step; nothing lost or doubled.
+async fn found_by_knocking(setup: &Setup, what: &str) -> anyhow::Result<()> {
+    let secs = seconds_to_apply(setup, 51).await?;
+    eprintln!("{what} back after a 50 s outage (return-window 0 s, max-backoff 60 s): first outage transaction applied after {secs:.2} s");
+    assert!(
+        secs < 8.0,
+        "found {secs:.1} s after the {what} returned: at a backoff step, not by knocking\n{}",
+        setup.logs()
+    );
+    caught_up(setup).await?;
+    assert_applied_exactly_once(setup, 0).await
+}
+
+/// A peer gone longer than `return-window` (here 0 s: backoff only) is
+/// found within about a second of its link's return, not at the next
+/// backoff step (`max-backoff` 60 s here): the dialler knocks on its TCP
+/// port every second while it backs off, and a knock the peer's listener
+/// holds open ends the wait. Nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_backoff(
+) -> anyhow::Result<()> {
+    let setup = knock_setup("knock", Dial::SenderDials, Some(thin_long())).await?;
+    let src = setup.source().await?;
     for relay in &setup.relays {
         relay.set_down(true);
     }
@@ -419,16 +447,7 @@ async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_b
     for relay in &setup.relays {
         relay.set_down(false);
     }
-    let secs = seconds_to_apply(&setup, 51).await?;
-    eprintln!("link back after a 50 s outage (return-window 0 s, max-backoff 60 s): first outage transaction applied after {secs:.2} s");
-    assert!(
-        secs < 8.0,
-        "found {secs:.1} s after the link returned: at a backoff step, not by knocking\n{}",
-        setup.logs()
-    );
-    caught_up(&setup).await?;
-    assert_applied_exactly_once(&setup, 0).await?;
-    Ok(())
+    found_by_knocking(&setup, "link").await
 }
 
 /// The same in reverse mode (the receiver dials the sender, which is
@@ -439,48 +458,11 @@ async fn a_peer_back_after_a_long_outage_is_dialled_when_it_answers_not_at_max_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_back_after_a_long_outage_is_dialled_by_a_reverse_mode_receiver_when_it_answers(
 ) -> anyhow::Result<()> {
-    let timers = "idle-timeout = \"4s\"\nkeep-alive = \"1s\"\nreturn-window = \"0s\"\n\
-                  handshake-timeout = \"1s\"";
-    let mut setup = Setup::start(
-        "knock-reverse",
-        Options {
-            schema: ACCT_SCHEMA,
-            tables: &["public.acct"],
-            dial: Dial::ReceiverDials,
-            sender_extra: timers,
-            receiver_extra: timers,
-            ..Options::default()
-        },
-    )
-    .await?;
+    let setup = knock_setup("knock-reverse", Dial::ReceiverDials, None).await?;
     let src = setup.source().await?;
-    acct_transactions(&src, 1, 50).await?;
-    caught_up(&setup).await?;
-    setup.sender.terminate()?;
-    for config in [&setup.sender_config, &setup.branches[0].config] {
-        let text = std::fs::read_to_string(config)?;
-        anyhow::ensure!(text.contains("max-backoff = \"2s\""), "{config:?}");
-        std::fs::write(
-            config,
-            text.replace("max-backoff = \"2s\"", "max-backoff = \"60s\""),
-        )?;
-    }
-    setup.restart_receiver(0)?;
-    setup.sender.respawn()?;
-    acct_transactions(&src, 1001, 10).await?;
-    caught_up(&setup).await?;
     setup.sender.terminate()?;
     acct_transactions(&src, 51, 50).await?;
     tokio::time::sleep(Duration::from_secs(50)).await;
     setup.sender.respawn()?;
-    let secs = seconds_to_apply(&setup, 51).await?;
-    eprintln!("sender back after a 50 s outage, reverse mode (max-backoff 60 s): first outage transaction applied after {secs:.2} s");
-    assert!(
-        secs < 8.0,
-        "found {secs:.1} s after the sender returned: at a backoff step, not by knocking\n{}",
-        setup.logs()
-    );
-    caught_up(&setup).await?;
-    assert_applied_exactly_once(&setup, 0).await?;
-    Ok(())
+    found_by_knocking(&setup, "sender").await
 }

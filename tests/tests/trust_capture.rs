@@ -20,7 +20,7 @@ use pgcourier_netem::{Link, LinkParams, OutageMode, RelayHandle, TcpRelay};
 use pgcourier_tests::{wait_until, PgCluster};
 use tokio::net::{TcpListener, UnixStream};
 
-use crate::fixture::{wait_count, without_receiver, Options, Setup};
+use crate::fixture::{wait_count, Options, Setup};
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -311,13 +311,7 @@ async fn a_full_spool_still_makes_the_copy_a_new_receiver_needs() -> anyhow::Res
     )
     .await?;
     // Branch 1 leaves the configuration; the spool trims behind branch 0.
-    setup.branches[1].receiver.terminate()?;
-    setup.sender.terminate()?;
-    let original = std::fs::read_to_string(&setup.sender_config)?;
-    let (without, block) = without_receiver(&original, "branch1");
-    anyhow::ensure!(!block.is_empty(), "no block for branch1 in {original}");
-    std::fs::write(&setup.sender_config, &without)?;
-    setup.restart_sender()?;
+    let removed = setup.remove_branch(1)?;
     let src = setup.source().await?;
     src.batch_execute("INSERT INTO t VALUES (1001, 'trimmed')")
         .await?;
@@ -348,14 +342,7 @@ async fn a_full_spool_still_makes_the_copy_a_new_receiver_needs() -> anyhow::Res
         anyhow::ensure!(spool.bytes() >= 64 << 10, "the spool is not full");
     }
     // Branch 1 comes back as a receiver new to the spool, with a fresh inbox.
-    std::fs::write(
-        &setup.sender_config,
-        format!(
-            "{without}{}",
-            block.replace("name = \"branch1\"", "name = \"branch9\"")
-        ),
-    )?;
-    std::fs::remove_dir_all(setup.dir.path().join("branch1-inbox"))?;
+    setup.add_back_as(&removed, 1, "branch9")?;
     setup.restart_sender()?;
     setup.restart_receiver(0)?;
     setup.restart_receiver(1)?;
