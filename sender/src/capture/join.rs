@@ -30,12 +30,12 @@
 use std::time::{Duration, Instant};
 
 use pgcourier_common::store::durable::Synced;
-use pgcourier_proto::cutter::{Cutter, TxnCutter, TxnHead};
+use pgcourier_proto::cutter::Cutter;
 use pgcourier_proto::pgoutput;
 use pgcourier_proto::Lsn;
 use tokio_postgres::Client;
 
-use super::splice::CopyTxn;
+use super::splice::{copy_cutter, copy_head, CopyTxn, Settles};
 use super::{Capture, CaptureError};
 use crate::copy::{self, CopyProgress, Cut, JoinChunk, JOIN_CHUNK_BYTES};
 use crate::spool::OpenJoin;
@@ -201,58 +201,29 @@ impl Capture {
             again,
         } = job;
         let id = self.joins.next_id;
-        let (mut meta, relations) = copy::describe(&cut, tables, reason).await?;
+        let (mut meta, relations) = self.describe_copy(&cut, tables, reason, &only_for).await?;
         meta.join = Some(id);
-        if only_for.is_none() {
-            meta.aborts = self.joins.aborted.clone();
-        }
-        let start = self.spool.next_seq();
-        let mut cutter = TxnCutter::new(
-            start,
-            TxnHead {
-                commit_lsn: txn.commit_lsn,
-                commit_time: txn.commit_time,
-                xid: 0,
-                only_for: only_for.clone(),
-            },
-        );
-        let spool = self.spool.clone();
-        for message in super::splice::copy_head(&meta, &relations, false) {
+        let mut cutter = copy_cutter(self.spool.next_seq(), txn, &only_for);
+        let start = cutter.next_seq();
+        for message in copy_head(&meta, &relations, false) {
             for record in cutter.push(&message) {
-                spool.append(record.seq, &record.encode()?)?;
+                self.spool.append(record.seq, &record.encode()?)?;
             }
         }
         let last = cutter.finish(txn.end_lsn);
-        spool.append(last.seq, &last.encode()?)?;
-        let mut joins = self.joins.clone();
-        joins.next_id += 1;
-        match &only_for {
-            None => {
-                for oid in tables {
-                    self.copy_state.tables.waiting.remove(oid);
-                    self.copy_state.tables.synced.insert(*oid);
-                }
-                self.spool.set_copy_state(&self.copy_state)?;
-                joins.aborted.clear();
-            }
-            Some(name) => joins.owed.retain(|n| n != name),
-        }
-        joins.open.push(OpenJoin {
-            id,
-            tables: tables.to_vec(),
+        self.spool.append(last.seq, &last.encode()?)?;
+        let settles = Settles {
+            tables,
             only_for: only_for.clone(),
-        });
-        self.spool.set_joins(&joins)?;
-        let (commit, end) = (txn.commit_lsn, txn.end_lsn);
-        let synced = self
-            .blocking(move |spool| spool.commit(commit, end))
-            .await?;
-        self.joins = joins;
-        if let (Some(name), false) = (&only_for, again) {
-            let name = name.clone();
-            self.blocking(move |spool| spool.copy_made_for(std::slice::from_ref(&name), start))
-                .await?;
-        }
+            again,
+            aborts_named: !meta.aborts.is_empty(),
+            join: Some(OpenJoin {
+                id,
+                tables: tables.to_vec(),
+                only_for: only_for.clone(),
+            }),
+        };
+        let synced = self.commit_copy(settles, txn, start).await?;
         tracing::info!(
             join = id,
             cut = %cut.lsn,

@@ -31,6 +31,7 @@ use super::join::JoinJob;
 use super::tables::{Job, PendingCut};
 use super::{Capture, CaptureError};
 use crate::copy::{self, CopyProgress, Cut, Rows};
+use crate::spool::OpenJoin;
 
 /// How often a copy's progress is logged.
 const LOG_EVERY: Duration = Duration::from_secs(5);
@@ -118,23 +119,9 @@ impl Capture {
         txn: &CopyTxn,
         started: Instant,
     ) -> Result<Synced<Lsn>, CaptureError> {
-        let (mut meta, relations) = copy::describe(cut, tables, reason).await?;
-        // Joins abandoned since the last copy: the branches drop what they
-        // staged first (`join.rs`). Only in a copy every branch receives.
-        if only_for.is_none() {
-            meta.aborts = self.joins.aborted.clone();
-        }
+        let (meta, relations) = self.describe_copy(cut, tables, reason, &only_for).await?;
         tracing::info!(cut = %cut.lsn, tables = meta.tables.len(), rows_estimate = meta.tables.iter().map(|t| t.rows_estimate).sum::<u64>(), "copying tables into the spool");
-        let start = self.spool.next_seq();
-        let cutter = TxnCutter::new(
-            start,
-            TxnHead {
-                commit_lsn: txn.commit_lsn,
-                commit_time: txn.commit_time,
-                xid: 0,
-                only_for: only_for.clone(),
-            },
-        );
+        let cutter = copy_cutter(self.spool.next_seq(), txn, &only_for);
         let spool = self.spool.clone();
         let mut records = 0u64;
         let mut append = |record: Record| -> Result<(), CaptureError> {
@@ -142,40 +129,17 @@ impl Capture {
             records += 1;
             Ok(())
         };
+        let start = cutter.next_seq();
         self.write_copy(cut, &meta, &relations, cutter, txn.end_lsn, &mut append)
             .await?;
-        if only_for.is_none() {
-            for oid in tables {
-                self.copy_state.tables.waiting.remove(oid);
-                self.copy_state.tables.synced.insert(*oid);
-            }
-            self.spool.set_copy_state(&self.copy_state)?;
-        }
-        if !meta.aborts.is_empty() {
-            self.joins.aborted.clear();
-            self.spool.set_joins(&self.joins)?;
-        }
-        let (commit, end) = (txn.commit_lsn, txn.end_lsn);
-        let synced = self
-            .blocking(move |spool| spool.commit(commit, end))
-            .await?;
-        match only_for {
-            // Owed after an abandoned join: its start stays where it is.
-            Some(name) if again => {
-                self.joins.owed.retain(|n| *n != name);
-                let joins = self.joins.clone();
-                self.blocking(move |spool| {
-                    spool.set_joins(&joins)?;
-                    spool.sync()
-                })
-                .await?;
-            }
-            Some(name) => {
-                self.blocking(move |spool| spool.copy_made_for(std::slice::from_ref(&name), start))
-                    .await?;
-            }
-            None => {}
-        }
+        let settles = Settles {
+            tables,
+            only_for,
+            again,
+            aborts_named: !meta.aborts.is_empty(),
+            join: None,
+        };
+        let synced = self.commit_copy(settles, txn, start).await?;
         let rows = self.copy_finished();
         tracing::info!(
             tables = meta.tables.len(),
@@ -184,6 +148,69 @@ impl Capture {
             seconds = started.elapsed().as_secs_f64(),
             "copy spooled"
         );
+        Ok(synced)
+    }
+
+    /// The copy's metadata and Relations; for a copy every branch
+    /// receives, the joins abandoned since the last copy go in its
+    /// `aborts` (the branches drop what they staged first: `join.rs`).
+    pub(super) async fn describe_copy(
+        &self,
+        cut: &Cut,
+        tables: &[u32],
+        reason: &str,
+        only_for: &Option<String>,
+    ) -> Result<(CopyMeta, Vec<Relation>), CaptureError> {
+        let (mut meta, relations) = copy::describe(cut, tables, reason).await?;
+        if only_for.is_none() {
+            meta.aborts = self.joins.aborted.clone();
+        }
+        Ok((meta, relations))
+    }
+
+    /// Commit a copy's (or a join start's) transaction, appended, with
+    /// what it settles written before the commit's fsync, so both are
+    /// durable together: for every receiver, its tables move from waiting
+    /// to synced and the aborts it names are forgotten; for one receiver,
+    /// the copy it was owed is made; a join start opens its join. Then a
+    /// receiver added late starts at the copy (unless it was owed one: its
+    /// start stays).
+    pub(super) async fn commit_copy(
+        &mut self,
+        settles: Settles<'_>,
+        txn: &CopyTxn,
+        start: u64,
+    ) -> Result<Synced<Lsn>, CaptureError> {
+        let mut joins = self.joins.clone();
+        match &settles.only_for {
+            None => {
+                for oid in settles.tables {
+                    self.copy_state.tables.waiting.remove(oid);
+                    self.copy_state.tables.synced.insert(*oid);
+                }
+                self.spool.set_copy_state(&self.copy_state)?;
+            }
+            Some(name) => joins.owed.retain(|n| n != name),
+        }
+        if settles.aborts_named {
+            joins.aborted.clear();
+        }
+        if let Some(join) = settles.join {
+            joins.next_id = joins.next_id.max(join.id + 1);
+            joins.open.push(join);
+        }
+        if joins != self.joins {
+            self.spool.set_joins(&joins)?;
+        }
+        let (commit, end) = (txn.commit_lsn, txn.end_lsn);
+        let synced = self
+            .blocking(move |spool| spool.commit(commit, end))
+            .await?;
+        self.joins = joins;
+        if let (Some(name), false) = (settles.only_for, settles.again) {
+            self.blocking(move |spool| spool.copy_made_for(std::slice::from_ref(&name), start))
+                .await?;
+        }
         Ok(synced)
     }
 
@@ -253,6 +280,33 @@ impl Capture {
             .take()
             .map_or(0, |p| p.rows)
     }
+}
+
+/// What a copy's transaction settles ([`Capture::commit_copy`]).
+pub(super) struct Settles<'a> {
+    pub tables: &'a [u32],
+    /// The one receiver it is for, or `None`: every receiver.
+    pub only_for: Option<String>,
+    /// A copy owed to `only_for` after its join was abandoned.
+    pub again: bool,
+    /// Its metadata names the abandoned joins in `aborts`.
+    pub aborts_named: bool,
+    /// A join start: the join it opens.
+    pub join: Option<OpenJoin>,
+}
+
+/// The cutter of a copy's transaction at `txn`, whose first record takes
+/// `start`.
+pub(super) fn copy_cutter(start: u64, txn: &CopyTxn, only_for: &Option<String>) -> TxnCutter {
+    TxnCutter::new(
+        start,
+        TxnHead {
+            commit_lsn: txn.commit_lsn,
+            commit_time: txn.commit_time,
+            xid: 0,
+            only_for: only_for.clone(),
+        },
+    )
 }
 
 /// The copy transaction's first messages: its metadata, the tables'
