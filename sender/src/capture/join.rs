@@ -62,6 +62,8 @@ pub(super) struct ActiveJoin {
     pub pending: Option<JoinChunk>,
     task: tokio::task::JoinHandle<()>,
     ticked: Option<Instant>,
+    /// When the link last had no room for the pending chunk.
+    no_room: Option<Instant>,
     chunks: u64,
 }
 
@@ -247,6 +249,7 @@ impl Capture {
             pending: None,
             task,
             ticked: None,
+            no_room: None,
             chunks: 0,
         });
         Ok(synced)
@@ -270,11 +273,21 @@ impl Capture {
         client: &Client,
         stream: &mut crate::replication::ReplicationStream,
     ) -> Result<Spliced, CaptureError> {
-        let waiting = self.join.as_ref().is_some_and(|j| j.pending.is_some());
-        if !waiting || !self.link_has_room() {
+        // The link is asked at most once per JOIN_POLL while it has no room
+        // (this runs between every two transactions of the stream).
+        let ask = self
+            .join
+            .as_ref()
+            .is_some_and(|j| j.pending.is_some() && due(j.no_room, JOIN_POLL));
+        if !ask {
+            return Ok(Spliced::Nothing);
+        }
+        if !self.link_has_room() {
+            self.join.as_mut().expect("checked").no_room = Some(Instant::now());
             return Ok(Spliced::Nothing);
         }
         let join = self.join.as_mut().expect("checked");
+        join.no_room = None;
         let chunk = join.pending.as_ref().expect("checked");
         let now = pgcourier_common::pg::time::now_pg_micros();
         let Some(records) = cutter.splice(&chunk.message, now, join.only_for.clone()) else {
